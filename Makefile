@@ -1,0 +1,44 @@
+# kvlab: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KVLAB := $(VENV)/bin/kvlab
+# cpu: the CPU build of vLLM (pinned, with torch 2.13.0+cpu); gpu: the official vLLM for CUDA nodes.
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.kvlab-setup-$(EXTRA)
+
+.PHONY: setup test test-fast demo clean help
+
+help:
+	@echo "make demo    install, run the demo end to end, print where the report is"
+	@echo "make test    install, run every test (the slow real-vLLM ones too)"
+	@echo "make setup   only install ($(VENV), extra '$(EXTRA)')"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(EXTRA),cpu)
+	# torch first, from the pinned CPU wheel, so that nothing pulls a CUDA build of torch.
+	$(PY) -m pip install -q -c requirements/constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[cpu,dev]'
+	# The CPU build of vLLM pulls a torchvision that fails at import and breaks vLLM's start.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(PY) -m pip install -q -e '.[gpu,dev]'
+endif
+	@touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+demo: setup
+	$(KVLAB) compare llama-3.1-8b qwen2.5-7b deepseek-v2-lite --gpu h100 --gpu-memory-utilization 0.9 --max-model-len 32768
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,273 @@
+"""A model's architecture, read from its Hugging Face `config.json`.
+
+Only the fields that decide KV-cache geometry and parameter counts are kept, normalised across
+model families (Llama, Mistral, Qwen2/3, their MoE variants, DeepSeek-V2/V3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvlab.errors import KvlabError
+
+# model_type values whose parameter layout kvlab knows exactly (checked against transformers).
+KNOWN_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+)
+
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+_DTYPE_ALIASES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def normalize_dtype(name: str | None, default: str = "bfloat16") -> str:
+    if name is None:
+        return default
+    key = str(name).removeprefix("torch.").lower()
+    if key not in _DTYPE_ALIASES:
+        raise KvlabError(f"unknown dtype {name!r}; use one of bfloat16, float16, float32")
+    return _DTYPE_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Mixture-of-experts feed-forward layers."""
+
+    num_experts: int  # routed experts per MoE layer
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    num_shared_experts: int = 0  # DeepSeek: shared experts of moe_intermediate_size each
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one shared expert of this size
+    shared_expert_gate: bool = False  # Qwen2-MoE: a sigmoid gate on the shared expert
+    router_bias: bool = False  # DeepSeek-V3: e_score_correction_bias
+    moe_layers: tuple[int, ...] = ()  # which layers are MoE (the others are dense)
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek Multi-head Latent Attention dimensions."""
+
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of what vLLM caches per token and layer: the compressed KV plus the RoPE key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    model_type: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    dtype: str
+    max_position_embeddings: int | None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    mla: MLA | None = None
+    moe: MoE | None = None
+    # Per layer "full_attention" or "sliding_attention" (with sliding_window tokens).
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def attention(self) -> str:
+        """MLA, MHA, GQA or MQA (DeepSeek-V2 report, Table 1)."""
+        if self.mla is not None:
+            return "MLA"
+        if self.num_key_value_heads == self.num_attention_heads:
+            return "MHA"
+        if self.num_key_value_heads == 1:
+            return "MQA"
+        return "GQA"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def num_sliding_layers(self) -> int:
+        return sum(1 for t in self.layer_types if t == "sliding_attention")
+
+
+def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for n in names:
+        if n in cfg and cfg[n] is not None:
+            return cfg[n]
+    return default
+
+
+def _require(cfg: dict[str, Any], source: str, *names: str) -> Any:
+    value = _get(cfg, *names)
+    if value is None:
+        raise KvlabError(f"{source}: config is missing {' / '.join(names)}")
+    return value
+
+
+def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
+    """Build a ModelArch from a Hugging Face config dict (as in config.json)."""
+    if not isinstance(cfg, dict):
+        raise KvlabError(f"{source}: config must be a JSON object")
+    # Multimodal wrappers keep the language model under text_config.
+    if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        inner = dict(cfg["text_config"])
+        inner.setdefault("quantization_config", cfg.get("quantization_config"))
+        cfg = inner
+    model_type = str(_get(cfg, "model_type", default="unknown"))
+    archs = cfg.get("architectures") or []
+    architecture = str(archs[0]) if archs else model_type
+
+    num_layers = int(_require(cfg, source, "num_hidden_layers", "n_layer", "num_layers"))
+    hidden = int(_require(cfg, source, "hidden_size", "n_embd", "d_model"))
+    heads = int(_require(cfg, source, "num_attention_heads", "n_head"))
+    kv_heads = int(_get(cfg, "num_key_value_heads", "n_head_kv", default=heads))
+    head_dim = int(_get(cfg, "head_dim", default=0) or hidden // heads)
+    vocab = int(_require(cfg, source, "vocab_size"))
+    intermediate = int(_get(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
+    for name, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden),
+                        ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                        ("vocab_size", vocab), ("head_dim", head_dim)):
+        if value <= 0:
+            raise KvlabError(f"{source}: {name} must be positive, got {value}")
+    if heads % kv_heads:
+        raise KvlabError(
+            f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
+    dtype = normalize_dtype(_get(cfg, "dtype", "torch_dtype"), default="bfloat16")
+
+    mla = None
+    if _get(cfg, "kv_lora_rank") is not None:
+        mla = MLA(
+            kv_lora_rank=int(cfg["kv_lora_rank"]),
+            qk_rope_head_dim=int(_require(cfg, source, "qk_rope_head_dim")),
+            qk_nope_head_dim=int(_require(cfg, source, "qk_nope_head_dim")),
+            v_head_dim=int(_require(cfg, source, "v_head_dim")),
+            q_lora_rank=_get(cfg, "q_lora_rank"),
+        )
+    elif model_type in MLA_MODEL_TYPES:
+        raise KvlabError(f"{source}: a {model_type} config needs kv_lora_rank for MLA")
+
+    moe = _moe_from_config(cfg, model_type, num_layers, source)
+
+    attention_bias = bool(_get(cfg, "attention_bias", default=False))
+    qkv_bias = attention_bias or model_type in ("qwen2", "qwen2_moe")
+    o_bias = attention_bias and model_type not in ("qwen2", "qwen2_moe")
+    if model_type in ("qwen3", "qwen3_moe"):
+        qkv_bias = o_bias = attention_bias
+
+    layer_types, sliding_window = _layer_types(cfg, model_type, num_layers)
+
+    return ModelArch(
+        model_type=model_type,
+        architecture=architecture,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        dtype=dtype,
+        max_position_embeddings=_get(cfg, "max_position_embeddings"),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        mla=mla,
+        moe=moe,
+        layer_types=layer_types,
+        sliding_window=sliding_window,
+        quantization_config=cfg.get("quantization_config"),
+    )
+
+
+def _moe_from_config(cfg: dict[str, Any], model_type: str, num_layers: int, source: str) -> MoE | None:
+    if model_type in MLA_MODEL_TYPES:
+        n_routed = _get(cfg, "n_routed_experts")
+        if not n_routed:
+            return None
+        first_dense = int(_get(cfg, "first_k_dense_replace", default=0))
+        freq = int(_get(cfg, "moe_layer_freq", default=1))
+        layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+        return MoE(
+            num_experts=int(n_routed),
+            num_experts_per_tok=int(_require(cfg, source, "num_experts_per_tok")),
+            moe_intermediate_size=int(_require(cfg, source, "moe_intermediate_size")),
+            num_shared_experts=int(_get(cfg, "n_shared_experts", default=0)),
+            router_bias=model_type == "deepseek_v3",
+            moe_layers=layers,
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        n_experts = int(_get(cfg, "num_experts", default=0))
+        if not n_experts:
+            return None
+        step = int(_get(cfg, "decoder_sparse_step", default=1))
+        mlp_only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+        layers = tuple(
+            i for i in range(num_layers) if i not in mlp_only and step > 0 and (i + 1) % step == 0
+        )
+        shared = int(_get(cfg, "shared_expert_intermediate_size", default=0)) if model_type == "qwen2_moe" else 0
+        return MoE(
+            num_experts=n_experts,
+            num_experts_per_tok=int(_require(cfg, source, "num_experts_per_tok")),
+            moe_intermediate_size=int(_require(cfg, source, "moe_intermediate_size")),
+            shared_expert_intermediate_size=shared,
+            shared_expert_gate=shared > 0,
+            moe_layers=layers,
+        )
+    return None
+
+
+def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """Which layers use sliding-window attention, as the config declares it."""
+    window = _get(cfg, "sliding_window")
+    declared = cfg.get("layer_types")
+    if isinstance(declared, list) and len(declared) == num_layers:
+        types = tuple("sliding_attention" if "sliding" in str(t) else "full_attention" for t in declared)
+        return types, (int(window) if window and "sliding_attention" in types else None)
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        # Qwen declares a window but uses it only with use_sliding_window, from max_window_layers on.
+        if not cfg.get("use_sliding_window") or not window:
+            return ("full_attention",) * num_layers, None
+        first = int(_get(cfg, "max_window_layers", default=num_layers))
+        types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
+        return types, (int(window) if "sliding_attention" in types else None)
+    if window and model_type not in MLA_MODEL_TYPES:
+        return ("sliding_attention",) * num_layers, int(window)
+    return ("full_attention",) * num_layers, None

@@ -1,0 +1,206 @@
+"""Model cards and MODEL resolution.
+
+MODEL is a built-in card name (`kvlab cards`), a local folder holding config.json (or the file
+itself), or a Hugging Face id (read from the local Hugging Face cache; fetched from the hub only
+when online and `huggingface_hub` is installed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvlab.errors import KvlabError
+from kvlab.models.arch import ModelArch, arch_from_config
+
+QuantName = Literal["fp8", "awq", "gptq", "int8"]
+
+
+class Checkpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hf_id: str
+    note: str | None = None
+
+
+class Card(BaseModel):
+    """A built-in model: its Hugging Face id, the config fields that matter, quantized checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    hf_id: str
+    family: str
+    published_params: dict[Literal["total", "active"], float]
+    context_length: int = Field(gt=0)
+    sources: list[str] = Field(min_length=1)
+    config: dict[str, Any]
+    quantized: dict[QuantName, Checkpoint] = {}
+    notes: str | None = None
+
+    @property
+    def arch(self) -> ModelArch:
+        return arch_from_config(self.config, f"card {self.name}")
+
+
+def _format_validation(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{where}: field {loc}: {first['msg']}"
+
+
+def load_card_file(path: Path | str, text: str | None = None) -> Card:
+    where = str(path)
+    try:
+        data = yaml.safe_load(text if text is not None else Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise KvlabError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KvlabError(f"{where}: a card must be a YAML mapping")
+    try:
+        card = Card.model_validate(data)
+    except ValidationError as e:
+        raise KvlabError(_format_validation(e, where)) from None
+    card.arch  # validates the config fields too
+    return card
+
+
+@cache
+def builtin_cards() -> dict[str, Card]:
+    folder = resources.files("kvlab.models") / "cards"
+    cards = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            card = load_card_file(f"cards/{entry.name}", entry.read_text())
+            cards[card.name] = card
+    return cards
+
+
+def card(name: str) -> Card:
+    cards = builtin_cards()
+    if name in cards:
+        return cards[name]
+    raise KvlabError(unknown_model_message(name))
+
+
+def unknown_model_message(name: str) -> str:
+    cards = builtin_cards()
+    close = difflib.get_close_matches(name.lower(), list(cards), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return (
+        f"unknown model {name!r}: {hint}Give a card name (kvlab cards), a local folder with "
+        "config.json, or a Hugging Face id (org/name)"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What MODEL named: the architecture, and where it came from."""
+
+    name: str  # card name, folder name or HF id
+    arch: ModelArch
+    source: str  # "card", "local" or "hf-cache" / "hf-hub"
+    hf_id: str | None = None
+    path: Path | None = None  # local folder (or HF cache snapshot) with the checkpoint
+    card: Card | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+
+def _read_config(path: Path, label: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KvlabError(f"{label}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise KvlabError(f"{label}: cannot read {path} ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise KvlabError(f"{label}: config.json must hold a JSON object")
+    return data
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def cached_snapshot(hf_id: str) -> Path | None:
+    """The local HF cache snapshot of a repo that holds config.json (refs/main first)."""
+    repo = hf_cache_dir() / ("models--" + hf_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = snapshots / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    for snap in sorted(snapshots.iterdir()):
+        if (snap / "config.json").is_file():
+            return snap
+    return None
+
+
+def _looks_like_hf_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _from_hub(hf_id: str) -> dict[str, Any]:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+    advice = (f"download it where the hub is reachable (huggingface-cli download {hf_id} config.json) "
+              "or pass a local folder / config.json, or a card name (kvlab cards)")
+    if offline:
+        raise KvlabError(f"{hf_id} is not in the local Hugging Face cache ({hf_cache_dir()}) and HF_HUB_OFFLINE is set: {advice}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise KvlabError(f"{hf_id} is not in the local Hugging Face cache ({hf_cache_dir()}) and huggingface_hub is not installed: {advice}") from None
+    try:
+        path = hf_hub_download(hf_id, "config.json", token=os.environ.get("HF_TOKEN"))
+    except Exception as e:  # network errors, gated repos, missing repos: all end the same way for the user
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise KvlabError(f"cannot fetch {hf_id} from the Hugging Face hub ({reason}): {advice}") from None
+    return _read_config(Path(path), hf_id)
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Resolve MODEL: card name, local folder or config.json, or Hugging Face id."""
+    spec = spec.strip()
+    if not spec:
+        raise KvlabError("MODEL is empty: give a card name (kvlab cards), a local folder or a Hugging Face id")
+    cards = builtin_cards()
+    if spec in cards or spec.lower() in cards:
+        c = cards[spec if spec in cards else spec.lower()]
+        return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c)
+    path = Path(spec).expanduser()
+    if path.exists():
+        cfg_path = path / "config.json" if path.is_dir() else path
+        if not cfg_path.is_file():
+            raise KvlabError(f"{spec}: no config.json in this folder")
+        label = str(path)
+        arch = arch_from_config(_read_config(cfg_path, label), label)
+        folder = cfg_path.parent
+        return ResolvedModel(folder.name if path.is_dir() else cfg_path.stem, arch, "local", path=folder)
+    if _looks_like_hf_id(spec):
+        for c in cards.values():
+            if c.hf_id.lower() == spec.lower():
+                return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c)
+        snap = cached_snapshot(spec)
+        if snap is not None:
+            arch = arch_from_config(_read_config(snap / "config.json", spec), spec)
+            return ResolvedModel(spec, arch, "hf-cache", hf_id=spec, path=snap)
+        arch = arch_from_config(_from_hub(spec), spec)
+        return ResolvedModel(spec, arch, "hf-hub", hf_id=spec)
+    raise KvlabError(unknown_model_message(spec))

@@ -1,0 +1,136 @@
+"""Weight bytes of a model under each weight format, from its parameter inventory.
+
+Linear layers (attention projections, MLPs, experts) take the quantized format with its scales;
+embeddings, the LM head, norms, biases and MoE routers stay in the model dtype, as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil, prod
+
+from kvlab.errors import KvlabError
+from kvlab.models.arch import ModelArch
+from kvlab.models.params import EXPERT, LINEAR, Tensor, inventory
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    description: str
+    bits: int  # bits per quantized weight element (16/32 for unquantized)
+    group_size: int = 0  # elements per scale along the input dim (int4); block edge for fp8-block
+
+    def linear_bytes(self, t: Tensor, dtype_bytes: int) -> float:
+        """Bytes of one (out, in) linear weight (times t.count), scales and zeros included."""
+        n = prod(t.shape)
+        out_f, in_f = t.shape
+        c = t.count
+        if self.name in ("auto",):
+            return n * dtype_bytes * c
+        if self.name == "fp8":  # per-tensor fp32 scale
+            return c * (n + 4)
+        if self.name == "fp8-block":  # fp32 scale per 128x128 block (DeepSeek-V3, Qwen3 FP8)
+            g = self.group_size
+            return c * (n + 4 * ceil(out_f / g) * ceil(in_f / g))
+        if self.name == "int8":  # per-output-channel fp32 scale (W8A8)
+            return c * (n + 4 * out_f)
+        if self.name in ("awq", "gptq"):
+            groups = ceil(in_f / self.group_size)
+            scales_and_zeros = groups * out_f * (2 + 0.5)  # fp16 scale and 4-bit zero per group
+            g_idx = 4 * in_f if self.name == "gptq" else 0  # int32 group index per input channel
+            return c * (n / 2 + scales_and_zeros + g_idx)
+        if self.name == "nf4":  # bitsandbytes: 8-bit absmax per 64 values, fp32 per 256 absmax
+            blocks = ceil(n / 64)
+            return c * (n / 2 + blocks + 4 * ceil(blocks / 256))
+        raise AssertionError(self.name)
+
+
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    f.name: f
+    for f in (
+        WeightFormat("auto", "the checkpoint's dtype (--dtype)", 16),
+        WeightFormat("fp8", "FP8 E4M3, per-tensor scale (vLLM --quantization fp8)", 8),
+        WeightFormat("fp8-block", "FP8 E4M3, 128x128 block scales (DeepSeek-V3, *-FP8 checkpoints)", 8, 128),
+        WeightFormat("int8", "INT8 W8A8, per-channel scale (compressed-tensors)", 8),
+        WeightFormat("awq", "INT4 AWQ, group 128, fp16 scales, 4-bit zeros", 4, 128),
+        WeightFormat("gptq", "INT4 GPTQ, group 128, fp16 scales, 4-bit zeros, g_idx", 4, 128),
+        WeightFormat("nf4", "bitsandbytes NF4, 64-value blocks, double-quantized absmax", 4, 64),
+    )
+}
+
+# `--quantization` values (vLLM's names) and kvlab aliases -> weight format.
+QUANTIZATION_ALIASES = {
+    None: "auto",
+    "": "auto",
+    "none": "auto",
+    "auto": "auto",
+    "fp8": "fp8",
+    "fp8_per_tensor": "fp8",
+    "fp8-block": "fp8-block",
+    "fp8_block": "fp8-block",
+    "int8": "int8",
+    "w8a8": "int8",
+    "awq": "awq",
+    "awq_marlin": "awq",
+    "int4": "awq",
+    "gptq": "gptq",
+    "gptq_marlin": "gptq",
+    "bitsandbytes": "nf4",
+    "bnb4": "nf4",
+    "nf4": "nf4",
+}
+
+
+def weight_format(quantization: str | None, arch: ModelArch | None = None) -> WeightFormat:
+    """The weight format for a `--quantization` value; None means what the checkpoint declares."""
+    if quantization is None and arch is not None and arch.quantization_config:
+        return format_from_checkpoint(arch.quantization_config)
+    key = quantization.lower() if isinstance(quantization, str) else quantization
+    if key not in QUANTIZATION_ALIASES:
+        names = ", ".join(sorted(k for k in QUANTIZATION_ALIASES if k))
+        raise KvlabError(f"unknown quantization {quantization!r}; use one of: {names}")
+    fmt = WEIGHT_FORMATS[QUANTIZATION_ALIASES[key]]
+    if arch is not None and arch.quantization_config and fmt.name != "auto":
+        declared = format_from_checkpoint(arch.quantization_config)
+        if declared.name != fmt.name:
+            raise KvlabError(
+                f"the checkpoint is already quantized as {declared.name}; --quantization {quantization} "
+                "cannot re-quantize it (omit --quantization)"
+            )
+    return fmt
+
+
+def format_from_checkpoint(qc: dict) -> WeightFormat:
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if block:
+            return WeightFormat("fp8-block", WEIGHT_FORMATS["fp8-block"].description, 8, int(block[0]))
+        return WEIGHT_FORMATS["fp8"]
+    if method in ("awq", "gptq"):
+        base = WEIGHT_FORMATS[method]
+        bits = int(qc.get("bits", qc.get("w_bit", 4)))
+        if bits != 4:
+            raise KvlabError(f"{method} checkpoint with {bits}-bit weights is not modelled (4-bit only)")
+        group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+        return WeightFormat(base.name, base.description, 4, group if group > 0 else 1 << 30)
+    if method == "bitsandbytes":
+        return WEIGHT_FORMATS["nf4"]
+    if method == "compressed-tensors":
+        return WEIGHT_FORMATS["int8"]
+    raise KvlabError(f"checkpoint quantization {method!r} is not modelled")
+
+
+def weight_bytes(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None) -> int:
+    """Total bytes of all weights (one copy, before tensor/pipeline parallel splits)."""
+    dtype_bytes = DTYPE_BYTES[dtype or arch.dtype]
+    total = 0.0
+    for t in inventory(arch):
+        if t.role in (LINEAR, EXPERT) and len(t.shape) == 2:
+            total += fmt.linear_bytes(t, dtype_bytes)
+        else:
+            total += t.numel * dtype_bytes
+    return int(ceil(total))

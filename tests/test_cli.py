@@ -1,0 +1,111 @@
+"""The command line as a user runs it: JSON keys, exit codes, one-line errors."""
+
+import json
+
+import pytest
+
+
+def test_kv_json_keys(kvlab):
+    r = kvlab("kv", "deepseek-v2-lite", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in ("model", "attention", "num_layers", "kv_bytes_per_token", "kv_bytes_per_token_per_layer",
+                "params_total", "params_active", "weight_bytes"):
+        assert key in d
+    assert d["attention"] == "MLA" and d["kv_bytes_per_token"] == 31_104 and d["num_layers"] == 27
+    assert d["params_total"] == 15_706_484_224
+
+
+def test_kv_fp8_and_awq(kvlab):
+    d = json.loads(kvlab("kv", "llama-3.1-8b", "--kv-cache-dtype", "fp8", "--quantization", "awq", "--json").stdout)
+    assert d["kv_bytes_per_token"] == 65_536
+    assert d["weight_format"] == "awq"
+    assert d["weight_bytes"] < 6 * 2**30  # int4 weights plus bf16 embeddings and LM head
+
+
+def test_capacity_json_echoes_inputs(kvlab):
+    r = kvlab("capacity", "deepseek-v2-lite", "--kv-memory-gib", "1", "--max-model-len", "4096", "--cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in ("kv_bytes_per_token", "block_size", "num_blocks", "kv_cache_tokens", "max_concurrency",
+                "max_model_len", "kv_cache_dtype", "tensor_parallel_size", "kv_budget_bytes"):
+        assert key in d
+    assert (d["num_blocks"], d["block_size"], d["kv_cache_tokens"]) == (2157, 16, 34_512)
+    assert d["provenance"]["kv_budget_bytes"] == "given"
+
+
+def test_capacity_gpu_tp(kvlab):
+    d = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "-tp", "2", "--json").stdout)
+    assert d["kv_bytes_per_token"] == 65_536 and d["num_gpus"] == 2
+    assert d["provenance"]["kv_budget_bytes"].startswith("estimate")
+
+
+def test_compare_table_and_json(kvlab):
+    r = kvlab("compare", "llama-3.1-8b", "qwen2.5-7b", "deepseek-v2-lite", "--gpu", "h100", "--max-model-len", "32768")
+    assert r.returncode == 0, r.stderr
+    assert "76.3%" in r.stdout and "4.21x" in r.stdout  # MLA vs Llama-3.1-8B
+    d = json.loads(kvlab("compare", "llama-3.1-8b", "deepseek-v2-lite", "--json").stdout)
+    assert d["baseline"] == "llama-3.1-8b"
+    assert round(d["models"][1]["kv_saved_vs_first_pct"], 2) == round(100 * (1 - 31104 / 131072), 2)
+
+
+def test_gpus_and_cards(kvlab):
+    d = json.loads(kvlab("gpus", "--json").stdout)
+    names = {g["name"] for g in d["gpus"]}
+    assert {"h100", "h200", "a100-80gb", "b200", "l40s"} <= names
+    r = kvlab("cards")
+    assert r.returncode == 0 and "deepseek-v2-lite" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("kv", "deepseek-v2-lit"), "did you mean deepseek-v2-lite"),
+    (("kv", "llama-3.1-8b", "--kv-cache-dtype", "fp4"), "unknown --kv-cache-dtype 'fp4'"),
+    (("kv", "llama-3.1-8b", "--kv-cache-dtype", "fp8_ds_mla"), "MLA models only"),
+    (("kv", "llama-3.1-8b", "--quantization", "int3"), "unknown quantization 'int3'"),
+    (("capacity", "deepseek-v3", "--gpu", "h100"), "short by"),
+    (("capacity", "llama-3.1-8b", "--gpu", "h100", "-tp", "3"), "does not divide the 32 attention heads"),
+    (("capacity", "llama-3.1-8b", "--gpu", "h900"), "unknown GPU 'h900'"),
+    (("capacity", "llama-3.1-8b"), "give --gpu NAME"),
+    (("capacity", "llama-3.1-8b", "--kv-memory-gib", "-1"), "must be positive"),
+    (("kv", "some-org/not-cached"), "not in the local Hugging Face cache"),
+    (("compare", "llama-3.1-8b"), "at least two models"),
+])
+def test_bad_input_is_one_line_exit_2(kvlab, args, message):
+    r = kvlab(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvlab: error: ")
+
+
+def test_local_folder_and_hf_cache(kvlab, tmp_path):
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 1000, "torch_dtype": "float32"}
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    d = json.loads(kvlab("kv", str(folder), "--json").stdout)
+    assert d["source"] == "local" and d["kv_bytes_per_token"] == 4 * 2 * 2 * 64 * 4
+    d = json.loads(kvlab("kv", str(folder / "config.json"), "--json").stdout)
+    assert d["num_layers"] == 4
+    # A Hugging Face cache laid out as huggingface_hub writes it.
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    r = kvlab("kv", "acme/tiny", "--json", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source"] == "hf-cache"
+    # A card's HF id resolves to the card.
+    assert json.loads(kvlab("kv", "deepseek-ai/DeepSeek-V2-Lite-Chat", "--json").stdout)["model"] == "deepseek-v2-lite"
+
+
+def test_config_missing_fields(kvlab, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    r = kvlab("kv", str(tmp_path))
+    assert r.returncode == 2 and "config is missing num_hidden_layers" in r.stderr
+    (tmp_path / "config.json").write_text("{not json")
+    r = kvlab("kv", str(tmp_path))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
