@@ -367,6 +367,24 @@ def cards_cmd(as_json: bool = JSON) -> None:
     console.print(t)
 
 
+@app.command("tiny")
+def tiny_cmd(
+    model: str = typer.Argument(..., help="Card name (kvlab cards)"),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder to write (default: $KVLAB_CACHE/twins/NAME, ~/.cache/kvlab)"),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a current twin is cached"),
+) -> None:
+    """Build a tiny random-weight twin with the real model's layers and KV geometry (and a chat tokenizer)."""
+    from pathlib import Path
+
+    from kvlab.models.cards import card
+    from kvlab.models.twins import build_twin
+
+    folder = build_twin(card(model), Path(out) if out else None, force=force)
+    info = json.loads((folder / "kvlab_twin.json").read_text())
+    console.print(f"twin of {model}: {info['params']:,} parameters (random weights, seed {info['seed']})")
+    sys.stdout.write(f"{folder}\n")
+
+
 def _version_callback(value: bool) -> None:
     if value:
         sys.stdout.write(f"kvlab {__version__}\n")
