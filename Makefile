@@ -8,7 +8,7 @@ KVLAB := $(VENV)/bin/kvlab
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.kvlab-setup-$(EXTRA)
 
-.PHONY: setup test test-fast demo clean help
+.PHONY: setup system-deps test test-fast demo clean help
 
 help:
 	@echo "make demo    install, run the demo end to end, print where the report is"
@@ -31,7 +31,18 @@ else
 endif
 	@touch $@
 
-test: setup
+# Debian packages the integration tests use: a real Prometheus server, headless Chromium.
+SYSTEM_DEPS := prometheus chromium
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  ($$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing) >/dev/null \
+	  || { echo "could not install$$missing: install them (Debian/Ubuntu: apt-get install$$missing)"; exit 1; }; \
+	fi
+
+test: setup system-deps
 	$(PY) -m pytest
 
 test-fast: setup

@@ -397,16 +397,25 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
     pass
 
 
-def _register_stage_commands() -> None:
-    """Each stage (deploy, loadtest, metrics, ...) adds its commands from its own module."""
-    import importlib
+# Stage packages that add commands: each has a `cli.py` with `register(app)`, imported only when
+# present so that a stage can be developed on its own. Keep heavy imports inside the commands.
+STAGES = ("deploy", "loadtest", "metrics", "sim", "experiments", "analysis", "plan")
 
-    for mod in ():
-        importlib.import_module(mod).register(app)
+
+def _register_stage_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for stage in STAGES:
+        name = f"kvlab.{stage}.cli"
+        if importlib.util.find_spec(f"kvlab.{stage}") is not None and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
+
+
+_register_stage_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_stage_commands()
     try:
         app(args=argv, prog_name="kvlab")
     except KvlabError as e:
