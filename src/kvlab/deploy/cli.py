@@ -159,8 +159,8 @@ def _run(srv, record_path: Path, as_json: bool) -> None:
     else:
         print_comparison(srv)
     if srv.spec.allocation_only:
-        code = "" if srv.exit_code is None else f" (the server's exit code: {srv.exit_code})"
-        console.print(f"allocation-only: vLLM's KV sizing recorded, nothing is serving{code}; record: {record_path}")
+        why = f" (after sizing, vLLM failed: {srv.allocation_error})" if srv.allocation_error else ""
+        console.print(f"allocation-only: vLLM's KV sizing recorded, nothing is serving{escape(why)}; record: {record_path}")
         return
     console.print(f"serving {srv.served_model_name} at {srv.base_url} (pid {srv.pid}, process group {srv.pid}); "
                   f"Ctrl-C stops it. Record: {record_path}")

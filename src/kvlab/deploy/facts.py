@@ -146,6 +146,18 @@ def kv_size_logged(text: str) -> bool:
     return LOG_PATTERNS["kv_cache_tokens"][0].search(text) is not None
 
 
+_ERROR = re.compile(r"\b((?:[A-Z]\w*)?(?:Error|Exception): .+)$", re.M)
+
+
+def error_after_kv_size(text: str) -> str | None:
+    """The first exception vLLM logged after sizing its KV cache (a start that fails after sizing)."""
+    m = LOG_PATTERNS["kv_cache_tokens"][0].search(text)
+    if m is None:
+        return None
+    err = _ERROR.search(text, m.end())
+    return err.group(1).strip() if err else None
+
+
 # ---------------------------------------------------------------------------------------------
 # /metrics: vllm:cache_config_info (labels = CacheConfig fields as strings)
 

@@ -149,6 +149,8 @@ class Server:
         self.exit_code: int | None = None
         self.healthy = False
         self._group: ProcessGroup | None = None
+        self._pid: int | None = None
+        self.allocation_error: str | None = None  # allocation-only: what failed after the KV sizing
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -302,6 +304,7 @@ class Server:
             self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path)
         except OSError as e:
             raise KvlabError(f"cannot start {self.argv[0]}: {e.strerror or e}") from None
+        self._pid = self._group.pid
         try:
             self._wait_ready()
             self._read_facts()
@@ -325,7 +328,8 @@ class Server:
 
     @property
     def pid(self) -> int | None:
-        return self._group.pid if self._group else None
+        """The server's pid, which is also its process group id (kept after stop)."""
+        return self._pid
 
     def wait(self, poll_s: float = 1.0) -> int | None:
         """Block until the server exits on its own (returns its exit code); Ctrl-C propagates."""
@@ -389,21 +393,30 @@ class Server:
             return False
 
     def _wait_ready(self) -> None:
-        """Until /health answers, or (allocation-only) vLLM has logged its KV size and exited."""
+        """Until /health answers; allocation-only: or until vLLM, having sized its KV cache, fails."""
         assert self._group is not None
         deadline = time.monotonic() + self.spec.health_timeout_s
         while time.monotonic() < deadline:
             code = self._group.exit_code()
+            if self.spec.allocation_only and self._sized_then_failed(code):
+                return
             if code is not None:
-                if self.spec.allocation_only and factsmod.kv_size_logged(self._log_text()):
-                    self.exit_code = code
-                    return
                 self._fail(f"the server exited with code {code} during start")
             if self._health_ok():
                 self.healthy = True
                 return
             time.sleep(POLL_S)
         self._fail(f"no answer on {self.base_url}/health within {self.spec.health_timeout_s:g} s")
+
+    def _sized_then_failed(self, code: int | None) -> bool:
+        """vLLM logged its KV size, then exited or raised: the sizing is recorded, nothing serves."""
+        text = self._log_text()
+        if not factsmod.kv_size_logged(text):
+            return False
+        self.allocation_error = factsmod.error_after_kv_size(text)
+        if code is not None:
+            self.exit_code = code
+        return code is not None or self.allocation_error is not None
 
     def _fail(self, what: str) -> None:
         self.stop()
@@ -446,7 +459,7 @@ class Server:
             "prediction": None if self.prediction is None else {
                 **self.prediction.to_dict(), "source": self.prediction_note, "attention_backend": self.predicted_backend},
             "comparison": [r.to_dict() for r in self.comparison()],
-            "exit_code": self.exit_code,
+            "exit_code": self.exit_code, "allocation_error": self.allocation_error,
             "stop": None if self.stop_report is None else asdict(self.stop_report),
             "host": {"cpu": self.cpu.to_dict(), "gpu": host.gpu_facts(),
                      "vllm": {"distribution": self.install.distribution, "version": self.install.version}},

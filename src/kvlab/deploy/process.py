@@ -54,16 +54,7 @@ class ProcessGroup:
     def members(self) -> list[int]:
         """Live processes of the group, plus descendants seen earlier that left it."""
         self._known.update(self._descendants())
-        alive = []
-        for p in psutil.process_iter(["pid", "status"]):
-            try:
-                if p.info["status"] == psutil.STATUS_ZOMBIE:
-                    continue
-                if os.getpgid(p.pid) == self.pgid or p.pid in self._known:
-                    alive.append(p.pid)
-            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-                continue
-        return alive
+        return live_processes(self.pgid, self._known)
 
     def _descendants(self) -> set[int]:
         try:
@@ -71,8 +62,9 @@ class ProcessGroup:
         except psutil.NoSuchProcess:
             return set()
 
-    def stop(self) -> StopReport:
+    def stop(self, grace_s: dict[signal.Signals, float] | None = None) -> StopReport:
         """SIGINT the group, then SIGTERM, then SIGKILL, until nothing of it is left."""
+        grace_s = {**STOP_GRACE_S, **(grace_s or {})}
         sent = []
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
             members = self.members()
@@ -80,7 +72,7 @@ class ProcessGroup:
                 break
             self._signal(sig, members)
             sent.append(sig.name)
-            if self._wait_gone(STOP_GRACE_S[sig]):
+            if self._wait_gone(grace_s[sig]):
                 break
         self.proc.poll()
         self._log.close()
@@ -107,6 +99,18 @@ class ProcessGroup:
                 return True
             time.sleep(0.2)
         return False
+
+
+def live_processes(pgid: int, pids: set[int] = frozenset()) -> list[int]:
+    """Running processes of process group pgid, or among pids (a zombie has ended: not counted)."""
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and (p.pid in pids or os.getpgid(p.pid) == pgid):
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return alive
 
 
 @atexit.register
