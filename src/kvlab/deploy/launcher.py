@@ -387,10 +387,17 @@ class Server:
         return "\n".join(self._log_text().splitlines()[-n:])
 
     def _health_ok(self) -> bool:
+        """/health answers 200 and /v1/models names our model (not another server that took the port)."""
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
         try:
-            return httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
+            if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code != 200:
+                return False
+            if self.engine == "sim":  # the simulator names its model itself
+                return True
+            models = httpx.get(f"{self.base_url}/v1/models", headers=headers, timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
             return False
+        return any(m.get("id") == self.served_model_name for m in models.get("data", []))
 
     def _wait_ready(self) -> None:
         """Until /health answers; allocation-only: or until vLLM, having sized its KV cache, fails."""

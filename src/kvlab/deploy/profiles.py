@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvlab.errors import KvlabError
+from kvlab.models.cards import _format_validation as format_validation  # cards' wording for field errors
 
 # The level names used everywhere (QUANT=); a profile file may add its own.
 QUANT_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")
@@ -75,9 +76,7 @@ def _load_file(path: Path) -> ModelProfiles:
     try:
         mp = ModelProfiles.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise KvlabError(f"{path}: field {loc}: {first['msg']}") from None
+        raise KvlabError(format_validation(e, str(path))) from None
     if mp.model != path.stem:
         raise KvlabError(f"{path}: field model: {mp.model!r} must match the file name {path.stem!r}")
     return mp
