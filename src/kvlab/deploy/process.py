@@ -1,0 +1,120 @@
+"""A server process in its own process group, stopped as a whole: SIGINT, SIGTERM, then SIGKILL."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+# Seconds to wait after each signal before escalating (vLLM shuts its engine core down on SIGINT).
+STOP_GRACE_S = {signal.SIGINT: 20.0, signal.SIGTERM: 10.0, signal.SIGKILL: 10.0}
+
+_LIVE: "weakref.WeakSet[ProcessGroup]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class StopReport:
+    signals_sent: tuple[str, ...]
+    exit_code: int | None
+    survivors: tuple[int, ...]  # pids of the group still alive after SIGKILL (should be empty)
+
+
+class ProcessGroup:
+    """One child process started with start_new_session=True: its pid is the group id."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+        self.argv = argv
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            self._log.close()
+            raise
+        self.pgid = self.proc.pid
+        self._known: set[int] = {self.proc.pid}
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def members(self) -> list[int]:
+        """Live processes of the group, plus descendants seen earlier that left it."""
+        self._known.update(self._descendants())
+        return live_processes(self.pgid, self._known)
+
+    def _descendants(self) -> set[int]:
+        try:
+            return {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def stop(self, grace_s: dict[signal.Signals, float] | None = None) -> StopReport:
+        """SIGINT the group, then SIGTERM, then SIGKILL, until nothing of it is left."""
+        grace_s = {**STOP_GRACE_S, **(grace_s or {})}
+        sent = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            members = self.members()
+            if not members:
+                break
+            self._signal(sig, members)
+            sent.append(sig.name)
+            if self._wait_gone(grace_s[sig]):
+                break
+        self.proc.poll()
+        self._log.close()
+        _LIVE.discard(self)
+        return StopReport(tuple(sent), self.proc.returncode, tuple(self.members()))
+
+    def _signal(self, sig: signal.Signals, members: list[int]) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in members:  # descendants that moved to another group
+            try:
+                if os.getpgid(pid) != self.pgid:
+                    os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _wait_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.proc.poll()  # reap our child so that it does not linger as a zombie
+            if not self.members():
+                return True
+            time.sleep(0.2)
+        return False
+
+
+def live_processes(pgid: int, pids: set[int] = frozenset()) -> list[int]:
+    """Running processes of process group pgid, or among pids (a zombie has ended: not counted)."""
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and (p.pid in pids or os.getpgid(p.pid) == pgid):
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return alive
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Nothing left running when the interpreter exits, whatever happened before."""
+    for group in list(_LIVE):
+        group.stop()

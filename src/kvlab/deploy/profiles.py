@@ -1,0 +1,112 @@
+"""Serve profiles: per model, the quantization levels that exist and their exact vLLM flags.
+
+The profiles live in the top-level `deploy/profiles/<card>.yaml` (users edit them);
+`_default.yaml` covers models without a card. `KVLAB_PROFILES` points at another folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvlab.errors import KvlabError
+from kvlab.models.cards import _format_validation as format_validation  # cards' wording for field errors
+
+# The level names used everywhere (QUANT=); a profile file may add its own.
+QUANT_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")
+DEFAULT_MODEL = "_default"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9+._-]*$")
+
+
+class ServeProfile(BaseModel):
+    """One quantization level of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    description: str
+    args: list[str] = Field(default_factory=list)  # passed to `vllm serve` as they are
+    checkpoint: str | None = None  # a pre-quantized checkpoint served instead of the card's model
+    weights: str | None = None  # kvlab weight format when no --quantization flag names it
+    note: str | None = None
+
+    @field_validator("args")
+    @classmethod
+    def _no_model_or_port(cls, args: list[str]) -> list[str]:
+        for a in args:
+            if a.split("=")[0] in ("--model", "--port", "--host", "--api-key"):
+                raise ValueError(f"{a.split('=')[0]} is set by kvlab serve, not by a profile")
+        return args
+
+
+class ModelProfiles(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    profiles: dict[str, ServeProfile] = Field(min_length=1)
+
+    @field_validator("profiles")
+    @classmethod
+    def _names(cls, profiles: dict[str, ServeProfile]) -> dict[str, ServeProfile]:
+        for name, p in profiles.items():
+            if not _NAME.match(name):
+                raise ValueError(f"profile name {name!r}: use lower-case letters, digits and + . _ -")
+            p.name = name
+        return profiles
+
+
+def profiles_dir() -> Path:
+    """`KVLAB_PROFILES`, else the repository's deploy/profiles, else ./deploy/profiles."""
+    if os.environ.get("KVLAB_PROFILES"):
+        return Path(os.environ["KVLAB_PROFILES"])
+    repo = Path(__file__).resolve().parents[3] / "deploy" / "profiles"
+    return repo if repo.is_dir() else Path.cwd() / "deploy" / "profiles"
+
+
+def _load_file(path: Path) -> ModelProfiles:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise KvlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise KvlabError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        mp = ModelProfiles.model_validate(data)
+    except ValidationError as e:
+        raise KvlabError(format_validation(e, str(path))) from None
+    if mp.model != path.stem:
+        raise KvlabError(f"{path}: field model: {mp.model!r} must match the file name {path.stem!r}")
+    return mp
+
+
+@cache
+def _load_cached(path: Path, mtime_ns: int) -> ModelProfiles:
+    return _load_file(path)
+
+
+def model_profiles(card_name: str | None) -> ModelProfiles:
+    """The profiles of a card (or of a model without a card when card_name is None)."""
+    folder = profiles_dir()
+    path = folder / f"{card_name or DEFAULT_MODEL}.yaml"
+    if not path.is_file():
+        if card_name is None:
+            raise KvlabError(f"no serve profiles for models without a card: {path} is missing")
+        raise KvlabError(f"no serve profiles for {card_name}: add {path} (see {folder / 'llama-3.1-8b.yaml'})")
+    return _load_cached(path, path.stat().st_mtime_ns)
+
+
+def profile(card_name: str | None, quant: str) -> ServeProfile:
+    """One profile; an unknown level lists those that exist for the model."""
+    mp = model_profiles(card_name)
+    if quant in mp.profiles:
+        return mp.profiles[quant]
+    who = card_name or "a model without a card"
+    raise KvlabError(f"{who} has no quantization level {quant!r}; it has: {', '.join(mp.profiles)}")
+
+
+def all_profiles() -> dict[str, ModelProfiles]:
+    return {p.stem: model_profiles(None if p.stem == DEFAULT_MODEL else p.stem)
+            for p in sorted(profiles_dir().glob("*.yaml"))}

@@ -1,0 +1,116 @@
+"""Startup facts from real vLLM output (0.32 CPU build) and from the line variants of 0.10 .. 0.33."""
+
+from pathlib import Path
+
+import pytest
+
+from kvlab.deploy.facts import StartupFacts, kv_size_logged, parse_cache_config_info, parse_log
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_cpu_build_log_of_the_deepseek_twin():
+    f = parse_log((FIXTURES / "vllm-0.32-cpu-deepseek-twin.server.log").read_text())
+    assert f == StartupFacts(
+        vllm_version="0.32.0", attention_backend="CPU_MLA", kv_cache_tokens=34_512, max_concurrency=8.43,
+        max_model_len=4096, available_kv_memory_gib=1.0, cache_dtype="auto", enable_prefix_caching=False,
+        kv_device="CPU")
+
+
+def test_cache_config_info_of_the_deepseek_twin():
+    f = parse_cache_config_info((FIXTURES / "vllm-0.32-cpu-deepseek-twin.metrics.txt").read_text())
+    assert (f.block_size, f.num_gpu_blocks, f.kv_cache_tokens) == (16, 2157, 34_512)
+    assert f.max_concurrency == 8.42578125 and f.kv_cache_memory_bytes == 1 << 30
+    assert f.cache_dtype == "auto" and f.enable_prefix_caching is False
+
+
+def test_metrics_win_over_the_rounded_log_figures():
+    log = parse_log((FIXTURES / "vllm-0.32-cpu-deepseek-twin.server.log").read_text())
+    merged = log.merged(parse_cache_config_info((FIXTURES / "vllm-0.32-cpu-deepseek-twin.metrics.txt").read_text()))
+    assert merged.max_concurrency == 8.42578125 and merged.vllm_version == "0.32.0" and merged.num_gpu_blocks == 2157
+
+
+def test_cache_config_info_missing_or_none_labels():
+    assert parse_cache_config_info("# HELP x y\n# TYPE x gauge\nx 1.0\n") == StartupFacts()
+    text = ('# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size="16",num_gpu_blocks="None",'
+            'kv_cache_memory_bytes="None",cache_dtype="fp8",enable_prefix_caching="True"} 1.0\n')
+    f = parse_cache_config_info(text)
+    assert (f.block_size, f.num_gpu_blocks, f.kv_cache_memory_bytes, f.cache_dtype, f.enable_prefix_caching) == (
+        16, None, None, "fp8", True)
+
+
+P = "(EngineCore_DP0 pid=2113) INFO 08-05 10:11:12 [kv_cache_utils.py:1013] "
+W = "(VllmWorker pid=2200) INFO 08-05 10:11:10 [gpu_worker.py:276] "
+
+
+@pytest.mark.parametrize("lines, tokens, concurrency, max_len, device", [
+    # up to 0.27: two lines
+    ([P + "GPU KV cache size: 410,128 tokens", P + "Maximum concurrency for 131,072 tokens per request: 3.13x"],
+     410_128, 3.13, 131_072, "GPU"),
+    # 0.28 - 0.29: one line joined with ", "
+    ([P + "GPU KV cache size: 443,472 tokens, Maximum concurrency for 32,768 tokens per request: 13.53x"],
+     443_472, 13.53, 32_768, "GPU"),
+    # 0.30+: the device name as prefix (the CPU build), and a host-offload pool
+    ([P + "CPU KV cache size: 233,008 tokens, Maximum concurrency for 256 tokens per request: 910.19x"],
+     233_008, 910.19, 256, "CPU"),
+    ([P + "GPU + host KV cache size: 1,000,000 tokens, Maximum concurrency for 8,192 tokens per request: 122.07x"],
+     1_000_000, 122.07, 8192, "GPU"),
+    # the V0-era INFO line without a process prefix
+    (["INFO 07-01 09:00:00 kv_cache_utils.py:634] GPU KV cache size: 16 tokens",
+      "INFO 07-01 09:00:00 kv_cache_utils.py:637] Maximum concurrency for 16 tokens per request: 1.00x"],
+     16, 1.0, 16, "GPU"),
+])
+def test_kv_cache_size_line_variants(lines, tokens, concurrency, max_len, device):
+    f = parse_log("\n".join(lines) + "\n")
+    assert (f.kv_cache_tokens, f.max_concurrency, f.max_model_len, f.kv_device) == (tokens, concurrency, max_len, device)
+    assert kv_size_logged("\n".join(lines))
+
+
+@pytest.mark.parametrize("line, gib", [
+    (W + "Available KV cache memory: 51.63 GiB", 51.63),
+    (W + "Initial free memory 78.5 GiB, reserved 20.0 GiB memory for KV Cache as specified by "
+         "kv_cache_memory_bytes config and skipped memory profiling.", 20.0),
+    (W + "Explicitly set (1.0/10.46) GiB for KV cache on node 0.", 1.0),
+    (W + "Auto set (6.5/31.2) GiB for KV cache on node 0, with 8 GiB requested memory for the worker.", 6.5),
+])
+def test_available_kv_memory_variants(line, gib):
+    assert parse_log(line).available_kv_memory_gib == gib
+
+
+@pytest.mark.parametrize("line, backend", [
+    (W + "Using Flash Attention backend on V1 engine.", "FLASH_ATTN"),                     # 0.10
+    (W + "Using FlashMLA backend on V1 engine.", "FLASHMLA"),                              # 0.10
+    (W + "Using Triton MLA backend on V1 engine.", "TRITON_MLA"),
+    (W + "Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN', 'FLASHINFER'].", "FLASH_ATTN"),
+    (W + "Using FLASHINFER_MLA backend.", "FLASHINFER_MLA"),
+    (W + "Using CPU_MLA backend.", "CPU_MLA"),
+])
+def test_attention_backend_variants(line, backend):
+    moe = W + "Using CPU Unquantized MoE backend out of potential backends: ['CPU'].\n"
+    prefill = W + "Using CPU_SDPA_MLA MLA prefill backend.\n"
+    assert parse_log(moe + prefill + line).attention_backend == backend
+
+
+def test_versions_and_weights():
+    assert parse_log("INFO 07-01 api_server.py:1 vLLM API server version 0.10.1.1\n").vllm_version == "0.10.1.1"
+    assert parse_log(W + "Model loading took 14.99 GiB memory and 3.2 seconds").model_weights_gib == 14.99
+    assert parse_log(W + "Model loading took 29.26 GiB and 9.87 seconds").model_weights_gib == 29.26
+    assert parse_log("INFO model_runner.py:1 Loading model weights took 14.9661 GB").model_weights_gib == 14.9661
+    assert parse_log(W + "# GPU blocks: 27,180, # CPU blocks: 2048").num_gpu_blocks == 27_180
+
+
+def test_nothing_logged_yet():
+    assert parse_log("Triton is installed, but doesn't include CPU backend.\n") == StartupFacts()
+    assert not kv_size_logged("INFO starting\n")
+
+
+def test_error_after_the_kv_sizing():
+    from kvlab.deploy.facts import error_after_kv_size
+
+    before = W + "Starting to load model\n(Worker pid=1) ERROR [x.py:1] ValueError: too early\n"
+    sized = P + "CPU KV cache size: 16,384 tokens, Maximum concurrency for 4,096 tokens per request: 4.00x\n"
+    after = ("(Worker pid=14354) ERROR 11-28 19:01:23 [multiproc_executor.py:1063] NotImplementedError: FP8 KV "
+             "cache on CPU requires x86 with AVX-512 or AMX.\n")
+    assert error_after_kv_size(before + sized + after) == "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    assert error_after_kv_size(before + sized) is None
+    assert error_after_kv_size(before) is None
