@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvlab.errors import KvlabError
-from kvlab.models.cards import _format_validation as format_validation  # cards' wording for field errors
+from kvlab.models.cards import format_validation  # cards' wording for field errors
 
 # The level names used everywhere (QUANT=); a profile file may add its own.
 QUANT_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")

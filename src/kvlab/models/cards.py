@@ -50,7 +50,7 @@ class Card(BaseModel):
         return arch_from_config(self.config, f"card {self.name}")
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def format_validation(err: ValidationError, where: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     return f"{where}: field {loc}: {first['msg']}"
@@ -67,7 +67,7 @@ def load_card_file(path: Path | str, text: str | None = None) -> Card:
     try:
         card = Card.model_validate(data)
     except ValidationError as e:
-        raise KvlabError(_format_validation(e, where)) from None
+        raise KvlabError(format_validation(e, where)) from None
     card.arch  # validates the config fields too
     return card
 

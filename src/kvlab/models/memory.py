@@ -52,7 +52,11 @@ ATTENTION_BACKENDS: dict[str, dict] = {
     "FLASHINFER_MLA": {"mla": True, "block_size": 32, "kv_dtypes": ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")},
     "CUTLASS_MLA": {"mla": True, "block_size": 128, "kv_dtypes": ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")},
     "TRITON_MLA": {"mla": True, "block_size": 16, "kv_dtypes": ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")},
+    # The CPU build sizes (and logs) an fp8 MLA cache, then its CPU_MLA kernel fails at the first
+    # request: the size is still a real allocation, so it is predicted; kvlab.deploy refuses to serve
+    # it. AMX CPUs run MLA on AMX_MLA with 128-token blocks.
     "CPU_MLA": {"mla": True, "block_size": 16, "kv_dtypes": None},
+    "AMX_MLA": {"mla": True, "block_size": 128, "kv_dtypes": None},
 }
 
 
