@@ -138,7 +138,9 @@ def summarize(samples_path_or_df, *, start_ts: float | None = None, end_ts: floa
     `kv_bytes_per_token`: the memory model's figure, for exact GiB (default: from cache_config_info).
     `provenance`: "measured" for a real vLLM, "simulated" for kvlab's simulated engine.
     """
-    df = with_labels(load_frame(samples_path_or_df))
+    if mean_session_context_tokens is not None and not mean_session_context_tokens > 0:
+        raise KvlabError(f"mean_session_context_tokens must be positive, got {mean_session_context_tokens}")
+    df = _input_rows(samples_path_or_df)
     models = models_in(df)
     if model_name is None and len(models) > 1:
         raise KvlabError(f"the samples hold several models ({', '.join(models)}): choose one with model_name")
@@ -151,11 +153,20 @@ def summarize(samples_path_or_df, *, start_ts: float | None = None, end_ts: floa
 
 def summarize_all(samples_path_or_df, **kw) -> dict[str, RunFigures]:
     """`summarize` for every model_name in the samples."""
-    df = with_labels(load_frame(samples_path_or_df))
+    df = _input_rows(samples_path_or_df)
     models = models_in(df)
     if not models:
         return {"": summarize(df, **kw)}
     return {m: summarize(df, model_name=m, **kw) for m in models}
+
+
+def _input_rows(samples_path_or_df) -> pd.DataFrame:
+    """The rows the figures read (a samples file holds ~90 families), labels parsed."""
+    if isinstance(samples_path_or_df, pd.DataFrame) and "lab" in samples_path_or_df:
+        return samples_path_or_df  # already prepared (summarize_all)
+    df = load_frame(samples_path_or_df)
+    keep = df["name"].isin(INPUT_FAMILIES) | df["name"].str.startswith(("kvlab:", GPU_PREFIX))
+    return with_labels(df[keep])
 
 
 class FigureBuilder:
@@ -171,6 +182,8 @@ class FigureBuilder:
         self.missing: dict[str, tuple[str, ...]] = {}
         self.prov: dict[str, str] = {}
         self.resets = 0
+        self.pools: dict[str, _Pool] = {}
+        self.kv_tokens: pd.Series | None = None
 
     def build(self) -> RunFigures:
         w = self.w
@@ -244,7 +257,7 @@ class FigureBuilder:
             if all(p.bytes_per_block for p in pools.values()):
                 gib = sum(used[t] * p.bytes_per_block for t, p in pools.items()) / GiB
         else:
-            frac = usage.mean(axis=1)  # pools unknown: assumed equal
+            frac = usage.mean(axis=1)  # pools unknown: engines weighted equally
         no_pool = () if blocks is not None else (CACHE_CONFIG,)
         src = f"{self.source} ({KV_USAGE} x the pool in {CACHE_CONFIG})"
         self._set(frac_names, _stats(frac), (), f"{self.source} ({KV_USAGE})")
@@ -284,7 +297,7 @@ class FigureBuilder:
             n = self._counter(fig)
             per_s = n / dur if n is not None and dur else None
             self._set((f"{fig}_per_s",), (per_s,) if per_s is not None else None,
-                      (COUNTERS[fig],) if n is None else ("a window of more than one scrape",),
+                      (COUNTERS[fig],) if n is None else ("a window longer than one scrape",),
                       f"{self.source} (increase of {COUNTERS[fig]} / window)")
 
     def latencies(self) -> None:
@@ -307,14 +320,12 @@ class FigureBuilder:
 
     # -- derived -------------------------------------------------------------------------------
     def resident_sessions(self) -> None:
-        tokens = getattr(self, "kv_tokens", None)
+        tokens = self.kv_tokens
         self.f["mean_session_context_tokens"] = self.mean_ctx
         if self.mean_ctx is None or tokens is None:
             why = ("mean_session_context_tokens (not given)",) if self.mean_ctx is None else ("kv_tokens",)
             self._set(("resident_sessions_peak", "resident_sessions_mean"), None, why, "")
             return
-        if self.mean_ctx <= 0:
-            raise KvlabError(f"mean_session_context_tokens must be positive, got {self.mean_ctx}")
         s = _stats(tokens / self.mean_ctx)
         self._set(("resident_sessions_peak", "resident_sessions_mean"), s[:2], (),
                   "estimate (KV tokens in use / mean session context)")
