@@ -139,6 +139,20 @@ def test_the_thread_polls_until_stopped(playback, tmp_path):
     assert len(ts) == n + 1  # the scrape times and the GPU-absent row
 
 
+def test_a_write_failure_stops_the_thread_and_is_reported(playback, tmp_path, monkeypatch):
+    srv = playback([(200, REAL)])
+    s = Scraper(srv.url, tmp_path / "m.csv", interval_s=0.05)
+    with pytest.raises(KvlabError, match="stopped early: OSError.*No space left"):
+        with s:
+            def full(rows):
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(s._writer, "append", full)
+            deadline = time.monotonic() + 30
+            while s._failure is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+    assert len(read_samples(tmp_path / "m.csv")) > 374  # the first scrape was kept
+
+
 def test_urls():
     assert metrics_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/metrics"
     assert metrics_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000/metrics"

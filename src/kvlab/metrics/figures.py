@@ -10,7 +10,6 @@ Each figure that could not be computed is None and `missing[figure]` names the a
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -385,13 +384,3 @@ def _stats(series: pd.Series | None) -> tuple[float, float, float] | None:
         return None
     v = [float(x) for x in series]
     return max(v), sum(v) / len(v), quantile_linear(0.95, v)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)

@@ -73,14 +73,15 @@ class Scraper:
         self._thread: threading.Thread | None = None
         self._writer: SampleWriter | None = None
         self._client: httpx.Client | None = None
+        self._failure: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "Scraper":
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop(raise_failure=exc is None)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -92,7 +93,7 @@ class Scraper:
         self._thread = threading.Thread(target=self._loop, name="kvlab-scraper", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, raise_failure: bool = True) -> None:
         """Scrape once more (the run's end), then stop and close the file."""
         if self._thread is None:
             return
@@ -101,15 +102,21 @@ class Scraper:
         self._thread = None
         self._client.close()
         self._writer.close()
+        if self._failure is not None and raise_failure:
+            raise KvlabError(f"the scraper of {self.url} stopped early: {self._failure!r}; "
+                             f"what it wrote is in {self.path}")
 
     def _loop(self) -> None:
         t0 = time.monotonic()
         tick = 1
-        while not self._stop.wait(max(0.0, t0 + tick * self.interval_s - time.monotonic())):
+        try:
+            while not self._stop.wait(max(0.0, t0 + tick * self.interval_s - time.monotonic())):
+                self.scrape_once()
+                # Skip ticks a slow scrape overran instead of scraping back to back.
+                tick = max(tick + 1, int((time.monotonic() - t0) / self.interval_s) + 1)
             self.scrape_once()
-            # Skip ticks a slow scrape overran instead of scraping back to back.
-            tick = max(tick + 1, int((time.monotonic() - t0) / self.interval_s) + 1)
-        self.scrape_once()
+        except Exception as e:  # e.g. the disk filled: stop, and say so when the run ends
+            self._failure = e
 
     # -- one scrape ----------------------------------------------------------------------------
     def scrape_once(self) -> ScrapeResult:
