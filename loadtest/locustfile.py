@@ -135,14 +135,21 @@ class LocustTransport:
 
     def stream_chat(self, path: str, body: dict, name: str) -> tuple[int | None, StreamResult]:
         t0 = time.perf_counter()
+        timeout_s = workload().request.timeout_s
         try:
-            with gevent.Timeout(workload().request.timeout_s):
+            with gevent.Timeout(timeout_s):
                 status, res = self._post(path, body, name, t0)
         except gevent.Timeout:
-            status, res = None, failed("timeout", f"no complete reply in {workload().request.timeout_s:g} s", t0, time.perf_counter())
+            # raised inside Locust's `with` block, which then reports nothing: report it here
+            status, res = None, failed("timeout", f"no complete reply in {timeout_s:g} s", t0, time.perf_counter())
+            self._fire("POST", name, res.e2e_s, RuntimeError(_failure_message(res, status)))
         if res.ok:
             self._report(name, res)
         return status, res
+
+    def _fire(self, kind: str, name: str, seconds: float, exception: Exception | None = None) -> None:
+        self.user.environment.events.request.fire(request_type=kind, name=name, response_time=seconds * 1000,
+                                                  response_length=0, exception=exception, context={})
 
     def _post(self, path: str, body: dict, name: str, t0: float) -> tuple[int | None, StreamResult]:
         stream = ChatStream(t0)
@@ -161,28 +168,28 @@ class LocustTransport:
             if res.ok:
                 resp.success()
             else:
-                resp.failure(f"{res.error_kind}: {res.error_detail}")
+                resp.failure(_failure_message(res, status))
         return status, res
 
     def _report(self, name: str, res: StreamResult) -> None:
-        fire = self.user.environment.events.request.fire
         if res.ttft_s is not None:
-            fire(request_type="TTFT", name=name, response_time=res.ttft_s * 1000, response_length=0, exception=None, context={})
+            self._fire("TTFT", name, res.ttft_s)
         if res.tpot_s is not None:
-            fire(request_type="TPOT", name=name, response_time=res.tpot_s * 1000, response_length=0, exception=None, context={})
+            self._fire("TPOT", name, res.tpot_s)
         for gap in res.itl_s:
-            fire(request_type="ITL", name=name, response_time=gap * 1000, response_length=0, exception=None, context={})
+            self._fire("ITL", name, gap)
 
-    def get_json(self, path: str) -> dict | None:
+    def get_json(self, path: str) -> tuple[int | None, dict | None]:
         with self.user.client.get(path, name=path, catch_response=True) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code or 'no response'}")
-                return None
+            status = resp.status_code or None
+            if status != 200:
+                resp.failure(f"HTTP {status}" if status else "connect: no response")
+                return status, None
             try:
-                return resp.json()
+                return status, resp.json()
             except ValueError:
-                resp.failure("not JSON")
-                return None
+                resp.failure("bad_response: not JSON")
+                return status, None
 
 
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
@@ -201,6 +208,13 @@ def _read_stream(resp, stream: ChatStream) -> StreamResult:
     except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
         stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
     return stream.finish(time.perf_counter())
+
+
+def _failure_message(res: StreamResult, status: int | None) -> str:
+    """What Locust groups failures by: the kind and a stable detail (the record keeps the rest)."""
+    if res.error_kind in ("http_4xx", "http_5xx"):
+        return f"{res.error_kind}: HTTP {status}"
+    return f"{res.error_kind}: {res.error_detail}"
 
 
 def _error_text(resp) -> str:

@@ -43,6 +43,8 @@ class FakeConfig:
     itl_s: float = 0.0
     accept_ignore_eos: bool = True
     eos_after: int = 5  # without ignore_eos the fake "model" stops here
+    stall_s: float = 5.0  # "stall": silence this long mid-stream, then the stream resumes
+    trickle_s: float = 6.0  # "trickle": keep-alive comments this long, then the stream ends
     faults: dict[int, str] = field(default_factory=dict)
     fault_when: Callable[[int, dict], str | None] | None = None
 
@@ -85,7 +87,7 @@ class FakeOpenAI:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/chat/completions", self._chat_quietly)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
         sock = socket.socket()
@@ -139,6 +141,12 @@ class FakeOpenAI:
             self.cached_blocks.add(tuple(toks[:end]))
         return hit
 
+    async def _chat_quietly(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._chat(request)
+        except ConnectionResetError:  # the client gave up (stall and timeout tests): expected
+            return web.Response(status=499)
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.n += 1
@@ -177,13 +185,13 @@ class FakeOpenAI:
             if k:
                 await asyncio.sleep(self.config.itl_s)
             if fault == "stall" and k == 1:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(self.config.stall_s)
             if fault == "drop" and k == 1:
                 request.transport.close()  # the connection dies mid-stream
                 return resp
             await send(chunk({"content": (" " if k else "") + w}, "length" if k == n_out - 1 else None))
-        if fault == "trickle":
-            while True:  # alive but never finishing
+        if fault == "trickle":  # alive, but not finishing in time
+            for _ in range(int(self.config.trickle_s / 0.2)):
                 await asyncio.sleep(0.2)
                 await resp.write(b": keep-alive\n\n")
         await send({"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "model": self.model, "choices": [],

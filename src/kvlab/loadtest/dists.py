@@ -32,6 +32,11 @@ class _Dist(BaseModel):
         """Mean before clipping (for sizing and messages, not for measurements)."""
         raise NotImplementedError  # pragma: no cover
 
+    @property
+    def smallest(self) -> float:
+        """The smallest value a draw can take."""
+        return self.min
+
 
 class Fixed(_Dist):
     dist: Literal["fixed"] = "fixed"
@@ -39,6 +44,10 @@ class Fixed(_Dist):
 
     def _raw(self, rng: random.Random) -> float:
         return self.value
+
+    @property
+    def smallest(self) -> float:
+        return self._clip(self.value)
 
     @property
     def mean_estimate(self) -> float:
@@ -60,6 +69,10 @@ class Uniform(_Dist):
 
     def _raw(self, rng: random.Random) -> float:
         return rng.uniform(self.low, self.high)
+
+    @property
+    def smallest(self) -> float:
+        return self._clip(self.low)
 
     @property
     def mean_estimate(self) -> float:
@@ -110,6 +123,10 @@ class Choice(_Dist):
 
     def _raw(self, rng: random.Random) -> float:
         return rng.choices(self.values, weights=self.weights)[0]
+
+    @property
+    def smallest(self) -> float:
+        return self._clip(min(self.values))
 
     @property
     def mean_estimate(self) -> float:

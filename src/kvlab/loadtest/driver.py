@@ -17,7 +17,7 @@ from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.records import RecordWriter, RequestRecord
 from kvlab.loadtest.render import Calibration, TextMaker, probe_messages
 from kvlab.loadtest.session import SessionRun
-from kvlab.loadtest.stream import StreamResult
+from kvlab.loadtest.stream import StreamResult, failed, http_error_kind
 from kvlab.loadtest.workload import Workload
 
 RETRY_PAUSE_S = 1.0  # after a failed calibration probe (server down): try again this much later
@@ -28,8 +28,8 @@ class Transport(Protocol):
         """POST `body` with stream=True; (HTTP status or None, measured stream)."""
         ...
 
-    def get_json(self, path: str) -> dict | None:
-        """GET a JSON document; None when the server cannot answer."""
+    def get_json(self, path: str) -> tuple[int | None, dict | None]:
+        """GET a JSON document: (HTTP status or None, the document or None)."""
         ...
 
 
@@ -129,18 +129,27 @@ class AgentDriver:
         with self._lock:
             if self.calibrated:
                 return True
-            if self.model is None:
-                models = transport.get_json("/v1/models")
-                data = (models or {}).get("data") or []
-                if not data:
-                    return False
-                self.model = data[0]["id"]
+            if self.model is None and not self._discover_model(transport):
+                return False
             counts = [self._probe(transport, k, probe_messages(k)) for k in ("A", "B", "C")]
             if any(c is None for c in counts):
                 return False
             self.text = TextMaker(self.seed, Calibration.fit(*counts))  # type: ignore[arg-type]
             self.calibrated = True
             return True
+
+    def _discover_model(self, transport: Transport) -> bool:
+        """The served model's name from GET /v1/models; a failure is recorded like a failed probe."""
+        start_ts, t0 = time.time(), time.perf_counter()
+        status, doc = transport.get_json("/v1/models")
+        data = (doc or {}).get("data") if isinstance(doc, dict) else None
+        if data and isinstance(data[0], dict) and "id" in data[0]:
+            self.model = data[0]["id"]
+            return True
+        kind = "connect" if status is None else http_error_kind(status) if status >= 400 else "bad_response"
+        self._record(start_ts, status, failed(kind, "GET /v1/models gave no model", t0, time.perf_counter()),
+                     kind="probe", max_tokens=0)
+        return False
 
     def measure_app(self, transport: Transport, run: SessionRun) -> None:
         """Tokens the app's shared prefix adds (probe [system, user ""] minus probe B)."""

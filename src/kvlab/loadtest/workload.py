@@ -31,7 +31,7 @@ TEMPLATE_MARGIN_TOKENS_PER_MESSAGE = 8
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class AppSpec(_Spec):
@@ -92,7 +92,8 @@ class Workload(_Spec):
 
     @model_validator(mode="after")
     def _fits(self) -> "Workload":
-        first = self.apps.system_tokens.min + max(self.session.task_tokens.min, 1) + max(self.session.max_tokens.min, 1)
+        s = self.session
+        first = self.apps.system_tokens.smallest + max(s.task_tokens.smallest, 1) + max(s.max_tokens.smallest, 1)
         if first > self.limits.max_context_tokens:
             raise ValueError(f"limits.max_context_tokens ({self.limits.max_context_tokens}) is below the smallest "
                              f"first turn the distributions allow ({first:g} tokens)")
