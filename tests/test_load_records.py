@@ -14,7 +14,7 @@ from kvlab.loadtest.summary import summarize
 
 
 def rec(start_ts, session="s0", turn=0, turns=2, ttft=0.5, itl=(0.05, 0.05), err=None, kind="turn", **kw):
-    base = dict(start_ts=start_ts, kind=kind, session_id=session, app_id="app0", turn=turn, turns_planned=turns,
+    base = dict(start_ts=start_ts, kind=kind, probe=None if kind == "turn" else "A", session_id=session, app_id="app0", turn=turn, turns_planned=turns,
                 status_code=200 if err is None else 500, error_kind=err, error_detail=None,
                 ttft_s=ttft, itl_s=list(itl), tpot_s=0.05, e2e_s=(ttft or 0.0) + sum(itl), prompt_tokens=100,
                 completion_tokens=len(itl) + 1, cached_tokens=64, planned_prompt_tokens=98, system_tokens=50,

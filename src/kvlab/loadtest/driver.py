@@ -97,13 +97,14 @@ class AgentDriver:
 
     def _record(self, start_ts: float, status: int | None, res: StreamResult, *, kind: str,
                 run: SessionRun | None = None, turn: int = -1, max_tokens: int = 1,
-                planned: int | None = None, start_lag_s: float | None = None) -> None:
+                planned: int | None = None, start_lag_s: float | None = None,
+                probe: str | None = None, app_id: str | None = None) -> None:
         if self.writer is None:
             return
         plan = run.plan if run else None
         self.writer.write(RequestRecord(
-            start_ts=start_ts, kind=kind, session_id=plan.session_id if plan else None,
-            app_id=plan.app_id if plan else None, turn=turn, turns_planned=len(plan.turns) if plan else 0,
+            start_ts=start_ts, kind=kind, probe=probe, session_id=plan.session_id if plan else None,
+            app_id=plan.app_id if plan else app_id, turn=turn, turns_planned=len(plan.turns) if plan else 0,
             status_code=status, error_kind=res.error_kind, error_detail=res.error_detail,
             ttft_s=res.ttft_s, itl_s=res.itl_s, tpot_s=res.tpot_s, e2e_s=res.e2e_s,
             prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
@@ -111,15 +112,17 @@ class AgentDriver:
             system_tokens=self.app_system_tokens.get(plan.app_id) if plan else None,
             max_tokens=max_tokens, finish_reason=res.finish_reason, chunks=res.chunks, start_lag_s=start_lag_s))
 
-    def _probe(self, transport: Transport, name: str, messages: list[dict]) -> int | None:
-        start_ts, status, res = self._send(transport, messages, 1, f"probe {name}")
+    def _probe(self, transport: Transport, probe: str, messages: list[dict], app_id: str | None = None) -> int | None:
+        """One max_tokens=1 request; its measured prompt tokens (None if it failed)."""
+        name = f"probe {app_id or probe}"
+        start_ts, status, res = self._send(transport, messages, 1, name)
         if status == 400 and self.ignore_eos and res.error_kind == "http_4xx":
             # A server that refuses vLLM's `ignore_eos`: output lengths then end at EOS.
             self.ignore_eos = False
-            start_ts, status, res = self._send(transport, messages, 1, f"probe {name}")
-        self._record(start_ts, status, res, kind="probe")
+            start_ts, status, res = self._send(transport, messages, 1, name)
+        self._record(start_ts, status, res, kind="probe", probe=probe, app_id=app_id)
         if res.ok and res.prompt_tokens is not None:
-            self.probe_tokens[name] = res.prompt_tokens
+            self.probe_tokens[probe] = res.prompt_tokens
             return res.prompt_tokens
         return None
 
@@ -148,7 +151,7 @@ class AgentDriver:
             return True
         kind = "connect" if status is None else http_error_kind(status) if status >= 400 else "bad_response"
         self._record(start_ts, status, failed(kind, "GET /v1/models gave no model", t0, time.perf_counter()),
-                     kind="probe", max_tokens=0)
+                     kind="probe", probe="models", max_tokens=0)
         return False
 
     def measure_app(self, transport: Transport, run: SessionRun) -> None:
@@ -162,7 +165,7 @@ class AgentDriver:
                 self.app_system_tokens[app] = 0
                 return
             msgs = [run.messages[0], {"role": "user", "content": ""}]
-            n = self._probe(transport, f"app {app}", msgs)
+            n = self._probe(transport, "app", msgs, app_id=app)
             if n is not None:
                 self.app_system_tokens[app] = n - self.probe_tokens["B"]
 

@@ -25,6 +25,7 @@ class RequestRecord:
 
     start_ts: float
     kind: str  # "turn": a workload request; "probe": calibration (max_tokens=1)
+    probe: str | None  # which probe: "A", "B", "C" (render.py), "app" (an app's prefix), "models" (GET /v1/models)
     session_id: str | None
     app_id: str | None
     turn: int  # 0-based; -1 for probes

@@ -30,7 +30,7 @@ source target local remote config option options default value change changes st
 events order range start end before after between within without under over into out up down
 """.split())
 
-PROBE_WORDS = 256
+PROBE_WORDS = 128
 
 
 @dataclass(frozen=True)
