@@ -24,7 +24,7 @@ import time
 import gevent
 from locust import FastHttpUser, LoadTestShape, events, task
 from locust.exception import StopUser
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from kvlab.errors import KvlabError
 from kvlab.loadtest.driver import AgentDriver, RunBounds
@@ -66,6 +66,9 @@ def _init(environment, **_kw) -> None:
     STATE["workload"] = wl
     AgentUser.network_timeout = wl.request.stall_timeout_s
     AgentUser.connection_timeout = wl.request.connect_timeout_s
+    # vLLM's --api-key: read from the environment only, so it is never on a command line or in a file.
+    key = os.environ.get("KVLAB_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    AgentUser.default_headers = {"Authorization": f"Bearer {key}"} if key else None
 
 
 def _records_dir(opts) -> str:
@@ -239,6 +242,10 @@ class AgentUser(FastHttpUser):
 
     @task
     def turn(self) -> None:
+        if self.environment.runner.state in (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED):
+            # A user woken from its pause in the same instant Locust stops it would otherwise send
+            # one more request and be killed in the middle of it.
+            raise StopUser()
         driver: AgentDriver = STATE["driver"]
         if self.session is None or self.session.done:
             self.session = driver.next_session()

@@ -45,6 +45,7 @@ class FakeConfig:
     eos_after: int = 5  # without ignore_eos the fake "model" stops here
     stall_s: float = 5.0  # "stall": silence this long mid-stream, then the stream resumes
     trickle_s: float = 6.0  # "trickle": keep-alive comments this long, then the stream ends
+    api_key: str | None = None  # like vllm serve --api-key: every request needs "Authorization: Bearer KEY"
     faults: dict[int, str] = field(default_factory=dict)
     fault_when: Callable[[int, dict], str | None] | None = None
 
@@ -122,7 +123,13 @@ class FakeOpenAI:
 
     # --- handlers ------------------------------------------------------------------------------
 
+    def _unauthorized(self, request: web.Request) -> bool:
+        key = self.config.api_key
+        return key is not None and request.headers.get("Authorization") != f"Bearer {key}"
+
     async def _models(self, request: web.Request) -> web.Response:
+        if self._unauthorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     def _fault(self, n: int, body: dict) -> str | None:
@@ -148,6 +155,8 @@ class FakeOpenAI:
             return web.Response(status=499)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self._unauthorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
         body = await request.json()
         self.n += 1
         n = self.n

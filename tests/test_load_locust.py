@@ -78,6 +78,7 @@ def test_agent_run_measures_the_stream_as_it_arrives(tmp_path):
     assert int(rows[("ITL", "tiny")]["Request Count"]) == sum(map(len, turns.itl_s))
     # Locust's median (rounded to 10 ms above 100 ms) and the records agree
     assert float(rows[("TTFT", "tiny")]["Median Response Time"]) == pytest.approx(turns.ttft_s.median() * 1000, abs=15)
+    assert read_requests(res.out_dir).equals(df)  # a run folder reads as its requests.parquet
     meta = json.loads((res.out_dir / "load.json").read_text())
     assert meta["summary"]["requests"] == len(turns) and meta["shape_schedule"] == [{"offset_s": 0.0, "users": 2}]
     assert load_workload(res.out_dir / "workload.yaml").name == "tiny"
@@ -118,6 +119,19 @@ def test_server_down(tmp_path):
     assert res.summary["requests"] == 0  # no turn could start: calibration needs the server
     rows = stats_rows(res.stats_csv)
     assert int(rows[("GET", "/v1/models")]["Failure Count"]) >= 2  # retried about once a second
+
+
+def test_api_key_is_sent_and_never_written(tmp_path, monkeypatch):
+    key = "sk-kvlab-test-4f1c2d"
+    monkeypatch.setenv("KVLAB_API_KEY", key)
+    with FakeOpenAI(FakeConfig(api_key=key)) as srv:
+        res = run_load(srv.url, profile(tmp_path), users=2, duration_s=3, out_dir=tmp_path / "run")
+    turns = res.requests().query("kind == 'turn'")
+    assert len(turns) >= 2 and turns.error_kind.isna().all()  # the server accepted every request
+    for f in res.out_dir.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+    assert key not in " ".join(res.command)
 
 
 def test_request_bound_ends_the_run(tmp_path):

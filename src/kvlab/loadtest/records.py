@@ -1,6 +1,6 @@
 """Per-request records: one JSON line per request, written by every Locust process as it goes.
 
-Each process appends to `requests-<host>-<pid>.jsonl.part` (one flushed line per request, so a
+Each process appends to `requests-<host>-<pid>-<time>-<n>.jsonl.part` (one flushed line per request, so a
 crash loses at most the line being written) and renames it to `.jsonl` when the test stops.
 `read_requests` reads a file or a folder of them (finished or not) into one DataFrame; the runner
 also writes that frame to `requests.parquet` (temp name, then rename).
@@ -8,9 +8,11 @@ also writes that frame to `requests.parquet` (temp name, then rename).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
@@ -50,6 +52,7 @@ class RequestRecord:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
+_writer_ids = itertools.count()
 
 
 class RecordWriter:
@@ -58,7 +61,8 @@ class RecordWriter:
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        stem = f"requests-{socket.gethostname()}-{os.getpid()}"
+        # One file per process and test: a web-UI session may run several tests in one process.
+        stem = f"requests-{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}-{next(_writer_ids)}"
         self.final_path = self.folder / f"{stem}.jsonl"
         self.part_path = self.folder / f"{stem}.jsonl.part"
         self._fh: IO[str] | None = open(self.part_path, "a", encoding="utf-8")
@@ -103,16 +107,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_requests(path: Path | str):
-    """All requests under `path` (a records folder, one .jsonl file, or a .parquet file) as a
-    pandas DataFrame with one row per request, sorted by `start_ts`; columns are `COLUMNS`."""
+    """All requests under `path` (a records folder, one .jsonl file, a .parquet file, or a run
+    folder holding requests.parquet) as a pandas DataFrame with one row per request, sorted by
+    `start_ts`; columns are `COLUMNS`."""
     import pandas as pd
 
     p = Path(path)
+    if p.is_dir() and not record_files(p) and (p / "requests.parquet").is_file():
+        p = p / "requests.parquet"
     if p.suffix == ".parquet":
         df = pd.read_parquet(p)
     else:
-        if p.is_dir() and (p / "requests.parquet").is_file() and not record_files_or_empty(p):
-            return read_requests(p / "requests.parquet")
         rows = [r for f in record_files(p) for r in read_jsonl(f)]
         df = pd.DataFrame(rows, columns=list(COLUMNS))
     for col in ("prompt_tokens", "completion_tokens", "cached_tokens", "planned_prompt_tokens",
@@ -120,10 +125,6 @@ def read_requests(path: Path | str):
         df[col] = df[col].astype("Int64")
     df["itl_s"] = df["itl_s"].apply(lambda v: [float(x) for x in v] if v is not None else [])
     return df.sort_values("start_ts", kind="stable").reset_index(drop=True)
-
-
-def record_files_or_empty(p: Path) -> list[Path]:
-    return record_files(p) if p.exists() else []
 
 
 def write_parquet(df, path: Path | str) -> Path:
