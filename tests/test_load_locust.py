@@ -117,6 +117,7 @@ def test_server_down(tmp_path):
     df = res.requests()
     assert res.returncode == 0 and len(df) >= 2 and set(df.error_kind) == {"connect"}
     assert res.summary["requests"] == 0  # no turn could start: calibration needs the server
+    assert res.summary["probe_errors"]["connect"] == len(df)
     rows = stats_rows(res.stats_csv)
     assert int(rows[("GET", "/v1/models")]["Failure Count"]) >= 2  # retried about once a second
 

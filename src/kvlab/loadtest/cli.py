@@ -45,13 +45,17 @@ def print_summary(result) -> None:
         t.add_row(name.removesuffix("_s").upper(), *(_fmt_pct(d, k) for k in ("mean", "p50", "p90", "p95", "p99")))
     console.print(t)
     g = s["goodput"]
-    errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
-    console.print(f"errors: {errors}")
-    console.print(f"tokens: prompt {s['prompt_tokens']}, completion {s['completion_tokens']}, "
+    counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+    console.print(f"errors: {counts(s['errors']) or 'none'}")
+    if s["probe_errors"]:
+        console.print(f"calibration probes / model lookup failed: {counts(s['probe_errors'])}"
+                      + ("; no workload request could start" if s["requests"] == 0 else ""))
+    console.print(f"tokens: prompt {s['prompt_tokens'] or 0}, completion {s['completion_tokens'] or 0}, "
                   f"cached {s['cached_tokens'] if s['cached_tokens'] is not None else 'not reported'}")
+    rate = lambda x: f"{x:.1f}" if x == x else "-"  # noqa: E731  (NaN: no time span measured)
     console.print(f"goodput (SLO {', '.join(f'{k}<={v:g}' for k, v in g['slo'].items() if v is not None)}): "
-                  f"{g['request_goodput_per_min']:.1f} requests/min of {g['requests_per_min']:.1f}, "
-                  f"{g['session_goodput_per_min']:.1f} sessions/min of {g['sessions_per_min']:.1f}")
+                  f"{rate(g['request_goodput_per_min'])} requests/min of {rate(g['requests_per_min'])}, "
+                  f"{rate(g['session_goodput_per_min'])} sessions/min of {rate(g['sessions_per_min'])}")
     console.print(f"records: {result.records_path}\nLocust CSVs: {result.out_dir}/locust_*.csv")
 
 
@@ -70,8 +74,10 @@ def register(app: typer.Typer) -> None:
         spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second"),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
     ) -> None:
-        """Play an agent workload against an OpenAI-compatible server with Locust (headless); writes
-        Locust's CSVs, per-request records (TTFT, every ITL, TPOT, E2E, tokens) and goodput."""
+        """Agent-style load with Locust, headless: Locust CSVs, per-request records, goodput.
+
+        Plays a workload profile against an OpenAI-compatible server (vLLM) and measures every
+        request on the stream: TTFT, every inter-token gap, TPOT, E2E, prompt/completion/cached tokens."""
         from kvlab.errors import KvlabError
         from kvlab.loadtest.runner import parse_duration, run_load
 

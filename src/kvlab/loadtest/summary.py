@@ -40,6 +40,7 @@ def summarize(df, slo: SLOSpec | dict | None = None, duration_s: float | None = 
         "requests_ok": len(ok),
         "probes": int((df["kind"] == "probe").sum()),
         "errors": {str(k): int(v) for k, v in turns["error_kind"].value_counts().items()},
+        "probe_errors": {str(k): int(v) for k, v in df.loc[df["kind"] == "probe", "error_kind"].value_counts().items()},
         "sessions": int(turns["session_id"].nunique()),
         "duration_s": span,
         "requests_per_s": len(ok) / span if span > 0 else None,
