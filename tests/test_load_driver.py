@@ -184,3 +184,27 @@ def test_request_bound_and_open_loop_offsets(tmp_path):
     # sessions scheduled after the run's end are not started
     late = AgentDriver(wl, 0, None, RunBounds(duration_s=0.001, max_requests=None))
     assert late.next_session() is None
+
+
+class Stopped(BaseException):
+    """Stands in for gevent's GreenletExit, which Locust raises in a user it stops."""
+
+
+def test_user_stopped_mid_request_is_recorded_as_cancelled(tmp_path):
+    with FakeOpenAI() as srv:
+        inner = HttpxTransport(srv.url)
+
+        class Killing:
+            get_json = inner.get_json
+
+            def stream_chat(self, path, body, name):
+                if body["max_tokens"] > 1:
+                    raise Stopped()
+                return inner.stream_chat(path, body, name)
+
+        driver = AgentDriver(workload(), 0, RecordWriter(tmp_path), RunBounds(60, None))
+        with pytest.raises(Stopped):
+            driver.play_turn(driver.next_session(), Killing())
+    turns = read_requests(tmp_path).query("kind == 'turn'")
+    assert list(turns.error_kind) == ["cancelled"] and driver.in_flight == 0
+    assert turns.error_detail.iloc[0] == "Stopped" and turns.status_code.isna().all()

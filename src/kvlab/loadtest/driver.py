@@ -16,7 +16,7 @@ from typing import Iterator, Protocol
 from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.records import RecordWriter, RequestRecord
 from kvlab.loadtest.render import Calibration, TextMaker, probe_messages
-from kvlab.loadtest.session import SessionRun
+from kvlab.loadtest.session import SessionRun, TurnRequest
 from kvlab.loadtest.stream import StreamResult, failed, http_error_kind
 from kvlab.loadtest.workload import Workload
 
@@ -181,29 +181,38 @@ class AgentDriver:
         run.begin(self.text)
         if run.turn == 0:
             self.measure_app(transport, run)
-        with self._lock:
-            if self.exhausted:
-                return None
-            self.requests_sent += 1
+        if not self._take_request():
+            return None
         lag = None
         if run.turn == 0 and self.workload.load.shape.kind == "poisson":
             lag = max(0.0, -self.session_start_in_s(run))
-        req = run.next_request()
+        res = self._send_turn(transport, run, run.next_request(), lag)
+        if not res.ok:
+            run.abort()
+            return 0.0
+        return run.add_reply(res.text, res.completion_tokens)
+
+    def _take_request(self) -> bool:
+        with self._lock:
+            if self.exhausted:
+                return False
+            self.requests_sent += 1
+            return True
+
+    def _send_turn(self, transport: Transport, run: SessionRun, req: TurnRequest, lag: float | None) -> StreamResult:
+        """Send and record one turn; a user stopped mid-request is recorded as cancelled."""
+        meta = dict(kind="turn", run=run, turn=req.turn, max_tokens=req.max_tokens,
+                    planned=req.planned_prompt_tokens, start_lag_s=lag)
         start_ts = time.time()
         self.in_flight += 1
         try:
             start_ts, status, res = self._send(transport, req.messages, req.max_tokens, self.workload.name)
         except BaseException as e:
-            if not isinstance(e, Exception):  # the user was stopped mid-request (end of run, ramp-down)
+            if not isinstance(e, Exception):  # GreenletExit: the end of the run or a ramp-down
                 self._record(start_ts, None, StreamResult(error_kind="cancelled", error_detail=type(e).__name__,
-                             e2e_s=time.time() - start_ts), kind="turn", run=run, turn=req.turn,
-                             max_tokens=req.max_tokens, planned=req.planned_prompt_tokens, start_lag_s=lag)
+                                                          e2e_s=time.time() - start_ts), **meta)
             raise
         finally:
             self.in_flight -= 1
-        self._record(start_ts, status, res, kind="turn", run=run, turn=req.turn, max_tokens=req.max_tokens,
-                     planned=req.planned_prompt_tokens, start_lag_s=lag)
-        if not res.ok:
-            run.abort()
-            return 0.0
-        return run.add_reply(res.text, res.completion_tokens)
+        self._record(start_ts, status, res, **meta)
+        return res
