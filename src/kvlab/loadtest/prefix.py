@@ -10,7 +10,9 @@ workload's structure that gives, per request, a range of expected hit tokens:
   up to the previous prompt plus its reply minus the last token, whose KV is never computed (high:
   the reply re-tokenizes to the same tokens, which byte-level BPE does not promise);
 - a probe: its full blocks if the same probe already ran on this server, else nothing.
-Eviction and preemption make a hit smaller than predicted; nothing makes it larger.
+Eviction, preemption and requests of one prefix sent at the same instant (the later one is
+scheduled before the earlier one's blocks are computed) make a hit smaller than predicted;
+nothing makes it larger. The prediction assumes the cache held none of the run's prompts before.
 """
 
 from __future__ import annotations
