@@ -1,0 +1,285 @@
+"""Agent-style load on an OpenAI-compatible server (vLLM), for plain Locust.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --workload agent -u 8 -t 60s --headless --csv out/locust
+
+Options added to Locust's own: --workload NAME|PATH (loadtest/NAME.yaml), --shape
+constant|steps|poisson|diurnal, --seed N, --records DIR (per-request records, default
+<--csv prefix>_requests or ./kvlab-records), --max-requests N. -u is the peak user count (for poisson:
+session slots) and -t the run time; without them the workload's `load:` defaults apply.
+Scale-out: one `--master` and N `--worker` processes (see README "## Load").
+
+The workload logic (sessions, calibration, streaming measurements, records) lives in
+kvlab.loadtest; this file only wires it to Locust's HTTP client, stats and load shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import time
+
+import gevent
+from locust import FastHttpUser, LoadTestShape, events, task
+from locust.exception import StopUser
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
+
+from kvlab.errors import KvlabError
+from kvlab.loadtest.driver import AgentDriver, RunBounds
+from kvlab.loadtest.records import RecordWriter
+from kvlab.loadtest.shapes import SHAPES, ShapePlan
+from kvlab.loadtest.stream import ChatStream, StreamResult, failed, http_error_kind
+from kvlab.loadtest.workload import Workload, load_workload
+
+log = logging.getLogger("kvlab.loadtest")
+STATE: dict = {}  # this process's workload, driver and record writer
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    parser.add_argument("--workload", default="agent", help="kvlab workload profile: name in loadtest/ or a YAML path")
+    parser.add_argument("--shape", choices=SHAPES, default=None, help="Load shape (default: the workload's)")
+    parser.add_argument("--seed", type=int, default=0, help="Session stream seed")
+    parser.add_argument("--records", default=None, help="Folder for per-request records")
+    parser.add_argument("--max-requests", type=int, default=None, help="Stop after this many requests (default: the workload's)")
+    # Set by the master at test start, for its workers: how to split the session stream, how long.
+    parser.add_argument("--kvlab-worker-count", type=int, default=1, include_in_web_ui=False, help="(internal)")
+    parser.add_argument("--kvlab-duration-s", type=float, default=None, include_in_web_ui=False, help="(internal)")
+
+
+def workload() -> Workload:
+    return STATE["workload"]
+
+
+@events.init.add_listener
+def _init(environment, **_kw) -> None:
+    opts = environment.parsed_options
+    if opts is None:  # Locust used as a library: nothing to configure from the command line
+        return
+    try:
+        wl = load_workload(opts.workload).with_shape(opts.shape)
+    except KvlabError as e:
+        sys.stderr.write(f"kvlab: error: {e}\n")
+        sys.exit(2)
+    STATE["workload"] = wl
+    AgentUser.network_timeout = wl.request.stall_timeout_s
+    AgentUser.connection_timeout = wl.request.connect_timeout_s
+    # vLLM's --api-key: read from the environment only, so it is never on a command line or in a file.
+    key = os.environ.get("KVLAB_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    AgentUser.default_headers = {"Authorization": f"Bearer {key}"} if key else None
+
+
+def _records_dir(opts) -> str:
+    if opts.records:
+        return opts.records
+    if opts.csv_prefix:
+        return f"{opts.csv_prefix}_requests"
+    return os.path.join("kvlab-records", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _bounds(environment, worker_count: int) -> RunBounds:
+    opts, wl = environment.parsed_options, workload()
+    limit = opts.max_requests or wl.load.max_requests
+    return RunBounds(duration_s=opts.run_time or opts.kvlab_duration_s or wl.load.duration_s,
+                     max_requests=math.ceil(limit / worker_count) if limit else None)
+
+
+@events.test_start.add_listener
+def _test_start(environment, **_kw) -> None:
+    runner, opts = environment.runner, environment.parsed_options
+    if isinstance(runner, MasterRunner):
+        opts.kvlab_worker_count = max(1, runner.worker_count)
+        opts.kvlab_duration_s = opts.run_time or workload().load.duration_s
+        return
+    if "workload" not in STATE:
+        _init(environment)
+    index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
+    count = opts.kvlab_worker_count if isinstance(runner, WorkerRunner) else 1
+    writer = RecordWriter(_records_dir(opts))
+    STATE.update(writer=writer, driver=AgentDriver(workload(), opts.seed, writer, _bounds(environment, count),
+                                                   worker_index=index, worker_count=max(count, index + 1)))
+    STATE["driver"].start()
+    log.info("kvlab: workload %s, worker %d of %d, records in %s", workload().name, index, count, writer.folder)
+
+
+@events.test_stop.add_listener
+def _test_stop(environment, **_kw) -> None:
+    writer = STATE.pop("writer", None)
+    if writer is not None:
+        writer.close()
+
+
+@events.quitting.add_listener
+def _let_csv_catch_up(environment, **_kw) -> None:
+    # Locust's CSV writer rewrites the files every second and only closes them at exit: give it
+    # one more pass so that --csv holds the final counts (the requests that ended in the last second).
+    opts = environment.parsed_options
+    if opts is not None and opts.csv_prefix and not isinstance(environment.runner, WorkerRunner):
+        gevent.sleep(1.2)
+
+
+def _quit_when_idle(environment) -> None:
+    """The request bound is reached: let in-flight requests finish, then end the run."""
+    driver = STATE.get("driver")
+    deadline = time.monotonic() + max(environment.stop_timeout or 0, 1)
+    while driver is not None and driver.in_flight and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    environment.runner.quit()
+
+
+class LocustTransport:
+    """One streamed chat completion through the user's FastHttpSession, reported to Locust's
+    stats as the POST (E2E) plus TTFT, TPOT and every ITL gap, all in milliseconds."""
+
+    def __init__(self, user: FastHttpUser) -> None:
+        self.user = user
+
+    def stream_chat(self, path: str, body: dict, name: str) -> tuple[int | None, StreamResult]:
+        t0 = time.perf_counter()
+        timeout_s = workload().request.timeout_s
+        try:
+            with gevent.Timeout(timeout_s):
+                status, res = self._post(path, body, name, t0)
+        except gevent.Timeout:
+            # raised inside Locust's `with` block, which then reports nothing: report it here
+            status, res = None, failed("timeout", f"no complete reply in {timeout_s:g} s", t0, time.perf_counter())
+            self._fire("POST", name, res.e2e_s, RuntimeError(_failure_message(res, status)))
+        if res.ok:
+            self._report(name, res)
+        return status, res
+
+    def _fire(self, kind: str, name: str, seconds: float, exception: Exception | None = None) -> None:
+        self.user.environment.events.request.fire(request_type=kind, name=name, response_time=seconds * 1000,
+                                                  response_length=0, exception=exception, context={})
+
+    def _post(self, path: str, body: dict, name: str, t0: float) -> tuple[int | None, StreamResult]:
+        stream = ChatStream(t0)
+        with self.user.client.post(path, json=body, stream=True, catch_response=True, name=name) as resp:
+            status = resp.status_code or None
+            error = getattr(resp, "error", None)
+            if status is None:
+                kind = "stall" if isinstance(error, (TimeoutError, socket.timeout)) else "connect"
+                res = failed(kind, type(error).__name__ if error else "no response", t0, time.perf_counter())
+            elif status >= 400:
+                res = failed(http_error_kind(status), f"HTTP {status}: {_error_text(resp)}", t0, time.perf_counter())
+            else:
+                res = _read_stream(resp, stream)
+            resp.request_meta["response_time"] = (res.e2e_s or 0.0) * 1000
+            resp.request_meta["response_length"] = len(res.text)
+            if res.ok:
+                resp.success()
+            else:
+                resp.failure(_failure_message(res, status))
+        return status, res
+
+    def _report(self, name: str, res: StreamResult) -> None:
+        if res.ttft_s is not None:
+            self._fire("TTFT", name, res.ttft_s)
+        if res.tpot_s is not None:
+            self._fire("TPOT", name, res.tpot_s)
+        for gap in res.itl_s:
+            self._fire("ITL", name, gap)
+
+    def get_json(self, path: str) -> tuple[int | None, dict | None]:
+        with self.user.client.get(path, name=path, catch_response=True) as resp:
+            status = resp.status_code or None
+            if status != 200:
+                resp.failure(f"HTTP {status}" if status else "connect: no response")
+                return status, None
+            try:
+                return status, resp.json()
+            except ValueError:
+                resp.failure("bad_response: not JSON")
+                return status, None
+
+
+def _read_stream(resp, stream: ChatStream) -> StreamResult:
+    """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
+    socket has; iter_content(1024) would wait for a whole KiB)."""
+    raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
+    try:
+        while line := raw.readline(b"\n"):
+            stream.feed_line(line, time.perf_counter())
+        # Read to the end of the body (after [DONE] too) so the connection goes back to the pool.
+        rest = raw.read()  # a last line without its newline
+        if rest:
+            stream.feed_line(rest, time.perf_counter())
+    except (TimeoutError, socket.timeout):
+        stream.fail("stall", f"no byte for {workload().request.stall_timeout_s:g} s")
+    except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
+        stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
+    return stream.finish(time.perf_counter())
+
+
+def _failure_message(res: StreamResult, status: int | None) -> str:
+    """What Locust groups failures by: the kind and a stable detail (the record keeps the rest)."""
+    if res.error_kind in ("http_4xx", "http_5xx"):
+        return f"{res.error_kind}: HTTP {status}"
+    return f"{res.error_kind}: {res.error_detail}"
+
+
+def _error_text(resp) -> str:
+    try:
+        text = resp.text or ""
+    except Exception:  # the body of an error response is only a courtesy
+        return ""
+    return " ".join(text.split())[:160]
+
+
+class AgentUser(FastHttpUser):
+    """An agent: plays sessions one after another, one turn per task, pausing (tool run, think)
+    between turns with Locust's wait_time, so a graceful stop never cuts a turn in half."""
+
+    def on_start(self) -> None:
+        self.transport = LocustTransport(self)
+        self.session = None
+        self.pause_s = 0.0
+
+    def wait_time(self) -> float:
+        return self.pause_s
+
+    @task
+    def turn(self) -> None:
+        if self.environment.runner.state in (STATE_CLEANUP, STATE_STOPPING, STATE_STOPPED):
+            # A user woken from its pause in the same instant Locust stops it would otherwise send
+            # one more request and be killed in the middle of it.
+            raise StopUser()
+        driver: AgentDriver = STATE["driver"]
+        if self.session is None or self.session.done:
+            self.session = driver.next_session()
+            if self.session is None:
+                self._out_of_work(driver)
+                return
+            due_s = driver.session_start_in_s(self.session)
+            if due_s > 0:
+                gevent.sleep(due_s)  # open loop: the session's scheduled arrival
+        pause = driver.play_turn(self.session, self.transport)
+        if pause is None:
+            self._out_of_work(driver)
+        else:
+            self.pause_s = pause
+
+    def _out_of_work(self, driver: AgentDriver) -> None:
+        if driver.exhausted:
+            if not STATE.get("quitting"):
+                STATE["quitting"] = True
+                gevent.spawn(_quit_when_idle, self.environment)
+            raise StopUser()
+        self.pause_s = 1.0  # open loop: no session due before the end of the run
+
+
+class KvlabShape(LoadTestShape):
+    """constant | steps | poisson | diurnal (kvlab.loadtest.shapes), from -u/-t or the workload."""
+
+    use_common_options = True
+
+    def tick(self):
+        opts, wl = self.runner.environment.parsed_options, workload()
+        users = opts.num_users or wl.load.users
+        plan = ShapePlan(wl.load.shape, users, opts.run_time or wl.load.duration_s)
+        target = plan.users_at(self.get_run_time())
+        if target is None:
+            return None
+        return target, opts.spawn_rate or wl.load.spawn_rate or max(plan.peak_users, 1)

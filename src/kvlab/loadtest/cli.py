@@ -1,0 +1,95 @@
+"""`kvlab load`: agent-style load with Locust, headless, with a live progress line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+
+def _progress_printer(tty: bool):
+    last = {"t": -1e9}
+
+    def show(p) -> None:
+        ttft = f"{p.ttft_p50_s:.3f} s" if p.ttft_p50_s is not None else "-"
+        users = p.users if p.users is not None else "-"
+        line = (f"kvlab load: {p.elapsed_s:5.0f}/{p.duration_s:.0f} s  users {users}  requests {p.requests}"
+                f"  failed {p.failures}  TTFT p50 {ttft}")
+        if tty:
+            sys.stderr.write("\r" + line.ljust(100))
+        elif p.elapsed_s - last["t"] >= 10:  # a log file gets a line every 10 s, not a carriage-return mess
+            sys.stderr.write(line + "\n")
+            last["t"] = p.elapsed_s
+        sys.stderr.flush()
+
+    return show
+
+
+def _fmt_pct(d: dict | None, key: str) -> str:
+    return f"{d[key] * 1000:.1f}" if d else "-"
+
+
+def print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result.summary
+    console = Console(width=120)
+    t = Table(title=f"measured on the client: {s['requests']} requests, {s['sessions']} sessions, {s['duration_s']:.1f} s")
+    for col in ("metric (ms)", "mean", "p50", "p90", "p95", "p99"):
+        t.add_column(col, justify="left" if col.startswith("metric") else "right")
+    for name in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
+        d = s[name]
+        t.add_row(name.removesuffix("_s").upper(), *(_fmt_pct(d, k) for k in ("mean", "p50", "p90", "p95", "p99")))
+    console.print(t)
+    g = s["goodput"]
+    counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+    console.print(f"errors: {counts(s['errors']) or 'none'}")
+    if s["probe_errors"]:
+        console.print(f"calibration probes / model lookup failed: {counts(s['probe_errors'])}"
+                      + ("; no workload request could start" if s["requests"] == 0 else ""))
+    console.print(f"tokens: prompt {s['prompt_tokens'] or 0}, completion {s['completion_tokens'] or 0}, "
+                  f"cached {s['cached_tokens'] if s['cached_tokens'] is not None else 'not reported'}")
+    rate = lambda x: f"{x:.1f}" if x == x else "-"  # noqa: E731  (NaN: no time span measured)
+    console.print(f"goodput (SLO {', '.join(f'{k}<={v:g}' for k, v in g['slo'].items() if v is not None)}): "
+                  f"{rate(g['request_goodput_per_min'])} requests/min of {rate(g['requests_per_min'])}, "
+                  f"{rate(g['session_goodput_per_min'])} sessions/min of {rate(g['sessions_per_min'])}")
+    console.print(f"records: {result.records_path}\nLocust CSVs: {result.out_dir}/locust_*.csv")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("load")
+    def load_cmd(
+        host: str = typer.Option(..., "--host", help="Server base URL, e.g. http://127.0.0.1:8000"),
+        workload: str = typer.Option("agent", "--workload", help="Profile name in loadtest/ (agent, agent-smoke, random, shared-prefix) or a YAML path"),
+        users: Optional[int] = typer.Option(None, "--users", "-u", help="Peak users (poisson: session slots); default: the workload's"),
+        duration: Optional[str] = typer.Option(None, "--duration", "-t", help="Run time: 90, 90s, 5m, 1h30m; default: the workload's"),
+        shape: Optional[str] = typer.Option(None, "--shape", help="constant | steps | poisson | diurnal; default: the workload's"),
+        out: Optional[str] = typer.Option(None, "--out", help="Run folder (default results/load/WORKLOAD-TIMESTAMP)"),
+        seed: int = typer.Option(0, "--seed", help="Session stream seed"),
+        workers: int = typer.Option(0, "--workers", help="Local Locust workers (0: one process)"),
+        max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Stop after this many requests"),
+        spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second"),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
+    ) -> None:
+        """Agent-style load with Locust, headless: Locust CSVs, per-request records, goodput.
+
+        Plays a workload profile against an OpenAI-compatible server (vLLM) and measures every
+        request on the stream: TTFT, every inter-token gap, TPOT, E2E, prompt/completion/cached tokens."""
+        from kvlab.errors import KvlabError
+        from kvlab.loadtest.runner import parse_duration, run_load
+
+        if workers < 0:
+            raise KvlabError("--workers must be >= 0")
+        result = run_load(host, workload, users, parse_duration(duration) if duration else None, shape, out, seed,
+                          workers=workers, max_requests=max_requests, spawn_rate=spawn_rate,
+                          progress=_progress_printer(sys.stderr.isatty()))
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        if as_json:
+            sys.stdout.write(json.dumps({"out_dir": str(result.out_dir), "records": str(result.records_path),
+                                         "summary": result.summary}, indent=2, default=str) + "\n")
+        else:
+            print_summary(result)

@@ -1,0 +1,136 @@
+"""Per-request records: one JSON line per request, written by every Locust process as it goes.
+
+Each process appends to `requests-<host>-<pid>-<time>-<n>.jsonl.part` (one flushed line per request, so a
+crash loses at most the line being written) and renames it to `.jsonl` when the test stops.
+`read_requests` reads a file or a folder of them (finished or not) into one DataFrame; the runner
+also writes that frame to `requests.parquet` (temp name, then rename).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import IO, Any
+
+from kvlab.errors import KvlabError
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the client measured it. Times in seconds; `start_ts` is unix time (the
+    clock a Prometheus scraper on this machine stamps its samples with)."""
+
+    start_ts: float
+    kind: str  # "turn": a workload request; "probe": calibration (max_tokens=1)
+    probe: str | None  # which probe: "A", "B", "C" (render.py), "app" (an app's prefix), "models" (GET /v1/models)
+    session_id: str | None
+    app_id: str | None
+    turn: int  # 0-based; -1 for probes
+    turns_planned: int
+    status_code: int | None  # None: no HTTP response (connect error, timeout before headers)
+    error_kind: str | None  # None when OK; else one of stream.ERROR_KINDS
+    error_detail: str | None
+    ttft_s: float | None
+    itl_s: list[float]
+    tpot_s: float | None
+    e2e_s: float | None
+    prompt_tokens: int | None  # measured: usage.prompt_tokens
+    completion_tokens: int | None  # measured: usage.completion_tokens
+    cached_tokens: int | None  # measured: usage.prompt_tokens_details.cached_tokens (if the server reports it)
+    planned_prompt_tokens: int | None  # what the calibrated plan aimed at
+    system_tokens: int | None  # measured tokens the app's shared prefix adds (probe), for cache analysis
+    max_tokens: int
+    finish_reason: str | None
+    chunks: int
+    start_lag_s: float | None  # open loop: how late the session's first turn started
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
+_writer_ids = itertools.count()
+
+
+class RecordWriter:
+    """Appends records of one process; `close()` makes the file final."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # One file per process and test: a web-UI session may run several tests in one process.
+        stem = f"requests-{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}-{next(_writer_ids)}"
+        self.final_path = self.folder / f"{stem}.jsonl"
+        self.part_path = self.folder / f"{stem}.jsonl.part"
+        self._fh: IO[str] | None = open(self.part_path, "a", encoding="utf-8")
+        self.count = 0
+
+    def write(self, rec: RequestRecord) -> None:
+        if self._fh is None:
+            raise RuntimeError("record writer is closed")
+        self._fh.write(json.dumps(asdict(rec), separators=(",", ":")) + "\n")
+        self._fh.flush()
+        self.count += 1
+
+    def close(self) -> Path:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            os.replace(self.part_path, self.final_path)
+        return self.final_path
+
+
+def record_files(path: Path | str) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted([*p.glob("requests-*.jsonl"), *p.glob("requests-*.jsonl.part")])
+    raise KvlabError(f"no request records at {p}")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete lines only: the last line of a file still being written may be cut short."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise KvlabError(f"{path}: line {len(rows) + 1} is not a JSON record") from None
+    return rows
+
+
+def read_requests(path: Path | str):
+    """All requests under `path` (a records folder, one .jsonl file, a .parquet file, or a run
+    folder holding requests.parquet) as a pandas DataFrame with one row per request, sorted by
+    `start_ts`; columns are `COLUMNS`."""
+    import pandas as pd
+
+    p = Path(path)
+    if p.is_dir() and not record_files(p) and (p / "requests.parquet").is_file():
+        p = p / "requests.parquet"
+    if p.suffix == ".parquet":
+        df = pd.read_parquet(p)
+    else:
+        rows = [r for f in record_files(p) for r in read_jsonl(f)]
+        df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in ("prompt_tokens", "completion_tokens", "cached_tokens", "planned_prompt_tokens",
+                "system_tokens", "status_code"):
+        df[col] = df[col].astype("Int64")
+    df["itl_s"] = df["itl_s"].apply(lambda v: [float(x) for x in v] if v is not None else [])
+    return df.sort_values("start_ts", kind="stable").reset_index(drop=True)
+
+
+def write_parquet(df, path: Path | str) -> Path:
+    """Atomically: a temp name in the same folder, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,281 @@
+"""Run Locust headless as a subprocess (never imported here: its gevent monkey-patching would break
+the caller) and collect what it wrote: Locust's CSVs, the per-request records, a summary.
+
+    out_dir/
+      workload.yaml           the workload as run (shape override applied)
+      locust_stats.csv, locust_stats_history.csv, locust_failures.csv, locust_exceptions.csv,
+      locust.html, locust.log
+      requests/               per-process JSONL records (kvlab.loadtest.records)
+      requests.parquet        all records in one table
+      load.json               command, paths, shape schedule and the measured summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from kvlab.errors import KvlabError
+from kvlab.loadtest.records import read_requests, record_files, write_parquet
+from kvlab.loadtest.shapes import SHAPES, ShapePlan
+from kvlab.loadtest.workload import Workload, load_workload
+
+STARTUP_GRACE_S = 60.0  # Locust start, worker connection, final CSV writing
+WORKER_WAIT_S = 30
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    out_dir: Path
+    command: list[str]
+    returncode: int
+    stats_csv: Path
+    stats_history_csv: Path
+    failures_csv: Path
+    exceptions_csv: Path
+    html_report: Path
+    log_path: Path
+    records_dir: Path
+    records_path: Path  # requests.parquet
+    summary: dict
+
+    def requests(self):
+        """The per-request records as a DataFrame (kvlab.loadtest.records.read_requests)."""
+        return read_requests(self.records_path)
+
+
+@dataclass
+class Progress:
+    elapsed_s: float
+    duration_s: float
+    users: int | None
+    requests: int
+    failures: int
+    ttft_p50_s: float | None
+
+
+@dataclass
+class _RecordTail:
+    """Reads new complete lines of the record files while the run goes on."""
+
+    folder: Path
+    offsets: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    failures: int = 0
+    ttfts: list[float] = field(default_factory=list)
+
+    def poll(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in record_files(self.folder):
+            key = path.name.removesuffix(".part")
+            start = self.offsets.get(key, 0)
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+            end = data.rfind(b"\n") + 1
+            self.offsets[key] = start + end
+            for line in data[:end].splitlines():
+                self._count(json.loads(line))
+
+    def _count(self, rec: dict) -> None:
+        if rec.get("kind") != "turn":
+            return
+        self.requests += 1
+        if rec.get("error_kind"):
+            self.failures += 1
+        elif rec.get("ttft_s") is not None:
+            self.ttfts.append(rec["ttft_s"])
+
+    @property
+    def ttft_p50_s(self) -> float | None:
+        if not self.ttfts:
+            return None
+        s = sorted(self.ttfts)
+        return s[len(s) // 2]
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90', '90s', '5m', '1h30m' -> seconds (Locust's -t format)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", s)
+    if not s or parts is None:
+        raise KvlabError(f"duration {text!r}: use seconds or a time string like 90s, 5m, 1h30m")
+    h, m, sec = (int(x) if x else 0 for x in parts.groups())
+    return float(h * 3600 + m * 60 + sec)
+
+
+def default_locustfile() -> Path:
+    for cand in (Path.cwd() / "loadtest" / "locustfile.py", Path(__file__).resolve().parents[3] / "loadtest" / "locustfile.py"):
+        if cand.is_file():
+            return cand
+    raise KvlabError("loadtest/locustfile.py not found: run from the kvlab checkout or pass locustfile=")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _users_from_history(path: Path) -> int | None:
+    """The last 'User Count' Locust wrote to its stats history."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
+        header = path.open().readline().strip().split(",")
+        row = lines[-1].split(",")
+        return int(row[header.index('"User Count"')]) if len(row) == len(header) else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _resolve_workload(workload: str | Path | Workload, shape: str | None) -> Workload:
+    if shape is not None and shape not in SHAPES:
+        raise KvlabError(f"shape {shape!r}: use one of {', '.join(SHAPES)}")
+    wl = workload if isinstance(workload, Workload) else load_workload(workload)
+    return wl.with_shape(shape)  # type: ignore[arg-type]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _stop(procs: list[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def run_load(host: str, workload: str | Path | Workload, users: int | None = None, duration_s: float | str | None = None,
+             shape: str | None = None, out_dir: str | Path | None = None, seed: int = 0, *,
+             workers: int = 0, max_requests: int | None = None, spawn_rate: float | None = None,
+             stop_timeout_s: float = 10.0, locustfile: str | Path | None = None,
+             progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0) -> LoadResult:
+    """Play `workload` against `host` (e.g. http://127.0.0.1:8000) with Locust, headless.
+
+    users: peak Locust users (poisson: session slots); duration_s: run time (seconds or '60s');
+    shape: constant | steps | poisson | diurnal (default: the workload's); workers: 0 = one Locust
+    process, N = a master and N local workers. Bounded: Locust stops at the run time or after
+    max_requests, in-flight requests get stop_timeout_s to finish, and a run that overstays is
+    killed (its records are kept). An API key is read by the locustfile from KVLAB_API_KEY or
+    OPENAI_API_KEY in the environment, never passed on the command line."""
+    wl = _resolve_workload(workload, shape)
+    users = users or wl.load.users
+    duration = parse_duration(duration_s) if duration_s is not None else wl.load.duration_s
+    if users < 1 or duration <= 0:
+        raise KvlabError("users must be >= 1 and the duration > 0")
+    out = Path(out_dir) if out_dir else Path("results") / "load" / f"{wl.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "load.json").exists() or (out / "requests").exists():
+        raise KvlabError(f"{out} already holds a load run: give a new --out folder (nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    wl_path = out / "workload.yaml"
+    _write_atomic(wl_path, yaml.safe_dump(wl.model_dump(mode="json"), sort_keys=False))
+    records_dir = out / "requests"
+    lf = Path(locustfile) if locustfile else default_locustfile()
+
+    common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir)]
+    if max_requests or wl.load.max_requests:
+        common += ["--max-requests", str(max_requests or wl.load.max_requests)]
+    head = [sys.executable, "-m", "locust", *common, "--host", host, "--headless", "-u", str(users),
+            "-r", str(spawn_rate or wl.load.spawn_rate or max(users, 1)), "-t", f"{int(round(duration))}s",
+            "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--only-summary",
+            "--exit-code-on-error", "0", "--stop-timeout", f"{stop_timeout_s:g}",
+            "--logfile", str(out / "locust.log")]
+    worker_cmds: list[list[str]] = []
+    if workers > 0:
+        port = _free_port()
+        head += ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                 "--expect-workers", str(workers), "--expect-workers-max-wait", str(WORKER_WAIT_S)]
+        worker_cmds = [[sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",
+                        "--master-port", str(port), "--logfile", str(out / f"locust-worker{i}.log")] for i in range(workers)]
+
+    log_path = out / "locust.out"
+    procs: list[subprocess.Popen] = []
+    tail = _RecordTail(records_dir)
+    deadline = time.monotonic() + duration + stop_timeout_s + STARTUP_GRACE_S
+    t_start = time.monotonic()
+    with open(log_path, "wb") as log:
+        try:
+            procs.append(subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            for cmd in worker_cmds:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            while procs[0].poll() is None:
+                if time.monotonic() > deadline:
+                    _stop(procs, signal.SIGTERM)
+                    time.sleep(2)
+                    _stop(procs, signal.SIGKILL)
+                    break
+                time.sleep(progress_every_s)
+                if progress is not None:
+                    tail.poll()
+                    progress(Progress(time.monotonic() - t_start, duration,
+                                      _users_from_history(out / "locust_stats_history.csv"),
+                                      tail.requests, tail.failures, tail.ttft_p50_s))
+            for p in procs[1:]:
+                try:
+                    p.wait(timeout=stop_timeout_s + 10)
+                except subprocess.TimeoutExpired:
+                    _stop([p], signal.SIGKILL)
+        except BaseException:
+            # Ctrl-C or an error here: stop Locust (it writes its CSVs on SIGTERM), keep the records.
+            _stop(procs, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=stop_timeout_s + 10)
+                except subprocess.TimeoutExpired:
+                    _stop([p], signal.SIGKILL)
+            raise
+    returncode = procs[0].wait()
+    return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers)
+
+
+def _collect(out: Path, wl: Workload, command: list[str], returncode: int, records_dir: Path, log_path: Path,
+             users: int, duration: float, workers: int) -> LoadResult:
+    from kvlab.loadtest.summary import summarize
+
+    if not records_dir.is_dir() or not record_files(records_dir):
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        raise KvlabError(f"Locust wrote no request records (exit code {returncode}); see {log_path}: "
+                         + (" | ".join(tail) or "(no output)"))
+    df = read_requests(records_dir)
+    records_path = write_parquet(df, out / "requests.parquet")
+    summary = summarize(df, wl.slo)
+    result = LoadResult(
+        out_dir=out, command=command, returncode=returncode,
+        stats_csv=out / "locust_stats.csv", stats_history_csv=out / "locust_stats_history.csv",
+        failures_csv=out / "locust_failures.csv", exceptions_csv=out / "locust_exceptions.csv",
+        html_report=out / "locust.html", log_path=log_path, records_dir=records_dir, records_path=records_path,
+        summary=summary)
+    plan = ShapePlan(wl.load.shape, users, duration)
+    meta = {"command": command, "returncode": returncode, "workload": wl.name, "shape": wl.load.shape.kind,
+            "users": users, "duration_s": duration, "workers": workers,
+            "shape_schedule": [{"offset_s": t, "users": u} for t, u in plan.schedule()],
+            "first_request_ts": float(df["start_ts"].min()) if len(df) else None,
+            "paths": {k: str(v) for k, v in result.__dict__.items() if isinstance(v, Path)},
+            "summary": summary}
+    _write_atomic(out / "load.json", json.dumps(meta, indent=2, default=str) + "\n")
+    return result
+
