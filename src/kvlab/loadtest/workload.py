@@ -23,7 +23,7 @@ from kvlab.errors import KvlabError
 from kvlab.loadtest.dists import Dist
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
 from kvlab.loadtest.shapes import ShapeKind, ShapeSpec
-from kvlab.models.cards import _format_validation
+from kvlab.models.cards import format_validation
 
 # Chat-template tokens per message are not in the plan; this margin keeps a planned session inside
 # the context limit once they are added (the measured counts are recorded per request).
@@ -207,5 +207,5 @@ def load_workload(name_or_path: str | Path) -> Workload:
     try:
         return Workload.model_validate(data)
     except ValidationError as e:
-        raise KvlabError(_format_validation(e, str(path))) from None
+        raise KvlabError(format_validation(e, str(path))) from None
 
