@@ -195,3 +195,15 @@ def test_max_model_len_checks():
         memory.capacity(a, kv_budget_bytes=GiB, max_model_len=8192)
     r = memory.capacity(a, kv_budget_bytes=GiB // 64, max_model_len=4096)
     assert r.warnings and "cannot hold one request" in r.warnings[0]
+
+
+def test_qwen2_head_dim_comes_from_hidden_size_as_in_vllm():
+    """vLLM's Qwen2 attention ignores a head_dim field (hidden_size / num_attention_heads)."""
+    cfg = dict(model_type="qwen2", hidden_size=256, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, head_dim=128, vocab_size=1000)
+    a = arch_from_config(cfg)
+    assert a.head_dim == 9
+    # what vLLM 0.32 (CPU build) logged for such a config in 1 GiB: 266,240 tokens (block 128)
+    r = memory.capacity(a, kv_budget_bytes=GiB, max_model_len=4096, cpu=True)
+    assert r.kv_cache_tokens == 266_240
+    assert arch_from_config({**cfg, "model_type": "llama"}).head_dim == 128

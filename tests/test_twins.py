@@ -20,7 +20,10 @@ def test_twin_config_keeps_kv_geometry(name):
     for dtype in ("auto", "fp8"):
         assert memory.kv_footprint(twin, dtype).kv_bytes_per_token == memory.kv_footprint(c.arch, dtype).kv_bytes_per_token
     assert twin.attention == c.arch.attention and twin.num_layers == c.arch.num_layers
-    assert twin.hidden_size == 256
+    if c.arch.model_type in ("qwen2", "qwen2_moe"):  # vLLM: head_dim = hidden / heads
+        assert twin.hidden_size == twin.num_attention_heads * c.arch.head_dim
+    else:
+        assert twin.hidden_size == 256
 
 
 def test_build_is_cached_and_deterministic(tmp_path):

@@ -25,6 +25,10 @@ KNOWN_MODEL_TYPES = (
 
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
+# vLLM's Qwen2 and Qwen2-MoE attention take head_dim = hidden_size / num_attention_heads and ignore
+# a head_dim field (vllm/model_executor/models/qwen2.py, qwen2_moe.py); KV sizing must do the same.
+HEAD_DIM_FROM_HIDDEN = ("qwen2", "qwen2_moe")
+
 _DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -157,6 +161,8 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
     heads = int(_require(cfg, source, "num_attention_heads", "n_head"))
     kv_heads = int(_get(cfg, "num_key_value_heads", "n_head_kv", default=heads))
     head_dim = int(_get(cfg, "head_dim", default=0) or hidden // heads)
+    if model_type in HEAD_DIM_FROM_HIDDEN:
+        head_dim = hidden // heads
     vocab = int(_require(cfg, source, "vocab_size"))
     intermediate = int(_get(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
     for name, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden),

@@ -21,7 +21,7 @@ from typing import Any
 
 from kvlab import __version__
 from kvlab.errors import KvlabError
-from kvlab.models.arch import arch_from_config
+from kvlab.models.arch import HEAD_DIM_FROM_HIDDEN, arch_from_config
 from kvlab.models.cards import Card
 
 TWIN_HIDDEN = 256
@@ -31,7 +31,7 @@ TWIN_EXPERTS = 4
 TWIN_EXPERTS_PER_TOK = 2
 TWIN_VOCAB = 1000
 SEED = 0
-FORMAT_VERSION = 1  # bump when the twin recipe changes, so cached twins are rebuilt
+FORMAT_VERSION = 2  # bump when the twin recipe changes, so cached twins are rebuilt
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -68,7 +68,13 @@ def twin_config(card: Card) -> dict[str, Any]:
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
     )
-    if arch.mla is None:
+    if arch.model_type in HEAD_DIM_FROM_HIDDEN:
+        # vLLM derives head_dim from hidden / heads for these: keep the real head size that way, with
+        # the fewest query heads that keep the attention type (2 per KV head for GQA).
+        heads = arch.num_key_value_heads * (1 if arch.attention == "MHA" else 2)
+        cfg.update(num_attention_heads=heads, hidden_size=heads * arch.head_dim)
+        cfg.pop("head_dim", None)
+    elif arch.mla is None:
         # Keep head_dim explicit: hidden/heads of the twin is not the real head size.
         cfg["head_dim"] = arch.head_dim
     else:
