@@ -1,8 +1,8 @@
 """Tiny geometry twins: random-weight checkpoints that keep a real model's KV geometry.
 
 A twin has the real model's architecture class, number of layers and per-layer KV geometry
-(MLA: the 512 + 64 latent; GQA/MHA: the real KV heads x head_dim, and the real query heads), with a
-small hidden size, MLP, experts and vocabulary. vLLM sizes its KV cache from exactly those fields,
+(MLA: the 512 + 64 latent; GQA/MHA: the real KV heads x head_dim, with as few query heads as keep
+the attention type), with a small hidden size, MLP, experts and vocabulary. vLLM sizes its KV cache from exactly those fields,
 so the memory side of an experiment on a twin is a real measurement without a GPU. A small
 byte-level BPE tokenizer with a chat template is trained offline, so /v1/chat/completions streams.
 
@@ -31,7 +31,7 @@ TWIN_EXPERTS = 4
 TWIN_EXPERTS_PER_TOK = 2
 TWIN_VOCAB = 1000
 SEED = 0
-FORMAT_VERSION = 2  # bump when the twin recipe changes, so cached twins are rebuilt
+FORMAT_VERSION = 3  # bump when the twin recipe changes, so cached twins are rebuilt
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -68,15 +68,18 @@ def twin_config(card: Card) -> dict[str, Any]:
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
     )
-    if arch.model_type in HEAD_DIM_FROM_HIDDEN:
-        # vLLM derives head_dim from hidden / heads for these: keep the real head size that way, with
-        # the fewest query heads that keep the attention type (2 per KV head for GQA).
+    if arch.mla is None:
+        # Query heads are not cached: keep the fewest that keep the attention type (2 per KV head
+        # for GQA), which keeps the twin fast on a CPU.
         heads = arch.num_key_value_heads * (1 if arch.attention == "MHA" else 2)
-        cfg.update(num_attention_heads=heads, hidden_size=heads * arch.head_dim)
-        cfg.pop("head_dim", None)
-    elif arch.mla is None:
-        # Keep head_dim explicit: hidden/heads of the twin is not the real head size.
-        cfg["head_dim"] = arch.head_dim
+        cfg["num_attention_heads"] = heads
+        if arch.model_type in HEAD_DIM_FROM_HIDDEN:
+            # vLLM derives head_dim = hidden / heads for these: keep the real head size that way.
+            cfg["hidden_size"] = heads * arch.head_dim
+            cfg.pop("head_dim", None)
+        else:
+            # Keep head_dim explicit: hidden/heads of the twin is not the real head size.
+            cfg["head_dim"] = arch.head_dim
     else:
         # Queries are small (they are not cached); the cached latent keeps its real width.
         cfg.update(qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=None, n_group=1, topk_group=1,
