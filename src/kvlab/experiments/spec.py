@@ -79,6 +79,7 @@ class Spec(_Strict):
     max_model_len: int | None = Field(None, gt=0)
     scrape_interval_s: float = Field(1.0, gt=0)
     serve_args: list[str] = Field(default_factory=list)  # extra `vllm serve` flags for every server
+    skip_missing: bool = False  # skip model x quant pairs without a serve profile instead of refusing
 
     @field_validator("duration_s", "warmup_s", mode="before")
     @classmethod
@@ -126,12 +127,24 @@ class Cell:
         return (self.model, self.quant)
 
 
+def has_profile(model: str, quant: str) -> bool:
+    from kvlab.deploy.profiles import profile
+    from kvlab.models.cards import builtin_cards
+
+    try:
+        profile(model if model in builtin_cards() else None, quant)
+    except KvlabError:
+        return False
+    return True
+
+
 def cells(spec: Spec, only: dict[str, str] | None = None) -> list[Cell]:
     """The matrix, grouped so that each (model, quant) server starts once."""
     out = [
         Cell(m, q, w, u)
         for m in spec.models
         for q in spec.quants
+        if not spec.skip_missing or has_profile(m, q)
         for w in spec.workloads
         for u in spec.load.users
     ]
@@ -200,15 +213,15 @@ def _check_names(spec: Spec, where: str) -> None:
             raise KvlabError(f"{where}: field models: {unknown_model_message(m)}")
     if spec.gpu:
         hardware.gpu(spec.gpu)
-    from kvlab.deploy.profiles import known_quant_names, profile_for
+    from kvlab.deploy.profiles import profile
 
-    for q in spec.quants:
-        if q not in known_quant_names():
-            raise KvlabError(f"{where}: field quants: unknown quantization {q!r}; use one of {', '.join(known_quant_names())}")
     for m in spec.models:
-        if m in cards:
-            for q in spec.quants:
-                profile_for(m, q)  # raises with the levels that exist for this model
+        for q in spec.quants:
+            try:
+                profile(m if m in cards else None, q)
+            except KvlabError as e:
+                if not spec.skip_missing:
+                    raise KvlabError(f"{where}: field quants: {e} (or set skip_missing: true)") from None
     from kvlab.loadtest.workload import load_workload
 
     for w in spec.workloads:
