@@ -121,7 +121,7 @@ def _fake_repeat(interrupt_after=None):
 
 
 def test_resume_after_interrupt_runs_only_what_is_missing(tmp_path, monkeypatch):
-    import kvlab.deploy.launcher as launcher
+    import kvlab.deploy as launcher
 
     FakeServer.started, FakeServer.stopped = [], 0
     monkeypatch.setattr(launcher, "Server", FakeServer)

@@ -57,7 +57,7 @@ def first_preemption_ts(df: pd.DataFrame) -> float | None:
 
 def locust_users(repeat_dir: Path) -> pd.Series:
     """Locust's user count over time (its --csv stats history), indexed by unix time."""
-    files = sorted(Path(repeat_dir).glob("*stats_history.csv"))
+    files = sorted(Path(repeat_dir).glob("load/*stats_history.csv")) or sorted(Path(repeat_dir).glob("*stats_history.csv"))
     for f in files:
         try:
             h = pd.read_csv(f)

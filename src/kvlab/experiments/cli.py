@@ -87,7 +87,7 @@ def one_cmd(
     out: Optional[Path] = typer.Option(None, "--out"),
 ) -> None:
     """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
-    from kvlab.deploy.launcher import choose_engine
+    from kvlab.deploy import choose_engine
     from kvlab.experiments.spec import validate_spec
 
     chosen, reason = choose_engine(engine)

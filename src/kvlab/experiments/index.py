@@ -75,6 +75,8 @@ def rebuild(results_dir: Path) -> Path:
     try:
         con.executescript(SCHEMA)
         for status in sorted(results_dir.glob("*/repeat-*/status.json")):
+            if ".partial-" in status.parent.name:  # set aside by a rerun, not a result
+                continue
             row = row_for(status.parent, spec)
             if row:
                 cols = ", ".join(row)

@@ -91,56 +91,39 @@ def _set_aside_partial(rdir: Path) -> None:
 # Client-side figures from the per-request records
 
 
-def _quantiles(values: list[float]) -> dict[str, float | None]:
-    import numpy as np
-
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "mean": None, "n": 0}
-    a = np.asarray(values, dtype=float)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
-
-
 def client_figures(df, window_s: float, slo: dict[str, float]) -> dict[str, Any]:
-    """Figures measured by the load generator over the run window."""
-    from kvlab.loadtest import goodput
+    """Figures measured by the load generator over the run window (kvlab.loadtest.summary), plus
+    the mean resident context of a session: its last request's prompt + reply."""
+    from kvlab.loadtest.summary import summarize as summarize_requests
 
-    ok = df[df["error_kind"].isna()] if len(df) else df
-    itl = [g for gaps in ok["itl_s"] for g in (gaps or [])] if len(ok) else []
-    completion = int(ok["completion_tokens"].fillna(0).sum()) if len(ok) else 0
-    prompt = int(ok["prompt_tokens"].fillna(0).sum()) if len(ok) else 0
-    cached = int(ok["cached_tokens"].fillna(0).sum()) if len(ok) else 0
-    errors = df[df["error_kind"].notna()]["error_kind"].value_counts().to_dict() if len(df) else {}
-    # Resident context per session: its last request's prompt + reply.
-    if len(ok):
-        last = ok.sort_values("start_ts").groupby("session_id").tail(1)
-        session_ctx = (last["prompt_tokens"].fillna(0) + last["completion_tokens"].fillna(0)).tolist()
+    out = summarize_requests(df, slo, duration_s=window_s)
+    out["errors_by_kind"] = out.pop("errors")
+    out["errors"] = out["requests"] - out["requests_ok"]
+    turns = df[(df["kind"] == "turn") & df["error_kind"].isna()] if len(df) else df
+    if len(turns):
+        last = turns.sort_values("start_ts").groupby("session_id").tail(1)
+        ctx = (last["prompt_tokens"].fillna(0) + last["completion_tokens"].fillna(0))
+        out["mean_session_context_tokens"] = float(ctx.mean())
     else:
-        session_ctx = []
-    return {
-        "window_s": window_s,
-        "requests": int(len(df)),
-        "requests_ok": int(len(ok)),
-        "errors": int(len(df) - len(ok)),
-        "errors_by_kind": {str(k): int(v) for k, v in errors.items()},
-        "sessions": int(ok["session_id"].nunique()) if len(ok) else 0,
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "cached_tokens": cached,
-        "output_tokens_per_s": completion / window_s if window_s > 0 else None,
-        "requests_per_s": len(ok) / window_s if window_s > 0 else None,
-        "ttft_s": _quantiles(ok["ttft_s"].dropna().tolist() if len(ok) else []),
-        "itl_s": _quantiles(itl),
-        "tpot_s": _quantiles(ok["tpot_s"].dropna().tolist() if len(ok) else []),
-        "e2e_s": _quantiles(ok["e2e_s"].dropna().tolist() if len(ok) else []),
-        "mean_session_context_tokens": (sum(session_ctx) / len(session_ctx)) if session_ctx else None,
-        "goodput": goodput(df, slo, window_s=window_s) if len(df) else None,
-        "provenance": "measured by the load generator on the SSE stream",
-    }
+        out["mean_session_context_tokens"] = None
+    out["window_s"] = window_s
+    out["provenance"] = "measured by the load generator on the SSE stream"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # One repeat
+
+
+def _workload(spec: Spec, cell: Cell):
+    """The cell's workload with the spec's load shape (and step hold) applied."""
+    from kvlab.loadtest.workload import load_workload
+
+    wl = load_workload(cell.workload).with_shape(spec.load.shape)
+    if spec.load.step_s is not None:
+        shape = wl.load.shape.model_copy(update={"step_hold_s": spec.load.step_s})
+        wl = wl.model_copy(update={"load": wl.load.model_copy(update={"shape": shape})})
+    return wl
 
 
 def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_reason: str) -> dict:
@@ -165,16 +148,16 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
     write_json_atomic(rdir / "manifest.json", manifest)
     write_json_atomic(rdir / "prediction.json", {"provenance": "predicted by the kvlab memory model",
                                                  **(_as_dict(server.prediction) or {})})
+    workload = _workload(spec, cell)
     if spec.warmup_s > 0:
-        run_load(host=server.base_url, workload=cell.workload, users=cell.users, duration_s=spec.warmup_s,
-                 shape="constant", out_dir=rdir / "warmup", seed=seed + 10_000)
+        run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
+                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000)
     with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s):
         t0 = time.time()
-        load = run_load(host=server.base_url, workload=cell.workload, users=cell.users,
-                        duration_s=spec.duration_s, shape=spec.load.shape, out_dir=rdir, seed=seed,
-                        step_s=spec.load.step_s, spawn_rate=spec.load.spawn_rate)
+        load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
+                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate)
         t1 = time.time()
-    requests = read_requests(load.requests_path)
+    requests = read_requests(load.records_path)
     client = client_figures(requests, t1 - t0, spec.slo.model_dump(exclude_none=True))
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
                         mean_session_context_tokens=client["mean_session_context_tokens"])
@@ -250,7 +233,7 @@ def finalize_cell(out: Path, cell: Cell, spec: Spec) -> dict | None:
 def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: str | None = None,
              on_event: Callable[[str, dict], None] | None = None) -> Path:
     """Run every cell of the spec that is not finished yet; returns the results folder."""
-    from kvlab.deploy.launcher import Server, ServeSpec, choose_engine
+    from kvlab import deploy
 
     out = Path(out)
     todo = cells(spec, only)
@@ -258,7 +241,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
         raise KvlabError("no cell of the spec matches --only")
     claim_folder(spec, out)
     emit = on_event or (lambda kind, data: None)
-    chosen, reason = choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
+    chosen, reason = deploy.choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
     emit("engine", {"engine": chosen, "reason": reason})
     work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
     pending = [(c, k) for c, k in work if not is_complete(repeat_dir(out, c, k))]
@@ -274,12 +257,12 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
                         if server is not None:
                             server.stop()
                         log = out / f"{cell.model}__{cell.quant}.server.log"
-                        sspec = ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
+                        sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
                                           kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
                                           extra_args=list(spec.serve_args), log_path=log)
                         emit("server_start", {"model": cell.model, "quant": cell.quant})
                         try:
-                            server = Server(sspec).start()
+                            server = deploy.Server(sspec).start()
                         except KvlabError as e:
                             tail = log_tail(log)
                             for c2, k2 in group[i:]:

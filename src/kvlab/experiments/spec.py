@@ -41,8 +41,9 @@ class _Strict(BaseModel):
 class SLO(_Strict):
     """Service-level objective a request must meet to count towards goodput."""
 
-    ttft_s: float = Field(2.0, gt=0)
-    itl_p95_s: float = Field(0.1, gt=0)
+    ttft_s: float | None = Field(2.0, gt=0)
+    itl_p95_s: float | None = Field(0.1, gt=0)
+    tpot_s: float | None = Field(None, gt=0)
     e2e_s: float | None = Field(None, gt=0)
 
 
