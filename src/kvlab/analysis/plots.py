@@ -81,29 +81,41 @@ def memory_breakdown(mem: pd.DataFrame, colours: Colours) -> bytes | None:
     ax.barh(mem["config"], w, color="#999999", label="weights")
     ax.barh(mem["config"], kv, left=w, color=[colours(_model(c)) for c in mem["config"]], label="KV cache")
     ax.barh(mem["config"], rest, left=w + kv, color="#dddddd", label="rest (activations, overhead)")
-    ax.set_xlabel("GiB per GPU")
+    ax.set_xlabel("GiB per GPU (as served: a twin's weights on the CPU build)")
     ax.set_title("Memory breakdown per config")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     ax.invert_yaxis()
     return _png(fig)
 
 
 def _per_users(load: pd.DataFrame, col: str, colours: Colours, title: str, ylabel: str,
                quantiles: tuple[str, ...] = ()) -> bytes | None:
+    """Against concurrency when a config ran at several load levels; as bars at one level."""
     cols = [c for c in ((col,) if not quantiles else quantiles) if c in load and load[c].notna().any()]
     if load.empty or not cols:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    styles = ["-", "--", ":"]
-    for config, g in load.groupby("config", sort=False):
-        g = g.sort_values("users")
-        for c, ls in zip(cols, styles):
-            label = config if len(cols) == 1 else f"{config} {c.split('_')[-2]}"
-            ax.plot(g["users"], g[c], ls, marker="o", color=colours(_model(config)), label=label)
-    ax.set_xlabel("concurrent agents (Locust users)")
+    if load.groupby("config")["users"].nunique().max() == 1:
+        width = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(load))]
+            ax.bar(xs, load[c].fillna(0), width=width * 0.95, color=[colours(_model(x)) for x in load["config"]],
+                   alpha=1.0 - 0.25 * j, label=c.split("_")[-2] if len(cols) > 1 else None)
+        ax.set_xticks(range(len(load)), [f"{c}\n@ {u} agents" for c, u in zip(load["config"], load["users"])],
+                      fontsize=8)
+        if len(cols) > 1:
+            ax.legend(fontsize=7, title="shade", title_fontsize=7)
+    else:
+        styles = ["-", "--", ":"]
+        for config, g in load.groupby("config", sort=False):
+            g = g.sort_values("users")
+            for c, ls in zip(cols, styles):
+                label = config if len(cols) == 1 else f"{config} {c.split('_')[-2]}"
+                ax.plot(g["users"], g[c], ls, marker="o", color=colours(_model(config)), label=label)
+        ax.set_xlabel("concurrent agents (Locust users)")
+        ax.legend(fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -135,6 +147,10 @@ def _bars(values: pd.DataFrame, col: str, colours: Colours, title: str, xlabel: 
     fig, ax = plt.subplots(figsize=(7, 3.4))
     labels = [f"{c} @ {u}" for c, u in zip(v["config"], v["users"])]
     ax.barh(labels, v[col], color=[colours(_model(c)) for c in v["config"]])
+    for i, x in enumerate(v[col]):
+        ax.text(x, i, f" {x:.3g}", va="center", fontsize=8)
+    if (v[col] == 0).all():
+        ax.set_xlim(0, 1)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.invert_yaxis()
