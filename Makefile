@@ -8,12 +8,13 @@ KVLAB := $(VENV)/bin/kvlab
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.kvlab-setup-$(EXTRA)
 
-.PHONY: setup system-deps test test-fast demo clean help
+.PHONY: setup system-deps test test-fast demo experiment clean help
 
 help:
-	@echo "make demo    install, run the demo end to end, print where the report is"
-	@echo "make test    install, run every test (the slow real-vLLM ones too)"
-	@echo "make setup   only install ($(VENV), extra '$(EXTRA)')"
+	@echo "make demo        install, run experiments/cpu-smoke.yaml end to end, build the report, print where it is"
+	@echo "make test        install, run every test (the slow real-vLLM ones too)"
+	@echo "make experiment  MODEL=deepseek-v2-lite QUANT=bf16 [ENGINE=] [WORKLOAD=] [USERS=] [DURATION=] [GPU=]"
+	@echo "make setup       only install ($(VENV), extra '$(EXTRA)')"
 
 setup: $(STAMP)
 
@@ -48,8 +49,24 @@ test: setup system-deps
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# The main job on the embedded default: the MLA twin against GQA twins on the CPU build of vLLM,
+# then the report. The last line printed is the report.
+DEMO_SPEC ?= experiments/cpu-smoke.yaml
+DEMO_OUT ?= results/cpu-smoke
 demo: setup
 	$(KVLAB) compare llama-3.1-8b qwen2.5-7b deepseek-v2-lite --gpu h100 --gpu-memory-utilization 0.9 --max-model-len 32768
+	$(KVLAB) experiment run $(DEMO_SPEC) --out $(DEMO_OUT)
+	$(KVLAB) report $(DEMO_OUT) --out $(DEMO_OUT)/report
+
+# One cell: make experiment MODEL=deepseek-v2-lite QUANT=fp8 [ENGINE=vllm|vllm-cpu|sim] [WORKLOAD=agent]
+#           [USERS=4] [DURATION=60] [GPU=h100]. Without a GPU the engine is the CPU build (it says so).
+MODEL ?= deepseek-v2-lite
+QUANT ?= bf16
+USERS ?= 4
+DURATION ?= 60
+experiment: setup
+	$(KVLAB) experiment one --model $(MODEL) --quant $(QUANT) --users $(USERS) --duration $(DURATION) \
+	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(GPU),--gpu $(GPU))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

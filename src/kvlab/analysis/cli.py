@@ -1,0 +1,40 @@
+"""`kvlab report RESULTS_DIR... [--out DIR] [--baseline MODEL/QUANT] [--compare A B]`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def report_cmd(
+    results: list[Path] = typer.Argument(None, help="Results folders written by `kvlab experiment run`"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: <first results folder>/report)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16)"),
+    gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour for the cost table (default: the spec's)"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="With two folders A and B: per metric, B's delta against A's repeats' 95 % interval"),
+) -> None:
+    """Write index.html (plots embedded), summary.md and the tables as CSV and JSON; print where."""
+    from kvlab.analysis.report import build_report
+    from kvlab.errors import KvlabError
+
+    if compare:
+        if len(compare) != 2 or results:
+            raise KvlabError("--compare takes exactly two results folders: kvlab report --compare A --compare B")
+        a, b = compare
+        rep = build_report([b], out=out or Path(b) / "report", baseline=baseline, gpu_price=gpu_price, compare_with=[a])
+    else:
+        if not results:
+            raise KvlabError("give one or more results folders (or --compare A --compare B)")
+        rep = build_report(list(results), out=out, baseline=baseline, gpu_price=gpu_price)
+    for s in rep.headline:
+        sys.stderr.write(f"  {s}\n")
+    for m in rep.missing:
+        sys.stderr.write(f"  missing: {m}\n")
+    sys.stdout.write(f"{rep.html}\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report_cmd)

@@ -1,0 +1,164 @@
+"""`kvlab report`: one self-contained index.html (plots embedded), summary.md, and the tables as
+CSV and JSON, rebuilt from the run records alone."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from kvlab import __version__
+from kvlab.analysis import plots, series, tables
+from kvlab.analysis.runs import RunSet, config_label, load_runs
+from kvlab.experiments.records import write_json_atomic
+
+
+@dataclass
+class Report:
+    out: Path
+    html: Path
+    summary_md: Path
+    baseline: str | None
+    headline: list[str]
+    missing: list[str]
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return [{k: _clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def fmt(v: Any, spec: str = "{:,.3g}") -> str:
+    v = _clean(v)
+    if v is None:
+        return "—"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
+            return f"{int(v):,}"
+        return spec.format(v)
+    return str(v)
+
+
+def _write_table(out: Path, name: str, df: pd.DataFrame) -> None:
+    tmp = out / f".{name}.csv.tmp"
+    df.to_csv(tmp, index=False)
+    tmp.replace(out / f"{name}.csv")
+    write_json_atomic(out / f"{name}.json", _records(df))
+
+
+def _cliffs(rs: RunSet) -> pd.DataFrame:
+    rows = []
+    for _, r in rs.complete.iterrows():
+        c = series.preemption_cliff(Path(r["folder"]))
+        rows.append({"config": config_label(r["model"], r["quant"]), "users": r["users"], "repeat": r["repeat"], **c})
+    if not rows:
+        return pd.DataFrame(columns=["config", "sessions_before_first_preemption", "preempted"])
+    df = pd.DataFrame(rows)
+    # per config: the largest count of sessions seen before a first preemption (or without any)
+    out = []
+    for config, g in df.groupby("config", sort=False):
+        pre = g[g["preempted"]]
+        if len(pre):
+            out.append({"config": config, "sessions_before_first_preemption": pre["sessions_before_first_preemption"].min(),
+                        "preempted": True})
+        else:
+            out.append({"config": config, "sessions_before_first_preemption": g["sessions_before_first_preemption"].max(),
+                        "preempted": False})
+    return pd.DataFrame(out)
+
+
+def build_report(folders: list[Path], out: Path | None = None, baseline: str | None = None,
+                 gpu_price: float | None = None, compare_with: list[Path] | None = None) -> Report:
+    rs = load_runs(folders)
+    out = Path(out) if out else Path(folders[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    missing = list(rs.missing)
+
+    cfg = tables.configs(rs)
+    base = tables.pick_baseline(cfg, baseline) if not cfg.empty else None
+    head = tables.headline(cfg, base) if base else pd.DataFrame()
+    sentences = tables.headline_sentences(head, base) if base else []
+    mem = tables.memory_breakdown(cfg) if not cfg.empty else pd.DataFrame()
+    load = tables.under_load(rs)
+    costs = tables.cost(load, rs, gpu_price)
+    repro = tables.reproducibility(rs)
+    cliffs = _cliffs(rs)
+    cmp = None
+    if compare_with:
+        cmp = tables.compare(load_runs(compare_with), rs)
+    if cfg.empty:
+        missing.append("no server reported its KV capacity: the headline and memory tables are empty")
+    if load.empty:
+        missing.append("no repeat completed under load: the load, latency and cost tables are empty")
+    elif costs["gpu_price_per_hour"].isna().all():
+        missing.append("no GPU price per hour (spec gpu_price_per_hour or --gpu-price): costs are not computed")
+
+    for name, df in (("headline", head), ("configs", cfg), ("memory", mem), ("under_load", load), ("cost", costs),
+                     ("cliff", cliffs), ("reproducibility", repro), ("repeats", rs.repeats)):
+        _write_table(out, name, df)
+    if cmp is not None:
+        _write_table(out, "compare", cmp)
+
+    colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
+    rep = rs.complete.assign(config=[config_label(m, q) for m, q in zip(rs.complete["model"], rs.complete["quant"])])
+    figures = [
+        ("kv-bytes", "KV bytes per token", plots.kv_bytes_per_token(head, colours)),
+        ("kv-capacity", "KV capacity", plots.kv_capacity(head, colours)),
+        ("memory", "Memory breakdown", plots.memory_breakdown(mem, colours)),
+        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours)),
+        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours)),
+        ("throughput", "Throughput", plots.throughput(load, colours)),
+        ("ttft", "TTFT", plots.ttft(load, colours)),
+        ("itl", "ITL", plots.itl(load, colours)),
+        ("goodput", "Goodput", plots.goodput(load, colours)),
+        ("preemptions", "Preemptions", plots.preemptions(load, colours)),
+        ("prefix", "Prefix cache", plots.prefix_hits(load, colours)),
+        ("cost", "Cost", plots.cost(costs, colours)),
+    ]
+    images = {key: {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
+              for key, title, png in figures if png}
+
+    env = Environment(loader=PackageLoader("kvlab.analysis", "templates"), autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = fmt
+    ctx = dict(
+        title="kvlab report: " + ", ".join(rs.specs) if rs.specs else "kvlab report",
+        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), kvlab_version=__version__,
+        folders=[str(f) for f in rs.folders], baseline=base, sentences=sentences,
+        head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
+        cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
+        images=images, missing=missing, specs=rs.specs,
+        n_repeats=len(rs.repeats), n_complete=len(rs.complete),
+    )
+    html = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(env.get_template("report.html.j2").render(**ctx))
+    tmp.replace(html)
+    md = out / "summary.md"
+    tmp = out / ".summary.md.tmp"
+    tmp.write_text(env.get_template("summary.md.j2").render(**ctx))
+    tmp.replace(md)
+    write_json_atomic(out / "report.json", {"baseline": base, "headline": sentences, "missing": missing,
+                                           "images": sorted(images), "kvlab_version": __version__})
+    return Report(out=out, html=html, summary_md=md, baseline=base, headline=sentences, missing=missing)
+
+
+def compare_only(a: Path, b: Path) -> pd.DataFrame:
+    return tables.compare(load_runs([a]), load_runs([b]))
+
+
+def to_json(df: pd.DataFrame) -> str:
+    return json.dumps(_records(df), indent=2)

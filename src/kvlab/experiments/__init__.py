@@ -1,0 +1,1 @@
+"""Experiments: spec -> matrix of cells -> run records (manifest, results), resumable."""

@@ -1,0 +1,150 @@
+"""`kvlab experiment run|one|ls`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+experiment_app = typer.Typer(help="Run experiment specs and query their records.", no_args_is_help=True)
+
+
+def _progress_runner(spec, out: Path, only, engine):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kvlab.experiments.runner import run_spec
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    task = None
+
+    def on_event(kind: str, data: dict) -> None:
+        nonlocal task
+        if kind == "engine":
+            console.print(f"engine: {data['engine']} ({data['reason']})")
+        elif kind == "plan":
+            if data["skipped"]:
+                console.print(f"{data['skipped']} finished repeat(s) kept, {data['repeats_pending']} to run")
+            task = progress.add_task(spec.name, total=data["repeats_total"], completed=data["skipped"])
+        elif kind == "server_start":
+            progress.update(task, description=f"{spec.name}: starting {data['model']} {data['quant']}")
+        elif kind == "repeat_start":
+            progress.update(task, description=f"{spec.name}: {data['cell']} #{data['repeat']}")
+        elif kind == "repeat_done":
+            progress.advance(task)
+            if data["status"] != "complete":
+                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}[/yellow]")
+
+    with progress:
+        return run_spec(spec, out, only=only, engine=engine, on_event=on_event)
+
+
+def _finish(out: Path) -> None:
+    from kvlab.experiments.index import query
+
+    rows = query(out)
+    failed = [r for r in rows if r["status"] != "complete"]
+    sys.stderr.write(f"{len(rows) - len(failed)} repeat(s) complete, {len(failed)} not\n")
+    sys.stdout.write(f"{out}\n")  # the last line printed is the results directory
+
+
+@experiment_app.command("run")
+def run_cmd(
+    spec_path: str = typer.Argument(..., metavar="SPEC", help="Spec YAML (or the name of one in experiments/)"),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only matching cells: model=...,quant=...,workload=...,users=..."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<spec name>)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim"),
+) -> None:
+    """Run a spec's cells (skips finished ones); the last line printed is the results folder."""
+    from kvlab.experiments.spec import load_spec, parse_only
+
+    spec = load_spec(spec_path)
+    folder = out or Path("results") / spec.name
+    try:
+        _progress_runner(spec, folder, parse_only(only), engine)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
+        raise typer.Exit(130)
+    _finish(folder)
+
+
+@experiment_app.command("one")
+def one_cmd(
+    model: str = typer.Option(..., "--model"),
+    quant: str = typer.Option("bf16", "--quant"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="vllm, vllm-cpu or sim (default: vllm with a GPU, else vllm-cpu)"),
+    workload: Optional[str] = typer.Option(None, "--workload", help="Default: agent on a GPU, agent-smoke on the CPU build"),
+    users: int = typer.Option(4, "--users"),
+    duration: str = typer.Option("60s", "--duration"),
+    warmup: str = typer.Option("10s", "--warmup"),
+    repeats: int = typer.Option(1, "--repeats"),
+    gpu: Optional[str] = typer.Option(None, "--gpu"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+) -> None:
+    """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
+    from kvlab.deploy import choose_engine
+    from kvlab.experiments.spec import validate_spec
+
+    chosen, reason = choose_engine(engine)
+    data = {
+        "name": f"{model}-{quant}".replace("/", "_"),
+        "engine": chosen, "models": [model], "quants": [quant],
+        "workloads": [workload or ("agent-smoke" if chosen == "vllm-cpu" else "agent")],
+        "load": {"shape": "constant", "users": [users]},
+        "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "gpu": gpu,
+    }
+    if chosen == "vllm-cpu":
+        data.update(kv_memory_gib=1, max_model_len=4096)
+    spec = validate_spec(data, "make experiment")
+    folder = out or Path("results") / "one" / spec.name / spec.digest
+    try:
+        _progress_runner(spec, folder, None, chosen)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
+        raise typer.Exit(130)
+    _finish(folder)
+
+
+@experiment_app.command("ls")
+def ls_cmd(
+    results: Path = typer.Argument(..., help="A results folder"),
+    where: Optional[str] = typer.Option(None, "--where", help="Filters: model=...,quant=...,status=..."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the repeats in a results folder (from its SQLite index, rebuilt from the files)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvlab.errors import KvlabError
+    from kvlab.experiments.index import query, rebuild
+
+    if not (results / "run.json").exists():
+        raise KvlabError(f"{results} is not a kvlab results folder (no run.json)")
+    rebuild(results)
+    filters = dict(p.split("=", 1) for p in where.split(",")) if where else None
+    rows = query(results, filters)
+    if as_json:
+        for r in rows:
+            r.pop("results_json", None)
+        sys.stdout.write(json.dumps({"repeats": rows}, indent=2) + "\n")
+        return
+    t = Table(title=f"{results}")
+    for col in ("cell_id", "repeat", "status", "engine", "kv tokens (reported/predicted)", "out tok/s", "TTFT p95 s", "preemptions"):
+        t.add_column(col)
+    fmt = lambda v, f="{:.3g}": "—" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        t.add_row(r["cell_id"], str(r["repeat"]), r["status"], r["engine"] or "—",
+                  f"{fmt(r['kv_cache_tokens_reported'], '{:,}')} / {fmt(r['kv_cache_tokens_predicted'], '{:,}')}",
+                  fmt(r["output_tokens_per_s"]), fmt(r["ttft_p95_s"]), fmt(r["preemptions"], "{:g}"))
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(experiment_app, name="experiment")

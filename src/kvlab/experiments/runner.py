@@ -1,0 +1,291 @@
+"""Run a spec: for each cell start the server, warm up, run the load while scraping metrics, stop,
+write the record. Finished repeats are skipped on a rerun; Ctrl-C stops the current server and
+keeps what is finished; a crashed server marks its cell failed with the log tail and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, is_dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kvlab.errors import KvlabError
+from kvlab.experiments import index
+from kvlab.experiments.records import (
+    aggregate_repeats,
+    environment_facts,
+    read_json,
+    redact_argv,
+    write_json_atomic,
+)
+from kvlab.experiments.spec import Cell, Spec, cells
+
+LOG_TAIL_LINES = 40
+
+
+def _as_dict(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if is_dataclass(obj):
+        return asdict(obj)
+    return obj
+
+
+def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> list[str]:
+    if not path or not Path(path).exists():
+        return []
+    lines = Path(path).read_text(errors="replace").splitlines()
+    return lines[-n:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The results folder belongs to one spec
+
+
+def claim_folder(spec: Spec, out: Path) -> None:
+    """A results folder holds one spec's results; a different spec there is refused before anything starts."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = read_json(out / "run.json")
+    if run is not None and (run.get("spec_name") != spec.name or run.get("spec_digest") != spec.digest):
+        raise KvlabError(
+            f"{out} holds results of another spec ({run.get('spec_name')}, digest {run.get('spec_digest')}); "
+            f"this one is {spec.name} (digest {spec.digest}): choose another --out"
+        )
+    if run is None:
+        stray = [p for p in out.iterdir() if not p.name.startswith(".")]
+        if stray:
+            raise KvlabError(f"{out} is not empty and holds no kvlab run: choose another --out")
+        write_json_atomic(out / "run.json", {"spec_name": spec.name, "spec_digest": spec.digest,
+                                             "created_ts": time.time()})
+        (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+
+
+def repeat_dir(out: Path, cell: Cell, k: int) -> Path:
+    return out / cell.cell_id / f"repeat-{k}"
+
+
+def is_complete(rdir: Path) -> bool:
+    status = read_json(rdir / "status.json")
+    return bool(status) and status.get("status") == "complete" and (rdir / "results.json").exists()
+
+
+def _set_status(rdir: Path, cell: Cell, k: int, status: str, **extra: Any) -> None:
+    prev = read_json(rdir / "status.json") or {}
+    prev.update({"cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "status": status, **extra})
+    write_json_atomic(rdir / "status.json", prev)
+
+
+def _set_aside_partial(rdir: Path) -> None:
+    """An unfinished repeat is redone; its files are kept beside it, never deleted."""
+    if rdir.exists() and not is_complete(rdir):
+        rdir.rename(rdir.with_name(f"{rdir.name}.partial-{int(time.time())}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Client-side figures from the per-request records
+
+
+def client_figures(df, window_s: float, slo: dict[str, float]) -> dict[str, Any]:
+    """Figures measured by the load generator over the run window (kvlab.loadtest.summary), plus
+    the mean resident context of a session: its last request's prompt + reply."""
+    from kvlab.loadtest.summary import summarize as summarize_requests
+
+    out = summarize_requests(df, slo, duration_s=window_s)
+    out["errors_by_kind"] = out.pop("errors")
+    out["errors"] = out["requests"] - out["requests_ok"]
+    turns = df[(df["kind"] == "turn") & df["error_kind"].isna()] if len(df) else df
+    if len(turns):
+        last = turns.sort_values("start_ts").groupby("session_id").tail(1)
+        ctx = (last["prompt_tokens"].fillna(0) + last["completion_tokens"].fillna(0))
+        out["mean_session_context_tokens"] = float(ctx.mean())
+    else:
+        out["mean_session_context_tokens"] = None
+    out["window_s"] = window_s
+    out["provenance"] = "measured by the load generator on the SSE stream"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One repeat
+
+
+def _workload(spec: Spec, cell: Cell):
+    """The cell's workload with the spec's load shape (and step hold) applied."""
+    from kvlab.loadtest.workload import load_workload
+
+    wl = load_workload(cell.workload).with_shape(spec.load.shape)
+    if spec.load.step_s is not None:
+        shape = wl.load.shape.model_copy(update={"step_hold_s": spec.load.step_s})
+        wl = wl.model_copy(update={"load": wl.load.model_copy(update={"shape": shape})})
+    return wl
+
+
+def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_reason: str) -> dict:
+    from kvlab.loadtest.records import read_requests
+    from kvlab.loadtest.runner import run_load
+    from kvlab.metrics.figures import summarize
+    from kvlab.metrics.scraper import Scraper
+
+    rdir = repeat_dir(out, cell, k)
+    _set_aside_partial(rdir)
+    rdir.mkdir(parents=True)
+    seed = spec.seed + k - 1
+    started = time.time()
+    _set_status(rdir, cell, k, "running", started_ts=started, engine=server.engine, seed=seed)
+    manifest = {
+        "cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
+        "spec": spec.model_dump(), "spec_digest": spec.digest,
+        "engine": server.engine, "engine_reason": engine_reason,
+        "server_argv": redact_argv(list(server.argv)), "server_env": dict(server.env),
+        "started_ts": started, **environment_facts(),
+    }
+    write_json_atomic(rdir / "manifest.json", manifest)
+    write_json_atomic(rdir / "prediction.json", {"provenance": "predicted by the kvlab memory model",
+                                                 **(_as_dict(server.prediction) or {})})
+    workload = _workload(spec, cell)
+    if spec.warmup_s > 0:
+        run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
+                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000)
+    with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s):
+        t0 = time.time()
+        load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
+                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate)
+        t1 = time.time()
+    requests = read_requests(load.records_path)
+    client = client_figures(requests, t1 - t0, spec.slo.model_dump(exclude_none=True))
+    metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
+                        mean_session_context_tokens=client["mean_session_context_tokens"])
+    alive = server.alive()
+    _copy_server_log(server, rdir)
+    results = {
+        "cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
+        "status": "complete" if alive else "failed",
+        "window": {"start_ts": t0, "end_ts": t1},
+        "server": {"provenance": "reported by the server (startup log, vllm:cache_config_info)",
+                   **(_as_dict(server.facts) or {})},
+        "prediction": _as_dict(server.prediction),
+        "metrics": _as_dict(metrics),
+        "client": client,
+        "slo": spec.slo.model_dump(exclude_none=True),
+        "gpu_price_per_hour": spec.gpu_price_per_hour,
+        "engine": server.engine,
+    }
+    if not alive:
+        results["failure"] = {"reason": "the server died during the run", "log_tail": log_tail(rdir / "server.log")}
+    write_json_atomic(rdir / "results.json", results)
+    manifest["ended_ts"] = time.time()
+    write_json_atomic(rdir / "manifest.json", manifest)
+    _set_status(rdir, cell, k, results["status"], ended_ts=manifest["ended_ts"],
+                **({"failure": results["failure"]} if not alive else {}))
+    return results
+
+
+def _copy_server_log(server: Any, rdir: Path) -> None:
+    src = Path(server.log_path)
+    if src.exists():
+        (rdir / "server.log").write_bytes(src.read_bytes())
+
+
+def fail_repeat(out: Path, cell: Cell, k: int, reason: str, tail: list[str], engine: str | None = None) -> None:
+    rdir = repeat_dir(out, cell, k)
+    if is_complete(rdir):
+        return
+    _set_aside_partial(rdir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    failure = {"reason": reason, "log_tail": tail}
+    write_json_atomic(rdir / "results.json", {"cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k,
+                                             "status": "failed", "failure": failure, "engine": engine})
+    _set_status(rdir, cell, k, "failed", ended_ts=time.time(), failure=failure, engine=engine)
+
+
+def finalize_cell(out: Path, cell: Cell, spec: Spec) -> dict | None:
+    """<cell>/results.json: every repeat's figures, their mean and 95 % interval."""
+    repeats = []
+    for k in range(1, spec.repeats + 1):
+        r = read_json(repeat_dir(out, cell, k) / "results.json")
+        if r:
+            repeats.append(r)
+    complete = [r for r in repeats if r.get("status") == "complete"]
+    summary = {
+        "cell": asdict(cell), "cell_id": cell.cell_id,
+        "repeats_planned": spec.repeats, "repeats_complete": len(complete),
+        "status": "complete" if len(complete) == spec.repeats else ("partial" if complete else "failed"),
+        "repeats": [{"repeat": r["repeat"], "status": r["status"], "dir": f"repeat-{r['repeat']}",
+                     **({"failure": r["failure"]} if "failure" in r else {})} for r in repeats],
+        "aggregate": aggregate_repeats([{"client": r.get("client") or {}, "metrics": r.get("metrics") or {}}
+                                        for r in complete]),
+        "first": complete[0] if complete else None,
+    }
+    write_json_atomic(out / cell.cell_id / "results.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole spec
+
+
+def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: str | None = None,
+             on_event: Callable[[str, dict], None] | None = None) -> Path:
+    """Run every cell of the spec that is not finished yet; returns the results folder."""
+    from kvlab import deploy
+
+    out = Path(out)
+    todo = cells(spec, only)
+    if not todo:
+        raise KvlabError("no cell of the spec matches --only")
+    claim_folder(spec, out)
+    emit = on_event or (lambda kind, data: None)
+    chosen, reason = deploy.choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
+    emit("engine", {"engine": chosen, "reason": reason})
+    work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
+    pending = [(c, k) for c, k in work if not is_complete(repeat_dir(out, c, k))]
+    emit("plan", {"repeats_total": len(work), "repeats_pending": len(pending), "skipped": len(work) - len(pending)})
+    done_cells: set[str] = set()
+    try:
+        for key, group in groupby(pending, key=lambda ck: ck[0].server_key):
+            group = list(group)
+            server = None
+            try:
+                for i, (cell, k) in enumerate(group):
+                    if server is None or not server.alive():
+                        if server is not None:
+                            server.stop()
+                        log = out / f"{cell.model}__{cell.quant}.server.log"
+                        sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
+                                          kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
+                                          extra_args=list(spec.serve_args), log_path=log)
+                        emit("server_start", {"model": cell.model, "quant": cell.quant})
+                        try:
+                            server = deploy.Server(sspec).start()
+                        except KvlabError as e:
+                            tail = log_tail(log)
+                            for c2, k2 in group[i:]:
+                                fail_repeat(out, c2, k2, f"the server did not start: {e}", tail, chosen)
+                                emit("repeat_done", {"cell": c2.cell_id, "repeat": k2, "status": "failed"})
+                            server = None
+                            break
+                    emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
+                    try:
+                        status = run_repeat(spec, cell, k, server, out, reason)["status"]
+                    except Exception as e:  # recorded with the server's log tail; the run goes on
+                        fail_repeat(out, cell, k, f"{type(e).__name__}: {e}", log_tail(server.log_path), chosen)
+                        status = "failed"
+                    emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status})
+                    if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
+                        finalize_cell(out, cell, spec)
+                        done_cells.add(cell.cell_id)
+            finally:
+                if server is not None:
+                    server.stop()
+    finally:
+        for c in {c for c, _ in work}:
+            if c.cell_id not in done_cells and (out / c.cell_id).exists():
+                finalize_cell(out, c, spec)
+        index.rebuild(out)
+    return out

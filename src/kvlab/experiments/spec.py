@@ -1,0 +1,229 @@
+"""Experiment specs: a YAML file that names a matrix of models x quantizations x workloads x load
+levels, validated before anything starts, with errors naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvlab.errors import KvlabError
+
+ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
+SHAPES = ("constant", "steps", "poisson", "diurnal")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration_s(value: str | int | float) -> float:
+    """'90', '90s', '2m', '1.5h' -> seconds."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 2m, 1h)")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SLO(_Strict):
+    """Service-level objective a request must meet to count towards goodput."""
+
+    ttft_s: float | None = Field(2.0, gt=0)
+    itl_p95_s: float | None = Field(0.1, gt=0)
+    tpot_s: float | None = Field(None, gt=0)
+    e2e_s: float | None = Field(None, gt=0)
+
+
+class Load(_Strict):
+    shape: Literal["constant", "steps", "poisson", "diurnal"] = "constant"
+    users: list[int] = Field(default_factory=lambda: [4], min_length=1)  # one cell per level
+    spawn_rate: float = Field(10.0, gt=0)
+    step_s: float | None = Field(None, gt=0)  # steps: how long each rung is held
+
+    @field_validator("users")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(u < 1 for u in v):
+            raise ValueError("every load level must be at least 1 user")
+        return v
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    engine: Literal["auto", "vllm", "vllm-cpu", "sim"] = "auto"
+    gpu: str | None = None  # GPU preset for predictions and the simulated engine
+    models: list[str] = Field(min_length=1)
+    quants: list[str] = Field(default_factory=lambda: ["bf16"], min_length=1)
+    workloads: list[str] = Field(default_factory=lambda: ["agent"], min_length=1)
+    load: Load = Field(default_factory=Load)
+    duration_s: float = 60.0
+    warmup_s: float = 10.0
+    repeats: int = Field(1, ge=1, le=100)
+    seed: int = 0
+    slo: SLO = Field(default_factory=SLO)
+    gpu_price_per_hour: float | None = Field(None, ge=0)  # $ per GPU-hour, for cost figures
+    kv_memory_gib: float | None = Field(None, gt=0)  # KV budget (CPU: VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int | None = Field(None, gt=0)
+    scrape_interval_s: float = Field(1.0, gt=0)
+    serve_args: list[str] = Field(default_factory=list)  # extra `vllm serve` flags for every server
+    skip_missing: bool = False  # skip model x quant pairs without a serve profile instead of refusing
+
+    @field_validator("duration_s", "warmup_s", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        if isinstance(v, str) or isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and v == 0:
+                return 0.0
+            return parse_duration_s(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Spec":
+        if self.warmup_s < 0:
+            raise ValueError("warmup_s must not be negative")
+        if self.load.shape == "steps" and self.load.step_s is not None and self.load.step_s > self.duration_s:
+            raise ValueError("load.step_s is longer than duration_s: not one step would finish")
+        for name, items in (("models", self.models), ("quants", self.quants), ("workloads", self.workloads)):
+            if len(set(items)) != len(items):
+                raise ValueError(f"{name} lists an entry twice")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """Identifies what the results depend on (not the name or description)."""
+        d = self.model_dump(exclude={"name", "description"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of a spec: repeats of it live inside its directory."""
+
+    model: str
+    quant: str
+    workload: str
+    users: int
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.model}__{self.quant}__{self.workload}__u{self.users}"
+
+    @property
+    def server_key(self) -> tuple[str, str]:
+        """Cells with the same key run on one server, started once."""
+        return (self.model, self.quant)
+
+
+def has_profile(model: str, quant: str) -> bool:
+    from kvlab.deploy.profiles import profile
+    from kvlab.models.cards import builtin_cards
+
+    try:
+        profile(model if model in builtin_cards() else None, quant)
+    except KvlabError:
+        return False
+    return True
+
+
+def cells(spec: Spec, only: dict[str, str] | None = None) -> list[Cell]:
+    """The matrix, grouped so that each (model, quant) server starts once."""
+    out = [
+        Cell(m, q, w, u)
+        for m in spec.models
+        for q in spec.quants
+        if not spec.skip_missing or has_profile(m, q)
+        for w in spec.workloads
+        for u in spec.load.users
+    ]
+    if only:
+        for key, value in only.items():
+            out = [c for c in out if str(getattr(c, key)) == value]
+    return out
+
+
+def parse_only(text: str | None) -> dict[str, str]:
+    """--only model=deepseek-v2-lite,quant=bf16 -> {"model": ..., "quant": ...}."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("model", "quant", "workload", "users") or not value.strip():
+            raise KvlabError(f"--only: {part!r} is not KEY=VALUE with KEY one of model, quant, workload, users")
+        out[key] = value.strip()
+    return out
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: field {loc}: {msg}{extra}"
+
+
+def load_spec(path: str | Path) -> Spec:
+    p = Path(path)
+    if not p.is_file():
+        candidate = Path("experiments") / f"{path}.yaml"
+        if candidate.is_file():
+            p = candidate
+        else:
+            raise KvlabError(f"no experiment spec at {path} (the shipped specs are in experiments/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise KvlabError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KvlabError(f"{p}: a spec must be a YAML mapping")
+    return validate_spec(data, str(p))
+
+
+def validate_spec(data: dict, where: str = "spec") -> Spec:
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise KvlabError(_format_error(e, where)) from None
+    _check_names(spec, where)
+    return spec
+
+
+def _check_names(spec: Spec, where: str) -> None:
+    """Unknown models, quantizations, workloads or GPUs are errors before anything starts."""
+    from kvlab import hardware
+    from kvlab.models.cards import builtin_cards, unknown_model_message
+
+    cards = builtin_cards()
+    for m in spec.models:
+        if m not in cards and not Path(m).exists() and "/" not in m:
+            raise KvlabError(f"{where}: field models: {unknown_model_message(m)}")
+    if spec.gpu:
+        hardware.gpu(spec.gpu)
+    from kvlab.deploy.profiles import profile
+
+    for m in spec.models:
+        for q in spec.quants:
+            try:
+                profile(m if m in cards else None, q)
+            except KvlabError as e:
+                if not spec.skip_missing:
+                    raise KvlabError(f"{where}: field quants: {e} (or set skip_missing: true)") from None
+    from kvlab.loadtest.workload import load_workload
+
+    for w in spec.workloads:
+        load_workload(w)
