@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import json
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from kvlab.deploy.flags import VllmFlags, parse_flags, without_flag
 from kvlab.deploy.process import ProcessGroup, StopReport
 from kvlab.deploy.profiles import ServeProfile, profile
 from kvlab.errors import KvlabError
+from kvlab.io import write_json_atomic
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch, arch_from_config
 from kvlab.models.cards import ResolvedModel, resolve_model
@@ -474,9 +473,4 @@ class Server:
 
     def write_record(self, path: Path) -> Path:
         """Atomically: a temporary file in the same folder, then a rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.record(), fh, indent=2, default=str)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.record())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,8 +13,35 @@ import typer
 experiment_app = typer.Typer(help="Run experiment specs and query their records.", no_args_is_help=True)
 
 
-def _progress_runner(spec, out: Path, only, engine):
+API_KEY = typer.Option(None, "--api-key", envvar="KVLAB_API_KEY", show_envvar=True,
+                       help="vLLM --api-key for the servers (given to them as VLLM_API_KEY) and the load; never recorded")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key) -> None:
+    """Ctrl-C, or SIGTERM from a job scheduler, stops the servers and Locust and keeps what is
+    finished; a record that cannot be written (a full disk) ends the run with one line."""
+    from kvlab.errors import KvlabError
+    from kvlab.io import RecordWriteError
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # may arrive ignored from a non-interactive shell
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        _progress_runner(spec, folder, only, engine, api_key)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
+        raise typer.Exit(130)
+    except RecordWriteError as e:
+        raise KvlabError(f"{e}. The run stopped; finished repeats are kept in {folder}: free space and rerun "
+                         "the same command to complete it") from None
+
+
+def _progress_runner(spec, out: Path, only, engine, api_key=None):
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kvlab.experiments.runner import run_spec
@@ -38,10 +66,11 @@ def _progress_runner(spec, out: Path, only, engine):
         elif kind == "repeat_done":
             progress.advance(task)
             if data["status"] != "complete":
-                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}[/yellow]")
+                why = f": {data['reason']}" if data.get("reason") else ""
+                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}{escape(why)}[/yellow]")
 
     with progress:
-        return run_spec(spec, out, only=only, engine=engine, on_event=on_event)
+        return run_spec(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key)
 
 
 def _finish(out: Path) -> None:
@@ -59,17 +88,14 @@ def run_cmd(
     only: Optional[str] = typer.Option(None, "--only", help="Run only matching cells: model=...,quant=...,workload=...,users=..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<spec name>)"),
     engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim"),
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """Run a spec's cells (skips finished ones); the last line printed is the results folder."""
     from kvlab.experiments.spec import load_spec, parse_only
 
     spec = load_spec(spec_path)
     folder = out or Path("results") / spec.name
-    try:
-        _progress_runner(spec, folder, parse_only(only), engine)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
-        raise typer.Exit(130)
+    _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key)
     _finish(folder)
 
 
@@ -85,6 +111,7 @@ def one_cmd(
     repeats: int = typer.Option(1, "--repeats"),
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     out: Optional[Path] = typer.Option(None, "--out"),
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
     from kvlab.deploy import choose_engine
@@ -92,7 +119,7 @@ def one_cmd(
 
     chosen, reason = choose_engine(engine)
     data = {
-        "name": f"{model}-{quant}".replace("/", "_"),
+        "name": re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{quant}").strip("._-") or "one",
         "engine": chosen, "models": [model], "quants": [quant],
         "workloads": [workload or ("agent-smoke" if chosen == "vllm-cpu" else "agent")],
         "load": {"shape": "constant", "users": [users]},
@@ -102,11 +129,7 @@ def one_cmd(
         data.update(kv_memory_gib=1, max_model_len=4096)
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
-    try:
-        _progress_runner(spec, folder, None, chosen)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
-        raise typer.Exit(130)
+    _run_stopping_cleanly(spec, folder, None, chosen, api_key)
     _finish(folder)
 
 

@@ -16,13 +16,13 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from kvlab import __version__
+from kvlab.io import write_json_atomic  # noqa: F401  (the one shared helper; re-exported)
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH")
 ENV_THAT_MATTERS = (
@@ -30,22 +30,6 @@ ENV_THAT_MATTERS = (
     "VLLM_ATTENTION_BACKEND", "VLLM_USE_V1", "HF_HUB_OFFLINE", "HF_TOKEN", "VLLM_API_KEY",
     "KVLAB_CACHE", "PYTORCH_CUDA_ALLOC_CONF", "VLLM_PP_LAYER_PARTITION",
 )
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary name in the same folder, then rename: a reader sees all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path) -> Any | None:

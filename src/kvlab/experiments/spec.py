@@ -109,6 +109,19 @@ class Spec(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def path_component(name: str) -> str:
+    """`name` as one folder name that stays inside the results folder: card names, levels and
+    workload names are kept as they are; a path or Hugging Face id (`../x`, `/data/m`, `org/m`)
+    becomes its last part's safe characters plus a digest of the whole, so that two never collide."""
+    if _SAFE.match(name) and ".." not in name:
+        return name
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(name).name).strip("._-").replace("..", "_") or "x"
+    return f"{readable[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One configuration of a spec: repeats of it live inside its directory."""
@@ -120,7 +133,13 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        return f"{self.model}__{self.quant}__{self.workload}__u{self.users}"
+        parts = (self.model, self.quant, self.workload)
+        return "__".join(path_component(p) for p in parts) + f"__u{self.users}"
+
+    @property
+    def server_id(self) -> str:
+        """The folder-safe name of the cell's server (its log file)."""
+        return f"{path_component(self.model)}__{path_component(self.quant)}"
 
     @property
     def server_key(self) -> tuple[str, str]:

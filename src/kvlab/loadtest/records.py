@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvlab.errors import KvlabError
+from kvlab.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,6 @@ def read_requests(path: Path | str):
 
 def write_parquet(df, path: Path | str) -> Path:
     """Atomically: a temp name in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)

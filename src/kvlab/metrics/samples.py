@@ -64,14 +64,6 @@ class SampleWriter:
         self._f.close()
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """A record file: written under a temporary name, then renamed over the target."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-
-
 def resolve_samples_path(path: str | os.PathLike) -> Path:
     """A run directory (holding metrics.csv) or the samples file itself."""
     p = Path(path)
