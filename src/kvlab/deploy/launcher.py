@@ -76,7 +76,10 @@ def _validate(spec: ServeSpec) -> ServeSpec:
 
 def free_port(host_: str) -> int:
     with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
-        s.bind((host_, 0))
+        try:
+            s.bind((host_, 0))
+        except OSError as e:  # an unknown name, an address of another machine
+            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
         return s.getsockname()[1]
 
 
@@ -86,6 +89,8 @@ def port_in_use(host_: str, port: int) -> str | None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host_, port))
+        except socket.gaierror as e:
+            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
         except OSError as e:
             return e.strerror or str(e)
     return None

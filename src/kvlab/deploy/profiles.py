@@ -73,6 +73,8 @@ def _load_file(path: Path) -> ModelProfiles:
         raise KvlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:
         raise KvlabError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise KvlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         mp = ModelProfiles.model_validate(data)
     except ValidationError as e:

@@ -67,7 +67,8 @@ def _progress_runner(spec, out: Path, only, engine, api_key=None):
             progress.advance(task)
             if data["status"] != "complete":
                 why = f": {data['reason']}" if data.get("reason") else ""
-                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}{escape(why)}[/yellow]")
+                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}{escape(why)}[/yellow]",
+                              soft_wrap=True)  # one line, whatever the width: logs are grepped
 
     with progress:
         return run_spec(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key)

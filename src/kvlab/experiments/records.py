@@ -35,7 +35,7 @@ ENV_THAT_MATTERS = (
 def read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, torn, not JSON, not UTF-8: not a record
         return None
 
 

@@ -208,6 +208,10 @@ def load_spec(path: str | Path) -> Spec:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise KvlabError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise KvlabError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise KvlabError(f"{p}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise KvlabError(f"{p}: a spec must be a YAML mapping")
     return validate_spec(data, str(p))
@@ -232,7 +236,10 @@ def _check_names(spec: Spec, where: str) -> None:
         if m not in cards and not Path(m).exists() and "/" not in m:
             raise KvlabError(f"{where}: field models: {unknown_model_message(m)}")
     if spec.gpu:
-        hardware.gpu(spec.gpu)
+        try:
+            hardware.gpu(spec.gpu)
+        except KvlabError as e:
+            raise KvlabError(f"{where}: field gpu: {e}") from None
     from kvlab.deploy.profiles import profile
 
     for m in spec.models:
@@ -245,4 +252,7 @@ def _check_names(spec: Spec, where: str) -> None:
     from kvlab.loadtest.workload import load_workload
 
     for w in spec.workloads:
-        load_workload(w)
+        try:
+            load_workload(w)
+        except KvlabError as e:
+            raise KvlabError(f"{where}: field workloads: {e}") from None

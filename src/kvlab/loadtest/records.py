@@ -96,14 +96,17 @@ def record_files(path: Path | str) -> list[Path]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines only: the last line of a file still being written may be cut short."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for line in fh:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break
             try:
-                rows.append(json.loads(line))
-            except ValueError:
+                row = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8
                 raise KvlabError(f"{path}: line {len(rows) + 1} is not a JSON record") from None
+            if not isinstance(row, dict):
+                raise KvlabError(f"{path}: line {len(rows) + 1} is not a JSON object")
+            rows.append(row)
     return rows
 
 

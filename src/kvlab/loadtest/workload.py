@@ -201,6 +201,10 @@ def load_workload(name_or_path: str | Path) -> Workload:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise KvlabError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise KvlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise KvlabError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise KvlabError(f"{path}: expected a mapping of workload fields at the top level")
     data.setdefault("name", path.stem)

@@ -97,7 +97,7 @@ def checked_frame(df: pd.DataFrame, where: str = "samples") -> pd.DataFrame:
     df["ts"] = pd.to_numeric(df["ts"], errors="coerce")
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     good_labels = df["labels"].map({s: _is_label_json(s) for s in df["labels"].unique()})
-    df = df[df["ts"].notna() & good_labels & df["name"].astype(bool)]
+    df = df[df["ts"].notna() & good_labels.astype(bool) & (df["name"].astype(str) != "")]
     return df.sort_values("ts", kind="stable").reset_index(drop=True)
 
 

@@ -121,6 +121,8 @@ def _read_config(path: Path, label: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise KvlabError(f"{label}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise KvlabError(f"{label}: config.json is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise KvlabError(f"{label}: cannot read {path} ({e.strerror})") from None
     if not isinstance(data, dict):
