@@ -84,10 +84,11 @@ class Spec(_Strict):
 
     @field_validator("duration_s", "warmup_s", mode="before")
     @classmethod
-    def _duration(cls, v):
-        if isinstance(v, str) or isinstance(v, (int, float)):
-            if isinstance(v, (int, float)) and v == 0:
-                return 0.0
+    def _duration(cls, v, info):
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            m = _DURATION.match(str(v))
+            if info.field_name == "warmup_s" and m and float(m.group(1)) == 0:
+                return 0.0  # no warm-up: 0, "0", "0s"
             return parse_duration_s(v)
         return v
 

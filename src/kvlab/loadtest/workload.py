@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
 from kvlab.loadtest.dists import Dist
@@ -55,6 +55,14 @@ class RequestSpec(_Spec):
     timeout_s: float = Field(default=300.0, gt=0)  # whole request
     stall_timeout_s: float = Field(default=60.0, gt=0)  # no byte for this long: a stalled stream
     connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _a_path(cls, v: str) -> str:
+        if not v.startswith("/") or v.startswith("//") or any(c.isspace() for c in v):
+            raise ValueError(f"{v!r} must be a path on --host, like /v1/chat/completions (load goes only to the "
+                             "host you name, never to a URL in a file)")
+        return v
 
 
 class LimitSpec(_Spec):
