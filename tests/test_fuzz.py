@@ -270,7 +270,8 @@ def test_fuzzed_serve_profile_file_text(tmp_path_factory, monkeypatch, raw):
 
 MODELS = st.sampled_from(["deepseek-v2-lite", "llama-3.1-8b", "qwen2.5-7b", "nope", "org/none", "", "../x", "/"])
 values = st.one_of(st.sampled_from(["0", "-1", "1", "0.5", "1e400", "nan", "inf", "abc", "", "32768", "h100", "fp8",
-                                    "auto", "fp8_ds_mla", "bitsandbytes", "FLASHMLA", "CPU_ATTN", "--json"]),
+                                    "auto", "fp8_ds_mla", "bitsandbytes", "FLASHMLA", "CPU_ATTN", "--json",
+                                    "model=x", "status", "=", "a=b,c"]),
                    st.text(max_size=6))
 CAPACITY_OPTS = ["--gpu", "--gpu-memory-utilization", "--kv-memory-gib", "--kv-cache-memory-bytes", "--max-model-len",
                  "--block-size", "--attention-backend", "--kv-cache-dtype", "--quantization", "--dtype", "-tp", "-pp",
@@ -284,14 +285,20 @@ COMMANDS = {
                   "--health-timeout"]),
     "gpus": (0, []),
     "cards": (0, []),
+    "experiment ls": (1, ["--where"]),
+    "metrics summarize": (1, ["--start-ts", "--end-ts", "--model-name", "--mean-session-context-tokens",
+                              "--kv-bytes-per-token"]),
 }
+PATHS = st.sampled_from([str(FIXTURES), str(FIXTURES / "vllm-0.32-cpu-deepseek-twin.metrics.txt"), "/nonexistent",
+                         "", ".", str(REPO / "experiments"), "/dev/null"])
 
 
 @st.composite
 def cli_args(draw):
     cmd = draw(st.sampled_from(sorted(COMMANDS)))
     n_models, opts = COMMANDS[cmd]
-    argv = [cmd, *draw(st.lists(MODELS, min_size=0, max_size=n_models))]
+    targets = PATHS if " " in cmd else MODELS  # the subcommands read a folder or file
+    argv = [*cmd.split(), *draw(st.lists(targets, min_size=0, max_size=n_models))]
     for opt in draw(st.lists(st.sampled_from(opts + ["--json", "--cpu", "--bogus"]) if opts else st.just("--json"),
                              max_size=4)):
         argv.append(opt)

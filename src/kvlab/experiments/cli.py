@@ -134,6 +134,21 @@ def one_cmd(
     _finish(folder)
 
 
+def parse_where(text: str | None) -> dict[str, str] | None:
+    """--where model=...,status=... -> {"model": ..., "status": ...}."""
+    from kvlab.errors import KvlabError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise KvlabError(f"--where: {part!r} is not KEY=VALUE (e.g. model=deepseek-v2-lite,status=complete)")
+        out[key.strip()] = value.strip()
+    return out
+
+
 @experiment_app.command("ls")
 def ls_cmd(
     results: Path = typer.Argument(..., help="A results folder"),
@@ -152,7 +167,7 @@ def ls_cmd(
     if not (results / "run.json").exists():
         raise KvlabError(f"{results} is not a kvlab results folder (no run.json)")
     rebuild(results)
-    filters = dict(p.split("=", 1) for p in where.split(",")) if where else None
+    filters = parse_where(where)
     rows = query(results, filters)
     if as_json:
         for r in rows:
