@@ -375,6 +375,39 @@ def test_ctrl_c_in_each_stage_stops_everything_and_the_rerun_completes(fake, tmp
     assert tagged(fake.tag) == []
 
 
+def test_kvlab_killed_outright_leaves_a_lease_and_the_rerun_stops_its_server(fake, tmp_path):
+    """kill -9 (the OOM killer) gives kvlab no chance to stop anything: the server's lease names its
+    process group, and the next run in the folder stops it before it starts its own."""
+    fake.plan(child=True, **SLOW_REPLIES)
+    wl = bounded_workload(tmp_path)
+    spec_path = tmp_path / "faults.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_data(workloads=[str(wl)], duration_s=60)))
+    cell = Cell("llama-3.1-8b", "bf16", str(wl), 2).cell_id
+    out, lease = tmp_path / "r", tmp_path / "r" / ".llama-3.1-8b__bf16.server.lease"
+    with fake.watch() as watch:
+        p = _kvlab_fake(["experiment", "run", str(spec_path), "--out", str(out)], fake.tag)
+        try:
+            wait_for(lambda: record_lines(out / cell / "repeat-1" / "load" / "requests") >= 1 or p.poll() is not None,
+                     what="the load")
+            watch.sample()
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        [server] = watch.groups_with("fake_openai.py")
+        assert len(group_members({server})) == 2  # orphaned, still running: the server and its child
+        assert json.loads(lease.read_text())["pgid"] == server
+        r = subprocess.run([sys.executable, str(TESTS / "fake_engine.py"), "experiment", "run", str(spec_path),
+                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"stopped what a killed run left running: process group {server} (" in r.stderr
+        assert group_members({server}) == [] and not lease.exists()
+        assert watch.leftovers(wait_s=60) == []  # the orphaned Locust ended at its request bound
+    assert status(out, cell)["status"] == "complete" and list((out / cell).glob("repeat-1.partial-*"))
+    assert_records_whole(out)
+
+
 def test_ctrl_c_in_report_marks_it_incomplete_and_a_rerun_completes_it(fake, tmp_path):
     out = tmp_path / "r"
     runner.run_spec(make_spec(), out)

@@ -52,6 +52,7 @@ class ServeSpec:
     log_path: Path | None = None
     health_timeout_s: float = 600
     gpu: str | None = None          # GPU preset, for the sim engine and predictions
+    lease_path: Path | None = None  # names the running server's process group (deploy.process.stop_leftover)
 
     def __repr__(self) -> str:  # never show the key
         return f"ServeSpec(model={self.model!r}, quant={self.quant!r}, engine={self.engine!r}, port={self.port!r})"
@@ -305,7 +306,8 @@ class Server:
         self._prepare_model()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path)
+            self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path,
+                                       lease=self.spec.lease_path)
         except OSError as e:
             raise KvlabError(f"cannot start {self.argv[0]}: {e.strerror or e}") from None
         self._pid = self._group.pid

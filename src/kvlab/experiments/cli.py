@@ -53,7 +53,10 @@ def _progress_runner(spec, out: Path, only, engine, api_key=None):
 
     def on_event(kind: str, data: dict) -> None:
         nonlocal task
-        if kind == "engine":
+        if kind == "leftover":
+            console.print(f"[yellow]stopped what a killed run left running: {escape(data['stopped'])}[/yellow]",
+                          soft_wrap=True)
+        elif kind == "engine":
             console.print(f"engine: {data['engine']} ({data['reason']})")
         elif kind == "plan":
             if data["skipped"]:

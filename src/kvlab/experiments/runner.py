@@ -282,6 +282,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
         raise KvlabError("no cell of the spec matches --only")
     claim_folder(spec, out)
     emit = on_event or (lambda kind, data: None)
+    _stop_leftovers(out, emit)
     chosen, reason = deploy.choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
     emit("engine", {"engine": chosen, "reason": reason})
     work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
@@ -300,7 +301,8 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
                         log = inside(out, out / f"{cell.server_id}.server.log")
                         sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
                                           kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
-                                          extra_args=list(spec.serve_args), log_path=log, api_key=api_key)
+                                          extra_args=list(spec.serve_args), log_path=log, api_key=api_key,
+                                          lease_path=out / f".{cell.server_id}.server.lease")
                         emit("server_start", {"model": cell.model, "quant": cell.quant})
                         try:
                             server = deploy.Server(sspec).start()
@@ -338,6 +340,17 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
         raise
     _finalize_rest(out, spec, work, done_cells)
     return out
+
+
+def _stop_leftovers(out: Path, emit: Callable[[str, dict], None]) -> None:
+    """A run that was killed outright (kill -9, the OOM killer) could not stop its server: its
+    lease names the process group, stopped here before anything starts."""
+    from kvlab.deploy.process import stop_leftover
+
+    for lease in sorted(out.glob(".*.server.lease")):
+        what = stop_leftover(lease)
+        if what:
+            emit("leftover", {"stopped": what})
 
 
 def _finalize_rest(out: Path, spec: Spec, work: list[tuple[Cell, int]], done_cells: set[str]) -> None:
