@@ -273,6 +273,8 @@ values = st.one_of(st.sampled_from(["0", "-1", "1", "0.5", "1e400", "nan", "inf"
                                     "auto", "fp8_ds_mla", "bitsandbytes", "FLASHMLA", "CPU_ATTN", "--json",
                                     "model=x", "status", "=", "a=b,c"]),
                    st.text(max_size=6))
+# Addresses that resolve or fail without a DNS lookup (a name would wait for the resolver's timeout).
+HOSTS = st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "", "localhost", "192.0.2.1", "::", "--dry-run", "1.2.3"])
 CAPACITY_OPTS = ["--gpu", "--gpu-memory-utilization", "--kv-memory-gib", "--kv-cache-memory-bytes", "--max-model-len",
                  "--block-size", "--attention-backend", "--kv-cache-dtype", "--quantization", "--dtype", "-tp", "-pp",
                  "--max-num-batched-tokens", "--max-num-seqs"]
@@ -303,7 +305,7 @@ def cli_args(draw):
                              max_size=4)):
         argv.append(opt)
         if opt not in ("--json", "--cpu") and draw(st.booleans()):
-            argv.append(draw(values))
+            argv.append(draw(HOSTS if opt == "--host" else values))
     if cmd == "serve":
         argv.append("--dry-run")  # never start anything
         if draw(st.booleans()):

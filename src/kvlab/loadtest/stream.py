@@ -125,7 +125,7 @@ class ChatStream:
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else err
-            self.fail("stream_error", str(msg)[:200])
+            self.fail("stream_error", str(msg)[:200] or "an error event without a message")
             return
         choices = obj.get("choices") or []
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):

@@ -144,6 +144,7 @@ def _require(cfg: dict[str, Any], source: str, *names: str) -> Any:
 
 
 MAX_LAYERS = 10_000  # far above any model: a larger count is a broken config (and per-layer tuples)
+MAX_DIM = 1 << 31  # far above any width, vocabulary or context: the products stay exact numbers
 
 
 def _int(value: Any, source: str, name: str, minimum: int | None = None) -> int:
@@ -158,6 +159,8 @@ def _int(value: Any, source: str, name: str, minimum: int | None = None) -> int:
         raise KvlabError(f"{source}: {name} must be a whole number, got {value!r}") from None
     if minimum is not None and n < minimum:
         raise KvlabError(f"{source}: {name} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {n}")
+    if n > MAX_DIM:
+        raise KvlabError(f"{source}: {name} {n:,} is not a model's (at most {MAX_DIM:,})")
     return n
 
 
