@@ -190,3 +190,19 @@ def test_tokenizer_is_prefix_stable_and_counts_words():
     assert len(tokens.encode("one two three four")) == 4
     reply = tokens.decode(tokens.output_tokens(123, 0, 50))
     assert tokens.encode(reply) == tokens.output_tokens(123, 0, 50)
+
+
+def test_sim_run_cli_writes_a_ladder(kvlab, tmp_path):
+    r = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "2,4", "--duration-s", "20", "--turns", "2",
+              "--system-tokens", "500", "--user-tokens", "100", "--reply-tokens", "20", "--think-time-s", "0.5",
+              "--out", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["users"] for x in runs] == [2, 4]
+    for x in runs:
+        folder = tmp_path / f"users-{x['users']}"
+        assert {p.name for p in folder.iterdir()} == {"requests.parquet", "metrics.parquet", "results.json"}
+        assert x["manifest"]["command"][:3] == ["kvlab", "sim", "run"]
+        assert x["capacity"]["num_gpu_blocks"] == 86659
+    bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "0")
+    assert bad.returncode == 2 and "--users must be positive" in bad.stderr

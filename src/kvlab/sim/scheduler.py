@@ -108,8 +108,7 @@ class Scheduler:
         self._decode_base += t - step
         bs = self.block_size
         # At step s it needs slots for t + s - step tokens; a new block when that passes its blocks.
-        seq.next_block_step = step + len(seq.block_table) * bs + 1 - t
-        heapq.heappush(self._block_due, (seq.next_block_step, seq.order, seq))
+        self._push_block_due(seq, step + len(seq.block_table) * bs + 1 - t)
         # It finishes at the step whose token reaches max_tokens or max_model_len.
         last_tokens = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
         seq.finish_step = step + max(0, last_tokens - 1 - t)
@@ -126,14 +125,24 @@ class Scheduler:
         seq.join_step = -1
         self.bm.cache_full_blocks(seq, num_tokens - 1)
 
-    def finishing(self, step: int) -> list[Sequence]:
-        """Decoding requests whose token at `step` is their last."""
-        due, out = self._finish_due, []
-        while due and due[0][0] <= step:
-            s, order, seq = heapq.heappop(due)
-            if seq.join_step >= 0 and seq.finish_step == s and seq.order == order:
+    @staticmethod
+    def _pop_due(heap: list, step: int, field: str) -> list[Sequence]:
+        """Pop the entries due by `step` that are still current (the request still decodes and
+        its `field` still names that step); stale entries are dropped."""
+        out = []
+        while heap and heap[0][0] <= step:
+            s, order, seq = heapq.heappop(heap)
+            if seq.join_step >= 0 and seq.order == order and getattr(seq, field) == s:
                 out.append(seq)
         return out
+
+    def _push_block_due(self, seq: Sequence, step: int) -> None:
+        seq.next_block_step = step
+        heapq.heappush(self._block_due, (step, seq.order, seq))
+
+    def finishing(self, step: int) -> list[Sequence]:
+        """Decoding requests whose token at `step` is their last."""
+        return self._pop_due(self._finish_due, step, "finish_step")
 
     def next_finish_step(self) -> int | None:
         due = self._finish_due
@@ -161,22 +170,16 @@ class Scheduler:
         due = self._blocks_due(step)
         if len(due) > self.bm.num_free_blocks:
             for seq in due:
-                heapq.heappush(self._block_due, (seq.next_block_step, seq.order, seq))
+                self._push_block_due(seq, seq.next_block_step)
             return False
-        bs = self.block_size
         for seq in due:
             self.bm.append_block(seq)
-            seq.next_block_step = step + bs
-            heapq.heappush(self._block_due, (seq.next_block_step, seq.order, seq))
+            self._push_block_due(seq, step + self.block_size)
         self.step = step + 1
         return True
 
     def _blocks_due(self, step: int) -> list[Sequence]:
-        due, out = self._block_due, []
-        while due and due[0][0] <= step:
-            s, order, seq = heapq.heappop(due)
-            if seq.join_step >= 0 and seq.next_block_step == s and seq.order == order:
-                out.append(seq)
+        out = self._pop_due(self._block_due, step, "next_block_step")
         out.sort(key=lambda q: q.order)
         return out
 
@@ -208,8 +211,7 @@ class Scheduler:
             while not self.bm.append_block(seq):
                 if self._preempt_last(out) is seq:
                     return False
-            seq.next_block_step = self.step + bs
-            heapq.heappush(self._block_due, (seq.next_block_step, seq.order, seq))
+            self._push_block_due(seq, self.step + bs)
         return True
 
     def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> int | None:
