@@ -11,8 +11,11 @@
 The free queue is kept lazily, with the same order: each free is one run of block ids pushed to
 the front or back of a deque; a block's entry is live while the block is free and the entry is
 its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
-when the front is popped. Reference counts live in numpy arrays, so freeing or touching a
-request's hundreds of blocks is a few vector operations; popping walks the front run.
+when the front is popped. A request that continues an earlier one (the next turn of an agent
+session) first checks the earlier request's blocks in place (`registered`: the block is the one the
+cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups.
+Per-block state lives in numpy arrays, so freeing, touching or checking a request's hundreds of
+blocks is a few vector operations; popping single blocks walks the front run.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ class BlockManager:
         self.null_block = 0  # never handed out
         self.ref_cnt = np.zeros(num_blocks, np.int32)
         self.ref_cnt[0] = 1
+        self.block_hash = np.zeros(num_blocks, np.int64)  # valid where `hashed`
+        self.hashed = np.zeros(num_blocks, bool)
+        self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
         self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
-        self._hashed = np.zeros(num_blocks, bool)
-        self.block_hash: dict[int, int] = {}  # block id -> its hash, for hashed blocks
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        self._runs: deque[list] = deque()  # [run id, block ids (array), next position]
+        self._runs: deque[list] = deque()  # [run id, block ids (list), next position]
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
@@ -71,11 +75,22 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         if max_blocks <= 0:
             return []
-        found = list(map(self.cached.get, seq.hashes_for(max_blocks, self.block_size)[:max_blocks]))
-        try:
-            return found[:found.index(None)]
-        except ValueError:
-            return found
+        hashes = seq.hashes_for(max_blocks, self.block_size)
+        hits: list[int] = []
+        k = min(len(seq.prev_blocks), max_blocks)
+        if k:  # the earlier request's blocks, where they still serve these hashes
+            prev = np.asarray(seq.prev_blocks[:k], dtype=np.int64)
+            ok = self.registered[prev] & (self.block_hash[prev] == np.asarray(hashes[:k], dtype=np.int64))
+            m = k if ok.all() else int(ok.argmin())
+            hits = seq.prev_blocks[:m]
+        if len(hits) < max_blocks:
+            found = list(map(self.cached.get, hashes[len(hits):max_blocks]))
+            try:
+                found = found[:found.index(None)]
+            except ValueError:
+                pass
+            hits = hits + found
+        return hits
 
     # -- allocation
 
@@ -128,9 +143,8 @@ class BlockManager:
 
     def _pop_free(self, n: int) -> list[int]:
         """The first `n` live entries of the free queue, now referenced once, hashes evicted."""
-        ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self._hashed
+        ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self.hashed
         out: list[int] = []
-        evict: list[int] = []
         while len(out) < n:
             entry = runs[0]
             run, blocks, pos = entry
@@ -138,29 +152,25 @@ class BlockManager:
             while pos < end:
                 b = blocks[pos]
                 pos += 1
-                if ref[b] == 0 and epoch[b] == run:
+                if not ref[b] and epoch[b] == run:
                     ref[b] = 1
                     epoch[b] = -1
-                    out.append(b)
                     if hashed[b]:
-                        evict.append(b)
+                        self._evict(b)
+                    out.append(b)
                     if len(out) == n:
                         break
             entry[2] = pos
             if pos >= end:
                 runs.popleft()
         self.num_free_blocks -= n
-        if evict:
-            self._evict(evict)
         return out
 
-    def _evict(self, blocks: list[int]) -> None:
-        cached, block_hash = self.cached, self.block_hash
-        for b in blocks:
-            h = block_hash.pop(b)
-            if cached.get(h) == b:
-                del cached[h]
-        self._hashed[blocks] = False
+    def _evict(self, b: int) -> None:
+        if self.registered[b]:
+            del self.cached[int(self.block_hash[b])]
+            self.registered[b] = False
+        self.hashed[b] = False
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that `num_tokens` tokens fill completely in the prefix cache."""
@@ -171,26 +181,34 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        table, block_hash, setdefault, hashed = seq.block_table, self.block_hash, self.cached.setdefault, self._hashed
+        table, hashed, setdefault = seq.block_table, self.hashed, self.cached.setdefault
+        new_blocks, new_hashes, registered = [], [], []
         for i in range(first, num_full):
             b = table[i]
-            if b not in block_hash:
-                h = block_hash[b] = hashes[i]
-                hashed[b] = True
-                setdefault(h, b)
+            if not hashed[b]:
+                h = hashes[i]
+                new_blocks.append(b)
+                new_hashes.append(h)
+                registered.append(setdefault(h, b) == b)
+        if new_blocks:
+            idx = np.asarray(new_blocks, dtype=np.int64)
+            self.block_hash[idx] = new_hashes
+            hashed[idx] = True
+            self.registered[idx] = registered
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a request's blocks, tail first, so its last blocks are evicted first."""
-        if seq.block_table:
-            idx = np.asarray(seq.block_table[::-1], dtype=np.int64)
+        table = seq.block_table
+        if table:
+            idx = np.asarray(table[::-1], dtype=np.int64)
             ref = self.ref_cnt
-            ref[idx] -= 1
+            ref[idx] -= 1  # a block occurs at most once in a request's table
             freed = idx[ref[idx] == 0]
             if len(freed):
                 self.frees += 1
                 if self.enable_caching:
-                    hashed = self._hashed[freed]
+                    hashed = self.hashed[freed]
                     if hashed.all():
                         self._push_run(freed, front=False)
                     else:
@@ -199,6 +217,7 @@ class BlockManager:
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
+        seq.last_block_table = table
         seq.block_table = []
         seq.num_cached_blocks = 0
 
@@ -212,3 +231,5 @@ class BlockManager:
         assert int(np.count_nonzero(self.ref_cnt[1:] == 0)) == self.num_free_blocks
         for b, n in held.items():
             assert b != self.null_block and self.ref_cnt[b] == n, (b, n, self.ref_cnt[b])
+        for h, b in self.cached.items():
+            assert self.hashed[b] and self.registered[b] and int(self.block_hash[b]) == h
