@@ -109,6 +109,7 @@ class SimServer:
             collector(registry=self.registry)
         self.registry.register(self.engine.metrics)
         self.wake = asyncio.Event()
+        self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
         self.ids = 0
         self.created = int(time.time())
 
@@ -318,7 +319,10 @@ class SimServer:
                 await asyncio.sleep(delay)
             else:
                 await asyncio.sleep(0)
-            self._dispatch(eng.complete(plan, max(end, clock.now())))
+            now = clock.now()
+            if now > end:
+                self.lag_s += now - end
+            self._dispatch(eng.complete(plan, max(end, now)))
 
     def _dispatch(self, res: StepResult) -> None:
         finished = {id(s) for s in res.finished}
@@ -337,9 +341,17 @@ class SimServer:
         m = self.engine.metrics
         last = (m.counters["vllm:prompt_tokens"], m.counters["vllm:generation_tokens"], self.clock.now())
         was_busy = False
+        last_lag = 0.0
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             prompt, gen, now = m.counters["vllm:prompt_tokens"], m.counters["vllm:generation_tokens"], self.clock.now()
+            lag = self.lag_s - last_lag
+            if lag > 0.05 * (now - last[2]):
+                logs.log("APIServer", "kvlab_sim", (
+                    f"the host fell behind the simulated GPU: steps ended {lag:.2f} simulated s late in the last "
+                    f"{now - last[2]:.1f} s (--speedup {self.clock.speedup:g}); latencies and throughput include "
+                    "the delay, lower --speedup"), level="WARNING")
+            last_lag = self.lag_s
             busy = m.num_running or m.num_waiting or gen != last[1] or prompt != last[0]
             if busy or was_busy:
                 span = max(now - last[2], 1e-9)
