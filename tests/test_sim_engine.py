@@ -59,6 +59,22 @@ def test_decode_fast_path_changes_nothing(small_kv):
     assert fast.samples == slow.samples
 
 
+def test_previous_turn_block_check_changes_nothing(small_kv, monkeypatch):
+    from kvlab.sim.block_manager import BlockManager
+
+    fast = _run(small_kv, users=16)
+    lookup = BlockManager.find_cached_prefix
+
+    def dict_only(self, seq):
+        seq.prev_blocks = []
+        return lookup(self, seq)
+
+    monkeypatch.setattr(BlockManager, "find_cached_prefix", dict_only)
+    slow = _run(small_kv, users=16)
+    assert fast.records == slow.records
+    assert fast.samples == slow.samples
+
+
 def _synchronized_agents(n: int, workload: AgentWorkload) -> list[SessionPlan]:
     turn = TurnPlan(workload.user_tokens, workload.reply_tokens, 0.0)
     return [SessionPlan(f"u{i}", "app0", workload.system_tokens, (turn,)) for i in range(n)]
