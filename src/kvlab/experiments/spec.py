@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
+from kvlab.models.cards import format_validation
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
 SHAPES = ("constant", "steps", "poisson", "diurnal")
@@ -189,14 +190,6 @@ def parse_only(text: str | None) -> dict[str, str]:
     return out
 
 
-def _format_error(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}: field {loc}: {msg}{extra}"
-
-
 def load_spec(path: str | Path) -> Spec:
     p = Path(path)
     if not p.is_file():
@@ -222,7 +215,7 @@ def validate_spec(data: dict, where: str = "spec") -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
-        raise KvlabError(_format_error(e, where)) from None
+        raise KvlabError(format_validation(e, where)) from None
     _check_names(spec, where)
     return spec
 

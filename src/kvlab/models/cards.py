@@ -51,9 +51,12 @@ class Card(BaseModel):
 
 
 def format_validation(err: ValidationError, where: str) -> str:
+    """A pydantic error as one line naming the file and the field (cards, profiles, specs, workloads)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return f"{where}: field {loc}: {first['msg']}"
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: field {loc}: {msg}{extra}"
 
 
 def load_card_file(path: Path | str, text: str | None = None) -> Card:

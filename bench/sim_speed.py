@@ -1,0 +1,78 @@
+"""How fast does `kvlab sim run` sweep? Target: 50 configs x 10 simulated minutes in under 60 s on
+2 cores.
+
+The sweep: 5 models x 2 KV dtypes x 5 user counts, on an H100, each config 600 simulated seconds of
+closed-loop agents (8 turns over a 2,000-token shared system prompt, 400 tokens in and 200 out per
+turn, 2 s think time, +-30 % jitter), with every record and metric sample written to disk (Parquet,
+like `kvlab sim run`). Two worker processes, one per core. Prints one JSON object: wall seconds for
+the sweep, CPU seconds per config, simulated engine steps and requests, and a CPU-speed probe
+(10M-iteration Python loop) so that runs on differently loaded machines can be compared.
+
+Run: `python bench/sim_speed.py [--configs N] [--duration-s S] [--workers W]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+MODELS = ("deepseek-v2-lite", "llama-3.1-8b", "qwen2.5-7b", "qwen3-8b", "mistral-7b")
+KV_DTYPES = ("auto", "fp8")
+USERS = (16, 32, 64, 96, 128)
+
+
+def one(job: tuple) -> dict:
+    from kvlab.sim.agents import AgentWorkload
+    from kvlab.sim.config import build_config
+    from kvlab.sim.offline import run_offline
+
+    model, kv, users, duration_s, out = job
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cfg = build_config(model, "h100", kv_cache_dtype=kv, max_model_len=32768)
+    w = AgentWorkload(turns=8, system_tokens=2000, user_tokens=400, reply_tokens=200, think_time_s=2.0, jitter=0.3)
+    res = run_offline(model, "h100", w.sessions(0, users), duration_s, concurrency=users, config=cfg,
+                      out_dir=Path(out) / f"{model}-{kv}-{users}")
+    r = res.results
+    return {"model": model, "kv_cache_dtype": kv, "users": users, "cpu_s": time.process_time() - cpu0,
+            "wall_s": time.perf_counter() - wall0, "engine_steps": r["engine_steps"],
+            "requests": r["requests_completed"], "output_tokens_per_s": r["output_tokens_per_s"],
+            "num_preemptions": r["num_preemptions"]}
+
+
+def cpu_probe_s() -> float:
+    t = time.process_time()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.process_time() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", type=int, default=50)
+    ap.add_argument("--duration-s", type=float, default=600.0)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+    grid = list(itertools.product(MODELS, KV_DTYPES, USERS))[:a.configs]
+    probe = cpu_probe_s()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        with Pool(a.workers) as pool:
+            rows = pool.map(one, [(m, kv, u, a.duration_s, out) for m, kv, u in grid], chunksize=1)
+        wall = time.perf_counter() - t0
+    cpu = [r["cpu_s"] for r in rows]
+    print(json.dumps({
+        "configs": len(rows), "simulated_s_each": a.duration_s, "workers": a.workers, "sweep_wall_s": round(wall, 1),
+        "cpu_s_per_config_mean": round(sum(cpu) / len(cpu), 2), "cpu_s_per_config_max": round(max(cpu), 2),
+        "engine_steps_total": sum(r["engine_steps"] for r in rows),
+        "requests_total": sum(r["requests"] for r in rows),
+        "cpu_probe_10M_loop_s": round(probe, 2), "runs": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu` and `--speedup`).
+
+Flags keep vLLM 0.32's names, types, choices and defaults; errors carry vLLM's messages (argparse's
+"invalid choice" / "unrecognized arguments", pydantic's range errors, the config checks). Flags
+that change nothing in a simulation (`--enforce-eager`, `--trust-remote-code`, ...) are accepted;
+flags whose effect the simulator does not model are accepted with a warning in the startup log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+from kvlab.errors import KvlabError
+
+# vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
+VLLM_KV_CACHE_DTYPES = (
+    "auto", "bfloat16", "float16", "fp8", "fp8_ds_mla", "fp8_e4m3", "fp8_e5m2", "fp8_inc",
+    "fp8_per_token_head", "int4_per_token_head", "int8_per_token_head", "nvfp4", "nvfp4_4over6",
+    "nvfp4_ds_mla", "turboquant_3bit_nc", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4",
+    "ultraquant_4bit",
+)
+# vLLM 0.32's quantization methods (ModelConfig: "Unknown quantization method").
+VLLM_QUANTIZATIONS = (
+    "awq", "auto_awq", "fp8", "fbgemm_fp8", "fp_quant", "modelopt", "modelopt_fp4", "modelopt_mxfp8",
+    "modelopt_mixed", "auto_gptq", "gptq", "gptq_marlin", "awq_marlin", "humming", "compressed-tensors",
+    "experts_int8", "quark", "moe_wna16", "torchao", "inc", "mxfp4", "gpt_oss_mxfp4", "deepseek_v4_fp8",
+    "online", "fp8_per_tensor", "fp8_per_block", "fp8_per_channel", "int8_per_channel_weight_only",
+    "nvfp4_per_token", "mxfp8",
+)
+VLLM_DTYPES = ("auto", "bfloat16", "float", "float16", "float32", "half")
+
+# Accepted, no effect on a simulation.
+NO_EFFECT_FLAGS = (
+    "--enforce-eager", "--trust-remote-code", "--disable-log-requests", "--enable-log-requests",
+    "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--skip-tokenizer-init",
+    "--disable-fastapi-docs", "--enable-auto-tool-choice", "--disable-uvicorn-access-log",
+    "--return-tokens-as-token-ids", "--async-scheduling", "--no-async-scheduling",
+)
+NO_EFFECT_VALUE_FLAGS = (
+    "--tokenizer", "--revision", "--tokenizer-revision", "--download-dir", "--load-format", "--seed",
+    "--swap-space", "--max-logprobs", "--generation-config", "--chat-template", "--response-role",
+    "--root-path", "--allowed-origins", "--allowed-methods", "--allowed-headers", "--uvicorn-log-level",
+    "--distributed-executor-backend", "--tool-call-parser", "--reasoning-parser", "--tokenizer-mode",
+    "--hf-overrides", "--override-generation-config", "--log-level", "--max-seq-len-to-capture",
+    "--compilation-config", "-O", "--chat-template-content-format", "--cpu-offload-gb",
+)
+# Accepted, not modelled: warned about at start.
+NOT_SIMULATED_VALUE_FLAGS = (
+    "--data-parallel-size", "-dp", "--long-prefill-token-threshold", "--max-num-partial-prefills",
+    "--scheduling-policy", "--speculative-config", "--kv-transfer-config", "--max-lora-rank",
+)
+NOT_SIMULATED_FLAGS = ("--enable-expert-parallel", "--enable-lora", "--enable-sleep-mode")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit 2; kvlab prints one line
+        raise KvlabError(message)
+
+
+def human_readable_int(value: str) -> int:
+    """vLLM's human_readable_int: '32k' = 32,000, '32K' = 32,768, '25.6k' = 25,600."""
+    value = value.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
+    if match:
+        number, suffix = match.groups()
+        if suffix.islower():
+            return int(float(number) * {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[suffix])
+        return int(number) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[suffix]
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvlab sim serve", description=(
+        "A simulated vLLM: serves vLLM's OpenAI API and /metrics for MODEL on a GPU preset, with KV "
+        "capacity from kvlab's memory model and step times from a roofline. Takes vllm serve's flags."))
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="card name, local folder with config.json, or HF id")
+    p.add_argument("--model", dest="model_flag", help="MODEL (vLLM's api_server form)")
+    p.add_argument("--gpu", required=True, help="GPU preset to simulate (kvlab gpus)")
+    p.add_argument("--speedup", type=float, default=1.0,
+                   help="run the simulated clock this many times faster than the wall clock (tests)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", nargs="+", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--max-model-len", type=human_readable_int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
+    p.add_argument("--kv-cache-dtype", choices=VLLM_KV_CACHE_DTYPES, default="auto")
+    p.add_argument("--quantization", "-q", default=None)
+    p.add_argument("--dtype", choices=VLLM_DTYPES, default="auto")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=human_readable_int, default=None)
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--enable-prompt-tokens-details", action="store_true")
+    p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--enable-mfu-metrics", action="store_true")
+    p.add_argument("--disable-log-stats", action="store_true")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    for flag in NO_EFFECT_FLAGS:
+        if flag != "--disable-uvicorn-access-log":
+            p.add_argument(flag, action="store_true", dest=f"_ignored_{flag.strip('-')}")
+    for flag in NO_EFFECT_VALUE_FLAGS:
+        p.add_argument(flag, dest=f"_ignored_{flag.strip('-')}")
+    for flag in NOT_SIMULATED_VALUE_FLAGS:
+        p.add_argument(flag, dest=f"_unsim_{flag.strip('-')}")
+    for flag in NOT_SIMULATED_FLAGS:
+        p.add_argument(flag, action="store_true", dest=f"_unsim_{flag.strip('-')}")
+    return p
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    model: str
+    gpu: str
+    speedup: float
+    host: str
+    port: int
+    api_keys: tuple[str, ...]
+    engine: dict  # build_config keywords
+    enable_prompt_tokens_details: bool
+    enable_force_include_usage: bool
+    enable_mfu_metrics: bool
+    disable_log_stats: bool
+    disable_access_log: bool
+    non_default: dict  # flags given, for vLLM's "non-default args" line (API keys masked)
+    not_simulated: tuple[str, ...]
+
+
+def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
+    return KvlabError(
+        f"1 validation error for {cls} {field}: Input should be {rule} {bound} "
+        f"[type={kind}, input_value={value}, input_type={type(value).__name__}]"
+    )
+
+
+def parse_serve_args(argv: list[str]) -> ServeArgs:
+    ns = build_parser().parse_args(argv)
+    model = ns.model_tag or ns.model_flag
+    if not model:
+        raise KvlabError("the following arguments are required: MODEL (or --model)")
+    if ns.model_tag and ns.model_flag and ns.model_tag != ns.model_flag:
+        raise KvlabError(f"give MODEL once: positional {ns.model_tag!r} and --model {ns.model_flag!r} differ")
+    if not ns.speedup > 0:
+        raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
+    util = ns.gpu_memory_utilization
+    if util is not None and util > 1:
+        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "less than or equal to", 1, "less_than_equal")
+    if util is not None and util <= 0:
+        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "greater than", 0, "greater_than")
+    if ns.max_num_seqs is not None and ns.max_num_seqs < 1:
+        raise _pydantic_range("SchedulerConfig", "max_num_seqs", ns.max_num_seqs, "greater than or equal to", 1,
+                              "greater_than_equal")
+    if ns.max_num_batched_tokens is not None and ns.max_num_batched_tokens < 1:
+        raise _pydantic_range("SchedulerConfig", "max_num_batched_tokens", ns.max_num_batched_tokens,
+                              "greater than or equal to", 1, "greater_than_equal")
+    if ns.quantization is not None and ns.quantization not in VLLM_QUANTIZATIONS:
+        raise KvlabError(f"Unknown quantization method: {ns.quantization}. Must be one of {list(VLLM_QUANTIZATIONS)}.")
+    dtype = {"auto": None, "float": "float32", "half": "float16"}.get(ns.dtype, ns.dtype)
+    engine = dict(
+        served_model_name=ns.served_model_name, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
+        kv_cache_dtype=ns.kv_cache_dtype, quantization=_memory_model_quantization(ns.quantization), dtype=dtype,
+        tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
+        gpu_memory_utilization=util, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override, attention_backend=ns.attention_backend,
+        enable_prefix_caching=ns.enable_prefix_caching, enable_chunked_prefill=ns.enable_chunked_prefill,
+    )
+    defaults = vars(build_parser().parse_args(["--gpu", ns.gpu, model]))
+    non_default = {k: v for k, v in vars(ns).items()
+                   if v != defaults.get(k) and not k.startswith("_") and k != "api_key"}
+    if ns.api_key:
+        non_default["api_key"] = ["<redacted>"]
+    not_simulated = tuple(k.removeprefix("_unsim_") for k, v in vars(ns).items()
+                          if k.startswith("_unsim_") and v not in (None, False))
+    return ServeArgs(
+        model=model, gpu=ns.gpu, speedup=ns.speedup, host=ns.host, port=ns.port,
+        api_keys=tuple(ns.api_key or ()), engine=engine,
+        enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+        enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
+        disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
+        non_default=non_default, not_simulated=not_simulated,
+    )
+
+
+# vLLM --quantization values -> the memory model's weight formats (kvlab.models.weights).
+_QUANT_TO_MEMORY_MODEL = {
+    "fp8": "fp8", "fp8_per_tensor": "fp8", "fbgemm_fp8": "fp8", "fp8_per_channel": "fp8",
+    "fp8_per_block": "fp8-block", "awq": "awq", "awq_marlin": "awq", "auto_awq": "awq",
+    "gptq": "gptq", "gptq_marlin": "gptq", "auto_gptq": "gptq", "compressed-tensors": "int8",
+}
+
+
+def _memory_model_quantization(q: str | None) -> str | None:
+    if q is None:
+        return None
+    if q not in _QUANT_TO_MEMORY_MODEL:
+        raise KvlabError(f"--quantization {q} is a vLLM method kvlab's memory model does not size "
+                         f"(it sizes: {', '.join(sorted(_QUANT_TO_MEMORY_MODEL))})")
+    return _QUANT_TO_MEMORY_MODEL[q]

@@ -1,0 +1,235 @@
+"""Paged KV blocks with prefix caching, as vLLM V1's `BlockPool` and `KVCacheManager` keep them.
+
+- Block 0 is the null block: taken out of the pool at start, never allocated, so a pool of
+  `num_blocks` serves `num_blocks - 1` (vLLM's `get_usage` and capacity behave the same way).
+- A full block gets a chained hash (parent hash, its tokens) and enters the prefix cache.
+- Freed blocks join a free queue that doubles as the LRU of cached blocks: blocks without a hash
+  go to the front (reused first), cached blocks to the back; a request frees its blocks tail first.
+  Allocation pops the front and evicts the popped block's hash.
+- A cache hit on a free block takes it back out of the queue (`touch`).
+
+The free queue is kept lazily, with the same order: each free is one run of block ids pushed to
+the front or back of a deque; a block's entry is live while the block is free and the entry is
+its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
+when the front is popped. A request that continues an earlier one (the next turn of an agent
+session) first checks the earlier request's blocks in place (`registered`: the block is the one the
+cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups.
+Per-block state lives in numpy arrays, so freeing, touching or checking a request's hundreds of
+blocks is a few vector operations; popping single blocks walks the front run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from math import ceil
+
+import numpy as np
+
+from kvlab.sim.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+        if num_blocks < 2:
+            raise ValueError(f"need at least 2 KV blocks (one is the null block), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.null_block = 0  # never handed out
+        self.ref_cnt = np.zeros(num_blocks, np.int32)
+        self.ref_cnt[0] = 1
+        self.block_hash = np.zeros(num_blocks, np.int64)  # valid where `hashed`
+        self.hashed = np.zeros(num_blocks, bool)
+        self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
+        self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
+        self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
+        self._runs: deque[list] = deque()  # [run id, block ids (list), next position]
+        self._next_run = 0
+        self.num_free_blocks = 0
+        self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
+        self._push_run(np.arange(1, num_blocks, dtype=np.int64), front=False)
+
+    # -- accounting
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_usable_blocks - self.num_free_blocks
+
+    def usage(self) -> float:
+        """vLLM's `kv_cache_usage_perc`: the fraction of usable blocks not in the free queue."""
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
+
+    # -- prefix cache
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """The longest run of cached full blocks at the start of `seq`.
+
+        The last token is never a hit (vLLM recomputes it to get logits), so at most
+        `(num_tokens - 1) // block_size` blocks count."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        if max_blocks <= 0:
+            return []
+        hashes = seq.hashes_for(max_blocks, self.block_size)
+        hits: list[int] = []
+        k = min(len(seq.prev_blocks), max_blocks)
+        if k:  # the earlier request's blocks, where they still serve these hashes
+            prev = np.asarray(seq.prev_blocks[:k], dtype=np.int64)
+            ok = self.registered[prev] & (self.block_hash[prev] == np.asarray(hashes[:k], dtype=np.int64))
+            m = k if ok.all() else int(ok.argmin())
+            hits = seq.prev_blocks[:m]
+        if len(hits) < max_blocks:
+            found = list(map(self.cached.get, hashes[len(hits):max_blocks]))
+            try:
+                found = found[:found.index(None)]
+            except ValueError:
+                pass
+            hits = hits + found
+        return hits
+
+    # -- allocation
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int, computed: list[int]) -> int:
+        """Free blocks an allocation for `num_tokens` slots would take (vLLM
+        `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
+        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - len(computed)
+        in_queue = int(np.count_nonzero(self.ref_cnt[computed] == 0)) if computed else 0
+        return max(new, 0) + in_queue
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | None = None) -> bool:
+        """Give `seq` KV slots for its computed tokens, the cache hits `computed` and
+        `num_new_tokens` more; False (and no change) when the free queue is too short."""
+        computed = computed or []
+        total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        if self.blocks_needed(seq, total, computed) > self.num_free_blocks:
+            return False
+        if computed:
+            self.touch(computed)
+            seq.block_table.extend(computed)
+            seq.num_cached_blocks = len(seq.block_table)
+        new = ceil(total / self.block_size) - len(seq.block_table)
+        if new > 0:
+            seq.block_table.extend(self._pop_free(new))
+        self.cache_full_blocks(seq, min(total, seq.num_tokens))
+        return True
+
+    def append_block(self, seq: Sequence) -> bool:
+        """One more block for a decoding request (False when none is free)."""
+        if not self.num_free_blocks:
+            return False
+        seq.block_table.extend(self._pop_free(1))
+        return True
+
+    def touch(self, blocks: list[int]) -> None:
+        idx = np.asarray(blocks, dtype=np.int64)
+        self.num_free_blocks -= int(np.count_nonzero(self.ref_cnt[idx] == 0))
+        self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
+
+    def _push_run(self, blocks: np.ndarray, front: bool) -> None:
+        run = self._next_run
+        self._next_run += 1
+        self._epoch[blocks] = run
+        entry = [run, blocks.tolist(), 0]
+        if front:
+            self._runs.appendleft(entry)
+        else:
+            self._runs.append(entry)
+        self.num_free_blocks += len(blocks)
+
+    def _pop_free(self, n: int) -> list[int]:
+        """The first `n` live entries of the free queue, now referenced once, hashes evicted."""
+        ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self.hashed
+        out: list[int] = []
+        while len(out) < n:
+            entry = runs[0]
+            run, blocks, pos = entry
+            end = len(blocks)
+            while pos < end:
+                b = blocks[pos]
+                pos += 1
+                if not ref[b] and epoch[b] == run:
+                    ref[b] = 1
+                    epoch[b] = -1
+                    if hashed[b]:
+                        self._evict(b)
+                    out.append(b)
+                    if len(out) == n:
+                        break
+            entry[2] = pos
+            if pos >= end:
+                runs.popleft()
+        self.num_free_blocks -= n
+        return out
+
+    def _evict(self, b: int) -> None:
+        if self.registered[b]:
+            del self.cached[int(self.block_hash[b])]
+            self.registered[b] = False
+        self.hashed[b] = False
+
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that `num_tokens` tokens fill completely in the prefix cache."""
+        if not self.enable_caching:
+            return
+        num_full = num_tokens // self.block_size
+        first = seq.num_cached_blocks
+        if num_full <= first:
+            return
+        hashes = seq.hashes_for(num_full, self.block_size)
+        table, hashed, setdefault = seq.block_table, self.hashed, self.cached.setdefault
+        new_blocks, new_hashes, registered = [], [], []
+        for i in range(first, num_full):
+            b = table[i]
+            if not hashed[b]:
+                h = hashes[i]
+                new_blocks.append(b)
+                new_hashes.append(h)
+                registered.append(setdefault(h, b) == b)
+        if new_blocks:
+            idx = np.asarray(new_blocks, dtype=np.int64)
+            self.block_hash[idx] = new_hashes
+            hashed[idx] = True
+            self.registered[idx] = registered
+        seq.num_cached_blocks = num_full
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release a request's blocks, tail first, so its last blocks are evicted first."""
+        table = seq.block_table
+        if table:
+            idx = np.asarray(table[::-1], dtype=np.int64)
+            ref = self.ref_cnt
+            ref[idx] -= 1  # a block occurs at most once in a request's table
+            freed = idx[ref[idx] == 0]
+            if len(freed):
+                self.frees += 1
+                if self.enable_caching:
+                    hashed = self.hashed[freed]
+                    if hashed.all():
+                        self._push_run(freed, front=False)
+                    else:
+                        self._push_run(freed[~hashed], front=True)
+                        if hashed.any():
+                            self._push_run(freed[hashed], front=False)
+                else:
+                    self._push_run(freed, front=True)
+        seq.last_block_table = table
+        seq.block_table = []
+        seq.num_cached_blocks = 0
+
+    def check_no_leak(self, live: list[Sequence]) -> None:
+        """free + used == usable, and every used block is held by a live request (a test hook)."""
+        held: dict[int, int] = {}
+        for s in live:
+            for b in s.block_table:
+                held[b] = held.get(b, 0) + 1
+        assert self.num_free_blocks + len(held) == self.num_usable_blocks, (self.num_free_blocks, len(held))
+        assert int(np.count_nonzero(self.ref_cnt[1:] == 0)) == self.num_free_blocks
+        for b, n in held.items():
+            assert b != self.null_block and self.ref_cnt[b] == n, (b, n, self.ref_cnt[b])
+        for h, b in self.cached.items():
+            assert self.hashed[b] and self.registered[b] and int(self.block_hash[b]) == h

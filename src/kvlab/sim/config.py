@@ -1,0 +1,195 @@
+"""The simulated engine's configuration: vLLM's serve flags resolved against the memory model.
+
+KV blocks, block size, page sizes and the memory budget come from `kvlab.models.memory.capacity`
+(the same call and defaults as `kvlab capacity`, so both report the same `num_blocks`); the step
+cost model from `kvlab.sim.timing`. Checks that vLLM makes at start raise vLLM's messages.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from math import ceil
+
+from kvlab import hardware
+from kvlab.errors import KvlabError
+from kvlab.models import memory
+from kvlab.models.arch import ModelArch, normalize_dtype
+from kvlab.models.cards import ResolvedModel, resolve_model
+from kvlab.models.weights import weight_format
+from kvlab.sim.timing import CostModel, cost_model
+
+VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
+SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
+# kvlab capacity's default, so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
+DEFAULT_GPU_MEMORY_UTILIZATION = inspect.signature(memory.capacity).parameters["gpu_memory_utilization"].default
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str  # MODEL as given (vLLM's `root` in /v1/models)
+    served_model_names: tuple[str, ...]
+    arch: ModelArch
+    gpu: hardware.GPU
+    capacity: memory.CapacityResult
+    cost: CostModel
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    kv_cache_dtype: str
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int | None
+    num_gpu_blocks_override: int | None
+    user_specified_block_size: bool
+    dtype: str
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.capacity.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.capacity.block_size
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.capacity.tensor_parallel_size
+
+    def cache_config_labels(self) -> dict[str, str]:
+        """The CacheConfig fields vLLM exports in `vllm:cache_config_info`."""
+        c = self.capacity
+        return {
+            "block_size": str(c.block_size),
+            "effective_attention_block_size": str(c.block_size),
+            "cache_dtype": self.kv_cache_dtype,
+            "enable_prefix_caching": str(self.enable_prefix_caching),
+            "gpu_memory_utilization": str(self.gpu_memory_utilization),
+            "kv_cache_memory_bytes": str(self.kv_cache_memory_bytes),
+            "kv_cache_size_tokens": str(c.kv_cache_tokens),
+            "kv_cache_max_concurrency": str(c.max_concurrency),
+            "num_gpu_blocks": str(c.num_blocks),
+            "num_gpu_blocks_override": str(self.num_gpu_blocks_override),
+            "user_specified_block_size": str(self.user_specified_block_size),
+        }
+
+
+def build_config(
+    model: str,
+    gpu: str,
+    *,
+    served_model_name: list[str] | None = None,
+    max_model_len: int | None = None,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    block_size: int | None = None,
+    kv_cache_dtype: str = "auto",
+    quantization: str | None = None,
+    dtype: str | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    gpu_memory_utilization: float | None = None,
+    kv_cache_memory_bytes: int | None = None,
+    num_gpu_blocks_override: int | None = None,
+    attention_backend: str | None = None,
+    enable_prefix_caching: bool = True,
+    enable_chunked_prefill: bool = True,
+) -> SimConfig:
+    """Resolve MODEL and vLLM's flags on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
+    would refuse to start)."""
+    preset = hardware.gpu(gpu)
+    resolved: ResolvedModel = resolve_model(model)
+    arch = resolved.arch
+    if dtype in (None, "auto"):
+        dtype = None
+    util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+    if max_model_len is None and resolved.card is not None:
+        max_model_len = resolved.card.context_length  # as `kvlab capacity` does
+    limit = arch.max_position_embeddings
+    if max_model_len is not None and limit and max_model_len > limit:
+        raise KvlabError(
+            f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+            f"(max_position_embeddings={float(limit)} or model_max_length=None in model's config.json). To allow "
+            "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
+            "must be used with extreme caution."
+        )
+    max_num_seqs = max_num_seqs or preset.default_max_num_seqs
+    max_num_batched_tokens = max_num_batched_tokens or preset.default_max_num_batched_tokens
+    cap = memory.capacity(
+        arch, model_name=resolved.name, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+        dtype=dtype, max_model_len=max_model_len, block_size=block_size, attention_backend=attention_backend,
+        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+        kv_budget_bytes=kv_cache_memory_bytes, gpu=preset.name, gpu_memory_utilization=util,
+        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        num_gpu_blocks_override=num_gpu_blocks_override,
+    )
+    if cap.num_kv_cache_groups != 1 or arch.num_sliding_layers:
+        raise KvlabError(f"{resolved.name} has sliding-window attention layers: kvlab's simulator models "
+                         "full attention and MLA only")
+    _check_memory(cap, preset)
+    _check_scheduler(cap.max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+    dtype_name = normalize_dtype(dtype or arch.dtype)
+    fmt = weight_format(quantization, arch)
+    return SimConfig(
+        model=model,
+        served_model_names=tuple(served_model_name or [model]),
+        arch=arch,
+        gpu=preset,
+        capacity=cap,
+        cost=cost_model(arch, fmt, dtype_name, kv_cache_dtype, preset, tensor_parallel_size),
+        max_model_len=cap.max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=enable_prefix_caching,
+        enable_chunked_prefill=enable_chunked_prefill,
+        kv_cache_dtype=kv_cache_dtype,
+        gpu_memory_utilization=util,
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
+        num_gpu_blocks_override=num_gpu_blocks_override,
+        user_specified_block_size=block_size is not None,
+        dtype=dtype_name,
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{round(n / memory.GiB, 2)}"  # vLLM's format_gib
+
+
+def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
+    if cap.kv_budget_source == "given" and cap.weight_bytes_per_gpu + cap.kv_budget_bytes > preset.memory_bytes:
+        raise KvlabError(
+            f"CUDA out of memory: weights ({_gib(cap.weight_bytes_per_gpu)} GiB) plus --kv-cache-memory-bytes "
+            f"({_gib(cap.kv_budget_bytes)} GiB) exceed the {_gib(preset.memory_bytes)} GiB of one {preset.name}"
+        )
+    blocks_per_request = ceil(cap.max_model_len / cap.block_size)
+    needed = blocks_per_request * cap.bytes_per_block
+    if needed > cap.kv_budget_bytes:
+        max_len = cap.kv_budget_bytes // cap.bytes_per_block * cap.block_size
+        estimate = f"Based on the available memory, the estimated maximum model length is {max_len}. " if max_len > 0 else ""
+        raise KvlabError(
+            f"To serve at least one request with the model's max seq len ({cap.max_model_len}), "
+            f"({_gib(needed)} GiB KV cache is needed, which is larger than the available KV cache memory "
+            f"({_gib(cap.kv_budget_bytes)} GiB). {estimate}Try increasing `gpu_memory_utilization` or "
+            "decreasing `max_model_len` when initializing the engine."
+        )
+
+
+def _check_scheduler(max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, chunked: bool) -> None:
+    """vLLM's SchedulerConfig.verify_max_model_len."""
+    if max_num_batched_tokens < max_model_len and not chunked:
+        raise KvlabError(
+            f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than max_model_len ({max_model_len}). "
+            "This effectively limits the maximum sequence length to max_num_batched_tokens and makes vLLM "
+            "reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len."
+        )
+    if max_num_batched_tokens < max_num_seqs:
+        raise KvlabError(
+            f"max_num_batched_tokens ({max_num_batched_tokens}) must be greater than or equal to "
+            f"max_num_seqs ({max_num_seqs})."
+        )

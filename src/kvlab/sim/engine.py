@@ -1,0 +1,228 @@
+"""The simulated engine core: schedule a step, price it, advance the clock, emit tokens.
+
+The engine never reads a clock: callers pass the time. The HTTP server passes simulated time
+derived from the wall clock (`--speedup`); the offline runner passes virtual time. One step is
+`plan = engine.schedule(now)`, then `engine.complete(plan, now + plan.duration_s)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvlab.sim.block_manager import BlockManager
+from kvlab.sim.config import SimConfig
+from kvlab.sim.metrics import EngineMetrics
+from kvlab.sim import tokens
+from kvlab.sim.scheduler import Scheduler, SchedulerOutput
+from kvlab.sim.sequence import Sequence, Status
+from kvlab.sim.timing import StepWork
+
+
+@dataclass
+class StepPlan:
+    out: SchedulerOutput
+    work: StepWork
+    duration_s: float
+    start_s: float
+
+
+@dataclass
+class StepResult:
+    decoded: list[Sequence] = field(default_factory=list)  # decoding requests (with emit_decodes)
+    prefilled: list[Sequence] = field(default_factory=list)  # requests whose prefill ended in a token
+    finished: list[Sequence] = field(default_factory=list)
+
+
+def step_work(out: SchedulerOutput) -> StepWork:
+    """What a scheduled step computes: the decode cohort plus the prefill chunks."""
+    n_dec = out.num_decodes
+    tokens_, sampled, kv = n_dec, n_dec, out.decode_tokens
+    prefill_pairs = context = 0
+    for seq, n in out.chunks:
+        c = seq.num_computed_tokens
+        tokens_ += n
+        kv += c + n
+        if c + n >= seq.num_tokens:
+            sampled += 1
+        prefill_pairs += n * c + n * (n + 1) // 2
+        context += c
+    return StepWork(tokens_, sampled, n_dec + len(out.chunks), kv, out.decode_tokens, prefill_pairs, context)
+
+
+class Engine:
+    def __init__(self, cfg: SimConfig, *, record_token_steps: bool = False, emit_decodes: bool = False,
+                 check_blocks: bool = False, created_s: float = 0.0):
+        self.cfg = cfg
+        self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
+                                   cfg.enable_chunked_prefill)
+        self.cost = cfg.cost
+        self.metrics = EngineMetrics(cfg.served_model_name, cfg.max_model_len, cfg.cache_config_labels(), created_s)
+        self.record_token_steps = record_token_steps  # keep every step's end time (offline ITLs)
+        self.emit_decodes = emit_decodes  # list the decoding requests of each step (HTTP streaming)
+        self.check_blocks = check_blocks  # assert the block invariant after every step (tests)
+        self.mfu_metrics = False  # fill vllm:estimated_* (vLLM: --enable-mfu-metrics)
+        self.step_end_s: list[float] = []
+        self.num_steps = 0
+        self.last_end_s = created_s
+
+    # -- requests
+
+    def add_request(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.metrics.num_waiting = len(self.scheduler.waiting)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request (client went away); counted as finished_reason="abort" like vLLM."""
+        if seq.status is Status.FINISHED:
+            return
+        seq.aborted = True
+        self.scheduler.finish(seq, "abort")
+        self.metrics.request_success["abort"] += 1
+        self._update_gauges()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step
+
+    def schedule(self, now_s: float) -> StepPlan | None:
+        out = self.scheduler.schedule(now_s)
+        if out.preempted:
+            self.metrics.inc("vllm:num_preemptions", len(out.preempted))
+        if out.empty:
+            self._update_gauges()
+            return None
+        work = step_work(out)
+        return StepPlan(out, work, self.cost.step_time_s(work), now_s)
+
+    def complete(self, plan: StepPlan, end_s: float) -> StepResult:
+        """Apply a step's outputs at `end_s`: computed tokens, sampled tokens, finished requests."""
+        out, sched, m = plan.out, self.scheduler, self.metrics
+        step = out.step
+        res = StepResult()
+        if self.emit_decodes:
+            res.decoded = sched.decoding()
+        if out.num_decodes:  # every decoding request's previous token came at the last step's end
+            m.observe("vllm:inter_token_latency_seconds", end_s - self.last_end_s, out.num_decodes)
+        prompt_done = 0
+        prefill_done = []
+        max_len = self.cfg.max_model_len
+        for seq, n in out.chunks:
+            if seq.aborted:
+                continue
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue
+            seq.token_ids.append(tokens.output_token(seq.output_seed, seq.num_output_tokens))
+            if seq.first_token_s is None:
+                seq.first_token_s = end_s
+                m.observe("vllm:time_to_first_token_seconds", end_s - seq.arrival_s)
+                m.on_prefill_done(seq.num_prompt_tokens, seq.num_cached_tokens)
+                prompt_done += seq.num_prompt_tokens - seq.num_cached_tokens
+            else:  # resumed after a preemption
+                m.observe("vllm:inter_token_latency_seconds", end_s - seq.last_token_s)
+            seq.last_token_s = end_s
+            seq.token_steps.append([step, step])
+            res.prefilled.append(seq)
+            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
+                res.finished.append(seq)
+            else:
+                prefill_done.append(seq)
+        for seq in sched.finishing(step):
+            seq.last_token_s = end_s
+            res.finished.append(seq)
+        new_tokens = out.num_decodes + len(res.prefilled)
+        m.inc("vllm:generation_tokens", new_tokens)
+        m.observe("vllm:iteration_tokens_total", prompt_done + new_tokens)
+        sched.advance(prefill_done, res.finished, end_s)
+        for seq in res.finished:
+            self._observe_finished(seq)
+        self._account_step(plan.work, end_s)
+        return res
+
+    def run_decodes(self, now_s: float, until_s: float) -> float:
+        """Run pure-decode steps while the next one would start before `until_s`; returns the new
+        time. The same steps, blocks, times and metrics as `schedule` + `complete` would give, for
+        the stretches where a step decides nothing (see `Scheduler.decode_stretch_step`)."""
+        sched, cost, m = self.scheduler, self.cost, self.metrics
+        n = sched.num_decoding
+        if not n or now_s != self.last_end_s:
+            return now_s
+        itl = m.hist["vllm:inter_token_latency_seconds"]
+        record = self.step_end_s.append if self.record_token_steps else None
+        t, steps = now_s, 0
+        while t < until_s and sched.decode_stretch_step():
+            kv = sched._decode_base + n * (sched.step - 1)
+            end = t + cost.decode_step_s(n, kv)
+            itl.observe(end - t, n)
+            t = end
+            if record:
+                record(t)
+            if self.mfu_metrics:
+                self._count_mfu(StepWork(n, n, n, kv, kv, 0, 0))
+            steps += 1
+        if steps:
+            m.inc("vllm:generation_tokens", n * steps)
+            m.observe("vllm:iteration_tokens_total", n, steps)
+            self.num_steps += steps
+            self.last_end_s = sched.last_end_s = t
+            self._update_gauges()
+            if self.check_blocks:
+                self.bm.check_no_leak(list(sched.running.values()))
+        return t
+
+    def _observe_finished(self, seq: Sequence) -> None:
+        m = self.metrics
+        m.request_success["length"] += 1
+        n_out = seq.num_output_tokens
+        scheduled = seq.first_scheduled_s if seq.first_scheduled_s is not None else seq.arrival_s
+        decode_s = seq.last_token_s - seq.first_token_s
+        m.observe("vllm:e2e_request_latency_seconds", seq.last_token_s - seq.arrival_s)
+        m.observe("vllm:request_queue_time_seconds", scheduled - seq.arrival_s)
+        m.observe("vllm:request_prefill_time_seconds", seq.first_token_s - scheduled)
+        m.observe("vllm:request_inference_time_seconds", seq.last_token_s - scheduled)
+        m.observe("vllm:request_decode_time_seconds", decode_s)
+        m.observe("vllm:request_num_preemptions", seq.num_preemptions)
+        m.observe("vllm:request_prefill_kv_computed_tokens", seq.num_prompt_tokens - max(seq.num_cached_tokens, 0))
+        m.observe("vllm:request_prompt_tokens", seq.num_prompt_tokens)
+        m.observe("vllm:request_generation_tokens", n_out)
+        m.observe("vllm:request_time_per_output_token_seconds", decode_s / (n_out - 1) if n_out > 1 else 0.0)
+        m.observe("vllm:request_max_num_generation_tokens", seq.max_tokens)
+        m.observe("vllm:request_params_n", 1)
+        if seq.max_tokens_param:
+            m.observe("vllm:request_params_max_tokens", seq.max_tokens_param)
+
+    def _update_gauges(self) -> None:
+        m, stats = self.metrics, self.scheduler.prefix_stats
+        m.counters["vllm:prefix_cache_queries"] = stats.queries
+        m.counters["vllm:prefix_cache_hits"] = stats.hits
+        m.num_running = len(self.scheduler.running)
+        m.num_waiting = len(self.scheduler.waiting)
+        m.kv_cache_usage = self.bm.usage()
+
+    def _count_mfu(self, work: StepWork) -> None:
+        c, m = self.cost, self.metrics
+        m.inc("vllm:estimated_flops_per_gpu", c.compute_s(work) * c.flops_per_s)
+        m.inc("vllm:estimated_read_bytes_per_gpu", c.memory_s(work) * c.bytes_per_s)
+        m.inc("vllm:estimated_write_bytes_per_gpu", work.tokens * c.kv_bytes_per_token)
+
+    def _account_step(self, work: StepWork, end_s: float) -> None:
+        self._update_gauges()
+        if self.mfu_metrics:
+            self._count_mfu(work)
+        if self.record_token_steps:
+            self.step_end_s.append(end_s)
+        self.last_end_s = end_s
+        self.num_steps += 1
+        if self.check_blocks:
+            self.bm.check_no_leak(list(self.scheduler.running.values()))

@@ -1,0 +1,395 @@
+"""Play agent sessions on the simulated engine in virtual time, without HTTP.
+
+`run_offline(model, gpu, sessions, duration_s, ...)` takes `SessionPlan`s (the token-level
+workload contract of `kvlab.loadtest.plan`) and writes what a real run records:
+
+- `requests.parquet`: one row per request: start_ts, session_id, app_id, turn, ttft_s, itl_s
+  (list), tpot_s, e2e_s, prompt_tokens, completion_tokens, cached_tokens, num_preemptions,
+  finish_reason, error_kind (None, "context_length", "max_tokens", "incomplete").
+- `metrics.parquet`: the engine's /metrics every `scrape_interval_s` in the tidy form a scraper
+  parses (ts, family, name, labels as JSON, value), `_created` series left out.
+- `results.json`: the run's summary (throughput, latency percentiles, preemptions, cache hits).
+
+Times are simulated seconds from the start of the run. A session's prompt is its app's system
+prompt, then every earlier turn's input and verbatim reply, then this turn's input, so turns of
+one session and sessions of one app share prefix-cache blocks as they would on vLLM.
+`concurrency=N` plays closed-loop users (N sessions at a time, the next starting when one ends);
+without it every plan starts at its `start_offset_s` (plans must come in start order).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from kvlab.errors import KvlabError
+from kvlab.loadtest.plan import SessionPlan
+from kvlab.sim import tokens
+from kvlab.sim.config import SimConfig, build_config
+from kvlab.sim.engine import Engine
+from kvlab.sim.sequence import Sequence
+
+RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s", "tpot_s", "e2e_s",
+                  "prompt_tokens", "completion_tokens", "cached_tokens", "num_preemptions",
+                  "finish_reason", "error_kind")
+
+
+def token_range(key: str, n: int) -> list[int]:
+    """`n` token ids unique to `key` (an app's system prompt, one turn's input)."""
+    base = (zlib.crc32(key.encode()) & 0x7FFFFFF) << 24
+    return list(range(base, base + n))
+
+
+@lru_cache(maxsize=1024)
+def _system_tokens(app_id: str, n: int) -> tuple[int, ...]:
+    return tuple(token_range(f"app:{app_id}", n))
+
+
+@dataclass
+class _Session:
+    plan: SessionPlan
+    context: list[int]
+    hashes: list[int]
+    blocks: list[int] = field(default_factory=list)  # the previous turn's KV blocks (now freed)
+    turn: int = 0
+
+
+@dataclass
+class OfflineResult:
+    config: SimConfig
+    records: list[dict]
+    samples: list[tuple[float, str, str, str, float]]
+    results: dict
+    engine: Engine = field(repr=False)
+    out_dir: Path | None = None
+
+    def requests_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.records, columns=list(RECORD_COLUMNS))
+
+    def metrics_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.samples, columns=["ts", "family", "name", "labels", "value"])
+
+
+class _Player:
+    """The event loop: turn arrivals, engine steps, metric scrapes, records."""
+
+    def __init__(self, cfg: SimConfig, sessions: Iterable[SessionPlan], duration_s: float,
+                 concurrency: int | None, scrape_interval_s: float, check_blocks: bool,
+                 fast_decode: bool = True):
+        self.cfg = cfg
+        self.engine = Engine(cfg, record_token_steps=True, check_blocks=check_blocks)
+        self.duration_s = duration_s
+        self.scrape_interval_s = scrape_interval_s
+        self.plans: Iterator[SessionPlan] = iter(sessions)
+        self.concurrency = concurrency
+        self.arrivals: list[tuple[float, int, _Session]] = []  # (time, order, session)
+        self.order = 0
+        self.pending: SessionPlan | None = None  # open loop: the next plan not yet started
+        self.records: list[dict] = []
+        self.runs: list[tuple[int, list[list[int]]]] = []  # (record index, token step runs)
+        self.samples: list[tuple[float, str, str, str, float]] = []
+        self.next_scrape_s = 0.0
+        self._label_json: dict[tuple, str] = {}
+        self.max_kv_usage = 0.0
+        self.fast_decode = fast_decode
+
+    # -- sessions
+
+    def start(self) -> None:
+        if self.concurrency is not None:
+            for _ in range(self.concurrency):
+                self._start_next(None)
+        else:
+            self.pending = next(self.plans, None)
+
+    def _start_next(self, at_s: float | None) -> None:
+        plan = next(self.plans, None)
+        if plan is not None:
+            self._push(at_s if at_s is not None else plan.start_offset_s, self._new_session(plan))
+
+    def _new_session(self, plan: SessionPlan) -> _Session:
+        return _Session(plan, list(_system_tokens(plan.app_id, plan.system_tokens)), [])
+
+    def _push(self, at_s: float, sess: _Session) -> None:
+        heapq.heappush(self.arrivals, (at_s, self.order, sess))
+        self.order += 1
+
+    def next_event_s(self) -> float:
+        t = self.arrivals[0][0] if self.arrivals else float("inf")
+        if self.pending is not None:
+            t = min(t, self.pending.start_offset_s)
+        return t
+
+    def admit_arrivals(self, now_s: float) -> None:
+        while self.pending is not None and self.pending.start_offset_s <= now_s:
+            self._push(self.pending.start_offset_s, self._new_session(self.pending))
+            self.pending = next(self.plans, None)
+        while self.arrivals and self.arrivals[0][0] <= now_s:
+            at_s, _, sess = heapq.heappop(self.arrivals)
+            self._send_turn(sess, at_s)
+
+    def _send_turn(self, sess: _Session, at_s: float) -> None:
+        plan, k = sess.plan, sess.turn
+        turn = plan.turns[k]
+        prompt = sess.context
+        prompt.extend(token_range(f"{plan.session_id}:{k}", turn.user_tokens))
+        max_len = self.cfg.max_model_len
+        error = None
+        if turn.max_tokens > max_len:
+            error = "max_tokens"  # vLLM: 400 "max_tokens=... cannot be greater than max_model_len=..."
+        elif len(prompt) > max_len:
+            error = "context_length"  # vLLM: 400 "This model's maximum context length is ..."
+        if error:
+            self._record_error(sess, at_s, len(prompt), error)
+            self._end_session(sess, at_s)
+            return
+        seq = Sequence(f"{plan.session_id}-{k}", prompt, turn.max_tokens, at_s,
+                       output_seed=tokens.prompt_seed(prompt), tag=sess, max_tokens_param=turn.max_tokens)
+        seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
+        seq.prev_blocks = sess.blocks
+        self.engine.add_request(seq)
+
+    def on_finished(self, seq: Sequence, end_s: float) -> None:
+        sess: _Session = seq.tag
+        self._record(seq, sess)
+        sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
+        sess.hashes = seq.block_hashes
+        sess.blocks = seq.last_block_table
+        think_s = sess.plan.turns[sess.turn].think_time_s
+        sess.turn += 1
+        if sess.turn < len(sess.plan.turns):
+            self._push(end_s + think_s, sess)
+        else:
+            self._end_session(sess, end_s + think_s)
+
+    def _end_session(self, sess: _Session, at_s: float) -> None:
+        if self.concurrency is not None:
+            self._start_next(at_s)
+
+    # -- records
+
+    def _record(self, seq: Sequence, sess: _Session, error: str | None = None) -> None:
+        n_out = seq.num_output_tokens
+        ttft = seq.first_token_s - seq.arrival_s if seq.first_token_s is not None else None
+        e2e = seq.last_token_s - seq.arrival_s if seq.last_token_s is not None else None
+        tpot = (e2e - ttft) / (n_out - 1) if ttft is not None and n_out > 1 else None
+        self.runs.append((len(self.records), seq.token_steps))
+        self.records.append({
+            "start_ts": seq.arrival_s, "session_id": sess.plan.session_id, "app_id": sess.plan.app_id,
+            "turn": sess.turn, "ttft_s": ttft, "itl_s": None, "tpot_s": tpot, "e2e_s": e2e,
+            "prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n_out,
+            "cached_tokens": max(seq.num_cached_tokens, 0), "num_preemptions": seq.num_preemptions,
+            "finish_reason": seq.finish_reason, "error_kind": error,
+        })
+
+    def _record_error(self, sess: _Session, at_s: float, prompt_tokens: int, error: str) -> None:
+        self.records.append({
+            "start_ts": at_s, "session_id": sess.plan.session_id, "app_id": sess.plan.app_id,
+            "turn": sess.turn, "ttft_s": None, "itl_s": None, "tpot_s": None, "e2e_s": None,
+            "prompt_tokens": prompt_tokens, "completion_tokens": 0, "cached_tokens": 0, "num_preemptions": 0,
+            "finish_reason": None, "error_kind": error,
+        })
+
+    def record_unfinished(self) -> None:
+        sched = self.engine.scheduler
+        for seq in list(sched.running.values()) + list(sched.waiting):
+            self._record(seq, seq.tag, "incomplete")
+
+    def fill_itls(self) -> None:
+        import numpy as np
+
+        ends = np.asarray(self.engine.step_end_s)
+        for i, runs in self.runs:
+            if not runs:
+                self.records[i]["itl_s"] = []
+                continue
+            times = np.concatenate([ends[a:b + 1] for a, b in runs])
+            self.records[i]["itl_s"] = np.diff(times).tolist()
+
+    # -- metrics
+
+    def scrape_until(self, now_s: float) -> None:
+        m = self.engine.metrics
+        while self.next_scrape_s <= now_s and self.next_scrape_s <= self.duration_s:
+            ts = self.next_scrape_s
+            cache = self._label_json
+            for family, name, labels, value in m.samples():
+                key = (name, *labels.values())
+                js = cache.get(key)
+                if js is None:
+                    js = cache[key] = json.dumps(labels, sort_keys=True)
+                self.samples.append((ts, family, name, js, value))
+            self.next_scrape_s += self.scrape_interval_s
+
+    # -- the loop
+
+    def run(self) -> None:
+        eng = self.engine
+        t = 0.0
+        self.start()
+        while True:
+            nxt = self.next_event_s()
+            if not eng.has_work:
+                if nxt >= self.duration_s:
+                    break
+                t = max(t, nxt)
+            self.scrape_until(t)
+            if t >= self.duration_s:
+                break
+            self.admit_arrivals(t)
+            plan = eng.schedule(t)
+            if plan is None:
+                nxt = self.next_event_s()
+                if nxt == float("inf"):
+                    head = eng.scheduler.waiting[0]
+                    raise KvlabError(
+                        f"request {head.seq_id} ({head.num_tokens} tokens) can never be scheduled: it needs more "
+                        f"than the {eng.bm.num_usable_blocks} usable KV blocks of {eng.bm.block_size} tokens")
+                t = max(t, nxt)
+                continue
+            t_end = t + plan.duration_s
+            res = eng.complete(plan, t_end)
+            for seq in res.finished:
+                self.on_finished(seq, t_end)
+            t = t_end
+            if self.fast_decode:
+                t = eng.run_decodes(t, min(self.next_event_s(), self.next_scrape_s, self.duration_s))
+            usage = eng.metrics.kv_cache_usage
+            if usage > self.max_kv_usage:
+                self.max_kv_usage = usage
+        self.scrape_until(self.duration_s)
+        self.record_unfinished()
+        self.fill_itls()
+
+
+def run_offline(
+    model: str,
+    gpu: str,
+    sessions: Iterable[SessionPlan],
+    duration_s: float,
+    *,
+    concurrency: int | None = None,
+    out_dir: str | Path | None = None,
+    scrape_interval_s: float = 5.0,
+    config: SimConfig | None = None,
+    check_blocks: bool = False,
+    fast_decode: bool = True,
+    manifest: dict | None = None,
+    **engine_args,
+) -> OfflineResult:
+    """Play `sessions` for `duration_s` simulated seconds on MODEL served by the simulated vLLM on
+    GPU preset `gpu`; `engine_args` are vLLM's flags as `build_config` keywords."""
+    if duration_s <= 0:
+        raise KvlabError(f"duration must be positive, got {duration_s}")
+    if scrape_interval_s <= 0:
+        raise KvlabError(f"--scrape-interval-s must be positive, got {scrape_interval_s}")
+    if concurrency is not None and concurrency < 1:
+        raise KvlabError(f"--users must be at least 1, got {concurrency}")
+    cfg = config or build_config(model, gpu, **engine_args)
+    wall0 = time.perf_counter()
+    player = _Player(cfg, sessions, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode)
+    player.run()
+    wall_s = time.perf_counter() - wall0
+    results = summarize(cfg, player, duration_s, wall_s, concurrency)
+    if manifest:
+        results["manifest"] = manifest
+    out = OfflineResult(cfg, player.records, player.samples, results, player.engine)
+    if out_dir is not None:
+        out.out_dir = write_run(out, Path(out_dir))
+    return out
+
+
+def _percentiles(values: list[float]) -> dict | None:
+    import numpy as np
+
+    if not values:
+        return None
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def summarize(cfg: SimConfig, player: _Player, duration_s: float, wall_s: float, concurrency: int | None) -> dict:
+    recs = player.records
+    done = [r for r in recs if r["error_kind"] is None]
+    errors: dict[str, int] = {}
+    for r in recs:
+        if r["error_kind"]:
+            errors[r["error_kind"]] = errors.get(r["error_kind"], 0) + 1
+    m = player.engine.metrics
+    c = m.counters
+    cap = cfg.capacity
+    out_tokens = sum(r["completion_tokens"] for r in done)
+    prompt_tokens = sum(r["prompt_tokens"] for r in done)
+    return {
+        "engine": "sim",
+        "provenance": "simulated (kvlab memory model + roofline step times; virtual time)",
+        "model": cfg.model,
+        "gpu": cfg.gpu.name,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
+        "quantization": cap.quantization,
+        "users": concurrency,
+        "duration_s": duration_s,
+        "wall_s": wall_s,
+        "engine_steps": player.engine.num_steps,
+        "capacity": {"num_gpu_blocks": cap.num_blocks, "block_size": cap.block_size,
+                     "kv_cache_tokens": cap.kv_cache_tokens, "max_concurrency": cap.max_concurrency,
+                     "kv_bytes_per_token": cap.kv_bytes_per_token, "kv_budget_bytes": cap.kv_budget_bytes,
+                     "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
+                     "max_num_batched_tokens": cfg.max_num_batched_tokens},
+        "requests_completed": len(done),
+        "errors": errors,
+        "output_tokens": out_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens_per_s": out_tokens / duration_s,
+        "total_tokens_per_s": (out_tokens + prompt_tokens) / duration_s,
+        "requests_per_s": len(done) / duration_s,
+        "ttft_s": _percentiles([r["ttft_s"] for r in done]),
+        "tpot_s": _percentiles([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
+        "e2e_s": _percentiles([r["e2e_s"] for r in done]),
+        "num_preemptions": int(c["vllm:num_preemptions"]),
+        "prefix_cache_queries": int(c["vllm:prefix_cache_queries"]),
+        "prefix_cache_hits": int(c["vllm:prefix_cache_hits"]),
+        "prefix_cache_hit_rate": c["vllm:prefix_cache_hits"] / c["vllm:prefix_cache_queries"]
+        if c["vllm:prefix_cache_queries"] else 0.0,
+        "kv_cache_usage_max": player.max_kv_usage,
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_run(result: OfflineResult, out_dir: Path) -> Path:
+    """requests.parquet, metrics.parquet and results.json, each written to a temporary name first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recs = result.records
+    cols = {c: [r[c] for r in recs] for c in RECORD_COLUMNS}
+    cols["itl_s"] = pa.array(cols["itl_s"], type=pa.list_(pa.float64()))
+    table = pa.table(cols)
+    _atomic_write(out_dir / "requests.parquet", lambda p: pq.write_table(table, p))
+    ts, family, name, labels, value = zip(*result.samples) if result.samples else ((),) * 5
+    mtable = pa.table({"ts": pa.array(ts, pa.float64()), "family": pa.array(family, pa.string()),
+                       "name": pa.array(name, pa.string()), "labels": pa.array(labels, pa.string()),
+                       "value": pa.array(value, pa.float64())})
+    _atomic_write(out_dir / "metrics.parquet", lambda p: pq.write_table(mtable, p))
+    text = json.dumps(result.results, indent=2) + "\n"
+    _atomic_write(out_dir / "results.json", lambda p: p.write_text(text))
+    return out_dir

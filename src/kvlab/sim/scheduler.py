@@ -1,0 +1,310 @@
+"""Continuous batching as vLLM V1's `Scheduler.schedule` does it (FCFS policy).
+
+vLLM's rule: each step has a budget of `max_num_batched_tokens`. Running requests go first, in
+admission order: a decode takes one token, an unfinished prefill the rest of its prompt up to the
+budget (chunked prefill). When a running request cannot get a block, the last running request is
+preempted (blocks freed, computed tokens reset: recompute) and goes to the front of the waiting
+queue, until the allocation fits or the request itself was preempted (then the running pass
+stops). Then, only if nobody was preempted, waiting requests are admitted in order while budget
+is left and fewer than `max_num_seqs` run, each starting from its prefix-cache hit.
+
+Two facts make this cheap to simulate without changing it: `max_num_seqs <= max_num_batched_tokens`
+(vLLM enforces it), so every decoding request gets its token every step; and a prefill can only be
+unfinished in the last request admitted, so running = decoding requests, then prefills. Decoding
+requests therefore advance implicitly (the "decode cohort"): a request that joined at step j with
+t tokens holds t + s - j tokens at step s, and heaps say at which step it needs its next block and
+at which it finishes. A step costs O(requests that change state), not O(running requests).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from kvlab.sim import tokens
+from kvlab.sim.block_manager import BlockManager
+from kvlab.sim.sequence import Sequence, Status
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counted at admission of requests that were never preempted (vLLM `PrefixCacheStats`)."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+@dataclass
+class SchedulerOutput:
+    step: int
+    num_decodes: int = 0  # decoding requests, one token each
+    decode_tokens: int = 0  # their tokens at the step's start (the context each one's query reads)
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (prefilling request, tokens)
+    preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + sum(n for _, n in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.num_decodes and not self.chunks
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, enable_chunked_prefill: bool = True):
+        if max_num_seqs > max_num_batched_tokens:
+            raise ValueError("max_num_seqs must not exceed max_num_batched_tokens (vLLM checks this)")
+        self.bm = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # admission order -> request, in running order
+        self.prefilling: dict[int, Sequence] = {}  # the running requests not decoding yet
+        self.prefix_stats = PrefixCacheStats()
+        self.step = 0  # the next step to schedule
+        self.num_decoding = 0
+        self._decode_base = 0  # sum over the cohort of join_tokens - join_step
+        self._block_due: list[tuple[int, int, Sequence]] = []  # (step, order, request)
+        self._finish_due: list[tuple[int, int, Sequence]] = []
+        self._order = 0
+        self.last_end_s = 0.0  # end time of the last completed step
+        # The last failed admission: (head request, block frees so far, free blocks, budget). Until
+        # blocks are freed, fewer free blocks and no less budget cannot admit it either.
+        self._blocked: tuple | None = None
+
+    # -- queue state
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def decoding(self) -> list[Sequence]:
+        return [s for s in self.running.values() if s.join_step >= 0]
+
+    def tokens_now(self, seq: Sequence) -> int:
+        """A decoding request's token count at the start of the current step."""
+        return seq.join_tokens + self.step - seq.join_step
+
+    # -- the decode cohort
+
+    def _join(self, seq: Sequence, step: int) -> None:
+        """`seq` got its token at `step - 1`'s end and decodes from `step` on."""
+        t = seq.num_tokens
+        seq.join_step, seq.join_tokens = step, t
+        self.num_decoding += 1
+        self._decode_base += t - step
+        bs = self.block_size
+        # At step s it needs slots for t + s - step tokens; a new block when that passes its blocks.
+        self._push_block_due(seq, step + len(seq.block_table) * bs + 1 - t)
+        # It finishes at the step whose token reaches max_tokens or max_model_len.
+        last_tokens = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
+        seq.finish_step = step + max(0, last_tokens - 1 - t)
+        heapq.heappush(self._finish_due, (seq.finish_step, seq.order, seq))
+
+    def _leave(self, seq: Sequence, num_tokens: int) -> None:
+        """Take `seq` out of the cohort, its tokens made explicit up to `num_tokens`."""
+        seq.token_ids.extend(tokens.output_tokens(seq.output_seed, seq.num_output_tokens, num_tokens - seq.num_prompt_tokens))
+        seq.num_computed_tokens = num_tokens - 1
+        if seq.token_steps:  # its last token came out at this step
+            seq.token_steps[-1][1] = seq.join_step + num_tokens - seq.join_tokens - 1
+        self.num_decoding -= 1
+        self._decode_base -= seq.join_tokens - seq.join_step
+        seq.join_step = -1
+        self.bm.cache_full_blocks(seq, num_tokens - 1)
+
+    @staticmethod
+    def _pop_due(heap: list, step: int, field: str) -> list[Sequence]:
+        """Pop the entries due by `step` that are still current (the request still decodes and
+        its `field` still names that step); stale entries are dropped."""
+        out = []
+        while heap and heap[0][0] <= step:
+            s, order, seq = heapq.heappop(heap)
+            if seq.join_step >= 0 and seq.order == order and getattr(seq, field) == s:
+                out.append(seq)
+        return out
+
+    def _push_block_due(self, seq: Sequence, step: int) -> None:
+        seq.next_block_step = step
+        heapq.heappush(self._block_due, (step, seq.order, seq))
+
+    def finishing(self, step: int) -> list[Sequence]:
+        """Decoding requests whose token at `step` is their last."""
+        return self._pop_due(self._finish_due, step, "finish_step")
+
+    def next_finish_step(self) -> int | None:
+        due = self._finish_due
+        while due:
+            s, order, seq = due[0]
+            if seq.join_step >= 0 and seq.finish_step == s and seq.order == order:
+                return s
+            heapq.heappop(due)
+        return None
+
+    def decode_stretch_step(self) -> bool:
+        """Run the current step as a pure-decode step if it needs no decisions: no prefill, no
+        admission possible, no request finishing, enough free blocks for the due ones. False (and
+        nothing changed) otherwise. The caller accounts for the step."""
+        step = self.step
+        if self.prefilling or not self.num_decoding:
+            return False
+        budget = self.max_num_batched_tokens - self.num_decoding
+        if self.waiting and not (len(self.running) >= self.max_num_seqs or budget <= 0
+                                 or self.admission_blocked(budget)):
+            return False
+        fin = self.next_finish_step()
+        if fin is not None and fin <= step:
+            return False
+        due = self._blocks_due(step)
+        if len(due) > self.bm.num_free_blocks:
+            for seq in due:
+                self._push_block_due(seq, seq.next_block_step)
+            return False
+        for seq in due:
+            self.bm.append_block(seq)
+            self._push_block_due(seq, step + self.block_size)
+        self.step = step + 1
+        return True
+
+    def _blocks_due(self, step: int) -> list[Sequence]:
+        out = self._pop_due(self._block_due, step, "next_block_step")
+        out.sort(key=lambda q: q.order)
+        return out
+
+    # -- one step
+
+    def schedule(self, now_s: float) -> SchedulerOutput:
+        out = SchedulerOutput(self.step)
+        if self._schedule_decodes(out):
+            budget = self._schedule_prefills(out, self.max_num_batched_tokens - self.num_decoding)
+            if budget is not None and not out.preempted:
+                self._schedule_waiting(out, budget, now_s)
+        out.num_decodes = self.num_decoding
+        out.decode_tokens = self._decode_base + self.num_decoding * self.step
+        return out
+
+    def _preempt_last(self, out: SchedulerOutput) -> Sequence:
+        victim = next(reversed(self.running.values()))
+        self.preempt(victim)
+        out.preempted.append(victim)
+        return victim
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> bool:
+        """Give decoding requests that fill their last block a new one; False if the running pass
+        stopped (the request itself had to be preempted)."""
+        bs = self.block_size
+        for seq in self._blocks_due(self.step):
+            if seq.join_step < 0:  # preempted earlier in this pass
+                continue
+            while not self.bm.append_block(seq):
+                if self._preempt_last(out) is seq:
+                    return False
+            self._push_block_due(seq, self.step + bs)
+        return True
+
+    def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> int | None:
+        """Continue unfinished prefills; the budget left, or None if the running pass stopped."""
+        for seq in list(self.prefilling.values()):
+            if budget <= 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.allocate_slots(seq, n):
+                if self._preempt_last(out) is seq:
+                    return None
+            out.chunks.append((seq, n))
+            budget -= n
+        return budget
+
+    def admission_blocked(self, budget: int) -> bool:
+        """True when the head of the waiting queue is known not to fit (see `_blocked`)."""
+        b = self._blocked
+        bm = self.bm
+        return (b is not None and self.waiting and b[0] is self.waiting[0] and b[1] == bm.frees
+                and bm.num_free_blocks <= b[2] and budget >= b[3])
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now_s: float) -> None:
+        waiting, running = self.waiting, self.running
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = waiting[0]
+            if self.admission_blocked(budget):
+                break
+            computed = self.bm.find_cached_prefix(seq)
+            num_hit = len(computed) * self.block_size
+            n = seq.num_tokens - num_hit
+            if not self.enable_chunked_prefill and n > budget:
+                break
+            n = min(n, budget)
+            if not self.bm.allocate_slots(seq, n, computed):
+                self._blocked = (seq, self.bm.frees, self.bm.num_free_blocks, budget)
+                break
+            waiting.popleft()
+            if seq.num_preemptions == 0:
+                self.prefix_stats.queries += seq.num_tokens
+                self.prefix_stats.hits += num_hit
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_hit
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = now_s
+            seq.num_computed_tokens = num_hit
+            seq.status = Status.RUNNING
+            seq.order = self._order
+            self._order += 1
+            running[seq.order] = seq
+            self.prefilling[seq.order] = seq
+            out.chunks.append((seq, n))
+            out.admitted.append(seq)
+            budget -= n
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running request's blocks and put it at the front of the waiting queue."""
+        if seq.join_step >= 0:
+            self._leave(seq, self.tokens_now(seq))
+            seq.last_token_s = self.last_end_s
+        self._remove_running(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.PREEMPTED
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _remove_running(self, seq: Sequence) -> None:
+        del self.running[seq.order]
+        self.prefilling.pop(seq.order, None)
+
+    # -- after the step
+
+    def advance(self, prefill_done: list[Sequence], finished: list[Sequence], end_s: float) -> None:
+        """End of step `self.step` at `end_s`: requests whose prefill completed join the cohort,
+        `finished` ones (their last token came out in this step) leave and free their blocks."""
+        nxt = self.step + 1
+        for seq in prefill_done:
+            del self.prefilling[seq.order]
+            self._join(seq, nxt)
+        for seq in finished:
+            self.finish(seq, "length", token_this_step=True)
+        self.step = nxt
+        self.last_end_s = end_s
+
+    def finish(self, seq: Sequence, reason: str, token_this_step: bool = False) -> None:
+        """Take a finished (or aborted) request out and free its blocks."""
+        if seq.status is Status.RUNNING:
+            if seq.join_step >= 0:
+                self._leave(seq, self.tokens_now(seq) + token_this_step)
+            self._remove_running(seq)
+        elif seq.status in (Status.WAITING, Status.PREEMPTED):
+            self.waiting.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,106 @@
+"""One request in the engine (vLLM V1 `Request`): its tokens, blocks and timestamps."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+# Chained block hashes start from this parent (vLLM's NONE_HASH, a fixed seed here so that runs repeat).
+ROOT_HASH = 0x6B766C6162
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request: prompt plus generated tokens, how many are in the KV cache, and its block table."""
+
+    __slots__ = (
+        "seq_id", "status", "token_ids", "num_prompt_tokens", "max_tokens", "num_computed_tokens",
+        "block_table", "block_hashes", "num_cached_blocks", "num_cached_tokens", "num_preemptions",
+        "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
+        "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
+        "order", "join_step", "join_tokens", "next_block_step", "finish_step",
+        "prev_blocks", "last_block_table",
+    )
+
+    def __init__(self, seq_id: str, token_ids: list[int], max_tokens: int, arrival_s: float, *,
+                 output_seed: int = 0, tag: Any = None, max_tokens_param: int | None = None):
+        self.seq_id = seq_id
+        self.status = Status.WAITING
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(token_ids)
+        self.max_tokens = max_tokens
+        self.max_tokens_param = max_tokens_param  # what the client asked for (None: the default)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.block_table: list = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
+        self.num_cached_tokens = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
+        self.num_preemptions = 0
+        self.arrival_s = arrival_s
+        self.first_scheduled_s: float | None = None
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.finish_reason: str | None = None
+        self.output_seed = output_seed
+        # Engine step indices at which tokens came out, as [first, last] runs (offline ITLs).
+        self.token_steps: list[list[int]] = []
+        self.tag = tag  # the caller's handle (HTTP stream, session turn)
+        self.aborted = False
+        # While decoding, a request advances one token per step without being touched: at the
+        # start of step s it holds join_tokens + s - join_step tokens (see Scheduler).
+        self.order = -1  # admission order: the running queue's order
+        self.join_step = -1  # first decode step (-1: not decoding)
+        self.join_tokens = 0
+        self.next_block_step = -1
+        self.finish_step = -1
+        # A request that continues an earlier one (the next turn of a session) can pass the
+        # earlier one's blocks: the prefix-cache lookup checks them first (same hits, faster).
+        self.prev_blocks: list[int] = []
+        self.last_block_table: list[int] = []  # the blocks it held when they were freed
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.join_step >= 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
+        """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
+        hashes = self.block_hashes
+        tokens = self.token_ids
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), num_blocks):
+            parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
+            hashes.append(parent)
+        return hashes
+
+    def record_token_step(self, step: int) -> None:
+        runs = self.token_steps
+        if runs and runs[-1][1] == step - 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

@@ -1,0 +1,543 @@
+"""vLLM's OpenAI-compatible HTTP front for the simulated engine (aiohttp).
+
+Routes: GET /health, /version, /v1/models, /metrics; POST /v1/completions, /v1/chat/completions,
+/tokenize. Bodies, SSE framing, usage and error objects follow vLLM 0.32 field by field (checked
+against captured responses in tests/fixtures/vllm-0.32-cpu-llama-twin.http.jsonl).
+
+Time: the engine runs on a simulated clock, `speedup` x the wall clock since start; every
+latency in /metrics is in simulated seconds (clients see wall latencies `speedup` times shorter).
+The simulated model never emits EOS: a request generates `max_tokens` tokens (finish_reason
+"length"), as vLLM with `ignore_eos`; without `max_tokens` a chat request runs to max_model_len.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvlab.sim import logs, tokens
+from kvlab.sim.args import ServeArgs
+from kvlab.sim.config import SIM_VERSION, SimConfig
+from kvlab.sim.engine import Engine, StepResult
+from kvlab.sim.sequence import Sequence
+
+FINGERPRINT = f"vllm-{SIM_VERSION}"
+ROUTES = [("/health", "GET"), ("/version", "GET"), ("/metrics", "GET"), ("/tokenize", "POST"),
+          ("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]
+STATS_INTERVAL_S = 10.0
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def json_response(obj, status: int = 200) -> web.Response:
+    """JSON as vLLM writes it (pydantic's compact form)."""
+    return web.json_response(obj, status=status, dumps=_dumps)
+
+
+class Clock:
+    """Simulated seconds since start: the wall clock times `speedup`."""
+
+    def __init__(self, speedup: float):
+        self.speedup = speedup
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return (time.monotonic() - self.t0) * self.speedup
+
+    def wall_delay(self, sim_s: float) -> float:
+        return (sim_s - self.now()) / self.speedup
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, value=None, kind: str = "BadRequestError"):
+        if value is not None:
+            message = f"{message} (parameter={param}, value={value})"
+        elif param is not None and kind == "BadRequestError":
+            message = f"{message} (parameter={param})"
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> web.Response:
+        return json_response({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                         "code": self.status}}, status=self.status)
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a request (n > 1 or several prompts make several)."""
+
+    index: int
+    seq: Sequence
+    emitted: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Pending:
+    """A request waiting on the engine: its choices and the events the engine loop pushes."""
+
+    choices: list[Choice]
+    n: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    open_choices: int = 0
+
+    def first_choices(self) -> list[Choice]:
+        """One choice per prompt (the n choices of a prompt share it)."""
+        return [c for c in self.choices if c.index % self.n == 0]
+
+
+class SimServer:
+    def __init__(self, cfg: SimConfig, args: ServeArgs):
+        self.cfg = cfg
+        self.args = args
+        self.clock = Clock(args.speedup)
+        self.engine = Engine(cfg, emit_decodes=True, created_s=time.time())
+        self.engine.mfu_metrics = args.enable_mfu_metrics
+        self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.registry.register(self.engine.metrics)
+        self.wake = asyncio.Event()
+        self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
+        self.ids = 0
+        self.created = int(time.time())
+
+    # -- app
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._access_log, self._auth], client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.on_startup.append(self._start_background)
+        app.on_cleanup.append(self._stop_background)
+        return app
+
+    async def _start_background(self, app: web.Application) -> None:
+        app["engine_loop"] = asyncio.create_task(self.engine_loop())
+        if not self.args.disable_log_stats:
+            app["stats_loop"] = asyncio.create_task(self.stats_loop())
+
+    async def _stop_background(self, app: web.Application) -> None:
+        for key in ("engine_loop", "stats_loop"):
+            task = app.get(key)
+            if task is not None:
+                task.cancel()
+
+    @web.middleware
+    async def _access_log(self, request: web.Request, handler):
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            resp = e
+        if not self.args.disable_access_log:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            who = f"{peer[0]}:{peer[1]}" if peer else "-"
+            phrase = HTTPStatus(resp.status).phrase if resp.status in HTTPStatus._value2member_map_ else ""
+            logs.uvicorn(f'{who} - "{request.method} {request.path_qs} HTTP/{request.version.major}.'
+                         f'{request.version.minor}" {resp.status} {phrase}')
+        if isinstance(resp, web.HTTPException):
+            raise resp
+        return resp
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        keys = self.args.api_keys
+        if keys and request.path.startswith("/v1") and request.method != "OPTIONS":
+            given = request.headers.get("Authorization", "")
+            if not any(secrets.compare_digest(given, f"Bearer {k}") for k in keys):
+                return json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    # -- simple routes
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response({"version": SIM_VERSION})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{
+            "id": name, "object": "model", "created": self.created, "owned_by": "vllm", "root": self.cfg.model,
+            "parent": None, "max_model_len": self.cfg.max_model_len,
+            "permission": [{"id": f"modelperm-{secrets.token_hex(8)}", "object": "model_permission",
+                            "created": self.created, "allow_create_engine": False, "allow_sampling": True,
+                            "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                            "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}],
+        } for name in self.cfg.served_model_names]
+        return json_response({"object": "list", "data": data})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json(request)
+            if "messages" in body:
+                ids = tokens.encode(tokens.render_chat(self._messages(body), body.get("add_generation_prompt", True)))
+            else:
+                ids = self._prompt_ids(body.get("prompt"), "prompt")[0]
+        except ApiError as e:
+            return e.response()
+        return json_response({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids,
+                                  "token_strs": None})
+
+    # -- request parsing
+
+    async def _json(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', "
+                                "'msg': 'JSON decode error'}", "body.0", kind="Bad Request") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "1 validation error:\n  {'type': 'model_attributes_type', 'loc': 'body', "
+                                "'msg': 'Input should be a valid dictionary or object to extract fields from'}",
+                           "body", kind="Bad Request")
+        return body
+
+    def _check_model(self, body: dict) -> str:
+        model = body.get("model")
+        names = self.cfg.served_model_names
+        if model is None:
+            return names[0]
+        if model not in names:
+            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.", "model",
+                           kind="NotFoundError")
+        return model
+
+    def _messages(self, body: dict) -> list[dict]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise ApiError(400, "1 validation error:\n  {'type': 'list_type', 'loc': 'body.messages', "
+                                "'msg': 'Input should be a valid list'}", "body.messages", kind="Bad Request")
+        return msgs
+
+    def _prompt_ids(self, prompt, param: str) -> list[list[int]]:
+        """Token ids of each prompt: a string, a list of strings, token ids, or lists of ids."""
+        if prompt is None or prompt == "" or prompt == []:
+            raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param)
+        if isinstance(prompt, str):
+            return [self._check_length(tokens.encode(prompt), text=True)]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return [self._check_length(list(prompt), text=False)]
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return [self._check_length(tokens.encode(p), text=True) for p in prompt]
+        if isinstance(prompt, list) and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return [self._check_length(list(p), text=False) for p in prompt]
+        raise ApiError(400, "prompt must be a string, a list of strings, or token ids", param)
+
+    def _check_length(self, ids: list[int], text: bool) -> list[int]:
+        max_len = self.cfg.max_model_len
+        if len(ids) > max_len:
+            # vLLM's tokenizer truncates text to max_model_len + 1 before this check.
+            count = max_len + 1 if text else len(ids)
+            qualifier = "at least " if count == max_len + 1 else ""
+            raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt "
+                                f"contains {qualifier}{count} input tokens, which exceeds this limit even without any "
+                                "output tokens. Please reduce the length of the input prompt.", "input_tokens", count)
+        return ids
+
+    def _max_tokens(self, body: dict, default: int | None, chat: bool) -> int | None:
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        value = body.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ApiError(400, f"{key} must be an integer", key, value)
+        if value < 1:
+            raise ApiError(400, f"{key} must be at least 1, got {value}.", key, value)
+        if value > self.cfg.max_model_len:
+            raise ApiError(400, f"{key}={value} cannot be greater than max_model_len={self.cfg.max_model_len}. "
+                                "Please request fewer output tokens.", key, value)
+        return value
+
+    def _n(self, body: dict) -> int:
+        n = body.get("n", 1) or 1
+        if not isinstance(n, int) or n < 1:
+            raise ApiError(400, f"n must be at least 1, got {n}.", "n", n)
+        return n
+
+    def _submit(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> Pending:
+        now = self.clock.now()
+        choices = []
+        for p, ids in enumerate(prompts):
+            mt = max_tokens if max_tokens is not None else self.cfg.max_model_len - len(ids)
+            seed = tokens.prompt_seed(ids)
+            for j in range(n):
+                self.ids += 1
+                seq = Sequence(f"req-{self.ids}", list(ids), max(mt, 1), now, output_seed=seed + j,
+                               max_tokens_param=max_tokens)
+                choices.append(Choice(p * n + j, seq))
+        pending = Pending(choices, n, open_choices=len(choices))
+        for c in choices:
+            c.seq.tag = (pending, c)
+            self.engine.add_request(c.seq)
+        self.wake.set()
+        return pending
+
+    def _abort(self, pending: Pending) -> None:
+        for c in pending.choices:
+            if c.finish_reason is None:
+                self.engine.abort(c.seq)
+        self.wake.set()
+
+    # -- the engine loop
+
+    async def engine_loop(self) -> None:
+        eng, clock = self.engine, self.clock
+        while True:
+            if not eng.has_work:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            plan = eng.schedule(clock.now())
+            if plan is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            end = plan.start_s + plan.duration_s
+            delay = clock.wall_delay(end)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)
+            now = clock.now()
+            if now > end:
+                self.lag_s += now - end
+            self._dispatch(eng.complete(plan, max(end, now)))
+
+    def _dispatch(self, res: StepResult) -> None:
+        finished = {id(s) for s in res.finished}
+        for seq in res.decoded + res.prefilled:
+            if seq.tag is None:
+                continue
+            pending, choice = seq.tag
+            token = tokens.output_token(seq.output_seed, choice.emitted)
+            choice.emitted += 1
+            done = id(seq) in finished
+            if done:
+                choice.finish_reason = "length"
+            pending.queue.put_nowait((choice, token, done))
+
+    async def stats_loop(self) -> None:
+        m = self.engine.metrics
+        last = (m.counters["vllm:prompt_tokens"], m.counters["vllm:generation_tokens"], self.clock.now())
+        was_busy = False
+        last_lag = 0.0
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            prompt, gen, now = m.counters["vllm:prompt_tokens"], m.counters["vllm:generation_tokens"], self.clock.now()
+            lag = self.lag_s - last_lag
+            if lag > 0.05 * (now - last[2]):
+                logs.log("APIServer", "kvlab_sim", (
+                    f"the host fell behind the simulated GPU: steps ended {lag:.2f} simulated s late in the last "
+                    f"{now - last[2]:.1f} s (--speedup {self.clock.speedup:g}); latencies and throughput include "
+                    "the delay, lower --speedup"), level="WARNING")
+            last_lag = self.lag_s
+            busy = m.num_running or m.num_waiting or gen != last[1] or prompt != last[0]
+            if busy or was_busy:
+                span = max(now - last[2], 1e-9)
+                q = m.counters["vllm:prefix_cache_queries"]
+                logs.stats_line((prompt - last[0]) / span, (gen - last[1]) / span, m.num_running, m.num_waiting,
+                                m.kv_cache_usage, m.counters["vllm:prefix_cache_hits"] / q if q else 0.0)
+            was_busy = bool(busy)
+            last = (prompt, gen, now)
+
+    # -- completions
+
+    def _usage(self, pending: Pending, chat: bool, stream: bool) -> dict:
+        prompt = self._prompt_tokens(pending)
+        completion = sum(c.emitted for c in pending.choices)
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+        details = None
+        if self.args.enable_prompt_tokens_details:
+            firsts = pending.first_choices()
+            cached = sum(max(c.seq.num_cached_tokens, 0) for c in firsts)
+            created = sum(self._created_cache_tokens(c.seq) for c in firsts) if chat else None
+            if not stream:
+                details = {"cached_tokens": cached, "created_cache_tokens": created, "multimodal_tokens": None}
+            elif chat:
+                details = {"cached_tokens": cached, "created_cache_tokens": created}
+            else:
+                details = {"cached_tokens": cached}
+        if stream:
+            if details is not None:
+                usage["prompt_tokens_details"] = details
+        else:
+            usage["prompt_tokens_details"] = details
+            usage["completion_tokens_details"] = None
+        return usage
+
+    def _prompt_tokens(self, pending: Pending) -> int:
+        return sum(c.seq.num_prompt_tokens for c in pending.first_choices())
+
+    def _created_cache_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens this request wrote into the prefix cache (vLLM's created_cache_tokens)."""
+        if not self.cfg.enable_prefix_caching:
+            return 0
+        full = seq.num_prompt_tokens // self.cfg.block_size * self.cfg.block_size
+        return max(0, full - max(seq.num_cached_tokens, 0))
+
+    def _include_usage(self, body: dict) -> tuple[bool, bool]:
+        opts = body.get("stream_options") or {}
+        include = bool(opts.get("include_usage")) or self.args.enable_force_include_usage
+        return include, include and bool(opts.get("continuous_usage_stats"))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            model = self._check_model(body)
+            max_tokens = self._max_tokens(body, 16, chat=False)
+            n = self._n(body)
+            prompts = self._prompt_ids(body.get("prompt"), "prompt")
+        except ApiError as e:
+            return e.response()
+        pending = self._submit(prompts, n, max_tokens)
+        rid = f"cmpl-{secrets.token_hex(8)}"
+        created = int(time.time())
+        if body.get("stream"):
+            return await self._stream(request, pending, rid, created, model, body, chat=False)
+        texts = await self._collect(pending)
+        choices = [{"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.finish_reason,
+                    "stop_reason": None, "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
+                    "routed_experts": None} for c in pending.choices]
+        return json_response({
+            "id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": self._usage(pending, False, False),
+            "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            model = self._check_model(body)
+            messages = self._messages(body)
+            prompt = self._check_length(tokens.encode(tokens.render_chat(messages)), text=True)
+            max_tokens = self._max_tokens(body, None, chat=True)
+            n = self._n(body)
+        except ApiError as e:
+            return e.response()
+        pending = self._submit([prompt], n, max_tokens)
+        rid = f"chatcmpl-{secrets.token_hex(8)}"
+        created = int(time.time())
+        if body.get("stream"):
+            return await self._stream(request, pending, rid, created, model, body, chat=True)
+        texts = await self._collect(pending)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index], "refusal": None,
+                                                  "annotations": None, "audio": None, "function_call": None,
+                                                  "reasoning": None},
+                    "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None, "token_ids": None,
+                    "routed_experts": None} for c in pending.choices]
+        return json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": self._usage(pending, True, False),
+            "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+            "ec_transfer_params": None, "metrics": None})
+
+    async def _collect(self, pending: Pending) -> dict[int, str]:
+        parts: dict[int, list[int]] = {c.index: [] for c in pending.choices}
+        try:
+            while pending.open_choices:
+                choice, token, done = await pending.queue.get()
+                parts[choice.index].append(token)
+                if done:
+                    pending.open_choices -= 1
+        except asyncio.CancelledError:
+            self._abort(pending)
+            raise
+        return {i: tokens.decode(ids) for i, ids in parts.items()}
+
+    async def _stream(self, request: web.Request, pending: Pending, rid: str, created: int, model: str,
+                      body: dict, chat: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        include_usage, continuous = self._include_usage(body)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": obj, "created": created, "model": model}
+        prompt_tokens = self._prompt_tokens(pending)
+
+        def chunk_usage(completion: int) -> dict:
+            u = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
+                 "completion_tokens": completion}
+            if chat:
+                u["completion_tokens_details"] = None
+            return u
+
+        async def send(payload: dict) -> None:
+            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+        first = {c.index: True for c in pending.choices}
+        try:
+            while pending.open_choices:
+                choice, token, done = await pending.queue.get()
+                if chat and first[choice.index]:
+                    first[choice.index] = False
+                    role = {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+                    if continuous:
+                        role["usage"] = chunk_usage(0)
+                    role.update({"prompt_token_ids": None, "prompt_text": None})
+                    await send(role)
+                text = tokens.decode([token])
+                if chat:
+                    c = {"index": choice.index, "delta": {"content": text}, "logprobs": None,
+                         "finish_reason": "length" if done else None}
+                else:
+                    c = {"index": choice.index, "text": text, "logprobs": None,
+                         "finish_reason": "length" if done else None, "stop_reason": None}
+                if done:
+                    c["stop_reason"] = None
+                if chat:
+                    c["token_ids"] = None
+                else:
+                    c.update({"prompt_token_ids": None, "token_ids": None})
+                payload = {**head, "choices": [c]}
+                if done and not include_usage:
+                    payload["system_fingerprint"] = FINGERPRINT
+                if continuous:
+                    payload["usage"] = chunk_usage(choice.emitted)
+                await send(payload)
+                if done:
+                    pending.open_choices -= 1
+            if include_usage:
+                await send({**head, "choices": [], "usage": self._usage(pending, chat, True),
+                            "system_fingerprint": FINGERPRINT})
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self._abort(pending)
+            raise
+        return resp
+
+
+async def serve(cfg: SimConfig, args: ServeArgs) -> None:
+    server = SimServer(cfg, args)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    logs.server_lines(args.host, args.port, ROUTES)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logs.uvicorn("Shutting down")
+    await runner.cleanup()
+    logs.uvicorn("Finished server process [%d]" % logs._PID)

@@ -1,0 +1,165 @@
+"""Roofline step times: each engine step costs max(compute, memory) on the GPU preset, plus the
+tensor-parallel all-reduces and a fixed host overhead.
+
+Per GPU of a `-tp N` group, for one step that computes `tokens` new tokens and samples `sampled`:
+
+- memory bytes = weights read (the active ones: dense layers, the LM head, and for MoE layers the
+  experts that the batch's tokens route to, `E x (1 - (1 - k/E)^tokens)` of them on average under
+  uniform routing) / N  +  KV bytes read and written: every scheduled request's context, at the
+  memory model's KV bytes per token per GPU (`--kv-cache-dtype`; MLA: the 576-wide latent,
+  replicated on every rank; GQA: the rank's share of KV heads).
+- compute FLOPs = (2 x active non-embedding parameters x tokens + 2 x LM-head parameters x sampled
+  + attention FLOPs) / N. Attention: 4 x heads x head_dim per (query, key) pair for MHA/GQA; for
+  MLA, decode runs on the latent (absorbed weights: heads x (2 x 576 + 2 x 512) per pair) and
+  prefill on decompressed heads (heads x 2 x (192 + 128) per pair, plus decompressing cached
+  context through kv_b_proj).
+- time = max(compute / (peak FLOPS x MATMUL_EFFICIENCY), bytes / (bandwidth x MEMORY_EFFICIENCY))
+  + 2 all-reduces per layer of tokens x hidden x 2 bytes over the GPU link (ring: 2(N-1)/N of the
+  data, plus a latency per all-reduce) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S x scheduled requests.
+
+Peak FLOPS: FP8 for fp8/int8 (W8A8) weights where the GPU has FP8, else BF16 (also for 4-bit
+weight-only formats, which dequantize to BF16). `-pp` splits memory but its stages run one after
+another, so a step takes as long as on one GPU-equivalent (no micro-batch pipelining modelled).
+The efficiency factors are estimates (documented below), not measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvlab.hardware import GPU
+from kvlab.models import memory
+from kvlab.models.arch import ModelArch
+from kvlab.models.params import EMBEDDING, EXPERT, LM_HEAD, inventory, param_counts
+from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes
+
+# Fractions of data-sheet peaks that vLLM's kernels reach (estimates): large BF16/FP8 GEMMs reach
+# 60-75 % of dense peak on Hopper; decode GEMVs and paged-attention reads 75-90 % of HBM bandwidth.
+MATMUL_EFFICIENCY = 0.6
+ATTENTION_EFFICIENCY = 0.5
+MEMORY_EFFICIENCY = 0.8
+# Host-side time per step (scheduling, sampling, CUDA-graph launch) and per scheduled request.
+STEP_OVERHEAD_S = 0.0008
+PER_SEQ_OVERHEAD_S = 0.000004
+ALLREDUCE_LATENCY_S = 0.000010
+
+# GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
+# SXM) 450, NVLink 5 (B200) 900, NVLink 3 (A100 SXM) 300, Infinity Fabric (MI300X) 448, PCIe 4 x16
+# (L40S, L4, RTX 4090) 32. Data sheets; kvlab.hardware has no link figures yet.
+LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
+             "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32}
+W8A8_FORMATS = ("fp8", "fp8-block", "int8")
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one engine step computes, summed over its scheduled requests."""
+
+    tokens: int  # new tokens computed
+    sampled: int  # requests that produce a token (logits computed)
+    requests: int  # scheduled requests
+    kv_tokens: int  # context tokens whose KV is read or written
+    decode_pairs: int  # (query, key) pairs of single-token queries
+    prefill_pairs: int  # (query, key) pairs of multi-token chunks
+    prefill_context_tokens: int  # cached context under multi-token chunks (MLA decompresses it)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-GPU constants of one model on one GPU preset; `step_time_s` prices a step."""
+
+    gpu: str
+    tp: int
+    flops_per_s: float  # linear layers, after efficiency
+    attn_flops_per_s: float
+    bytes_per_s: float
+    link_bytes_per_s: float
+    linear_flops_per_token: float  # 2 x active non-embedding params
+    head_flops_per_sample: float
+    dense_weight_bytes: float  # read every step (non-expert weights incl. the LM head)
+    expert_bytes: float  # all routed experts of all MoE layers
+    num_experts: int
+    experts_per_token: int
+    kv_bytes_per_token: int  # per GPU, all layers
+    decode_flops_per_pair: float
+    prefill_flops_per_pair: float
+    context_flops_per_token: float  # MLA: kv_b_proj over cached context in prefill chunks
+    allreduce_bytes_per_token: float
+    num_allreduces: int
+
+    def expert_fraction(self, tokens: int) -> float:
+        if not self.num_experts or tokens <= 0:
+            return 0.0
+        return 1.0 - (1.0 - self.experts_per_token / self.num_experts) ** tokens
+
+    def compute_s(self, w: StepWork) -> float:
+        linear = w.tokens * self.linear_flops_per_token + w.sampled * self.head_flops_per_sample
+        attn = (w.decode_pairs * self.decode_flops_per_pair + w.prefill_pairs * self.prefill_flops_per_pair
+                + w.prefill_context_tokens * self.context_flops_per_token)
+        return (linear / self.flops_per_s + attn / self.attn_flops_per_s) / self.tp
+
+    def memory_s(self, w: StepWork) -> float:
+        weights = (self.dense_weight_bytes + self.expert_bytes * self.expert_fraction(w.tokens)) / self.tp
+        return (weights + w.kv_tokens * self.kv_bytes_per_token) / self.bytes_per_s
+
+    def comm_s(self, w: StepWork) -> float:
+        if self.tp == 1:
+            return 0.0
+        ring = 2 * (self.tp - 1) / self.tp
+        data = w.tokens * self.allreduce_bytes_per_token * ring / self.link_bytes_per_s
+        return self.num_allreduces * ALLREDUCE_LATENCY_S + data
+
+    def step_time_s(self, w: StepWork) -> float:
+        return (max(self.compute_s(w), self.memory_s(w)) + self.comm_s(w)
+                + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests)
+
+    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
+        """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path)."""
+        return self.step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))
+
+
+def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU,
+               tp: int) -> CostModel:
+    counts = param_counts(arch)
+    hidden, vocab = arch.hidden_size, arch.vocab_size
+    dtype_bytes = DTYPE_BYTES[dtype]
+    tensors = inventory(arch)
+    expert_bytes = sum(fmt.linear_bytes(t, dtype_bytes) for t in tensors if t.role == EXPERT)
+    # The input embedding is a lookup (a few rows per step); the LM head is read in full.
+    lookup_bytes = 0 if arch.tie_word_embeddings else sum(
+        t.numel * dtype_bytes for t in tensors if t.role == EMBEDDING)
+    dense_bytes = weight_bytes(arch, fmt, dtype) - expert_bytes - lookup_bytes
+    head_params = sum(t.numel for t in tensors if t.role in (LM_HEAD,)) or vocab * hidden
+
+    w8a8 = fmt.name in W8A8_FORMATS and gpu.fp8_tflops
+    peak = (gpu.fp8_tflops if w8a8 else gpu.bf16_tflops) * 1e12
+    layers, heads = arch.num_layers, arch.num_attention_heads
+    if arch.mla is not None:
+        m = arch.mla
+        decode_pair = heads * (2 * m.latent_dim + 2 * m.kv_lora_rank)
+        prefill_pair = heads * 2 * (m.qk_head_dim + m.v_head_dim)
+        context_tok = 2 * m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+    else:
+        decode_pair = prefill_pair = 4 * heads * arch.head_dim
+        context_tok = 0
+    moe = arch.moe
+    return CostModel(
+        gpu=gpu.name,
+        tp=tp,
+        flops_per_s=peak * MATMUL_EFFICIENCY,
+        attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
+        bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
+        link_bytes_per_s=LINK_GB_S.get(gpu.name, 32) * 1e9,
+        linear_flops_per_token=2.0 * (counts.active - counts.embedding),
+        head_flops_per_sample=2.0 * head_params,
+        dense_weight_bytes=float(dense_bytes),
+        expert_bytes=float(expert_bytes),
+        num_experts=moe.num_experts if moe else 0,
+        experts_per_token=moe.num_experts_per_tok if moe else 0,
+        kv_bytes_per_token=memory.kv_footprint(arch, kv_cache_dtype, tp, dtype).kv_bytes_per_token,
+        decode_flops_per_pair=float(decode_pair * layers),
+        prefill_flops_per_pair=float(prefill_pair * layers),
+        context_flops_per_token=float(context_tok * layers),
+        allreduce_bytes_per_token=float(hidden * 2),
+        num_allreduces=2 * layers,
+    )

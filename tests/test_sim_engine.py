@@ -1,0 +1,224 @@
+"""The simulated engine in virtual time: determinism, block accounting, preemption onset, prefix
+caching, metrics, and the roofline's arithmetic."""
+
+import json
+from math import ceil
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvlab.loadtest.plan import SessionPlan, TurnPlan
+from kvlab.models import memory
+from kvlab.models.cards import card
+from kvlab.sim import tokens
+from kvlab.sim.agents import AgentWorkload
+from kvlab.sim.cli import predicted_max_users
+from kvlab.sim.config import build_config
+from kvlab.sim.offline import run_offline
+from kvlab.sim.timing import MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S
+
+AGENTS = AgentWorkload(turns=4, system_tokens=1500, user_tokens=300, reply_tokens=120, think_time_s=1.0, jitter=0.3)
+
+
+@pytest.fixture(scope="module")
+def small_kv():
+    """DeepSeek-V2-Lite on an H100 with the KV cache cut to 600 blocks: agents run out of it."""
+    return build_config("deepseek-v2-lite", "h100", max_model_len=4096, num_gpu_blocks_override=600)
+
+
+def _run(cfg, users=12, seed=0, duration_s=60.0, **kw):
+    return run_offline("deepseek-v2-lite", "h100", AGENTS.sessions(seed, users), duration_s, concurrency=users,
+                       config=cfg, **kw)
+
+
+def test_same_seed_same_run(small_kv):
+    a, b = _run(small_kv, seed=3), _run(small_kv, seed=3)
+    assert a.records == b.records
+    assert a.samples == b.samples
+    assert a.results["num_preemptions"] == b.results["num_preemptions"]
+    c = _run(small_kv, seed=4)
+    assert c.records != a.records
+
+
+def test_blocks_never_leak_and_preemptions_recompute(small_kv):
+    res = _run(small_kv, users=16, check_blocks=True)  # asserts free + used == total after every step
+    eng = res.engine
+    assert res.results["num_preemptions"] > 0
+    assert eng.metrics.counters["vllm:num_preemptions"] == res.results["num_preemptions"]
+    done = [r for r in res.records if r["error_kind"] is None]
+    assert done and all(r["completion_tokens"] > 0 for r in done)
+    assert any(r["num_preemptions"] > 0 for r in done)
+    eng.bm.check_no_leak(list(eng.scheduler.running.values()))
+
+
+def test_decode_fast_path_changes_nothing(small_kv):
+    fast = _run(small_kv, users=16)
+    slow = _run(small_kv, users=16, fast_decode=False)
+    assert fast.records == slow.records
+    assert fast.samples == slow.samples
+
+
+def test_previous_turn_block_check_changes_nothing(small_kv, monkeypatch):
+    from kvlab.sim.block_manager import BlockManager
+
+    fast = _run(small_kv, users=16)
+    lookup = BlockManager.find_cached_prefix
+
+    def dict_only(self, seq):
+        seq.prev_blocks = []
+        return lookup(self, seq)
+
+    monkeypatch.setattr(BlockManager, "find_cached_prefix", dict_only)
+    slow = _run(small_kv, users=16)
+    assert fast.records == slow.records
+    assert fast.samples == slow.samples
+
+
+def _synchronized_agents(n: int, workload: AgentWorkload) -> list[SessionPlan]:
+    turn = TurnPlan(workload.user_tokens, workload.reply_tokens, 0.0)
+    return [SessionPlan(f"u{i}", "app0", workload.system_tokens, (turn,)) for i in range(n)]
+
+
+# One long agent turn over a shared 1000-token system prompt, ending at 8192 tokens: the last KV
+# block fills on the last step, so every user holds its full context at the same moment.
+LADDER = AgentWorkload(turns=1, system_tokens=1000, user_tokens=200, reply_tokens=8192 - 1200 + 1, think_time_s=0.0)
+
+
+def _ladder_rung(model: str, users: int) -> dict:
+    cfg = build_config(model, "h100")
+    res = run_offline(model, "h100", _synchronized_agents(users, LADDER), 900.0, config=cfg)
+    assert res.results["requests_completed"] == users
+    return res.results
+
+
+@pytest.mark.parametrize("model", ["deepseek-v2-lite", "llama-3.1-8b"])
+def test_preemption_starts_where_the_memory_model_says(model):
+    cfg = build_config(model, "h100")
+    cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=card(model).context_length)
+    assert (cfg.num_blocks, cfg.block_size) == (cap.num_blocks, cap.block_size)
+    n = predicted_max_users(cap.num_blocks, cap.block_size, LADDER)
+    shared = LADDER.system_tokens // cap.block_size
+    # n users fit: the shared prompt blocks plus each user's own blocks, in num_blocks - 1 (null block).
+    assert shared + n * (ceil(8191 / cap.block_size) - shared) <= cap.num_blocks - 1
+    assert shared + (n + 1) * (ceil(8191 / cap.block_size) - shared) > cap.num_blocks - 1
+    assert _ladder_rung(model, n)["num_preemptions"] == 0
+    assert _ladder_rung(model, n + 1)["num_preemptions"] > 0
+
+
+def test_llama_preempts_earlier_by_the_kv_ratio():
+    onset = {}
+    for model in ("deepseek-v2-lite", "llama-3.1-8b"):
+        cfg = build_config(model, "h100")
+        onset[model] = (predicted_max_users(cfg.num_blocks, cfg.block_size, LADDER), cfg.capacity.kv_cache_tokens)
+    (ds_users, ds_tokens), (ll_users, ll_tokens) = onset["deepseek-v2-lite"], onset["llama-3.1-8b"]
+    assert (ds_users, ll_users) == (192, 61)
+    # 3.15x the users for 3.13x the KV tokens (DeepSeek's 4.21x smaller KV per token, less its 2x weights).
+    assert ds_users / ll_users == pytest.approx(ds_tokens / ll_tokens, rel=0.02)
+
+
+def test_shared_system_prompt_hits_the_prefix_cache():
+    cfg = build_config("deepseek-v2-lite", "h100")
+    turn = TurnPlan(100, 20, 0.5)
+    plans = [SessionPlan("a", "app", 1000, (turn, turn)), SessionPlan("b", "app", 1000, (turn,), start_offset_s=1.0),
+             SessionPlan("c", "other", 1000, (turn,), start_offset_s=1.0)]
+    res = run_offline("deepseek-v2-lite", "h100", plans, 30.0, config=cfg)
+    by = {(r["session_id"], r["turn"]): r for r in res.records}
+    bs = cfg.block_size
+    assert by[("a", 0)]["cached_tokens"] == 0
+    assert by[("b", 0)]["cached_tokens"] == 1000 // bs * bs  # another session of the same app
+    assert by[("c", 0)]["cached_tokens"] == 0  # another app's system prompt
+    # The next turn hits its history (prompt + verbatim reply) in full blocks, except the reply's last
+    # token: it was sampled, never computed, so its KV was never written.
+    history = 1000 + 100 + 20
+    assert by[("a", 1)]["cached_tokens"] == (history - 1) // bs * bs
+    assert res.engine.metrics.counters["vllm:prefix_cache_hits"] == sum(r["cached_tokens"] for r in res.records)
+
+
+def test_metric_samples_are_what_a_scraper_parses(small_kv):
+    res = _run(small_kv, users=8, duration_s=20.0)
+    m = res.engine.metrics
+    reg = CollectorRegistry()
+    reg.register(m)
+    parsed = [(f.name, s.name, s.labels, s.value) for f in text_string_to_metric_families(generate_latest(reg).decode())
+              for s in f.samples if not s.name.endswith("_created")]
+    assert parsed == list(m.samples())
+    last_ts = max(r[0] for r in res.samples)
+    at_end = [(fam, name, json.loads(labels), value) for ts, fam, name, labels, value in res.samples if ts == last_ts]
+    assert at_end == parsed  # the last scrape is the final state
+    assert {r[2] for r in res.samples} >= {"vllm:num_preemptions_total", "vllm:kv_cache_usage_perc",
+                                          "vllm:time_to_first_token_seconds_bucket"}
+
+
+def test_records_hold_itls_that_add_up(small_kv):
+    res = _run(small_kv, users=8, duration_s=30.0)
+    for r in res.records:
+        if r["error_kind"] is None:
+            assert len(r["itl_s"]) == r["completion_tokens"] - 1
+            assert r["ttft_s"] + sum(r["itl_s"]) == pytest.approx(r["e2e_s"])
+            if r["completion_tokens"] > 1:
+                assert r["tpot_s"] == pytest.approx(sum(r["itl_s"]) / (r["completion_tokens"] - 1))
+
+
+def test_run_writes_records_atomically(small_kv, tmp_path):
+    import pandas as pd
+
+    _run(small_kv, users=4, duration_s=10.0, out_dir=tmp_path)
+    reqs = pd.read_parquet(tmp_path / "requests.parquet")
+    mets = pd.read_parquet(tmp_path / "metrics.parquet")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(reqs.columns)[:6] == ["start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s"]
+    assert list(mets.columns) == ["ts", "family", "name", "labels", "value"]
+    assert results["requests_completed"] == int(reqs["error_kind"].isna().sum())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_decode_step_roofline_arithmetic():
+    """One Llama-3.1-8B decode on an H100 is weight-bandwidth bound: weights / (3.35 TB/s x eff)."""
+    cfg = build_config("llama-3.1-8b", "h100")
+    c = cfg.cost
+    embed = 128256 * 4096 * 2  # the input embedding is a lookup, not read whole
+    weights = cfg.capacity.weight_bytes - embed
+    kv = 1000 * 131072
+    expected = (weights + kv) / (3.35e12 * MEMORY_EFFICIENCY) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S
+    assert c.decode_step_s(1, 1000) == pytest.approx(expected, rel=1e-12)
+    # A 4096-token prefill is compute bound: 2 x active parameters per token dominates.
+    assert c.compute_s(build_prefill_work(4096)) > c.memory_s(build_prefill_work(4096))
+
+
+def build_prefill_work(n):
+    from kvlab.sim.timing import StepWork
+
+    return StepWork(n, 1, 1, n, 0, n * (n + 1) // 2, 0)
+
+
+def test_mla_moe_reads_only_routed_experts():
+    c = build_config("deepseek-v2-lite", "h100").cost
+    assert c.expert_fraction(1) == pytest.approx(6 / 64)
+    assert c.expert_fraction(10_000) == pytest.approx(1.0)
+    assert c.kv_bytes_per_token == 27 * 576 * 2  # the MLA latent, bf16
+
+
+def test_tokenizer_is_prefix_stable_and_counts_words():
+    text = "You are a careful coding agent. Tools: read_file, write_file."
+    ids = tokens.encode(text)
+    assert tokens.encode(text + " Fix bug 42") [:len(ids)] == ids
+    assert len(tokens.encode("one two three four")) == 4
+    reply = tokens.decode(tokens.output_tokens(123, 0, 50))
+    assert tokens.encode(reply) == tokens.output_tokens(123, 0, 50)
+
+
+def test_sim_run_cli_writes_a_ladder(kvlab, tmp_path):
+    r = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "2,4", "--duration-s", "20", "--turns", "2",
+              "--system-tokens", "500", "--user-tokens", "100", "--reply-tokens", "20", "--think-time-s", "0.5",
+              "--out", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["users"] for x in runs] == [2, 4]
+    for x in runs:
+        folder = tmp_path / f"users-{x['users']}"
+        assert {p.name for p in folder.iterdir()} == {"requests.parquet", "metrics.parquet", "results.json"}
+        assert x["manifest"]["command"][:3] == ["kvlab", "sim", "run"]
+        assert x["capacity"]["num_gpu_blocks"] == 86659
+    bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "0")
+    assert bad.returncode == 2 and "--users must be positive" in bad.stderr

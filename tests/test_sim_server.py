@@ -1,0 +1,225 @@
+"""`kvlab sim serve` as a launcher sees it: started with vLLM's argv, read from its log, polled on
+/health, and answering like the real vLLM 0.32 responses captured in tests/fixtures."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvlab.sim import tokens
+
+FIXTURES = Path(__file__).parent / "fixtures"
+API_KEY = "sim-test-key"
+
+
+def free_port() -> int:
+    for port in range(8420, 8500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 8420-8499")
+
+
+class SimServer:
+    """A `kvlab sim serve` subprocess in its own process group; `lines` holds its log so far."""
+
+    def __init__(self, *argv: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvlab", "sim", "serve", *argv, "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("server exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if "Application startup complete." in line:
+                break
+        self.url = f"http://127.0.0.1:{self.port}"
+        assert httpx.get(self.url + "/health").status_code == 200
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = SimServer("llama-3.1-8b", "--gpu", "h100", "--max-model-len", "4096", "--block-size", "32",
+                  "--served-model-name", "llama-3.1-8b", "--enable-prompt-tokens-details", "--speedup", "20",
+                  "--api-key", API_KEY, "--disable-uvicorn-access-log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c
+
+
+def shape(x):
+    """A JSON value's structure: keys in order, element shapes, leaf types (values ignored)."""
+    if isinstance(x, dict):
+        return [(k, shape(v)) for k, v in x.items()]
+    if isinstance(x, list):
+        return [shape(v) for v in x]
+    return None if x is None else type(x).__name__
+
+
+def events(body: str) -> list:
+    out = []
+    for block in body.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+CAPTURED = [json.loads(line) for line in (FIXTURES / "vllm-0.32-cpu-llama-twin.http.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", CAPTURED, ids=[f"{c['path']}-{i}" for i, c in enumerate(CAPTURED)])
+def test_responses_have_vllms_shape(client, case):
+    if isinstance(case["request"], str):
+        r = client.request(case["method"], case["path"], content=case["request"],
+                           headers={"content-type": "application/json"})
+    else:
+        r = client.request(case["method"], case["path"], json=case["request"])
+    assert r.status_code == case["status"]
+    assert r.headers["content-type"].split(";")[0] == case["content_type"].split(";")[0]
+    if case["content_type"].startswith("text/event-stream"):
+        got, want = events(r.text), events(case["body"])
+        assert [shape(e) for e in got] == [shape(e) for e in want]
+        return
+    got, want = r.json(), json.loads(case["body"])
+    assert shape(got) == shape(want)
+    if r.status_code in (400, 404) and "validation error" not in want["error"]["message"]:
+        assert got == want  # vLLM's exact error message
+
+
+def test_startup_log_is_vllms(server):
+    log = "".join(server.lines)
+    assert re.search(r"version 0\.32\.0\+kvlab\.sim", log)
+    assert re.search(r"\[gpu_worker\.py:\d+\] Available KV cache memory: 54\.14 GiB", log)
+    assert "GPU KV cache size: 443,456 tokens, Maximum concurrency for 4,096 tokens per request: 108.27x" in log
+    assert log.index("Starting vLLM server on http://127.0.0.1:") < log.index("Application startup complete.")
+
+
+def test_usage_counts_the_documented_tokenization(client):
+    prompt = "Count these words exactly, please: alpha beta gamma 12345."
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3})
+    # Count| these| words| exactly|,| please|:| alpha| beta| gamma| 123|45|.
+    assert r.json()["usage"]["prompt_tokens"] == len(tokens.encode(prompt)) == 13
+    assert client.post("/tokenize", json={"prompt": prompt}).json()["count"] == 13
+    msgs = [{"role": "user", "content": prompt}]
+    chat = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).json()
+    assert chat["usage"]["prompt_tokens"] == client.post("/tokenize", json={"messages": msgs}).json()["count"]
+
+
+def test_reply_appended_verbatim_is_a_prefix_cache_hit(client):
+    system = "You are an agent with tools. " * 40
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "task one"}]
+    first = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 40}).json()
+    reply = first["choices"][0]["message"]["content"]
+    assert len(tokens.encode(reply)) == 40
+    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "tool result: ok"}]
+    second = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).json()
+    shared = tokens.encode(tokens.render_chat(msgs[:2]) + reply)
+    details = second["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] == (len(shared) - 1) // 32 * 32  # all but the reply's last token
+
+
+def test_shared_system_prompt_hits_across_requests(client):
+    system = "Shared tool schema and rules for every session. " * 30
+    def ask(user):
+        return client.post("/v1/chat/completions", json={
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}})
+    ask("first session")
+    usage = events(ask("second session").text)[-2]["usage"]
+    common = len(tokens.encode(tokens.render_chat([{"role": "system", "content": system}], False) + "<|user|>\n"))
+    assert usage["prompt_tokens_details"]["cached_tokens"] == common // 32 * 32 > 0
+
+
+def test_metrics_parse_like_real_vllm(client):
+    def families(text):
+        out = {}
+        for f in text_string_to_metric_families(text):
+            if f.name.startswith("vllm:"):
+                labels = sorted({tuple(sorted(s.labels)) for s in f.samples})
+                buckets = sorted({s.labels["le"] for s in f.samples if "le" in s.labels}, key=float)
+                out[f.name] = (f.type, labels, buckets)
+        return out
+
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    real = families((FIXTURES / "vllm-0.32-cpu-llama-twin.metrics.txt").read_text())
+    sim = families(r.text)
+    assert sim == real
+    samples = {(s.name, s.labels.get("finished_reason")): s.value
+               for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples[("vllm:request_success_total", "length")] > 0
+    assert samples[("vllm:prefix_cache_hits_total", None)] > 0
+    info = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "vllm:cache_config_info"
+                for s in f.samples)
+    assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("13858", "32", "443456")
+
+
+def test_api_key_is_required(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_done_when_blocks_times_block_size_is_kvlab_capacity(kvlab):
+    cap = json.loads(kvlab("capacity", "deepseek-v2-lite", "--gpu", "h100", "--json").stdout)
+    s = SimServer("deepseek-v2-lite", "--gpu", "h100")
+    try:
+        log = "".join(s.lines)
+        metrics = httpx.get(s.url + "/metrics").text
+    finally:
+        s.stop()
+    info = next(smp.labels for f in text_string_to_metric_families(metrics) if f.name == "vllm:cache_config_info"
+                for smp in f.samples)
+    assert int(info["num_gpu_blocks"]) * int(info["block_size"]) == cap["num_blocks"] * cap["block_size"] == 1_386_544
+    assert f"GPU KV cache size: {cap['kv_cache_tokens']:,} tokens" in log
+    assert f"Available KV cache memory: {round(cap['kv_budget_bytes'] / 2**30, 2)} GiB" in log
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-cache-dtype", "foo"], "argument --kv-cache-dtype: invalid choice: 'foo'"),
+    (["--foo", "1"], "unrecognized arguments: --foo 1"),
+    (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization: Input should be less than or equal to 1"),
+    (["--max-num-batched-tokens", "10"], "max_num_batched_tokens (10) must be greater than or equal to max_num_seqs (1024)."),
+    (["--quantization", "nope"], "Unknown quantization method: nope."),
+    (["--max-model-len", "999999"], "User-specified max_model_len (999999) is greater than the derived max_model_len"),
+    (["--gpu", "h1000"], "unknown GPU 'h1000'"),
+])
+def test_bad_flags_fail_like_vllm(kvlab, argv, message):
+    args = ["sim", "serve", "llama-3.1-8b", *(argv if "--gpu" in argv else ["--gpu", "h100", *argv])]
+    r = kvlab(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_weights_that_do_not_fit_fail(kvlab):
+    r = kvlab("sim", "serve", "deepseek-v3", "--gpu", "h100")
+    assert r.returncode == 2 and "do not fit h100" in r.stderr
