@@ -113,16 +113,6 @@ def test_fuzzed_spec_is_valid_or_refused_naming_the_field(data):
             assert "/" not in c.cell_id and not c.cell_id.startswith(".")
 
 
-@fuzz
-@given(raw=file_bytes)
-def test_fuzzed_spec_file_text(tmp_path_factory, raw):
-    from kvlab.experiments.spec import load_spec
-
-    p = tmp_path_factory.mktemp("spec") / "s.yaml"
-    p.write_bytes(raw)
-    refused_or_ok(load_spec, p, where=str(p))
-
-
 # --- workload files --------------------------------------------------------------------------
 
 WORKLOAD = yaml.safe_load((REPO / "loadtest" / "agent-smoke.yaml").read_text())
@@ -166,16 +156,6 @@ def test_fuzzed_workload_is_valid_or_refused_and_plays(tmp_path_factory, data, s
         assert 1 <= len(plan.turns) and plan.system_tokens >= 0
     plan = ShapePlan(wl.load.shape, wl.load.users, wl.load.duration_s)
     plan.schedule()
-
-
-@fuzz
-@given(raw=file_bytes)
-def test_fuzzed_workload_file_text(tmp_path_factory, raw):
-    from kvlab.loadtest.workload import load_workload
-
-    p = tmp_path_factory.mktemp("wl") / "w.yaml"
-    p.write_bytes(raw)
-    refused_or_ok(load_workload, p, where=str(p))
 
 
 # --- model configs (config.json) ---------------------------------------------------------------
@@ -255,15 +235,35 @@ def test_fuzzed_serve_profile_is_read_or_refused(tmp_path_factory, monkeypatch, 
         srv.record()
 
 
-@fuzz
-@given(raw=file_bytes)
-def test_fuzzed_serve_profile_file_text(tmp_path_factory, monkeypatch, raw):
+# --- any YAML file, bytes as they come --------------------------------------------------------
+
+
+def _read_spec(path: Path, monkeypatch) -> None:
+    from kvlab.experiments.spec import load_spec
+
+    load_spec(path)
+
+
+def _read_workload(path: Path, monkeypatch) -> None:
+    from kvlab.loadtest.workload import load_workload
+
+    load_workload(path)
+
+
+def _read_profiles(path: Path, monkeypatch) -> None:
     from kvlab.deploy.profiles import model_profiles
 
-    folder = tmp_path_factory.mktemp("profiles")
-    (folder / "llama-3.1-8b.yaml").write_bytes(raw)
-    monkeypatch.setenv("KVLAB_PROFILES", str(folder))
-    refused_or_ok(model_profiles, "llama-3.1-8b", where=str(folder / "llama-3.1-8b.yaml"))
+    monkeypatch.setenv("KVLAB_PROFILES", str(path.parent))
+    model_profiles(path.stem)
+
+
+@pytest.mark.parametrize("read", [_read_spec, _read_workload, _read_profiles], ids=["spec", "workload", "profile"])
+@fuzz
+@given(raw=file_bytes)
+def test_fuzzed_yaml_file_bytes(tmp_path_factory, monkeypatch, read, raw):
+    p = tmp_path_factory.mktemp("yaml") / "llama-3.1-8b.yaml"
+    p.write_bytes(raw)
+    refused_or_ok(read, p, monkeypatch, where=str(p))
 
 
 # --- CLI arguments ---------------------------------------------------------------------------
