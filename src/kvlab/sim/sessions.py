@@ -18,18 +18,20 @@ from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.workload import Workload, load_workload
 
 
-def closed_loop(workload: Workload, seed: int, users: int, spawn_rate: float | None = None) -> Iterator[SessionPlan]:
+def closed_loop(workload: Workload, seed: int, users: int, spawn_rate: float | None = None,
+                plans: Iterable[SessionPlan] | None = None) -> Iterator[SessionPlan]:
     """The session stream of `users` closed-loop users (Locust's `constant` shape): user i starts
     its first session at i / spawn_rate seconds (default: the workload's `load.spawn_rate`, else all
     users within one second, as `kvlab load` spawns them); later sessions start when a user's
-    previous one ends (their start offsets are not used)."""
+    previous one ends (their start offsets are not used). `plans`: the workload's stream of `seed`
+    if the caller keeps it already (it is not generated again)."""
     if users < 1:
         raise KvlabError(f"--users must be at least 1, got {users}")
     if spawn_rate is not None and spawn_rate <= 0:
         raise KvlabError(f"--spawn-rate must be positive, got {spawn_rate}")
     rate = spawn_rate or workload.load.spawn_rate or users
-    return (replace(plan, start_offset_s=i / rate) if i < users else plan
-            for i, plan in enumerate(workload.sessions(seed)))
+    stream = workload.sessions(seed) if plans is None else plans
+    return (replace(plan, start_offset_s=i / rate) if i < users else plan for i, plan in enumerate(stream))
 
 
 def session_stream(sessions: Iterable[SessionPlan] | Workload | str | Path, seed: int, concurrency: int | None,
