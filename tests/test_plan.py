@@ -264,3 +264,24 @@ def test_bad_flags_are_one_line_errors(kvlab, tmp_path, args, message):
     r = kvlab("plan", "--workload", "agent", "--gpu", "h100", "--models", "llama-3.1-8b",
               *[x for kv in base.items() for x in kv], "--out", str(tmp_path))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_configs_between_baseline_and_target_change_one_factor_at_a_time():
+    from kvlab.plan.configs import resolve_config
+    from kvlab.plan.planner import PlanRequest, _corners, _quant_names
+
+    req = PlanRequest(workload="agent", agents=1, gpu="h100", models=["llama-3.1-8b", "deepseek-v2-lite"], quants=["bf16"])
+    names = _quant_names(req, 32768)
+    assert names[("llama-3.1-8b", "fp8", "bf16")] == "fp8-kv" and names[("deepseek-v2-lite", "bf16", "awq")] == "awq"
+    base = resolve_config("llama-3.1-8b", "bf16", "h100", 1, 32768)
+    target = resolve_config("deepseek-v2-lite", "fp8+fp8-kv", "h100", 1, 32768)
+    assert (base.factors, target.factors) == ({"model": "llama-3.1-8b", "kv_cache_dtype": "bf16", "weights": "bf16"},
+                                              {"model": "deepseek-v2-lite", "kv_cache_dtype": "fp8", "weights": "fp8"})
+    corners = _corners(base, target, names)
+    assert len(corners) == 8 and corners[frozenset()] is base and corners[frozenset(base.factors)] is target
+    labels = {"+".join(sorted(k)): c.label for k, c in corners.items()}
+    assert labels["kv_cache_dtype"] == "llama-3.1-8b/fp8-kv" and labels["weights"] == "llama-3.1-8b/fp8"
+    assert labels["model"] == "deepseek-v2-lite/bf16" and labels["kv_cache_dtype+weights"] == "llama-3.1-8b/fp8+fp8-kv"
+    assert corners[frozenset({"model", "kv_cache_dtype"})].engine_args()["kv_cache_dtype"] == "fp8"
+    assert corners[frozenset({"weights"})].sim_config().capacity.quantization == "fp8"
+    assert target.sim_run_flags() == ["--max-model-len", "32768", "--kv-cache-dtype", "fp8", "--quantization", "fp8"]

@@ -21,6 +21,9 @@ from kvlab.models.cards import resolve_model
 NEAREST_QUANTS = ("fp8-kv", "fp8", "fp8+fp8-kv", "awq", "gptq")
 TP_SIZES = (1, 2, 4, 8)
 _KV_ALIASES = {"fp8_e4m3": "fp8"}
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The memory model's weight formats as `vllm serve --quantization` names (kvlab sim run takes those).
+VLLM_QUANTIZATION = {"fp8-block": "fp8_per_block", "int8": "compressed-tensors"}
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,8 @@ class PlanConfig:
     gpu: str  # GPU preset
     tp: int
     engine: tuple[tuple[str, Any], ...]  # build_config keywords (vllm serve flags), sorted
-    kv_cache_dtype: str  # "auto" when the KV cache takes the model dtype
-    weights: str  # weight format (kvlab.models.weights): auto, fp8, awq, ...
+    kv_cache_dtype: str  # bf16 (fp16, fp32) when the KV cache takes the model dtype, else fp8, ...
+    weights: str  # bf16 (fp16, fp32) when unquantized, else the weight format: fp8, awq, ...
     attention: str  # MLA, GQA, MHA, MQA
 
     @property
@@ -59,17 +62,18 @@ class PlanConfig:
         if e.get("kv_cache_dtype", "auto") != "auto":
             flags += ["--kv-cache-dtype", e["kv_cache_dtype"]]
         if e.get("quantization"):
-            flags += ["--quantization", e["quantization"]]
+            flags += ["--quantization", VLLM_QUANTIZATION.get(e["quantization"], e["quantization"])]
         if self.tp > 1:
             flags += ["-tp", str(self.tp)]
         return flags
 
 
 def _kv_factor(kv: str, model_dtype: str) -> str:
+    """The KV dtype as a factor: `auto` and the model dtype's own name are one value (bf16, ...)."""
     kv = _KV_ALIASES.get(kv, kv)
-    if kv != "auto" and kv in ("bfloat16", "float16", "float32") and normalize_dtype(kv) == model_dtype:
-        return "auto"
-    return kv
+    if kv == "auto":
+        return DTYPE_SHORT[model_dtype]
+    return DTYPE_SHORT.get(normalize_dtype(kv), kv) if kv in ("bfloat16", "float16", "float32", "half", "float") else kv
 
 
 def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int) -> PlanConfig:
@@ -98,8 +102,10 @@ def _make(model: str, quant: str, gpu: str, tp: int, engine: dict[str, Any]) -> 
 
     arch = resolve_model(model).arch
     engine = {k: v for k, v in engine.items() if v is not None}
+    dtype = normalize_dtype(engine.get("dtype") or arch.dtype)
     weights = weight_format(engine.get("quantization"), arch).name
-    kv = _kv_factor(engine.get("kv_cache_dtype", "auto"), normalize_dtype(engine.get("dtype") or arch.dtype))
+    weights = DTYPE_SHORT[dtype] if weights == "auto" else weights
+    kv = _kv_factor(engine.get("kv_cache_dtype", "auto"), dtype)
     return PlanConfig(model, quant, gpu, tp, tuple(sorted(engine.items())), kv, weights, arch.attention)
 
 
@@ -108,10 +114,17 @@ def with_factors(base: PlanConfig, model: str, kv_cache_dtype: str, weights: str
     configs between a baseline and a config, one factor changed at a time. Named after the serve
     profile that has these flags where one does (`quant_names`: (model, kv, weights) -> level)."""
     engine = base.engine_args()
-    engine["kv_cache_dtype"] = "auto" if kv_cache_dtype == "auto" else kv_cache_dtype
-    engine["quantization"] = None if weights == "auto" else weights
+    dtype = DTYPE_SHORT[normalize_dtype(resolve_model(model).arch.dtype)]
+    unquantized = weights in DTYPE_SHORT.values()
+    engine["kv_cache_dtype"] = "auto" if kv_cache_dtype == dtype else _dtype_flag(kv_cache_dtype)
+    engine["quantization"] = None if unquantized else weights
     name = quant_names.get((model, kv_cache_dtype, weights)) or f"kv={kv_cache_dtype},weights={weights}"
     return _make(model, name, base.gpu, base.tp, engine)
+
+
+def _dtype_flag(kv: str) -> str:
+    """A KV factor value as a --kv-cache-dtype value."""
+    return {v: k for k, v in DTYPE_SHORT.items()}.get(kv, kv)
 
 
 def nearest_working(cfg: PlanConfig, levels: list[str]) -> tuple[PlanConfig, str] | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kvlab.errors import KvlabError
 from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_profile
+from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
 from kvlab.plan.probe import Window, run_probe
@@ -163,6 +164,26 @@ def _baseline(req: PlanRequest, planned: list[Planned]) -> Planned:
     return (gqa or ok)[0]
 
 
+def _quant_names(req: PlanRequest, max_model_len: int) -> dict[tuple[str, str, str], str]:
+    """(model, KV dtype, weights) -> the serve profile level with those flags, for every level of
+    the planned models (the configs between baseline and config are named after them)."""
+    from kvlab.deploy.profiles import model_profiles
+
+    names: dict[tuple[str, str, str], str] = {}
+    for model in req.models:
+        try:
+            levels = model_profiles(resolve_model(model).name).profiles
+        except KvlabError:
+            continue
+        for level in levels:
+            try:
+                cfg = resolve_config(model, level, req.gpu, req.tp, max_model_len)
+            except KvlabError:
+                continue
+            names.setdefault((cfg.model, cfg.kv_cache_dtype, cfg.weights), level)
+    return names
+
+
 def _corners(base: PlanConfig, target: PlanConfig, quant_names: dict) -> dict[frozenset, PlanConfig]:
     """The configs between baseline and target with any subset of the changed factors taken from the target."""
     b, t = base.factors, target.factors
@@ -246,8 +267,7 @@ def plan(req: PlanRequest) -> dict:
         raise KvlabError("no config can be planned: " + "; ".join(
             f"{p.label}: {p.refusal}" + (f" (nearest that works: {p.nearest})" if p.nearest else "") for p in planned))
     base = _baseline(req, planned)
-    quant_names = {(p.config.model, p.config.kv_cache_dtype, p.config.weights): p.quant
-                   for p in planned if p.config is not None}
+    quant_names = _quant_names(req, mml)
     corners = {p.label: _corners(base.config, p.config, quant_names) for p in planned if p.config is not None}
     unique = {}
     for cfg in [p.config for p in planned if p.config] + [c for cs in corners.values() for c in cs.values()]:

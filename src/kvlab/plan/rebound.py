@@ -60,29 +60,33 @@ def plot(reb: dict, path: Path) -> Path:
     import numpy as np
     from matplotlib.colors import LogNorm
 
+    k_max = max(reb["volume_x"]) * 1.15
     xs = np.linspace(0, 95, 191)
-    ks = np.geomspace(1, max(reb["volume_x"] + [20]), 200)
+    ks = np.geomspace(0.9, k_max, 200)
     X, K = np.meshgrid(xs, ks)
     demand = K * (1 - X / 100)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     mesh = ax.pcolormesh(X, K, demand, cmap="RdYlGn_r", norm=LogNorm(vmin=0.1, vmax=10), shading="auto")
     fig.colorbar(mesh, ax=ax, label="HBM demand vs today (x)")
     ax.contour(X, K, demand, levels=[1.0], colors="black", linewidths=1.5)
-    ax.plot([], [], color="black", label="break-even: K = 1 / (1 - X)")
+    handles = [plt.Line2D([], [], color="black", label="break-even: K = 1 / (1 - X)")]
     for cell in reb["grid"]:
         ax.annotate(f"{cell['hbm_vs_today']:.2g}x", (cell["cost_drop_pct"], cell["volume_x"]), ha="center",
                     va="center", fontsize=8)
     for row, color in zip(reb["configs"], plt.cm.tab10.colors):
         if 0 <= row["cost_drop_pct"] <= 95:
-            ax.axvline(row["cost_drop_pct"], color=color, linestyle="--", linewidth=1.2,
-                       label=f"{row['config']}: X = {row['cost_drop_pct']:.0f} %")
+            handles.append(ax.axvline(row["cost_drop_pct"], color=color, linestyle="--", linewidth=1.2,
+                                      label=f"{row['config']}: X = {row['cost_drop_pct']:.0f} %"))
     ax.set_yscale("log")
+    ax.set_ylim(0.9, k_max)
+    ax.set_yticks(reb["volume_x"], [f"{k:g}x" for k in reb["volume_x"]])
+    ax.minorticks_off()
     ax.set_xlabel("cost per call falls by X %")
     ax.set_ylabel("call volume grows K-fold")
     ax.set_title(f"Rebound: fleet HBM against today's ({reb['today']['config']}, {reb['today']['hbm_gib']:,.0f} GiB)\n"
                  "computed from simulated sessions per GPU", fontsize=10)
-    ax.legend(loc="upper left", fontsize=7, framealpha=0.9)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -37,9 +37,9 @@ def fleet_table(result: dict) -> Table:
         base = " (baseline)" if row["config"] == result["baseline"] else ""
         per_agent = f["calls_per_day"] / 24 / i["agents"]
         usd = "—" if f["usd_per_1m_output_tokens"] is None else \
-            f"{f['usd_per_1m_output_tokens']:,.2f} | {f['usd_per_1m_tokens']:,.3f}"
+            f"{f['usd_per_1m_output_tokens']:.3g} | {f['usd_per_1m_tokens']:.3g}"
         t.add_row(row["config"] + base, row["attention"], row["kv_cache_dtype"], row["weights"],
-                  _n(f["sessions_per_gpu"], "{:,.1f}"), _n(f["gpus"]), _n(f["hbm_total_gib"]), _n(f["hbm_kv_gib"]),
+                  _n(f["sessions_per_gpu"], "{:,.4g}"), _n(f["gpus"]), _n(f["hbm_total_gib"]), _n(f["hbm_kv_gib"]),
                   _n(f["kv_in_use_gib"]), _n(f["kv_in_use_mib_per_session"], "{:,.1f}"), _n(per_agent, "{:,.0f}"),
                   _n(f["usd_per_day"]), usd)
     return t
