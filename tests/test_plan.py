@@ -95,25 +95,29 @@ def test_rebound_demand_is_volume_times_the_cost_left():
 # -- a plan on the simulator, checked against direct simulator runs --------------------------------
 
 
-@pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def _plan_in(root: Path, **kw) -> dict:
+    """`plan()` with its probe cache in `root`."""
     from kvlab.plan.planner import PlanRequest, plan
 
-    root = tmp_path_factory.mktemp("plan")
-    wl_path = root / "plan-test.yaml"
-    wl_path.write_text(yaml.safe_dump(WORKLOAD))
     old = os.environ.get("KVLAB_CACHE")
     os.environ["KVLAB_CACHE"] = str(root / "cache")
     try:
-        result = plan(PlanRequest(workload=str(wl_path), agents=AGENTS, gpu="h100", models=MODELS, quants=QUANTS,
-                                  gpu_price_per_hour=2.5, sim_s=SIM_S, tolerance=0.1, workers=2, out=root / "out",
-                                  verbose=False))
+        return plan(PlanRequest(**{"workload": str(root / "plan-test.yaml"), "agents": AGENTS, "gpu": "h100",
+                                   "models": MODELS, "quants": QUANTS, "gpu_price_per_hour": 2.5, "sim_s": SIM_S,
+                                   "tolerance": 0.1, "workers": 2, "out": root / "out", "verbose": False, **kw}))
     finally:
         if old is None:
             os.environ.pop("KVLAB_CACHE", None)
         else:
             os.environ["KVLAB_CACHE"] = old
-    return root, wl_path, result
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    wl_path = root / "plan-test.yaml"
+    wl_path.write_text(yaml.safe_dump(WORKLOAD))
+    return root, wl_path, _plan_in(root)
 
 
 def _direct_run(row, wl_path, users):
@@ -146,9 +150,14 @@ def test_sessions_per_gpu_agree_with_the_simulator(planned):
         for key in ("requests_completed", "output_tokens", "calls_per_s", "kv_in_use_bytes_mean", "prompt_tokens_per_s"):
             assert f["probe"][key] == pytest.approx(fig[key], rel=1e-12), key
         assert not _direct_run(row, wl_path, s["missed_at"]).judge(slo, 0.95).passed
-        # the fleet: whole replicas of one GPU for the always-busy agents
-        assert f["gpus"] == ceil(AGENTS / c) and f["concurrent_sessions"] == AGENTS
+        # the fleet: every config serves the calls of AGENTS agents as busy as the baseline's sessions
+        assert f["concurrent_sessions"] == pytest.approx(AGENTS * result["inputs"]["calls_per_agent_hour"]
+                                                         / f["calls_per_session_hour"])
+        assert f["calls_per_day"] == pytest.approx(AGENTS * result["inputs"]["calls_per_agent_hour"] * 24)
+        assert f["gpus"] == ceil(f["concurrent_sessions"] / c - 1e-9)
         assert f["usd_per_day"] == f["gpus"] * 2.5 * 24
+    base = rows[result["baseline"]]["figures"]
+    assert base["concurrent_sessions"] == pytest.approx(AGENTS) and base["gpus"] == ceil(AGENTS / base["sessions_per_replica"])
 
 
 def test_hbm_is_the_memory_models_per_gpu(planned):
@@ -192,6 +201,9 @@ def test_rebound_table_and_plot(planned):
     reb = result["rebound"]
     base = {r["config"]: r for r in result["configs"]}[result["baseline"]]["figures"]
     assert reb["today"]["gpus"] == base["gpus"]
+    figs = {r["config"]: r["figures"] for r in result["configs"]}
+    for row in reb["configs"]:  # at today's calls (K = 1) a config's own fleet
+        assert row["cells"][0]["volume_x"] == 1.0 and row["cells"][0]["gpus"] == figs[row["config"]]["gpus"]
     assert len(reb["grid"]) == 4 * 5 and {c["config"] for c in reb["configs"]} == {
         "deepseek-v2-lite/bf16", "deepseek-v2-lite/fp8-kv", "llama-3.1-8b/fp8-kv"}
     for c in reb["grid"]:
@@ -226,6 +238,21 @@ def test_cli_json_reuses_the_cached_probes_and_reproduces_with_sim_run(planned, 
               env={**env, "COLUMNS": "250"})
     assert t.returncode == 0, t.stderr
     assert "Savings against llama-3.1-8b/bf16" in t.stdout and "break-even K" in t.stdout
+
+
+def test_calls_per_agent_hour_and_another_baseline(planned):
+    root, _, result = planned
+    llama = {r["config"]: r for r in result["configs"]}["llama-3.1-8b/bf16"]["figures"]
+    rate = llama["calls_per_session_hour"] / 4  # agents busy a quarter of the time
+    r = _plan_in(root, calls_per_agent_hour=rate, baseline="deepseek-v2-lite/bf16", out=root / "quarter")
+    assert r["run"]["probes_cached"] == r["run"]["probes"]  # only the demand changed: no new simulation
+    rows = {x["config"]: x for x in r["configs"]}
+    f = rows["llama-3.1-8b/bf16"]["figures"]
+    assert f["concurrent_sessions"] == pytest.approx(AGENTS / 4)
+    assert f["gpus"] == ceil(AGENTS / 4 / f["sessions_per_replica"] - 1e-9)
+    assert r["baseline"] == "deepseek-v2-lite/bf16" and rows["deepseek-v2-lite/bf16"]["savings"]["gpus"]["saved"] == 0
+    # under this tight ITL bound the MoE model reads most of its experts every step: Llama needs fewer GPUs
+    assert rows["llama-3.1-8b/bf16"]["savings"]["gpus"]["saved"] == rows["deepseek-v2-lite/bf16"]["figures"]["gpus"] - f["gpus"] > 0
 
 
 def test_a_gpu_that_cannot_hold_one_session_names_the_nearest_config(kvlab, tmp_path):

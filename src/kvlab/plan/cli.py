@@ -57,7 +57,7 @@ def plan_cmd(
     gpu: str = typer.Option(..., "--gpu", help="GPU preset (kvlab gpus)"),
     models: str = typer.Option(..., "--models", help="Comma-separated model cards"),
     quants: str = typer.Option("bf16", "--quants", help="Comma-separated serve-profile levels (bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq)"),
-    calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: agents are always busy, one session each)"),
+    calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: as many as one busy session of the baseline config at the SLO)"),
     slo: Optional[str] = typer.Option(None, "--slo", help="Thresholds over the workload's slo: ttft_s=2,itl_p95_s=0.1,tpot_s=..,e2e_s=.. (off disables one)"),
     slo_attainment: float = typer.Option(0.95, "--slo-attainment", help="Share of requests that must meet the SLO"),
     gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour (no $ figures without it)"),

@@ -1,11 +1,12 @@
 """A fleet of N agents on one config: GPUs, HBM, dollars, from the sessions one replica serves.
 
-An agent is a closed-loop session of the workload (what one Locust user plays). Without
-`calls_per_agent_hour` every agent is always busy: N agents need N concurrent sessions. With it,
-agents call at that rate and the fleet needs N x rate / (calls one session makes per hour at the
-SLO) concurrent sessions. A replica (one GPU, or `-tp` GPUs) serves the searched number of sessions
-within the SLO; a fleet is whole replicas. Per GPU, vLLM holds the weights and its KV pool (the
-memory model's blocks); the KV actually in use is the simulated mean over the probe's window.
+An agent runs closed-loop sessions of the workload (what one Locust user plays) and calls at
+`calls_per_agent_hour`; the planner's default is the rate of one session of the baseline config at
+its SLO load, so every config serves the same calls. A config whose sessions call more slowly
+needs more concurrent sessions: N x rate / (calls one of its sessions makes per hour at the SLO).
+A replica (one GPU, or `-tp` GPUs) serves the searched number of sessions within the SLO; a fleet
+is whole replicas. Per GPU, vLLM holds the weights and its KV pool (the memory model's blocks);
+the KV actually in use is the simulated mean over the probe's window.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def mean_final_context_tokens(workload: Workload, seed: int, n: int = 2000) -> f
     return total / n
 
 
-def fleet_figures(res: SearchResult, agents: int, calls_per_agent_hour: float | None,
+def calls_per_session_hour(res: SearchResult) -> float:
+    """Calls one session makes per hour at the searched load (simulated)."""
+    return 3600 * res.probe.figures()["calls_per_s"] / res.users
+
+
+def fleet_figures(res: SearchResult, agents: int, calls_per_agent_hour: float,
                   gpu_price_per_hour: float | None, final_context_tokens: float) -> dict:
     """Every figure of one config's fleet, with where each comes from."""
     cfg, c = res.config, res.users
@@ -41,13 +47,13 @@ def fleet_figures(res: SearchResult, agents: int, calls_per_agent_hour: float | 
     cap, gpu = sim.capacity, sim.gpu
     f = res.probe.figures()
     tp = cfg.tp
-    calls_per_session_hour = 3600 * f["calls_per_s"] / c
-    sessions = agents if calls_per_agent_hour is None else agents * calls_per_agent_hour / calls_per_session_hour
+    per_session_hour = calls_per_session_hour(res)
+    sessions = agents * calls_per_agent_hour / per_session_hour
     replicas = ceil(sessions / c - 1e-9)
     gpus = replicas * tp
     kv_pool_gpu = cap.num_blocks * cap.bytes_per_block  # what vLLM allocates per GPU
     kv_in_use_session = f["kv_in_use_bytes_mean"] * tp / c  # all ranks of the replica
-    calls_per_day = sessions * calls_per_session_hour * 24
+    calls_per_day = sessions * per_session_hour * 24
     out_per_call = f["output_tokens_per_s"] / f["calls_per_s"]
     prompt_per_call = f["prompt_tokens_per_s"] / f["calls_per_s"]
     usd_day = gpus * gpu_price_per_hour * 24 if gpu_price_per_hour is not None else None
@@ -57,7 +63,7 @@ def fleet_figures(res: SearchResult, agents: int, calls_per_agent_hour: float | 
         "sessions_per_replica": c,
         "sessions_per_gpu": c / tp,
         "gpus_per_replica": tp,
-        "calls_per_session_hour": calls_per_session_hour,
+        "calls_per_session_hour": per_session_hour,
         "concurrent_sessions": sessions,
         "replicas": replicas,
         "gpus": gpus,

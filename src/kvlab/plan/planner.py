@@ -293,7 +293,9 @@ def plan(req: PlanRequest) -> dict:
         corners = {p.label: _corners(base.config, p.config, quant_names) for p in feasible}
 
     final_ctx = fleet.mean_final_context_tokens(workload, req.seed)
-    figs = {k: fleet.fleet_figures(r, req.agents, req.calls_per_agent_hour, req.gpu_price_per_hour, final_ctx)
+    # Every config serves the same calls: by default, as many per agent as one baseline session makes.
+    rate = req.calls_per_agent_hour or fleet.calls_per_session_hour(base.result)
+    figs = {k: fleet.fleet_figures(r, req.agents, rate, req.gpu_price_per_hour, final_ctx)
             for k, r in results.items() if r.status != "slo_unmet"}
     base_fig = figs[_key(base.config)]
     out_configs = []
@@ -320,7 +322,9 @@ def plan(req: PlanRequest) -> dict:
     return _finite({
         "provenance": PROVENANCE,
         "inputs": {"workload": {"name": workload.name, "source": str(resolve_profile(req.workload))},
-                   "agents": req.agents, "calls_per_agent_hour": req.calls_per_agent_hour, "gpu": req.gpu,
+                   "agents": req.agents, "calls_per_agent_hour": rate,
+                   "calls_per_agent_hour_source": "given" if req.calls_per_agent_hour else
+                   f"simulated: one session of the baseline ({base.label}) at its SLO load", "gpu": req.gpu,
                    "models": req.models, "quants": req.quants, "slo": slo.model_dump(), "slo_attainment": req.attainment,
                    "gpu_price_per_hour": req.gpu_price_per_hour, "tensor_parallel_size": req.tp,
                    "max_model_len": mml, "sim_s": req.sim_s, "warmup_s": settings.fine.warmup_s,

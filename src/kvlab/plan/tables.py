@@ -21,13 +21,14 @@ def _console() -> Console:
 
 def fleet_table(result: dict) -> Table:
     i = result["inputs"]
-    rate = f"{i['calls_per_agent_hour']:g} calls per agent-hour" if i["calls_per_agent_hour"] else "always busy"
+    rate = f"{i['calls_per_agent_hour']:,.0f} calls per agent-hour" + (
+        "" if i["calls_per_agent_hour_source"] == "given" else " as the baseline's busy sessions make")
     slo = ", ".join(f"{k} {v:g}" for k, v in i["slo"].items() if v is not None)
     t = Table(title=f"{i['agents']:,} agents ({i['workload']['name']}, {rate}) on {i['gpu']}: SLO {slo} for "
                     f"{i['slo_attainment']:.0%} of requests")
     cols = ("config", "attention", "KV dtype", "weights", "sessions / GPU\n(simulated)", "GPUs",
             "HBM GiB\nweights + KV", "of it KV cache\nGiB", "KV in use GiB\n(simulated)", "KV per session\nMiB in use",
-            "calls per\nagent-hour", "$ / day", "$ / 1M tokens\n(out | all)")
+            "concurrent\nsessions", "$ / day", "$ / 1M tokens\n(out | all)")
     for c in cols:
         t.add_column(c, justify="left" if c in ("config", "attention", "KV dtype", "weights") else "right")
     for row in result["configs"]:
@@ -35,12 +36,11 @@ def fleet_table(result: dict) -> Table:
         if f is None:
             continue
         base = " (baseline)" if row["config"] == result["baseline"] else ""
-        per_agent = f["calls_per_day"] / 24 / i["agents"]
         usd = "—" if f["usd_per_1m_output_tokens"] is None else \
             f"{f['usd_per_1m_output_tokens']:.3g} | {f['usd_per_1m_tokens']:.3g}"
         t.add_row(row["config"] + base, row["attention"], row["kv_cache_dtype"], row["weights"],
                   _n(f["sessions_per_gpu"], "{:,.4g}"), _n(f["gpus"]), _n(f["hbm_total_gib"]), _n(f["hbm_kv_gib"]),
-                  _n(f["kv_in_use_gib"]), _n(f["kv_in_use_mib_per_session"], "{:,.1f}"), _n(per_agent, "{:,.0f}"),
+                  _n(f["kv_in_use_gib"]), _n(f["kv_in_use_mib_per_session"], "{:,.1f}"), _n(f["concurrent_sessions"]),
                   _n(f["usd_per_day"]), usd)
     return t
 
