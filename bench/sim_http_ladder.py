@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,13 @@ from kvlab.sim.sessions import predicted_max_users
 SYSTEM, USER, END = 1000, 200, 8192
 REPLY_TOKENS = END - SYSTEM - USER + 1
 SESSION = SessionPlan("user", "app0", SYSTEM, (TurnPlan(USER, REPLY_TOKENS, 0.0),))
-PORT = 8480
+PORT = int(os.environ.get("PORT", "0"))  # 0: a free port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 BLOCK_SIZE = os.environ.get("BLOCK_SIZE", "256")
 
 
@@ -82,7 +89,8 @@ async def rung(url: str, users: int) -> dict:
 
 
 def ladder(model: str, speedup: float) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "kvlab", "sim", "serve", model, "--gpu", "h100", "--port", str(PORT),
+    port = PORT or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab", "sim", "serve", model, "--gpu", "h100", "--port", str(port),
                              "--speedup", str(speedup), "--block-size", BLOCK_SIZE, "--disable-uvicorn-access-log",
                              "--disable-log-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -97,7 +105,7 @@ def ladder(model: str, speedup: float) -> dict:
         block_size = int(re.search(r"block_size=(\d+)", text).group(1))
         kv_line = re.search(r"GPU KV cache size: [^\n]*", text).group(0)
         n = predicted_max_users(blocks, block_size, [SESSION] * 10_000)
-        url = f"http://127.0.0.1:{PORT}"
+        url = f"http://127.0.0.1:{port}"
         rungs = [asyncio.run(rung(url, k)) for k in (n, n + 1)]
         return {"model": model, "num_gpu_blocks": blocks, "block_size": block_size, "log": kv_line,
                 "predicted_max_users": n, "rungs": rungs}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kvlab.loadtest.workload import SLOSpec, Workload
+from kvlab.loadtest.workload import SLOSpec
 from kvlab.models import memory
 from kvlab.models.cards import card
 from kvlab.plan.fleet import shapley

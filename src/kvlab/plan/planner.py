@@ -30,7 +30,7 @@ from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_pr
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
-from kvlab.plan.probe import Window, run_probe
+from kvlab.plan.probe import run_probe
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import SearchResult, SearchSettings, search
 
@@ -263,62 +263,31 @@ def plan(req: PlanRequest) -> dict:
     settings = SearchSettings(slo, req.attainment, req.sim_s, req.tolerance, req.seed, req.use_cache, req.verbose)
 
     planned = _resolve(req, mml)
-    if all(p.config is None for p in planned):
-        raise KvlabError("no config can be planned: " + "; ".join(
-            f"{p.label}: {p.refusal}" + (f" (nearest that works: {p.nearest})" if p.nearest else "") for p in planned))
+    _refuse_if_none(planned, planned, "no config can be planned")
     base = _baseline(req, planned)
-    quant_names = _quant_names(req, mml)
-    corners = {p.label: _corners(base.config, p.config, quant_names) for p in planned if p.config is not None}
-    unique = {}
-    for cfg in [p.config for p in planned if p.config] + [c for cs in corners.values() for c in cs.values()]:
-        unique.setdefault(_key(cfg), cfg)
-    extra = len(unique) - len({_key(p.config) for p in planned if p.config is not None})
-    _log(req, f"planning {len(unique)} config(s) ({extra} of them to separate the savings) with {req.workload}, "
-              f"SLO {slo.model_dump(exclude_none=True)} for {req.attainment:.0%} of requests; probes of "
-              f"{req.sim_s:g} simulated s")
-    results = _run_searches(list(unique.values()), workload, settings, req.workers)
-    for p in planned:
-        if p.config is not None:
-            p.result = results[_key(p.config)]
-            if p.result.status == "slo_unmet":
-                p.refusal = _unmet_reason(p.result, settings)
-                p.nearest = _nearest_for_slo(p.config, workload, settings)
-    feasible = [p for p in planned if p.result is not None and p.result.status != "slo_unmet"]
-    if not feasible:
-        raise KvlabError("no config meets the SLO: " + "; ".join(
-            f"{p.label}: {p.refusal}" + (f" (nearest that works: {p.nearest})" if p.nearest else "") for p in planned))
+    names = _quant_names(req, mml)
+    todo = _to_search(planned, base, names)
+    _log(req, f"planning {len(todo)} config(s) ({len(todo) - len(_requested(planned))} of them to separate the "
+              f"savings) with {req.workload}, SLO {slo.model_dump(exclude_none=True)} for {req.attainment:.0%} of "
+              f"requests; probes of {req.sim_s:g} simulated s")
+    results = _run_searches(list(todo.values()), workload, settings, req.workers)
+    feasible = _judge_results(planned, results, workload, settings)
+    _refuse_if_none(feasible, planned, "no config meets the SLO")
     if base not in feasible:
         _log(req, f"baseline {base.label} cannot be planned ({base.refusal}); using {feasible[0].label}")
         base = feasible[0]
-        corners = {p.label: _corners(base.config, p.config, quant_names) for p in feasible}
 
-    final_ctx = fleet.mean_final_context_tokens(workload, req.seed)
     # Every config serves the same calls: by default, as many per agent as one baseline session makes.
     rate = req.calls_per_agent_hour or fleet.calls_per_session_hour(base.result)
+    final_ctx = fleet.mean_final_context_tokens(workload, req.seed)
     figs = {k: fleet.fleet_figures(r, req.agents, rate, req.gpu_price_per_hour, final_ctx)
             for k, r in results.items() if r.status != "slo_unmet"}
-    base_fig = figs[_key(base.config)]
-    out_configs = []
-    for p in planned:
-        row = {"config": p.label, "model": p.model, "quant": p.quant, "refusal": p.refusal, "nearest": p.nearest}
-        if p.config is not None:
-            row.update({"gpu": p.config.gpu, "tp": p.config.tp, "attention": p.config.attention,
-                        "kv_cache_dtype": p.config.kv_cache_dtype, "weights": p.config.weights})
-        if p in feasible:
-            row.update(_search_json(p.result, workload, req, mml))
-            row["figures"] = figs[_key(p.config)]
-            row["savings"] = _savings(base, p, corners.get(p.label, {}), figs, results)
-        out_configs.append(row)
-
-    reb = rebound(base.label, base_fig, base.config.tp,
+    out_dir = Path(req.out) if req.out else Path("results") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    reb = rebound(base.label, figs[_key(base.config)], base.config.tp,
                   {p.label: (figs[_key(p.config)], p.config.tp) for p in feasible if p is not base},
                   req.cost_drops_pct, req.volume_x)
-    out_dir = Path(req.out) if req.out else Path("results") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     reb["plot"] = str(plot(reb, out_dir / "rebound.png"))
     probes = [lg for r in results.values() for lg in r.probes]
-    requested = {_key(p.config) for p in planned if p.config is not None}
-    extra = [{"config": r.config.label, **_search_json(r, workload, req, mml), "figures": figs.get(k)}
-             for k, r in results.items() if k not in requested]
     return _finite({
         "provenance": PROVENANCE,
         "inputs": {"workload": {"name": workload.name, "source": str(resolve_profile(req.workload))},
@@ -330,13 +299,62 @@ def plan(req: PlanRequest) -> dict:
                    "max_model_len": mml, "sim_s": req.sim_s, "warmup_s": settings.fine.warmup_s,
                    "tolerance": req.tolerance, "seed": req.seed},
         "baseline": base.label,
-        "configs": out_configs,
-        "attribution_configs": extra,
+        "configs": [_config_json(p, base, names, figs, req, feasible) for p in planned],
+        "attribution_configs": [{"config": r.config.label, **_search_json(r, req), "figures": figs.get(k)}
+                                for k, r in results.items() if k not in _requested(planned)],
         "rebound": reb,
         "out_dir": str(out_dir),
         "run": {"wall_s": time.time() - t0, "probes": len(probes), "probes_cached": sum(lg.cached for lg in probes),
                 "simulated_cpu_s": sum(lg.cpu_s for lg in probes)},
     })
+
+
+def _requested(planned: list[Planned]) -> set[tuple]:
+    return {_key(p.config) for p in planned if p.config is not None}
+
+
+def _to_search(planned: list[Planned], base: Planned, names: dict) -> dict[tuple, PlanConfig]:
+    """The requested configs and those between the baseline and each of them, once each."""
+    todo: dict[tuple, PlanConfig] = {}
+    for p in planned:
+        if p.config is not None:
+            todo.setdefault(_key(p.config), p.config)
+    for p in planned:
+        if p.config is not None:
+            for cfg in _corners(base.config, p.config, names).values():
+                todo.setdefault(_key(cfg), cfg)
+    return todo
+
+
+def _judge_results(planned: list[Planned], results: dict, workload: Workload, settings: SearchSettings) -> list[Planned]:
+    """Attach each config's search; one that misses the SLO at one session says why. The plannable ones."""
+    for p in planned:
+        if p.config is None:
+            continue
+        p.result = results[_key(p.config)]
+        if p.result.status == "slo_unmet":
+            p.refusal = _unmet_reason(p.result, settings)
+            p.nearest = _nearest_for_slo(p.config, workload, settings)
+    return [p for p in planned if p.result is not None and p.result.status != "slo_unmet"]
+
+
+def _refuse_if_none(ok: list[Planned], planned: list[Planned], what: str) -> None:
+    if any(p.config is not None for p in ok):
+        return
+    raise KvlabError(f"{what}: " + "; ".join(
+        f"{p.label}: {p.refusal}" + (f" (nearest that works: {p.nearest})" if p.nearest else "") for p in planned))
+
+
+def _config_json(p: Planned, base: Planned, names: dict, figs: dict, req: PlanRequest, feasible: list[Planned]) -> dict:
+    row = {"config": p.label, "model": p.model, "quant": p.quant, "refusal": p.refusal, "nearest": p.nearest}
+    if p.config is not None:
+        row.update({"gpu": p.config.gpu, "tp": p.config.tp, "attention": p.config.attention,
+                    "kv_cache_dtype": p.config.kv_cache_dtype, "weights": p.config.weights})
+    if p in feasible:
+        row.update(_search_json(p.result, req))
+        row["figures"] = figs[_key(p.config)]
+        row["savings"] = _savings(base, p, _corners(base.config, p.config, names), figs)
+    return row
 
 
 def _finite(x):
@@ -357,7 +375,7 @@ def _unmet_reason(res: SearchResult, settings: SearchSettings) -> str:
             f"needed); at one session {settings.attainment:.0%} of requests stay within {reached}")
 
 
-def _search_json(res: SearchResult, workload: Workload, req: PlanRequest, mml: int) -> dict:
+def _search_json(res: SearchResult, req: PlanRequest) -> dict:
     cfg = res.config
     argv = ["kvlab", "sim", "run", cfg.model, "--gpu", cfg.gpu, "--workload", req.workload, "--users",
             str(max(res.users, 1)), "--duration-s", f"{req.sim_s:g}", "--seed", str(req.seed), *cfg.sim_run_flags()]
@@ -367,7 +385,7 @@ def _search_json(res: SearchResult, workload: Workload, req: PlanRequest, mml: i
                        "reproduce": " ".join(argv)}}
 
 
-def _savings(base: Planned, p: Planned, corners: dict[frozenset, PlanConfig], figs: dict, results: dict) -> dict:
+def _savings(base: Planned, p: Planned, corners: dict[frozenset, PlanConfig], figs: dict) -> dict:
     factors = fleet.changed_factors(base.config.factors, p.config.factors)
     corner_figs = {}
     for subset, cfg in corners.items():
