@@ -14,20 +14,20 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: <first results folder>/report)"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16)"),
     gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour for the cost table (default: the spec's)"),
-    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="With two folders A and B: per metric, B's delta against A's repeats' 95 % interval"),
+    compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", metavar="A B", help="Two results folders: per metric, B's delta against A's repeats' 95 % interval"),
 ) -> None:
     """Write index.html (plots embedded), summary.md and the tables as CSV and JSON; print where."""
     from kvlab.analysis.report import build_report
     from kvlab.errors import KvlabError
 
     if compare:
-        if len(compare) != 2 or results:
-            raise KvlabError("--compare takes exactly two results folders: kvlab report --compare A --compare B")
+        if results:
+            raise KvlabError("--compare A B takes the two results folders itself; give no other folder")
         a, b = compare
         rep = build_report([b], out=out or Path(b) / "report", baseline=baseline, gpu_price=gpu_price, compare_with=[a])
     else:
         if not results:
-            raise KvlabError("give one or more results folders (or --compare A --compare B)")
+            raise KvlabError("give one or more results folders (or --compare A B)")
         rep = build_report(list(results), out=out, baseline=baseline, gpu_price=gpu_price)
     for s in rep.headline:
         sys.stderr.write(f"  {s}\n")

@@ -186,37 +186,42 @@ def cliff(cliffs: pd.DataFrame, colours: Colours) -> bytes | None:
 
 
 def kv_over_time(repeats: pd.DataFrame, colours: Colours) -> bytes | None:
-    """KV tokens in use over each run (the highest load level of each config)."""
+    """KV usage over each run in tokens and as a fraction of the pool, with running and waiting
+    requests (the highest load level of each config)."""
     if repeats.empty:
         return None
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     drawn = False
     for config, g in repeats.groupby("config", sort=False):
         r = g.sort_values(["users", "repeat"]).iloc[-1]
         df = series.read_samples(Path(r["folder"]) / "metrics.csv")
         t0 = r["window_start_ts"]
+        frac = series.metric(df, series.KV_USAGE)
         toks = series.kv_tokens_in_use(df)
         run = series.metric(df, series.RUNNING)
         wait = series.metric(df, series.WAITING)
-        if toks.empty and run.empty:
+        if frac.empty and run.empty:
             continue
         drawn = True
         c = colours(_model(config))
         if not toks.empty:
             ax1.plot(toks.index - t0, toks.values, color=c, label=f"{config} @ {r['users']}")
+        if not frac.empty:
+            ax2.plot(frac.index - t0, 100 * frac.values, color=c, label=config)
         if not run.empty:
-            ax2.plot(run.index - t0, run.values, color=c, label=f"{config} running")
+            ax3.plot(run.index - t0, run.values, color=c, label=f"{config} running")
         if not wait.empty and wait.max() > 0:
-            ax2.plot(wait.index - t0, wait.values, "--", color=c, label=f"{config} waiting")
+            ax3.plot(wait.index - t0, wait.values, "--", color=c, label=f"{config} waiting")
     if not drawn:
         plt.close(fig)
         return None
     ax1.set_ylabel("KV tokens in use")
     ax1.set_title("KV cache in use, running and waiting requests (measured)")
     ax1.legend(fontsize=7)
-    ax2.set_ylabel("requests")
-    ax2.set_xlabel("seconds since the load started")
-    ax2.legend(fontsize=7)
-    for a in (ax1, ax2):
+    ax2.set_ylabel("% of the KV pool")
+    ax3.set_ylabel("requests")
+    ax3.set_xlabel("seconds since the load started")
+    ax3.legend(fontsize=7)
+    for a in (ax1, ax2, ax3):
         a.grid(alpha=0.3)
     return _png(fig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ def _progress_runner(spec, out: Path, only, engine):
 
     from kvlab.experiments.runner import run_spec
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     task = None
@@ -90,20 +89,20 @@ def one_cmd(
     from kvlab.deploy import choose_engine
     from kvlab.experiments.spec import validate_spec
 
-    chosen, reason = choose_engine(engine)
+    chosen, _ = choose_engine(engine)  # for the defaults; the runner says which engine and why
     data = {
         "name": f"{model}-{quant}".replace("/", "_"),
-        "engine": chosen, "models": [model], "quants": [quant],
+        "engine": engine or "auto", "models": [model], "quants": [quant],
         "workloads": [workload or ("agent-smoke" if chosen == "vllm-cpu" else "agent")],
         "load": {"shape": "constant", "users": [users]},
         "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "gpu": gpu,
     }
     if chosen == "vllm-cpu":
-        data.update(kv_memory_gib=1, max_model_len=4096)
+        data.update(kv_memory_gib=1, max_model_len=4096, serve_args=["--block-size", "32"])
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
     try:
-        _progress_runner(spec, folder, None, chosen)
+        _progress_runner(spec, folder, None, engine)
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
         raise typer.Exit(130)

@@ -181,6 +181,7 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path
         hf_cfg = {k: v for k, v in cfg.items() if k != "architectures"}
         config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
         config.architectures = cfg["architectures"]
+        transformers.logging.disable_progress_bar()  # no "Writing model shards" bars in a run's output
         torch.manual_seed(SEED)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(tmp)
