@@ -79,7 +79,11 @@ def test_report_labels_the_figures_simulated(results):
     under_load = json.loads((rep / "under_load.json").read_text())
     assert {h["config"] for h in headline} == {"deepseek-v2-lite/bf16", "llama-3.1-8b/bf16"}
     assert {h["source"] for h in headline} == {h["source"] for h in under_load} == {"simulated"}
-    assert "simulated" in (rep / "index.html").read_text()
+    html = (rep / "index.html").read_text()
+    assert "simulated" in html
+    # headers and plot titles say simulated too, never measured
+    assert "simulated (server)" in html and "measured (server)" not in html
+    assert "## Under agent load (simulated)" in (rep / "summary.md").read_text()
 
 
 def test_shipped_sim_ladder_spec():

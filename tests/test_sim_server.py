@@ -188,9 +188,9 @@ def test_api_key_is_required(server):
 
 
 def test_done_when_blocks_times_block_size_is_kvlab_capacity(kvlab):
-    # The simulator and the memory model default to vLLM 0.32's --gpu-memory-utilization, 0.92.
-    cap = json.loads(kvlab("capacity", "deepseek-v2-lite", "--gpu", "h100", "--gpu-memory-utilization", "0.92",
-                           "--json").stdout)
+    # The issue's done-when, with both defaults (vLLM 0.32's --gpu-memory-utilization, 0.92).
+    cap = json.loads(kvlab("capacity", "deepseek-v2-lite", "--gpu", "h100", "--json").stdout)
+    assert cap["memory"]["gpu_memory_utilization"] == 0.92
     s = SimServer("deepseek-v2-lite", "--gpu", "h100")
     try:
         log = "".join(s.lines)
