@@ -4,7 +4,7 @@ For each model, start `kvlab sim serve MODEL --gpu h100 --speedup X`, then for e
 `users` concurrent completions at once: a shared 1000-token system prompt, 200 tokens of the
 user's own, and a reply that ends the context at 8,192 tokens (the last KV block fills on the last
 step, so all users hold their full context at the same moment). The rungs are the memory model's
-prediction (`kvlab.sim.cli.predicted_max_users`) and one more user; vllm:num_preemptions_total
+prediction (`kvlab.sim.sessions.predicted_max_users`) and one more user; vllm:num_preemptions_total
 from /metrics says what happened.
 
 The users must hold their full contexts at the same moment: the last block of a request is taken
@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,13 +31,19 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvlab.sim.agents import AgentWorkload
-from kvlab.sim.cli import predicted_max_users
+from kvlab.loadtest.plan import SessionPlan, TurnPlan
+from kvlab.sim.sessions import predicted_max_users
 
 SYSTEM, USER, END = 1000, 200, 8192
-WORKLOAD = AgentWorkload(turns=1, system_tokens=SYSTEM, user_tokens=USER, reply_tokens=END - SYSTEM - USER + 1,
-                         think_time_s=0)
-PORT = 8480
+REPLY_TOKENS = END - SYSTEM - USER + 1
+SESSION = SessionPlan("user", "app0", SYSTEM, (TurnPlan(USER, REPLY_TOKENS, 0.0),))
+PORT = int(os.environ.get("PORT", "0"))  # 0: a free port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 BLOCK_SIZE = os.environ.get("BLOCK_SIZE", "256")
 
 
@@ -62,7 +69,7 @@ def preemptions(url: str) -> float:
 
 
 async def rung(url: str, users: int) -> dict:
-    bodies = [json.dumps({"prompt": prompt(u), "max_tokens": WORKLOAD.reply_tokens}).encode() for u in range(users)]
+    bodies = [json.dumps({"prompt": prompt(u), "max_tokens": REPLY_TOKENS}).encode() for u in range(users)]
     before = preemptions(url)
     t0 = time.time()
     sent: list[float] = []
@@ -82,7 +89,8 @@ async def rung(url: str, users: int) -> dict:
 
 
 def ladder(model: str, speedup: float) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "kvlab", "sim", "serve", model, "--gpu", "h100", "--port", str(PORT),
+    port = PORT or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab", "sim", "serve", model, "--gpu", "h100", "--port", str(port),
                              "--speedup", str(speedup), "--block-size", BLOCK_SIZE, "--disable-uvicorn-access-log",
                              "--disable-log-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -96,8 +104,8 @@ def ladder(model: str, speedup: float) -> dict:
         blocks = int(re.search(r"num_gpu_blocks=(\d+)", text).group(1))
         block_size = int(re.search(r"block_size=(\d+)", text).group(1))
         kv_line = re.search(r"GPU KV cache size: [^\n]*", text).group(0)
-        n = predicted_max_users(blocks, block_size, WORKLOAD)
-        url = f"http://127.0.0.1:{PORT}"
+        n = predicted_max_users(blocks, block_size, [SESSION] * 10_000)
+        url = f"http://127.0.0.1:{port}"
         rungs = [asyncio.run(rung(url, k)) for k in (n, n + 1)]
         return {"model": model, "num_gpu_blocks": blocks, "block_size": block_size, "log": kv_line,
                 "predicted_max_users": n, "rungs": rungs}

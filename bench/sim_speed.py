@@ -26,16 +26,28 @@ KV_DTYPES = ("auto", "fp8")
 USERS = (16, 32, 64, 96, 128)
 
 
+def _spread(x: float) -> dict:
+    return {"dist": "uniform", "low": 0.7 * x, "high": 1.3 * x}
+
+
+# The workload model Locust plays (kvlab.loadtest.workload), sized as described above.
+WORKLOAD = {
+    "name": "sim-speed", "apps": {"count": 1, "system_tokens": 2000},
+    "session": {"turns": 8, "task_tokens": _spread(400), "tool_result_tokens": _spread(400),
+                "max_tokens": _spread(200), "think_time_s": _spread(2.0)},
+    "limits": {"max_context_tokens": 32000},
+}
+
+
 def one(job: tuple) -> dict:
-    from kvlab.sim.agents import AgentWorkload
+    from kvlab.loadtest.workload import Workload
     from kvlab.sim.config import build_config
     from kvlab.sim.offline import run_offline
 
     model, kv, users, duration_s, out = job
     cpu0, wall0 = time.process_time(), time.perf_counter()
     cfg = build_config(model, "h100", kv_cache_dtype=kv, max_model_len=32768)
-    w = AgentWorkload(turns=8, system_tokens=2000, user_tokens=400, reply_tokens=200, think_time_s=2.0, jitter=0.3)
-    res = run_offline(model, "h100", w.sessions(0, users), duration_s, concurrency=users, config=cfg,
+    res = run_offline(model, "h100", Workload.model_validate(WORKLOAD), duration_s, concurrency=users, config=cfg,
                       out_dir=Path(out) / f"{model}-{kv}-{users}")
     r = res.results
     return {"model": model, "kv_cache_dtype": kv, "users": users, "cpu_s": time.process_time() - cpu0,

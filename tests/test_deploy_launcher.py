@@ -344,3 +344,10 @@ def test_profiles_command(kvlab):
     assert list(d["profiles"]["deepseek-v2-lite"]) == ["bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4"]
     assert d["profiles"]["deepseek-v2-lite"]["bf16"]["cpu_build_here"] == "serves"
     assert subprocess.run([sys.executable, "-m", "kvlab", "serve", "-h"], capture_output=True, text=True).returncode == 0
+
+
+def test_sim_engine_prediction_uses_the_simulators_default_utilization():
+    """kvlab sim serve sizes its cache at vLLM >= 0.20's 0.92: the launcher predicts the same."""
+    srv = Server(ServeSpec("deepseek-v2-lite", engine="sim", gpu="h100", max_model_len=32768))
+    assert srv.prediction.memory.gpu_memory_utilization == 0.92
+    assert srv.prediction.kv_cache_tokens == 1_441_216

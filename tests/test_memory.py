@@ -207,3 +207,15 @@ def test_qwen2_head_dim_comes_from_hidden_size_as_in_vllm():
     r = memory.capacity(a, kv_budget_bytes=GiB, max_model_len=4096, cpu=True)
     assert r.kv_cache_tokens == 266_240
     assert arch_from_config({**cfg, "model_type": "llama"}).head_dim == 128
+
+
+def test_default_gpu_memory_utilization_is_vllm_0_20s():
+    a = card("deepseek-v2-lite").arch
+    assert memory.DEFAULT_GPU_MEMORY_UTILIZATION == 0.92
+    r = memory.capacity(a, gpu="h100", max_model_len=32768)
+    assert r.memory.gpu_memory_utilization == 0.92
+    assert r.memory.requested_bytes == ceil(81090 * 2**20 * 0.92)
+    assert (r.num_blocks, r.kv_cache_tokens) == (90076, 1_441_216)
+    from kvlab.sim.config import build_config
+
+    assert build_config("deepseek-v2-lite", "h100").num_blocks == r.num_blocks  # the simulator's default too

@@ -9,16 +9,26 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
+from kvlab.loadtest.workload import Workload
 from kvlab.models import memory
 from kvlab.models.cards import card
 from kvlab.sim import tokens
-from kvlab.sim.agents import AgentWorkload
-from kvlab.sim.cli import predicted_max_users
 from kvlab.sim.config import build_config
 from kvlab.sim.offline import run_offline
+from kvlab.sim.sessions import closed_loop, predicted_max_users
 from kvlab.sim.timing import MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S
 
-AGENTS = AgentWorkload(turns=4, system_tokens=1500, user_tokens=300, reply_tokens=120, think_time_s=1.0, jitter=0.3)
+
+def _spread(x: float) -> dict:
+    return {"dist": "uniform", "low": 0.7 * x, "high": 1.3 * x}
+
+
+# Four turns over a 1,500-token system prompt, 300 tokens in and 120 out per turn, 1 s think, +-30 %.
+AGENTS = Workload.model_validate({
+    "name": "sim-test", "apps": {"count": 1, "system_tokens": 1500},
+    "session": {"turns": 4, "task_tokens": _spread(300), "tool_result_tokens": _spread(300),
+                "max_tokens": _spread(120), "think_time_s": _spread(1.0)},
+    "limits": {"max_context_tokens": 4000}})
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,7 @@ def small_kv():
 
 
 def _run(cfg, users=12, seed=0, duration_s=60.0, **kw):
-    return run_offline("deepseek-v2-lite", "h100", AGENTS.sessions(seed, users), duration_s, concurrency=users,
-                       config=cfg, **kw)
+    return run_offline("deepseek-v2-lite", "h100", AGENTS, duration_s, concurrency=users, seed=seed, config=cfg, **kw)
 
 
 def test_same_seed_same_run(small_kv):
@@ -75,19 +84,22 @@ def test_previous_turn_block_check_changes_nothing(small_kv, monkeypatch):
     assert fast.samples == slow.samples
 
 
-def _synchronized_agents(n: int, workload: AgentWorkload) -> list[SessionPlan]:
-    turn = TurnPlan(workload.user_tokens, workload.reply_tokens, 0.0)
-    return [SessionPlan(f"u{i}", "app0", workload.system_tokens, (turn,)) for i in range(n)]
-
-
 # One long agent turn over a shared 1000-token system prompt, ending at 8192 tokens: the last KV
 # block fills on the last step, so every user holds its full context at the same moment.
-LADDER = AgentWorkload(turns=1, system_tokens=1000, user_tokens=200, reply_tokens=8192 - 1200 + 1, think_time_s=0.0)
+LADDER_TURN = TurnPlan(200, 8192 - 1200 + 1, 0.0)
+
+
+def _synchronized_agents(n: int) -> list[SessionPlan]:
+    return [SessionPlan(f"u{i}", "app0", 1000, (LADDER_TURN,)) for i in range(n)]
+
+
+def _ladder_onset(cfg) -> int:
+    return predicted_max_users(cfg.num_blocks, cfg.block_size, _synchronized_agents(1000))
 
 
 def _ladder_rung(model: str, users: int) -> dict:
     cfg = build_config(model, "h100")
-    res = run_offline(model, "h100", _synchronized_agents(users, LADDER), 900.0, config=cfg)
+    res = run_offline(model, "h100", _synchronized_agents(users), 900.0, config=cfg)
     assert res.results["requests_completed"] == users
     return res.results
 
@@ -97,8 +109,8 @@ def test_preemption_starts_where_the_memory_model_says(model):
     cfg = build_config(model, "h100")
     cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=card(model).context_length)
     assert (cfg.num_blocks, cfg.block_size) == (cap.num_blocks, cap.block_size)
-    n = predicted_max_users(cap.num_blocks, cap.block_size, LADDER)
-    shared = LADDER.system_tokens // cap.block_size
+    n = _ladder_onset(cfg)
+    shared = 1000 // cap.block_size
     # n users fit: the shared prompt blocks plus each user's own blocks, in num_blocks - 1 (null block).
     assert shared + n * (ceil(8191 / cap.block_size) - shared) <= cap.num_blocks - 1
     assert shared + (n + 1) * (ceil(8191 / cap.block_size) - shared) > cap.num_blocks - 1
@@ -110,10 +122,10 @@ def test_llama_preempts_earlier_by_the_kv_ratio():
     onset = {}
     for model in ("deepseek-v2-lite", "llama-3.1-8b"):
         cfg = build_config(model, "h100")
-        onset[model] = (predicted_max_users(cfg.num_blocks, cfg.block_size, LADDER), cfg.capacity.kv_cache_tokens)
+        onset[model] = (_ladder_onset(cfg), cfg.capacity.kv_cache_tokens)
     (ds_users, ds_tokens), (ll_users, ll_tokens) = onset["deepseek-v2-lite"], onset["llama-3.1-8b"]
-    assert (ds_users, ll_users) == (192, 61)
-    # 3.15x the users for 3.13x the KV tokens (DeepSeek's 4.21x smaller KV per token, less its 2x weights).
+    assert (ds_users, ll_users) == (200, 63)
+    # 3.17x the users for 3.16x the KV tokens (DeepSeek's 4.21x smaller KV per token, less its 2x weights).
     assert ds_users / ll_users == pytest.approx(ds_tokens / ll_tokens, rel=0.02)
 
 
@@ -208,10 +220,35 @@ def test_tokenizer_is_prefix_stable_and_counts_words():
     assert tokens.encode(reply) == tokens.output_tokens(123, 0, 50)
 
 
-def test_sim_run_cli_writes_a_ladder(kvlab, tmp_path):
-    r = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "2,4", "--duration-s", "20", "--turns", "2",
-              "--system-tokens", "500", "--user-tokens", "100", "--reply-tokens", "20", "--think-time-s", "0.5",
-              "--out", str(tmp_path), "--json")
+def test_workload_sessions_are_the_ones_locust_plays():
+    """Closed-loop users play the workload's seeded session stream in order, started as Locust spawns them."""
+    plans = list(zip(range(6), closed_loop(AGENTS, 5, users=4)))
+    locust = list(zip(range(6), AGENTS.sessions(5)))
+    assert [p.session_id for _, p in plans] == [p.session_id for _, p in locust] == [f"s5-{i}" for i in range(6)]
+    assert [p.turns for _, p in plans] == [p.turns for _, p in locust]
+    assert [p.start_offset_s for _, p in plans][:4] == [0.0, 0.25, 0.5, 0.75]  # 4 users within a second
+    res = run_offline("deepseek-v2-lite", "h100", AGENTS, 20.0, concurrency=4, seed=5,
+                      config=build_config("deepseek-v2-lite", "h100", max_model_len=4096))
+    first = {r["session_id"]: r for r in res.records if r["turn"] == 0}
+    by_id = dict((p.session_id, p) for _, p in locust)
+    for sid, r in first.items():
+        if sid in by_id:
+            plan = by_id[sid]
+            assert r["prompt_tokens"] == plan.system_tokens + plan.turns[0].user_tokens
+            assert r["completion_tokens"] == plan.turns[0].max_tokens
+
+
+def test_predicted_max_users_counts_each_apps_prefix_once():
+    turn = TurnPlan(100, 21, 0.0)  # ends at 1,121 tokens: 70 blocks of 16 (the last token's KV never written)
+    plans = [SessionPlan(f"s{i}", f"app{i % 2}", 1000, (turn,)) for i in range(10)]
+    # 62 shared blocks per app (once each), 70 - 62 = 8 own blocks per session
+    assert predicted_max_users(62 + 62 + 8 * 4 + 1, 16, plans) == 4
+    assert predicted_max_users(62 + 62 + 8 * 4, 16, plans) == 3
+
+
+def test_sim_run_cli_plays_a_workload_profile(kvlab, tmp_path):
+    r = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "2,4", "--duration-s", "20",
+              "--workload", "agent-smoke", "--max-model-len", "4096", "--out", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)["runs"]
     assert [x["users"] for x in runs] == [2, 4]
@@ -219,6 +256,11 @@ def test_sim_run_cli_writes_a_ladder(kvlab, tmp_path):
         folder = tmp_path / f"users-{x['users']}"
         assert {p.name for p in folder.iterdir()} == {"requests.parquet", "metrics.parquet", "results.json"}
         assert x["manifest"]["command"][:3] == ["kvlab", "sim", "run"]
-        assert x["capacity"]["num_gpu_blocks"] == 86659
+        assert x["manifest"]["workload"]["name"] == "agent-smoke"
+        assert x["manifest"]["workload"]["source"].endswith("loadtest/agent-smoke.yaml")
+        assert x["capacity"]["num_gpu_blocks"] == 90076  # the memory model at --gpu-memory-utilization 0.92
+        assert x["requests_completed"] > 0
     bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "0")
     assert bad.returncode == 2 and "--users must be positive" in bad.stderr
+    bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--workload", "no-such-profile")
+    assert bad.returncode == 2 and "unknown workload 'no-such-profile'" in bad.stderr

@@ -63,3 +63,22 @@ def test_bad_card_names_the_field(tmp_path):
     p.write_text("name: [unclosed\n")
     with pytest.raises(KvlabError, match="not valid YAML"):
         load_card_file(p)
+
+
+def test_weight_bytes_by_role_add_up_to_the_total():
+    from kvlab.models.params import EMBEDDING, LM_HEAD, OTHER
+    from kvlab.models.weights import weight_bytes_by_role
+
+    a = card("llama-3.1-8b").arch
+    roles = weight_bytes_by_role(a, weight_format(None, a))
+    assert roles[EMBEDDING] == roles[LM_HEAD] == 128256 * 4096 * 2
+    assert roles[EXPERT] == 0 and roles[OTHER] == (2 * 32 + 1) * 4096 * 2  # norms
+    assert sum(roles.values()) == weight_bytes(a, weight_format(None, a)) == 2 * 8_030_261_248
+    ds = card("deepseek-v2-lite").arch
+    for q in (None, "fp8", "awq", "gptq", "nf4"):
+        fmt = weight_format(q, ds)
+        by_role = weight_bytes_by_role(ds, fmt)
+        assert weight_bytes(ds, fmt) - 1 < sum(by_role.values()) <= weight_bytes(ds, fmt)
+    # 26 MoE layers x 64 routed experts x (gate, up, down) of 1408 x 2048, bf16
+    assert weight_bytes_by_role(ds, weight_format(None, ds))[EXPERT] == 26 * 64 * 3 * 1408 * 2048 * 2
+    assert weight_bytes_by_role(ds, weight_format("fp8", ds))[EXPERT] == 26 * 64 * 3 * (1408 * 2048 + 4)

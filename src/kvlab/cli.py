@@ -35,7 +35,8 @@ QUANT = typer.Option(None, "--quantization", "-q", help="Weight quantization: fp
 DTYPE = typer.Option(None, "--dtype", help="Model dtype: bfloat16, float16, float32 (default: the config's)")
 JSON = typer.Option(False, "--json", help="Print one JSON object")
 GPU = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus); KV budget estimated from --gpu-memory-utilization")
-UTIL = typer.Option(0.9, "--gpu-memory-utilization", help="Fraction of GPU memory vLLM may use")
+UTIL = typer.Option(memory.DEFAULT_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
+                    help="Fraction of GPU memory vLLM may use (vLLM >= 0.20's default)")
 KV_GIB = typer.Option(None, "--kv-memory-gib", help="Exact KV budget per GPU in GiB (vLLM's 'Available KV cache memory', or VLLM_CPU_KVCACHE_SPACE)")
 KV_BYTES = typer.Option(None, "--kv-cache-memory-bytes", help="Exact KV budget per GPU in bytes (vLLM's flag)")
 MAX_LEN = typer.Option(None, "--max-model-len", help="Context length per request (default: the card's context length, else the config's)")

@@ -54,18 +54,18 @@ def kv_bytes_per_token(head: pd.DataFrame, colours: Colours) -> bytes | None:
     return _png(fig)
 
 
-def kv_capacity(head: pd.DataFrame, colours: Colours) -> bytes | None:
+def kv_capacity(head: pd.DataFrame, colours: Colours, kind: str = "measured") -> bytes | None:
     if head.empty or head["kv_cache_tokens_reported"].isna().all():
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
     y = range(len(head))
     ax.barh([i - 0.2 for i in y], head["kv_cache_tokens_reported"].fillna(0), height=0.4,
-            color=[colours(_model(c)) for c in head["config"]], label="reported by vLLM (measured)")
+            color=[colours(_model(c)) for c in head["config"]], label=f"reported by the server ({kind})")
     ax.barh([i + 0.2 for i in y], head["kv_cache_tokens_predicted"].fillna(0), height=0.4, color="none",
             edgecolor=[colours(_model(c)) for c in head["config"]], hatch="//", label="kvlab memory model (predicted)")
     ax.set_yticks(list(y), head["config"])
     ax.set_xlabel("KV cache capacity (tokens)")
-    ax.set_title("KV capacity: measured vs predicted")
+    ax.set_title(f"KV capacity: {kind} vs predicted")
     ax.legend(fontsize=8, loc="lower right")
     ax.invert_yaxis()
     return _png(fig)
@@ -120,23 +120,23 @@ def _per_users(load: pd.DataFrame, col: str, colours: Colours, title: str, ylabe
     return _png(fig)
 
 
-def throughput(load, colours):
-    return _per_users(load, "output_tokens_per_s", colours, "Output tokens/s against concurrency (measured)",
+def throughput(load, colours, kind="measured"):
+    return _per_users(load, "output_tokens_per_s", colours, f"Output tokens/s against concurrency ({kind})",
                       "output tokens/s")
 
 
-def ttft(load, colours):
-    return _per_users(load, "", colours, "Time to first token p50 / p95 / p99 (measured)", "seconds",
+def ttft(load, colours, kind="measured"):
+    return _per_users(load, "", colours, f"Time to first token p50 / p95 / p99 ({kind})", "seconds",
                       ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s"))
 
 
-def itl(load, colours):
-    return _per_users(load, "", colours, "Inter-token latency p50 / p95 / p99 (measured)", "seconds",
+def itl(load, colours, kind="measured"):
+    return _per_users(load, "", colours, f"Inter-token latency p50 / p95 / p99 ({kind})", "seconds",
                       ("itl_p50_s", "itl_p95_s", "itl_p99_s"))
 
 
-def goodput(load, colours):
-    return _per_users(load, "goodput_requests_per_min", colours, "Goodput at the SLO (measured)",
+def goodput(load, colours, kind="measured"):
+    return _per_users(load, "goodput_requests_per_min", colours, f"Goodput at the SLO ({kind})",
                       "requests meeting the SLO per minute")
 
 
@@ -157,13 +157,13 @@ def _bars(values: pd.DataFrame, col: str, colours: Colours, title: str, xlabel: 
     return _png(fig)
 
 
-def preemptions(load, colours):
-    return _bars(load, "preemptions", colours, "Preemptions during the run (measured, vllm:num_preemptions)",
+def preemptions(load, colours, kind="measured"):
+    return _bars(load, "preemptions", colours, f"Preemptions during the run ({kind}, vllm:num_preemptions)",
                  "preemptions")
 
 
-def prefix_hits(load, colours):
-    return _bars(load, "prefix_cache_hit_rate", colours, "Prefix-cache hit rate (measured, token-weighted)",
+def prefix_hits(load, colours, kind="measured"):
+    return _bars(load, "prefix_cache_hit_rate", colours, f"Prefix-cache hit rate ({kind}, token-weighted)",
                  "hit rate (0-1)")
 
 
@@ -172,7 +172,7 @@ def cost(costs, colours):
                  "$ per 1M output tokens")
 
 
-def cliff(cliffs: pd.DataFrame, colours: Colours) -> bytes | None:
+def cliff(cliffs: pd.DataFrame, colours: Colours, kind: str = "measured") -> bytes | None:
     v = cliffs.dropna(subset=["sessions_before_first_preemption"]) if len(cliffs) else cliffs
     if v.empty:
         return None
@@ -180,12 +180,12 @@ def cliff(cliffs: pd.DataFrame, colours: Colours) -> bytes | None:
     ax.barh(v["config"], v["sessions_before_first_preemption"], color=[colours(_model(c)) for c in v["config"]],
             hatch=["" if p else "//" for p in v["preempted"]])
     ax.set_xlabel("concurrent agent sessions before the first preemption (hatched: none seen)")
-    ax.set_title("The preemption cliff (measured)")
+    ax.set_title(f"The preemption cliff ({kind})")
     ax.invert_yaxis()
     return _png(fig)
 
 
-def kv_over_time(repeats: pd.DataFrame, colours: Colours) -> bytes | None:
+def kv_over_time(repeats: pd.DataFrame, colours: Colours, kind: str = "measured") -> bytes | None:
     """KV usage over each run in tokens and as a fraction of the pool, with running and waiting
     requests (the highest load level of each config)."""
     if repeats.empty:
@@ -216,7 +216,7 @@ def kv_over_time(repeats: pd.DataFrame, colours: Colours) -> bytes | None:
         plt.close(fig)
         return None
     ax1.set_ylabel("KV tokens in use")
-    ax1.set_title("KV cache in use, running and waiting requests (measured)")
+    ax1.set_title(f"KV cache in use, running and waiting requests ({kind})")
     ax1.legend(fontsize=7)
     ax2.set_ylabel("% of the KV pool")
     ax3.set_ylabel("requests")

@@ -116,20 +116,22 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     if cmp is not None:
         _write_table(out, "compare", cmp)
 
+    sources = set(rs.repeats["source"].dropna()) if len(rs.repeats) else set()
+    kind = "simulated" if sources == {"simulated"} else ("measured or simulated" if "simulated" in sources else "measured")
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
     rep = rs.complete.assign(config=[config_label(m, q) for m, q in zip(rs.complete["model"], rs.complete["quant"])])
     figures = [
         ("kv-bytes", "KV bytes per token", plots.kv_bytes_per_token(head, colours)),
-        ("kv-capacity", "KV capacity", plots.kv_capacity(head, colours)),
+        ("kv-capacity", "KV capacity", plots.kv_capacity(head, colours, kind)),
         ("memory", "Memory breakdown", plots.memory_breakdown(mem, colours)),
-        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours)),
-        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours)),
-        ("throughput", "Throughput", plots.throughput(load, colours)),
-        ("ttft", "TTFT", plots.ttft(load, colours)),
-        ("itl", "ITL", plots.itl(load, colours)),
-        ("goodput", "Goodput", plots.goodput(load, colours)),
-        ("preemptions", "Preemptions", plots.preemptions(load, colours)),
-        ("prefix", "Prefix cache", plots.prefix_hits(load, colours)),
+        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours, kind)),
+        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours, kind)),
+        ("throughput", "Throughput", plots.throughput(load, colours, kind)),
+        ("ttft", "TTFT", plots.ttft(load, colours, kind)),
+        ("itl", "ITL", plots.itl(load, colours, kind)),
+        ("goodput", "Goodput", plots.goodput(load, colours, kind)),
+        ("preemptions", "Preemptions", plots.preemptions(load, colours, kind)),
+        ("prefix", "Prefix cache", plots.prefix_hits(load, colours, kind)),
         ("cost", "Cost", plots.cost(costs, colours)),
     ]
     images = {key: {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
@@ -143,7 +145,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         folders=[str(f) for f in rs.folders], baseline=base, sentences=sentences,
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
-        images=images, missing=missing, specs=rs.specs,
+        images=images, missing=missing, specs=rs.specs, kind=kind,
         n_repeats=len(rs.repeats), n_complete=len(rs.complete),
     )
     html = out / "index.html"

@@ -118,14 +118,14 @@ def memory_breakdown(cfg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in cfg.iterrows():
         weights = r["weights_gib_reported"] if pd.notna(r["weights_gib_reported"]) else r["weights_gib_predicted"]
-        weights_src = "measured" if pd.notna(r["weights_gib_reported"]) else "predicted"
+        weights_src = r["source"] if pd.notna(r["weights_gib_reported"]) else "predicted"
         kv = r["kv_cache_memory_gib"]
         rest = None
         if r["gpu_memory_bytes_predicted"] and pd.notna(r["gpu_memory_bytes_predicted"]) and kv and weights:
             budget = r["gpu_memory_bytes_predicted"] * (r["gpu_memory_utilization"] or 0.9) / GiB
             rest = max(0.0, budget - weights - kv)
         rows.append({"config": r["config"], "weights_gib": weights, "weights_source": weights_src,
-                     "kv_cache_gib": kv, "kv_source": "measured" if kv else None, "rest_gib": rest,
+                     "kv_cache_gib": kv, "kv_source": r["source"] if kv else None, "rest_gib": rest,
                      "rest_source": "derived: GPU x utilization - weights - KV" if rest is not None else
                      "not known on this engine"})
     return pd.DataFrame(rows)

@@ -282,13 +282,15 @@ class Server:
         return r, f"predicted by kvlab's memory model ({source})"
 
     def _default_utilization(self) -> float:
-        """vLLM's default --gpu-memory-utilization: 0.9 up to 0.19, 0.92 from 0.20."""
+        """vLLM's default --gpu-memory-utilization: 0.9 up to 0.19, 0.92 from 0.20 (and the simulator's)."""
+        if self.engine == "sim":
+            return memory.DEFAULT_GPU_MEMORY_UTILIZATION
         v = self.install.version if self.install.installed and not self.install.cpu_build else None
         try:
             major, minor = (int(x) for x in (v or "").split(".")[:2])
         except ValueError:
-            return 0.9
-        return 0.92 if (major, minor) >= (0, 20) else 0.9
+            return memory.DEFAULT_GPU_MEMORY_UTILIZATION
+        return memory.DEFAULT_GPU_MEMORY_UTILIZATION if (major, minor) >= (0, 20) else 0.9
 
     # -- lifecycle ---------------------------------------------------------------------------
 

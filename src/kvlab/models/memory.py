@@ -23,6 +23,8 @@ from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_format
 
 GiB = 1 << 30
+# vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 
 # --kv-cache-dtype values -> bytes per element (None: the model dtype).
 KV_CACHE_DTYPES: dict[str, int | None] = {
@@ -323,7 +325,7 @@ def capacity(
     pipeline_parallel_size: int = 1,
     kv_budget_bytes: int | None = None,
     gpu: str | None = None,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_num_batched_tokens: int | None = None,
     max_num_seqs: int | None = None,
     num_gpu_blocks_override: int | None = None,

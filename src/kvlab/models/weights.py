@@ -11,7 +11,7 @@ from math import ceil, prod
 
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch
-from kvlab.models.params import EXPERT, LINEAR, Tensor, inventory
+from kvlab.models.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, OTHER, Tensor, inventory
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -124,13 +124,20 @@ def format_from_checkpoint(qc: dict) -> WeightFormat:
     raise KvlabError(f"checkpoint quantization {method!r} is not modelled")
 
 
-def weight_bytes(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None) -> int:
-    """Total bytes of all weights (one copy, before tensor/pipeline parallel splits)."""
+def weight_bytes_by_role(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None) -> dict[str, float]:
+    """Bytes of all weights (one copy) per role of `kvlab.models.params`: linear, expert (the
+    format's scales and zeros included), embedding, lm_head, other (norms, biases, routers). Exact:
+    every value is a whole or half byte count (4-bit formats), so the sum does not depend on order."""
     dtype_bytes = DTYPE_BYTES[dtype or arch.dtype]
-    total = 0.0
+    out = dict.fromkeys((LINEAR, EXPERT, EMBEDDING, LM_HEAD, OTHER), 0.0)
     for t in inventory(arch):
         if t.role in (LINEAR, EXPERT) and len(t.shape) == 2:
-            total += fmt.linear_bytes(t, dtype_bytes)
+            out[t.role] += fmt.linear_bytes(t, dtype_bytes)
         else:
-            total += t.numel * dtype_bytes
-    return int(ceil(total))
+            out[t.role] += t.numel * dtype_bytes
+    return out
+
+
+def weight_bytes(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None) -> int:
+    """Total bytes of all weights (one copy, before tensor/pipeline parallel splits)."""
+    return int(ceil(sum(weight_bytes_by_role(arch, fmt, dtype).values())))

@@ -27,6 +27,8 @@ import numpy as np
 
 from kvlab.sim.sequence import Sequence
 
+VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
@@ -43,7 +45,7 @@ class BlockManager:
         self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
         self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        self._runs: deque[list] = deque()  # [run id, block ids (list), next position]
+        self._runs: deque[list] = deque()  # [run id, block ids (array), next position]
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
@@ -134,7 +136,7 @@ class BlockManager:
         run = self._next_run
         self._next_run += 1
         self._epoch[blocks] = run
-        entry = [run, blocks.tolist(), 0]
+        entry = [run, blocks, 0]
         if front:
             self._runs.appendleft(entry)
         else:
@@ -142,7 +144,46 @@ class BlockManager:
         self.num_free_blocks += len(blocks)
 
     def _pop_free(self, n: int) -> list[int]:
-        """The first `n` live entries of the free queue, now referenced once, hashes evicted."""
+        """The first `n` live entries of the free queue, now referenced once, hashes evicted.
+
+        Runs are scanned in growing slices, vectorized: an entry is live while its block is free
+        (`ref_cnt` 0) and this run is the block's latest (`_epoch`); a block is in a run at most
+        once and live in one run only, so marking the taken blocks after the scan changes nothing."""
+        if n < VECTOR_POP_MIN:
+            return self._pop_free_few(n)
+        ref, epoch, runs = self.ref_cnt, self._epoch, self._runs
+        taken: list[np.ndarray] = []
+        need = n
+        while need:
+            entry = runs[0]
+            run, blocks, pos = entry
+            end = len(blocks)
+            chunk = max(2 * need, 32)
+            while need and pos < end:
+                seg = blocks[pos:pos + chunk]
+                live = np.flatnonzero((ref[seg] == 0) & (epoch[seg] == run))
+                if len(live) >= need:
+                    taken.append(seg[live[:need]])
+                    pos += int(live[need - 1]) + 1
+                    need = 0
+                else:
+                    if len(live):
+                        taken.append(seg[live])
+                    need -= len(live)
+                    pos += len(seg)
+                    chunk *= 2
+            entry[2] = pos
+            if pos >= end:
+                runs.popleft()
+        out = taken[0] if len(taken) == 1 else np.concatenate(taken)
+        ref[out] = 1
+        epoch[out] = -1
+        self._evict(out[self.hashed[out]])
+        self.num_free_blocks -= n
+        return out.tolist()
+
+    def _pop_free_few(self, n: int) -> list[int]:
+        """`_pop_free` one entry at a time: cheaper for the single blocks decoding requests take."""
         ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self.hashed
         out: list[int] = []
         while len(out) < n:
@@ -150,13 +191,13 @@ class BlockManager:
             run, blocks, pos = entry
             end = len(blocks)
             while pos < end:
-                b = blocks[pos]
+                b = int(blocks[pos])
                 pos += 1
                 if not ref[b] and epoch[b] == run:
                     ref[b] = 1
                     epoch[b] = -1
                     if hashed[b]:
-                        self._evict(b)
+                        self._evict_one(b)
                     out.append(b)
                     if len(out) == n:
                         break
@@ -166,11 +207,23 @@ class BlockManager:
         self.num_free_blocks -= n
         return out
 
-    def _evict(self, b: int) -> None:
+    def _evict_one(self, b: int) -> None:
         if self.registered[b]:
             del self.cached[int(self.block_hash[b])]
             self.registered[b] = False
         self.hashed[b] = False
+
+    def _evict(self, blocks: np.ndarray) -> None:
+        """Drop the hashes of reused blocks from the prefix cache."""
+        if not len(blocks):
+            return
+        served = blocks[self.registered[blocks]]
+        if len(served):
+            cached = self.cached
+            for h in self.block_hash[served].tolist():
+                del cached[h]
+            self.registered[served] = False
+        self.hashed[blocks] = False
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that `num_tokens` tokens fill completely in the prefix cache."""
@@ -181,20 +234,15 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        table, hashed, setdefault = seq.block_table, self.hashed, self.cached.setdefault
-        new_blocks, new_hashes, registered = [], [], []
-        for i in range(first, num_full):
-            b = table[i]
-            if not hashed[b]:
-                h = hashes[i]
-                new_blocks.append(b)
-                new_hashes.append(h)
-                registered.append(setdefault(h, b) == b)
-        if new_blocks:
-            idx = np.asarray(new_blocks, dtype=np.int64)
+        blocks = np.asarray(seq.block_table[first:num_full], dtype=np.int64)
+        new = np.flatnonzero(~self.hashed[blocks])
+        if len(new):
+            idx = blocks[new]
+            new_hashes = [hashes[first + i] for i in new.tolist()]
+            setdefault = self.cached.setdefault
             self.block_hash[idx] = new_hashes
-            hashed[idx] = True
-            self.registered[idx] = registered
+            self.hashed[idx] = True
+            self.registered[idx] = [setdefault(h, b) == b for h, b in zip(new_hashes, idx.tolist())]
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:

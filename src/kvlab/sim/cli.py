@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from math import ceil
 from pathlib import Path
 from typing import Optional
 
@@ -50,30 +49,15 @@ def _users(spec: str) -> list[int]:
     return users
 
 
-def predicted_max_users(num_blocks: int, block_size: int, workload) -> int:
-    """Concurrent sessions whose final contexts fit the KV cache at once (shared system prompts
-    counted once per app): above this, preemptions can start. From the memory model's blocks."""
-    end_tokens = workload.system_tokens + workload.turns * (workload.user_tokens + workload.reply_tokens)
-    shared = workload.system_tokens // block_size
-    per_user = ceil((end_tokens - 1) / block_size) - shared
-    return max(0, (num_blocks - 1 - shared * workload.apps) // max(per_user, 1))
-
-
 @sim_app.command("run")
 def run_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     gpu: str = typer.Option(..., "--gpu", help="GPU preset to simulate (kvlab gpus)"),
     duration_s: float = typer.Option(600.0, "--duration-s", help="Simulated seconds per run"),
     users: str = typer.Option("16", "--users", help="Concurrent agent users; a comma list runs a ladder (8,16,32)"),
-    turns: int = typer.Option(8, "--turns", help="Turns per session"),
-    system_tokens: int = typer.Option(2000, "--system-tokens", help="Shared prefix per app (system prompt + tools)"),
-    user_tokens: int = typer.Option(400, "--user-tokens", help="Tokens each turn appends (task, tool results)"),
-    reply_tokens: int = typer.Option(200, "--reply-tokens", help="max_tokens of each reply"),
-    think_time_s: float = typer.Option(2.0, "--think-time-s", help="Pause after each reply"),
-    apps: int = typer.Option(1, "--apps", help="Distinct apps (system prompts) sessions are spread over"),
-    jitter: float = typer.Option(0.0, "--jitter", help="Spread token counts and think times by +-this fraction"),
-    ramp_s: float = typer.Option(0.0, "--ramp-s", help="Start users evenly over this many seconds"),
-    seed: int = typer.Option(0, "--seed", help="Workload seed"),
+    workload: str = typer.Option("agent", "--workload", help="Workload profile in loadtest/ (agent, agent-smoke, ...) or a YAML path"),
+    spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second (default: the workload's, else all within a second)"),
+    seed: int = typer.Option(0, "--seed", help="Workload seed (the sessions Locust plays with --seed)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default results/sim-run-<time>)"),
     scrape_interval_s: float = typer.Option(5.0, "--scrape-interval-s", help="Metric samples every this many simulated seconds"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
@@ -91,16 +75,16 @@ def run_cmd(
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
 ) -> None:
-    """Play agent sessions on the simulated engine in virtual time (no HTTP); write per-request
-    records, metric samples and results. A --users ladder shows where preemptions start."""
-    from kvlab.sim.agents import AgentWorkload
+    """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
+    engine in virtual time (no HTTP); write per-request records, metric samples and results. A
+    --users ladder shows where preemptions start."""
+    from kvlab.loadtest.workload import load_workload, resolve_profile
     from kvlab.sim.config import build_config
     from kvlab.sim.offline import run_offline
+    from kvlab.sim.sessions import predicted_max_users
 
     ladder = _users(users)
-    workload = AgentWorkload(turns=turns, system_tokens=system_tokens, user_tokens=user_tokens,
-                             reply_tokens=reply_tokens, think_time_s=think_time_s, apps=apps, jitter=jitter,
-                             ramp_s=ramp_s)
+    wl = load_workload(workload)
     if quantization is not None:
         from kvlab.sim.args import _memory_model_quantization
 
@@ -112,15 +96,16 @@ def run_cmd(
                        num_gpu_blocks_override=num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching,
                        tensor_parallel_size=tp, pipeline_parallel_size=pp)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
-    predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, workload)
+    predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []
     for n in ladder:
         folder = root / f"users-{n}" if len(ladder) > 1 else root
         manifest = {"command": ["kvlab", *sys.argv[1:]], "engine": "sim", "seed": seed, "users": n,
-                    "workload": workload.__dict__, "duration_s": duration_s,
+                    "workload": {"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
+                    "spawn_rate": spawn_rate, "duration_s": duration_s,
                     "predicted_max_users_without_preemption": predicted}
-        res = run_offline(model, gpu, workload.sessions(seed, n), duration_s, concurrency=n, out_dir=folder,
-                          scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest)
+        res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
+                          out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest)
         rows.append((n, folder, res.results))
     if as_json:
         sys.stdout.write(json.dumps({"runs": [{"users": n, "out": str(f), **r} for n, f, r in rows]}, indent=2) + "\n")
@@ -146,8 +131,8 @@ def _print_ladder(cfg, rows, predicted: int) -> None:
                   f"{r['kv_cache_usage_max']:.1%}", f"{r['prefix_cache_hit_rate']:.1%}", f"{r['wall_s']:.1f}")
     console.print(t)
     console.print(f"[dim]KV cache: {cap.num_blocks:,} blocks x {cap.block_size} = {cap.num_blocks * cap.block_size:,} "
-                  f"tokens (memory model). If every user held its final context at once, preemptions would start "
-                  f"above {predicted} users (predicted). All figures simulated.[/dim]")
+                  f"tokens (memory model). If the workload's first sessions all held their final contexts at once, "
+                  f"preemptions would start above {predicted} users (predicted). All figures simulated.[/dim]")
     for n, folder, _ in rows:
         console.print(f"users {n}: {folder}")
 

@@ -7,7 +7,6 @@ cost model from `kvlab.sim.timing`. Checks that vLLM makes at start raise vLLM's
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from math import ceil
 
@@ -21,8 +20,8 @@ from kvlab.sim.timing import CostModel, cost_model
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
 SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
-# kvlab capacity's default, so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
-DEFAULT_GPU_MEMORY_UTILIZATION = inspect.signature(memory.capacity).parameters["gpu_memory_utilization"].default
+# The memory model's default (vLLM 0.32's), so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
+DEFAULT_GPU_MEMORY_UTILIZATION = memory.DEFAULT_GPU_MEMORY_UTILIZATION
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Play agent sessions on the simulated engine in virtual time, without HTTP.
 
 `run_offline(model, gpu, sessions, duration_s, ...)` takes `SessionPlan`s (the token-level
-workload contract of `kvlab.loadtest.plan`) and writes what a real run records:
+workload contract of `kvlab.loadtest.plan`), or a workload (`kvlab.loadtest.workload.Workload`, a
+profile name such as "agent", or a YAML path) whose seeded plans are the ones Locust plays, and
+writes what a real run records:
 
 - `requests.parquet`: one row per request: start_ts, session_id, app_id, turn, ttft_s, itl_s
   (list), tpot_s, e2e_s, prompt_tokens, completion_tokens, cached_tokens, num_preemptions,
@@ -13,8 +15,10 @@ workload contract of `kvlab.loadtest.plan`) and writes what a real run records:
 Times are simulated seconds from the start of the run. A session's prompt is its app's system
 prompt, then every earlier turn's input and verbatim reply, then this turn's input, so turns of
 one session and sessions of one app share prefix-cache blocks as they would on vLLM.
-`concurrency=N` plays closed-loop users (N sessions at a time, the next starting when one ends);
-without it every plan starts at its `start_offset_s` (plans must come in start order).
+`concurrency=N` plays closed-loop users (N sessions at a time, the next starting when one ends; a
+workload's users start as Locust spawns them, see `kvlab.sim.sessions.closed_loop`); without it
+every plan starts at its `start_offset_s` (plans must come in start order; a workload needs its
+poisson shape).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from pathlib import Path
 from kvlab.errors import KvlabError
 from kvlab.io import atomic_path, write_text_atomic
 from kvlab.loadtest.plan import SessionPlan
+from kvlab.loadtest.workload import Workload
 from kvlab.sim import tokens
 from kvlab.sim.config import SimConfig, build_config
 from kvlab.sim.engine import Engine
 from kvlab.sim.sequence import Sequence
+from kvlab.sim.sessions import session_stream
 
 RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s", "tpot_s", "e2e_s",
                   "prompt_tokens", "completion_tokens", "cached_tokens", "num_preemptions",
@@ -276,10 +282,12 @@ class _Player:
 def run_offline(
     model: str,
     gpu: str,
-    sessions: Iterable[SessionPlan],
+    sessions: Iterable[SessionPlan] | Workload | str | Path,
     duration_s: float,
     *,
     concurrency: int | None = None,
+    seed: int = 0,
+    spawn_rate: float | None = None,
     out_dir: str | Path | None = None,
     scrape_interval_s: float = 5.0,
     config: SimConfig | None = None,
@@ -288,17 +296,19 @@ def run_offline(
     manifest: dict | None = None,
     **engine_args,
 ) -> OfflineResult:
-    """Play `sessions` for `duration_s` simulated seconds on MODEL served by the simulated vLLM on
-    GPU preset `gpu`; `engine_args` are vLLM's flags as `build_config` keywords."""
+    """Play `sessions` (SessionPlans, or a workload's stream of `seed`) for `duration_s` simulated
+    seconds on MODEL served by the simulated vLLM on GPU preset `gpu`; `engine_args` are vLLM's
+    flags as `build_config` keywords."""
     if duration_s <= 0:
         raise KvlabError(f"duration must be positive, got {duration_s}")
     if scrape_interval_s <= 0:
         raise KvlabError(f"--scrape-interval-s must be positive, got {scrape_interval_s}")
     if concurrency is not None and concurrency < 1:
         raise KvlabError(f"--users must be at least 1, got {concurrency}")
+    plans = session_stream(sessions, seed, concurrency, spawn_rate)
     cfg = config or build_config(model, gpu, **engine_args)
     wall0 = time.perf_counter()
-    player = _Player(cfg, sessions, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode)
+    player = _Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode)
     player.run()
     wall_s = time.perf_counter() - wall0
     results = summarize(cfg, player, duration_s, wall_s, concurrency)

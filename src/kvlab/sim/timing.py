@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from kvlab.hardware import GPU
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch
-from kvlab.models.params import EMBEDDING, EXPERT, LM_HEAD, inventory, param_counts
-from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes
+from kvlab.models.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, OTHER, param_counts
+from kvlab.models.weights import WeightFormat, weight_bytes_by_role
 
 # Fractions of data-sheet peaks that vLLM's kernels reach (estimates): large BF16/FP8 GEMMs reach
 # 60-75 % of dense peak on Hopper; decode GEMVs and paged-attention reads 75-90 % of HBM bandwidth.
@@ -121,15 +121,11 @@ class CostModel:
 def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU,
                tp: int) -> CostModel:
     counts = param_counts(arch)
-    hidden, vocab = arch.hidden_size, arch.vocab_size
-    dtype_bytes = DTYPE_BYTES[dtype]
-    tensors = inventory(arch)
-    expert_bytes = sum(fmt.linear_bytes(t, dtype_bytes) for t in tensors if t.role == EXPERT)
-    # The input embedding is a lookup (a few rows per step); the LM head is read in full.
-    lookup_bytes = 0 if arch.tie_word_embeddings else sum(
-        t.numel * dtype_bytes for t in tensors if t.role == EMBEDDING)
-    dense_bytes = weight_bytes(arch, fmt, dtype) - expert_bytes - lookup_bytes
-    head_params = sum(t.numel for t in tensors if t.role in (LM_HEAD,)) or vocab * hidden
+    roles = weight_bytes_by_role(arch, fmt, dtype)
+    # Read every step: the dense layers, norms and the LM head (with tied embeddings, the embedding
+    # matrix is the LM head); an untied input embedding is a lookup of a few rows.
+    dense_bytes = roles[LINEAR] + roles[OTHER] + roles[LM_HEAD] + (roles[EMBEDDING] if arch.tie_word_embeddings else 0)
+    head_params = arch.vocab_size * arch.hidden_size  # the LM head, tied or not
 
     w8a8 = fmt.name in W8A8_FORMATS and gpu.fp8_tflops
     peak = (gpu.fp8_tflops if w8a8 else gpu.bf16_tflops) * 1e12
@@ -153,13 +149,13 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         linear_flops_per_token=2.0 * (counts.active - counts.embedding),
         head_flops_per_sample=2.0 * head_params,
         dense_weight_bytes=float(dense_bytes),
-        expert_bytes=float(expert_bytes),
+        expert_bytes=float(roles[EXPERT]),
         num_experts=moe.num_experts if moe else 0,
         experts_per_token=moe.num_experts_per_tok if moe else 0,
         kv_bytes_per_token=memory.kv_footprint(arch, kv_cache_dtype, tp, dtype).kv_bytes_per_token,
         decode_flops_per_pair=float(decode_pair * layers),
         prefill_flops_per_pair=float(prefill_pair * layers),
         context_flops_per_token=float(context_tok * layers),
-        allreduce_bytes_per_token=float(hidden * 2),
+        allreduce_bytes_per_token=float(arch.hidden_size * 2),
         num_allreduces=2 * layers,
     )

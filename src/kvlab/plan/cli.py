@@ -1,0 +1,100 @@
+"""`kvlab plan`: GPUs, HBM and dollars for a fleet of agents, per model x quantization."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kvlab.errors import KvlabError
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvlabError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise KvlabError(f"{flag} is empty")
+    return values
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise KvlabError(f"{flag} is empty")
+    return list(dict.fromkeys(names))
+
+
+def parse_slo(text: str | None) -> dict[str, float | None]:
+    """--slo ttft_s=2,itl_p95_s=0.1,e2e_s=off -> {"ttft_s": 2.0, "itl_p95_s": 0.1, "e2e_s": None}."""
+    if not text:
+        return {}
+    out: dict[str, float | None] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise KvlabError(f"--slo: {part!r} is not THRESHOLD=VALUE (e.g. ttft_s=2,itl_p95_s=0.1)")
+        if value.lower() in ("off", "none"):
+            out[key] = None
+            continue
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise KvlabError(f"--slo: {key}={value!r} is not a number (or off)") from None
+        if out[key] <= 0:
+            raise KvlabError(f"--slo: {key} must be positive, got {value}")
+    return out
+
+
+def plan_cmd(
+    workload: str = typer.Option(..., "--workload", help="Agent workload: a profile in loadtest/ or a YAML path"),
+    agents: int = typer.Option(..., "--agents", help="Agents in the fleet"),
+    gpu: str = typer.Option(..., "--gpu", help="GPU preset (kvlab gpus)"),
+    models: str = typer.Option(..., "--models", help="Comma-separated model cards"),
+    quants: str = typer.Option("bf16", "--quants", help="Comma-separated serve-profile levels (bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq)"),
+    calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: as many as one busy session of the baseline config at the SLO)"),
+    slo: Optional[str] = typer.Option(None, "--slo", help="Thresholds over the workload's slo: ttft_s=2,itl_p95_s=0.1,tpot_s=..,e2e_s=.. (off disables one)"),
+    slo_attainment: float = typer.Option(0.95, "--slo-attainment", help="Share of requests that must meet the SLO"),
+    gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour (no $ figures without it)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT the savings are against (default: the first GQA model at its first level)"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="GPUs per replica"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Default: the workload's longest session, rounded up to 4,096 tokens"),
+    sim_s: float = typer.Option(180.0, "--sim-s", help="Simulated seconds per probe (the first third warms up; coarse probes run half)"),
+    tolerance: float = typer.Option(0.03, "--tolerance", help="Relative width at which the search for sessions per replica stops"),
+    seed: int = typer.Option(0, "--seed", help="Workload seed"),
+    cost_drop: str = typer.Option("25,50,75,90", "--cost-drop", help="Rebound: cost per call falls by these %"),
+    volume_growth: str = typer.Option("1,2,5,10,20", "--volume-growth", help="Rebound: call volume grows by these factors"),
+    workers: int = typer.Option(0, "--workers", help="Processes for the searches (default: one per CPU core)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Simulate every probe again (default: reuse $KVLAB_CACHE/plan)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for plan.json and rebound.png (default results/plan-<time>)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """How many GPUs, and how much HBM, N agents need per model x quantization within the SLO, what
+    MLA, KV-cache and weight quantization save, and whether a rebound in calls eats the saving.
+    Sessions per GPU come from searches on the simulator (kvlab sim, offline)."""
+    from kvlab.experiments.records import write_json_atomic
+    from kvlab.plan.planner import PlanRequest, plan
+
+    req = PlanRequest(
+        workload=workload, agents=agents, gpu=gpu, models=_names(models, "--models"), quants=_names(quants, "--quants"),
+        calls_per_agent_hour=calls_per_agent_hour, slo=parse_slo(slo), attainment=slo_attainment,
+        gpu_price_per_hour=gpu_price, baseline=baseline, tp=tp, max_model_len=max_model_len, sim_s=sim_s,
+        tolerance=tolerance, seed=seed, cost_drops_pct=_floats(cost_drop, "--cost-drop"),
+        volume_x=_floats(volume_growth, "--volume-growth"), workers=workers, use_cache=not no_cache, out=out)
+    result = plan(req)
+    write_json_atomic(Path(result["out_dir"]) / "plan.json", result)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        return
+    from kvlab.plan.tables import print_plan
+
+    print_plan(result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)

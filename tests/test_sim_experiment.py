@@ -1,0 +1,97 @@
+"""An experiment spec runs on the simulated engine end to end: `kvlab experiment run SPEC --engine sim`
+starts `kvlab sim serve` through the launcher, Locust plays the workload over HTTP, the scraper
+reads /metrics, and the records and the report say that every figure is simulated."""
+
+import json
+
+import pytest
+import yaml
+
+from kvlab.experiments.records import read_json
+from kvlab.models import memory
+from kvlab.models.cards import card
+
+SPEC = {
+    "name": "sim-e2e",
+    "engine": "auto",  # the command line chooses sim
+    "gpu": "h100",
+    "models": ["deepseek-v2-lite", "llama-3.1-8b"],
+    "quants": ["bf16"],
+    "workloads": ["agent-smoke"],
+    "load": {"shape": "constant", "users": [4]},
+    "duration_s": "6s",
+    "warmup_s": 0,
+    "max_model_len": 4096,
+    # 10x the wall clock; cached tokens in usage, as a real vLLM gives them with this flag
+    "serve_args": ["--speedup", "10", "--enable-prompt-tokens-details"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from conftest import run_kvlab
+
+    root = tmp_path_factory.mktemp("sim-e2e")
+    spec = root / "sim-e2e.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    r = run_kvlab("experiment", "run", str(spec), "--engine", "sim", "--out", str(root / "out"), timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(root / "out")
+    assert "engine: sim (requested with --engine sim)" in r.stderr
+    return root
+
+
+def _repeat(root, model):
+    return root / "out" / f"{model}__bf16__agent-smoke__u4" / "repeat-1"
+
+
+@pytest.mark.parametrize("model", ["deepseek-v2-lite", "llama-3.1-8b"])
+def test_records_say_sim_and_hold_the_memory_models_pool(results, model):
+    rdir = _repeat(results, model)
+    res, man = read_json(rdir / "results.json"), read_json(rdir / "manifest.json")
+    assert res["status"] == "complete" and res["engine"] == man["engine"] == "sim"
+    assert man["server_argv"][1:5] == ["-m", "kvlab", "sim", "serve"]
+    server = res["server"]
+    cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=4096)
+    # startup log and vllm:cache_config_info, parsed by the launcher as for vLLM
+    assert server["vllm_version"] == "0.32.0+kvlab.sim"
+    assert (server["num_gpu_blocks"], server["block_size"], server["kv_cache_tokens"], server["max_model_len"]) == (
+        cap.num_blocks, cap.block_size, cap.kv_cache_tokens, 4096)
+    assert server["available_kv_memory_gib"] == round(cap.kv_budget_bytes / memory.GiB, 2)
+    assert server["attention_backend"] == cap.attention_backend
+    # the scraper read the same pool from /metrics
+    met, cli = res["metrics"], res["client"]
+    assert (met["num_gpu_blocks"], met["kv_cache_size_tokens"]) == (cap.num_blocks, cap.kv_cache_tokens)
+    assert met["scrapes"] >= 3 and met["scrape_gaps"] == 0
+    # usage.prompt_tokens_details.cached_tokens on the client = vllm:prefix_cache_hits on the server
+    assert cli["requests_ok"] > 0 and cli["errors"] == 0
+    assert cli["cached_tokens"] > 0
+    assert met["prefix_cache_hits_tokens"] == cli["cached_tokens"]
+
+
+def test_report_labels_the_figures_simulated(results):
+    from conftest import run_kvlab
+
+    rep = results / "report"
+    r = run_kvlab("report", str(results / "out"), "--out", str(rep))
+    assert r.returncode == 0, r.stderr
+    headline = json.loads((rep / "headline.json").read_text())
+    under_load = json.loads((rep / "under_load.json").read_text())
+    assert {h["config"] for h in headline} == {"deepseek-v2-lite/bf16", "llama-3.1-8b/bf16"}
+    assert {h["source"] for h in headline} == {h["source"] for h in under_load} == {"simulated"}
+    html = (rep / "index.html").read_text()
+    assert "simulated" in html
+    # headers and plot titles say simulated too, never measured
+    assert "simulated (server)" in html and "measured (server)" not in html
+    assert "## Under agent load (simulated)" in (rep / "summary.md").read_text()
+
+
+def test_shipped_sim_ladder_spec():
+    from pathlib import Path
+
+    from kvlab.experiments.spec import cells, load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "sim-ladder.yaml")
+    assert (spec.engine, spec.gpu, spec.load.shape) == ("sim", "h100", "steps")
+    assert {(c.model, c.quant) for c in cells(spec)} == {
+        (m, q) for m in ("deepseek-v2-lite", "llama-3.1-8b") for q in ("bf16", "fp8-kv")}
