@@ -7,6 +7,10 @@ RecordWriteError (a KvlabError: one line, exit 2) naming the file and why.
     write_json_atomic(path, obj)      write_text_atomic(path, text)      copy_atomic(src, dst)
     with atomic_path(path) as tmp:    # for writers that take a path: to_parquet, to_csv, SQLite
         df.to_parquet(tmp)
+
+Input files (specs, workloads, cards, serve profiles, config.json) are read by one helper too,
+read_mapping(path, what): the mapping at the top of a YAML or JSON file, or a one-line
+KvlabError naming the file (not readable, not UTF-8, not valid YAML/JSON, not a mapping).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
 
 from kvlab.errors import KvlabError
 
@@ -111,3 +117,29 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """JSON (indented, NaN as null, other types by str()); serialized before anything is written."""
     text = json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n"
     return write_text_atomic(path, text)
+
+
+def read_mapping(path: str | os.PathLike, what: str, *, where: str | None = None,
+                 text: str | None = None) -> dict:
+    """The mapping at the top of a YAML file (JSON when the name ends in .json), or a KvlabError
+    that starts with `where` (default: the path) and says what is wrong: "cannot read (...)",
+    "not UTF-8 text (byte N)", "not valid YAML (...)" / "not valid JSON (...)", or "`what` must
+    be a mapping". `text` is the file's text when the caller already has it."""
+    path = Path(path)
+    where = where or str(path)
+    as_json = path.suffix == ".json"
+    try:
+        if text is None:
+            text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if as_json else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise KvlabError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise KvlabError(f"{where}: cannot read {path} ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise KvlabError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except yaml.YAMLError as e:
+        raise KvlabError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KvlabError(f"{where}: {what} must be a {'JSON object' if as_json else 'YAML mapping'}")
+    return data

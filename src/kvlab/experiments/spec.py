@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
@@ -198,17 +198,7 @@ def load_spec(path: str | Path) -> Spec:
             p = candidate
         else:
             raise KvlabError(f"no experiment spec at {path} (the shipped specs are in experiments/)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except UnicodeDecodeError as e:
-        raise KvlabError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise KvlabError(f"{p}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{p}: a spec must be a YAML mapping")
-    return validate_spec(data, str(p))
+    return validate_spec(read_mapping(p, "a spec"), str(p))
 
 
 def validate_spec(data: dict, where: str = "spec") -> Spec:

@@ -16,10 +16,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.loadtest.dists import Dist
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
 from kvlab.loadtest.shapes import ShapeKind, ShapeSpec
@@ -205,16 +205,7 @@ def resolve_profile(name_or_path: str | Path) -> Path:
 def load_workload(name_or_path: str | Path) -> Workload:
     """A profile by name (loadtest/NAME.yaml) or path; errors name the file and the field."""
     path = resolve_profile(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    except UnicodeDecodeError as e:
-        raise KvlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise KvlabError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{path}: expected a mapping of workload fields at the top level")
+    data = read_mapping(path, "a workload (its fields at the top level)")
     data.setdefault("name", path.stem)
     try:
         return Workload.model_validate(data)
