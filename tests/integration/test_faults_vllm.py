@@ -101,7 +101,9 @@ def test_what_was_measured_before_the_kill_is_kept(killed_run):
     reqs = read_requests(rdir / "load" / "requests.parquet")
     ok = reqs[reqs["error_kind"].isna() & (reqs["kind"] == "turn")]
     assert len(ok) >= 1 and (ok["completion_tokens"] > 0).all()
-    assert {"connect", "incomplete"} & set(reqs["error_kind"].dropna())  # what the kill did to the requests after it
+    # a request in flight at the kill is cut (incomplete) or refused (connect); none may be, when the
+    # kill lands in a tool pause and the runner stops the load before the next turn
+    assert set(reqs["error_kind"].dropna()) <= {"connect", "incomplete"}
     samples = read_samples(rdir)
     gaps = samples[samples["name"] == GAP]
     assert len(gaps) >= 1 and {json.loads(x)["kind"] for x in gaps["labels"]} == {"unreachable"}
