@@ -156,12 +156,17 @@ class LocustTransport:
 
     def _post(self, path: str, body: dict, name: str, t0: float) -> tuple[int | None, StreamResult]:
         stream = ChatStream(t0)
-        with self.user.client.post(path, json=body, stream=True, catch_response=True, name=name) as resp:
+        # A redirect is not followed: load goes only to --host (a 3xx is a bad_response).
+        with self.user.client.post(path, json=body, stream=True, catch_response=True, name=name,
+                                   allow_redirects=False) as resp:
             status = resp.status_code or None
             error = getattr(resp, "error", None)
             if status is None:
                 kind = "stall" if isinstance(error, (TimeoutError, socket.timeout)) else "connect"
                 res = failed(kind, type(error).__name__ if error else "no response", t0, time.perf_counter())
+            elif 300 <= status < 400:
+                res = failed("bad_response", f"HTTP {status} redirect to {resp.headers.get('location')} not followed "
+                             "(load goes only to --host)", t0, time.perf_counter())
             elif status >= 400:
                 res = failed(http_error_kind(status), f"HTTP {status}: {_error_text(resp)}", t0, time.perf_counter())
             else:
@@ -183,7 +188,7 @@ class LocustTransport:
             self._fire("ITL", name, gap)
 
     def get_json(self, path: str) -> tuple[int | None, dict | None]:
-        with self.user.client.get(path, name=path, catch_response=True) as resp:
+        with self.user.client.get(path, name=path, catch_response=True, allow_redirects=False) as resp:
             status = resp.status_code or None
             if status != 200:
                 resp.failure(f"HTTP {status}" if status else "connect: no response")
@@ -215,7 +220,7 @@ def _read_stream(resp, stream: ChatStream) -> StreamResult:
 
 def _failure_message(res: StreamResult, status: int | None) -> str:
     """What Locust groups failures by: the kind and a stable detail (the record keeps the rest)."""
-    if res.error_kind in ("http_4xx", "http_5xx"):
+    if res.error_kind in ("http_4xx", "http_5xx") or (status and 300 <= status < 400):
         return f"{res.error_kind}: HTTP {status}"
     return f"{res.error_kind}: {res.error_detail}"
 

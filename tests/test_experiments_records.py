@@ -30,9 +30,15 @@ def test_aggregate_flattens_nested_figures():
 def test_write_json_atomic_leaves_no_partial_file(tmp_path):
     p = tmp_path / "r.json"
     records.write_json_atomic(p, {"a": 1})
+    class Unprintable:
+        def __str__(self):
+            raise ValueError("no text form")
+
     with pytest.raises(ValueError):
-        records.write_json_atomic(p, {"a": float("nan")})  # refused: the old file stays whole
+        records.write_json_atomic(p, {"a": Unprintable()})  # cannot be serialized: the old file stays whole
     assert json.loads(p.read_text()) == {"a": 1}
+    records.write_json_atomic(p, {"a": float("nan")})  # a figure that could not be computed: null
+    assert json.loads(p.read_text()) == {"a": None}
     assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
 
 

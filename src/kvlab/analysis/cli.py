@@ -24,11 +24,17 @@ def report_cmd(
         if results:
             raise KvlabError("--compare A B takes the two results folders itself; give no other folder")
         a, b = compare
-        rep = build_report([b], out=out or Path(b) / "report", baseline=baseline, gpu_price=gpu_price, compare_with=[a])
+        folders, out, compare_with = [b], out or Path(b) / "report", [a]
     else:
         if not results:
             raise KvlabError("give one or more results folders (or --compare A B)")
-        rep = build_report(list(results), out=out, baseline=baseline, gpu_price=gpu_price)
+        folders, out, compare_with = list(results), out or Path(results[0]) / "report", None
+    try:
+        rep = build_report(folders, out=out, baseline=baseline, gpu_price=gpu_price, compare_with=compare_with)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: the report in {out} is incomplete (its report.json says so); "
+                         "the results are untouched: rerun the same command\n")
+        raise typer.Exit(130)
     for s in rep.headline:
         sys.stderr.write(f"  {s}\n")
     for m in rep.missing:

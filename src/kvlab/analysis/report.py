@@ -17,7 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from kvlab import __version__
 from kvlab.analysis import plots, series, tables
 from kvlab.analysis.runs import RunSet, config_label, load_runs
-from kvlab.experiments.records import write_json_atomic
+from kvlab.io import atomic_path, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -54,9 +54,8 @@ def fmt(v: Any, spec: str = "{:,.3g}") -> str:
 
 
 def _write_table(out: Path, name: str, df: pd.DataFrame) -> None:
-    tmp = out / f".{name}.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(out / f"{name}.csv")
+    with atomic_path(out / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
     write_json_atomic(out / f"{name}.json", _records(df))
 
 
@@ -86,6 +85,10 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     rs = load_runs(folders)
     out = Path(out) if out else Path(folders[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    # report.json is written first marked incomplete and last marked complete: a report cut short
+    # (Ctrl-C, a full disk) says so, whatever mix of old and new files it holds.
+    write_json_atomic(out / "report.json", {"complete": False, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                           "kvlab_version": __version__})
     missing = list(rs.missing)
 
     cfg = tables.configs(rs)
@@ -146,14 +149,10 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         n_repeats=len(rs.repeats), n_complete=len(rs.complete),
     )
     html = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(env.get_template("report.html.j2").render(**ctx))
-    tmp.replace(html)
+    write_text_atomic(html, env.get_template("report.html.j2").render(**ctx))
     md = out / "summary.md"
-    tmp = out / ".summary.md.tmp"
-    tmp.write_text(env.get_template("summary.md.j2").render(**ctx))
-    tmp.replace(md)
-    write_json_atomic(out / "report.json", {"baseline": base, "headline": sentences, "missing": missing,
+    write_text_atomic(md, env.get_template("summary.md.j2").render(**ctx))
+    write_json_atomic(out / "report.json", {"complete": True, "baseline": base, "headline": sentences, "missing": missing,
                                            "images": sorted(images), "kvlab_version": __version__})
     return Report(out=out, html=html, summary_md=md, baseline=base, headline=sentences, missing=missing)
 

@@ -155,7 +155,7 @@ def load_runs(folders: list[Path | str]) -> RunSet:
         name = run.get("spec_name", folder.name)
         try:
             spec = yaml.safe_load((folder / "spec.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):
             spec = {}
             missing.append(f"{folder}: spec.yaml is missing or unreadable")
         specs[name] = spec

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import json
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from kvlab.deploy.flags import VllmFlags, parse_flags, without_flag
 from kvlab.deploy.process import ProcessGroup, StopReport
 from kvlab.deploy.profiles import ServeProfile, profile
 from kvlab.errors import KvlabError
+from kvlab.io import write_json_atomic
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch, arch_from_config
 from kvlab.models.cards import ResolvedModel, resolve_model
@@ -53,6 +52,7 @@ class ServeSpec:
     log_path: Path | None = None
     health_timeout_s: float = 600
     gpu: str | None = None          # GPU preset, for the sim engine and predictions
+    lease_path: Path | None = None  # names the running server's process group (deploy.process.stop_leftover)
 
     def __repr__(self) -> str:  # never show the key
         return f"ServeSpec(model={self.model!r}, quant={self.quant!r}, engine={self.engine!r}, port={self.port!r})"
@@ -77,7 +77,10 @@ def _validate(spec: ServeSpec) -> ServeSpec:
 
 def free_port(host_: str) -> int:
     with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
-        s.bind((host_, 0))
+        try:
+            s.bind((host_, 0))
+        except OSError as e:  # an unknown name, an address of another machine
+            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
         return s.getsockname()[1]
 
 
@@ -87,6 +90,8 @@ def port_in_use(host_: str, port: int) -> str | None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host_, port))
+        except socket.gaierror as e:
+            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
         except OSError as e:
             return e.strerror or str(e)
     return None
@@ -303,7 +308,8 @@ class Server:
         self._prepare_model()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path)
+            self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path,
+                                       lease=self.spec.lease_path)
         except OSError as e:
             raise KvlabError(f"cannot start {self.argv[0]}: {e.strerror or e}") from None
         self._pid = self._group.pid
@@ -476,9 +482,4 @@ class Server:
 
     def write_record(self, path: Path) -> Path:
         """Atomically: a temporary file in the same folder, then a rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.record(), fh, indent=2, default=str)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.record())

@@ -1,8 +1,12 @@
-"""A server process in its own process group, stopped as a whole: SIGINT, SIGTERM, then SIGKILL."""
+"""A server process in its own process group, stopped as a whole: SIGINT, SIGTERM, then SIGKILL.
+
+A lease file (optional) names the group while it runs, so that what a killed kvlab (kill -9, the
+OOM killer) left running can be found and stopped later: `stop_leftover(lease)`."""
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import subprocess
@@ -29,9 +33,10 @@ class StopReport:
 class ProcessGroup:
     """One child process started with start_new_session=True: its pid is the group id."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, lease: Path | None = None):
         self.argv = argv
         self.log_path = log_path
+        self.lease = lease
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
         try:
@@ -43,6 +48,8 @@ class ProcessGroup:
         self.pgid = self.proc.pid
         self._known: set[int] = {self.proc.pid}
         _LIVE.add(self)
+        if lease is not None:
+            _write_lease(lease, self.proc.pid, argv, log_path)
 
     @property
     def pid(self) -> int:
@@ -77,7 +84,10 @@ class ProcessGroup:
         self.proc.poll()
         self._log.close()
         _LIVE.discard(self)
-        return StopReport(tuple(sent), self.proc.returncode, tuple(self.members()))
+        survivors = tuple(self.members())
+        if self.lease is not None and not survivors:
+            self.lease.unlink(missing_ok=True)
+        return StopReport(tuple(sent), self.proc.returncode, survivors)
 
     def _signal(self, sig: signal.Signals, members: list[int]) -> None:
         try:
@@ -111,6 +121,56 @@ def live_processes(pgid: int, pids: set[int] = frozenset()) -> list[int]:
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             continue
     return alive
+
+
+def _write_lease(lease: Path, pid: int, argv: list[str], log_path: Path) -> None:
+    from kvlab.io import write_json_atomic
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:  # died at once: nothing to lease
+        return
+    write_json_atomic(lease, {"pid": pid, "pgid": pid, "create_time": created, "program": argv[:3],
+                              "log": str(log_path), "kvlab_pid": os.getpid(),
+                              "kvlab_create_time": psutil.Process().create_time()})
+
+
+def _same_process(pid: int, created: float) -> bool:
+    """pid still runs and is the process started at `created` (not a reused pid)."""
+    try:
+        return abs(psutil.Process(pid).create_time() - created) < 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def stop_leftover(lease: Path, grace_s: float = 10.0) -> str | None:
+    """Stop the process group a lease names if it still runs (the same process: pid and start time)
+    and its kvlab is gone; remove the lease. Returns what was stopped, or None."""
+    try:
+        info = json.loads(lease.read_text())
+        pid, created = int(info["pid"]), float(info["create_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        lease.unlink(missing_ok=True)
+        return None
+    owner = info.get("kvlab_pid")
+    if owner != os.getpid() and isinstance(owner, int) and _same_process(owner, info.get("kvlab_create_time", -1)):
+        return None  # its kvlab still runs (another run in the same folder): not ours to stop
+    what = None
+    # A pid is not reused while a process group of that id lives: members left are the server's.
+    if _same_process(pid, created) or live_processes(pid):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace_s
+            while live_processes(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not live_processes(pid):
+                break
+        what = f"process group {pid} ({' '.join(info.get('program', []))}; log: {info.get('log')})"
+    lease.unlink(missing_ok=True)
+    return what
 
 
 @atexit.register

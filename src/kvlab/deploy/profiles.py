@@ -11,10 +11,10 @@ import re
 from functools import cache
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation  # cards' wording for field errors
 
 # The level names used everywhere (QUANT=); a profile file may add its own.
@@ -67,12 +67,7 @@ def profiles_dir() -> Path:
 
 
 def _load_file(path: Path) -> ModelProfiles:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except OSError as e:
-        raise KvlabError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_mapping(path, "a model's serve profiles")
     try:
         mp = ModelProfiles.model_validate(data)
     except ValidationError as e:

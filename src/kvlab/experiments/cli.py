@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,8 +13,35 @@ import typer
 experiment_app = typer.Typer(help="Run experiment specs and query their records.", no_args_is_help=True)
 
 
-def _progress_runner(spec, out: Path, only, engine):
+API_KEY = typer.Option(None, "--api-key", envvar="KVLAB_API_KEY", show_envvar=True,
+                       help="vLLM --api-key for the servers (given to them as VLLM_API_KEY) and the load; never recorded")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key) -> None:
+    """Ctrl-C, or SIGTERM from a job scheduler, stops the servers and Locust and keeps what is
+    finished; a record that cannot be written (a full disk) ends the run with one line."""
+    from kvlab.errors import KvlabError
+    from kvlab.io import RecordWriteError
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # may arrive ignored from a non-interactive shell
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        _progress_runner(spec, folder, only, engine, api_key)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
+        raise typer.Exit(130)
+    except RecordWriteError as e:
+        raise KvlabError(f"{e}. The run stopped; finished repeats are kept in {folder}: free space and rerun "
+                         "the same command to complete it") from None
+
+
+def _progress_runner(spec, out: Path, only, engine, api_key=None):
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kvlab.experiments.runner import run_spec
@@ -24,7 +53,10 @@ def _progress_runner(spec, out: Path, only, engine):
 
     def on_event(kind: str, data: dict) -> None:
         nonlocal task
-        if kind == "engine":
+        if kind == "leftover":
+            console.print(f"[yellow]stopped what a killed run left running: {escape(data['stopped'])}[/yellow]",
+                          soft_wrap=True)
+        elif kind == "engine":
             console.print(f"engine: {data['engine']} ({data['reason']})")
         elif kind == "plan":
             if data["skipped"]:
@@ -37,10 +69,12 @@ def _progress_runner(spec, out: Path, only, engine):
         elif kind == "repeat_done":
             progress.advance(task)
             if data["status"] != "complete":
-                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}[/yellow]")
+                why = f": {data['reason']}" if data.get("reason") else ""
+                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}{escape(why)}[/yellow]",
+                              soft_wrap=True)  # one line, whatever the width: logs are grepped
 
     with progress:
-        return run_spec(spec, out, only=only, engine=engine, on_event=on_event)
+        return run_spec(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key)
 
 
 def _finish(out: Path) -> None:
@@ -58,17 +92,14 @@ def run_cmd(
     only: Optional[str] = typer.Option(None, "--only", help="Run only matching cells: model=...,quant=...,workload=...,users=..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<spec name>)"),
     engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim"),
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """Run a spec's cells (skips finished ones); the last line printed is the results folder."""
     from kvlab.experiments.spec import load_spec, parse_only
 
     spec = load_spec(spec_path)
     folder = out or Path("results") / spec.name
-    try:
-        _progress_runner(spec, folder, parse_only(only), engine)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
-        raise typer.Exit(130)
+    _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key)
     _finish(folder)
 
 
@@ -84,6 +115,7 @@ def one_cmd(
     repeats: int = typer.Option(1, "--repeats"),
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     out: Optional[Path] = typer.Option(None, "--out"),
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
     from kvlab.deploy import choose_engine
@@ -91,7 +123,7 @@ def one_cmd(
 
     chosen, _ = choose_engine(engine)  # for the defaults; the runner says which engine and why
     data = {
-        "name": f"{model}-{quant}".replace("/", "_"),
+        "name": re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{quant}").strip("._-") or "one",
         "engine": engine or "auto", "models": [model], "quants": [quant],
         "workloads": [workload or ("agent-smoke" if chosen == "vllm-cpu" else "agent")],
         "load": {"shape": "constant", "users": [users]},
@@ -101,12 +133,23 @@ def one_cmd(
         data.update(kv_memory_gib=1, max_model_len=4096, serve_args=["--block-size", "32"])
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
-    try:
-        _progress_runner(spec, folder, None, engine)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
-        raise typer.Exit(130)
+    _run_stopping_cleanly(spec, folder, None, engine, api_key)
     _finish(folder)
+
+
+def parse_where(text: str | None) -> dict[str, str] | None:
+    """--where model=...,status=... -> {"model": ..., "status": ...}."""
+    from kvlab.errors import KvlabError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise KvlabError(f"--where: {part!r} is not KEY=VALUE (e.g. model=deepseek-v2-lite,status=complete)")
+        out[key.strip()] = value.strip()
+    return out
 
 
 @experiment_app.command("ls")
@@ -127,7 +170,7 @@ def ls_cmd(
     if not (results / "run.json").exists():
         raise KvlabError(f"{results} is not a kvlab results folder (no run.json)")
     rebuild(results)
-    filters = dict(p.split("=", 1) for p in where.split(",")) if where else None
+    filters = parse_where(where)
     rows = query(results, filters)
     if as_json:
         for r in rows:

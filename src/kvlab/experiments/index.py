@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.experiments.records import read_json
+from kvlab.io import atomic_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repeats (
@@ -68,24 +69,24 @@ def rebuild(results_dir: Path) -> Path:
     """(Re)write <results_dir>/index.sqlite from every repeat folder below it."""
     results_dir = Path(results_dir)
     db_path = results_dir / "index.sqlite"
-    tmp = db_path.with_suffix(".sqlite.tmp")
-    tmp.unlink(missing_ok=True)
     spec = (read_json(results_dir / "run.json") or {}).get("spec_name", results_dir.name)
-    con = sqlite3.connect(tmp)
-    try:
-        con.executescript(SCHEMA)
-        for status in sorted(results_dir.glob("*/repeat-*/status.json")):
-            if ".partial-" in status.parent.name:  # set aside by a rerun, not a result
-                continue
-            row = row_for(status.parent, spec)
-            if row:
-                cols = ", ".join(row)
-                con.execute(f"INSERT OR REPLACE INTO repeats ({cols}) VALUES ({', '.join('?' * len(row))})",
-                            list(row.values()))
-        con.commit()
-    finally:
-        con.close()
-    tmp.replace(db_path)
+    with atomic_path(db_path) as tmp:
+        con = sqlite3.connect(tmp)
+        try:
+            con.executescript(SCHEMA)
+            for status in sorted(results_dir.glob("*/repeat-*/status.json")):
+                if ".partial-" in status.parent.name:  # set aside by a rerun, not a result
+                    continue
+                row = row_for(status.parent, spec)
+                if row:
+                    cols = ", ".join(row)
+                    con.execute(f"INSERT OR REPLACE INTO repeats ({cols}) VALUES ({', '.join('?' * len(row))})",
+                                list(row.values()))
+            con.commit()
+        except sqlite3.OperationalError as e:  # "database or disk is full": an OSError for the caller
+            raise OSError(28 if "full" in str(e) else 5, str(e)) from None
+        finally:
+            con.close()
     return db_path
 
 

@@ -16,13 +16,13 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from kvlab import __version__
+from kvlab.io import write_json_atomic  # noqa: F401  (the one shared helper; re-exported)
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH")
 ENV_THAT_MATTERS = (
@@ -32,26 +32,10 @@ ENV_THAT_MATTERS = (
 )
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary name in the same folder, then rename: a reader sees all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, torn, not JSON, not UTF-8: not a record
         return None
 
 

@@ -5,6 +5,7 @@ keeps what is finished; a crashed server marks its cell failed with the log tail
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, is_dataclass
 from itertools import groupby
@@ -20,9 +21,9 @@ from kvlab.experiments.records import (
     environment_facts,
     read_json,
     redact_argv,
-    write_json_atomic,
 )
 from kvlab.experiments.spec import Cell, Spec, cells
+from kvlab.io import RecordWriteError, copy_atomic, make_dir, write_json_atomic, write_text_atomic
 
 LOG_TAIL_LINES = 40
 
@@ -50,7 +51,7 @@ def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> list[str]:
 
 def claim_folder(spec: Spec, out: Path) -> None:
     """A results folder holds one spec's results; a different spec there is refused before anything starts."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     run = read_json(out / "run.json")
     if run is not None and (run.get("spec_name") != spec.name or run.get("spec_digest") != spec.digest):
         raise KvlabError(
@@ -63,11 +64,18 @@ def claim_folder(spec: Spec, out: Path) -> None:
             raise KvlabError(f"{out} is not empty and holds no kvlab run: choose another --out")
         write_json_atomic(out / "run.json", {"spec_name": spec.name, "spec_digest": spec.digest,
                                              "created_ts": time.time()})
-        (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+        write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))
 
 
 def repeat_dir(out: Path, cell: Cell, k: int) -> Path:
-    return out / cell.cell_id / f"repeat-{k}"
+    return inside(out, out / cell.cell_id / f"repeat-{k}")
+
+
+def inside(out: Path, path: Path) -> Path:
+    """path, checked to lie in the results folder (cell ids are made folder-safe in spec.py)."""
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise KvlabError(f"{path} would lie outside the results folder {out}")
+    return path
 
 
 def is_complete(rdir: Path) -> bool:
@@ -134,7 +142,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
 
     rdir = repeat_dir(out, cell, k)
     _set_aside_partial(rdir)
-    rdir.mkdir(parents=True)
+    make_dir(rdir, exist_ok=False)
     seed = spec.seed + k - 1
     started = time.time()
     _set_status(rdir, cell, k, "running", started_ts=started, engine=server.engine, seed=seed)
@@ -149,47 +157,76 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
     write_json_atomic(rdir / "prediction.json", {"provenance": "predicted by the kvlab memory model",
                                                  **(_as_dict(server.prediction) or {})})
     workload = _workload(spec, cell)
+    api_key = getattr(server.spec, "api_key", None)  # the server's key: the load must send it
     if spec.warmup_s > 0:
         run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
-                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000)
-    with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s):
+                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key)
+    with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s) as scraper:
         t0 = time.time()
         load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
-                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate)
+                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key)
         t1 = time.time()
     requests = read_requests(load.records_path)
     client = client_figures(requests, t1 - t0, spec.slo.model_dump(exclude_none=True))
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
                         mean_session_context_tokens=client["mean_session_context_tokens"])
-    alive = server.alive()
+    failure = _failure(server, client)
     _copy_server_log(server, rdir)
+    if failure is not None:
+        failure["log_tail"] = log_tail(rdir / "server.log")
     results = {
         "cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
-        "status": "complete" if alive else "failed",
+        "status": "failed" if failure else "complete",
         "window": {"start_ts": t0, "end_ts": t1},
         "server": {"provenance": "reported by the server (startup log, vllm:cache_config_info)",
                    **(_as_dict(server.facts) or {})},
         "prediction": _as_dict(server.prediction),
         "metrics": _as_dict(metrics),
+        "scrapes": {"total": scraper.scrapes, "gaps": scraper.gaps, "last_error": scraper.last_error},
         "client": client,
         "slo": spec.slo.model_dump(exclude_none=True),
         "gpu_price_per_hour": spec.gpu_price_per_hour,
         "engine": server.engine,
+        **({"failure": failure} if failure else {}),
     }
-    if not alive:
-        results["failure"] = {"reason": "the server died during the run", "log_tail": log_tail(rdir / "server.log")}
     write_json_atomic(rdir / "results.json", results)
     manifest["ended_ts"] = time.time()
     write_json_atomic(rdir / "manifest.json", manifest)
     _set_status(rdir, cell, k, results["status"], ended_ts=manifest["ended_ts"],
-                **({"failure": results["failure"]} if not alive else {}))
+                **({"failure": failure} if failure else {}))
     return results
+
+
+def _failure(server: Any, client: dict) -> dict | None:
+    """Why a repeat that ran to its end measured nothing that counts, or None."""
+    if not server.alive():
+        server.stop()  # what is left of its group (vLLM's engine core outlives a killed API server)
+        code = getattr(server, "exit_code", None)
+        how = f" (exit code {code}{_signal_name(code)})" if code is not None else ""
+        return {"reason": f"the server died during the run{how}"}
+    if not client.get("requests_ok"):
+        errors: dict[str, int] = {}
+        for kind, n in [*client.get("probe_errors", {}).items(), *client.get("errors_by_kind", {}).items()]:
+            errors[kind] = errors.get(kind, 0) + n
+        said = ", ".join(f"{kind} {n}" for kind, n in errors.items()) or "no request was answered"
+        return {"reason": f"no request succeeded ({client.get('requests', 0)} requests, "
+                          f"{client.get('probes', 0)} calibration probes; errors: {said})"}
+    return None
+
+
+def _signal_name(code: int) -> str:
+    import signal
+
+    try:
+        return f", killed by {signal.Signals(-code).name}" if code < 0 else ""
+    except ValueError:
+        return ""
 
 
 def _copy_server_log(server: Any, rdir: Path) -> None:
     src = Path(server.log_path)
     if src.exists():
-        (rdir / "server.log").write_bytes(src.read_bytes())
+        copy_atomic(src, rdir / "server.log")
 
 
 def fail_repeat(out: Path, cell: Cell, k: int, reason: str, tail: list[str], engine: str | None = None) -> None:
@@ -197,7 +234,7 @@ def fail_repeat(out: Path, cell: Cell, k: int, reason: str, tail: list[str], eng
     if is_complete(rdir):
         return
     _set_aside_partial(rdir)
-    rdir.mkdir(parents=True, exist_ok=True)
+    make_dir(rdir)
     failure = {"reason": reason, "log_tail": tail}
     write_json_atomic(rdir / "results.json", {"cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k,
                                              "status": "failed", "failure": failure, "engine": engine})
@@ -222,7 +259,7 @@ def finalize_cell(out: Path, cell: Cell, spec: Spec) -> dict | None:
                                         for r in complete]),
         "first": complete[0] if complete else None,
     }
-    write_json_atomic(out / cell.cell_id / "results.json", summary)
+    write_json_atomic(inside(out, out / cell.cell_id / "results.json"), summary)
     return summary
 
 
@@ -231,8 +268,12 @@ def finalize_cell(out: Path, cell: Cell, spec: Spec) -> dict | None:
 
 
 def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: str | None = None,
-             on_event: Callable[[str, dict], None] | None = None) -> Path:
-    """Run every cell of the spec that is not finished yet; returns the results folder."""
+             on_event: Callable[[str, dict], None] | None = None, api_key: str | None = None) -> Path:
+    """Run every cell of the spec that is not finished yet; returns the results folder.
+
+    api_key: the servers' key (vLLM --api-key, given to them as VLLM_API_KEY) that the load sends;
+    it is written nowhere. A record that cannot be written (a full disk) stops the run: the
+    RecordWriteError says which file, and everything finished before it is kept."""
     from kvlab import deploy
 
     out = Path(out)
@@ -241,6 +282,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
         raise KvlabError("no cell of the spec matches --only")
     claim_folder(spec, out)
     emit = on_event or (lambda kind, data: None)
+    _stop_leftovers(out, emit)
     chosen, reason = deploy.choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
     emit("engine", {"engine": chosen, "reason": reason})
     work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
@@ -256,36 +298,63 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
                     if server is None or not server.alive():
                         if server is not None:
                             server.stop()
-                        log = out / f"{cell.model}__{cell.quant}.server.log"
+                        log = inside(out, out / f"{cell.server_id}.server.log")
                         sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
                                           kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
-                                          extra_args=list(spec.serve_args), log_path=log)
+                                          extra_args=list(spec.serve_args), log_path=log, api_key=api_key,
+                                          lease_path=out / f".{cell.server_id}.server.lease")
                         emit("server_start", {"model": cell.model, "quant": cell.quant})
                         try:
                             server = deploy.Server(sspec).start()
+                        except RecordWriteError:
+                            raise
                         except KvlabError as e:
-                            tail = log_tail(log)
+                            tail, why = log_tail(log), f"the server did not start: {str(e).splitlines()[0]}"
                             for c2, k2 in group[i:]:
-                                fail_repeat(out, c2, k2, f"the server did not start: {e}", tail, chosen)
-                                emit("repeat_done", {"cell": c2.cell_id, "repeat": k2, "status": "failed"})
+                                fail_repeat(out, c2, k2, why, tail, chosen)
+                                emit("repeat_done", {"cell": c2.cell_id, "repeat": k2, "status": "failed",
+                                                     "reason": why})
                             server = None
                             break
                     emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
                     try:
-                        status = run_repeat(spec, cell, k, server, out, reason)["status"]
+                        res = run_repeat(spec, cell, k, server, out, reason)
+                        status, why = res["status"], (res.get("failure") or {}).get("reason")
+                    except RecordWriteError:
+                        raise  # the disk is full: every later record would fail too
                     except Exception as e:  # recorded with the server's log tail; the run goes on
-                        fail_repeat(out, cell, k, f"{type(e).__name__}: {e}", log_tail(server.log_path), chosen)
+                        why = f"{type(e).__name__}: {e}"
+                        fail_repeat(out, cell, k, why, log_tail(server.log_path), chosen)
                         status = "failed"
-                    emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status})
+                    emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why})
                     if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
                         finalize_cell(out, cell, spec)
                         done_cells.add(cell.cell_id)
             finally:
                 if server is not None:
                     server.stop()
-    finally:
-        for c in {c for c, _ in work}:
-            if c.cell_id not in done_cells and (out / c.cell_id).exists():
-                finalize_cell(out, c, spec)
-        index.rebuild(out)
+    except BaseException:
+        # Ctrl-C, a full disk: sum up what is finished; the first error is the one to tell.
+        with contextlib.suppress(RecordWriteError):
+            _finalize_rest(out, spec, work, done_cells)
+        raise
+    _finalize_rest(out, spec, work, done_cells)
     return out
+
+
+def _stop_leftovers(out: Path, emit: Callable[[str, dict], None]) -> None:
+    """A run that was killed outright (kill -9, the OOM killer) could not stop its server: its
+    lease names the process group, stopped here before anything starts."""
+    from kvlab.deploy.process import stop_leftover
+
+    for lease in sorted(out.glob(".*.server.lease")):
+        what = stop_leftover(lease)
+        if what:
+            emit("leftover", {"stopped": what})
+
+
+def _finalize_rest(out: Path, spec: Spec, work: list[tuple[Cell, int]], done_cells: set[str]) -> None:
+    for c in {c for c, _ in work}:
+        if c.cell_id not in done_cells and (out / c.cell_id).exists():
+            finalize_cell(out, c, spec)
+    index.rebuild(out)

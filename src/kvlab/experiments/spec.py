@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
@@ -85,10 +85,11 @@ class Spec(_Strict):
 
     @field_validator("duration_s", "warmup_s", mode="before")
     @classmethod
-    def _duration(cls, v):
-        if isinstance(v, str) or isinstance(v, (int, float)):
-            if isinstance(v, (int, float)) and v == 0:
-                return 0.0
+    def _duration(cls, v, info):
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            m = _DURATION.match(str(v))
+            if info.field_name == "warmup_s" and m and float(m.group(1)) == 0:
+                return 0.0  # no warm-up: 0, "0", "0s"
             return parse_duration_s(v)
         return v
 
@@ -110,6 +111,19 @@ class Spec(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def path_component(name: str) -> str:
+    """`name` as one folder name that stays inside the results folder: card names, levels and
+    workload names are kept as they are; a path or Hugging Face id (`../x`, `/data/m`, `org/m`)
+    becomes its last part's safe characters plus a digest of the whole, so that two never collide."""
+    if _SAFE.match(name) and ".." not in name:
+        return name
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(name).name).strip("._-").replace("..", "_") or "x"
+    return f"{readable[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One configuration of a spec: repeats of it live inside its directory."""
@@ -121,7 +135,13 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        return f"{self.model}__{self.quant}__{self.workload}__u{self.users}"
+        parts = (self.model, self.quant, self.workload)
+        return "__".join(path_component(p) for p in parts) + f"__u{self.users}"
+
+    @property
+    def server_id(self) -> str:
+        """The folder-safe name of the cell's server (its log file)."""
+        return f"{path_component(self.model)}__{path_component(self.quant)}"
 
     @property
     def server_key(self) -> tuple[str, str]:
@@ -178,13 +198,7 @@ def load_spec(path: str | Path) -> Spec:
             p = candidate
         else:
             raise KvlabError(f"no experiment spec at {path} (the shipped specs are in experiments/)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{p}: a spec must be a YAML mapping")
-    return validate_spec(data, str(p))
+    return validate_spec(read_mapping(p, "a spec"), str(p))
 
 
 def validate_spec(data: dict, where: str = "spec") -> Spec:
@@ -206,7 +220,10 @@ def _check_names(spec: Spec, where: str) -> None:
         if m not in cards and not Path(m).exists() and "/" not in m:
             raise KvlabError(f"{where}: field models: {unknown_model_message(m)}")
     if spec.gpu:
-        hardware.gpu(spec.gpu)
+        try:
+            hardware.gpu(spec.gpu)
+        except KvlabError as e:
+            raise KvlabError(f"{where}: field gpu: {e}") from None
     from kvlab.deploy.profiles import profile
 
     for m in spec.models:
@@ -219,4 +236,7 @@ def _check_names(spec: Spec, where: str) -> None:
     from kvlab.loadtest.workload import load_workload
 
     for w in spec.workloads:
-        load_workload(w)
+        try:
+            load_workload(w)
+        except KvlabError as e:
+            raise KvlabError(f"{where}: field workloads: {e}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvlab.errors import KvlabError
+from kvlab.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,17 @@ def record_files(path: Path | str) -> list[Path]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines only: the last line of a file still being written may be cut short."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for line in fh:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break
             try:
-                rows.append(json.loads(line))
-            except ValueError:
+                row = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8
                 raise KvlabError(f"{path}: line {len(rows) + 1} is not a JSON record") from None
+            if not isinstance(row, dict):
+                raise KvlabError(f"{path}: line {len(rows) + 1} is not a JSON object")
+            rows.append(row)
     return rows
 
 
@@ -129,8 +133,6 @@ def read_requests(path: Path | str):
 
 def write_parquet(df, path: Path | str) -> Path:
     """Atomically: a temp name in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)

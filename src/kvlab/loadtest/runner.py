@@ -27,6 +27,7 @@ from typing import Callable
 import yaml
 
 from kvlab.errors import KvlabError
+from kvlab.io import write_text_atomic
 from kvlab.loadtest.records import read_requests, record_files, write_parquet
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
@@ -154,12 +155,6 @@ def _resolve_workload(workload: str | Path | Workload, shape: str | None) -> Wor
     return wl.with_shape(shape)  # type: ignore[arg-type]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _stop(procs: list[subprocess.Popen], sig: int) -> None:
     for p in procs:
         if p.poll() is None:
@@ -173,15 +168,16 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
              shape: str | None = None, out_dir: str | Path | None = None, seed: int = 0, *,
              workers: int = 0, max_requests: int | None = None, spawn_rate: float | None = None,
              stop_timeout_s: float = 10.0, locustfile: str | Path | None = None,
-             progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0) -> LoadResult:
+             progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0,
+             api_key: str | None = None) -> LoadResult:
     """Play `workload` against `host` (e.g. http://127.0.0.1:8000) with Locust, headless.
 
     users: peak Locust users (poisson: session slots); duration_s: run time (seconds or '60s');
     shape: constant | steps | poisson | diurnal (default: the workload's); workers: 0 = one Locust
     process, N = a master and N local workers. Bounded: Locust stops at the run time or after
     max_requests, in-flight requests get stop_timeout_s to finish, and a run that overstays is
-    killed (its records are kept). An API key is read by the locustfile from KVLAB_API_KEY or
-    OPENAI_API_KEY in the environment, never passed on the command line."""
+    killed (its records are kept). An API key (api_key, else KVLAB_API_KEY or OPENAI_API_KEY in the
+    environment) reaches the locustfile through its environment, never on a command line."""
     wl = _resolve_workload(workload, shape)
     users = users or wl.load.users
     duration = parse_duration(duration_s) if duration_s is not None else wl.load.duration_s
@@ -192,7 +188,7 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
         raise KvlabError(f"{out} already holds a load run: give a new --out folder (nothing is overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     wl_path = out / "workload.yaml"
-    _write_atomic(wl_path, yaml.safe_dump(wl.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(wl_path, yaml.safe_dump(wl.model_dump(mode="json"), sort_keys=False))
     records_dir = out / "requests"
     lf = Path(locustfile) if locustfile else default_locustfile()
 
@@ -213,15 +209,17 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                         "--master-port", str(port), "--logfile", str(out / f"locust-worker{i}.log")] for i in range(workers)]
 
     log_path = out / "locust.out"
+    env = {**os.environ, "KVLAB_API_KEY": api_key} if api_key else None  # None: inherit ours
     procs: list[subprocess.Popen] = []
     tail = _RecordTail(records_dir)
     deadline = time.monotonic() + duration + stop_timeout_s + STARTUP_GRACE_S
     t_start = time.monotonic()
     with open(log_path, "wb") as log:
         try:
-            procs.append(subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
             for cmd in worker_cmds:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                              env=env))
             while procs[0].poll() is None:
                 if time.monotonic() > deadline:
                     _stop(procs, signal.SIGTERM)
@@ -276,6 +274,6 @@ def _collect(out: Path, wl: Workload, command: list[str], returncode: int, recor
             "first_request_ts": float(df["start_ts"].min()) if len(df) else None,
             "paths": {k: str(v) for k, v in result.__dict__.items() if isinstance(v, Path)},
             "summary": summary}
-    _write_atomic(out / "load.json", json.dumps(meta, indent=2, default=str) + "\n")
+    write_text_atomic(out / "load.json", json.dumps(meta, indent=2, default=str) + "\n")
     return result
 

@@ -125,9 +125,12 @@ class ChatStream:
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else err
-            self.fail("stream_error", str(msg)[:200])
+            self.fail("stream_error", str(msg)[:200] or "an error event without a message")
             return
         choices = obj.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            self.fail("malformed_sse", "event choices are not a list of objects")
+            return
         if choices:
             self._on_choice(choices[0], now)
         usage = obj.get("usage")
@@ -135,10 +138,15 @@ class ChatStream:
             self._on_usage(usage)
 
     def _on_choice(self, choice: dict, now: float) -> None:
+        delta = choice.get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        finish = choice.get("finish_reason")
+        if not isinstance(delta, dict) or not isinstance(content, (str, type(None))) or \
+                not isinstance(finish, (str, type(None))):
+            self.fail("malformed_sse", "a choice whose delta, content or finish_reason is not what OpenAI sends")
+            return
         if self.r.ttft_s is None:
             self.r.ttft_s = now - self.t0
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
         if content:
             if self._last_token_t is not None:
                 self.r.itl_s.append(now - self._last_token_t)
@@ -149,11 +157,16 @@ class ChatStream:
             self.r.finish_reason = choice["finish_reason"]
 
     def _on_usage(self, usage: dict) -> None:
-        self.r.prompt_tokens = usage.get("prompt_tokens")
-        self.r.completion_tokens = usage.get("completion_tokens")
         details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict):
-            self.r.cached_tokens = details.get("cached_tokens")
+        counts = {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+                  "cached_tokens": details.get("cached_tokens") if isinstance(details, dict) else None}
+        bad = [k for k, v in counts.items() if v is not None and (type(v) is not int or v < 0)]
+        if bad:
+            self.fail("malformed_sse", f"usage {bad[0]} is not a token count")
+            return
+        self.r.prompt_tokens = counts["prompt_tokens"]
+        self.r.completion_tokens = counts["completion_tokens"]
+        self.r.cached_tokens = counts["cached_tokens"]
 
     def _end(self, now: float) -> None:
         self.done = True

@@ -16,10 +16,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.loadtest.dists import Dist
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
 from kvlab.loadtest.shapes import ShapeKind, ShapeSpec
@@ -55,6 +55,14 @@ class RequestSpec(_Spec):
     timeout_s: float = Field(default=300.0, gt=0)  # whole request
     stall_timeout_s: float = Field(default=60.0, gt=0)  # no byte for this long: a stalled stream
     connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _a_path(cls, v: str) -> str:
+        if not v.startswith("/") or v.startswith("//") or any(c.isspace() for c in v):
+            raise ValueError(f"{v!r} must be a path on --host, like /v1/chat/completions (load goes only to the "
+                             "host you name, never to a URL in a file)")
+        return v
 
 
 class LimitSpec(_Spec):
@@ -197,12 +205,7 @@ def resolve_profile(name_or_path: str | Path) -> Path:
 def load_workload(name_or_path: str | Path) -> Workload:
     """A profile by name (loadtest/NAME.yaml) or path; errors name the file and the field."""
     path = resolve_profile(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{path}: expected a mapping of workload fields at the top level")
+    data = read_mapping(path, "a workload (its fields at the top level)")
     data.setdefault("name", path.stem)
     try:
         return Workload.model_validate(data)

@@ -42,7 +42,8 @@ def scrape_cmd(
 ) -> None:
     """Scrape a vLLM server's /metrics for a while into DIR/metrics.csv, then print the figures."""
     from kvlab.metrics.figures import summarize_all
-    from kvlab.metrics.samples import SAMPLES_FILE, write_json_atomic
+    from kvlab.io import write_json_atomic
+    from kvlab.metrics.samples import SAMPLES_FILE
     from kvlab.metrics.scraper import Scraper
 
     seconds, interval_s = parse_duration_s(duration), parse_duration_s(interval)

@@ -64,14 +64,6 @@ class SampleWriter:
         self._f.close()
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """A record file: written under a temporary name, then renamed over the target."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-
-
 def resolve_samples_path(path: str | os.PathLike) -> Path:
     """A run directory (holding metrics.csv) or the samples file itself."""
     p = Path(path)
@@ -105,7 +97,7 @@ def checked_frame(df: pd.DataFrame, where: str = "samples") -> pd.DataFrame:
     df["ts"] = pd.to_numeric(df["ts"], errors="coerce")
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     good_labels = df["labels"].map({s: _is_label_json(s) for s in df["labels"].unique()})
-    df = df[df["ts"].notna() & good_labels & df["name"].astype(bool)]
+    df = df[df["ts"].notna() & good_labels.astype(bool) & (df["name"].astype(str) != "")]
     return df.sort_values("ts", kind="stable").reset_index(drop=True)
 
 

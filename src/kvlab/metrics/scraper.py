@@ -23,6 +23,7 @@ from kvlab.metrics.gpu import NvidiaSmi
 from kvlab.metrics.samples import GAP, GPU_ABSENT, SampleWriter
 
 MAX_ERROR_CHARS = 300
+MAX_REDIRECTS = 3
 
 
 def metrics_url(url: str) -> str:
@@ -87,7 +88,7 @@ class Scraper:
         if self._thread is not None:
             raise RuntimeError("Scraper already started")
         self._writer = SampleWriter(self.path)
-        self._client = httpx.Client(timeout=self.timeout_s, follow_redirects=True, trust_env=False)
+        self._client = httpx.Client(timeout=self.timeout_s, follow_redirects=False, trust_env=False)
         self._start_gpu()
         self.scrape_once()
         self._thread = threading.Thread(target=self._loop, name="kvlab-scraper", daemon=True)
@@ -132,11 +133,27 @@ class Scraper:
         n = sum(1 for r in rows if r[1].startswith(self.prefix))
         return ScrapeResult(ts, n, error)
 
+    def _get(self) -> httpx.Response:
+        """GET the metrics URL, following redirects on the same host and port only (vLLM sends
+        /metrics to /metrics/); one elsewhere is answered as it is, not followed."""
+        resp = self._client.get(self.url)
+        origin = (resp.request.url.scheme, resp.request.url.host, resp.request.url.port)
+        for _ in range(MAX_REDIRECTS):
+            nxt = resp.next_request
+            if nxt is None or (nxt.url.scheme, nxt.url.host, nxt.url.port) != origin:
+                break
+            resp = self._client.send(nxt)
+        return resp
+
     def _fetch_rows(self, ts: float) -> tuple[list, str | None, str]:
         try:
-            resp = self._client.get(self.url)
+            resp = self._get()
         except httpx.HTTPError as e:
             return [], f"{type(e).__name__}: {e}", "unreachable"
+        if resp.next_request is not None:
+            u = httpx.URL(self.url)
+            return [], (f"redirected to {redacted(str(resp.next_request.url))}: not followed (scrapes go only to "
+                        f"{u.host}:{u.port})"), "redirect"
         if resp.status_code != 200:
             return [], f"HTTP {resp.status_code}", "http_status"
         parsed = parse_exposition(resp.text, self.prefix)

@@ -29,6 +29,8 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
     """The q-quantile from cumulative `(upper_bound, count)` buckets; None without observations."""
     if not 0 <= q <= 1:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
+    if any(math.isnan(le) or not math.isfinite(c) for le, c in buckets):
+        return None  # a garbled exposition (NaN or infinite counts) has no quantile
     b = sorted(buckets)
     if len(b) < 2 or not math.isinf(b[-1][0]):
         return None

@@ -143,52 +143,79 @@ def _require(cfg: dict[str, Any], source: str, *names: str) -> Any:
     return value
 
 
+MAX_LAYERS = 10_000  # far above any model: a larger count is a broken config (and per-layer tuples)
+MAX_DIM = 1 << 31  # far above any width, vocabulary or context: the products stay exact numbers
+
+
+def _int(value: Any, source: str, name: str, minimum: int | None = None) -> int:
+    """A config number as an int (a whole float or a digit string too); else an error naming it."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        n = int(value.strip()) if isinstance(value, str) else int(value)
+        if isinstance(value, float) and value != n:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise KvlabError(f"{source}: {name} must be a whole number, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise KvlabError(f"{source}: {name} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {n}")
+    if n > MAX_DIM:
+        raise KvlabError(f"{source}: {name} {n:,} is not a model's (at most {MAX_DIM:,})")
+    return n
+
+
 def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
     """Build a ModelArch from a Hugging Face config dict (as in config.json)."""
     if not isinstance(cfg, dict):
         raise KvlabError(f"{source}: config must be a JSON object")
     # Multimodal wrappers keep the language model under text_config.
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise KvlabError(f"{source}: text_config must be a JSON object")
         inner = dict(cfg["text_config"])
         inner.setdefault("quantization_config", cfg.get("quantization_config"))
         cfg = inner
     model_type = str(_get(cfg, "model_type", default="unknown"))
     archs = cfg.get("architectures") or []
-    architecture = str(archs[0]) if archs else model_type
+    architecture = str(archs[0]) if isinstance(archs, list) and archs else model_type
 
-    num_layers = int(_require(cfg, source, "num_hidden_layers", "n_layer", "num_layers"))
-    hidden = int(_require(cfg, source, "hidden_size", "n_embd", "d_model"))
-    heads = int(_require(cfg, source, "num_attention_heads", "n_head"))
-    kv_heads = int(_get(cfg, "num_key_value_heads", "n_head_kv", default=heads))
-    head_dim = int(_get(cfg, "head_dim", default=0) or hidden // heads)
+    num_layers = _int(_require(cfg, source, "num_hidden_layers", "n_layer", "num_layers"), source, "num_hidden_layers", 1)
+    if num_layers > MAX_LAYERS:
+        raise KvlabError(f"{source}: num_hidden_layers {num_layers:,} is not a model's (at most {MAX_LAYERS:,})")
+    hidden = _int(_require(cfg, source, "hidden_size", "n_embd", "d_model"), source, "hidden_size", 1)
+    heads = _int(_require(cfg, source, "num_attention_heads", "n_head"), source, "num_attention_heads", 1)
+    kv_heads = _int(_get(cfg, "num_key_value_heads", "n_head_kv", default=heads), source, "num_key_value_heads", 1)
+    head_dim = _int(_get(cfg, "head_dim", default=0) or hidden // heads, source, "head_dim", 1)
     if model_type in HEAD_DIM_FROM_HIDDEN:
-        head_dim = hidden // heads
-    vocab = int(_require(cfg, source, "vocab_size"))
-    intermediate = int(_get(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
-    for name, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden),
-                        ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
-                        ("vocab_size", vocab), ("head_dim", head_dim)):
-        if value <= 0:
-            raise KvlabError(f"{source}: {name} must be positive, got {value}")
+        head_dim = _int(hidden // heads, source, "hidden_size / num_attention_heads", 1)
+    vocab = _int(_require(cfg, source, "vocab_size"), source, "vocab_size", 1)
+    intermediate = _int(_get(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden), source,
+                        "intermediate_size", 0)
     if heads % kv_heads:
         raise KvlabError(
             f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
         )
-    dtype = normalize_dtype(_get(cfg, "dtype", "torch_dtype"), default="bfloat16")
+    try:
+        dtype = normalize_dtype(_get(cfg, "dtype", "torch_dtype"), default="bfloat16")
+    except KvlabError as e:
+        raise KvlabError(f"{source}: torch_dtype: {e}") from None
 
     mla = None
     if _get(cfg, "kv_lora_rank") is not None:
         mla = MLA(
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_rope_head_dim=int(_require(cfg, source, "qk_rope_head_dim")),
-            qk_nope_head_dim=int(_require(cfg, source, "qk_nope_head_dim")),
-            v_head_dim=int(_require(cfg, source, "v_head_dim")),
-            q_lora_rank=_get(cfg, "q_lora_rank"),
+            kv_lora_rank=_int(cfg["kv_lora_rank"], source, "kv_lora_rank", 1),
+            qk_rope_head_dim=_int(_require(cfg, source, "qk_rope_head_dim"), source, "qk_rope_head_dim", 0),
+            qk_nope_head_dim=_int(_require(cfg, source, "qk_nope_head_dim"), source, "qk_nope_head_dim", 0),
+            v_head_dim=_int(_require(cfg, source, "v_head_dim"), source, "v_head_dim", 1),
+            q_lora_rank=(None if _get(cfg, "q_lora_rank") is None
+                         else _int(cfg["q_lora_rank"], source, "q_lora_rank", 1)),
         )
     elif model_type in MLA_MODEL_TYPES:
         raise KvlabError(f"{source}: a {model_type} config needs kv_lora_rank for MLA")
 
     moe = _moe_from_config(cfg, model_type, num_layers, source)
+    if isinstance(cfg.get("quantization_config"), (str, int, float, list)):
+        raise KvlabError(f"{source}: quantization_config must be a JSON object")
 
     attention_bias = bool(_get(cfg, "attention_bias", default=False))
     qkv_bias = attention_bias or model_type in ("qwen2", "qwen2_moe")
@@ -196,7 +223,7 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
     if model_type in ("qwen3", "qwen3_moe"):
         qkv_bias = o_bias = attention_bias
 
-    layer_types, sliding_window = _layer_types(cfg, model_type, num_layers)
+    layer_types, sliding_window = _layer_types(cfg, model_type, num_layers, source)
 
     return ModelArch(
         model_type=model_type,
@@ -210,7 +237,8 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         head_dim=head_dim,
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         dtype=dtype,
-        max_position_embeddings=_get(cfg, "max_position_embeddings"),
+        max_position_embeddings=(None if _get(cfg, "max_position_embeddings") is None else
+                                 _int(cfg["max_position_embeddings"], source, "max_position_embeddings", 1)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(_get(cfg, "mlp_bias", default=False)),
@@ -228,31 +256,35 @@ def _moe_from_config(cfg: dict[str, Any], model_type: str, num_layers: int, sour
         n_routed = _get(cfg, "n_routed_experts")
         if not n_routed:
             return None
-        first_dense = int(_get(cfg, "first_k_dense_replace", default=0))
-        freq = int(_get(cfg, "moe_layer_freq", default=1))
+        first_dense = _int(_get(cfg, "first_k_dense_replace", default=0), source, "first_k_dense_replace", 0)
+        freq = _int(_get(cfg, "moe_layer_freq", default=1), source, "moe_layer_freq", 1)
         layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
         return MoE(
-            num_experts=int(n_routed),
-            num_experts_per_tok=int(_require(cfg, source, "num_experts_per_tok")),
-            moe_intermediate_size=int(_require(cfg, source, "moe_intermediate_size")),
-            num_shared_experts=int(_get(cfg, "n_shared_experts", default=0)),
+            num_experts=_int(n_routed, source, "n_routed_experts", 1),
+            num_experts_per_tok=_int(_require(cfg, source, "num_experts_per_tok"), source, "num_experts_per_tok", 1),
+            moe_intermediate_size=_int(_require(cfg, source, "moe_intermediate_size"), source, "moe_intermediate_size", 1),
+            num_shared_experts=_int(_get(cfg, "n_shared_experts", default=0), source, "n_shared_experts", 0),
             router_bias=model_type == "deepseek_v3",
             moe_layers=layers,
         )
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        n_experts = int(_get(cfg, "num_experts", default=0))
+        n_experts = _int(_get(cfg, "num_experts", default=0), source, "num_experts", 0)
         if not n_experts:
             return None
-        step = int(_get(cfg, "decoder_sparse_step", default=1))
-        mlp_only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+        step = _int(_get(cfg, "decoder_sparse_step", default=1), source, "decoder_sparse_step", 0)
+        mlp_only = _get(cfg, "mlp_only_layers", default=[]) or []
+        if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
+            raise KvlabError(f"{source}: mlp_only_layers must be a list of layer numbers, got {mlp_only!r}")
+        mlp_only = set(mlp_only)
         layers = tuple(
             i for i in range(num_layers) if i not in mlp_only and step > 0 and (i + 1) % step == 0
         )
-        shared = int(_get(cfg, "shared_expert_intermediate_size", default=0)) if model_type == "qwen2_moe" else 0
+        shared = (_int(_get(cfg, "shared_expert_intermediate_size", default=0), source,
+                       "shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0)
         return MoE(
             num_experts=n_experts,
-            num_experts_per_tok=int(_require(cfg, source, "num_experts_per_tok")),
-            moe_intermediate_size=int(_require(cfg, source, "moe_intermediate_size")),
+            num_experts_per_tok=_int(_require(cfg, source, "num_experts_per_tok"), source, "num_experts_per_tok", 1),
+            moe_intermediate_size=_int(_require(cfg, source, "moe_intermediate_size"), source, "moe_intermediate_size", 1),
             shared_expert_intermediate_size=shared,
             shared_expert_gate=shared > 0,
             moe_layers=layers,
@@ -260,9 +292,12 @@ def _moe_from_config(cfg: dict[str, Any], model_type: str, num_layers: int, sour
     return None
 
 
-def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[tuple[str, ...], int | None]:
+def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int,
+                 source: str = "config") -> tuple[tuple[str, ...], int | None]:
     """Which layers use sliding-window attention, as the config declares it."""
     window = _get(cfg, "sliding_window")
+    if window is not None and window is not False:
+        window = _int(window, source, "sliding_window", 0)
     declared = cfg.get("layer_types")
     if isinstance(declared, list) and len(declared) == num_layers:
         types = tuple("sliding_attention" if "sliding" in str(t) else "full_attention" for t in declared)
@@ -271,7 +306,7 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
         # Qwen declares a window but uses it only with use_sliding_window, from max_window_layers on.
         if not cfg.get("use_sliding_window") or not window:
             return ("full_attention",) * num_layers, None
-        first = int(_get(cfg, "max_window_layers", default=num_layers))
+        first = _int(_get(cfg, "max_window_layers", default=num_layers), source, "max_window_layers", 0)
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
         return types, (int(window) if "sliding_attention" in types else None)
     if window and model_type not in MLA_MODEL_TYPES:

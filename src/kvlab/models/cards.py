@@ -8,7 +8,6 @@ when online and `huggingface_hub` is installed).
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -16,10 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
 from kvlab.models.arch import ModelArch, arch_from_config
 
 QuantName = Literal["fp8", "awq", "gptq", "int8"]
@@ -61,12 +60,7 @@ def format_validation(err: ValidationError, where: str) -> str:
 
 def load_card_file(path: Path | str, text: str | None = None) -> Card:
     where = str(path)
-    try:
-        data = yaml.safe_load(text if text is not None else Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise KvlabError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{where}: a card must be a YAML mapping")
+    data = read_mapping(Path(path), "a card", text=text)
     try:
         card = Card.model_validate(data)
     except ValidationError as e:
@@ -120,15 +114,7 @@ class ResolvedModel:
 
 
 def _read_config(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise KvlabError(f"{label}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise KvlabError(f"{label}: cannot read {path} ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise KvlabError(f"{label}: config.json must hold a JSON object")
-    return data
+    return read_mapping(path, "config.json", where=f"{label}: {path.name}" if label != str(path) else None)
 
 
 def hf_cache_dir() -> Path:

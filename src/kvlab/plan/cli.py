@@ -77,7 +77,7 @@ def plan_cmd(
     """How many GPUs, and how much HBM, N agents need per model x quantization within the SLO, what
     MLA, KV-cache and weight quantization save, and whether a rebound in calls eats the saving.
     Sessions per GPU come from searches on the simulator (kvlab sim, offline)."""
-    from kvlab.experiments.records import write_json_atomic
+    from kvlab.io import write_json_atomic
     from kvlab.plan.planner import PlanRequest, plan
 
     req = PlanRequest(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvlab.errors import KvlabError
+from kvlab.io import atomic_path, write_text_atomic
 from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.workload import Workload
 from kvlab.sim import tokens
@@ -378,12 +378,6 @@ def summarize(cfg: SimConfig, player: _Player, duration_s: float, wall_s: float,
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_run(result: OfflineResult, out_dir: Path) -> Path:
     """requests.parquet, metrics.parquet and results.json, each written to a temporary name first."""
     import pyarrow as pa
@@ -394,12 +388,13 @@ def write_run(result: OfflineResult, out_dir: Path) -> Path:
     cols = {c: [r[c] for r in recs] for c in RECORD_COLUMNS}
     cols["itl_s"] = pa.array(cols["itl_s"], type=pa.list_(pa.float64()))
     table = pa.table(cols)
-    _atomic_write(out_dir / "requests.parquet", lambda p: pq.write_table(table, p))
+    with atomic_path(out_dir / "requests.parquet") as tmp:
+        pq.write_table(table, tmp)
     ts, family, name, labels, value = zip(*result.samples) if result.samples else ((),) * 5
     mtable = pa.table({"ts": pa.array(ts, pa.float64()), "family": pa.array(family, pa.string()),
                        "name": pa.array(name, pa.string()), "labels": pa.array(labels, pa.string()),
                        "value": pa.array(value, pa.float64())})
-    _atomic_write(out_dir / "metrics.parquet", lambda p: pq.write_table(mtable, p))
-    text = json.dumps(result.results, indent=2) + "\n"
-    _atomic_write(out_dir / "results.json", lambda p: p.write_text(text))
+    with atomic_path(out_dir / "metrics.parquet") as tmp:
+        pq.write_table(mtable, tmp)
+    write_text_atomic(out_dir / "results.json", json.dumps(result.results, indent=2) + "\n")
     return out_dir
