@@ -312,3 +312,64 @@ def test_configs_between_baseline_and_target_change_one_factor_at_a_time():
     assert corners[frozenset({"model", "kv_cache_dtype"})].engine_args()["kv_cache_dtype"] == "fp8"
     assert corners[frozenset({"weights"})].sim_config().capacity.quantization == "fp8"
     assert target.sim_run_flags() == ["--max-model-len", "32768", "--kv-cache-dtype", "fp8", "--quantization", "fp8"]
+
+
+def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tmp_path, monkeypatch):
+    """`kvlab plan --spec` takes the configs, workload, GPU, SLO, price and plan: block of an
+    experiment spec and writes results/<spec>/plan, where `kvlab report` finds it; `kvlab
+    experiment run` plans the same way after its cells."""
+    import subprocess
+    import sys
+
+    from kvlab.experiments.cli import _plan_after
+    from kvlab.experiments.spec import load_spec
+
+    root, wl_path, result = planned
+    spec = {"name": "plan-spec", "engine": "sim", "gpu": "h100", "models": MODELS, "quants": QUANTS,
+            "workloads": [str(wl_path)], "slo": WORKLOAD["slo"], "gpu_price_per_hour": 2.5,
+            "plan": {"agents": AGENTS, "sim_s": SIM_S}}
+    (tmp_path / "plan-spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "KVLAB_CACHE": str(root / "cache")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "kvlab", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+
+    r = run("plan", "--spec", "plan-spec.yaml", "--tolerance", "0.1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["out_dir"] == str(Path("results") / "plan-spec" / "plan")
+    assert out["run"]["probes_cached"] == out["run"]["probes"]  # the same searches as the fixture's plan
+    assert [(c["config"], c["figures"]["gpus"]) for c in out["configs"]] == \
+        [(c["config"], c["figures"]["gpus"]) for c in result["configs"]]
+    assert out["inputs"]["gpu_price_per_hour"] == 2.5 and out["inputs"]["agents"] == AGENTS
+
+    r = run("report", "results/plan-spec")
+    assert r.returncode == 0, r.stderr
+    rep = tmp_path / "results" / "plan-spec" / "report"
+    html = (rep / "index.html").read_text()
+    assert "Fleet plan (simulated)" in html and "break-even K" in html and 'alt="rebound"' in html
+    fleet_rows = {x["config"]: x for x in json.loads((rep / "fleet-plan.json").read_text())}
+    for c in result["configs"]:
+        assert fleet_rows[c["config"]]["gpus"] == c["figures"]["gpus"]
+        assert fleet_rows[c["config"]]["hbm_total_gib"] == pytest.approx(c["figures"]["hbm_total_gib"])
+    assert fleet_rows["llama-3.1-8b/bf16"]["baseline"]
+    assert "## Fleet plan (simulated)" in (rep / "summary.md").read_text()
+
+    # experiment run's path: the plan: block after the cells, into the run's folder
+    folder = tmp_path / "run"
+    monkeypatch.setenv("KVLAB_CACHE", str(root / "cache"))
+    assert _plan_after(load_spec(tmp_path / "plan-spec.yaml"), folder) is True
+    assert json.loads((folder / "plan" / "plan.json").read_text())["baseline"] == "llama-3.1-8b/bf16"
+
+
+def test_plan_from_a_spec_without_a_plan_block_or_gpu_says_what_to_add(kvlab, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "models": ["llama-3.1-8b"]}))
+    r = kvlab("plan", "--spec", str(spec))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "spec s has no plan: block; add one (plan: {agents: 10000}) or pass --agents" in r.stderr
+    r = kvlab("plan", "--spec", str(spec), "--agents", "10")
+    assert r.returncode == 2 and "spec s names no gpu: add gpu: h100 (kvlab gpus) or pass --gpu" in r.stderr
+    r = kvlab("plan", "--workload", "agent")
+    assert r.returncode == 2 and "kvlab plan needs --agents, --gpu, --models (or --spec SPEC with a plan: block)" in r.stderr

@@ -93,5 +93,6 @@ def test_shipped_sim_ladder_spec():
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "sim-ladder.yaml")
     assert (spec.engine, spec.gpu, spec.load.shape) == ("sim", "h100", "steps")
+    assert spec.plan.agents == 10_000  # the planner's done-when fleet, planned after the cells
     assert {(c.model, c.quant) for c in cells(spec)} == {
         (m, q) for m in ("deepseek-v2-lite", "llama-3.1-8b") for q in ("bf16", "fp8-kv")}

@@ -15,7 +15,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from kvlab import __version__
-from kvlab.analysis import plots, series, tables
+from kvlab.analysis import fleet, plots, series, tables
 from kvlab.analysis.runs import RunSet, config_label, load_runs
 from kvlab.io import atomic_path, write_json_atomic, write_text_atomic
 
@@ -49,7 +49,8 @@ def fmt(v: Any, spec: str = "{:,.3g}") -> str:
     if isinstance(v, (int, float)):
         if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
             return f"{int(v):,}"
-        return spec.format(v)
+        s = spec.format(v)
+        return s[1:] if s.startswith("-") and not any(c in s for c in "123456789") else s  # "-0 %" is "0 %"
     return str(v)
 
 
@@ -78,6 +79,24 @@ def _cliffs(rs: RunSet) -> pd.DataFrame:
             out.append({"config": config, "sessions_before_first_preemption": g["sessions_before_first_preemption"].max(),
                         "preempted": False})
     return pd.DataFrame(out)
+
+
+def _plans(rs: RunSet, out: Path) -> list[dict]:
+    """The fleet plans found in the results folders, as tables (also written as fleet-plan*.csv/json)."""
+    plans = []
+    for name, (folder, plan) in rs.plans.items():
+        suffix = "" if len(rs.plans) == 1 else f"-{name}"
+        table, reb = fleet.fleet_table(plan), fleet.rebound_table(plan)
+        _write_table(out, f"fleet-plan{suffix}", table)
+        _write_table(out, f"rebound{suffix}", reb)
+        png = folder / "rebound.png"
+        plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.get("provenance"),
+                      "rows": _records(table), "rebound": _records(reb),
+                      "rebound_columns": [c for c in reb.columns if c.startswith("K=")],
+                      "image": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+                      if png.is_file() else None,
+                      "file": str(folder / "plan.json")})
+    return plans
 
 
 def build_report(folders: list[Path], out: Path | None = None, baseline: str | None = None,
@@ -136,6 +155,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     ]
     images = {key: {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
               for key, title, png in figures if png}
+    plans = _plans(rs, out)
 
     env = Environment(loader=PackageLoader("kvlab.analysis", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = fmt
@@ -145,7 +165,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         folders=[str(f) for f in rs.folders], baseline=base, sentences=sentences,
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
-        images=images, missing=missing, specs=rs.specs, kind=kind,
+        images=images, missing=missing, specs=rs.specs, kind=kind, plans=plans, factors=fleet.FACTORS,
         n_repeats=len(rs.repeats), n_complete=len(rs.complete),
     )
     html = out / "index.html"

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from kvlab.analysis import fleet
 from kvlab.errors import KvlabError
 from kvlab.experiments.records import read_json
 
@@ -36,6 +37,7 @@ class RunSet:
     specs: dict[str, dict]  # spec name -> spec as run
     repeats: pd.DataFrame  # one row per repeat (complete or not)
     missing: list[str] = field(default_factory=list)  # what is absent and why, in words
+    plans: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # spec name -> (plan folder, plan.json)
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -142,7 +144,7 @@ def _hardware(man: dict) -> str | None:
 
 def load_runs(folders: list[Path | str]) -> RunSet:
     """Every repeat under the given results folders; absent or unreadable parts go to `missing`."""
-    rows, specs, missing = [], {}, []
+    rows, specs, missing, plans = [], {}, [], {}
     paths = [Path(f) for f in folders]
     if not paths:
         raise KvlabError("give at least one results folder")
@@ -150,6 +152,12 @@ def load_runs(folders: list[Path | str]) -> RunSet:
         if not folder.is_dir():
             raise KvlabError(f"{folder} is not a folder")
         run = read_json(folder / "run.json")
+        plan = fleet.read_plan(folder)
+        if run is None and plan is not None:  # only a plan so far (kvlab plan --spec)
+            plans[folder.name] = (folder / "plan", plan)
+            specs[folder.name] = {}
+            missing.append(f"{folder.name}: no experiment has run in {folder} yet, only its fleet plan")
+            continue
         if run is None:
             raise KvlabError(f"{folder} is not a kvlab results folder (no run.json; `kvlab experiment run` writes one)")
         name = run.get("spec_name", folder.name)
@@ -159,6 +167,8 @@ def load_runs(folders: list[Path | str]) -> RunSet:
             spec = {}
             missing.append(f"{folder}: spec.yaml is missing or unreadable")
         specs[name] = spec
+        if plan is not None:
+            plans[name] = (folder / "plan", plan)
         found = sorted(folder.glob("*/repeat-*/"))
         found = [d for d in found if ".partial-" not in d.name]
         if not found:
@@ -172,7 +182,7 @@ def load_runs(folders: list[Path | str]) -> RunSet:
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame(columns=list(_row(Path("."), "", {}).keys()))
-    return RunSet(folders=paths, specs=specs, repeats=df, missing=missing)
+    return RunSet(folders=paths, specs=specs, repeats=df, missing=missing, plans=plans)
 
 
 def config_label(model: str, quant: str) -> str:

@@ -100,7 +100,32 @@ def run_cmd(
     spec = load_spec(spec_path)
     folder = out or Path("results") / spec.name
     _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key)
+    planned = _plan_after(spec, folder) if spec.plan is not None and only is None else True
     _finish(folder)
+    if not planned:
+        raise typer.Exit(2)
+
+
+def _plan_after(spec, folder: Path) -> bool:
+    """The spec's plan: block, planned into FOLDER/plan (where `kvlab report` finds it); probes are
+    cached, so a rerun plans again in seconds. False when it could not be planned (said why)."""
+    from kvlab.errors import KvlabError
+    from kvlab.io import write_json_atomic
+    from kvlab.plan.planner import plan, request_from_spec
+
+    sys.stderr.write(f"planning the fleet of the spec's plan: block ({spec.plan.agents:,} agents) on the simulator\n")
+    try:
+        result = plan(request_from_spec(spec, folder / "plan"))
+        write_json_atomic(folder / "plan" / "plan.json", result)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"interrupted while planning: the results in {folder} are kept; rerun the same command "
+                         "to plan again (finished repeats are skipped, simulated probes reused)\n")
+        raise typer.Exit(130)
+    except KvlabError as e:
+        sys.stderr.write(f"kvlab: error: plan: {e} (the measured results in {folder} are kept)\n")
+        return False
+    sys.stderr.write(f"plan: {folder / 'plan' / 'plan.json'} (baseline {result['baseline']}; `kvlab report` shows it)\n")
+    return True
 
 
 @experiment_app.command("one")

@@ -62,6 +62,20 @@ class Load(_Strict):
         return v
 
 
+class PlanBlock(_Strict):
+    """`kvlab plan` for the spec's models x quants, its first workload, GPU, SLO and price
+    (`kvlab plan --spec`, and `kvlab experiment run` after the cells): the fleet to plan for."""
+
+    agents: int = Field(gt=0)
+    calls_per_agent_hour: float | None = Field(None, gt=0)
+    slo_attainment: float = Field(0.95, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    baseline: str | None = None  # MODEL/QUANT
+    cost_drop_pct: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0], min_length=1)
+    volume_growth: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
+    sim_s: float = Field(180.0, ge=30)
+
+
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
@@ -82,6 +96,7 @@ class Spec(_Strict):
     scrape_interval_s: float = Field(1.0, gt=0)
     serve_args: list[str] = Field(default_factory=list)  # extra `vllm serve` flags for every server
     skip_missing: bool = False  # skip model x quant pairs without a serve profile instead of refusing
+    plan: PlanBlock | None = None  # a fleet plan from the same configs (kvlab plan --spec)
 
     @field_validator("duration_s", "warmup_s", mode="before")
     @classmethod
@@ -107,7 +122,7 @@ class Spec(_Strict):
     @property
     def digest(self) -> str:
         """Identifies what the results depend on (not the name or description)."""
-        d = self.model_dump(exclude={"name", "description"})
+        d = self.model_dump(exclude={"name", "description", "plan"})  # a plan block changes no cell
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -65,6 +65,26 @@ class PlanRequest:
     verbose: bool = True
 
 
+def request_from_spec(spec, out: Path, **given) -> PlanRequest:
+    """The plan of an experiment spec's configs: its models x quants, first workload, GPU, SLO,
+    price, seed, max_model_len and `plan:` block; `given` (PlanRequest fields) overrides them."""
+    block = spec.plan
+    if block is None and "agents" not in given:
+        raise KvlabError(f"spec {spec.name} has no plan: block; add one (plan: {{agents: 10000}}) or pass --agents")
+    if spec.gpu is None and "gpu" not in given:
+        raise KvlabError(f"spec {spec.name} names no gpu: add gpu: h100 (kvlab gpus) or pass --gpu")
+    from_spec: dict = {
+        "workload": spec.workloads[0], "gpu": spec.gpu, "models": list(spec.models), "quants": list(spec.quants),
+        "slo": spec.slo.model_dump(), "gpu_price_per_hour": spec.gpu_price_per_hour, "seed": spec.seed,
+        "max_model_len": spec.max_model_len, "out": out,
+    }
+    if block is not None:
+        from_spec.update(agents=block.agents, calls_per_agent_hour=block.calls_per_agent_hour,
+                         attainment=block.slo_attainment, tp=block.tensor_parallel_size, baseline=block.baseline,
+                         cost_drops_pct=list(block.cost_drop_pct), volume_x=list(block.volume_growth), sim_s=block.sim_s)
+    return PlanRequest(**{**from_spec, **given})
+
+
 def _log(req: PlanRequest, msg: str) -> None:
     if req.verbose:
         print(msg, file=sys.stderr, flush=True)
