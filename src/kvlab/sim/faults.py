@@ -23,10 +23,11 @@ FAULT_ENV = "KVLAB_SIM_FAULT"
 KINDS = {
     "http-5xx": ("[:EVERY]", "chat and completions requests answered HTTP 500 with vLLM's error JSON (every one, or "
                              "every EVERY-th)"),
-    "stall": (":AFTER_TOKENS:SECONDS[:EVERY]", "a stream goes silent for SECONDS (wall) after AFTER_TOKENS tokens, "
-                                              "then resumes (every stream, or every EVERY-th request)"),
-    "malformed-sse": ("[:EVERY]", "a stream's second token event is sent as truncated JSON and the stream ends "
-                                  "(every stream, or every EVERY-th request)"),
+    "stall": (":AFTER_TOKENS:SECONDS[:EVERY]", "a streamed answer goes silent for SECONDS (wall) after "
+                                              "AFTER_TOKENS tokens, then resumes (every one, or every EVERY-th "
+                                              "request)"),
+    "malformed-sse": ("[:EVERY]", "a streamed answer's second token event is sent as truncated JSON, "
+                                  "then the stream ends (every one, or every EVERY-th request)"),
     "metrics-gone": (":AFTER", "/metrics answers 404 after AFTER answers"),
     "die-after": (":SECONDS", "the process exits with code 1 SECONDS (wall) after it started answering, like a "
                               "crashed engine"),
