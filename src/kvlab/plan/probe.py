@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlab.io import atomic_path
 from kvlab.loadtest.workload import SLOSpec, Workload
 from kvlab.plan.configs import PlanConfig
 
@@ -262,12 +263,10 @@ def _p95(values: list[float]) -> float:
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **arrays)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def _load(path: Path, users: int, window: Window) -> Probe:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from math import ceil
 from pathlib import Path
 
+from kvlab.io import atomic_path
+
 
 def _whole_replicas(gpu_demand: float, tp: int) -> int:
     return ceil(gpu_demand / tp - 1e-9) * tp
@@ -87,9 +89,9 @@ def plot(reb: dict, path: Path) -> Path:
                  "computed from simulated sessions per GPU", fontsize=10)
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
