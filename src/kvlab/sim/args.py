@@ -1,4 +1,4 @@
-"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu` and `--speedup`).
+"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu`, `--speedup` and the testing option `--fault`).
 
 Flags keep vLLM 0.32's names, types, choices and defaults; errors carry vLLM's messages (argparse's
 "invalid choice" / "unrecognized arguments", pydantic's range errors, the config checks). Flags
