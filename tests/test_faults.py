@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import pytest
 import yaml
 
 import fake_engine
-from proc_watch import TAG_ENV, GroupWatch, group_members, new_tag, tagged
+from fault_checks import TaggedRun, assert_records_whole, record_lines, results, status, wait_for
+from proc_watch import TAG_ENV, GroupWatch, group_members, tagged
 from kvlab import deploy
 from kvlab.deploy import launcher
 from kvlab.experiments import index, runner
@@ -48,27 +48,16 @@ def make_spec(**kw):
     return validate_spec(spec_data(**kw), "test spec")
 
 
-class Fake:
+class Fake(TaggedRun):
     """The fake engine for one test: its fault plan, and the tag that finds its processes."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
-        self.mp = mp
-        self.tag = new_tag()
+        super().__init__(mp)
         fake_engine.install(mp.setattr)
-        mp.setenv(TAG_ENV, self.tag)
         mp.delenv(fake_engine.FAKE_ENV, raising=False)
-        mp.delenv("KVLAB_API_KEY", raising=False)
-        mp.chdir(REPO)
 
     def plan(self, **faults) -> None:
         self.mp.setenv(fake_engine.FAKE_ENV, json.dumps(faults))
-
-    def watch(self) -> GroupWatch:
-        return GroupWatch(self.tag)
-
-    def kill_leftovers(self) -> None:
-        for p in tagged(self.tag):
-            p.kill()
 
 
 @pytest.fixture
@@ -76,35 +65,6 @@ def fake(monkeypatch):
     f = Fake(monkeypatch)
     yield f
     f.kill_leftovers()  # a failing test must not leave its processes behind
-
-
-def status(out: Path, cell: str, k: int = 1) -> dict:
-    return json.loads((out / cell / f"repeat-{k}" / "status.json").read_text())
-
-
-def results(out: Path, cell: str, k: int = 1) -> dict:
-    return json.loads((out / cell / f"repeat-{k}" / "results.json").read_text())
-
-
-def assert_records_whole(out: Path) -> None:
-    """Every JSON record parses, no temporary file is left, the index lists every repeat."""
-    for p in out.rglob("*.json"):
-        json.loads(p.read_text())
-    assert [p for p in out.rglob("*.tmp")] == []
-    rows = index.query(out)
-    assert len(rows) == len(list(p for p in out.glob("*/repeat-*/status.json") if ".partial-" not in str(p)))
-
-
-def record_lines(folder: Path) -> int:
-    return sum(p.read_text().count("\n") for p in folder.glob("requests-*.jsonl*")) if folder.is_dir() else 0
-
-
-def wait_for(predicate, timeout_s: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------------

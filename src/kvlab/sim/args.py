@@ -1,4 +1,4 @@
-"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu` and `--speedup`).
+"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu`, `--speedup` and the testing option `--fault`).
 
 Flags keep vLLM 0.32's names, types, choices and defaults; errors carry vLLM's messages (argparse's
 "invalid choice" / "unrecognized arguments", pydantic's range errors, the config checks). Flags
@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
+from kvlab.sim.faults import Fault, help_text, parse_faults
 
 # vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
 VLLM_KV_CACHE_DTYPES = (
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-mfu-metrics", action="store_true")
     p.add_argument("--disable-log-stats", action="store_true")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
+    testing.add_argument("--fault", action="append", metavar="SPEC", help=(
+        f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
+        f"spaces). Kinds: {help_text()}. Requests are numbered in arrival order, probes included; each injected "
+        "fault logs a line 'injected fault SPEC'"))
     for flag in NO_EFFECT_FLAGS:
         if flag != "--disable-uvicorn-access-log":
             p.add_argument(flag, action="store_true", dest=f"_ignored_{flag.strip('-')}")
@@ -132,6 +138,7 @@ class ServeArgs:
     disable_access_log: bool
     non_default: dict  # flags given, for vLLM's "non-default args" line (API keys masked)
     not_simulated: tuple[str, ...]
+    faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
@@ -141,7 +148,8 @@ def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) ->
     )
 
 
-def parse_serve_args(argv: list[str]) -> ServeArgs:
+def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs:
+    """argv: vllm serve's flags (and kvlab's --gpu, --speedup, --fault); fault_env: $KVLAB_SIM_FAULT."""
     ns = build_parser().parse_args(argv)
     model = ns.model_tag or ns.model_flag
     if not model:
@@ -163,6 +171,7 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
                               "greater than or equal to", 1, "greater_than_equal")
     if ns.quantization is not None and ns.quantization not in VLLM_QUANTIZATIONS:
         raise KvlabError(f"Unknown quantization method: {ns.quantization}. Must be one of {list(VLLM_QUANTIZATIONS)}.")
+    faults = parse_faults(ns.fault or [], fault_env)
     dtype = {"auto": None, "float": "float32", "half": "float16"}.get(ns.dtype, ns.dtype)
     engine = dict(
         served_model_name=ns.served_model_name, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
@@ -186,7 +195,7 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
-        non_default=non_default, not_simulated=not_simulated,
+        non_default=non_default, not_simulated=not_simulated, faults=faults,
     )
 
 

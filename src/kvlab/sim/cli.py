@@ -16,22 +16,26 @@ sim_app = typer.Typer(help="The simulated vLLM: vLLM's API and metrics on GPUs y
                       no_args_is_help=True)
 
 _SERVE_HELP = ("Serve MODEL like `vllm serve`, simulated on --gpu (all vllm serve flags; --speedup X runs the "
-               "clock X times faster). -h lists the flags.")
+               "clock X times faster; --fault SPEC injects a fault, a kvlab testing option). -h lists the flags.")
 
 
 @sim_app.command("serve", help=_SERVE_HELP, add_help_option=False,
                  context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_cmd(ctx: typer.Context) -> None:
     import asyncio
+    import os
 
-    from kvlab.sim import logs
+    from kvlab.sim import faults, logs
     from kvlab.sim.args import parse_serve_args
     from kvlab.sim.config import build_config
     from kvlab.sim.server import serve
 
-    args = parse_serve_args(list(ctx.args))
+    args = parse_serve_args(list(ctx.args), os.environ.get(faults.FAULT_ENV))
     cfg = build_config(args.model, args.gpu, **args.engine)
-    logs.startup_lines(cfg, args.non_default, args.not_simulated)
+    fail = next((f for f in args.faults if f.kind == "fail-start"), None)
+    logs.startup_lines(cfg, args.non_default, args.not_simulated, faults=args.faults, stop_before_kv=fail is not None)
+    if fail is not None:
+        faults.fail_start(fail, cfg)
     try:
         asyncio.run(serve(cfg, args))
     except OSError as e:

@@ -38,8 +38,10 @@ def format_gib(n: float) -> str:
     return f"{round(n / memory.GiB, 2)}"  # vLLM's format_gib
 
 
-def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, ...]) -> None:
-    """Everything vLLM prints from start to 'Starting vLLM server', in order."""
+def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, ...], faults: tuple = (),
+                  stop_before_kv: bool = False) -> None:
+    """Everything vLLM prints from start to 'Starting vLLM server', in order (stop_before_kv: up to
+    the KV cache sizing, where an injected fail-start fault fails)."""
     cap = cfg.capacity
     banner = [
         "",
@@ -57,6 +59,10 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
         f"roofline on {cfg.gpu.name} x{cap.num_gpus} (simulated)"), level="WARNING")
     for flag in not_simulated:
         log("APIServer", "kvlab_sim", f"--{flag} is accepted but not simulated", level="WARNING")
+    if faults:
+        log("APIServer", "kvlab_sim", (
+            f"fault injection on (a kvlab testing option, not vLLM's): {' '.join(f.spec for f in faults)}; this "
+            "server misbehaves on purpose"), level="WARNING")
     log("APIServer", "model.py:733", f"Resolved architecture: {cfg.arch.architecture}")
     log("APIServer", "model.py:2152", f"Using max model len {cfg.max_model_len}")
     if cfg.enable_chunked_prefill:
@@ -71,6 +77,8 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
     log("Worker", "gpu_model_runner.py:5150",
         f"Model loading took {format_gib(cap.weight_bytes_per_gpu)} GiB memory and 0.000000 seconds")
     log("Worker", "cuda.py:175", f"Using {cap.attention_backend} backend.")
+    if stop_before_kv:
+        return
     if cfg.kv_cache_memory_bytes:
         log("Worker", "gpu_worker.py:668", (
             f"Initial free memory {format_gib(cfg.gpu.memory_bytes - cap.weight_bytes_per_gpu)} GiB, reserved "

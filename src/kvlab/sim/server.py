@@ -8,6 +8,9 @@ Time: the engine runs on a simulated clock, `speedup` x the wall clock since sta
 latency in /metrics is in simulated seconds (clients see wall latencies `speedup` times shorter).
 The simulated model never emits EOS: a request generates `max_tokens` tokens (finish_reason
 "length"), as vLLM with `ignore_eos`; without `max_tokens` a chat request runs to max_model_len.
+
+Faults (`--fault`, kvlab.sim.faults): 5xx answers, stalled and malformed streams, /metrics gone,
+/health 503, and the process dying mid-run, each injected on purpose and logged.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from kvlab.sim import logs, tokens
+from kvlab.sim import faults, logs, tokens
 from kvlab.sim.args import ServeArgs
 from kvlab.sim.config import SIM_VERSION, SimConfig
 from kvlab.sim.engine import Engine, StepResult
+from kvlab.sim.faults import Fault, FaultPlan
 from kvlab.sim.sequence import Sequence
 
 FINGERPRINT = f"vllm-{SIM_VERSION}"
@@ -112,6 +116,7 @@ class SimServer:
         self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
         self.ids = 0
         self.created = int(time.time())
+        self.faults = FaultPlan(args.faults)
 
     # -- app
 
@@ -167,12 +172,14 @@ class SimServer:
     # -- simple routes
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(status=503 if self.faults.get("never-healthy") else 200)
 
     async def version(self, request: web.Request) -> web.Response:
         return json_response({"version": SIM_VERSION})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.faults.metrics_gone():
+            return json_response({"detail": "Not Found"}, status=404)  # FastAPI's 404
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -402,6 +409,9 @@ class SimServer:
         return include, include and bool(opts.get("continuous_usage_stats"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        number, fault = self.faults.next_request()
+        if fault is not None and fault.kind == "http-5xx":
+            return self._http_5xx(fault, number)
         try:
             body = await self._json(request)
             model = self._check_model(body)
@@ -414,7 +424,8 @@ class SimServer:
         rid = f"cmpl-{secrets.token_hex(8)}"
         created = int(time.time())
         if body.get("stream"):
-            return await self._stream(request, pending, rid, created, model, body, chat=False)
+            return await self._stream(request, pending, rid, created, model, body, chat=False, fault=fault,
+                                      number=number)
         texts = await self._collect(pending)
         choices = [{"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.finish_reason,
                     "stop_reason": None, "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
@@ -425,6 +436,9 @@ class SimServer:
             "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        number, fault = self.faults.next_request()
+        if fault is not None and fault.kind == "http-5xx":
+            return self._http_5xx(fault, number)
         try:
             body = await self._json(request)
             model = self._check_model(body)
@@ -438,7 +452,8 @@ class SimServer:
         rid = f"chatcmpl-{secrets.token_hex(8)}"
         created = int(time.time())
         if body.get("stream"):
-            return await self._stream(request, pending, rid, created, model, body, chat=True)
+            return await self._stream(request, pending, rid, created, model, body, chat=True, fault=fault,
+                                      number=number)
         texts = await self._collect(pending)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index], "refusal": None,
                                                   "annotations": None, "audio": None, "function_call": None,
@@ -450,6 +465,11 @@ class SimServer:
             "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": self._usage(pending, True, False),
             "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
             "ec_transfer_params": None, "metrics": None})
+
+    def _http_5xx(self, fault: Fault, number: int) -> web.Response:
+        faults.injected(fault, f"request {number} answered HTTP 500")
+        return ApiError(500, f"injected fault {fault.spec} (kvlab sim serve --fault)",
+                        kind="InternalServerError").response()
 
     async def _collect(self, pending: Pending) -> dict[int, str]:
         parts: dict[int, list[int]] = {c.index: [] for c in pending.choices}
@@ -465,7 +485,7 @@ class SimServer:
         return {i: tokens.decode(ids) for i, ids in parts.items()}
 
     async def _stream(self, request: web.Request, pending: Pending, rid: str, created: int, model: str,
-                      body: dict, chat: bool) -> web.StreamResponse:
+                      body: dict, chat: bool, fault: Fault | None = None, number: int = 0) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         include_usage, continuous = self._include_usage(body)
@@ -484,9 +504,17 @@ class SimServer:
             await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
         first = {c.index: True for c in pending.choices}
+        stall = fault if fault is not None and fault.kind == "stall" else None
+        cut = fault if fault is not None and fault.kind == "malformed-sse" else None
+        sent = 0  # token events sent
         try:
             while pending.open_choices:
                 choice, token, done = await pending.queue.get()
+                if stall is not None and sent == stall.after:
+                    faults.injected(stall, f"request {number}'s stream silent for {stall.seconds:g} s after "
+                                           f"{sent} tokens")
+                    await asyncio.sleep(stall.seconds)
+                    stall = None
                 if chat and first[choice.index]:
                     first[choice.index] = False
                     role = {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
@@ -513,7 +541,14 @@ class SimServer:
                     payload["system_fingerprint"] = FINGERPRINT
                 if continuous:
                     payload["usage"] = chunk_usage(choice.emitted)
+                if cut is not None and sent == 1:  # mid-stream: the second token's event, cut short
+                    faults.injected(cut, f"request {number}'s stream sent a truncated event after 1 token and ended")
+                    text = _dumps(payload)
+                    await resp.write(b"data: " + text[: len(text) // 2].encode() + b"\n\n")
+                    self._abort(pending)
+                    return resp
                 await send(payload)
+                sent += 1
                 if done:
                     pending.open_choices -= 1
             if include_usage:
@@ -535,9 +570,20 @@ async def serve(cfg: SimConfig, args: ServeArgs) -> None:
     logs.server_lines(args.host, args.port, ROUTES)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    _schedule_server_faults(server.faults, loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logs.uvicorn("Shutting down")
     await runner.cleanup()
     logs.uvicorn("Finished server process [%d]" % logs._PID)
+
+
+def _schedule_server_faults(plan: FaultPlan, loop: asyncio.AbstractEventLoop) -> None:
+    """The faults of the whole server, from the moment it answers: never healthy, dying later."""
+    sick = plan.get("never-healthy")
+    if sick is not None:
+        faults.injected(sick, "/health answers 503 for as long as the server runs")
+    death = plan.get("die-after")
+    if death is not None:
+        loop.call_later(death.seconds, faults.die, death)
