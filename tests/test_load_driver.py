@@ -164,6 +164,21 @@ def test_server_down_is_recorded_and_retried(tmp_path):
     assert list(df.error_kind) == ["connect"] * 3 and df.status_code.isna().all()
 
 
+def test_a_server_gone_mid_run_is_retried_after_a_pause_not_hammered(tmp_path):
+    wl = load_workload("agent-smoke")
+    wl = wl.model_copy(update={"request": wl.request.model_copy(update={"model": "m"})})
+    driver = AgentDriver(wl, 0, RecordWriter(tmp_path), RunBounds(60, None))
+    with FakeOpenAI() as srv:
+        t = HttpxTransport(srv.url)
+        run = driver.next_session()
+        assert driver.play_turn(run, t) > 0 or run.done  # calibrated, one turn answered
+    run = driver.next_session()
+    assert driver.play_turn(run, t) == 1.0  # connection refused: the session ends, the user pauses
+    assert run.done
+    turns = read_requests(tmp_path).query("kind == 'turn'")
+    assert turns.error_kind.isna().tolist() == [True, False] and turns.error_kind.iloc[1] == "connect"
+
+
 def test_request_bound_and_open_loop_offsets(tmp_path):
     wl = load_workload("agent-smoke").with_shape("poisson")
     with FakeOpenAI() as srv:

@@ -189,7 +189,8 @@ class AgentDriver:
         res = self._send_turn(transport, run, run.next_request(), lag)
         if not res.ok:
             run.abort()
-            return 0.0
+            # a server that refuses connections (down, restarting) is not hammered: wait a moment
+            return RETRY_PAUSE_S if res.error_kind == "connect" else 0.0
         return run.add_reply(res.text, res.completion_tokens)
 
     def _take_request(self) -> bool:
