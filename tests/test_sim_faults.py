@@ -192,6 +192,11 @@ def test_server_dying_mid_run_fails_the_repeat_and_the_rerun_completes(sim, tmp_
     assert list((out / cell).glob("repeat-1.partial-*"))
     assert {r["status"] for r in index.query(out)} == {"complete"}
     assert left == []
+    # the shared log file holds both servers; each repeat's server.log only its own server's lines
+    shared = next(out.glob("*.server.log")).read_text()
+    assert shared.count("injected fault die-after:3") == 1
+    assert "injected fault" not in (out / cell / "repeat-1" / "server.log").read_text()
+    assert "injected fault die-after:3" in next((out / cell).glob("repeat-1.partial-*/server.log")).read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ class Server:
         self.prediction, self.prediction_note = self._predict()
         self.facts = factsmod.StartupFacts()
         self.log_path: Path = spec.log_path or default_log_path(self.served_model_name, spec.quant, self.engine)
+        self._log_start = 0  # where this server's lines begin in a log that earlier starts appended to
         self.stop_report: StopReport | None = None
         self.exit_code: int | None = None
         self.healthy = False
@@ -308,6 +309,10 @@ class Server:
         self._prepare_model()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self._log_start = self.log_path.stat().st_size
+        except OSError:
+            self._log_start = 0
+        try:
             self._group = ProcessGroup(self.argv, self.command.child_env(dict(os.environ)), self.log_path,
                                        lease=self.spec.lease_path)
         except OSError as e:
@@ -385,14 +390,18 @@ class Server:
 
             build_twin(card, Path(self._model_arg()))
 
-    def _log_text(self) -> str:
+    def log_text(self) -> str:
+        """This server's log lines (the log file is appended to by every start; earlier starts'
+        lines, a crashed server's included, are not this server's facts)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
 
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(self._log_text().splitlines()[-n:])
+        return "\n".join(self.log_text().splitlines()[-n:])
 
     def _health_ok(self) -> bool:
         """/health answers 200 and /v1/models names our model (not another server that took the port)."""
@@ -425,7 +434,7 @@ class Server:
 
     def _sized_then_failed(self, code: int | None) -> bool:
         """vLLM logged its KV size, then exited or raised: the sizing is recorded, nothing serves."""
-        text = self._log_text()
+        text = self.log_text()
         if not factsmod.kv_size_logged(text):
             return False
         self.allocation_error = factsmod.error_after_kv_size(text)
@@ -439,7 +448,7 @@ class Server:
                                f"Last {LOG_TAIL_LINES} log lines:\n{self.log_tail()}")
 
     def _read_facts(self) -> None:
-        from_log = factsmod.parse_log(self._log_text())
+        from_log = factsmod.parse_log(self.log_text())
         from_metrics = factsmod.StartupFacts()
         if self.healthy:
             try:

@@ -23,7 +23,7 @@ from kvlab.experiments.records import (
     redact_argv,
 )
 from kvlab.experiments.spec import Cell, Spec, cells
-from kvlab.io import RecordWriteError, copy_atomic, make_dir, write_json_atomic, write_text_atomic
+from kvlab.io import RecordWriteError, make_dir, write_json_atomic, write_text_atomic
 
 LOG_TAIL_LINES = 40
 
@@ -224,9 +224,8 @@ def _signal_name(code: int) -> str:
 
 
 def _copy_server_log(server: Any, rdir: Path) -> None:
-    src = Path(server.log_path)
-    if src.exists():
-        copy_atomic(src, rdir / "server.log")
+    """This server's log, from its start to now (not earlier servers' lines in the same file)."""
+    write_text_atomic(rdir / "server.log", server.log_text())
 
 
 def fail_repeat(out: Path, cell: Cell, k: int, reason: str, tail: list[str], engine: str | None = None) -> None:
@@ -324,7 +323,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
                         raise  # the disk is full: every later record would fail too
                     except Exception as e:  # recorded with the server's log tail; the run goes on
                         why = f"{type(e).__name__}: {e}"
-                        fail_repeat(out, cell, k, why, log_tail(server.log_path), chosen)
+                        fail_repeat(out, cell, k, why, server.log_text().splitlines()[-LOG_TAIL_LINES:], chosen)
                         status = "failed"
                     emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why})
                     if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
