@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from math import ceil
 from pathlib import Path
 
 from kvlab.errors import KvlabError
+from kvlab.io import finite  # JSON has no inf or NaN: a margin with failed requests is null
 from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
@@ -308,7 +308,7 @@ def plan(req: PlanRequest) -> dict:
                   req.cost_drops_pct, req.volume_x)
     reb["plot"] = str(plot(reb, out_dir / "rebound.png"))
     probes = [lg for r in results.values() for lg in r.probes]
-    return _finite({
+    return finite({
         "provenance": PROVENANCE,
         "inputs": {"workload": {"name": workload.name, "source": str(resolve_profile(req.workload))},
                    "agents": req.agents, "calls_per_agent_hour": rate,
@@ -375,17 +375,6 @@ def _config_json(p: Planned, base: Planned, names: dict, figs: dict, req: PlanRe
         row["figures"] = figs[_key(p.config)]
         row["savings"] = _savings(base, p, _corners(base.config, p.config, names), figs)
     return row
-
-
-def _finite(x):
-    """JSON has no inf or NaN: such a figure (a margin with failed requests) is written as null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _unmet_reason(res: SearchResult, settings: SearchSettings) -> str:
