@@ -208,7 +208,9 @@ def test_server_counts_agree_with_what_the_client_received(run):
     assert 0 < f.prefix_cache_hit_rate < 1
     assert f.requests_finished == f.ttft.count == f.e2e.count == f.queue_time.count == REQUESTS
     assert f.itl.count == completion - REQUESTS  # one gap fewer than tokens per request
-    assert 0 < f.ttft.p50_s <= f.ttft.p99_s <= f.e2e.p99_s
+    # every request's TTFT is at most its E2E: exact for the means (sums / counts); quantiles are
+    # interpolated in each family's own buckets (TTFT 10-20-40 s, E2E 10-15-20 s), so they need not be ordered
+    assert 0 < f.ttft.p50_s <= f.ttft.p99_s and f.ttft.mean_s <= f.e2e.mean_s
 
 
 # Figures that are counts, histogram increases or the pool: the same samples of the same counters
