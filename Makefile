@@ -43,11 +43,14 @@ system-deps:
 	  || { echo "could not install$$missing: install them (Debian/Ubuntu: apt-get install$$missing)"; exit 1; }; \
 	fi
 
+# Two pytest workers (pytest-xdist): the tests that start real vLLM run one after another on one
+# worker (they share the twins and most of the CPU), every other test file on either.
+TEST_WORKERS ?= 2
 test: setup system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The main job on the embedded default: the MLA twin against GQA twins on the CPU build of vLLM,
 # then the report. The last line printed is the report.

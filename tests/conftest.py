@@ -14,6 +14,24 @@ def run_kvlab(*args: str, env: dict | None = None, timeout: float = 120) -> subp
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+try:  # `make test` runs two pytest-xdist workers
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # plain pytest: nothing to schedule
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class _Scheduling(LoadFileScheduling):
+        """Each test file runs whole on one worker (its module fixtures, a server or a plan, are set
+        up once), and the files that start real vLLM run one after another on the same worker: they
+        share the twins and would only slow each other down on a small machine."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "real-vllm" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _Scheduling(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
 @pytest.fixture
 def kvlab():
     return run_kvlab

@@ -157,18 +157,21 @@ def build_tokenizer(folder: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2))
 
 
+def _is_built(marker: Path, digest: str) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("recipe") == digest
+    except (OSError, ValueError):
+        return False
+
+
 def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path:
     """Build (or reuse) the twin of a card; returns its folder."""
     cfg = twin_config(card)
     digest = _recipe_hash(cfg)
     folder = Path(out) if out else twins_dir() / card.name
     marker = folder / "kvlab_twin.json"
-    if not force and marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("recipe") == digest:
-                return folder
-        except (OSError, json.JSONDecodeError):
-            pass
+    if not force and _is_built(marker, digest):
+        return folder
     try:
         import torch
         import transformers
@@ -200,9 +203,15 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path
             "params": params,
             "note": "random weights; the real model's layers and per-layer KV geometry",
         }, indent=2))
+        if not force and _is_built(marker, digest):  # built meanwhile by another process: keep that one
+            return folder
         if folder.exists():
             shutil.rmtree(folder)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not _is_built(marker, digest):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
