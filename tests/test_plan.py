@@ -343,6 +343,12 @@ def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tm
     assert [(c["config"], c["figures"]["gpus"]) for c in out["configs"]] == \
         [(c["config"], c["figures"]["gpus"]) for c in result["configs"]]
     assert out["inputs"]["gpu_price_per_hour"] == 2.5 and out["inputs"]["agents"] == AGENTS
+    # flags override the spec: another folder, another agent count (the same searches, cached)
+    r = run("plan", "--spec", "plan-spec.yaml", "--tolerance", "0.1", "--out", "elsewhere", "--agents", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    other = json.loads(r.stdout)
+    assert (other["out_dir"], other["inputs"]["agents"]) == ("elsewhere", 10) and (tmp_path / "elsewhere" / "plan.json").is_file()
+    assert other["run"]["probes_cached"] == other["run"]["probes"]
 
     r = run("report", "results/plan-spec")
     assert r.returncode == 0, r.stderr

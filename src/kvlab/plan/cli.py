@@ -97,7 +97,7 @@ def plan_cmd(
         from kvlab.plan.planner import request_from_spec
 
         spec = load_spec(spec_path)
-        req = request_from_spec(spec, Path("results") / spec.name / "plan", **given)
+        req = request_from_spec(spec, given.pop("out", Path("results") / spec.name / "plan"), **given)
     else:
         missing = [flag for flag, key in (("--workload", "workload"), ("--agents", "agents"), ("--gpu", "gpu"),
                                           ("--models", "models")) if key not in given]
