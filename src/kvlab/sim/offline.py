@@ -63,7 +63,6 @@ class _Session:
     plan: SessionPlan
     context: list[int]
     hashes: list[int]
-    blocks: list[int] = field(default_factory=list)  # the previous turn's KV blocks (now freed)
     turn: int = 0
 
 
@@ -163,7 +162,6 @@ class _Player:
         seq = Sequence(f"{plan.session_id}-{k}", prompt, turn.max_tokens, at_s,
                        output_seed=tokens.prompt_seed(prompt), tag=sess, max_tokens_param=turn.max_tokens)
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
-        seq.prev_blocks = sess.blocks
         self.engine.add_request(seq)
 
     def on_finished(self, seq: Sequence, end_s: float) -> None:
@@ -171,7 +169,6 @@ class _Player:
         self._record(seq, sess)
         sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
         sess.hashes = seq.block_hashes
-        sess.blocks = seq.last_block_table
         think_s = sess.plan.turns[sess.turn].think_time_s
         sess.turn += 1
         if sess.turn < len(sess.plan.turns):

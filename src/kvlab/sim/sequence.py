@@ -25,7 +25,6 @@ class Sequence:
         "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
         "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
         "order", "join_step", "join_tokens", "next_block_step", "finish_step",
-        "prev_blocks", "last_block_table",
     )
 
     def __init__(self, seq_id: str, token_ids: list[int], max_tokens: int, arrival_s: float, *,
@@ -59,10 +58,6 @@ class Sequence:
         self.join_tokens = 0
         self.next_block_step = -1
         self.finish_step = -1
-        # A request that continues an earlier one (the next turn of a session) can pass the
-        # earlier one's blocks: the prefix-cache lookup checks them first (same hits, faster).
-        self.prev_blocks: list[int] = []
-        self.last_block_table: list[int] = []  # the blocks it held when they were freed
 
     @property
     def num_tokens(self) -> int:
