@@ -82,11 +82,14 @@ class Sequence:
     def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
         """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
         hashes = self.block_hashes
-        tokens = self.token_ids
-        parent = hashes[-1] if hashes else ROOT_HASH
-        for i in range(len(hashes), num_blocks):
-            parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
-            hashes.append(parent)
+        start = len(hashes)
+        if start < num_blocks:
+            parent = hashes[-1] if hashes else ROOT_HASH
+            # zip over one iterator cuts the tokens into block tuples in C (no per-block slicing).
+            it = iter(self.token_ids[start * block_size:num_blocks * block_size])
+            for block in zip(*[it] * block_size):
+                parent = hash((parent, block))
+                hashes.append(parent)
         return hashes
 
     def record_token_step(self, step: int) -> None:
