@@ -11,8 +11,9 @@
 The free queue is kept lazily, with the same order: each free is one run of block ids pushed to
 the front or back of a deque; a block's entry is live while the block is free and the entry is
 its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
-when the front is popped. Per-block state lives in numpy arrays, so freeing, touching or checking a request's hundreds of
-blocks is a few vector operations; popping single blocks walks the front run.
+when the front is popped. Per-block state lives in numpy arrays, so freeing, touching or
+checking a request's hundreds of blocks is a few vector operations; popping single blocks walks
+the front run. Prefix lookups are plain dict lookups of the request's chained block hashes.
 """
 
 from __future__ import annotations
@@ -88,19 +89,33 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_tokens: int, computed: list[int]) -> int:
         """Free blocks an allocation for `num_tokens` slots would take (vLLM
         `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
-        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - len(computed)
-        in_queue = int(np.count_nonzero(self.ref_cnt[computed] == 0)) if computed else 0
+        idx = np.asarray(computed, dtype=np.int64)
+        return self._blocks_needed(seq, num_tokens, len(computed), self._num_in_queue(idx))
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
+        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - num_computed
         return max(new, 0) + in_queue
+
+    def _num_in_queue(self, idx: np.ndarray) -> int:
+        """How many of the blocks `idx` sit in the free queue (reference count 0)."""
+        return int(np.count_nonzero(self.ref_cnt[idx] == 0)) if len(idx) else 0
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | None = None) -> bool:
         """Give `seq` KV slots for its computed tokens, the cache hits `computed` and
-        `num_new_tokens` more; False (and no change) when the free queue is too short."""
+        `num_new_tokens` more; False (and no change) when the free queue is too short.
+        The hits are converted to an index array once, for both the check and the touch."""
         computed = computed or []
         total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        if self.blocks_needed(seq, total, computed) > self.num_free_blocks:
+        if computed:
+            idx = np.asarray(computed, dtype=np.int64)
+            in_queue = self._num_in_queue(idx)
+        else:
+            in_queue = 0
+        if self._blocks_needed(seq, total, len(computed), in_queue) > self.num_free_blocks:
             return False
         if computed:
-            self.touch(computed)
+            self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
+            self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
             seq.block_table.extend(computed)
             seq.num_cached_blocks = len(seq.block_table)
         new = ceil(total / self.block_size) - len(seq.block_table)
@@ -115,11 +130,6 @@ class BlockManager:
             return False
         seq.block_table.extend(self._pop_free(1))
         return True
-
-    def touch(self, blocks: list[int]) -> None:
-        idx = np.asarray(blocks, dtype=np.int64)
-        self.num_free_blocks -= int(np.count_nonzero(self.ref_cnt[idx] == 0))
-        self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
 
     def _push_run(self, blocks: np.ndarray, front: bool) -> None:
         run = self._next_run
@@ -223,15 +233,21 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        blocks = np.asarray(seq.block_table[first:num_full], dtype=np.int64)
-        new = np.flatnonzero(~self.hashed[blocks])
-        if len(new):
-            idx = blocks[new]
-            new_hashes = [hashes[first + i] for i in new.tolist()]
+        blocks = seq.block_table[first:num_full]
+        idx = np.asarray(blocks, dtype=np.int64)
+        new_hashes = hashes[first:num_full]
+        hashed = self.hashed[idx]
+        if hashed.any():  # rare: keep only the blocks without a hash
+            keep = np.flatnonzero(~hashed)
+            idx = idx[keep]
+            keep_list = keep.tolist()
+            blocks = [blocks[i] for i in keep_list]
+            new_hashes = [new_hashes[i] for i in keep_list]
+        if blocks:
             setdefault = self.cached.setdefault
             self.block_hash[idx] = new_hashes
             self.hashed[idx] = True
-            self.registered[idx] = [setdefault(h, b) == b for h, b in zip(new_hashes, idx.tolist())]
+            self.registered[idx] = [setdefault(h, b) == b for h, b in zip(new_hashes, blocks)]
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:
