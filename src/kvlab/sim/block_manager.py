@@ -43,7 +43,8 @@ class BlockManager:
         self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
         self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        self._runs: deque[list] = deque()  # [run id, block ids (array), next position]
+        # [run id, block ids (array), next position, the same ids as a list (for scalar scans)]
+        self._runs: deque[list] = deque()
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
@@ -131,11 +132,22 @@ class BlockManager:
         seq.block_table.extend(self._pop_free(1))
         return True
 
+    def append_blocks(self, seqs: list[Sequence]) -> bool:
+        """One more block for each of `seqs`, in order: the same blocks as `append_block` on each in
+        turn (nothing else changes the free queue meanwhile), in one pop. False (and no change)
+        when fewer blocks are free."""
+        if len(seqs) > self.num_free_blocks:
+            return False
+        if seqs:
+            for seq, b in zip(seqs, self._pop_free(len(seqs))):
+                seq.block_table.append(b)
+        return True
+
     def _push_run(self, blocks: np.ndarray, front: bool) -> None:
         run = self._next_run
         self._next_run += 1
         self._epoch[blocks] = run
-        entry = [run, blocks, 0]
+        entry = [run, blocks, 0, blocks.tolist()]
         if front:
             self._runs.appendleft(entry)
         else:
@@ -155,7 +167,7 @@ class BlockManager:
         need = n
         while need:
             entry = runs[0]
-            run, blocks, pos = entry
+            run, blocks, pos, _ = entry
             end = len(blocks)
             chunk = max(2 * need, 32)
             while need and pos < end:
@@ -182,15 +194,16 @@ class BlockManager:
         return out.tolist()
 
     def _pop_free_few(self, n: int) -> list[int]:
-        """`_pop_free` one entry at a time: cheaper for the single blocks decoding requests take."""
+        """`_pop_free` one entry at a time: cheaper for the few blocks decoding requests take.
+        Reads the run's ids from its list copy (numpy scalar indexing costs more)."""
         ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self.hashed
         out: list[int] = []
         while len(out) < n:
             entry = runs[0]
-            run, blocks, pos = entry
+            run, _, pos, blocks = entry
             end = len(blocks)
             while pos < end:
-                b = int(blocks[pos])
+                b = blocks[pos]
                 pos += 1
                 if not ref[b] and epoch[b] == run:
                     ref[b] = 1

@@ -168,12 +168,11 @@ class Scheduler:
         if fin is not None and fin <= step:
             return False
         due = self._blocks_due(step)
-        if len(due) > self.bm.num_free_blocks:
+        if not self.bm.append_blocks(due):
             for seq in due:
                 self._push_block_due(seq, seq.next_block_step)
             return False
         for seq in due:
-            self.bm.append_block(seq)
             self._push_block_due(seq, step + self.block_size)
         self.step = step + 1
         return True
@@ -205,7 +204,12 @@ class Scheduler:
         """Give decoding requests that fill their last block a new one; False if the running pass
         stopped (the request itself had to be preempted)."""
         bs = self.block_size
-        for seq in self._blocks_due(self.step):
+        due = self._blocks_due(self.step)
+        if self.bm.append_blocks(due):  # all fit: one pop, no preemption
+            for seq in due:
+                self._push_block_due(seq, self.step + bs)
+            return True
+        for seq in due:
             if seq.join_step < 0:  # preempted earlier in this pass
                 continue
             while not self.bm.append_block(seq):
