@@ -231,9 +231,7 @@ class BlockManager:
             return
         served = blocks[self.registered[blocks]]
         if len(served):
-            cached = self.cached
-            for h in self.block_hash[served].tolist():
-                del cached[h]
+            deque(map(self.cached.__delitem__, self.block_hash[served].tolist()), maxlen=0)  # del each, in C
             self.registered[served] = False
         self.hashed[blocks] = False
 
@@ -257,10 +255,11 @@ class BlockManager:
             blocks = [blocks[i] for i in keep_list]
             new_hashes = [new_hashes[i] for i in keep_list]
         if blocks:
-            setdefault = self.cached.setdefault
             self.block_hash[idx] = new_hashes
             self.hashed[idx] = True
-            self.registered[idx] = [setdefault(h, b) == b for h, b in zip(new_hashes, blocks)]
+            # A block serves hits for its hash unless an earlier block holds that hash already.
+            served_by = np.fromiter(map(self.cached.setdefault, new_hashes, blocks), np.int64, len(blocks))
+            self.registered[idx] = served_by == idx
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:

@@ -39,7 +39,7 @@ from kvlab.loadtest.workload import Workload
 from kvlab.sim import tokens
 from kvlab.sim.config import SimConfig, build_config
 from kvlab.sim.engine import Engine
-from kvlab.sim.sequence import Sequence
+from kvlab.sim.sequence import Sequence, extend_hashes
 from kvlab.sim.sessions import session_stream
 
 RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s", "tpot_s", "e2e_s",
@@ -56,6 +56,13 @@ def token_range(key: str, n: int) -> list[int]:
 @lru_cache(maxsize=1024)
 def _system_tokens(app_id: str, n: int) -> tuple[int, ...]:
     return tuple(token_range(f"app:{app_id}", n))
+
+
+@lru_cache(maxsize=1024)
+def _system_hashes(app_id: str, n: int, block_size: int) -> tuple[int, ...]:
+    """The chained hashes of an app's system prompt's full blocks: every session of the app starts
+    with them, so they are hashed once per run instead of once per session."""
+    return tuple(extend_hashes([], _system_tokens(app_id, n), n // block_size, block_size))
 
 
 @dataclass
@@ -124,7 +131,8 @@ class _Player:
             self._push(at_s if at_s is not None else plan.start_offset_s, self._new_session(plan))
 
     def _new_session(self, plan: SessionPlan) -> _Session:
-        return _Session(plan, list(_system_tokens(plan.app_id, plan.system_tokens)), [])
+        return _Session(plan, list(_system_tokens(plan.app_id, plan.system_tokens)),
+                        list(_system_hashes(plan.app_id, plan.system_tokens, self.cfg.block_size)))
 
     def _push(self, at_s: float, sess: _Session) -> None:
         heapq.heappush(self.arrivals, (at_s, self.order, sess))

@@ -9,6 +9,20 @@ from typing import Any
 ROOT_HASH = 0x6B766C6162
 
 
+def extend_hashes(hashes: list[int], token_ids, num_blocks: int, block_size: int) -> list[int]:
+    """Extend `hashes`, the chained hashes of the leading full blocks of `token_ids`, to the
+    first `num_blocks` blocks (vLLM's hash_block_tokens: each block's hash covers its parent's)."""
+    start = len(hashes)
+    if start < num_blocks:
+        parent = hashes[-1] if hashes else ROOT_HASH
+        # zip over one iterator cuts the tokens into block tuples in C (no per-block slicing).
+        it = iter(token_ids[start * block_size:num_blocks * block_size])
+        for block in zip(*[it] * block_size):
+            parent = hash((parent, block))
+            hashes.append(parent)
+    return hashes
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -81,16 +95,7 @@ class Sequence:
 
     def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
         """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
-        hashes = self.block_hashes
-        start = len(hashes)
-        if start < num_blocks:
-            parent = hashes[-1] if hashes else ROOT_HASH
-            # zip over one iterator cuts the tokens into block tuples in C (no per-block slicing).
-            it = iter(self.token_ids[start * block_size:num_blocks * block_size])
-            for block in zip(*[it] * block_size):
-                parent = hash((parent, block))
-                hashes.append(parent)
-        return hashes
+        return extend_hashes(self.block_hashes, self.token_ids, num_blocks, block_size)
 
     def record_token_step(self, step: int) -> None:
         runs = self.token_steps
