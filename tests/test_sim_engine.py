@@ -68,6 +68,22 @@ def test_decode_fast_path_changes_nothing(small_kv):
     assert fast.samples == slow.samples
 
 
+def test_previous_turn_block_check_changes_nothing(small_kv, monkeypatch):
+    from kvlab.sim.block_manager import BlockManager
+
+    fast = _run(small_kv, users=16)
+    lookup = BlockManager.find_cached_prefix
+
+    def dict_only(self, seq):
+        seq.prev_blocks = []
+        return lookup(self, seq)
+
+    monkeypatch.setattr(BlockManager, "find_cached_prefix", dict_only)
+    slow = _run(small_kv, users=16)
+    assert fast.records == slow.records
+    assert fast.samples == slow.samples
+
+
 # One long agent turn over a shared 1000-token system prompt, ending at 8192 tokens: the last KV
 # block fills on the last step, so every user holds its full context at the same moment.
 LADDER_TURN = TurnPlan(200, 8192 - 1200 + 1, 0.0)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from kvlab.errors import KvlabError
 from kvlab.io import atomic_path, write_text_atomic
 from kvlab.loadtest.plan import SessionPlan
@@ -70,6 +72,8 @@ class _Session:
     plan: SessionPlan
     context: list[int]
     hashes: list[int]
+    hash_array: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # hashes as int64, in part
+    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the last turn's blocks (freed)
     turn: int = 0
 
 
@@ -170,6 +174,8 @@ class _Player:
         seq = Sequence(f"{plan.session_id}-{k}", prompt, turn.max_tokens, at_s,
                        output_seed=tokens.prompt_seed(prompt), tag=sess, max_tokens_param=turn.max_tokens)
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
+        seq.hash_array = sess.hash_array
+        seq.prev_blocks = sess.blocks
         self.engine.add_request(seq)
 
     def on_finished(self, seq: Sequence, end_s: float) -> None:
@@ -177,6 +183,8 @@ class _Player:
         self._record(seq, sess)
         sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
         sess.hashes = seq.block_hashes
+        sess.hash_array = seq.hash_array
+        sess.blocks = seq.last_blocks
         think_s = sess.plan.turns[sess.turn].think_time_s
         sess.turn += 1
         if sess.turn < len(sess.plan.turns):

@@ -5,8 +5,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 # Chained block hashes start from this parent (vLLM's NONE_HASH, a fixed seed here so that runs repeat).
 ROOT_HASH = 0x6B766C6162
+_NO_BLOCKS = np.zeros(0, np.int64)
 
 
 def extend_hashes(hashes: list[int], token_ids, num_blocks: int, block_size: int) -> list[int]:
@@ -39,6 +42,7 @@ class Sequence:
         "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
         "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
         "order", "join_step", "join_tokens", "next_block_step", "finish_step",
+        "hash_array", "prev_blocks", "last_blocks",
     )
 
     def __init__(self, seq_id: str, token_ids: list[int], max_tokens: int, arrival_s: float, *,
@@ -52,6 +56,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_table: list = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        self.hash_array = _NO_BLOCKS  # a leading part of block_hashes as int64 (see hashes_array)
         self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
         self.num_preemptions = 0
@@ -72,6 +77,12 @@ class Sequence:
         self.join_tokens = 0
         self.next_block_step = -1
         self.finish_step = -1
+
+        # A request that continues an earlier one (the next turn of a session) can pass the earlier
+        # one's block table (int64, as freed: `last_blocks`); the prefix-cache lookup checks those
+        # blocks in place first (same hits, fewer dict lookups).
+        self.prev_blocks = _NO_BLOCKS
+        self.last_blocks = _NO_BLOCKS
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +107,15 @@ class Sequence:
     def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
         """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
         return extend_hashes(self.block_hashes, self.token_ids, num_blocks, block_size)
+
+    def hashes_array(self, num_blocks: int) -> np.ndarray:
+        """The first `num_blocks` block hashes (already in `block_hashes`) as int64. The array is
+        kept and only grows, and a session's next turn inherits it, so each hash is converted once."""
+        a = self.hash_array
+        if len(a) < num_blocks:
+            a = self.hash_array = np.concatenate(
+                (a, np.asarray(self.block_hashes[len(a):num_blocks], dtype=np.int64)))
+        return a[:num_blocks]
 
     def record_token_step(self, step: int) -> None:
         runs = self.token_steps
