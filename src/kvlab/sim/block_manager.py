@@ -30,6 +30,11 @@ from kvlab.sim.sequence import Sequence
 
 VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
 
+# Boolean reductions as plain ufunc calls: ndarray.any()/all() and np.flatnonzero go through Python
+# wrappers that cost more than the work on a few hundred blocks.
+_any = np.logical_or.reduce
+_all = np.logical_and.reduce
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
@@ -185,7 +190,7 @@ class BlockManager:
             chunk = max(2 * need, 32)
             while need and pos < end:
                 seg = blocks[pos:pos + chunk]
-                live = np.flatnonzero((ref[seg] == 0) & (epoch[seg] == run))
+                live = ((ref[seg] == 0) & (epoch[seg] == run)).nonzero()[0]
                 if len(live) >= need:
                     taken.append(seg[live[:need]])
                     pos += int(live[need - 1]) + 1
@@ -261,8 +266,8 @@ class BlockManager:
         idx = np.asarray(blocks, dtype=np.int64)
         new_hashes = hashes[first:num_full]
         hashed = self.hashed[idx]
-        if hashed.any():  # rare: keep only the blocks without a hash
-            keep = np.flatnonzero(~hashed)
+        if _any(hashed):  # rare: keep only the blocks without a hash
+            keep = (~hashed).nonzero()[0]
             idx = idx[keep]
             keep_list = keep.tolist()
             blocks = [blocks[i] for i in keep_list]
@@ -287,11 +292,11 @@ class BlockManager:
                 self.frees += 1
                 if self.enable_caching:
                     hashed = self.hashed[freed]
-                    if hashed.all():
+                    if _all(hashed):
                         self._push_run(freed, front=False)
                     else:
                         self._push_run(freed[~hashed], front=True)
-                        if hashed.any():
+                        if _any(hashed):
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
