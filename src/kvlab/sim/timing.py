@@ -26,6 +26,7 @@ The efficiency factors are estimates (documented below), not measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvlab.hardware import GPU
 from kvlab.models import memory
@@ -51,9 +52,9 @@ LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb
 W8A8_FORMATS = ("fp8", "fp8-block", "int8")
 
 
-@dataclass(frozen=True)
-class StepWork:
-    """What one engine step computes, summed over its scheduled requests."""
+class StepWork(NamedTuple):
+    """What one engine step computes, summed over its scheduled requests (a NamedTuple: built once
+    per simulated step, and cheaper to build than a frozen dataclass)."""
 
     tokens: int  # new tokens computed
     sampled: int  # requests that produce a token (logits computed)
