@@ -47,12 +47,14 @@ def request_tokens_buckets(max_model_len: int) -> tuple[int, ...]:
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "les")
 
     def __init__(self, bounds: tuple):
         self.bounds = tuple(float(b) for b in bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
         self.sum = 0.0
+        # The `le` label of each bucket, formatted once (every scrape reports every bucket).
+        self.les = tuple(floatToGoString(b) for b in self.bounds + (float("inf"),))
 
     def observe(self, value: float, n: int = 1) -> None:
         self.counts[bisect_left(self.bounds, value)] += n
@@ -60,9 +62,9 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, total = [], 0
-        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+        for le, count in zip(self.les, self.counts):
             total += count
-            out.append((floatToGoString(bound), float(total)))
+            out.append((le, float(total)))
         return out
 
     @property
