@@ -226,15 +226,29 @@ class _Player:
             self._record(seq, seq.tag, "incomplete")
 
     def fill_itls(self) -> None:
-        import numpy as np
-
-        ends = np.asarray(self.engine.step_end_s)
+        """Each record's inter-token latencies: the differences of the end times of the steps its
+        tokens came out in. All records' token times are gathered into one array and differenced
+        at once (the same subtractions as per record), then each record takes its slice."""
+        firsts: list[int] = []
+        lasts: list[int] = []
+        spans: list[tuple[int, int]] = []  # (record index, its number of tokens)
         for i, runs in self.runs:
-            if not runs:
-                self.records[i]["itl_s"] = []
-                continue
-            times = np.concatenate([ends[a:b + 1] for a, b in runs])
-            self.records[i]["itl_s"] = np.diff(times).tolist()
+            n = 0
+            for a, b in runs:
+                firsts.append(a)
+                lasts.append(b)
+                n += b - a + 1
+            spans.append((i, n))
+        a = np.asarray(firsts, dtype=np.int64)
+        lens = np.asarray(lasts, dtype=np.int64) - a + 1
+        starts = np.cumsum(lens) - lens  # where each run begins in the gathered array
+        steps = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(a - starts, lens)
+        times = np.asarray(self.engine.step_end_s)[steps]
+        diffs = (times[1:] - times[:-1]).tolist()
+        pos = 0
+        for i, n in spans:
+            self.records[i]["itl_s"] = diffs[pos:pos + n - 1] if n else []
+            pos += n
 
     # -- metrics
 
