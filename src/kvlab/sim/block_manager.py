@@ -22,7 +22,10 @@ popping single blocks walks the front run.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
+from itertools import takewhile
 from math import ceil
+from operator import is_not
 
 import numpy as np
 
@@ -34,6 +37,7 @@ VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queu
 # wrappers that cost more than the work on a few hundred blocks.
 _any = np.logical_or.reduce
 _all = np.logical_and.reduce
+_is_block = partial(is_not, None)  # a cache lookup that hit
 
 
 class BlockManager:
@@ -94,13 +98,8 @@ class BlockManager:
             if ok[m]:
                 m = k
         hits = seq.prev_blocks[:m].tolist() if m else []
-        if m < max_blocks:  # then one dict lookup per block
-            found = list(map(self.cached.get, hashes[m:max_blocks]))
-            try:
-                found = found[:found.index(None)]
-            except ValueError:
-                pass
-            hits += found
+        if m < max_blocks:  # then one dict lookup per block, up to the first miss
+            hits += takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks]))
         return hits
 
     # -- allocation

@@ -21,9 +21,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from kvlab.sim import tokens
 from kvlab.sim.block_manager import BlockManager
 from kvlab.sim.sequence import Sequence, Status
+
+_order = attrgetter("order")  # a request's admission order
 
 
 @dataclass
@@ -179,7 +182,7 @@ class Scheduler:
 
     def _blocks_due(self, step: int) -> list[Sequence]:
         out = self._pop_due(self._block_due, step, "next_block_step")
-        out.sort(key=lambda q: q.order)
+        out.sort(key=_order)
         return out
 
     # -- one step
