@@ -248,7 +248,9 @@ class BlockManager:
             return
         served = blocks[self.registered[blocks]]
         if len(served):
-            deque(map(self.cached.__delitem__, self.block_hash[served].tolist()), maxlen=0)  # del each, in C
+            cached = self.cached
+            for h in self.block_hash[served].tolist():
+                del cached[h]
             self.registered[served] = False
         self.hashed[blocks] = False
 
