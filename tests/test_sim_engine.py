@@ -198,6 +198,16 @@ def test_decode_step_roofline_arithmetic():
     assert c.compute_s(build_prefill_work(4096)) > c.memory_s(build_prefill_work(4096))
 
 
+@pytest.mark.parametrize("model,tp", [("llama-3.1-8b", 1), ("deepseek-v2-lite", 2)])
+def test_decode_fast_path_prices_steps_exactly_as_step_time(model, tp):
+    """decode_step_s skips building a StepWork; the floats must be the very same."""
+    from kvlab.sim.timing import StepWork
+
+    c = build_config(model, "h100", tensor_parallel_size=tp).cost
+    for n, kv in [(1, 0), (1, 1000), (7, 12345), (128, 987_654), (1024, 31_000_000)]:
+        assert c.decode_step_s(n, kv) == c.step_time_s(StepWork(n, n, n, kv, kv, 0, 0))
+
+
 def build_prefill_work(n):
     from kvlab.sim.timing import StepWork
 

@@ -13,21 +13,31 @@ the front or back of a deque; a block's entry is live while the block is free an
 its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
 when the front is popped. A request that continues an earlier one (the next turn of an agent
 session) first checks the earlier request's blocks in place (`registered`: the block is the one the
-cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups.
-Per-block state lives in numpy arrays, so freeing, touching or checking a request's hundreds of
-blocks is a few vector operations; popping single blocks walks the front run.
+cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups (the
+cached dict is large and its lookups miss the CPU cache). Per-block state lives in numpy arrays,
+so freeing, touching or checking a request's hundreds of blocks is a few vector operations;
+popping single blocks walks the front run.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
+from itertools import takewhile
 from math import ceil
+from operator import is_not
 
 import numpy as np
 
 from kvlab.sim.sequence import Sequence
 
 VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
+
+# Boolean reductions as plain ufunc calls: ndarray.any()/all() and np.flatnonzero go through Python
+# wrappers that cost more than the work on a few hundred blocks.
+_any = np.logical_or.reduce
+_all = np.logical_and.reduce
+_is_block = partial(is_not, None)  # a cache lookup that hit
 
 
 class BlockManager:
@@ -45,7 +55,8 @@ class BlockManager:
         self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
         self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        self._runs: deque[list] = deque()  # [run id, block ids (array), next position]
+        # [run id, block ids (array), next position, the same ids as a list (for scalar scans)]
+        self._runs: deque[list] = deque()
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
@@ -78,20 +89,17 @@ class BlockManager:
         if max_blocks <= 0:
             return []
         hashes = seq.hashes_for(max_blocks, self.block_size)
-        hits: list[int] = []
+        m = 0
         k = min(len(seq.prev_blocks), max_blocks)
         if k:  # the earlier request's blocks, where they still serve these hashes
-            prev = np.asarray(seq.prev_blocks[:k], dtype=np.int64)
-            ok = self.registered[prev] & (self.block_hash[prev] == np.asarray(hashes[:k], dtype=np.int64))
-            m = k if ok.all() else int(ok.argmin())
-            hits = seq.prev_blocks[:m]
-        if len(hits) < max_blocks:
-            found = list(map(self.cached.get, hashes[len(hits):max_blocks]))
-            try:
-                found = found[:found.index(None)]
-            except ValueError:
-                pass
-            hits = hits + found
+            prev = seq.prev_blocks[:k]
+            ok = self.registered[prev] & (self.block_hash[prev] == seq.hashes_array(k))
+            m = int(ok.argmin())
+            if ok[m]:
+                m = k
+        hits = seq.prev_blocks[:m].tolist() if m else []
+        if m < max_blocks:  # then one dict lookup per block, up to the first miss
+            hits += takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks]))
         return hits
 
     # -- allocation
@@ -99,19 +107,33 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_tokens: int, computed: list[int]) -> int:
         """Free blocks an allocation for `num_tokens` slots would take (vLLM
         `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
-        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - len(computed)
-        in_queue = int(np.count_nonzero(self.ref_cnt[computed] == 0)) if computed else 0
+        idx = np.asarray(computed, dtype=np.int64)
+        return self._blocks_needed(seq, num_tokens, len(computed), self._num_in_queue(idx))
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
+        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - num_computed
         return max(new, 0) + in_queue
+
+    def _num_in_queue(self, idx: np.ndarray) -> int:
+        """How many of the blocks `idx` sit in the free queue (reference count 0)."""
+        return int(np.count_nonzero(self.ref_cnt[idx] == 0)) if len(idx) else 0
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | None = None) -> bool:
         """Give `seq` KV slots for its computed tokens, the cache hits `computed` and
-        `num_new_tokens` more; False (and no change) when the free queue is too short."""
+        `num_new_tokens` more; False (and no change) when the free queue is too short.
+        The hits are converted to an index array once, for both the check and the touch."""
         computed = computed or []
         total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        if self.blocks_needed(seq, total, computed) > self.num_free_blocks:
+        if computed:
+            idx = np.asarray(computed, dtype=np.int64)
+            in_queue = self._num_in_queue(idx)
+        else:
+            in_queue = 0
+        if self._blocks_needed(seq, total, len(computed), in_queue) > self.num_free_blocks:
             return False
         if computed:
-            self.touch(computed)
+            self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
+            self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
             seq.block_table.extend(computed)
             seq.num_cached_blocks = len(seq.block_table)
         new = ceil(total / self.block_size) - len(seq.block_table)
@@ -127,16 +149,22 @@ class BlockManager:
         seq.block_table.extend(self._pop_free(1))
         return True
 
-    def touch(self, blocks: list[int]) -> None:
-        idx = np.asarray(blocks, dtype=np.int64)
-        self.num_free_blocks -= int(np.count_nonzero(self.ref_cnt[idx] == 0))
-        self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
+    def append_blocks(self, seqs: list[Sequence]) -> bool:
+        """One more block for each of `seqs`, in order: the same blocks as `append_block` on each in
+        turn (nothing else changes the free queue meanwhile), in one pop. False (and no change)
+        when fewer blocks are free."""
+        if len(seqs) > self.num_free_blocks:
+            return False
+        if seqs:
+            for seq, b in zip(seqs, self._pop_free(len(seqs))):
+                seq.block_table.append(b)
+        return True
 
     def _push_run(self, blocks: np.ndarray, front: bool) -> None:
         run = self._next_run
         self._next_run += 1
         self._epoch[blocks] = run
-        entry = [run, blocks, 0]
+        entry = [run, blocks, 0, blocks.tolist()]
         if front:
             self._runs.appendleft(entry)
         else:
@@ -156,12 +184,12 @@ class BlockManager:
         need = n
         while need:
             entry = runs[0]
-            run, blocks, pos = entry
+            run, blocks, pos, _ = entry
             end = len(blocks)
             chunk = max(2 * need, 32)
             while need and pos < end:
                 seg = blocks[pos:pos + chunk]
-                live = np.flatnonzero((ref[seg] == 0) & (epoch[seg] == run))
+                live = ((ref[seg] == 0) & (epoch[seg] == run)).nonzero()[0]
                 if len(live) >= need:
                     taken.append(seg[live[:need]])
                     pos += int(live[need - 1]) + 1
@@ -183,15 +211,16 @@ class BlockManager:
         return out.tolist()
 
     def _pop_free_few(self, n: int) -> list[int]:
-        """`_pop_free` one entry at a time: cheaper for the single blocks decoding requests take."""
+        """`_pop_free` one entry at a time: cheaper for the few blocks decoding requests take.
+        Reads the run's ids from its list copy (numpy scalar indexing costs more)."""
         ref, epoch, runs, hashed = self.ref_cnt, self._epoch, self._runs, self.hashed
         out: list[int] = []
         while len(out) < n:
             entry = runs[0]
-            run, blocks, pos = entry
+            run, _, pos, blocks = entry
             end = len(blocks)
             while pos < end:
-                b = int(blocks[pos])
+                b = blocks[pos]
                 pos += 1
                 if not ref[b] and epoch[b] == run:
                     ref[b] = 1
@@ -234,15 +263,22 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        blocks = np.asarray(seq.block_table[first:num_full], dtype=np.int64)
-        new = np.flatnonzero(~self.hashed[blocks])
-        if len(new):
-            idx = blocks[new]
-            new_hashes = [hashes[first + i] for i in new.tolist()]
-            setdefault = self.cached.setdefault
+        blocks = seq.block_table[first:num_full]
+        idx = np.asarray(blocks, dtype=np.int64)
+        new_hashes = hashes[first:num_full]
+        hashed = self.hashed[idx]
+        if _any(hashed):  # rare: keep only the blocks without a hash
+            keep = (~hashed).nonzero()[0]
+            idx = idx[keep]
+            keep_list = keep.tolist()
+            blocks = [blocks[i] for i in keep_list]
+            new_hashes = [new_hashes[i] for i in keep_list]
+        if blocks:
             self.block_hash[idx] = new_hashes
             self.hashed[idx] = True
-            self.registered[idx] = [setdefault(h, b) == b for h, b in zip(new_hashes, idx.tolist())]
+            # A block serves hits for its hash unless an earlier block holds that hash already.
+            served_by = np.fromiter(map(self.cached.setdefault, new_hashes, blocks), np.int64, len(blocks))
+            self.registered[idx] = served_by == idx
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:
@@ -257,15 +293,15 @@ class BlockManager:
                 self.frees += 1
                 if self.enable_caching:
                     hashed = self.hashed[freed]
-                    if hashed.all():
+                    if _all(hashed):
                         self._push_run(freed, front=False)
                     else:
                         self._push_run(freed[~hashed], front=True)
-                        if hashed.any():
+                        if _any(hashed):
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
-        seq.last_block_table = table
+            seq.last_blocks = idx[::-1]
         seq.block_table = []
         seq.num_cached_blocks = 0
 

@@ -47,12 +47,14 @@ def request_tokens_buckets(max_model_len: int) -> tuple[int, ...]:
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "les")
 
     def __init__(self, bounds: tuple):
         self.bounds = tuple(float(b) for b in bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
         self.sum = 0.0
+        # The `le` label of each bucket, formatted once (every scrape reports every bucket).
+        self.les = tuple(floatToGoString(b) for b in self.bounds + (float("inf"),))
 
     def observe(self, value: float, n: int = 1) -> None:
         self.counts[bisect_left(self.bounds, value)] += n
@@ -60,9 +62,9 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, total = [], 0
-        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+        for le, count in zip(self.les, self.counts):
             total += count
-            out.append((floatToGoString(bound), float(total)))
+            out.append((le, float(total)))
         return out
 
     @property
@@ -181,71 +183,74 @@ class EngineMetrics:
 
     # -- exposition
 
-    def _family(self, name: str, kind: str, help_name: str | None = None) -> Metric:
-        return Metric(name, HELP[help_name or name], kind)
-
-    def collect(self) -> Iterator[Metric]:
-        """prometheus_client families in vLLM's order (a custom collector's `collect`)."""
+    def _families(self) -> Iterator[tuple[str, str, list[tuple[str, dict, float]]]]:
+        """(family, type, [(sample name, labels, value)]) in vLLM's order, `_created` samples left
+        out: what `collect` exposes and what `samples` returns without building Metric objects
+        (the offline runner scrapes every few simulated seconds)."""
         lab = self.labels
         for name in ("vllm:estimated_flops_per_gpu", "vllm:estimated_read_bytes_per_gpu",
                      "vllm:estimated_write_bytes_per_gpu"):
-            yield self._counter(name, [(lab, self.counters[name])])
-        yield self._gauge("vllm:num_requests_running", [(lab, self.num_running)])
-        yield self._gauge("vllm:num_requests_waiting", [(lab, self.num_waiting)])
-        yield self._gauge("vllm:num_requests_waiting_by_reason",
-                          [({**lab, "reason": "capacity"}, self.num_waiting), ({**lab, "reason": "deferred"}, 0)])
-        yield self._gauge("vllm:engine_sleep_state",
-                          [({**lab, "sleep_state": s}, 1 if s == "awake" else 0) for s in SLEEP_STATES])
-        yield self._gauge("vllm:kv_cache_usage_perc", [(lab, self.kv_cache_usage)])
+            yield self._counter_rows(name, [(lab, self.counters[name])])
+        yield self._gauge_rows("vllm:num_requests_running", [(lab, self.num_running)])
+        yield self._gauge_rows("vllm:num_requests_waiting", [(lab, self.num_waiting)])
+        yield self._gauge_rows("vllm:num_requests_waiting_by_reason",
+                               [({**lab, "reason": "capacity"}, self.num_waiting), ({**lab, "reason": "deferred"}, 0)])
+        yield self._gauge_rows("vllm:engine_sleep_state",
+                               [({**lab, "sleep_state": s}, 1 if s == "awake" else 0) for s in SLEEP_STATES])
+        yield self._gauge_rows("vllm:kv_cache_usage_perc", [(lab, self.kv_cache_usage)])
         c = self.counters
-        yield self._counter("vllm:prefix_cache_queries", [(lab, c["vllm:prefix_cache_queries"])])
-        yield self._counter("vllm:prefix_cache_hits", [(lab, c["vllm:prefix_cache_hits"])])
+        yield self._counter_rows("vllm:prefix_cache_queries", [(lab, c["vllm:prefix_cache_queries"])])
+        yield self._counter_rows("vllm:prefix_cache_hits", [(lab, c["vllm:prefix_cache_hits"])])
         for name in ("vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits",
                      "vllm:mm_cache_queries", "vllm:mm_cache_hits"):
-            yield self._counter(name, [(lab, 0.0)])
-        yield self._counter("vllm:num_preemptions", [(lab, c["vllm:num_preemptions"])])
-        yield self._counter("vllm:prompt_tokens", [(lab, c["vllm:prompt_tokens"])])
-        yield self._counter("vllm:prompt_tokens_by_source",
-                            [({**lab, "source": s}, v) for s, v in self.prompt_by_source.items()])
-        yield self._counter("vllm:prompt_tokens_cached", [(lab, c["vllm:prompt_tokens_cached"])])
-        yield self._counter("vllm:prompt_tokens_cached_by_source",
-                            [({**lab, "source": s}, c["vllm:prefix_cache_hits"] if s == "device" else 0.0)
-                             for s in CACHED_SOURCES])
-        yield self._counter("vllm:generation_tokens", [(lab, c["vllm:generation_tokens"])])
-        yield self._counter("vllm:request_success",
-                            [({**lab, "finished_reason": r}, v) for r, v in self.request_success.items()])
-        yield self._counter("vllm:admission_rejections",
-                            [({"model_name": lab["model_name"], "reason": r}, 0.0) for r in ADMISSION_REASONS])
+            yield self._counter_rows(name, [(lab, 0.0)])
+        yield self._counter_rows("vllm:num_preemptions", [(lab, c["vllm:num_preemptions"])])
+        yield self._counter_rows("vllm:prompt_tokens", [(lab, c["vllm:prompt_tokens"])])
+        yield self._counter_rows("vllm:prompt_tokens_by_source",
+                                 [({**lab, "source": s}, v) for s, v in self.prompt_by_source.items()])
+        yield self._counter_rows("vllm:prompt_tokens_cached", [(lab, c["vllm:prompt_tokens_cached"])])
+        yield self._counter_rows("vllm:prompt_tokens_cached_by_source",
+                                 [({**lab, "source": s}, c["vllm:prefix_cache_hits"] if s == "device" else 0.0)
+                                  for s in CACHED_SOURCES])
+        yield self._counter_rows("vllm:generation_tokens", [(lab, c["vllm:generation_tokens"])])
+        yield self._counter_rows("vllm:request_success",
+                                 [({**lab, "finished_reason": r}, v) for r, v in self.request_success.items()])
+        yield self._counter_rows("vllm:admission_rejections",
+                                 [({"model_name": lab["model_name"], "reason": r}, 0.0) for r in ADMISSION_REASONS])
         for name, h in self.hist.items():
-            yield self._histogram(name, h)
-        yield self._gauge("vllm:cache_config_info", [({**self.cache_config, "engine": "0"}, 1.0)])
+            yield self._histogram_rows(name, h)
+        yield self._gauge_rows("vllm:cache_config_info", [({**self.cache_config, "engine": "0"}, 1.0)])
 
-    def _counter(self, name: str, series: list[tuple[dict, float]]) -> Metric:
-        m = self._family(name, "counter")
-        for labels, value in series:
-            m.add_sample(name + "_total", labels, float(value))
-            m.add_sample(name + "_created", labels, self.created_s)
-        return m
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client families in vLLM's order (a custom collector's `collect`): counters
+        with a `_created` sample after each series, histograms with one at the end."""
+        for name, kind, rows in self._families():
+            m = Metric(name, HELP[name], kind)
+            for sample, labels, value in rows:
+                m.add_sample(sample, labels, value)
+                if kind == "counter":
+                    m.add_sample(name + "_created", labels, self.created_s)
+            if kind == "histogram":
+                m.add_sample(name + "_created", self.labels, self.created_s)
+            yield m
 
-    def _gauge(self, name: str, series: list[tuple[dict, float]]) -> Metric:
-        m = self._family(name, "gauge")
-        for labels, value in series:
-            m.add_sample(name, labels, float(value))
-        return m
+    @staticmethod
+    def _counter_rows(name: str, series: list[tuple[dict, float]]) -> tuple[str, str, list]:
+        return name, "counter", [(name + "_total", labels, float(value)) for labels, value in series]
 
-    def _histogram(self, name: str, h: Histogram) -> Metric:
-        m = self._family(name, "histogram")
+    @staticmethod
+    def _gauge_rows(name: str, series: list[tuple[dict, float]]) -> tuple[str, str, list]:
+        return name, "gauge", [(name, labels, float(value)) for labels, value in series]
+
+    def _histogram_rows(self, name: str, h: Histogram) -> tuple[str, str, list]:
         lab = self.labels
-        for le, total in h.cumulative():
-            m.add_sample(name + "_bucket", {**lab, "le": le}, total)
-        m.add_sample(name + "_count", lab, float(h.count))
-        m.add_sample(name + "_sum", lab, h.sum)
-        m.add_sample(name + "_created", lab, self.created_s)
-        return m
+        rows = [(name + "_bucket", {**lab, "le": le}, total) for le, total in h.cumulative()]
+        rows.append((name + "_count", lab, float(h.count)))
+        rows.append((name + "_sum", lab, h.sum))
+        return name, "histogram", rows
 
     def samples(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
         """(family, sample name, labels, value) as prometheus_client's text parser returns them."""
-        for fam in self.collect():
-            for s in fam.samples:
-                if not s.name.endswith("_created"):
-                    yield fam.name, s.name, s.labels, s.value
+        for family, _, rows in self._families():
+            for sample, labels, value in rows:
+                yield family, sample, labels, value

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from kvlab.errors import KvlabError
 from kvlab.io import atomic_path, write_text_atomic
 from kvlab.loadtest.plan import SessionPlan
@@ -39,7 +41,7 @@ from kvlab.loadtest.workload import Workload
 from kvlab.sim import tokens
 from kvlab.sim.config import SimConfig, build_config
 from kvlab.sim.engine import Engine
-from kvlab.sim.sequence import Sequence
+from kvlab.sim.sequence import Sequence, extend_hashes
 from kvlab.sim.sessions import session_stream
 
 RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s", "tpot_s", "e2e_s",
@@ -58,12 +60,20 @@ def _system_tokens(app_id: str, n: int) -> tuple[int, ...]:
     return tuple(token_range(f"app:{app_id}", n))
 
 
+@lru_cache(maxsize=1024)
+def _system_hashes(app_id: str, n: int, block_size: int) -> tuple[int, ...]:
+    """The chained hashes of an app's system prompt's full blocks: every session of the app starts
+    with them, so they are hashed once per run instead of once per session."""
+    return tuple(extend_hashes([], _system_tokens(app_id, n), n // block_size, block_size))
+
+
 @dataclass
 class _Session:
     plan: SessionPlan
     context: list[int]
     hashes: list[int]
-    blocks: list[int] = field(default_factory=list)  # the previous turn's KV blocks (now freed)
+    hash_array: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # hashes as int64, in part
+    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the last turn's blocks (freed)
     turn: int = 0
 
 
@@ -125,7 +135,8 @@ class _Player:
             self._push(at_s if at_s is not None else plan.start_offset_s, self._new_session(plan))
 
     def _new_session(self, plan: SessionPlan) -> _Session:
-        return _Session(plan, list(_system_tokens(plan.app_id, plan.system_tokens)), [])
+        return _Session(plan, list(_system_tokens(plan.app_id, plan.system_tokens)),
+                        list(_system_hashes(plan.app_id, plan.system_tokens, self.cfg.block_size)))
 
     def _push(self, at_s: float, sess: _Session) -> None:
         heapq.heappush(self.arrivals, (at_s, self.order, sess))
@@ -163,6 +174,7 @@ class _Player:
         seq = Sequence(f"{plan.session_id}-{k}", prompt, turn.max_tokens, at_s,
                        output_seed=tokens.prompt_seed(prompt), tag=sess, max_tokens_param=turn.max_tokens)
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
+        seq.hash_array = sess.hash_array
         seq.prev_blocks = sess.blocks
         self.engine.add_request(seq)
 
@@ -171,7 +183,8 @@ class _Player:
         self._record(seq, sess)
         sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
         sess.hashes = seq.block_hashes
-        sess.blocks = seq.last_block_table
+        sess.hash_array = seq.hash_array
+        sess.blocks = seq.last_blocks
         think_s = sess.plan.turns[sess.turn].think_time_s
         sess.turn += 1
         if sess.turn < len(sess.plan.turns):
@@ -213,15 +226,29 @@ class _Player:
             self._record(seq, seq.tag, "incomplete")
 
     def fill_itls(self) -> None:
-        import numpy as np
-
-        ends = np.asarray(self.engine.step_end_s)
+        """Each record's inter-token latencies: the differences of the end times of the steps its
+        tokens came out in. All records' token times are gathered into one array and differenced
+        at once (the same subtractions as per record), then each record takes its slice."""
+        firsts: list[int] = []
+        lasts: list[int] = []
+        spans: list[tuple[int, int]] = []  # (record index, its number of tokens)
         for i, runs in self.runs:
-            if not runs:
-                self.records[i]["itl_s"] = []
-                continue
-            times = np.concatenate([ends[a:b + 1] for a, b in runs])
-            self.records[i]["itl_s"] = np.diff(times).tolist()
+            n = 0
+            for a, b in runs:
+                firsts.append(a)
+                lasts.append(b)
+                n += b - a + 1
+            spans.append((i, n))
+        a = np.asarray(firsts, dtype=np.int64)
+        lens = np.asarray(lasts, dtype=np.int64) - a + 1
+        starts = np.cumsum(lens) - lens  # where each run begins in the gathered array
+        steps = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(a - starts, lens)
+        times = np.asarray(self.engine.step_end_s)[steps]
+        diffs = (times[1:] - times[:-1]).tolist()
+        pos = 0
+        for i, n in spans:
+            self.records[i]["itl_s"] = diffs[pos:pos + n - 1] if n else []
+            pos += n
 
     # -- metrics
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from kvlab.sim import tokens
 from kvlab.sim.block_manager import BlockManager
 from kvlab.sim.sequence import Sequence, Status
+
+_order = attrgetter("order")  # a request's admission order
 
 
 @dataclass
@@ -168,19 +171,18 @@ class Scheduler:
         if fin is not None and fin <= step:
             return False
         due = self._blocks_due(step)
-        if len(due) > self.bm.num_free_blocks:
+        if not self.bm.append_blocks(due):
             for seq in due:
                 self._push_block_due(seq, seq.next_block_step)
             return False
         for seq in due:
-            self.bm.append_block(seq)
             self._push_block_due(seq, step + self.block_size)
         self.step = step + 1
         return True
 
     def _blocks_due(self, step: int) -> list[Sequence]:
         out = self._pop_due(self._block_due, step, "next_block_step")
-        out.sort(key=lambda q: q.order)
+        out.sort(key=_order)
         return out
 
     # -- one step
@@ -205,7 +207,12 @@ class Scheduler:
         """Give decoding requests that fill their last block a new one; False if the running pass
         stopped (the request itself had to be preempted)."""
         bs = self.block_size
-        for seq in self._blocks_due(self.step):
+        due = self._blocks_due(self.step)
+        if self.bm.append_blocks(due):  # all fit: one pop, no preemption
+            for seq in due:
+                self._push_block_due(seq, self.step + bs)
+            return True
+        for seq in due:
             if seq.join_step < 0:  # preempted earlier in this pass
                 continue
             while not self.bm.append_block(seq):

@@ -5,8 +5,25 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 # Chained block hashes start from this parent (vLLM's NONE_HASH, a fixed seed here so that runs repeat).
 ROOT_HASH = 0x6B766C6162
+_NO_BLOCKS = np.zeros(0, np.int64)
+
+
+def extend_hashes(hashes: list[int], token_ids, num_blocks: int, block_size: int) -> list[int]:
+    """Extend `hashes`, the chained hashes of the leading full blocks of `token_ids`, to the
+    first `num_blocks` blocks (vLLM's hash_block_tokens: each block's hash covers its parent's)."""
+    start = len(hashes)
+    if start < num_blocks:
+        parent = hashes[-1] if hashes else ROOT_HASH
+        # zip over one iterator cuts the tokens into block tuples in C (no per-block slicing).
+        it = iter(token_ids[start * block_size:num_blocks * block_size])
+        for block in zip(*[it] * block_size):
+            parent = hash((parent, block))
+            hashes.append(parent)
+    return hashes
 
 
 class Status(Enum):
@@ -25,7 +42,7 @@ class Sequence:
         "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
         "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
         "order", "join_step", "join_tokens", "next_block_step", "finish_step",
-        "prev_blocks", "last_block_table",
+        "hash_array", "prev_blocks", "last_blocks",
     )
 
     def __init__(self, seq_id: str, token_ids: list[int], max_tokens: int, arrival_s: float, *,
@@ -39,6 +56,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_table: list = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        self.hash_array = _NO_BLOCKS  # a leading part of block_hashes as int64 (see hashes_array)
         self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
         self.num_preemptions = 0
@@ -59,10 +77,12 @@ class Sequence:
         self.join_tokens = 0
         self.next_block_step = -1
         self.finish_step = -1
-        # A request that continues an earlier one (the next turn of a session) can pass the
-        # earlier one's blocks: the prefix-cache lookup checks them first (same hits, faster).
-        self.prev_blocks: list[int] = []
-        self.last_block_table: list[int] = []  # the blocks it held when they were freed
+
+        # A request that continues an earlier one (the next turn of a session) can pass the earlier
+        # one's block table (int64, as freed: `last_blocks`); the prefix-cache lookup checks those
+        # blocks in place first (same hits, fewer dict lookups).
+        self.prev_blocks = _NO_BLOCKS
+        self.last_blocks = _NO_BLOCKS
 
     @property
     def num_tokens(self) -> int:
@@ -86,13 +106,16 @@ class Sequence:
 
     def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
         """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
-        hashes = self.block_hashes
-        tokens = self.token_ids
-        parent = hashes[-1] if hashes else ROOT_HASH
-        for i in range(len(hashes), num_blocks):
-            parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
-            hashes.append(parent)
-        return hashes
+        return extend_hashes(self.block_hashes, self.token_ids, num_blocks, block_size)
+
+    def hashes_array(self, num_blocks: int) -> np.ndarray:
+        """The first `num_blocks` block hashes (already in `block_hashes`) as int64. The array is
+        kept and only grows, and a session's next turn inherits it, so each hash is converted once."""
+        a = self.hash_array
+        if len(a) < num_blocks:
+            a = self.hash_array = np.concatenate(
+                (a, np.asarray(self.block_hashes[len(a):num_blocks], dtype=np.int64)))
+        return a[:num_blocks]
 
     def record_token_step(self, step: int) -> None:
         runs = self.token_steps

@@ -26,6 +26,7 @@ The efficiency factors are estimates (documented below), not measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvlab.hardware import GPU
 from kvlab.models import memory
@@ -51,9 +52,9 @@ LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb
 W8A8_FORMATS = ("fp8", "fp8-block", "int8")
 
 
-@dataclass(frozen=True)
-class StepWork:
-    """What one engine step computes, summed over its scheduled requests."""
+class StepWork(NamedTuple):
+    """What one engine step computes, summed over its scheduled requests (a NamedTuple: built once
+    per simulated step, and cheaper to build than a frozen dataclass)."""
 
     tokens: int  # new tokens computed
     sampled: int  # requests that produce a token (logits computed)
@@ -93,20 +94,30 @@ class CostModel:
         return 1.0 - (1.0 - self.experts_per_token / self.num_experts) ** tokens
 
     def compute_s(self, w: StepWork) -> float:
-        linear = w.tokens * self.linear_flops_per_token + w.sampled * self.head_flops_per_sample
-        attn = (w.decode_pairs * self.decode_flops_per_pair + w.prefill_pairs * self.prefill_flops_per_pair
-                + w.prefill_context_tokens * self.context_flops_per_token)
+        return self._compute_s(w.tokens, w.sampled, w.decode_pairs, w.prefill_pairs, w.prefill_context_tokens)
+
+    def _compute_s(self, tokens: int, sampled: int, decode_pairs: int, prefill_pairs: int,
+                   prefill_context_tokens: int) -> float:
+        linear = tokens * self.linear_flops_per_token + sampled * self.head_flops_per_sample
+        attn = (decode_pairs * self.decode_flops_per_pair + prefill_pairs * self.prefill_flops_per_pair
+                + prefill_context_tokens * self.context_flops_per_token)
         return (linear / self.flops_per_s + attn / self.attn_flops_per_s) / self.tp
 
     def memory_s(self, w: StepWork) -> float:
-        weights = (self.dense_weight_bytes + self.expert_bytes * self.expert_fraction(w.tokens)) / self.tp
-        return (weights + w.kv_tokens * self.kv_bytes_per_token) / self.bytes_per_s
+        return self._memory_s(w.tokens, w.kv_tokens)
+
+    def _memory_s(self, tokens: int, kv_tokens: int) -> float:
+        weights = (self.dense_weight_bytes + self.expert_bytes * self.expert_fraction(tokens)) / self.tp
+        return (weights + kv_tokens * self.kv_bytes_per_token) / self.bytes_per_s
 
     def comm_s(self, w: StepWork) -> float:
+        return self._comm_s(w.tokens)
+
+    def _comm_s(self, tokens: int) -> float:
         if self.tp == 1:
             return 0.0
         ring = 2 * (self.tp - 1) / self.tp
-        data = w.tokens * self.allreduce_bytes_per_token * ring / self.link_bytes_per_s
+        data = tokens * self.allreduce_bytes_per_token * ring / self.link_bytes_per_s
         return self.num_allreduces * ALLREDUCE_LATENCY_S + data
 
     def step_time_s(self, w: StepWork) -> float:
@@ -114,8 +125,12 @@ class CostModel:
                 + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests)
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
-        """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path)."""
-        return self.step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))
+        """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path):
+        `step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))`, the same
+        arithmetic without building the StepWork (it runs once per simulated decode step)."""
+        n = num_seqs
+        return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self._comm_s(n)
+                + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * n)
 
 
 def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU,
