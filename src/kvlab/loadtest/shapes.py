@@ -112,6 +112,8 @@ class ShapePlan:
 
     def schedule(self, tick_s: float = 1.0) -> list[tuple[float, int]]:
         """(offset_s, users) at every change: what the run asked for, written beside the records."""
+        if self.spec.kind in ("constant", "poisson"):
+            return [(0.0, self.users)]  # one level for the whole run
         out: list[tuple[float, int]] = []
         t = 0.0
         while (u := self.users_at(t)) is not None:

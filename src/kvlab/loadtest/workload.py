@@ -69,12 +69,15 @@ class LimitSpec(_Spec):
     max_context_tokens: int = Field(default=8192, gt=0)  # plan tokens of a whole session
 
 
+MAX_DURATION_S = 30 * 24 * 3600.0  # a month: longer is a typo (the schedule is kept per second)
+
+
 class LoadSpec(_Spec):
     """Defaults for a run; `kvlab load` / `run_load` arguments override them."""
 
     users: int = Field(default=8, ge=1)
     spawn_rate: float | None = Field(default=None, gt=0)  # users/s; default: all within a second
-    duration_s: float = Field(default=60.0, gt=0)
+    duration_s: float = Field(default=60.0, gt=0, le=MAX_DURATION_S)
     max_requests: int | None = Field(default=100_000, ge=1)
     shape: ShapeSpec = ShapeSpec()
 
