@@ -110,13 +110,11 @@ def _plan_after(spec, folder: Path) -> bool:
     """The spec's plan: block, planned into FOLDER/plan (where `kvlab report` finds it); probes are
     cached, so a rerun plans again in seconds. False when it could not be planned (said why)."""
     from kvlab.errors import KvlabError
-    from kvlab.io import write_json_atomic
     from kvlab.plan.planner import plan, request_from_spec
 
     sys.stderr.write(f"planning the fleet of the spec's plan: block ({spec.plan.agents:,} agents) on the simulator\n")
     try:
         result = plan(request_from_spec(spec, folder / "plan"))
-        write_json_atomic(folder / "plan" / "plan.json", result)
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted while planning: the results in {folder} are kept; rerun the same command "
                          "to plan again (finished repeats are skipped, simulated probes reused)\n")

@@ -109,12 +109,10 @@ def plan_cmd(
 
 
 def run_plan(req, as_json: bool = False) -> dict:
-    """Plan, write plan.json next to rebound.png, and print the tables (or the JSON)."""
-    from kvlab.io import write_json_atomic
+    """Plan (plan.json goes next to rebound.png) and print the tables (or the JSON)."""
     from kvlab.plan.planner import plan
 
     result = plan(req)
-    write_json_atomic(Path(result["out_dir"]) / "plan.json", result)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         return result

@@ -25,7 +25,7 @@ from math import ceil
 from pathlib import Path
 
 from kvlab.errors import KvlabError
-from kvlab.io import finite  # JSON has no inf or NaN: a margin with failed requests is null
+from kvlab.io import finite, write_json_atomic  # finite: a margin with failed requests is null in JSON
 from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
@@ -274,7 +274,8 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
 
 
 def plan(req: PlanRequest) -> dict:
-    """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints)."""
+    """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), also
+    written to `out/plan.json` beside `rebound.png`."""
     _validate(req)
     t0 = time.time()
     workload = load_workload(req.workload)
@@ -308,7 +309,7 @@ def plan(req: PlanRequest) -> dict:
                   req.cost_drops_pct, req.volume_x)
     reb["plot"] = str(plot(reb, out_dir / "rebound.png"))
     probes = [lg for r in results.values() for lg in r.probes]
-    return finite({
+    result = finite({
         "provenance": PROVENANCE,
         "inputs": {"workload": {"name": workload.name, "source": str(resolve_profile(req.workload))},
                    "agents": req.agents, "calls_per_agent_hour": rate,
@@ -327,6 +328,8 @@ def plan(req: PlanRequest) -> dict:
         "run": {"wall_s": time.time() - t0, "probes": len(probes), "probes_cached": sum(lg.cached for lg in probes),
                 "simulated_cpu_s": sum(lg.cpu_s for lg in probes)},
     })
+    write_json_atomic(out_dir / "plan.json", result)  # beside rebound.png
+    return result
 
 
 def _requested(planned: list[Planned]) -> set[tuple]:
