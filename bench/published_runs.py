@@ -1,0 +1,237 @@
+"""Published real-vLLM benchmark runs (bench/published_runs.yaml): typed, validated, summarised.
+
+The YAML holds the figures kvlab's simulated clock is checked against (issue 14, point 5): one
+entry per published run with its source, configuration, workload and measured figures, the
+same-GPU ratio pairs (fp8/bf16, AWQ/bf16, fp8 KV/bf16 KV, MLA), and a train/test split declared
+before anything was fitted. Loading checks that every id is unique, that every ratio names two
+runs of one split group on one GPU, and that every run's `split` is what the declared rule gives
+for its `split_group` (a hand-moved row is refused).
+
+Run: `python bench/published_runs.py [PATH]` prints the runs and ratios as Markdown tables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kvlab.errors import KvlabError
+from kvlab.io import read_mapping
+from kvlab.schema import figure
+
+PATH = Path(__file__).with_name("published_runs.yaml")
+SPLIT_RULE = "test iff int(sha256(split_group.encode('utf-8')).hexdigest(), 16) % 2 == 1"
+Split = Literal["train", "test"]
+ID = r"^[a-z0-9][a-z0-9.-]*$"
+
+
+def split_of(split_group: str) -> Split:
+    """The side the declared rule puts a split group on (SPLIT_RULE)."""
+    return "test" if int(hashlib.sha256(split_group.encode("utf-8")).hexdigest(), 16) % 2 == 1 else "train"
+
+
+class Measured(BaseModel):
+    """A run's figures as published, under `vllm bench serve`'s result names where they fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    duration_s: float | None = figure("measured", unit="s")
+    request_throughput: float | None = figure("measured", unit="req/s")
+    input_throughput: float | None = figure("measured", unit="tok/s")
+    output_throughput: float | None = figure("measured", unit="tok/s")
+    total_token_throughput: float | None = figure("measured", unit="tok/s")
+    throughput_tok_s: float | None = figure("measured", unit="tok/s", description="kind (output/total) not stated")
+    mean_ttft_ms: float | None = figure("measured", unit="ms")
+    median_ttft_ms: float | None = figure("measured", unit="ms")
+    p99_ttft_ms: float | None = figure("measured", unit="ms")
+    ttft_ms: float | None = figure("measured", unit="ms", description="statistic not stated")
+    mean_tpot_ms: float | None = figure("measured", unit="ms")
+    median_tpot_ms: float | None = figure("measured", unit="ms")
+    p99_tpot_ms: float | None = figure("measured", unit="ms")
+    tpot_ms: float | None = figure("measured", unit="ms", description="statistic not stated")
+    mean_itl_ms: float | None = figure("measured", unit="ms")
+    median_itl_ms: float | None = figure("measured", unit="ms")
+    p99_itl_ms: float | None = figure("measured", unit="ms")
+
+    @model_validator(mode="after")
+    def _figures_are_positive(self) -> Measured:
+        if not self.figures():
+            raise ValueError("states no figure")
+        bad = [k for k, v in self.figures().items() if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"figures must be positive and finite: {', '.join(bad)}")
+        return self
+
+    def figures(self) -> dict[str, float]:
+        """The figures the source states, in field order."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class Run(BaseModel):
+    """One published run: where it is, what ran, under which load, what was measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=ID)
+    source_url: str = Field(pattern=r"^https?://")
+    locator: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    gpu: str = Field(min_length=1)
+    num_gpus: int | None = Field(ge=1)
+    tp: int | None = Field(ge=1)
+    vllm_version: str | None
+    engine: Literal["v0", "v1"] | None
+    dtype: str | None
+    quantization: str | None
+    kv_cache_dtype: str | None
+    dataset: Literal["random", "sharegpt", "random-offline"]
+    input_len: int | None = Field(ge=1)
+    output_len: int | None = Field(ge=1)
+    num_prompts: int | None = Field(ge=1)
+    max_concurrency: int | None = Field(ge=1)
+    request_rate: Annotated[float, Field(gt=0)] | Literal["inf"] | None
+    measured: Measured
+    split_group: str = Field(pattern=ID)
+    split: Split
+    cannot_model: str | None = None
+    notes: str | None = None
+
+    @model_validator(mode="after")
+    def _split_follows_rule(self) -> Run:
+        if self.split != split_of(self.split_group):
+            raise ValueError(f"split is {self.split!r} but the declared rule puts split_group "
+                             f"{self.split_group!r} in {split_of(self.split_group)!r}")
+        return self
+
+    def config(self) -> str:
+        gpus = f"{self.num_gpus or '?'}x {self.gpu}" + (f" tp{self.tp}" if self.tp and self.tp > 1 else "")
+        weights = self.quantization or self.dtype or "?"
+        version = f"vLLM {self.vllm_version or '?'}" + (f" {self.engine.upper()}" if self.engine else "")
+        return f"{gpus}, {weights}, kv {self.kv_cache_dtype or '?'}, {version}"
+
+    def workload(self) -> str:
+        lengths = f" {self.input_len or '?'}/{self.output_len or '?'}" if self.dataset != "sharegpt" else ""
+        load = [f"n={self.num_prompts or '?'}"]
+        if self.max_concurrency:
+            load.append(f"conc {self.max_concurrency}")
+        if self.request_rate is not None:
+            load.append(f"rate {self.request_rate}")
+        return f"{self.dataset}{lengths}, {', '.join(load)}"
+
+
+class Ratio(BaseModel):
+    """Two runs on one GPU and workload that differ in one factor (a over b)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=ID)
+    a: str
+    b: str
+    factor: str = Field(min_length=1)
+    note: str | None = None
+
+
+class PublishedRuns(BaseModel):
+    """The whole file: the declared split, the runs and the ratio pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    split_rule: str
+    split_declared: datetime.date
+    runs: list[Run] = Field(min_length=1)
+    ratios: list[Ratio] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PublishedRuns:
+        if self.split_rule != SPLIT_RULE:
+            raise ValueError(f"split_rule must be the declared rule {SPLIT_RULE!r}")
+        ids = Counter([r.id for r in self.runs] + [q.id for q in self.ratios])
+        dup = sorted(i for i, n in ids.items() if n > 1)
+        if dup:
+            raise ValueError(f"duplicate id: {', '.join(dup)}")
+        by_id = self.by_id()
+        for q in self.ratios:
+            missing = [i for i in (q.a, q.b) if i not in by_id]
+            if missing:
+                raise ValueError(f"ratio {q.id} names no run {', '.join(missing)}")
+            a, b = by_id[q.a], by_id[q.b]
+            if q.a == q.b or a.gpu != b.gpu or a.split_group != b.split_group:
+                raise ValueError(f"ratio {q.id} must pair two runs of one GPU and one split_group")
+        return self
+
+    def by_id(self) -> dict[str, Run]:
+        return {r.id: r for r in self.runs}
+
+    def test_share(self) -> float:
+        return sum(r.split == "test" for r in self.runs) / len(self.runs)
+
+
+def load(path: str | Path = PATH) -> PublishedRuns:
+    """The validated file, or a one-line KvlabError naming the file and the first problem."""
+    return validate(read_mapping(path, "the published runs"), str(path))
+
+
+def validate(data: dict, where: str) -> PublishedRuns:
+    """The file's mapping as typed runs, or a one-line KvlabError: `where`, the run, the problem."""
+    try:
+        return PublishedRuns.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise KvlabError(f"{where}: {_where(data, err['loc'])}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def _where(data: dict, loc: tuple) -> str:
+    """A validation error's location, naming the run or ratio by its id."""
+    if len(loc) >= 2 and loc[0] in ("runs", "ratios") and isinstance(loc[1], int):
+        items = data.get(loc[0]) or []
+        item = items[loc[1]] if loc[1] < len(items) and isinstance(items[loc[1]], dict) else {}
+        name = f"{loc[0]}[{loc[1]}] ({item.get('id', '?')})"
+        return ".".join([name, *map(str, loc[2:])])
+    return ".".join(map(str, loc)) or "file"
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def markdown(pub: PublishedRuns) -> str:
+    """The runs and the ratio pairs as Markdown tables, with the split's totals."""
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+    lines = [f"Published real-vLLM runs: {len(pub.runs)} runs, {len(pub.ratios)} ratio pairs; "
+             f"test share {100 * pub.test_share():.0f} % (split declared {pub.split_declared}: {pub.split_rule})",
+             "", row(["id", "model", "GPU", "config", "workload", "figures", "split"]),
+             row(["---"] * 7)]
+    for r in pub.runs:
+        figures = ", ".join(f"{k}={_number(v)}" for k, v in r.measured.figures().items())
+        split = r.split + (" (cannot model)" if r.cannot_model else "")
+        lines.append(row([r.id, r.model, r.gpu, r.config(), r.workload(), figures, split]))
+    lines += ["", "Ratio pairs (a/b of the figures both rows state; computed here, not published):", "",
+              row(["id", "factor", "a", "b", "a/b", "split"]), row(["---"] * 6)]
+    by_id = pub.by_id()
+    for q in pub.ratios:
+        fa, fb = by_id[q.a].measured.figures(), by_id[q.b].measured.figures()
+        shared = ", ".join(f"{k} {fa[k] / fb[k]:.3f}" for k in fa if k in fb)
+        lines.append(row([q.id, q.factor, q.a, q.b, shared, by_id[q.a].split]))
+    gpus = Counter(r.gpu for r in pub.runs)
+    lines += ["", "Runs per GPU: " + ", ".join(f"{g} {n}" for g, n in gpus.most_common())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        pub = load(args[0] if args else PATH)
+    except KvlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(markdown(pub))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
