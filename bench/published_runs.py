@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -229,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     except KvlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(markdown(pub))
+    try:
+        print(markdown(pub), flush=True)
+    except BrokenPipeError:  # the reader (`| head`) closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
