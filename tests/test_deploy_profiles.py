@@ -2,8 +2,9 @@
 
 import pytest
 
+from kvlab import resources
 from kvlab.deploy.flags import parse_flags
-from kvlab.deploy.profiles import QUANT_LEVELS, all_profiles, model_profiles, profile, profiles_dir
+from kvlab.deploy.profiles import QUANT_LEVELS, all_profiles, model_profiles, profile
 from kvlab.errors import KvlabError
 from kvlab.models.cards import builtin_cards
 
@@ -66,4 +67,5 @@ def test_a_broken_profile_file_names_the_field(tmp_path, monkeypatch):
 
 
 def test_profiles_live_in_the_top_level_deploy_folder():
-    assert profiles_dir().parts[-2:] == ("deploy", "profiles")
+    # ./deploy/profiles from a checkout, else the package's data/deploy/profiles (tests/test_package_data.py)
+    assert resources.find(resources.PROFILES, "llama-3.1-8b.yaml").parent.parts[-2:] == ("deploy", "profiles")

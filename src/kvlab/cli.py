@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvlab import __version__, hardware
+from kvlab import __version__, hardware, resources
 from kvlab.errors import KvlabError
 from kvlab.models import memory
 from kvlab.models.cards import ResolvedModel, builtin_cards, resolve_model
@@ -414,6 +414,7 @@ def _register_stage_commands() -> None:
 
 
 _register_stage_commands()
+app.command("locustfile")(resources.locustfile_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,18 @@
 """Serve profiles: per model, the quantization levels that exist and their exact vLLM flags.
 
-The profiles live in the top-level `deploy/profiles/<card>.yaml` (users edit them);
-`_default.yaml` covers models without a card. `KVLAB_PROFILES` points at another folder.
+The profiles are `deploy/profiles/<card>.yaml` (users edit them), looked up as kvlab.resources says:
+`KVLAB_PROFILES`, else ./deploy/profiles, else the package's; `_default.yaml` covers models without a card.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation  # cards' wording for field errors
@@ -58,14 +58,6 @@ class ModelProfiles(BaseModel):
         return profiles
 
 
-def profiles_dir() -> Path:
-    """`KVLAB_PROFILES`, else the repository's deploy/profiles, else ./deploy/profiles."""
-    if os.environ.get("KVLAB_PROFILES"):
-        return Path(os.environ["KVLAB_PROFILES"])
-    repo = Path(__file__).resolve().parents[3] / "deploy" / "profiles"
-    return repo if repo.is_dir() else Path.cwd() / "deploy" / "profiles"
-
-
 def _load_file(path: Path) -> ModelProfiles:
     data = read_mapping(path, "a model's serve profiles")
     try:
@@ -84,12 +76,9 @@ def _load_cached(path: Path, mtime_ns: int) -> ModelProfiles:
 
 def model_profiles(card_name: str | None) -> ModelProfiles:
     """The profiles of a card (or of a model without a card when card_name is None)."""
-    folder = profiles_dir()
-    path = folder / f"{card_name or DEFAULT_MODEL}.yaml"
-    if not path.is_file():
-        if card_name is None:
-            raise KvlabError(f"no serve profiles for models without a card: {path} is missing")
-        raise KvlabError(f"no serve profiles for {card_name}: add {path} (see {folder / 'llama-3.1-8b.yaml'})")
+    filename = f"{card_name or DEFAULT_MODEL}.yaml"
+    missing = f"no serve profiles for {card_name or 'models without a card'} (add {filename}, like llama-3.1-8b.yaml)"
+    path = resources.find(resources.PROFILES, filename, missing)
     return _load_cached(path, path.stat().st_mtime_ns)
 
 
@@ -103,5 +92,5 @@ def profile(card_name: str | None, quant: str) -> ServeProfile:
 
 
 def all_profiles() -> dict[str, ModelProfiles]:
-    return {p.stem: model_profiles(None if p.stem == DEFAULT_MODEL else p.stem)
-            for p in sorted(profiles_dir().glob("*.yaml"))}
+    return {name: model_profiles(None if name == DEFAULT_MODEL else name)
+            for name in resources.names(resources.PROFILES)}

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
@@ -207,12 +208,11 @@ def parse_only(text: str | None) -> dict[str, str]:
 
 def load_spec(path: str | Path) -> Spec:
     p = Path(path)
-    if not p.is_file():
-        candidate = Path("experiments") / f"{path}.yaml"
-        if candidate.is_file():
-            p = candidate
-        else:
-            raise KvlabError(f"no experiment spec at {path} (the shipped specs are in experiments/)")
+    if not p.is_file():  # a name: ./experiments/NAME.yaml, else the package's (kvlab.resources)
+        if p.suffix in (".yaml", ".yml") or p.name != str(path):
+            raise KvlabError(f"no experiment spec at {path}")
+        names = ", ".join(resources.names(resources.SPECS)) or "none"
+        p = resources.find(resources.SPECS, f"{path}.yaml", f"no experiment spec at {path}, nor one by that name ({names})")
     return validate_spec(read_mapping(p, "a spec"), str(p))
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 import yaml
 
+from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import write_text_atomic
 from kvlab.loadtest.records import read_requests, record_files, write_parquet
@@ -121,13 +122,6 @@ def parse_duration(text: str | float | int) -> float:
     return float(h * 3600 + m * 60 + sec)
 
 
-def default_locustfile() -> Path:
-    for cand in (Path.cwd() / "loadtest" / "locustfile.py", Path(__file__).resolve().parents[3] / "loadtest" / "locustfile.py"):
-        if cand.is_file():
-            return cand
-    raise KvlabError("loadtest/locustfile.py not found: run from the kvlab checkout or pass locustfile=")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,7 +184,7 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     wl_path = out / "workload.yaml"
     write_text_atomic(wl_path, yaml.safe_dump(wl.model_dump(mode="json"), sort_keys=False))
     records_dir = out / "requests"
-    lf = Path(locustfile) if locustfile else default_locustfile()
+    lf = Path(locustfile) if locustfile else resources.locustfile()
 
     common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir)]
     if max_requests or wl.load.max_requests:

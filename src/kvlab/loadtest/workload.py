@@ -18,6 +18,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.loadtest.dists import Dist
@@ -176,19 +177,9 @@ class Workload(_Spec):
 # --- profiles ------------------------------------------------------------------------------------
 
 
-def profile_dirs() -> list[Path]:
-    """Where named profiles are looked up: ./loadtest, then the repository's loadtest/."""
-    here = Path(__file__).resolve()
-    dirs = [Path.cwd() / "loadtest", here.parents[3] / "loadtest"]
-    out: list[Path] = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
-            out.append(d)
-    return out
-
-
 def profile_names() -> list[str]:
-    return sorted({p.stem for d in profile_dirs() for p in d.glob("*.yaml")})
+    """Named profiles, looked up as kvlab.resources says: ./loadtest, then the package's loadtest/."""
+    return resources.names(resources.LOADTEST)
 
 
 def resolve_profile(name_or_path: str | Path) -> Path:
@@ -197,12 +188,8 @@ def resolve_profile(name_or_path: str | Path) -> Path:
         if not p.is_file():
             raise KvlabError(f"workload file {p} does not exist")
         return p
-    for d in profile_dirs():
-        cand = d / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return cand
-    raise KvlabError(f"unknown workload {name_or_path!r}: give a YAML path or one of "
-                     f"{', '.join(profile_names()) or '(no profiles found in ./loadtest)'}")
+    return resources.find(resources.LOADTEST, f"{name_or_path}.yaml", f"unknown workload {name_or_path!r}: give a "
+                          f"YAML path or one of {', '.join(profile_names()) or '(none found)'}")
 
 
 def load_workload(name_or_path: str | Path) -> Workload:
