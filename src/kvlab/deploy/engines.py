@@ -45,7 +45,6 @@ class Launch:
     """What an engine's command needs besides the config."""
 
     model_arg: str  # what the engine loads: HF id / checkpoint, twin folder, or card name (sim)
-    served_model_name: str
     host: str
     port: int
     api_key: str | None
@@ -143,7 +142,7 @@ class Engine:
 
     def command(self, launch: Launch, config: ServeConfig) -> Command:
         argv = ["vllm", "serve", launch.model_arg, "--host", launch.host, "--port", str(launch.port),
-                *_served_name(launch, config), *config.to_argv()]
+                *_served_names(config), *config.to_argv()]
         return Command(argv, _api_key_env(launch))
 
     # -- the prediction -----------------------------------------------------------------------
@@ -254,7 +253,7 @@ class VllmCpuEngine(Engine):
         whole = float(gib).is_integer()
         eager = [] if config.has_vllm_flag("--enforce-eager", "--no-enforce-eager") else ["--enforce-eager"]
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", launch.model_arg,
-                *_served_name(launch, config), "--host", launch.host, "--port", str(launch.port), *eager,
+                *_served_names(config), "--host", launch.host, "--port", str(launch.port), *eager,
                 *config.to_argv()]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(int(gib))} if whole else {}
         # A fraction of a GiB goes through --kv-cache-memory-bytes; the env var (whole GiB) would override it.
@@ -318,7 +317,7 @@ class SimEngine(Engine):
     def command(self, launch: Launch, config: ServeConfig, python: str = sys.executable) -> Command:
         # A pre-quantized checkpoint's format is named: the simulator is given the card, not the checkpoint.
         argv = [python, "-m", "kvlab", "sim", "serve", launch.model_arg, "--gpu", str(launch.gpu),
-                "--port", str(launch.port), "--host", launch.host, *_served_name(launch, config),
+                "--port", str(launch.port), "--host", launch.host, *_served_names(config),
                 *config.to_argv(name_checkpoint_weights=True)]
         return Command(argv, _api_key_env(launch))
 
@@ -348,9 +347,13 @@ def served_source(engine: str | None) -> str:
     return "simulated" if cls.simulated else "measured"
 
 
+AUTO = "auto"  # a spec's engine: no engine requested
+
+
 def choose_engine(requested: str | None) -> tuple[str, str]:
-    """(engine, reason): --engine, else $ENGINE, else vllm where a GPU is visible, else vllm-cpu."""
-    if requested is not None:
+    """(engine, reason): --engine, else $ENGINE, else vllm where a GPU is visible, else vllm-cpu
+    (`requested` None or "auto": none requested)."""
+    if requested is not None and requested != AUTO:
         return _checked(requested, "--engine"), f"requested with --engine {requested}"
     env = os.environ.get("ENGINE")
     if env:
@@ -382,9 +385,8 @@ def preset_for_gpu_name(name: str) -> str | None:
     return None
 
 
-def _served_name(launch: Launch, config: ServeConfig) -> list[str]:
-    names = config.served_model_names or (launch.served_model_name,)
-    return ["--served-model-name", *names]
+def _served_names(config: ServeConfig) -> list[str]:
+    return ["--served-model-name", *config.served_model_names] if config.served_model_names else []
 
 
 def _api_key_env(launch: Launch) -> dict[str, str]:

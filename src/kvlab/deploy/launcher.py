@@ -147,9 +147,11 @@ class Server:
         card = self.resolved.card
         self.profile: ServeProfile = profile(card.name if card else None, spec.quant)
         flags = self.engine_impl.config_flags(spec.kv_memory_gib, spec.max_model_len)
-        self.config: ServeConfig = self.profile.serve_config(card.name if card else self.resolved.name,
-                                                             [*flags, *spec.extra_args])
-        self.served_model_name = self.config.served_model_name or self.config.model
+        config = self.profile.serve_config(card.name if card else self.resolved.name, [*flags, *spec.extra_args])
+        if not config.served_model_names:  # the card's name (the model's, without a card) unless the user names it
+            config = config.model_copy(update={"served_model_names": (config.model,)})
+        self.config: ServeConfig = config
+        self.served_model_name: str = config.served_model_names[0]
         self.refusal = self.engine_impl.refusal(self.config, self.resolved, spec.allocation_only)
         self.arch: ModelArch = self.engine_impl.served_arch(self.resolved)
         self.port: int = spec.port if spec.port is not None else free_port(spec.host)
@@ -189,8 +191,7 @@ class Server:
         return self.engine_impl.model_arg(self.resolved, self.config)
 
     def _command(self) -> commands.Command:
-        launch = engines.Launch(model_arg=self.model_arg, served_model_name=self.served_model_name,
-                                host=self.spec.host, port=self.port, api_key=self.spec.api_key,
+        launch = engines.Launch(model_arg=self.model_arg, host=self.spec.host, port=self.port, api_key=self.spec.api_key,
                                 kv_memory_gib=self.spec.kv_memory_gib, gpu=self.spec.gpu)
         return self.engine_impl.command(launch, self.config)
 
