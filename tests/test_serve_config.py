@@ -149,12 +149,12 @@ def test_the_simulator_is_checked_by_name_like_every_engine(monkeypatch, no_gpu)
         def json(self):
             return {"data": [{"id": "another-model"}]}
 
-    monkeypatch.setattr(engines.httpx, "get", lambda url, **kw: seen.append(url) or Answer(url))
+    monkeypatch.setattr(engines.base.httpx, "get", lambda url, **kw: seen.append(url) or Answer(url))
     assert srv._health_ok() is False and seen[-1].endswith("/v1/models")
 
 
 def test_no_engine_branches_outside_the_engine_classes():
-    """Only deploy/engines.py knows engines by name (records keep the name as a plain string)."""
+    """Only deploy/engines/ knows engines by name (records keep the name as a plain string)."""
     # `engine ==`, `spec.engine != ...`, `engine in (...)`, `chosen == "vllm-cpu"` (not a package's name)
     pattern = re.compile(r"(engine|chosen)\w*\s*(==|!=)|engine\w*\s+(not\s+)?in\s*[(\[{]")
     found = []
