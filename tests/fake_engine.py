@@ -26,11 +26,14 @@ MARKER_ENV = "KVLAB_FAKE_MARKER"
 
 
 def fake_cpu_command(real):
+    real = getattr(real, "real", real)  # installed twice (a test's own install on top of a fixture's): wrap once
+
     def build(self, launch, config):
         cmd = real(self, launch, config)
         assert cmd.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd.argv
         return replace(cmd, argv=[cmd.argv[0], str(FAKE_SERVER), *cmd.argv[3:]])
 
+    build.real = real
     return build
 
 
