@@ -26,21 +26,24 @@ MARKER_ENV = "KVLAB_FAKE_MARKER"
 
 
 def fake_cpu_command(real):
-    def build(inputs):
-        cmd = real(inputs)
+    real = getattr(real, "real", real)  # installed twice (a test's own install on top of a fixture's): wrap once
+
+    def build(self, launch, config):
+        cmd = real(self, launch, config)
         assert cmd.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd.argv
         return replace(cmd, argv=[cmd.argv[0], str(FAKE_SERVER), *cmd.argv[3:]])
 
+    build.real = real
     return build
 
 
 def install(setattr) -> None:
     """Point the vllm-cpu engine at the fake (setattr: monkeypatch.setattr, or a plain setattr)."""
-    from kvlab.deploy import commands, launcher
+    from kvlab.deploy.engines import VllmCpuEngine
 
-    setattr(commands, "BUILDERS", {**commands.BUILDERS, "vllm-cpu": fake_cpu_command(commands.vllm_cpu_command)})
-    setattr(launcher.Server, "_check_engine_installed", lambda self: None)  # no vLLM import check
-    setattr(launcher.Server, "_prepare_model", lambda self: None)  # no twin to build
+    setattr(VllmCpuEngine, "command", fake_cpu_command(VllmCpuEngine.command))
+    setattr(VllmCpuEngine, "check_installed", lambda self: None)  # no vLLM import check
+    setattr(VllmCpuEngine, "prepare_model", lambda self, resolved, model_arg: None)  # no twin to build
 
 
 def _pause_at(stage: str, setattr) -> None:

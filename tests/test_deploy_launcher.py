@@ -197,7 +197,8 @@ def test_sim_command(no_gpu):
     srv = Server(ServeSpec("deepseek-v2-lite", quant="fp8-kv", engine="sim", gpu="h100", port=8150,
                            extra_args=["--block-size", "64"]))
     assert srv.argv == [sys.executable, "-m", "kvlab", "sim", "serve", "deepseek-v2-lite", "--gpu", "h100",
-                        "--port", "8150", "--host", "127.0.0.1", "--kv-cache-dtype", "fp8", "--block-size", "64"]
+                        "--port", "8150", "--host", "127.0.0.1", "--served-model-name", "deepseek-v2-lite",
+                        "--kv-cache-dtype", "fp8", "--block-size", "64"]
     assert srv.reported_label == "simulated (kvlab sim)"
     assert srv.prediction.gpu == "h100" and srv.prediction.block_size == 64
     awq = Server(ServeSpec("llama-3.1-8b", quant="awq", engine="sim", gpu="h100", port=8150))

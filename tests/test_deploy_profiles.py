@@ -3,17 +3,20 @@
 import pytest
 
 from kvlab import resources
-from kvlab.deploy.flags import parse_flags
-from kvlab.deploy.profiles import QUANT_LEVELS, all_profiles, model_profiles, profile
+from kvlab.deploy.profiles import all_profiles, model_profiles, profile
 from kvlab.errors import KvlabError
 from kvlab.models.cards import builtin_cards
+
+
+# The level names the shipped profiles use (QUANT=); a user's profile file may add its own.
+SHIPPED_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")
 
 
 def test_every_card_has_profiles_and_a_bf16_or_native_baseline():
     profiles = all_profiles()
     assert set(builtin_cards()) | {"_default"} == set(profiles)
     for name, mp in profiles.items():
-        assert set(mp.profiles) <= set(QUANT_LEVELS), name
+        assert set(mp.profiles) <= set(SHIPPED_LEVELS), name
         assert "bf16" in mp.profiles or name == "deepseek-v3", name
 
 
@@ -31,12 +34,17 @@ def test_int4_levels_are_exactly_the_cards_checkpoints():
 def test_the_named_levels_carry_the_named_flags():
     for name, mp in all_profiles().items():
         for q, p in mp.profiles.items():
-            f = parse_flags(p.args)
-            assert (f.kv_cache_dtype == "fp8") == q.endswith("fp8-kv"), (name, q)
+            c = p.serve_config(name)
+            assert c.level == q and c.label == q, (name, q)
+            assert (c.kv_cache_dtype == "fp8") == q.endswith("fp8-kv"), (name, q)
             if q in ("fp8", "fp8+fp8-kv") and name != "deepseek-v3":
-                assert f.quantization == "fp8", (name, q)
+                assert (c.weights, c.weights_from_checkpoint) == ("fp8", False), (name, q)
+                assert c.to_argv()[:2] == ["--quantization", "fp8"]
             if q == "bnb4":
-                assert f.quantization == "bitsandbytes"
+                assert c.weights == "nf4" and c.to_argv() == ["--quantization", "bitsandbytes"]
+            if p.checkpoint:  # the checkpoint declares its format: vLLM is not told, the simulator is
+                assert c.weights == p.weights and c.weights_from_checkpoint and "--quantization" not in c.to_argv()
+                assert c.to_argv(name_checkpoint_weights=True)[:2] == ["--quantization", p.weights]
 
 
 def test_deepseek_v3_is_fp8_only():

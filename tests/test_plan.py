@@ -309,9 +309,9 @@ def test_configs_between_baseline_and_target_change_one_factor_at_a_time():
     labels = {"+".join(sorted(k)): c.label for k, c in corners.items()}
     assert labels["kv_cache_dtype"] == "llama-3.1-8b/fp8-kv" and labels["weights"] == "llama-3.1-8b/fp8"
     assert labels["model"] == "deepseek-v2-lite/bf16" and labels["kv_cache_dtype+weights"] == "llama-3.1-8b/fp8+fp8-kv"
-    assert corners[frozenset({"model", "kv_cache_dtype"})].engine_args()["kv_cache_dtype"] == "fp8"
+    assert corners[frozenset({"model", "kv_cache_dtype"})].serve.kv_cache_dtype == "fp8"
     assert corners[frozenset({"weights"})].sim_config().capacity.quantization == "fp8"
-    assert target.sim_run_flags() == ["--max-model-len", "32768", "--kv-cache-dtype", "fp8", "--quantization", "fp8"]
+    assert target.sim_run_flags() == ["--quantization", "fp8", "--kv-cache-dtype", "fp8", "--max-model-len", "32768"]
 
 
 def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tmp_path, monkeypatch):

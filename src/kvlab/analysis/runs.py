@@ -45,7 +45,9 @@ class RunSet:
 
 
 def _engine_provenance(engine: str | None) -> str:
-    return "simulated" if engine == "sim" else "measured"
+    from kvlab.deploy.engines import served_source  # the engine class says
+
+    return served_source(engine)
 
 
 def _row(rdir: Path, spec_name: str, spec: dict) -> dict[str, Any]:

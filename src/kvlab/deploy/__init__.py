@@ -7,9 +7,9 @@ parse_log, parse_cache_config_info (facts), profile / model_profiles (profiles).
 from kvlab.deploy.engines import choose_engine
 from kvlab.deploy.facts import StartupFacts, parse_cache_config_info, parse_log
 from kvlab.deploy.launcher import ServeSpec, Server, ServerStartError
-from kvlab.deploy.profiles import QUANT_LEVELS, ServeProfile, model_profiles, profile
+from kvlab.deploy.profiles import ServeProfile, model_profiles, profile
 
 __all__ = [
-    "QUANT_LEVELS", "ServeProfile", "ServeSpec", "Server", "ServerStartError", "StartupFacts", "choose_engine",
+    "ServeProfile", "ServeSpec", "Server", "ServerStartError", "StartupFacts", "choose_engine",
     "model_profiles", "parse_cache_config_info", "parse_log", "profile",
 ]

@@ -42,10 +42,8 @@ def print_plan(srv) -> None:
     console.print(f"profile: {srv.served_model_name} --quant {srv.spec.quant} — {escape(p.description)}")
     if p.note:
         console.print(f"  note: {escape(p.note)}")
-    if srv.flags.quantization == "bitsandbytes" and srv.engine == "vllm":
-        from kvlab.deploy.host import bnb_route
-
-        console.print(f"  bitsandbytes: {escape(bnb_route(srv.install))}")
+    for note in srv.engine_impl.notes(srv.config):
+        console.print(f"  {escape(note)}")
     if srv.refusal is not None:
         console.print(f"[yellow]allocation-only:[/yellow] {escape(srv.refusal.reason)}; the server is started "
                       "only to record vLLM's own KV sizing, not to serve")
@@ -80,7 +78,7 @@ def print_comparison(srv) -> None:
     t = Table(title=f"{srv.served_model_name} --quant {srv.spec.quant}: KV cache, predicted beside reported")
     t.add_column("quantity")
     t.add_column("predicted (kvlab)", justify="right")
-    t.add_column("reported (sim)" if srv.engine == "sim" else "reported (vLLM)", justify="right")
+    t.add_column(srv.engine_impl.reported_column, justify="right")
     t.add_column("")
     for row in rows:
         mark = {True: "[green]same[/green]", False: "[red bold]DIFFERENT[/red bold]", None: "[dim]—[/dim]"}[row.match]
@@ -177,7 +175,6 @@ def profiles_cmd(
 ) -> None:
     """Serve profiles: quantization levels per model, their vLLM flags, and whether this machine's CPU build serves them."""
     from kvlab.deploy import engines, host
-    from kvlab.deploy.flags import parse_flags
     from kvlab.deploy.profiles import all_profiles, model_profiles
     from kvlab.models.cards import card
 
@@ -190,7 +187,7 @@ def profiles_cmd(
         rows = {}
         for q, p in mp.profiles.items():
             checkpoint = engines.twin_weights_differ(p.checkpoint, c)
-            r = engines.cpu_refusal(parse_flags(p.args), mla, checkpoint, cpu, install)
+            r = engines.cpu_refusal(p.serve_config(name), mla, checkpoint, cpu, install)
             rows[q] = {**p.model_dump(exclude={"name"}),
                        "cpu_build_here": "serves" if r is None else
                        ("allocation-only" if r.allocation_only_ok else "refused") + f": {r.reason}"}

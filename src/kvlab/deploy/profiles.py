@@ -16,9 +16,8 @@ from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation  # cards' wording for field errors
+from kvlab.serve_config import ServeConfig, parse_serve_config
 
-# The level names used everywhere (QUANT=); a profile file may add its own.
-QUANT_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")
 DEFAULT_MODEL = "_default"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9+._-]*$")
 
@@ -41,6 +40,11 @@ class ServeProfile(BaseModel):
             if a.split("=")[0] in ("--model", "--port", "--host", "--api-key"):
                 raise ValueError(f"{a.split('=')[0]} is set by kvlab serve, not by a profile")
         return args
+
+    def serve_config(self, model: str, extra_args: list[str] = ()) -> ServeConfig:
+        """This level for MODEL, with the user's extra vLLM flags on top: parsed once, typed."""
+        return parse_serve_config(model, [*self.args, *extra_args], level=self.name or None,
+                                  checkpoint=self.checkpoint, weights=self.weights)
 
 
 class ModelProfiles(BaseModel):

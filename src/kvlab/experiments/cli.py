@@ -142,18 +142,19 @@ def one_cmd(
 ) -> None:
     """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
     from kvlab.deploy import choose_engine
+    from kvlab.deploy.engines import engine_class
     from kvlab.experiments.spec import validate_spec
 
     chosen, _ = choose_engine(engine)  # for the defaults; the runner says which engine and why
     data = {
         "name": re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{quant}").strip("._-") or "one",
         "engine": engine or "auto", "models": [model], "quants": [quant],
-        "workloads": [workload or ("agent-smoke" if chosen == "vllm-cpu" else "agent")],
+        **engine_class(chosen).cell_defaults(),  # workloads; on the CPU build also its small KV budget and context
         "load": {"shape": "constant", "users": [users]},
         "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "gpu": gpu,
     }
-    if chosen == "vllm-cpu":
-        data.update(kv_memory_gib=1, max_model_len=4096, serve_args=["--block-size", "32"])
+    if workload:
+        data["workloads"] = [workload]
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
     _run_stopping_cleanly(spec, folder, None, engine, api_key)

@@ -282,7 +282,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
     claim_folder(spec, out)
     emit = on_event or (lambda kind, data: None)
     _stop_leftovers(out, emit)
-    chosen, reason = deploy.choose_engine(engine or (None if spec.engine == "auto" else spec.engine))
+    chosen, reason = deploy.choose_engine(engine or spec.engine)  # the spec's "auto": as if none was requested
     emit("engine", {"engine": chosen, "reason": reason})
     work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
     pending = [(c, k) for c, k in work if not is_complete(repeat_dir(out, c, k))]

@@ -1,14 +1,14 @@
 """The configs a plan compares: a model at a quantization level (a serve profile) on a GPU preset.
 
-A config resolves to the simulated engine exactly as `kvlab serve --engine sim` starts it: the
-profile's `vllm serve` flags (and its checkpoint's weight format) read by `kvlab sim serve`'s own
-parser, then `kvlab.sim.config.build_config`. It is described by three factors, the ones whose
-savings a plan separates: the model (which fixes the attention type), the KV-cache dtype and the
-weight format.
+A config holds the level's serve configuration (`kvlab.serve_config.ServeConfig`, as `kvlab serve
+--engine sim` takes it), checked against what the simulated vLLM accepts and resolved by
+`kvlab.sim.config.build_config`. It is described by three factors, the ones whose savings a plan
+separates: the model (which fixes the attention type), the KV-cache dtype and the weight format.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,26 +16,36 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import normalize_dtype
 from kvlab.models.cards import resolve_model
+from kvlab.serve_config import ServeConfig
 
 # The order in which `nearest_working` tries other quantization levels: the smallest change first.
 NEAREST_QUANTS = ("fp8-kv", "fp8", "fp8+fp8-kv", "awq", "gptq")
 TP_SIZES = (1, 2, 4, 8)
 _KV_ALIASES = {"fp8_e4m3": "fp8"}
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-# The memory model's weight formats as `vllm serve --quantization` names (kvlab sim run takes those).
-VLLM_QUANTIZATION = {"fp8-block": "fp8_per_block", "int8": "compressed-tensors"}
+# What the simulation does not depend on: the name, and whether a checkpoint or a flag gives the weights.
+_NOT_SIMULATED = {"level", "checkpoint", "weights_from_checkpoint"}
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    model: str  # card name
-    quant: str  # serve profile level; for a config made to attribute savings, "kv=..,weights=.."
+    serve: ServeConfig  # the model at a level (or "kv=..,weights=.." for a config made to attribute savings)
     gpu: str  # GPU preset
-    tp: int
-    engine: tuple[tuple[str, Any], ...]  # build_config keywords (vllm serve flags), sorted
     kv_cache_dtype: str  # bf16 (fp16, fp32) when the KV cache takes the model dtype, else fp8, ...
     weights: str  # bf16 (fp16, fp32) when unquantized, else the weight format: fp8, awq, ...
     attention: str  # MLA, GQA, MHA, MQA
+
+    @property
+    def model(self) -> str:  # card name
+        return self.serve.model
+
+    @property
+    def quant(self) -> str:
+        return self.serve.label
+
+    @property
+    def tp(self) -> int:
+        return self.serve.tensor_parallel_size
 
     @property
     def label(self) -> str:
@@ -46,26 +56,20 @@ class PlanConfig:
         """What savings are attributed to: the model (its attention), the KV dtype, the weights."""
         return {"model": self.model, "kv_cache_dtype": self.kv_cache_dtype, "weights": self.weights}
 
-    def engine_args(self) -> dict[str, Any]:
-        return dict(self.engine)
+    @property
+    def simulated(self) -> str:
+        """The serve configuration as the simulator sees it (one JSON string: a key for caches)."""
+        return json.dumps(self.serve.model_dump(mode="json", exclude=_NOT_SIMULATED), sort_keys=True)
 
     def sim_config(self):
         """The simulated engine's config (KvlabError with vLLM's message if vLLM would not start)."""
         from kvlab.sim.config import build_config
 
-        return build_config(self.model, self.gpu, **self.engine_args())
+        return build_config(self.serve, self.gpu)
 
     def sim_run_flags(self) -> list[str]:
         """The `kvlab sim run` flags that give this config."""
-        e = self.engine_args()
-        flags = ["--max-model-len", str(e["max_model_len"])]
-        if e.get("kv_cache_dtype", "auto") != "auto":
-            flags += ["--kv-cache-dtype", e["kv_cache_dtype"]]
-        if e.get("quantization"):
-            flags += ["--quantization", VLLM_QUANTIZATION.get(e["quantization"], e["quantization"])]
-        if self.tp > 1:
-            flags += ["-tp", str(self.tp)]
-        return flags
+        return self.serve.model_copy(update={"vllm_args": ()}).to_argv(name_checkpoint_weights=True)
 
 
 def _kv_factor(kv: str, model_dtype: str) -> str:
@@ -77,49 +81,48 @@ def _kv_factor(kv: str, model_dtype: str) -> str:
 
 
 def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int) -> PlanConfig:
-    """MODEL at serve profile QUANT, with the flags `kvlab serve --engine sim` would pass."""
+    """MODEL at serve profile QUANT, as `kvlab serve --engine sim` would serve it, at -tp and a context length."""
     from kvlab.deploy.profiles import profile
-    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.args import check_config
 
     resolved = resolve_model(model)
     if resolved.card is None:
         raise KvlabError(f"--models: {model!r} is not a built-in card (kvlab cards): the planner uses the cards' "
                          "serve profiles")
     preset = hardware.gpu(gpu)
-    prof = profile(resolved.card.name, quant)
-    argv = [resolved.card.name, "--gpu", preset.name, *prof.args, "-tp", str(tp), "--max-model-len", str(max_model_len)]
-    if prof.weights and not {"--quantization", "-q"} & set(prof.args):
-        argv += ["--quantization", prof.weights]  # a pre-quantized checkpoint: its weight format
+    name = resolved.card.name
+    serve = profile(name, quant).serve_config(name).model_copy(
+        update={"tensor_parallel_size": tp, "max_model_len": max_model_len})
     try:
-        engine = parse_serve_args(argv).engine
+        check_config(serve)
     except KvlabError as e:
-        raise KvlabError(f"{resolved.card.name}/{quant}: the simulator cannot serve this profile ({e})") from None
-    return _make(resolved.card.name, quant, preset.name, tp, engine)
+        raise KvlabError(f"{name}/{quant}: the simulator cannot serve this profile ({e})") from None
+    return _make(serve, preset.name)
 
 
-def _make(model: str, quant: str, gpu: str, tp: int, engine: dict[str, Any]) -> PlanConfig:
+def _make(serve: ServeConfig, gpu: str) -> PlanConfig:
     from kvlab.models.weights import weight_format
 
-    arch = resolve_model(model).arch
-    engine = {k: v for k, v in engine.items() if v is not None}
-    dtype = normalize_dtype(engine.get("dtype") or arch.dtype)
-    weights = weight_format(engine.get("quantization"), arch).name
+    arch = resolve_model(serve.model).arch
+    dtype = normalize_dtype(serve.dtype or arch.dtype)
+    weights = weight_format(serve.weights, arch).name
     weights = DTYPE_SHORT[dtype] if weights == "auto" else weights
-    kv = _kv_factor(engine.get("kv_cache_dtype", "auto"), dtype)
-    return PlanConfig(model, quant, gpu, tp, tuple(sorted(engine.items())), kv, weights, arch.attention)
+    kv = _kv_factor(serve.kv_cache_dtype, dtype)
+    return PlanConfig(serve, gpu, kv, weights, arch.attention)
 
 
 def with_factors(base: PlanConfig, model: str, kv_cache_dtype: str, weights: str, quant_names: dict) -> PlanConfig:
     """`base`'s GPU, -tp and context length with another model, KV dtype or weight format: the
     configs between a baseline and a config, one factor changed at a time. Named after the serve
     profile that has these flags where one does (`quant_names`: (model, kv, weights) -> level)."""
-    engine = base.engine_args()
     dtype = DTYPE_SHORT[normalize_dtype(resolve_model(model).arch.dtype)]
     unquantized = weights in DTYPE_SHORT.values()
-    engine["kv_cache_dtype"] = "auto" if kv_cache_dtype == dtype else _dtype_flag(kv_cache_dtype)
-    engine["quantization"] = None if unquantized else weights
     name = quant_names.get((model, kv_cache_dtype, weights)) or f"kv={kv_cache_dtype},weights={weights}"
-    return _make(model, name, base.gpu, base.tp, engine)
+    serve = base.serve.model_copy(update={
+        "model": model, "level": name, "checkpoint": None, "weights": None if unquantized else weights,
+        "weights_from_checkpoint": False, "quantization_method": None,
+        "kv_cache_dtype": "auto" if kv_cache_dtype == dtype else _dtype_flag(kv_cache_dtype)})
+    return _make(serve, base.gpu)
 
 
 def _dtype_flag(kv: str) -> str:
@@ -131,7 +134,7 @@ def nearest_working(cfg: PlanConfig, levels: list[str]) -> tuple[PlanConfig, str
     """The closest config the GPU can start (weights and one max-length request fit), changing
     one thing: another quantization level of the model, more tensor-parallel GPUs, or a GPU preset
     with more memory. None when nothing of that kind fits."""
-    mml = cfg.engine_args()["max_model_len"]
+    mml = cfg.serve.max_model_len
     tries: list[tuple[str, Any]] = [(f"--quant {q}", lambda q=q: resolve_config(cfg.model, q, cfg.gpu, cfg.tp, mml))
                                     for q in NEAREST_QUANTS if q in levels and q != cfg.quant]
     tries += [(f"-tp {tp}", lambda tp=tp: resolve_config(cfg.model, cfg.quant, cfg.gpu, tp, mml))

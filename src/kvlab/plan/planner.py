@@ -222,7 +222,7 @@ def _corners(base: PlanConfig, target: PlanConfig, quant_names: dict) -> dict[fr
 
 
 def _key(cfg: PlanConfig) -> tuple:
-    return (cfg.model, cfg.gpu, cfg.tp, cfg.engine)
+    return (cfg.model, cfg.gpu, cfg.tp, cfg.simulated)
 
 
 # -- searches --------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
     here = hardware.gpu(cfg.gpu)
     faster = sorted((g for g in hardware.PRESETS if g.bandwidth_tb_s > here.bandwidth_tb_s), key=lambda g: g.bandwidth_tb_s)
     alternatives = [(replace(cfg, gpu=g.name), f"--gpu {g.name}") for g in faster]
-    alternatives += [(resolve_config(cfg.model, cfg.quant, cfg.gpu, tp, cfg.engine_args()["max_model_len"]), f"-tp {tp}")
+    alternatives += [(resolve_config(cfg.model, cfg.quant, cfg.gpu, tp, cfg.serve.max_model_len), f"-tp {tp}")
                      for tp in TP_SIZES if tp > cfg.tp]
     for alt, change in alternatives:
         try:

@@ -168,7 +168,7 @@ def code_digest() -> str:
 
 
 def probe_key(cfg: PlanConfig, workload: Workload, seed: int, users: int, window: Window) -> str:
-    ident = {"code": code_digest(), "model": cfg.model, "gpu": cfg.gpu, "engine": cfg.engine,
+    ident = {"code": code_digest(), "model": cfg.model, "gpu": cfg.gpu, "serve": cfg.simulated,
              "workload": workload.model_dump(mode="json"), "seed": seed, "users": users,
              "sim_s": float(window.sim_s), "scrape_s": SCRAPE_INTERVAL_S}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -33,7 +33,9 @@ def figure(source: Source, *, unit: str | None = None, description: str | None =
 
 def served_source(engine: str | None) -> str:
     """What a `served` figure is for a run on `engine`: simulated on kvlab's simulator, else measured."""
-    return "simulated" if engine == "sim" else "measured"
+    from kvlab.deploy.engines import served_source as engine_source  # the engine class says
+
+    return engine_source(engine)
 
 
 class RecordError(KvlabError):

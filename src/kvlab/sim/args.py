@@ -9,10 +9,10 @@ flags whose effect the simulator does not model are accepted with a warning in t
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
+from kvlab.serve_config import ServeConfig, add_serve_flags, config_values
 from kvlab.sim.faults import Fault, help_text, parse_faults
 
 # vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
@@ -60,18 +60,6 @@ class _Parser(argparse.ArgumentParser):
         raise KvlabError(message)
 
 
-def human_readable_int(value: str) -> int:
-    """vLLM's human_readable_int: '32k' = 32,000, '32K' = 32,768, '25.6k' = 25,600."""
-    value = value.strip()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
-    if match:
-        number, suffix = match.groups()
-        if suffix.islower():
-            return int(float(number) * {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[suffix])
-        return int(number) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[suffix]
-    return int(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvlab sim serve", description=(
         "A simulated vLLM: serves vLLM's OpenAI API and /metrics for MODEL on a GPU preset, with KV "
@@ -84,22 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", nargs="+", default=None)
-    p.add_argument("--served-model-name", nargs="+", default=None)
-    p.add_argument("--max-model-len", type=human_readable_int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
-    p.add_argument("--kv-cache-dtype", choices=VLLM_KV_CACHE_DTYPES, default="auto")
-    p.add_argument("--quantization", "-q", default=None)
-    p.add_argument("--dtype", choices=VLLM_DTYPES, default="auto")
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--kv-cache-memory-bytes", type=human_readable_int, default=None)
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    add_serve_flags(p, kv_cache_dtypes=VLLM_KV_CACHE_DTYPES, dtypes=VLLM_DTYPES)  # the flags a ServeConfig types
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--attention-backend", default=None)
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enable-mfu-metrics", action="store_true")
@@ -130,7 +105,9 @@ class ServeArgs:
     host: str
     port: int
     api_keys: tuple[str, ...]
-    engine: dict  # build_config keywords
+    config: ServeConfig  # the typed vLLM flags (kvlab.serve_config), as `kvlab serve` derives them
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
     enable_prompt_tokens_details: bool
     enable_force_include_usage: bool
     enable_mfu_metrics: bool
@@ -148,6 +125,29 @@ def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) ->
     )
 
 
+def check_config(config: ServeConfig) -> None:
+    """What vLLM 0.32 (and so the simulator) refuses in a serve configuration, with vLLM's messages;
+    also a --quantization method the memory model does not size."""
+    util = config.gpu_memory_utilization
+    if util is not None and util > 1:
+        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "less than or equal to", 1, "less_than_equal")
+    if util is not None and util <= 0:
+        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "greater than", 0, "greater_than")
+    if config.max_num_seqs is not None and config.max_num_seqs < 1:
+        raise _pydantic_range("SchedulerConfig", "max_num_seqs", config.max_num_seqs, "greater than or equal to", 1,
+                              "greater_than_equal")
+    if config.max_num_batched_tokens is not None and config.max_num_batched_tokens < 1:
+        raise _pydantic_range("SchedulerConfig", "max_num_batched_tokens", config.max_num_batched_tokens,
+                              "greater than or equal to", 1, "greater_than_equal")
+    if config.kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
+        raise KvlabError(f"argument --kv-cache-dtype: invalid choice: {config.kv_cache_dtype!r} "
+                         f"(choose from {', '.join(VLLM_KV_CACHE_DTYPES)})")
+    method = config.quantization_flag(name_checkpoint_weights=True)
+    if method is not None and method not in VLLM_QUANTIZATIONS:
+        raise KvlabError(f"Unknown quantization method: {method}. Must be one of {list(VLLM_QUANTIZATIONS)}.")
+    config.capacity_kwargs()  # a method the memory model does not size
+
+
 def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs:
     """argv: vllm serve's flags (and kvlab's --gpu, --speedup, --fault); fault_env: $KVLAB_SIM_FAULT."""
     ns = build_parser().parse_args(argv)
@@ -158,30 +158,9 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         raise KvlabError(f"give MODEL once: positional {ns.model_tag!r} and --model {ns.model_flag!r} differ")
     if not ns.speedup > 0:
         raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
-    util = ns.gpu_memory_utilization
-    if util is not None and util > 1:
-        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "less than or equal to", 1, "less_than_equal")
-    if util is not None and util <= 0:
-        raise _pydantic_range("CacheConfig", "gpu_memory_utilization", util, "greater than", 0, "greater_than")
-    if ns.max_num_seqs is not None and ns.max_num_seqs < 1:
-        raise _pydantic_range("SchedulerConfig", "max_num_seqs", ns.max_num_seqs, "greater than or equal to", 1,
-                              "greater_than_equal")
-    if ns.max_num_batched_tokens is not None and ns.max_num_batched_tokens < 1:
-        raise _pydantic_range("SchedulerConfig", "max_num_batched_tokens", ns.max_num_batched_tokens,
-                              "greater than or equal to", 1, "greater_than_equal")
-    if ns.quantization is not None and ns.quantization not in VLLM_QUANTIZATIONS:
-        raise KvlabError(f"Unknown quantization method: {ns.quantization}. Must be one of {list(VLLM_QUANTIZATIONS)}.")
+    config = ServeConfig(model=model, **config_values(ns))
+    check_config(config)
     faults = parse_faults(ns.fault or [], fault_env)
-    dtype = {"auto": None, "float": "float32", "half": "float16"}.get(ns.dtype, ns.dtype)
-    engine = dict(
-        served_model_name=ns.served_model_name, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-        max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
-        kv_cache_dtype=ns.kv_cache_dtype, quantization=_memory_model_quantization(ns.quantization), dtype=dtype,
-        tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
-        gpu_memory_utilization=util, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
-        num_gpu_blocks_override=ns.num_gpu_blocks_override, attention_backend=ns.attention_backend,
-        enable_prefix_caching=ns.enable_prefix_caching, enable_chunked_prefill=ns.enable_chunked_prefill,
-    )
     defaults = vars(build_parser().parse_args(["--gpu", ns.gpu, model]))
     non_default = {k: v for k, v in vars(ns).items()
                    if v != defaults.get(k) and not k.startswith("_") and k != "api_key"}
@@ -191,26 +170,10 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
                           if k.startswith("_unsim_") and v not in (None, False))
     return ServeArgs(
         model=model, gpu=ns.gpu, speedup=ns.speedup, host=ns.host, port=ns.port,
-        api_keys=tuple(ns.api_key or ()), engine=engine,
+        api_keys=tuple(ns.api_key or ()), config=config, enable_prefix_caching=ns.enable_prefix_caching,
+        enable_chunked_prefill=ns.enable_chunked_prefill,
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
         non_default=non_default, not_simulated=not_simulated, faults=faults,
     )
-
-
-# vLLM --quantization values -> the memory model's weight formats (kvlab.models.weights).
-_QUANT_TO_MEMORY_MODEL = {
-    "fp8": "fp8", "fp8_per_tensor": "fp8", "fbgemm_fp8": "fp8", "fp8_per_channel": "fp8",
-    "fp8_per_block": "fp8-block", "awq": "awq", "awq_marlin": "awq", "auto_awq": "awq",
-    "gptq": "gptq", "gptq_marlin": "gptq", "auto_gptq": "gptq", "compressed-tensors": "int8",
-}
-
-
-def _memory_model_quantization(q: str | None) -> str | None:
-    if q is None:
-        return None
-    if q not in _QUANT_TO_MEMORY_MODEL:
-        raise KvlabError(f"--quantization {q} is a vLLM method kvlab's memory model does not size "
-                         f"(it sizes: {', '.join(sorted(_QUANT_TO_MEMORY_MODEL))})")
-    return _QUANT_TO_MEMORY_MODEL[q]

@@ -31,7 +31,8 @@ def serve_cmd(ctx: typer.Context) -> None:
     from kvlab.sim.server import serve
 
     args = parse_serve_args(list(ctx.args), os.environ.get(faults.FAULT_ENV))
-    cfg = build_config(args.model, args.gpu, **args.engine)
+    cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
+                       enable_chunked_prefill=args.enable_chunked_prefill)
     fail = next((f for f in args.faults if f.kind == "fail-start"), None)
     logs.startup_lines(cfg, args.non_default, args.not_simulated, faults=args.faults, stop_before_kv=fail is not None)
     if fail is not None:
@@ -83,22 +84,20 @@ def run_cmd(
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A
     --users ladder shows where preemptions start."""
     from kvlab.loadtest.workload import load_workload, resolve_profile
+    from kvlab.serve_config import ServeConfig, quantization_fields
     from kvlab.sim.config import build_config
     from kvlab.sim.offline import run_offline
     from kvlab.sim.sessions import predicted_max_users
 
     ladder = _users(users)
     wl = load_workload(workload)
-    if quantization is not None:
-        from kvlab.sim.args import _memory_model_quantization
-
-        quantization = _memory_model_quantization(quantization)
-    cfg = build_config(model, gpu, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
-                       quantization=quantization, dtype=dtype, block_size=block_size,
-                       gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                       num_gpu_blocks_override=num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching,
-                       tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    serve = ServeConfig(model=model, **quantization_fields(quantization), max_model_len=max_model_len,
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        kv_cache_dtype=kv_cache_dtype, dtype=None if dtype in (None, "auto") else dtype,
+                        block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpu_blocks_override=num_gpu_blocks_override,
+                        tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []

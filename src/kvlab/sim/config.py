@@ -1,4 +1,5 @@
-"""The simulated engine's configuration: vLLM's serve flags resolved against the memory model.
+"""The simulated engine's configuration: a serve configuration (`kvlab.serve_config.ServeConfig`)
+resolved against the memory model on a GPU preset.
 
 KV blocks, block size, page sizes and the memory budget come from `kvlab.models.memory.capacity`
 (the same call and defaults as `kvlab capacity`, so both report the same `num_blocks`); the step
@@ -16,6 +17,7 @@ from kvlab.models import memory
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model
 from kvlab.models.weights import weight_format
+from kvlab.serve_config import ServeConfig
 from kvlab.sim.timing import CostModel, cost_model
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
@@ -43,6 +45,7 @@ class SimConfig:
     num_gpu_blocks_override: int | None
     user_specified_block_size: bool
     dtype: str
+    serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -79,35 +82,21 @@ class SimConfig:
         }
 
 
-def build_config(
-    model: str,
-    gpu: str,
-    *,
-    served_model_name: list[str] | None = None,
-    max_model_len: int | None = None,
-    max_num_seqs: int | None = None,
-    max_num_batched_tokens: int | None = None,
-    block_size: int | None = None,
-    kv_cache_dtype: str = "auto",
-    quantization: str | None = None,
-    dtype: str | None = None,
-    tensor_parallel_size: int = 1,
-    pipeline_parallel_size: int = 1,
-    gpu_memory_utilization: float | None = None,
-    kv_cache_memory_bytes: int | None = None,
-    num_gpu_blocks_override: int | None = None,
-    attention_backend: str | None = None,
-    enable_prefix_caching: bool = True,
-    enable_chunked_prefill: bool = True,
-) -> SimConfig:
-    """Resolve MODEL and vLLM's flags on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
-    would refuse to start)."""
+def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, **flags) -> SimConfig:
+    """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
+    would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
+    (`quantization`: a weight format of `kvlab.models.weights`)."""
+    if isinstance(config, str):
+        config = flags_config(config, **flags)
+    elif flags:
+        raise TypeError(f"build_config: keywords {sorted(flags)} given with a ServeConfig")
     preset = hardware.gpu(gpu)
-    resolved: ResolvedModel = resolve_model(model)
+    resolved: ResolvedModel = resolve_model(config.model)
     arch = resolved.arch
-    if dtype in (None, "auto"):
-        dtype = None
-    util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+    util = config.gpu_memory_utilization
+    util = DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util
+    max_model_len = config.max_model_len
     if max_model_len is None and resolved.card is not None:
         max_model_len = resolved.card.context_length  # as `kvlab capacity` does
     limit = arch.max_position_embeddings
@@ -118,42 +107,48 @@ def build_config(
             "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
             "must be used with extreme caution."
         )
-    max_num_seqs = max_num_seqs or preset.default_max_num_seqs
-    max_num_batched_tokens = max_num_batched_tokens or preset.default_max_num_batched_tokens
-    cap = memory.capacity(
-        arch, model_name=resolved.name, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-        dtype=dtype, max_model_len=max_model_len, block_size=block_size, attention_backend=attention_backend,
-        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-        kv_budget_bytes=kv_cache_memory_bytes, gpu=preset.name, gpu_memory_utilization=util,
-        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-        num_gpu_blocks_override=num_gpu_blocks_override,
-    )
+    max_num_seqs = config.max_num_seqs or preset.default_max_num_seqs
+    max_num_batched_tokens = config.max_num_batched_tokens or preset.default_max_num_batched_tokens
+    cap = memory.capacity(arch, model_name=resolved.name, **{
+        **config.capacity_kwargs(), "max_model_len": max_model_len, "gpu": preset.name,
+        "gpu_memory_utilization": util, "max_num_batched_tokens": max_num_batched_tokens,
+        "max_num_seqs": max_num_seqs})
     if cap.num_kv_cache_groups != 1 or arch.num_sliding_layers:
         raise KvlabError(f"{resolved.name} has sliding-window attention layers: kvlab's simulator models "
                          "full attention and MLA only")
     _check_memory(cap, preset)
     _check_scheduler(cap.max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-    dtype_name = normalize_dtype(dtype or arch.dtype)
-    fmt = weight_format(quantization, arch)
+    dtype_name = normalize_dtype(config.dtype or arch.dtype)
+    fmt = weight_format(config.weights, arch)
     return SimConfig(
-        model=model,
-        served_model_names=tuple(served_model_name or [model]),
+        model=config.model,
+        served_model_names=config.served_model_names or (config.model,),
         arch=arch,
         gpu=preset,
         capacity=cap,
-        cost=cost_model(arch, fmt, dtype_name, kv_cache_dtype, preset, tensor_parallel_size),
+        cost=cost_model(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size),
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
         enable_chunked_prefill=enable_chunked_prefill,
-        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_dtype=config.kv_cache_dtype,
         gpu_memory_utilization=util,
-        kv_cache_memory_bytes=kv_cache_memory_bytes,
-        num_gpu_blocks_override=num_gpu_blocks_override,
-        user_specified_block_size=block_size is not None,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        num_gpu_blocks_override=config.num_gpu_blocks_override,
+        user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
+        serve=config,
     )
+
+
+def flags_config(model: str, *, quantization: str | None = None, served_model_name: list[str] | None = None,
+                 dtype: str | None = None, **fields) -> ServeConfig:
+    """A ServeConfig from build_config's keywords (`quantization`: a kvlab weight format or alias)."""
+    fmt = weight_format(quantization).name
+    return ServeConfig(model=model, weights=None if fmt == "auto" else fmt,
+                       served_model_names=tuple(served_model_name or ()),
+                       dtype=None if dtype in (None, "auto") else dtype, **fields)
 
 
 def _gib(n: float) -> str:

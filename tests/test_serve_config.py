@@ -1,0 +1,181 @@
+"""One serve configuration from a profile level to every stage, and engines as classes.
+
+A level is parsed once (kvlab.serve_config.ServeConfig); the launcher's argv, the memory model's
+prediction, the simulator's config and the planner's config all take that one object, and the
+level's name is the one name records show."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvlab.deploy import engines
+from kvlab.deploy.launcher import ServeSpec, Server
+from kvlab.deploy.profiles import all_profiles, profile
+from kvlab.errors import KvlabError
+from kvlab.models import memory
+from kvlab.models.cards import card
+from kvlab.plan.configs import resolve_config
+from kvlab.serve_config import ServeConfig, parse_serve_config
+from kvlab.sim.args import parse_serve_args
+from kvlab.sim.config import build_config
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "kvlab"
+ALL = [(m, q) for m, mp in all_profiles().items() if m != "_default" for q in mp.profiles]
+# What the simulator's own parse of the sim engine's argv cannot know: the level's name and checkpoint.
+_PROFILE_ONLY = {"level", "checkpoint", "weights_from_checkpoint"}
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.delenv("ENGINE", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+
+
+def test_fp8_fp8_kv_from_the_profile_to_every_stage(no_gpu):
+    level = "fp8+fp8-kv"
+    config = profile("llama-3.1-8b", level).serve_config("llama-3.1-8b")
+    assert (config.level, config.label, config.weights, config.kv_cache_dtype) == (level, level, "fp8", "fp8")
+    assert config.to_argv() == ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]  # vLLM's values, in argv only
+
+    # The launcher: the same config, rendered into vLLM's command line.
+    srv = Server(ServeSpec("llama-3.1-8b", quant=level, engine="vllm", port=8000, kv_memory_gib=20))
+    assert srv.config == config.model_copy(update={"kv_cache_memory_bytes": 20 << 30,
+                                                   "served_model_names": ("llama-3.1-8b",)})
+    assert srv.argv[-6:] == ["--quantization", "fp8", "--kv-cache-dtype", "fp8",
+                             "--kv-cache-memory-bytes", str(20 << 30)]
+    # The memory model: the prediction is capacity() of that config, weights and KV dtype as typed.
+    direct = memory.capacity(card("llama-3.1-8b").arch, model_name="llama-3.1-8b", **{
+        **srv.config.capacity_kwargs(), "gpu_memory_utilization": memory.DEFAULT_GPU_MEMORY_UTILIZATION})
+    assert (srv.prediction.quantization, srv.prediction.kv_cache_dtype) == ("fp8", "fp8")
+    assert srv.prediction.num_blocks == direct.num_blocks and srv.prediction.kv_bytes_per_token == 65_536
+    # The record: one name for the level, the typed config beside it.
+    rec = srv.record()
+    assert rec["quant"] == level and rec["serve_config"]["level"] == level
+    assert (rec["serve_config"]["weights"], rec["serve_config"]["kv_cache_dtype"]) == ("fp8", "fp8")
+
+    # The simulator: the sim engine's argv, parsed by `kvlab sim serve`, gives the same typed config.
+    sim = Server(ServeSpec("llama-3.1-8b", quant=level, engine="sim", gpu="h100", port=8150))
+    args = parse_serve_args(sim.argv[5:])
+    assert args.config.model_dump(exclude=_PROFILE_ONLY) == sim.config.model_dump(exclude=_PROFILE_ONLY)
+    sim_cfg = build_config(sim.config, "h100")
+    assert sim_cfg.serve is sim.config and sim_cfg.kv_cache_dtype == "fp8"
+    assert sim_cfg.capacity.quantization == "fp8" and sim_cfg.num_blocks == sim.prediction.num_blocks
+
+    # The planner: the same level, held as a ServeConfig, no argv in between.
+    plan = resolve_config("llama-3.1-8b", level, "h100", 1, 32768)
+    assert plan.serve == config.model_copy(update={"max_model_len": 32768})
+    assert (plan.quant, plan.label, plan.factors["weights"], plan.factors["kv_cache_dtype"]) == (
+        level, f"llama-3.1-8b/{level}", "fp8", "fp8")
+    assert plan.sim_config().capacity.kv_bytes_per_token == 65_536
+
+
+def test_later_flags_win_and_untyped_flags_stay_verbatim():
+    c = parse_serve_config("m", ["--quantization", "fp8", "-tp", "2", "--max-model-len=32k", "--enforce-eager",
+                                 "--max-num-seqs", "8", "--quantization", "awq_marlin", "--seed", "3"], level="x")
+    assert (c.weights, c.quantization_method, c.tensor_parallel_size, c.max_model_len) == ("awq", "awq_marlin", 2, 32_000)
+    assert c.vllm_args == ("--enforce-eager", "--seed", "3") and c.has_vllm_flag("--enforce-eager")
+    assert c.to_argv() == ["--quantization", "awq_marlin", "--tensor-parallel-size", "2", "--max-model-len", "32000",
+                           "--max-num-seqs", "8", "--enforce-eager", "--seed", "3"]
+    assert c.with_flags(["--max-model-len", "4096"]).max_model_len == 4096
+    # A checkpoint's own format: vLLM is not told it, kvlab's simulator is; a flag replaces it.
+    awq = parse_serve_config("m", [], checkpoint="org/m-AWQ", weights="awq")
+    assert awq.to_argv() == [] and awq.to_argv(name_checkpoint_weights=True) == ["--quantization", "awq"]
+    assert awq.with_flags(["--quantization", "gptq"]).to_argv() == ["--quantization", "gptq"]
+    assert parse_serve_config("m", ["--dtype", "half"]).dtype == "float16"
+
+
+def test_a_method_kvlab_does_not_size_is_served_but_not_predicted(no_gpu):
+    c = parse_serve_config("m", ["--quantization", "modelopt"])
+    assert c.to_argv() == ["--quantization", "modelopt"] and c.weights is None
+    with pytest.raises(KvlabError, match="modelopt is a vLLM method kvlab's memory model does not size"):
+        c.capacity_kwargs()
+    srv = Server(ServeSpec("llama-3.1-8b", engine="vllm", port=8000, gpu="h100", extra_args=["-q", "modelopt"]))
+    assert srv.prediction is None and "does not size" in srv.prediction_note
+    assert srv.argv[-2:] == ["--quantization", "modelopt"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--block-size", "abc"], "argument --block-size: invalid int value: 'abc'"),
+    (["--max-model-len", "lots"], "argument --max-model-len: invalid human_readable_int value"),
+    (["--dtype", "int3"], "--dtype int3: use one of"),
+])
+def test_bad_flag_values_are_one_line_errors(bad, message):
+    with pytest.raises(KvlabError, match=re.escape(message)):
+        parse_serve_config("m", bad)
+
+
+@pytest.mark.parametrize("model, quant", ALL)
+def test_the_simulator_derives_the_launchers_config_for_every_profile(model, quant, no_gpu):
+    """`kvlab serve --engine sim` renders the config; `kvlab sim serve` parses it back: equal."""
+    srv = Server(ServeSpec(model, quant=quant, engine="sim", gpu="h100", port=8150, max_model_len=4096))
+    if quant == "bnb4":  # vLLM 0.32 has no in-tree bitsandbytes, and the simulator says so as vLLM would
+        with pytest.raises(KvlabError, match="Unknown quantization method: bitsandbytes"):
+            parse_serve_args(srv.argv[5:])
+        return
+    args = parse_serve_args(srv.argv[5:])
+    assert args.config.model_dump(exclude=_PROFILE_ONLY) == srv.config.model_dump(exclude=_PROFILE_ONLY)
+    assert args.config.served_model_name == model
+
+
+def test_every_engine_is_a_class_behind_one_protocol(no_gpu):
+    assert engines.ENGINES == ("vllm", "vllm-cpu", "sim")
+    for name in engines.ENGINES:
+        cls = engines.engine_class(name)
+        assert issubclass(cls, engines.Engine) and cls.name == name
+    assert [engines.served_source(e) for e in ("vllm", "vllm-cpu", "sim", None)] == [
+        "measured", "measured", "simulated", "measured"]
+    assert engines.engine_class("vllm-cpu").cell_defaults() == {
+        "workloads": ["agent-smoke"], "kv_memory_gib": 1, "max_model_len": 4096, "serve_args": ["--block-size", "32"]}
+    assert engines.engine_class("vllm").cell_defaults() == {"workloads": ["agent"]}
+    assert engines.choose_engine("auto")[0] == "vllm-cpu"  # a spec's "auto": as if none was requested
+    srv = Server(ServeSpec("llama-3.1-8b", engine="sim", gpu="h100", port=8150))
+    assert isinstance(srv.engine_impl, engines.SimEngine) and srv.engine == "sim"
+    assert srv.argv == [sys.executable, "-m", "kvlab", "sim", "serve", "llama-3.1-8b", "--gpu", "h100", "--port",
+                        "8150", "--host", "127.0.0.1", "--served-model-name", "llama-3.1-8b"]
+
+
+def test_the_simulator_is_checked_by_name_like_every_engine(monkeypatch, no_gpu):
+    """No special case: the sim engine passes --served-model-name, and /v1/models must name it."""
+    srv = Server(ServeSpec("llama-3.1-8b", engine="sim", gpu="h100", port=8150))
+    seen = []
+
+    class Answer:
+        def __init__(self, url):
+            self.status_code = 200
+            self.url = url
+
+        def json(self):
+            return {"data": [{"id": "another-model"}]}
+
+    monkeypatch.setattr(engines.base.httpx, "get", lambda url, **kw: seen.append(url) or Answer(url))
+    assert srv._health_ok() is False and seen[-1].endswith("/v1/models")
+
+
+def test_no_engine_branches_outside_the_engine_classes():
+    """Only deploy/engines/ knows engines by name (records keep the name as a plain string)."""
+    # `engine ==`, `spec.engine != ...`, `engine in (...)`, `chosen == "vllm-cpu"` (not a package's name)
+    pattern = re.compile(r"(engine|chosen)\w*\s*(==|!=)|engine\w*\s+(not\s+)?in\s*[(\[{]")
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("deploy/engines"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{rel}:{i}: {line.strip()}")
+    assert found == []
+
+
+def test_the_serve_config_is_low_in_the_import_graph():
+    text = (SRC / "serve_config.py").read_text()
+    imports = set(re.findall(r"^(?:from|import) (kvlab[\w.]*)", text, re.M))
+    assert imports == {"kvlab.errors"}
+
+
+def test_a_config_is_frozen_and_round_trips_as_json():
+    c = parse_serve_config("llama-3.1-8b", ["--kv-cache-dtype", "fp8", "--foo"], level="fp8-kv")
+    with pytest.raises(Exception):
+        c.kv_cache_dtype = "auto"
+    assert ServeConfig.model_validate(c.model_dump(mode="json")) == c
