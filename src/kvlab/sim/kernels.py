@@ -24,7 +24,8 @@ counts steps per provenance. Models, GPUs and formats without tables get no Kern
 `kernel_support` names the reason and `kvlab.sim.timing.step_timing` falls back to the roofline.
 
 Calls cost 4-40 us inside the grid and up to several ms outside it, so every term is memoised:
-non-attention on the step's token count, generation attention on (rows, context bucket) with
+non-attention on the step's token count (asked at the tables' measured token counts only and
+interpolated linearly between them, as the estimator itself does), generation attention on (rows, context bucket) with
 linear interpolation between bucket edges 1/64 of an octave apart, context attention on
 (chunks, new, cached). The memo tables are cleared when they reach MEMO_LIMIT entries each.
 """
@@ -120,7 +121,8 @@ class Grid:
 class Tables:
     """The grids of one model's ops in one system's tables."""
 
-    tokens: Grid  # GEMM m (and MoE tokens)
+    tokens: Grid  # token counts measured in every GEMM (and MoE) table of the model
+    knots: tuple[int, ...]  # token counts measured in any of them: where the estimator's interpolation bends
     decode_batch: Grid
     decode_max_context: dict  # batch on the grid -> longest measured context
     decode_context: Grid
@@ -228,12 +230,14 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
     g = _table(system, "gemm", "gemm_perf.parquet")
     g = g[g.gemm_dtype == gemm]
     tokens = set(int(x) for x in g.m.unique())
+    knots = set(tokens)
     if moe_shape is not None:  # a MoE model's token grid: where both GEMM and MoE tables have rows
         m = _table(system, "moe", "moe_perf.parquet")
         hidden, inter, topk, experts, moe_tp = moe_shape
         m = m[(m.moe_dtype == gemm) & (m.hidden_size == hidden) & (m.inter_size == inter) & (m.topk == topk)
               & (m.num_experts == experts) & (m.moe_tp_size == moe_tp) & (m.moe_ep_size == 1)]
         tokens &= set(int(x) for x in m.num_tokens.unique())
+        knots |= set(int(x) for x in m.num_tokens.unique())
     pairs = set(zip(g.n, g.k))
     off = [s for s in gemm_shapes if s not in pairs]
     if off:
@@ -255,7 +259,7 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
     # a row is step + 2 (checked against the rows of H100's table).
     max_ctx = (gs.groupby("batch_size").step.max() + 2).to_dict()
     return Tables(
-        tokens=Grid(tuple(sorted(tokens))),
+        tokens=Grid(tuple(sorted(tokens))), knots=tuple(sorted(knots)),
         decode_batch=Grid(tuple(sorted(int(x) for x in gs.batch_size.unique()))),
         decode_max_context={int(b): int(s) for b, s in max_ctx.items()},
         decode_context=Grid(tuple(sorted(int(x) + 2 for x in gs.step.unique()))),
@@ -353,30 +357,68 @@ class KernelTiming:
         self._memo_ctx_other: dict[int, tuple[float, int]] = {}
         self._memo_gen_other: dict[int, tuple[float, int]] = {}
         self._memo_gen_attn: dict[tuple[int, int], float] = {}
+        self._memo_decode: dict[tuple[int, int], tuple | bool] = {}
+        self._memo_knots: dict[int, float] = {}
         self._memo_ctx_attn: dict[tuple[int, int, int], tuple[float, int]] = {}
         self.calls = 0  # estimator calls (memo misses)
-        self.lookups = 0  # memoised terms asked for
+        self.lookups = 0  # steps priced
+        self.misses = 0  # steps that needed at least one estimator call
 
     # -- what the simulator calls
 
     def step_time_s(self, w) -> float:
         decodes, chunks = _decodes_and_chunks(w)
+        if not chunks:
+            return self.decode_step_s(decodes, w.decode_pairs)
+        self.lookups += 1
+        calls = self.calls
         try:
             ms, label = self._step_ms(w.tokens, decodes, w.decode_pairs, chunks)
         except ValueError:  # the estimator has no answer for a coordinate: price this step by roofline
             self._counts[ROOFLINE] += 1
             return self.roofline.step_time_s(w)
+        if self.calls != calls:
+            self.misses += 1
         self._counts[label] += 1
         return ms / 1000 + self.host_step_s + self.host_per_seq_s * w.requests
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
-        try:
-            ms, label = self._decode_ms(num_seqs, kv_tokens)
-        except ValueError:
+        """A step of `num_seqs` decodes over `kv_tokens` of context (the engine's hot path: one
+        memo lookup per (rows, context bucket), linear inside the bucket)."""
+        self.lookups += 1
+        s = kv_tokens / num_seqs
+        si = int(s)
+        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        hit = self._memo_decode.get((num_seqs, lo))
+        if hit is None:
+            self.misses += 1
+            hit = self._decode_bucket(num_seqs, lo)
+        if hit is False:  # the estimator has no answer here
             self._counts[ROOFLINE] += 1
             return self.roofline.decode_step_s(num_seqs, kv_tokens)
-        self._counts[label] += 1
-        return ms / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
+        base_ms, slope, label_at_lo, label_inside = hit
+        if s == lo:
+            self._counts[label_at_lo] += 1
+            return base_ms / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
+        self._counts[label_inside] += 1
+        return (base_ms + slope * (s - lo)) / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
+
+    def _decode_bucket(self, batch: int, lo: int):
+        """(GPU ms at context `lo`, ms per token of context up to the bucket's top, the labels at
+        `lo` and inside the bucket), or False where the estimator has no answer."""
+        width = 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+        try:
+            other, label = self._gen_other_ms(batch)
+            a, b = self._gen_attn_at(batch, lo), self._gen_attn_at(batch, lo + width)
+        except ValueError:
+            hit = False
+        else:
+            static = max(label, self.tables.static)
+            hit = (other + a, (b - a) / width, max(static, self._decode_label(batch, lo)),
+                   max(static, self._decode_label(batch, lo + 0.5), self._decode_label(batch, lo + width)))
+        self._memo_decode[(batch, lo)] = hit
+        self._bound(self._memo_decode)
+        return hit
 
     @property
     def provenance_counts(self) -> dict[str, int]:
@@ -389,7 +431,7 @@ class KernelTiming:
     @property
     def memo_entries(self) -> int:
         return (len(self._memo_ctx_other) + len(self._memo_gen_other) + len(self._memo_gen_attn)
-                + len(self._memo_ctx_attn))
+                + len(self._memo_ctx_attn) + len(self._memo_decode) + len(self._memo_knots))
 
     # MFU metrics (vllm:estimated_*) count the model's FLOPs and bytes: the roofline's counts.
     def compute_s(self, w) -> float:
@@ -467,10 +509,17 @@ class KernelTiming:
         return ms, max(label, self.tables.static)
 
     def _decode_ms(self, num_seqs: int, kv_tokens: int) -> tuple[float, int]:
-        other, label = self._gen_other_ms(num_seqs)
+        """decode_step_s's GPU milliseconds and label (ValueError where the estimator has none)."""
         s = kv_tokens / num_seqs
-        ms = other + self._gen_attn_ms(num_seqs, s)
-        return ms, max(label, self._decode_label(num_seqs, s), self.tables.static)
+        si = int(s)
+        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        hit = self._memo_decode.get((num_seqs, lo))
+        if hit is None:
+            hit = self._decode_bucket(num_seqs, lo)
+        if hit is False:
+            raise ValueError(f"no estimate for {num_seqs} decodes at context {s:.0f}")
+        base_ms, slope, label_at_lo, label_inside = hit
+        return (base_ms, label_at_lo) if s == lo else (base_ms + slope * (s - lo), label_inside)
 
     def _decode_label(self, batch: int, s: float) -> int:
         t = self.tables
@@ -483,16 +532,32 @@ class KernelTiming:
         return label
 
     def _ctx_other_ms(self, tokens: int) -> tuple[float, int]:
-        self.lookups += 1
+        """The non-attention ops at `tokens` tokens. The estimator interpolates its GEMM (and MoE)
+        rows linearly between measured token counts, so kvlab asks it only at those counts and
+        interpolates the same way (within 0.15 % of asking it at every count)."""
         hit = self._memo_ctx_other.get(tokens)
         if hit is None:
-            ms = self._sum(self._eng.evaluate_context_ops(self._ctx_other, 1, tokens, 0, 1.0, None))
+            knots = self.tables.knots
+            i = bisect.bisect_left(knots, tokens)
+            if i == 0 or i == len(knots) or knots[i] == tokens:
+                ms = self._ctx_other_at(tokens)
+            else:
+                lo, hi = knots[i - 1], knots[i]
+                a = self._ctx_other_at(lo)
+                ms = a + (self._ctx_other_at(hi) - a) * (tokens - lo) / (hi - lo)
             hit = self._memo_ctx_other[tokens] = (ms, self.tables.tokens.label(tokens))
             self._bound(self._memo_ctx_other)
         return hit
 
+    def _ctx_other_at(self, tokens: int) -> float:
+        ms = self._memo_knots.get(tokens)
+        if ms is None:
+            ms = self._memo_knots[tokens] = self._sum(
+                self._eng.evaluate_context_ops(self._ctx_other, 1, tokens, 0, 1.0, None))
+            self._bound(self._memo_knots)
+        return ms
+
     def _gen_other_ms(self, batch: int) -> tuple[float, int]:
-        self.lookups += 1
         hit = self._memo_gen_other.get(batch)
         if hit is None:
             ms = self._sum(self._eng.evaluate_generation_ops(self._gen_other, batch, 2, 1.0, 0, None))
@@ -516,7 +581,6 @@ class KernelTiming:
         return a + (b - a) * (s - lo) / width
 
     def _gen_attn_at(self, batch: int, s: int) -> float:
-        self.lookups += 1
         key = (batch, s)
         hit = self._memo_gen_attn.get(key)
         if hit is None:
@@ -527,7 +591,6 @@ class KernelTiming:
 
     def _ctx_attn_ms(self, chunks: int, new: int, cached: int) -> tuple[float, int]:
         """Context attention of `chunks` chunks of `new` tokens each over `cached` tokens of context."""
-        self.lookups += 1
         key = (chunks, new, cached)
         hit = self._memo_ctx_attn.get(key)
         if hit is None:
