@@ -189,3 +189,9 @@ def test_simulated_run_counts_every_step():
                       config=dataclasses.replace(cfg, cost=kt))
     assert sum(kt.provenance_counts.values()) == res.engine.num_steps > 0
     assert res.results  # the run completed on kernel-table step times
+
+
+def test_gpu_tables():
+    assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0"
+    assert kernels.gpu_tables("a100-80gb") == "a100_sxm, vLLM 0.14.0"
+    assert kernels.gpu_tables("l4") is None and kernels.gpu_tables("mi300x") is None

@@ -98,6 +98,15 @@ def table_version(system: str) -> str | None:
     return max(versions, key=Version) if versions else None
 
 
+def gpu_tables(gpu: str) -> str | None:
+    """Which measured tables a kvlab GPU preset has, e.g. "h100_sxm, vLLM 0.24.0" (for `kvlab
+    gpus`), or None."""
+    system = SYSTEMS.get(gpu)
+    if system is None or not available() or table_version(system) is None:
+        return None
+    return f"{system}, vLLM {table_version(system)}"
+
+
 def _table(system: str, op: str, name: str):
     import pandas as pd
     path = data_root() / system / op / BACKEND / table_version(system) / name
@@ -396,7 +405,7 @@ class KernelTiming:
         if hit is False:  # the estimator has no answer here
             self._counts[ROOFLINE] += 1
             return self.roofline.decode_step_s(num_seqs, kv_tokens)
-        base_ms, slope, label_at_lo, label_inside = hit
+        base_ms, slope, label_at_lo, label_inside, _, _, _ = hit
         if s == lo:
             self._counts[label_at_lo] += 1
             return base_ms / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
@@ -404,8 +413,9 @@ class KernelTiming:
         return (base_ms + slope * (s - lo)) / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
 
     def _decode_bucket(self, batch: int, lo: int):
-        """(GPU ms at context `lo`, ms per token of context up to the bucket's top, the labels at
-        `lo` and inside the bucket), or False where the estimator has no answer."""
+        """(a pure decode step's GPU ms at context `lo`, ms per token of context up to the bucket's
+        top, the step's labels at `lo` and inside the bucket, the non-attention ms, the attention's
+        labels at `lo` and inside), or False where the estimator has no answer."""
         width = 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
         try:
             other, label = self._gen_other_ms(batch)
@@ -414,8 +424,9 @@ class KernelTiming:
             hit = False
         else:
             static = max(label, self.tables.static)
-            hit = (other + a, (b - a) / width, max(static, self._decode_label(batch, lo)),
-                   max(static, self._decode_label(batch, lo + 0.5), self._decode_label(batch, lo + width)))
+            at_lo = self._decode_label(batch, lo)
+            inside = max(self._decode_label(batch, lo + 0.5), self._decode_label(batch, lo + width))
+            hit = (other + a, (b - a) / width, max(static, at_lo), max(static, inside), other, at_lo, inside)
         self._memo_decode[(batch, lo)] = hit
         self._bound(self._memo_decode)
         return hit
@@ -459,10 +470,10 @@ class KernelTiming:
         decodes, chunks = _decodes_and_chunks(w)
         if not chunks:
             return {"non_attention": self._gen_other_ms(decodes)[0], "context_attention": 0.0,
-                    "generation_attention": self._gen_attn_ms(decodes, w.decode_pairs / decodes)}
+                    "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1]}
         return {"non_attention": self._ctx_other_ms(w.tokens)[0],
                 "context_attention": sum(self._ctx_attn_ms(k, n, c)[0] for (n, c), k in Counter(chunks).items()),
-                "generation_attention": self._gen_attn_ms(decodes, w.decode_pairs / decodes) if decodes else 0.0}
+                "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1] if decodes else 0.0}
 
     def gpu_ms(self, w) -> float:
         """One step's GPU time in milliseconds (memoised terms; no host time)."""
@@ -503,13 +514,19 @@ class KernelTiming:
             ms += a
             label = max(label, lab)
         if decodes:
-            s = decode_kv / decodes
-            ms += self._gen_attn_ms(decodes, s)
-            label = max(label, self._decode_label(decodes, s))
+            attn_ms, attn_label = self._decode_terms(decodes, decode_kv)[1:]
+            ms += attn_ms
+            label = max(label, attn_label)
         return ms, max(label, self.tables.static)
 
     def _decode_ms(self, num_seqs: int, kv_tokens: int) -> tuple[float, int]:
         """decode_step_s's GPU milliseconds and label (ValueError where the estimator has none)."""
+        ms, _, label = self._decode_terms(num_seqs, kv_tokens, whole_step=True)
+        return ms, label
+
+    def _decode_terms(self, num_seqs: int, kv_tokens: int, whole_step: bool = False) -> tuple[float, float, int]:
+        """(a pure decode step's GPU ms, its generation attention's ms, the label of the step, or
+        of the attention alone unless `whole_step`) from the (rows, context bucket) memo."""
         s = kv_tokens / num_seqs
         si = int(s)
         lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
@@ -518,8 +535,11 @@ class KernelTiming:
             hit = self._decode_bucket(num_seqs, lo)
         if hit is False:
             raise ValueError(f"no estimate for {num_seqs} decodes at context {s:.0f}")
-        base_ms, slope, label_at_lo, label_inside = hit
-        return (base_ms, label_at_lo) if s == lo else (base_ms + slope * (s - lo), label_inside)
+        base_ms, slope, label_at_lo, label_inside, other_ms, attn_label_at_lo, attn_label_inside = hit
+        ms = base_ms if s == lo else base_ms + slope * (s - lo)
+        if whole_step:
+            return ms, ms - other_ms, label_at_lo if s == lo else label_inside
+        return ms, ms - other_ms, attn_label_at_lo if s == lo else attn_label_inside
 
     def _decode_label(self, batch: int, s: float) -> int:
         t = self.tables
@@ -564,21 +584,6 @@ class KernelTiming:
             hit = self._memo_gen_other[batch] = (ms, self.tables.tokens.label(batch))
             self._bound(self._memo_gen_other)
         return hit
-
-    def _gen_attn_ms(self, batch: int, s: float) -> float:
-        """Generation attention at `batch` rows of mean context `s`: exact below 128 tokens of
-        context, linear between bucket edges 1/64 of an octave apart above."""
-        si = int(s)
-        if si < 128:
-            width = 1
-        else:
-            width = 1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
-        lo = si - si % width
-        a = self._gen_attn_at(batch, lo)
-        if s == lo:
-            return a
-        b = self._gen_attn_at(batch, lo + width)
-        return a + (b - a) * (s - lo) / width
 
     def _gen_attn_at(self, batch: int, s: int) -> float:
         key = (batch, s)
