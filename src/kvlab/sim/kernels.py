@@ -43,6 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvlab.hardware import GPU
+from kvlab.io import write_text_atomic
 from kvlab.models.arch import ModelArch
 from kvlab.models.weights import WeightFormat
 
@@ -310,13 +311,14 @@ def _quiet_stderr():
     except OSError:
         yield
         return
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        os.dup2(null, 2)
+        yield
     finally:
         os.dup2(fd, 2)
         os.close(fd)
+        os.close(null)
 
 
 @lru_cache(maxsize=16)
@@ -327,7 +329,7 @@ def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: boo
     if moe:
         kwargs.update(moe_tp_size=tp, moe_ep_size=1, moe_quant_mode=gemm)
     with tempfile.TemporaryDirectory(prefix="kvlab-aic-") as d, _quiet_stderr():
-        (Path(d) / "config.json").write_text(config_json)
+        write_text_atomic(Path(d) / "config.json", config_json)
         handle = EngineHandle.compile(d, system, BACKEND, **kwargs)
     return handle._engine
 
