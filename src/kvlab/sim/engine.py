@@ -38,15 +38,18 @@ def step_work(out: SchedulerOutput) -> StepWork:
     n_dec = out.num_decodes
     tokens_, sampled, kv = n_dec, n_dec, out.decode_tokens
     prefill_pairs = context = 0
+    chunks = []
     for seq, n in out.chunks:
         c = seq.num_computed_tokens
+        chunks.append((n, c))
         tokens_ += n
         kv += c + n
         if c + n >= seq.num_tokens:
             sampled += 1
         prefill_pairs += n * c + n * (n + 1) // 2
         context += c
-    return StepWork(tokens_, sampled, n_dec + len(out.chunks), kv, out.decode_tokens, prefill_pairs, context)
+    return StepWork(tokens_, sampled, n_dec + len(out.chunks), kv, out.decode_tokens, prefill_pairs, context,
+                    n_dec, tuple(chunks))
 
 
 class Engine:

@@ -21,11 +21,17 @@ Peak FLOPS: FP8 for fp8/int8 (W8A8) weights where the GPU has FP8, else BF16 (al
 weight-only formats, which dequantize to BF16). `-pp` splits memory but its stages run one after
 another, so a step takes as long as on one GPU-equivalent (no micro-batch pipelining modelled).
 The efficiency factors are estimates (documented below), not measurements.
+
+`step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
+aiconfigurator-core) where a model, GPU and format have them, else this roofline; each names its
+`timing_source` and counts its priced steps per provenance (`provenance_counts`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvlab.hardware import GPU
@@ -63,6 +69,8 @@ class StepWork(NamedTuple):
     decode_pairs: int  # (query, key) pairs of single-token queries
     prefill_pairs: int  # (query, key) pairs of multi-token chunks
     prefill_context_tokens: int  # cached context under multi-token chunks (MLA decompresses it)
+    num_decodes: int = -1  # single-token decode rows (-1: not given, see kernels._decodes_and_chunks)
+    chunks: tuple = ()  # prefill chunks as (new tokens, cached tokens) pairs
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,17 @@ class CostModel:
     context_flops_per_token: float  # MLA: kv_b_proj over cached context in prefill chunks
     allreduce_bytes_per_token: float
     num_allreduces: int
+    timing_source: str = "roofline"
+    fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
+    _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
+
+    @property
+    def provenance_counts(self) -> dict[str, int]:
+        """Steps priced so far, all by the roofline."""
+        return {"roofline": self._steps[0]} if self._steps[0] else {}
+
+    def reset_counts(self) -> None:
+        self._steps[0] = 0
 
     def expert_fraction(self, tokens: int) -> float:
         if not self.num_experts or tokens <= 0:
@@ -121,6 +140,7 @@ class CostModel:
         return self.num_allreduces * ALLREDUCE_LATENCY_S + data
 
     def step_time_s(self, w: StepWork) -> float:
+        self._steps[0] += 1
         return (max(self.compute_s(w), self.memory_s(w)) + self.comm_s(w)
                 + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests)
 
@@ -129,6 +149,7 @@ class CostModel:
         `step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))`, the same
         arithmetic without building the StepWork (it runs once per simulated decode step)."""
         n = num_seqs
+        self._steps[0] += 1
         return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self._comm_s(n)
                 + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * n)
 
@@ -174,3 +195,29 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         allreduce_bytes_per_token=float(arch.hidden_size * 2),
         num_allreduces=2 * layers,
     )
+
+
+TIMING_SOURCES = ("auto", "kernels", "roofline")
+
+
+def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
+                source: str = "auto"):
+    """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
+    none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format,
+    else the roofline with `fallback_reason` saying why). Both have `step_time_s`, `decode_step_s`,
+    `timing_source` and `provenance_counts`."""
+    from kvlab.errors import KvlabError
+    from kvlab.sim import kernels
+
+    if source not in TIMING_SOURCES:
+        raise KvlabError(f"unknown timing source {source!r}; use one of: {', '.join(TIMING_SOURCES)}")
+    roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+    if source == "roofline":
+        return roofline
+    reason = kernels.kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+    if reason is None:
+        return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
+                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    if source == "kernels":
+        raise KvlabError(f"no measured kernel data for this configuration: {reason}")
+    return dataclasses.replace(roofline, timing_source=f"roofline (no kernel data: {reason})", fallback_reason=reason)

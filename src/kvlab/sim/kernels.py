@@ -1,0 +1,631 @@
+"""Step times from measured vLLM kernel data: NVIDIA's aiconfigurator-core (Apache-2.0).
+
+aiconfigurator-core ships per-GPU tables of vLLM kernel times (GEMM per quant mode, context and
+generation attention per KV dtype, MoE, all-reduce; vLLM 0.24 on H100/H200/B200/L40S, 0.14 on
+A100) and a compiled estimator (`AicEngine`) that walks a model's op list over them. Its own
+mixed-step call ties the decode rows' context to the prefill prompt, so kvlab composes one
+continuous-batching step from its per-op terms, as its `mixed_step_breakdown` does:
+
+- a step with prefill chunks: the non-attention ops (GEMMs, MoE, norms, all-reduces) at all of the
+  step's tokens (prefill plus decode), plus context attention for the chunks (chunks of the same
+  (new, cached) length as one batch), plus generation attention for the decode rows;
+- a pure decode step of B rows: the generation ops at B rows and the rows' mean context (what
+  `decode_step_latency` computes; generation attention is near-linear in context, and Dynamo's
+  mocker prices a step from the same sums: decode rows and their summed KV tokens).
+
+Plus the host time per step of `kvlab.sim.timing` (STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S): the
+tables hold GPU time only.
+
+Every priced step has a provenance, the worst of its terms: `measured` (every varying coordinate
+on a measured grid point, and the model's fixed shapes in the tables), `interpolated` (inside the
+grid), `extrapolated` (beyond it: the estimator extrapolates silently, kvlab checks the ranges), or
+`roofline` (the estimator could not answer; the step is priced by the roofline). `KernelTiming`
+counts steps per provenance. Models, GPUs and formats without tables get no KernelTiming at all:
+`kernel_support` names the reason and `kvlab.sim.timing.step_timing` falls back to the roofline.
+
+Calls cost 4-40 us inside the grid and up to several ms outside it, so every term is memoised:
+non-attention on the step's token count (asked at the tables' measured token counts only and
+interpolated linearly between them, as the estimator itself does), generation attention on (rows, context bucket) with
+linear interpolation between bucket edges 1/64 of an octave apart, context attention on
+(chunks, new, cached). The memo tables are cleared when they reach MEMO_LIMIT entries each.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from kvlab.hardware import GPU
+from kvlab.io import write_text_atomic
+from kvlab.models.arch import ModelArch
+from kvlab.models.weights import WeightFormat
+
+PACKAGE = "aiconfigurator-core"
+BACKEND = "vllm"
+# kvlab GPU preset -> aiconfigurator system with vLLM tables (H100 PCIe, A100 PCIe/40GB, L4, A10,
+# RTX 4090 and MI300X have none).
+SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}
+# kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
+# W8A8 GEMM table exists for vLLM.
+GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
+KV_QUANT_MODES = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat16", "half": "bfloat16",
+                  "fp8": "fp8", "fp8_e4m3": "fp8"}
+# Architectures priced op by op. Mistral (no sliding window: kvlab's simulator refuses those) has
+# Llama's layer shapes and is priced as Llama.
+ARCHITECTURES = {"LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "LlamaForCausalLM",
+                 "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
+                 "Qwen3MoeForCausalLM": "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM": "Qwen2MoeForCausalLM",
+                 "MixtralForCausalLM": "MixtralForCausalLM"}
+PROVENANCE = ("measured", "interpolated", "extrapolated", "roofline")
+MEASURED, INTERPOLATED, EXTRAPOLATED, ROOFLINE = range(4)
+MEMO_LIMIT = 200_000
+BUCKETS_PER_OCTAVE_LOG2 = 6  # generation-attention context buckets: 64 per octave (above 128 tokens)
+
+
+def available() -> bool:
+    try:
+        import aiconfigurator_core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return None
+
+
+def data_root() -> Path:
+    import aiconfigurator_core
+    return Path(aiconfigurator_core.__file__).parent / "systems" / "data"
+
+
+@lru_cache(maxsize=None)
+def table_version(system: str) -> str | None:
+    """The newest vLLM version with a GEMM table for `system` (the one the estimator loads)."""
+    from packaging.version import Version
+    d = data_root() / system / "gemm" / BACKEND
+    versions = [p.name for p in d.iterdir() if (p / "gemm_perf.parquet").is_file()] if d.is_dir() else []
+    return max(versions, key=Version) if versions else None
+
+
+def gpu_tables(gpu: str) -> str | None:
+    """Which measured tables a kvlab GPU preset has, e.g. "h100_sxm, vLLM 0.24.0" (for `kvlab
+    gpus`), or None."""
+    system = SYSTEMS.get(gpu)
+    if system is None or not available() or table_version(system) is None:
+        return None
+    return f"{system}, vLLM {table_version(system)}"
+
+
+def _table(system: str, op: str, name: str):
+    import pandas as pd
+    path = data_root() / system / op / BACKEND / table_version(system) / name
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Measured coordinates along one axis: on a point, between points, or beyond them."""
+
+    points: tuple[int, ...]
+
+    def label(self, x: float) -> int:
+        if not self.points or x > self.points[-1] or x < self.points[0]:
+            return EXTRAPOLATED
+        i = bisect.bisect_left(self.points, x)
+        return MEASURED if self.points[i] == x else INTERPOLATED
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The grids of one model's ops in one system's tables."""
+
+    tokens: Grid  # token counts measured in every GEMM (and MoE) table of the model
+    knots: tuple[int, ...]  # token counts measured in any of them: where the estimator's interpolation bends
+    decode_batch: Grid
+    decode_max_context: dict  # batch on the grid -> longest measured context
+    decode_context: Grid
+    prefill_batch: Grid
+    prefill_len: Grid
+    static: int  # the worst label of the model's fixed shapes (heads, GEMM n x k)
+    notes: tuple[str, ...]
+
+
+def _hf_config(arch: ModelArch, architecture: str) -> dict:
+    cfg = {
+        "architectures": [architecture], "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size, "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_key_value_heads,
+        "head_dim": arch.head_dim, "vocab_size": arch.vocab_size,
+        "max_position_embeddings": arch.max_position_embeddings or 131072,
+        "tie_word_embeddings": arch.tie_word_embeddings, "torch_dtype": "bfloat16",
+    }
+    if arch.moe is not None:
+        m = arch.moe
+        cfg.update(num_experts=m.num_experts, num_local_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                   moe_intermediate_size=m.moe_intermediate_size)
+        if m.shared_expert_intermediate_size:
+            cfg["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size
+    return cfg
+
+
+def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU | str,
+                   tp: int) -> str | None:
+    """Why this configuration has no measured kernel data (None: it has)."""
+    name = gpu if isinstance(gpu, str) else gpu.name
+    if not available():
+        return f"{PACKAGE} is not installed"
+    system = SYSTEMS.get(name)
+    if system is None or table_version(system) is None:
+        return f"no vLLM kernel tables for GPU {name} (tables exist for: {', '.join(SYSTEMS)})"
+    if arch.architecture not in ARCHITECTURES:
+        if arch.architecture == "DeepseekV2ForCausalLM":
+            return ("DeepseekV2ForCausalLM is not an aiconfigurator architecture: its MLA tables are DeepSeek-V3 "
+                    "attention blocks (hidden 7168, q_lora_rank 1536), and its MoE shape (hidden "
+                    f"{arch.hidden_size}, {arch.moe.num_experts if arch.moe else 0} experts of "
+                    f"{arch.moe.moe_intermediate_size if arch.moe else 0}, top-"
+                    f"{arch.moe.num_experts_per_tok if arch.moe else 0}) is in no MoE table")
+        return f"architecture {arch.architecture} is not priced from kernel tables"
+    if arch.num_sliding_layers:
+        return "sliding-window attention is not priced from kernel tables"
+    gemm = GEMM_QUANT_MODES.get(fmt.name)
+    if gemm is None:
+        return f"no vLLM GEMM table for {fmt.name} weights (dense int4/int8 kernels were not measured)"
+    if dtype not in ("bfloat16", "float16"):
+        return f"no kernel tables for {dtype} activations"
+    if KV_QUANT_MODES.get(kv_cache_dtype) is None:
+        return f"no attention table for --kv-cache-dtype {kv_cache_dtype}"
+    gemm_rows = _gemm_modes(system)
+    if gemm not in gemm_rows:
+        return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
+    if arch.moe is not None and not _moe_rows(system, gemm, arch, tp):
+        m = arch.moe
+        return (f"MoE shape (hidden {arch.hidden_size}, {m.num_experts} experts of {m.moe_intermediate_size}, "
+                f"top-{m.num_experts_per_tok}, {gemm}, moe_tp {tp}) is in no {system} MoE table")
+    if arch.num_attention_heads % tp or arch.num_key_value_heads % tp and tp % arch.num_key_value_heads:
+        return f"{arch.num_attention_heads} heads do not split over -tp {tp}"
+    if tp > 1 and not _allreduce_rows(system, tp):
+        return f"no all-reduce table for {tp} GPUs on {system}"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _gemm_modes(system: str) -> frozenset[str]:
+    df = _table(system, "gemm", "gemm_perf.parquet")
+    return frozenset(df.gemm_dtype.unique()) if df is not None else frozenset()
+
+
+def _moe_rows(system: str, gemm: str, arch: ModelArch, tp: int) -> bool:
+    m = arch.moe
+    return (system, gemm, arch.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts, tp) in _moe_shapes(system)
+
+
+@lru_cache(maxsize=None)
+def _moe_shapes(system: str) -> frozenset:
+    df = _table(system, "moe", "moe_perf.parquet")
+    if df is None:
+        return frozenset()
+    cols = ["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size"]
+    df = df[df.moe_ep_size == 1][cols].drop_duplicates()
+    return frozenset((system, *row) for row in df.itertuples(index=False, name=None))
+
+
+def _allreduce_rows(system: str, tp: int) -> bool:
+    d = data_root() / system / "comm" / BACKEND
+    if not d.is_dir():
+        return False
+    import pandas as pd
+    for path in d.glob("*/custom_allreduce_perf.parquet"):
+        if tp in set(pd.read_parquet(path, columns=["num_gpus"]).num_gpus):
+            return True
+    return False
+
+
+@lru_cache(maxsize=64)
+def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim: int,
+            gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None) -> Tables:
+    notes: list[str] = []
+    static = MEASURED
+    g = _table(system, "gemm", "gemm_perf.parquet")
+    g = g[g.gemm_dtype == gemm]
+    tokens = set(int(x) for x in g.m.unique())
+    knots = set(tokens)
+    if moe_shape is not None:  # a MoE model's token grid: where both GEMM and MoE tables have rows
+        m = _table(system, "moe", "moe_perf.parquet")
+        hidden, inter, topk, experts, moe_tp = moe_shape
+        m = m[(m.moe_dtype == gemm) & (m.hidden_size == hidden) & (m.inter_size == inter) & (m.topk == topk)
+              & (m.num_experts == experts) & (m.moe_tp_size == moe_tp) & (m.moe_ep_size == 1)]
+        tokens &= set(int(x) for x in m.num_tokens.unique())
+        knots |= set(int(x) for x in m.num_tokens.unique())
+    pairs = set(zip(g.n, g.k))
+    off = [s for s in gemm_shapes if s not in pairs]
+    if off:
+        static = INTERPOLATED
+        notes.append(f"GEMM (n, k) {off} between measured shapes")
+    gen = _table(system, "attention", "generation_attention_perf.parquet")
+    ctx = _table(system, "attention", "context_attention_perf.parquet")
+    gen, ctx = _full_attention(gen, kv), _full_attention(ctx, kv)
+    gs = gen[(gen.num_heads == heads) & (gen.num_key_value_heads == kv_heads) & (gen.head_dim == head_dim)]
+    cs = ctx[(ctx.num_heads == heads) & (ctx.num_key_value_heads == kv_heads) & (ctx.head_dim == head_dim)]
+    if gs.empty or cs.empty:
+        beyond = kv_heads > gen.num_key_value_heads.max() or heads > gen.num_heads.max()
+        static = max(static, EXTRAPOLATED if beyond else INTERPOLATED)
+        notes.append(f"attention ({heads} heads, {kv_heads} KV heads, head_dim {head_dim}) "
+                     f"{'beyond' if beyond else 'between'} measured shapes")
+        gs = gen if gs.empty else gs
+        cs = ctx if cs.empty else cs
+    # Generation rows: `step` tokens decoded after a 1-token prompt; the estimator's context s of
+    # a row is step + 2 (checked against the rows of H100's table).
+    max_ctx = (gs.groupby("batch_size").step.max() + 2).to_dict()
+    return Tables(
+        tokens=Grid(tuple(sorted(tokens))), knots=tuple(sorted(knots)),
+        decode_batch=Grid(tuple(sorted(int(x) for x in gs.batch_size.unique()))),
+        decode_max_context={int(b): int(s) for b, s in max_ctx.items()},
+        decode_context=Grid(tuple(sorted(int(x) + 2 for x in gs.step.unique()))),
+        prefill_batch=Grid(tuple(sorted(int(x) for x in cs.batch_size.unique()))),
+        prefill_len=Grid(tuple(sorted(int(x) for x in cs.isl.unique()))),
+        static=static, notes=tuple(notes),
+    )
+
+
+def _full_attention(df, kv: str):
+    """Rows of full (not sliding-window) attention with this KV dtype (A100's vLLM 0.14 tables
+    have no window column)."""
+    keep = df.kv_cache_dtype == kv
+    if "window_size" in df.columns:
+        keep &= df.window_size == 0
+    return df[keep]
+
+
+def _moe_shape(arch: ModelArch, tp: int) -> tuple | None:
+    m = arch.moe
+    return None if m is None else (arch.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts, tp)
+
+
+def _gemm_shapes(arch: ModelArch, tp: int) -> tuple[tuple[int, int], ...]:
+    """(n, k) of the dense GEMMs of one layer on one rank (vLLM's merged QKV and gate/up)."""
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads // tp, max(arch.num_key_value_heads // tp, 1)
+    shapes = [((q + 2 * kv) * hd, h), (h, q * hd)]
+    if arch.moe is None:
+        shapes += [(2 * arch.intermediate_size // tp, h), (h, arch.intermediate_size // tp)]
+    return tuple(shapes)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The estimator's Rust loader prints table-loading notes on fd 2; keep the simulator's log clean."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+
+
+@lru_cache(maxsize=16)
+def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: bool):
+    """Compile the estimator for a model config (JSON) once per process."""
+    from aiconfigurator_core.sdk.engine import EngineHandle
+    kwargs = dict(tp_size=tp, gemm_quant_mode=gemm, kvcache_quant_mode=kv)
+    if moe:
+        kwargs.update(moe_tp_size=tp, moe_ep_size=1, moe_quant_mode=gemm)
+    with tempfile.TemporaryDirectory(prefix="kvlab-aic-") as d, _quiet_stderr():
+        write_text_atomic(Path(d) / "config.json", config_json)
+        handle = EngineHandle.compile(d, system, BACKEND, **kwargs)
+    return handle._engine
+
+
+class KernelTiming:
+    """Prices simulated engine steps from aiconfigurator-core's measured vLLM kernel tables (the
+    same interface as `kvlab.sim.timing.CostModel`: `step_time_s`, `decode_step_s`)."""
+
+    def __init__(self, arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
+                 roofline, host_step_s: float, host_per_seq_s: float):
+        reason = kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+        if reason:
+            raise ValueError(reason)
+        self.system = SYSTEMS[gpu.name]
+        self.gemm_quant_mode = GEMM_QUANT_MODES[fmt.name]
+        self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
+        self.tp = tp
+        self.roofline = roofline  # fallback for steps the estimator cannot answer, and FLOP/byte counts
+        self.host_step_s, self.host_per_seq_s = host_step_s, host_per_seq_s
+        self.version = table_version(self.system)
+        self.timing_source = (f"{PACKAGE} {package_version()}: {self.system} vLLM {self.version} kernel tables, "
+                              f"{self.gemm_quant_mode} GEMMs, {self.kvcache_quant_mode} KV")
+        cfg = json.dumps(_hf_config(arch, ARCHITECTURES[arch.architecture]), sort_keys=True)
+        self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, arch.moe is not None)
+        ctx, gen = self._eng.run_static_per_op(1, 1, 16, 2, 0, 1.0, 1.0)
+        ctx_names, gen_names = [op[0] for op in ctx], [op[0] for op in gen]
+        self._ctx_attn = [ctx_names.index("context_attention")]
+        self._ctx_other = [i for i, n in enumerate(ctx_names) if n != "context_attention"]
+        self._gen_attn = [gen_names.index("generation_attention")]
+        self._gen_other = [i for i, n in enumerate(gen_names) if n != "generation_attention"]
+        kv_heads = max(arch.num_key_value_heads // tp, 1)
+        self.tables = _tables(self.system, self.gemm_quant_mode, self.kvcache_quant_mode,
+                              arch.num_attention_heads // tp, kv_heads, arch.head_dim, _gemm_shapes(arch, tp),
+                              _moe_shape(arch, tp))
+        self._counts = [0, 0, 0, 0]
+        self._memo_ctx_other: dict[int, tuple[float, int]] = {}
+        self._memo_gen_other: dict[int, tuple[float, int]] = {}
+        self._memo_gen_attn: dict[tuple[int, int], float] = {}
+        self._memo_decode: dict[tuple[int, int], tuple | bool] = {}
+        self._memo_knots: dict[int, float] = {}
+        self._memo_ctx_attn: dict[tuple[int, int, int], tuple[float, int]] = {}
+        self.calls = 0  # estimator calls (memo misses)
+        self.lookups = 0  # steps priced
+        self.misses = 0  # steps that needed at least one estimator call
+
+    # -- what the simulator calls
+
+    def step_time_s(self, w) -> float:
+        decodes, chunks = _decodes_and_chunks(w)
+        if not chunks:
+            return self.decode_step_s(decodes, w.decode_pairs)
+        self.lookups += 1
+        calls = self.calls
+        try:
+            ms, label = self._step_ms(w.tokens, decodes, w.decode_pairs, chunks)
+        except ValueError:  # the estimator has no answer for a coordinate: price this step by roofline
+            self._counts[ROOFLINE] += 1
+            return self.roofline.step_time_s(w)
+        if self.calls != calls:
+            self.misses += 1
+        self._counts[label] += 1
+        return ms / 1000 + self.host_step_s + self.host_per_seq_s * w.requests
+
+    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
+        """A step of `num_seqs` decodes over `kv_tokens` of context (the engine's hot path: one
+        memo lookup per (rows, context bucket), linear inside the bucket)."""
+        self.lookups += 1
+        s = kv_tokens / num_seqs
+        si = int(s)
+        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        hit = self._memo_decode.get((num_seqs, lo))
+        if hit is None:
+            self.misses += 1
+            hit = self._decode_bucket(num_seqs, lo)
+        if hit is False:  # the estimator has no answer here
+            self._counts[ROOFLINE] += 1
+            return self.roofline.decode_step_s(num_seqs, kv_tokens)
+        base_ms, slope, label_at_lo, label_inside, _, _, _ = hit
+        if s == lo:
+            self._counts[label_at_lo] += 1
+            return base_ms / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
+        self._counts[label_inside] += 1
+        return (base_ms + slope * (s - lo)) / 1000 + self.host_step_s + self.host_per_seq_s * num_seqs
+
+    def _decode_bucket(self, batch: int, lo: int):
+        """(a pure decode step's GPU ms at context `lo`, ms per token of context up to the bucket's
+        top, the step's labels at `lo` and inside the bucket, the non-attention ms, the attention's
+        labels at `lo` and inside), or False where the estimator has no answer."""
+        width = 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+        try:
+            other, label = self._gen_other_ms(batch)
+            a, b = self._gen_attn_at(batch, lo), self._gen_attn_at(batch, lo + width)
+        except ValueError:
+            hit = False
+        else:
+            static = max(label, self.tables.static)
+            at_lo = self._decode_label(batch, lo)
+            inside = max(self._decode_label(batch, lo + 0.5), self._decode_label(batch, lo + width))
+            hit = (other + a, (b - a) / width, max(static, at_lo), max(static, inside), other, at_lo, inside)
+        self._memo_decode[(batch, lo)] = hit
+        self._bound(self._memo_decode)
+        return hit
+
+    @property
+    def provenance_counts(self) -> dict[str, int]:
+        """Steps priced so far per provenance (measured / interpolated / extrapolated / roofline)."""
+        return {p: n for p, n in zip(PROVENANCE, self._counts) if n}
+
+    def reset_counts(self) -> None:
+        self._counts = [0, 0, 0, 0]
+
+    @property
+    def memo_entries(self) -> int:
+        return (len(self._memo_ctx_other) + len(self._memo_gen_other) + len(self._memo_gen_attn)
+                + len(self._memo_ctx_attn) + len(self._memo_decode) + len(self._memo_knots))
+
+    # MFU metrics (vllm:estimated_*) count the model's FLOPs and bytes: the roofline's counts.
+    def compute_s(self, w) -> float:
+        return self.roofline.compute_s(w)
+
+    def memory_s(self, w) -> float:
+        return self.roofline.memory_s(w)
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.roofline.flops_per_s
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.roofline.bytes_per_s
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.roofline.kv_bytes_per_token
+
+    # -- the terms, in milliseconds of GPU time, with their provenance
+
+    def breakdown_ms(self, w) -> dict[str, float]:
+        """One step's GPU terms: non-attention, context attention, generation attention."""
+        decodes, chunks = _decodes_and_chunks(w)
+        if not chunks:
+            return {"non_attention": self._gen_other_ms(decodes)[0], "context_attention": 0.0,
+                    "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1]}
+        return {"non_attention": self._ctx_other_ms(w.tokens)[0],
+                "context_attention": sum(self._ctx_attn_ms(k, n, c)[0] for (n, c), k in Counter(chunks).items()),
+                "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1] if decodes else 0.0}
+
+    def gpu_ms(self, w) -> float:
+        """One step's GPU time in milliseconds (memoised terms; no host time)."""
+        decodes, chunks = _decodes_and_chunks(w)
+        return self._step_ms(w.tokens, decodes, w.decode_pairs, chunks)[0]
+
+    def op_times_ms(self, w) -> list[tuple[str, float, str]]:
+        """One step's ops as the estimator prices them (name, ms over all layers, its source
+        label), not memoised: for inspection and tests."""
+        decodes, chunks = _decodes_and_chunks(w)
+        e = self._eng
+        if not chunks:
+            s = max(round(w.decode_pairs / decodes), 1)
+            ops = e.evaluate_generation_ops(self._gen_other + self._gen_attn, decodes, s, 1.0, 0, None)
+        else:
+            ops = list(e.evaluate_context_ops(self._ctx_other, 1, w.tokens, 0, 1.0, None))
+            for (n, c), k in Counter(chunks).items():
+                ops += e.evaluate_context_ops(self._ctx_attn, k, n, c, 1.0, None)
+            if decodes:
+                s = max(round(w.decode_pairs / decodes), 1)
+                ops += e.evaluate_generation_ops(self._gen_attn, decodes, s, 1.0, 0, None)
+        return [(op[0], op[1], op[3]) for op in ops]
+
+    def label(self, w) -> str:
+        decodes, chunks = _decodes_and_chunks(w)
+        try:
+            return PROVENANCE[self._step_ms(w.tokens, decodes, w.decode_pairs, chunks)[1]]
+        except ValueError:
+            return "roofline"
+
+    def _step_ms(self, tokens: int, decodes: int, decode_kv: int, chunks: tuple) -> tuple[float, int]:
+        if not chunks:
+            return self._decode_ms(decodes, decode_kv)
+        ms, label = self._ctx_other_ms(tokens)
+        groups = Counter(chunks) if len(chunks) > 1 else {chunks[0]: 1}
+        for (n, c), k in groups.items():
+            a, lab = self._ctx_attn_ms(k, n, c)
+            ms += a
+            label = max(label, lab)
+        if decodes:
+            attn_ms, attn_label = self._decode_terms(decodes, decode_kv)[1:]
+            ms += attn_ms
+            label = max(label, attn_label)
+        return ms, max(label, self.tables.static)
+
+    def _decode_ms(self, num_seqs: int, kv_tokens: int) -> tuple[float, int]:
+        """decode_step_s's GPU milliseconds and label (ValueError where the estimator has none)."""
+        ms, _, label = self._decode_terms(num_seqs, kv_tokens, whole_step=True)
+        return ms, label
+
+    def _decode_terms(self, num_seqs: int, kv_tokens: int, whole_step: bool = False) -> tuple[float, float, int]:
+        """(a pure decode step's GPU ms, its generation attention's ms, the label of the step, or
+        of the attention alone unless `whole_step`) from the (rows, context bucket) memo."""
+        s = kv_tokens / num_seqs
+        si = int(s)
+        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        hit = self._memo_decode.get((num_seqs, lo))
+        if hit is None:
+            hit = self._decode_bucket(num_seqs, lo)
+        if hit is False:
+            raise ValueError(f"no estimate for {num_seqs} decodes at context {s:.0f}")
+        base_ms, slope, label_at_lo, label_inside, other_ms, attn_label_at_lo, attn_label_inside = hit
+        ms = base_ms if s == lo else base_ms + slope * (s - lo)
+        if whole_step:
+            return ms, ms - other_ms, label_at_lo if s == lo else label_inside
+        return ms, ms - other_ms, attn_label_at_lo if s == lo else attn_label_inside
+
+    def _decode_label(self, batch: int, s: float) -> int:
+        t = self.tables
+        label = max(t.decode_batch.label(batch), t.decode_context.label(s))
+        if label < EXTRAPOLATED:  # the measured context shrinks as the batch grows
+            pts = t.decode_batch.points
+            above = pts[bisect.bisect_left(pts, batch)]
+            if s > t.decode_max_context[above]:
+                label = EXTRAPOLATED
+        return label
+
+    def _ctx_other_ms(self, tokens: int) -> tuple[float, int]:
+        """The non-attention ops at `tokens` tokens. The estimator interpolates its GEMM (and MoE)
+        rows linearly between measured token counts, so kvlab asks it only at those counts and
+        interpolates the same way (within 0.15 % of asking it at every count)."""
+        hit = self._memo_ctx_other.get(tokens)
+        if hit is None:
+            knots = self.tables.knots
+            i = bisect.bisect_left(knots, tokens)
+            if i == 0 or i == len(knots) or knots[i] == tokens:
+                ms = self._ctx_other_at(tokens)
+            else:
+                lo, hi = knots[i - 1], knots[i]
+                a = self._ctx_other_at(lo)
+                ms = a + (self._ctx_other_at(hi) - a) * (tokens - lo) / (hi - lo)
+            hit = self._memo_ctx_other[tokens] = (ms, self.tables.tokens.label(tokens))
+            self._bound(self._memo_ctx_other)
+        return hit
+
+    def _ctx_other_at(self, tokens: int) -> float:
+        ms = self._memo_knots.get(tokens)
+        if ms is None:
+            ms = self._memo_knots[tokens] = self._sum(
+                self._eng.evaluate_context_ops(self._ctx_other, 1, tokens, 0, 1.0, None))
+            self._bound(self._memo_knots)
+        return ms
+
+    def _gen_other_ms(self, batch: int) -> tuple[float, int]:
+        hit = self._memo_gen_other.get(batch)
+        if hit is None:
+            ms = self._sum(self._eng.evaluate_generation_ops(self._gen_other, batch, 2, 1.0, 0, None))
+            hit = self._memo_gen_other[batch] = (ms, self.tables.tokens.label(batch))
+            self._bound(self._memo_gen_other)
+        return hit
+
+    def _gen_attn_at(self, batch: int, s: int) -> float:
+        key = (batch, s)
+        hit = self._memo_gen_attn.get(key)
+        if hit is None:
+            hit = self._memo_gen_attn[key] = self._sum(
+                self._eng.evaluate_generation_ops(self._gen_attn, batch, max(s, 1), 1.0, 0, None))
+            self._bound(self._memo_gen_attn)
+        return hit
+
+    def _ctx_attn_ms(self, chunks: int, new: int, cached: int) -> tuple[float, int]:
+        """Context attention of `chunks` chunks of `new` tokens each over `cached` tokens of context."""
+        key = (chunks, new, cached)
+        hit = self._memo_ctx_attn.get(key)
+        if hit is None:
+            ms = self._sum(self._eng.evaluate_context_ops(self._ctx_attn, chunks, new, cached, 1.0, None))
+            t = self.tables
+            label = max(t.prefill_batch.label(chunks), t.prefill_len.label(new + cached))
+            if cached and label == MEASURED:
+                label = INTERPOLATED  # the tables hold prompts without cached context
+            hit = self._memo_ctx_attn[key] = (ms, label)
+            self._bound(self._memo_ctx_attn)
+        return hit
+
+    def _sum(self, ops) -> float:
+        self.calls += 1
+        return sum(op[1] for op in ops)
+
+    @staticmethod
+    def _bound(memo: dict) -> None:
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+
+
+def _decodes_and_chunks(w) -> tuple[int, tuple]:
+    """(decode rows, prefill chunks as (new, cached) pairs) of a StepWork. A StepWork built without
+    them (num_decodes < 0) is read as: no prefill pairs = all requests decode; else one chunk."""
+    if w.num_decodes >= 0:
+        return w.num_decodes, w.chunks
+    if not w.prefill_pairs:
+        return w.requests, ()
+    decodes = w.requests - 1
+    return decodes, ((w.tokens - decodes, w.prefill_context_tokens),)

@@ -1,0 +1,197 @@
+"""Step times from measured vLLM kernel tables (kvlab.sim.kernels over aiconfigurator-core): the
+tables' own values, the composition against the estimator's own calls, provenance labels, the
+roofline fallback, memo bounds, and a simulated run's step counts."""
+
+import dataclasses
+
+import pytest
+
+from kvlab import hardware
+from kvlab.errors import KvlabError
+from kvlab.models.cards import card
+from kvlab.models.weights import weight_format
+from kvlab.sim import kernels
+from kvlab.sim.timing import PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S, CostModel, StepWork, step_timing
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="aiconfigurator-core is not installed (pip install aiconfigurator-core==0.12.0)")
+
+
+def timing(model: str, gpu: str = "h100", q: str | None = None, kv: str = "auto", tp: int = 1, source: str = "auto"):
+    arch = card(model).arch
+    return step_timing(arch, weight_format(q, arch), "bfloat16", kv, hardware.gpu(gpu), tp, source)
+
+
+def decode(n: int, kv: int) -> StepWork:
+    return StepWork(n, n, n, kv, kv, 0, 0, n, ())
+
+
+def prefill(chunks: tuple, decodes: int = 0, decode_kv: int = 0) -> StepWork:
+    tokens = sum(n for n, _ in chunks) + decodes
+    pairs = sum(n * c + n * (n + 1) // 2 for n, c in chunks)
+    return StepWork(tokens, len(chunks) + decodes, len(chunks) + decodes, decode_kv + sum(n + c for n, c in chunks),
+                    decode_kv, pairs, sum(c for _, c in chunks), decodes, chunks)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    t = timing("llama-3.1-8b")
+    assert isinstance(t, kernels.KernelTiming)
+    return t
+
+
+def _rows(system: str, op: str, name: str):
+    return kernels._table(system, op, name)
+
+
+def test_gemm_on_a_measured_shape_is_the_tables_value(llama):
+    """A 256-token prefill step's QKV and output-projection GEMMs (m=256; n x k = 6144 x 4096 and
+    4096 x 4096 are measured shapes) are the table's rows times 32 layers."""
+    g = _rows("h100_sxm", "gemm", "gemm_perf.parquet")
+    g = g[(g.gemm_dtype == "bfloat16") & (g.m == 256)]
+    ops = {name: ms for name, ms, _ in llama.op_times_ms(prefill(((256, 0),)))}
+    row = lambda n, k: float(g[(g.n == n) & (g.k == k)].latency.iloc[0])  # noqa: E731
+    assert ops["context_qkv_gemm"] == pytest.approx(32 * row(6144, 4096), rel=1e-9)
+    assert ops["context_proj_gemm"] == pytest.approx(32 * row(4096, 4096), rel=1e-9)
+
+
+def test_decode_attention_on_a_measured_point_is_near_the_tables_value(llama):
+    """Generation attention at 16 rows x 1,025 tokens (the row step=1023) against the table: the
+    estimator smooths between rows, within 2 %."""
+    g = _rows("h100_sxm", "attention", "generation_attention_perf.parquet")
+    row = g[(g.batch_size == 16) & (g.num_heads == 32) & (g.num_key_value_heads == 8) & (g.head_dim == 128)
+            & (g.kv_cache_dtype == "bfloat16") & (g.window_size == 0) & (g.step == 1023)]
+    ops = {name: ms for name, ms, _ in llama.op_times_ms(decode(16, 16 * 1025))}
+    assert ops["generation_attention"] == pytest.approx(32 * float(row.latency.iloc[0]), rel=0.02)
+
+
+@pytest.mark.parametrize("batch,isl,osl", [(1, 100, 10), (16, 1024, 128), (64, 2000, 500), (200, 3000, 1000)])
+def test_composed_pure_decode_equals_decode_step_latency(llama, batch, isl, osl):
+    """A pure decode step composed from memoised terms (context bucketed, interpolated) equals the
+    estimator's own decode step (its rows sit at context isl + osl // 2 + 1) within 0.1 %."""
+    s = isl + osl // 2 + 1
+    own = llama._eng.decode_step_latency(batch, isl, osl, 1.0)
+    assert llama.gpu_ms(decode(batch, batch * s)) == pytest.approx(own, rel=1e-3)
+    assert llama.decode_step_s(batch, batch * s) == pytest.approx(
+        own / 1000 + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * batch, rel=1e-3)
+
+
+@pytest.mark.parametrize("chunks,prefix", [(1, 0), (1, 2048), (4, 0), (2, 512)])
+def test_composed_prefill_equals_predict_prefill_latency(llama, chunks, prefix):
+    """Pure prefill: `chunks` chunks of 1,024 new tokens over `prefix` cached ones equal the
+    estimator's predict_prefill_latency(chunks, 1024 + prefix, prefix): exact for one chunk; for
+    several, the composition prices the LM-head GEMM at one row per step as `mixed_step_breakdown`
+    does (the estimator's prefill at one row per chunk: 5 us of 85 ms here)."""
+    w = prefill(((1024, prefix),) * chunks)
+    own = llama._eng.predict_prefill_latency(chunks, 1024 + prefix, prefix)
+    assert llama.gpu_ms(w) == pytest.approx(own, rel=1e-9 if chunks == 1 else 1e-4)
+
+
+def test_composed_mixed_step_matches_mixed_step_breakdown(llama):
+    """Where the estimator's mixed step applies (decode rows at context isl + osl // 2 + 1), the
+    composition has the same non-attention and decode-attention terms; the chunk's attention is a
+    chunk at its own length (the estimator averages a chunk over the prompt, so that term differs)."""
+    isl, osl, batch = 1024, 128, 16
+    total, other, ctx_attn, gen_attn = llama._eng.mixed_step_breakdown(isl, batch, isl, osl, 0, 1.0, 1.0)
+    s = isl + osl // 2 + 1
+    terms = llama.breakdown_ms(prefill(((isl, 0),), batch, batch * s))
+    assert terms["non_attention"] == pytest.approx(other, rel=2e-3)  # 1,040 tokens: between measured counts
+    assert terms["generation_attention"] == pytest.approx(gen_attn, rel=1e-3)
+    assert terms["context_attention"] == pytest.approx(llama._eng.evaluate_context_ops(
+        llama._ctx_attn, 1, isl, 0, 1.0, None)[0][1], rel=1e-9)
+
+
+def test_provenance_labels():
+    moe = timing("qwen3-30b-a3b")
+    assert isinstance(moe, kernels.KernelTiming)
+    assert moe.label(prefill(((1024, 0),))) == "measured"  # 1,024 tokens, batch 1: grid points
+    assert moe.label(prefill(((1000, 0),))) == "interpolated"
+    assert moe.label(prefill(((1024, 512),))) == "interpolated"  # cached context: no measured rows
+    assert moe.label(decode(256, 256 * 5000)) == "extrapolated"  # measured to ~1k tokens at 256 rows
+    assert moe.label(prefill(((20000, 0),))) == "extrapolated"  # beyond 16,384 tokens
+    llama = timing("llama-3.1-8b")  # its 28672 x 4096 gate/up GEMM lies between measured shapes
+    assert llama.label(prefill(((1024, 0),))) == "interpolated"
+    assert llama.label(decode(2048, 2048 * 1000)) == "extrapolated"
+    moe.reset_counts()
+    moe.step_time_s(prefill(((1024, 0),)))
+    moe.decode_step_s(256, 256 * 5000)
+    moe.decode_step_s(256, 256 * 5000)
+    assert moe.provenance_counts == {"measured": 1, "extrapolated": 2}
+
+
+@pytest.mark.parametrize("model,gpu,q,kv,why", [
+    ("llama-3.1-8b", "h100", "awq", "auto", "no vLLM GEMM table for awq"),
+    ("qwen2.5-7b", "h100", "gptq", "auto", "no vLLM GEMM table for gptq"),
+    ("llama-3.1-8b", "a100-80gb", "fp8", "auto", "no fp8 GEMM rows for a100_sxm"),
+    ("llama-3.1-8b", "l4", None, "auto", "no vLLM kernel tables for GPU l4"),
+    ("llama-3.1-8b", "mi300x", None, "auto", "no vLLM kernel tables for GPU mi300x"),
+    ("deepseek-v2-lite", "h100", None, "auto", "DeepseekV2ForCausalLM"),
+])
+def test_fallback_is_the_roofline_labelled(model, gpu, q, kv, why):
+    t = timing(model, gpu, q, kv)
+    assert isinstance(t, CostModel)
+    assert why in t.fallback_reason and t.timing_source.startswith("roofline (no kernel data: ")
+    plain = timing(model, gpu, q, kv, source="roofline")
+    w = prefill(((512, 0),), 8, 8 * 700)
+    assert t.step_time_s(w) == plain.step_time_s(w)  # the same roofline, bit for bit
+    assert t.decode_step_s(8, 5600) == plain.decode_step_s(8, 5600)
+    assert t.provenance_counts == {"roofline": 2}
+    with pytest.raises(KvlabError, match="no measured kernel data"):
+        timing(model, gpu, q, kv, source="kernels")
+
+
+def test_deepseek_v2_lite_moe_shape_is_in_no_table():
+    """V2-Lite's MoE (hidden 2048, 64 experts of 1408, top-6) has no rows on any GPU; its MLA rows are
+    DeepSeek-V3 attention blocks only."""
+    shapes = kernels._moe_shapes("h100_sxm")
+    assert not any(s[2:6] == (2048, 1408, 6, 64) for s in shapes)
+    assert any(s[2:6] == (2048, 768, 8, 128) for s in shapes)  # Qwen3-30B-A3B's is there
+    mla = _rows("h100_sxm", "mla", "mla_generation_module_perf.parquet")
+    assert set(mla.model) == {"deepseek-ai/DeepSeek-V3"}
+    assert "MoE shape" in kernels.kernel_support(card("deepseek-v2-lite").arch, weight_format(None), "bfloat16",
+                                                 "auto", "h100", 1)
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("q,kv", [(None, "auto"), ("fp8", "fp8")])
+def test_cards_build_on_h100(model, q, kv):
+    t = timing(model, "h100", q, kv)
+    assert isinstance(t, kernels.KernelTiming) and "h100_sxm vLLM 0.24.0" in t.timing_source
+    d, p = t.decode_step_s(16, 16 * 1100), t.step_time_s(prefill(((1024, 0),)))
+    assert 0.001 < d < p < 0.2
+
+
+def test_tensor_parallel_builds_and_is_faster():
+    one, two = timing("llama-3.1-8b", tp=1), timing("llama-3.1-8b", tp=2)
+    assert isinstance(two, kernels.KernelTiming)
+    assert two.gpu_ms(prefill(((4096, 0),))) < one.gpu_ms(prefill(((4096, 0),)))
+
+
+def test_memo_is_bounded(llama, monkeypatch):
+    monkeypatch.setattr(kernels, "MEMO_LIMIT", 50)
+    fresh = kernels.KernelTiming(card("llama-3.1-8b").arch, weight_format(None), "bfloat16", "auto",
+                                 hardware.gpu("h100"), 1, llama.roofline, STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    for n in range(1, 400):
+        fresh.decode_step_s(8, 8 * (100 + 37 * n))
+        fresh.step_time_s(prefill(((n, 0),)))
+    assert fresh.memo_entries <= 6 * 50
+
+
+def test_simulated_run_counts_every_step():
+    from kvlab.sim.config import build_config
+    from kvlab.sim.offline import run_offline
+    from test_sim_engine import AGENTS
+
+    cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096)
+    kt = timing("llama-3.1-8b")
+    kt.reset_counts()
+    res = run_offline("llama-3.1-8b", "h100", AGENTS, 30.0, concurrency=8, seed=0,
+                      config=dataclasses.replace(cfg, cost=kt))
+    assert sum(kt.provenance_counts.values()) == res.engine.num_steps > 0
+    assert res.results  # the run completed on kernel-table step times
+
+
+def test_gpu_tables():
+    assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0"
+    assert kernels.gpu_tables("a100-80gb") == "a100_sxm, vLLM 0.14.0"
+    assert kernels.gpu_tables("l4") is None and kernels.gpu_tables("mi300x") is None
