@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from kvlab.deploy.flags import has_flag
+from kvlab.units import GiB
 
-GiB = 1 << 30
 CPU_DEFAULT_KV_GIB = 1
 CPU_DEFAULT_MAX_MODEL_LEN = 4096  # twins keep the real context length, which 1 GiB of KV cannot hold
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")

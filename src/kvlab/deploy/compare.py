@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvlab.deploy.facts import GiB, StartupFacts
+from kvlab.deploy.facts import StartupFacts
 from kvlab.models.memory import CapacityResult
+from kvlab.units import GiB
 
 
 @dataclass(frozen=True)

@@ -15,24 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
+from kvlab.units import parse_duration_s  # noqa: F401  (also this module's public name)
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
 SHAPES = ("constant", "steps", "poisson", "diurnal")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration_s(value: str | int | float) -> float:
-    """'90', '90s', '2m', '1.5h' -> seconds."""
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 2m, 1h)")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
-    return seconds
 
 
 class _Strict(BaseModel):
@@ -102,10 +88,7 @@ class Spec(_Strict):
     @classmethod
     def _duration(cls, v, info):
         if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            m = _DURATION.match(str(v))
-            if info.field_name == "warmup_s" and m and float(m.group(1)) == 0:
-                return 0.0  # no warm-up: 0, "0", "0s"
-            return parse_duration_s(v)
+            return parse_duration_s(v, allow_zero=info.field_name == "warmup_s")  # no warm-up: 0, "0", "0s"
         return v
 
     @model_validator(mode="after")
