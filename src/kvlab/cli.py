@@ -19,12 +19,13 @@ from kvlab.loadtest import cli as loadtest_cli
 from kvlab.metrics import cli as metrics_cli
 from kvlab.models import cli as models_cli
 from kvlab.plan import cli as plan_cli
+from kvlab.replay import cli as replay_cli
 from kvlab.sim import cli as sim_cli
 
 app = new_app("kvlab: how much GPU memory MLA, KV-cache and weight quantization save, measured on vLLM.")
 
 # In the order `kvlab --help` lists their commands. Keep heavy imports inside the commands.
-STAGES = (models_cli, deploy_cli, loadtest_cli, metrics_cli, sim_cli, experiments_cli, analysis_cli, plan_cli)
+STAGES = (models_cli, deploy_cli, loadtest_cli, metrics_cli, sim_cli, experiments_cli, analysis_cli)
 
 
 def _version_callback(value: bool) -> None:
@@ -39,8 +40,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
     pass
 
 
+def _load_spec(path: str):
+    from kvlab.experiments.spec import load_spec
+
+    return load_spec(path)
+
+
+# Commands that join stages are wired here, so that no stage imports one above it:
+# `kvlab sim run` is the offline replay (above sim and loadtest); `kvlab plan --spec` reads an
+# experiment spec (experiments imports plan, to plan after its cells).
 for _stage in STAGES:
     _stage.register(app)
+replay_cli.register(sim_cli.sim_app)
+plan_cli.register(app, load_spec=_load_spec)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
+from kvlab.plan.request import PlanBlock  # a spec's plan: block is the planner's own type
 from kvlab.units import parse_duration_s  # noqa: F401  (also this module's public name)
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
@@ -46,20 +47,6 @@ class Load(_Strict):
         if any(u < 1 for u in v):
             raise ValueError("every load level must be at least 1 user")
         return v
-
-
-class PlanBlock(_Strict):
-    """`kvlab plan` for the spec's models x quants, its first workload, GPU, SLO and price
-    (`kvlab plan --spec`, and `kvlab experiment run` after the cells): the fleet to plan for."""
-
-    agents: int = Field(gt=0)
-    calls_per_agent_hour: float | None = Field(None, gt=0)
-    slo_attainment: float = Field(0.95, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    baseline: str | None = None  # MODEL/QUANT
-    cost_drop_pct: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0], min_length=1)
-    volume_growth: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
-    sim_s: float = Field(180.0, ge=30)
 
 
 class Spec(_Strict):
