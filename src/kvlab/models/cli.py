@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import typer
@@ -170,6 +170,12 @@ class CapacityFlags:
     max_num_seqs: int | None
     cpu: bool
 
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> "CapacityFlags":
+        """From a command's options (its parameters, named as the fields); an option the command
+        does not have is None."""
+        return cls(**{f.name: options.get(f.name) for f in fields(cls)})
+
     @property
     def given_budget(self) -> bool:
         return self.gpu is not None or self.kv_memory_gib is not None or self.kv_cache_memory_bytes is not None
@@ -199,8 +205,8 @@ def capacity_cmd(
     kv_cache_dtype: str = KV_DTYPE,
     quantization: Optional[str] = QUANT,
     dtype: Optional[str] = DTYPE,
-    tp: int = TP,
-    pp: int = PP,
+    tensor_parallel_size: int = TP,
+    pipeline_parallel_size: int = PP,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
@@ -208,12 +214,7 @@ def capacity_cmd(
 ) -> None:
     """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""
     m = resolve_model(model)
-    flags = CapacityFlags(
-        gpu=gpu, gpu_memory_utilization=gpu_memory_utilization, kv_memory_gib=kv_memory_gib,
-        kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len, block_size=block_size,
-        attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype, quantization=quantization, dtype=dtype,
-        tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs, cpu=cpu)
+    flags = CapacityFlags.of(locals())
     r = run_capacity(m, **flags.capacity_kwargs())
     d = capacity_dict(m, r)
     if as_json:
@@ -263,8 +264,8 @@ def compare_cmd(
     kv_cache_dtype: str = KV_DTYPE,
     quantization: Optional[str] = QUANT,
     dtype: Optional[str] = DTYPE,
-    tp: int = TP,
-    pp: int = PP,
+    tensor_parallel_size: int = TP,
+    pipeline_parallel_size: int = PP,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
@@ -274,12 +275,7 @@ def compare_cmd(
     if len(models) < 2:
         raise KvlabError("compare needs at least two models")
     resolved = [resolve_model(x) for x in models]
-    flags = CapacityFlags(
-        gpu=gpu, gpu_memory_utilization=gpu_memory_utilization, kv_memory_gib=kv_memory_gib,
-        kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len, block_size=block_size,
-        attention_backend=None, kv_cache_dtype=kv_cache_dtype, quantization=quantization, dtype=dtype,
-        tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs, cpu=cpu)
+    flags = CapacityFlags.of(locals())
     with_capacity = flags.given_budget
     rows = []
     for m in resolved:
