@@ -40,7 +40,8 @@ FLAGS = {"agents": "--agents", "calls_per_agent_hour": "--calls-per-agent-hour",
          "tensor_parallel_size": "-tp", "cost_drop_pct": "--cost-drop", "volume_growth": "--volume-growth",
          "sim_s": "--sim-s", "models": "--models", "quants": "--quants", "gpu_price_per_hour": "--gpu-price",
          "max_model_len": "--max-model-len", "tolerance": "--tolerance", "workers": "--workers", "slo": "--slo",
-         "baseline": "--baseline", "workload": "--workload", "gpu": "--gpu", "seed": "--seed", "out": "--out"}
+         "baseline": "--baseline", "workload": "--workload", "gpu": "--gpu", "seed": "--seed", "out": "--out",
+         "tp": "-tp", "attainment": "--slo-attainment", "cost_drops_pct": "--cost-drop", "volume_x": "--volume-growth"}
 
 
 class PlanBlock(BaseModel):
