@@ -34,6 +34,30 @@ def chat_completion(rid: str, created: int, model: str, choices: list[tuple[int,
         "ec_transfer_params": None, "metrics": None}
 
 
+def usage(prompt_tokens: int, completion_tokens: int, chat: bool, stream: bool, details: bool,
+          cached_tokens: int | None, created_cache_tokens: int | None) -> dict:
+    """A request's usage; `details`: --enable-prompt-tokens-details (cached and, for chat, created
+    cache tokens)."""
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+             "completion_tokens": completion_tokens}
+    prompt_details = None
+    if details:
+        if not stream:
+            prompt_details = {"cached_tokens": cached_tokens, "created_cache_tokens": created_cache_tokens,
+                              "multimodal_tokens": None}
+        elif chat:
+            prompt_details = {"cached_tokens": cached_tokens, "created_cache_tokens": created_cache_tokens}
+        else:
+            prompt_details = {"cached_tokens": cached_tokens}
+    if stream:
+        if prompt_details is not None:
+            usage["prompt_tokens_details"] = prompt_details
+    else:
+        usage["prompt_tokens_details"] = prompt_details
+        usage["completion_tokens_details"] = None
+    return usage
+
+
 def stream_head(rid: str, created: int, model: str, chat: bool) -> dict:
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model}

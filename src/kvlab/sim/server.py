@@ -274,27 +274,13 @@ class SimServer:
     # -- completions
 
     def _usage(self, pending: Pending, chat: bool, stream: bool) -> dict:
-        prompt = self._prompt_tokens(pending)
-        completion = sum(c.emitted for c in pending.choices)
-        usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
-        details = None
+        firsts = pending.first_choices()
+        cached = created = None
         if self.args.enable_prompt_tokens_details:
-            firsts = pending.first_choices()
             cached = sum(max(c.seq.num_cached_tokens, 0) for c in firsts)
             created = sum(self._created_cache_tokens(c.seq) for c in firsts) if chat else None
-            if not stream:
-                details = {"cached_tokens": cached, "created_cache_tokens": created, "multimodal_tokens": None}
-            elif chat:
-                details = {"cached_tokens": cached, "created_cache_tokens": created}
-            else:
-                details = {"cached_tokens": cached}
-        if stream:
-            if details is not None:
-                usage["prompt_tokens_details"] = details
-        else:
-            usage["prompt_tokens_details"] = details
-            usage["completion_tokens_details"] = None
-        return usage
+        return responses.usage(self._prompt_tokens(pending), sum(c.emitted for c in pending.choices), chat, stream,
+                               self.args.enable_prompt_tokens_details, cached, created)
 
     def _prompt_tokens(self, pending: Pending) -> int:
         return sum(c.seq.num_prompt_tokens for c in pending.first_choices())
