@@ -4,7 +4,7 @@ For each model, start `kvlab sim serve MODEL --gpu h100 --speedup X`, then for e
 `users` concurrent completions at once: a shared 1000-token system prompt, 200 tokens of the
 user's own, and a reply that ends the context at 8,192 tokens (the last KV block fills on the last
 step, so all users hold their full context at the same moment). The rungs are the memory model's
-prediction (`kvlab.sim.sessions.predicted_max_users`) and one more user; vllm:num_preemptions_total
+prediction (`kvlab.replay.sessions.predicted_max_users`) and one more user; vllm:num_preemptions_total
 from /metrics says what happened.
 
 The users must hold their full contexts at the same moment: the last block of a request is taken
@@ -32,7 +32,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
-from kvlab.sim.sessions import predicted_max_users
+from kvlab.replay.sessions import predicted_max_users
 
 SYSTEM, USER, END = 1000, 200, 8192
 REPLY_TOKENS = END - SYSTEM - USER + 1

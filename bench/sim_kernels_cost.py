@@ -77,7 +77,7 @@ def simulated_run(model: str, users: int, duration_s: float, source: str) -> dic
 
     from kvlab.loadtest.workload import Workload
     from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
+    from kvlab.replay.run import run_offline
 
     cfg = build_config(model, "h100", max_model_len=32768)
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def closed_loop_1024_128(source: str, requests: int = 200) -> dict:
     """16 users, each sending 1,024-token prompts for 128 tokens back to back (no think time)."""
     from kvlab.loadtest.workload import Workload
     from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
+    from kvlab.replay.run import run_offline
 
     wl = Workload.model_validate({
         "name": "random-1024-128", "apps": {"count": 1, "system_tokens": 0},

@@ -42,7 +42,7 @@ WORKLOAD = {
 def one(job: tuple) -> dict:
     from kvlab.loadtest.workload import Workload
     from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
+    from kvlab.replay.run import run_offline
 
     model, kv, users, duration_s, out = job
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
 from kvlab.sim.config import build_config
-from kvlab.sim.offline import run_offline
+from kvlab.replay.run import run_offline
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -25,7 +25,7 @@ STREAMS = {
 }
 # calls that write through a path handed out by kvlab.io.atomic_path
 THROUGH_ATOMIC_PATH = {("loadtest/records.py", "to_parquet"), ("analysis/report.py", "to_csv"),
-                       ("experiments/index.py", "connect"), ("sim/offline.py", "write_table"),
+                       ("experiments/index.py", "connect"), ("replay/run.py", "write_table"),
                        ("plan/rebound.py", "savefig")}
 WRITERS = {"write_text", "write_bytes", "to_csv", "to_parquet", "to_json", "savefig", "dump", "connect",
            "copyfile", "copy", "copy2", "replace", "rename", "write_table"}

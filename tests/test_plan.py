@@ -124,7 +124,7 @@ def _direct_run(row, wl_path, users):
     """The simulator run of the same config, as `kvlab sim run` makes it."""
     from kvlab.loadtest.workload import load_workload
     from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
+    from kvlab.replay.run import run_offline
 
     kv = {"fp8": "fp8"}.get(row["kv_cache_dtype"], "auto")
     cfg = build_config(row["model"], "h100", max_model_len=4096, kv_cache_dtype=kv)

@@ -14,8 +14,8 @@ from kvlab.models import memory
 from kvlab.models.cards import card
 from kvlab.sim import tokens
 from kvlab.sim.config import build_config
-from kvlab.sim.offline import run_offline
-from kvlab.sim.sessions import closed_loop, predicted_max_users
+from kvlab.replay.run import run_offline
+from kvlab.replay.sessions import closed_loop, predicted_max_users
 from kvlab.sim.timing import MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S
 
 

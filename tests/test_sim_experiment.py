@@ -86,6 +86,32 @@ def test_report_labels_the_figures_simulated(results):
     assert "## Under agent load (simulated)" in (rep / "summary.md").read_text()
 
 
+def test_analysis_headline_script_rebuilds_the_reports_headline(results):
+    """analysis/headline.py reads the records with pandas only and finds the report's headline."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import run_kvlab
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "headline.py"
+    spec = importlib.util.spec_from_file_location("headline_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    baseline, head = script.headline(script.read_repeats([results / "out"]))
+    rep = results / "report-check"
+    r = run_kvlab("report", str(results / "out"), "--out", str(rep))
+    assert r.returncode == 0, r.stderr
+    report = {h["config"]: h for h in json.loads((rep / "headline.json").read_text())}
+    assert json.loads((rep / "report.json").read_text())["headline"] == script.sentences(baseline, head)
+    empty = lambda v: v is None or v != v  # noqa: E731  (JSON null in the report, NaN in pandas)
+    for row in head.to_dict("records"):
+        theirs = report[row["config"]]
+        for key in ("kv_bytes_per_token", "kv_cache_tokens_reported", "kv_cache_tokens_predicted", "source"):
+            assert row[key] == theirs[key], key
+        for key in ("tokens_x_reported", "tokens_x_predicted", "kv_saved_pct"):
+            assert (empty(row[key]) and empty(theirs[key])) or row[key] == pytest.approx(theirs[key]), key
+    assert head.set_index("config").loc["deepseek-v2-lite/bf16", "tokens_x_predicted"] > 1  # MLA holds more
+
 def test_shipped_sim_ladder_spec():
     from pathlib import Path
 

@@ -179,7 +179,7 @@ def test_memo_is_bounded(llama, monkeypatch):
 
 def test_simulated_run_counts_every_step():
     from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
+    from kvlab.replay.run import run_offline
     from test_sim_engine import AGENTS
 
     cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096)

@@ -12,8 +12,7 @@ import difflib
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-
-GiB = 1 << 30
+from kvlab.units import GiB, MiB
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,14 @@ class GPU:
     def memory_gib(self) -> float:
         return self.memory_bytes / GiB
 
+    def to_dict(self) -> dict:
+        """The preset as `kvlab gpus --json` prints it."""
+        return {"name": self.name, "aliases": list(self.aliases), "memory_gb": self.memory_gb,
+                "memory_bytes": self.memory_bytes, "memory_gib": round(self.memory_gib, 2),
+                "memory_source": self.memory_source, "bandwidth_tb_s": self.bandwidth_tb_s,
+                "bf16_tflops": self.bf16_tflops, "fp8_tflops": self.fp8_tflops,
+                "compute_capability": self.compute_capability, "platform": self.platform}
+
     @property
     def default_max_num_seqs(self) -> int:
         """vLLM's API-server default for this device (`EngineArgs._get_default_max_num_*`)."""
@@ -49,7 +56,6 @@ class GPU:
         return self.memory_bytes >= 160 * GiB or (self.memory_bytes >= 70 * GiB and "a100" not in self.name)
 
 
-MiB = 1 << 20
 
 # memory_bytes: the CUDA runtime's total (torch total_memory, the figure vLLM logs as
 # total_gpu_memory) where it was seen, else the nvidia-smi / rocm-smi total; the source says which.

@@ -4,7 +4,7 @@ A reader, or a rerun after a crash, Ctrl-C or a full disk, sees the previous ver
 or the new one, never half a file. A write that fails removes its temporary file and raises
 RecordWriteError (a KvlabError: one line, exit 2) naming the file and why.
 
-    write_json_atomic(path, obj)      write_text_atomic(path, text)      copy_atomic(src, dst)
+    write_json_atomic(path, obj)      write_text_atomic(path, text)
     with atomic_path(path) as tmp:    # for writers that take a path: to_parquet, to_csv, SQLite
         df.to_parquet(tmp)
 
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,12 +92,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    return Path(dst)
 
 
 def finite(obj: Any) -> Any:

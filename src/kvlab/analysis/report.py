@@ -4,7 +4,6 @@ CSV and JSON, rebuilt from the run records alone."""
 from __future__ import annotations
 
 import base64
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -175,11 +174,3 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     write_json_atomic(out / "report.json", {"complete": True, "baseline": base, "headline": sentences, "missing": missing,
                                            "images": sorted(images), "kvlab_version": __version__})
     return Report(out=out, html=html, summary_md=md, baseline=base, headline=sentences, missing=missing)
-
-
-def compare_only(a: Path, b: Path) -> pd.DataFrame:
-    return tables.compare(load_runs([a]), load_runs([b]))
-
-
-def to_json(df: pd.DataFrame) -> str:
-    return json.dumps(_records(df), indent=2)

@@ -17,8 +17,8 @@ import yaml
 from kvlab.analysis import fleet
 from kvlab.errors import KvlabError
 from kvlab.experiments.records import read_json
+from kvlab.units import GiB
 
-GiB = 1 << 30
 
 
 def _get(d: Any, *path: str) -> Any:

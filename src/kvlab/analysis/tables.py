@@ -6,8 +6,9 @@ from typing import Any
 
 import pandas as pd
 
-from kvlab.analysis.runs import GiB, RunSet, config_label
+from kvlab.analysis.runs import RunSet, config_label
 from kvlab.errors import KvlabError
+from kvlab.units import GiB
 
 
 def _first(s: pd.Series) -> Any:

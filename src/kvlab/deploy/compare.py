@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvlab.deploy.facts import GiB, StartupFacts
+from kvlab.deploy.facts import StartupFacts
 from kvlab.models.memory import CapacityResult
+from kvlab.units import GiB
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,3 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
                          budget_note or "vLLM logs it in GiB with 2 decimals"))
     rows.append(_row("attention_backend", predicted_backend or pred.attention_backend, facts.attention_backend))
     return rows
-
-
-def differences(rows: list[Comparison]) -> list[Comparison]:
-    return [r for r in rows if r.match is False]

@@ -6,11 +6,12 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+
+from kvlab import nvidia_smi
 
 
 @dataclass(frozen=True)
@@ -68,28 +69,20 @@ def cpu_features() -> CpuFeatures:
                            "unknown (no /proc/cpuinfo)")
 
 
-_SMI_QUERY = "name,memory.total,driver_version,compute_cap,uuid"
+_SMI_QUERY = ("name", "memory.total", "driver_version", "compute_cap", "uuid")
 
 
 def gpu_facts(timeout_s: float = 10) -> dict:
     """GPUs as nvidia-smi reports them; {"nvidia_smi": "absent"} where it is not installed."""
-    smi = shutil.which("nvidia-smi")
+    smi = nvidia_smi.find()
     if smi is None:
         return {"nvidia_smi": "absent", "gpus": []}
     try:
-        out = subprocess.run([smi, f"--query-gpu={_SMI_QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        rows = nvidia_smi.query_gpus(_SMI_QUERY, smi, timeout_s)
+    except nvidia_smi.NvidiaSmiError as e:
         return {"nvidia_smi": f"error: {e}", "gpus": []}
-    if out.returncode != 0:
-        return {"nvidia_smi": f"error: exit {out.returncode}: {out.stderr.strip()[:200]}", "gpus": []}
-    gpus = []
-    for line in out.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 5:
-            name, mem, driver, cc, uuid = parts
-            gpus.append({"name": name, "memory_total_mib": _num(mem), "driver_version": driver,
-                         "compute_capability": cc, "uuid": uuid})
+    gpus = [{"name": r["name"], "memory_total_mib": _num(r["memory.total"]), "driver_version": r["driver_version"],
+             "compute_capability": r["compute_cap"], "uuid": r["uuid"]} for r in rows]
     return {"nvidia_smi": smi, "gpus": gpus}
 
 

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kvlab import __version__
+from kvlab import __version__, nvidia_smi
 from kvlab.io import write_json_atomic  # noqa: F401  (the one shared helper; re-exported)
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH")
@@ -92,17 +92,12 @@ def cpu_model() -> str:
 def gpu_info() -> dict[str, Any]:
     """GPU model, memory and driver from nvidia-smi; {'present': False} without one."""
     try:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        rows = nvidia_smi.query_gpus(("name", "memory.total", "driver_version"))
+    except FileNotFoundError:
         return {"present": False}
-    if r.returncode != 0:
-        return {"present": False, "error": r.stderr.strip()[:200]}
-    gpus = []
-    for line in r.stdout.strip().splitlines():
-        name, mem, driver = [x.strip() for x in line.split(",")]
-        gpus.append({"name": name, "memory_mib": int(float(mem)), "driver": driver})
+    except nvidia_smi.NvidiaSmiError as e:
+        return {"present": False, "error": str(e)[:200]}
+    gpus = [{"name": r["name"], "memory_mib": int(float(r["memory.total"])), "driver": r["driver_version"]} for r in rows]
     return {"present": True, "gpus": gpus}
 
 

@@ -16,24 +16,11 @@ from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
+from kvlab.plan.request import PlanBlock  # a spec's plan: block is the planner's own type
+from kvlab.units import parse_duration_s  # noqa: F401  (also this module's public name)
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
 SHAPES = ("constant", "steps", "poisson", "diurnal")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration_s(value: str | int | float) -> float:
-    """'90', '90s', '2m', '1.5h' -> seconds."""
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 2m, 1h)")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
-    return seconds
 
 
 class _Strict(BaseModel):
@@ -63,20 +50,6 @@ class Load(_Strict):
         return v
 
 
-class PlanBlock(_Strict):
-    """`kvlab plan` for the spec's models x quants, its first workload, GPU, SLO and price
-    (`kvlab plan --spec`, and `kvlab experiment run` after the cells): the fleet to plan for."""
-
-    agents: int = Field(gt=0)
-    calls_per_agent_hour: float | None = Field(None, gt=0)
-    slo_attainment: float = Field(0.95, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    baseline: str | None = None  # MODEL/QUANT
-    cost_drop_pct: list[float] = Field(default_factory=lambda: [25.0, 50.0, 75.0, 90.0], min_length=1)
-    volume_growth: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
-    sim_s: float = Field(180.0, ge=30)
-
-
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
@@ -103,10 +76,7 @@ class Spec(_Strict):
     @classmethod
     def _duration(cls, v, info):
         if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            m = _DURATION.match(str(v))
-            if info.field_name == "warmup_s" and m and float(m.group(1)) == 0:
-                return 0.0  # no warm-up: 0, "0", "0s"
-            return parse_duration_s(v)
+            return parse_duration_s(v, allow_zero=info.field_name == "warmup_s")  # no warm-up: 0, "0", "0s"
         return v
 
     @model_validator(mode="after")

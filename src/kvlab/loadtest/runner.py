@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from kvlab.io import write_text_atomic
 from kvlab.loadtest.records import read_requests, record_files, write_parquet
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
+from kvlab.units import parse_duration_s
 
 STARTUP_GRACE_S = 60.0  # Locust start, worker connection, final CSV writing
 WORKER_WAIT_S = 30
@@ -109,17 +109,8 @@ class _RecordTail:
 
 
 def parse_duration(text: str | float | int) -> float:
-    """'90', '90s', '5m', '1h30m' -> seconds (Locust's -t format)."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", s)
-    if not s or parts is None:
-        raise KvlabError(f"duration {text!r}: use seconds or a time string like 90s, 5m, 1h30m")
-    h, m, sec = (int(x) if x else 0 for x in parts.groups())
-    return float(h * 3600 + m * 60 + sec)
+    """'90', '90s', '5m', '1h30m' (Locust's -t format; the grammar of kvlab.units) -> seconds."""
+    return parse_duration_s(text, allow_zero=True, what="duration")
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from kvlab.errors import KvlabError
+from kvlab.units import parse_duration_s
 
 SUMMARY_FILE = "metrics-summary.json"
 metrics_app = typer.Typer(help="Per-run figures from vLLM's Prometheus metrics.", no_args_is_help=True)
@@ -18,18 +19,6 @@ JSON = typer.Option(False, "--json", help="Print one JSON object")
 MODEL = typer.Option(None, "--model-name", help="The served model name (needed when the samples hold several)")
 MEAN_CTX = typer.Option(None, "--mean-session-context-tokens", help="Mean context per agent session, for resident sessions")
 KV_BPT = typer.Option(None, "--kv-bytes-per-token", help="KV bytes per token (kvlab kv) for exact GiB; default: from vllm:cache_config_info")
-
-
-def parse_duration_s(text: str) -> float:
-    """`60s`, `2m`, `1.5h`, `500ms` or plain seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise KvlabError(f"not a duration: {text!r} (use e.g. 60s, 2m, 1h)")
-    scale = {"ms": 1e-3, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
-    value = float(m.group(1)) * scale
-    if value <= 0:
-        raise KvlabError(f"duration must be positive: {text!r}")
-    return value
 
 
 def scrape_cmd(
@@ -155,7 +144,7 @@ def register(app: typer.Typer) -> None:
 
 # -- printing ------------------------------------------------------------------------------------
 def _console():
-    from kvlab.cli import console
+    from kvlab.clikit import console
 
     return console
 
@@ -163,7 +152,7 @@ def _console():
 def _print(figures: dict[str, dict], as_json: bool) -> None:
     from rich.table import Table
 
-    from kvlab.cli import emit_json
+    from kvlab.clikit import emit_json
 
     if as_json:
         emit_json(figures if len(figures) != 1 else next(iter(figures.values())))

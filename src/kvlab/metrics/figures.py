@@ -18,8 +18,8 @@ import pandas as pd
 from kvlab.errors import KvlabError
 from kvlab.metrics.series import histogram_quantile, quantile_linear
 from kvlab.metrics.window import RunWindow, load_frame, models_in, with_labels
+from kvlab.units import GiB
 
-GiB = 1 << 30
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_CONFIG = "vllm:cache_config_info"

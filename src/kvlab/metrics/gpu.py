@@ -7,12 +7,12 @@ watts), labelled with the GPU's index, uuid and name. Without `nvidia-smi` the s
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 
+from kvlab import nvidia_smi
+from kvlab.units import MiB
+
 QUERY = ("index", "uuid", "name", "memory.used", "memory.total", "utilization.gpu", "power.draw")
-MiB = 1 << 20
 # family -> (nvidia-smi field, factor to the family's unit)
 FAMILIES = {
     "nvidia_smi_memory_used_bytes": ("memory.used", MiB),
@@ -31,22 +31,17 @@ class GpuReading:
     values: dict[str, float]  # nvidia-smi field -> number; fields it reports as [N/A] are left out
 
 
-def parse_query_csv(text: str) -> list[GpuReading]:
-    """Parse `nvidia-smi --query-gpu=<QUERY> --format=csv,noheader,nounits` output."""
+def readings(rows: list[dict[str, str]]) -> list[GpuReading]:
     out = []
-    for line in text.strip().splitlines():
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) != len(QUERY):
-            raise ValueError(f"expected {len(QUERY)} fields, got {len(cells)}: {line!r}")
-        row = dict(zip(QUERY, cells))
-        values = {}
-        for key in QUERY[3:]:
-            try:
-                values[key] = float(row[key])
-            except ValueError:  # "[N/A]", "[Not Supported]"
-                pass
+    for row in rows:
+        values = {key: v for key in QUERY[3:] if (v := nvidia_smi.number(row[key])) is not None}
         out.append(GpuReading(row["index"], row["uuid"], row["name"], values))
     return out
+
+
+def parse_query_csv(text: str) -> list[GpuReading]:
+    """Parse `nvidia-smi --query-gpu=<QUERY> --format=csv,noheader,nounits` output."""
+    return readings(nvidia_smi.parse_csv(text, QUERY))
 
 
 def reading_rows(ts: float, readings: list[GpuReading]) -> list[Row]:
@@ -63,7 +58,7 @@ class NvidiaSmi:
     """Samples every visible GPU; `absent_reason` is set when it cannot."""
 
     def __init__(self, executable: str | None = None, timeout_s: float = 5.0):
-        self.executable = executable or shutil.which("nvidia-smi")
+        self.executable = executable or nvidia_smi.find()
         self.timeout_s = timeout_s
         self.absent_reason = None if self.executable else "nvidia-smi not found on PATH"
 
@@ -73,14 +68,4 @@ class NvidiaSmi:
 
     def sample(self, ts: float) -> list[Row]:
         """Rows for every GPU; raises RuntimeError with the reason when nvidia-smi fails."""
-        cmd = [self.executable, f"--query-gpu={','.join(QUERY)}", "--format=csv,noheader,nounits"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeError(f"nvidia-smi: {e}") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvidia-smi exited {proc.returncode}: {proc.stderr.strip()[:200]}")
-        try:
-            return reading_rows(ts, parse_query_csv(proc.stdout))
-        except ValueError as e:
-            raise RuntimeError(f"nvidia-smi output: {e}") from None
+        return reading_rows(ts, readings(nvidia_smi.query_gpus(QUERY, self.executable, self.timeout_s)))

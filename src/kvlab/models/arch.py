@@ -121,10 +121,6 @@ class ModelArch:
         return "GQA"
 
     @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
-    @property
     def num_sliding_layers(self) -> int:
         return sum(1 for t in self.layer_types if t == "sliding_attention")
 

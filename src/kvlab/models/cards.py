@@ -108,10 +108,6 @@ class ResolvedModel:
     path: Path | None = None  # local folder (or HF cache snapshot) with the checkpoint
     card: Card | None = None
 
-    @property
-    def display_name(self) -> str:
-        return self.name
-
 
 def _read_config(path: Path, label: str) -> dict[str, Any]:
     return read_mapping(path, "config.json", where=f"{label}: {path.name}" if label != str(path) else None)

@@ -21,8 +21,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_format
-
-GiB = 1 << 30
+from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 

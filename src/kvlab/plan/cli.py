@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
+from kvlab.clikit import emit_json
 from kvlab.errors import KvlabError
 
 
@@ -51,70 +50,13 @@ def parse_slo(text: str | None) -> dict[str, float | None]:
     return out
 
 
-def plan_cmd(
-    workload: Optional[str] = typer.Option(None, "--workload", help="Agent workload: a profile in loadtest/ or a YAML path (with --spec: its first workload)"),
-    agents: Optional[int] = typer.Option(None, "--agents", help="Agents in the fleet (with --spec: its plan.agents)"),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus; with --spec: its gpu)"),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model cards (with --spec: its models)"),
-    quants: Optional[str] = typer.Option(None, "--quants", help="Comma-separated serve-profile levels: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq (default bf16; with --spec: its quants)"),
-    spec_path: Optional[str] = typer.Option(None, "--spec", help="Plan the configs of an experiment spec (its models, quants, first workload, gpu, slo, price, seed and plan: block); flags override it; the plan goes to results/<spec name>/plan, where `kvlab report` finds it"),
-    calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: as many as one busy session of the baseline config at the SLO)"),
-    slo: Optional[str] = typer.Option(None, "--slo", help="Thresholds over the workload's slo: ttft_s=2,itl_p95_s=0.1,tpot_s=..,e2e_s=.. (off disables one)"),
-    slo_attainment: Optional[float] = typer.Option(None, "--slo-attainment", help="Share of requests that must meet the SLO (default 0.95)"),
-    gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour (no $ figures without it)"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT the savings are against (default: the first GQA model at its first level)"),
-    tp: Optional[int] = typer.Option(None, "--tensor-parallel-size", "-tp", help="GPUs per replica (default 1)"),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Default: the workload's longest session, rounded up to 4,096 tokens"),
-    sim_s: Optional[float] = typer.Option(None, "--sim-s", help="Simulated seconds per probe (default 180; the first third warms up; coarse probes run half)"),
-    tolerance: float = typer.Option(0.03, "--tolerance", help="Relative width at which the search for sessions per replica stops"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Workload seed (default 0)"),
-    cost_drop: Optional[str] = typer.Option(None, "--cost-drop", help="Rebound: cost per call falls by these % (default 25,50,75,90)"),
-    volume_growth: Optional[str] = typer.Option(None, "--volume-growth", help="Rebound: call volume grows by these factors (default 1,2,5,10,20)"),
-    workers: int = typer.Option(0, "--workers", help="Processes for the searches (default: one per CPU core)"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Simulate every probe again (default: reuse $KVLAB_CACHE/plan)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for plan.json and rebound.png (default results/plan-<time>; with --spec results/<spec name>/plan)"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
-) -> None:
-    """How many GPUs, and how much HBM, N agents need per model x quantization within the SLO, what
-    MLA, KV-cache and weight quantization save, and whether a rebound in calls eats the saving.
-    Sessions per GPU come from searches on the simulator (kvlab sim, offline)."""
-    from kvlab.plan.planner import PlanRequest
-
-    given = {
-        "workload": workload, "agents": agents, "gpu": gpu,
-        "models": _names(models, "--models") if models is not None else None,
-        "quants": _names(quants, "--quants") if quants is not None else None,
-        "calls_per_agent_hour": calls_per_agent_hour, "slo": parse_slo(slo) or None, "attainment": slo_attainment,
-        "gpu_price_per_hour": gpu_price, "baseline": baseline, "tp": tp, "max_model_len": max_model_len,
-        "sim_s": sim_s, "seed": seed,
-        "cost_drops_pct": _floats(cost_drop, "--cost-drop") if cost_drop is not None else None,
-        "volume_x": _floats(volume_growth, "--volume-growth") if volume_growth is not None else None,
-        "out": out,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if spec_path is not None:
-        from kvlab.experiments.spec import load_spec
-        from kvlab.plan.planner import request_from_spec
-
-        spec = load_spec(spec_path)
-        req = request_from_spec(spec, given.pop("out", Path("results") / spec.name / "plan"), **given)
-    else:
-        missing = [flag for flag, key in (("--workload", "workload"), ("--agents", "agents"), ("--gpu", "gpu"),
-                                          ("--models", "models")) if key not in given]
-        if missing:
-            raise KvlabError(f"kvlab plan needs {', '.join(missing)} (or --spec SPEC with a plan: block)")
-        req = PlanRequest(**{"quants": ["bf16"], **given})
-    req.tolerance, req.workers, req.use_cache = tolerance, workers, not no_cache
-    run_plan(req, as_json)
-
-
 def run_plan(req, as_json: bool = False) -> dict:
     """Plan (plan.json goes next to rebound.png) and print the tables (or the JSON)."""
     from kvlab.plan.planner import plan
 
     result = plan(req)
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        emit_json(result)
         return result
     from kvlab.plan.tables import print_plan
 
@@ -122,5 +64,60 @@ def run_plan(req, as_json: bool = False) -> dict:
     return result
 
 
-def register(app: typer.Typer) -> None:
-    app.command("plan")(plan_cmd)
+def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
+    """`kvlab plan`. `load_spec` reads `--spec` (kvlab.experiments.spec.load_spec: the app passes it in,
+    so that kvlab.plan imports nothing from the experiments stage, which plans after its cells)."""
+
+    @app.command("plan")
+    def plan_cmd(
+        workload: Optional[str] = typer.Option(None, "--workload", help="Agent workload: a profile in loadtest/ or a YAML path (with --spec: its first workload)"),
+        agents: Optional[int] = typer.Option(None, "--agents", help="Agents in the fleet (with --spec: its plan.agents)"),
+        gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus; with --spec: its gpu)"),
+        models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model cards (with --spec: its models)"),
+        quants: Optional[str] = typer.Option(None, "--quants", help="Comma-separated serve-profile levels: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq (default bf16; with --spec: its quants)"),
+        spec_path: Optional[str] = typer.Option(None, "--spec", help="Plan the configs of an experiment spec (its models, quants, first workload, gpu, slo, price, seed and plan: block); flags override it; the plan goes to results/<spec name>/plan, where `kvlab report` finds it"),
+        calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: as many as one busy session of the baseline config at the SLO)"),
+        slo: Optional[str] = typer.Option(None, "--slo", help="Thresholds over the workload's slo: ttft_s=2,itl_p95_s=0.1,tpot_s=..,e2e_s=.. (off disables one)"),
+        slo_attainment: Optional[float] = typer.Option(None, "--slo-attainment", help="Share of requests that must meet the SLO (default 0.95)"),
+        gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour (no $ figures without it)"),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT the savings are against (default: the first GQA model at its first level)"),
+        tp: Optional[int] = typer.Option(None, "--tensor-parallel-size", "-tp", help="GPUs per replica (default 1)"),
+        max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Default: the workload's longest session, rounded up to 4,096 tokens"),
+        sim_s: Optional[float] = typer.Option(None, "--sim-s", help="Simulated seconds per probe (default 180; the first third warms up; coarse probes run half)"),
+        tolerance: float = typer.Option(0.03, "--tolerance", help="Relative width at which the search for sessions per replica stops"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Workload seed (default 0)"),
+        cost_drop: Optional[str] = typer.Option(None, "--cost-drop", help="Rebound: cost per call falls by these % (default 25,50,75,90)"),
+        volume_growth: Optional[str] = typer.Option(None, "--volume-growth", help="Rebound: call volume grows by these factors (default 1,2,5,10,20)"),
+        workers: int = typer.Option(0, "--workers", help="Processes for the searches (default: one per CPU core)"),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Simulate every probe again (default: reuse $KVLAB_CACHE/plan)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for plan.json and rebound.png (default results/plan-<time>; with --spec results/<spec name>/plan)"),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    ) -> None:
+        """How many GPUs, and how much HBM, N agents need per model x quantization within the SLO, what
+        MLA, KV-cache and weight quantization save, and whether a rebound in calls eats the saving.
+        Sessions per GPU come from searches on the simulator (kvlab sim, offline)."""
+        from kvlab.plan.request import PlanRequest, request_from_spec
+
+        given = {
+            "workload": workload, "agents": agents, "gpu": gpu,
+            "models": _names(models, "--models") if models is not None else None,
+            "quants": _names(quants, "--quants") if quants is not None else None,
+            "calls_per_agent_hour": calls_per_agent_hour, "slo": parse_slo(slo) or None,
+            "slo_attainment": slo_attainment, "gpu_price_per_hour": gpu_price, "baseline": baseline,
+            "tensor_parallel_size": tp, "max_model_len": max_model_len, "sim_s": sim_s, "seed": seed,
+            "cost_drop_pct": _floats(cost_drop, "--cost-drop") if cost_drop is not None else None,
+            "volume_growth": _floats(volume_growth, "--volume-growth") if volume_growth is not None else None,
+            "out": out,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        given.update(tolerance=tolerance, workers=workers, use_cache=not no_cache)
+        if spec_path is not None:
+            spec = load_spec(spec_path)
+            req = request_from_spec(spec, given.pop("out", Path("results") / spec.name / "plan"), **given)
+        else:
+            missing = [flag for flag, key in (("--workload", "workload"), ("--agents", "agents"), ("--gpu", "gpu"),
+                                              ("--models", "models")) if key not in given]
+            if missing:
+                raise KvlabError(f"kvlab plan needs {', '.join(missing)} (or --spec SPEC with a plan: block)")
+            req = PlanRequest(**given)
+        run_plan(req, as_json)

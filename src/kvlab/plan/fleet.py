@@ -15,8 +15,8 @@ from itertools import combinations
 from math import ceil, factorial
 
 from kvlab.loadtest.workload import Workload
-from kvlab.models.memory import GiB
 from kvlab.plan.search import SearchResult
+from kvlab.units import GiB
 
 SECONDS_PER_DAY = 86400
 FACTOR_NAMES = {"model": "model (attention)", "kv_cache_dtype": "KV dtype", "weights": "weight quantization"}

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from math import ceil
 from pathlib import Path
@@ -31,86 +31,17 @@ from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
 from kvlab.plan.probe import run_probe
+from kvlab.plan.request import PlanRequest, request_from_spec  # noqa: F401  (request_from_spec: kvlab experiment run's)
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import SearchResult, SearchSettings, search
 
 PROVENANCE = ("sessions per GPU, calls and KV in use: simulated (kvlab sim, offline, virtual time); weights and "
               "KV pool per GPU: predicted (kvlab memory model); GPUs, HBM and $: computed from those")
-DEFAULT_COST_DROPS_PCT = [25.0, 50.0, 75.0, 90.0]
-DEFAULT_VOLUME_X = [1.0, 2.0, 5.0, 10.0, 20.0]
-
-
-@dataclass
-class PlanRequest:
-    workload: str
-    agents: int
-    gpu: str
-    models: list[str]
-    quants: list[str]
-    calls_per_agent_hour: float | None = None
-    slo: dict[str, float | None] = field(default_factory=dict)  # overrides the workload's slo block
-    attainment: float = 0.95
-    gpu_price_per_hour: float | None = None
-    baseline: str | None = None  # MODEL/QUANT; default: the first non-MLA model at its first level
-    tp: int = 1
-    max_model_len: int | None = None  # default: the workload's longest session, to a multiple of 4,096
-    sim_s: float = 180.0
-    tolerance: float = 0.03
-    seed: int = 0
-    cost_drops_pct: list[float] = field(default_factory=lambda: list(DEFAULT_COST_DROPS_PCT))
-    volume_x: list[float] = field(default_factory=lambda: list(DEFAULT_VOLUME_X))
-    workers: int = 0  # 0: one per CPU core
-    use_cache: bool = True
-    out: Path | None = None  # where plan.json and rebound.png go
-    verbose: bool = True
-
-
-def request_from_spec(spec, out: Path, **given) -> PlanRequest:
-    """The plan of an experiment spec's configs: its models x quants, first workload, GPU, SLO,
-    price, seed, max_model_len and `plan:` block; `given` (PlanRequest fields) overrides them."""
-    block = spec.plan
-    if block is None and "agents" not in given:
-        raise KvlabError(f"spec {spec.name} has no plan: block; add one (plan: {{agents: 10000}}) or pass --agents")
-    if spec.gpu is None and "gpu" not in given:
-        raise KvlabError(f"spec {spec.name} names no gpu: add gpu: h100 (kvlab gpus) or pass --gpu")
-    from_spec: dict = {
-        "workload": spec.workloads[0], "gpu": spec.gpu, "models": list(spec.models), "quants": list(spec.quants),
-        "slo": spec.slo.model_dump(), "gpu_price_per_hour": spec.gpu_price_per_hour, "seed": spec.seed,
-        "max_model_len": spec.max_model_len, "out": out,
-    }
-    if block is not None:
-        from_spec.update(agents=block.agents, calls_per_agent_hour=block.calls_per_agent_hour,
-                         attainment=block.slo_attainment, tp=block.tensor_parallel_size, baseline=block.baseline,
-                         cost_drops_pct=list(block.cost_drop_pct), volume_x=list(block.volume_growth), sim_s=block.sim_s)
-    return PlanRequest(**{**from_spec, **given})
 
 
 def _log(req: PlanRequest, msg: str) -> None:
     if req.verbose:
         print(msg, file=sys.stderr, flush=True)
-
-
-def _validate(req: PlanRequest) -> None:
-    if req.agents < 1:
-        raise KvlabError(f"--agents must be at least 1, got {req.agents}")
-    if req.calls_per_agent_hour is not None and req.calls_per_agent_hour <= 0:
-        raise KvlabError(f"--calls-per-agent-hour must be positive, got {req.calls_per_agent_hour}")
-    if not 0 < req.attainment <= 1:
-        raise KvlabError(f"--slo-attainment must be in (0, 1], got {req.attainment}")
-    if req.gpu_price_per_hour is not None and req.gpu_price_per_hour < 0:
-        raise KvlabError(f"--gpu-price must not be negative, got {req.gpu_price_per_hour}")
-    if req.sim_s < 30:
-        raise KvlabError(f"--sim-s must be at least 30 simulated seconds, got {req.sim_s:g}")
-    if not 0 < req.tolerance < 1:
-        raise KvlabError(f"--tolerance must be in (0, 1), got {req.tolerance}")
-    if req.tp < 1:
-        raise KvlabError(f"-tp must be at least 1, got {req.tp}")
-    if not req.models or not req.quants:
-        raise KvlabError("give at least one model (--models) and one quantization level (--quants)")
-    if any(not 0 <= x < 100 for x in req.cost_drops_pct):
-        raise KvlabError("--cost-drop values are percentages in [0, 100)")
-    if any(k <= 0 for k in req.volume_x):
-        raise KvlabError("--volume-growth values must be positive")
 
 
 def default_max_model_len(workload: Workload) -> int:
@@ -155,7 +86,7 @@ def _resolve(req: PlanRequest, max_model_len: int) -> list[Planned]:
         for quant in req.quants:
             p = Planned(model, quant)
             try:
-                p.config = resolve_config(model, quant, req.gpu, req.tp, max_model_len)
+                p.config = resolve_config(model, quant, req.gpu, req.tensor_parallel_size, max_model_len)
                 p.config.sim_config()
             except KvlabError as e:
                 p.refusal = str(e)
@@ -197,7 +128,7 @@ def _quant_names(req: PlanRequest, max_model_len: int) -> dict[tuple[str, str, s
             continue
         for level in levels:
             try:
-                cfg = resolve_config(model, level, req.gpu, req.tp, max_model_len)
+                cfg = resolve_config(model, level, req.gpu, req.tensor_parallel_size, max_model_len)
             except KvlabError:
                 continue
             names.setdefault((cfg.model, cfg.kv_cache_dtype, cfg.weights), level)
@@ -276,12 +207,11 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
 def plan(req: PlanRequest) -> dict:
     """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), also
     written to `out/plan.json` beside `rebound.png`."""
-    _validate(req)
     t0 = time.time()
     workload = load_workload(req.workload)
     slo = slo_of(workload, req.slo)
     mml = req.max_model_len or default_max_model_len(workload)
-    settings = SearchSettings(slo, req.attainment, req.sim_s, req.tolerance, req.seed, req.use_cache, req.verbose)
+    settings = SearchSettings(slo, req.slo_attainment, req.sim_s, req.tolerance, req.seed, req.use_cache, req.verbose)
 
     planned = _resolve(req, mml)
     _refuse_if_none(planned, planned, "no config can be planned")
@@ -289,7 +219,7 @@ def plan(req: PlanRequest) -> dict:
     names = _quant_names(req, mml)
     todo = _to_search(planned, base, names)
     _log(req, f"planning {len(todo)} config(s) ({len(todo) - len(_requested(planned))} of them to separate the "
-              f"savings) with {req.workload}, SLO {slo.model_dump(exclude_none=True)} for {req.attainment:.0%} of "
+              f"savings) with {req.workload}, SLO {slo.model_dump(exclude_none=True)} for {req.slo_attainment:.0%} of "
               f"requests; probes of {req.sim_s:g} simulated s")
     results = _run_searches(list(todo.values()), workload, settings, req.workers)
     feasible = _judge_results(planned, results, workload, settings)
@@ -306,7 +236,7 @@ def plan(req: PlanRequest) -> dict:
     out_dir = Path(req.out) if req.out else Path("results") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     reb = rebound(base.label, figs[_key(base.config)], base.config.tp,
                   {p.label: (figs[_key(p.config)], p.config.tp) for p in feasible if p is not base},
-                  req.cost_drops_pct, req.volume_x)
+                  req.cost_drop_pct, req.volume_growth)
     reb["plot"] = str(plot(reb, out_dir / "rebound.png"))
     probes = [lg for r in results.values() for lg in r.probes]
     result = finite({
@@ -315,8 +245,8 @@ def plan(req: PlanRequest) -> dict:
                    "agents": req.agents, "calls_per_agent_hour": rate,
                    "calls_per_agent_hour_source": "given" if req.calls_per_agent_hour else
                    f"simulated: one session of the baseline ({base.label}) at its SLO load", "gpu": req.gpu,
-                   "models": req.models, "quants": req.quants, "slo": slo.model_dump(), "slo_attainment": req.attainment,
-                   "gpu_price_per_hour": req.gpu_price_per_hour, "tensor_parallel_size": req.tp,
+                   "models": req.models, "quants": req.quants, "slo": slo.model_dump(), "slo_attainment": req.slo_attainment,
+                   "gpu_price_per_hour": req.gpu_price_per_hour, "tensor_parallel_size": req.tensor_parallel_size,
                    "max_model_len": mml, "sim_s": req.sim_s, "warmup_s": settings.fine.warmup_s,
                    "tolerance": req.tolerance, "seed": req.seed},
         "baseline": base.label,

@@ -1,10 +1,10 @@
 """One probe: a config serving N closed-loop agent sessions on the simulator, judged against an SLO.
 
-A probe is `kvlab.sim.offline.run_offline(model, gpu, workload, sim_s, concurrency=N, seed=seed)`,
+A probe is `kvlab.replay.run.run_offline(model, gpu, workload, sim_s, concurrency=N, seed=seed)`,
 the same run as `kvlab sim run MODEL --gpu G --workload W --users N --duration-s S --seed s`. Its
 first `warmup_s` simulated seconds fill the KV cache and mix the sessions' phases; requests sent
 after that are judged. Probes are cached on disk by everything they depend on (the simulator's
-and memory model's source included), so rerunning a plan, or changing only its SLO, costs nothing.
+replay's and memory model's source included), so rerunning a plan, or changing only its SLO, costs nothing.
 """
 
 from __future__ import annotations
@@ -155,11 +155,12 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The simulator, memory model, GPU presets and workload model's sources: a change invalidates probes."""
+    """The simulator, offline replay, memory model, GPU presets and workload model's sources: a change
+    invalidates probes."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    files = sorted([*root.glob("sim/*.py"), *root.glob("models/*.py"), *root.glob("models/cards/*.yaml"),
-                    root / "hardware.py", root / "loadtest/workload.py", root / "loadtest/dists.py",
+    files = sorted([*root.glob("sim/*.py"), *root.glob("replay/*.py"), *root.glob("models/*.py"),
+                    *root.glob("models/cards/*.yaml"), root / "hardware.py", root / "units.py", root / "loadtest/workload.py", root / "loadtest/dists.py",
                     root / "loadtest/plan.py"])
     for f in files:
         h.update(f.name.encode())
@@ -183,9 +184,8 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
             return _load(path, users, window), True, 0.0
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry is simulated again
-    from kvlab.sim.offline import run_offline
-
-    from kvlab.sim.sessions import closed_loop
+    from kvlab.replay.run import run_offline
+    from kvlab.replay.sessions import closed_loop
 
     cpu0 = time.process_time()
     sim_cfg = cfg.sim_config()

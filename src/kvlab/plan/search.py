@@ -197,11 +197,11 @@ def _middle(lo: int, hi: int) -> int:
 
 
 def initial_guess(cfg: PlanConfig, workload: Workload, seed: int) -> int:
-    """1.5x the sessions whose final contexts the KV cache holds at once (kvlab.sim.sessions): under
+    """1.5x the sessions whose final contexts the KV cache holds at once (kvlab.replay.sessions): under
     agent load only the sessions being served hold blocks, and most of them are not at their end.
     At most 256: a tight SLO can bind far below the KV cache, and probes with fewer sessions are cheaper."""
     from kvlab.plan.probe import workload_plans
-    from kvlab.sim.sessions import predicted_max_users
+    from kvlab.replay.sessions import predicted_max_users
 
     sim = cfg.sim_config()
     fit = predicted_max_users(sim.num_blocks, sim.block_size, workload_plans(workload, seed), limit=MAX_GUESS)

@@ -68,10 +68,6 @@ class BlockManager:
     def num_usable_blocks(self) -> int:
         return self.num_blocks - 1
 
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_usable_blocks - self.num_free_blocks
-
     def usage(self) -> float:
         """vLLM's `kv_cache_usage_perc`: the fraction of usable blocks not in the free queue."""
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
@@ -104,13 +100,9 @@ class BlockManager:
 
     # -- allocation
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int, computed: list[int]) -> int:
+    def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
         """Free blocks an allocation for `num_tokens` slots would take (vLLM
         `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
-        idx = np.asarray(computed, dtype=np.int64)
-        return self._blocks_needed(seq, num_tokens, len(computed), self._num_in_queue(idx))
-
-    def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
         new = ceil(num_tokens / self.block_size) - len(seq.block_table) - num_computed
         return max(new, 0) + in_queue
 

@@ -1,12 +1,6 @@
-"""`kvlab sim serve` (a simulated vLLM server) and `kvlab sim run` (offline agent runs, ladders)."""
+"""`kvlab sim serve`: a simulated vLLM server. (`kvlab sim run`, the offline replay, is `kvlab.replay.cli`.)"""
 
 from __future__ import annotations
-
-import json
-import sys
-import time
-from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -42,102 +36,6 @@ def serve_cmd(ctx: typer.Context) -> None:
     except OSError as e:
         raise KvlabError(f"[Errno {e.errno}] error while attempting to bind on address "
                          f"('{args.host}', {args.port}): {e.strerror.lower() if e.strerror else e}") from None
-
-
-def _users(spec: str) -> list[int]:
-    try:
-        users = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise KvlabError(f"--users takes a number or a comma-separated ladder (8,16,32), got {spec!r}") from None
-    if not users or min(users) < 1:
-        raise KvlabError(f"--users must be positive, got {spec!r}")
-    return users
-
-
-@sim_app.command("run")
-def run_cmd(
-    model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
-    gpu: str = typer.Option(..., "--gpu", help="GPU preset to simulate (kvlab gpus)"),
-    duration_s: float = typer.Option(600.0, "--duration-s", help="Simulated seconds per run"),
-    users: str = typer.Option("16", "--users", help="Concurrent agent users; a comma list runs a ladder (8,16,32)"),
-    workload: str = typer.Option("agent", "--workload", help="Workload profile in loadtest/ (agent, agent-smoke, ...) or a YAML path"),
-    spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second (default: the workload's, else all within a second)"),
-    seed: int = typer.Option(0, "--seed", help="Workload seed (the sessions Locust plays with --seed)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default results/sim-run-<time>)"),
-    scrape_interval_s: float = typer.Option(5.0, "--scrape-interval-s", help="Metric samples every this many simulated seconds"),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
-    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
-    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype"),
-    quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
-    block_size: Optional[int] = typer.Option(None, "--block-size"),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
-    kv_cache_memory_bytes: Optional[int] = typer.Option(None, "--kv-cache-memory-bytes"),
-    num_gpu_blocks_override: Optional[int] = typer.Option(None, "--num-gpu-blocks-override"),
-    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
-    tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
-    pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
-) -> None:
-    """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
-    engine in virtual time (no HTTP); write per-request records, metric samples and results. A
-    --users ladder shows where preemptions start."""
-    from kvlab.loadtest.workload import load_workload, resolve_profile
-    from kvlab.serve_config import ServeConfig, quantization_fields
-    from kvlab.sim.config import build_config
-    from kvlab.sim.offline import run_offline
-    from kvlab.sim.sessions import predicted_max_users
-
-    ladder = _users(users)
-    wl = load_workload(workload)
-    serve = ServeConfig(model=model, **quantization_fields(quantization), max_model_len=max_model_len,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        kv_cache_dtype=kv_cache_dtype, dtype=None if dtype in (None, "auto") else dtype,
-                        block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpu_blocks_override=num_gpu_blocks_override,
-                        tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching)
-    root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
-    predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
-    rows = []
-    for n in ladder:
-        folder = root / f"users-{n}" if len(ladder) > 1 else root
-        manifest = {"command": ["kvlab", *sys.argv[1:]], "engine": "sim", "seed": seed, "users": n,
-                    "workload": {"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
-                    "spawn_rate": spawn_rate, "duration_s": duration_s,
-                    "predicted_max_users_without_preemption": predicted}
-        res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
-                          out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest)
-        rows.append((n, folder, res.results))
-    if as_json:
-        sys.stdout.write(json.dumps({"runs": [{"users": n, "out": str(f), **r} for n, f, r in rows]}, indent=2) + "\n")
-        return
-    _print_ladder(cfg, rows, predicted)
-
-
-def _print_ladder(cfg, rows, predicted: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    cap = cfg.capacity
-    t = Table(title=f"{cfg.model} on {cfg.gpu.name} x{cap.num_gpus} — simulated agent runs")
-    for col in ("users", "requests", "output tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 s", "preemptions",
-                "KV usage max", "prefix hits", "wall s"):
-        t.add_column(col, justify="right")
-    for n, _, r in rows:
-        ttft, tpot = r["ttft_s"] or {}, r["tpot_s"] or {}
-        t.add_row(str(n), str(r["requests_completed"]), f"{r['output_tokens_per_s']:,.0f}",
-                  f"{ttft.get('p50', float('nan')):.3f}", f"{ttft.get('p99', float('nan')):.3f}",
-                  f"{tpot.get('p50', float('nan')):.4f}", str(r["num_preemptions"]),
-                  f"{r['kv_cache_usage_max']:.1%}", f"{r['prefix_cache_hit_rate']:.1%}", f"{r['wall_s']:.1f}")
-    console.print(t)
-    console.print(f"[dim]KV cache: {cap.num_blocks:,} blocks x {cap.block_size} = {cap.num_blocks * cap.block_size:,} "
-                  f"tokens (memory model). If the workload's first sessions all held their final contexts at once, "
-                  f"preemptions would start above {predicted} users (predicted). All figures simulated.[/dim]")
-    for n, folder, _ in rows:
-        console.print(f"users {n}: {folder}")
 
 
 def register(app: typer.Typer) -> None:

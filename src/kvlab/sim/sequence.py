@@ -92,18 +92,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def is_decoding(self) -> bool:
-        return self.join_step >= 0
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
-
     def hashes_for(self, num_blocks: int, block_size: int) -> list[int]:
         """The chained hashes of the first `num_blocks` full blocks, extended as needed."""
         return extend_hashes(self.block_hashes, self.token_ids, num_blocks, block_size)
@@ -116,13 +104,6 @@ class Sequence:
             a = self.hash_array = np.concatenate(
                 (a, np.asarray(self.block_hashes[len(a):num_blocks], dtype=np.int64)))
         return a[:num_blocks]
-
-    def record_token_step(self, step: int) -> None:
-        runs = self.token_steps
-        if runs and runs[-1][1] == step - 1:
-            runs[-1][1] = step
-        else:
-            runs.append([step, step])
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "

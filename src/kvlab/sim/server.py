@@ -1,8 +1,9 @@
 """vLLM's OpenAI-compatible HTTP front for the simulated engine (aiohttp).
 
 Routes: GET /health, /version, /v1/models, /metrics; POST /v1/completions, /v1/chat/completions,
-/tokenize. Bodies, SSE framing, usage and error objects follow vLLM 0.32 field by field (checked
-against captured responses in tests/fixtures/vllm-0.32-cpu-llama-twin.http.jsonl).
+/tokenize. Bodies, SSE framing, usage and error objects follow vLLM 0.32 field by field: requests
+are read and refused as vLLM does in `kvlab.sim.api`, answers are built in `kvlab.sim.responses`;
+here are the routes, the engine loop and the streams.
 
 Time: the engine runs on a simulated clock, `speedup` x the wall clock since start; every
 latency in /metrics is in simulated seconds (clients see wall latencies `speedup` times shorter).
@@ -16,7 +17,6 @@ Faults (`--fault`, kvlab.sim.faults): 5xx answers, stalled and malformed streams
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import signal
 import time
@@ -27,26 +27,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from kvlab.sim import faults, logs, tokens
+from kvlab.sim import api, faults, logs, responses, tokens
+from kvlab.sim.api import ApiError, json_response
 from kvlab.sim.args import ServeArgs
 from kvlab.sim.config import SIM_VERSION, SimConfig
 from kvlab.sim.engine import Engine, StepResult
 from kvlab.sim.faults import Fault, FaultPlan
 from kvlab.sim.sequence import Sequence
 
-FINGERPRINT = f"vllm-{SIM_VERSION}"
 ROUTES = [("/health", "GET"), ("/version", "GET"), ("/metrics", "GET"), ("/tokenize", "POST"),
           ("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]
 STATS_INTERVAL_S = 10.0
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def json_response(obj, status: int = 200) -> web.Response:
-    """JSON as vLLM writes it (pydantic's compact form)."""
-    return web.json_response(obj, status=status, dumps=_dumps)
 
 
 class Clock:
@@ -61,20 +52,6 @@ class Clock:
 
     def wall_delay(self, sim_s: float) -> float:
         return (sim_s - self.now()) / self.speedup
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, value=None, kind: str = "BadRequestError"):
-        if value is not None:
-            message = f"{message} (parameter={param}, value={value})"
-        elif param is not None and kind == "BadRequestError":
-            message = f"{message} (parameter={param})"
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self) -> web.Response:
-        return json_response({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                         "code": self.status}}, status=self.status)
 
 
 @dataclass
@@ -196,91 +173,17 @@ class SimServer:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
-            body = await self._json(request)
+            body = await api.read_json(request)
             if "messages" in body:
-                ids = tokens.encode(tokens.render_chat(self._messages(body), body.get("add_generation_prompt", True)))
+                ids = tokens.encode(tokens.render_chat(api.chat_messages(body), body.get("add_generation_prompt", True)))
             else:
-                ids = self._prompt_ids(body.get("prompt"), "prompt")[0]
+                ids = api.prompt_ids(body.get("prompt"), "prompt", self.cfg.max_model_len)[0]
         except ApiError as e:
             return e.response()
         return json_response({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids,
                                   "token_strs": None})
 
-    # -- request parsing
-
-    async def _json(self, request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', "
-                                "'msg': 'JSON decode error'}", "body.0", kind="Bad Request") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "1 validation error:\n  {'type': 'model_attributes_type', 'loc': 'body', "
-                                "'msg': 'Input should be a valid dictionary or object to extract fields from'}",
-                           "body", kind="Bad Request")
-        return body
-
-    def _check_model(self, body: dict) -> str:
-        model = body.get("model")
-        names = self.cfg.served_model_names
-        if model is None:
-            return names[0]
-        if model not in names:
-            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.", "model",
-                           kind="NotFoundError")
-        return model
-
-    def _messages(self, body: dict) -> list[dict]:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-            raise ApiError(400, "1 validation error:\n  {'type': 'list_type', 'loc': 'body.messages', "
-                                "'msg': 'Input should be a valid list'}", "body.messages", kind="Bad Request")
-        return msgs
-
-    def _prompt_ids(self, prompt, param: str) -> list[list[int]]:
-        """Token ids of each prompt: a string, a list of strings, token ids, or lists of ids."""
-        if prompt is None or prompt == "" or prompt == []:
-            raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param)
-        if isinstance(prompt, str):
-            return [self._check_length(tokens.encode(prompt), text=True)]
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return [self._check_length(list(prompt), text=False)]
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            return [self._check_length(tokens.encode(p), text=True) for p in prompt]
-        if isinstance(prompt, list) and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return [self._check_length(list(p), text=False) for p in prompt]
-        raise ApiError(400, "prompt must be a string, a list of strings, or token ids", param)
-
-    def _check_length(self, ids: list[int], text: bool) -> list[int]:
-        max_len = self.cfg.max_model_len
-        if len(ids) > max_len:
-            # vLLM's tokenizer truncates text to max_model_len + 1 before this check.
-            count = max_len + 1 if text else len(ids)
-            qualifier = "at least " if count == max_len + 1 else ""
-            raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, your prompt "
-                                f"contains {qualifier}{count} input tokens, which exceeds this limit even without any "
-                                "output tokens. Please reduce the length of the input prompt.", "input_tokens", count)
-        return ids
-
-    def _max_tokens(self, body: dict, default: int | None, chat: bool) -> int | None:
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        value = body.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ApiError(400, f"{key} must be an integer", key, value)
-        if value < 1:
-            raise ApiError(400, f"{key} must be at least 1, got {value}.", key, value)
-        if value > self.cfg.max_model_len:
-            raise ApiError(400, f"{key}={value} cannot be greater than max_model_len={self.cfg.max_model_len}. "
-                                "Please request fewer output tokens.", key, value)
-        return value
-
-    def _n(self, body: dict) -> int:
-        n = body.get("n", 1) or 1
-        if not isinstance(n, int) or n < 1:
-            raise ApiError(400, f"n must be at least 1, got {n}.", "n", n)
-        return n
+    # -- the engine's side of a request
 
     def _submit(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> Pending:
         now = self.clock.now()
@@ -371,27 +274,13 @@ class SimServer:
     # -- completions
 
     def _usage(self, pending: Pending, chat: bool, stream: bool) -> dict:
-        prompt = self._prompt_tokens(pending)
-        completion = sum(c.emitted for c in pending.choices)
-        usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
-        details = None
+        firsts = pending.first_choices()
+        cached = created = None
         if self.args.enable_prompt_tokens_details:
-            firsts = pending.first_choices()
             cached = sum(max(c.seq.num_cached_tokens, 0) for c in firsts)
             created = sum(self._created_cache_tokens(c.seq) for c in firsts) if chat else None
-            if not stream:
-                details = {"cached_tokens": cached, "created_cache_tokens": created, "multimodal_tokens": None}
-            elif chat:
-                details = {"cached_tokens": cached, "created_cache_tokens": created}
-            else:
-                details = {"cached_tokens": cached}
-        if stream:
-            if details is not None:
-                usage["prompt_tokens_details"] = details
-        else:
-            usage["prompt_tokens_details"] = details
-            usage["completion_tokens_details"] = None
-        return usage
+        return responses.usage(self._prompt_tokens(pending), sum(c.emitted for c in pending.choices), chat, stream,
+                               self.args.enable_prompt_tokens_details, cached, created)
 
     def _prompt_tokens(self, pending: Pending) -> int:
         return sum(c.seq.num_prompt_tokens for c in pending.first_choices())
@@ -409,62 +298,32 @@ class SimServer:
         return include, include and bool(opts.get("continuous_usage_stats"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
         number, fault = self.faults.next_request()
         if fault is not None and fault.kind == "http-5xx":
             return self._http_5xx(fault, number)
         try:
-            body = await self._json(request)
-            model = self._check_model(body)
-            max_tokens = self._max_tokens(body, 16, chat=False)
-            n = self._n(body)
-            prompts = self._prompt_ids(body.get("prompt"), "prompt")
+            body = await api.read_json(request)
+            model = api.served_model(body, self.cfg.served_model_names)
+            parse = api.chat_request if chat else api.completion_request
+            prompts, max_tokens, n = parse(body, self.cfg.max_model_len)
         except ApiError as e:
             return e.response()
         pending = self._submit(prompts, n, max_tokens)
-        rid = f"cmpl-{secrets.token_hex(8)}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}"
         created = int(time.time())
         if body.get("stream"):
-            return await self._stream(request, pending, rid, created, model, body, chat=False, fault=fault,
+            return await self._stream(request, pending, rid, created, model, body, chat=chat, fault=fault,
                                       number=number)
         texts = await self._collect(pending)
-        choices = [{"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.finish_reason,
-                    "stop_reason": None, "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
-                    "routed_experts": None} for c in pending.choices]
-        return json_response({
-            "id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": self._usage(pending, False, False),
-            "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        number, fault = self.faults.next_request()
-        if fault is not None and fault.kind == "http-5xx":
-            return self._http_5xx(fault, number)
-        try:
-            body = await self._json(request)
-            model = self._check_model(body)
-            messages = self._messages(body)
-            prompt = self._check_length(tokens.encode(tokens.render_chat(messages)), text=True)
-            max_tokens = self._max_tokens(body, None, chat=True)
-            n = self._n(body)
-        except ApiError as e:
-            return e.response()
-        pending = self._submit([prompt], n, max_tokens)
-        rid = f"chatcmpl-{secrets.token_hex(8)}"
-        created = int(time.time())
-        if body.get("stream"):
-            return await self._stream(request, pending, rid, created, model, body, chat=True, fault=fault,
-                                      number=number)
-        texts = await self._collect(pending)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index], "refusal": None,
-                                                  "annotations": None, "audio": None, "function_call": None,
-                                                  "reasoning": None},
-                    "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None, "token_ids": None,
-                    "routed_experts": None} for c in pending.choices]
-        return json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": self._usage(pending, True, False),
-            "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
-            "ec_transfer_params": None, "metrics": None})
+        answer = responses.chat_completion if chat else responses.completion
+        choices = [(c.index, texts[c.index], c.finish_reason) for c in pending.choices]
+        return json_response(answer(rid, created, model, choices, self._usage(pending, chat, False)))
 
     def _http_5xx(self, fault: Fault, number: int) -> web.Response:
         faults.injected(fault, f"request {number} answered HTTP 500")
@@ -489,19 +348,14 @@ class SimServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         include_usage, continuous = self._include_usage(body)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": rid, "object": obj, "created": created, "model": model}
+        head = responses.stream_head(rid, created, model, chat)
         prompt_tokens = self._prompt_tokens(pending)
 
-        def chunk_usage(completion: int) -> dict:
-            u = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
-                 "completion_tokens": completion}
-            if chat:
-                u["completion_tokens_details"] = None
-            return u
+        def usage(completion_tokens: int) -> dict | None:
+            return responses.chunk_usage(prompt_tokens, completion_tokens, chat) if continuous else None
 
-        async def send(payload: dict) -> None:
-            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        async def send(event: dict) -> None:
+            await resp.write(b"data: " + api.dumps(event).encode() + b"\n\n")
 
         first = {c.index: True for c in pending.choices}
         stall = fault if fault is not None and fault.kind == "stall" else None
@@ -517,43 +371,21 @@ class SimServer:
                     stall = None
                 if chat and first[choice.index]:
                     first[choice.index] = False
-                    role = {**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]}
-                    if continuous:
-                        role["usage"] = chunk_usage(0)
-                    role.update({"prompt_token_ids": None, "prompt_text": None})
-                    await send(role)
-                text = tokens.decode([token])
-                if chat:
-                    c = {"index": choice.index, "delta": {"content": text}, "logprobs": None,
-                         "finish_reason": "length" if done else None}
-                else:
-                    c = {"index": choice.index, "text": text, "logprobs": None,
-                         "finish_reason": "length" if done else None, "stop_reason": None}
-                if done:
-                    c["stop_reason"] = None
-                if chat:
-                    c["token_ids"] = None
-                else:
-                    c.update({"prompt_token_ids": None, "token_ids": None})
-                payload = {**head, "choices": [c]}
-                if done and not include_usage:
-                    payload["system_fingerprint"] = FINGERPRINT
-                if continuous:
-                    payload["usage"] = chunk_usage(choice.emitted)
+                    await send(responses.role_event(head, choice.index, usage(0)))
+                event = responses.token_event(head, choice.index, tokens.decode([token]), done, chat,
+                                              fingerprint=not include_usage, usage=usage(choice.emitted))
                 if cut is not None and sent == 1:  # mid-stream: the second token's event, cut short
                     faults.injected(cut, f"request {number}'s stream sent a truncated event after 1 token and ended")
-                    text = _dumps(payload)
+                    text = api.dumps(event)
                     await resp.write(b"data: " + text[: len(text) // 2].encode() + b"\n\n")
                     self._abort(pending)
                     return resp
-                await send(payload)
+                await send(event)
                 sent += 1
                 if done:
                     pending.open_choices -= 1
             if include_usage:
-                await send({**head, "choices": [], "usage": self._usage(pending, chat, True),
-                            "system_fingerprint": FINGERPRINT})
+                await send(responses.usage_event(head, self._usage(pending, chat, True)))
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self._abort(pending)

@@ -64,10 +64,6 @@ def encode(text: str) -> list[int]:
     return ids
 
 
-def count_tokens(text: str) -> int:
-    return len(encode(text))
-
-
 _STRIDE = 2654435761
 # output_token(seed, i) depends on seed mod N and i mod the period: one precomputed cycle per seed residue.
 _N = len(_OUTPUT_IDS)

@@ -16,8 +16,8 @@ from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.cards import ResolvedModel
 from kvlab.serve_config import ServeConfig
+from kvlab.units import GiB
 
-GiB = memory.GiB
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The session streams the offline simulator plays, from the workload model Locust plays.
+"""The session streams the offline replay plays, from the workload model Locust plays.
 
 `kvlab.loadtest.workload.Workload.sessions(seed)` yields the same `SessionPlan`s a Locust run of
 the profile sends; here they are started as Locust starts its users, and `predicted_max_users`

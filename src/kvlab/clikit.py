@@ -1,0 +1,53 @@
+"""What every stage's command line shares: the app's settings, the `--json` option, the console,
+number formats, and the wrapper that turns a KvlabError into one line and its exit code.
+
+Stage CLIs (`kvlab.<stage>.cli`) import from here, never from the root `kvlab.cli`, which only
+assembles the app from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from kvlab.errors import KvlabError
+from kvlab.units import GiB
+
+# Wide enough for the comparison tables when output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+
+JSON = typer.Option(False, "--json", help="Print one JSON object")
+
+
+def new_app(help_text: str) -> typer.Typer:
+    """A Typer app (or sub-app) with kvlab's settings: -h, no completion, no pretty tracebacks."""
+    return typer.Typer(help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object on stdout (what `--json` prints)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def fmt_int(n: int | float) -> str:
+    return f"{int(n):,}"
+
+
+def fmt_gib(n_bytes: int | float) -> str:
+    return f"{n_bytes / GiB:,.2f}"
+
+
+def run_one_line_errors(app: Callable[..., Any], argv: list[str] | None, prog_name: str = "kvlab") -> None:
+    """Run the app; a KvlabError (bad input) prints `kvlab: error: ...` on one line and exits with
+    its code (2), never a traceback."""
+    try:
+        app(args=argv, prog_name=prog_name)
+    except KvlabError as e:
+        sys.stderr.write(f"{prog_name}: error: {e}\n")
+        sys.exit(e.exit_code)

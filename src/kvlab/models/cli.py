@@ -1,0 +1,378 @@
+"""`kvlab kv|capacity|compare|gpus|cards|tiny`: the memory model's commands. Flags keep vLLM's
+names; `--json` prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from kvlab import hardware
+from kvlab.clikit import JSON, console, emit_json, fmt_gib, fmt_int
+from kvlab.errors import KvlabError
+from kvlab.models import memory
+from kvlab.models.cards import ResolvedModel, builtin_cards, resolve_model
+from kvlab.models.params import param_counts
+from kvlab.models.weights import weight_bytes, weight_format
+from kvlab.units import GiB
+
+# Shared option declarations (vLLM's flag names).
+KV_DTYPE = typer.Option("auto", "--kv-cache-dtype", help="auto, bfloat16, float16, float32, fp8, fp8_e4m3, fp8_e5m2, fp8_ds_mla (MLA only)")
+QUANT = typer.Option(None, "--quantization", "-q", help="Weight quantization: fp8, fp8-block, int8, awq, gptq, bitsandbytes (nf4); default: the checkpoint's")
+DTYPE = typer.Option(None, "--dtype", help="Model dtype: bfloat16, float16, float32 (default: the config's)")
+GPU = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus); KV budget estimated from --gpu-memory-utilization")
+UTIL = typer.Option(memory.DEFAULT_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
+                    help="Fraction of GPU memory vLLM may use (vLLM >= 0.20's default)")
+KV_GIB = typer.Option(None, "--kv-memory-gib", help="Exact KV budget per GPU in GiB (vLLM's 'Available KV cache memory', or VLLM_CPU_KVCACHE_SPACE)")
+KV_BYTES = typer.Option(None, "--kv-cache-memory-bytes", help="Exact KV budget per GPU in bytes (vLLM's flag)")
+MAX_LEN = typer.Option(None, "--max-model-len", help="Context length per request (default: the card's context length, else the config's)")
+BLOCK = typer.Option(None, "--block-size", help="Tokens per KV block (default: the attention backend's)")
+BACKEND = typer.Option(None, "--attention-backend", help="vLLM attention backend (default: what vLLM picks on the GPU)")
+TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="Tensor-parallel GPUs")
+PP = typer.Option(1, "--pipeline-parallel-size", "-pp", help="Pipeline-parallel stages")
+MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
+MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
+CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
+
+
+def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
+    a = m.arch
+    fp = memory.kv_footprint(a, kv_cache_dtype, 1, dtype)
+    fmt = weight_format(quantization, a)
+    counts = param_counts(a)
+    facts = {
+        "model": m.name,
+        "hf_id": m.hf_id,
+        "source": m.source,
+        "architecture": a.architecture,
+        "attention": a.attention,
+        "num_layers": a.num_layers,
+        "num_attention_heads": a.num_attention_heads,
+        "num_key_value_heads": a.num_key_value_heads if a.mla is None else None,
+        "head_dim": a.head_dim if a.mla is None else None,
+        "mla_latent_dim": a.mla.latent_dim if a.mla else None,
+        "sliding_window_layers": a.num_sliding_layers,
+        "kv_cache_dtype": kv_cache_dtype,
+        "kv_bytes_per_element": fp.dtype_bytes,
+        "kv_bytes_per_token_per_layer": fp.kv_bytes_per_token_per_layer,
+        "kv_bytes_per_token": fp.kv_bytes_per_token,
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "params_active_non_embedding": counts.active_non_embedding,
+        "params_exact": counts.exact,
+        "moe": a.moe is not None,
+        "dtype": a.dtype if dtype is None else dtype,
+        "weight_format": fmt.name,
+        "weight_bytes": weight_bytes(a, fmt, dtype),
+        "provenance": "computed from the model config (kvlab memory model, vLLM V1 accounting)",
+    }
+    if a.mla is not None:
+        # What a calculator reading num_key_value_heads would claim (the error kvlab avoids).
+        head = a.hidden_size // a.num_attention_heads
+        facts["naive_kv_bytes_per_token"] = 2 * a.num_key_value_heads * head * a.num_layers * fp.dtype_bytes
+    return facts
+
+
+def kv_cmd(
+    model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
+    kv_cache_dtype: str = KV_DTYPE,
+    quantization: Optional[str] = QUANT,
+    dtype: Optional[str] = DTYPE,
+    as_json: bool = JSON,
+) -> None:
+    """KV-cache bytes per token, parameter counts and weight bytes of a model."""
+    m = resolve_model(model)
+    f = kv_facts(m, kv_cache_dtype, quantization, dtype)
+    if as_json:
+        emit_json(f)
+        return
+    t = Table(title=f"{m.name} ({f['attention']}) — computed from the config", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    rows = [
+        ("architecture", f["architecture"]),
+        ("layers", str(f["num_layers"])),
+    ]
+    if f["mla_latent_dim"]:
+        rows.append(("cached latent per layer (kv_lora_rank + qk_rope_head_dim)", str(f["mla_latent_dim"])))
+    else:
+        rows.append(("KV heads x head_dim", f"{f['num_key_value_heads']} x {f['head_dim']}"))
+    rows += [
+        ("--kv-cache-dtype", f"{kv_cache_dtype} ({f['kv_bytes_per_element']} B/element)"),
+        ("KV bytes per token per layer", fmt_int(f["kv_bytes_per_token_per_layer"])),
+        ("KV bytes per token", fmt_int(f["kv_bytes_per_token"])),
+        ("parameters (total)", fmt_int(f["params_total"])),
+        ("parameters (active per token)", fmt_int(f["params_active"])),
+        (f"weights ({f['weight_format']}, {f['dtype']})", f"{fmt_gib(f['weight_bytes'])} GiB"),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if "naive_kv_bytes_per_token" in f:
+        console.print(
+            f"[dim]A calculator using num_key_value_heads={f['num_attention_heads']} would say "
+            f"{fmt_int(f['naive_kv_bytes_per_token'])} B/token; vLLM caches only the latent.[/dim]"
+        )
+
+
+def _budget_bytes(kv_memory_gib: float | None, kv_cache_memory_bytes: int | None) -> int | None:
+    if kv_memory_gib is not None and kv_cache_memory_bytes is not None:
+        raise KvlabError("give --kv-memory-gib or --kv-cache-memory-bytes, not both")
+    if kv_memory_gib is not None:
+        if kv_memory_gib <= 0:
+            raise KvlabError(f"--kv-memory-gib must be positive, got {kv_memory_gib}")
+        return int(kv_memory_gib * GiB)
+    if kv_cache_memory_bytes is not None and kv_cache_memory_bytes <= 0:
+        raise KvlabError(f"--kv-cache-memory-bytes must be positive, got {kv_cache_memory_bytes}")
+    return kv_cache_memory_bytes
+
+
+def run_capacity(m: ResolvedModel, **kw: Any) -> memory.CapacityResult:
+    if kw.get("max_model_len") is None and m.card is not None:
+        kw["max_model_len"] = m.card.context_length
+    return memory.capacity(m.arch, model_name=m.name, **kw)
+
+
+def capacity_dict(m: ResolvedModel, r: memory.CapacityResult) -> dict:
+    d = r.to_dict()
+    d["hf_id"] = m.hf_id
+    d["provenance"] = {
+        "kv_bytes_per_token": "computed",
+        "num_blocks": "computed",
+        "kv_cache_tokens": "computed",
+        "max_concurrency": "computed",
+        "kv_budget_bytes": "given" if r.kv_budget_source == "given" else "estimate (GPU preset x utilization - weights - estimated activations and overhead)",
+    }
+    return d
+
+
+@dataclass(frozen=True)
+class CapacityFlags:
+    """The sizing flags of `kvlab capacity` and `kvlab compare`, as given (vLLM's names)."""
+
+    gpu: str | None
+    gpu_memory_utilization: float
+    kv_memory_gib: float | None
+    kv_cache_memory_bytes: int | None
+    max_model_len: int | None
+    block_size: int | None
+    attention_backend: str | None
+    kv_cache_dtype: str
+    quantization: str | None
+    dtype: str | None
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    max_num_batched_tokens: int | None
+    max_num_seqs: int | None
+    cpu: bool
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> "CapacityFlags":
+        """From a command's options (its parameters, named as the fields); an option the command
+        does not have is None."""
+        return cls(**{f.name: options.get(f.name) for f in fields(cls)})
+
+    @property
+    def given_budget(self) -> bool:
+        return self.gpu is not None or self.kv_memory_gib is not None or self.kv_cache_memory_bytes is not None
+
+    def capacity_kwargs(self) -> dict:
+        """Keyword arguments of `memory.capacity`; one budget source, GPU preset or exact bytes."""
+        budget = _budget_bytes(self.kv_memory_gib, self.kv_cache_memory_bytes)
+        if budget is None and self.gpu is None:
+            raise KvlabError("give --gpu NAME (budget estimated) or --kv-memory-gib G (exact budget)")
+        if budget is not None and self.gpu is not None:
+            raise KvlabError("give either --gpu or an exact KV budget (--kv-memory-gib / --kv-cache-memory-bytes), not both")
+        kw = asdict(self)
+        for given_only in ("kv_memory_gib", "kv_cache_memory_bytes"):
+            del kw[given_only]
+        return {**kw, "kv_budget_bytes": budget}
+
+
+def capacity_cmd(
+    model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
+    gpu: Optional[str] = GPU,
+    gpu_memory_utilization: float = UTIL,
+    kv_memory_gib: Optional[float] = KV_GIB,
+    kv_cache_memory_bytes: Optional[int] = KV_BYTES,
+    max_model_len: Optional[int] = MAX_LEN,
+    block_size: Optional[int] = BLOCK,
+    attention_backend: Optional[str] = BACKEND,
+    kv_cache_dtype: str = KV_DTYPE,
+    quantization: Optional[str] = QUANT,
+    dtype: Optional[str] = DTYPE,
+    tensor_parallel_size: int = TP,
+    pipeline_parallel_size: int = PP,
+    max_num_batched_tokens: Optional[int] = MNBT,
+    max_num_seqs: Optional[int] = MNS,
+    cpu: bool = CPU,
+    as_json: bool = JSON,
+) -> None:
+    """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""
+    m = resolve_model(model)
+    flags = CapacityFlags.of(locals())
+    r = run_capacity(m, **flags.capacity_kwargs())
+    d = capacity_dict(m, r)
+    if as_json:
+        emit_json(d)
+        return
+    budget_label = "given" if r.kv_budget_source == "given" else "estimate"
+    t = Table(title=f"{m.name} ({r.attention}) — KV capacity", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    where = f"{r.gpu} x{r.num_gpus}" if r.gpu else ("CPU build" if cpu else "exact budget")
+    rows = [
+        ("where", where),
+        ("--kv-cache-dtype / weights", f"{r.kv_cache_dtype} / {r.quantization}"),
+        ("attention backend, block size", f"{r.attention_backend}, {r.block_size}"),
+        ("-tp / -pp (layers per stage)", f"{r.tensor_parallel_size} / {r.pipeline_parallel_size} ({', '.join(map(str, r.layers_per_stage))})"),
+        ("KV bytes per token per GPU", fmt_int(r.kv_bytes_per_token)),
+        ("page size per layer (bytes)", fmt_int(r.page_size_bytes)),
+        ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu)),
+        (f"KV budget per GPU (GiB, {budget_label})", fmt_gib(r.kv_budget_bytes)),
+        ("num_blocks", fmt_int(r.num_blocks)),
+        ("KV cache tokens", fmt_int(r.kv_cache_tokens)),
+        (f"maximum concurrency at {r.max_model_len:,} tokens", f"{r.max_concurrency:,.2f}x"),
+    ]
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    if r.memory:
+        mem = r.memory
+        console.print(
+            f"[dim]Budget estimate: {fmt_gib(mem.total_bytes)} GiB x {mem.gpu_memory_utilization} = {fmt_gib(mem.requested_bytes)} GiB, "
+            f"minus weights {fmt_gib(mem.weight_bytes)}, activations {fmt_gib(mem.activation_bytes)}, non-torch "
+            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB. vLLM measures these at start; "
+            "pass its 'Available KV cache memory' as --kv-memory-gib for an exact answer.[/dim]"
+        )
+    for w in r.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def compare_cmd(
+    models: list[str] = typer.Argument(..., help="Two or more models; savings are against the first"),
+    gpu: Optional[str] = GPU,
+    gpu_memory_utilization: float = UTIL,
+    kv_memory_gib: Optional[float] = KV_GIB,
+    kv_cache_memory_bytes: Optional[int] = KV_BYTES,
+    max_model_len: Optional[int] = MAX_LEN,
+    block_size: Optional[int] = BLOCK,
+    kv_cache_dtype: str = KV_DTYPE,
+    quantization: Optional[str] = QUANT,
+    dtype: Optional[str] = DTYPE,
+    tensor_parallel_size: int = TP,
+    pipeline_parallel_size: int = PP,
+    max_num_batched_tokens: Optional[int] = MNBT,
+    max_num_seqs: Optional[int] = MNS,
+    cpu: bool = CPU,
+    as_json: bool = JSON,
+) -> None:
+    """Side-by-side KV bytes, capacity and memory saved against the first model."""
+    if len(models) < 2:
+        raise KvlabError("compare needs at least two models")
+    resolved = [resolve_model(x) for x in models]
+    flags = CapacityFlags.of(locals())
+    with_capacity = flags.given_budget
+    rows = []
+    for m in resolved:
+        row = kv_facts(m, kv_cache_dtype, quantization, dtype)
+        if with_capacity:
+            row["capacity"] = capacity_dict(m, run_capacity(m, **flags.capacity_kwargs()))
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["kv_saved_vs_first_pct"] = 100.0 * (1 - row["kv_bytes_per_token"] / base["kv_bytes_per_token"])
+        row["kv_bytes_ratio_first_over_this"] = base["kv_bytes_per_token"] / row["kv_bytes_per_token"]
+        if with_capacity:
+            row["kv_tokens_ratio_vs_first"] = row["capacity"]["kv_cache_tokens"] / max(1, base["capacity"]["kv_cache_tokens"])
+    if as_json:
+        emit_json({"baseline": base["model"], "models": rows})
+        return
+    title = "KV cache per token" + (f" and capacity ({gpu or 'exact budget'})" if with_capacity else "")
+    t = Table(title=f"{title}, against {base['model']}")
+    t.add_column("model")
+    t.add_column("attention")
+    t.add_column("KV B/token", justify="right")
+    t.add_column("KV saved", justify="right")
+    t.add_column("fewer bytes", justify="right")
+    if with_capacity:
+        t.add_column("KV budget GiB", justify="right")
+        t.add_column("KV tokens", justify="right")
+        t.add_column("max concurrency", justify="right")
+        t.add_column("more tokens", justify="right")
+    for row in rows:
+        cells = [row["model"], row["attention"], fmt_int(row["kv_bytes_per_token"]),
+                 f"{row['kv_saved_vs_first_pct']:.1f}%", f"{row['kv_bytes_ratio_first_over_this']:.2f}x"]
+        if with_capacity:
+            c = row["capacity"]
+            cells += [fmt_gib(c["kv_budget_bytes"]), fmt_int(c["kv_cache_tokens"]), f"{c['max_concurrency']:.2f}x",
+                      f"{row['kv_tokens_ratio_vs_first']:.2f}x"]
+        t.add_row(*cells)
+    console.print(t)
+    console.print("[dim]KV saved = 1 - (KV bytes per token / the first model's); fewer bytes = the first "
+                  "model's KV bytes per token / this one's. KV bytes per token: computed.[/dim]")
+    if with_capacity:
+        c = base["capacity"]
+        note = "estimated from the GPU preset (weights differ per model)" if c["kv_budget_source"] == "estimate" else "given"
+        console.print(f"[dim]KV blocks and tokens: computed; KV budget per GPU: {note}; maximum concurrency at "
+                      f"{c['max_model_len']:,} tokens per request; more tokens = KV tokens / the first model's.[/dim]")
+
+
+def gpus_cmd(as_json: bool = JSON) -> None:
+    """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS."""
+    presets = hardware.PRESETS
+    if as_json:
+        emit_json({"gpus": [g.to_dict() for g in presets]})
+        return
+    t = Table(title="GPU presets (data sheets; memory as the runtime reports it)")
+    for col in ("name", "memory GB", "runtime GiB", "TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "CC"):
+        t.add_column(col, justify="left" if col == "name" else "right")
+    for g in presets:
+        t.add_row(g.name, f"{g.memory_gb:g}", f"{g.memory_gib:.2f}", f"{g.bandwidth_tb_s:g}", f"{g.bf16_tflops:g}",
+                  f"{g.fp8_tflops:g}" if g.fp8_tflops else "—", f"{g.compute_capability:g}")
+    console.print(t)
+
+
+def cards_cmd(as_json: bool = JSON) -> None:
+    """Built-in model cards."""
+    cards = builtin_cards()
+    if as_json:
+        emit_json({"cards": [c.model_dump() for c in cards.values()]})
+        return
+    t = Table(title="Model cards")
+    for col in ("name", "hf_id", "attention", "layers", "quantized checkpoints"):
+        t.add_column(col)
+    for c in cards.values():
+        a = c.arch
+        t.add_row(c.name, c.hf_id, a.attention, str(a.num_layers), ", ".join(c.quantized) or "—")
+    console.print(t)
+
+
+def tiny_cmd(
+    model: str = typer.Argument(..., help="Card name (kvlab cards)"),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder to write (default: $KVLAB_CACHE/twins/NAME, ~/.cache/kvlab)"),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a current twin is cached"),
+) -> None:
+    """Build a tiny random-weight twin with the real model's layers and KV geometry (and a chat tokenizer)."""
+    from pathlib import Path
+
+    from kvlab.models.cards import card
+    from kvlab.models.twins import build_twin
+
+    folder = build_twin(card(model), Path(out) if out else None, force=force)
+    info = json.loads((folder / "kvlab_twin.json").read_text())
+    console.print(f"twin of {model}: {info['params']:,} parameters (random weights, seed {info['seed']})")
+    sys.stdout.write(f"{folder}\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("kv")(kv_cmd)
+    app.command("capacity")(capacity_cmd)
+    app.command("compare")(compare_cmd)
+    app.command("gpus")(gpus_cmd)
+    app.command("cards")(cards_cmd)
+    app.command("tiny")(tiny_cmd)
