@@ -19,7 +19,6 @@ from kvlab.serve_config import ServeConfig
 from kvlab.units import GiB
 
 
-
 @dataclass(frozen=True)
 class Launch:
     """What an engine's command needs besides the config."""
