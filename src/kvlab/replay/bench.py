@@ -28,14 +28,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 import typer
 
 from kvlab.clikit import emit_json
 from kvlab.errors import KvlabError
-from kvlab.loadtest.plan import SessionPlan, TurnPlan
-from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, BenchRequest, bench_requests
-from kvlab.schema.bench import BenchResult
+from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
+
+if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
+    from kvlab.loadtest.plan import SessionPlan
+    from kvlab.replay.datasets import BenchRequest
+    from kvlab.schema.bench import BenchResult
 
 HORIZON_S = 30 * 24 * 3600.0  # simulated time a bench may take; a request not done by then failed
 PERCENTILE = 99  # vLLM's --metric-percentiles default
@@ -49,6 +53,8 @@ def timing_source(cfg) -> str:
 
 def session_plans(requests: list[BenchRequest]) -> list[SessionPlan]:
     """One single-turn session per request; a shared prefix (--random-prefix-len) is one app's."""
+    from kvlab.loadtest.plan import SessionPlan, TurnPlan
+
     return [SessionPlan(f"bench-{i}", "bench-prefix" if r.prefix_tokens else f"bench-{i}", r.prefix_tokens,
                         (TurnPlan(r.input_tokens, r.output_tokens, 0.0),), r.arrival_s)
             for i, r in enumerate(requests)]
@@ -56,6 +62,8 @@ def session_plans(requests: list[BenchRequest]) -> list[SessionPlan]:
 
 def _stats(name: str, values: list[float]) -> dict[str, float]:
     """mean/median/std/p99 in ms as vLLM computes them (`np.mean(values or 0)`: 0 when empty)."""
+    import numpy as np
+
     a = values or 0
     return {f"mean_{name}_ms": float(np.mean(a)) * 1000, f"median_{name}_ms": float(np.median(a)) * 1000,
             f"std_{name}_ms": float(np.std(a)) * 1000,
@@ -65,6 +73,8 @@ def _stats(name: str, values: list[float]) -> dict[str, float]:
 def _peaks(done: list[dict]) -> tuple[float, int]:
     """vLLM's max_output_tokens_per_s (tokens per whole second from the first start) and
     max_concurrent_requests (sweep over [start, start + latency), ends first on ties)."""
+    import numpy as np
+
     if not done:
         return 0.0, 0
     first = min(r["start_ts"] for r in done)
@@ -115,7 +125,9 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
               config=None, **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
     (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`)."""
+    from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
+    from kvlab.schema.bench import BenchResult
     from kvlab.sim.config import build_config
 
     if max_concurrency is not None and max_concurrency <= 0:

@@ -10,6 +10,8 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
   lengths. vLLM subtracts the tokenizer's special tokens (a BOS: 1 for Llama, 0 for Qwen) from L on
   the client and the server adds them back; kvlab has no tokenizer, so L is what the engine
   receives. `--random-prefix-len` (default 0) tokens, the same for every request, come first.
+  (Older clients differ: the 2024 benchmarks/benchmark_serving.py defaulted --random-range-ratio
+  to 1.0 and drew inputs from [L x r, L].)
 - `sharegpt`: vLLM reads ShareGPT_V3_unfiltered_cleaned_split.json, shuffles it with `--seed`, and
   keeps the first turn pairs whose prompt has 4..1024 tokens, whose reply has at least 4 (unless
   `--sharegpt-output-len`/`--output-len` replaces it) and whose sum is at most 2,048
@@ -19,7 +21,9 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
   chosen so that after vLLM's filter the means are the published ones: 1,000 ShareGPT prompts
   through `vllm bench serve` with the Llama-3.1-8B tokenizer: 229,711 input and 203,068 generated
   tokens (vllm-project/vllm pull request #18566, May 2025), i.e. 229.7 and 203.1 tokens per
-  request. Pairs are drawn from `default_rng(--seed)` and filtered as vLLM filters.
+  request. Pairs are drawn from `default_rng(--seed)` and filtered as vLLM filters. vLLM sets
+  `ignore_eos` only for the random datasets, so a real model may end a ShareGPT reply early; the
+  simulated engine generates every reply to its length.
 - arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
   draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
   1: a Poisson process) with the global numpy generator seeded with `--seed` (one draw per request,
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `kvlab --help` does not wait for it
+    import numpy as np
 
 DATASETS = ("random", "sharegpt")
 RANDOM_INPUT_LEN = 1024  # vLLM's --random-input-len default
@@ -78,6 +84,8 @@ def random_length_range(length: int, range_ratio: float, *, at_least_one: bool =
 def random_lengths(num_prompts: int, input_len: int, output_len: int, range_ratio: float, prefix_len: int,
                    seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Input (after the prefix) and output lengths of vLLM's `random` dataset."""
+    import numpy as np
+
     if not 0.0 <= range_ratio < 1.0:
         raise KvlabError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     in_low, in_high = random_length_range(input_len, range_ratio)
@@ -101,6 +109,8 @@ def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Prompt and reply lengths from the ShareGPT length distribution (not the dataset), filtered
     as vLLM filters the dataset; `output_len` replaces the reply lengths (--sharegpt-output-len)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     prompts: list[np.ndarray] = []
     outputs: list[np.ndarray] = []
@@ -135,6 +145,8 @@ def _fit_sharegpt_mu(target_mean: float, which: str, n: int = 200_000) -> float:
 
 def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, seed: int) -> np.ndarray:
     """When each request is sent, as vLLM's `get_request` computes it (see the module docstring)."""
+    import numpy as np
+
     if request_rate <= 0 or math.isnan(request_rate):
         raise KvlabError(f"--request-rate must be positive or inf, got {request_rate}")
     if burstiness <= 0 or math.isnan(burstiness):

@@ -269,6 +269,8 @@ class Player:
             if plan is None:
                 nxt = self.next_event_s()
                 if nxt == float("inf"):
+                    if not eng.scheduler.waiting:
+                        break  # nothing more will arrive (the request bound is reached)
                     head = eng.scheduler.waiting[0]
                     raise KvlabError(
                         f"request {head.seq_id} ({head.num_tokens} tokens) can never be scheduled: it needs more "

@@ -41,7 +41,8 @@ class BenchResult(Record):
     block_size: int
 
     # results (vLLM's names and units)
-    duration: float = figure("simulated", unit="s", description="from the start (time 0) to the last request done", default=0.0)
+    duration: float = figure("simulated", unit="s", default=0.0,
+                             description="from the start (time 0) to the last request done")
     completed: int = figure("simulated", default=0)
     failed: int = figure("simulated", default=0)
     total_input_tokens: int = figure("simulated", default=0)
