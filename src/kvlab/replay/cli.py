@@ -51,7 +51,8 @@ def run_cmd(
 ) -> None:
     """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A
-    --users ladder shows where preemptions start."""
+    --users ladder shows where preemptions start. Like `kvlab load`, a run sends at most the
+    workload's load.max_requests requests."""
     from kvlab.loadtest.workload import load_workload, resolve_profile
     from kvlab.replay.run import run_offline
     from kvlab.replay.sessions import predicted_max_users
@@ -77,7 +78,8 @@ def run_cmd(
                     "spawn_rate": spawn_rate, "duration_s": duration_s,
                     "predicted_max_users_without_preemption": predicted}
         res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
-                          out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest)
+                          out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest,
+                          max_requests=wl.load.max_requests)
         rows.append((n, folder, res.results))
     if as_json:
         emit_json({"runs": [{"users": n, "out": str(f), **r} for n, f, r in rows]})
@@ -110,5 +112,9 @@ def _print_ladder(cfg, rows, predicted: int) -> None:
 
 
 def register(sim_app: typer.Typer) -> None:
-    """`run` under `kvlab sim` (the app puts it there: kvlab.sim knows nothing of the replay)."""
+    """`run` and `bench` under `kvlab sim` (the app puts them there: kvlab.sim knows nothing of the
+    replay)."""
+    from kvlab.replay.bench import BENCH_HELP, bench_cmd
+
     sim_app.command("run")(run_cmd)
+    sim_app.command("bench", help=BENCH_HELP)(bench_cmd)

@@ -5,7 +5,10 @@ A session's prompt is its app's system prompt, then every earlier turn's input a
 then this turn's input, so turns of one session and sessions of one app share prefix-cache blocks
 as they would on vLLM. With `concurrency=N` it plays closed-loop users (N sessions at a time, the
 next starting when one ends); without it every plan starts at its `start_offset_s` (plans must come
-in start order).
+in start order), and with `max_in_flight=C` at most C sessions run at once, a later one waiting
+(first come, first served) until one ends, as `vllm bench serve --max-concurrency` holds requests at
+a semaphore. `max_requests` stops sending once that many requests have been sent (Locust's
+`--max-requests` in `kvlab load`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import heapq
 import json
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -64,7 +68,7 @@ class Player:
 
     def __init__(self, cfg: SimConfig, sessions: Iterable[SessionPlan], duration_s: float,
                  concurrency: int | None, scrape_interval_s: float, check_blocks: bool,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, max_in_flight: int | None = None, max_requests: int | None = None):
         self.cfg = cfg
         self.engine = Engine(cfg, record_token_steps=True, check_blocks=check_blocks)
         self.duration_s = duration_s
@@ -81,6 +85,11 @@ class Player:
         self._label_json: dict[tuple, str] = {}
         self.max_kv_usage = 0.0
         self.fast_decode = fast_decode
+        self.max_in_flight = max_in_flight  # open loop: sessions running at once (a client's semaphore)
+        self.in_flight = 0
+        self.held: deque[_Session] = deque()  # open loop: arrived, waiting for a free slot
+        self.max_requests = max_requests
+        self.requests_sent = 0
 
     # -- sessions
 
@@ -112,13 +121,21 @@ class Player:
 
     def admit_arrivals(self, now_s: float) -> None:
         while self.pending is not None and self.pending.start_offset_s <= now_s:
-            self._push(self.pending.start_offset_s, self._new_session(self.pending))
+            sess = self._new_session(self.pending)
+            if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+                self.held.append(sess)
+            else:
+                self.in_flight += 1
+                self._push(self.pending.start_offset_s, sess)
             self.pending = next(self.plans, None)
         while self.arrivals and self.arrivals[0][0] <= now_s:
             at_s, _, sess = heapq.heappop(self.arrivals)
             self._send_turn(sess, at_s)
 
     def _send_turn(self, sess: _Session, at_s: float) -> None:
+        if self.max_requests is not None and self.requests_sent >= self.max_requests:
+            return  # the request bound is reached: the session sends nothing more
+        self.requests_sent += 1
         plan, k = sess.plan, sess.turn
         turn = plan.turns[k]
         prompt = sess.context
@@ -157,6 +174,11 @@ class Player:
     def _end_session(self, sess: _Session, at_s: float) -> None:
         if self.concurrency is not None:
             self._start_next(at_s)
+        elif self.max_in_flight is not None:
+            self.in_flight -= 1
+            if self.held:
+                self.in_flight += 1
+                self._push(at_s, self.held.popleft())
 
     # -- records
 
@@ -247,6 +269,8 @@ class Player:
             if plan is None:
                 nxt = self.next_event_s()
                 if nxt == float("inf"):
+                    if not eng.scheduler.waiting:
+                        break  # nothing more will arrive (the request bound is reached)
                     head = eng.scheduler.waiting[0]
                     raise KvlabError(
                         f"request {head.seq_id} ({head.num_tokens} tokens) can never be scheduled: it needs more "

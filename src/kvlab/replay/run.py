@@ -71,21 +71,30 @@ def run_offline(
     check_blocks: bool = False,
     fast_decode: bool = True,
     manifest: dict | None = None,
+    max_in_flight: int | None = None,
+    max_requests: int | None = None,
     **engine_args,
 ) -> OfflineResult:
     """Play `sessions` (SessionPlans, or a workload's stream of `seed`) for `duration_s` simulated
     seconds on MODEL served by the simulated vLLM on GPU preset `gpu`; `engine_args` are vLLM's
-    flags as `build_config` keywords."""
+    flags as `build_config` keywords. Open loop (no `concurrency`): `max_in_flight` caps the sessions
+    running at once (later arrivals wait for a slot); `max_requests` stops sending after that many."""
     if duration_s <= 0:
         raise KvlabError(f"duration must be positive, got {duration_s}")
     if scrape_interval_s <= 0:
         raise KvlabError(f"--scrape-interval-s must be positive, got {scrape_interval_s}")
     if concurrency is not None and concurrency < 1:
         raise KvlabError(f"--users must be at least 1, got {concurrency}")
+    if max_in_flight is not None and (concurrency is not None or max_in_flight < 1):
+        raise KvlabError(f"max_in_flight caps open-loop arrivals and must be at least 1, got {max_in_flight}"
+                         + (" with closed-loop users" if concurrency is not None else ""))
+    if max_requests is not None and max_requests < 1:
+        raise KvlabError(f"max_requests must be at least 1, got {max_requests}")
     plans = session_stream(sessions, seed, concurrency, spawn_rate)
     cfg = config or build_config(model, gpu, **engine_args)
     wall0 = time.perf_counter()
-    player = Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode)
+    player = Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode,
+                    max_in_flight=max_in_flight, max_requests=max_requests)
     player.run()
     wall_s = time.perf_counter() - wall0
     results = summarize(cfg, player, duration_s, wall_s, concurrency)

@@ -1,0 +1,247 @@
+"""`kvlab sim bench`: `vllm bench serve` on the simulated engine, in virtual time.
+
+The requests (lengths, arrival times) are those `vllm bench serve` makes (`kvlab.replay.datasets`);
+each is a one-turn session of the offline replay (`kvlab.replay.run.run_offline`), sent at its
+arrival time, at most `--max-concurrency` at once (vLLM's client semaphore: a request waits for a
+slot, and its TTFT and latency count from when it is sent, as vLLM's `start_time` does). The
+results are computed from the per-request records with vLLM's definitions
+(`calculate_metrics` and `benchmark` in `vllm/benchmarks/serve.py`, vllm-project/vllm main of late
+2026, commit 009e6d4a):
+
+- `duration`: from the start of the run (time 0; with a finite rate the first request is sent
+  after the first gap) until the last request is done;
+- `completed`/`failed`; `total_input_tokens`/`total_output_tokens` over completed requests;
+  `request_throughput`, `output_throughput`, `total_token_throughput` = those / duration;
+- TTFT and E2EL over completed requests; TPOT = (latency - ttft) / (output tokens - 1) over
+  completed requests with more than one output token; ITL over every gap between two tokens of
+  every completed request; each as mean, median, std (numpy's, population) and p99 (numpy's
+  linear percentile), in ms, 0 where there are none;
+- `max_concurrent_requests`: the most requests in flight at once ([start, start + latency)
+  intervals, an end before a start at the same instant); `max_output_tokens_per_s`: the most
+  tokens in one whole second from the first start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from kvlab.clikit import emit_json
+from kvlab.errors import KvlabError
+from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
+
+if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
+    from kvlab.loadtest.plan import SessionPlan
+    from kvlab.replay.datasets import BenchRequest
+    from kvlab.schema.bench import BenchResult
+
+HORIZON_S = 30 * 24 * 3600.0  # simulated time a bench may take; a request not done by then failed
+PERCENTILE = 99  # vLLM's --metric-percentiles default
+
+
+def timing_source(cfg) -> str:
+    """What prices the simulated engine's steps: the cost model's `timing_source` label, else the
+    roofline (`kvlab.sim.timing`)."""
+    return str(getattr(cfg.cost, "timing_source", "roofline"))
+
+
+def session_plans(requests: list[BenchRequest]) -> list[SessionPlan]:
+    """One single-turn session per request; a shared prefix (--random-prefix-len) is one app's."""
+    from kvlab.loadtest.plan import SessionPlan, TurnPlan
+
+    return [SessionPlan(f"bench-{i}", "bench-prefix" if r.prefix_tokens else f"bench-{i}", r.prefix_tokens,
+                        (TurnPlan(r.input_tokens, r.output_tokens, 0.0),), r.arrival_s)
+            for i, r in enumerate(requests)]
+
+
+def _stats(name: str, values: list[float]) -> dict[str, float]:
+    """mean/median/std/p99 in ms as vLLM computes them (`np.mean(values or 0)`: 0 when empty)."""
+    import numpy as np
+
+    a = values or 0
+    return {f"mean_{name}_ms": float(np.mean(a)) * 1000, f"median_{name}_ms": float(np.median(a)) * 1000,
+            f"std_{name}_ms": float(np.std(a)) * 1000,
+            f"p{PERCENTILE}_{name}_ms": float(np.percentile(a, PERCENTILE)) * 1000}
+
+
+def _peaks(done: list[dict]) -> tuple[float, int]:
+    """vLLM's max_output_tokens_per_s (tokens per whole second from the first start) and
+    max_concurrent_requests (sweep over [start, start + latency), ends first on ties)."""
+    import numpy as np
+
+    if not done:
+        return 0.0, 0
+    first = min(r["start_ts"] for r in done)
+    last = max(r["start_ts"] + r["e2e_s"] for r in done)
+    seconds = int(np.ceil(last - first)) + 1
+    tokens = np.zeros(seconds)
+    for r in done:
+        times = r["start_ts"] + r["ttft_s"] + np.concatenate(([0.0], np.cumsum(r["itl_s"] or [])))
+        buckets = (times - first).astype(np.int64)
+        buckets = buckets[(buckets >= 0) & (buckets < seconds)]
+        np.add.at(tokens, buckets, 1)
+    events = sorted([(r["start_ts"], 1) for r in done] + [(r["start_ts"] + r["e2e_s"], -1) for r in done])
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return float(tokens.max()), peak
+
+
+def bench_metrics(records: list[dict]) -> dict:
+    """vLLM's result fields from the replay's per-request records (start_ts, ttft_s, itl_s, e2e_s,
+    prompt_tokens, completion_tokens, error_kind), times in seconds from the start of the run."""
+    done = [r for r in records if r["error_kind"] is None]
+    ends = [r["start_ts"] + (r["e2e_s"] or 0.0) for r in records]
+    duration = max(ends) if ends else 0.0
+    if duration <= 0:
+        raise KvlabError("the benchmark took no simulated time: no request was served")
+    total_in = sum(r["prompt_tokens"] for r in done)
+    total_out = sum(r["completion_tokens"] for r in done)
+    tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in done if r["completion_tokens"] > 1]
+    itls = [gap for r in done for gap in (r["itl_s"] or [])]
+    peak_tokens, peak_requests = _peaks(done)
+    return {
+        "duration": duration, "completed": len(done), "failed": len(records) - len(done),
+        "total_input_tokens": total_in, "total_output_tokens": total_out,
+        "request_throughput": len(done) / duration, "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+        "max_output_tokens_per_s": peak_tokens, "max_concurrent_requests": peak_requests,
+        **_stats("ttft", [r["ttft_s"] for r in done]), **_stats("tpot", tpots), **_stats("itl", itls),
+        **_stats("e2el", [r["e2e_s"] for r in done]),
+    }
+
+
+def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int | None = None,
+              output_len: int | None = None, num_prompts: int = NUM_PROMPTS, request_rate: float = math.inf,
+              max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
+              random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
+              config=None, **engine_args) -> BenchResult:
+    """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
+    (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`)."""
+    from kvlab.replay.datasets import bench_requests
+    from kvlab.replay.run import run_offline
+    from kvlab.schema.bench import BenchResult
+    from kvlab.sim.config import build_config
+
+    if max_concurrency is not None and max_concurrency <= 0:
+        raise KvlabError("--max-concurrency must be greater than 0")  # vLLM's message
+    requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
+                              range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
+    cfg = config or build_config(model, gpu, **engine_args)
+    res = run_offline(model, gpu, session_plans(requests), HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
+                      max_in_flight=max_concurrency)
+    cap = cfg.capacity
+    return BenchResult(
+        model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), dataset_name=dataset,
+        num_prompts=num_prompts, request_rate="inf" if math.isinf(request_rate) else request_rate,
+        burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
+        tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, quantization=cap.quantization,
+        kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
+        block_size=cap.block_size, num_preemptions=res.results["num_preemptions"],
+        **bench_metrics(res.records),
+    )
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise KvlabError(f"--request-rate takes requests per second or inf, got {text!r}") from None
+    if not rate > 0:
+        raise KvlabError(f"--request-rate must be positive or inf, got {text!r}")
+    return rate
+
+
+BENCH_HELP = (
+    "Run `vllm bench serve` against MODEL on the simulated vLLM on --gpu, in virtual time (seconds, not "
+    "minutes): vLLM's requests (random dataset lengths and Poisson arrivals as vLLM draws them from --seed), "
+    "its --max-concurrency semaphore and its result names, plus the timing source of the simulated steps. "
+    "--dataset sharegpt is a LENGTH DISTRIBUTION fitted to published ShareGPT figures, not the dataset "
+    "(see kvlab.replay.datasets). All results are simulated.")
+
+
+def bench_cmd(
+    model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
+    gpu: str = typer.Option(..., "--gpu", help="GPU preset to simulate (kvlab gpus)"),
+    dataset: str = typer.Option("random", "--dataset", "--dataset-name",
+                                help="random (vLLM's), or sharegpt: a length distribution, not the dataset"),
+    input_len: Optional[int] = typer.Option(None, "--input-len", "--random-input-len",
+                                            help="random: prompt tokens (default 1024)"),
+    output_len: Optional[int] = typer.Option(None, "--output-len", "--random-output-len",
+                                             help="Output tokens (random default 128; sharegpt: its own lengths)"),
+    num_prompts: int = typer.Option(NUM_PROMPTS, "--num-prompts"),
+    request_rate: str = typer.Option("inf", "--request-rate", help="Requests/s (Poisson), or inf: all at once"),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests in flight at most"),
+    seed: int = typer.Option(0, "--seed"),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of the arrival gaps (1: Poisson)"),
+    random_range_ratio: float = typer.Option(RANDOM_RANGE_RATIO, "--random-range-ratio"),
+    random_prefix_len: int = typer.Option(0, "--random-prefix-len", help="random: tokens every prompt shares"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
+) -> None:
+    from kvlab.sim.args import _memory_model_quantization
+
+    if dataset not in DATASETS:
+        raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    wall0 = time.perf_counter()
+    result = run_bench(model, gpu, dataset=dataset, input_len=input_len, output_len=output_len,
+                       num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
+                       seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
+                       random_prefix_len=random_prefix_len, dtype=dtype,
+                       quantization=_memory_model_quantization(quantization), kv_cache_dtype=kv_cache_dtype,
+                       tensor_parallel_size=tp, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens,
+                       gpu_memory_utilization=gpu_memory_utilization)
+    if out is not None:
+        result.write(out)
+    if as_json:
+        emit_json(result.to_data())
+        return
+    _print_result(result, time.perf_counter() - wall0)
+
+
+def _print_result(r: BenchResult, wall_s: float) -> None:
+    """vLLM's result block, labelled simulated."""
+    line = "{:<40} {:<10}".format
+    num = "{:<40} {:<10.2f}".format
+    print("{s:{c}^{n}}".format(s=" Serving Benchmark Result (simulated) ", n=50, c="="))
+    print(line("Successful requests:", r.completed))
+    print(line("Failed requests:", r.failed))
+    if r.max_concurrency is not None:
+        print(line("Maximum request concurrency:", r.max_concurrency))
+    if r.request_rate != "inf":
+        print(num("Request rate configured (RPS):", r.request_rate))
+    print(num("Benchmark duration (s):", r.duration))
+    print(line("Total input tokens:", r.total_input_tokens))
+    print(line("Total generated tokens:", r.total_output_tokens))
+    print(num("Request throughput (req/s):", r.request_throughput))
+    print(num("Output token throughput (tok/s):", r.output_throughput))
+    print(num("Peak output token throughput (tok/s):", r.max_output_tokens_per_s))
+    print(num("Peak concurrent requests:", r.max_concurrent_requests))
+    print(num("Total token throughput (tok/s):", r.total_token_throughput))
+    for key, name, header in (("ttft", "TTFT", "Time to First Token"),
+                              ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+                              ("itl", "ITL", "Inter-token Latency")):
+        print("{s:{c}^{n}}".format(s=header, n=50, c="-"))
+        print(num(f"Mean {name} (ms):", getattr(r, f"mean_{key}_ms")))
+        print(num(f"Median {name} (ms):", getattr(r, f"median_{key}_ms")))
+        print(num(f"P{PERCENTILE} {name} (ms):", getattr(r, f"p{PERCENTILE}_{key}_ms")))
+    print("=" * 50)
+    print(f"simulated: {r.model_id} on {r.gpu} x{r.tensor_parallel_size}, step times: {r.timing_source}; "
+          f"{r.num_preemptions} preemptions; {wall_s:.1f} s wall")

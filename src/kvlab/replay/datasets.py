@@ -1,0 +1,192 @@
+"""The request lengths and arrival times of `vllm bench serve`, for `kvlab sim bench`.
+
+Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/serve.py` at commit
+009e6d4a, `vllm/benchmarks/datasets/{random,sharegpt,utils,arg_utils}.py` at commit 237145ea):
+
+- `random` (`RandomDataset.get_sampling_params`): with `--random-range-ratio r` (default 0.0, in
+  [0, 1)), input lengths are integers uniform on [floor(L(1-r)), ceil(L(1+r))] and output lengths on
+  [max(1, floor(O(1-r))), max(1, ceil(O(1+r)))], drawn as `rng.integers(low, high + 1, size=N)`,
+  inputs first, from `numpy.random.default_rng(--seed)`; so with the same seed these are vLLM's
+  lengths. vLLM subtracts the tokenizer's special tokens (a BOS: 1 for Llama, 0 for Qwen) from L on
+  the client and the server adds them back; kvlab has no tokenizer, so L is what the engine
+  receives. `--random-prefix-len` (default 0) tokens, the same for every request, come first.
+  (Older clients differ: the 2024 benchmarks/benchmark_serving.py defaulted --random-range-ratio
+  to 1.0 and drew inputs from [L x r, L].)
+- `sharegpt`: vLLM reads ShareGPT_V3_unfiltered_cleaned_split.json, shuffles it with `--seed`, and
+  keeps the first turn pairs whose prompt has 4..1024 tokens, whose reply has at least 4 (unless
+  `--sharegpt-output-len`/`--output-len` replaces it) and whose sum is at most 2,048
+  (`is_valid_sequence`). The dataset cannot be fetched here, so `sharegpt` is a LENGTH
+  DISTRIBUTION, not the dataset: prompt and reply lengths are independent log-normals of
+  sigma `SHAREGPT_SIGMA` (an assumption: the published figures give means, not shapes), their mu
+  chosen so that after vLLM's filter the means are the published ones: 1,000 ShareGPT prompts
+  through `vllm bench serve` with the Llama-3.1-8B tokenizer: 229,711 input and 203,068 generated
+  tokens (vllm-project/vllm pull request #18566, May 2025), i.e. 229.7 and 203.1 tokens per
+  request. Pairs are drawn from `default_rng(--seed)` and filtered as vLLM filters. vLLM sets
+  `ignore_eos` only for the random datasets, so a real model may end a ShareGPT reply early; the
+  simulated engine generates every reply to its length.
+- arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
+  draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
+  1: a Poisson process) with the global numpy generator seeded with `--seed` (one draw per request,
+  in order), sums them, and rescales the sums so that the last request is sent at N / R.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `kvlab --help` does not wait for it
+    import numpy as np
+
+DATASETS = ("random", "sharegpt")
+RANDOM_INPUT_LEN = 1024  # vLLM's --random-input-len default
+RANDOM_OUTPUT_LEN = 128  # --random-output-len
+RANDOM_RANGE_RATIO = 0.0  # --random-range-ratio
+NUM_PROMPTS = 1000  # --num-prompts
+
+# ShareGPT as vLLM's benchmark samples it (see the module docstring for the source).
+SHAREGPT_MEAN_INPUT = 229.7
+SHAREGPT_MEAN_OUTPUT = 203.1
+SHAREGPT_SIGMA = 1.0  # log-normal shape: an assumption, not a published figure
+# mu of the log-normals whose means after vLLM's filter are the published ones (fitted once by
+# `_fit_sharegpt_mu`; tests/test_sim_bench.py checks the filtered means).
+SHAREGPT_MU_INPUT = 5.147
+SHAREGPT_MU_OUTPUT = 4.860
+SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048  # vLLM's is_valid_sequence
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of the benchmark: its prompt (a shared prefix, then its own tokens), its reply
+    length and when the client sends it (seconds from the start)."""
+
+    prefix_tokens: int
+    input_tokens: int  # after the prefix
+    output_tokens: int
+    arrival_s: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prefix_tokens + self.input_tokens
+
+
+def random_length_range(length: int, range_ratio: float, *, at_least_one: bool = False) -> tuple[int, int]:
+    """vLLM's sampling interval for a mean `length`: [floor(L(1-r)), ceil(L(1+r))] (outputs at least 1)."""
+    low, high = math.floor(length * (1 - range_ratio)), math.ceil(length * (1 + range_ratio))
+    if at_least_one:
+        low, high = max(low, 1), max(high, 1)
+    return low, high
+
+
+def random_lengths(num_prompts: int, input_len: int, output_len: int, range_ratio: float, prefix_len: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input (after the prefix) and output lengths of vLLM's `random` dataset."""
+    import numpy as np
+
+    if not 0.0 <= range_ratio < 1.0:
+        raise KvlabError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    in_low, in_high = random_length_range(input_len, range_ratio)
+    out_low, out_high = random_length_range(output_len, range_ratio, at_least_one=True)
+    if prefix_len + in_low < 1:
+        raise KvlabError(f"--input-len is too small: with --random-range-ratio {range_ratio} the shortest prompt "
+                         f"would have {prefix_len + in_low} tokens (vLLM needs at least 1)")
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(in_low, in_high + 1, size=num_prompts)
+    outputs = rng.integers(out_low, out_high + 1, size=num_prompts)
+    return inputs, outputs
+
+
+def _sharegpt_valid(prompt: np.ndarray, output: np.ndarray, output_fixed: bool) -> np.ndarray:
+    ok = (prompt >= SHAREGPT_MIN_LEN) & (prompt <= SHAREGPT_MAX_PROMPT) & (prompt + output <= SHAREGPT_MAX_TOTAL)
+    return ok if output_fixed else ok & (output >= SHAREGPT_MIN_LEN)
+
+
+def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
+                     mu_input: float = SHAREGPT_MU_INPUT, mu_output: float = SHAREGPT_MU_OUTPUT
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and reply lengths from the ShareGPT length distribution (not the dataset), filtered
+    as vLLM filters the dataset; `output_len` replaces the reply lengths (--sharegpt-output-len)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts: list[np.ndarray] = []
+    outputs: list[np.ndarray] = []
+    have = 0
+    while have < num_prompts:
+        batch = max(2 * (num_prompts - have), 64)
+        p = np.maximum(np.rint(rng.lognormal(mu_input, SHAREGPT_SIGMA, batch)), 1).astype(np.int64)
+        o = np.maximum(np.rint(rng.lognormal(mu_output, SHAREGPT_SIGMA, batch)), 1).astype(np.int64)
+        if output_len is not None:
+            o = np.full(batch, output_len, dtype=np.int64)
+        ok = _sharegpt_valid(p, o, output_len is not None)
+        if output_len is not None and not ok.any() and output_len + SHAREGPT_MIN_LEN > SHAREGPT_MAX_TOTAL:
+            raise KvlabError(f"--output-len {output_len} leaves no ShareGPT prompt within vLLM's limit of "
+                             f"{SHAREGPT_MAX_TOTAL} prompt + output tokens")
+        prompts.append(p[ok])
+        outputs.append(o[ok])
+        have += int(ok.sum())
+    return np.concatenate(prompts)[:num_prompts], np.concatenate(outputs)[:num_prompts]
+
+
+def _fit_sharegpt_mu(target_mean: float, which: str, n: int = 200_000) -> float:
+    """The mu whose filtered mean is `target_mean` (bisection; how the constants above were found)."""
+    lo, hi = 3.0, 7.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        mus = (mid, SHAREGPT_MU_OUTPUT) if which == "input" else (SHAREGPT_MU_INPUT, mid)
+        p, o = sharegpt_lengths(n, None, 0, *mus)
+        mean = float((p if which == "input" else o).mean())
+        lo, hi = (mid, hi) if mean < target_mean else (lo, mid)
+    return (lo + hi) / 2
+
+
+def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, seed: int) -> np.ndarray:
+    """When each request is sent, as vLLM's `get_request` computes it (see the module docstring)."""
+    import numpy as np
+
+    if request_rate <= 0 or math.isnan(request_rate):
+        raise KvlabError(f"--request-rate must be positive or inf, got {request_rate}")
+    if burstiness <= 0 or math.isnan(burstiness):
+        raise KvlabError(f"--burstiness must be positive, got {burstiness}")
+    if math.isinf(request_rate):
+        return np.zeros(num_prompts)
+    if math.isinf(burstiness):
+        delays = np.full(num_prompts, 1.0 / request_rate)
+    else:
+        state = np.random.RandomState(seed)  # vLLM: np.random.seed(args.seed), then np.random.gamma
+        theta = 1.0 / (request_rate * burstiness)
+        delays = np.array([state.gamma(shape=burstiness, scale=theta) for _ in range(num_prompts)])
+    cumulative = np.cumsum(delays)
+    if cumulative[-1] != 0:
+        cumulative = cumulative * ((num_prompts / request_rate) / cumulative[-1])
+    return cumulative
+
+
+def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output_len: int | None,
+                   request_rate: float, seed: int, *, range_ratio: float = RANDOM_RANGE_RATIO,
+                   prefix_len: int = 0, burstiness: float = 1.0) -> list[BenchRequest]:
+    """The benchmark's requests, in the order vLLM sends them."""
+    if dataset not in DATASETS:
+        raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)} (vLLM's others need their files), "
+                         f"got {dataset!r}")
+    if num_prompts < 1:
+        raise KvlabError(f"--num-prompts must be at least 1, got {num_prompts}")
+    for flag, value in (("--input-len", input_len), ("--output-len", output_len)):
+        if value is not None and value < 1:
+            raise KvlabError(f"{flag} must be at least 1, got {value}")
+    if prefix_len < 0:
+        raise KvlabError(f"--random-prefix-len must be at least 0, got {prefix_len}")
+    if dataset == "random":
+        inputs, outputs = random_lengths(num_prompts, input_len or RANDOM_INPUT_LEN, output_len or RANDOM_OUTPUT_LEN,
+                                         range_ratio, prefix_len, seed)
+    else:
+        if input_len is not None or prefix_len:
+            raise KvlabError("--input-len and --random-prefix-len apply to --dataset random; ShareGPT prompts "
+                             "have their own lengths")
+        inputs, outputs = sharegpt_lengths(num_prompts, output_len, seed)
+        prefix_len = 0
+    arrivals = arrival_times_s(num_prompts, request_rate, burstiness, seed)
+    return [BenchRequest(prefix_len, int(i), int(o), float(t)) for i, o, t in zip(inputs, outputs, arrivals)]

@@ -1,0 +1,71 @@
+"""The record of `kvlab sim bench`: `vllm bench serve`'s result fields, by vLLM's names, for a run on
+kvlab's simulated engine, with the run's setup and the step-timing source the figures rest on."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from kvlab.schema import Record, figure
+
+
+def _ms(description: str) -> object:
+    return figure("simulated", unit="ms", description=description, default=0.0)
+
+
+class BenchResult(Record):
+    """One `kvlab sim bench` run. The result names and definitions are vLLM's
+    (`vllm/benchmarks/serve.py`); every result is simulated, in virtual time."""
+
+    KIND: ClassVar[str] = "sim-bench"
+    VERSION: ClassVar[int] = 1
+
+    # setup, as `vllm bench serve` records it
+    engine: Literal["sim"] = "sim"
+    model_id: str
+    gpu: str
+    timing_source: str  # what priced the simulated steps (the cost model's label; "roofline" today)
+    dataset_name: Literal["random", "sharegpt"]
+    num_prompts: int
+    request_rate: float | Literal["inf"]
+    burstiness: float
+    max_concurrency: int | None
+    seed: int
+    tensor_parallel_size: int
+    dtype: str
+    quantization: str | None
+    kv_cache_dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_gpu_blocks: int
+    block_size: int
+
+    # results (vLLM's names and units)
+    duration: float = figure("simulated", unit="s", default=0.0,
+                             description="from the start (time 0) to the last request done")
+    completed: int = figure("simulated", default=0)
+    failed: int = figure("simulated", default=0)
+    total_input_tokens: int = figure("simulated", default=0)
+    total_output_tokens: int = figure("simulated", default=0)
+    request_throughput: float = figure("simulated", unit="req/s", default=0.0)
+    output_throughput: float = figure("simulated", unit="tok/s", default=0.0)
+    total_token_throughput: float = figure("simulated", unit="tok/s", default=0.0)
+    max_output_tokens_per_s: float = figure("simulated", unit="tok/s", default=0.0)
+    max_concurrent_requests: int = figure("simulated", default=0)
+    mean_ttft_ms: float = _ms("time to first token")
+    median_ttft_ms: float = _ms("time to first token")
+    std_ttft_ms: float = _ms("time to first token")
+    p99_ttft_ms: float = _ms("time to first token")
+    mean_tpot_ms: float = _ms("(latency - ttft) / (output tokens - 1), requests with > 1 output token")
+    median_tpot_ms: float = _ms("time per output token")
+    std_tpot_ms: float = _ms("time per output token")
+    p99_tpot_ms: float = _ms("time per output token")
+    mean_itl_ms: float = _ms("inter-token latency, over all gaps of all requests")
+    median_itl_ms: float = _ms("inter-token latency")
+    std_itl_ms: float = _ms("inter-token latency")
+    p99_itl_ms: float = _ms("inter-token latency")
+    mean_e2el_ms: float = _ms("end-to-end latency")
+    median_e2el_ms: float = _ms("end-to-end latency")
+    std_e2el_ms: float = _ms("end-to-end latency")
+    p99_e2el_ms: float = _ms("end-to-end latency")
+    num_preemptions: int = figure("simulated", default=0, description="kvlab: the engine's preemptions")

@@ -1,0 +1,202 @@
+"""`kvlab sim bench`: vLLM's bench-serve requests and result definitions on the simulated engine.
+
+The definitions checked here are read from vLLM's source (vllm-project/vllm main, late 2026):
+`vllm/benchmarks/serve.py` (commit 009e6d4a: `calculate_metrics`, `get_request`, `benchmark`) and
+`vllm/benchmarks/datasets/random.py` (commit 237145ea: `RandomDataset.get_sampling_params`).
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from kvlab.errors import KvlabError
+from kvlab.replay import datasets
+from kvlab.replay.bench import bench_metrics, run_bench, timing_source
+from kvlab.schema.bench import BenchResult
+from kvlab.sim.config import build_config
+
+MODEL, GPU = "llama-3.1-8b", "h100"
+FLAGS = {"max_model_len": 4096}
+
+
+def _rec(start, ttft, itl, prompt, out, error=None):
+    e2e = None if error else ttft + sum(itl)
+    return {"start_ts": start, "ttft_s": None if error else ttft, "itl_s": None if error else itl, "e2e_s": e2e,
+            "prompt_tokens": prompt, "completion_tokens": 0 if error else out, "error_kind": error}
+
+
+def test_result_fields_on_a_hand_computed_case():
+    # serve.py calculate_metrics: tpot = (latency - ttft) / (output_len - 1) for output_len > 1 only;
+    # itls += every gap; ttfts/e2els over successful requests; np.std; np.percentile(…, 99);
+    # throughputs = totals / duration; peak concurrency sweeps [start, start + latency).
+    recs = [_rec(0.0, 0.100, [0.020, 0.030], 10, 3),   # ends 0.150
+            _rec(0.05, 0.200, [], 5, 1),                # ends 0.250, one token: no TPOT
+            _rec(0.30, 0, [], 7, 0, error="context_length")]
+    m = bench_metrics(recs)
+    assert m["completed"] == 2 and m["failed"] == 1
+    assert m["duration"] == pytest.approx(0.30)
+    assert m["total_input_tokens"] == 15 and m["total_output_tokens"] == 4
+    assert m["request_throughput"] == pytest.approx(2 / 0.30)
+    assert m["output_throughput"] == pytest.approx(4 / 0.30)
+    assert m["total_token_throughput"] == pytest.approx(19 / 0.30)
+    assert m["mean_ttft_ms"] == pytest.approx(150.0) and m["median_ttft_ms"] == pytest.approx(150.0)
+    assert m["std_ttft_ms"] == pytest.approx(50.0)
+    assert m["p99_ttft_ms"] == pytest.approx(100 + 0.99 * 100)  # numpy's linear percentile
+    assert m["mean_tpot_ms"] == pytest.approx(25.0) and m["std_tpot_ms"] == pytest.approx(0.0)
+    assert m["mean_itl_ms"] == pytest.approx(25.0) and m["std_itl_ms"] == pytest.approx(5.0)
+    assert m["p99_itl_ms"] == pytest.approx(20 + 0.99 * 10)
+    assert m["mean_e2el_ms"] == pytest.approx(175.0)  # latencies 150 and 200 ms
+    assert m["max_concurrent_requests"] == 2
+    assert m["max_output_tokens_per_s"] == 4.0  # all four tokens in the first second
+    # one request ending exactly when the next starts: not concurrent (ends sort first)
+    assert bench_metrics([_rec(0.0, 0.1, [], 1, 1), _rec(0.1, 0.1, [], 1, 1)])["max_concurrent_requests"] == 1
+    # no TPOT/ITL at all: vLLM's `np.mean(tpots or 0)` is 0
+    assert bench_metrics([_rec(0.0, 0.1, [], 1, 1)])["mean_tpot_ms"] == 0.0
+
+
+def test_one_request_end_to_end():
+    r = run_bench(MODEL, GPU, input_len=100, output_len=20, num_prompts=1, **FLAGS)
+    assert (r.completed, r.failed, r.total_input_tokens, r.total_output_tokens) == (1, 0, 100, 20)
+    assert r.duration * 1000 == pytest.approx(r.mean_e2el_ms)  # sent at 0, done at the end
+    assert r.mean_tpot_ms == pytest.approx((r.mean_e2el_ms - r.mean_ttft_ms) / 19)
+    assert r.mean_itl_ms == pytest.approx(r.mean_tpot_ms)  # one request: 19 gaps summing to latency - ttft
+    assert r.max_concurrent_requests == 1 and r.request_throughput == pytest.approx(1 / r.duration)
+    assert r.timing_source == "roofline" == timing_source(build_config(MODEL, GPU, **FLAGS))
+
+
+def test_timing_source_is_read_from_the_cost_model():
+    class Cost:
+        timing_source = "measured kernels (test)"
+
+    class Cfg:
+        cost = Cost()
+
+    assert timing_source(Cfg()) == "measured kernels (test)"
+
+
+@pytest.mark.parametrize("length,ratio,expected", [(1024, 0.0, (1024, 1024)), (1024, 0.25, (768, 1280)),
+                                                   (100, 0.33, (67, 133)), (3, 0.5, (1, 5))])
+def test_random_length_range_is_vllms_formula(length, ratio, expected):
+    # random.py get_sampling_params: low = floor(L (1 - r)), high = ceil(L (1 + r))
+    assert datasets.random_length_range(length, ratio) == expected
+    assert expected == (math.floor(length * (1 - ratio)), math.ceil(length * (1 + ratio)))
+
+
+def test_random_lengths_are_vllms_draws():
+    inputs, outputs = datasets.random_lengths(500, 1000, 10, 0.5, 0, seed=7)
+    rng = np.random.default_rng(7)  # RandomDataset: inputs, then outputs, from default_rng(seed)
+    assert (inputs == rng.integers(500, 1501, size=500)).all()
+    assert (outputs == rng.integers(5, 16, size=500)).all()
+    assert inputs.min() >= 500 and inputs.max() <= 1500 and outputs.min() >= 5 and outputs.max() <= 15
+    assert datasets.random_length_range(1, 0.9, at_least_one=True) == (1, 2)  # outputs: at least 1
+    same, _ = datasets.random_lengths(50, 1024, 128, datasets.RANDOM_RANGE_RATIO, 0, seed=0)
+    assert (same == 1024).all()  # vLLM's default range ratio is 0: every prompt as long as asked
+
+
+def test_arrivals_are_vllms_poisson_process():
+    assert (datasets.arrival_times_s(5, math.inf, 1.0, 0) == 0).all()
+    t = datasets.arrival_times_s(1000, 4.0, 1.0, seed=3)
+    state = np.random.RandomState(3)  # np.random.seed(seed); np.random.gamma(shape=1, scale=1/rate)
+    gaps = np.cumsum([state.gamma(shape=1.0, scale=0.25) for _ in range(1000)])
+    assert t == pytest.approx(gaps * (1000 / 4.0) / gaps[-1])  # rescaled: the last one at N / rate
+    assert t[-1] == pytest.approx(250.0) and (np.diff(t) >= 0).all()
+
+
+def test_sharegpt_is_a_documented_length_distribution():
+    p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
+    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
+    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
+    assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2048  # vLLM's filter
+    again, _ = datasets.sharegpt_lengths(20_000, None, seed=0)
+    assert (again == p).all()
+    _, fixed = datasets.sharegpt_lengths(100, 64, seed=1)
+    assert (fixed == 64).all()
+
+
+def test_request_rate_inf_sends_all_at_once_and_a_finite_rate_spreads_them():
+    burst = run_bench(MODEL, GPU, input_len=64, output_len=8, num_prompts=12, **FLAGS)
+    paced = run_bench(MODEL, GPU, input_len=64, output_len=8, num_prompts=12, request_rate=2.0, **FLAGS)
+    assert burst.max_concurrent_requests == 12 and burst.request_rate == "inf"
+    assert paced.duration >= 12 / 2.0  # the last request is sent at N / rate
+    assert paced.max_concurrent_requests < 12 and paced.request_throughput < burst.request_throughput
+    assert paced.mean_ttft_ms < burst.mean_ttft_ms
+
+
+def test_max_concurrency_caps_requests_in_flight():
+    capped = run_bench(MODEL, GPU, input_len=256, output_len=32, num_prompts=40, max_concurrency=4, **FLAGS)
+    free = run_bench(MODEL, GPU, input_len=256, output_len=32, num_prompts=40, **FLAGS)
+    assert capped.completed == free.completed == 40
+    assert capped.max_concurrent_requests == 4 and free.max_concurrent_requests == 40
+    assert capped.mean_ttft_ms < free.mean_ttft_ms  # a held request's clock starts when it is sent
+    assert capped.duration > free.duration
+
+
+def test_prefix_len_is_shared_and_plain_requests_share_nothing():
+    from kvlab.replay.bench import session_plans
+
+    reqs = datasets.bench_requests("random", 3, 32, 4, math.inf, 0, prefix_len=16)
+    plans = session_plans(reqs)
+    assert {p.app_id for p in plans} == {"bench-prefix"} and all(p.system_tokens == 16 for p in plans)
+    assert len({p.app_id for p in session_plans(datasets.bench_requests("random", 3, 32, 4, math.inf, 0))}) == 3
+
+
+def test_cli_json_has_every_field_and_writes_the_record(kvlab, tmp_path):
+    out = tmp_path / "bench.json"
+    r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--input-len", "128", "--output-len", "16", "--num-prompts", "20",
+              "--max-concurrency", "4", "--max-model-len", "4096", "--kv-cache-dtype", "fp8", "--out", str(out),
+              "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(BenchResult.model_fields) <= set(data)
+    for name in ("completed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+                 "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms",
+                 "p99_itl_ms", "total_input_tokens", "total_output_tokens", "max_concurrent_requests"):
+        assert isinstance(data[name], (int, float)), name
+    assert data["timing_source"] == "roofline" and data["kv_cache_dtype"] == "fp8"
+    assert data["completed"] == 20 and data["max_concurrent_requests"] == 4
+    assert BenchResult.read(out).model_dump() == BenchResult.from_data(data).model_dump()
+    text = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "4", "--output-len", "4",
+                 "--max-model-len", "4096")
+    assert text.returncode == 0 and "Serving Benchmark Result (simulated)" in text.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--request-rate", "0"], "--request-rate must be positive"),
+    (["--request-rate", "fast"], "--request-rate takes requests per second"),
+    (["--max-concurrency", "0"], "--max-concurrency must be greater than 0"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+    (["--dataset", "sonnet"], "--dataset must be one of random, sharegpt"),
+    (["--random-range-ratio", "1.0"], "--random-range-ratio must be in [0, 1)"),
+    (["--input-len", "0"], "--input-len must be at least 1"),
+    (["--dataset", "sharegpt", "--input-len", "100"], "apply to --dataset random"),
+    (["-q", "no-such-method"], "--quantization no-such-method"),
+])
+def test_bad_input_is_one_line_exit_2(kvlab, args, message):
+    r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "2", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_run_offline_stops_at_max_requests():
+    from kvlab.replay.run import run_offline
+
+    res = run_offline("deepseek-v2-lite", GPU, "agent-smoke", 600.0, concurrency=4, max_model_len=4096,
+                      max_requests=7, scrape_interval_s=60)
+    assert len(res.records) == 7
+    with pytest.raises(KvlabError, match="max_requests must be at least 1"):
+        run_offline("deepseek-v2-lite", GPU, "agent-smoke", 10.0, concurrency=1, max_requests=0, max_model_len=4096)
+
+
+def test_sim_run_cli_honours_the_workloads_max_requests(kvlab, tmp_path):
+    wl = yaml.safe_load(open("loadtest/agent-smoke.yaml"))
+    wl["load"]["max_requests"] = 5
+    path = tmp_path / "five.yaml"
+    path.write_text(yaml.safe_dump(wl))
+    r = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", GPU, "--users", "3", "--duration-s", "300",
+              "--workload", str(path), "--max-model-len", "4096", "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["requests_completed"] == 5
