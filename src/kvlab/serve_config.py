@@ -221,6 +221,13 @@ def quantization_fields(method: str | None) -> dict[str, Any]:
                 quantization_method=None if own or method is None else method)
 
 
+def options_config(model: str, *, quantization: str | None = None, dtype: str | None = None,
+                   **fields: Any) -> ServeConfig:
+    """A ServeConfig from a command's options named as vLLM's flags (`quantization`: vLLM's method)."""
+    return ServeConfig(model=model, **quantization_fields(quantization),
+                       dtype=None if dtype in (None, "auto") else dtype, **fields)
+
+
 def _dtype(value: str | None) -> str | None:
     if value is None:
         return None

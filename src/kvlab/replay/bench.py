@@ -195,7 +195,8 @@ def bench_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
 ) -> None:
-    from kvlab.sim.args import _memory_model_quantization
+    from kvlab.serve_config import options_config
+    from kvlab.sim.config import build_config
 
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
@@ -203,11 +204,11 @@ def bench_cmd(
     result = run_bench(model, gpu, dataset=dataset, input_len=input_len, output_len=output_len,
                        num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
                        seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
-                       random_prefix_len=random_prefix_len, dtype=dtype,
-                       quantization=_memory_model_quantization(quantization), kv_cache_dtype=kv_cache_dtype,
-                       tensor_parallel_size=tp, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max_num_batched_tokens,
-                       gpu_memory_utilization=gpu_memory_utilization)
+                       random_prefix_len=random_prefix_len, config=build_config(options_config(
+                           model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                           tensor_parallel_size=tp, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           gpu_memory_utilization=gpu_memory_utilization), gpu))
     if out is not None:
         result.write(out)
     if as_json:

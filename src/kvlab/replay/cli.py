@@ -56,17 +56,17 @@ def run_cmd(
     from kvlab.loadtest.workload import load_workload, resolve_profile
     from kvlab.replay.run import run_offline
     from kvlab.replay.sessions import predicted_max_users
-    from kvlab.serve_config import ServeConfig, quantization_fields
+    from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
 
     ladder = _users(users)
     wl = load_workload(workload)
-    serve = ServeConfig(model=model, **quantization_fields(quantization), max_model_len=max_model_len,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        kv_cache_dtype=kv_cache_dtype, dtype=None if dtype in (None, "auto") else dtype,
-                        block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                        kv_cache_memory_bytes=kv_cache_memory_bytes, num_gpu_blocks_override=num_gpu_blocks_override,
-                        tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    serve = options_config(model, quantization=quantization, dtype=dtype, max_model_len=max_model_len,
+                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                           num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
+                           pipeline_parallel_size=pp)
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
