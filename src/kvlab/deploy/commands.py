@@ -7,12 +7,11 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from kvlab.deploy.flags import has_flag
+from kvlab.redact import redact_env  # the one redaction (kvlab.redact)
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_GIB = 1
 CPU_DEFAULT_MAX_MODEL_LEN = 4096  # twins keep the real context length, which 1 GiB of KV cannot hold
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ class Command:
         unsets = [f"-u {k}" for k in self.unset]
         prefix = " ".join((["env", *unsets] if unsets else []) + assigns)
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
-
-
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if any(m in k.upper() for m in SECRET_MARKERS) else v) for k, v in env.items()}
 
 
 @dataclass(frozen=True)

@@ -40,22 +40,10 @@ class RecordError(KvlabError):
     """A record file that is missing, torn, of another layout or invalid (one line, names the file)."""
 
 
-class Record(BaseModel):
-    """Base of every JSON record. Subclasses set KIND (the file's role) and VERSION."""
+class Part(BaseModel):
+    """A typed part of a record (a record's nested object): strict keys, figures with sources."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    KIND: ClassVar[str] = "record"
-    VERSION: ClassVar[int] = 1
-    schema_version: int = 0  # set to VERSION by write(); 0 never appears in a written file
-
-    # -- layout -------------------------------------------------------------------------------
-
-    @classmethod
-    def upgrade(cls, data: dict, version: int) -> dict:
-        """The previous layouts this type still reads, turned into the current one. By default
-        none: a file without schema_version or of another version is refused."""
-        raise RecordError(f"a {cls.KIND} record of schema_version {version} is not readable by this kvlab "
-                          f"(it reads version {cls.VERSION}); rerun the step that wrote it")
 
     @classmethod
     def source_of(cls, name: str, engine: str | None = None) -> str | None:
@@ -70,6 +58,33 @@ class Record(BaseModel):
         field = cls.model_fields.get(name)
         extra = field.json_schema_extra if field is not None else None
         return extra.get("unit") if isinstance(extra, dict) else None
+
+    @classmethod
+    def figure_sources(cls) -> dict[str, str]:
+        """Every field that declares a source -> that source (`served` unresolved)."""
+        out = {}
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and "source" in extra:
+                out[name] = extra["source"]
+        return out
+
+
+class Record(Part):
+    """Base of every JSON record. Subclasses set KIND (the file's role) and VERSION."""
+
+    KIND: ClassVar[str] = "record"
+    VERSION: ClassVar[int] = 1
+    schema_version: int = 0  # set to VERSION by write(); 0 never appears in a written file
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        """The previous layouts this type still reads, turned into the current one. By default
+        none: a file without schema_version or of another version is refused."""
+        raise RecordError(f"a {cls.KIND} record of schema_version {version} is not readable by this kvlab "
+                          f"(it reads version {cls.VERSION}); rerun the step that wrote it")
 
     # -- reading and writing --------------------------------------------------------------------
 
