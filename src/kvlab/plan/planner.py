@@ -25,7 +25,7 @@ from math import ceil
 from pathlib import Path
 
 from kvlab.errors import KvlabError
-from kvlab.io import finite, write_json_atomic  # finite: a margin with failed requests is null in JSON
+from kvlab.io import finite  # finite: a margin with failed requests is null in JSON
 from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
@@ -33,6 +33,7 @@ from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with
 from kvlab.plan.probe import run_probe
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import SearchResult, SearchSettings, search
+from kvlab.schema.plan import PlanRecord
 
 PROVENANCE = ("sessions per GPU, calls and KV in use: simulated (kvlab sim, offline, virtual time); weights and "
               "KV pool per GPU: predicted (kvlab memory model); GPUs, HBM and $: computed from those")
@@ -328,7 +329,7 @@ def plan(req: PlanRequest) -> dict:
         "run": {"wall_s": time.time() - t0, "probes": len(probes), "probes_cached": sum(lg.cached for lg in probes),
                 "simulated_cpu_s": sum(lg.cpu_s for lg in probes)},
     })
-    write_json_atomic(out_dir / "plan.json", result)  # beside rebound.png
+    PlanRecord.model_validate(result).write(out_dir / "plan.json")  # beside rebound.png
     return result
 
 

@@ -110,9 +110,9 @@ class ClientFigures(LoadSummary):
     """The load run's summary (scored once, in load.json) as a repeat records it: errors counted,
     by kind apart, and the mean resident context of a session."""
 
-    errors: int = figure("measured")  # type: ignore[assignment]  (the summary's by-kind dict is errors_by_kind)
+    errors: int = figure("served")  # type: ignore[assignment]  (the summary's by-kind dict is errors_by_kind)
     errors_by_kind: dict[str, int] = {}
-    mean_session_context_tokens: float | None = figure("measured", unit="tokens")
+    mean_session_context_tokens: float | None = figure("served", unit="tokens")
     window_s: float = figure("measured", unit="s")  # the scrape window around the load run
     provenance: str = "measured by the load generator on the SSE stream"
 
@@ -210,15 +210,15 @@ class IndexRow(Part):
     dir: str
     kv_cache_tokens_reported: int | None = figure("served", unit="tokens")
     kv_cache_tokens_predicted: int | None = figure("predicted", unit="tokens")
-    output_tokens_per_s: float | None = figure("measured", unit="tokens/s")
-    ttft_p50_s: float | None = figure("measured", unit="s")
-    ttft_p95_s: float | None = figure("measured", unit="s")
-    itl_p95_s: float | None = figure("measured", unit="s")
-    requests: int | None = figure("measured")
-    errors: int | None = figure("measured")
+    output_tokens_per_s: float | None = figure("served", unit="tokens/s")
+    ttft_p50_s: float | None = figure("served", unit="s")
+    ttft_p95_s: float | None = figure("served", unit="s")
+    itl_p95_s: float | None = figure("served", unit="s")
+    requests: int | None = figure("served")
+    errors: int | None = figure("served")
     preemptions: float | None = figure("served")
     kv_usage_peak_frac: float | None = figure("served")
-    requests_per_min: float | None = figure("measured", unit="requests/min")
-    goodput_requests_per_min: float | None = figure("measured", unit="requests/min")
+    requests_per_min: float | None = figure("served", unit="requests/min")
+    goodput_requests_per_min: float | None = figure("served", unit="requests/min")
     slo_from: str | None = None  # whose SLO scored the goodput: spec or workload
     results_json: str | None = None

@@ -25,40 +25,40 @@ class Goodput(Part):
     slo: SLO
     slo_from: SLOFrom = "workload"
     duration_s: float = figure("measured", unit="s")
-    requests: int = figure("measured")
-    requests_ok: int = figure("measured")
-    requests_met_slo: int = figure("measured")
-    slo_attainment: float | None = figure("measured")
-    requests_per_min: float | None = figure("measured", unit="requests/min")
-    request_goodput_per_min: float | None = figure("measured", unit="requests/min")
-    sessions_finished: int = figure("measured")
-    sessions_met_slo: int = figure("measured")
-    sessions_unfinished: int = figure("measured")
-    sessions_per_min: float | None = figure("measured", unit="sessions/min")
-    session_goodput_per_min: float | None = figure("measured", unit="sessions/min")
+    requests: int = figure("served")
+    requests_ok: int = figure("served")
+    requests_met_slo: int = figure("served")
+    slo_attainment: float | None = figure("served")
+    requests_per_min: float | None = figure("served", unit="requests/min")
+    request_goodput_per_min: float | None = figure("served", unit="requests/min")
+    sessions_finished: int = figure("served")
+    sessions_met_slo: int = figure("served")
+    sessions_unfinished: int = figure("served")
+    sessions_per_min: float | None = figure("served", unit="sessions/min")
+    session_goodput_per_min: float | None = figure("served", unit="sessions/min")
 
 
 class LoadSummary(Part):
     """One run's figures from its per-request records, measured on the SSE stream."""
 
     source: str = "measured"
-    requests: int = figure("measured")
-    requests_ok: int = figure("measured")
-    probes: int = figure("measured")
+    requests: int = figure("served")
+    requests_ok: int = figure("served")
+    probes: int = figure("served")
     errors: dict[str, int] = {}  # by kind
     probe_errors: dict[str, int] = {}
-    sessions: int = figure("measured")
+    sessions: int = figure("served")
     duration_s: float = figure("measured", unit="s")
-    requests_per_s: float | None = figure("measured", unit="requests/s")
-    output_tokens_per_s: float | None = figure("measured", unit="tokens/s")
-    ttft_s: Percentiles | None = figure("measured", unit="s")
-    tpot_s: Percentiles | None = figure("measured", unit="s")
-    itl_s: Percentiles | None = figure("measured", unit="s")
-    e2e_s: Percentiles | None = figure("measured", unit="s")
-    prompt_tokens: int | None = figure("measured", unit="tokens")
-    completion_tokens: int | None = figure("measured", unit="tokens")
-    cached_tokens: int | None = figure("measured", unit="tokens")
-    calibration_error_median: float | None = figure("measured")
+    requests_per_s: float | None = figure("served", unit="requests/s")
+    output_tokens_per_s: float | None = figure("served", unit="tokens/s")
+    ttft_s: Percentiles | None = figure("served", unit="s")
+    tpot_s: Percentiles | None = figure("served", unit="s")
+    itl_s: Percentiles | None = figure("served", unit="s")
+    e2e_s: Percentiles | None = figure("served", unit="s")
+    prompt_tokens: int | None = figure("served", unit="tokens")
+    completion_tokens: int | None = figure("served", unit="tokens")
+    cached_tokens: int | None = figure("served", unit="tokens")
+    calibration_error_median: float | None = figure("served")
     goodput: Goodput
 
 
