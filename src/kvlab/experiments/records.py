@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import subprocess
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -85,10 +84,6 @@ def environment_facts() -> dict[str, Any]:
         "host": {"os": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()},
         "gpu": gpu_info(),
     }
-
-
-def now() -> float:
-    return time.time()
 
 
 # ---------------------------------------------------------------------------------------------
