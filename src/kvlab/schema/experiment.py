@@ -76,19 +76,24 @@ class Manifest(Record):
         return data if version == 0 else super().upgrade(data, version)
 
 
-class Status(Record):
-    """status.json of a repeat: a repeat is complete when this says so (and results.json exists)."""
+class RepeatHead(Record):
+    """What status.json and a repeat's results.json both say: which repeat, how it ended."""
 
-    KIND = "status"
     cell: CellKey
     cell_id: str
     repeat: int
     status: RepeatStatus
     engine: str | None = None
     seed: int | None = None
+    failure: Failure | None = None
+
+
+class Status(RepeatHead):
+    """status.json of a repeat: a repeat is complete when this says so (and results.json exists)."""
+
+    KIND = "status"
     started_ts: float | None = None
     ended_ts: float | None = None
-    failure: Failure | None = None
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
@@ -117,16 +122,10 @@ class ClientFigures(LoadSummary):
     provenance: str = "measured by the load generator on the SSE stream"
 
 
-class RepeatResults(Record):
+class RepeatResults(RepeatHead):
     """results.json of a repeat. A repeat that failed before its load ran has only the failure."""
 
     KIND = "repeat-results"
-    cell: CellKey
-    cell_id: str
-    repeat: int
-    status: RepeatStatus
-    engine: str | None = None
-    seed: int | None = None
     window: Window | None = None
     server: ServerFacts | None = None
     prediction: Prediction | None = None
@@ -134,7 +133,6 @@ class RepeatResults(Record):
     scrapes: Scrapes | None = None
     client: ClientFigures | None = None
     gpu_price_per_hour: float | None = None
-    failure: Failure | None = None
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
