@@ -9,6 +9,9 @@ import pytest
 from kvlab.errors import KvlabError
 from kvlab.experiments import index, records, runner
 from kvlab.experiments.spec import Cell, Spec, cells, parse_duration_s, parse_only
+from kvlab.schema.experiment import ClientFigures, RepeatResults
+from kvlab.schema.load import Goodput
+from kvlab.schema.slo import SLO
 
 
 def test_mean_ci95_matches_student_t():
@@ -43,11 +46,17 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path):
 
 
 def test_redaction():
-    assert records.redact_argv(["vllm", "serve", "m", "--api-key", "sk-123", "--port", "1"]) == \
+    from kvlab import redact
+    from kvlab.deploy import commands
+
+    assert redact.redact_argv(["vllm", "serve", "m", "--api-key", "sk-123", "--port", "1"]) == \
         ["vllm", "serve", "m", "--api-key", "<redacted>", "--port", "1"]
-    assert records.redact_argv(["--api-key=sk-1"]) == ["--api-key=<redacted>"]
-    assert records.redact_env({"HF_TOKEN": "x", "VLLM_CPU_KVCACHE_SPACE": "1"}) == \
-        {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert redact.redact_argv(["--api-key=sk-1", "--hf-token", "hf_x"]) == ["--api-key=<redacted>", "--hf-token", "<redacted>"]
+    assert redact.redact_env({"HF_TOKEN": "x", "VLLM_CPU_KVCACHE_SPACE": "1", "MY_AUTH": "y"}) == \
+        {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1", "MY_AUTH": "<redacted>"}
+    # one redaction: the launcher's environment goes through the same function as the records
+    assert commands.redact_env is redact.redact_env
+    assert commands.Command(["x"], {"VLLM_API_KEY": "sk"}).display_env == {"VLLM_API_KEY": "<redacted>"}
 
 
 def test_durations_and_only():
@@ -104,6 +113,14 @@ class FakeServer:
         return True
 
 
+def _client(requests: int) -> ClientFigures:
+    """The figures a load run of `requests` answered requests scores (kvlab.loadtest.summary)."""
+    goodput = Goodput(slo=SLO(), duration_s=10.0, requests=requests, requests_ok=requests, requests_met_slo=requests,
+                      sessions_finished=1, sessions_met_slo=1, sessions_unfinished=0)
+    return ClientFigures(requests=requests, requests_ok=requests, probes=0, sessions=1, duration_s=10.0,
+                         goodput=goodput, errors=0, window_s=10.0)
+
+
 def _fake_repeat(interrupt_after=None):
     calls = []
 
@@ -117,9 +134,9 @@ def _fake_repeat(interrupt_after=None):
         rdir = runner.repeat_dir(out, cell, k)
         runner._set_aside_partial(rdir)
         rdir.mkdir(parents=True)
-        res = {"cell": cell.__dict__, "cell_id": cell.cell_id, "repeat": k, "status": "complete",
-               "client": {"requests": 10 + k}, "metrics": {}}
-        records.write_json_atomic(rdir / "results.json", res)
+        res = RepeatResults(cell=runner.cell_key(cell), cell_id=cell.cell_id, repeat=k, status="complete",
+                            client=_client(requests=10 + k))
+        res.write(rdir / "results.json")
         runner._set_status(rdir, cell, k, "complete")
         return res
 

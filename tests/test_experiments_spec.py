@@ -48,3 +48,19 @@ def test_bad_specs_name_the_field(change, message):
 def test_missing_spec_file(kvlab):
     r = kvlab("experiment", "run", "no-such-spec")
     assert r.returncode == 2 and "no experiment spec at no-such-spec" in r.stderr
+
+
+def test_one_slo_type_with_the_same_keys_in_a_spec_and_a_workload():
+    from kvlab.loadtest.workload import Workload, load_workload
+    from kvlab.schema.slo import SLO
+
+    spec = validate_spec({**GOOD, "slo": {"ttft_s": 1.5, "itl_p95_s": None, "e2e_s": 9}})
+    assert type(spec.slo) is SLO and spec.slo_given == SLO(ttft_s=1.5, itl_p95_s=None, e2e_s=9)
+    assert type(load_workload("agent-smoke").slo) is SLO
+    assert Workload.model_fields["slo"].annotation is SLO
+    # a spec without slo: leaves each workload's SLO to score its cells
+    assert validate_spec(GOOD).slo_given is None
+    with pytest.raises(KvlabError, match="slo"):
+        validate_spec({**GOOD, "slo": {"ttft": 1}})
+    with pytest.raises(KvlabError, match="slo"):
+        validate_spec({**GOOD, "slo": {"ttft_s": 0}})

@@ -79,6 +79,8 @@ def test_goodput_counts_requests_and_sessions():
     assert (g["sessions_finished"], g["sessions_met_slo"], g["sessions_unfinished"]) == (4, 2, 1)
     assert g["session_goodput_per_min"] == pytest.approx(4.0)
     assert g["slo"] == {"ttft_s": 2, "itl_p95_s": 0.1, "tpot_s": None, "e2e_s": None}
+    assert g["slo_from"] == "workload"  # whose SLO scored it: the caller says (the runner: spec or workload)
+    assert goodput(df, {"ttft_s": 2}, 30, slo_from="spec")["slo_from"] == "spec"
     # the package-level name others call
     assert kvlab.loadtest.goodput(df, {"ttft_s": 2.5, "itl_p95_s": None, "e2e_s": 0.7}, 30)["requests_met_slo"] == 5
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kvlab.loadtest.workload import SLOSpec
+from kvlab.schema.slo import SLO
 from kvlab.models import memory
 from kvlab.models.cards import card
 from kvlab.plan.fleet import shapley
@@ -58,14 +58,14 @@ def test_judging_counts_unfinished_requests_once_their_outcome_is_known():
         (70, INCOMPLETE, 0.5, 0.2),  # its gaps so far are 2x the ITL bound
         (80, INCOMPLETE, 0.5, 0.05),  # within every bound so far: not known yet
     ])
-    slo = SLOSpec(ttft_s=2.0, itl_p95_s=0.1)
+    slo = SLO(ttft_s=2.0, itl_p95_s=0.1)
     v = p.judge(slo, 0.3)
     assert (v.judged, v.met, v.attainment) == (6, 2, 2 / 6)
     assert v.passed and v.margin == 0.5  # 2 of 6 requests must meet it: the 2nd smallest ratio
     v = p.judge(slo, 0.5)
     assert not v.passed and v.margin == 1.5  # sorted ratios 0.5, 0.5, 1.5, 2, 5, inf
     # without a TTFT bound the requests still waiting for a first token are not known to miss
-    assert (p.judge(SLOSpec(ttft_s=None, itl_p95_s=0.1), 0.5).judged, p.judge(SLOSpec(ttft_s=None, itl_p95_s=0.1), 0.5).met) == (5, 3)
+    assert (p.judge(SLO(ttft_s=None, itl_p95_s=0.1), 0.5).judged, p.judge(SLO(ttft_s=None, itl_p95_s=0.1), 0.5).met) == (5, 3)
     # what the finished or failed requests reach: TTFT 0.5, 1.0, 3.0, inf
     assert (v.reached["ttft_s"], p.judge(slo, 0.75).reached["ttft_s"]) == (1.0, 3.0)
     assert set(v.reached) == {"ttft_s", "itl_p95_s"}  # no TPOT or E2E in these records
@@ -136,7 +136,7 @@ def _direct_run(row, wl_path, users):
 
 def test_sessions_per_gpu_agree_with_the_simulator(planned):
     root, wl_path, result = planned
-    slo = SLOSpec(**WORKLOAD["slo"])
+    slo = SLO(**WORKLOAD["slo"])
     rows = {r["config"]: r for r in result["configs"]}
     assert set(rows) == {f"{m}/{q}" for m in MODELS for q in QUANTS}
     for row in rows.values():

@@ -1,9 +1,14 @@
 """The report from records alone: headline figures, partial and failed cells, --compare.
 
-Records are written here in the runner's format with figures from a real CPU-build run
-(34,512 and 8,192 KV tokens in 1 GiB), so the tests need no server."""
+The records are written by the experiment runner itself (`runner.run_repeat`, `fail_repeat`,
+`finalize_cell`, `claim_folder`), not by hand: only what lies outside kvlab's records is played
+here — a server that reports what a real CPU-build run reported (34,512 and 8,192 KV tokens in
+1 GiB, the memory model's prediction beside it), a load run whose request records go through the
+real load runner's `_collect` (so the goodput is scored as in a real run), a scraper that writes
+metric samples, and a clock, so the tests need no server and no waiting."""
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -11,85 +16,188 @@ import pytest
 from kvlab.analysis import tables
 from kvlab.analysis.report import build_report
 from kvlab.analysis.runs import load_runs
+from kvlab.deploy.facts import StartupFacts
 from kvlab.errors import KvlabError
-from kvlab.experiments.records import write_json_atomic
+from kvlab.experiments import runner
+from kvlab.experiments.spec import Cell, Spec
+from kvlab.loadtest.records import RecordWriter, RequestRecord
+from kvlab.metrics.samples import COLUMNS, labels_json
+from kvlab.models import memory
+from kvlab.models.cards import card
+from kvlab.schema.experiment import RepeatResults
 
 GiB = 1 << 30
-CONFIGS = {  # model: (attention, kv bytes/token, reported tokens)
-    "deepseek-v2-lite": ("MLA", 31_104, 34_512),
-    "llama-3.1-8b": ("GQA", 131_072, 8_192),
-}
+REPORTED_TOKENS = {"deepseek-v2-lite": 34_512, "llama-3.1-8b": 8_192}  # a real CPU-build run, 1 GiB of KV cache
+WINDOW_S = 30.0
+SESSIONS = (("s0", 3), ("s1", 3), ("s2", 2), ("s3", 2))  # (session, turns): 10 requests
 
 
-def _repeat(out: Path, model: str, users: int, k: int, *, tps: float, preemptions: float = 0, failed: bool = False):
-    attention, kvb, tokens = CONFIGS[model]
-    cell = {"model": model, "quant": "bf16", "workload": "agent-smoke", "users": users}
-    cell_id = f"{model}__bf16__agent-smoke__u{users}"
-    rdir = out / cell_id / f"repeat-{k}"
-    rdir.mkdir(parents=True)
-    status = "failed" if failed else "complete"
-    write_json_atomic(rdir / "status.json", {"cell": cell, "cell_id": cell_id, "repeat": k, "status": status,
-                                             "engine": "vllm-cpu"})
-    res = {"cell": cell, "cell_id": cell_id, "repeat": k, "status": status, "engine": "vllm-cpu", "seed": k - 1,
-           "gpu_price_per_hour": 2.5}
-    if failed:
-        res["failure"] = {"reason": "the server died during the run", "log_tail": ["Killed"]}
-    else:
-        res.update({
-            "window": {"start_ts": 1000.0, "end_ts": 1030.0},
-            "server": {"kv_cache_tokens": tokens, "num_gpu_blocks": tokens // 16, "block_size": 16,
-                       "kv_cache_memory_bytes": GiB, "cache_dtype": "auto", "vllm_version": "0.32.0"},
-            "prediction": {"attention": attention, "kv_cache_dtype": "auto", "quantization": "auto",
-                           "kv_bytes_per_token": kvb, "kv_cache_tokens": tokens, "num_blocks": tokens // 16,
-                           "weight_bytes_per_gpu": 100 << 20, "num_gpus": 1},
-            "metrics": {"preemptions": preemptions, "kv_usage_peak_frac": 0.1, "kv_gib_mean": 0.05,
-                        "generation_tokens_per_s": tps, "prefix_cache_hit_rate": 0.5},
-            "client": {"requests": 10, "requests_ok": 10, "errors": 0, "sessions": 4, "output_tokens_per_s": tps,
-                       "window_s": 30.0, "ttft_s": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
-                       "itl_s": {"p50": 0.1, "p95": 0.2, "p99": 0.3},
-                       "goodput": {"request_goodput_per_min": 12.0, "sessions_met_slo": 2}},
-        })
-    write_json_atomic(rdir / "results.json", res)
-    write_json_atomic(rdir / "manifest.json", {"seed": k - 1, "server_argv": ["python", "-m", "vllm"], "kvlab_version": "0.1.0",
-                                               "host": {"cpu": "test CPU", "cpu_count": 2}, "gpu": {"present": False}})
-    (rdir / "metrics.csv").write_text(
-        "ts,family,name,labels,value\n"
-        f'1000.0,vllm:kv_cache_usage_perc,vllm:kv_cache_usage_perc,"{{}}",0.0\n'
-        f'1000.0,vllm:cache_config_info,vllm:cache_config_info,"{{""num_gpu_blocks"": ""{tokens // 16}"", ""block_size"": ""16""}}",1.0\n'
-        f'1015.0,vllm:kv_cache_usage_perc,vllm:kv_cache_usage_perc,"{{}}",0.1\n'
-        f'1015.0,vllm:num_requests_running,vllm:num_requests_running,"{{}}",3.0\n')
+class Clock:
+    """The runner's clock: the load run takes WINDOW_S."""
+
+    def __init__(self):
+        self.now = 1_000.0
+
+    def time(self):
+        return self.now
 
 
-def _folder(tmp: Path, name: str, repeats: int = 1, fail_llama: bool = False, tps_scale: float = 1.0) -> Path:
+@dataclass
+class CpuServer:
+    """What a CPU-build vLLM server reported for `model` (what the launcher hands the runner)."""
+
+    model: str
+    engine: str = "vllm-cpu"
+    argv: list = field(default_factory=lambda: ["python", "-m", "vllm.entrypoints.openai.api_server"])
+    env: dict = field(default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    base_url: str = "http://127.0.0.1:1"
+    spec: object = None
+
+    def __post_init__(self):
+        tokens = REPORTED_TOKENS[self.model]
+        self.facts = StartupFacts(vllm_version="0.32.0", block_size=16, num_gpu_blocks=tokens // 16,
+                                  kv_cache_tokens=tokens, kv_cache_memory_bytes=GiB, cache_dtype="auto",
+                                  max_model_len=4096, kv_device="CPU")
+        self.prediction = memory.capacity(card(self.model).arch, model_name=self.model, kv_budget_bytes=GiB,
+                                          block_size=16, max_model_len=4096, cpu=True)
+
+    def alive(self):
+        return True
+
+    def log_text(self):
+        return "INFO vllm server log\n"
+
+
+class Harness:
+    """Plays the load and the scrapes for the runner; `completion_tokens` per request sets the
+    throughput (10 requests in WINDOW_S: tokens/s = completion_tokens / 3)."""
+
+    def __init__(self, monkeypatch):
+        from kvlab.loadtest import runner as load_runner
+
+        self.clock = Clock()
+        self.completion_tokens = 9
+        self.preemptions = 0
+        self.samples: Path | None = None
+        harness = self
+
+        class Scraper:
+            def __init__(self, url, path, interval_s):
+                harness.samples, self.scrapes, self.gaps, self.last_error = Path(path), 3, 0, None
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        def run_load(host, workload, users, duration_s, out_dir, seed, spawn_rate=None, api_key=None, slo=None,
+                     slo_from="workload"):
+            out = Path(out_dir)
+            t0 = harness.clock.now
+            harness.write_requests(out / "requests", t0)
+            harness.write_samples(t0)
+            harness.clock.now += WINDOW_S
+            return load_runner._collect(out, workload, ["locust"], 0, out / "requests", out / "locust.out", users,
+                                        WINDOW_S, 0, (slo or workload.slo, slo_from if slo else "workload"))
+
+        monkeypatch.setattr(runner, "time", self.clock)
+        monkeypatch.setattr(load_runner, "run_load", run_load)
+        monkeypatch.setattr("kvlab.metrics.scraper.Scraper", Scraper)
+
+    def write_requests(self, folder: Path, t0: float) -> None:
+        w = RecordWriter(folder)
+        i = 0
+        for session, turns in SESSIONS:
+            for turn in range(turns):
+                w.write(RequestRecord(
+                    start_ts=t0 + 3.0 * i, kind="turn", probe=None, session_id=session, app_id="app0", turn=turn,
+                    turns_planned=turns, status_code=200, error_kind=None, error_detail=None,
+                    ttft_s=1.0 if session in ("s0", "s1") else 2.5, itl_s=[0.05, 0.05], tpot_s=0.05, e2e_s=3.0,
+                    prompt_tokens=200, completion_tokens=self.completion_tokens, cached_tokens=96,
+                    planned_prompt_tokens=200, system_tokens=96, max_tokens=16, finish_reason="length",
+                    chunks=self.completion_tokens, start_lag_s=None))
+                i += 1
+        w.close()
+
+    def write_samples(self, t0: float) -> None:
+        import csv
+
+        model = {"model_name": "m", "engine": "0"}
+        pool = {**model, "num_gpu_blocks": "512", "block_size": "16", "kv_cache_memory_bytes": str(GiB)}
+        rows = [(t0 + 1, "vllm:cache_config_info", pool, 1.0)]
+        for ts, usage, preempted in ((t0 + 1, 0.0, 0), (t0 + 15, 0.1, 0), (t0 + 29, 0.05, self.preemptions)):
+            rows += [(ts, "vllm:kv_cache_usage_perc", model, usage), (ts, "vllm:num_requests_running", model, 3.0),
+                     (ts, "vllm:num_preemptions_total", model, float(preempted))]
+        with open(self.samples, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(COLUMNS)
+            out.writerows((repr(ts), name, name, labels_json(lab), repr(v)) for ts, name, lab, v in rows)
+
+
+def _spec(name: str, repeats: int) -> Spec:
+    return Spec.model_validate(dict(name=name, engine="vllm-cpu", models=["deepseek-v2-lite", "llama-3.1-8b"],
+                                    quants=["bf16"], workloads=["agent-smoke"], load={"users": [4]},
+                                    duration_s=30, warmup_s=0, repeats=repeats, gpu_price_per_hour=2.5))
+
+
+def _folder(tmp: Path, harness: Harness, name: str, repeats: int = 1, fail_llama: bool = False,
+            tokens_scale: int = 1) -> Path:
+    """A results folder as `kvlab experiment run` leaves it, one server per model."""
+    spec = _spec(name, repeats)
     out = tmp / name
-    out.mkdir()
-    write_json_atomic(out / "run.json", {"spec_name": name, "spec_digest": "x"})
-    (out / "spec.yaml").write_text(f"name: {name}\ngpu_price_per_hour: 2.5\n")
-    for k in range(1, repeats + 1):
-        _repeat(out, "deepseek-v2-lite", 4, k, tps=(3.0 + 0.1 * k) * tps_scale)
-        _repeat(out, "llama-3.1-8b", 4, k, tps=(4.0 + 0.1 * k) * tps_scale, failed=fail_llama and k == 1)
+    runner.claim_folder(spec, out)
+    for model, base_tokens in (("deepseek-v2-lite", 9), ("llama-3.1-8b", 12)):
+        cell = Cell(model, "bf16", "agent-smoke", 4)
+        for k in range(1, repeats + 1):
+            if model == "llama-3.1-8b" and fail_llama and k == 1:
+                runner.fail_repeat(out, cell, k, "the server died during the run", ["Killed"], "vllm-cpu")
+                continue
+            harness.completion_tokens = (base_tokens + k) * tokens_scale
+            runner.run_repeat(spec, cell, k, CpuServer(model), out, "requested with --engine vllm-cpu")
+        runner.finalize_cell(out, cell, spec)
     return out
 
 
-def test_headline_measured_and_predicted(tmp_path):
-    rep = build_report([_folder(tmp_path, "a")], out=tmp_path / "rep")
+@pytest.fixture
+def harness(monkeypatch):
+    return Harness(monkeypatch)
+
+
+def _record(folder: Path, model: str, k: int = 1) -> RepeatResults:
+    return RepeatResults.read(folder / f"{model}__bf16__agent-smoke__u4" / f"repeat-{k}" / "results.json")
+
+
+def test_headline_measured_and_predicted(tmp_path, harness):
+    folder = _folder(tmp_path, harness, "a")
+    rep = build_report([folder], out=tmp_path / "rep")
     assert rep.baseline == "llama-3.1-8b/bf16"
     assert rep.headline[0].startswith("deepseek-v2-lite/bf16 (MLA, KV auto) holds 4.21x the KV tokens of llama-3.1-8b/bf16")
     head = {r["config"]: r for r in json.loads((tmp_path / "rep" / "headline.json").read_text())}
-    assert head["deepseek-v2-lite/bf16"]["kv_cache_tokens_reported"] == 34_512
+    ds = _record(folder, "deepseek-v2-lite")
+    assert head["deepseek-v2-lite/bf16"]["kv_cache_tokens_reported"] == ds.server.kv_cache_tokens == 34_512
+    assert head["deepseek-v2-lite/bf16"]["kv_cache_tokens_predicted"] == ds.prediction.kv_cache_tokens
     assert head["deepseek-v2-lite/bf16"]["kv_tokens_error_pct"] == 0.0
     assert round(head["deepseek-v2-lite/bf16"]["kv_saved_pct"], 1) == 76.3
     html = rep.html.read_text()
     assert html.count('<img alt="') >= 6 and "data:image/png;base64," in html
+    assert "measured (server)" in html and "simulated" not in html.split("<h2")[1]  # a real engine's figures
     cost = json.loads((tmp_path / "rep" / "cost.json").read_text())
-    ds = next(c for c in cost if c["config"] == "deepseek-v2-lite/bf16")
-    assert ds["usd_per_1m_output_tokens"] == pytest.approx(2.5 / 3600 / 3.1 * 1e6)
-    assert ds["usd_per_session_at_slo"] == pytest.approx(2.5 * 30 / 3600 / 2)
+    c = next(c for c in cost if c["config"] == "deepseek-v2-lite/bf16")
+    assert ds.client.output_tokens_per_s == pytest.approx(10 / 3)  # 10 requests x 10 tokens in 30 s
+    assert c["usd_per_1m_output_tokens"] == pytest.approx(2.5 / 3600 / ds.client.output_tokens_per_s * 1e6)
+    # s0 and s1 met the workload's SLO (TTFT 1.0 s), s2 and s3 did not (2.5 s > 2.0 s)
+    assert ds.client.goodput.sessions_met_slo == 2 and ds.client.goodput.slo_from == "workload"
+    assert ds.client.window_s == WINDOW_S
+    assert c["usd_per_session_at_slo"] == pytest.approx(2.5 * WINDOW_S / 3600 / 2)
+    load = {r["config"]: r for r in json.loads((tmp_path / "rep" / "under_load.json").read_text())}
+    assert load["deepseek-v2-lite/bf16"]["kv_usage_peak_frac"] == ds.metrics.kv_usage_peak_frac == pytest.approx(0.1, abs=1e-3)
+    assert load["deepseek-v2-lite/bf16"]["goodput_requests_per_min"] == ds.client.goodput.request_goodput_per_min
     assert (tmp_path / "rep" / "summary.md").read_text().count("| deepseek-v2-lite/bf16 |") >= 2
 
 
-def test_a_failed_cell_is_listed_and_the_rest_renders(tmp_path):
-    rep = build_report([_folder(tmp_path, "a", fail_llama=True)], out=tmp_path / "rep")
+def test_a_failed_cell_is_listed_and_the_rest_renders(tmp_path, harness):
+    rep = build_report([_folder(tmp_path, harness, "a", fail_llama=True)], out=tmp_path / "rep")
     assert any("llama-3.1-8b__bf16__agent-smoke__u4 repeat 1 is failed: the server died during the run" in m
                for m in rep.missing)
     assert "the server died during the run" in rep.html.read_text()
@@ -99,28 +207,29 @@ def test_a_failed_cell_is_listed_and_the_rest_renders(tmp_path):
 
 def test_empty_results_render_and_say_so(tmp_path):
     out = tmp_path / "empty"
-    out.mkdir()
-    write_json_atomic(out / "run.json", {"spec_name": "empty", "spec_digest": "x"})
+    runner.claim_folder(_spec("empty", 1), out)
     rep = build_report([out], out=tmp_path / "rep")
     assert rep.html.exists() and "no repeat has run yet" in " ".join(rep.missing)
     with pytest.raises(KvlabError, match="not a kvlab results folder"):
         build_report([tmp_path], out=tmp_path / "rep2")
 
 
-def test_compare_flags_deltas_outside_the_interval(tmp_path):
-    a = _folder(tmp_path, "a", repeats=3)
-    b = _folder(tmp_path, "b", repeats=3, tps_scale=1.5)
+def test_compare_flags_deltas_outside_the_interval(tmp_path, harness):
+    a = _folder(tmp_path, harness, "a", repeats=3)
+    b = _folder(tmp_path, harness, "b", repeats=3, tokens_scale=2)
     cmp = tables.compare(load_runs([a]), load_runs([b]))
     row = cmp[(cmp["config"] == "llama-3.1-8b/bf16") & (cmp["metric"] == "output_tokens_per_s")].iloc[0]
-    assert row["a_mean"] == pytest.approx(4.2) and row["b_mean"] == pytest.approx(6.3)
+    a_tps = [_record(a, "llama-3.1-8b", k).client.output_tokens_per_s for k in (1, 2, 3)]
+    assert row["a_mean"] == pytest.approx(sum(a_tps) / 3) == pytest.approx(14 / 3)
+    assert row["b_mean"] == pytest.approx(28 / 3)
     assert row["outside_a_interval"] is True or row["outside_a_interval"] == True  # noqa: E712
     same = cmp[(cmp["metric"] == "kv_cache_tokens_reported")].iloc[0]
     assert same["delta"] == 0
 
 
-def test_report_cli(kvlab, tmp_path):
-    a = _folder(tmp_path, "a", repeats=2)
-    b = _folder(tmp_path, "b", repeats=2, tps_scale=0.5)
+def test_report_cli(kvlab, tmp_path, harness):
+    a = _folder(tmp_path, harness, "a", repeats=2)
+    b = _folder(tmp_path, harness, "b", repeats=2, tokens_scale=2)
     r = kvlab("report", "--compare", str(a), str(b), "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "rep" / "index.html")

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from kvlab.experiments.records import read_json
+from kvlab.schema.experiment import Manifest, RepeatResults
 from kvlab.models import memory
 from kvlab.models.cards import card
 
@@ -48,7 +48,8 @@ def _repeat(root, model):
 @pytest.mark.parametrize("model", ["deepseek-v2-lite", "llama-3.1-8b"])
 def test_records_say_sim_and_hold_the_memory_models_pool(results, model):
     rdir = _repeat(results, model)
-    res, man = read_json(rdir / "results.json"), read_json(rdir / "manifest.json")
+    typed = RepeatResults.read(rdir / "results.json")
+    res, man = typed.model_dump(), Manifest.read(rdir / "manifest.json").model_dump()
     assert res["status"] == "complete" and res["engine"] == man["engine"] == "sim"
     assert man["server_argv"][1:5] == ["-m", "kvlab", "sim", "serve"]
     server = res["server"]

@@ -12,13 +12,14 @@ from typing import Any
 
 import pandas as pd
 
-from kvlab.experiments.records import read_json
 from kvlab.plan.fleet import FACTOR_NAMES as FACTORS
+from kvlab.schema.plan import PlanRecord
 
 
 def read_plan(folder: Path) -> dict | None:
-    plan = read_json(Path(folder) / "plan" / "plan.json")
-    return plan if isinstance(plan, dict) and isinstance(plan.get("configs"), list) else None
+    """The folder's plan/plan.json read through its type (None where there is none), as data."""
+    plan = PlanRecord.read_optional(Path(folder) / "plan" / "plan.json")
+    return plan.to_data() if plan is not None else None
 
 
 def fleet_table(plan: dict) -> pd.DataFrame:

@@ -16,7 +16,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from kvlab import __version__
 from kvlab.analysis import fleet, plots, series, tables
 from kvlab.analysis.runs import RunSet, config_label, load_runs
+from kvlab.deploy.engines import served_source
 from kvlab.io import atomic_path, write_json_atomic, write_text_atomic
+from kvlab.schema.report import RepeatRow, ReportRecord, resolved
 
 
 @dataclass
@@ -105,8 +107,8 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     out.mkdir(parents=True, exist_ok=True)
     # report.json is written first marked incomplete and last marked complete: a report cut short
     # (Ctrl-C, a full disk) says so, whatever mix of old and new files it holds.
-    write_json_atomic(out / "report.json", {"complete": False, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                           "kvlab_version": __version__})
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    ReportRecord(complete=False, started=started, kvlab_version=__version__).write(out / "report.json")
     missing = list(rs.missing)
 
     cfg = tables.configs(rs)
@@ -134,8 +136,12 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     if cmp is not None:
         _write_table(out, "compare", cmp)
 
-    sources = set(rs.repeats["source"].dropna()) if len(rs.repeats) else set()
-    kind = "simulated" if sources == {"simulated"} else ("measured or simulated" if "simulated" in sources else "measured")
+    # What each column of each table is, from its row type (`served`: said for the engines run).
+    served = " / ".join(sorted({served_source(e) for e in rs.engines} or {served_source(None)}))
+    src = {name: resolved(row_type, served) for name, row_type in (
+        ("headline", tables.HeadlineRow), ("configs", tables.ConfigRow), ("memory", tables.MemoryRow),
+        ("under_load", tables.LoadRow), ("cost", tables.CostRow), ("repeats", RepeatRow))}
+    kind = src["repeats"]["kv_cache_tokens_reported"]  # what the servers' figures are: measured / simulated
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
     rep = rs.complete.assign(config=[config_label(m, q) for m, q in zip(rs.complete["model"], rs.complete["quant"])])
     figures = [
@@ -165,12 +171,12 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
         images=images, missing=missing, specs=rs.specs, kind=kind, plans=plans, factors=fleet.FACTORS,
-        n_repeats=len(rs.repeats), n_complete=len(rs.complete),
+        n_repeats=len(rs.repeats), n_complete=len(rs.complete), src=src,
     )
     html = out / "index.html"
     write_text_atomic(html, env.get_template("report.html.j2").render(**ctx))
     md = out / "summary.md"
     write_text_atomic(md, env.get_template("summary.md.j2").render(**ctx))
-    write_json_atomic(out / "report.json", {"complete": True, "baseline": base, "headline": sentences, "missing": missing,
-                                           "images": sorted(images), "kvlab_version": __version__})
+    ReportRecord(complete=True, started=started, baseline=base, headline=sentences, missing=missing,
+                 images=sorted(images), kvlab_version=__version__, columns=src).write(out / "report.json")
     return Report(out=out, html=html, summary_md=md, baseline=base, headline=sentences, missing=missing)

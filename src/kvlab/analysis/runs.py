@@ -2,7 +2,8 @@
 
 A results folder is what `kvlab experiment run` writes (run.json, spec.yaml, <cell>/repeat-<k>/...).
 Nothing here recomputes a measurement: KV figures come from the server's own report (measured),
-the kvlab memory model (predicted) or the simulator (simulated), and every column says which.
+the kvlab memory model (predicted) or the simulator (simulated); every column's source is declared
+in its type (kvlab.schema.report.RepeatRow), read from the records' types (kvlab.schema.experiment).
 """
 
 from __future__ import annotations
@@ -16,17 +17,10 @@ import yaml
 
 from kvlab.analysis import fleet
 from kvlab.errors import KvlabError
-from kvlab.experiments.records import read_json
+from kvlab.deploy.engines import served_source
+from kvlab.schema.experiment import Manifest, RepeatResults, RunFolder, Status
+from kvlab.schema.report import RepeatRow
 from kvlab.units import GiB
-
-
-
-def _get(d: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d
 
 
 @dataclass
@@ -35,7 +29,7 @@ class RunSet:
 
     folders: list[Path]
     specs: dict[str, dict]  # spec name -> spec as run
-    repeats: pd.DataFrame  # one row per repeat (complete or not)
+    repeats: pd.DataFrame  # one row per repeat (complete or not): RepeatRow's columns
     missing: list[str] = field(default_factory=list)  # what is absent and why, in words
     plans: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # spec name -> (plan folder, plan.json)
 
@@ -43,94 +37,77 @@ class RunSet:
     def complete(self) -> pd.DataFrame:
         return self.repeats[self.repeats["status"] == "complete"]
 
-
-def _engine_provenance(engine: str | None) -> str:
-    from kvlab.deploy.engines import served_source  # the engine class says
-
-    return served_source(engine)
+    @property
+    def engines(self) -> set[str]:
+        return set(self.repeats["engine"].dropna()) if len(self.repeats) else set()
 
 
-def _row(rdir: Path, spec_name: str, spec: dict) -> dict[str, Any]:
-    status = read_json(rdir / "status.json") or {}
-    res = read_json(rdir / "results.json") or {}
-    man = read_json(rdir / "manifest.json") or {}
-    cell = res.get("cell") or status.get("cell") or {}
-    server, pred, met, cli = (res.get(k) or {} for k in ("server", "prediction", "metrics", "client"))
-    engine = res.get("engine") or status.get("engine")
-    kv_mem = server.get("kv_cache_memory_bytes")
-    return {
-        "spec": spec_name,
-        "folder": str(rdir),
-        "cell_id": res.get("cell_id") or status.get("cell_id"),
-        "model": cell.get("model"),
-        "quant": cell.get("quant"),
-        "workload": cell.get("workload"),
-        "users": cell.get("users"),
-        "repeat": res.get("repeat") or status.get("repeat"),
-        "status": res.get("status") or status.get("status") or "unknown",
-        "failure": _get(res, "failure", "reason") or _get(status, "failure", "reason"),
-        "engine": engine,
-        "source": _engine_provenance(engine),
-        "attention": pred.get("attention"),
-        "kv_cache_dtype": pred.get("kv_cache_dtype") or server.get("cache_dtype"),
-        "weight_format": pred.get("quantization"),
-        # capacity: reported by the server vs predicted by the memory model
-        "kv_bytes_per_token": pred.get("kv_bytes_per_token"),
-        "kv_cache_tokens_reported": server.get("kv_cache_tokens"),
-        "kv_cache_tokens_predicted": pred.get("kv_cache_tokens"),
-        "num_blocks_reported": server.get("num_gpu_blocks"),
-        "num_blocks_predicted": pred.get("num_blocks"),
-        "block_size": server.get("block_size") or pred.get("block_size"),
-        "kv_cache_memory_bytes": kv_mem,
-        "kv_budget_bytes_predicted": pred.get("kv_budget_bytes"),
-        "max_concurrency_reported": server.get("max_concurrency"),
-        "max_concurrency_predicted": pred.get("max_concurrency"),
-        "max_model_len": server.get("max_model_len") or pred.get("max_model_len"),
-        "weights_gib_reported": server.get("model_weights_gib"),
-        "weights_gib_predicted": (pred.get("weight_bytes_per_gpu") or 0) / GiB if pred.get("weight_bytes_per_gpu") else None,
-        "gpu_memory_bytes_predicted": _get(pred, "memory", "total_bytes"),
-        "gpu_memory_utilization": _get(pred, "memory", "gpu_memory_utilization"),
-        "num_gpus": pred.get("num_gpus") or 1,
-        "gpu": pred.get("gpu"),
-        # under load
-        "window_s": cli.get("window_s") or met.get("duration_s"),
-        "requests": cli.get("requests"),
-        "errors": cli.get("errors"),
-        "sessions": cli.get("sessions"),
-        "output_tokens_per_s": cli.get("output_tokens_per_s"),
-        "generation_tokens_per_s_server": met.get("generation_tokens_per_s"),
-        "ttft_p50_s": _get(cli, "ttft_s", "p50"),
-        "ttft_p95_s": _get(cli, "ttft_s", "p95"),
-        "ttft_p99_s": _get(cli, "ttft_s", "p99"),
-        "itl_p50_s": _get(cli, "itl_s", "p50"),
-        "itl_p95_s": _get(cli, "itl_s", "p95"),
-        "itl_p99_s": _get(cli, "itl_s", "p99"),
-        "e2e_p50_s": _get(cli, "e2e_s", "p50"),
-        "goodput_requests_per_min": _get(cli, "goodput", "request_goodput_per_min"),
-        "goodput_sessions_per_min": _get(cli, "goodput", "session_goodput_per_min"),
-        "sessions_met_slo": _get(cli, "goodput", "sessions_met_slo"),
-        "slo_attainment": _get(cli, "goodput", "slo_attainment"),
-        "preemptions": met.get("preemptions"),
-        "kv_usage_peak_frac": met.get("kv_usage_peak_frac"),
-        "kv_tokens_peak": met.get("kv_tokens_peak"),
-        "kv_gib_mean": met.get("kv_gib_mean"),
-        "running_peak": met.get("running_peak"),
-        "waiting_peak": met.get("waiting_peak"),
-        "prefix_cache_hit_rate": met.get("prefix_cache_hit_rate"),
-        "mean_session_context_tokens": cli.get("mean_session_context_tokens"),
-        "resident_sessions_peak": met.get("resident_sessions_peak"),
-        "window_start_ts": _get(res, "window", "start_ts"),
-        "window_end_ts": _get(res, "window", "end_ts"),
-        "gpu_price_per_hour": res.get("gpu_price_per_hour", spec.get("gpu_price_per_hour")),
-        "seed": res.get("seed") or man.get("seed"),
-        "server_argv": " ".join(man.get("server_argv") or []),
-        "vllm_version": server.get("vllm_version") or man.get("vllm_version"),
-        "kvlab_version": man.get("kvlab_version"),
-        "kvlab_git_commit": man.get("kvlab_git_commit"),
-        "torch_version": man.get("torch_version"),
-        "transformers_version": man.get("transformers_version"),
-        "hardware": _hardware(man),
-    }
+def _pct(p: Any, name: str) -> float | None:
+    return getattr(p, name) if p is not None else None
+
+
+def _row(rdir: Path, spec_name: str, spec: dict) -> RepeatRow:
+    """One repeat's row, every figure taken from the field of the record that holds it."""
+    status = Status.read_optional(rdir / "status.json")
+    res = RepeatResults.read_optional(rdir / "results.json")
+    man = Manifest.read_optional(rdir / "manifest.json")
+    head = res or status
+    cell = head.cell if head else None
+    server, pred, met, cli = (getattr(res, k, None) for k in ("server", "prediction", "metrics", "client"))
+    good = cli.goodput if cli else None
+    engine = (res.engine if res else None) or (status.engine if status else None)
+    failure = (res.failure if res else None) or (status.failure if status else None)
+    g = lambda obj, name: getattr(obj, name) if obj is not None else None  # noqa: E731
+    return RepeatRow(
+        spec=spec_name, folder=str(rdir), cell_id=g(head, "cell_id"),
+        model=g(cell, "model"), quant=g(cell, "quant"), workload=g(cell, "workload"), users=g(cell, "users"),
+        repeat=g(head, "repeat"), status=head.status if head else "unknown",
+        failure=failure.reason if failure else None, engine=engine, source=served_source(engine),
+        attention=g(pred, "attention"),
+        kv_cache_dtype=g(server, "cache_dtype"), kv_cache_dtype_predicted=g(pred, "kv_cache_dtype"),
+        weight_format=g(pred, "quantization"),
+        # capacity: reported by the server vs predicted by the memory model, never one for the other
+        kv_bytes_per_token=g(pred, "kv_bytes_per_token"),
+        kv_cache_tokens_reported=g(server, "kv_cache_tokens"), kv_cache_tokens_predicted=g(pred, "kv_cache_tokens"),
+        num_blocks_reported=g(server, "num_gpu_blocks"), num_blocks_predicted=g(pred, "num_blocks"),
+        block_size=g(server, "block_size"), block_size_predicted=g(pred, "block_size"),
+        kv_cache_memory_bytes=g(server, "kv_cache_memory_bytes"), kv_budget_bytes_predicted=g(pred, "kv_budget_bytes"),
+        max_concurrency_reported=g(server, "max_concurrency"), max_concurrency_predicted=g(pred, "max_concurrency"),
+        max_model_len=g(server, "max_model_len"), max_model_len_predicted=g(pred, "max_model_len"),
+        weights_gib_reported=g(server, "model_weights_gib"),
+        weights_gib_predicted=pred.weight_bytes_per_gpu / GiB if pred else None,
+        gpu_memory_bytes_predicted=pred.memory.total_bytes if pred and pred.memory else None,
+        gpu_memory_utilization=pred.memory.gpu_memory_utilization if pred and pred.memory else None,
+        num_gpus=pred.num_gpus if pred else 1, gpu=g(pred, "gpu"),
+        # under load: the load generator's figures (client) and the server's (metrics)
+        window_s=g(cli, "window_s"), requests=g(cli, "requests"), errors=g(cli, "errors"),
+        sessions=g(cli, "sessions"), output_tokens_per_s=g(cli, "output_tokens_per_s"),
+        generation_tokens_per_s_server=g(met, "generation_tokens_per_s"),
+        ttft_p50_s=_pct(g(cli, "ttft_s"), "p50"), ttft_p95_s=_pct(g(cli, "ttft_s"), "p95"),
+        ttft_p99_s=_pct(g(cli, "ttft_s"), "p99"), itl_p50_s=_pct(g(cli, "itl_s"), "p50"),
+        itl_p95_s=_pct(g(cli, "itl_s"), "p95"), itl_p99_s=_pct(g(cli, "itl_s"), "p99"),
+        e2e_p50_s=_pct(g(cli, "e2e_s"), "p50"),
+        requests_per_min=g(good, "requests_per_min"),
+        goodput_requests_per_min=g(good, "request_goodput_per_min"),
+        goodput_sessions_per_min=g(good, "session_goodput_per_min"),
+        sessions_met_slo=g(good, "sessions_met_slo"), slo_attainment=g(good, "slo_attainment"),
+        slo_from=g(good, "slo_from"),
+        preemptions=g(met, "preemptions"), kv_usage_peak_frac=g(met, "kv_usage_peak_frac"),
+        kv_tokens_peak=g(met, "kv_tokens_peak"), kv_gib_mean=g(met, "kv_gib_mean"),
+        running_peak=g(met, "running_peak"), waiting_peak=g(met, "waiting_peak"),
+        prefix_cache_hit_rate=g(met, "prefix_cache_hit_rate"),
+        mean_session_context_tokens=g(cli, "mean_session_context_tokens"),
+        resident_sessions_peak=g(met, "resident_sessions_peak"),
+        window_start_ts=g(g(res, "window"), "start_ts"), window_end_ts=g(g(res, "window"), "end_ts"),
+        gpu_price_per_hour=g(res, "gpu_price_per_hour") if res and res.gpu_price_per_hour is not None
+        else spec.get("gpu_price_per_hour"),
+        seed=g(res, "seed") if res and res.seed is not None else g(man, "seed"),
+        server_argv=" ".join(man.server_argv if man else []),
+        vllm_version=g(server, "vllm_version") or g(man, "vllm_version"),
+        kvlab_version=g(man, "kvlab_version"), kvlab_git_commit=g(man, "kvlab_git_commit"),
+        torch_version=g(man, "torch_version"), transformers_version=g(man, "transformers_version"),
+        hardware=_hardware(man.model_dump()) if man else None,
+    )
 
 
 def _hardware(man: dict) -> str | None:
@@ -153,7 +130,7 @@ def load_runs(folders: list[Path | str]) -> RunSet:
     for folder in paths:
         if not folder.is_dir():
             raise KvlabError(f"{folder} is not a folder")
-        run = read_json(folder / "run.json")
+        run = RunFolder.read_optional(folder / "run.json")
         plan = fleet.read_plan(folder)
         if run is None and plan is not None:  # only a plan so far (kvlab plan --spec)
             plans[folder.name] = (folder / "plan", plan)
@@ -162,7 +139,7 @@ def load_runs(folders: list[Path | str]) -> RunSet:
             continue
         if run is None:
             raise KvlabError(f"{folder} is not a kvlab results folder (no run.json; `kvlab experiment run` writes one)")
-        name = run.get("spec_name", folder.name)
+        name = run.spec_name
         try:
             spec = yaml.safe_load((folder / "spec.yaml").read_text()) or {}
         except (OSError, ValueError, yaml.YAMLError):
@@ -176,14 +153,14 @@ def load_runs(folders: list[Path | str]) -> RunSet:
         if not found:
             missing.append(f"{name}: no repeat has run yet")
         for rdir in found:
-            row = _row(rdir, name, spec)
+            row = _row(rdir, name, spec).model_dump()
             rows.append(row)
             if row["status"] != "complete":
                 why = row["failure"] or "not finished (interrupted, or still running)"
                 missing.append(f"{name}: {row['cell_id']} repeat {row['repeat']} is {row['status']}: {why}")
     df = pd.DataFrame(rows)
     if df.empty:
-        df = pd.DataFrame(columns=list(_row(Path("."), "", {}).keys()))
+        df = pd.DataFrame(columns=list(RepeatRow.model_fields))
     return RunSet(folders=paths, specs=specs, repeats=df, missing=missing, plans=plans)
 
 

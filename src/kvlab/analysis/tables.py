@@ -1,4 +1,6 @@
-"""The report's tables, from a RunSet. Each figure is labelled measured, predicted or simulated."""
+"""The report's tables, from a RunSet. Each table's row is a type (below) whose figure columns
+declare their source (measured, predicted, simulated, computed): the report's headings say what
+the type says, never a heading string of their own."""
 
 from __future__ import annotations
 
@@ -9,6 +11,33 @@ import pandas as pd
 from kvlab.analysis.runs import RunSet, config_label
 from kvlab.errors import KvlabError
 from kvlab.units import GiB
+from kvlab.schema import Part
+from kvlab.schema.report import table_row
+
+ConfigRow = table_row(
+    "ConfigRow", ["model", "quant", "attention", "kv_cache_dtype", "kv_cache_dtype_predicted", "engine", "source",
+                  "kv_bytes_per_token", "kv_cache_tokens_reported", "kv_cache_tokens_predicted",
+                  "num_blocks_reported", "num_blocks_predicted", "block_size", "max_concurrency_reported",
+                  "max_model_len", "weights_gib_reported", "weights_gib_predicted", "gpu_memory_bytes_predicted",
+                  "gpu_memory_utilization", "num_gpus", "gpu"],
+    config=None, kv_cache_memory_gib="served", kv_tokens_error_pct="computed", kv_tokens_per_gib_reported="computed")
+HeadlineRow = table_row(
+    "HeadlineRow", ["attention", "kv_cache_dtype", "kv_bytes_per_token", "kv_cache_tokens_reported",
+                    "kv_cache_tokens_predicted", "source"],
+    config=None, kv_saved_pct="computed", kv_tokens_error_pct="computed", tokens_x_reported="computed",
+    tokens_x_predicted="computed", capacity_x_reported="computed")
+MemoryRow = table_row("MemoryRow", [], config=None, weights_gib=None, weights_source=None, kv_cache_gib="served",
+                      kv_source=None, rest_gib="computed", rest_source=None)
+
+
+def frame(row_type: type[Part], rows: list[dict]) -> pd.DataFrame:
+    """The table: every row validated against its type (no column more, none less), in its order."""
+    clean = [row_type.model_validate({k: _plain(v) for k, v in r.items()}).model_dump() for r in rows]
+    return pd.DataFrame(clean, columns=list(row_type.model_fields))
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
 
 
 def _first(s: pd.Series) -> Any:
@@ -38,6 +67,7 @@ def configs(rs: RunSet) -> pd.DataFrame:
             "quant": quant,
             "attention": _first(g["attention"]),
             "kv_cache_dtype": _first(g["kv_cache_dtype"]),
+            "kv_cache_dtype_predicted": _first(g["kv_cache_dtype_predicted"]),
             "engine": _first(g["engine"]),
             "source": _first(g["source"]),
             "kv_bytes_per_token": _first(g["kv_bytes_per_token"]),
@@ -58,7 +88,7 @@ def configs(rs: RunSet) -> pd.DataFrame:
             "num_gpus": _first(g["num_gpus"]) or 1,
             "gpu": _first(g["gpu"]),
         })
-    return pd.DataFrame(rows)
+    return frame(ConfigRow, rows)
 
 
 def pick_baseline(cfg: pd.DataFrame, baseline: str | None) -> str:
@@ -98,7 +128,7 @@ def headline(cfg: pd.DataFrame, baseline: str) -> pd.DataFrame:
             "capacity_x_reported": ratio("kv_cache_tokens_reported"),
             "source": r["source"],
         })
-    return pd.DataFrame(out)
+    return frame(HeadlineRow, out)
 
 
 def headline_sentences(head: pd.DataFrame, baseline: str) -> list[str]:
@@ -108,7 +138,8 @@ def headline_sentences(head: pd.DataFrame, baseline: str) -> list[str]:
             continue
         meas = f"{r['tokens_x_reported']:.2f}x" if pd.notna(r["tokens_x_reported"]) else "n/a"
         pred = f"{r['tokens_x_predicted']:.2f}x" if pd.notna(r["tokens_x_predicted"]) else "n/a"
-        out.append(f"{r['config']} ({r['attention']}, KV {r['kv_cache_dtype']}) holds {meas} the KV tokens of "
+        kv = r["kv_cache_dtype"] if pd.notna(r["kv_cache_dtype"]) else "not reported"
+        out.append(f"{r['config']} ({r['attention']}, KV {kv}) holds {meas} the KV tokens of "
                    f"{baseline} in the same KV memory ({r['source']}; predicted {pred}); "
                    f"{r['kv_saved_pct']:.1f} % fewer KV bytes per token.")
     return out
@@ -129,7 +160,7 @@ def memory_breakdown(cfg: pd.DataFrame) -> pd.DataFrame:
                      "kv_cache_gib": kv, "kv_source": r["source"] if kv else None, "rest_gib": rest,
                      "rest_source": "derived: GPU x utilization - weights - KV" if rest is not None else
                      "not known on this engine"})
-    return pd.DataFrame(rows)
+    return frame(MemoryRow, rows)
 
 
 LOAD_COLUMNS = ["output_tokens_per_s", "generation_tokens_per_s_server", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
@@ -137,6 +168,11 @@ LOAD_COLUMNS = ["output_tokens_per_s", "generation_tokens_per_s_server", "ttft_p
                 "goodput_sessions_per_min", "slo_attainment", "preemptions", "kv_usage_peak_frac",
                 "kv_tokens_peak", "running_peak", "waiting_peak", "prefix_cache_hit_rate", "requests", "errors",
                 "sessions", "resident_sessions_peak", "mean_session_context_tokens"]
+LoadRow = table_row("LoadRow", ["model", "quant", "workload", "users", "source", *LOAD_COLUMNS],
+                    config=None, repeats=None)
+CostRow = table_row("CostRow", ["workload", "users", "gpu_price_per_hour", "num_gpus"], config=None,
+                    usd_per_1m_output_tokens="computed", usd_per_session_at_slo="computed",
+                    kv_gib_s_per_session="computed", source=None)
 
 
 def under_load(rs: RunSet) -> pd.DataFrame:
@@ -151,7 +187,7 @@ def under_load(rs: RunSet) -> pd.DataFrame:
         for c in LOAD_COLUMNS:
             row[c] = _mean(g[c])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return frame(LoadRow, rows)
 
 
 def cost(load: pd.DataFrame, rs: RunSet, price_override: float | None) -> pd.DataFrame:
@@ -178,7 +214,7 @@ def cost(load: pd.DataFrame, rs: RunSet, price_override: float | None) -> pd.Dat
             "kv_gib_s_per_session": kv_gib * window / sessions if kv_gib is not None and window and sessions else None,
             "source": f"computed from {r['source']} throughput and the price per GPU-hour",
         })
-    return pd.DataFrame(rows)
+    return frame(CostRow, rows)
 
 
 def reproducibility(rs: RunSet) -> pd.DataFrame:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-REDACTED = "<redacted>"
+from kvlab.redact import redact_env  # the one redaction (kvlab.redact)
 
 
 @dataclass(frozen=True)
@@ -34,5 +33,4 @@ class Command:
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
 
 
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if any(m in k.upper() for m in SECRET_MARKERS) else v) for k, v in env.items()}
+from kvlab.redact import redact_env  # the one redaction (kvlab.redact)

@@ -25,7 +25,8 @@ from kvlab.deploy.engines import preset_for_gpu_name  # noqa: F401  (kept import
 from kvlab.deploy.process import ProcessGroup, StopReport
 from kvlab.deploy.profiles import ServeProfile, profile
 from kvlab.errors import KvlabError
-from kvlab.io import write_json_atomic
+from kvlab.redact import redact_argv, redact_env
+from kvlab.schema.server import Prediction, ServerFacts, ServerRecord
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.cards import ResolvedModel, resolve_model
@@ -354,25 +355,25 @@ class Server:
         return compare(self.prediction, self.facts, self.predicted_backend)
 
     def record(self) -> dict:
-        """Everything about this server as plain data (no secrets)."""
-        return {
-            "model": self.spec.model, "served_model_name": self.served_model_name, "quant": self.spec.quant,
-            "profile": self.profile.model_dump(), "serve_config": self.config.model_dump(mode="json"),
-            "engine": self.engine, "engine_reason": self.engine_reason,
-            "allocation_only": self.spec.allocation_only,
-            "refusal": self.refusal.reason if self.refusal else None,
-            "argv": self.argv, "env": self.env, "command": self.command.shell_line(),
-            "base_url": self.base_url, "log_path": str(self.log_path),
-            "facts": {**self.facts.to_dict(), "source": self.reported_label},
-            "prediction": None if self.prediction is None else {
-                **self.prediction.to_dict(), "source": self.prediction_note, "attention_backend": self.predicted_backend},
-            "comparison": [r.to_dict() for r in self.comparison()],
-            "exit_code": self.exit_code, "allocation_error": self.allocation_error,
-            "stop": None if self.stop_report is None else asdict(self.stop_report),
-            "host": {"cpu": self.cpu.to_dict(), "gpu": host.gpu_facts(),
-                     "vllm": {"distribution": self.install.distribution, "version": self.install.version}},
-        }
+        """Everything about this server as plain data (no secrets): kvlab.schema.server.ServerRecord."""
+        return self.server_record().to_data()
+
+    def server_record(self) -> ServerRecord:
+        return ServerRecord(
+            model=self.spec.model, served_model_name=self.served_model_name, quant=self.spec.quant,
+            profile=self.profile.model_dump(), serve_config=self.config, engine=self.engine, engine_reason=self.engine_reason,
+            allocation_only=self.spec.allocation_only, refusal=self.refusal.reason if self.refusal else None,
+            argv=redact_argv(self.argv), env=redact_env(self.env), command=self.command.shell_line(),
+            base_url=self.base_url, log_path=str(self.log_path),
+            facts=ServerFacts.from_facts(self.facts, source=self.reported_label),
+            prediction=Prediction.from_capacity(self.prediction, source=self.prediction_note,
+                                                attention_backend=self.predicted_backend),
+            comparison=[r.to_dict() for r in self.comparison()],
+            exit_code=self.exit_code, allocation_error=self.allocation_error,
+            stop=None if self.stop_report is None else asdict(self.stop_report),
+            host={"cpu": self.cpu.to_dict(), "gpu": host.gpu_facts(),
+                  "vllm": {"distribution": self.install.distribution, "version": self.install.version}})
 
     def write_record(self, path: Path) -> Path:
         """Atomically: a temporary file in the same folder, then a rename."""
-        return write_json_atomic(path, self.record())
+        return self.server_record().write(path)

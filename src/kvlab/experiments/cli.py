@@ -182,34 +182,53 @@ def ls_cmd(
     where: Optional[str] = typer.Option(None, "--where", help="Filters: model=...,quant=...,status=..."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List the repeats in a results folder (from its SQLite index, rebuilt from the files)."""
+    """List the repeats in a results folder (from its SQLite index, rebuilt from the files); each
+    figure's heading says where it comes from (measured, predicted, simulated)."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from kvlab.errors import KvlabError
-    from kvlab.experiments.index import query, rebuild
+    from kvlab.experiments.index import column_sources, query, rebuild
+    from kvlab.deploy.engines import served_source
 
     if not (results / "run.json").exists():
         raise KvlabError(f"{results} is not a kvlab results folder (no run.json)")
     rebuild(results)
     filters = parse_where(where)
     rows = query(results, filters)
+    sources = column_sources(results)
+    engines = {r["engine"] for r in rows if r["engine"]}
+    said = {n: (" / ".join(sorted({served_source(e) for e in engines})) or "served") if src == "served" else src
+            for n, (src, _) in sources.items()}
     if as_json:
         for r in rows:
             r.pop("results_json", None)
-        sys.stdout.write(json.dumps({"repeats": rows}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"repeats": rows, "sources": said}, indent=2) + "\n")
         return
     t = Table(title=f"{results}")
-    for col in ("cell_id", "repeat", "status", "engine", "kv tokens (reported/predicted)", "out tok/s", "TTFT p95 s", "preemptions"):
+    for col in ("cell_id", "repeat", "status", "engine"):
         t.add_column(col)
-    fmt = lambda v, f="{:.3g}": "—" if v is None else f.format(v)  # noqa: E731
+    for name, label, _ in LS_FIGURES:
+        t.add_column(f"{label}\n({said[name]})")
+    fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
     for r in rows:
         t.add_row(r["cell_id"], str(r["repeat"]), r["status"], r["engine"] or "—",
-                  f"{fmt(r['kv_cache_tokens_reported'], '{:,}')} / {fmt(r['kv_cache_tokens_predicted'], '{:,}')}",
-                  fmt(r["output_tokens_per_s"]), fmt(r["ttft_p95_s"]), fmt(r["preemptions"], "{:g}"))
+                  *(fmt(r[name], f) for name, _, f in LS_FIGURES))
     Console().print(t)
+
+
+# (index column, heading, format) of `kvlab experiment ls`; the heading's source comes from the index.
+LS_FIGURES = (
+    ("kv_cache_tokens_reported", "KV tokens", "{:,}"),
+    ("kv_cache_tokens_predicted", "KV tokens", "{:,}"),
+    ("output_tokens_per_s", "out tok/s", "{:.6g}"),
+    ("ttft_p95_s", "TTFT p95 s", "{:.6g}"),
+    ("preemptions", "preemptions", "{:g}"),
+    ("kv_usage_peak_frac", "KV peak", "{:.6g}"),
+    ("goodput_requests_per_min", "goodput req/min", "{:.6g}"),
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,78 +7,75 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from kvlab.experiments.records import read_json
 from kvlab.io import atomic_path
+from kvlab.schema.experiment import IndexRow, RepeatResults, RunFolder, Status
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS repeats (
-    spec TEXT, cell_id TEXT, model TEXT, quant TEXT, workload TEXT, users INTEGER, repeat INTEGER,
-    engine TEXT, status TEXT, started_ts REAL, ended_ts REAL, dir TEXT,
-    kv_cache_tokens_reported INTEGER, kv_cache_tokens_predicted INTEGER,
-    output_tokens_per_s REAL, ttft_p50_s REAL, ttft_p95_s REAL, itl_p95_s REAL,
-    requests INTEGER, errors INTEGER, preemptions REAL, kv_usage_peak REAL, goodput_requests_per_min REAL,
-    results_json TEXT,
-    PRIMARY KEY (dir)
-);
-"""
+_SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
 
 
-def _get(d: dict | None, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d
+def _sql_type(annotation) -> str:
+    for t, name in _SQL_TYPES.items():
+        if annotation is t or t in getattr(annotation, "__args__", ()):
+            return name
+    return "TEXT"
 
 
-def row_for(repeat_dir: Path, spec_name: str) -> dict[str, Any] | None:
-    status = read_json(repeat_dir / "status.json") or {}
-    results = read_json(repeat_dir / "results.json") or {}
-    cell = status.get("cell") or results.get("cell")
-    if not cell:
+def schema_sql() -> str:
+    """The repeats table (its columns are IndexRow's fields) and the table that says, per figure
+    column, where it comes from (`served`: measured on vLLM, simulated on the sim engine) and its unit."""
+    cols = ",\n    ".join(f"{name} {_sql_type(f.annotation)}" for name, f in IndexRow.model_fields.items())
+    return (f"CREATE TABLE IF NOT EXISTS repeats (\n    {cols},\n    PRIMARY KEY (dir)\n);\n"
+            "CREATE TABLE IF NOT EXISTS columns (name TEXT PRIMARY KEY, source TEXT, unit TEXT);\n")
+
+
+def row_for(repeat_dir: Path, spec_name: str) -> IndexRow | None:
+    """The index row of one repeat folder, from its status.json and results.json."""
+    status = Status.read_optional(repeat_dir / "status.json")
+    results = RepeatResults.read_optional(repeat_dir / "results.json")
+    if status is None and results is None:
         return None
-    return {
-        "spec": spec_name,
-        "cell_id": status.get("cell_id"),
-        "model": cell.get("model"),
-        "quant": cell.get("quant"),
-        "workload": cell.get("workload"),
-        "users": cell.get("users"),
-        "repeat": status.get("repeat"),
-        "engine": status.get("engine"),
-        "status": status.get("status"),
-        "started_ts": status.get("started_ts"),
-        "ended_ts": status.get("ended_ts"),
-        "dir": str(repeat_dir),
-        "kv_cache_tokens_reported": _get(results, "server", "kv_cache_tokens"),
-        "kv_cache_tokens_predicted": _get(results, "prediction", "kv_cache_tokens"),
-        "output_tokens_per_s": _get(results, "client", "output_tokens_per_s"),
-        "ttft_p50_s": _get(results, "client", "ttft_s", "p50"),
-        "ttft_p95_s": _get(results, "client", "ttft_s", "p95"),
-        "itl_p95_s": _get(results, "client", "itl_s", "p95"),
-        "requests": _get(results, "client", "requests"),
-        "errors": _get(results, "client", "errors"),
-        "preemptions": _get(results, "metrics", "preemptions"),
-        "kv_usage_peak": _get(results, "metrics", "kv_usage", "peak_fraction"),
-        "goodput_requests_per_min": _get(results, "client", "goodput", "requests_per_min"),
-        "results_json": json.dumps(results) if results else None,
-    }
+    head = status or results
+    server, pred, met, cli = (getattr(results, k, None) for k in ("server", "prediction", "metrics", "client"))
+    goodput = cli.goodput if cli else None
+    return IndexRow(
+        spec=spec_name, cell_id=head.cell_id, **head.cell.model_dump(), repeat=head.repeat,
+        engine=(status.engine if status else None) or (results.engine if results else None),
+        status=head.status, started_ts=status.started_ts if status else None,
+        ended_ts=status.ended_ts if status else None, dir=str(repeat_dir),
+        kv_cache_tokens_reported=server.kv_cache_tokens if server else None,
+        kv_cache_tokens_predicted=pred.kv_cache_tokens if pred else None,
+        output_tokens_per_s=cli.output_tokens_per_s if cli else None,
+        ttft_p50_s=cli.ttft_s.p50 if cli and cli.ttft_s else None,
+        ttft_p95_s=cli.ttft_s.p95 if cli and cli.ttft_s else None,
+        itl_p95_s=cli.itl_s.p95 if cli and cli.itl_s else None,
+        requests=cli.requests if cli else None, errors=cli.errors if cli else None,
+        preemptions=met.preemptions if met else None,
+        kv_usage_peak_frac=met.kv_usage_peak_frac if met else None,
+        requests_per_min=goodput.requests_per_min if goodput else None,
+        goodput_requests_per_min=goodput.request_goodput_per_min if goodput else None,
+        slo_from=goodput.slo_from if goodput else None,
+        results_json=json.dumps(results.to_data()) if results else None,
+    )
 
 
 def rebuild(results_dir: Path) -> Path:
     """(Re)write <results_dir>/index.sqlite from every repeat folder below it."""
     results_dir = Path(results_dir)
     db_path = results_dir / "index.sqlite"
-    spec = (read_json(results_dir / "run.json") or {}).get("spec_name", results_dir.name)
+    run = RunFolder.read_optional(results_dir / "run.json")
+    spec = run.spec_name if run else results_dir.name
     with atomic_path(db_path) as tmp:
         con = sqlite3.connect(tmp)
         try:
-            con.executescript(SCHEMA)
+            con.executescript(schema_sql())
+            con.executemany("INSERT INTO columns VALUES (?, ?, ?)",
+                            [(n, src, IndexRow.unit_of(n)) for n, src in IndexRow.figure_sources().items()])
             for status in sorted(results_dir.glob("*/repeat-*/status.json")):
                 if ".partial-" in status.parent.name:  # set aside by a rerun, not a result
                     continue
-                row = row_for(status.parent, spec)
-                if row:
+                found = row_for(status.parent, spec)
+                if found:
+                    row = found.model_dump()
                     cols = ", ".join(row)
                     con.execute(f"INSERT OR REPLACE INTO repeats ({cols}) VALUES ({', '.join('?' * len(row))})",
                                 list(row.values()))
@@ -91,6 +88,15 @@ def rebuild(results_dir: Path) -> Path:
 
 
 FILTER_COLUMNS = ("model", "quant", "workload", "users", "status", "engine", "spec")
+
+
+def column_sources(results_dir: Path) -> dict[str, tuple[str, str | None]]:
+    """Per figure column of the index: (source, unit), as the index says (`served` per row engine)."""
+    con = sqlite3.connect(Path(results_dir) / "index.sqlite")
+    try:
+        return {n: (src, unit) for n, src, unit in con.execute("SELECT name, source, unit FROM columns")}
+    finally:
+        con.close()
 
 
 def query(results_dir: Path, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:

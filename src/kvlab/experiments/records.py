@@ -7,56 +7,21 @@ Layout of one experiment's results folder:
     <out>/<cell_id>/repeat-<k>/      manifest.json, server.log, metrics.csv, requests.jsonl,
                                      locust_*.csv, prediction.json, results.json, status.json
 A repeat is complete when its status.json says so; anything else is redone on the next run.
+Every JSON file here has one type in kvlab.schema.experiment (written and read through it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import subprocess
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from kvlab import __version__, nvidia_smi
 from kvlab.io import write_json_atomic  # noqa: F401  (the one shared helper; re-exported)
-
-SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH")
-ENV_THAT_MATTERS = (
-    "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-    "VLLM_ATTENTION_BACKEND", "VLLM_USE_V1", "HF_HUB_OFFLINE", "HF_TOKEN", "VLLM_API_KEY",
-    "KVLAB_CACHE", "PYTORCH_CUDA_ALLOC_CONF", "VLLM_PP_LAYER_PARTITION",
-)
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, torn, not JSON, not UTF-8: not a record
-        return None
-
-
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: ("<redacted>" if any(w in k.upper() for w in SECRET_WORDS) else v) for k, v in env.items()}
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    out, hide_next = [], False
-    for a in argv:
-        if hide_next:
-            out.append("<redacted>")
-            hide_next = False
-        elif a in ("--api-key", "--hf-token"):
-            out.append(a)
-            hide_next = True
-        elif a.startswith(("--api-key=", "--hf-token=")):
-            out.append(a.split("=", 1)[0] + "=<redacted>")
-        else:
-            out.append(a)
-    return out
 
 
 def _version(dist: str) -> str | None:
@@ -114,14 +79,6 @@ def environment_facts() -> dict[str, Any]:
         "host": {"os": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()},
         "gpu": gpu_info(),
     }
-
-
-def relevant_env(env: dict[str, str]) -> dict[str, str]:
-    return redact_env({k: v for k, v in env.items() if k in ENV_THAT_MATTERS})
-
-
-def now() -> float:
-    return time.time()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable
@@ -16,26 +16,32 @@ import yaml
 
 from kvlab.errors import KvlabError
 from kvlab.experiments import index
-from kvlab.experiments.records import (
-    aggregate_repeats,
-    environment_facts,
-    read_json,
-    redact_argv,
-)
+from kvlab.experiments.records import aggregate_repeats, environment_facts
 from kvlab.experiments.spec import Cell, Spec, cells
-from kvlab.io import RecordWriteError, make_dir, write_json_atomic, write_text_atomic
+from kvlab.io import RecordWriteError, make_dir, write_text_atomic
+from kvlab.redact import redact_argv, redact_env
+from kvlab.schema.experiment import (
+    CellKey,
+    CellRepeat,
+    CellResults,
+    ClientFigures,
+    Failure,
+    Manifest,
+    RepeatResults,
+    RunFolder,
+    Scrapes,
+    Status,
+    Window,
+)
+from kvlab.schema.metrics import MetricsFigures
+from kvlab.schema.server import Prediction, PredictionRecord, ServerFacts
 
 LOG_TAIL_LINES = 40
+SERVER_FACTS_SOURCE = "reported by the server (startup log, vllm:cache_config_info)"
 
 
-def _as_dict(obj: Any) -> Any:
-    if obj is None:
-        return None
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if is_dataclass(obj):
-        return asdict(obj)
-    return obj
+def cell_key(cell: Cell) -> CellKey:
+    return CellKey.model_validate(asdict(cell))
 
 
 def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> list[str]:
@@ -52,18 +58,17 @@ def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> list[str]:
 def claim_folder(spec: Spec, out: Path) -> None:
     """A results folder holds one spec's results; a different spec there is refused before anything starts."""
     make_dir(out)
-    run = read_json(out / "run.json")
-    if run is not None and (run.get("spec_name") != spec.name or run.get("spec_digest") != spec.digest):
+    run = RunFolder.read_optional(out / "run.json")
+    if run is not None and (run.spec_name != spec.name or run.spec_digest != spec.digest):
         raise KvlabError(
-            f"{out} holds results of another spec ({run.get('spec_name')}, digest {run.get('spec_digest')}); "
+            f"{out} holds results of another spec ({run.spec_name}, digest {run.spec_digest}); "
             f"this one is {spec.name} (digest {spec.digest}): choose another --out"
         )
     if run is None:
         stray = [p for p in out.iterdir() if not p.name.startswith(".")]
         if stray:
             raise KvlabError(f"{out} is not empty and holds no kvlab run: choose another --out")
-        write_json_atomic(out / "run.json", {"spec_name": spec.name, "spec_digest": spec.digest,
-                                             "created_ts": time.time()})
+        RunFolder(spec_name=spec.name, spec_digest=spec.digest, created_ts=time.time()).write(out / "run.json")
         write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))
 
 
@@ -79,14 +84,15 @@ def inside(out: Path, path: Path) -> Path:
 
 
 def is_complete(rdir: Path) -> bool:
-    status = read_json(rdir / "status.json")
-    return bool(status) and status.get("status") == "complete" and (rdir / "results.json").exists()
+    status = Status.read_optional(rdir / "status.json")
+    return status is not None and status.status == "complete" and (rdir / "results.json").exists()
 
 
 def _set_status(rdir: Path, cell: Cell, k: int, status: str, **extra: Any) -> None:
-    prev = read_json(rdir / "status.json") or {}
-    prev.update({"cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "status": status, **extra})
-    write_json_atomic(rdir / "status.json", prev)
+    prev = Status.read_optional(rdir / "status.json")
+    data = prev.model_dump(exclude={"schema_version"}) if prev is not None else {}
+    data.update({"cell": cell_key(cell), "cell_id": cell.cell_id, "repeat": k, "status": status, **extra})
+    Status.model_validate(data).write(rdir / "status.json")
 
 
 def _set_aside_partial(rdir: Path) -> None:
@@ -99,24 +105,18 @@ def _set_aside_partial(rdir: Path) -> None:
 # Client-side figures from the per-request records
 
 
-def client_figures(df, window_s: float, slo: dict[str, float]) -> dict[str, Any]:
-    """Figures measured by the load generator over the run window (kvlab.loadtest.summary), plus
-    the mean resident context of a session: its last request's prompt + reply."""
-    from kvlab.loadtest.summary import summarize as summarize_requests
-
-    out = summarize_requests(df, slo, duration_s=window_s)
-    out["errors_by_kind"] = out.pop("errors")
-    out["errors"] = out["requests"] - out["requests_ok"]
+def client_figures(summary: dict[str, Any], df, window_s: float) -> ClientFigures:
+    """The load run's summary, scored once by the load runner (load.json), as the repeat records
+    it: errors counted (by kind apart), the scrape window, and the mean resident context of a
+    session (its last request's prompt + reply)."""
     turns = df[(df["kind"] == "turn") & df["error_kind"].isna()] if len(df) else df
+    mean_ctx = None
     if len(turns):
         last = turns.sort_values("start_ts").groupby("session_id").tail(1)
-        ctx = (last["prompt_tokens"].fillna(0) + last["completion_tokens"].fillna(0))
-        out["mean_session_context_tokens"] = float(ctx.mean())
-    else:
-        out["mean_session_context_tokens"] = None
-    out["window_s"] = window_s
-    out["provenance"] = "measured by the load generator on the SSE stream"
-    return out
+        mean_ctx = float((last["prompt_tokens"].fillna(0) + last["completion_tokens"].fillna(0)).mean())
+    return ClientFigures.model_validate({
+        **summary, "errors_by_kind": summary["errors"], "errors": summary["requests"] - summary["requests_ok"],
+        "mean_session_context_tokens": mean_ctx, "window_s": window_s})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def _workload(spec: Spec, cell: Cell):
     return wl
 
 
-def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_reason: str) -> dict:
+def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_reason: str) -> RepeatResults:
     from kvlab.loadtest.records import read_requests
     from kvlab.loadtest.runner import run_load
     from kvlab.metrics.figures import summarize
@@ -146,71 +146,65 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
     seed = spec.seed + k - 1
     started = time.time()
     _set_status(rdir, cell, k, "running", started_ts=started, engine=server.engine, seed=seed)
-    manifest = {
-        "cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
+    manifest = Manifest.model_validate({
+        "cell": cell_key(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
         "spec": spec.model_dump(), "spec_digest": spec.digest,
         "engine": server.engine, "engine_reason": engine_reason,
-        "server_argv": redact_argv(list(server.argv)), "server_env": dict(server.env),
+        "server_argv": redact_argv(list(server.argv)), "server_env": redact_env(dict(server.env)),
         "started_ts": started, **environment_facts(),
-    }
-    write_json_atomic(rdir / "manifest.json", manifest)
-    write_json_atomic(rdir / "prediction.json", {"provenance": "predicted by the kvlab memory model",
-                                                 **(_as_dict(server.prediction) or {})})
+    })
+    manifest.write(rdir / "manifest.json")
+    prediction = Prediction.from_capacity(server.prediction)
+    PredictionRecord(prediction=prediction).write(rdir / "prediction.json")
     workload = _workload(spec, cell)
+    # One score per repeat, by the load run: the spec's SLO where the spec sets one, else the workload's.
+    slo, slo_from = (spec.slo_given, "spec") if spec.slo_given is not None else (workload.slo, "workload")
     api_key = getattr(server.spec, "api_key", None)  # the server's key: the load must send it
     if spec.warmup_s > 0:
         run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
-                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key)
+                 duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key,
+                 slo=slo, slo_from=slo_from)
     with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s) as scraper:
         t0 = time.time()
         load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
-                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key)
+                        out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key,
+                        slo=slo, slo_from=slo_from)
         t1 = time.time()
-    requests = read_requests(load.records_path)
-    client = client_figures(requests, t1 - t0, spec.slo.model_dump(exclude_none=True))
+    client = client_figures(load.summary, read_requests(load.records_path), t1 - t0)
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
-                        mean_session_context_tokens=client["mean_session_context_tokens"])
-    failure = _failure(server, client)
+                        mean_session_context_tokens=client.mean_session_context_tokens)
+    reason = _failure(server, client)
     _copy_server_log(server, rdir)
-    if failure is not None:
-        failure["log_tail"] = log_tail(rdir / "server.log")
-    results = {
-        "cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k, "seed": seed,
-        "status": "failed" if failure else "complete",
-        "window": {"start_ts": t0, "end_ts": t1},
-        "server": {"provenance": "reported by the server (startup log, vllm:cache_config_info)",
-                   **(_as_dict(server.facts) or {})},
-        "prediction": _as_dict(server.prediction),
-        "metrics": _as_dict(metrics),
-        "scrapes": {"total": scraper.scrapes, "gaps": scraper.gaps, "last_error": scraper.last_error},
-        "client": client,
-        "slo": spec.slo.model_dump(exclude_none=True),
-        "gpu_price_per_hour": spec.gpu_price_per_hour,
-        "engine": server.engine,
-        **({"failure": failure} if failure else {}),
-    }
-    write_json_atomic(rdir / "results.json", results)
-    manifest["ended_ts"] = time.time()
-    write_json_atomic(rdir / "manifest.json", manifest)
-    _set_status(rdir, cell, k, results["status"], ended_ts=manifest["ended_ts"],
-                **({"failure": failure} if failure else {}))
+    failure = Failure(reason=reason, log_tail=log_tail(rdir / "server.log")) if reason else None
+    results = RepeatResults(
+        cell=cell_key(cell), cell_id=cell.cell_id, repeat=k, seed=seed,
+        status="failed" if failure else "complete", engine=server.engine,
+        window=Window(start_ts=t0, end_ts=t1),
+        server=ServerFacts.from_facts(server.facts, source=SERVER_FACTS_SOURCE),
+        prediction=prediction, metrics=MetricsFigures.from_run(metrics),
+        scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
+        client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure)
+    results.write(rdir / "results.json")
+    manifest = manifest.model_copy(update={"ended_ts": time.time()})
+    manifest.write(rdir / "manifest.json")
+    _set_status(rdir, cell, k, results.status, ended_ts=manifest.ended_ts, failure=failure)
     return results
 
 
-def _failure(server: Any, client: dict) -> dict | None:
+def _failure(server: Any, client: ClientFigures) -> str | None:
     """Why a repeat that ran to its end measured nothing that counts, or None."""
     if not server.alive():
         server.stop()  # what is left of its group (vLLM's engine core outlives a killed API server)
         code = getattr(server, "exit_code", None)
         how = f" (exit code {code}{_signal_name(code)})" if code is not None else ""
-        return {"reason": f"the server died during the run{how}"}
-    if not client.get("requests_ok"):
+        return f"the server died during the run{how}"
+    if not client.requests_ok:
         errors: dict[str, int] = {}
-        for kind, n in [*client.get("probe_errors", {}).items(), *client.get("errors_by_kind", {}).items()]:
+        for kind, n in [*client.probe_errors.items(), *client.errors_by_kind.items()]:
             errors[kind] = errors.get(kind, 0) + n
         said = ", ".join(f"{kind} {n}" for kind, n in errors.items()) or "no request was answered"
-        return {"reason": f"no request succeeded ({client.get('requests', 0)} requests, "
-                          f"{client.get('probes', 0)} calibration probes; errors: {said})"}
+        return (f"no request succeeded ({client.requests} requests, "
+                f"{client.probes} calibration probes; errors: {said})")
     return None
 
 
@@ -234,31 +228,31 @@ def fail_repeat(out: Path, cell: Cell, k: int, reason: str, tail: list[str], eng
         return
     _set_aside_partial(rdir)
     make_dir(rdir)
-    failure = {"reason": reason, "log_tail": tail}
-    write_json_atomic(rdir / "results.json", {"cell": asdict(cell), "cell_id": cell.cell_id, "repeat": k,
-                                             "status": "failed", "failure": failure, "engine": engine})
+    failure = Failure(reason=reason, log_tail=tail)
+    RepeatResults(cell=cell_key(cell), cell_id=cell.cell_id, repeat=k, status="failed", failure=failure,
+                  engine=engine).write(rdir / "results.json")
     _set_status(rdir, cell, k, "failed", ended_ts=time.time(), failure=failure, engine=engine)
 
 
-def finalize_cell(out: Path, cell: Cell, spec: Spec) -> dict | None:
-    """<cell>/results.json: every repeat's figures, their mean and 95 % interval."""
-    repeats = []
-    for k in range(1, spec.repeats + 1):
-        r = read_json(repeat_dir(out, cell, k) / "results.json")
-        if r:
-            repeats.append(r)
-    complete = [r for r in repeats if r.get("status") == "complete"]
-    summary = {
-        "cell": asdict(cell), "cell_id": cell.cell_id,
-        "repeats_planned": spec.repeats, "repeats_complete": len(complete),
-        "status": "complete" if len(complete) == spec.repeats else ("partial" if complete else "failed"),
-        "repeats": [{"repeat": r["repeat"], "status": r["status"], "dir": f"repeat-{r['repeat']}",
-                     **({"failure": r["failure"]} if "failure" in r else {})} for r in repeats],
-        "aggregate": aggregate_repeats([{"client": r.get("client") or {}, "metrics": r.get("metrics") or {}}
-                                        for r in complete]),
-        "first": complete[0] if complete else None,
-    }
-    write_json_atomic(inside(out, out / cell.cell_id / "results.json"), summary)
+def _figures(r: RepeatResults) -> dict:
+    return {"client": r.client.model_dump() if r.client else {},
+            "metrics": r.metrics.model_dump() if r.metrics else {}}
+
+
+def finalize_cell(out: Path, cell: Cell, spec: Spec) -> CellResults:
+    """<cell>/results.json: every repeat's status, the mean and 95 % interval of their figures."""
+    repeats = [r for k in range(1, spec.repeats + 1)
+               if (r := RepeatResults.read_optional(repeat_dir(out, cell, k) / "results.json")) is not None]
+    complete = [r for r in repeats if r.status == "complete"]
+    summary = CellResults(
+        cell=cell_key(cell), cell_id=cell.cell_id,
+        repeats_planned=spec.repeats, repeats_complete=len(complete),
+        status="complete" if len(complete) == spec.repeats else ("partial" if complete else "failed"),
+        repeats=[CellRepeat(repeat=r.repeat, status=r.status, dir=f"repeat-{r.repeat}", failure=r.failure)
+                 for r in repeats],
+        aggregate=aggregate_repeats([_figures(r) for r in complete]),
+        first_complete_repeat=complete[0].repeat if complete else None)
+    summary.write(inside(out, out / cell.cell_id / "results.json"))
     return summary
 
 
@@ -318,7 +312,7 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
                     emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
                     try:
                         res = run_repeat(spec, cell, k, server, out, reason)
-                        status, why = res["status"], (res.get("failure") or {}).get("reason")
+                        status, why = res.status, res.failure.reason if res.failure else None
                     except RecordWriteError:
                         raise  # the disk is full: every later record would fail too
                     except Exception as e:  # recorded with the server's log tail; the run goes on

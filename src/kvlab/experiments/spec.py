@@ -18,6 +18,7 @@ from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
 from kvlab.plan.request import PlanBlock  # a spec's plan: block is the planner's own type
 from kvlab.units import parse_duration_s  # noqa: F401  (also this module's public name)
+from kvlab.schema.slo import SLO
 
 ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
 SHAPES = ("constant", "steps", "poisson", "diurnal")
@@ -25,15 +26,6 @@ SHAPES = ("constant", "steps", "poisson", "diurnal")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SLO(_Strict):
-    """Service-level objective a request must meet to count towards goodput."""
-
-    ttft_s: float | None = Field(2.0, gt=0)
-    itl_p95_s: float | None = Field(0.1, gt=0)
-    tpot_s: float | None = Field(None, gt=0)
-    e2e_s: float | None = Field(None, gt=0)
 
 
 class Load(_Strict):
@@ -63,7 +55,7 @@ class Spec(_Strict):
     warmup_s: float = 10.0
     repeats: int = Field(1, ge=1, le=100)
     seed: int = 0
-    slo: SLO = Field(default_factory=SLO)
+    slo: SLO = Field(default_factory=SLO)  # governs goodput only where the spec sets it: see slo_given
     gpu_price_per_hour: float | None = Field(None, ge=0)  # $ per GPU-hour, for cost figures
     kv_memory_gib: float | None = Field(None, gt=0)  # KV budget (CPU: VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int | None = Field(None, gt=0)
@@ -89,6 +81,11 @@ class Spec(_Strict):
             if len(set(items)) != len(items):
                 raise ValueError(f"{name} lists an entry twice")
         return self
+
+    @property
+    def slo_given(self) -> SLO | None:
+        """The spec's own SLO where its file sets `slo:`; None leaves each workload's SLO to govern."""
+        return self.slo if "slo" in self.model_fields_set else None
 
     @property
     def digest(self) -> str:

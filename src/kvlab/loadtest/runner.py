@@ -8,6 +8,7 @@ the caller) and collect what it wrote: Locust's CSVs, the per-request records, a
       requests/               per-process JSONL records (kvlab.loadtest.records)
       requests.parquet        all records in one table
       load.json               command, paths, shape schedule and the measured summary
+                              (kvlab.schema.load.LoadRecord: the run's one score, with its SLO)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from kvlab.io import write_text_atomic
 from kvlab.loadtest.records import read_requests, record_files, write_parquet
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
+from kvlab.schema.load import LoadRecord
+from kvlab.schema.slo import SLO, SLOFrom
 from kvlab.units import parse_duration_s
 
 STARTUP_GRACE_S = 60.0  # Locust start, worker connection, final CSV writing
@@ -154,7 +157,7 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
              workers: int = 0, max_requests: int | None = None, spawn_rate: float | None = None,
              stop_timeout_s: float = 10.0, locustfile: str | Path | None = None,
              progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0,
-             api_key: str | None = None) -> LoadResult:
+             api_key: str | None = None, slo: SLO | None = None, slo_from: SLOFrom = "workload") -> LoadResult:
     """Play `workload` against `host` (e.g. http://127.0.0.1:8000) with Locust, headless.
 
     users: peak Locust users (poisson: session slots); duration_s: run time (seconds or '60s');
@@ -162,7 +165,8 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     process, N = a master and N local workers. Bounded: Locust stops at the run time or after
     max_requests, in-flight requests get stop_timeout_s to finish, and a run that overstays is
     killed (its records are kept). An API key (api_key, else KVLAB_API_KEY or OPENAI_API_KEY in the
-    environment) reaches the locustfile through its environment, never on a command line."""
+    environment) reaches the locustfile through its environment, never on a command line. The run
+    is scored once, against `slo` (default: the workload's), and load.json says whose it was."""
     wl = _resolve_workload(workload, shape)
     users = users or wl.load.users
     duration = parse_duration(duration_s) if duration_s is not None else wl.load.duration_s
@@ -232,11 +236,12 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                     _stop([p], signal.SIGKILL)
             raise
     returncode = procs[0].wait()
-    return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers)
+    scored_by = (slo, slo_from) if slo is not None else (wl.slo, "workload")
+    return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers, scored_by)
 
 
 def _collect(out: Path, wl: Workload, command: list[str], returncode: int, records_dir: Path, log_path: Path,
-             users: int, duration: float, workers: int) -> LoadResult:
+             users: int, duration: float, workers: int, scored_by: tuple[SLO, SLOFrom]) -> LoadResult:
     from kvlab.loadtest.summary import summarize
 
     if not records_dir.is_dir() or not record_files(records_dir):
@@ -245,7 +250,7 @@ def _collect(out: Path, wl: Workload, command: list[str], returncode: int, recor
                          + (" | ".join(tail) or "(no output)"))
     df = read_requests(records_dir)
     records_path = write_parquet(df, out / "requests.parquet")
-    summary = summarize(df, wl.slo)
+    summary = summarize(df, scored_by[0], slo_from=scored_by[1])
     result = LoadResult(
         out_dir=out, command=command, returncode=returncode,
         stats_csv=out / "locust_stats.csv", stats_history_csv=out / "locust_stats_history.csv",
@@ -253,12 +258,11 @@ def _collect(out: Path, wl: Workload, command: list[str], returncode: int, recor
         html_report=out / "locust.html", log_path=log_path, records_dir=records_dir, records_path=records_path,
         summary=summary)
     plan = ShapePlan(wl.load.shape, users, duration)
-    meta = {"command": command, "returncode": returncode, "workload": wl.name, "shape": wl.load.shape.kind,
-            "users": users, "duration_s": duration, "workers": workers,
-            "shape_schedule": [{"offset_s": t, "users": u} for t, u in plan.schedule()],
-            "first_request_ts": float(df["start_ts"].min()) if len(df) else None,
-            "paths": {k: str(v) for k, v in result.__dict__.items() if isinstance(v, Path)},
-            "summary": summary}
-    write_text_atomic(out / "load.json", json.dumps(meta, indent=2, default=str) + "\n")
+    LoadRecord(command=command, returncode=returncode, workload=wl.name, shape=wl.load.shape.kind,
+               users=users, duration_s=duration, workers=workers,
+               shape_schedule=[{"offset_s": t, "users": u} for t, u in plan.schedule()],
+               first_request_ts=float(df["start_ts"].min()) if len(df) else None,
+               paths={k: str(v) for k, v in result.__dict__.items() if isinstance(v, Path)},
+               summary=summary).write(out / "load.json")
     return result
 

@@ -12,20 +12,21 @@ from typing import Any
 
 import numpy as np
 
-from kvlab.loadtest.workload import SLOSpec
+from kvlab.schema.load import Goodput
+from kvlab.schema.slo import SLO, SLOFrom
 
 
-def _as_slo(slo: SLOSpec | dict | None) -> SLOSpec:
+def _as_slo(slo: SLO | dict | None) -> SLO:
     if slo is None:
-        return SLOSpec()
-    return slo if isinstance(slo, SLOSpec) else SLOSpec.model_validate(slo)
+        return SLO()
+    return slo if isinstance(slo, SLO) else SLO.model_validate(slo)
 
 
 def itl_p95_s(gaps: list[float]) -> float | None:
     return float(np.percentile(gaps, 95)) if len(gaps) else None
 
 
-def requests_meeting(df, slo: SLOSpec):
+def requests_meeting(df, slo: SLO):
     """Boolean Series: which rows met the SLO."""
     ok = df["error_kind"].isna()
     if slo.ttft_s is not None:
@@ -49,11 +50,14 @@ def run_span_s(df) -> float:
     return float(end - df["start_ts"].min())
 
 
-def goodput(records_df, slo: SLOSpec | dict | None = None, duration_s: float | None = None) -> dict[str, Any]:
-    """Measured request and session goodput of one run's records (`read_requests`).
+def goodput(records_df, slo: SLO | dict | None = None, duration_s: float | None = None,
+            slo_from: SLOFrom = "workload") -> dict[str, Any]:
+    """Measured request and session goodput of one run's records (`read_requests`), as the data
+    of a kvlab.schema.load.Goodput.
 
-    `slo`: an SLOSpec or a dict like {"ttft_s": 2, "itl_p95_s": 0.1}; `duration_s`: the run's
-    length (default: first request sent to last reply finished)."""
+    `slo`: an SLO or a dict like {"ttft_s": 2, "itl_p95_s": 0.1}; `slo_from`: whose SLO it is
+    (recorded with the score); `duration_s`: the run's length (default: first request sent to
+    last reply finished)."""
     slo = _as_slo(slo)
     turns = records_df[(records_df["kind"] == "turn") & (records_df["error_kind"] != "cancelled")].copy()
     turns["met"] = requests_meeting(turns, slo)
@@ -70,9 +74,10 @@ def goodput(records_df, slo: SLOSpec | dict | None = None, duration_s: float | N
         finished += 1
         met += int(complete and not failed and bool(s["met"].all()))
     n_met = int(turns["met"].sum())
-    return {
+    return Goodput.model_validate({
         "source": "measured",
-        "slo": slo.model_dump(),
+        "slo": slo,
+        "slo_from": slo_from,
         "duration_s": span,
         "requests": len(turns),
         "requests_ok": int(turns["error_kind"].isna().sum()),
@@ -85,4 +90,4 @@ def goodput(records_df, slo: SLOSpec | dict | None = None, duration_s: float | N
         "sessions_unfinished": unfinished,
         "sessions_per_min": finished * per_min,
         "session_goodput_per_min": met * per_min,
-    }
+    }).model_dump(mode="json")

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from kvlab.loadtest.slo import goodput, run_span_s
-from kvlab.loadtest.workload import SLOSpec
+from kvlab.schema.load import LoadSummary
+from kvlab.schema.slo import SLO, SLOFrom
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -27,14 +28,17 @@ def _int_sum(series) -> int | None:
     return int(s.sum()) if len(s) else None
 
 
-def summarize(df, slo: SLOSpec | dict | None = None, duration_s: float | None = None) -> dict[str, Any]:
+def summarize(df, slo: SLO | dict | None = None, duration_s: float | None = None,
+              slo_from: SLOFrom = "workload") -> dict[str, Any]:
+    """The data of a kvlab.schema.load.LoadSummary: figures over `duration_s` (default: the run's
+    span), goodput scored once against `slo` (whose it is: `slo_from`)."""
     turns = df[df["kind"] == "turn"]
     ok = turns[turns["error_kind"].isna()]
     span = duration_s if duration_s is not None else run_span_s(turns)
     gaps = [g for row in ok["itl_s"] for g in row]
     planned = ok.dropna(subset=["planned_prompt_tokens", "prompt_tokens"])
     calib_err = ((planned["prompt_tokens"] - planned["planned_prompt_tokens"]).abs() / planned["prompt_tokens"])
-    return {
+    return LoadSummary.model_validate({
         "source": "measured",
         "requests": len(turns),
         "requests_ok": len(ok),
@@ -53,5 +57,5 @@ def summarize(df, slo: SLOSpec | dict | None = None, duration_s: float | None = 
         "completion_tokens": _int_sum(ok["completion_tokens"]),
         "cached_tokens": _int_sum(ok["cached_tokens"]),
         "calibration_error_median": float(calib_err.median()) if len(calib_err) else None,
-        "goodput": goodput(df, slo, span),
-    }
+        "goodput": goodput(df, slo, span, slo_from),
+    }).model_dump(mode="json")

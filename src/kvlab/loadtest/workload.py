@@ -25,6 +25,7 @@ from kvlab.loadtest.dists import Dist
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
 from kvlab.loadtest.shapes import ShapeKind, ShapeSpec
 from kvlab.models.cards import format_validation
+from kvlab.schema.slo import SLO
 
 # Chat-template tokens per message are not in the plan; this margin keeps a planned session inside
 # the context limit once they are added (the measured counts are recorded per request).
@@ -83,13 +84,6 @@ class LoadSpec(_Spec):
     shape: ShapeSpec = ShapeSpec()
 
 
-class SLOSpec(_Spec):
-    """Per-request service-level objective for goodput; a None threshold is not checked."""
-
-    ttft_s: float | None = Field(default=2.0, gt=0)
-    itl_p95_s: float | None = Field(default=0.1, gt=0)
-    tpot_s: float | None = Field(default=None, gt=0)
-    e2e_s: float | None = Field(default=None, gt=0)
 
 
 class Workload(_Spec):
@@ -100,7 +94,7 @@ class Workload(_Spec):
     request: RequestSpec = RequestSpec()
     limits: LimitSpec = LimitSpec()
     load: LoadSpec = LoadSpec()
-    slo: SLOSpec = SLOSpec()
+    slo: SLO = SLO()
 
     @model_validator(mode="after")
     def _fits(self) -> "Workload":

@@ -31,9 +31,9 @@ def scrape_cmd(
 ) -> None:
     """Scrape a vLLM server's /metrics for a while into DIR/metrics.csv, then print the figures."""
     from kvlab.metrics.figures import summarize_all
-    from kvlab.io import write_json_atomic
     from kvlab.metrics.samples import SAMPLES_FILE
-    from kvlab.metrics.scraper import Scraper
+    from kvlab.metrics.scraper import Scraper, redacted
+    from kvlab.schema.metrics import MetricsFigures, MetricsSummary
 
     seconds, interval_s = parse_duration_s(duration), parse_duration_s(interval)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,9 +47,10 @@ def scrape_cmd(
     if scraper.gaps == scraper.scrapes:
         raise KvlabError(f"all {scraper.scrapes} scrapes of {scraper.url} failed ({scraper.last_error}); "
                          f"gaps recorded in {out / SAMPLES_FILE}")
-    figures = {m: f.to_dict() for m, f in summarize_all(out / SAMPLES_FILE, start_ts=start).items()}
-    write_json_atomic(out / SUMMARY_FILE, {"source": scraper.url, "figures": figures})
-    _print(figures, as_json)
+    summary = MetricsSummary(source=redacted(scraper.url), figures={
+        m: MetricsFigures.from_run(f) for m, f in summarize_all(out / SAMPLES_FILE, start_ts=start).items()})
+    summary.write(out / SUMMARY_FILE)
+    _print({m: f.model_dump(mode="json") for m, f in summary.figures.items()}, as_json)
     if not as_json:
         _console().print(f"[dim]{scraper.scrapes} scrapes, {scraper.gaps} failed; samples in {out / SAMPLES_FILE}, "
                          f"figures in {out / SUMMARY_FILE}[/dim]")

@@ -25,8 +25,8 @@ from math import ceil
 from pathlib import Path
 
 from kvlab.errors import KvlabError
-from kvlab.io import finite, write_json_atomic  # finite: a margin with failed requests is null in JSON
-from kvlab.loadtest.workload import SLOSpec, Workload, load_workload, resolve_profile
+from kvlab.io import finite  # finite: a margin with failed requests is null in JSON
+from kvlab.loadtest.workload import Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
@@ -34,6 +34,8 @@ from kvlab.plan.probe import run_probe
 from kvlab.plan.request import PlanRequest, request_from_spec  # noqa: F401  (request_from_spec: kvlab experiment run's)
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import SearchResult, SearchSettings, search
+from kvlab.schema.plan import PlanRecord
+from kvlab.schema.slo import SLO
 
 PROVENANCE = ("sessions per GPU, calls and KV in use: simulated (kvlab sim, offline, virtual time); weights and "
               "KV pool per GPU: predicted (kvlab memory model); GPUs, HBM and $: computed from those")
@@ -49,11 +51,11 @@ def default_max_model_len(workload: Workload) -> int:
     return ceil(workload.limits.max_context_tokens / 4096) * 4096
 
 
-def slo_of(workload: Workload, overrides: dict[str, float | None]) -> SLOSpec:
-    unknown = set(overrides) - set(SLOSpec.model_fields)
+def slo_of(workload: Workload, overrides: dict[str, float | None]) -> SLO:
+    unknown = set(overrides) - set(SLO.model_fields)
     if unknown:
-        raise KvlabError(f"--slo: unknown threshold {sorted(unknown)[0]!r}; use {', '.join(SLOSpec.model_fields)}")
-    slo = SLOSpec.model_validate({**workload.slo.model_dump(), **overrides})
+        raise KvlabError(f"--slo: unknown threshold {sorted(unknown)[0]!r}; use {', '.join(SLO.model_fields)}")
+    slo = SLO.model_validate({**workload.slo.model_dump(), **overrides})
     if all(v is None for v in slo.model_dump().values()):
         raise KvlabError("--slo: every threshold is off; set at least one (ttft_s, itl_p95_s, tpot_s, e2e_s)")
     return slo
@@ -258,7 +260,7 @@ def plan(req: PlanRequest) -> dict:
         "run": {"wall_s": time.time() - t0, "probes": len(probes), "probes_cached": sum(lg.cached for lg in probes),
                 "simulated_cpu_s": sum(lg.cpu_s for lg in probes)},
     })
-    write_json_atomic(out_dir / "plan.json", result)  # beside rebound.png
+    PlanRecord.model_validate(result).write(out_dir / "plan.json")  # beside rebound.png
     return result
 
 

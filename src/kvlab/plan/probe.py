@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from kvlab.io import write_bytes_atomic
-from kvlab.loadtest.workload import SLOSpec, Workload
+from kvlab.loadtest.workload import Workload
 from kvlab.plan.configs import PlanConfig
+from kvlab.schema.slo import SLO
 
 OK, ERROR, INCOMPLETE = 0, 1, 2
 SCRAPE_INTERVAL_S = 2.0
-# SLO thresholds (kvlab.loadtest.workload.SLOSpec fields) and the per-request figure each bounds.
+# SLO thresholds (kvlab.schema.slo.SLO fields) and the per-request figure each bounds.
 THRESHOLDS = ("ttft_s", "itl_p95_s", "tpot_s", "e2e_s")
 
 
@@ -60,7 +61,7 @@ class Probe:
         s = self.a["start_s"]
         return (s >= self.window.warmup_s) & (s < self.window.sim_s)
 
-    def _ratios(self, slo: SLOSpec) -> np.ndarray:
+    def _ratios(self, slo: SLO) -> np.ndarray:
         """Each judged request's worst value/threshold ratio (inf for errors); NaN where not judged."""
         a, sel = self.a, self._in_window()
         state = a["state"][sel]
@@ -82,7 +83,7 @@ class Probe:
         worst[(state == INCOMPLETE) & (worst <= 1.0)] = np.nan  # not over any bound yet: outcome unknown
         return worst
 
-    def judge(self, slo: SLOSpec, target: float) -> Verdict:
+    def judge(self, slo: SLO, target: float) -> Verdict:
         r = self._ratios(slo)
         judged = r[~np.isnan(r)]
         n = len(judged)

@@ -19,9 +19,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvlab.loadtest.workload import SLOSpec, Workload
+from kvlab.loadtest.workload import Workload
 from kvlab.plan.configs import PlanConfig
 from kvlab.plan.probe import Probe, Verdict, Window, run_probe
+from kvlab.schema.slo import SLO
 
 COARSE_TOLERANCE = 0.10
 CONFIRM_STEP = 0.05  # how far a fine probe moves an end of the bracket that it contradicts
@@ -31,7 +32,7 @@ MAX_GUESS = 256
 
 @dataclass(frozen=True)
 class SearchSettings:
-    slo: SLOSpec
+    slo: SLO
     attainment: float  # share of requests that must meet the SLO
     sim_s: float  # simulated seconds of a fine probe (coarse: half); the first third warms up
     tolerance: float  # the fine bracket's width, relative

@@ -6,7 +6,8 @@ one-line KvlabError naming the file and the version it found.
 
 Figures say where they come from in the type: a field declared with `figure(...)` carries its
 source (`measured`, `predicted`, `simulated`, `computed`, or `served` = measured on a real engine
-and simulated on kvlab's simulator), read back with `Record.source_of(name, engine)`.
+and simulated on kvlab's simulator), read back with `Record.source_of(name, served)`
+(`served`: what the run's engine makes such a figure, `kvlab.deploy.engines.served_source(engine)`).
 """
 
 from __future__ import annotations
@@ -31,21 +32,44 @@ def figure(source: Source, *, unit: str | None = None, description: str | None =
     return Field(default=default, description=description, json_schema_extra=extra)
 
 
-def served_source(engine: str | None) -> str:
-    """What a `served` figure is for a run on `engine`: simulated on kvlab's simulator, else measured."""
-    from kvlab.deploy.engines import served_source as engine_source  # the engine class says
-
-    return engine_source(engine)
-
-
 class RecordError(KvlabError):
     """A record file that is missing, torn, of another layout or invalid (one line, names the file)."""
 
 
-class Record(BaseModel):
-    """Base of every JSON record. Subclasses set KIND (the file's role) and VERSION."""
+class Part(BaseModel):
+    """A typed part of a record (a record's nested object): strict keys, figures with sources."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @classmethod
+    def source_of(cls, name: str, served: str | None = None) -> str | None:
+        """The source a field declares (figure(...)); `served` said as `served` where given (what the
+        run's engine makes it: kvlab.deploy.engines.served_source)."""
+        field = cls.model_fields.get(name)
+        extra = field.json_schema_extra if field is not None else None
+        source = extra.get("source") if isinstance(extra, dict) else None
+        return served if source == "served" and served else source
+
+    @classmethod
+    def unit_of(cls, name: str) -> str | None:
+        field = cls.model_fields.get(name)
+        extra = field.json_schema_extra if field is not None else None
+        return extra.get("unit") if isinstance(extra, dict) else None
+
+    @classmethod
+    def figure_sources(cls) -> dict[str, str]:
+        """Every field that declares a source -> that source (`served` unresolved)."""
+        out = {}
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and "source" in extra:
+                out[name] = extra["source"]
+        return out
+
+
+class Record(Part):
+    """Base of every JSON record. Subclasses set KIND (the file's role) and VERSION."""
+
     KIND: ClassVar[str] = "record"
     VERSION: ClassVar[int] = 1
     schema_version: int = 0  # set to VERSION by write(); 0 never appears in a written file
@@ -58,20 +82,6 @@ class Record(BaseModel):
         none: a file without schema_version or of another version is refused."""
         raise RecordError(f"a {cls.KIND} record of schema_version {version} is not readable by this kvlab "
                           f"(it reads version {cls.VERSION}); rerun the step that wrote it")
-
-    @classmethod
-    def source_of(cls, name: str, engine: str | None = None) -> str | None:
-        """The source a field declares (figure(...)); `served` resolved for `engine`."""
-        field = cls.model_fields.get(name)
-        extra = field.json_schema_extra if field is not None else None
-        source = extra.get("source") if isinstance(extra, dict) else None
-        return served_source(engine) if source == "served" else source
-
-    @classmethod
-    def unit_of(cls, name: str) -> str | None:
-        field = cls.model_fields.get(name)
-        extra = field.json_schema_extra if field is not None else None
-        return extra.get("unit") if isinstance(extra, dict) else None
 
     # -- reading and writing --------------------------------------------------------------------
 
