@@ -30,6 +30,7 @@ from kvlab.schema.experiment import (
     RepeatResults,
     RunFolder,
     Scrapes,
+    SimTiming,
     Status,
     Window,
 )
@@ -183,12 +184,44 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         server=ServerFacts.from_facts(server.facts, source=SERVER_FACTS_SOURCE),
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
-        client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure)
+        client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
+        timing=sim_timing(rdir / "metrics.csv", t0, t1, getattr(server.facts, "timing_source", None)))
     results.write(rdir / "results.json")
     manifest = manifest.model_copy(update={"ended_ts": time.time()})
     manifest.write(rdir / "manifest.json")
     _set_status(rdir, cell, k, results.status, ended_ts=manifest.ended_ts, failure=failure)
     return results
+
+
+STEPS_PRICED = "kvlab:sim_steps_priced_total"  # kvlab.sim.metrics
+TIMING_INFO = "kvlab:sim_timing_info"
+
+
+def sim_timing(samples_path: Path, start_ts: float, end_ts: float, timing_source: str | None) -> SimTiming | None:
+    """The simulator's timing source and the steps it priced in the window, per provenance, from
+    the scraped kvlab:sim_* series (None on vLLM, which has none: the source from the startup facts
+    where the series are missing)."""
+    import json
+
+    from kvlab.metrics.samples import read_samples
+
+    try:
+        df = read_samples(samples_path)
+    except KvlabError:
+        df = None
+    steps: dict[str, int] = {}
+    if df is not None and len(df):
+        kv = df[df["name"].isin((STEPS_PRICED, TIMING_INFO))]
+        info = kv[kv["name"] == TIMING_INFO]
+        if len(info):
+            timing_source = json.loads(info["labels"].iloc[-1]).get("timing_source") or timing_source
+        rows = kv[(kv["name"] == STEPS_PRICED) & (kv["ts"] >= start_ts) & (kv["ts"] <= end_ts)]
+        for labels, g in rows.groupby("labels"):
+            g = g.sort_values("ts")
+            steps[json.loads(labels).get("provenance", "?")] = int(g["value"].iloc[-1] - g["value"].iloc[0])
+    if timing_source is None:
+        return None
+    return SimTiming(timing_source=timing_source, steps_priced={k: v for k, v in steps.items() if v})
 
 
 def _failure(server: Any, client: ClientFigures) -> str | None:
