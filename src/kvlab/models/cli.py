@@ -323,17 +323,23 @@ def compare_cmd(
 
 
 def gpus_cmd(as_json: bool = JSON) -> None:
-    """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS."""
+    """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS, and whether the simulator has measured
+    vLLM kernel data for them (else its step times come from the roofline)."""
+    from kvlab.sim.kernels import gpu_tables
+
     presets = hardware.PRESETS
+    kernel_data = {g.name: gpu_tables(g.name) for g in presets}
     if as_json:
-        emit_json({"gpus": [g.to_dict() for g in presets]})
+        emit_json({"gpus": [{**g.to_dict(), "measured_kernel_data": kernel_data[g.name]} for g in presets]})
         return
     t = Table(title="GPU presets (data sheets; memory as the runtime reports it)")
-    for col in ("name", "memory GB", "runtime GiB", "TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "CC"):
-        t.add_column(col, justify="left" if col == "name" else "right")
+    for col in ("name", "memory GB", "runtime GiB", "TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "CC",
+                "measured kernel data\n(simulator step times)"):
+        t.add_column(col, justify="left" if col == "name" or col.startswith("measured") else "right")
     for g in presets:
         t.add_row(g.name, f"{g.memory_gb:g}", f"{g.memory_gib:.2f}", f"{g.bandwidth_tb_s:g}", f"{g.bf16_tflops:g}",
-                  f"{g.fp8_tflops:g}" if g.fp8_tflops else "—", f"{g.compute_capability:g}")
+                  f"{g.fp8_tflops:g}" if g.fp8_tflops else "—", f"{g.compute_capability:g}",
+                  kernel_data[g.name] or "— (roofline)")
     console.print(t)
 
 

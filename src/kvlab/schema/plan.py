@@ -1,7 +1,8 @@
 """plan.json (kvlab.plan.planner.plan): the fleet planned for a number of agents, per config.
 
 Its figures are the planner's: sessions per GPU simulated, HBM per GPU predicted by the memory
-model, GPUs, savings and dollars computed from those, as `provenance` says."""
+model, GPUs, savings and dollars computed from those, as `provenance` says; each planned config
+names the simulator's step-time source (`timing_source`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class PlannedConfig(Part):
     attention: str | None = None
     kv_cache_dtype: str | None = None
     weights: str | None = None
+    timing_source: str | None = None  # what priced its simulated steps (kvlab.sim.timing.step_timing)
+    timing_provenance: dict[str, int] | None = None  # the chosen probe's engine steps per provenance
     search: dict[str, Any] | None = None
     figures: dict[str, Any] | None = None  # kvlab.plan.fleet.fleet_figures
     savings: dict[str, Any] | None = None
