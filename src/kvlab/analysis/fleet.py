@@ -2,7 +2,8 @@
 by `kvlab experiment run` for a spec with a `plan:` block) as report tables.
 
 Nothing is recomputed: every figure is the planner's (sessions per GPU simulated, HBM predicted,
-GPUs, savings and $ computed from those), as its `provenance` says.
+GPUs, savings and $ computed from those), as its `provenance` says; simulated figures are labelled
+with the step-time source each config names (`timing_label`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def fleet_table(plan: dict) -> pd.DataFrame:
     rows = []
     for c in plan["configs"]:
         f: dict[str, Any] = c.get("figures") or {}
+        probe: dict[str, Any] = f.get("probe") or {}
         s: dict[str, Any] = c.get("savings") or {}
         hbm = s.get("hbm_total_gib") or {}
         shares = hbm.get("by_factor_pct") or {}
@@ -37,6 +39,11 @@ def fleet_table(plan: dict) -> pd.DataFrame:
             "hbm_total_gib": f.get("hbm_total_gib"), "hbm_kv_gib": f.get("hbm_kv_gib"),
             "kv_in_use_gib": f.get("kv_in_use_gib"), "kv_in_use_mib_per_session": f.get("kv_in_use_mib_per_session"),
             "usd_per_day": f.get("usd_per_day"), "usd_per_1m_output_tokens": f.get("usd_per_1m_output_tokens"),
+            "usd_per_1m_tokens": f.get("usd_per_1m_tokens"),
+            # at the planned load (the search's chosen probe, simulated): per GPU, and its latencies
+            "output_tokens_per_s_per_gpu": _per_gpu(probe.get("output_tokens_per_s"), f.get("gpus_per_replica")),
+            "ttft_p95_s": probe.get("ttft_p95_s"), "itl_p95_p50_s": probe.get("itl_p95_p50_s"),
+            "timing_source": c.get("timing_source"),
             "gpus_saved": (s.get("gpus") or {}).get("saved"), "hbm_saved_gib": hbm.get("saved"),
             "hbm_saved_pct": hbm.get("saved_pct"),
             **{f"share_{k}_pct": shares.get(k) for k in FACTORS},
@@ -44,6 +51,17 @@ def fleet_table(plan: dict) -> pd.DataFrame:
             if c.get("refusal") else None,
         })
     return pd.DataFrame(rows)
+
+
+def _per_gpu(value: float | None, gpus: int | None) -> float | None:
+    return None if value is None else value / (gpus or 1)
+
+
+def timing_label(plan: dict) -> str:
+    """What priced the plan's simulated figures: "simulated (timing: <source>[; <source>])" (plans
+    written before configs named their timing source: "simulated")."""
+    sources = list(dict.fromkeys(c["timing_source"] for c in plan.get("configs", []) if c.get("timing_source")))
+    return f"simulated (timing: {'; '.join(sources)})" if sources else "simulated"
 
 
 def rebound_table(plan: dict) -> pd.DataFrame:
