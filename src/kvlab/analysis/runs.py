@@ -133,10 +133,9 @@ def load_runs(folders: list[Path | str]) -> RunSet:
             raise KvlabError(f"{folder} is not a folder")
         run = RunFolder.read_optional(folder / "run.json")
         plan = fleet.read_plan(folder)
-        if run is None and plan is not None:  # only a plan so far (kvlab plan --spec)
+        if run is None and plan is not None:  # only a plan (kvlab plan --spec): its section says so
             plans[folder.name] = (folder / "plan", plan)
             specs[folder.name] = {}
-            missing.append(f"{folder.name}: no experiment has run in {folder} yet, only its fleet plan")
             continue
         if run is None:
             raise KvlabError(f"{folder} is not a kvlab results folder (no run.json; `kvlab experiment run` writes one)")
