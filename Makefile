@@ -64,7 +64,7 @@ DEMO_SIM_OUT ?= results/sim-h100
 demo: setup
 	$(KVLAB) compare llama-3.1-8b qwen2.5-7b deepseek-v2-lite --gpu h100 --gpu-memory-utilization 0.9 --max-model-len 32768
 	$(KVLAB) experiment run $(DEMO_SPEC) --out $(DEMO_OUT)
-	$(KVLAB) plan --spec $(DEMO_SIM_SPEC) --out $(DEMO_SIM_OUT)/plan
+	$(KVLAB) plan --spec $(DEMO_SIM_SPEC) --tolerance 0.1 --out $(DEMO_SIM_OUT)/plan
 	$(KVLAB) report $(DEMO_OUT) $(DEMO_SIM_OUT) --out $(DEMO_OUT)/report
 
 # One cell: make experiment MODEL=deepseek-v2-lite QUANT=fp8 [ENGINE=vllm|vllm-cpu|sim] [WORKLOAD=agent]
