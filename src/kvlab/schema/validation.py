@@ -3,7 +3,7 @@ simulator's figures stray from published real-vLLM runs, read where a simulated 
 
 `error_band()` is the sentence that goes beside every simulated figure (report, planner tables,
 demo): the test rows' share within ±25 % and the timing the validation ran on, where the summary
-file exists; else a pointer to the README's validation table."""
+file exists in the working directory; else a pointer to the README's validation table."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ class SimValidationSummary(Part):
 
 
 def summary_paths() -> list[Path]:
-    """The working directory's bench/, then the checkout's (kvlab is installed editable from it)."""
-    checkout = Path(__file__).resolve().parents[3]
-    return [Path.cwd() / SUMMARY_FILE, checkout / SUMMARY_FILE]
+    """Where the summary is looked for: the working directory's bench/ (a checkout's root, where
+    `make demo` and bench/sim_validation.py run; kvlab looks for nothing outside its package)."""
+    return [Path.cwd() / SUMMARY_FILE]
 
 
 def read_summary() -> SimValidationSummary | None:
