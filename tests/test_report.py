@@ -79,6 +79,20 @@ class Harness:
         self.completion_tokens = 9
         self.preemptions = 0
         self.timing_source: str | None = None  # a simulated engine's step-time source (kvlab:sim_* series)
+        self.steps_read = 0
+
+        def read_metrics_text(base_url):  # the runner's two reads of kvlab's own series (load start, end)
+            if not self.timing_source:
+                return None  # as on vLLM: nothing of kvlab's
+            self.steps_read += 1
+            steps = 10 if self.steps_read % 2 else 110
+            return ("# TYPE kvlab:sim_timing_info gauge\n"
+                    f'kvlab:sim_timing_info{{engine="0",model_name="m",timing_source="{self.timing_source}"}} 1.0\n'
+                    "# TYPE kvlab:sim_steps_priced counter\n"
+                    f'kvlab:sim_steps_priced_total{{engine="0",model_name="m",provenance="measured"}} {steps}.0\n'
+                    'kvlab:sim_steps_priced_total{engine="0",model_name="m",provenance="roofline"} 0.0\n')
+
+        monkeypatch.setattr(runner, "read_metrics_text", read_metrics_text)
         self.samples: Path | None = None
         harness = self
 
@@ -130,12 +144,6 @@ class Harness:
         for ts, usage, preempted in ((t0 + 1, 0.0, 0), (t0 + 15, 0.1, 0), (t0 + 29, 0.05, self.preemptions)):
             rows += [(ts, "vllm:kv_cache_usage_perc", model, usage), (ts, "vllm:num_requests_running", model, 3.0),
                      (ts, "vllm:num_preemptions_total", model, float(preempted))]
-        if self.timing_source:
-            rows += [(t0 + 1, "kvlab:sim_timing_info", {**model, "timing_source": self.timing_source}, 1.0),
-                     (t0 + 1, "kvlab:sim_steps_priced_total", {**model, "provenance": "measured"}, 10.0),
-                     (t0 + 29, "kvlab:sim_steps_priced_total", {**model, "provenance": "measured"}, 110.0),
-                     (t0 + 1, "kvlab:sim_steps_priced_total", {**model, "provenance": "roofline"}, 0.0),
-                     (t0 + 29, "kvlab:sim_steps_priced_total", {**model, "provenance": "roofline"}, 0.0)]
         with open(self.samples, "w", newline="") as fh:
             out = csv.writer(fh)
             out.writerow(COLUMNS)

@@ -3,7 +3,6 @@ timing source and the run's engine steps per provenance (measured, interpolated,
 roofline); the runner reads the same from the sim server's kvlab:sim_* series."""
 
 from kvlab.experiments.runner import sim_timing
-from kvlab.metrics.samples import SampleWriter
 from kvlab.replay.run import run_offline
 from kvlab.sim.config import build_config
 
@@ -24,15 +23,26 @@ def test_sim_run_results_say_the_timing_source_and_steps_per_provenance(tmp_path
     assert written["timing_source"] == cfg.cost.timing_source and written["timing_provenance"] == res["timing_provenance"]
 
 
-def test_runner_reads_the_window_of_the_steps_counter(tmp_path):
-    w = SampleWriter(tmp_path / "metrics.csv")
-    lab = {"engine": "0", "model_name": "m"}
-    w.append([(5.0, "kvlab:sim_timing_info", "kvlab:sim_timing_info", {**lab, "timing_source": "roofline"}, 1.0)]
-             + [(ts, "kvlab:sim_steps_priced", "kvlab:sim_steps_priced_total", {**lab, "provenance": p}, v)
-                for ts, p, v in ((5.0, "roofline", 7.0), (10.0, "roofline", 50.0), (20.0, "roofline", 90.0),
-                                 (30.0, "roofline", 95.0), (10.0, "measured", 0.0), (20.0, "measured", 0.0))])
-    w.close()
-    t = sim_timing(tmp_path / "metrics.csv", 10.0, 20.0, None)
-    assert (t.timing_source, t.steps_priced) == ("roofline", {"roofline": 40})
-    assert sim_timing(tmp_path / "missing.csv", 0, 1, None) is None  # vLLM: no series, no source
-    assert sim_timing(tmp_path / "missing.csv", 0, 1, "from the log").timing_source == "from the log"
+def test_runner_counts_the_steps_priced_during_the_load_run():
+    """The runner reads kvlab's own series (the scraper keeps vllm:* only) at the load run's start
+    and end: the steps priced between them, per provenance."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvlab.sim.metrics import EngineMetrics
+    from kvlab.sim.timing import StepWork
+
+    cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096)
+    m = EngineMetrics("llama-3.1-8b", 4096, cfg.cache_config_labels())
+    m.timing = cfg.cost
+    registry = CollectorRegistry()
+    registry.register(m)
+    cfg.cost.decode_step_s(4, 4000)
+    before = generate_latest(registry).decode()
+    for _ in range(5):
+        cfg.cost.decode_step_s(8, 8000)
+    cfg.cost.step_time_s(StepWork(512, 1, 1, 512, 0, 512 * 512 // 2, 0))
+    t = sim_timing(before, generate_latest(registry).decode(), None)
+    assert t.timing_source == cfg.cost.timing_source and sum(t.steps_priced.values()) == 6
+    assert sim_timing(None, None, None) is None  # vLLM: no series, no source
+    assert sim_timing(None, None, "from the log").timing_source == "from the log"
+    assert sim_timing("<html>not metrics</html>", None, None) is None

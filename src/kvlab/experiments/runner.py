@@ -165,12 +165,14 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
                  duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key,
                  slo=slo, slo_from=slo_from)
+    before = read_metrics_text(server.base_url)  # kvlab's simulator: steps priced so far (its own series)
     with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s) as scraper:
         t0 = time.time()
         load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
                         out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key,
                         slo=slo, slo_from=slo_from)
         t1 = time.time()
+    after = read_metrics_text(server.base_url)
     client = client_figures(load.summary, read_requests(load.records_path), t1 - t0)
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
                         mean_session_context_tokens=client.mean_session_context_tokens)
@@ -185,7 +187,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
         client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
-        timing=sim_timing(rdir / "metrics.csv", t0, t1, getattr(server.facts, "timing_source", None)))
+        timing=sim_timing(before, after, getattr(server.facts, "timing_source", None)))
     results.write(rdir / "results.json")
     manifest = manifest.model_copy(update={"ended_ts": time.time()})
     manifest.write(rdir / "manifest.json")
@@ -193,35 +195,52 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
     return results
 
 
-STEPS_PRICED = "kvlab:sim_steps_priced_total"  # kvlab.sim.metrics
+STEPS_PRICED = "kvlab:sim_steps_priced"  # kvlab.sim.metrics (the scraper keeps vllm:* only)
 TIMING_INFO = "kvlab:sim_timing_info"
 
 
-def sim_timing(samples_path: Path, start_ts: float, end_ts: float, timing_source: str | None) -> SimTiming | None:
-    """The simulator's timing source and the steps it priced in the window, per provenance, from
-    the scraped kvlab:sim_* series (None on vLLM, which has none: the source from the startup facts
-    where the series are missing)."""
-    import json
+def sim_counters(metrics_text: str | None) -> tuple[str | None, dict[str, float]]:
+    """(timing source, steps priced per provenance) from one /metrics text of kvlab's simulator;
+    (None, {}) on vLLM, which has neither series, or where /metrics did not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    from kvlab.metrics.samples import read_samples
+    source, steps = None, {}
+    if not metrics_text:
+        return source, steps
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            if family.name == TIMING_INFO:
+                source = next((s.labels.get("timing_source") for s in family.samples), None)
+            elif family.name in (STEPS_PRICED, STEPS_PRICED + "_total"):  # the parser names it either way
+                steps.update({s.labels.get("provenance", "?"): s.value for s in family.samples
+                              if s.name == STEPS_PRICED + "_total"})
+    except ValueError:  # not an exposition (a fault, a proxy's page)
+        return None, {}
+    return source, steps
+
+
+def read_metrics_text(base_url: str) -> str | None:
+    """One GET of the server's /metrics for kvlab's own series, or None."""
+    import httpx
 
     try:
-        df = read_samples(samples_path)
-    except KvlabError:
-        df = None
-    steps: dict[str, int] = {}
-    if df is not None and len(df):
-        kv = df[df["name"].isin((STEPS_PRICED, TIMING_INFO))]
-        info = kv[kv["name"] == TIMING_INFO]
-        if len(info):
-            timing_source = json.loads(info["labels"].iloc[-1]).get("timing_source") or timing_source
-        rows = kv[(kv["name"] == STEPS_PRICED) & (kv["ts"] >= start_ts) & (kv["ts"] <= end_ts)]
-        for labels, g in rows.groupby("labels"):
-            g = g.sort_values("ts")
-            steps[json.loads(labels).get("provenance", "?")] = int(g["value"].iloc[-1] - g["value"].iloc[0])
-    if timing_source is None:
+        r = httpx.get(base_url + "/metrics", timeout=10.0)
+    except httpx.HTTPError:
         return None
-    return SimTiming(timing_source=timing_source, steps_priced={k: v for k, v in steps.items() if v})
+    return r.text if r.status_code == 200 else None
+
+
+def sim_timing(before: str | None, after: str | None, timing_source: str | None) -> SimTiming | None:
+    """The simulator's timing source and the steps it priced between two /metrics texts (the load
+    run's start and end), per provenance; None on vLLM (the source from the startup facts where
+    the series are missing)."""
+    src0, steps0 = sim_counters(before)
+    src1, steps1 = sim_counters(after)
+    source = src1 or src0 or timing_source
+    if source is None:
+        return None
+    steps = {p: int(v - steps0.get(p, 0.0)) for p, v in steps1.items()}
+    return SimTiming(timing_source=source, steps_priced={p: n for p, n in steps.items() if n > 0})
 
 
 def _failure(server: Any, client: ClientFigures) -> str | None:

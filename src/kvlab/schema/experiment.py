@@ -124,8 +124,9 @@ class ClientFigures(LoadSummary):
 
 class SimTiming(Part):
     """Where a simulated repeat's step times came from: the simulator's timing source
-    (`kvlab:sim_timing_info`) and the engine steps priced in the scrape window per provenance
-    (`kvlab:sim_steps_priced_total`: measured, interpolated, extrapolated, roofline)."""
+    (`kvlab:sim_timing_info`) and the engine steps priced during the load run per provenance
+    (`kvlab:sim_steps_priced_total` read at its start and end: measured, interpolated, extrapolated,
+    roofline)."""
 
     timing_source: str
     steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})
