@@ -84,8 +84,8 @@ class Harness:
         def read_metrics_text(base_url):  # the runner's two reads of kvlab's own series (load start, end)
             if not self.timing_source:
                 return None  # as on vLLM: nothing of kvlab's
-            self.steps_read += 1
-            steps = 10 if self.steps_read % 2 else 110
+            self.steps_read += 1  # once per repeat, after its load
+            steps = 100
             return ("# TYPE kvlab:sim_timing_info gauge\n"
                     f'kvlab:sim_timing_info{{engine="0",model_name="m",timing_source="{self.timing_source}"}} 1.0\n'
                     "# TYPE kvlab:sim_steps_priced counter\n"

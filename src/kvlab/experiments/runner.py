@@ -165,13 +165,14 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
                  duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key,
                  slo=slo, slo_from=slo_from)
-    before = read_metrics_text(server.base_url)  # kvlab's simulator: steps priced so far (its own series)
     with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s) as scraper:
         t0 = time.time()
         load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
                         out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key,
                         slo=slo, slo_from=slo_from)
         t1 = time.time()
+    # kvlab's simulator: its own series, read once after the load (a read before it would take an
+    # answer from the scrapes, which a server that stops answering /metrics counts)
     after = read_metrics_text(server.base_url)
     client = client_figures(load.summary, read_requests(load.records_path), t1 - t0)
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
@@ -187,7 +188,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
         client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
-        timing=sim_timing(before, after, getattr(server.facts, "timing_source", None)))
+        timing=sim_timing(None, after, getattr(server.facts, "timing_source", None)))
     results.write(rdir / "results.json")
     manifest = manifest.model_copy(update={"ended_ts": time.time()})
     manifest.write(rdir / "manifest.json")
@@ -231,9 +232,9 @@ def read_metrics_text(base_url: str) -> str | None:
 
 
 def sim_timing(before: str | None, after: str | None, timing_source: str | None) -> SimTiming | None:
-    """The simulator's timing source and the steps it priced between two /metrics texts (the load
-    run's start and end), per provenance; None on vLLM (the source from the startup facts where
-    the series are missing)."""
+    """The simulator's timing source and the steps it priced between two /metrics texts (None
+    before: since the server started), per provenance; None on vLLM (the source from the startup
+    facts where the series are missing)."""
     src0, steps0 = sim_counters(before)
     src1, steps1 = sim_counters(after)
     source = src1 or src0 or timing_source

@@ -124,12 +124,12 @@ class ClientFigures(LoadSummary):
 
 class SimTiming(Part):
     """Where a simulated repeat's step times came from: the simulator's timing source
-    (`kvlab:sim_timing_info`) and the engine steps priced during the load run per provenance
-    (`kvlab:sim_steps_priced_total` read at its start and end: measured, interpolated, extrapolated,
-    roofline)."""
+    (`kvlab:sim_timing_info`) and the engine steps the server priced per provenance
+    (`kvlab:sim_steps_priced_total` read after the load run: since the server started, its warm-up
+    and earlier repeats on the same server included; measured, interpolated, extrapolated, roofline)."""
 
     timing_source: str
-    steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})
+    steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})  # since the server started
     source: str = "read from the simulated engine's /metrics (kvlab:sim_* series)"
 
 
