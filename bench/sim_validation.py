@@ -71,7 +71,7 @@ def throughput(model: str, n: int, prompt: int, output: int, **flags) -> dict:
     assert len(done) == n, f"{model}: {len(done)} of {n} finished in the hour"
     makespan = max(r["start_ts"] + r["e2e_s"] for r in done)
     return {"requests_per_s": n / makespan, "output_tokens_per_s": n * output / makespan,
-            "preemptions": res.results["num_preemptions"], "kv_tokens": cfg.capacity.kv_cache_tokens,
+            "preemptions": res.results.num_preemptions, "kv_tokens": cfg.capacity.kv_cache_tokens,
             "max_num_seqs": cfg.max_num_seqs}
 
 

@@ -145,7 +145,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, quantization=cap.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
-        block_size=cap.block_size, num_preemptions=res.results["num_preemptions"],
+        block_size=cap.block_size, num_preemptions=res.results.num_preemptions,
         **bench_metrics(res.records),
     )
 
