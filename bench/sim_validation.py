@@ -355,8 +355,8 @@ def _source(label: str) -> str:
     """The timing source in a few words: measured kernel tables, or the roofline (and why)."""
     if label.startswith("aiconfigurator"):
         return "kernel tables (" + label.split(": ", 1)[1].split(",")[0] + ")"
-    m = re.match(r"roofline \(no kernel data: (.*)\)", label)
-    return f"roofline fallback: {m[1][:70]}" if m else label
+    m = re.match(r"roofline \(no kernel data: (.*)\)$", label)
+    return f"roofline fallback: {re.sub(r' [(]tables exist for: [^)]*[)]', '', m[1])}" if m else label
 
 
 def timing_table(results: list[RowResult], timings=TIMINGS) -> list[str]:
