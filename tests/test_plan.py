@@ -276,7 +276,7 @@ def test_an_slo_no_config_meets_says_what_one_session_reaches(kvlab, tmp_path):
     wl = tmp_path / "w.yaml"
     wl.write_text(yaml.safe_dump(WORKLOAD))
     r = kvlab("plan", "--workload", str(wl), "--agents", "10", "--gpu", "h100", "--models", "llama-3.1-8b",
-              "--quants", "bf16", "--slo", "itl_p95_s=0.005", "--sim-s", "40", "--out", str(tmp_path / "o"),
+              "--quants", "bf16", "--slo", "itl_p95_s=0.009", "--sim-s", "40", "--out", str(tmp_path / "o"),
               env={"KVLAB_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no config meets the SLO: llama-3.1-8b/bf16: even one session misses the SLO" in r.stderr

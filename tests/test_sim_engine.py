@@ -189,7 +189,7 @@ def test_run_writes_records_atomically(small_kv, tmp_path):
 
 def test_decode_step_roofline_arithmetic():
     """One Llama-3.1-8B decode on an H100 is weight-bandwidth bound: weights / (3.35 TB/s x eff)."""
-    cfg = build_config("llama-3.1-8b", "h100")
+    cfg = build_config("llama-3.1-8b", "h100", timing="roofline")
     c = cfg.cost
     embed = 128256 * 4096 * 2  # the input embedding is a lookup, not read whole
     weights = cfg.capacity.weight_bytes - embed
@@ -205,7 +205,7 @@ def test_decode_fast_path_prices_steps_exactly_as_step_time(model, tp):
     """decode_step_s skips building a StepWork; the floats must be the very same."""
     from kvlab.sim.timing import StepWork
 
-    c = build_config(model, "h100", tensor_parallel_size=tp).cost
+    c = build_config(model, "h100", tensor_parallel_size=tp, timing="roofline").cost
     for n, kv in [(1, 0), (1, 1000), (7, 12345), (128, 987_654), (1024, 31_000_000)]:
         assert c.decode_step_s(n, kv) == c.step_time_s(StepWork(n, n, n, kv, kv, 0, 0))
 
@@ -217,7 +217,7 @@ def build_prefill_work(n):
 
 
 def test_mla_moe_reads_only_routed_experts():
-    c = build_config("deepseek-v2-lite", "h100").cost
+    c = build_config("deepseek-v2-lite", "h100", timing="roofline").cost
     assert c.expert_fraction(1) == pytest.approx(6 / 64)
     assert c.expert_fraction(10_000) == pytest.approx(1.0)
     assert c.kv_bytes_per_token == 27 * 576 * 2  # the MLA latent, bf16
