@@ -6,12 +6,11 @@ the server's argv and nowhere else in the records."""
 import json
 
 import pytest
-import yaml
 
 from kvlab.analysis import tables
 from kvlab.analysis.runs import load_runs
 from kvlab.experiments import index
-from kvlab.schema.experiment import Manifest, RepeatResults
+from kvlab.schema.experiment import Manifest
 
 LEVEL = "fp8+fp8-kv"
 MODEL = "llama-3.1-8b"
@@ -32,17 +31,9 @@ OTHER_NAMES = ("fp8_per_block", "fp8-block", "fp8_e4m3", "fp8_per_tensor")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import run_kvlab
+    from conftest import run_sim_cell
 
-    root = tmp_path_factory.mktemp("one-name")
-    (root / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    out = root / "out"
-    r = run_kvlab("experiment", "run", str(root / "spec.yaml"), "--engine", "sim", "--out", str(out), timeout=240)
-    assert r.returncode == 0, r.stderr
-    rdir = out / f"{MODEL}__{LEVEL}__agent-smoke__u2" / "repeat-1"
-    res = RepeatResults.read(rdir / "results.json")
-    assert res.status == "complete", res.failure
-    return out, rdir, res
+    return run_sim_cell(tmp_path_factory.mktemp("one-name"), SPEC, f"{MODEL}__{LEVEL}__agent-smoke__u2")
 
 
 def test_the_level_is_the_name_and_the_formats_are_typed_fields(run):
