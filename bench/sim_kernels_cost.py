@@ -89,7 +89,7 @@ def simulated_run(model: str, users: int, duration_s: float, source: str) -> dic
                       config=dataclasses.replace(cfg, cost=timing))
     out = {"timing_source": timing.timing_source, "build_s": round(build_s, 2),
            "wall_s": round(time.perf_counter() - wall0, 2), "cpu_s": round(time.process_time() - cpu0, 2),
-           "engine_steps": res.results["engine_steps"], "output_tokens_per_s": res.results["output_tokens_per_s"],
+           "engine_steps": res.results.engine_steps, "output_tokens_per_s": res.results.output_tokens_per_s,
            "provenance_counts": timing.provenance_counts}
     if isinstance(timing, kernels.KernelTiming):
         out.update(memo_hit_rate=round(1 - timing.misses / max(timing.lookups, 1), 4), estimator_calls=timing.calls,
@@ -125,7 +125,7 @@ def closed_loop_1024_128(source: str, requests: int = 200) -> dict:
     tpot = sorted(r["tpot_s"] for r in recs if r["tpot_s"] is not None)
     return {"requests": len(recs), "median_ttft_ms": round(ttft[len(ttft) // 2] * 1e3, 2),
             "median_tpot_ms": round(tpot[len(tpot) // 2] * 1e3, 3),
-            "output_tokens_per_s": res.results["output_tokens_per_s"]}
+            "output_tokens_per_s": res.results.output_tokens_per_s}
 
 
 def main() -> None:

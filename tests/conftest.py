@@ -14,6 +14,23 @@ def run_kvlab(*args: str, env: dict | None = None, timeout: float = 120) -> subp
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def run_sim_cell(root, spec: dict, cell_id: str):
+    """Run a one-cell spec on the simulated engine under `root` (a new process, as a user would);
+    (results folder, the cell's first repeat folder, its typed results.json), the repeat complete."""
+    import yaml
+
+    from kvlab.schema.experiment import RepeatResults
+
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = root / "out"
+    r = run_kvlab("experiment", "run", str(root / "spec.yaml"), "--engine", "sim", "--out", str(out), timeout=240)
+    assert r.returncode == 0, r.stderr
+    rdir = out / cell_id / "repeat-1"
+    res = RepeatResults.read(rdir / "results.json")
+    assert res.status == "complete", res.failure
+    return out, rdir, res
+
+
 try:  # `make test` runs two pytest-xdist workers
     from xdist.scheduler import LoadFileScheduling
 except ImportError:  # plain pytest: nothing to schedule

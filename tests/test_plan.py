@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kvlab.schema.plan import PlanRecord
 from kvlab.schema.slo import SLO
 from kvlab.models import memory
 from kvlab.models.cards import card
@@ -239,6 +240,12 @@ def test_cli_json_reuses_the_cached_probes_and_reproduces_with_sim_run(planned, 
     assert out["run"]["probes_cached"] == out["run"]["probes"] == result["run"]["probes"]
     assert [c["figures"]["gpus"] for c in out["configs"]] == [c["figures"]["gpus"] for c in result["configs"]]
     assert json.loads((tmp_path / "cli" / "plan.json").read_text())["configs"] == out["configs"]
+    # plan.json is one typed record; a plan written before schema_version (the same keys) still reads
+    typed = PlanRecord.read(tmp_path / "cli" / "plan.json")
+    assert [c.figures.gpus for c in typed.configs] == [c["figures"]["gpus"] for c in out["configs"]]
+    assert typed.rebound.today.config == out["baseline"] and typed.configs[0].search.probes
+    (tmp_path / "old-plan.json").write_text(json.dumps({k: v for k, v in out.items() if k != "schema_version"}))
+    assert PlanRecord.read(tmp_path / "old-plan.json") == typed
     # the reproducing command is a plain `kvlab sim run` of the probe at the answer
     row = next(c for c in out["configs"] if c["config"] == "deepseek-v2-lite/fp8-kv")
     argv = row["search"]["reproduce"].split()
@@ -285,7 +292,7 @@ def test_an_slo_no_config_meets_says_what_one_session_reaches(kvlab, tmp_path):
     wl = tmp_path / "w.yaml"
     wl.write_text(yaml.safe_dump(WORKLOAD))
     r = kvlab("plan", "--workload", str(wl), "--agents", "10", "--gpu", "h100", "--models", "llama-3.1-8b",
-              "--quants", "bf16", "--slo", "itl_p95_s=0.005", "--sim-s", "40", "--out", str(tmp_path / "o"),
+              "--quants", "bf16", "--slo", "itl_p95_s=0.009", "--sim-s", "40", "--out", str(tmp_path / "o"),
               env={"KVLAB_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no config meets the SLO: llama-3.1-8b/bf16: even one session misses the SLO" in r.stderr

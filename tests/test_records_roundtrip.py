@@ -6,7 +6,6 @@ with the source its type declares."""
 import json
 
 import pytest
-import yaml
 
 from kvlab.analysis import tables
 from kvlab.analysis.runs import load_runs
@@ -36,17 +35,9 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import run_kvlab
+    from conftest import run_sim_cell
 
-    root = tmp_path_factory.mktemp("roundtrip")
-    (root / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    out = root / "out"
-    r = run_kvlab("experiment", "run", str(root / "spec.yaml"), "--engine", "sim", "--out", str(out), timeout=240)
-    assert r.returncode == 0, r.stderr
-    rdir = out / f"{MODEL}__bf16__agent-smoke__u3" / "repeat-1"
-    res = RepeatResults.read(rdir / "results.json")
-    assert res.status == "complete", res.failure
-    return out, rdir, res
+    return run_sim_cell(tmp_path_factory.mktemp("roundtrip"), SPEC, f"{MODEL}__bf16__agent-smoke__u3")
 
 
 def test_every_record_reads_through_its_type(run):

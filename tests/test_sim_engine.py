@@ -16,6 +16,7 @@ from kvlab.sim import tokens
 from kvlab.sim.config import build_config
 from kvlab.replay.run import run_offline
 from kvlab.replay.sessions import closed_loop, predicted_max_users
+from kvlab.schema.replay import SimRunResults
 from kvlab.sim.timing import MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S
 
 
@@ -45,7 +46,7 @@ def test_same_seed_same_run(small_kv):
     a, b = _run(small_kv, seed=3), _run(small_kv, seed=3)
     assert a.records == b.records
     assert a.samples == b.samples
-    assert a.results["num_preemptions"] == b.results["num_preemptions"]
+    assert a.results.num_preemptions == b.results.num_preemptions
     c = _run(small_kv, seed=4)
     assert c.records != a.records
 
@@ -53,8 +54,8 @@ def test_same_seed_same_run(small_kv):
 def test_blocks_never_leak_and_preemptions_recompute(small_kv):
     res = _run(small_kv, users=16, check_blocks=True)  # asserts free + used == total after every step
     eng = res.engine
-    assert res.results["num_preemptions"] > 0
-    assert eng.metrics.counters["vllm:num_preemptions"] == res.results["num_preemptions"]
+    assert res.results.num_preemptions > 0
+    assert eng.metrics.counters["vllm:num_preemptions"] == res.results.num_preemptions
     done = [r for r in res.records if r["error_kind"] is None]
     assert done and all(r["completion_tokens"] > 0 for r in done)
     assert any(r["num_preemptions"] > 0 for r in done)
@@ -97,10 +98,10 @@ def _ladder_onset(cfg) -> int:
     return predicted_max_users(cfg.num_blocks, cfg.block_size, _synchronized_agents(1000))
 
 
-def _ladder_rung(model: str, users: int) -> dict:
+def _ladder_rung(model: str, users: int) -> SimRunResults:
     cfg = build_config(model, "h100")
     res = run_offline(model, "h100", _synchronized_agents(users), 900.0, config=cfg)
-    assert res.results["requests_completed"] == users
+    assert res.results.requests_completed == users
     return res.results
 
 
@@ -114,8 +115,8 @@ def test_preemption_starts_where_the_memory_model_says(model):
     # n users fit: the shared prompt blocks plus each user's own blocks, in num_blocks - 1 (null block).
     assert shared + n * (ceil(8191 / cap.block_size) - shared) <= cap.num_blocks - 1
     assert shared + (n + 1) * (ceil(8191 / cap.block_size) - shared) > cap.num_blocks - 1
-    assert _ladder_rung(model, n)["num_preemptions"] == 0
-    assert _ladder_rung(model, n + 1)["num_preemptions"] > 0
+    assert _ladder_rung(model, n).num_preemptions == 0
+    assert _ladder_rung(model, n + 1).num_preemptions > 0
 
 
 def test_llama_preempts_earlier_by_the_kv_ratio():
@@ -179,6 +180,7 @@ def test_run_writes_records_atomically(small_kv, tmp_path):
     reqs = pd.read_parquet(tmp_path / "requests.parquet")
     mets = pd.read_parquet(tmp_path / "metrics.parquet")
     results = json.loads((tmp_path / "results.json").read_text())
+    assert SimRunResults.read(tmp_path / "results.json").requests_completed == results["requests_completed"]
     assert list(reqs.columns)[:6] == ["start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s"]
     assert list(mets.columns) == ["ts", "family", "name", "labels", "value"]
     assert results["requests_completed"] == int(reqs["error_kind"].isna().sum())
@@ -187,7 +189,7 @@ def test_run_writes_records_atomically(small_kv, tmp_path):
 
 def test_decode_step_roofline_arithmetic():
     """One Llama-3.1-8B decode on an H100 is weight-bandwidth bound: weights / (3.35 TB/s x eff)."""
-    cfg = build_config("llama-3.1-8b", "h100")
+    cfg = build_config("llama-3.1-8b", "h100", timing="roofline")
     c = cfg.cost
     embed = 128256 * 4096 * 2  # the input embedding is a lookup, not read whole
     weights = cfg.capacity.weight_bytes - embed
@@ -203,7 +205,7 @@ def test_decode_fast_path_prices_steps_exactly_as_step_time(model, tp):
     """decode_step_s skips building a StepWork; the floats must be the very same."""
     from kvlab.sim.timing import StepWork
 
-    c = build_config(model, "h100", tensor_parallel_size=tp).cost
+    c = build_config(model, "h100", tensor_parallel_size=tp, timing="roofline").cost
     for n, kv in [(1, 0), (1, 1000), (7, 12345), (128, 987_654), (1024, 31_000_000)]:
         assert c.decode_step_s(n, kv) == c.step_time_s(StepWork(n, n, n, kv, kv, 0, 0))
 
@@ -215,7 +217,7 @@ def build_prefill_work(n):
 
 
 def test_mla_moe_reads_only_routed_experts():
-    c = build_config("deepseek-v2-lite", "h100").cost
+    c = build_config("deepseek-v2-lite", "h100", timing="roofline").cost
     assert c.expert_fraction(1) == pytest.approx(6 / 64)
     assert c.expert_fraction(10_000) == pytest.approx(1.0)
     assert c.kv_bytes_per_token == 27 * 576 * 2  # the MLA latent, bf16

@@ -35,6 +35,7 @@ def _setuptools_builds_wheels_itself() -> bool:
 
 
 def _run(argv: list, cwd: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**env, "COLUMNS": "250"}  # tables wide enough to show whole names, whatever the terminal
     return subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,7 +16,6 @@ from kvlab.analysis import series  # noqa: E402
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
-QUANT_HATCH = {"bf16": "", "fp8": "//", "fp8-kv": "..", "fp8+fp8-kv": "xx", "awq": "\\\\", "gptq": "--", "bnb4": "oo"}
 
 
 class Colours:

@@ -101,7 +101,7 @@ def _plans(rs: RunSet, out: Path) -> list[dict]:
         _write_table(out, f"fleet-plan{suffix}", table)
         _write_table(out, f"rebound{suffix}", reb)
         png = folder / "rebound.png"
-        plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.get("provenance"),
+        plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.provenance,
                       "timing": fleet.timing_label(plan), "validation": error_band(),
                       "rows": _records(table), "rebound": _records(reb),
                       "rebound_columns": [c for c in reb.columns if c.startswith("K=")],

@@ -19,6 +19,7 @@ from kvlab.analysis import fleet
 from kvlab.errors import KvlabError
 from kvlab.deploy.engines import served_source
 from kvlab.schema.experiment import Manifest, RepeatResults, RunFolder, Status
+from kvlab.schema.plan import PlanRecord
 from kvlab.schema.report import RepeatRow
 from kvlab.units import GiB
 
@@ -31,7 +32,7 @@ class RunSet:
     specs: dict[str, dict]  # spec name -> spec as run
     repeats: pd.DataFrame  # one row per repeat (complete or not): RepeatRow's columns
     missing: list[str] = field(default_factory=list)  # what is absent and why, in words
-    plans: dict[str, tuple[Path, dict]] = field(default_factory=dict)  # spec name -> (plan folder, plan.json)
+    plans: dict[str, tuple[Path, PlanRecord]] = field(default_factory=dict)  # spec name -> (plan folder, plan.json)
 
     @property
     def complete(self) -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -14,13 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kvlab.clikit import emit_json
+
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160, highlight=False,
                   soft_wrap=True)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, highlight=False, soft_wrap=True)
-
-
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fmt(v) -> str:
@@ -124,7 +121,7 @@ def serve_cmd(
     srv = Server(spec)
     if dry_run:
         if as_json:
-            _emit_json({k: v for k, v in srv.record().items() if k not in ("facts", "comparison", "exit_code", "stop")})
+            emit_json({k: v for k, v in srv.record().items() if k not in ("facts", "comparison", "exit_code", "stop")})
         else:
             print_plan(srv)
             print_prediction_only(srv)
@@ -153,7 +150,7 @@ def _run(srv, record_path: Path, as_json: bool) -> None:
         if srv.stop_report is not None or srv.alive():
             srv.write_record(record_path)
     if as_json:
-        _emit_json(srv.record())
+        emit_json(srv.record())
     else:
         print_comparison(srv)
     if srv.spec.allocation_only:
@@ -193,7 +190,7 @@ def profiles_cmd(
                        ("allocation-only" if r.allocation_only_ok else "refused") + f": {r.reason}"}
         out[name] = rows
     if as_json:
-        _emit_json({"cpu": cpu.to_dict(), "profiles": out})
+        emit_json({"cpu": cpu.to_dict(), "profiles": out})
         return
     t = Table(title=f"Serve profiles (deploy/profiles); CPU build here: {cpu.isa}")
     for col in ("model", "quant", "vLLM flags", "checkpoint", f"CPU build ({cpu.isa})"):

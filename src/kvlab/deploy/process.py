@@ -17,6 +17,9 @@ from pathlib import Path
 
 import psutil
 
+from kvlab.schema import RecordError
+from kvlab.schema.lease import ServerLease
+
 # Seconds to wait after each signal before escalating (vLLM shuts its engine core down on SIGINT).
 STOP_GRACE_S = {signal.SIGINT: 20.0, signal.SIGTERM: 10.0, signal.SIGKILL: 10.0}
 
@@ -124,15 +127,30 @@ def live_processes(pgid: int, pids: set[int] = frozenset()) -> list[int]:
 
 
 def _write_lease(lease: Path, pid: int, argv: list[str], log_path: Path) -> None:
-    from kvlab.io import write_json_atomic
-
     try:
         created = psutil.Process(pid).create_time()
     except psutil.NoSuchProcess:  # died at once: nothing to lease
         return
-    write_json_atomic(lease, {"pid": pid, "pgid": pid, "create_time": created, "program": argv[:3],
-                              "log": str(log_path), "kvlab_pid": os.getpid(),
-                              "kvlab_create_time": psutil.Process().create_time()})
+    ServerLease(pid=pid, pgid=pid, create_time=created, program=argv[:3], log=str(log_path), kvlab_pid=os.getpid(),
+                kvlab_create_time=psutil.Process().create_time()).write(lease)
+
+
+def _read_lease(lease: Path) -> ServerLease | None:
+    """The lease, or None where it is missing, torn or no lease (then removed). A lease of another
+    layout is refused (one line naming its version): the group it names is not judged blindly."""
+    try:
+        info = ServerLease.read_optional(lease)
+    except RecordError:
+        try:
+            version = json.loads(lease.read_text()).get("schema_version", 0)
+        except (OSError, ValueError, AttributeError):
+            version = 0
+        if version not in (0, ServerLease.VERSION):
+            raise
+        info = None
+    if info is None:
+        lease.unlink(missing_ok=True)
+    return info
 
 
 def _same_process(pid: int, created: float) -> bool:
@@ -146,14 +164,11 @@ def _same_process(pid: int, created: float) -> bool:
 def stop_leftover(lease: Path, grace_s: float = 10.0) -> str | None:
     """Stop the process group a lease names if it still runs (the same process: pid and start time)
     and its kvlab is gone; remove the lease. Returns what was stopped, or None."""
-    try:
-        info = json.loads(lease.read_text())
-        pid, created = int(info["pid"]), float(info["create_time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        lease.unlink(missing_ok=True)
+    info = _read_lease(lease)
+    if info is None:
         return None
-    owner = info.get("kvlab_pid")
-    if owner != os.getpid() and isinstance(owner, int) and _same_process(owner, info.get("kvlab_create_time", -1)):
+    pid, created, owner = info.pid, info.create_time, info.kvlab_pid
+    if owner != os.getpid() and _same_process(owner, info.kvlab_create_time):
         return None  # its kvlab still runs (another run in the same folder): not ours to stop
     what = None
     # A pid is not reused while a process group of that id lives: members left are the server's.
@@ -168,7 +183,7 @@ def stop_leftover(lease: Path, grace_s: float = 10.0) -> str | None:
                 time.sleep(0.2)
             if not live_processes(pid):
                 break
-        what = f"process group {pid} ({' '.join(info.get('program', []))}; log: {info.get('log')})"
+        what = f"process group {pid} ({' '.join(info.program)}; log: {info.log})"
     lease.unlink(missing_ok=True)
     return what
 

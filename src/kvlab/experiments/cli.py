@@ -184,7 +184,7 @@ def ls_cmd(
 ) -> None:
     """List the repeats in a results folder (from its SQLite index, rebuilt from the files); each
     figure's heading says where it comes from (measured, predicted, simulated)."""
-    import json
+    from kvlab.clikit import emit_json
 
     from rich.console import Console
     from rich.table import Table
@@ -205,7 +205,7 @@ def ls_cmd(
     if as_json:
         for r in rows:
             r.pop("results_json", None)
-        sys.stdout.write(json.dumps({"repeats": rows, "sources": said}, indent=2) + "\n")
+        emit_json({"repeats": rows, "sources": said})
         return
     t = Table(title=f"{results}")
     for col in ("cell_id", "repeat", "status", "engine"):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Optional
 
 import typer
+
+from kvlab.clikit import emit_json
 
 
 def _progress_printer(tty: bool):
@@ -89,7 +90,6 @@ def register(app: typer.Typer) -> None:
         if sys.stderr.isatty():
             sys.stderr.write("\n")
         if as_json:
-            sys.stdout.write(json.dumps({"out_dir": str(result.out_dir), "records": str(result.records_path),
-                                         "summary": result.summary}, indent=2, default=str) + "\n")
+            emit_json({"out_dir": str(result.out_dir), "records": str(result.records_path), "summary": result.summary})
         else:
             print_summary(result)

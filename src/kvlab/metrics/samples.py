@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Iterable
@@ -106,7 +105,3 @@ def _is_label_json(s) -> bool:
         return isinstance(json.loads(s), dict)
     except (TypeError, ValueError):
         return False
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

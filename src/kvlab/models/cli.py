@@ -3,7 +3,6 @@ names; `--json` prints one JSON object."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional
@@ -375,11 +374,11 @@ def tiny_cmd(
     from pathlib import Path
 
     from kvlab.models.cards import card
-    from kvlab.models.twins import build_twin
+    from kvlab.models.twins import build_twin, read_marker
 
     folder = build_twin(card(model), Path(out) if out else None, force=force)
-    info = json.loads((folder / "kvlab_twin.json").read_text())
-    console.print(f"twin of {model}: {info['params']:,} parameters (random weights, seed {info['seed']})")
+    info = read_marker(folder)
+    console.print(f"twin of {model}: {info.params:,} parameters (random weights, seed {info.seed})")
     sys.stdout.write(f"{folder}\n")
 
 

@@ -23,6 +23,8 @@ from kvlab import __version__
 from kvlab.errors import KvlabError
 from kvlab.models.arch import HEAD_DIM_FROM_HIDDEN, arch_from_config
 from kvlab.models.cards import Card
+from kvlab.schema import RecordError
+from kvlab.schema.twin import TwinMarker
 
 TWIN_HIDDEN = 256
 TWIN_INTERMEDIATE = 512
@@ -32,6 +34,7 @@ TWIN_EXPERTS_PER_TOK = 2
 TWIN_VOCAB = 1000
 SEED = 0
 FORMAT_VERSION = 3  # bump when the twin recipe changes, so cached twins are rebuilt
+MARKER = "kvlab_twin.json"  # written last: kvlab.schema.twin.TwinMarker
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -157,11 +160,18 @@ def build_tokenizer(folder: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2))
 
 
+def read_marker(folder: Path) -> TwinMarker:
+    """The marker of a built twin (one line naming the file where it is missing or of another layout)."""
+    return TwinMarker.read(Path(folder) / MARKER)
+
+
 def _is_built(marker: Path, digest: str) -> bool:
+    """A complete twin of this recipe; a missing, torn or other-layout marker is built again."""
     try:
-        return json.loads(marker.read_text()).get("recipe") == digest
-    except (OSError, ValueError):
+        built = TwinMarker.read_optional(marker)
+    except RecordError:
         return False
+    return built is not None and built.recipe == digest
 
 
 def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path:
@@ -169,7 +179,7 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path
     cfg = twin_config(card)
     digest = _recipe_hash(cfg)
     folder = Path(out) if out else twins_dir() / card.name
-    marker = folder / "kvlab_twin.json"
+    marker = folder / MARKER
     if not force and _is_built(marker, digest):
         return folder
     try:
@@ -194,15 +204,8 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path
         (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         build_tokenizer(tmp)
         params = sum(p.numel() for p in model.parameters())
-        (tmp / "kvlab_twin.json").write_text(json.dumps({
-            "twin_of": card.name,
-            "hf_id": card.hf_id,
-            "recipe": digest,
-            "kvlab_version": __version__,
-            "seed": SEED,
-            "params": params,
-            "note": "random weights; the real model's layers and per-layer KV geometry",
-        }, indent=2))
+        TwinMarker(twin_of=card.name, hf_id=card.hf_id, recipe=digest, kvlab_version=__version__, seed=SEED,
+                   params=params).write(tmp / MARKER)
         if not force and _is_built(marker, digest):  # built meanwhile by another process: keep that one
             return folder
         if folder.exists():

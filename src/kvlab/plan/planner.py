@@ -210,8 +210,8 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
 
 
 def plan(req: PlanRequest) -> dict:
-    """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), also
-    written to `out/plan.json` beside `rebound.png`."""
+    """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), the
+    PlanRecord also written to `out/plan.json` beside `rebound.png`."""
     t0 = time.time()
     workload = load_workload(req.workload)
     slo = slo_of(workload, req.slo)
@@ -263,8 +263,9 @@ def plan(req: PlanRequest) -> dict:
         "run": {"wall_s": time.time() - t0, "probes": len(probes), "probes_cached": sum(lg.cached for lg in probes),
                 "simulated_cpu_s": sum(lg.cpu_s for lg in probes)},
     })
-    PlanRecord.model_validate(result).write(out_dir / "plan.json")  # beside rebound.png
-    return result
+    record = PlanRecord.model_validate(result)
+    record.write(out_dir / "plan.json")  # beside rebound.png
+    return record.to_data()  # what --json prints is the file
 
 
 def _requested(planned: list[Planned]) -> set[tuple]:

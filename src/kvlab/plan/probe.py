@@ -203,8 +203,8 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
                       scrape_interval_s=SCRAPE_INTERVAL_S)
     arrays = _arrays(res.records, res.samples)
     meta = {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
-            "engine_steps": res.results["engine_steps"], "timing_source": res.results["timing_source"],
-            "timing_provenance": res.results["timing_provenance"]}
+            "engine_steps": res.results.engine_steps, "timing_source": res.results.timing_source,
+            "timing_provenance": res.results.timing_provenance}
     cpu_s = time.process_time() - cpu0
     if use_cache:
         _save(path, arrays, meta)

@@ -71,7 +71,7 @@ def savings_table(result: dict) -> Table:
         shares = hbm.get("by_factor_pct")
         share_cells = [("—" if not shares or k not in shares or shares[k] is None else f"{shares[k]:.0f} %")
                        for k in FACTOR_NAMES]
-        if shares is None and s["factors_changed"] and "by_factor" not in hbm:
+        if shares is None and s["factors_changed"] and hbm.get("by_factor") is None:
             share_cells = ["n/a (a config between them misses the SLO)"] + [""] * (len(FACTOR_NAMES) - 1)
         usd = s.get("usd_per_day")
         t.add_row(row["config"], f"{s['gpus']['saved']:,.0f} ({s['gpus']['saved_pct']:.0f} %)",

@@ -35,6 +35,7 @@ import typer
 from kvlab.clikit import emit_json
 from kvlab.errors import KvlabError
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
     from kvlab.loadtest.plan import SessionPlan
@@ -145,7 +146,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, quantization=cap.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
-        block_size=cap.block_size, num_preemptions=res.results["num_preemptions"],
+        block_size=cap.block_size, num_preemptions=res.results.num_preemptions,
         **bench_metrics(res.records),
     )
 
@@ -194,6 +195,7 @@ def bench_cmd(
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
+    timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
@@ -208,7 +210,7 @@ def bench_cmd(
                            model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                            tensor_parallel_size=tp, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
-                           gpu_memory_utilization=gpu_memory_utilization), gpu))
+                           gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing))
     if out is not None:
         result.write(out)
     if as_json:

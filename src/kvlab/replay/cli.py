@@ -12,6 +12,7 @@ import typer
 
 from kvlab.clikit import emit_json
 from kvlab.errors import KvlabError
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
 
 
 def _users(spec: str) -> list[int]:
@@ -48,6 +49,7 @@ def run_cmd(
     tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
+    timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
 ) -> None:
     """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A
@@ -56,6 +58,7 @@ def run_cmd(
     from kvlab.loadtest.workload import load_workload, resolve_profile
     from kvlab.replay.run import run_offline
     from kvlab.replay.sessions import predicted_max_users
+    from kvlab.schema.replay import SimRunManifest
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
 
@@ -67,22 +70,22 @@ def run_cmd(
                            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp)
-    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching)
+    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []
     for n in ladder:
         folder = root / f"users-{n}" if len(ladder) > 1 else root
-        manifest = {"command": ["kvlab", *sys.argv[1:]], "engine": "sim", "seed": seed, "users": n,
-                    "workload": {"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
-                    "spawn_rate": spawn_rate, "duration_s": duration_s,
-                    "predicted_max_users_without_preemption": predicted}
+        manifest = SimRunManifest(command=["kvlab", *sys.argv[1:]], seed=seed, users=n,
+                                  workload={"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
+                                  spawn_rate=spawn_rate, duration_s=duration_s,
+                                  predicted_max_users_without_preemption=predicted)
         res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
                           out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest,
                           max_requests=wl.load.max_requests)
         rows.append((n, folder, res.results))
     if as_json:
-        emit_json({"runs": [{"users": n, "out": str(f), **r} for n, f, r in rows]})
+        emit_json({"runs": [{"users": n, "out": str(f), **r.to_data()} for n, f, r in rows]})
         return
     _print_ladder(cfg, rows, predicted)
 
@@ -97,12 +100,13 @@ def _print_ladder(cfg, rows, predicted: int) -> None:
     for col in ("users", "requests", "output tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 s", "preemptions",
                 "KV usage max", "prefix hits", "wall s"):
         t.add_column(col, justify="right")
+    nan = float("nan")
     for n, _, r in rows:
-        ttft, tpot = r["ttft_s"] or {}, r["tpot_s"] or {}
-        t.add_row(str(n), str(r["requests_completed"]), f"{r['output_tokens_per_s']:,.0f}",
-                  f"{ttft.get('p50', float('nan')):.3f}", f"{ttft.get('p99', float('nan')):.3f}",
-                  f"{tpot.get('p50', float('nan')):.4f}", str(r["num_preemptions"]),
-                  f"{r['kv_cache_usage_max']:.1%}", f"{r['prefix_cache_hit_rate']:.1%}", f"{r['wall_s']:.1f}")
+        ttft, tpot = r.ttft_s, r.tpot_s
+        t.add_row(str(n), str(r.requests_completed), f"{r.output_tokens_per_s:,.0f}",
+                  f"{ttft.p50 if ttft else nan:.3f}", f"{ttft.p99 if ttft else nan:.3f}",
+                  f"{tpot.p50 if tpot else nan:.4f}", str(r.num_preemptions),
+                  f"{r.kv_cache_usage_max:.1%}", f"{r.prefix_cache_hit_rate:.1%}", f"{r.wall_s:.1f}")
     console.print(t)
     console.print(f"[dim]KV cache: {cap.num_blocks:,} blocks x {cap.block_size} = {cap.num_blocks * cap.block_size:,} "
                   f"tokens (memory model). If the workload's first sessions all held their final contexts at once, "

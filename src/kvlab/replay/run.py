@@ -10,7 +10,8 @@ writes what a real run records:
   finish_reason, error_kind (None, "context_length", "max_tokens", "incomplete").
 - `metrics.parquet`: the engine's /metrics every `scrape_interval_s` in the tidy form a scraper
   parses (ts, family, name, labels as JSON, value), `_created` series left out.
-- `results.json`: the run's summary (throughput, latency percentiles, preemptions, cache hits).
+- `results.json`: the run's summary (throughput, latency percentiles, preemptions, cache hits), a
+  `kvlab.schema.replay.SimRunResults` record (with the run's manifest where one is given).
 
 Times are simulated seconds from the start of the run. How sessions are played (shared prefixes,
 closed-loop users with `concurrency=N`, else open-loop arrivals of a workload's poisson shape):
@@ -19,18 +20,18 @@ closed-loop users with `concurrency=N`, else open-loop arrivals of a workload's 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvlab.errors import KvlabError
-from kvlab.io import atomic_path, write_text_atomic
+from kvlab.io import atomic_path
 from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.workload import Workload
 from kvlab.replay.player import RECORD_COLUMNS, Player
 from kvlab.replay.sessions import session_stream
+from kvlab.schema.replay import SimRunManifest, SimRunResults
 from kvlab.sim.config import SimConfig, build_config
 from kvlab.sim.engine import Engine
 
@@ -40,7 +41,7 @@ class OfflineResult:
     config: SimConfig
     records: list[dict]
     samples: list[tuple[float, str, str, str, float]]
-    results: dict
+    results: SimRunResults
     engine: Engine = field(repr=False)
     out_dir: Path | None = None
 
@@ -70,7 +71,7 @@ def run_offline(
     config: SimConfig | None = None,
     check_blocks: bool = False,
     fast_decode: bool = True,
-    manifest: dict | None = None,
+    manifest: SimRunManifest | None = None,
     max_in_flight: int | None = None,
     max_requests: int | None = None,
     **engine_args,
@@ -98,9 +99,8 @@ def run_offline(
                     max_in_flight=max_in_flight, max_requests=max_requests)
     player.run()
     wall_s = time.perf_counter() - wall0
-    results = summarize(cfg, player, duration_s, wall_s, concurrency)
-    if manifest:
-        results["manifest"] = manifest
+    results = SimRunResults.model_validate({**summarize(cfg, player, duration_s, wall_s, concurrency),
+                                            "manifest": manifest})
     out = OfflineResult(cfg, player.records, player.samples, results, player.engine)
     if out_dir is not None:
         out.out_dir = write_run(out, Path(out_dir))
@@ -118,6 +118,7 @@ def _percentiles(values: list[float]) -> dict | None:
 
 
 def summarize(cfg: SimConfig, player: Player, duration_s: float, wall_s: float, concurrency: int | None) -> dict:
+    """The run's figures, by SimRunResults' field names (run_offline validates them into that record)."""
     recs = player.records
     done = [r for r in recs if r["error_kind"] is None]
     errors: dict[str, int] = {}
@@ -185,5 +186,5 @@ def write_run(result: OfflineResult, out_dir: Path) -> Path:
                        "value": pa.array(value, pa.float64())})
     with atomic_path(out_dir / "metrics.parquet") as tmp:
         pq.write_table(mtable, tmp)
-    write_text_atomic(out_dir / "results.json", json.dumps(result.results, indent=2) + "\n")
+    result.results.write(out_dir / "results.json")
     return out_dir

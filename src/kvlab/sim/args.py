@@ -1,4 +1,4 @@
-"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu`, `--speedup` and the testing option `--fault`).
+"""`kvlab sim serve` takes `vllm serve`'s command line (plus `--gpu`, `--speedup`, `--timing` and the testing option `--fault`).
 
 Flags keep vLLM 0.32's names, types, choices and defaults; errors carry vLLM's messages (argparse's
 "invalid choice" / "unrecognized arguments", pydantic's range errors, the config checks). Flags
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kvlab.errors import KvlabError
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values
 from kvlab.sim.faults import Fault, help_text, parse_faults
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES
 
 # vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
 VLLM_KV_CACHE_DTYPES = (
@@ -63,7 +64,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvlab sim serve", description=(
         "A simulated vLLM: serves vLLM's OpenAI API and /metrics for MODEL on a GPU preset, with KV "
-        "capacity from kvlab's memory model and step times from a roofline. Takes vllm serve's flags."))
+        "capacity from kvlab's memory model and step times from measured vLLM kernel tables or a roofline "
+        "(--timing). Takes vllm serve's flags."))
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="card name, local folder with config.json, or HF id")
     p.add_argument("--model", dest="model_flag", help="MODEL (vLLM's api_server form)")
     p.add_argument("--gpu", required=True, help="GPU preset to simulate (kvlab gpus)")
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-mfu-metrics", action="store_true")
     p.add_argument("--disable-log-stats", action="store_true")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    kvlab_opts = p.add_argument_group("kvlab options (not vLLM flags)")
+    kvlab_opts.add_argument("--timing", choices=TIMING_SOURCES, default=DEFAULT_TIMING, help=(
+        "what prices the simulated steps: measured vLLM kernel tables (kernels; an error where there are "
+        "none), the roofline, or auto (kernel tables where they cover the model, GPU and format, else the "
+        f"roofline, labelled); default {DEFAULT_TIMING}"))
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
@@ -116,6 +123,7 @@ class ServeArgs:
     non_default: dict  # flags given, for vLLM's "non-default args" line (API keys masked)
     not_simulated: tuple[str, ...]
     faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
+    timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
@@ -175,5 +183,5 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
-        non_default=non_default, not_simulated=not_simulated, faults=faults,
+        non_default=non_default, not_simulated=not_simulated, faults=faults, timing=ns.timing,
     )

@@ -10,7 +10,7 @@ sim_app = typer.Typer(help="The simulated vLLM: vLLM's API and metrics on GPUs y
                       no_args_is_help=True)
 
 _SERVE_HELP = ("Serve MODEL like `vllm serve`, simulated on --gpu (all vllm serve flags; --speedup X runs the "
-               "clock X times faster; --fault SPEC injects a fault, a kvlab testing option). -h lists the flags.")
+               "clock X times faster; --timing auto|kernels|roofline picks the step-time backend; --fault SPEC injects a fault, a kvlab testing option). -h lists the flags.")
 
 
 @sim_app.command("serve", help=_SERVE_HELP, add_help_option=False,
@@ -26,7 +26,7 @@ def serve_cmd(ctx: typer.Context) -> None:
 
     args = parse_serve_args(list(ctx.args), os.environ.get(faults.FAULT_ENV))
     cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
-                       enable_chunked_prefill=args.enable_chunked_prefill)
+                       enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing)
     fail = next((f for f in args.faults if f.kind == "fail-start"), None)
     logs.startup_lines(cfg, args.non_default, args.not_simulated, faults=args.faults, stop_before_kv=fail is not None)
     if fail is not None:

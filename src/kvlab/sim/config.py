@@ -18,7 +18,7 @@ from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model
 from kvlab.models.weights import weight_format
 from kvlab.serve_config import ServeConfig
-from kvlab.sim.timing import CostModel, step_timing
+from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
 SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
@@ -83,11 +83,11 @@ class SimConfig:
 
 
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, timing: str = "roofline", **flags) -> SimConfig:
+                 enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING, **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
-    (`kvlab.sim.timing.step_timing`: roofline, kernels, auto)."""
+    (`kvlab.sim.timing.step_timing`: roofline, kernels, auto; default `DEFAULT_TIMING`)."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:

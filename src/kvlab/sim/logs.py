@@ -55,8 +55,9 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
         log("APIServer", "api_utils.py:347", line)
     log("APIServer", "api_utils.py:286", f"non-default args: {non_default}")
     log("APIServer", "kvlab_sim", (
-        f"kvlab simulated engine: no model runs. KV capacity from kvlab's memory model, step times from a "
-        f"roofline on {cfg.gpu.name} x{cap.num_gpus} (simulated)"), level="WARNING")
+        f"kvlab simulated engine: no model runs. KV capacity from kvlab's memory model, step times simulated "
+        f"on {cfg.gpu.name} x{cap.num_gpus}"), level="WARNING")
+    log("APIServer", "kvlab_sim", f"step timing source: {cfg.cost.timing_source}")
     for flag in not_simulated:
         log("APIServer", "kvlab_sim", f"--{flag} is accepted but not simulated", level="WARNING")
     if faults:

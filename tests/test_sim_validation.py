@@ -1,0 +1,118 @@
+"""The validation harness (bench/sim_validation.py): a published run mapped to a `kvlab sim bench`
+run end to end, the host-time fit reads train rows only, and `--timing` on every simulator command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import published_runs  # noqa: E402
+import sim_validation as v  # noqa: E402
+
+from kvlab.errors import KvlabError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pub():
+    return published_runs.load()
+
+
+def test_a_published_row_maps_to_a_bench_run_and_runs(pub):
+    run = pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]
+    bench = v.map_run(run)
+    assert isinstance(bench, v.BenchRun)
+    assert (bench.model, bench.gpu) == ("mistral-7b", "rtx-4090")
+    assert bench.workload == {"dataset": "random", "num_prompts": 300, "request_rate": float("inf"),
+                              "max_concurrency": 4, "input_len": 256, "output_len": 128}
+    # the headline figures: one throughput, one TTFT (no TPOT stated)
+    assert bench.figures == {"output_throughput": ("output_throughput", 210), "mean_ttft_ms": ("mean_ttft_ms", 63)}
+    small = dataclasses.replace(bench, workload={**bench.workload, "num_prompts": 12})
+    sim, source = v.simulate(small, "auto")
+    assert set(sim) == set(bench.figures) and all(x > 0 for x in sim.values())
+    assert source.startswith("roofline (no kernel data: no vLLM kernel tables for GPU rtx-4090")
+
+
+def test_rows_kvlab_cannot_model_keep_their_reason(pub):
+    by_id = pub.by_id()
+    assert "H100 PCIe" in v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"])
+    assert "int8 weight-only" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])
+    fp8 = v.map_run(by_id["vllm-issue-25915-qwen3-8b-h100-fp8-v0102"])
+    assert fp8.serve["quantization"] == "fp8_per_block" and fp8.workload["num_prompts"] == v.OFFLINE_NUM_PROMPTS
+
+
+def test_the_host_fit_reads_train_rows_only(pub, monkeypatch):
+    """Changing a test row's published figures does not move the fit; no test row is even run."""
+    ran = []
+
+    def fake_simulate(bench, timing):  # a figure that depends on the host constants being fitted
+        ran.append(bench)
+        t = v.sim_timing.STEP_OVERHEAD_S * 1000 + v.sim_timing.PER_SEQ_OVERHEAD_S * 1e5
+        return {name: value * (0.5 + t) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    grid = ((0.0, 0.0), (0.0008, 0.0), (0.002, 0.00002))
+    before = v.fit_host(pub, grid=grid, report=lambda _: None)
+    assert ran and all(b.figures for b in ran)
+    train_figures = {json.dumps(b.figures, sort_keys=True) for b in ran}
+    test_runs = [r for r in pub.runs if r.split == "test"]
+    assert test_runs
+    changed = pub.model_copy(update={"runs": [
+        r.model_copy(update={"measured": r.measured.model_copy(update={
+            k: x * 7 for k, x in r.measured.figures().items()})}) if r.split == "test" else r
+        for r in pub.runs]})
+    ran.clear()
+    after = v.fit_host(changed, grid=grid, report=lambda _: None)
+    assert after == before
+    assert {json.dumps(b.figures, sort_keys=True) for b in ran} == train_figures
+    test_figures = {json.dumps(v.headline(r), sort_keys=True) for r in test_runs}
+    assert not (train_figures & test_figures)
+
+
+def test_timing_option_on_sim_bench(kvlab):
+    base = ("sim", "bench", "llama-3.1-8b", "--gpu", "rtx-4090", "--input-len", "64", "--output-len", "4",
+            "--num-prompts", "3", "--max-model-len", "4096", "--json")
+    r = kvlab(*base, "--timing", "roofline")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["timing_source"] == "roofline"
+    r = kvlab(*base, "--timing", "auto")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["timing_source"].startswith("roofline (no kernel data: no vLLM kernel tables")
+    r = kvlab(*base, "--timing", "kernels")
+    assert r.returncode == 2 and "no measured kernel data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = kvlab(*base, "--timing", "guess")
+    assert r.returncode == 2 and "unknown timing source 'guess'" in r.stderr
+
+
+def test_timing_option_on_sim_run(kvlab, tmp_path):
+    r = kvlab("sim", "run", "llama-3.1-8b", "--gpu", "rtx-4090", "--users", "1", "--duration-s", "5",
+              "--workload", "agent-smoke", "--max-model-len", "4096", "--timing", "kernels",
+              "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 2 and "no measured kernel data" in r.stderr
+    r = kvlab("sim", "run", "llama-3.1-8b", "--gpu", "rtx-4090", "--users", "1", "--duration-s", "5",
+              "--workload", "agent-smoke", "--max-model-len", "4096", "--timing", "roofline",
+              "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_timing_option_on_sim_serve_and_its_startup_line(capsys):
+    from kvlab.sim import logs
+    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.config import build_config
+    from kvlab.sim.timing import DEFAULT_TIMING
+
+    assert parse_serve_args(["llama-3.1-8b", "--gpu", "h100"]).timing == DEFAULT_TIMING
+    args = parse_serve_args(["llama-3.1-8b", "--gpu", "rtx-4090", "--max-model-len", "4096", "--timing", "auto"])
+    assert args.timing == "auto" and "timing" in args.non_default
+    cfg = build_config(args.config, args.gpu, timing=args.timing)
+    logs.startup_lines(cfg, args.non_default, args.not_simulated, stop_before_kv=True)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "step timing source:" in ln]
+    assert len(lines) == 1 and "roofline (no kernel data: no vLLM kernel tables for GPU rtx-4090" in lines[0]
+    with pytest.raises(KvlabError, match="invalid choice"):
+        parse_serve_args(["llama-3.1-8b", "--gpu", "h100", "--timing", "fast"])
