@@ -53,6 +53,15 @@ def test_gpus_and_cards(kvlab):
     d = json.loads(kvlab("gpus", "--json").stdout)
     names = {g["name"] for g in d["gpus"]}
     assert {"h100", "h200", "a100-80gb", "b200", "l40s"} <= names
+    # which presets the simulator prices from measured vLLM kernel tables (else the roofline)
+    from kvlab.sim import kernels
+
+    data = {g["name"]: g["measured_kernel_data"] for g in d["gpus"]}
+    assert data == {name: kernels.gpu_tables(name) for name in names}
+    assert data["mi300x"] is None and data["l4"] is None
+    if kernels.available():
+        assert data["h100"].startswith("h100_sxm, vLLM ")
+    assert "measured kernel data" in kvlab("gpus").stdout
     r = kvlab("cards")
     assert r.returncode == 0 and "deepseek-v2-lite" in r.stdout
 

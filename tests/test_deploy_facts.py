@@ -114,3 +114,28 @@ def test_error_after_the_kv_sizing():
     assert error_after_kv_size(before + sized + after) == "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
     assert error_after_kv_size(before + sized) is None
     assert error_after_kv_size(before) is None
+
+
+def test_the_simulators_timing_source_from_its_log_line_or_metrics():
+    """kvlab's simulator says what prices its steps: the log line "timing source: <label>" and the
+    kvlab:sim_timing_info series (what the experiment records carry); vLLM says neither."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvlab.sim.config import build_config
+    from kvlab.sim.metrics import EngineMetrics
+
+    label = "roofline (no kernel data: no vLLM table for dense int4 (awq) GEMMs)"
+    log = f"(APIServer pid=1) INFO 12-02 18:00:00 [kvlab_sim] timing source: {label}\n"
+    assert parse_log(log).timing_source == label
+    real = (FIXTURES / "vllm-0.32-cpu-deepseek-twin.server.log").read_text()
+    assert parse_log(real).timing_source is None
+    assert parse_cache_config_info((FIXTURES / "vllm-0.32-cpu-deepseek-twin.metrics.txt").read_text()).timing_source is None
+
+    cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096)
+    m = EngineMetrics("llama-3.1-8b", 4096, cfg.cache_config_labels())
+    m.timing = cfg.cost
+    registry = CollectorRegistry()
+    registry.register(m)
+    facts = parse_cache_config_info(generate_latest(registry).decode())
+    assert facts.timing_source == cfg.cost.timing_source and facts.num_gpu_blocks == cfg.num_blocks
+    assert parse_log(log).merged(facts).timing_source == cfg.cost.timing_source

@@ -161,6 +161,22 @@ def test_sessions_per_gpu_agree_with_the_simulator(planned):
     assert base["concurrent_sessions"] == pytest.approx(AGENTS) and base["gpus"] == ceil(AGENTS / base["sessions_per_replica"])
 
 
+def test_each_config_names_its_timing_source(planned):
+    """plan.json says per config what priced its simulated steps (the simulator's config, as
+    `kvlab sim run` builds it) and how its chosen probe's steps were priced."""
+    from kvlab.schema.plan import PlanRecord
+    from kvlab.sim.config import build_config
+
+    root, _, result = planned
+    record = PlanRecord.read(root / "out" / "plan.json")
+    for c in record.configs:
+        kv = {"fp8": "fp8"}.get(c.kv_cache_dtype, "auto")
+        assert c.timing_source == build_config(c.model, "h100", max_model_len=4096, kv_cache_dtype=kv).cost.timing_source
+        assert c.timing_provenance and sum(c.timing_provenance.values()) > 0
+        assert set(c.timing_provenance) <= {"measured", "interpolated", "extrapolated", "roofline"}
+    assert "timing_source" in result["provenance"]
+
+
 def test_hbm_is_the_memory_models_per_gpu(planned):
     _, _, result = planned
     for row in result["configs"]:
@@ -361,13 +377,21 @@ def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tm
     assert r.returncode == 0, r.stderr
     rep = tmp_path / "results" / "plan-spec" / "report"
     html = (rep / "index.html").read_text()
-    assert "Fleet plan (simulated)" in html and "break-even K" in html and 'alt="rebound"' in html
+    timing = {c["timing_source"] for c in result["configs"]}
+    label = f"simulated (timing: {'; '.join(dict.fromkeys(c['timing_source'] for c in result['configs']))})"
+    assert f"Fleet plan ({label})" in html and "break-even K" in html and 'alt="rebound"' in html
+    assert all(src in html for src in timing)
     fleet_rows = {x["config"]: x for x in json.loads((rep / "fleet-plan.json").read_text())}
     for c in result["configs"]:
         assert fleet_rows[c["config"]]["gpus"] == c["figures"]["gpus"]
         assert fleet_rows[c["config"]]["hbm_total_gib"] == pytest.approx(c["figures"]["hbm_total_gib"])
     assert fleet_rows["llama-3.1-8b/bf16"]["baseline"]
-    assert "## Fleet plan (simulated)" in (rep / "summary.md").read_text()
+    assert f"## Fleet plan ({label})" in (rep / "summary.md").read_text()
+    for c in result["configs"]:  # the planned load's throughput and latencies, and $ per 1M tokens, shown
+        row = fleet_rows[c["config"]]
+        assert row["output_tokens_per_s_per_gpu"] == pytest.approx(c["figures"]["probe"]["output_tokens_per_s"])
+        assert row["ttft_p95_s"] == c["figures"]["probe"]["ttft_p95_s"]
+        assert row["usd_per_1m_tokens"] == pytest.approx(c["figures"]["usd_per_1m_tokens"])
 
     # experiment run's path: the plan: block after the cells, into the run's folder
     folder = tmp_path / "run"

@@ -78,6 +78,21 @@ class Harness:
         self.clock = Clock()
         self.completion_tokens = 9
         self.preemptions = 0
+        self.timing_source: str | None = None  # a simulated engine's step-time source (kvlab:sim_* series)
+        self.steps_read = 0
+
+        def read_metrics_text(base_url):  # the runner's two reads of kvlab's own series (load start, end)
+            if not self.timing_source:
+                return None  # as on vLLM: nothing of kvlab's
+            self.steps_read += 1  # once per repeat, after its load
+            steps = 100
+            return ("# TYPE kvlab:sim_timing_info gauge\n"
+                    f'kvlab:sim_timing_info{{engine="0",model_name="m",timing_source="{self.timing_source}"}} 1.0\n'
+                    "# TYPE kvlab:sim_steps_priced counter\n"
+                    f'kvlab:sim_steps_priced_total{{engine="0",model_name="m",provenance="measured"}} {steps}.0\n'
+                    'kvlab:sim_steps_priced_total{engine="0",model_name="m",provenance="roofline"} 0.0\n')
+
+        monkeypatch.setattr(runner, "read_metrics_text", read_metrics_text)
         self.samples: Path | None = None
         harness = self
 
@@ -236,3 +251,64 @@ def test_report_cli(kvlab, tmp_path, harness):
     assert "Compared with an earlier run set" in (tmp_path / "rep" / "index.html").read_text()
     r = kvlab("report", str(a), "--baseline", "mistral-7b/bf16")
     assert r.returncode == 2 and "--baseline mistral-7b/bf16 is not among the configs run" in r.stderr
+
+
+@dataclass
+class SimServer(CpuServer):
+    """What `kvlab sim serve` reports: the CPU server's facts, as the simulated engine, with its timing source."""
+
+    engine: str = "sim"
+    timing_source: str = "aiconfigurator-core 0.12.0: h100_sxm vLLM 0.24.0 kernel tables, bfloat16 GEMMs, bfloat16 KV"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.facts = StartupFacts(**{**self.facts.to_dict(), "timing_source": self.timing_source})
+
+
+def test_simulated_figures_name_their_timing_source(tmp_path, harness):
+    """A simulated repeat's results.json carries the step-time source and the steps it priced per
+    provenance in the window (kvlab:sim_* series); the report labels its load figures with them and
+    with the validation error band. A real engine's repeat has none."""
+    from kvlab.schema.validation import error_band
+
+    spec = _spec("sim", 1).model_copy(update={"engine": "sim"})
+    out = tmp_path / "sim"
+    runner.claim_folder(spec, out)
+    source = SimServer.timing_source
+    harness.timing_source = source
+    for model in ("deepseek-v2-lite", "llama-3.1-8b"):
+        cell = Cell(model, "bf16", "agent-smoke", 4)
+        runner.run_repeat(spec, cell, 1, SimServer(model), out, "requested with --engine sim")
+        runner.finalize_cell(out, cell, spec)
+    res = _record(out, "llama-3.1-8b")
+    assert res.engine == "sim" and res.server.timing_source == source
+    assert res.timing.timing_source == source and res.timing.steps_priced == {"measured": 100}
+    assert RepeatResults.source_of("timing") is None and res.timing.source_of("steps_priced") == "simulated"
+
+    rep = build_report([out], out=tmp_path / "rep")
+    label = f"simulated (timing: {source})"
+    html, md = rep.html.read_text(), rep.summary_md.read_text()
+    assert f"Under agent load ({label})" in html and f"## Under agent load ({label})" in md
+    assert error_band() in html and error_band() in md
+    columns = json.loads((tmp_path / "rep" / "report.json").read_text())["columns"]
+    assert columns["under_load"]["output_tokens_per_s"] == label
+
+    harness.timing_source = None
+    cpu = _folder(tmp_path, harness, "cpu")  # a real engine: no timing, no timing label
+    assert _record(cpu, "llama-3.1-8b").timing is None
+    assert "timing:" not in build_report([cpu], out=tmp_path / "rep-cpu").html.read_text()
+
+
+def test_validation_summary_is_read_when_present(tmp_path, monkeypatch):
+    from kvlab.schema import validation
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(validation, "summary_paths", lambda: [tmp_path / validation.SUMMARY_FILE])
+    assert validation.error_band() == validation.NO_SUMMARY
+    (tmp_path / "bench").mkdir()
+    (tmp_path / validation.SUMMARY_FILE).write_text(json.dumps({"test_within_25pct_share": 0.8, "timing": "auto",
+                                                                "rows": []}))
+    assert validation.error_band().startswith("validation: 80% of test figures within ±25 %")
+    (tmp_path / validation.SUMMARY_FILE).write_text("{}")
+    with pytest.raises(KvlabError, match="not a simulator validation summary"):
+        validation.error_band()

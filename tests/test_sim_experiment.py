@@ -53,6 +53,9 @@ def test_records_say_sim_and_hold_the_memory_models_pool(results, model):
     assert res["status"] == "complete" and res["engine"] == man["engine"] == "sim"
     assert man["server_argv"][1:5] == ["-m", "kvlab", "sim", "serve"]
     server = res["server"]
+    # what priced the simulated steps: the server's /metrics (kvlab:sim_* series), steps per provenance
+    assert res["timing"]["timing_source"] == server["timing_source"] and res["timing"]["timing_source"]
+    assert sum(res["timing"]["steps_priced"].values()) > 0
     cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=4096)
     # startup log and vllm:cache_config_info, parsed by the launcher as for vLLM
     assert server["vllm_version"] == "0.32.0+kvlab.sim"
@@ -84,7 +87,11 @@ def test_report_labels_the_figures_simulated(results):
     assert "simulated" in html
     # headers and plot titles say simulated too, never measured
     assert "simulated (server)" in html and "measured (server)" not in html
-    assert "## Under agent load (simulated)" in (rep / "summary.md").read_text()
+    # the load figures also say what priced the simulated steps, and where the error band is
+    timing = "; ".join(dict.fromkeys(RepeatResults.read(_repeat(results, m) / "results.json").timing.timing_source
+                                     for m in ("deepseek-v2-lite", "llama-3.1-8b")))  # the report's order
+    assert f"## Under agent load (simulated (timing: {timing}))" in (rep / "summary.md").read_text()
+    assert f"simulated (timing: {timing}) (server)" in html
 
 
 def test_analysis_headline_script_rebuilds_the_reports_headline(results):

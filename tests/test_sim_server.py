@@ -179,6 +179,13 @@ def test_metrics_parse_like_real_vllm(client):
     info = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "vllm:cache_config_info"
                 for s in f.samples)
     assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("14264", "32", "456448")
+    # kvlab's own series, beside vLLM's: what prices the steps, and the steps priced per provenance
+    timing = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "kvlab:sim_timing_info"
+                  for s in f.samples)
+    assert "roofline" in timing["timing_source"] or "kernel tables" in timing["timing_source"]
+    steps = {s.labels["provenance"]: s.value for f in text_string_to_metric_families(r.text)
+             if f.name == "kvlab:sim_steps_priced" for s in f.samples if s.name.endswith("_total")}
+    assert set(steps) == {"measured", "interpolated", "extrapolated", "roofline"} and sum(steps.values()) > 0
 
 
 def test_api_key_is_required(server):

@@ -46,11 +46,18 @@ def _load_spec(path: str):
     return load_spec(path)
 
 
+def _kernel_data(gpu: str) -> str | None:
+    from kvlab.sim.kernels import gpu_tables
+
+    return gpu_tables(gpu)
+
+
 # Commands that join stages are wired here, so that no stage imports one above it:
 # `kvlab sim run` is the offline replay (above sim and loadtest); `kvlab plan --spec` reads an
-# experiment spec (experiments imports plan, to plan after its cells).
+# experiment spec (experiments imports plan, to plan after its cells); `kvlab gpus` says which
+# presets the simulator has measured kernel data for.
 for _stage in STAGES:
-    _stage.register(app)
+    _stage.register(app, kernel_data=_kernel_data) if _stage is models_cli else _stage.register(app)
 replay_cli.register(sim_cli.sim_app)
 plan_cli.register(app, load_spec=_load_spec)
 app.command("locustfile")(resources.locustfile_command)

@@ -2,7 +2,8 @@
 by `kvlab experiment run` for a spec with a `plan:` block) as report tables.
 
 Nothing is recomputed: every figure is the planner's (sessions per GPU simulated, HBM predicted,
-GPUs, savings and $ computed from those), as its `provenance` says.
+GPUs, savings and $ computed from those), as its `provenance` says; simulated figures are labelled
+with the step-time source each config names (`timing_label`).
 """
 
 from __future__ import annotations
@@ -42,12 +43,28 @@ def fleet_table(plan: PlanRecord) -> pd.DataFrame:
             "config": c.config, "baseline": c.config == plan.baseline,
             "attention": c.attention, "kv_cache_dtype": c.kv_cache_dtype, "weights": c.weights,
             **{k: getattr(f, k) if f else None for k in FLEET_FIGURES},
+            # at the planned load (the search's chosen probe, simulated): per GPU, and its latencies
+            "output_tokens_per_s_per_gpu": _per_gpu(f.probe.output_tokens_per_s, f.gpus_per_replica) if f else None,
+            "ttft_p95_s": f.probe.ttft_p95_s if f else None, "itl_p95_p50_s": f.probe.itl_p95_p50_s if f else None,
+            "usd_per_1m_tokens": f.usd_per_1m_tokens if f else None,
+            "timing_source": c.timing_source,
             "gpus_saved": s.gpus.saved if s and s.gpus else None, "hbm_saved_gib": hbm.saved if hbm else None,
             "hbm_saved_pct": hbm.saved_pct if hbm else None,
             **{f"share_{k}_pct": shares.get(k) for k in FACTORS},
             "not_planned": _not_planned(c),
         })
     return pd.DataFrame(rows)
+
+
+def _per_gpu(value: float | None, gpus: int | None) -> float | None:
+    return None if value is None else value / (gpus or 1)
+
+
+def timing_label(plan: PlanRecord) -> str:
+    """What priced the plan's simulated figures: "simulated (timing: <source>[; <source>])" (plans
+    written before configs named their timing source: "simulated")."""
+    sources = list(dict.fromkeys(c.timing_source for c in plan.configs if c.timing_source))
+    return f"simulated (timing: {'; '.join(sources)})" if sources else "simulated"
 
 
 def rebound_table(plan: PlanRecord) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from kvlab.analysis.runs import RunSet, config_label, load_runs
 from kvlab.deploy.engines import served_source
 from kvlab.io import atomic_path, write_json_atomic, write_text_atomic
 from kvlab.schema.report import RepeatRow, ReportRecord, resolved
+from kvlab.schema.validation import error_band
 
 
 @dataclass
@@ -82,6 +84,14 @@ def _cliffs(rs: RunSet) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def simulated_label(rs: RunSet) -> str:
+    """"simulated (timing: <source>[; <source>])": what priced the simulated repeats' steps
+    (their records' timing source); "simulated" for records written before they said."""
+    col = rs.repeats["timing_source"] if "timing_source" in rs.repeats else pd.Series(dtype=object)
+    sources = list(dict.fromkeys(col.dropna()))
+    return f"simulated (timing: {'; '.join(sources)})" if sources else "simulated"
+
+
 def _plans(rs: RunSet, out: Path) -> list[dict]:
     """The fleet plans found in the results folders, as tables (also written as fleet-plan*.csv/json)."""
     plans = []
@@ -92,6 +102,7 @@ def _plans(rs: RunSet, out: Path) -> list[dict]:
         _write_table(out, f"rebound{suffix}", reb)
         png = folder / "rebound.png"
         plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.provenance,
+                      "timing": fleet.timing_label(plan), "validation": error_band(),
                       "rows": _records(table), "rebound": _records(reb),
                       "rebound_columns": [c for c in reb.columns if c.startswith("K=")],
                       "image": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
@@ -142,20 +153,25 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         ("headline", tables.HeadlineRow), ("configs", tables.ConfigRow), ("memory", tables.MemoryRow),
         ("under_load", tables.LoadRow), ("cost", tables.CostRow), ("repeats", RepeatRow))}
     kind = src["repeats"]["kv_cache_tokens_reported"]  # what the servers' figures are: measured / simulated
+    # Figures under load on the simulator also say what priced its steps, and how far to trust it.
+    load_kind = kind.replace("simulated", simulated_label(rs))
+    validation = error_band() if "simulated" in kind else None
+    src["under_load"] = {k: load_kind if v == kind else v for k, v in src["under_load"].items()}
+    plot_kind = "\n".join(textwrap.wrap(load_kind, 70))  # a plot title's line stays within the figure
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
     rep = rs.complete.assign(config=[config_label(m, q) for m, q in zip(rs.complete["model"], rs.complete["quant"])])
     figures = [
         ("kv-bytes", "KV bytes per token", plots.kv_bytes_per_token(head, colours)),
         ("kv-capacity", "KV capacity", plots.kv_capacity(head, colours, kind)),
         ("memory", "Memory breakdown", plots.memory_breakdown(mem, colours)),
-        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours, kind)),
-        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours, kind)),
-        ("throughput", "Throughput", plots.throughput(load, colours, kind)),
-        ("ttft", "TTFT", plots.ttft(load, colours, kind)),
-        ("itl", "ITL", plots.itl(load, colours, kind)),
-        ("goodput", "Goodput", plots.goodput(load, colours, kind)),
-        ("preemptions", "Preemptions", plots.preemptions(load, colours, kind)),
-        ("prefix", "Prefix cache", plots.prefix_hits(load, colours, kind)),
+        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours, plot_kind)),
+        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours, plot_kind)),
+        ("throughput", "Throughput", plots.throughput(load, colours, plot_kind)),
+        ("ttft", "TTFT", plots.ttft(load, colours, plot_kind)),
+        ("itl", "ITL", plots.itl(load, colours, plot_kind)),
+        ("goodput", "Goodput", plots.goodput(load, colours, plot_kind)),
+        ("preemptions", "Preemptions", plots.preemptions(load, colours, plot_kind)),
+        ("prefix", "Prefix cache", plots.prefix_hits(load, colours, plot_kind)),
         ("cost", "Cost", plots.cost(costs, colours)),
     ]
     images = {key: {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
@@ -170,7 +186,8 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         folders=[str(f) for f in rs.folders], baseline=base, sentences=sentences,
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
-        images=images, missing=missing, specs=rs.specs, kind=kind, plans=plans, factors=fleet.FACTORS,
+        images=images, missing=missing, specs=rs.specs, kind=kind, load_kind=load_kind, validation=validation,
+        plans=plans, factors=fleet.FACTORS,
         n_repeats=len(rs.repeats), n_complete=len(rs.complete), src=src,
     )
     html = out / "index.html"

@@ -64,6 +64,7 @@ def _row(rdir: Path, spec_name: str, spec: dict) -> RepeatRow:
         model=g(cell, "model"), quant=g(cell, "quant"), workload=g(cell, "workload"), users=g(cell, "users"),
         repeat=g(head, "repeat"), status=head.status if head else "unknown",
         failure=failure.reason if failure else None, engine=engine, source=served_source(engine),
+        timing_source=res.timing.timing_source if res and res.timing else g(server, "timing_source"),
         attention=g(pred, "attention"),
         kv_cache_dtype=g(server, "cache_dtype"), kv_cache_dtype_predicted=g(pred, "kv_cache_dtype"),
         weight_format=g(pred, "quantization"),
@@ -133,10 +134,9 @@ def load_runs(folders: list[Path | str]) -> RunSet:
             raise KvlabError(f"{folder} is not a folder")
         run = RunFolder.read_optional(folder / "run.json")
         plan = fleet.read_plan(folder)
-        if run is None and plan is not None:  # only a plan so far (kvlab plan --spec)
+        if run is None and plan is not None:  # only a plan (kvlab plan --spec): its section says so
             plans[folder.name] = (folder / "plan", plan)
             specs[folder.name] = {}
-            missing.append(f"{folder.name}: no experiment has run in {folder} yet, only its fleet plan")
             continue
         if run is None:
             raise KvlabError(f"{folder} is not a kvlab results folder (no run.json; `kvlab experiment run` writes one)")

@@ -30,6 +30,7 @@ class StartupFacts:
     enable_prefix_caching: bool | None = None
     model_weights_gib: float | None = None
     kv_device: str | None = None  # "GPU", "CPU" (the prefix of the KV cache size line)
+    timing_source: str | None = None  # kvlab's simulator only: its step-time source (kvlab.sim.timing)
 
     def merged(self, other: "StartupFacts") -> "StartupFacts":
         """These facts, with other's where other has one (other = /metrics, the exact figures)."""
@@ -67,6 +68,7 @@ LOG_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
     "max_model_len": (re.compile(r"Using max model len " + _NUM),),
     "cache_dtype": (re.compile(r"\bkv_cache_dtype=([\w]+)"),),
     "enable_prefix_caching": (re.compile(r"\benable_prefix_caching=(True|False)"),),
+    "timing_source": (re.compile(r"\btiming source: (.+?)\s*$", re.M),),
 }
 
 # "Using X backend" lines that name the attention backend (not MoE, prefill or ViT backends).
@@ -137,6 +139,8 @@ def parse_log(text: str) -> StartupFacts:
         out["cache_dtype"] = found["cache_dtype"].group(1)
     if "enable_prefix_caching" in found:
         out["enable_prefix_caching"] = found["enable_prefix_caching"].group(1) == "True"
+    if "timing_source" in found:
+        out["timing_source"] = found["timing_source"].group(1)
     return StartupFacts(**out)
 
 
@@ -161,14 +165,22 @@ def error_after_kv_size(text: str) -> str | None:
 # /metrics: vllm:cache_config_info (labels = CacheConfig fields as strings)
 
 
-def cache_config_labels(metrics_text: str) -> dict[str, str] | None:
+TIMING_INFO = "kvlab:sim_timing_info"  # kvlab.sim.metrics
+
+
+def info_labels(metrics_text: str, family_name: str) -> dict[str, str] | None:
+    """The labels of an info series (the first sample of `family_name`), or None."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(metrics_text):
-        if family.name == "vllm:cache_config_info":
+        if family.name == family_name:
             for sample in family.samples:
                 return dict(sample.labels)
     return None
+
+
+def cache_config_labels(metrics_text: str) -> dict[str, str] | None:
+    return info_labels(metrics_text, "vllm:cache_config_info")
 
 
 def _opt(labels: dict[str, str], key: str, cast):
@@ -179,10 +191,12 @@ def _opt(labels: dict[str, str], key: str, cast):
 
 
 def parse_cache_config_info(metrics_text: str) -> StartupFacts:
-    """Startup facts from `vllm:cache_config_info` on /metrics (empty when it is missing)."""
+    """Startup facts from `vllm:cache_config_info` on /metrics (empty when it is missing), with the
+    step-time source of kvlab's simulator from `kvlab:sim_timing_info` where it is there."""
     labels = cache_config_labels(metrics_text)
+    timing = (info_labels(metrics_text, TIMING_INFO) or {}).get("timing_source") or None
     if labels is None:
-        return StartupFacts()
+        return StartupFacts(timing_source=timing)
     kv_bytes = _opt(labels, "kv_cache_memory_bytes", int)
     return StartupFacts(
         block_size=_opt(labels, "block_size", int),
@@ -192,4 +206,5 @@ def parse_cache_config_info(metrics_text: str) -> StartupFacts:
         kv_cache_memory_bytes=kv_bytes,
         cache_dtype=_opt(labels, "cache_dtype", str),
         enable_prefix_caching=_opt(labels, "enable_prefix_caching", lambda s: s == "True"),
+        timing_source=timing,
     )

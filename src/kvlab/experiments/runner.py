@@ -30,6 +30,7 @@ from kvlab.schema.experiment import (
     RepeatResults,
     RunFolder,
     Scrapes,
+    SimTiming,
     Status,
     Window,
 )
@@ -170,6 +171,9 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
                         out_dir=rdir / "load", seed=seed, spawn_rate=spec.load.spawn_rate, api_key=api_key,
                         slo=slo, slo_from=slo_from)
         t1 = time.time()
+    # kvlab's simulator: its own series, read once after the load (a read before it would take an
+    # answer from the scrapes, which a server that stops answering /metrics counts)
+    after = read_metrics_text(server.base_url)
     client = client_figures(load.summary, read_requests(load.records_path), t1 - t0)
     metrics = summarize(rdir / "metrics.csv", start_ts=t0, end_ts=t1,
                         mean_session_context_tokens=client.mean_session_context_tokens)
@@ -183,12 +187,61 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         server=ServerFacts.from_facts(server.facts, source=SERVER_FACTS_SOURCE),
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
-        client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure)
+        client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
+        timing=sim_timing(None, after, getattr(server.facts, "timing_source", None)))
     results.write(rdir / "results.json")
     manifest = manifest.model_copy(update={"ended_ts": time.time()})
     manifest.write(rdir / "manifest.json")
     _set_status(rdir, cell, k, results.status, ended_ts=manifest.ended_ts, failure=failure)
     return results
+
+
+STEPS_PRICED = "kvlab:sim_steps_priced"  # kvlab.sim.metrics (the scraper keeps vllm:* only)
+TIMING_INFO = "kvlab:sim_timing_info"
+
+
+def sim_counters(metrics_text: str | None) -> tuple[str | None, dict[str, float]]:
+    """(timing source, steps priced per provenance) from one /metrics text of kvlab's simulator;
+    (None, {}) on vLLM, which has neither series, or where /metrics did not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    source, steps = None, {}
+    if not metrics_text:
+        return source, steps
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            if family.name == TIMING_INFO:
+                source = next((s.labels.get("timing_source") for s in family.samples), None)
+            elif family.name in (STEPS_PRICED, STEPS_PRICED + "_total"):  # the parser names it either way
+                steps.update({s.labels.get("provenance", "?"): s.value for s in family.samples
+                              if s.name == STEPS_PRICED + "_total"})
+    except ValueError:  # not an exposition (a fault, a proxy's page)
+        return None, {}
+    return source, steps
+
+
+def read_metrics_text(base_url: str) -> str | None:
+    """One GET of the server's /metrics for kvlab's own series, or None."""
+    import httpx
+
+    try:
+        r = httpx.get(base_url + "/metrics", timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    return r.text if r.status_code == 200 else None
+
+
+def sim_timing(before: str | None, after: str | None, timing_source: str | None) -> SimTiming | None:
+    """The simulator's timing source and the steps it priced between two /metrics texts (None
+    before: since the server started), per provenance; None on vLLM (the source from the startup
+    facts where the series are missing)."""
+    src0, steps0 = sim_counters(before)
+    src1, steps1 = sim_counters(after)
+    source = src1 or src0 or timing_source
+    if source is None:
+        return None
+    steps = {p: int(v - steps0.get(p, 0.0)) for p, v in steps1.items()}
+    return SimTiming(timing_source=source, steps_priced={p: n for p, n in steps.items() if n > 0})
 
 
 def _failure(server: Any, client: ClientFigures) -> str | None:

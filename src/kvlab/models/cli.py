@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -321,19 +321,33 @@ def compare_cmd(
                       f"{c['max_model_len']:,} tokens per request; more tokens = KV tokens / the first model's.[/dim]")
 
 
-def gpus_cmd(as_json: bool = JSON) -> None:
-    """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS."""
-    presets = hardware.PRESETS
-    if as_json:
-        emit_json({"gpus": [g.to_dict() for g in presets]})
-        return
-    t = Table(title="GPU presets (data sheets; memory as the runtime reports it)")
-    for col in ("name", "memory GB", "runtime GiB", "TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "CC"):
-        t.add_column(col, justify="left" if col == "name" else "right")
-    for g in presets:
-        t.add_row(g.name, f"{g.memory_gb:g}", f"{g.memory_gib:.2f}", f"{g.bandwidth_tb_s:g}", f"{g.bf16_tflops:g}",
-                  f"{g.fp8_tflops:g}" if g.fp8_tflops else "—", f"{g.compute_capability:g}")
-    console.print(t)
+KernelData = Callable[[str], Optional[str]]
+
+
+def gpus_command(kernel_data: KernelData | None) -> Callable[..., None]:
+    """`kvlab gpus`; `kernel_data(preset)` says which measured vLLM kernel tables the simulator has
+    for a preset (kvlab.sim.kernels.gpu_tables, wired in by kvlab.cli: the memory model's stage
+    imports nothing from the simulator's)."""
+
+    def gpus_cmd(as_json: bool = JSON) -> None:
+        """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS, and whether the simulator has measured
+        vLLM kernel data for them (else its step times come from the roofline)."""
+        presets = hardware.PRESETS
+        data = {g.name: kernel_data(g.name) if kernel_data else None for g in presets}
+        if as_json:
+            emit_json({"gpus": [{**g.to_dict(), "measured_kernel_data": data[g.name]} for g in presets]})
+            return
+        t = Table(title="GPU presets (data sheets; memory as the runtime reports it)")
+        for col in ("name", "memory GB", "runtime GiB", "TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "CC",
+                    "measured kernel data\n(simulator step times)"):
+            t.add_column(col, justify="left" if col == "name" or col.startswith("measured") else "right")
+        for g in presets:
+            t.add_row(g.name, f"{g.memory_gb:g}", f"{g.memory_gib:.2f}", f"{g.bandwidth_tb_s:g}", f"{g.bf16_tflops:g}",
+                      f"{g.fp8_tflops:g}" if g.fp8_tflops else "—", f"{g.compute_capability:g}",
+                      data[g.name] or "— (roofline)")
+        console.print(t)
+
+    return gpus_cmd
 
 
 def cards_cmd(as_json: bool = JSON) -> None:
@@ -368,10 +382,10 @@ def tiny_cmd(
     sys.stdout.write(f"{folder}\n")
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, kernel_data: KernelData | None = None) -> None:
     app.command("kv")(kv_cmd)
     app.command("capacity")(capacity_cmd)
     app.command("compare")(compare_cmd)
-    app.command("gpus")(gpus_cmd)
+    app.command("gpus")(gpus_command(kernel_data))
     app.command("cards")(cards_cmd)
     app.command("tiny")(tiny_cmd)

@@ -8,6 +8,8 @@
    reported with the nearest config that can.
 2. Sessions per replica within the SLO come from searches on the simulator's offline mode
    (`kvlab.plan.search`), one process per config, probes cached on disk.
+   Each config says what priced its simulated steps (`timing_source`: measured kernel tables or the
+   roofline, `kvlab.sim.timing.step_timing`) and its chosen probe's steps per provenance.
 3. Fleet figures (`kvlab.plan.fleet`), savings against the baseline with each factor's share
    (the configs between baseline and config, one factor changed at a time, are planned as well),
    and the rebound scenario (`kvlab.plan.rebound`).
@@ -30,15 +32,16 @@ from kvlab.loadtest.workload import Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
-from kvlab.plan.probe import run_probe
+from kvlab.plan.probe import run_probe, timing_source
 from kvlab.plan.request import PlanRequest, request_from_spec  # noqa: F401  (request_from_spec: kvlab experiment run's)
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import SearchResult, SearchSettings, search
 from kvlab.schema.plan import PlanRecord
 from kvlab.schema.slo import SLO
 
-PROVENANCE = ("sessions per GPU, calls and KV in use: simulated (kvlab sim, offline, virtual time); weights and "
-              "KV pool per GPU: predicted (kvlab memory model); GPUs, HBM and $: computed from those")
+PROVENANCE = ("sessions per GPU, calls and KV in use: simulated (kvlab sim, offline, virtual time; step times "
+              "from each config's timing_source); weights and KV pool per GPU: predicted (kvlab memory model); "
+              "GPUs, HBM and $: computed from those")
 
 
 def _log(req: PlanRequest, msg: str) -> None:
@@ -305,7 +308,8 @@ def _config_json(p: Planned, base: Planned, names: dict, figs: dict, req: PlanRe
     row = {"config": p.label, "model": p.model, "quant": p.quant, "refusal": p.refusal, "nearest": p.nearest}
     if p.config is not None:
         row.update({"gpu": p.config.gpu, "tp": p.config.tp, "attention": p.config.attention,
-                    "kv_cache_dtype": p.config.kv_cache_dtype, "weights": p.config.weights})
+                    "kv_cache_dtype": p.config.kv_cache_dtype, "weights": p.config.weights,
+                    "timing_source": timing_source(p.config)})
     if p in feasible:
         row.update(_search_json(p.result, req))
         row["figures"] = figs[_key(p.config)]
@@ -324,7 +328,9 @@ def _search_json(res: SearchResult, req: PlanRequest) -> dict:
     cfg = res.config
     argv = ["kvlab", "sim", "run", cfg.model, "--gpu", cfg.gpu, "--workload", req.workload, "--users",
             str(max(res.users, 1)), "--duration-s", f"{req.sim_s:g}", "--seed", str(req.seed), *cfg.sim_run_flags()]
-    return {"search": {"status": res.status, "sessions_per_replica": res.users, "missed_at": res.fail_users,
+    steps = res.probe.meta.get("timing_provenance") if res.probe is not None else None
+    return {"timing_source": timing_source(cfg), "timing_provenance": steps,
+            "search": {"status": res.status, "sessions_per_replica": res.users, "missed_at": res.fail_users,
                        "attainment": res.verdict.attainment if res.verdict else None,
                        "probes": [vars(lg) for lg in res.probes], "simulated_cpu_s": res.cpu_s,
                        "reproduce": " ".join(argv)}}

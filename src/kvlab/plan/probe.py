@@ -4,7 +4,7 @@ A probe is `kvlab.replay.run.run_offline(model, gpu, workload, sim_s, concurrenc
 the same run as `kvlab sim run MODEL --gpu G --workload W --users N --duration-s S --seed s`. Its
 first `warmup_s` simulated seconds fill the KV cache and mix the sessions' phases; requests sent
 after that are judged. Probes are cached on disk by everything they depend on (the simulator's
-replay's and memory model's source included), so rerunning a plan, or changing only its SLO, costs nothing.
+replay's and memory model's source and the step-time source included), so rerunning a plan, or changing only its SLO, costs nothing.
 """
 
 from __future__ import annotations
@@ -169,8 +169,16 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+@lru_cache(maxsize=256)
+def timing_source(cfg: PlanConfig) -> str:
+    """What prices the config's simulated steps (kvlab.sim.timing.step_timing's label: the kernel
+    tables' package and version, or the roofline and why)."""
+    return cfg.sim_config().cost.timing_source
+
+
 def probe_key(cfg: PlanConfig, workload: Workload, seed: int, users: int, window: Window) -> str:
     ident = {"code": code_digest(), "model": cfg.model, "gpu": cfg.gpu, "serve": cfg.simulated,
+             "timing": timing_source(cfg),
              "workload": workload.model_dump(mode="json"), "seed": seed, "users": users,
              "sim_s": float(window.sim_s), "scrape_s": SCRAPE_INTERVAL_S}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -195,7 +203,8 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
                       scrape_interval_s=SCRAPE_INTERVAL_S)
     arrays = _arrays(res.records, res.samples)
     meta = {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
-            "engine_steps": res.results.engine_steps}
+            "engine_steps": res.results.engine_steps, "timing_source": res.results.timing_source,
+            "timing_provenance": res.results.timing_provenance}
     cpu_s = time.process_time() - cpu0
     if use_cache:
         _save(path, arrays, meta)

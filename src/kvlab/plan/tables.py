@@ -45,6 +45,19 @@ def fleet_table(result: dict) -> Table:
     return t
 
 
+def timing_lines(result: dict) -> list[str]:
+    """What priced each planned config's simulated steps, one line per timing source, and the
+    validation error band (kvlab.schema.validation)."""
+    from kvlab.schema.validation import error_band
+
+    by: dict[str, list[str]] = {}
+    for row in result["configs"]:
+        if row.get("timing_source"):
+            by.setdefault(row["timing_source"], []).append(row["config"])
+    lines = [f"simulated (timing: {src}): {', '.join(configs)}" for src, configs in by.items()]
+    return lines + [error_band()] if lines else []
+
+
 def savings_table(result: dict) -> Table:
     t = Table(title=f"Savings against {result['baseline']} (share of each factor: changed one at a time, averaged "
                     "over the orders of change)")
@@ -91,6 +104,8 @@ def rebound_table(result: dict) -> Table:
 def print_plan(result: dict) -> None:
     console = _console()
     console.print(fleet_table(result))
+    for line in timing_lines(result):
+        console.print(f"[dim]{line}[/dim]")
     console.print(savings_table(result))
     console.print(rebound_table(result))
     console.print("[dim]Cells: HBM demand (weights + KV pool) against today's, and GPUs. Rows 'config: -X %' are the "

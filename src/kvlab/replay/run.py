@@ -93,6 +93,7 @@ def run_offline(
         raise KvlabError(f"max_requests must be at least 1, got {max_requests}")
     plans = session_stream(sessions, seed, concurrency, spawn_rate)
     cfg = config or build_config(model, gpu, **engine_args)
+    cfg.cost.reset_counts()  # timing_provenance counts this run's steps only
     wall0 = time.perf_counter()
     player = Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode,
                     max_in_flight=max_in_flight, max_requests=max_requests)
@@ -162,6 +163,8 @@ def summarize(cfg: SimConfig, player: Player, duration_s: float, wall_s: float, 
         "prefix_cache_hit_rate": c["vllm:prefix_cache_hits"] / c["vllm:prefix_cache_queries"]
         if c["vllm:prefix_cache_queries"] else 0.0,
         "kv_cache_usage_max": player.max_kv_usage,
+        "timing_source": cfg.cost.timing_source,
+        "timing_provenance": dict(cfg.cost.provenance_counts),  # engine steps priced per provenance
     }
 
 

@@ -122,6 +122,17 @@ class ClientFigures(LoadSummary):
     provenance: str = "measured by the load generator on the SSE stream"
 
 
+class SimTiming(Part):
+    """Where a simulated repeat's step times came from: the simulator's timing source
+    (`kvlab:sim_timing_info`) and the engine steps the server priced per provenance
+    (`kvlab:sim_steps_priced_total` read after the load run: since the server started, its warm-up
+    and earlier repeats on the same server included; measured, interpolated, extrapolated, roofline)."""
+
+    timing_source: str
+    steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})  # since the server started
+    source: str = "read from the simulated engine's /metrics (kvlab:sim_* series)"
+
+
 class RepeatResults(RepeatHead):
     """results.json of a repeat. A repeat that failed before its load ran has only the failure."""
 
@@ -133,6 +144,7 @@ class RepeatResults(RepeatHead):
     scrapes: Scrapes | None = None
     client: ClientFigures | None = None
     gpu_price_per_hour: float | None = None
+    timing: SimTiming | None = None  # kvlab's simulator only; None on vLLM
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:

@@ -1,7 +1,8 @@
 """plan.json (kvlab.plan.planner.plan): the fleet planned for a number of agents, per config.
 
 Its figures are the planner's: sessions per GPU simulated, HBM per GPU predicted by the memory
-model, GPUs, savings and dollars computed from those, as `provenance` says."""
+model, GPUs, savings and dollars computed from those, as `provenance` says; each planned config
+names the simulator's step-time source (`timing_source`)."""
 
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ class PlannedConfig(Part):
     kv_cache_dtype: str | None = None
     weights: str | None = None
     timing_source: str | None = None  # what priced the simulated steps of its probes (kvlab.sim.timing)
+    timing_provenance: dict[str, int] | None = None  # the chosen probe's engine steps per provenance
     search: Search | None = None
     figures: FleetFigures | None = None
     savings: Savings | None = None
@@ -167,6 +169,7 @@ class AttributionConfig(Part):
 
     config: str
     timing_source: str | None = None
+    timing_provenance: dict[str, int] | None = None
     search: Search
     figures: FleetFigures | None
 

@@ -29,6 +29,7 @@ class ServerFacts(Part):
     enable_prefix_caching: bool | None = None
     model_weights_gib: float | None = figure("served", unit="GiB")
     kv_device: str | None = None
+    timing_source: str | None = None  # kvlab's simulator: where its step times come from; None on vLLM
     source: str | None = None  # in words: where the facts were read
 
     @classmethod

@@ -2,7 +2,11 @@
 
 Names, help texts, label sets, histogram buckets and family order follow
 `vllm/v1/metrics/loggers.py` (PrometheusStatLogger) and a real /metrics of vLLM 0.32
-(tests/fixtures/*.metrics.txt). `EngineMetrics.collect()` yields prometheus_client families,
+(tests/fixtures/*.metrics.txt). kvlab's own series, prefixed `kvlab:`, follow vLLM's (where a
+step-time model is attached as `EngineMetrics.timing`): `kvlab:sim_timing_info{timing_source}` (the
+step-time source, `kvlab.sim.timing.step_timing`) and `kvlab:sim_steps_priced_total{provenance}`
+(engine steps priced per provenance: measured, interpolated, extrapolated, roofline).
+`EngineMetrics.collect()` yields prometheus_client families,
 so `generate_latest` writes the same text as vLLM (counters with `_total`, `_created` gauges);
 `EngineMetrics.samples()` gives the tidy rows a scraper would parse from that text
 (prometheus_client's parser), without the `_created` timestamps.
@@ -113,7 +117,12 @@ HELP = {
     "vllm:request_num_preemptions": "Histogram of the number of times a request was preempted.",
     "vllm:request_prefill_kv_computed_tokens": "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
     "vllm:cache_config_info": "Information of the LLMEngine CacheConfig",
+    "kvlab:sim_timing_info": "kvlab simulated engine: where its step times come from (timing_source label).",
+    "kvlab:sim_steps_priced": "kvlab simulated engine: engine steps priced, by provenance of their step time.",
 }
+TIMING_INFO = "kvlab:sim_timing_info"
+STEPS_PRICED = "kvlab:sim_steps_priced"
+PROVENANCES = ("measured", "interpolated", "extrapolated", "roofline")
 
 # CacheConfig fields vLLM 0.32 exports in vllm:cache_config_info that the simulator has no use for,
 # with the values vLLM reports by default (from a real /metrics).
@@ -141,6 +150,7 @@ class EngineMetrics:
         self.labels = {"engine": "0", "model_name": model_name}
         self.cache_config = {**CACHE_CONFIG_DEFAULTS, **cache_config}
         self.created_s = created_s
+        self.timing = None  # the step-time model (timing_source, provenance_counts): kvlab's own series
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
@@ -220,6 +230,10 @@ class EngineMetrics:
         for name, h in self.hist.items():
             yield self._histogram_rows(name, h)
         yield self._gauge_rows("vllm:cache_config_info", [({**self.cache_config, "engine": "0"}, 1.0)])
+        if self.timing is not None:
+            yield self._gauge_rows(TIMING_INFO, [({**lab, "timing_source": self.timing.timing_source}, 1.0)])
+            counts = self.timing.provenance_counts
+            yield self._counter_rows(STEPS_PRICED, [({**lab, "provenance": p}, counts.get(p, 0)) for p in PROVENANCES])
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client families in vLLM's order (a custom collector's `collect`): counters

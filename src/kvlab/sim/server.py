@@ -7,6 +7,8 @@ here are the routes, the engine loop and the streams.
 
 Time: the engine runs on a simulated clock, `speedup` x the wall clock since start; every
 latency in /metrics is in simulated seconds (clients see wall latencies `speedup` times shorter).
+/metrics also carries kvlab's own `kvlab:sim_timing_info` and `kvlab:sim_steps_priced_total`
+(the step-time source and steps priced per provenance; `kvlab.sim.metrics`).
 The simulated model never emits EOS: a request generates `max_tokens` tokens (finish_reason
 "length"), as vLLM with `ignore_eos`; without `max_tokens` a chat request runs to max_model_len.
 
@@ -85,6 +87,7 @@ class SimServer:
         self.clock = Clock(args.speedup)
         self.engine = Engine(cfg, emit_decodes=True, created_s=time.time())
         self.engine.mfu_metrics = args.enable_mfu_metrics
+        self.engine.metrics.timing = cfg.cost  # kvlab:sim_timing_info, kvlab:sim_steps_priced_total
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
