@@ -114,7 +114,7 @@ GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s"
         "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
-                "compressed-tensors-w4a16": "gptq"}
+                "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
 NO_FORMAT = {"gptq": "GPTQ int8 weight-only (W8A16): kvlab has no int8 weight-only format (its int8 is W8A8)"}
 # Rows whose published configuration kvlab cannot map, beyond the YAML's cannot_model (reason).
 HARNESS_CANNOT = {
@@ -341,6 +341,48 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
     return best
 
 
+MARLIN_GRID = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4)
+
+
+def _throughput_name(a: RowResult, b: RowResult) -> str | None:
+    shared = [n for n in a.run.measured.figures() if n in b.run.measured.figures()]
+    return next((n for _, opts in HEADLINE[:1] for n, _ in opts if n in shared), None)
+
+
+DEQUANT_GRID = (1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05)
+# Each kernel-path constant: (timing constant, grid, what the quantized run's timing source names).
+PATH_FITS = {"marlin": ("MARLIN_EFFICIENCY", MARLIN_GRID, "Marlin"),
+             "dequant": ("DEQUANT_EFFICIENCY", DEQUANT_GRID, "legacy dequantize")}
+
+
+def fit_path(pub: published_runs.PublishedRuns, path: str, report=print) -> tuple[float, float]:
+    """The constant of kernel path `path` (PATH_FITS) that minimises the mean |log(simulated /
+    published ratio)| of the TRAIN ratio rows whose quantized run is on that path (a constant that
+    moves quantized runs alone is judged on what it moves: quantized over BF16 on the same GPU and
+    workload). Test rows are never run."""
+    const, grid, marker = PATH_FITS[path]
+    train = {r.id: r for r in pub.runs if r.split == "train"}
+    pairs = [q for q in pub.ratios if q.a in train and q.b in train]
+    sub = pub.model_copy(update={"runs": [train[i] for q in pairs for i in (q.a, q.b)], "ratios": []})
+    base = {r.run.id: r for r in rows(sub, ("auto",))}
+    pairs = [q for q in pairs if base[q.a].sim and base[q.b].sim and marker in base[q.a].source["auto"]]
+    best = None
+    for eff in grid:
+        with constants(**{const: eff}):
+            errs = []
+            for q in pairs:
+                a, b = rows(sub.model_copy(update={"runs": [train[q.a]]}), ("auto",))[0], base[q.b]
+                name = _throughput_name(a, b)
+                pub_ratio = a.run.measured.figures()[name] / b.run.measured.figures()[name]
+                errs.append(log_error(a.sim["auto"][name] / b.sim["auto"][name], pub_ratio))
+        err = statistics.mean(errs)
+        report(f"  {const} = {eff:.2f}: mean |log ratio err| {err:.3f} "
+               f"({100 * (math.exp(err) - 1):.0f} %; {', '.join(q.id for q in pairs)})")
+        if best is None or err < best[1]:
+            best = (eff, err)
+    return best
+
+
 # ------------------------------------------------------------------ tables
 
 def _err(sim: float, ref: float) -> str:
@@ -482,12 +524,21 @@ def memory_table() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", action="store_true", help="refit the host time on the train rows (HOST_GRID) first")
+    ap.add_argument("--fit-path", choices=sorted(PATH_FITS),
+                    help="refit one weight-kernel path's constant alone on the train ratio rows on that path")
     ap.add_argument("--timing", default=",".join(TIMINGS), help="comma-separated step-time backends to run")
     ap.add_argument("--split", choices=("train", "test"), help="only this split's runs")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory rows")
     args = ap.parse_args(argv)
     timings = tuple(args.timing.split(","))
     pub = published_runs.load()
+    if args.fit_path:
+        name = PATH_FITS[args.fit_path][0]
+        print(f"{name} fit on the train ratio rows whose quantized run is on that path (auto timing):")
+        eff, err = fit_path(pub, args.fit_path)
+        print(f"best: {name} = {eff}: mean |log ratio err| {err:.3f} (sim/timing.py has "
+              f"{getattr(sim_timing, name)})")
+        return 0
     if args.fit:
         print("Host-time fit on the train rows (auto timing; objective: median |log(sim/published)| of the "
               "headline figures):")
@@ -518,7 +569,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"off by more than 2x: {over2}" if n else ""))
     print()
     print("\n".join(ratio_table(pub, results, timings)))
+    if args.split is None:
+        _write_summary(results, timings)
     return 0
+
+
+def _write_summary(results: list[RowResult], timings) -> None:
+    """bench/sim_validation_summary.json (kvlab.schema.validation, git-ignored): the test rows' share
+    within ±25 % under the simulator's default timing, which reports and plans print beside simulated
+    figures."""
+    from kvlab.schema.validation import SUMMARY_FILE
+
+    timing = sim_timing.DEFAULT_TIMING if sim_timing.DEFAULT_TIMING in timings else timings[0]
+    ok, n = share_within(results, timing, "test")
+    if not n:
+        return
+    path = ROOT / SUMMARY_FILE
+    path.write_text(json.dumps({"test_within_25pct_share": ok / n, "test_figures": n, "timing": timing,
+                                "by_timing": {t: dict(zip(("within", "of"), share_within(results, t, "test")))
+                                              for t in timings}}, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

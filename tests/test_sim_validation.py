@@ -116,3 +116,52 @@ def test_timing_option_on_sim_serve_and_its_startup_line(capsys):
     assert len(lines) == 1 and "roofline (no kernel data: no vLLM kernel tables for GPU rtx-4090" in lines[0]
     with pytest.raises(KvlabError, match="invalid choice"):
         parse_serve_args(["llama-3.1-8b", "--gpu", "h100", "--timing", "fast"])
+
+
+def test_the_kernel_path_fits_read_train_rows_only(pub, monkeypatch):
+    """The Marlin and dequantize constants are fitted on train ratio rows alone: a test row's figures
+    changed leave the fit unchanged, and no test row is run."""
+    ran = []
+
+    def fake_simulate(bench, timing):
+        ran.append(bench)
+        k = v.sim_timing.MARLIN_EFFICIENCY * v.sim_timing.DEQUANT_EFFICIENCY
+        q = bench.serve.get("quantization")
+        label = {"awq": "roofline (legacy dequantize)", "awq_marlin": "roofline (Marlin)"}.get(q, "kernel tables")
+        return {name: value * (k if q else 1.0) for name, (_, value) in bench.figures.items()}, label
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    changed = pub.model_copy(update={"runs": [
+        r.model_copy(update={"measured": r.measured.model_copy(update={
+            k: x * 7 for k, x in r.measured.figures().items()})}) if r.split == "test" else r
+        for r in pub.runs]})
+    for path in v.PATH_FITS:
+        ran.clear()
+        before = v.fit_path(pub, path, report=lambda _: None)
+        assert ran and {b.model for b in ran}
+        assert v.fit_path(changed, path, report=lambda _: None) == before
+        test_ids = {r.id for r in pub.runs if r.split == "test"}
+        assert not any(v.map_run(r) in ran for r in pub.runs if r.id in test_ids)
+
+
+def test_weight_kernel_paths_follow_vllm():
+    """vLLM's GEMM path per format: Marlin for AWQ/GPTQ checkpoints and for FP8 without FP8 tensor
+    cores, the legacy dequantize + cuBLAS path for an explicit `-q awq`, from 256 tokens a step."""
+    from kvlab.serve_config import options_config
+    from kvlab.sim.config import build_config
+    from kvlab.sim.timing import StepWork
+
+    def cost(q, gpu="h100"):
+        return build_config(options_config("qwen3-8b", quantization=q), gpu, timing="roofline").cost
+
+    assert (cost(None).weight_kernel, cost(None).timing_source) == ("native", "roofline")
+    assert cost("awq_marlin").weight_kernel == cost("gptq_marlin").weight_kernel == "marlin"
+    assert cost("fp8", "a100-80gb").weight_kernel == "marlin" and cost("fp8").weight_kernel == "native"
+    legacy = cost("awq")
+    assert legacy.weight_kernel == "dequant" and "legacy dequantize" in legacy.timing_source
+    assert legacy.dequant_min_tokens == 256
+    below, at = StepWork(255, 255, 255, 0, 0, 0, 0), StepWork(256, 256, 256, 0, 0, 0, 0)
+    assert legacy.dequant_s(255) == 0 and legacy.dequant_s(256) > 0
+    marlin = cost("awq_marlin")
+    # the legacy path costs the dequantize kernels from 256 tokens on; Marlin never does
+    assert legacy.step_time_s(at) - marlin.step_time_s(at) > legacy.step_time_s(below) - marlin.step_time_s(below)

@@ -18,7 +18,7 @@ from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model
 from kvlab.models.weights import weight_format
 from kvlab.serve_config import ServeConfig
-from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing
+from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing, weight_kernel
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
 SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
@@ -127,7 +127,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         arch=arch,
         gpu=preset,
         capacity=cap,
-        cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing),
+        cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
+                         weight_kernel(fmt, preset, legacy=_legacy_kernel(config))),
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -173,6 +174,12 @@ def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
             f"({_gib(cap.kv_budget_bytes)} GiB). {estimate}Try increasing `gpu_memory_utilization` or "
             "decreasing `max_model_len` when initializing the engine."
         )
+
+
+def _legacy_kernel(config: ServeConfig) -> bool:
+    """`-q awq` / `-q gptq` named explicitly: vLLM keeps that legacy kernel (it logs that awq_marlin /
+    gptq_marlin would be faster) where a checkpoint that declares the format alone gets Marlin."""
+    return config.weights in ("awq", "gptq") and not config.weights_from_checkpoint and not config.quantization_method
 
 
 def _check_scheduler(max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, chunked: bool) -> None:

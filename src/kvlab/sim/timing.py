@@ -18,7 +18,11 @@ Per GPU of a `-tp N` group, for one step that computes `tokens` new tokens and s
   data, plus a latency per all-reduce) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S x scheduled requests.
 
 Peak FLOPS: FP8 for fp8/int8 (W8A8) weights where the GPU has FP8, else BF16 (also for 4-bit
-weight-only formats, which dequantize to BF16). `-pp` splits memory but its stages run one after
+weight-only formats, which dequantize to BF16). Weight-only formats run the GEMM path vLLM picks for
+them (`weight_kernel`): Marlin (AWQ/GPTQ checkpoints, `awq_marlin`/`gptq_marlin`, FP8 on GPUs without
+FP8 tensor cores) at MARLIN_EFFICIENCY of the BF16 GEMM rate; the legacy kernels that `-q awq` /
+`-q gptq` force dequantize the whole weight to 16 bits and call cuBLAS once a GEMM has enough rows
+(AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and reads 2 more bytes per weight each. `-pp` splits memory but its stages run one after
 another, so a step takes as long as on one GPU-equivalent (no micro-batch pipelining modelled).
 The efficiency factors are estimates (documented below), not measurements.
 
@@ -50,6 +54,28 @@ from kvlab.models.weights import WeightFormat, weight_bytes_by_role
 # estimates are kept rather than moved to the grid's edge. ATTENTION_EFFICIENCY was not fitted.
 MATMUL_EFFICIENCY = 0.6
 ATTENTION_EFFICIENCY = 0.5
+# Marlin's large-batch GEMM rate as a fraction of the BF16 GEMM rate (Marlin is built for small batches:
+# weights stream from HBM once while up to 16-64 rows reuse them; beyond that it is compute-bound with
+# in-register dequantization on the critical path).
+# FIT (2026-12-02, `python bench/sim_validation.py --fit-marlin`): grid {1.0, 0.9, 0.8, 0.75, 0.7, 0.65,
+# 0.6, 0.5, 0.4}; objective: the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose
+# quantized run is on the Marlin path (AWQ-Marlin / BF16 on an RTX 4090, FP8 Marlin W8A16 / BF16 on
+# an A100). 1.0 scores 0.170; 0.9, 0.8 and 0.75 all 0.120 (flat: the two rows pull apart), 0.6 0.196,
+# 0.4 0.527. 0.8, the middle of the flat run, is kept; weakly determined by two rows.
+MARLIN_EFFICIENCY = 0.8
+# Rows from which vLLM's legacy weight-only kernels dequantize the whole weight and call cuBLAS:
+# AWQ (`-q awq`): vllm/model_executor/layers/quantization/awq.py (auto_awq.py in vLLM 0.32)
+# AWQLinearMethod.apply, `FP16_MATMUL_HEURISTIC_CONDITION = x.shape[:-1].numel() >= 256`;
+# GPTQ (`-q gptq`, exllama): csrc/quantization/gptq/q_gemm.cu gemm_half_q_half_cuda,
+# `use_exllama && size_m > MAX_Q_GEMM_ROWS` (50) reconstructs the FP16 matrix, then cuBLAS.
+DEQUANT_MIN_TOKENS = {"awq": 256, "gptq": 51}
+# The dequantize kernels' share of the roofline's HBM rate (they are simple elementwise kernels).
+# FIT (2026-12-02, `python bench/sim_validation.py --fit-path dequant`): grid {1.0, 0.5, 0.3, 0.2, 0.15,
+# 0.1, 0.07, 0.05}; objective: the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose
+# quantized run is on the legacy path (`-q awq` / BF16 on an RTX 4090 and on an A100, Qwen3-8B/14B).
+# 1.0 scores 0.099, 0.5 0.119, 0.3 0.256: the train rows want the kernels at the roofline's rate. (The
+# test rows' H100 `-q awq` run is 0.73x BF16 where this prices 1.13x: not explained by HBM traffic.)
+DEQUANT_EFFICIENCY = 1.0
 MEMORY_EFFICIENCY = 0.8
 # Host time, which kernel tables leave out (scheduling, input preparation, sampling, detokenising and
 # streaming): STEP_OVERHEAD_S per engine step plus PER_SEQ_OVERHEAD_S per scheduled request per step,
@@ -111,6 +137,14 @@ class CostModel:
     context_flops_per_token: float  # MLA: kv_b_proj over cached context in prefill chunks
     allreduce_bytes_per_token: float
     num_allreduces: int
+    weight_kernel: str = "native"  # vLLM's GEMM path for the weights (weight_kernel)
+    # legacy dequantize + cuBLAS path, from `dequant_min_tokens` tokens a step (0: never): a dequantize
+    # kernel reads the packed weights and writes 16-bit ones (`dequant_bytes`, before the GEMMs, not
+    # overlapped with them), and the GEMMs read the 16-bit weights (`dequant_gemm_extra_bytes` more
+    # than the packed ones)
+    dequant_bytes: float = 0.0
+    dequant_gemm_extra_bytes: float = 0.0
+    dequant_min_tokens: int = 0
     timing_source: str = "roofline"
     fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
@@ -143,6 +177,8 @@ class CostModel:
 
     def _memory_s(self, tokens: int, kv_tokens: int) -> float:
         weights = (self.dense_weight_bytes + self.expert_bytes * self.expert_fraction(tokens)) / self.tp
+        if self.dequant_min_tokens and tokens >= self.dequant_min_tokens:
+            weights += self.dequant_gemm_extra_bytes / self.tp
         return (weights + kv_tokens * self.kv_bytes_per_token) / self.bytes_per_s
 
     def comm_s(self, w: StepWork) -> float:
@@ -155,9 +191,15 @@ class CostModel:
         data = tokens * self.allreduce_bytes_per_token * ring / self.link_bytes_per_s
         return self.num_allreduces * ALLREDUCE_LATENCY_S + data
 
+    def dequant_s(self, tokens: int) -> float:
+        """The legacy path's dequantize kernels (serial with the GEMMs)."""
+        if self.dequant_min_tokens and tokens >= self.dequant_min_tokens:
+            return self.dequant_bytes / self.tp / (self.bytes_per_s * DEQUANT_EFFICIENCY)
+        return 0.0
+
     def step_time_s(self, w: StepWork) -> float:
         self._steps[0] += 1
-        return (max(self.compute_s(w), self.memory_s(w)) + self.comm_s(w)
+        return (max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
                 + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests)
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
@@ -166,12 +208,29 @@ class CostModel:
         arithmetic without building the StepWork (it runs once per simulated decode step)."""
         n = num_seqs
         self._steps[0] += 1
-        return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self._comm_s(n)
-                + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * n)
+        return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n)
+                + self._comm_s(n) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * n)
+
+
+WEIGHT_KERNELS = ("native", "marlin", "dequant")
+KERNEL_LABELS = {"marlin": "weights on the Marlin GEMM path",
+                 "dequant": "weights on the legacy dequantize + cuBLAS path"}
+
+
+def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False) -> str:
+    """The GEMM path vLLM runs for weight format `fmt` on `gpu`: "marlin" for AWQ/GPTQ (vLLM picks
+    awq_marlin / gptq_marlin for such checkpoints on compute capability >= 8.0) and for FP8 on a GPU
+    without FP8 tensor cores (FP8 Marlin, W8A16); "dequant" where `legacy` (`-q awq` / `-q gptq` named
+    explicitly: vLLM keeps the legacy kernel it was told to use); else "native"."""
+    if fmt.name in DEQUANT_MIN_TOKENS:
+        return "dequant" if legacy else "marlin"
+    if fmt.name in ("fp8", "fp8-block") and not gpu.fp8_tflops:
+        return "marlin"
+    return "native"
 
 
 def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU,
-               tp: int) -> CostModel:
+               tp: int, kernel: str = "native") -> CostModel:
     counts = param_counts(arch)
     roles = weight_bytes_by_role(arch, fmt, dtype)
     # Read every step: the dense layers, norms and the LM head (with tied embeddings, the embedding
@@ -191,10 +250,11 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         decode_pair = prefill_pair = 4 * heads * arch.head_dim
         context_tok = 0
     moe = arch.moe
+    linear_params = counts.active - counts.embedding  # the quantized linear layers (no embedding, no LM head)
     return CostModel(
         gpu=gpu.name,
         tp=tp,
-        flops_per_s=peak * MATMUL_EFFICIENCY,
+        flops_per_s=peak * MATMUL_EFFICIENCY * (MARLIN_EFFICIENCY if kernel == "marlin" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
         link_bytes_per_s=LINK_GB_S.get(gpu.name, 32) * 1e9,
@@ -210,6 +270,12 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         context_flops_per_token=float(context_tok * layers),
         allreduce_bytes_per_token=float(arch.hidden_size * 2),
         num_allreduces=2 * layers,
+        weight_kernel=kernel,
+        # the quantized (non-head) linear layers: packed read + 2 bytes written per weight; the GEMMs
+        # then read 2 bytes per weight instead of the packed ones
+        dequant_bytes=roles[LINEAR] + 2.0 * linear_params if kernel == "dequant" else 0.0,
+        dequant_gemm_extra_bytes=2.0 * linear_params - roles[LINEAR] if kernel == "dequant" else 0.0,
+        dequant_min_tokens=DEQUANT_MIN_TOKENS.get(fmt.name, 0) if kernel == "dequant" else 0,
     )
 
 
@@ -220,7 +286,7 @@ DEFAULT_TIMING = "roofline"  # build_config's and the commands' --timing default
 
 
 def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
-                source: str = "auto"):
+                source: str = "auto", kernel: str = "native"):
     """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
     none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format,
     else the roofline with `fallback_reason` saying why). Both have `step_time_s`, `decode_step_s`,
@@ -230,7 +296,10 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
 
     if source not in TIMING_SOURCES:
         raise KvlabError(f"unknown timing source {source!r}; use one of: {', '.join(TIMING_SOURCES)}")
-    roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+    roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp, kernel)
+    path = KERNEL_LABELS.get(kernel)
+    if path:
+        roofline = dataclasses.replace(roofline, timing_source=f"roofline ({path})")
     if source == "roofline":
         return roofline
     reason = kernels.kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
@@ -239,4 +308,5 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
-    return dataclasses.replace(roofline, timing_source=f"roofline (no kernel data: {reason})", fallback_reason=reason)
+    label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
+    return dataclasses.replace(roofline, timing_source=f"roofline ({label})", fallback_reason=reason)
