@@ -123,6 +123,7 @@ def test_provenance_labels():
     ("llama-3.1-8b", "h100", "awq", "auto", "no vLLM GEMM table for awq"),
     ("qwen2.5-7b", "h100", "gptq", "auto", "no vLLM GEMM table for gptq"),
     ("llama-3.1-8b", "a100-80gb", "fp8", "auto", "no fp8 GEMM rows for a100_sxm"),
+    ("llama-3.1-8b", "a100-80gb", None, "fp8", "attention rows for fp8 KV on a100_sxm"),  # A100's vLLM 0.14 tables
     ("llama-3.1-8b", "l4", None, "auto", "no vLLM kernel tables for GPU l4"),
     ("llama-3.1-8b", "mi300x", None, "auto", "no vLLM kernel tables for GPU mi300x"),
     ("deepseek-v2-lite", "h100", None, "auto", "DeepseekV2ForCausalLM"),

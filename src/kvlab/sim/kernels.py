@@ -186,6 +186,10 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
         return f"no kernel tables for {dtype} activations"
     if KV_QUANT_MODES.get(kv_cache_dtype) is None:
         return f"no attention table for --kv-cache-dtype {kv_cache_dtype}"
+    missing = [op for op in ("context", "generation") if KV_QUANT_MODES[kv_cache_dtype] not in _attention_kv_modes(system, op)]
+    if missing:
+        return (f"no {' or '.join(missing)} attention rows for {KV_QUANT_MODES[kv_cache_dtype]} KV on {system} "
+                f"(vLLM {table_version(system)})")
     gemm_rows = _gemm_modes(system)
     if gemm not in gemm_rows:
         return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
@@ -198,6 +202,15 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
     if tp > 1 and not _allreduce_rows(system, tp):
         return f"no all-reduce table for {tp} GPUs on {system}"
     return None
+
+
+@lru_cache(maxsize=None)
+def _attention_kv_modes(system: str, op: str) -> frozenset[str]:
+    """The KV dtypes of the system's full-attention rows for `op` (context or generation)."""
+    df = _table(system, "attention", f"{op}_attention_perf.parquet")
+    if df is None:
+        return frozenset()
+    return frozenset(str(kv) for kv in df.kv_cache_dtype.unique() if not _full_attention(df, kv).empty)
 
 
 @lru_cache(maxsize=None)
