@@ -196,3 +196,39 @@ def test_gpu_tables():
     assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0"
     assert kernels.gpu_tables("a100-80gb") == "a100_sxm, vLLM 0.14.0"
     assert kernels.gpu_tables("l4") is None and kernels.gpu_tables("mi300x") is None
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3():
+    from kvlab.serve_config import options_config
+    from kvlab.sim.config import build_config
+    return build_config(options_config("deepseek-v3", quantization="fp8_per_block", tensor_parallel_size=8,
+                                       max_model_len=32768), "h200", timing="auto").cost
+
+
+def test_deepseek_v3_mla_block_on_a_measured_point_is_the_tables_value(deepseek_v3):
+    """DeepSeek-V3 (MLA + MoE) is priced from the MLA module tables: a decode at a measured (batch,
+    context) is the table's per-layer latency x 61 layers, labelled measured."""
+    t = deepseek_v3
+    assert isinstance(t, kernels.KernelTiming)
+    assert t.timing_source.endswith("h200_sxm vLLM 0.24.0 kernel tables, fp8_block GEMMs, bfloat16 KV")
+    gen, _ = kernels._mla_tables("h200_sxm", "fp8_block", "bfloat16")
+    row = gen[(gen.num_heads == 16) & (gen.batch_size == 64) & (gen.step == 1024)]  # 128 heads / -tp 8
+    assert len(row) == 1
+    assert t._gen_attn_at(64, 1 + 1024) == pytest.approx(61 * float(row.latency.iloc[0]), rel=1e-6)
+    assert t._decode_label(64, 1025) == kernels.MEASURED
+    assert t._decode_label(64, 1300) == kernels.INTERPOLATED  # between measured contexts
+    assert t._decode_label(64, 200_000) == kernels.EXTRAPOLATED
+
+
+def test_deepseek_v3_support_follows_the_mla_tables():
+    arch = card("deepseek-v3").arch
+    fp8 = weight_format("fp8-block", arch)
+    assert kernels.kernel_support(arch, fp8, "bfloat16", "auto", hardware.gpu("h200"), 8) is None
+    assert "no MLA module rows for 128 heads over -tp 3" in kernels.kernel_support(
+        arch, fp8, "bfloat16", "auto", hardware.gpu("h200"), 3)
+    assert kernels.kernel_support(arch, fp8, "bfloat16", "auto", hardware.gpu("a100-80gb"), 8) is not None
+    # DeepSeek-V2(-Lite) stays on the roofline: its MoE shape and MLA block are in no table
+    assert "DeepseekV2ForCausalLM" in kernels.kernel_support(
+        card("deepseek-v2-lite").arch, weight_format(None, card("deepseek-v2-lite").arch), "bfloat16", "auto",
+        hardware.gpu("h100"), 1)

@@ -62,7 +62,10 @@ KV_QUANT_MODES = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat
 ARCHITECTURES = {"LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "LlamaForCausalLM",
                  "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
                  "Qwen3MoeForCausalLM": "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM": "Qwen2MoeForCausalLM",
-                 "MixtralForCausalLM": "MixtralForCausalLM"}
+                 "MixtralForCausalLM": "MixtralForCausalLM", "DeepseekV3ForCausalLM": "DeepseekV3ForCausalLM"}
+# The estimator's attention ops (context-dependent: priced per chunk group and per decode context);
+# for MLA models the whole MLA block (its projections with the attention), measured as one module.
+ATTENTION_OPS = ("context_attention", "generation_attention", "context_mla_block", "generation_mla_block")
 PROVENANCE = ("measured", "interpolated", "extrapolated", "roofline")
 MEASURED, INTERPOLATED, EXTRAPOLATED, ROOFLINE = range(4)
 MEMO_LIMIT = 200_000
@@ -157,6 +160,13 @@ def _hf_config(arch: ModelArch, architecture: str) -> dict:
                    moe_intermediate_size=m.moe_intermediate_size)
         if m.shared_expert_intermediate_size:
             cfg["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size
+    if arch.mla is not None:  # DeepSeek-V3's config.json names
+        a, m = arch.mla, arch.moe
+        cfg.update(model_type="deepseek_v3", kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank,
+                   qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim)
+        if m is not None:
+            cfg.update(n_routed_experts=m.num_experts, n_shared_experts=m.num_shared_experts,
+                       first_k_dense_replace=min(m.moe_layers) if m.moe_layers else 0, moe_layer_freq=1)
     return cfg
 
 
@@ -186,8 +196,14 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
         return f"no kernel tables for {dtype} activations"
     if KV_QUANT_MODES.get(kv_cache_dtype) is None:
         return f"no attention table for --kv-cache-dtype {kv_cache_dtype}"
+    if arch.mla is not None:
+        gen, ctx = _mla_tables(system, gemm, KV_QUANT_MODES[kv_cache_dtype])
+        per_rank = arch.num_attention_heads // tp if arch.num_attention_heads % tp == 0 else None
+        if per_rank is None or not (gen.num_heads == per_rank).any() or not (ctx.num_heads == per_rank).any():
+            return (f"no MLA module rows for {arch.num_attention_heads} heads over -tp {tp}, {gemm} GEMMs, "
+                    f"{KV_QUANT_MODES[kv_cache_dtype]} KV on {system}")
     missing = [op for op in ("context", "generation") if KV_QUANT_MODES[kv_cache_dtype] not in _attention_kv_modes(system, op)]
-    if missing:
+    if arch.mla is None and missing:
         return (f"no {' or '.join(missing)} attention rows for {KV_QUANT_MODES[kv_cache_dtype]} KV on {system} "
                 f"(vLLM {table_version(system)})")
     gemm_rows = _gemm_modes(system)
@@ -247,7 +263,7 @@ def _allreduce_rows(system: str, tp: int) -> bool:
 
 @lru_cache(maxsize=64)
 def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim: int,
-            gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None) -> Tables:
+            gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None, mla: bool = False) -> Tables:
     notes: list[str] = []
     static = MEASURED
     g = _table(system, "gemm", "gemm_perf.parquet")
@@ -266,11 +282,17 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
     if off:
         static = INTERPOLATED
         notes.append(f"GEMM (n, k) {off} between measured shapes")
-    gen = _table(system, "attention", "generation_attention_perf.parquet")
-    ctx = _table(system, "attention", "context_attention_perf.parquet")
-    gen, ctx = _full_attention(gen, kv), _full_attention(ctx, kv)
-    gs = gen[(gen.num_heads == heads) & (gen.num_key_value_heads == kv_heads) & (gen.head_dim == head_dim)]
-    cs = ctx[(ctx.num_heads == heads) & (ctx.num_key_value_heads == kv_heads) & (ctx.head_dim == head_dim)]
+    if mla:  # DeepSeek-V3's MLA module tables: per-rank heads, GEMM and KV dtypes
+        gen, ctx = _mla_tables(system, gemm, kv)
+        gs, cs = gen[gen.num_heads == heads], ctx[ctx.num_heads == heads]
+    else:
+        gen = _table(system, "attention", "generation_attention_perf.parquet")
+        ctx = _table(system, "attention", "context_attention_perf.parquet")
+        gen, ctx = _full_attention(gen, kv), _full_attention(ctx, kv)
+        gs = gen[(gen.num_heads == heads) & (gen.num_key_value_heads == kv_heads) & (gen.head_dim == head_dim)]
+        cs = ctx[(ctx.num_heads == heads) & (ctx.num_key_value_heads == kv_heads) & (ctx.head_dim == head_dim)]
+    if (gs.empty or cs.empty) and mla:
+        raise ValueError(f"no MLA module rows for {heads} heads per GPU, {gemm} GEMMs, {kv} KV on {system}")
     if gs.empty or cs.empty:
         beyond = kv_heads > gen.num_key_value_heads.max() or heads > gen.num_heads.max()
         static = max(static, EXTRAPOLATED if beyond else INTERPOLATED)
@@ -280,16 +302,30 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
         cs = ctx if cs.empty else cs
     # Generation rows: `step` tokens decoded after a 1-token prompt; the estimator's context s of
     # a row is step + 2 (checked against the rows of H100's table).
-    max_ctx = (gs.groupby("batch_size").step.max() + 2).to_dict()
+    # MLA module rows: a 1-token prompt plus `step` tokens, context isl + step (checked against H200's).
+    offset = 1 if mla else 2
+    max_ctx = (gs.groupby("batch_size").step.max() + offset).to_dict()
     return Tables(
         tokens=Grid(tuple(sorted(tokens))), knots=tuple(sorted(knots)),
         decode_batch=Grid(tuple(sorted(int(x) for x in gs.batch_size.unique()))),
         decode_max_context={int(b): int(s) for b, s in max_ctx.items()},
-        decode_context=Grid(tuple(sorted(int(x) + 2 for x in gs.step.unique()))),
+        decode_context=Grid(tuple(sorted(int(x) + offset for x in gs.step.unique()))),
         prefill_batch=Grid(tuple(sorted(int(x) for x in cs.batch_size.unique()))),
         prefill_len=Grid(tuple(sorted(int(x) for x in cs.isl.unique()))),
         static=static, notes=tuple(notes),
     )
+
+
+def _mla_tables(system: str, gemm: str, kv: str):
+    """The MLA module tables' rows (generation, context) for these GEMM and KV dtypes (empty frames
+    where the system has none)."""
+    import pandas as pd
+    out = []
+    for op in ("generation", "context"):
+        df = _table(system, "mla", f"mla_{op}_module_perf.parquet")
+        out.append(pd.DataFrame(columns=["num_heads"]) if df is None
+                   else df[(df.gemm_type == gemm) & (df.kv_cache_dtype == kv)])
+    return out[0], out[1]
 
 
 def _full_attention(df, kv: str):
@@ -310,6 +346,8 @@ def _gemm_shapes(arch: ModelArch, tp: int) -> tuple[tuple[int, int], ...]:
     """(n, k) of the dense GEMMs of one layer on one rank (vLLM's merged QKV and gate/up)."""
     h, hd = arch.hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads // tp, max(arch.num_key_value_heads // tp, 1)
+    if arch.mla is not None:  # the projections are inside the measured MLA module; the dense layers' MLP
+        return ((2 * arch.intermediate_size // tp, h), (h, arch.intermediate_size // tp))
     shapes = [((q + 2 * kv) * hd, h), (h, q * hd)]
     if arch.moe is None:
         shapes += [(2 * arch.intermediate_size // tp, h), (h, arch.intermediate_size // tp)]
@@ -369,14 +407,14 @@ class KernelTiming:
         self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, arch.moe is not None)
         ctx, gen = self._eng.run_static_per_op(1, 1, 16, 2, 0, 1.0, 1.0)
         ctx_names, gen_names = [op[0] for op in ctx], [op[0] for op in gen]
-        self._ctx_attn = [ctx_names.index("context_attention")]
-        self._ctx_other = [i for i, n in enumerate(ctx_names) if n != "context_attention"]
-        self._gen_attn = [gen_names.index("generation_attention")]
-        self._gen_other = [i for i, n in enumerate(gen_names) if n != "generation_attention"]
+        self._ctx_attn = [i for i, n in enumerate(ctx_names) if n in ATTENTION_OPS]
+        self._ctx_other = [i for i, n in enumerate(ctx_names) if n not in ATTENTION_OPS]
+        self._gen_attn = [i for i, n in enumerate(gen_names) if n in ATTENTION_OPS]
+        self._gen_other = [i for i, n in enumerate(gen_names) if n not in ATTENTION_OPS]
         kv_heads = max(arch.num_key_value_heads // tp, 1)
         self.tables = _tables(self.system, self.gemm_quant_mode, self.kvcache_quant_mode,
                               arch.num_attention_heads // tp, kv_heads, arch.head_dim, _gemm_shapes(arch, tp),
-                              _moe_shape(arch, tp))
+                              _moe_shape(arch, tp), arch.mla is not None)
         self._counts = [0, 0, 0, 0]
         self._memo_ctx_other: dict[int, tuple[float, int]] = {}
         self._memo_gen_other: dict[int, tuple[float, int]] = {}
