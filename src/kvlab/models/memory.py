@@ -22,7 +22,7 @@ from typing import Sequence
 from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
-from kvlab.models.speculative import SpeculativeDraft
+from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
@@ -425,7 +425,7 @@ def capacity(
     max_num_seqs: int | None = None,
     num_gpu_blocks_override: int | None = None,
     cpu: bool = False,
-    speculative: SpeculativeDraft | None = None,
+    speculative_config: str | dict | SpeculativeDraft | None = None,
     data_parallel_size: int = 1,
     enable_expert_parallel: bool = False,
     allow_long_max_model_len: bool | None = None,
@@ -466,6 +466,8 @@ def capacity(
         block_size = info["block_size"]
 
     target_specs = layer_specs(arch, kv_cache_dtype, block_size, tp, dtype)
+    speculative = (speculative_config if isinstance(speculative_config, SpeculativeDraft) or speculative_config is None
+                   else speculative_draft(speculative_config, arch))
     draft_specs = _draft_specs(speculative, arch, kv_cache_dtype, block_size, tp, dtype)
     specs = target_specs + draft_specs  # the drafter's layers sit on the last pipeline stage
     stages = pp_partition(arch.num_layers, pp)
