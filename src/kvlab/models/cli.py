@@ -393,9 +393,55 @@ def tiny_cmd(
     sys.stdout.write(f"{folder}\n")
 
 
+def explain_cmd(
+    log: str = typer.Argument(..., help="A vLLM server log (GPU or CPU build)"),
+    model: Optional[str] = typer.Option(None, "--model", help="The model, where the log's is not readable here: card name, folder with config.json, or HF id"),
+    speculative_config: Optional[str] = SPEC,
+    as_json: bool = JSON,
+) -> None:
+    """A vLLM log's KV blocks, tokens and concurrency beside kvlab's, with the reason for any difference."""
+    from pathlib import Path
+
+    from kvlab.models.explain import explain
+
+    path = Path(log)
+    if not path.is_file():
+        raise KvlabError(f"{log}: no such file")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise KvlabError(f"{log}: not a vLLM server log (binary content)")
+    e = explain(data.decode("utf-8", errors="replace"), source=log, model=model, speculative_config=speculative_config)
+    if as_json:
+        emit_json(e.to_dict())
+        return
+    cap = e.capacity
+    t = Table(title=f"{log}: vLLM {e.vllm_version or '?'} — {e.model}, budget {e.budget}")
+    for col in ("figure", "logged", "predicted", "verdict", "reason"):
+        t.add_column(col, justify="right" if col in ("logged", "predicted") else "left")
+
+    def show(v, figure):
+        if v is None:
+            return "—"
+        return f"{v:.2f}x" if figure == "max_concurrency" else fmt_int(v)
+
+    for r in e.rows:
+        predicted = show(r.predicted, r.figure)
+        if r.predicted_low is not None and r.predicted_low != r.predicted_high:
+            predicted += f" ({show(r.predicted_low, r.figure)} .. {show(r.predicted_high, r.figure)})"
+        t.add_row(r.figure, show(r.logged, r.figure), predicted, r.verdict, r.reason or "")
+    console.print(t)
+    console.print(f"[dim]kvlab: {cap['attention_backend']}, block {cap['block_size']}, {cap['num_kv_cache_groups']} group(s) "
+                  f"of {fmt_int(cap['bytes_per_block'])} B per block, -tp {cap['tensor_parallel_size']} / -pp "
+                  f"{cap['pipeline_parallel_size']}, max_model_len {cap['max_model_len']:,}"
+                  + (f", {cap['num_draft_layers']} draft layer(s)" if cap["num_draft_layers"] else "") + ".[/dim]")
+    for note in e.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("kv")(kv_cmd)
     app.command("capacity")(capacity_cmd)
+    app.command("explain")(explain_cmd)
     app.command("compare")(compare_cmd)
     app.command("gpus")(gpus_cmd)
     app.command("cards")(cards_cmd)
