@@ -8,7 +8,10 @@ Per layer vLLM keeps a page of `block_size` tokens (`vllm/v1/kv_cache_interface.
 A block holds that page for every layer of a KV-cache group, so `num_blocks = floor(budget /
 (page_size x layers))` (`vllm/v1/core/kv_cache_utils.py`, `get_kv_cache_config_from_groups`), and
 the reported capacity is `max_concurrency = num_blocks / cdiv(max_model_len, block_size)` per
-group, `kv_cache_tokens = int(max_concurrency x max_model_len)` (vLLM >= 0.21).
+group, `kv_cache_tokens = int(max_concurrency x max_model_len)` (vLLM >= 0.21). With pipeline
+stages each stage divides its own budget by its own layers and vLLM keeps the smallest block count
+(`get_kv_cache_configs`); a speculative draft's layers join the last stage's pool
+(`kvlab.models.speculative`).
 Everything else in kvlab (simulator, reports, planner) calls this module.
 """
 

@@ -1,12 +1,14 @@
 """`--speculative-config`: which draft layers take KV cache, as vLLM 0.32 counts them.
 
 vLLM registers a drafter's attention layers next to the target's and sizes them from the same pool
-(`vllm/v1/worker/gpu_model_runner.py` builds the drafter on the last pipeline stage;
-`get_kv_cache_spec` collects every attention layer of both models; `vllm/v1/core/kv_cache_utils.py`
-`get_kv_cache_groups` puts layers needing the same token slots in one group, whose block is the sum
-of its layers' pages). So a draft layer costs what a target layer costs, per block:
+(`vllm/v1/worker/gpu_model_runner.py`: "we put the entire draft model on the last PP rank", and
+`get_kv_cache_spec` walks every `AttentionLayerBase` of the vLLM config, the drafter's included;
+`vllm/v1/core/kv_cache_utils.py` `get_kv_cache_groups` puts layers needing the same token slots in
+one group, whose block is the sum of its layers' pages, `UniformTypeKVCacheSpecs`). So a draft
+layer costs what a target layer of its geometry costs, per block:
 - eagle / eagle3 / draft_model: the draft checkpoint's `num_hidden_layers` with its own KV heads and
-  head size (`vllm/model_executor/models/llama_eagle.py`, `llama_eagle3.py`; speculators-format
+  head size (`vllm/model_executor/models/llama_eagle.py` builds `layers.{target layers + i}` for i in
+  range(num_hidden_layers), likewise `llama_eagle3.py`; speculators-format
   checkpoints keep the layer config under `transformer_layer_config`);
 - mtp: the target's own `num_nextn_predict_layers` MLA layers (`vllm/config/speculative.py`
   `hf_config_override` turns deepseek_v3 into deepseek_mtp; `deepseek_mtp.py` builds that many);
