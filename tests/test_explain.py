@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from kvlab.deploy.facts import parse_log
 from kvlab.errors import KvlabError
-from kvlab.models.explain import explain, read_log
+from kvlab.models import explain as explain_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EAGLE_LOG = FIXTURES / "vllm-0.9.1-gpu-h100-llama-3.1-8b-eagle.server.log"
+
+
+def explain(text, **kw):
+    return explain_module.explain(text, parse_log=parse_log, **kw)
+
+
+def read_log(text):
+    return explain_module.read_log(text, parse_log)
 
 
 def _rows(e):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -393,13 +393,23 @@ def tiny_cmd(
     sys.stdout.write(f"{folder}\n")
 
 
-def explain_cmd(
-    log: str = typer.Argument(..., help="A vLLM server log (GPU or CPU build)"),
-    model: Optional[str] = typer.Option(None, "--model", help="The model, where the log's is not readable here: card name, folder with config.json, or HF id"),
-    speculative_config: Optional[str] = SPEC,
-    as_json: bool = JSON,
-) -> None:
-    """A vLLM log's KV blocks, tokens and concurrency beside kvlab's, with the reason for any difference."""
+def explain_command(parse_log: Callable[[str], Any]) -> Callable[..., None]:
+    """`kvlab explain`, reading the log's startup lines with parse_log (`kvlab.deploy.facts.parse_log`,
+    passed in by `kvlab.cli`: the deploy stage sits above this one)."""
+
+    def explain_cmd(
+        log: str = typer.Argument(..., help="A vLLM server log (GPU or CPU build)"),
+        model: Optional[str] = typer.Option(None, "--model", help="The model, where the log's is not readable here: card name, folder with config.json, or HF id"),
+        speculative_config: Optional[str] = SPEC,
+        as_json: bool = JSON,
+    ) -> None:
+        """A vLLM log's KV blocks, tokens and concurrency beside kvlab's, with the reason for any difference."""
+        _explain(log, model, speculative_config, as_json, parse_log)
+
+    return explain_cmd
+
+
+def _explain(log: str, model: str | None, speculative_config: str | None, as_json: bool, parse_log) -> None:
     from pathlib import Path
 
     from kvlab.models.explain import explain
@@ -410,7 +420,8 @@ def explain_cmd(
     data = path.read_bytes()
     if b"\x00" in data[:65536]:
         raise KvlabError(f"{log}: not a vLLM server log (binary content)")
-    e = explain(data.decode("utf-8", errors="replace"), source=log, model=model, speculative_config=speculative_config)
+    e = explain(data.decode("utf-8", errors="replace"), parse_log=parse_log, source=log, model=model,
+                speculative_config=speculative_config)
     if as_json:
         emit_json(e.to_dict())
         return
@@ -441,7 +452,6 @@ def explain_cmd(
 def register(app: typer.Typer) -> None:
     app.command("kv")(kv_cmd)
     app.command("capacity")(capacity_cmd)
-    app.command("explain")(explain_cmd)
     app.command("compare")(compare_cmd)
     app.command("gpus")(gpus_cmd)
     app.command("cards")(cards_cmd)

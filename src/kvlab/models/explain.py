@@ -5,7 +5,9 @@ The log gives the model, the flags (the engine config line and "non-default args
 of it (blocks, tokens, maximum concurrency). kvlab recomputes the figures from the budget and says,
 per figure, whether they agree, agree within the budget's logged rounding (vLLM prints GiB to two
 decimals), or differ for a reason it can name (draft layers of a speculative decoder, another
-pipeline stage's budget). Log line variants: `kvlab.deploy.facts` (vLLM 0.10 .. 0.33, GPU and CPU).
+pipeline stage's budget). The log's common lines are read by a `parse_log` the caller passes
+(`kvlab.deploy.facts.parse_log`, vLLM 0.10 .. 0.33, GPU and CPU; wired in `kvlab.cli`, as the
+memory model sits below the deploy stage); the lines only this command needs are read here.
 """
 
 from __future__ import annotations
@@ -96,13 +98,12 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def read_log(text: str) -> LoggedServer:
-    """The model, flags and KV lines of a vLLM server log; KvlabError for a log that is not one."""
-    from kvlab.deploy import facts as log_facts
-
+def read_log(text: str, parse_log: Callable[[str], Any]) -> LoggedServer:
+    """The model, flags and KV lines of a vLLM server log; KvlabError for a log that is not one.
+    parse_log(text): the startup facts (`kvlab.deploy.facts.StartupFacts`)."""
     if not isinstance(text, str) or "\x00" in text:
         raise KvlabError("not a vLLM server log: binary content")
-    found = log_facts.parse_log(text)
+    found = parse_log(text)
     engine = _ENGINE_LINE.search(text)
     config = _config_fields(engine.group(1)) if engine else {}
     args = _args(text)
@@ -235,12 +236,13 @@ def _matches(figure: str, logged, value) -> bool:
     return int(logged) == int(value)
 
 
-def explain(text: str, *, source: str = "LOG", model: str | None = None,
+def explain(text: str, *, parse_log: Callable[[str], Any], source: str = "LOG", model: str | None = None,
             resolve: Callable[[str], Any] | None = None, speculative_config: str | None = None) -> Explanation:
-    """Recompute a log's KV figures; `model` overrides the log's model (a card, folder or HF id)."""
+    """Recompute a log's KV figures; `model` overrides the log's model (a card, folder or HF id);
+    parse_log as in `read_log`."""
     from kvlab.models.cards import resolve_model
 
-    logged = read_log(text)
+    logged = read_log(text, parse_log)
     resolve = resolve or resolve_model
     resolved = _resolve(logged, model, resolve)
     flags = dict(logged.flags)
