@@ -99,6 +99,29 @@ def test_pipeline_stages_each_size_their_own_pool():
     assert _rows(e)["kv_cache_tokens"].verdict == "equal" and e.agrees
 
 
+def test_mtp_draft_named_in_the_engine_config_line_is_sized():
+    """Synthetic log in vLLM 0.32's formats (SpeculativeConfig.__repr__): DeepSeek-V3 with its MTP
+    layer, -tp 8: 61 + 1 MLA layers x 16 x 1,152 B per block; 20 GiB -> 18,791 blocks."""
+    log = "\n".join([
+        "(EngineCore pid=2) INFO 01-01 00:00:01 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: "
+        "model='deepseek-ai/DeepSeek-V3', speculative_config=SpeculativeConfig(method='mtp', "
+        "model='deepseek-ai/DeepSeek-V3', num_spec_tokens=1), tokenizer='deepseek-ai/DeepSeek-V3', "
+        "dtype=torch.bfloat16, max_seq_len=32768, tensor_parallel_size=8, pipeline_parallel_size=1, "
+        "data_parallel_size=1, quantization=fp8, kv_cache_dtype=auto, device_config=cuda",
+        "(Worker_TP0 pid=3) INFO 01-01 00:00:02 [cuda.py:334] Using FLASH_ATTN_MLA attention backend out of "
+        "potential backends: ['FLASH_ATTN_MLA', 'FLASHMLA', 'FLASHINFER_MLA', 'TRITON_MLA'].",
+        "(Worker_TP0 pid=3) INFO 01-01 00:00:05 [gpu_worker.py:436] Available KV cache memory: 20.00 GiB",
+        "(EngineCore pid=2) INFO 01-01 00:00:06 [kv_cache_utils.py:2327] GPU KV cache size: 300,656 tokens, "
+        "Maximum concurrency for 32,768 tokens per request: 9.18x",
+    ])
+    e = explain(log)
+    assert e.capacity["num_draft_layers"] == 1 and e.capacity["num_blocks"] == 18_791
+    assert e.agrees, e.rows
+    plain = explain(log.replace("speculative_config=SpeculativeConfig(method='mtp', model='deepseek-ai/DeepSeek-V3', "
+                                "num_spec_tokens=1)", "speculative_config=None"))
+    assert "1 draft layer(s)" in _rows(plain)["kv_cache_tokens"].reason
+
+
 @pytest.mark.parametrize("text, message", [
     ("hello world\n", "not a vLLM server log"),
     ("INFO 01-01 Available KV cache memory: 1.00 GiB\n", "not a vLLM server log"),

@@ -168,7 +168,8 @@ def _served_name(args: dict, config: dict) -> str | None:
 def _speculative_from_log(spec: dict) -> dict:
     """The --speculative-config JSON as vLLM's args or its SpeculativeConfig repr give it."""
     out = {k: v for k, v in spec.items() if k in ("method", "model", "num_speculative_tokens",
-                                                   "draft_tensor_parallel_size", "kv_cache_dtype")}
+                                                   "draft_tensor_parallel_size", "kv_cache_dtype")
+           and v not in (None, "None")}
     if "num_spec_tokens" in spec and "num_speculative_tokens" not in out:
         out["num_speculative_tokens"] = _int(spec["num_spec_tokens"])
     if isinstance(out.get("num_speculative_tokens"), str):
@@ -357,10 +358,7 @@ def _capacity_kwargs(logged: LoggedServer, flags: dict, notes: list[str]) -> dic
 
 def _reason(logged, resolved, kw, budgets, band, figure, got, version, pp, draft_note) -> str:
     """Why a figure differs, where kvlab can tell: draft layers, another stage, or unknown."""
-    if draft_note:
-        return draft_note
-    spec = kw.get("speculative_config")
-    if spec is None:
+    if kw.get("speculative_config") is None:
         for k in range(1, 9):
             draft = SpeculativeDraft("draft layers", None, arch=replace(
                 resolved.arch, num_layers=k, layer_types=("full_attention",) * k, sliding_window=None,
@@ -370,8 +368,13 @@ def _reason(logged, resolved, kw, budgets, band, figure, got, version, pp, draft
                 cap = memory.capacity(resolved.arch, kv_budget_bytes=b, **{**kw, "speculative_config": draft})
                 value = _figures(version, cap)[figure]
                 if _matches(figure, got, value):
+                    if draft_note:
+                        return (f"{draft_note}; the figures are consistent with {k} draft layer(s) of the model's "
+                                "geometry: pass --speculative-config with a draft folder readable here")
                     return (f"consistent with {k} draft layer(s) of the model's geometry in the same KV pool: a "
                             "speculative decoder (EAGLE, MTP) the log does not name; pass --speculative-config")
+    if draft_note:
+        return draft_note
     if pp > 1:
         return ("another pipeline stage: vLLM keeps the smallest block count of all stages, and this log does "
                 "not say which worker is which stage")
