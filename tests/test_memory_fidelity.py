@@ -304,3 +304,13 @@ def test_capacity_command_takes_the_new_flags(kvlab, tmp_path):
     assert d["num_blocks_per_stage"] == [10 * GiB // (16 * LLAMA_PAGE), int(10.25 * GiB) // (16 * LLAMA_PAGE)]
     r = kvlab("capacity", "llama-3.1-8b", "--kv-memory-gib", "10,x")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "--kv-memory-gib" in r.stderr
+
+
+def test_simulator_still_warns_that_it_does_not_simulate_them():
+    from kvlab.sim.args import parse_serve_args
+
+    args = parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "-dp", "2", "--enable-expert-parallel",
+                             "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'])
+    assert {"data-parallel-size", "enable-expert-parallel", "speculative-config"} <= set(args.not_simulated)
+    assert args.config.data_parallel_size == 2
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).not_simulated == ()
