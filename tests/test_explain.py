@@ -122,6 +122,27 @@ def test_mtp_draft_named_in_the_engine_config_line_is_sized():
     assert "1 draft layer(s)" in _rows(plain)["kv_cache_tokens"].reason
 
 
+def test_v0_engine_log_lines():
+    """Synthetic log in vLLM 0.6's V0 formats: the budget is "the rest of the memory reserved for KV
+    Cache", the cache "# GPU blocks"; 56.34 GiB / (32 layers x 64 KiB) = 28,846 blocks."""
+    log = "\n".join([
+        "INFO 10-18 09:59:51 llm_engine.py:237] Initializing an LLM engine (v0.6.3) with config: "
+        "model='meta-llama/Llama-3.1-8B-Instruct', speculative_config=None, dtype=torch.bfloat16, "
+        "max_seq_len=8192, tensor_parallel_size=1, pipeline_parallel_size=1, quantization=None, kv_cache_dtype=auto",
+        "INFO 10-18 09:59:52 selector.py:135] Using Flash Attention backend.",
+        "INFO 10-18 10:00:10 worker.py:232] Memory profiling results: total_gpu_memory=79.10GiB "
+        "initial_memory_usage=15.43GiB peak_torch_memory=16.20GiB memory_usage_post_profile=15.60GiB "
+        "non_torch_memory=0.16GiB kv_cache_size=56.34GiB gpu_memory_utilization=0.90. "
+        "the rest of the memory reserved for KV Cache is 56.34GiB.",
+        "INFO 10-18 10:00:10 gpu_executor.py:122] # GPU blocks: 28846, # CPU blocks: 2048",
+        "INFO 10-18 10:00:10 gpu_executor.py:126] Maximum concurrency for 8192 tokens per request: 56.34x",
+    ])
+    e = explain(log)
+    rows = _rows(e)
+    assert rows["num_blocks"].logged == 28_846 and rows["num_blocks"].verdict in ("equal", "within rounding band")
+    assert rows["max_concurrency"].verdict == "equal" and e.agrees
+
+
 @pytest.mark.parametrize("text, message", [
     ("hello world\n", "not a vLLM server log"),
     ("INFO 01-01 Available KV cache memory: 1.00 GiB\n", "not a vLLM server log"),

@@ -34,6 +34,7 @@ _NAMESPACE = re.compile(r"\bargs: Namespace\((.*)\)\s*$", re.M)
 _AVAILABLE = re.compile(r"^(.*?)Available KV cache memory: (\d+(?:\.\d+)?) ?GiB", re.M)
 _CPU_SPACE = re.compile(r"(Explicitly|Auto) set \((\d+(?:\.\d+)?)/[\d.]+\) GiB for KV cache")
 _RESERVED = re.compile(r"reserved (\d+(?:\.\d+)?) GiB memory for KV Cache")
+_V0_REST = re.compile(r"the rest of the memory reserved for KV Cache is (\d+(?:\.\d+)?) ?GiB")  # V0 engine
 _NUM_BLOCKS = re.compile(r"(?:# (?:GPU|CPU) blocks: |num_gpu_blocks is: )([\d,]+)")
 _PP_RANK = re.compile(r"PP(\d+)")
 
@@ -144,7 +145,7 @@ def read_log(text: str, parse_log: Callable[[str], Any]) -> LoggedServer:
         exact = int(float(cpu.group(2)) * GiB)  # VLLM_CPU_KVCACHE_SPACE, whole GiB as given
     elif cpu:
         budgets.append((None, float(cpu.group(2))))
-    reserved = _RESERVED.search(text)
+    reserved = _RESERVED.search(text) or _V0_REST.search(text)
     if exact is None and reserved:
         budgets.append((None, float(reserved.group(1))))
     blocks = _NUM_BLOCKS.search(text)
