@@ -26,7 +26,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
-from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_bytes_by_role, weight_format
+from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
@@ -356,11 +356,11 @@ class CapacityResult:
         return d
 
 
-def _weights_per_gpu(arch: ModelArch, fmt: WeightFormat, dtype: str, tp: int, pp: int, dp: int) -> int:
-    """One GPU's weights. Routed experts are split over tp x dp GPUs with or without
-    --enable-expert-parallel (vLLM `FusedMoEParallelConfig.make` flattens TP across DP, and with EP
-    each of those ranks owns whole experts); the rest is split by -tp and replicated across -dp."""
-    roles = weight_bytes_by_role(arch, fmt, dtype)
+def _weights_per_gpu(roles: dict[str, float], tp: int, pp: int, dp: int) -> int:
+    """One GPU's weights (`roles`: `weight_bytes_by_role`). Routed experts are split over tp x dp GPUs
+    with or without --enable-expert-parallel (vLLM `FusedMoEParallelConfig.make` flattens TP across
+    DP, and with EP each of those ranks owns whole experts); the rest is split by -tp and replicated
+    across -dp."""
     expert = roles.get("expert", 0.0)
     rest = sum(roles.values()) - expert
     return ceil((rest / tp + expert / (tp * dp)) / pp)
@@ -475,8 +475,9 @@ def capacity(
     specs = target_specs + draft_specs  # the drafter's layers sit on the last pipeline stage
     stages = pp_partition(arch.num_layers, pp)
 
-    w_total = weight_bytes(arch, fmt, dtype)
-    w_gpu = _weights_per_gpu(arch, fmt, dtype, tp, pp, dp)
+    roles = weight_bytes_by_role(arch, fmt, dtype)
+    w_total = int(ceil(sum(roles.values())))  # = weight_bytes(arch, fmt, dtype)
+    w_gpu = _weights_per_gpu(roles, tp, pp, dp)
 
     memory = None
     if kv_budget_bytes is not None:
