@@ -189,10 +189,18 @@ def test_hybrid_groups_follow_vllm():
     assert r.bytes_per_block == 10 * specs[0].page_size_bytes
 
 
-def test_max_model_len_checks():
+def test_max_model_len_checks(monkeypatch):
     a = card("llama-2-7b").arch
-    with pytest.raises(KvlabError, match="exceeds the model's max_position_embeddings"):
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    # vLLM's own reason (vllm/config/model.py, _get_and_verify_max_len)
+    with pytest.raises(KvlabError, match=r"User-specified max_model_len \(8192\) is greater than the derived "
+                                         r"max_model_len \(max_position_embeddings=4096.0 or model_max_length=None"):
         memory.capacity(a, kv_budget_bytes=GiB, max_model_len=8192)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    r = memory.capacity(a, kv_budget_bytes=GiB, max_model_len=8192)
+    assert r.max_model_len == 8192 and "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in r.warnings[0]
+    with pytest.raises(KvlabError, match="VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"):
+        memory.capacity(a, kv_budget_bytes=GiB, max_model_len=8192, allow_long_max_model_len=False)
     r = memory.capacity(a, kv_budget_bytes=GiB // 64, max_model_len=4096)
     assert r.warnings and "cannot hold one request" in r.warnings[0]
 

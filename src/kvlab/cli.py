@@ -52,14 +52,22 @@ def _kernel_data(gpu: str) -> str | None:
     return gpu_tables(gpu)
 
 
+def _parse_log(text: str):
+    from kvlab.deploy.facts import parse_log
+
+    return parse_log(text)
+
+
 # Commands that join stages are wired here, so that no stage imports one above it:
 # `kvlab sim run` is the offline replay (above sim and loadtest); `kvlab plan --spec` reads an
 # experiment spec (experiments imports plan, to plan after its cells); `kvlab gpus` says which
-# presets the simulator has measured kernel data for.
+# presets the simulator has measured kernel data for; `kvlab explain` (the memory model's) reads a
+# server log with the deploy stage's log parser.
 for _stage in STAGES:
     _stage.register(app, kernel_data=_kernel_data) if _stage is models_cli else _stage.register(app)
 replay_cli.register(sim_cli.sim_app)
 plan_cli.register(app, load_spec=_load_spec)
+app.command("explain")(models_cli.explain_command(parse_log=_parse_log))
 app.command("locustfile")(resources.locustfile_command)
 
 

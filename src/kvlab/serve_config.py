@@ -15,6 +15,7 @@ Flags kvlab does not type are kept verbatim, in order, in `vllm_args`.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from typing import Any, Sequence
 
@@ -56,6 +57,9 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--dtype", choices=dtypes, default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--speculative-config", "-sc", type=_json_object, default=None)
     p.add_argument("--max-model-len", type=human_readable_int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
@@ -65,6 +69,17 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)
+
+
+def _json_object(value: str) -> str:
+    """vLLM parses --speculative-config with json.loads; kvlab keeps the text (compact) for argv."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed")
+    return json.dumps(parsed, separators=(",", ":"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +107,9 @@ class ServeConfig(BaseModel):
     dtype: str | None = None  # bfloat16, float16, float32; None: the checkpoint's
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    speculative_config: str | None = None  # vLLM's JSON, compact
     max_model_len: int | None = None
     block_size: int | None = None
     attention_backend: str | None = None
@@ -141,6 +159,8 @@ class ServeConfig(BaseModel):
                 ("--quantization", q, None), ("--kv-cache-dtype", self.kv_cache_dtype, "auto"),
                 ("--dtype", self.dtype, None), ("--tensor-parallel-size", self.tensor_parallel_size, 1),
                 ("--pipeline-parallel-size", self.pipeline_parallel_size, 1),
+                ("--data-parallel-size", self.data_parallel_size, 1),
+                ("--speculative-config", self.speculative_config, None),
                 ("--max-model-len", self.max_model_len, None), ("--block-size", self.block_size, None),
                 ("--attention-backend", self.attention_backend, None),
                 ("--gpu-memory-utilization", self.gpu_memory_utilization, None),
@@ -150,6 +170,8 @@ class ServeConfig(BaseModel):
                 ("--num-gpu-blocks-override", self.num_gpu_blocks_override, None)):
             if value != default:
                 out += [flag, str(value)]
+        if self.enable_expert_parallel:
+            out.append("--enable-expert-parallel")
         return out + list(self.vllm_args)
 
     # -- the memory model -----------------------------------------------------------------------
@@ -164,6 +186,8 @@ class ServeConfig(BaseModel):
                   max_model_len=self.max_model_len, block_size=self.block_size,
                   attention_backend=self.attention_backend, tensor_parallel_size=self.tensor_parallel_size,
                   pipeline_parallel_size=self.pipeline_parallel_size, kv_budget_bytes=self.kv_cache_memory_bytes,
+                  data_parallel_size=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
+                  speculative_config=self.speculative_config,
                   max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                   num_gpu_blocks_override=self.num_gpu_blocks_override)
         if self.gpu_memory_utilization is not None:
@@ -205,7 +229,9 @@ def config_values(ns: argparse.Namespace) -> dict[str, Any]:
     kvlab's: the --quantization method to a weight format, --dtype aliases to torch names)."""
     return dict(
         **quantization_fields(ns.quantization), kv_cache_dtype=ns.kv_cache_dtype, dtype=_dtype(ns.dtype), tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size, max_model_len=ns.max_model_len, block_size=ns.block_size,
+        pipeline_parallel_size=ns.pipeline_parallel_size, data_parallel_size=ns.data_parallel_size,
+        enable_expert_parallel=ns.enable_expert_parallel, speculative_config=ns.speculative_config,
+        max_model_len=ns.max_model_len, block_size=ns.block_size,
         attention_backend=ns.attention_backend, gpu_memory_utilization=ns.gpu_memory_utilization,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, num_gpu_blocks_override=ns.num_gpu_blocks_override,

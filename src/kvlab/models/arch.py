@@ -107,6 +107,11 @@ class ModelArch:
     # Per layer "full_attention" or "sliding_attention" (with sliding_window tokens).
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    # Context: what vLLM derives from the config (`_get_and_verify_max_len`): max_position_embeddings
+    # times a RoPE scaling factor (rope types that do not pre-scale it), or a larger model_max_length.
+    rope_scaling_factor: float = 1.0
+    model_max_length: int | None = None
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3's MTP layers (a speculative draft in vLLM)
     quantization_config: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
@@ -123,6 +128,13 @@ class ModelArch:
     @property
     def num_sliding_layers(self) -> int:
         return sum(1 for t in self.layer_types if t == "sliding_attention")
+
+    @property
+    def derived_max_model_len(self) -> float | None:
+        """The longest --max-model-len vLLM accepts without VLLM_ALLOW_LONG_MAX_MODEL_LEN."""
+        if self.max_position_embeddings is None:
+            return None
+        return self.max_position_embeddings * self.rope_scaling_factor
 
 
 def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
@@ -169,7 +181,9 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         if not isinstance(cfg["text_config"], dict):
             raise KvlabError(f"{source}: text_config must be a JSON object")
         inner = dict(cfg["text_config"])
-        inner.setdefault("quantization_config", cfg.get("quantization_config"))
+        for key in ("quantization_config", "use_sliding_window"):
+            if key in cfg:
+                inner.setdefault(key, cfg[key])
         cfg = inner
     model_type = str(_get(cfg, "model_type", default="unknown"))
     archs = cfg.get("architectures") or []
@@ -243,8 +257,37 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         moe=moe,
         layer_types=layer_types,
         sliding_window=sliding_window,
+        rope_scaling_factor=_rope_scaling_factor(cfg, model_type, source),
+        model_max_length=(None if _get(cfg, "model_max_length") is None else
+                          _int(cfg["model_max_length"], source, "model_max_length", 1)),
+        num_nextn_predict_layers=_int(_get(cfg, "num_nextn_predict_layers", default=0), source,
+                                      "num_nextn_predict_layers", 0),
         quantization_config=cfg.get("quantization_config"),
     )
+
+
+# RoPE types whose max_position_embeddings is already the scaled context: vLLM does not apply
+# their `factor` again (vllm/config/model.py, `_get_and_verify_max_len`).
+_PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _rope_scaling_factor(cfg: dict[str, Any], model_type: str, source: str) -> float:
+    """The factor vLLM multiplies max_position_embeddings by (1.0 for most models)."""
+    rope = _get(cfg, "rope_parameters", "rope_scaling")
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        rope = next(iter(rope.values()))  # per layer type: vLLM assumes one factor for all
+    if not isinstance(rope, dict) or "gemma3" in model_type:
+        return 1.0
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in _PRESCALED_ROPE_TYPES or rope.get("factor") is None:
+        return 1.0
+    try:
+        factor = float(rope["factor"])
+    except (TypeError, ValueError):
+        raise KvlabError(f"{source}: rope_scaling factor must be a number, got {rope['factor']!r}") from None
+    if not 0 < factor <= 1024:
+        raise KvlabError(f"{source}: rope_scaling factor {factor} is not a model's")
+    return factor
 
 
 def _moe_from_config(cfg: dict[str, Any], model_type: str, num_layers: int, source: str) -> MoE | None:
@@ -298,8 +341,10 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int,
     if isinstance(declared, list) and len(declared) == num_layers:
         types = tuple("sliding_attention" if "sliding" in str(t) else "full_attention" for t in declared)
         return types, (int(window) if window and "sliding_attention" in types else None)
-    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
-        # Qwen declares a window but uses it only with use_sliding_window, from max_window_layers on.
+    if "use_sliding_window" in cfg or model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        # Qwen-style configs (Qwen2/3, their MoE and VL variants, ...) declare a window but use it
+        # only with use_sliding_window, from max_window_layers on: transformers sets sliding_window to
+        # None without it, and vLLM reads that config.
         if not cfg.get("use_sliding_window") or not window:
             return ("full_attention",) * num_layers, None
         first = _int(_get(cfg, "max_window_layers", default=num_layers), source, "max_window_layers", 0)

@@ -26,13 +26,16 @@ DTYPE = typer.Option(None, "--dtype", help="Model dtype: bfloat16, float16, floa
 GPU = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus); KV budget estimated from --gpu-memory-utilization")
 UTIL = typer.Option(memory.DEFAULT_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
                     help="Fraction of GPU memory vLLM may use (vLLM >= 0.20's default)")
-KV_GIB = typer.Option(None, "--kv-memory-gib", help="Exact KV budget per GPU in GiB (vLLM's 'Available KV cache memory', or VLLM_CPU_KVCACHE_SPACE)")
+KV_GIB = typer.Option(None, "--kv-memory-gib", help="Exact KV budget per GPU in GiB (vLLM's 'Available KV cache memory', or VLLM_CPU_KVCACHE_SPACE); with -pp one for all stages or one per stage, comma-separated (e.g. 20.5,22.1)")
 KV_BYTES = typer.Option(None, "--kv-cache-memory-bytes", help="Exact KV budget per GPU in bytes (vLLM's flag)")
 MAX_LEN = typer.Option(None, "--max-model-len", help="Context length per request (default: the card's context length, else the config's)")
 BLOCK = typer.Option(None, "--block-size", help="Tokens per KV block (default: the attention backend's)")
 BACKEND = typer.Option(None, "--attention-backend", help="vLLM attention backend (default: what vLLM picks on the GPU)")
 TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="Tensor-parallel GPUs")
 PP = typer.Option(1, "--pipeline-parallel-size", "-pp", help="Pipeline-parallel stages")
+DP = typer.Option(1, "--data-parallel-size", "-dp", help="Data-parallel replicas (their GPUs split the routed experts)")
+EP = typer.Option(False, "--enable-expert-parallel", "-ep", help="Experts owned whole by each GPU (vLLM's flag; same bytes per GPU)")
+SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool")
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
@@ -118,13 +121,23 @@ def kv_cmd(
         )
 
 
-def _budget_bytes(kv_memory_gib: float | None, kv_cache_memory_bytes: int | None) -> int | None:
+def _gib_values(text: str | float) -> list[float]:
+    try:
+        values = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise KvlabError(f"--kv-memory-gib takes GiB numbers, one or one per pipeline stage (e.g. 20.5,22.1); got {text!r}") from None
+    for v in values:
+        if not v > 0 or v == float("inf"):
+            raise KvlabError(f"--kv-memory-gib must be positive, got {v}")
+    return values
+
+
+def _budget_bytes(kv_memory_gib: str | float | None, kv_cache_memory_bytes: int | None) -> int | list[int] | None:
     if kv_memory_gib is not None and kv_cache_memory_bytes is not None:
         raise KvlabError("give --kv-memory-gib or --kv-cache-memory-bytes, not both")
     if kv_memory_gib is not None:
-        if kv_memory_gib <= 0:
-            raise KvlabError(f"--kv-memory-gib must be positive, got {kv_memory_gib}")
-        return int(kv_memory_gib * GiB)
+        values = [int(v * GiB) for v in _gib_values(kv_memory_gib)]
+        return values[0] if len(values) == 1 else values
     if kv_cache_memory_bytes is not None and kv_cache_memory_bytes <= 0:
         raise KvlabError(f"--kv-cache-memory-bytes must be positive, got {kv_cache_memory_bytes}")
     return kv_cache_memory_bytes
@@ -155,7 +168,7 @@ class CapacityFlags:
 
     gpu: str | None
     gpu_memory_utilization: float
-    kv_memory_gib: float | None
+    kv_memory_gib: str | None
     kv_cache_memory_bytes: int | None
     max_model_len: int | None
     block_size: int | None
@@ -168,6 +181,9 @@ class CapacityFlags:
     max_num_batched_tokens: int | None
     max_num_seqs: int | None
     cpu: bool
+    data_parallel_size: int | None = None
+    enable_expert_parallel: bool | None = None
+    speculative_config: str | None = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "CapacityFlags":
@@ -189,6 +205,8 @@ class CapacityFlags:
         kw = asdict(self)
         for given_only in ("kv_memory_gib", "kv_cache_memory_bytes"):
             del kw[given_only]
+        kw["data_parallel_size"] = self.data_parallel_size or 1
+        kw["enable_expert_parallel"] = bool(self.enable_expert_parallel)
         return {**kw, "kv_budget_bytes": budget}
 
 
@@ -196,7 +214,7 @@ def capacity_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     gpu: Optional[str] = GPU,
     gpu_memory_utilization: float = UTIL,
-    kv_memory_gib: Optional[float] = KV_GIB,
+    kv_memory_gib: Optional[str] = KV_GIB,
     kv_cache_memory_bytes: Optional[int] = KV_BYTES,
     max_model_len: Optional[int] = MAX_LEN,
     block_size: Optional[int] = BLOCK,
@@ -206,6 +224,9 @@ def capacity_cmd(
     dtype: Optional[str] = DTYPE,
     tensor_parallel_size: int = TP,
     pipeline_parallel_size: int = PP,
+    data_parallel_size: int = DP,
+    enable_expert_parallel: bool = EP,
+    speculative_config: Optional[str] = SPEC,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
@@ -224,15 +245,19 @@ def capacity_cmd(
     t.add_column("what")
     t.add_column("value", justify="right")
     where = f"{r.gpu} x{r.num_gpus}" if r.gpu else ("CPU build" if cpu else "exact budget")
+    stages = ", ".join(f"{fmt_gib(b)}" for b in r.kv_budget_bytes_per_stage)
     rows = [
         ("where", where),
         ("--kv-cache-dtype / weights", f"{r.kv_cache_dtype} / {r.quantization}"),
         ("attention backend, block size", f"{r.attention_backend}, {r.block_size}"),
         ("-tp / -pp (layers per stage)", f"{r.tensor_parallel_size} / {r.pipeline_parallel_size} ({', '.join(map(str, r.layers_per_stage))})"),
         ("KV bytes per token per GPU", fmt_int(r.kv_bytes_per_token)),
+        *([("speculative draft (method, KV layers on the last stage)",
+            f"{r.speculative['method']}, {r.num_draft_layers}")] if r.speculative else []),
         ("page size per layer (bytes)", fmt_int(r.page_size_bytes)),
         ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu)),
-        (f"KV budget per GPU (GiB, {budget_label})", fmt_gib(r.kv_budget_bytes)),
+        (f"KV budget per GPU (GiB, {budget_label})", fmt_gib(r.kv_budget_bytes) if r.pipeline_parallel_size == 1
+         else f"{stages} (stage {r.limiting_stage} sets num_blocks)"),
         ("num_blocks", fmt_int(r.num_blocks)),
         ("KV cache tokens", fmt_int(r.kv_cache_tokens)),
         (f"maximum concurrency at {r.max_model_len:,} tokens", f"{r.max_concurrency:,.2f}x"),
@@ -256,7 +281,7 @@ def compare_cmd(
     models: list[str] = typer.Argument(..., help="Two or more models; savings are against the first"),
     gpu: Optional[str] = GPU,
     gpu_memory_utilization: float = UTIL,
-    kv_memory_gib: Optional[float] = KV_GIB,
+    kv_memory_gib: Optional[str] = KV_GIB,
     kv_cache_memory_bytes: Optional[int] = KV_BYTES,
     max_model_len: Optional[int] = MAX_LEN,
     block_size: Optional[int] = BLOCK,
@@ -380,6 +405,62 @@ def tiny_cmd(
     info = read_marker(folder)
     console.print(f"twin of {model}: {info.params:,} parameters (random weights, seed {info.seed})")
     sys.stdout.write(f"{folder}\n")
+
+
+def explain_command(parse_log: Callable[[str], Any]) -> Callable[..., None]:
+    """`kvlab explain`, reading the log's startup lines with parse_log (`kvlab.deploy.facts.parse_log`,
+    passed in by `kvlab.cli`: the deploy stage sits above this one)."""
+
+    def explain_cmd(
+        log: str = typer.Argument(..., help="A vLLM server log (GPU or CPU build)"),
+        model: Optional[str] = typer.Option(None, "--model", help="The model, where the log's is not readable here: card name, folder with config.json, or HF id"),
+        speculative_config: Optional[str] = SPEC,
+        as_json: bool = JSON,
+    ) -> None:
+        """A vLLM log's KV blocks, tokens and concurrency beside kvlab's, with the reason for any difference."""
+        _explain(log, model, speculative_config, as_json, parse_log)
+
+    return explain_cmd
+
+
+def _explain(log: str, model: str | None, speculative_config: str | None, as_json: bool, parse_log) -> None:
+    from pathlib import Path
+
+    from kvlab.models.explain import explain
+
+    path = Path(log)
+    if not path.is_file():
+        raise KvlabError(f"{log}: no such file")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise KvlabError(f"{log}: not a vLLM server log (binary content)")
+    e = explain(data.decode("utf-8", errors="replace"), parse_log=parse_log, source=log, model=model,
+                speculative_config=speculative_config)
+    if as_json:
+        emit_json(e.to_dict())
+        return
+    cap = e.capacity
+    t = Table(title=f"{log}: vLLM {e.vllm_version or '?'} — {e.model}, budget {e.budget}")
+    for col in ("figure", "logged", "predicted", "verdict", "reason"):
+        t.add_column(col, justify="right" if col in ("logged", "predicted") else "left")
+
+    def show(v, figure):
+        if v is None:
+            return "—"
+        return f"{v:.2f}x" if figure == "max_concurrency" else fmt_int(v)
+
+    for r in e.rows:
+        predicted = show(r.predicted, r.figure)
+        if r.predicted_low is not None and r.predicted_low != r.predicted_high:
+            predicted += f" ({show(r.predicted_low, r.figure)} .. {show(r.predicted_high, r.figure)})"
+        t.add_row(r.figure, show(r.logged, r.figure), predicted, r.verdict, r.reason or "")
+    console.print(t)
+    console.print(f"[dim]kvlab: {cap['attention_backend']}, block {cap['block_size']}, {cap['num_kv_cache_groups']} group(s) "
+                  f"of {fmt_int(cap['bytes_per_block'])} B per block, -tp {cap['tensor_parallel_size']} / -pp "
+                  f"{cap['pipeline_parallel_size']}, max_model_len {cap['max_model_len']:,}"
+                  + (f", {cap['num_draft_layers']} draft layer(s)" if cap["num_draft_layers"] else "") + ".[/dim]")
+    for note in e.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
 
 def register(app: typer.Typer, kernel_data: KernelData | None = None) -> None:

@@ -8,19 +8,25 @@ Per layer vLLM keeps a page of `block_size` tokens (`vllm/v1/kv_cache_interface.
 A block holds that page for every layer of a KV-cache group, so `num_blocks = floor(budget /
 (page_size x layers))` (`vllm/v1/core/kv_cache_utils.py`, `get_kv_cache_config_from_groups`), and
 the reported capacity is `max_concurrency = num_blocks / cdiv(max_model_len, block_size)` per
-group, `kv_cache_tokens = int(max_concurrency x max_model_len)` (vLLM >= 0.21).
+group, `kv_cache_tokens = int(max_concurrency x max_model_len)` (vLLM >= 0.21). With pipeline
+stages each stage divides its own budget by its own layers and vLLM keeps the smallest block count
+(`get_kv_cache_configs`); a speculative draft's layers join the last stage's pool
+(`kvlab.models.speculative`).
 Everything else in kvlab (simulator, reports, planner) calls this module.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from math import ceil
+from typing import Sequence
 
 from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
-from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_format
+from kvlab.models.speculative import SpeculativeDraft, speculative_draft
+from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
@@ -177,32 +183,68 @@ def pp_partition(num_layers: int, pp: int) -> list[int]:
 
 @dataclass(frozen=True)
 class KVGroup:
-    """A KV-cache group: layers sharing one block table (vLLM hybrid allocator)."""
+    """A KV-cache group: layers sharing one block table (vLLM hybrid allocator). `layers` are
+    indexes into the list of layer specs given to `kv_groups`."""
 
-    spec: KVCacheSpec
-    num_layers: int
+    specs: tuple[KVCacheSpec, ...]
+    layers: tuple[int, ...]
+
+    @property
+    def spec(self) -> KVCacheSpec:
+        return self.specs[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.specs)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One block across the group's layers (vLLM `UniformTypeKVCacheSpecs.page_size_bytes`)."""
+        return sum(s.page_size_bytes for s in self.specs)
+
+    def blocks_per_request(self, max_model_len: int, max_num_batched_tokens: int) -> int:
+        return max(ceil(s.max_memory_usage_bytes(max_model_len, max_num_batched_tokens) / s.page_size_bytes)
+                   for s in self.specs)
+
+    def on(self, layers: set[int], specs: list[KVCacheSpec]) -> "KVGroup":
+        """This group restricted to some layers (one pipeline stage's)."""
+        mine = tuple(i for i in self.layers if i in layers)
+        return KVGroup(tuple(specs[i] for i in mine), mine)
+
+
+def _slot_type(spec: KVCacheSpec) -> tuple:
+    """Layers of one slot type need the same token slots per request (vLLM `is_uniform_type`)."""
+    return (spec.attention == "sliding", spec.sliding_window if spec.attention == "sliding" else None,
+            spec.block_size)
 
 
 def kv_groups(specs: list[KVCacheSpec]) -> list[KVGroup]:
-    """Group layers as vLLM 0.32 does (`_get_kv_cache_groups_uniform_page_size`).
+    """Group layers as vLLM 0.32 does (`get_kv_cache_groups`).
 
-    One type: one group of all layers. Several types: groups of `group_size` layers each, the
-    smallest type's count (or the largest's, when within 1.5x), padding the last group of a type."""
-    buckets: dict[KVCacheSpec, int] = {}
-    for s in specs:
-        buckets[s] = buckets.get(s, 0) + 1
-    if len(buckets) == 1:
-        (spec, n), = buckets.items()
-        return [KVGroup(spec, n)]
-    counts = list(buckets.values())
+    One slot type (all full attention or MLA, e.g. a model with its draft's layers): one group of
+    all layers, pages summed (`UniformTypeKVCacheSpecs`). Several types with one page size:
+    groups of `group_size` layers each, the smallest type's count (or the largest's, when within
+    1.5x), layers i, i + n, ... of a type in its i-th group
+    (`_get_kv_cache_groups_uniform_page_size`)."""
+    indexed = list(enumerate(specs))
+    if len({_slot_type(s) for s in specs}) == 1:
+        return [KVGroup(tuple(specs), tuple(range(len(specs))))]
+    if len({s.page_size_bytes for s in specs}) > 1:
+        raise KvlabError("layers of different attention types and different page sizes (e.g. a sliding-window "
+                         "model with a draft of another geometry): kvlab does not size vLLM's page unification")
+    buckets: dict[KVCacheSpec, list[int]] = {}
+    for i, s in indexed:
+        buckets.setdefault(s, []).append(i)
+    counts = [len(v) for v in buckets.values()]
     group_size = min(counts)
     if max(counts) < min(counts) * 1.5:
         group_size = max(counts)
     groups = []
-    for spec, n in buckets.items():
-        num_groups = ceil(n / group_size)
+    for spec, layers in buckets.items():
+        num_groups = ceil(len(layers) / group_size)
         for i in range(num_groups):
-            groups.append(KVGroup(spec, len(range(i, n, num_groups))))
+            mine = tuple(layers[i::num_groups])
+            groups.append(KVGroup((spec,) * len(mine), mine))
     return groups
 
 
@@ -298,6 +340,14 @@ class CapacityResult:
     memory: MemoryEstimate | None = None
     gpu: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # Per pipeline stage: its KV budget and the blocks it fits; vLLM keeps the smallest count.
+    kv_budget_bytes_per_stage: list[int] = field(default_factory=list)
+    num_blocks_per_stage: list[int] = field(default_factory=list)
+    limiting_stage: int = 0
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    speculative: dict | None = None  # method, model, draft layers (on the last stage)
+    num_draft_layers: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -306,8 +356,57 @@ class CapacityResult:
         return d
 
 
-def _weights_per_gpu(total_weight_bytes: int, tp: int, pp: int) -> int:
-    return ceil(total_weight_bytes / (tp * pp))
+def _weights_per_gpu(roles: dict[str, float], tp: int, pp: int, dp: int) -> int:
+    """One GPU's weights (`roles`: `weight_bytes_by_role`). Routed experts are split over tp x dp GPUs
+    with or without --enable-expert-parallel (vLLM `FusedMoEParallelConfig.make` flattens TP across
+    DP, and with EP each of those ranks owns whole experts); the rest is split by -tp and replicated
+    across -dp."""
+    expert = roles.get("expert", 0.0)
+    rest = sum(roles.values()) - expert
+    return ceil((rest / tp + expert / (tp * dp)) / pp)
+
+
+def check_max_model_len(arch: ModelArch, max_model_len: int, allow_long: bool | None = None) -> str | None:
+    """vLLM's check of --max-model-len against the config (`vllm/config/model.py`,
+    `_get_and_verify_max_len`): beyond max_position_embeddings x the RoPE scaling factor (and any
+    model_max_length) only with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. Returns vLLM's warning when allowed."""
+    derived = arch.derived_max_model_len
+    if derived is None or max_model_len <= derived:
+        return None
+    if arch.model_max_length is not None and max_model_len <= arch.model_max_length:
+        return None
+    if allow_long is None:
+        allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")
+    msg = (f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+           f"(max_position_embeddings={float(derived)} or model_max_length={arch.model_max_length} in model's "
+           "config.json).")
+    if not allow_long:
+        raise KvlabError(f"{msg} To allow overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.")
+    return f"{msg} VLLM_ALLOW_LONG_MAX_MODEL_LEN is set: positions beyond the model's context may give nan"
+
+
+def _stage_budgets(kv_budget_bytes: int | Sequence[int], pp: int) -> list[int]:
+    budgets = [int(kv_budget_bytes)] if isinstance(kv_budget_bytes, (int, float)) else [int(b) for b in kv_budget_bytes]
+    if len(budgets) == 1:
+        return budgets * pp
+    if len(budgets) != pp:
+        raise KvlabError(f"give one KV budget for all stages or one per pipeline stage (-pp {pp}), got {len(budgets)}")
+    return budgets
+
+
+def _draft_specs(draft: SpeculativeDraft | None, arch: ModelArch, kv_cache_dtype: str, block_size: int,
+                 tp: int, dtype: str) -> list[KVCacheSpec]:
+    """The KV-cache specs of the draft's layers (none for ngram and suffix drafts)."""
+    if draft is None or draft.arch is None:
+        return []
+    dtp = draft.draft_tensor_parallel_size or tp
+    if dtp not in (1, tp):
+        raise KvlabError(f"--speculative-config draft_tensor_parallel_size={dtp} cannot be other value than 1 or "
+                         f"target model tensor_parallel_size ({tp})")
+    if (draft.arch.mla is None) != (arch.mla is None):
+        raise KvlabError(f"a {draft.arch.attention} draft for an {arch.attention} model: its layers take another "
+                         "attention backend, which kvlab does not size")
+    return layer_specs(draft.arch, draft.kv_cache_dtype or kv_cache_dtype, block_size, dtp, dtype)
 
 
 def capacity(
@@ -322,28 +421,34 @@ def capacity(
     attention_backend: str | None = None,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
-    kv_budget_bytes: int | None = None,
+    kv_budget_bytes: int | Sequence[int] | None = None,
     gpu: str | None = None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_num_batched_tokens: int | None = None,
     max_num_seqs: int | None = None,
     num_gpu_blocks_override: int | None = None,
     cpu: bool = False,
+    speculative_config: str | dict | SpeculativeDraft | None = None,
+    data_parallel_size: int = 1,
+    enable_expert_parallel: bool = False,
+    allow_long_max_model_len: bool | None = None,
 ) -> CapacityResult:
-    """KV blocks, tokens and concurrency for one config, from an exact budget or a GPU preset."""
-    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
+    stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does."""
+    tp, pp, dp = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
+    if dp < 1:
+        raise KvlabError(f"--data-parallel-size must be at least 1, got {dp}")
     fmt: WeightFormat = weight_format(quantization, arch)
     dtype = normalize_dtype(dtype or arch.dtype)
     warnings: list[str] = []
     if max_model_len is None:
-        max_model_len = int(arch.max_position_embeddings or 4096)
+        max_model_len = int(arch.derived_max_model_len or 4096)
     if max_model_len < 1:
         raise KvlabError(f"--max-model-len must be positive, got {max_model_len}")
-    if arch.max_position_embeddings and max_model_len > arch.max_position_embeddings:
-        raise KvlabError(
-            f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
-            f"({arch.max_position_embeddings})"
-        )
+    long_warning = check_max_model_len(arch, max_model_len, allow_long_max_model_len)
+    if long_warning:
+        warnings.append(long_warning)
 
     preset = hardware.gpu(gpu) if gpu else None
     if kv_budget_bytes is None and preset is None:
@@ -363,15 +468,20 @@ def capacity(
     if block_size is None:
         block_size = info["block_size"]
 
-    specs = layer_specs(arch, kv_cache_dtype, block_size, tp, dtype)
+    target_specs = layer_specs(arch, kv_cache_dtype, block_size, tp, dtype)
+    speculative = (speculative_config if isinstance(speculative_config, SpeculativeDraft) or speculative_config is None
+                   else speculative_draft(speculative_config, arch))
+    draft_specs = _draft_specs(speculative, arch, kv_cache_dtype, block_size, tp, dtype)
+    specs = target_specs + draft_specs  # the drafter's layers sit on the last pipeline stage
     stages = pp_partition(arch.num_layers, pp)
 
-    w_total = weight_bytes(arch, fmt, dtype)
-    w_gpu = _weights_per_gpu(w_total, tp, pp)
+    roles = weight_bytes_by_role(arch, fmt, dtype)
+    w_total = int(ceil(sum(roles.values())))  # = weight_bytes(arch, fmt, dtype)
+    w_gpu = _weights_per_gpu(roles, tp, pp, dp)
 
     memory = None
     if kv_budget_bytes is not None:
-        budget, source = int(kv_budget_bytes), "given"
+        budgets, source = _stage_budgets(kv_budget_bytes, pp), "given"
     else:
         assert preset is not None
         if not 0 < gpu_memory_utilization <= 1:
@@ -398,23 +508,22 @@ def capacity(
                 f"estimated activations and overhead {(act + NON_TORCH_BYTES + CUDAGRAPH_BYTES) / GiB:.2f} GiB "
                 f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
             )
+        budgets = [budget] * pp
 
     mnbt_for_window = max_num_batched_tokens or (preset.default_max_num_batched_tokens if preset else 8192)
-    # Each pipeline stage holds its own layers; vLLM takes the smallest block count of all ranks.
-    per_stage = []
-    start = 0
-    for n in stages:
-        groups = kv_groups(specs[start:start + n])
-        start += n
-        bytes_per_block = max(g.spec.page_size_bytes * g.num_layers for g in groups)
-        per_stage.append((groups, bytes_per_block, budget // bytes_per_block))
-    groups, bytes_per_block, num_blocks = min(per_stage, key=lambda s: s[2])
+    # vLLM groups the whole model's layers (drafter included), gives each stage its share of every
+    # group and its own budget, then keeps the smallest block count of all ranks
+    # (`get_kv_cache_configs`).
+    groups = kv_groups(specs)
+    stage_layers = [set(range(sum(stages[:i]), sum(stages[:i + 1]))) for i in range(pp)]
+    stage_layers[-1] |= set(range(arch.num_layers, len(specs)))
+    bytes_per_stage = [max(g.on(layers, specs).bytes_per_block for g in groups) for layers in stage_layers]
+    blocks_per_stage = [b // per_block for b, per_block in zip(budgets, bytes_per_stage)]
+    limiting = min(range(pp), key=lambda i: blocks_per_stage[i])
+    num_blocks, bytes_per_block, budget = blocks_per_stage[limiting], bytes_per_stage[limiting], budgets[limiting]
     if num_gpu_blocks_override is not None:
         num_blocks = num_gpu_blocks_override
-    blocks_per_request = sum(
-        ceil(g.spec.max_memory_usage_bytes(max_model_len, mnbt_for_window) / g.spec.page_size_bytes)
-        for g in groups
-    )
+    blocks_per_request = sum(g.blocks_per_request(max_model_len, mnbt_for_window) for g in groups)
     max_concurrency = num_blocks / blocks_per_request
     kv_cache_tokens = int(max_concurrency * max_model_len)
     if num_blocks - 1 < blocks_per_request:
@@ -437,7 +546,7 @@ def capacity(
         max_model_len=max_model_len,
         layers_per_stage=stages,
         kv_bytes_per_token_per_layer=fp.kv_bytes_per_token_per_layer,
-        kv_bytes_per_token=fp.kv_bytes_per_token_per_layer * max(stages),
+        kv_bytes_per_token=max(sum(specs[i].bytes_per_token for i in layers) for layers in stage_layers),
         kv_bytes_per_token_model=whole.kv_bytes_per_token,
         page_size_bytes=specs[0].page_size_bytes,
         num_kv_cache_groups=len(groups),
@@ -449,8 +558,15 @@ def capacity(
         max_concurrency=max_concurrency,
         weight_bytes=w_total,
         weight_bytes_per_gpu=w_gpu,
-        num_gpus=tp * pp,
+        num_gpus=tp * pp * dp,
         memory=memory,
         gpu=preset.name if preset else None,
         warnings=warnings,
+        kv_budget_bytes_per_stage=budgets,
+        num_blocks_per_stage=blocks_per_stage,
+        limiting_stage=limiting,
+        data_parallel_size=dp,
+        enable_expert_parallel=enable_expert_parallel,
+        speculative=speculative.to_dict() if speculative else None,
+        num_draft_layers=len(draft_specs),
     )

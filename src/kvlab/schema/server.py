@@ -84,6 +84,13 @@ class Prediction(Part):
     warnings: list[str] = []
     kv_budget_gib: float = figure("predicted", unit="GiB")
     kv_cache_gib: float = figure("predicted", unit="GiB")
+    kv_budget_bytes_per_stage: list[int] = []
+    num_blocks_per_stage: list[int] = []
+    limiting_stage: int = 0
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    speculative: dict[str, Any] | None = None
+    num_draft_layers: int = 0
     source: str | None = None  # in words: how it was predicted
 
     @classmethod

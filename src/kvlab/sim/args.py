@@ -50,10 +50,14 @@ NO_EFFECT_VALUE_FLAGS = (
 )
 # Accepted, not modelled: warned about at start.
 NOT_SIMULATED_VALUE_FLAGS = (
-    "--data-parallel-size", "-dp", "--long-prefill-token-threshold", "--max-num-partial-prefills",
-    "--scheduling-policy", "--speculative-config", "--kv-transfer-config", "--max-lora-rank",
+    "--long-prefill-token-threshold", "--max-num-partial-prefills",
+    "--scheduling-policy", "--kv-transfer-config", "--max-lora-rank",
 )
-NOT_SIMULATED_FLAGS = ("--enable-expert-parallel", "--enable-lora", "--enable-sleep-mode")
+NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
+# Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
+NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
+                       "speculative-config": lambda c: c.speculative_config is not None,
+                       "enable-expert-parallel": lambda c: c.enable_expert_parallel}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,6 +180,7 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         non_default["api_key"] = ["<redacted>"]
     not_simulated = tuple(k.removeprefix("_unsim_") for k, v in vars(ns).items()
                           if k.startswith("_unsim_") and v not in (None, False))
+    not_simulated += tuple(name for name, given in NOT_SIMULATED_TYPED.items() if given(config))
     return ServeArgs(
         model=model, gpu=ns.gpu, speedup=ns.speedup, host=ns.host, port=ns.port,
         api_keys=tuple(ns.api_key or ()), config=config, enable_prefix_caching=ns.enable_prefix_caching,
