@@ -91,7 +91,7 @@ def run_cmd(
     spec_path: str = typer.Argument(..., metavar="SPEC", help="Spec YAML (or the name of one in experiments/)"),
     only: Optional[str] = typer.Option(None, "--only", help="Run only matching cells: model=...,quant=...,workload=...,users=..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<spec name>)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim, external"),
     api_key: Optional[str] = API_KEY,
 ) -> None:
     """Run a spec's cells (skips finished ones); the last line printed is the results folder."""
@@ -139,12 +139,18 @@ def one_cmd(
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     out: Optional[Path] = typer.Option(None, "--out"),
     api_key: Optional[str] = API_KEY,
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="A vLLM kvlab did not start (engine external): its URL"),
+    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="The endpoint's /metrics, where it is elsewhere"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="The environment variable holding the endpoint's key"),
 ) -> None:
-    """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
+    """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs); with
+    --endpoint, against a server kvlab did not start (MODEL: the card or config.json to predict with)."""
     from kvlab.deploy import choose_engine
     from kvlab.deploy.engines import engine_class
     from kvlab.experiments.spec import validate_spec
 
+    if endpoint:
+        engine = engine or "external"
     chosen, _ = choose_engine(engine)  # for the defaults; the runner says which engine and why
     data = {
         "name": re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{quant}").strip("._-") or "one",
@@ -155,6 +161,8 @@ def one_cmd(
     }
     if workload:
         data["workloads"] = [workload]
+    if endpoint:
+        data["endpoint"] = {"url": endpoint, "metrics_url": metrics_url, "api_key_env": api_key_env}
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
     _run_stopping_cleanly(spec, folder, None, engine, api_key)
