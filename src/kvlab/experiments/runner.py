@@ -278,6 +278,8 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
     RecordWriteError says which file, and everything finished before it is kept."""
     out = Path(out)
     emit = on_event or (lambda kind, data: None)
+    for c in cells(spec, only):  # an endpoint's key missing here: refused before anything starts
+        endpoint_key(spec.endpoint_for(c.model, c.quant), api_key)
     plan = plan_run(spec, out, only, engine, emit)
     done_cells: set[str] = set()
 

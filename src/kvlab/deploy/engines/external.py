@@ -25,9 +25,6 @@ class ExternalEngine(Engine):
     def reported_column(self) -> str:
         return "reported (endpoint)"
 
-    def config_flags(self, kv_memory_gib: float | None, max_model_len: int | None) -> list[str]:
-        return []  # the server's own flags are set where it runs; the pool is read from /metrics
-
     def command(self, launch: Launch, config: ServeConfig) -> Command:
         return Command([])  # kvlab runs nothing
 
