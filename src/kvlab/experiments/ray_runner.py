@@ -80,10 +80,17 @@ def run_group_task(task: dict, sink: Any) -> dict:
         raise KvlabError(f"the run has an API key but this node's environment has no {KEY_ENV}: "
                          f"export it where `ray start` runs on every node")
 
+    sent: set[tuple[str, int]] = set()
+
+    def send(cell: Cell, k: int) -> None:
+        rdir = runner.repeat_dir(scratch, cell, k)
+        if (cell.cell_id, k) not in sent and rdir.is_dir():
+            sink.put((i, "records", {"cell": cell.cell_id, "repeat": k, "tar": _pack(rdir)}))
+            sent.add((cell.cell_id, k))
+
     def emit(kind: str, data: dict) -> None:
         if kind == "repeat_done":  # its records first, whole
-            rdir = runner.repeat_dir(scratch, Cell(**_cell(group, data["cell"])), data["repeat"])
-            sink.put((i, "records", {"cell": data["cell"], "repeat": data["repeat"], "tar": _pack(rdir)}))
+            send(Cell(**_cell(group, data["cell"])), data["repeat"])
         sink.put((i, kind, data))
 
     # Ray's worker blocks SIGINT, and a child inherits the mask: the server would not hear the
@@ -94,6 +101,10 @@ def run_group_task(task: dict, sink: Any) -> dict:
                                 lambda cell: sink.put((i, "cell_done", {"cell": cell.cell_id})))
         log = scratch / f"{group[0][0].server_id}.server.log"
         return {"server_log": log.read_text(errors="replace") if log.exists() else ""}
+    except BaseException:  # Ctrl-C (the task cancelled): what the interrupted repeat recorded is kept, as locally
+        for cell, k in group:
+            send(cell, k)
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         shutil.rmtree(scratch, ignore_errors=True)
