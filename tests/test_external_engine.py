@@ -85,6 +85,14 @@ def test_a_cell_against_a_server_kvlab_did_not_start(tagged, tmp_path):
             assert watch.groups_with("locust") and not watch.groups_with("sim serve")  # kvlab started no server
             assert watch.leftovers() == []
             assert sim.proc.poll() is None  # and stopped none
+            from conftest import run_kvlab
+
+            one = run_kvlab("experiment", "one", "--model", MODEL, "--endpoint", sim.url, "--gpu", "h100",
+                            "--workload", "agent-smoke", "--users", "2", "--duration", "3s", "--warmup", "0s",
+                            "--out", str(tmp_path / "one"), timeout=240)
+            assert one.returncode == 0, one.stderr
+            assert "engine: external (requested with --engine external)" in one.stderr
+            assert RepeatResults.read(tmp_path / "one" / CELL / "repeat-1" / "results.json").status == "complete"
         finally:
             sim.kill()
     rdir = out / CELL / "repeat-1"
