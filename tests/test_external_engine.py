@@ -74,6 +74,7 @@ def tagged(monkeypatch):
     run.kill_leftovers()
 
 
+@pytest.mark.slow  # a simulated server, two runs and a report: ~40 s on 2 cores
 def test_a_cell_against_a_server_kvlab_did_not_start(tagged, tmp_path):
     port = free_port()
     with open(tmp_path / "sim.log", "wb") as log:
@@ -119,6 +120,7 @@ def test_a_cell_against_a_server_kvlab_did_not_start(tagged, tmp_path):
     assert headline[0]["kv_cache_tokens_reported"] == cap.kv_cache_tokens
 
 
+@pytest.mark.slow  # two simulated servers, two runs: ~30 s on 2 cores
 def test_an_endpoint_killed_mid_run_fails_the_repeat_and_the_rerun_completes(tagged, tmp_path):
     port = free_port()
     spec, out = None, tmp_path / "r"
