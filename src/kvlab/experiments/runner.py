@@ -196,7 +196,7 @@ def server_facts(server: Any) -> ServerFacts:
     """What the server said about itself, where it was read, and whether kvlab launched it."""
     return ServerFacts.from_facts(server.facts, source=getattr(server, "facts_source", SERVER_FACTS_SOURCE),
                                   pool_source=getattr(server, "pool_source", POOL_SOURCE),
-                                  launched_by_kvlab=server.engine_impl.launched_by_kvlab)
+                                  launched_by_kvlab=getattr(server, "launched_by_kvlab", True))
 
 
 def _failure(server: Any, client: ClientFigures) -> str | None:
