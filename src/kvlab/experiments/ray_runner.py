@@ -205,7 +205,10 @@ class _cluster:
                 os.environ[KEY_ENV] = self.api_key
             kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
             if address:
-                ray.init(address=address, **kw)
+                try:
+                    ray.init(address=address, **kw)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise KvlabError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
             else:
                 ray.init(address="local", _node_ip_address="127.0.0.1", resources={GPU_STAND_IN: sum(self.needs) or 1},
                          **kw)
