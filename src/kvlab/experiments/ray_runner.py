@@ -130,12 +130,18 @@ def cleanup_task(scratch_name: str) -> list[str]:
 
     scratch = scratch_root() / scratch_name
     stopped = [w for lease in sorted(scratch.glob(".*.server.lease")) if (w := stop_leftover(lease))]
+    groups = set()
     for p in psutil.process_iter(["cmdline"]):
         try:
             if any(str(scratch) in a for a in p.info["cmdline"] or []):
-                os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-                stopped.append(f"process group {os.getpgid(p.pid) if p.is_running() else p.pid} (Locust)")
+                groups.add(os.getpgid(p.pid))
         except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    for pgid in sorted(groups - {os.getpgid(0)}):
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # Locust's own group (started with a new session)
+            stopped.append(f"process group {pgid} (Locust, {scratch})")
+        except (ProcessLookupError, PermissionError):
             continue
     shutil.rmtree(scratch, ignore_errors=True)
     return stopped

@@ -1,6 +1,10 @@
 """Run a spec: for each cell start the server, warm up, run the load while scraping metrics, stop,
 write the record. Finished repeats are skipped on a rerun; Ctrl-C stops the current server and
 keeps what is finished; a crashed server marks its cell failed with the log tail and the run goes on.
+
+`plan_run` (claim the folder, choose the engine, find what is pending) and `run_server_group` (one
+server's pending repeats) are shared with the Ray runner (ray_runner.py), which runs each group as
+a Ray task; `run_spec` runs the groups one after another here.
 """
 
 from __future__ import annotations
