@@ -325,8 +325,7 @@ def plan_run(spec: Spec, out: Path, only: dict[str, str] | None, engine: str | N
         raise KvlabError("no cell of the spec matches --only")
     chosen, reason = deploy.choose_engine(engine or spec.engine)  # the spec's "auto": as if none was requested
     for c in todo:  # an endpoint for an engine that launches, none for external: refused before anything starts
-        sspec = deploy.ServeSpec(model=c.model, quant=c.quant, engine=chosen)
-        _check_endpoint(engine_class(chosen), sspec, spec.endpoint_for(c.model, c.quant))
+        _check_endpoint(engine_class(chosen), c, spec.endpoint_for(c.model, c.quant))
     claim_folder(spec, out)
     _stop_leftovers(out, emit)
     emit("engine", {"engine": chosen, "reason": reason})
@@ -337,13 +336,13 @@ def plan_run(spec: Spec, out: Path, only: dict[str, str] | None, engine: str | N
     return RunPlan(chosen, reason, work, groups)
 
 
-def _check_endpoint(engine_cls: Any, sspec: Any, endpoint: Any) -> None:
+def _check_endpoint(engine_cls: Any, cell: Cell, endpoint: Any) -> None:
     launched = engine_cls.launched_by_kvlab
     if endpoint is not None and launched:
-        raise KvlabError(f"the spec names an endpoint ({endpoint.url}) for {sspec.model} {sspec.quant}, but engine "
+        raise KvlabError(f"the spec names an endpoint ({endpoint.url}) for {cell.model} {cell.quant}, but engine "
                          f"{engine_cls.name} starts its own servers: use engine: external")
     if endpoint is None and not launched:
-        raise KvlabError(f"engine {engine_cls.name} needs an endpoint for {sspec.model} {sspec.quant}: "
+        raise KvlabError(f"engine {engine_cls.name} needs an endpoint for {cell.model} {cell.quant}: "
                          "the spec's endpoint: URL (or an endpoints: entry for this model and level)")
 
 
