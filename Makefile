@@ -24,11 +24,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 ifeq ($(EXTRA),cpu)
 	# torch first, from the pinned CPU wheel, so that nothing pulls a CUDA build of torch.
 	$(PY) -m pip install -q -c requirements/constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[cpu,dev]'
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[cpu,dev,ray]'
 	# The CPU build of vLLM pulls a torchvision that fails at import and breaks vLLM's start.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 else
-	$(PY) -m pip install -q -e '.[gpu,dev]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray]'
 endif
 	@touch $@
 

@@ -22,6 +22,8 @@ STREAMS = {
     ("loadtest/runner.py", "open"): "locust.out: Locust's console output",
     ("models/twins.py", "write_text"): "a twin is built in a temporary folder that is renamed whole",
     ("loadtest/records.py", "replace"): "os.replace: the finished .jsonl.part renamed .jsonl",
+    ("experiments/ray_runner.py", "open"): "a Ray task's server log, appended to the folder's as each start appends",
+    ("experiments/ray_runner.py", "replace"): "os.replace: a repeat folder from a Ray task, unpacked beside, moved in whole",
 }
 # calls that write through a path handed out by kvlab.io.atomic_path
 THROUGH_ATOMIC_PATH = {("loadtest/records.py", "to_parquet"), ("analysis/report.py", "to_csv"),

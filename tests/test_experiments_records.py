@@ -148,7 +148,7 @@ def test_resume_after_interrupt_runs_only_what_is_missing(tmp_path, monkeypatch)
 
     FakeServer.started, FakeServer.stopped = [], 0
     monkeypatch.setattr(launcher, "Server", FakeServer)
-    monkeypatch.setattr(launcher, "choose_engine", lambda e: ("fake", "test"))
+    monkeypatch.setattr(launcher, "choose_engine", lambda e: ("sim", "test"))  # FakeServer stands in for its Server
     spec = _spec()
     fake, calls = _fake_repeat(interrupt_after=3)
     monkeypatch.setattr(runner, "run_repeat", fake)

@@ -18,7 +18,7 @@ from kvlab.schema.server import Prediction, PredictionRecord, ServerFacts
 
 
 def test_server_facts_and_prediction_mirror_their_dataclasses():
-    assert set(ServerFacts.model_fields) - {"source"} == {f.name for f in dataclasses.fields(StartupFacts)}
+    assert set(ServerFacts.model_fields) - {"source", "pool_source", "launched_by_kvlab"} == {f.name for f in dataclasses.fields(StartupFacts)}
     cap = memory.capacity(card("llama-3.1-8b").arch, model_name="llama-3.1-8b", gpu="h100", max_model_len=4096)
     pred = Prediction.from_capacity(cap)
     assert pred.model_dump(exclude={"source"}) == json.loads(json.dumps(cap.to_dict()))

@@ -120,12 +120,12 @@ def test_the_simulator_derives_the_launchers_config_for_every_profile(model, qua
 
 
 def test_every_engine_is_a_class_behind_one_protocol(no_gpu):
-    assert engines.ENGINES == ("vllm", "vllm-cpu", "sim")
+    assert engines.ENGINES == ("vllm", "vllm-cpu", "sim", "external")
     for name in engines.ENGINES:
         cls = engines.engine_class(name)
         assert issubclass(cls, engines.Engine) and cls.name == name
-    assert [engines.served_source(e) for e in ("vllm", "vllm-cpu", "sim", None)] == [
-        "measured", "measured", "simulated", "measured"]
+    assert [engines.served_source(e) for e in ("vllm", "vllm-cpu", "sim", "external", None)] == [
+        "measured", "measured", "simulated", "measured", "measured"]
     assert engines.engine_class("vllm-cpu").cell_defaults() == {
         "workloads": ["agent-smoke"], "kv_memory_gib": 1, "max_model_len": 4096, "serve_args": ["--block-size", "32"]}
     assert engines.engine_class("vllm").cell_defaults() == {"workloads": ["agent"]}

@@ -21,7 +21,7 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key) -> None:
+def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key, ray: str | None = None) -> None:
     """Ctrl-C, or SIGTERM from a job scheduler, stops the servers and Locust and keeps what is
     finished; a record that cannot be written (a full disk) ends the run with one line."""
     from kvlab.errors import KvlabError
@@ -30,7 +30,7 @@ def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # may arrive ignored from a non-interactive shell
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        _progress_runner(spec, folder, only, engine, api_key)
+        _progress_runner(spec, folder, only, engine, api_key, ray)
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted: finished repeats are kept in {folder}; rerun the same command to complete it\n")
         raise typer.Exit(130)
@@ -39,7 +39,8 @@ def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key) -> None:
                          "the same command to complete it") from None
 
 
-def _progress_runner(spec, out: Path, only, engine, api_key=None):
+def _progress_runner(spec, out: Path, only, engine, api_key=None, ray: str | None = None):
+    """ray: None runs here; "" on Ray at $RAY_ADDRESS or a local cluster; else on Ray at that address."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -50,10 +51,15 @@ def _progress_runner(spec, out: Path, only, engine, api_key=None):
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     task = None
+    groups: dict[int, int] = {}  # Ray: one bar per running server group
 
     def on_event(kind: str, data: dict) -> None:
         nonlocal task
-        if kind == "leftover":
+        if "group" in data:
+            _group_progress(progress, groups, kind, data)
+        if kind == "cluster":
+            console.print(f"Ray cluster: {data['nodes']} node(s), {data['cpus']:g} CPUs, {data['gpus']:g} {data['resource']}")
+        elif kind == "leftover":
             console.print(f"[yellow]stopped what a killed run left running: {escape(data['stopped'])}[/yellow]",
                           soft_wrap=True)
         elif kind == "engine":
@@ -74,7 +80,23 @@ def _progress_runner(spec, out: Path, only, engine, api_key=None):
                               soft_wrap=True)  # one line, whatever the width: logs are grepped
 
     with progress:
-        return run_spec(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key)
+        if ray is None:
+            return run_spec(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key)
+        from kvlab.experiments.ray_runner import run_spec_on_ray
+
+        return run_spec_on_ray(spec, out, only=only, engine=engine, on_event=on_event, api_key=api_key,
+                               address=ray or None)
+
+
+def _group_progress(progress, groups: dict[int, int], kind: str, data: dict) -> None:
+    """A bar per server group while its Ray task runs, saying on which node."""
+    i = data["group"]
+    if kind == "group_start":
+        groups[i] = progress.add_task(f"  {data['model']} {data['quant']} on {data['node']}", total=data["repeats"])
+    elif kind == "repeat_done" and i in groups:
+        progress.advance(groups[i])
+    elif kind == "group_done" and i in groups:
+        progress.remove_task(groups.pop(i))
 
 
 def _finish(out: Path) -> None:
@@ -91,15 +113,25 @@ def run_cmd(
     spec_path: str = typer.Argument(..., metavar="SPEC", help="Spec YAML (or the name of one in experiments/)"),
     only: Optional[str] = typer.Option(None, "--only", help="Run only matching cells: model=...,quant=...,workload=...,users=..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<spec name>)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Override the spec's engine: vllm, vllm-cpu, sim, external"),
     api_key: Optional[str] = API_KEY,
+    ray: bool = typer.Option(False, "--ray", help="Each server group as a Ray task on a cluster: at ADDRESS, else "
+                             "$RAY_ADDRESS, else one kvlab starts on this machine (pip install 'kvlab\\[ray]')"),
+    ray_address: Optional[str] = typer.Argument(None, metavar="[ADDRESS]", help="With --ray: the cluster to join"),
 ) -> None:
     """Run a spec's cells (skips finished ones); the last line printed is the results folder."""
+    from kvlab.errors import KvlabError
     from kvlab.experiments.spec import load_spec, parse_only
 
+    if ray_address and not ray:
+        raise KvlabError(f"{ray_address}: an ADDRESS after SPEC is the Ray cluster of --ray; add --ray")
+    if ray:
+        from kvlab.experiments.ray_runner import import_ray
+
+        import_ray()  # without the extra: one line naming it, before anything starts
     spec = load_spec(spec_path)
     folder = out or Path("results") / spec.name
-    _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key)
+    _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key, (ray_address or "") if ray else None)
     planned = _plan_after(spec, folder) if spec.plan is not None and only is None else True
     _finish(folder)
     if not planned:
@@ -139,12 +171,18 @@ def one_cmd(
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     out: Optional[Path] = typer.Option(None, "--out"),
     api_key: Optional[str] = API_KEY,
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="A vLLM kvlab did not start (engine external): its URL"),
+    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="The endpoint's /metrics, where it is elsewhere"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="The environment variable holding the endpoint's key"),
 ) -> None:
-    """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs)."""
+    """One cell with sensible defaults (what `make experiment MODEL=... QUANT=...` runs); with
+    --endpoint, against a server kvlab did not start (MODEL: the card or config.json to predict with)."""
     from kvlab.deploy import choose_engine
     from kvlab.deploy.engines import engine_class
     from kvlab.experiments.spec import validate_spec
 
+    if endpoint:
+        engine = engine or "external"
     chosen, _ = choose_engine(engine)  # for the defaults; the runner says which engine and why
     data = {
         "name": re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{quant}").strip("._-") or "one",
@@ -155,6 +193,8 @@ def one_cmd(
     }
     if workload:
         data["workloads"] = [workload]
+    if endpoint:
+        data["endpoint"] = {"url": endpoint, "metrics_url": metrics_url, "api_key_env": api_key_env}
     spec = validate_spec(data, "make experiment")
     folder = out or Path("results") / "one" / spec.name / spec.digest
     _run_stopping_cleanly(spec, folder, None, engine, api_key)

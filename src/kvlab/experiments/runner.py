@@ -1,13 +1,17 @@
 """Run a spec: for each cell start the server, warm up, run the load while scraping metrics, stop,
 write the record. Finished repeats are skipped on a rerun; Ctrl-C stops the current server and
 keeps what is finished; a crashed server marks its cell failed with the log tail and the run goes on.
+
+`plan_run` (claim the folder, choose the engine, find what is pending) and `run_server_group` (one
+server's pending repeats) are shared with the Ray runner (ray_runner.py), which runs each group as
+a Ray task; `run_spec` runs the groups one after another here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +43,7 @@ from kvlab.schema.server import Prediction, PredictionRecord, ServerFacts
 
 LOG_TAIL_LINES = 40
 SERVER_FACTS_SOURCE = "reported by the server (startup log, vllm:cache_config_info)"
+POOL_SOURCE = "the server's startup log and vllm:cache_config_info on its /metrics"
 
 
 def cell_key(cell: Cell) -> CellKey:
@@ -184,7 +189,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         cell=cell_key(cell), cell_id=cell.cell_id, repeat=k, seed=seed,
         status="failed" if failure else "complete", engine=server.engine,
         window=Window(start_ts=t0, end_ts=t1),
-        server=ServerFacts.from_facts(server.facts, source=SERVER_FACTS_SOURCE),
+        server=server_facts(server),
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
         client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
@@ -244,12 +249,20 @@ def sim_timing(before: str | None, after: str | None, timing_source: str | None)
     return SimTiming(timing_source=source, steps_priced={p: n for p, n in steps.items() if n > 0})
 
 
+def server_facts(server: Any) -> ServerFacts:
+    """What the server said about itself, where it was read, and whether kvlab launched it."""
+    return ServerFacts.from_facts(server.facts, source=getattr(server, "facts_source", SERVER_FACTS_SOURCE),
+                                  pool_source=getattr(server, "pool_source", POOL_SOURCE),
+                                  launched_by_kvlab=getattr(server, "launched_by_kvlab", True))
+
+
 def _failure(server: Any, client: ClientFigures) -> str | None:
     """Why a repeat that ran to its end measured nothing that counts, or None."""
     if not server.alive():
         server.stop()  # what is left of its group (vLLM's engine core outlives a killed API server)
-        code = getattr(server, "exit_code", None)
+        code, gone = getattr(server, "exit_code", None), getattr(server, "gone", None)
         how = f" (exit code {code}{_signal_name(code)})" if code is not None else ""
+        how = f" ({gone})" if gone else how  # a server kvlab did not start: it stopped answering
         return f"the server died during the run{how}"
     if not client.requests_ok:
         errors: dict[str, int] = {}
@@ -320,72 +333,145 @@ def run_spec(spec: Spec, out: Path, only: dict[str, str] | None = None, engine: 
     api_key: the servers' key (vLLM --api-key, given to them as VLLM_API_KEY) that the load sends;
     it is written nowhere. A record that cannot be written (a full disk) stops the run: the
     RecordWriteError says which file, and everything finished before it is kept."""
-    from kvlab import deploy
-
     out = Path(out)
+    emit = on_event or (lambda kind, data: None)
+    for c in cells(spec, only):  # an endpoint's key missing here: refused before anything starts
+        endpoint_key(spec.endpoint_for(c.model, c.quant), api_key)
+    plan = plan_run(spec, out, only, engine, emit)
+    done_cells: set[str] = set()
+
+    def cell_done(cell: Cell) -> None:
+        finalize_cell(out, cell, spec)
+        done_cells.add(cell.cell_id)
+
+    try:
+        for group in plan.groups:
+            run_server_group(spec, out, group, plan.engine, plan.engine_reason, emit, api_key, cell_done)
+    except BaseException:
+        # Ctrl-C, a full disk: sum up what is finished; the first error is the one to tell.
+        with contextlib.suppress(RecordWriteError):
+            _finalize_rest(out, spec, plan.work, done_cells)
+        raise
+    _finalize_rest(out, spec, plan.work, done_cells)
+    return out
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run of a spec does: its engine, every repeat, and the pending ones by server group."""
+
+    engine: str
+    engine_reason: str
+    work: list[tuple[Cell, int]]
+    groups: list[list[tuple[Cell, int]]]  # pending repeats, one list per server (model x level)
+
+
+def plan_run(spec: Spec, out: Path, only: dict[str, str] | None, engine: str | None,
+             emit: Callable[[str, dict], None]) -> RunPlan:
+    """Claim the folder, choose the engine, check the endpoints and find what is left to run
+    (emits `engine` and `plan`); the local runner and the Ray runner start from this."""
+    from kvlab import deploy
+    from kvlab.deploy.engines import engine_class
+
     todo = cells(spec, only)
     if not todo:
         raise KvlabError("no cell of the spec matches --only")
-    claim_folder(spec, out)
-    emit = on_event or (lambda kind, data: None)
-    _stop_leftovers(out, emit)
     chosen, reason = deploy.choose_engine(engine or spec.engine)  # the spec's "auto": as if none was requested
+    for c in todo:  # an endpoint for an engine that launches, none for external: refused before anything starts
+        _check_endpoint(engine_class(chosen), c, spec.endpoint_for(c.model, c.quant))
+    claim_folder(spec, out)
+    _stop_leftovers(out, emit)
     emit("engine", {"engine": chosen, "reason": reason})
     work = [(c, k) for c in todo for k in range(1, spec.repeats + 1)]
     pending = [(c, k) for c, k in work if not is_complete(repeat_dir(out, c, k))]
     emit("plan", {"repeats_total": len(work), "repeats_pending": len(pending), "skipped": len(work) - len(pending)})
-    done_cells: set[str] = set()
+    groups = [list(g) for _, g in groupby(pending, key=lambda ck: ck[0].server_key)]
+    return RunPlan(chosen, reason, work, groups)
+
+
+def _check_endpoint(engine_cls: Any, cell: Cell, endpoint: Any) -> None:
+    launched = engine_cls.launched_by_kvlab
+    if endpoint is not None and launched:
+        raise KvlabError(f"the spec names an endpoint ({endpoint.url}) for {cell.model} {cell.quant}, but engine "
+                         f"{engine_cls.name} starts its own servers: use engine: external")
+    if endpoint is None and not launched:
+        raise KvlabError(f"engine {engine_cls.name} needs an endpoint for {cell.model} {cell.quant}: "
+                         "the spec's endpoint: URL (or an endpoints: entry for this model and level)")
+
+
+def endpoint_key(endpoint: Any, api_key: str | None) -> str | None:
+    """The key the endpoint wants: from the environment variable it names, else the run's --api-key."""
+    import os
+
+    if endpoint is None or not endpoint.api_key_env:
+        return api_key
+    key = os.environ.get(endpoint.api_key_env)
+    if not key:
+        raise KvlabError(f"the endpoint {endpoint.url} takes its API key from ${endpoint.api_key_env}, "
+                         "which is not set here")
+    return key
+
+
+def run_server_group(spec: Spec, out: Path, group: list[tuple[Cell, int]], chosen: str, reason: str,
+                     emit: Callable[[str, dict], None], api_key: str | None,
+                     cell_done: Callable[[Cell], None]) -> None:
+    """The pending repeats of one server (model x level), in order, on one server started once
+    (again if it dies): each repeat's records written in `out`; `cell_done(cell)` after a cell's
+    last repeat. A server that does not start fails the rest of the group with the reason; any
+    other error of a repeat fails that repeat and the group goes on. The server is stopped at the
+    end, on Ctrl-C and on a full disk (those are raised)."""
+    from kvlab import deploy
+    from kvlab.deploy.engines import engine_class
+
+    server = None
     try:
-        for key, group in groupby(pending, key=lambda ck: ck[0].server_key):
-            group = list(group)
-            server = None
-            try:
-                for i, (cell, k) in enumerate(group):
-                    if server is None or not server.alive():
-                        if server is not None:
-                            server.stop()
-                        log = inside(out, out / f"{cell.server_id}.server.log")
-                        sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
-                                          kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
-                                          extra_args=list(spec.serve_args), log_path=log, api_key=api_key,
-                                          lease_path=out / f".{cell.server_id}.server.lease")
-                        emit("server_start", {"model": cell.model, "quant": cell.quant})
-                        try:
-                            server = deploy.Server(sspec).start()
-                        except RecordWriteError:
-                            raise
-                        except KvlabError as e:
-                            tail, why = log_tail(log), f"the server did not start: {str(e).splitlines()[0]}"
-                            for c2, k2 in group[i:]:
-                                fail_repeat(out, c2, k2, why, tail, chosen)
-                                emit("repeat_done", {"cell": c2.cell_id, "repeat": k2, "status": "failed",
-                                                     "reason": why})
-                            server = None
-                            break
-                    emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
-                    try:
-                        res = run_repeat(spec, cell, k, server, out, reason)
-                        status, why = res.status, res.failure.reason if res.failure else None
-                    except RecordWriteError:
-                        raise  # the disk is full: every later record would fail too
-                    except Exception as e:  # recorded with the server's log tail; the run goes on
-                        why = f"{type(e).__name__}: {e}"
-                        fail_repeat(out, cell, k, why, server.log_text().splitlines()[-LOG_TAIL_LINES:], chosen)
-                        status = "failed"
-                    emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why})
-                    if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
-                        finalize_cell(out, cell, spec)
-                        done_cells.add(cell.cell_id)
-            finally:
+        for i, (cell, k) in enumerate(group):
+            if server is None or not server.alive():
                 if server is not None:
                     server.stop()
-    except BaseException:
-        # Ctrl-C, a full disk: sum up what is finished; the first error is the one to tell.
-        with contextlib.suppress(RecordWriteError):
-            _finalize_rest(out, spec, work, done_cells)
+                server, why = _start_server(spec, out, cell, chosen, emit, api_key, engine_class(chosen), deploy)
+                if server is None:
+                    tail = log_tail(out / f"{cell.server_id}.server.log")
+                    for c2, k2 in group[i:]:
+                        fail_repeat(out, c2, k2, why, tail, chosen)
+                        emit("repeat_done", {"cell": c2.cell_id, "repeat": k2, "status": "failed", "reason": why})
+                    server = None
+                    break
+            emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
+            try:
+                res = run_repeat(spec, cell, k, server, out, reason)
+                status, why = res.status, res.failure.reason if res.failure else None
+            except RecordWriteError:
+                raise  # the disk is full: every later record would fail too
+            except Exception as e:  # recorded with the server's log tail; the run goes on
+                why = f"{type(e).__name__}: {e}"
+                fail_repeat(out, cell, k, why, server.log_text().splitlines()[-LOG_TAIL_LINES:], chosen)
+                status = "failed"
+            emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why})
+            if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
+                cell_done(cell)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _start_server(spec: Spec, out: Path, cell: Cell, chosen: str, emit: Callable[[str, dict], None],
+                  api_key: str | None, engine_cls: Any, deploy: Any) -> tuple[Any, str | None]:
+    """(the started server of the cell's group, None), or (None, why it did not start)."""
+    log = inside(out, out / f"{cell.server_id}.server.log")
+    endpoint = spec.endpoint_for(cell.model, cell.quant)
+    emit("server_start", {"model": cell.model, "quant": cell.quant})
+    try:
+        sspec = deploy.ServeSpec(model=cell.model, quant=cell.quant, engine=chosen, gpu=spec.gpu,
+                                 kv_memory_gib=spec.kv_memory_gib, max_model_len=spec.max_model_len,
+                                 extra_args=list(spec.serve_args), log_path=log,
+                                 api_key=endpoint_key(endpoint, api_key),
+                                 lease_path=out / f".{cell.server_id}.server.lease")
+        return engine_cls.open_server(sspec, endpoint).start(), None
+    except RecordWriteError:
         raise
-    _finalize_rest(out, spec, work, done_cells)
-    return out
+    except KvlabError as e:
+        return None, f"the server did not start: {str(e).splitlines()[0]}"
 
 
 def _stop_leftovers(out: Path, emit: Callable[[str, dict], None]) -> None:

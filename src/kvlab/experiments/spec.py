@@ -14,13 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvlab import resources
 from kvlab.errors import KvlabError
+from kvlab.deploy.endpoint import Endpoint
 from kvlab.io import read_mapping
 from kvlab.models.cards import format_validation
 from kvlab.plan.request import PlanBlock  # a spec's plan: block is the planner's own type
 from kvlab.units import parse_duration_s  # noqa: F401  (also this module's public name)
 from kvlab.schema.slo import SLO
 
-ENGINES = ("auto", "vllm", "vllm-cpu", "sim")
+ENGINES = ("auto", "vllm", "vllm-cpu", "sim", "external")
 SHAPES = ("constant", "steps", "poisson", "diurnal")
 
 
@@ -42,10 +43,24 @@ class Load(_Strict):
         return v
 
 
+class CellEndpoint(Endpoint):
+    """One (model, level)'s server in a spec's `endpoints:` list (engine external)."""
+
+    model: str
+    quant: str = "bf16"
+
+
+def _endpoint(v):
+    return {"url": v} if isinstance(v, str) else v
+
+
 class Spec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
-    engine: Literal["auto", "vllm", "vllm-cpu", "sim"] = "auto"
+    engine: Literal["auto", "vllm", "vllm-cpu", "sim", "external"] = "auto"
+    # engine external: the server of every (model, level), or one per (model, level) in endpoints
+    endpoint: Endpoint | None = None
+    endpoints: list[CellEndpoint] = Field(default_factory=list)
     gpu: str | None = None  # GPU preset for predictions and the simulated engine
     models: list[str] = Field(min_length=1)
     quants: list[str] = Field(default_factory=lambda: ["bf16"], min_length=1)
@@ -71,8 +86,19 @@ class Spec(_Strict):
             return parse_duration_s(v, allow_zero=info.field_name == "warmup_s")  # no warm-up: 0, "0", "0s"
         return v
 
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _endpoint_url(cls, v):
+        return _endpoint(v)
+
     @model_validator(mode="after")
     def _check(self) -> "Spec":
+        pairs = [(e.model, e.quant) for e in self.endpoints]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("endpoints lists a model and level twice")
+        for m, q in pairs:
+            if m not in self.models or q not in self.quants:
+                raise ValueError(f"endpoints: {m} {q} is not a model and level of this spec")
         if self.warmup_s < 0:
             raise ValueError("warmup_s must not be negative")
         if self.load.shape == "steps" and self.load.step_s is not None and self.load.step_s > self.duration_s:
@@ -81,6 +107,13 @@ class Spec(_Strict):
             if len(set(items)) != len(items):
                 raise ValueError(f"{name} lists an entry twice")
         return self
+
+    def endpoint_for(self, model: str, quant: str) -> Endpoint | None:
+        """The server kvlab did not start that serves (model, level): its endpoints: entry, else endpoint."""
+        for e in self.endpoints:
+            if (e.model, e.quant) == (model, quant):
+                return Endpoint.model_validate(e.model_dump(exclude={"model", "quant"}))
+        return self.endpoint
 
     @property
     def slo_given(self) -> SLO | None:
@@ -91,6 +124,9 @@ class Spec(_Strict):
     def digest(self) -> str:
         """Identifies what the results depend on (not the name or description)."""
         d = self.model_dump(exclude={"name", "description", "plan"})  # a plan block changes no cell
+        for key in ("endpoint", "endpoints"):  # unset: the digest of a spec written before they existed
+            if not d[key]:
+                del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

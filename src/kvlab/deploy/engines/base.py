@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 
@@ -52,6 +52,7 @@ class Engine:
 
     name: ClassVar[str]
     simulated: ClassVar[bool] = False  # its figures are simulated (kvlab sim), not measured
+    launched_by_kvlab: ClassVar[bool] = True  # False: a server kvlab did not start (external)
     cpu: CpuFeatures
     install: VllmInstall
 
@@ -158,6 +159,16 @@ class Engine:
         return backend
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    def open_server(cls, spec: Any, endpoint: Any = None) -> Any:
+        """The server object for a ServeSpec (not started): kvlab launches it; an endpoint is refused."""
+        from kvlab import deploy
+
+        if endpoint is not None:
+            raise KvlabError(f"engine {cls.name} starts its own server: an endpoint ({endpoint.url}) is for "
+                             "engine external")
+        return deploy.Server(spec)
 
     def check_installed(self) -> None:
         if shutil.which("vllm") is None:
