@@ -53,7 +53,7 @@ def one(job: tuple) -> dict:
     return {"model": model, "kv_cache_dtype": kv, "users": users, "cpu_s": time.process_time() - cpu0,
             "wall_s": time.perf_counter() - wall0, "engine_steps": r.engine_steps,
             "requests": r.requests_completed, "output_tokens_per_s": r.output_tokens_per_s,
-            "num_preemptions": r.num_preemptions}
+            "num_preemptions": r.num_preemptions, "timing_source": r.timing_source}
 
 
 def cpu_probe_s() -> float:
@@ -81,9 +81,10 @@ def main() -> None:
     print(json.dumps({
         "configs": len(rows), "simulated_s_each": a.duration_s, "workers": a.workers, "sweep_wall_s": round(wall, 1),
         "cpu_s_per_config_mean": round(sum(cpu) / len(cpu), 2), "cpu_s_per_config_max": round(max(cpu), 2),
-        "engine_steps_total": sum(r.engine_steps for r in rows),
+        "engine_steps_total": sum(r["engine_steps"] for r in rows),
         "requests_total": sum(r["requests"] for r in rows),
-        "cpu_probe_10M_loop_s": round(probe, 2), "runs": rows}, indent=1))
+        "cpu_probe_10M_loop_s": round(probe, 2),
+        "timing_sources": sorted({r["timing_source"] for r in rows}), "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
