@@ -32,7 +32,7 @@ def capacity_argv(row: dict) -> list[str]:
     argv = ["capacity", model, "--gpu", row["gpu"], "--gpu-memory-utilization", str(row["gpu_memory_utilization"]),
             "-tp", str(row["tp"]), "--max-model-len", str(row["max_model_len"]),
             "--max-num-batched-tokens", str(row["max_num_batched_tokens"]), "--max-num-seqs", str(row["max_num_seqs"]),
-            "--vllm-version", row["accounting"], "--json"]
+            "--vllm-version", row["accounting"], "--sampler", row["sampler"], "--json"]
     if row["quantization"]:
         argv += ["--quantization", row["quantization"]]
     return argv
@@ -78,7 +78,7 @@ def test_the_terms_match_the_logged_split(row):
 
 def test_the_sampler_sets_the_peak_with_vllms_default_max_num_seqs():
     a = card("llama-3.1-8b").arch
-    assert budget.sampler_peak_bytes(a, 8192, 1024) == 1024 * 128_256 * budget.SAMPLER_BYTES_PER_LOGIT
+    assert budget.sampler_peak_bytes(a, 8192, 1024) == 1024 * 128_256 * budget.SAMPLER_BYTES_PER_LOGIT["pytorch"]
     assert budget.activation_estimate_bytes(a, 8192, 1024, 1) == budget.sampler_peak_bytes(a, 8192, 1024)
     # a long batch with few sequences: the forward pass is the larger
     assert budget.activation_estimate_bytes(a, 65536, 8, 1) == budget.forward_peak_bytes(a, 65536, 1)

@@ -36,10 +36,15 @@ DEFAULT_VLLM_VERSION = "0.32"
 OLDEST_VLLM_VERSION = (0, 10)  # V1's profiling as modelled here; V0 logged other splits
 CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
 
-# Fitted on the train rows (their logged "peak activation" and "non-torch memory"):
-# bytes the dummy sampler run holds per logit at its peak (bf16 logits, the fp32 copy, sorted
-# values and int64 indices, softmax, masks, the sort's scratch: about 39 B/element).
-SAMPLER_BYTES_PER_LOGIT = 39
+# Bytes the dummy sampler run holds per logit at its peak, by top-k/top-p implementation (vLLM logs
+# which: "Using FlashInfer for top-p & top-k sampling" or "Falling back to the PyTorch-native ...").
+# pytorch: fitted on the train rows' logged peak activation (bf16 logits, the fp32 copy, sorted
+# values and int64 indices, softmax, masks, the sort's scratch: 39 B). flashinfer: not fitted
+# (its train rows' peak is the forward pass), counted from the kernels' inputs: bf16 logits, the
+# fp32 copy and the probabilities (10 B).
+SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
+DEFAULT_SAMPLER = "pytorch"
+# Fitted on the train rows' logged non-torch memory:
 NON_TORCH_BYTES = int(0.135 * GiB)  # one GPU: cuBLAS workspace and other non-torch allocations
 NON_TORCH_DISTRIBUTED_BYTES = int(0.415 * GiB)  # added with -tp/-pp > 1: NCCL buffers
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
@@ -76,10 +81,13 @@ def parse_vllm_version(version: str) -> tuple[int, int]:
     return major, minor
 
 
-def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
+                       sampler: str = DEFAULT_SAMPLER) -> int:
     """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
+    if sampler not in SAMPLER_BYTES_PER_LOGIT:
+        raise KvlabError(f"unknown --sampler {sampler!r}; use one of: {', '.join(SAMPLER_BYTES_PER_LOGIT)}")
     num_reqs = min(max_num_seqs, max_num_batched_tokens)
-    return num_reqs * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
+    return num_reqs * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT[sampler]
 
 
 def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) -> int:
@@ -93,10 +101,10 @@ def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) ->
 
 
 def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                              tp: int) -> int:
+                              tp: int, sampler: str = DEFAULT_SAMPLER) -> int:
     """Peak transient memory of vLLM's profiling run: the larger of the forward pass and the sampler."""
     return max(forward_peak_bytes(arch, max_num_batched_tokens, tp),
-               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs))
+               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
 
 
 def non_torch_estimate_bytes(num_gpus: int) -> int:
@@ -114,7 +122,7 @@ def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int])
 def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utilization: float,
                        weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
                        max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
-                       vllm_version: str = DEFAULT_VLLM_VERSION) -> MemoryEstimate:
+                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER) -> MemoryEstimate:
     """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache."""
     if not 0 < gpu_memory_utilization <= 1:
         raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -124,7 +132,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     requested = ceil(total * gpu_memory_utilization)
     mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
     mns = max_num_seqs or preset.default_max_num_seqs
-    act = activation_estimate_bytes(arch, mnbt, mns, tp)
+    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
     non_torch = non_torch_estimate_bytes(tp * pp)
     graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version)
     budget = requested - w_gpu - act - non_torch - graphs

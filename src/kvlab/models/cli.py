@@ -38,6 +38,8 @@ MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
 VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
+SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler",
+                       help="Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer")
 
 
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
@@ -171,6 +173,7 @@ class CapacityFlags:
     max_num_seqs: int | None
     cpu: bool
     vllm_version: str | None = None
+    sampler: str | None = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "CapacityFlags":
@@ -192,8 +195,9 @@ class CapacityFlags:
         kw = asdict(self)
         for given_only in ("kv_memory_gib", "kv_cache_memory_bytes"):
             del kw[given_only]
-        if kw["vllm_version"] is None:
-            del kw["vllm_version"]
+        for estimate_only in ("vllm_version", "sampler"):
+            if kw[estimate_only] is None:
+                del kw[estimate_only]
         return {**kw, "kv_budget_bytes": budget}
 
 
@@ -215,6 +219,7 @@ def capacity_cmd(
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
+    sampler: str = SAMPLER,
     as_json: bool = JSON,
 ) -> None:
     """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""

@@ -21,7 +21,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
-    DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget)
+    DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget)
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes, weight_format
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
@@ -297,6 +297,7 @@ def capacity(
     num_gpu_blocks_override: int | None = None,
     cpu: bool = False,
     vllm_version: str = DEFAULT_VLLM_VERSION,
+    sampler: str = DEFAULT_SAMPLER,
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget or a GPU preset."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
@@ -343,7 +344,7 @@ def capacity(
     else:
         assert preset is not None
         memory = estimate_kv_budget(arch, preset, gpu_memory_utilization, w_gpu, max_num_batched_tokens,
-                                    max_num_seqs, tp, pp, max(stages), vllm_version)
+                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler)
         budget, source = memory.kv_budget_bytes, "estimate"
 
     mnbt_for_window = max_num_batched_tokens or (preset.default_max_num_batched_tokens if preset else 8192)
