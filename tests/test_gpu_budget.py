@@ -45,7 +45,8 @@ def predicted(row: dict) -> dict:
 
 
 def test_the_table_has_sources_and_the_declared_split():
-    assert len(ROWS) >= 7
+    assert len(ROWS) >= 11
+    assert sum("known_miss" in r for r in ROWS) <= 1
     assert len({r["id"] for r in ROWS}) == len(ROWS)
     for r in ROWS:
         odd = int(hashlib.sha256(r["id"].encode("utf-8")).hexdigest(), 16) % 2 == 1
@@ -61,6 +62,10 @@ def test_budget_within_3_percent_of_the_log(row):
     d = predicted(row)
     logged = row["logged"]["available_kv_gib"]
     assert d["kv_budget_source"] == "estimate"
+    if "known_miss" in row:  # declared in the table with its cause: it must still be a miss
+        assert d["kv_budget_gib"] != pytest.approx(logged, rel=TOLERANCE), row["known_miss"]
+        assert d["kv_budget_gib"] == pytest.approx(logged, rel=2 * TOLERANCE)
+        return
     assert d["kv_budget_gib"] == pytest.approx(logged, rel=TOLERANCE), (d["kv_budget_gib"], logged)
     if "model_weights_gib" in row["logged"]:  # kvlab's weight model, per GPU
         assert d["weight_bytes_per_gpu"] / GiB == pytest.approx(row["logged"]["model_weights_gib"], abs=0.25)

@@ -13,7 +13,8 @@ kvlab cannot profile, so it estimates each term:
   requests (`_dummy_sampler_run`: full-vocabulary logits, cast to fp32, sorted for top-k/top-p with
   int64 indices, softmaxed, ...). The peak is the larger of the two; with vLLM's default
   `max_num_seqs` (1024 on H100/H200) the sampler's is the larger by far;
-- non-torch memory (cuBLAS workspace, CUDA allocations outside torch, NCCL when -tp/-pp > 1);
+- non-torch memory (cuBLAS workspace, CUDA allocations outside torch, NCCL when -tp/-pp > 1,
+  more over NVLink than over PCIe);
 - CUDA graphs: captured after the KV cache up to 0.20; from 0.21 vLLM estimates their memory
   before and subtracts it (`VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`, on by default).
 The constants are fitted on the train rows of `tests/fixtures/gpu_budget_logs.yaml` (split declared
@@ -46,7 +47,11 @@ SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
 DEFAULT_SAMPLER = "pytorch"
 # Fitted on the train rows' logged non-torch memory:
 NON_TORCH_BYTES = int(0.135 * GiB)  # one GPU: cuBLAS workspace and other non-torch allocations
-NON_TORCH_DISTRIBUTED_BYTES = int(0.415 * GiB)  # added with -tp/-pp > 1: NCCL buffers
+# Added with -tp/-pp > 1 (NCCL buffers): more over NVLink (the H100 TP2 train row) than over PCIe
+# (the A100 80GB PCIe TP2 train row). The preset decides which: kvlab does not know when a TP
+# group spans nodes (then NCCL goes over the network and takes less).
+NON_TORCH_DISTRIBUTED_BYTES = {"nvlink": int(0.415 * GiB), "pcie": int(0.154 * GiB)}
+NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x"})  # SXM / OAM boards
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
 # logs report after capture ("Graph capturing finished ..., took 0.52 GiB" for 32 layers).
 CUDAGRAPH_BYTES_PER_LAYER = int(0.016 * GiB)
@@ -107,8 +112,11 @@ def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_
                sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
 
 
-def non_torch_estimate_bytes(num_gpus: int) -> int:
-    return NON_TORCH_BYTES + (NON_TORCH_DISTRIBUTED_BYTES if num_gpus > 1 else 0)
+def non_torch_estimate_bytes(num_gpus: int, gpu_name: str) -> int:
+    if num_gpus == 1:
+        return NON_TORCH_BYTES
+    link = "nvlink" if gpu_name in NVLINK_PRESETS else "pcie"
+    return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[link]
 
 
 def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int]) -> int:
@@ -133,7 +141,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
     mns = max_num_seqs or preset.default_max_num_seqs
     act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
-    non_torch = non_torch_estimate_bytes(tp * pp)
+    non_torch = non_torch_estimate_bytes(tp * pp, preset.name)
     graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version)
     budget = requested - w_gpu - act - non_torch - graphs
     if w_gpu > requested:
