@@ -41,15 +41,15 @@ CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS 
 # which: "Using FlashInfer for top-p & top-k sampling" or "Falling back to the PyTorch-native ...").
 # pytorch: fitted on the train rows' logged peak activation (bf16 logits, the fp32 copy, sorted
 # values and int64 indices, softmax, masks, the sort's scratch: 39 B). flashinfer: not fitted
-# (its train rows' peak is the forward pass), counted from the kernels' inputs: bf16 logits, the
-# fp32 copy and the probabilities (10 B).
+# (its rows log no itemised peak), counted from the kernels' inputs: bf16 logits, the fp32 copy
+# and the probabilities (10 B).
 SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
 DEFAULT_SAMPLER = "pytorch"
-# Fitted on the train rows' logged non-torch memory:
-NON_TORCH_BYTES = int(0.135 * GiB)  # one GPU: cuBLAS workspace and other non-torch allocations
-# Added with -tp/-pp > 1 (NCCL buffers): more over NVLink (the H100 TP2 train row) than over PCIe
-# (the A100 80GB PCIe TP2 train row). The preset decides which: kvlab does not know when a TP
-# group spans nodes (then NCCL goes over the network and takes less).
+# Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
+NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
+# Added with -tp/-pp > 1 (NCCL buffers): more over NVLink (the H100 TP2 train row's logged 0.55
+# GiB) than over PCIe (what the A100 80GB PCIe TP2 train row's budget leaves). The preset decides
+# which: kvlab does not know when a TP group spans nodes (NCCL then goes over the network).
 NON_TORCH_DISTRIBUTED_BYTES = {"nvlink": int(0.415 * GiB), "pcie": int(0.154 * GiB)}
 NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x"})  # SXM / OAM boards
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
