@@ -116,8 +116,8 @@ def test_responses_have_vllms_shape(client, case):
 def test_startup_log_is_vllms(server):
     log = "".join(server.lines)
     assert re.search(r"version 0\.32\.0\+kvlab\.sim", log)
-    assert re.search(r"\[gpu_worker\.py:\d+\] Available KV cache memory: 55\.72 GiB", log)
-    assert "GPU KV cache size: 456,448 tokens, Maximum concurrency for 4,096 tokens per request: 111.44x" in log
+    assert re.search(r"\[gpu_worker\.py:\d+\] Available KV cache memory: 52\.48 GiB", log)
+    assert "GPU KV cache size: 429,888 tokens, Maximum concurrency for 4,096 tokens per request: 104.95x" in log
     assert log.index("Starting vLLM server on http://127.0.0.1:") < log.index("Application startup complete.")
 
 
@@ -178,7 +178,7 @@ def test_metrics_parse_like_real_vllm(client):
     assert samples[("vllm:prefix_cache_hits_total", None)] > 0
     info = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "vllm:cache_config_info"
                 for s in f.samples)
-    assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("14264", "32", "456448")
+    assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("13434", "32", "429888")
     # kvlab's own series, beside vLLM's: what prices the steps, and the steps priced per provenance
     timing = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "kvlab:sim_timing_info"
                   for s in f.samples)
@@ -206,7 +206,7 @@ def test_done_when_blocks_times_block_size_is_kvlab_capacity(kvlab):
         s.stop()
     info = next(smp.labels for f in text_string_to_metric_families(metrics) if f.name == "vllm:cache_config_info"
                 for smp in f.samples)
-    assert int(info["num_gpu_blocks"]) * int(info["block_size"]) == cap["num_blocks"] * cap["block_size"] == 1_441_216
+    assert int(info["num_gpu_blocks"]) * int(info["block_size"]) == cap["num_blocks"] * cap["block_size"] == 1_354_016
     assert f"GPU KV cache size: {cap['kv_cache_tokens']:,} tokens" in log
     assert f"Available KV cache memory: {round(cap['kv_budget_bytes'] / 2**30, 2)} GiB" in log
 

@@ -39,6 +39,10 @@ SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagl
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
+VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
+                            help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
+SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler",
+                       help="Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer")
 
 
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
@@ -157,7 +161,7 @@ def capacity_dict(m: ResolvedModel, r: memory.CapacityResult) -> dict:
         "num_blocks": "computed",
         "kv_cache_tokens": "computed",
         "max_concurrency": "computed",
-        "kv_budget_bytes": "given" if r.kv_budget_source == "given" else "estimate (GPU preset x utilization - weights - estimated activations and overhead)",
+        "kv_budget_bytes": "given" if r.kv_budget_source == "given" else "estimate (GPU preset x utilization - weights - profiling-run activation peak - non-torch - CUDA graphs, as vLLM profiles)",
     }
     return d
 
@@ -184,6 +188,8 @@ class CapacityFlags:
     data_parallel_size: int | None = None
     enable_expert_parallel: bool | None = None
     speculative_config: str | None = None
+    vllm_version: str | None = None
+    sampler: str | None = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "CapacityFlags":
@@ -207,6 +213,9 @@ class CapacityFlags:
             del kw[given_only]
         kw["data_parallel_size"] = self.data_parallel_size or 1
         kw["enable_expert_parallel"] = bool(self.enable_expert_parallel)
+        for estimate_only in ("vllm_version", "sampler"):
+            if kw[estimate_only] is None:
+                del kw[estimate_only]
         return {**kw, "kv_budget_bytes": budget}
 
 
@@ -230,6 +239,8 @@ def capacity_cmd(
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
+    vllm_version: str = VLLM_VERSION,
+    sampler: str = SAMPLER,
     as_json: bool = JSON,
 ) -> None:
     """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""
@@ -270,7 +281,8 @@ def capacity_cmd(
         console.print(
             f"[dim]Budget estimate: {fmt_gib(mem.total_bytes)} GiB x {mem.gpu_memory_utilization} = {fmt_gib(mem.requested_bytes)} GiB, "
             f"minus weights {fmt_gib(mem.weight_bytes)}, activations {fmt_gib(mem.activation_bytes)}, non-torch "
-            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB. vLLM measures these at start; "
+            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s profiling). "
+            "vLLM measures these at start; "
             "pass its 'Available KV cache memory' as --kv-memory-gib for an exact answer.[/dim]"
         )
     for w in r.warnings:

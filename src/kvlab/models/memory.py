@@ -25,6 +25,8 @@ from typing import Sequence
 from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
+from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
+    DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
@@ -277,41 +279,6 @@ def kv_footprint(arch: ModelArch, kv_cache_dtype: str = "auto", tensor_parallel_
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """How vLLM splits one GPU's memory (an estimate: vLLM measures it by profiling at start)."""
-
-    total_bytes: int
-    gpu_memory_utilization: float
-    requested_bytes: int  # ceil(total x utilization)
-    weight_bytes: int  # per rank
-    activation_bytes: int  # estimated transient peak of the profiling run
-    non_torch_bytes: int  # estimated CUDA context, NCCL and cuBLAS workspaces
-    cudagraph_bytes: int  # estimated CUDA-graph memory
-    kv_budget_bytes: int
-
-
-# Estimate constants (documented in README "How capacity is computed"): vLLM measures these by
-# profiling at start; kvlab cannot, so it states them.
-NON_TORCH_BYTES = int(0.5 * GiB)
-CUDAGRAPH_BYTES = int(0.5 * GiB)
-
-
-def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                              tp: int, act_bytes: int = 2) -> int:
-    """Peak transient memory of vLLM's profiling run: one forward pass of max_num_batched_tokens
-    (the widest MLP activation, gate and up outputs, plus the residual stream) and the sampler's
-    fp32 logits for max_num_seqs."""
-    if arch.moe is not None:
-        widest = max(arch.intermediate_size if len(arch.moe.moe_layers) < arch.num_layers else 0,
-                      arch.moe.moe_intermediate_size * arch.moe.num_experts_per_tok)
-    else:
-        widest = arch.intermediate_size
-    mlp = max_num_batched_tokens * (2 * widest // tp + 4 * arch.hidden_size) * act_bytes
-    logits = max_num_seqs * arch.vocab_size * 4 // tp
-    return mlp + logits
-
-
-@dataclass(frozen=True)
 class CapacityResult:
     model: str
     attention: str
@@ -432,6 +399,8 @@ def capacity(
     data_parallel_size: int = 1,
     enable_expert_parallel: bool = False,
     allow_long_max_model_len: bool | None = None,
+    vllm_version: str = DEFAULT_VLLM_VERSION,
+    sampler: str = DEFAULT_SAMPLER,
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
     stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
@@ -484,30 +453,9 @@ def capacity(
         budgets, source = _stage_budgets(kv_budget_bytes, pp), "given"
     else:
         assert preset is not None
-        if not 0 < gpu_memory_utilization <= 1:
-            raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
-        total = preset.memory_bytes
-        requested = ceil(total * gpu_memory_utilization)
-        mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
-        mns = max_num_seqs or preset.default_max_num_seqs
-        act = activation_estimate_bytes(arch, mnbt, mns, tp)
-        budget = requested - w_gpu - act - NON_TORCH_BYTES - CUDAGRAPH_BYTES
-        memory = MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act,
-                                NON_TORCH_BYTES, CUDAGRAPH_BYTES, budget)
-        source = "estimate"
-        if w_gpu > requested:
-            raise KvlabError(
-                f"the weights ({w_gpu / GiB:.2f} GiB per GPU) do not fit {preset.name} at "
-                f"--gpu-memory-utilization {gpu_memory_utilization} ({requested / GiB:.2f} GiB): "
-                f"short by {(w_gpu - requested) / GiB:.2f} GiB; use more GPUs (-tp), a smaller "
-                "--quantization, or a larger GPU"
-            )
-        if budget <= 0:
-            raise KvlabError(
-                f"no memory left for the KV cache on {preset.name}: weights {w_gpu / GiB:.2f} GiB plus "
-                f"estimated activations and overhead {(act + NON_TORCH_BYTES + CUDAGRAPH_BYTES) / GiB:.2f} GiB "
-                f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
-            )
+        memory = estimate_kv_budget(arch, preset, gpu_memory_utilization, w_gpu, max_num_batched_tokens,
+                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler)
+        budget, source = memory.kv_budget_bytes, "estimate"
         budgets = [budget] * pp
 
     mnbt_for_window = max_num_batched_tokens or (preset.default_max_num_batched_tokens if preset else 8192)

@@ -1,0 +1,160 @@
+"""The `--gpu` KV budget: what vLLM's memory profiling at start leaves for the KV cache.
+
+vLLM measures it (`vllm/v1/worker/gpu_worker.py`, `determine_available_memory`, and
+`vllm/utils/mem_utils.py`, `memory_profiling`):
+
+    available = ceil(total x gpu_memory_utilization) - weights - non-torch increase
+                - activation peak of the profiling run [- CUDA-graph estimate, from vLLM 0.21]
+
+kvlab cannot profile, so it estimates each term:
+- weights: kvlab's weight model (per rank);
+- activation peak: the profiling run is one forward pass of `max_num_batched_tokens` tokens
+  (`_dummy_run`) followed by a dummy sampler run on `min(max_num_seqs, max_num_batched_tokens)`
+  requests (`_dummy_sampler_run`: full-vocabulary logits, cast to fp32, sorted for top-k/top-p with
+  int64 indices, softmaxed, ...). The peak is the larger of the two; with vLLM's default
+  `max_num_seqs` (1024 on H100/H200) the sampler's is the larger by far;
+- non-torch memory (cuBLAS workspace, CUDA allocations outside torch, NCCL when -tp/-pp > 1,
+  more over NVLink than over PCIe);
+- CUDA graphs: captured after the KV cache up to 0.20; from 0.21 vLLM estimates their memory
+  before and subtracts it (`VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`, on by default).
+The constants are fitted on the train rows of `tests/fixtures/gpu_budget_logs.yaml` (split declared
+there before fitting); README "The --gpu budget against vLLM's logs" shows the table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import ceil
+
+from kvlab import hardware
+from kvlab.errors import KvlabError
+from kvlab.models.arch import ModelArch
+from kvlab.units import GiB
+
+# The vLLM whose accounting `kvlab capacity --gpu` mirrors by default (as the simulator does).
+DEFAULT_VLLM_VERSION = "0.32"
+OLDEST_VLLM_VERSION = (0, 10)  # V1's profiling as modelled here; V0 logged other splits
+CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
+
+# Bytes the dummy sampler run holds per logit at its peak, by top-k/top-p implementation (vLLM logs
+# which: "Using FlashInfer for top-p & top-k sampling" or "Falling back to the PyTorch-native ...").
+# pytorch: fitted on the train rows' logged peak activation (bf16 logits, the fp32 copy, sorted
+# values and int64 indices, softmax, masks, the sort's scratch: 39 B). flashinfer: not fitted
+# (its rows log no itemised peak), counted from the kernels' inputs: bf16 logits, the fp32 copy
+# and the probabilities (10 B).
+SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
+DEFAULT_SAMPLER = "pytorch"
+# Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
+NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
+# Added with -tp/-pp > 1 (NCCL buffers): more over NVLink (the H100 TP2 train row's logged 0.55
+# GiB) than over PCIe (what the A100 80GB PCIe TP2 train row's budget leaves). The preset decides
+# which: kvlab does not know when a TP group spans nodes (NCCL then goes over the network).
+NON_TORCH_DISTRIBUTED_BYTES = {"nvlink": int(0.415 * GiB), "pcie": int(0.154 * GiB)}
+NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x"})  # SXM / OAM boards
+# Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
+# logs report after capture ("Graph capturing finished ..., took 0.52 GiB" for 32 layers).
+CUDAGRAPH_BYTES_PER_LAYER = int(0.016 * GiB)
+# The forward pass's widest live set per token: gate/up output (2 x intermediate), the activated
+# intermediate, and about six hidden-size tensors (residual, norm output, attention in/out).
+ACTIVATION_BYTES = 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """How vLLM splits one GPU's memory (an estimate: vLLM measures it by profiling at start)."""
+
+    total_bytes: int
+    gpu_memory_utilization: float
+    requested_bytes: int  # ceil(total x utilization)
+    weight_bytes: int  # per rank
+    activation_bytes: int  # estimated transient peak of the profiling run
+    non_torch_bytes: int  # estimated non-torch allocations (cuBLAS, NCCL)
+    cudagraph_bytes: int  # CUDA-graph memory subtracted from the budget (0 before vLLM 0.21)
+    kv_budget_bytes: int
+
+
+def parse_vllm_version(version: str) -> tuple[int, int]:
+    """'0.32', '0.10.2', 'v0.21.0' -> (major, minor); KvlabError for anything else or before 0.10."""
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:\S*)", str(version).strip())
+    if not m:
+        raise KvlabError(f"--vllm-version {version!r} is not a version; give X.Y, e.g. 0.32 or 0.10")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) < OLDEST_VLLM_VERSION:
+        raise KvlabError(f"--vllm-version {version}: kvlab models the V1 engine's memory profiling from "
+                         "vLLM 0.10 on; give 0.10 or later")
+    return major, minor
+
+
+def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
+                       sampler: str = DEFAULT_SAMPLER) -> int:
+    """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
+    if sampler not in SAMPLER_BYTES_PER_LOGIT:
+        raise KvlabError(f"unknown --sampler {sampler!r}; use one of: {', '.join(SAMPLER_BYTES_PER_LOGIT)}")
+    num_reqs = min(max_num_seqs, max_num_batched_tokens)
+    return num_reqs * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT[sampler]
+
+
+def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) -> int:
+    """The dummy forward pass's widest live set: the MLP (or the routed experts) of one layer."""
+    if arch.moe is not None:
+        widest = max(arch.intermediate_size if len(arch.moe.moe_layers) < arch.num_layers else 0,
+                     arch.moe.moe_intermediate_size * arch.moe.num_experts_per_tok)
+    else:
+        widest = arch.intermediate_size
+    return max_num_batched_tokens * (3 * widest // tp + 6 * arch.hidden_size) * ACTIVATION_BYTES
+
+
+def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
+                              tp: int, sampler: str = DEFAULT_SAMPLER) -> int:
+    """Peak transient memory of vLLM's profiling run: the larger of the forward pass and the sampler."""
+    return max(forward_peak_bytes(arch, max_num_batched_tokens, tp),
+               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
+
+
+def non_torch_estimate_bytes(num_gpus: int, gpu_name: str) -> int:
+    if num_gpus == 1:
+        return NON_TORCH_BYTES
+    link = "nvlink" if gpu_name in NVLINK_PRESETS else "pcie"
+    return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[link]
+
+
+def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int]) -> int:
+    """CUDA-graph memory taken from the budget: none before vLLM 0.21 (graphs are captured after
+    the KV cache is allocated), the estimate from 0.21 on."""
+    if vllm_version < CUDAGRAPH_SUBTRACTED_FROM:
+        return 0
+    return layers_per_gpu * CUDAGRAPH_BYTES_PER_LAYER
+
+
+def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utilization: float,
+                       weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
+                       max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
+                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER) -> MemoryEstimate:
+    """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache."""
+    if not 0 < gpu_memory_utilization <= 1:
+        raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    version = parse_vllm_version(vllm_version)
+    w_gpu = weight_bytes_per_gpu
+    total = preset.memory_bytes
+    requested = ceil(total * gpu_memory_utilization)
+    mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
+    mns = max_num_seqs or preset.default_max_num_seqs
+    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
+    non_torch = non_torch_estimate_bytes(tp * pp, preset.name)
+    graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version)
+    budget = requested - w_gpu - act - non_torch - graphs
+    if w_gpu > requested:
+        raise KvlabError(
+            f"the weights ({w_gpu / GiB:.2f} GiB per GPU) do not fit {preset.name} at "
+            f"--gpu-memory-utilization {gpu_memory_utilization} ({requested / GiB:.2f} GiB): "
+            f"short by {(w_gpu - requested) / GiB:.2f} GiB; use more GPUs (-tp), a smaller "
+            "--quantization, or a larger GPU"
+        )
+    if budget <= 0:
+        raise KvlabError(
+            f"no memory left for the KV cache on {preset.name}: weights {w_gpu / GiB:.2f} GiB plus "
+            f"estimated activations and overhead {(act + non_torch + graphs) / GiB:.2f} GiB "
+            f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
+        )
+    return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget)
