@@ -2,12 +2,7 @@
 /health, and answering like the real vLLM 0.32 responses captured in tests/fixtures."""
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,46 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.sim import tokens
+from sim_process import SimServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 API_KEY = "sim-test-key"
-
-
-def free_port() -> int:
-    for port in range(8420, 8500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 8420-8499")
-
-
-class SimServer:
-    """A `kvlab sim serve` subprocess in its own process group; `lines` holds its log so far."""
-
-    def __init__(self, *argv: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvlab", "sim", "serve", *argv, "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("server exited:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if "Application startup complete." in line:
-                break
-        self.url = f"http://127.0.0.1:{self.port}"
-        assert httpx.get(self.url + "/health").status_code == 200
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
