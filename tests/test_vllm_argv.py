@@ -53,8 +53,9 @@ def vllm_parse(parser: FlexibleArgumentParser, argv: list[str]) -> argparse.Name
     return args
 
 
-def gpu_argv(model: str, level: str, **spec) -> list[str]:
-    return Server(ServeSpec(model, quant=level, engine="vllm", port=8000, gpu="h100", **spec)).argv
+def gpu_server(model: str, level: str, **spec) -> Server:
+    """`kvlab serve MODEL --quant LEVEL --engine vllm --port 8000 --gpu h100`, resolved (nothing starts)."""
+    return Server(ServeSpec(model, quant=level, engine="vllm", port=8000, gpu="h100", **spec))
 
 
 def test_every_level_of_every_card_is_covered():
@@ -64,11 +65,10 @@ def test_every_level_of_every_card_is_covered():
 
 @pytest.mark.parametrize("model, level", LEVELS, ids=[f"{m}-{q}" for m, q in LEVELS])
 def test_vllm_parses_the_gpu_command(vllm_cli, uncarded_model, model, level):
-    argv = gpu_argv(str(uncarded_model) if model == DEFAULT_MODEL else model, level)
+    srv = gpu_server(str(uncarded_model) if model == DEFAULT_MODEL else model, level)
+    argv, cfg = srv.argv, srv.config
     args = vllm_parse(vllm_cli, argv)
     assert args.subparser == "serve" and args.model_tag == argv[2] and args.port == 8000
-    cfg = Server(ServeSpec(str(uncarded_model) if model == DEFAULT_MODEL else model, quant=level, engine="vllm",
-                           port=8000, gpu="h100")).config
     # What kvlab's typed config says the flags mean is what vLLM read from them.
     assert args.kv_cache_dtype == cfg.kv_cache_dtype and args.quantization == cfg.quantization_flag()
     assert args.served_model_name == list(cfg.served_model_names)
@@ -84,8 +84,8 @@ TYPED_FIELDS = ("dtype", "tensor_parallel_size", "pipeline_parallel_size", "max_
 
 
 def test_kvlabs_own_flags_parse_as_vllms(vllm_cli):
-    argv = gpu_argv("llama-3.1-8b", "fp8+fp8-kv", kv_memory_gib=20, max_model_len=32768,
-                    extra_args=["--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.85"])
+    argv = gpu_server("llama-3.1-8b", "fp8+fp8-kv", kv_memory_gib=20, max_model_len=32768,
+                      extra_args=["--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.85"]).argv
     args = vllm_parse(vllm_cli, argv)
     assert args.kv_cache_memory_bytes == 20 * 2**30 and args.max_model_len == 32768
     assert (args.tensor_parallel_size, args.gpu_memory_utilization) == (2, 0.85)
