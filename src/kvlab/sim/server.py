@@ -131,7 +131,8 @@ class SimServer:
 
     @web.middleware
     async def _access_log(self, request: web.Request, handler):
-        peer = request.transport.get_extra_info("peername") if request.transport else None  # None once the client has left
+        # Read first: a client that has left takes its transport with it.
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         try:
             resp = await handler(request)
         except web.HTTPException as e:
@@ -151,21 +152,19 @@ class SimServer:
         start = time.monotonic()
         route = request.match_info.route.resource
         template = route.canonical if route is not None else None
-        status = 500
+        status, size = 500, 0  # an exception that escapes: the instrumentator's 500 without a body
         try:
             resp = await handler(request)
-            status = resp.status
+            status, size = resp.status, (resp.content_length or 0) if isinstance(resp, web.Response) else 0
             return resp
         except web.HTTPException as e:
-            status = e.status
+            status, size = e.status, getattr(e, "content_length", None) or 0
             raise
         finally:
-            name = template or request.path
-            if not HttpMetrics.excluded(name):
-                size = resp.content_length if status != 500 and isinstance(resp, web.Response) else None
+            if not HttpMetrics.excluded(template or request.path):
                 self.http_metrics.observe(request.method, template or "none", status,
                                           (time.monotonic() - start) * self.clock.speedup,
-                                          int(request.headers.get("Content-Length", 0)), size or 0)
+                                          int(request.headers.get("Content-Length", 0)), size)
 
     @web.middleware
     async def _fastapi_errors(self, request: web.Request, handler):
