@@ -172,6 +172,14 @@ def sampling_checks(body: dict, n: int, max_tokens: int) -> None:
     """The checks of vLLM 0.32's `SamplingParams._verify_args`, in its order and with its
     messages, for the sampling values a request can carry; `max_tokens` is the engine's (after
     `output_limit`)."""
+    _check_n(n)
+    temperature = _check_sampling_values(body)
+    _check_lengths(body, max_tokens)
+    if temperature < GREEDY_EPS and n > 1:
+        raise ApiError(400, f"n must be 1 when using greedy sampling, got {n}.")
+
+
+def _check_n(n) -> None:
     if not isinstance(n, int) or isinstance(n, bool):
         raise ApiError(400, f"n must be an int, but is of type {type(n)}")
     if n < 1:
@@ -179,6 +187,10 @@ def sampling_checks(body: dict, n: int, max_tokens: int) -> None:
     if n > MAX_N_SEQUENCES:
         raise ApiError(400, f"n must be at most {MAX_N_SEQUENCES}, got {n}. To increase this limit, set the "
                             "VLLM_MAX_N_SEQUENCES environment variable.")
+
+
+def _check_sampling_values(body: dict) -> float:
+    """Penalties, temperature, top_p, top_k and min_p in vLLM's ranges; the temperature."""
     v = {k: _float(body, k) for k in SAMPLING_DEFAULTS}
     for key in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= v[key] <= 2.0:
@@ -202,6 +214,11 @@ def sampling_checks(body: dict, n: int, max_tokens: int) -> None:
         raise ApiError(400, f"top_k must be 0 (disable), or at least 1, got {top_k}.")
     if not 0.0 <= v["min_p"] <= 1.0:
         raise ApiError(400, f"min_p must be in [0, 1], got {v['min_p']}.")
+    return t
+
+
+def _check_lengths(body: dict, max_tokens: int) -> None:
+    """max_tokens (after `output_limit`), min_tokens and stop strings."""
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens)
     min_tokens = _int(body, "min_tokens", 0)
@@ -210,10 +227,8 @@ def sampling_checks(body: dict, n: int, max_tokens: int) -> None:
     if min_tokens > max_tokens:
         raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.")
     stop = body.get("stop")
-    if (stop == "") or (isinstance(stop, list) and any(not s for s in stop)):
+    if stop == "" or (isinstance(stop, list) and any(not s for s in stop)):
         raise ApiError(400, "stop cannot contain an empty string.")
-    if t < GREEDY_EPS and n > 1:
-        raise ApiError(400, f"n must be 1 when using greedy sampling, got {n}.")
 
 
 def completion_request(body: dict, max_model_len: int) -> tuple[list[list[int]], list[int], int]:
