@@ -40,7 +40,8 @@ from kvlab.sim.metrics import HttpMetrics
 from kvlab.sim.sequence import Sequence
 
 ROUTES = [("/health", "GET"), ("/version", "GET"), ("/metrics", "GET"), ("/tokenize", "POST"),
-          ("/detokenize", "POST"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]
+          ("/detokenize", "POST"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST"),
+          ("/v1/completions", "POST")]
 STATS_INTERVAL_S = 10.0
 
 
@@ -94,7 +95,7 @@ class SimServer:
             collector(registry=self.registry)
         self.registry.register(self.engine.metrics)
         self.http_metrics = HttpMetrics(self.registry)  # after vLLM's own families, as in a real /metrics
-        self.vocab: dict[int, bytes] = {}  # token id -> its text, for /detokenize (see `_learn`)
+        self.vocab: dict[int, bytes] = {}  # token id -> its bytes, for /detokenize (see `_learn`)
         self.wake = asyncio.Event()
         self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
         self.ids = 0
