@@ -2,12 +2,7 @@
 /health, and answering like the real vLLM 0.32 responses captured in tests/fixtures."""
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,46 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.sim import tokens
+from sim_process import SimServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 API_KEY = "sim-test-key"
-
-
-def free_port() -> int:
-    for port in range(8420, 8500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 8420-8499")
-
-
-class SimServer:
-    """A `kvlab sim serve` subprocess in its own process group; `lines` holds its log so far."""
-
-    def __init__(self, *argv: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvlab", "sim", "serve", *argv, "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("server exited:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if "Application startup complete." in line:
-                break
-        self.url = f"http://127.0.0.1:{self.port}"
-        assert httpx.get(self.url + "/health").status_code == 200
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +191,122 @@ def test_bad_flags_fail_like_vllm(kvlab, argv, message):
 def test_weights_that_do_not_fit_fail(kvlab):
     r = kvlab("sim", "serve", "deepseek-v3", "--gpu", "h100")
     assert r.returncode == 2 and "do not fit h100" in r.stderr
+
+
+# -- vLLM 0.32's refusals, endpoints and metric families beyond the captured responses
+
+SAMPLING_BODIES = [
+    {"temperature": -1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.5},
+    {"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"repetition_penalty": 0}, {"n": 0},
+    {"n": 2, "temperature": 0}, {"min_tokens": -1}, {"min_tokens": 9, "max_tokens": 4}, {"stop": [""]},
+    {"max_tokens": 0, "temperature": -0.5},  # the temperature is checked first
+]
+
+
+@pytest.mark.parametrize("extra", SAMPLING_BODIES, ids=[json.dumps(b) for b in SAMPLING_BODIES])
+def test_sampling_values_vllm_refuses_are_refused_with_its_message(client, extra):
+    """Each message and param as vLLM 0.32's own request and SamplingParams classes give them."""
+    protocol = pytest.importorskip("vllm.entrypoints.openai.completion.protocol",
+                                   reason="needs vLLM (CPU or GPU build)")
+    from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+    from vllm.exceptions import VLLMValidationError
+
+    body = {"model": "llama-3.1-8b", "prompt": "x", **extra}
+    req = protocol.CompletionRequest(**body)
+    with pytest.raises(VLLMValidationError) as vllm_error:
+        req.to_sampling_params(get_max_tokens(4096, req.max_tokens, 1, {}), {})
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": str(vllm_error.value), "type": "BadRequestError",
+                                 "param": getattr(vllm_error.value, "parameter", None), "code": 400}
+
+
+def test_max_tokens_beyond_the_context_is_cut_not_refused(client):
+    # vLLM 0.32 (get_max_tokens): max_tokens = min(max_tokens, max_model_len - prompt tokens).
+    prompt = " word" * 4000
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 500}).json()
+    assert r["usage"]["prompt_tokens"] == 4000 and r["usage"]["completion_tokens"] == 96
+    assert r["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_prompt_that_fills_the_context_leaves_no_output_token(client):
+    r = client.post("/v1/completions", json={"prompt": " word" * 4096, "max_tokens": 5})
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+                                 "type": "BadRequestError", "param": "max_tokens", "code": 400}
+
+
+def test_detokenize_gives_back_what_tokenize_counted(client):
+    prompt = "Hello wonderful world, supercalifragilistic 12345 ünïcödé"
+    t = client.post("/tokenize", json={"model": "llama-3.1-8b", "prompt": prompt, "return_token_strs": True}).json()
+    assert t["count"] == len(t["tokens"]) == len(t["token_strs"]) == len(tokens.encode(prompt))
+    back = client.post("/detokenize", json={"model": "llama-3.1-8b", "tokens": t["tokens"]}).json()
+    assert back == {"prompt": prompt}
+    half = client.post("/detokenize", json={"tokens": t["tokens"][:3]}).json()["prompt"]
+    assert len(tokens.encode(half)) == 3 and prompt.startswith(half)
+    out = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}).json()["choices"][0]["text"]
+    assert client.post("/detokenize", json={"tokens": tokens.encode(out)}).json()["prompt"] == out
+    bad = client.post("/detokenize", json={"tokens": [7]})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == "Token id 7 is out of vocabulary (parameter=tokens)"
+    unknown = client.post("/detokenize", json={"model": "nope", "tokens": []})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
+
+
+def test_tokenize_counts_a_prompt_longer_than_the_context(client):
+    assert client.post("/tokenize", json={"prompt": " word" * 5000}).json()["count"] == 5000  # vLLM: no length check
+
+
+def test_unknown_paths_and_methods_answer_fastapis_json(server):
+    r = httpx.get(server.url + "/no/such/route")
+    assert (r.status_code, r.headers["content-type"].split(";")[0], r.json()) == (404, "application/json",
+                                                                                  {"detail": "Not Found"})
+    r = httpx.get(server.url + "/detokenize")
+    assert (r.status_code, r.json()) == (405, {"detail": "Method Not Allowed"}) and "POST" in r.headers["allow"]
+
+
+def test_http_families_are_the_instrumentators(client):
+    client.get("/no/such/route")
+    client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    text = client.get("/metrics").text
+
+    def families(text):
+        out = {}
+        for f in text_string_to_metric_families(text):
+            if f.name.startswith("http_"):
+                labels = sorted({tuple(sorted(set(s.labels) - {"le"})) for s in f.samples
+                                 if not s.name.endswith("_created")})
+                buckets = sorted({s.labels["le"] for s in f.samples if "le" in s.labels}, key=float)
+                out[f.name] = (f.type, labels, buckets)
+        return out
+
+    real = (FIXTURES / "vllm-0.32-cpu-llama-twin.metrics.txt").read_text()
+    assert families(text) == families(real)
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert names.index("vllm:cache_config_info") < names.index("http_requests")  # vLLM's families first
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples}
+    assert samples[("http_requests_total", (("handler", "none"), ("method", "GET"), ("status", "4xx")))] >= 1
+    ok = ("http_requests_total", (("handler", "/v1/completions"), ("method", "POST"), ("status", "2xx")))
+    assert samples[ok] >= 1
+    assert not any(dict(k).get("handler") in ("/metrics", "/health") for _, k in samples)  # vLLM excludes them
+
+
+def test_a_client_that_leaves_is_aborted_in_one_log_line():
+    s = SimServer("llama-3.1-8b", "--gpu", "h100", "--max-model-len", "4096", "--speedup", "2")
+    try:
+        body = {"messages": [{"role": "user", "content": "write a lot"}], "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            rid = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])["id"]
+        with pytest.raises(httpx.ReadTimeout):  # a whole answer it stops waiting for
+            httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3000}, timeout=0.5)
+        time.sleep(1.0)
+        running = next(f for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                       if f.name == "vllm:num_requests_running").samples[0].value
+        assert running == 0
+    finally:
+        s.stop()
+    log = "".join(s.lines) + s.proc.stdout.read()
+    assert "Traceback" not in log and "Error handling request" not in log
+    assert log.count("Aborted request(s)") == 2 and f"Aborted request(s) {rid}." in log
+    assert re.search(r"Aborted request\(s\) cmpl-[0-9a-f]+-0\.", log)

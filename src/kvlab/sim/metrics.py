@@ -14,6 +14,7 @@ so `generate_latest` writes the same text as vLLM (counters with `_total`, `_cre
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -268,3 +269,52 @@ class EngineMetrics:
         for family, _, rows in self._families():
             for sample, labels, value in rows:
                 yield family, sample, labels, value
+
+
+# -- HTTP request families (prometheus-fastapi-instrumentator, as vLLM 0.32 attaches it)
+
+# `Instrumentator(excluded_handlers=...)` in vllm/entrypoints/serve/instrumentator/metrics.py:
+# regular expressions searched in the route template (or, for a path no route matches, the path).
+HTTP_EXCLUDED_HANDLERS = ("/metrics", "/health", "/load", "/ping", "/version", "/server_info")
+# `metrics.default()`'s buckets.
+HTTP_HIGHR_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5,
+                      10, 30, 60)
+HTTP_LOWR_BUCKETS = (0.1, 0.5, 1)
+
+
+class HttpMetrics:
+    """The five `http_*` families real vLLM exports, with the instrumentator's names, help texts,
+    labels and buckets: status grouped as `2xx`, a path no route matches as handler `none`, sizes
+    from the Content-Length headers only (a stream has none: 0)."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Histogram, Summary
+
+        sizes = "Only value of header is respected. Otherwise ignored. No percentile calculated. "
+        self.requests = Counter("http_requests_total", "Total number of requests by method, status and handler.",
+                                ("method", "status", "handler"), registry=registry)
+        self.request_size = Summary("http_request_size_bytes", "Content length of incoming requests by handler. "
+                                    + sizes, ("handler",), registry=registry)
+        self.response_size = Summary("http_response_size_bytes", "Content length of outgoing responses by handler. "
+                                     + sizes, ("handler",), registry=registry)
+        self.duration_highr = Histogram(
+            "http_request_duration_highr_seconds",
+            "Latency with many buckets but no API specific labels. Made for more accurate percentile calculations. ",
+            buckets=HTTP_HIGHR_BUCKETS, registry=registry)
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Latency with only few buckets by handler. Made to be only used if aggregation by handler is important. ",
+            ("method", "handler"), buckets=HTTP_LOWR_BUCKETS, registry=registry)
+
+    @staticmethod
+    def excluded(handler: str) -> bool:
+        return any(re.search(pattern, handler) for pattern in HTTP_EXCLUDED_HANDLERS)
+
+    def observe(self, method: str, handler: str, status: int, duration_s: float, request_bytes: int,
+                response_bytes: int) -> None:
+        """One finished request; `handler`: its route template, or "none" when no route matched."""
+        self.requests.labels(method, f"{str(status)[0]}xx", handler).inc()
+        self.request_size.labels(handler).observe(request_bytes)
+        self.response_size.labels(handler).observe(response_bytes)
+        self.duration_highr.observe(duration_s)
+        self.duration.labels(method, handler).observe(duration_s)

@@ -1,16 +1,19 @@
 """vLLM's OpenAI-compatible HTTP front for the simulated engine (aiohttp).
 
 Routes: GET /health, /version, /v1/models, /metrics; POST /v1/completions, /v1/chat/completions,
-/tokenize. Bodies, SSE framing, usage and error objects follow vLLM 0.32 field by field: requests
-are read and refused as vLLM does in `kvlab.sim.api`, answers are built in `kvlab.sim.responses`;
-here are the routes, the engine loop and the streams.
+/tokenize, /detokenize. Bodies, SSE framing, usage and error objects follow vLLM 0.32 field by
+field: requests are read and refused as vLLM does in `kvlab.sim.api`, answers are built in
+`kvlab.sim.responses`; here are the routes, the engine loop and the streams. An unknown path or a
+wrong method answers FastAPI's JSON 404/405; /metrics adds the `http_*` families of the
+instrumentator vLLM attaches; a client that goes away is aborted and logged in one line.
 
 Time: the engine runs on a simulated clock, `speedup` x the wall clock since start; every
 latency in /metrics is in simulated seconds (clients see wall latencies `speedup` times shorter).
 /metrics also carries kvlab's own `kvlab:sim_timing_info` and `kvlab:sim_steps_priced_total`
 (the step-time source and steps priced per provenance; `kvlab.sim.metrics`).
 The simulated model never emits EOS: a request generates `max_tokens` tokens (finish_reason
-"length"), as vLLM with `ignore_eos`; without `max_tokens` a chat request runs to max_model_len.
+"length"), as vLLM with `ignore_eos`, cut to what max_model_len leaves after the prompt; without
+`max_tokens` a chat request runs to max_model_len.
 
 Faults (`--fault`, kvlab.sim.faults): 5xx answers, stalled and malformed streams, /metrics gone,
 /health 503, and the process dying mid-run, each injected on purpose and logged.
@@ -35,10 +38,12 @@ from kvlab.sim.args import ServeArgs
 from kvlab.sim.config import SIM_VERSION, SimConfig
 from kvlab.sim.engine import Engine, StepResult
 from kvlab.sim.faults import Fault, FaultPlan
+from kvlab.sim.metrics import HttpMetrics
 from kvlab.sim.sequence import Sequence
 
 ROUTES = [("/health", "GET"), ("/version", "GET"), ("/metrics", "GET"), ("/tokenize", "POST"),
-          ("/v1/models", "GET"), ("/v1/chat/completions", "POST"), ("/v1/completions", "POST")]
+          ("/detokenize", "POST"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST"),
+          ("/v1/completions", "POST")]
 STATS_INTERVAL_S = 10.0
 
 
@@ -92,6 +97,8 @@ class SimServer:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.registry.register(self.engine.metrics)
+        self.http_metrics = HttpMetrics(self.registry)  # after vLLM's own families, as in a real /metrics
+        self.vocab: dict[int, bytes] = {}  # token id -> its bytes, for /detokenize (see `_learn`)
         self.wake = asyncio.Event()
         self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
         self.ids = 0
@@ -101,11 +108,13 @@ class SimServer:
     # -- app
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._access_log, self._auth], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._http_metrics, self._access_log, self._fastapi_errors, self._auth],
+                              client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -126,12 +135,13 @@ class SimServer:
 
     @web.middleware
     async def _access_log(self, request: web.Request, handler):
+        # Read first: a client that has left takes its transport with it.
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         try:
             resp = await handler(request)
         except web.HTTPException as e:
             resp = e
         if not self.args.disable_access_log:
-            peer = request.transport.get_extra_info("peername") if request.transport else None
             who = f"{peer[0]}:{peer[1]}" if peer else "-"
             phrase = HTTPStatus(resp.status).phrase if resp.status in HTTPStatus._value2member_map_ else ""
             logs.uvicorn(f'{who} - "{request.method} {request.path_qs} HTTP/{request.version.major}.'
@@ -139,6 +149,38 @@ class SimServer:
         if isinstance(resp, web.HTTPException):
             raise resp
         return resp
+
+    @web.middleware
+    async def _http_metrics(self, request: web.Request, handler):
+        """The instrumentator's http_* families; durations in simulated seconds, like every latency here."""
+        start = time.monotonic()
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else None
+        status, size = 500, 0  # an exception that escapes: the instrumentator's 500 without a body
+        try:
+            resp = await handler(request)
+            status, size = resp.status, (resp.content_length or 0) if isinstance(resp, web.Response) else 0
+            return resp
+        except web.HTTPException as e:
+            status, size = e.status, getattr(e, "content_length", None) or 0
+            raise
+        finally:
+            if not HttpMetrics.excluded(template or request.path):
+                self.http_metrics.observe(request.method, template or "none", status,
+                                          (time.monotonic() - start) * self.clock.speedup,
+                                          int(request.headers.get("Content-Length", 0)), size)
+
+    @web.middleware
+    async def _fastapi_errors(self, request: web.Request, handler):
+        """An unknown path or a wrong method answers as FastAPI does: {"detail": ...} in JSON."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return json_response({"detail": "Not Found"}, status=404)
+        except web.HTTPMethodNotAllowed as e:
+            resp = json_response({"detail": "Method Not Allowed"}, status=405)
+            resp.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+            return resp
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -175,29 +217,63 @@ class SimServer:
         return json_response({"object": "list", "data": data})
 
     async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: a prompt or a chat, counted without the max_model_len check."""
         try:
             body = await api.read_json(request)
+            api.served_model(body, self.cfg.served_model_names)
             if "messages" in body:
-                ids = tokens.encode(tokens.render_chat(api.chat_messages(body), body.get("add_generation_prompt", True)))
+                text = tokens.render_chat(api.chat_messages(body), body.get("add_generation_prompt", True))
             else:
-                ids = api.prompt_ids(body.get("prompt"), "prompt", self.cfg.max_model_len)[0]
+                text = api.tokenize_prompt(body)
         except ApiError as e:
             return e.response()
+        pieces = tokens.pieces(text)
+        self._learn(pieces)
+        ids = [tokens.piece_id(p) for p in pieces]
+        strs = [p.decode(errors="replace") for p in pieces] if body.get("return_token_strs") else None
         return json_response({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids,
-                                  "token_strs": None})
+                              "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: the text of token ids this server handed out (by /tokenize or as
+        generated tokens); any other id is out of its vocabulary (the simulated tokenizer has no
+        fixed one: an id is the CRC-32 of its text)."""
+        try:
+            body = await api.read_json(request)
+            api.served_model(body, self.cfg.served_model_names)
+            text = b"".join(self._token_bytes(t) for t in api.token_ids(body)).decode(errors="replace")
+        except ApiError as e:
+            return e.response()
+        return json_response({"prompt": text})
+
+    VOCAB_LIMIT = 1 << 20  # ids remembered for /detokenize; the oldest are forgotten first
+
+    def _learn(self, pieces: list[bytes]) -> None:
+        for p in pieces:
+            self.vocab[tokens.piece_id(p)] = p
+        while len(self.vocab) > self.VOCAB_LIMIT:
+            del self.vocab[next(iter(self.vocab))]
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.vocab.get(token_id)
+        if piece is None:
+            piece = tokens.decode([token_id]).encode()
+        if not piece:
+            raise ApiError(400, f"Token id {token_id} is out of vocabulary", "tokens")
+        return piece
 
     # -- the engine's side of a request
 
-    def _submit(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> Pending:
+    def _submit(self, prompts: list[list[int]], n: int, max_tokens: list[int]) -> Pending:
+        """Each prompt's n choices to the engine; `max_tokens`: each prompt's, after api.output_limit
+        (vLLM reports that value, not the request's, as max_tokens_param)."""
         now = self.clock.now()
         choices = []
-        for p, ids in enumerate(prompts):
-            mt = max_tokens if max_tokens is not None else self.cfg.max_model_len - len(ids)
+        for p, (ids, mt) in enumerate(zip(prompts, max_tokens)):
             seed = tokens.prompt_seed(ids)
             for j in range(n):
                 self.ids += 1
-                seq = Sequence(f"req-{self.ids}", list(ids), max(mt, 1), now, output_seed=seed + j,
-                               max_tokens_param=max_tokens)
+                seq = Sequence(f"req-{self.ids}", list(ids), mt, now, output_seed=seed + j, max_tokens_param=mt)
                 choices.append(Choice(p * n + j, seq))
         pending = Pending(choices, n, open_choices=len(choices))
         for c in choices:
@@ -206,11 +282,16 @@ class SimServer:
         self.wake.set()
         return pending
 
-    def _abort(self, pending: Pending) -> None:
+    def _abort(self, pending: Pending, rid: str | None = None) -> None:
+        """Stop a request's unfinished choices; `rid`: a client went away, logged in one line as
+        vLLM's AsyncLLM.abort logs it (its engine ids: the chat id, or the completion id per prompt)."""
         for c in pending.choices:
             if c.finish_reason is None:
                 self.engine.abort(c.seq)
         self.wake.set()
+        if rid is not None:
+            ids = [rid] if rid.startswith("chatcmpl-") else [f"{rid}-{i}" for i in range(len(pending.first_choices()))]
+            logs.log("APIServer", "async_llm.py:922", f"Aborted request(s) {','.join(ids)}.")
 
     # -- the engine loop
 
@@ -314,7 +395,7 @@ class SimServer:
             body = await api.read_json(request)
             model = api.served_model(body, self.cfg.served_model_names)
             parse = api.chat_request if chat else api.completion_request
-            prompts, max_tokens, n = parse(body, self.cfg.max_model_len)
+            prompts, max_tokens, n = parse(body, self.cfg.max_model_len)  # max_tokens: one per prompt
         except ApiError as e:
             return e.response()
         pending = self._submit(prompts, n, max_tokens)
@@ -323,7 +404,9 @@ class SimServer:
         if body.get("stream"):
             return await self._stream(request, pending, rid, created, model, body, chat=chat, fault=fault,
                                       number=number)
-        texts = await self._collect(pending)
+        texts = await self._collect(request, pending, rid)
+        if texts is None:
+            return web.Response(status=499)  # nobody reads it: the client went away
         answer = responses.chat_completion if chat else responses.completion
         choices = [(c.index, texts[c.index], c.finish_reason) for c in pending.choices]
         return json_response(answer(rid, created, model, choices, self._usage(pending, chat, False)))
@@ -333,11 +416,16 @@ class SimServer:
         return ApiError(500, f"injected fault {fault.spec} (kvlab sim serve --fault)",
                         kind="InternalServerError").response()
 
-    async def _collect(self, pending: Pending) -> dict[int, str]:
+    async def _collect(self, request: web.Request, pending: Pending, rid: str) -> dict[int, str] | None:
+        """Each choice's text, or None when the client went away first (the request is aborted, as
+        vLLM aborts a request whose client disconnects)."""
         parts: dict[int, list[int]] = {c.index: [] for c in pending.choices}
         try:
             while pending.open_choices:
                 choice, token, done = await pending.queue.get()
+                if request.transport is None or request.transport.is_closing():
+                    self._abort(pending, rid)
+                    return None
                 parts[choice.index].append(token)
                 if done:
                     pending.open_choices -= 1
@@ -390,8 +478,10 @@ class SimServer:
             if include_usage:
                 await send(responses.usage_event(head, self._usage(pending, chat, True)))
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            self._abort(pending)
+        except ConnectionResetError:  # the client went away mid-stream: one log line, no traceback
+            self._abort(pending, rid)
+        except asyncio.CancelledError:
+            self._abort(pending, rid)
             raise
         return resp
 

@@ -64,6 +64,19 @@ def encode(text: str) -> list[int]:
     return ids
 
 
+def pieces(text: str) -> list[bytes]:
+    """The bytes of each token of a text: `encode(text)` is `[piece_id(p) for p in pieces(text)]`."""
+    out: list[bytes] = []
+    for piece in _PIECES.findall(text):
+        data = piece.encode()
+        out.extend(data[i:i + MAX_PIECE_BYTES] for i in range(0, len(data), MAX_PIECE_BYTES))
+    return out
+
+
+def piece_id(piece: bytes) -> int:
+    return zlib.crc32(piece)
+
+
 _STRIDE = 2654435761
 # output_token(seed, i) depends on seed mod N and i mod the period: one precomputed cycle per seed residue.
 _N = len(_OUTPUT_IDS)
