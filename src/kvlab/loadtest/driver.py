@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 
 from kvlab.loadtest.plan import SessionPlan
 from kvlab.loadtest.records import RecordWriter, RequestRecord
-from kvlab.loadtest.render import Calibration, TextMaker, probe_messages
+from kvlab.loadtest.render import Calibration, CalibrationError, TextMaker, probe_messages
 from kvlab.loadtest.session import SessionRun, TurnRequest
 from kvlab.loadtest.stream import StreamResult, failed, http_error_kind
 from kvlab.loadtest.workload import Workload
@@ -41,15 +41,19 @@ class RunBounds:
 
 class AgentDriver:
     def __init__(self, workload: Workload, seed: int, writer: RecordWriter | None, bounds: RunBounds,
-                 worker_index: int = 0, worker_count: int = 1) -> None:
+                 worker_index: int = 0, worker_count: int = 1, sizing: Calibration | None = None) -> None:
+        """sizing: prompts sized without probes (--no-calibrate: a local tokenizer or a stated
+        tokens-per-word ratio); None: calibrate on the server's usage before the first turn."""
         self.workload = workload
         self.seed = seed
         self.writer = writer
         self.bounds = bounds
-        self.text = TextMaker(seed, Calibration())
+        self.sizing = sizing
+        self.text = TextMaker(seed, sizing or Calibration())
         self.model = workload.request.model
         self.ignore_eos = workload.request.ignore_eos
         self.calibrated = False
+        self.fatal: str | None = None  # calibration cannot fit: the run stops, it does not retry
         self.probe_tokens: dict[str, int] = {}  # probe name -> measured prompt tokens
         self.app_system_tokens: dict[str, int | None] = {}
         self.requests_sent = 0
@@ -127,17 +131,31 @@ class AgentDriver:
         return None
 
     def calibrate(self, transport: Transport) -> bool:
-        """Once per process: the model name, then probes A, B, C (render.py). False if the server
-        could not answer (the failures are recorded; the next turn tries again)."""
+        """Once per process: the model name, then probes A, B, C (render.py) unless prompts are
+        sized without them. False if the server could not answer (the failures are recorded; the
+        next turn tries again). Raises CalibrationError when the server answered with usage counts
+        that cannot size prompts: that does not get better by retrying."""
         with self._lock:
+            if self.fatal is not None:
+                raise CalibrationError(self.fatal)
             if self.calibrated:
                 return True
             if self.model is None and not self._discover_model(transport):
                 return False
+            if self.sizing is not None:
+                self.calibrated = True
+                return True
             counts = [self._probe(transport, k, probe_messages(k)) for k in ("A", "B", "C")]
             if any(c is None for c in counts):
                 return False
-            self.text = TextMaker(self.seed, Calibration.fit(*counts))  # type: ignore[arg-type]
+            try:
+                calibration = Calibration.fit(*counts)  # type: ignore[arg-type]
+            except CalibrationError as e:
+                self.fatal = str(e)
+                now = time.time()
+                self._record(now, None, failed("calibration", self.fatal, 0.0, 0.0), kind="probe", probe="fit")
+                raise
+            self.text = TextMaker(self.seed, calibration)
             self.calibrated = True
             return True
 
@@ -163,6 +181,8 @@ class AgentDriver:
             self.app_system_tokens[app] = None
             if run.plan.system_tokens <= 0:
                 self.app_system_tokens[app] = 0
+                return
+            if "B" not in self.probe_tokens:  # no calibration probes (--no-calibrate): nothing to subtract
                 return
             msgs = [run.messages[0], {"role": "user", "content": ""}]
             n = self._probe(transport, "app", msgs, app_id=app)

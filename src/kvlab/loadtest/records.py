@@ -1,7 +1,9 @@
 """Per-request records: one JSON line per request, written by every Locust process as it goes.
 
-Each process appends to `requests-<host>-<pid>-<time>-<n>.jsonl.part` (one flushed line per request, so a
-crash loses at most the line being written) and renames it to `.jsonl` when the test stops.
+Each process appends to `requests-<host>-<pid>-<time>-<n>.jsonl.part` and renames it to `.jsonl` when
+the test stops. Lines are written in batches (every FLUSH_RECORDS records or FLUSH_EVERY_S seconds,
+whichever comes first: a crash loses at most that), as one write per request costs the client CPU
+it needs for the streams.
 `read_requests` reads a file or a folder of them (finished or not) into one DataFrame; the runner
 also writes that frame to `requests.parquet` (temp name, then rename).
 """
@@ -13,9 +15,11 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from kvlab.errors import KvlabError
 from kvlab.io import atomic_path
@@ -28,7 +32,8 @@ class RequestRecord:
 
     start_ts: float
     kind: str  # "turn": a workload request; "probe": calibration (max_tokens=1)
-    probe: str | None  # which probe: "A", "B", "C" (render.py), "app" (an app's prefix), "models" (GET /v1/models)
+    probe: str | None  # which probe: "A", "B", "C" (render.py), "app" (an app's prefix), "models" (GET /v1/models),
+    # "fit" (the calibration on A, B, C could not fit: error_kind "calibration")
     session_id: str | None
     app_id: str | None
     turn: int  # 0-based; -1 for probes
@@ -54,6 +59,8 @@ class RequestRecord:
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
 _writer_ids = itertools.count()
+FLUSH_RECORDS = 64
+FLUSH_EVERY_S = 1.0
 
 
 class RecordWriter:
@@ -66,18 +73,32 @@ class RecordWriter:
         stem = f"requests-{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}-{next(_writer_ids)}"
         self.final_path = self.folder / f"{stem}.jsonl"
         self.part_path = self.folder / f"{stem}.jsonl.part"
-        self._fh: IO[str] | None = open(self.part_path, "a", encoding="utf-8")
+        self._fh: IO[bytes] | None = open(self.part_path, "ab")
+        self._pending: list[bytes] = []
+        self._flushed_at = time.monotonic()
         self.count = 0
 
     def write(self, rec: RequestRecord) -> None:
         if self._fh is None:
             raise RuntimeError("record writer is closed")
-        self._fh.write(json.dumps(asdict(rec), separators=(",", ":")) + "\n")
-        self._fh.flush()
+        # orjson writes a dataclass as an object, NaN and infinities as null (json.dumps would
+        # write NaN, which is not JSON)
+        self._pending.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
         self.count += 1
+        if len(self._pending) >= FLUSH_RECORDS or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending lines now (whole lines only: a reader never sees half a batch)."""
+        if self._fh is not None and self._pending:
+            self._fh.write(b"".join(self._pending))
+            self._fh.flush()
+        self._pending = []
+        self._flushed_at = time.monotonic()
 
     def close(self) -> Path:
         if self._fh is not None:
+            self.flush()
             self._fh.close()
             self._fh = None
             os.replace(self.part_path, self.final_path)

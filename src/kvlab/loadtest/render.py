@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+from kvlab.errors import KvlabError
+
 # Common English words, as agents' prompts and tool outputs are mostly English and JSON keys.
 WORDS: tuple[str, ...] = tuple("""
 the of and to in is for on that with as it by this be are from at or an was not can you will if
@@ -33,6 +35,10 @@ events order range start end before after between within without under over into
 PROBE_WORDS = 128
 
 
+class CalibrationError(KvlabError, ValueError):
+    """The server's usage counts cannot size prompts (a run must stop, not retry)."""
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Tokens per filler word and the chat template's overhead, as measured on one server."""
@@ -41,6 +47,9 @@ class Calibration:
     message_tokens: float = 4.0  # template tokens per message (role markers, separators)
     base_tokens: float = 3.0  # template tokens per request (generation prompt, BOS)
     measured: bool = False
+    # how the figures were found: "default" (before calibration), "calibrated" (the server's usage
+    # on probes A, B, C), "tokenizer" (a local tokenizer), "tokens_per_word" (a stated ratio)
+    method: str = "default"
 
     def words_for(self, n_tokens: int) -> int:
         if n_tokens <= 0:
@@ -58,9 +67,13 @@ class Calibration:
         base = max(0, a_tokens - message)
         per_word = (c_tokens - a_tokens) / probe_words
         if per_word <= 0:
-            raise ValueError(f"probe with {probe_words} words counted {c_tokens} tokens, not more than "
-                             f"the empty probe's {a_tokens}: the server's usage counts are unusable")
-        return cls(tokens_per_word=per_word, message_tokens=message, base_tokens=base, measured=True)
+            raise CalibrationError(
+                f"calibration failed: the server's usage.prompt_tokens does not grow with the prompt (probe A "
+                f"[user \"\"] counted {a_tokens}, B [system \"\", user \"\"] {b_tokens}, C [user {probe_words} words] "
+                f"{c_tokens}), so it cannot size prompts; rerun with --no-calibrate and --tokenizer PATH or "
+                f"--tokens-per-word X")
+        return cls(tokens_per_word=per_word, message_tokens=message, base_tokens=base, measured=True,
+                   method="calibrated")
 
 
 def filler(key: str, n_words: int) -> str:

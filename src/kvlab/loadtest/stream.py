@@ -18,13 +18,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import orjson
+
+_loads = orjson.loads  # raises orjson.JSONDecodeError, a ValueError
+
 # connect: no HTTP response (refused, reset, no headers in time); timeout: no complete reply within
 # request.timeout_s; stall: no byte for request.stall_timeout_s mid-stream; http_4xx / http_5xx: error
 # status; malformed_sse: an event that is not JSON; stream_error: an error event in the stream;
 # incomplete: the stream ended without [DONE]; bad_response: a JSON answer without what was asked
-# (GET /v1/models); cancelled: the run stopped the user mid-request.
+# (GET /v1/models); cancelled: the run stopped the user mid-request; calibration: the server's usage
+# counts cannot size prompts (a probe record, probe "fit": the run stops).
 ERROR_KINDS = ("connect", "timeout", "stall", "http_4xx", "http_5xx", "malformed_sse", "stream_error",
-               "incomplete", "bad_response", "cancelled")
+               "incomplete", "bad_response", "cancelled", "calibration")
 
 
 @dataclass
@@ -71,55 +76,107 @@ class LineSplitter:
 
 
 class ChatStream:
-    """Feed it SSE lines with their arrival time (same clock as `t0`); `finish()` gives the result."""
+    """Feed it SSE lines (`feed_line`) or raw body bytes (`feed`) with their arrival time (same
+    clock as `t0`); `finish()` gives the result.
+
+    The per-chunk path is kept short, as it runs for every token of every request: lines stay
+    bytes, an event is decoded with orjson and a chunk of the shape OpenAI and vLLM send is read
+    with a few type checks; anything orjson refuses is parsed again with the standard library, so
+    that every error kind (and what the standard parser accepts) stays as it was."""
+
+    __slots__ = ("t0", "r", "done", "_data", "_parts", "_last_token_t", "_last_t", "_rest", "_splitter")
 
     def __init__(self, t0: float) -> None:
         self.t0 = t0
         self.r = StreamResult()
         self.done = False
-        self._data: list[str] = []
+        self._data: list[bytes] = []
         self._parts: list[str] = []
         self._last_token_t: float | None = None
         self._last_t = t0
+        self._rest = b""
+        self._splitter: LineSplitter | None = None
 
     # --- SSE framing -----------------------------------------------------------------------
+
+    def feed(self, data: bytes, now: float) -> bool:
+        """Body bytes as they arrived (split anywhere); every complete line is stamped `now`.
+        Returns True once the stream is over. `finish()` takes a last line without its newline."""
+        if self.done or not data:
+            return self.done
+        if self._splitter is not None or b"\r" in data:
+            # CR or CRLF line endings: the general splitter (a lone "\r" waits for the next byte)
+            if self._splitter is None:
+                self._splitter = LineSplitter()
+                data, self._rest = self._rest + data, b""
+            for line in self._splitter.feed(data):
+                if self.feed_line(line, now):
+                    break
+            return self.done
+        if self._rest:
+            data = self._rest + data
+        lines = data.split(b"\n")
+        self._rest = lines.pop()
+        self._last_t = now
+        for line in lines:
+            if not line:
+                if self._data:
+                    self._dispatch(now)
+                    if self.done:
+                        break
+            elif line[:5] == b"data:":
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            # comments (":") and other fields (event:, id:, retry:) carry nothing for chat completions
+        return self.done
 
     def feed_line(self, line: bytes | str, now: float) -> bool:
         """One line (with or without its line ending). Returns True once the stream is over."""
         if self.done:
             return True
         self._last_t = now
-        text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
-        text = text.rstrip("\r\n")
-        if text == "":
-            self._dispatch(now)
-        elif text.startswith(":"):
-            pass  # SSE comment / keep-alive
-        elif text.startswith("data:"):
-            value = text[5:]
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        # other fields (event:, id:, retry:) carry nothing for chat completions
+        if not isinstance(line, (bytes, bytearray)):
+            line = line.encode("utf-8", errors="surrogateescape")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if self._data:
+                self._dispatch(now)
+        elif line[:5] == b"data:":
+            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        # comments (":") and other fields (event:, id:, retry:) carry nothing for chat completions
         return self.done
 
+    def _flush_lines(self) -> None:
+        """The end of the body: a last line without its newline counts."""
+        rest = self._splitter.flush() if self._splitter is not None else ([self._rest] if self._rest else [])
+        self._rest = b""
+        for line in rest:
+            self.feed_line(line, self._last_t)
+
     def _dispatch(self, now: float) -> None:
-        if not self._data:
-            return
-        payload = "\n".join(self._data)
+        data = self._data
+        payload = data[0] if len(data) == 1 else b"\n".join(data)
         self._data = []
         self.on_event(payload, now)
 
     # --- OpenAI chat-completion chunks -------------------------------------------------------
 
-    def on_event(self, payload: str, now: float) -> None:
-        if payload.strip() == "[DONE]":
-            self._end(now)
-            return
+    def on_event(self, payload: bytes | str, now: float) -> None:
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8", errors="surrogateescape")
         try:
-            obj = json.loads(payload)
+            obj = _loads(payload)
         except ValueError:
-            self.fail("malformed_sse", "event data is not JSON")
-            return
-        if not isinstance(obj, dict):
+            if payload.strip() == b"[DONE]":
+                self._end(now)
+                return
+            # what orjson refuses (NaN, huge integers, invalid UTF-8, lone surrogates) the standard
+            # parser may take, as it always did: the slow path keeps its verdicts
+            try:
+                obj = json.loads(payload.decode("utf-8", errors="replace"))
+            except ValueError:
+                self.fail("malformed_sse", "event data is not JSON")
+                return
+        if type(obj) is not dict:
             self.fail("malformed_sse", "event is not a JSON object")
             return
         if "error" in obj:
@@ -128,33 +185,36 @@ class ChatStream:
             self.fail("stream_error", str(msg)[:200] or "an error event without a message")
             return
         choices = obj.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-            self.fail("malformed_sse", "event choices are not a list of objects")
-            return
-        if choices:
+        if type(choices) is list and len(choices) == 1 and type(choices[0]) is dict:
+            self._on_choice(choices[0], now)  # the common chunk: one choice
+        elif choices:
+            if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+                self.fail("malformed_sse", "event choices are not a list of objects")
+                return
             self._on_choice(choices[0], now)
         usage = obj.get("usage")
-        if isinstance(usage, dict):
+        if type(usage) is dict:
             self._on_usage(usage)
 
     def _on_choice(self, choice: dict, now: float) -> None:
         delta = choice.get("delta") or {}
-        content = delta.get("content") if isinstance(delta, dict) else None
         finish = choice.get("finish_reason")
-        if not isinstance(delta, dict) or not isinstance(content, (str, type(None))) or \
-                not isinstance(finish, (str, type(None))):
+        content = delta.get("content") if type(delta) is dict else None
+        if type(delta) is not dict or (content is not None and type(content) is not str) or \
+                (finish is not None and type(finish) is not str):
             self.fail("malformed_sse", "a choice whose delta, content or finish_reason is not what OpenAI sends")
             return
-        if self.r.ttft_s is None:
-            self.r.ttft_s = now - self.t0
+        r = self.r
+        if r.ttft_s is None:
+            r.ttft_s = now - self.t0
         if content:
             if self._last_token_t is not None:
-                self.r.itl_s.append(now - self._last_token_t)
+                r.itl_s.append(now - self._last_token_t)
             self._last_token_t = now
-            self.r.chunks += 1
+            r.chunks += 1
             self._parts.append(content)
-        if choice.get("finish_reason"):
-            self.r.finish_reason = choice["finish_reason"]
+        if finish:
+            r.finish_reason = finish
 
     def _on_usage(self, usage: dict) -> None:
         details = usage.get("prompt_tokens_details")
@@ -184,7 +244,9 @@ class ChatStream:
     def finish(self, now: float) -> StreamResult:
         """Close the stream at `now` (end of body): a stream without [DONE] is incomplete."""
         if not self.done:
-            self._dispatch(self._last_t)
+            self._flush_lines()
+            if self._data and not self.done:
+                self._dispatch(self._last_t)
             if not self.done:
                 self.fail("incomplete", "stream ended without data: [DONE]")
         r = self.r

@@ -4,8 +4,9 @@
 
 Options added to Locust's own: --workload NAME|PATH (loadtest/NAME.yaml), --shape
 constant|steps|poisson|diurnal, --seed N, --records DIR (per-request records, default
-<--csv prefix>_requests or ./kvlab-records), --max-requests N. -u is the peak user count (for poisson:
-session slots) and -t the run time; without them the workload's `load:` defaults apply.
+<--csv prefix>_requests or ./kvlab-records), --max-requests N, --no-calibrate with --tokenizer PATH or
+--tokens-per-word X (size prompts without probing the server's usage). -u is the peak user count
+(for poisson: session slots) and -t the run time; without them the workload's `load:` defaults apply.
 Scale-out: one `--master` and N `--worker` processes (see README "## Load").
 
 The workload logic (sessions, calibration, streaming measurements, records) lives in
@@ -20,15 +21,18 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 
 import gevent
+import locust.stats
 from locust import FastHttpUser, LoadTestShape, events, task
 from locust.exception import StopUser
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from kvlab.errors import KvlabError
 from kvlab.loadtest.driver import AgentDriver, RunBounds
-from kvlab.loadtest.records import RecordWriter
+from kvlab.loadtest.records import FLUSH_EVERY_S, RecordWriter
+from kvlab.loadtest.render import Calibration, CalibrationError
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.stream import ChatStream, StreamResult, failed, http_error_kind
 from kvlab.loadtest.workload import Workload, load_workload
@@ -44,6 +48,13 @@ def _options(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Session stream seed")
     parser.add_argument("--records", default=None, help="Folder for per-request records")
     parser.add_argument("--max-requests", type=int, default=None, help="Stop after this many requests (default: the workload's)")
+    parser.add_argument("--no-calibrate", action="store_true", default=False,
+                        help="Size prompts without probing the server's usage: from --tokenizer or --tokens-per-word")
+    parser.add_argument("--tokenizer", default=None, help="With --no-calibrate: a local tokenizer folder (the model's or a twin's)")
+    parser.add_argument("--tokens-per-word", type=float, default=None, help="With --no-calibrate: tokens per filler word")
+    # Set by kvlab's runner with --tokens-per-word when it counted with --tokenizer itself: the
+    # chat template's tokens per request and per message.
+    parser.add_argument("--kvlab-template-tokens", default=None, include_in_web_ui=False, help="(internal)")
     # Set by the master at test start, for its workers: how to split the session stream, how long.
     parser.add_argument("--kvlab-worker-count", type=int, default=1, include_in_web_ui=False, help="(internal)")
     parser.add_argument("--kvlab-duration-s", type=float, default=None, include_in_web_ui=False, help="(internal)")
@@ -64,11 +75,36 @@ def _init(environment, **_kw) -> None:
         sys.stderr.write(f"kvlab: error: {e}\n")
         sys.exit(2)
     STATE["workload"] = wl
+    try:
+        STATE["sizing"] = _sizing(opts)
+    except KvlabError as e:
+        sys.stderr.write(f"kvlab: error: {e}\n")
+        sys.exit(2)
     AgentUser.network_timeout = wl.request.stall_timeout_s
     AgentUser.connection_timeout = wl.request.connect_timeout_s
     # vLLM's --api-key: read from the environment only, so it is never on a command line or in a file.
     key = os.environ.get("KVLAB_API_KEY") or os.environ.get("OPENAI_API_KEY")
     AgentUser.default_headers = {"Authorization": f"Bearer {key}"} if key else None
+
+
+def _sizing(opts) -> Calibration | None:
+    """None: calibrate on the server's usage; else prompts sized as --no-calibrate says."""
+    from kvlab.loadtest import sizing
+
+    if not opts.no_calibrate:
+        if opts.tokenizer or opts.tokens_per_word:
+            raise KvlabError("--tokenizer and --tokens-per-word size prompts with --no-calibrate only")
+        return None
+    if bool(opts.tokenizer) == bool(opts.tokens_per_word):
+        raise KvlabError("--no-calibrate needs one of --tokenizer PATH or --tokens-per-word X")
+    if opts.tokenizer:
+        return sizing.from_tokenizer(opts.tokenizer)
+    cal = sizing.from_tokens_per_word(opts.tokens_per_word)
+    if opts.kvlab_template_tokens:  # counted by kvlab's runner with a tokenizer
+        base, message = (float(x) for x in opts.kvlab_template_tokens.split(","))
+        cal = Calibration(tokens_per_word=cal.tokens_per_word, message_tokens=message, base_tokens=base,
+                          method="tokenizer")
+    return cal
 
 
 def _records_dir(opts) -> str:
@@ -99,13 +135,25 @@ def _test_start(environment, **_kw) -> None:
     count = opts.kvlab_worker_count if isinstance(runner, WorkerRunner) else 1
     writer = RecordWriter(_records_dir(opts))
     STATE.update(writer=writer, driver=AgentDriver(workload(), opts.seed, writer, _bounds(environment, count),
-                                                   worker_index=index, worker_count=max(count, index + 1)))
+                                                   worker_index=index, worker_count=max(count, index + 1),
+                                                   sizing=STATE.get("sizing")))
     STATE["driver"].start()
+    STATE["flusher"] = gevent.spawn(_flush_records, writer)
     log.info("kvlab: workload %s, worker %d of %d, records in %s", workload().name, index, count, writer.folder)
+
+
+def _flush_records(writer: RecordWriter) -> None:
+    """Records are written in batches; a quiet spell still gets them to disk within a second."""
+    while True:
+        gevent.sleep(FLUSH_EVERY_S)
+        writer.flush()
 
 
 @events.test_stop.add_listener
 def _test_stop(environment, **_kw) -> None:
+    flusher = STATE.pop("flusher", None)
+    if flusher is not None:
+        flusher.kill(block=False)
     writer = STATE.pop("writer", None)
     if writer is not None:
         writer.close()
@@ -120,6 +168,25 @@ def _let_csv_catch_up(environment, **_kw) -> None:
         gevent.sleep(1.2)
 
 
+FATAL_FILE = "fatal-{pid}.txt"  # in the records folder: why this process stopped the run
+
+
+def _stop_on_fatal(environment, message: str) -> None:
+    """A failure that retrying cannot cure (calibration that cannot fit): one line on stderr and
+    in the records folder (kvlab's runner reads it), a non-zero exit, and the run ends now."""
+    if STATE.get("fatal"):
+        return
+    STATE["fatal"] = message
+    sys.stderr.write(f"kvlab: error: {message}\n")
+    log.error("kvlab: %s", message)
+    writer = STATE.get("writer")
+    if writer is not None:
+        writer.flush()
+        (writer.folder / FATAL_FILE.format(pid=os.getpid())).write_text(message + "\n")
+    environment.process_exit_code = 3
+    gevent.spawn(environment.runner.quit)
+
+
 def _quit_when_idle(environment) -> None:
     """The request bound is reached: let in-flight requests finish, then end the run."""
     driver = STATE.get("driver")
@@ -129,9 +196,36 @@ def _quit_when_idle(environment) -> None:
     environment.runner.quit()
 
 
+def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
+    """Many response times of one kind in one step, as Locust's StatsEntry.log would count them
+    one by one (the entry and the total: count, sum, min, max, rounded histogram, per second).
+    One request event per inter-token gap costs more CPU than reading the chunk itself."""
+    if not times_ms:
+        return
+    now = time.time()
+    t = int(now)
+    n, total, lo, hi = len(times_ms), sum(times_ms), min(times_ms), max(times_ms)
+    buckets = Counter(map(locust.stats.bucket_response_time, times_ms))  # looked up here: Locust lets it be replaced
+    for entry in (stats.total, stats.get(name, method)):
+        last = entry.last_request_timestamp
+        if entry.use_response_times_cache and last and t > int(last):
+            entry._cache_response_times(t - 1)  # what StatsEntry.log does for the web UI's current percentiles
+        entry.num_requests += n
+        entry.num_reqs_per_sec[t] += n
+        entry.last_request_timestamp = now
+        entry.total_response_time += total
+        entry.min_response_time = lo if entry.min_response_time is None else min(entry.min_response_time, lo)
+        entry.max_response_time = max(entry.max_response_time, hi)
+        rt = entry.response_times
+        for k, c in buckets.items():
+            rt[k] += c
+
+
 class LocustTransport:
     """One streamed chat completion through the user's FastHttpSession, reported to Locust's
-    stats as the POST (E2E) plus TTFT, TPOT and every ITL gap, all in milliseconds."""
+    stats as the POST (E2E), TTFT and TPOT (one event each) and the request's ITL gaps (logged
+    together once the request ends, so Locust's tables, web UI and --csv count every gap), all in
+    milliseconds."""
 
     def __init__(self, user: FastHttpUser) -> None:
         self.user = user
@@ -184,8 +278,8 @@ class LocustTransport:
             self._fire("TTFT", name, res.ttft_s)
         if res.tpot_s is not None:
             self._fire("TPOT", name, res.tpot_s)
-        for gap in res.itl_s:
-            self._fire("ITL", name, gap)
+        if res.itl_s:
+            log_many(self.user.environment.stats, "ITL", name, [g * 1000 for g in res.itl_s])
 
     def get_json(self, path: str) -> tuple[int | None, dict | None]:
         with self.user.client.get(path, name=path, catch_response=True, allow_redirects=False) as resp:
@@ -201,21 +295,49 @@ class LocustTransport:
 
 
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
-    """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
-    socket has; iter_content(1024) would wait for a whole KiB)."""
-    raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
+    """The body as it arrives: every recv's bytes handed over at once and stamped with the time
+    they came, so each SSE line is measured as soon as its last byte is here (iter_content(1024)
+    would wait for a whole KiB), without a Python call per line."""
+    raw = resp._response  # geventhttpclient response: FastResponse exposes no incremental reader
     try:
-        while line := raw.readline(b"\n"):
-            stream.feed_line(line, time.perf_counter())
-        # Read to the end of the body (after [DONE] too) so the connection goes back to the pool.
-        rest = raw.read()  # a last line without its newline
-        if rest:
-            stream.feed_line(rest, time.perf_counter())
+        if isinstance(getattr(raw, "_body_buffer", None), bytearray) and hasattr(raw, "block_size"):
+            _read_chunks(raw, stream)
+        else:  # another geventhttpclient layout: line by line
+            while line := raw.readline(b"\n"):
+                stream.feed_line(line, time.perf_counter())
+            rest = raw.read()  # a last line without its newline
+            if rest:
+                stream.feed_line(rest, time.perf_counter())
     except (TimeoutError, socket.timeout):
         stream.fail("stall", f"no byte for {workload().request.stall_timeout_s:g} s")
     except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
         stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
     return stream.finish(time.perf_counter())
+
+
+def _read_chunks(raw, stream: ChatStream) -> None:
+    """What geventhttpclient's readline does (recv, feed the HTTP parser, take the body buffer),
+    one recv at a time. Reads to the end of the body (after [DONE] too) so the connection goes
+    back to the pool."""
+    buf = raw._body_buffer
+    now = time.perf_counter()
+    while True:
+        if buf:
+            data = bytes(buf)
+            del buf[:]
+            stream.feed(data, now)
+            continue
+        if raw.message_complete:
+            return
+        sock = raw._sock
+        if sock is None:
+            raise ConnectionResetError("connection closed before the end of the body")
+        try:
+            raw.feed(sock.recv(raw.block_size))
+        except BaseException:
+            raw.release()
+            raise
+        now = time.perf_counter()
 
 
 def _failure_message(res: StreamResult, status: int | None) -> str:
@@ -252,6 +374,13 @@ class AgentUser(FastHttpUser):
             # one more request and be killed in the middle of it.
             raise StopUser()
         driver: AgentDriver = STATE["driver"]
+        try:
+            self._turn(driver)
+        except CalibrationError as e:
+            _stop_on_fatal(self.environment, str(e))
+            raise StopUser() from None
+
+    def _turn(self, driver: AgentDriver) -> None:
         if self.session is None or self.session.done:
             self.session = driver.next_session()
             if self.session is None:
