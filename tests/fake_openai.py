@@ -62,6 +62,7 @@ class FakeConfig:
     redirect_to: str | None = None  # "redirect": 307 to this base URL (load must not follow it)
     kv_cache_tokens: int = 8192  # what /metrics reports as the KV pool (num_gpu_blocks x block_size)
     block_size: int = 128
+    constant_prompt_tokens: int | None = None  # usage.prompt_tokens says this whatever the prompt (a stub)
 
 
 class FakeOpenAI:
@@ -197,6 +198,10 @@ class FakeOpenAI:
             return self.config.faults[n]
         return self.config.fault_when(n, body) if self.config.fault_when else None
 
+    def _usage_prompt(self, toks: list[str]) -> int:
+        c = self.config.constant_prompt_tokens
+        return len(toks) if c is None else c
+
     def _cached(self, toks: list[str]) -> int:
         hit = 0
         for end in range(BLOCK, len(toks), BLOCK):  # a full hit still recomputes the last token
@@ -271,7 +276,8 @@ class FakeOpenAI:
                 await asyncio.sleep(0.2)
                 await resp.write(b": keep-alive\n\n")
         await send({"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "model": self.model, "choices": [],
-                    "usage": {"prompt_tokens": len(toks), "completion_tokens": n_out, "total_tokens": len(toks) + n_out,
+                    "usage": {"prompt_tokens": self._usage_prompt(toks), "completion_tokens": n_out,
+                              "total_tokens": self._usage_prompt(toks) + n_out,
                               "prompt_tokens_details": {"cached_tokens": self._cached(toks)}}})
         if fault != "no_done":
             await send("[DONE]")

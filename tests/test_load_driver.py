@@ -61,7 +61,8 @@ def test_calibration_fit_from_probe_counts():
     assert (c.tokens_per_word, c.message_tokens, c.base_tokens, c.measured) == (2.0, 8, 6, True)
     assert c.words_for(101) == 50 and c.words_for(0) == 0 and c.words_for(1) == 1
     assert c.prompt_tokens(100, 2) == 6 + 16 + 100
-    with pytest.raises(ValueError, match="unusable"):
+    with pytest.raises(ValueError, match=r"does not grow with the prompt \(probe A \[user \"\"\] counted 10, "
+                       r"B \[system \"\", user \"\"\] 12, C \[user 128 words\] 10\)"):
         Calibration.fit(10, 12, 10)
 
 

@@ -50,7 +50,7 @@ def test_records_round_trip_and_schema(tmp_path):
 
 def test_a_cut_last_line_is_skipped_and_garbage_is_an_error(tmp_path):
     w = write(tmp_path, [rec(1.0)])
-    w._fh.write('{"start_ts": 2.0, "kind": "tu')  # a crash mid-line
+    w._fh.write(b'{"start_ts": 2.0, "kind": "tu')  # a crash mid-line (the file is binary)
     w._fh.flush()
     assert len(read_requests(tmp_path)) == 1
     bad = tmp_path / "requests-x-1.jsonl"

@@ -39,6 +39,9 @@ def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key, ray: str | 
                          "the same command to complete it") from None
 
 
+LOAD_FAILURES: list[str] = []  # repeats whose load stopped on what retrying cannot cure (this invocation)
+
+
 def _progress_runner(spec, out: Path, only, engine, api_key=None, ray: str | None = None):
     """ray: None runs here; "" on Ray at $RAY_ADDRESS or a local cluster; else on Ray at that address."""
     from rich.console import Console
@@ -74,6 +77,11 @@ def _progress_runner(spec, out: Path, only, engine, api_key=None, ray: str | Non
             progress.update(task, description=f"{spec.name}: {data['cell']} #{data['repeat']}")
         elif kind == "repeat_done":
             progress.advance(task)
+            for w in data.get("warnings") or []:
+                console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: warning: {escape(w)}[/yellow]",
+                              soft_wrap=True)
+            if data.get("load_failed"):
+                LOAD_FAILURES.append(f"{data['cell']} repeat {data['repeat']}: {data['reason']}")
             if data["status"] != "complete":
                 why = f": {data['reason']}" if data.get("reason") else ""
                 console.print(f"[yellow]{data['cell']} repeat {data['repeat']}: {data['status']}{escape(why)}[/yellow]",
@@ -131,9 +139,15 @@ def run_cmd(
         import_ray()  # without the extra: one line naming it, before anything starts
     spec = load_spec(spec_path)
     folder = out or Path("results") / spec.name
+    LOAD_FAILURES.clear()
     _run_stopping_cleanly(spec, folder, parse_only(only), engine, api_key, (ray_address or "") if ray else None)
     planned = _plan_after(spec, folder) if spec.plan is not None and only is None else True
     _finish(folder)
+    if LOAD_FAILURES:
+        # a load that could not measure (calibration that cannot fit) is not a run that went well
+        sys.stderr.write(f"kvlab: error: {len(LOAD_FAILURES)} repeat(s) stopped before measuring; first: "
+                         f"{LOAD_FAILURES[0]}\n")
+        raise typer.Exit(1)
     if not planned:
         raise typer.Exit(2)
 

@@ -422,6 +422,7 @@ def run_server_group(spec: Spec, out: Path, group: list[tuple[Cell, int]], chose
     end, on Ctrl-C and on a full disk (those are raised)."""
     from kvlab import deploy
     from kvlab.deploy.engines import engine_class
+    from kvlab.loadtest.runner import LoadFailed
 
     server = None
     try:
@@ -438,16 +439,23 @@ def run_server_group(spec: Spec, out: Path, group: list[tuple[Cell, int]], chose
                     server = None
                     break
             emit("repeat_start", {"cell": cell.cell_id, "repeat": k})
+            warnings: list[str] = []
+            load_failed = False
             try:
                 res = run_repeat(spec, cell, k, server, out, reason)
                 status, why = res.status, res.failure.reason if res.failure else None
+                warnings = list(res.client.warnings) if res.client else []
             except RecordWriteError:
                 raise  # the disk is full: every later record would fail too
+            except LoadFailed as e:  # the load stopped on what retrying cannot cure (calibration): its reason
+                why, status, load_failed = str(e), "failed", True
+                fail_repeat(out, cell, k, why, server.log_text().splitlines()[-LOG_TAIL_LINES:], chosen)
             except Exception as e:  # recorded with the server's log tail; the run goes on
                 why = f"{type(e).__name__}: {e}"
                 fail_repeat(out, cell, k, why, server.log_text().splitlines()[-LOG_TAIL_LINES:], chosen)
                 status = "failed"
-            emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why})
+            emit("repeat_done", {"cell": cell.cell_id, "repeat": k, "status": status, "reason": why,
+                                 "load_failed": load_failed, "warnings": warnings})
             if k == spec.repeats or (i + 1 < len(group) and group[i + 1][0] != cell):
                 cell_done(cell)
     finally:

@@ -47,7 +47,12 @@ def print_summary(result) -> None:
     console.print(t)
     g = s["goodput"]
     counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
-    console.print(f"errors: {counts(s['errors']) or 'none'}")
+    if s["requests"] == 0:
+        console.print("errors: no turn was sent (nothing was measured)")
+    else:
+        failed = s["requests"] - s["requests_ok"]
+        console.print(f"errors: {counts(s['errors']) or 'none'}"
+                      + (f" ({failed} of {s['requests']} turns failed)" if failed else ""))
     if s["probe_errors"]:
         console.print(f"calibration probes / model lookup failed: {counts(s['probe_errors'])}"
                       + ("; no workload request could start" if s["requests"] == 0 else ""))
@@ -57,6 +62,13 @@ def print_summary(result) -> None:
     console.print(f"goodput (SLO {', '.join(f'{k}<={v:g}' for k, v in g['slo'].items() if v is not None)}): "
                   f"{rate(g['request_goodput_per_min'])} requests/min of {rate(g['requests_per_min'])}, "
                   f"{rate(g['session_goodput_per_min'])} sessions/min of {rate(g['sessions_per_min'])}")
+    sizing = result.prompt_sizing
+    if sizing:
+        console.print(f"prompt sizing: {sizing['method']}, {sizing['tokens_per_word']:.3f} tokens per word ({sizing['source']})")
+    cpu = ", ".join(f"{c['role']} {c['p90']:.0%}" for c in result.client_cpu if c["p90"] is not None)
+    console.print(f"client CPU (p90 of one-second samples, of one core): {cpu or 'not sampled (run too short)'}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning: {w}[/yellow]", soft_wrap=True)
     console.print(f"records: {result.records_path}\nLocust CSVs: {result.out_dir}/locust_*.csv")
 
 
@@ -73,6 +85,12 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="Local Locust workers (0: one process)"),
         max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Stop after this many requests"),
         spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second"),
+        no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Do not probe the server's usage to size "
+                                          "prompts; size them from --tokenizer or --tokens-per-word"),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With --no-calibrate: a local tokenizer "
+                                                "folder (the model's or a twin's) that counts the prompts"),
+        tokens_per_word: Optional[float] = typer.Option(None, "--tokens-per-word", help="With --no-calibrate: "
+                                                        "tokens per filler word, as stated"),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
     ) -> None:
         """Agent-style load with Locust, headless: Locust CSVs, per-request records, goodput.
@@ -84,12 +102,25 @@ def register(app: typer.Typer) -> None:
 
         if workers < 0:
             raise KvlabError("--workers must be >= 0")
-        result = run_load(host, workload, users, parse_duration(duration) if duration else None, shape, out, seed,
-                          workers=workers, max_requests=max_requests, spawn_rate=spawn_rate,
-                          progress=_progress_printer(sys.stderr.isatty()))
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+        tty = sys.stderr.isatty()
+        try:
+            result = run_load(host, workload, users, parse_duration(duration) if duration else None, shape, out, seed,
+                              workers=workers, max_requests=max_requests, spawn_rate=spawn_rate,
+                              progress=_progress_printer(tty), calibrate=not no_calibrate, tokenizer=tokenizer,
+                              tokens_per_word=tokens_per_word)
+        finally:
+            if tty:
+                sys.stderr.write("\n")
         if as_json:
-            emit_json({"out_dir": str(result.out_dir), "records": str(result.records_path), "summary": result.summary})
+            emit_json({"out_dir": str(result.out_dir), "records": str(result.records_path), "summary": result.summary,
+                       "client_cpu": result.client_cpu, "warnings": result.warnings,
+                       "prompt_sizing": result.prompt_sizing})
         else:
             print_summary(result)
+        for w in result.warnings if as_json else []:
+            sys.stderr.write(f"kvlab: warning: {w}\n")
+        if not result.summary["requests_ok"]:
+            sent = result.summary["requests"]
+            sys.stderr.write(f"kvlab: error: {'no turn was sent' if not sent else f'all {sent} turns failed'}: "
+                             f"nothing was measured (see {result.out_dir}/load.json)\n")
+            raise typer.Exit(1)

@@ -135,6 +135,8 @@ class AgentDriver:
         sized without them. False if the server could not answer (the failures are recorded; the
         next turn tries again). Raises CalibrationError when the server answered with usage counts
         that cannot size prompts: that does not get better by retrying."""
+        if self.calibrated:  # every turn asks: no lock once it is done
+            return True
         with self._lock:
             if self.fatal is not None:
                 raise CalibrationError(self.fatal)
@@ -175,6 +177,8 @@ class AgentDriver:
     def measure_app(self, transport: Transport, run: SessionRun) -> None:
         """Tokens the app's shared prefix adds (probe [system, user ""] minus probe B)."""
         app = run.plan.app_id
+        if app in self.app_system_tokens:
+            return
         with self._lock:
             if app in self.app_system_tokens:
                 return

@@ -1,9 +1,9 @@
 """Per-request records: one JSON line per request, written by every Locust process as it goes.
 
 Each process appends to `requests-<host>-<pid>-<time>-<n>.jsonl.part` and renames it to `.jsonl` when
-the test stops. Lines are written in batches (every FLUSH_RECORDS records or FLUSH_EVERY_S seconds,
-whichever comes first: a crash loses at most that), as one write per request costs the client CPU
-it needs for the streams.
+the test stops. The Locust client writes lines in batches (every FLUSH_RECORDS records or
+FLUSH_EVERY_S seconds, whichever comes first: a crash loses at most that), as one write per request
+costs CPU the streams need; a writer made without `batch_s` writes each line as it comes.
 `read_requests` reads a file or a folder of them (finished or not) into one DataFrame; the runner
 also writes that frame to `requests.parquet` (temp name, then rename).
 """
@@ -54,7 +54,18 @@ class RequestRecord:
     finish_reason: str | None
     chunks: int
     start_lag_s: float | None  # open loop: how late the session's first turn started
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    worker: str = field(default_factory=lambda: _worker_name())
+
+
+_WORKER: tuple[int, str] | None = None
+
+
+def _worker_name() -> str:
+    """host:pid of this process (asked once per process, not per record)."""
+    global _WORKER
+    if _WORKER is None or _WORKER[0] != os.getpid():
+        _WORKER = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}")
+    return _WORKER[1]
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
@@ -66,7 +77,9 @@ FLUSH_EVERY_S = 1.0
 class RecordWriter:
     """Appends records of one process; `close()` makes the file final."""
 
-    def __init__(self, folder: Path | str) -> None:
+    def __init__(self, folder: Path | str, batch_s: float = 0.0) -> None:
+        """batch_s > 0: lines are written every FLUSH_RECORDS records or batch_s seconds (and on
+        flush() / close()); 0: each line as it comes."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         # One file per process and test: a web-UI session may run several tests in one process.
@@ -76,6 +89,7 @@ class RecordWriter:
         self._fh: IO[bytes] | None = open(self.part_path, "ab")
         self._pending: list[bytes] = []
         self._flushed_at = time.monotonic()
+        self.batch_s = batch_s
         self.count = 0
 
     def write(self, rec: RequestRecord) -> None:
@@ -85,7 +99,8 @@ class RecordWriter:
         # write NaN, which is not JSON)
         self._pending.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
         self.count += 1
-        if len(self._pending) >= FLUSH_RECORDS or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+        if not self.batch_s or len(self._pending) >= FLUSH_RECORDS or \
+                time.monotonic() - self._flushed_at >= self.batch_s:
             self.flush()
 
     def flush(self) -> None:

@@ -8,7 +8,14 @@ the caller) and collect what it wrote: Locust's CSVs, the per-request records, a
       requests/               per-process JSONL records (kvlab.loadtest.records)
       requests.parquet        all records in one table
       load.json               command, paths, shape schedule and the measured summary
-                              (kvlab.schema.load.LoadRecord: the run's one score, with its SLO)
+                              (kvlab.schema.load.LoadRecord: the run's one score, with its SLO),
+                              how prompts were sized, each Locust process's CPU, warnings, failure
+
+The client watches itself: every Locust process's CPU is sampled about once a second (psutil); a
+process that streams (standalone or worker) busy at CLIENT_CPU_BUSY of a core or more (p90 of the
+samples after the first CPU_WARMUP_S) measures latencies that may include its own queueing, and the
+run says so (load.json `warnings`, `kvlab load`'s output, the experiment runner's progress).
+A calibration that cannot fit stops the run (LoadFailed): nothing pretends to have measured.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import psutil
 import yaml
 
 from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import write_text_atomic
 from kvlab.loadtest.records import read_requests, record_files, write_parquet
+from kvlab.loadtest.render import Calibration, CalibrationError
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
 from kvlab.schema.load import LoadRecord
@@ -38,6 +48,20 @@ from kvlab.units import parse_duration_s
 
 STARTUP_GRACE_S = 60.0  # Locust start, worker connection, final CSV writing
 WORKER_WAIT_S = 30
+CLIENT_CPU_BUSY = 0.8  # of one core: above it, a Locust process queues its own users' reads
+CPU_WARMUP_S = 3.0  # Locust's imports and the spawning of users: not the load
+FATAL_GRACE_S = 5.0  # a process that stopped the run on a fatal error: the others get this long
+
+
+class LoadFailed(KvlabError):
+    """A run that stopped on an error retrying cannot cure (calibration that cannot fit). load.json
+    is written with the failure; `result` holds what was recorded."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, result: "LoadResult | None" = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,9 @@ class LoadResult:
     records_dir: Path
     records_path: Path  # requests.parquet
     summary: dict
+    client_cpu: list[dict] = field(default_factory=list)  # kvlab.schema.load.ClientCPU
+    warnings: list[str] = field(default_factory=list)
+    prompt_sizing: dict | None = None  # kvlab.schema.load.PromptSizing
 
     def requests(self):
         """The per-request records as a DataFrame (kvlab.loadtest.records.read_requests)."""
@@ -111,6 +138,112 @@ class _RecordTail:
         return s[len(s) // 2]
 
 
+class _CPUWatch:
+    """Each Locust process's CPU, sampled by the caller about once a second."""
+
+    def __init__(self, procs: list[tuple[str, subprocess.Popen]]) -> None:
+        self.t0 = time.monotonic()
+        self.watched: list[tuple[str, int, psutil.Process | None]] = []
+        for role, p in procs:
+            try:
+                self.watched.append((role, p.pid, psutil.Process(p.pid)))
+            except psutil.Error:
+                self.watched.append((role, p.pid, None))
+        self.last: dict[int, tuple[float, float]] = {}
+        self.samples: dict[int, list[float]] = {pid: [] for _, pid, _ in self.watched}
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for _, pid, proc in self.watched:
+            if proc is None:
+                continue
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:  # exited
+                continue
+            cpu = t.user + t.system
+            prev = self.last.get(pid)
+            self.last[pid] = (now, cpu)
+            if prev is not None and now - self.t0 >= CPU_WARMUP_S and now > prev[0]:
+                self.samples[pid].append((cpu - prev[1]) / (now - prev[0]))
+
+    def result(self) -> list[dict]:
+        out = []
+        for role, pid, _ in self.watched:
+            xs = self.samples[pid]
+            arr = np.asarray(xs, dtype=float)
+            out.append({"source": "measured", "role": role, "pid": pid, "samples": len(xs),
+                        "mean": round(float(arr.mean()), 3) if len(xs) else None,
+                        "p90": round(float(np.percentile(arr, 90)), 3) if len(xs) else None,
+                        "max": round(float(arr.max()), 3) if len(xs) else None,
+                        "cpu_s": round(self.last.get(pid, (0.0, 0.0))[1], 3)})
+        return out
+
+
+def client_warnings(client_cpu: list[dict], workers: int, summary: dict) -> list[str]:
+    """What the run should not be read without: a saturated client, no turn sent, every turn failed."""
+    out = []
+    streaming = [c for c in client_cpu if c["role"] != "master" and c["p90"] is not None]
+    busy = [c for c in streaming if c["p90"] >= CLIENT_CPU_BUSY]
+    if busy:
+        worst = max(busy, key=lambda c: c["p90"])
+        suggest = max(2, 2 * workers) if workers else max(2, min(os.cpu_count() or 2, 2 * len(busy) + 1))
+        out.append(f"client CPU: Locust {worst['role']} process {worst['pid']} was busy {worst['p90']:.0%} of a core "
+                   f"(p90 of {worst['samples']} one-second samples; {len(busy)} of {len(streaming)} streaming "
+                   f"process(es) at or above {CLIENT_CPU_BUSY:.0%}): latencies may include client queueing; "
+                   f"rerun with --workers N (Locust master and N worker processes), e.g. --workers {suggest}")
+    if summary.get("requests", 0) == 0:
+        out.append("no turn was sent: nothing was measured")
+    elif summary.get("requests_ok", 0) == 0:
+        out.append(f"every turn failed ({summary['requests']}): nothing was measured")
+    return out
+
+
+def _fatal_messages(records_dir: Path) -> list[str]:
+    """What a Locust process wrote when it stopped the run (locustfile FATAL_FILE)."""
+    if not records_dir.is_dir():
+        return []
+    return [p.read_text(errors="replace").strip() for p in sorted(records_dir.glob("fatal-*.txt"))]
+
+
+def _sizing_args(calibrate: bool, tokenizer: str | Path | None, tokens_per_word: float | None,
+                 wl: Workload) -> tuple[list[str], Calibration | None, str | None]:
+    """Locust's arguments for prompt sizing, the sizing itself (None: calibrated on the server) and
+    the tokenizer path it came from. The workload's `prompt_sizing:` applies where no argument does."""
+    from kvlab.loadtest import sizing
+
+    if calibrate and (tokenizer or tokens_per_word):
+        raise KvlabError("--tokenizer and --tokens-per-word size prompts without calibration: add --no-calibrate")
+    if calibrate and wl.prompt_sizing is not None:
+        calibrate, tokenizer, tokens_per_word = False, wl.prompt_sizing.tokenizer, wl.prompt_sizing.tokens_per_word
+    if calibrate:
+        return [], None, None
+    if bool(tokenizer) == bool(tokens_per_word):
+        raise KvlabError("--no-calibrate needs one of --tokenizer PATH (the model's or a twin's local tokenizer) "
+                         "or --tokens-per-word X")
+    if tokenizer:
+        cal = sizing.from_tokenizer(tokenizer)  # here, once: a bad folder is one line before Locust starts
+        args = ["--no-calibrate", "--tokens-per-word", repr(cal.tokens_per_word),
+                "--kvlab-template-tokens", f"{cal.base_tokens!r},{cal.message_tokens!r}"]
+        return args, cal, str(tokenizer)
+    cal = sizing.from_tokens_per_word(float(tokens_per_word))  # type: ignore[arg-type]
+    return ["--no-calibrate", "--tokens-per-word", repr(cal.tokens_per_word)], cal, None
+
+
+def _calibrated_sizing(df) -> dict | None:
+    """The calibration the Locust processes made, from their probe records (A, B, C)."""
+    from kvlab.loadtest.sizing import prompt_sizing
+
+    probes = df[(df["kind"] == "probe") & df["error_kind"].isna() & df["prompt_tokens"].notna()]
+    counts = [probes.loc[probes["probe"] == k, "prompt_tokens"] for k in ("A", "B", "C")]
+    if any(len(c) == 0 for c in counts):
+        return None
+    try:
+        return prompt_sizing(Calibration.fit(*(int(c.iloc[0]) for c in counts)))
+    except CalibrationError:
+        return None
+
+
 def parse_duration(text: str | float | int) -> float:
     """'90', '90s', '5m', '1h30m' (Locust's -t format; the grammar of kvlab.units) -> seconds."""
     return parse_duration_s(text, allow_zero=True, what="duration")
@@ -157,7 +290,9 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
              workers: int = 0, max_requests: int | None = None, spawn_rate: float | None = None,
              stop_timeout_s: float = 10.0, locustfile: str | Path | None = None,
              progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0,
-             api_key: str | None = None, slo: SLO | None = None, slo_from: SLOFrom = "workload") -> LoadResult:
+             api_key: str | None = None, slo: SLO | None = None, slo_from: SLOFrom = "workload",
+             calibrate: bool = True, tokenizer: str | Path | None = None,
+             tokens_per_word: float | None = None) -> LoadResult:
     """Play `workload` against `host` (e.g. http://127.0.0.1:8000) with Locust, headless.
 
     users: peak Locust users (poisson: session slots); duration_s: run time (seconds or '60s');
@@ -166,8 +301,13 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     max_requests, in-flight requests get stop_timeout_s to finish, and a run that overstays is
     killed (its records are kept). An API key (api_key, else KVLAB_API_KEY or OPENAI_API_KEY in the
     environment) reaches the locustfile through its environment, never on a command line. The run
-    is scored once, against `slo` (default: the workload's), and load.json says whose it was."""
+    is scored once, against `slo` (default: the workload's), and load.json says whose it was.
+
+    Prompts are sized by calibration on the server's usage (probes), or with calibrate=False from
+    a local `tokenizer` folder or a stated `tokens_per_word` (the workload's `prompt_sizing:` where
+    none is given). A calibration that cannot fit raises LoadFailed (load.json says why)."""
     wl = _resolve_workload(workload, shape)
+    sizing_args, sizing_cal, sizing_tokenizer = _sizing_args(calibrate, tokenizer, tokens_per_word, wl)
     users = users or wl.load.users
     duration = parse_duration(duration_s) if duration_s is not None else wl.load.duration_s
     if users < 1 or duration <= 0:
@@ -181,7 +321,8 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     records_dir = out / "requests"
     lf = Path(locustfile) if locustfile else resources.locustfile()
 
-    common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir)]
+    common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir),
+              *sizing_args]
     if max_requests or wl.load.max_requests:
         common += ["--max-requests", str(max_requests or wl.load.max_requests)]
     head = [sys.executable, "-m", "locust", *common, "--host", host, "--headless", "-u", str(users),
@@ -203,19 +344,28 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     tail = _RecordTail(records_dir)
     deadline = time.monotonic() + duration + stop_timeout_s + STARTUP_GRACE_S
     t_start = time.monotonic()
+    fatal_at: float | None = None
     with open(log_path, "wb") as log:
         try:
             procs.append(subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
             for cmd in worker_cmds:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                               env=env))
+            cpu = _CPUWatch([("master" if workers else "standalone", procs[0]),
+                             *(("worker", p) for p in procs[1:])])
+            cpu.sample()
             while procs[0].poll() is None:
                 if time.monotonic() > deadline:
                     _stop(procs, signal.SIGTERM)
                     time.sleep(2)
                     _stop(procs, signal.SIGKILL)
                     break
-                time.sleep(progress_every_s)
+                time.sleep(min(progress_every_s, 1.0))
+                cpu.sample()
+                if fatal_at is None and _fatal_messages(records_dir):
+                    fatal_at = time.monotonic()  # the process that wrote it quits; the others are stopped
+                elif fatal_at is not None and time.monotonic() - fatal_at > FATAL_GRACE_S:
+                    _stop(procs, signal.SIGTERM)
                 if progress is not None:
                     tail.poll()
                     progress(Progress(time.monotonic() - t_start, duration,
@@ -237,13 +387,19 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
             raise
     returncode = procs[0].wait()
     scored_by = (slo, slo_from) if slo is not None else (wl.slo, "workload")
-    return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers, scored_by)
+    from kvlab.loadtest.sizing import prompt_sizing
+
+    sizing = prompt_sizing(sizing_cal, sizing_tokenizer) if sizing_cal is not None else None
+    return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers, scored_by,
+                    cpu.result(), sizing)
 
 
 def _collect(out: Path, wl: Workload, command: list[str], returncode: int, records_dir: Path, log_path: Path,
-             users: int, duration: float, workers: int, scored_by: tuple[SLO, SLOFrom]) -> LoadResult:
+             users: int, duration: float, workers: int, scored_by: tuple[SLO, SLOFrom],
+             client_cpu: list[dict], sizing: dict | None) -> LoadResult:
     from kvlab.loadtest.summary import summarize
 
+    fatal = _fatal_messages(records_dir)
     if not records_dir.is_dir() or not record_files(records_dir):
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
         raise KvlabError(f"Locust wrote no request records (exit code {returncode}); see {log_path}: "
@@ -251,18 +407,27 @@ def _collect(out: Path, wl: Workload, command: list[str], returncode: int, recor
     df = read_requests(records_dir)
     records_path = write_parquet(df, out / "requests.parquet")
     summary = summarize(df, scored_by[0], slo_from=scored_by[1])
+    if sizing is None:
+        sizing = _calibrated_sizing(df)
+    warnings = client_warnings(client_cpu, workers, summary)
+    streaming = [c["p90"] for c in client_cpu if c["role"] != "master" and c["p90"] is not None]
+    summary.update(client_cpu_busiest=max(streaming) if streaming else None, warnings=warnings)
     result = LoadResult(
         out_dir=out, command=command, returncode=returncode,
         stats_csv=out / "locust_stats.csv", stats_history_csv=out / "locust_stats_history.csv",
         failures_csv=out / "locust_failures.csv", exceptions_csv=out / "locust_exceptions.csv",
-        html_report=out / "locust.html", log_path=log_path, records_dir=records_dir, records_path=records_path,
-        summary=summary)
+        html_report=out / "locust.html", log_path=log_path, records_path=records_path, records_dir=records_dir,
+        summary=summary, client_cpu=client_cpu, warnings=warnings, prompt_sizing=sizing)
     plan = ShapePlan(wl.load.shape, users, duration)
+    failure = fatal[0] if fatal else None
     LoadRecord(command=command, returncode=returncode, workload=wl.name, shape=wl.load.shape.kind,
                users=users, duration_s=duration, workers=workers,
                shape_schedule=[{"offset_s": t, "users": u} for t, u in plan.schedule()],
                first_request_ts=float(df["start_ts"].min()) if len(df) else None,
                paths={k: str(v) for k, v in result.__dict__.items() if isinstance(v, Path)},
-               summary=summary).write(out / "load.json")
+               summary=summary, prompt_sizing=sizing if not failure else None, client_cpu=client_cpu,
+               warnings=warnings, failure=failure).write(out / "load.json")
+    if failure:
+        raise LoadFailed(failure, result)
     return result
 

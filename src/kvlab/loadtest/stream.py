@@ -22,16 +22,6 @@ import orjson
 
 _loads = orjson.loads  # raises orjson.JSONDecodeError, a ValueError
 
-# connect: no HTTP response (refused, reset, no headers in time); timeout: no complete reply within
-# request.timeout_s; stall: no byte for request.stall_timeout_s mid-stream; http_4xx / http_5xx: error
-# status; malformed_sse: an event that is not JSON; stream_error: an error event in the stream;
-# incomplete: the stream ended without [DONE]; bad_response: a JSON answer without what was asked
-# (GET /v1/models); cancelled: the run stopped the user mid-request; calibration: the server's usage
-# counts cannot size prompts (a probe record, probe "fit": the run stops).
-ERROR_KINDS = ("connect", "timeout", "stall", "http_4xx", "http_5xx", "malformed_sse", "stream_error",
-               "incomplete", "bad_response", "cancelled", "calibration")
-
-
 @dataclass
 class StreamResult:
     ttft_s: float | None = None
@@ -118,15 +108,48 @@ class ChatStream:
         lines = data.split(b"\n")
         self._rest = lines.pop()
         self._last_t = now
+        pending = self._data
+        loads, r, parts = _loads, self.r, self._parts
+        gaps, last_t, chunks = r.itl_s, self._last_token_t, r.chunks
         for line in lines:
             if not line:
-                if self._data:
-                    self._dispatch(now)
+                if pending:
+                    payload = pending[0] if len(pending) == 1 else b"\n".join(pending)
+                    pending = self._data = []
+                    # on_event's token-chunk case, inline (it runs for every token), its state in
+                    # locals; anything it does not decide goes to on_event whole
+                    try:
+                        obj = loads(payload)
+                    except ValueError:
+                        obj = None
+                    if type(obj) is dict and "usage" not in obj and "error" not in obj:
+                        choices = obj.get("choices")
+                        if type(choices) is list and len(choices) == 1:
+                            choice = choices[0]
+                            if type(choice) is dict and choice.get("finish_reason") is None:
+                                delta = choice.get("delta")
+                                content = delta.get("content") if type(delta) is dict else None
+                                if type(content) is str:
+                                    if r.ttft_s is None:
+                                        r.ttft_s = now - self.t0
+                                    if content:
+                                        if last_t is not None:
+                                            gaps.append(now - last_t)
+                                        last_t = now
+                                        chunks += 1
+                                        parts.append(content)
+                                    continue
+                    self._last_token_t, r.chunks = last_t, chunks
+                    self.on_event(payload, now)
+                    last_t, chunks = self._last_token_t, r.chunks
                     if self.done:
                         break
+            elif line[:6] == b"data: ":
+                pending.append(line[6:])
             elif line[:5] == b"data:":
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+                pending.append(line[5:])
             # comments (":") and other fields (event:, id:, retry:) carry nothing for chat completions
+        self._last_token_t, r.chunks = last_t, chunks
         return self.done
 
     def feed_line(self, line: bytes | str, now: float) -> bool:
@@ -134,8 +157,8 @@ class ChatStream:
         if self.done:
             return True
         self._last_t = now
-        if not isinstance(line, (bytes, bytearray)):
-            line = line.encode("utf-8", errors="surrogateescape")
+        if type(line) is not bytes:
+            line = line.encode("utf-8", errors="surrogateescape") if isinstance(line, str) else bytes(line)
         line = line.rstrip(b"\r\n")
         if not line:
             if self._data:
@@ -179,6 +202,16 @@ class ChatStream:
         if type(obj) is not dict:
             self.fail("malformed_sse", "event is not a JSON object")
             return
+        # the token chunk (one choice, a delta with text, no finish, no usage, no error): read with
+        # the few checks that decide it, everything else below
+        choices = obj.get("choices")
+        if type(choices) is list and len(choices) == 1 and "usage" not in obj and "error" not in obj:
+            choice = choices[0]
+            if type(choice) is dict and choice.get("finish_reason") is None:
+                delta = choice.get("delta")
+                if type(delta) is dict and type(delta.get("content")) is str:
+                    self._on_token(delta["content"], now)
+                    return
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else err
@@ -195,6 +228,19 @@ class ChatStream:
         usage = obj.get("usage")
         if type(usage) is dict:
             self._on_usage(usage)
+
+    def _on_token(self, content: str, now: float) -> None:
+        """A token chunk read on the fast path: what _on_choice does with a delta holding only
+        `content` and no finish_reason."""
+        r = self.r
+        if r.ttft_s is None:
+            r.ttft_s = now - self.t0
+        if content:
+            if self._last_token_t is not None:
+                r.itl_s.append(now - self._last_token_t)
+            self._last_token_t = now
+            r.chunks += 1
+            self._parts.append(content)
 
     def _on_choice(self, choice: dict, now: float) -> None:
         delta = choice.get("delta") or {}

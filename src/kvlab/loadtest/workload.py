@@ -71,6 +71,20 @@ class LimitSpec(_Spec):
     max_context_tokens: int = Field(default=8192, gt=0)  # plan tokens of a whole session
 
 
+class PromptSizingSpec(_Spec):
+    """Size prompts without calibration probes (for servers whose usage counts cannot size them):
+    from a local tokenizer folder (the model's or a twin's) or a stated tokens-per-word ratio."""
+
+    tokenizer: str | None = None
+    tokens_per_word: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "PromptSizingSpec":
+        if (self.tokenizer is None) == (self.tokens_per_word is None):
+            raise ValueError("prompt_sizing needs exactly one of tokenizer (a local folder) or tokens_per_word")
+        return self
+
+
 MAX_DURATION_S = 30 * 24 * 3600.0  # a month: longer is a typo (the schedule is kept per second)
 
 
@@ -95,6 +109,7 @@ class Workload(_Spec):
     limits: LimitSpec = LimitSpec()
     load: LoadSpec = LoadSpec()
     slo: SLO = SLO()
+    prompt_sizing: PromptSizingSpec | None = None  # None: calibrate on the server's usage (probes)
 
     @model_validator(mode="after")
     def _fits(self) -> "Workload":

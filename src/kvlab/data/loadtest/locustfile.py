@@ -94,7 +94,10 @@ def _sizing(opts) -> Calibration | None:
     if not opts.no_calibrate:
         if opts.tokenizer or opts.tokens_per_word:
             raise KvlabError("--tokenizer and --tokens-per-word size prompts with --no-calibrate only")
-        return None
+        spec = workload().prompt_sizing  # the workload's own, where it has one
+        if spec is None:
+            return None
+        return sizing.from_tokenizer(spec.tokenizer) if spec.tokenizer else sizing.from_tokens_per_word(spec.tokens_per_word)
     if bool(opts.tokenizer) == bool(opts.tokens_per_word):
         raise KvlabError("--no-calibrate needs one of --tokenizer PATH or --tokens-per-word X")
     if opts.tokenizer:
@@ -133,7 +136,7 @@ def _test_start(environment, **_kw) -> None:
         _init(environment)
     index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     count = opts.kvlab_worker_count if isinstance(runner, WorkerRunner) else 1
-    writer = RecordWriter(_records_dir(opts))
+    writer = RecordWriter(_records_dir(opts), batch_s=FLUSH_EVERY_S)
     STATE.update(writer=writer, driver=AgentDriver(workload(), opts.seed, writer, _bounds(environment, count),
                                                    worker_index=index, worker_count=max(count, index + 1),
                                                    sizing=STATE.get("sizing")))
@@ -196,6 +199,9 @@ def _quit_when_idle(environment) -> None:
     environment.runner.quit()
 
 
+_LOCUST_BUCKET = locust.stats.bucket_response_time
+
+
 def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
     """Many response times of one kind in one step, as Locust's StatsEntry.log would count them
     one by one (the entry and the total: count, sum, min, max, rounded histogram, per second).
@@ -205,7 +211,9 @@ def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
     now = time.time()
     t = int(now)
     n, total, lo, hi = len(times_ms), sum(times_ms), min(times_ms), max(times_ms)
-    buckets = Counter(map(locust.stats.bucket_response_time, times_ms))  # looked up here: Locust lets it be replaced
+    bucket = locust.stats.bucket_response_time  # looked up here: Locust lets it be replaced
+    # Locust's own rounding is round() below 100 ms: the same keys without a call per gap
+    buckets = Counter(map(round if bucket is _LOCUST_BUCKET and hi < 100 else bucket, times_ms))
     for entry in (stats.total, stats.get(name, method)):
         last = entry.last_request_timestamp
         if entry.use_response_times_cache and last and t > int(last):
@@ -274,10 +282,12 @@ class LocustTransport:
         return status, res
 
     def _report(self, name: str, res: StreamResult) -> None:
+        # straight into the stats, as Locust's own request listener would log them (no event round trip)
+        stats = self.user.environment.stats
         if res.ttft_s is not None:
-            self._fire("TTFT", name, res.ttft_s)
+            stats.log_request("TTFT", name, res.ttft_s * 1000, 0)
         if res.tpot_s is not None:
-            self._fire("TPOT", name, res.tpot_s)
+            stats.log_request("TPOT", name, res.tpot_s * 1000, 0)
         if res.itl_s:
             log_many(self.user.environment.stats, "ITL", name, [g * 1000 for g in res.itl_s])
 
