@@ -1,0 +1,236 @@
+"""The load generator's cheap per-chunk path and its honesty: body bytes split anywhere read as the
+lines do, the inline token path agrees with the JSON path, ITL gaps logged once per request count
+as Locust counts them one by one; a calibration that cannot fit stops `kvlab load` (exit 1, one
+line) while --no-calibrate runs; a run that sent no turn is never "errors: none"; a saturated
+Locust process is warned about and its CPU recorded."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fake_openai import FakeConfig, FakeOpenAI
+from kvlab.loadtest.stream import ChatStream
+from kvlab.schema.load import LoadRecord
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"name": "tiny", "apps": {"count": 1, "system_tokens": 16},
+        "session": {"turns": 2, "task_tokens": 24, "tool_result_tokens": 8, "max_tokens": 4, "think_time_s": 0.05},
+        "request": {"timeout_s": 5, "stall_timeout_s": 2, "connect_timeout_s": 2},
+        "limits": {"max_context_tokens": 1024}, "load": {"users": 2, "duration_s": 4, "max_requests": 1000}}
+
+
+def vllm_chunk(content=None, role=None, finish=None, **extra):
+    delta = {**({"role": role} if role else {}), **({"content": content} if content is not None else {})}
+    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+CONTENTS = ["Hello", " wor", "ld", " \"quoted\"", "\\n", " naïve ☃", "", " {json}", "\t"]
+
+
+def vllm_body() -> bytes:
+    usage = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+             "usage": {"prompt_tokens": 12, "total_tokens": 20, "completion_tokens": 8}}
+    return (vllm_chunk("", role="assistant") + b"".join(vllm_chunk(c) for c in CONTENTS[:-1])
+            + vllm_chunk(CONTENTS[-1], finish="length") + b"data: " + json.dumps(usage).encode() + b"\n\n"
+            + b"data: [DONE]\n\n")
+
+
+def by_lines(data: bytes, t: float = 1.0):
+    s = ChatStream(0.0)
+    for line in data.splitlines(keepends=True):
+        s.feed_line(line, t)
+    return s.finish(t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=25), crlf=st.booleans())
+def test_body_bytes_split_anywhere_read_as_the_lines_do(cuts, crlf):
+    data = vllm_body()
+    if crlf:
+        data = data.replace(b"\n", b"\r\n")
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    s = ChatStream(0.0)
+    for a, b in zip([0, *points], [*points, len(data)]):
+        s.feed(data[a:b], 1.0)
+    r, ref = s.finish(1.0), by_lines(data)
+    assert r.ok and r.__dict__ == ref.__dict__
+    assert r.text == "".join(CONTENTS) and r.chunks == 8 and r.completion_tokens == 8 and r.finish_reason == "length"
+
+
+def test_every_gap_is_timed_by_arrival_and_a_last_line_without_newline_counts():
+    events = [e + b"\n\n" for e in vllm_body().split(b"\n\n") if e]
+    events[-1] = events[-1][:-2]  # data: [DONE] without its line ending: the body just ends
+    s = ChatStream(0.0)
+    # the role chunk alone, then two token chunks in one recv, then one chunk per recv
+    s.feed(events[0], 0.1)
+    s.feed(events[1] + events[2], 0.2)
+    for k, e in enumerate(events[3:], start=3):
+        s.feed(e, 0.2 + 0.1 * (k - 2))
+    r = s.finish(2.0)
+    assert r.ok and r.ttft_s == 0.1
+    # "" is not a token: the gap across its chunk is two chunks long
+    assert r.itl_s == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1, 0.2, 0.1])
+    assert r.e2e_s == pytest.approx(0.2 + 0.1 * (len(events) - 3))  # the [DONE] line's arrival
+
+
+@pytest.mark.parametrize("event, kind", [
+    (b"data: {\"choices\": [\n\n", "malformed_sse"),
+    (b"data: {\"error\": {\"message\": \"engine died\"}, \"choices\": [{\"delta\": {\"content\": \"x\"}}]}\n\n",
+     "stream_error"),
+    (b"data: {\"choices\": [{\"delta\": {\"content\": 5}, \"finish_reason\": null}]}\n\n", "malformed_sse"),
+    (b"data: {\"choices\": [\"x\"]}\n\n", "malformed_sse"),
+    (b"data: {\"choices\": [], \"usage\": {\"prompt_tokens\": -1}}\n\n", "malformed_sse"),
+])
+def test_the_inline_path_leaves_every_error_kind_to_the_json_path(event, kind):
+    data = vllm_chunk("", role="assistant") + vllm_chunk("a") + event + b"data: [DONE]\n\n"
+    s = ChatStream(0.0)
+    s.feed(data, 1.0)
+    r = s.finish(1.0)
+    assert r.error_kind == kind and r.__dict__ == by_lines(data).__dict__
+
+
+def test_what_orjson_refuses_the_standard_parser_still_takes():
+    # NaN and a lone surrogate: json.loads takes them (as kvlab always did), orjson does not
+    data = (vllm_chunk("", role="assistant") + b'data: {"choices":[{"delta":{"content":"\\ud800x"}}],"x":NaN}\n\n'
+            + b"data: [DONE]\n\n")
+    s = ChatStream(0.0)
+    s.feed(data, 1.0)
+    r = s.finish(1.0)
+    assert r.ok and r.chunks == 1 and r.__dict__ == by_lines(data).__dict__
+
+
+def test_itl_logged_once_per_request_counts_as_locust_counts_each_gap():
+    # in a subprocess: importing Locust monkey-patches the interpreter
+    code = """
+import importlib.util, json, random, sys
+from locust.stats import RequestStats
+spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lf)
+rng = random.Random(4)
+one, many = RequestStats(), RequestStats()
+for _ in range(50):
+    gaps = [rng.choice([rng.uniform(0, 30), rng.uniform(100, 3000)]) for _ in range(rng.randint(1, 40))]
+    for g in gaps:
+        one.log_request("ITL", "w", g, 0)
+    lf.log_many(many, "ITL", "w", gaps)
+out = []
+for st in (one, many):
+    e = st.get("w", "ITL")
+    out.append([e.num_requests, round(e.total_response_time, 6), e.min_response_time, e.max_response_time,
+                sorted(e.response_times.items()), sum(e.num_reqs_per_sec.values()), st.total.num_requests,
+                [e.get_response_time_percentile(p) for p in (0.5, 0.9, 0.99)]])
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, many = json.loads(p.stdout.strip().splitlines()[-1])
+    assert one == many
+
+
+# --- kvlab load, end to end ----------------------------------------------------------------------
+
+
+def kvlab_load(tmp_path: Path, url: str, *args: str, workload: dict = TINY, timeout: float = 120):
+    wl = tmp_path / f"{workload['name']}.yaml"
+    wl.write_text(yaml.safe_dump(workload))
+    out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "kvlab", "load", "--host", url, "--workload", str(wl), *args,
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    return p, out, time.monotonic() - t0
+
+
+def test_usage_that_does_not_count_the_prompt_stops_the_run_and_no_calibrate_runs(tmp_path):
+    with FakeOpenAI(FakeConfig(constant_prompt_tokens=100)) as srv:
+        p, out, took = kvlab_load(tmp_path, srv.url, "-u", "4", "-t", "20s")
+        assert p.returncode == 1, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("kvlab: error: calibration failed: the server's usage.prompt_tokens does not grow "
+                               "with the prompt (probe A [user \"\"] counted 100, B [system \"\", user \"\"] 100, "
+                               "C [user 128 words] 100)")
+        assert "--no-calibrate" in last
+        assert took < 20  # stopped, not retried until the run time
+        rec = LoadRecord.read(out / "load.json")
+        assert rec.failure and rec.failure.startswith("calibration failed") and rec.summary.requests == 0
+        probes = len([1 for line in (out / "requests").glob("*.jsonl") for _ in line.read_text().splitlines()])
+        assert probes <= 4 * 5  # each process probed once (models, A, B, C, fit), not in a loop
+
+        p, out, _ = kvlab_load(tmp_path, srv.url, "-u", "2", "-t", "4s", "--no-calibrate", "--tokens-per-word", "1.0")
+        assert p.returncode == 0, p.stderr[-2000:]
+        rec = LoadRecord.read(out / "load.json")
+        assert rec.failure is None and rec.summary.requests_ok >= 2
+        assert rec.prompt_sizing.method == "tokens_per_word" and rec.prompt_sizing.tokens_per_word == 1.0
+        assert "prompt sizing: tokens_per_word" in p.stdout
+
+        p, _, _ = kvlab_load(tmp_path, srv.url, "--tokens-per-word", "1.0")
+        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+            "kvlab: error: --tokenizer and --tokens-per-word size prompts without calibration: add --no-calibrate")
+
+
+def test_no_calibrate_with_a_twin_tokenizer(tmp_path):
+    from kvlab.models.twins import build_tokenizer
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    build_tokenizer(tok)
+    with FakeOpenAI(FakeConfig(constant_prompt_tokens=100)) as srv:
+        p, out, _ = kvlab_load(tmp_path, srv.url, "-u", "2", "-t", "3s", "--no-calibrate", "--tokenizer", str(tok))
+    assert p.returncode == 0, p.stderr[-2000:]
+    sizing = LoadRecord.read(out / "load.json").prompt_sizing
+    assert sizing.method == "tokenizer" and sizing.tokenizer == str(tok) and sizing.tokens_per_word > 1
+    assert (sizing.base_tokens, sizing.message_tokens) != (3.0, 4.0)  # the twin's chat template, counted
+
+
+def test_a_run_that_sent_no_turn_is_not_errors_none(tmp_path):
+    p, out, _ = kvlab_load(tmp_path, "http://127.0.0.1:9", "-u", "1", "-t", "2s")
+    assert p.returncode == 1
+    assert "errors: none" not in p.stdout and "errors: no turn was sent" in p.stdout
+    assert p.stderr.strip().splitlines()[-1].startswith("kvlab: error: no turn was sent: nothing was measured")
+    assert "no turn was sent: nothing was measured" in LoadRecord.read(out / "load.json").warnings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_saturated_locust_process_is_warned_about_and_its_cpu_recorded(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(REPO / "bench" / "sse_server.py"), str(port), "--burst", "32"],
+                              start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        heavy = {"name": "heavy", "apps": {"system_tokens": 0},
+                 "session": {"turns": 1, "task_tokens": 8, "max_tokens": 256, "think_time_s": 0},
+                 "request": {"ignore_eos": False}, "load": {"max_requests": 10_000_000}}
+        p, out, _ = kvlab_load(tmp_path, f"http://127.0.0.1:{port}", "-u", "16", "-t", "10s", workload=heavy)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = LoadRecord.read(out / "load.json")
+    [cpu] = rec.client_cpu
+    assert cpu.role == "standalone" and cpu.samples >= 4 and cpu.p90 >= 0.8
+    assert rec.summary.client_cpu_busiest == cpu.p90
+    assert any(w.startswith("client CPU: Locust standalone process") and "--workers" in w for w in rec.warnings)
+    assert "warning: client CPU" in p.stdout and "latencies may include client queueing" in p.stdout
