@@ -234,3 +234,26 @@ def test_a_saturated_locust_process_is_warned_about_and_its_cpu_recorded(tmp_pat
     assert rec.summary.client_cpu_busiest == cpu.p90
     assert any(w.startswith("client CPU: Locust standalone process") and "--workers" in w for w in rec.warnings)
     assert "warning: client CPU" in p.stdout and "latencies may include client queueing" in p.stdout
+
+
+def test_the_experiment_runner_fails_the_repeat_with_the_calibration_error_and_exits_non_zero(tmp_path):
+    from conftest import run_kvlab
+    from kvlab.schema.experiment import RepeatResults
+
+    wl = tmp_path / "tiny.yaml"
+    wl.write_text(yaml.safe_dump(TINY))
+    with FakeOpenAI(FakeConfig(constant_prompt_tokens=100)) as srv:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump(dict(
+            name="calib", engine="external", endpoint=srv.url, gpu="h100", max_model_len=4096,
+            models=["llama-3.1-8b"], workloads=[str(wl)], load={"users": [2]}, duration_s=20, warmup_s=0,
+            scrape_interval_s=0.5)))
+        r = run_kvlab("experiment", "run", str(spec), "--out", str(tmp_path / "r"), timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvlab: error: 1 repeat(s) stopped before measuring; first: ") and \
+        "calibration failed: the server's usage.prompt_tokens does not grow with the prompt" in last
+    [results] = (tmp_path / "r").glob("*/repeat-1/results.json")
+    res = RepeatResults.read(results)
+    assert res.status == "failed" and res.failure.reason.startswith("calibration failed")
