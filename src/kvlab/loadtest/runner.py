@@ -396,9 +396,10 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
 
 def _collect(out: Path, wl: Workload, command: list[str], returncode: int, records_dir: Path, log_path: Path,
              users: int, duration: float, workers: int, scored_by: tuple[SLO, SLOFrom],
-             client_cpu: list[dict], sizing: dict | None) -> LoadResult:
+             client_cpu: list[dict] | None = None, sizing: dict | None = None) -> LoadResult:
     from kvlab.loadtest.summary import summarize
 
+    client_cpu = client_cpu or []
     fatal = _fatal_messages(records_dir)
     if not records_dir.is_dir() or not record_files(records_dir):
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]

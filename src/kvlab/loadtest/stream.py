@@ -22,6 +22,16 @@ import orjson
 
 _loads = orjson.loads  # raises orjson.JSONDecodeError, a ValueError
 
+# connect: no HTTP response (refused, reset, no headers in time); timeout: no complete reply within
+# request.timeout_s; stall: no byte for request.stall_timeout_s mid-stream; http_4xx / http_5xx: error
+# status; malformed_sse: an event that is not JSON; stream_error: an error event in the stream;
+# incomplete: the stream ended without [DONE]; bad_response: a JSON answer without what was asked
+# (GET /v1/models); cancelled: the run stopped the user mid-request; calibration: the server's usage
+# counts cannot size prompts (a probe record, probe "fit": the run stops).
+ERROR_KINDS = ("connect", "timeout", "stall", "http_4xx", "http_5xx", "malformed_sse", "stream_error",
+               "incomplete", "bad_response", "cancelled", "calibration")
+
+
 @dataclass
 class StreamResult:
     ttft_s: float | None = None
