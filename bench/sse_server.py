@@ -51,6 +51,9 @@ ROLE = frame(event(chunk_obj({"role": "assistant", "content": ""})))
 TOKEN = frame(event(chunk_obj({"content": " tok"})))
 LAST = frame(event(chunk_obj({"content": " tok"}, "length")))
 DONE = frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+# paced chunks carry their send time: the event with a number filled in (%.6f of unix seconds)
+STAMPED = event(chunk_obj({"content": " tok"}, kvlab_sent_ts=0.5)).replace(b"0.5}\n", b"%.6f}\n")
+STAMPED_LAST = event(chunk_obj({"content": " tok"}, "length", kvlab_sent_ts=0.5)).replace(b"0.5}\n", b"%.6f}\n")
 
 
 def usage(prompt: int, completion: int) -> bytes:
@@ -101,7 +104,7 @@ class Engine:
     def _token(self, last: bool, now: float) -> bytes:
         if not self.stamp:
             return LAST if last else TOKEN
-        return frame(event(chunk_obj({"content": " tok"}, "length" if last else None, kvlab_sent_ts=now)))
+        return frame((STAMPED_LAST if last else STAMPED) % now)
 
     def step(self) -> float | None:
         """Write the next chunk of every stream that can take one. Returns None if one was written,

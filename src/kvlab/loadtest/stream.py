@@ -162,19 +162,22 @@ class ChatStream:
         self._last_token_t, r.chunks = last_t, chunks
         return self.done
 
-    def feed_line(self, line: bytes | str, now: float) -> bool:
+    def feed_line(self, line: bytes | bytearray | str, now: float) -> bool:
         """One line (with or without its line ending). Returns True once the stream is over."""
         if self.done:
             return True
         self._last_t = now
-        if type(line) is not bytes:
-            line = line.encode("utf-8", errors="surrogateescape") if isinstance(line, str) else bytes(line)
+        if isinstance(line, str):
+            line = line.encode("utf-8", errors="surrogateescape")
+        if line[:6] == b"data: ":  # the common line first
+            self._data.append(line[6:].rstrip(b"\r\n"))
+            return False
         line = line.rstrip(b"\r\n")
         if not line:
             if self._data:
                 self._dispatch(now)
         elif line[:5] == b"data:":
-            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            self._data.append(line[5:])
         # comments (":") and other fields (event:, id:, retry:) carry nothing for chat completions
         return self.done
 

@@ -305,49 +305,22 @@ class LocustTransport:
 
 
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
-    """The body as it arrives: every recv's bytes handed over at once and stamped with the time
-    they came, so each SSE line is measured as soon as its last byte is here (iter_content(1024)
-    would wait for a whole KiB), without a Python call per line."""
-    raw = resp._response  # geventhttpclient response: FastResponse exposes no incremental reader
+    """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
+    socket has; iter_content(1024) would wait for a whole KiB)."""
+    raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
+    feed_line, clock = stream.feed_line, time.perf_counter
     try:
-        if isinstance(getattr(raw, "_body_buffer", None), bytearray) and hasattr(raw, "block_size"):
-            _read_chunks(raw, stream)
-        else:  # another geventhttpclient layout: line by line
-            while line := raw.readline(b"\n"):
-                stream.feed_line(line, time.perf_counter())
-            rest = raw.read()  # a last line without its newline
-            if rest:
-                stream.feed_line(rest, time.perf_counter())
+        while line := raw.readline(b"\n"):
+            feed_line(line, clock())
+        # Read to the end of the body (after [DONE] too) so the connection goes back to the pool.
+        rest = raw.read()  # a last line without its newline
+        if rest:
+            feed_line(rest, clock())
     except (TimeoutError, socket.timeout):
         stream.fail("stall", f"no byte for {workload().request.stall_timeout_s:g} s")
     except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
         stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
     return stream.finish(time.perf_counter())
-
-
-def _read_chunks(raw, stream: ChatStream) -> None:
-    """What geventhttpclient's readline does (recv, feed the HTTP parser, take the body buffer),
-    one recv at a time. Reads to the end of the body (after [DONE] too) so the connection goes
-    back to the pool."""
-    buf = raw._body_buffer
-    now = time.perf_counter()
-    while True:
-        if buf:
-            data = bytes(buf)
-            del buf[:]
-            stream.feed(data, now)
-            continue
-        if raw.message_complete:
-            return
-        sock = raw._sock
-        if sock is None:
-            raise ConnectionResetError("connection closed before the end of the body")
-        try:
-            raw.feed(sock.recv(raw.block_size))
-        except BaseException:
-            raw.release()
-            raise
-        now = time.perf_counter()
 
 
 def _failure_message(res: StreamResult, status: int | None) -> str:
