@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
         shape: Optional[str] = typer.Option(None, "--shape", help="constant | steps | poisson | diurnal; default: the workload's"),
         out: Optional[str] = typer.Option(None, "--out", help="Run folder (default results/load/WORKLOAD-TIMESTAMP)"),
         seed: int = typer.Option(0, "--seed", help="Session stream seed"),
-        workers: int = typer.Option(0, "--workers", help="Local Locust workers (0: one process)"),
+        workers: int = typer.Option(0, "--workers", help="Local Locust workers (0: one process); more when the "
+                                    "run warns that a Locust process was busy >= 80 % of a core"),
         max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Stop after this many requests"),
         spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", "-r", help="Users started per second"),
         no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Do not probe the server's usage to size "
@@ -96,7 +97,11 @@ def register(app: typer.Typer) -> None:
         """Agent-style load with Locust, headless: Locust CSVs, per-request records, goodput.
 
         Plays a workload profile against an OpenAI-compatible server (vLLM) and measures every
-        request on the stream: TTFT, every inter-token gap, TPOT, E2E, prompt/completion/cached tokens."""
+        request on the stream: TTFT, every inter-token gap, TPOT, E2E, prompt/completion/cached tokens.
+
+        Exits 1 when no turn succeeded, or when the calibration cannot fit (the server's usage does
+        not count the prompt: use --no-calibrate). Warns when a Locust process was busy >= 80 % of a
+        core (latencies may include client queueing: use --workers N)."""
         from kvlab.errors import KvlabError
         from kvlab.loadtest.runner import parse_duration, run_load
 

@@ -306,12 +306,24 @@ class LocustTransport:
 
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
     """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
-    socket has; iter_content(1024) would wait for a whole KiB)."""
+    socket has; iter_content(1024) would wait for a whole KiB). The lines that came in the same
+    recv as the one readline returned are already in the response's buffer: they are taken with it,
+    whole lines only, stamped with the same arrival time, without a readline call each."""
     raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
-    feed_line, clock = stream.feed_line, time.perf_counter
+    buf = getattr(raw, "_body_buffer", None)
+    if not isinstance(buf, bytearray):
+        buf = None  # another geventhttpclient layout: line by line
+    feed, feed_line, clock = stream.feed, stream.feed_line, time.perf_counter
     try:
         while line := raw.readline(b"\n"):
-            feed_line(line, clock())
+            now = clock()
+            cut = buf.rfind(b"\n") + 1 if buf else 0
+            if cut:
+                data = line + buf[:cut]
+                del buf[:cut]
+                feed(bytes(data), now)
+            else:
+                feed_line(line, now)
         # Read to the end of the body (after [DONE] too) so the connection goes back to the pool.
         rest = raw.read()  # a last line without its newline
         if rest:
