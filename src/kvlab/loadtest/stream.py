@@ -1,7 +1,8 @@
 """Measure a streamed chat completion from its SSE lines, timestamped as they arrive.
 
-Transport-free: the Locust user feeds lines read with geventhttpclient's `readline`, the benchmark
-client feeds aiohttp's; tests feed bytes split anywhere. Reading whole lines as soon as they arrive
+Transport-free: the Locust user feeds the line geventhttpclient's `readline` returned together with
+the whole lines that came in the same recv (`feed`, one arrival time), the driver's tests feed httpx's
+lines (`feed_line`); tests feed bytes split anywhere. Reading whole lines as soon as they arrive
 matters: a reader that waits for 1 KiB (Locust's `iter_lines` / `iter_content(1024)`) sees the first
 token late and inflates TTFT.
 
