@@ -77,3 +77,29 @@ def test_readme_links_reach_existing_pages_and_anchors(site):
             rel = target.relative_to(DOCS)
             html = site / ("index.html" if rel.as_posix() == "index.md" else rel.with_suffix("") / "index.html")
             assert f'id="{anchor}"' in html.read_text(), f"README links to {link}: no such anchor on the built page"
+
+
+def test_lists_and_tables_start_their_own_block():
+    """GitHub renders a list or table that follows a paragraph line at once; Python-Markdown (the site)
+    folds it into the paragraph. Each needs a blank line before it, and a paragraph after a list too."""
+    item = re.compile(r"^([-*]|\d+\.) ")
+    bad = []
+    for page in sorted(DOCS.rglob("*.md")):
+        fence, in_list, prev = False, False, ""
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                if not fence and prev.strip() and not line.startswith(" "):
+                    bad.append(f"{page.name}:{n}: a code fence right after a paragraph line")
+                fence = not fence
+            elif not fence and not line.startswith(" ") and line.strip():
+                starts_list, starts_table = bool(item.match(line)), line.startswith("|")
+                if prev.strip() and not prev.startswith(" ") and (
+                        (starts_list and not item.match(prev)) or (starts_table and not prev.startswith("|"))):
+                    bad.append(f"{page.name}:{n}: a {'list' if starts_list else 'table'} right after a paragraph line")
+                if in_list and not starts_list:
+                    bad.append(f"{page.name}:{n}: a paragraph folded into the list above it")
+                in_list = starts_list or in_list
+            if not line.strip():
+                in_list = False
+            prev = line
+    assert not bad, "\n".join(bad)
