@@ -8,8 +8,8 @@ Side by side in the same run:
 
     PYTHONPATH=src python bench/loadgen_capacity.py [--users 32] [--duration 20] [--chunks 200] [--workers 2]
 
-Not a test: the figures depend on the machine and on what else runs on it; README "## Load" keeps
-the ones measured here.
+Not a test: the figures depend on the machine and on what else runs on it; docs/load.md ("Load-generator
+capacity") keeps the ones measured here.
 """
 
 from __future__ import annotations

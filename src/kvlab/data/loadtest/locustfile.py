@@ -6,7 +6,7 @@ Options added to Locust's own: --workload NAME|PATH (loadtest/NAME.yaml), --shap
 constant|steps|poisson|diurnal, --seed N, --records DIR (per-request records, default
 <--csv prefix>_requests or ./kvlab-records), --max-requests N. -u is the peak user count (for poisson:
 session slots) and -t the run time; without them the workload's `load:` defaults apply.
-Scale-out: one `--master` and N `--worker` processes (see README "## Load").
+Scale-out: one `--master` and N `--worker` processes (see docs/load.md).
 
 The workload logic (sessions, calibration, streaming measurements, records) lives in
 kvlab.loadtest; this file only wires it to Locust's HTTP client, stats and load shapes.
