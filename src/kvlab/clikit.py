@@ -59,8 +59,9 @@ def progress_shown(as_json: bool = False) -> bool:
     return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def live_progress(as_json: bool = False, *, bar: bool = False, elapsed: bool = True, transient: bool = True):
-    """A rich Progress on stderr (description, [bar, done/total,] elapsed) that is live on a
+def live_progress(as_json: bool = False, *, bar: bool = False, count: bool = True, elapsed: bool = True,
+                  transient: bool = True):
+    """A rich Progress on stderr (description, [bar[, done/total]], [elapsed]) that is live on a
     terminal and prints nothing elsewhere or with --json (`progress_shown`). Use it as a context
     manager; `add_task`/`update` are no-ops where it is off."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
@@ -68,7 +69,7 @@ def live_progress(as_json: bool = False, *, bar: bool = False, elapsed: bool = T
 
     columns = [SpinnerColumn(), TextColumn("{task.description}")]
     if bar:
-        columns += [BarColumn(), MofNCompleteColumn()]
+        columns += [BarColumn(), MofNCompleteColumn()] if count else [BarColumn()]
     if elapsed:
         columns.append(TimeElapsedColumn())
     return Progress(*columns, console=Console(stderr=True), transient=transient,

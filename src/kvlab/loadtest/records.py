@@ -136,3 +136,33 @@ def write_parquet(df, path: Path | str) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    """What one Locust process of a running `kvlab load` has now: its users and the turns it has in
+    flight (sent, not ended). A progress file the locustfile rewrites every second (--kvlab-live) and
+    `kvlab load` deletes after the run; not a record of the run."""
+
+    users: int
+    in_flight: int
+
+    def write(self, path: str | Path) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"users": self.users, "in_flight": self.in_flight}, fh)
+        os.replace(tmp, path)
+
+    @classmethod
+    def read_all(cls, folder: Path | str) -> "LiveCounts | None":
+        """The sum over every process's file in `folder` (None where none is there yet)."""
+        found = []
+        for path in sorted(Path(folder).glob("process-*.json")):
+            try:
+                data = json.loads(path.read_text())
+                found.append(cls(int(data["users"]), int(data["in_flight"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        if not found:
+            return None
+        return cls(sum(c.users for c in found), sum(c.in_flight for c in found))

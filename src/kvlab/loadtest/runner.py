@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ import yaml
 from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import write_text_atomic
-from kvlab.loadtest.records import read_requests, record_files, write_parquet
+from kvlab.loadtest.records import LiveCounts, read_requests, record_files, write_parquet
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
 from kvlab.schema.load import LoadRecord
@@ -64,10 +65,11 @@ class LoadResult:
 class Progress:
     elapsed_s: float
     duration_s: float
-    users: int | None
-    requests: int
+    users: int | None  # Locust users running now (None until a process has said)
+    requests: int  # turns ended (records written)
     failures: int
     ttft_p50_s: float | None
+    in_flight: int | None = None  # turns sent and not ended yet (None until a process has said)
 
 
 @dataclass
@@ -123,16 +125,22 @@ def _free_port() -> int:
 
 
 def _users_from_history(path: Path) -> int | None:
-    """The last 'User Count' Locust wrote to its stats history."""
+    """The last 'User Count' Locust wrote to its stats history (a CSV it flushes every few seconds;
+    its last line may be cut off)."""
+    import csv
+
     try:
         with open(path, "rb") as fh:
+            header = next(csv.reader([fh.readline().decode(errors="replace")]))
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
-            lines = fh.read().decode(errors="replace").splitlines()
-        header = path.open().readline().strip().split(",")
-        row = lines[-1].split(",")
-        return int(row[header.index('"User Count"')]) if len(row) == len(header) else None
-    except (OSError, ValueError, IndexError):
+            lines = fh.read().decode(errors="replace").split("\n")[:-1]  # complete lines only
+        col = header.index("User Count")
+        for row in csv.reader(reversed(lines)):
+            if len(row) == len(header) and row[0] != "Timestamp":
+                return int(row[col])
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
 
 
@@ -181,7 +189,10 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     records_dir = out / "requests"
     lf = Path(locustfile) if locustfile else resources.locustfile()
 
-    common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir)]
+    live_dir = out / "live"  # the processes' users and turns in flight, for the progress; deleted after
+    live_dir.mkdir(exist_ok=True)
+    common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir),
+              "--kvlab-live", str(live_dir)]
     if max_requests or wl.load.max_requests:
         common += ["--max-requests", str(max_requests or wl.load.max_requests)]
     head = [sys.executable, "-m", "locust", *common, "--host", host, "--headless", "-u", str(users),
@@ -218,9 +229,10 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                 time.sleep(progress_every_s)
                 if progress is not None:
                     tail.poll()
-                    progress(Progress(time.monotonic() - t_start, duration,
-                                      _users_from_history(out / "locust_stats_history.csv"),
-                                      tail.requests, tail.failures, tail.ttft_p50_s))
+                    live = LiveCounts.read_all(live_dir)
+                    users = live.users if live else _users_from_history(out / "locust_stats_history.csv")
+                    progress(Progress(time.monotonic() - t_start, duration, users, tail.requests, tail.failures,
+                                      tail.ttft_p50_s, live.in_flight if live else None))
             for p in procs[1:]:
                 try:
                     p.wait(timeout=stop_timeout_s + 10)
@@ -235,6 +247,8 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                 except subprocess.TimeoutExpired:
                     _stop([p], signal.SIGKILL)
             raise
+        finally:
+            shutil.rmtree(live_dir, ignore_errors=True)
     returncode = procs[0].wait()
     scored_by = (slo, slo_from) if slo is not None else (wl.slo, "workload")
     return _collect(out, wl, head, returncode, records_dir, log_path, users, duration, workers, scored_by)

@@ -44,6 +44,8 @@ def _options(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Session stream seed")
     parser.add_argument("--records", default=None, help="Folder for per-request records")
     parser.add_argument("--max-requests", type=int, default=None, help="Stop after this many requests (default: the workload's)")
+    # kvlab load's progress: where each process writes its users and turns in flight every second.
+    parser.add_argument("--kvlab-live", default=None, include_in_web_ui=False, help="(internal)")
     # Set by the master at test start, for its workers: how to split the session stream, how long.
     parser.add_argument("--kvlab-worker-count", type=int, default=1, include_in_web_ui=False, help="(internal)")
     parser.add_argument("--kvlab-duration-s", type=float, default=None, include_in_web_ui=False, help="(internal)")
@@ -101,11 +103,27 @@ def _test_start(environment, **_kw) -> None:
     STATE.update(writer=writer, driver=AgentDriver(workload(), opts.seed, writer, _bounds(environment, count),
                                                    worker_index=index, worker_count=max(count, index + 1)))
     STATE["driver"].start()
+    if opts.kvlab_live:
+        STATE["live"] = gevent.spawn(_write_live, environment, os.path.join(opts.kvlab_live, f"process-{index}.json"))
     log.info("kvlab: workload %s, worker %d of %d, records in %s", workload().name, index, count, writer.folder)
+
+
+def _write_live(environment, path: str) -> None:
+    """Every second, this process's users and the turns it has in flight (kvlab load shows them
+    while no turn has ended yet); a progress file for `kvlab load`, not a record: it deletes it."""
+    from kvlab.loadtest.records import LiveCounts
+
+    while True:
+        driver = STATE.get("driver")
+        LiveCounts(users=environment.runner.user_count, in_flight=driver.in_flight if driver else 0).write(path)
+        gevent.sleep(1.0)
 
 
 @events.test_stop.add_listener
 def _test_stop(environment, **_kw) -> None:
+    live = STATE.pop("live", None)
+    if live is not None:
+        live.kill(block=False)
     writer = STATE.pop("writer", None)
     if writer is not None:
         writer.close()
