@@ -74,3 +74,18 @@ def live_progress(as_json: bool = False, *, bar: bool = False, count: bool = Tru
         columns.append(TimeElapsedColumn())
     return Progress(*columns, console=Console(stderr=True), transient=transient,
                     disable=not progress_shown(as_json))
+
+
+def throttled(update: Callable[..., None], every_s: float = 0.1) -> Callable[..., None]:
+    """`update`, called at most every `every_s` wall seconds (a hot loop's progress hook)."""
+    import time
+
+    last = [0.0]
+
+    def call(*args: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            update(*args)
+
+    return call
