@@ -10,9 +10,9 @@ import typer
 
 
 def report_cmd(
-    results: list[Path] = typer.Argument(None, metavar="[DIR]...", help="Folders holding results: every results folder at or below them is read (`kvlab experiment run`'s results/<spec>, `make experiment`'s results/one/<model>-<quant>/<digest>, plans)"),
+    results: list[Path] = typer.Argument(None, metavar="DIR", help="Folders holding results: every results folder at or below them is read (`kvlab experiment run`'s results/<spec>, `make experiment`'s results/one/<model>-<quant>/<digest>, plans)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: <first DIR>/report)"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16, else the config of the oldest run)"),
     gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour for the cost table (default: the spec's)"),
     compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", metavar="A B", help="Two results folders: per metric, B's delta against A's repeats' 95 % interval"),
 ) -> None:
