@@ -220,8 +220,8 @@ def _run_searches(configs: list[PlanConfig], workload: Workload, settings: Searc
                     _drain(queue, on_probe, wait_s=0)
                     if f.exception() is None:
                         done(f.result())
-            _drain(queue, on_probe, wait_s=0)
             results = [f.result() for f in futures]
+        _drain(queue, on_probe, wait_s=0)  # the workers are gone: what their queue threads sent last
     return {_key(r.config): r for r in results}
 
 
