@@ -110,12 +110,13 @@ def on_terminal(*args: str, timeout: float = 180, env: dict | None = None) -> tu
 def test_serve_shows_the_start_phase_and_the_timeout(tmp_path):
     """While `kvlab serve` waits for /health: the phase read from the server's log and the timeout;
     with --json nothing of it (the simulated server here answers /health 503 forever)."""
-    args = ["serve", "llama-3.1-8b", "--engine", "sim", "--gpu", "h100", "--health-timeout", "4"]
+    args = ["serve", "llama-3.1-8b", "--engine", "sim", "--gpu", "h100", "--health-timeout", "10"]
     env = {"KVLAB_SIM_FAULT": "never-healthy"}
     code, out = on_terminal(*args, "--log", str(tmp_path / "a.log"), env=env)
     assert code == 2 and "no answer on" in out
-    lines = set(re.findall(r"sim: [a-zA-Z ]+, waiting for /health \(\d+ s of the 4 s timeout\)", out))
-    assert "sim: starting the API server, waiting for /health (3 s of the 4 s timeout)" in lines, lines
+    lines = set(re.findall(r"sim: ([a-zA-Z ]+), waiting for /health \(\d+ s of the 10 s timeout\)", out))
+    # the phase read from the server's log (how soon the simulator gets there depends on the load)
+    assert "starting the API server" in lines, lines
     code, out = on_terminal(*args, "--log", str(tmp_path / "b.log"), "--json", env=env)
     assert code == 2 and "no answer on" in out and "waiting for /health" not in out
 

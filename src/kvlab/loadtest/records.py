@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvlab.errors import KvlabError
-from kvlab.io import atomic_path
+from kvlab.io import atomic_path, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,7 @@ class LiveCounts:
     in_flight: int
 
     def write(self, path: str | Path) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"users": self.users, "in_flight": self.in_flight}, fh)
-        os.replace(tmp, path)
+        write_json_atomic(path, {"users": self.users, "in_flight": self.in_flight})
 
     @classmethod
     def read_all(cls, folder: Path | str) -> "LiveCounts | None":
