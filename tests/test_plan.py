@@ -411,3 +411,5 @@ def test_plan_from_a_spec_without_a_plan_block_or_gpu_says_what_to_add(kvlab, tm
     assert r.returncode == 2 and "spec s names no gpu: add gpu: h100 (kvlab gpus) or pass --gpu" in r.stderr
     r = kvlab("plan", "--workload", "agent")
     assert r.returncode == 2 and "kvlab plan needs --agents, --gpu, --models (or --spec SPEC with a plan: block)" in r.stderr
+    r = kvlab("plan", "--gpu", "h100")  # the workload defaults to agent, as for kvlab load and kvlab sim run
+    assert r.returncode == 2 and "kvlab plan needs --agents, --models (or --spec SPEC with a plan: block)" in r.stderr

@@ -225,8 +225,29 @@ def test_empty_results_render_and_say_so(tmp_path):
     runner.claim_folder(_spec("empty", 1), out)
     rep = build_report([out], out=tmp_path / "rep")
     assert rep.html.exists() and "no repeat has run yet" in " ".join(rep.missing)
-    with pytest.raises(KvlabError, match="not a kvlab results folder"):
-        build_report([tmp_path], out=tmp_path / "rep2")
+    (tmp_path / "nothing" / "here").mkdir(parents=True)
+    with pytest.raises(KvlabError, match="not a kvlab results folder and holds none"):
+        build_report([tmp_path / "nothing"], out=tmp_path / "rep2")
+
+
+def test_a_folder_above_results_folders_finds_every_run_below_it(tmp_path, harness):
+    """`kvlab report results/one`: the cells of `make experiment` (results/one/<model>-<quant>/<digest>/)
+    and spec folders alike are found below the folder given, oldest first; the report's own folder
+    and folders of the same spec name are told apart."""
+    top = tmp_path / "one"
+    a = _folder(top / "deepseek-v2-lite-bf16", harness, "d1")
+    b = _folder(top / "llama-3.1-8b-bf16", harness, "d2")
+    assert load_runs([top]).folders == [top]
+    assert [Path(f) for f in sorted(set(load_runs([top]).repeats["folder"].map(lambda f: str(Path(f).parents[1]))))] \
+        == [a, b]
+    rep = build_report([top], out=top / "report")
+    again = load_runs([top])  # the report's folder below it is no results folder
+    assert len(again.repeats) == 4 and set(again.specs) == {"d1", "d2"}
+    assert rep.baseline == "llama-3.1-8b/bf16"
+    # the same spec name in another folder (make experiment of one cell with other settings)
+    _folder(top / "llama-3.1-8b-bf16" / "other", harness, "d2")
+    assert set(load_runs([top]).specs) == {"d1", "d2", "d2 (llama-3.1-8b-bf16/other/d2)"}
+    assert len(load_runs([top, a]).repeats) == 6  # a folder given twice is read once
 
 
 def test_compare_flags_deltas_outside_the_interval(tmp_path, harness):

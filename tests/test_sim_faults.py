@@ -1,4 +1,4 @@
-"""The fault table (README "## Faults") tried on kvlab's own simulated vLLM: `kvlab sim serve --fault`
+"""The fault table (docs/faults.md) tried on kvlab's own simulated vLLM: `kvlab sim serve --fault`
 started by kvlab's launcher for an experiment (the spec's `serve_args`, or $KVLAB_SIM_FAULT), the
 load and the scraper run against it, and what the user is told, what the records count and that
 nothing is left running are checked as in tests/test_faults.py (there against tests/fake_openai.py).

@@ -51,3 +51,41 @@ def run_one_line_errors(app: Callable[..., Any], argv: list[str] | None, prog_na
     except KvlabError as e:
         sys.stderr.write(f"{prog_name}: error: {e}\n")
         sys.exit(e.exit_code)
+
+
+def progress_shown(as_json: bool = False) -> bool:
+    """Whether a command shows live progress: only on a terminal (stdout and stderr both), never
+    with --json; logs, pipes and records get none of it."""
+    return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def live_progress(as_json: bool = False, *, bar: bool = False, count: bool = True, elapsed: bool = True,
+                  transient: bool = True):
+    """A rich Progress on stderr (description, [bar[, done/total]], [elapsed]) that is live on a
+    terminal and prints nothing elsewhere or with --json (`progress_shown`). Use it as a context
+    manager; `add_task`/`update` are no-ops where it is off."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    if bar:
+        columns += [BarColumn(), MofNCompleteColumn()] if count else [BarColumn()]
+    if elapsed:
+        columns.append(TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=transient,
+                    disable=not progress_shown(as_json))
+
+
+def throttled(update: Callable[..., None], every_s: float = 0.1) -> Callable[..., None]:
+    """`update`, called at most every `every_s` wall seconds (a hot loop's progress hook)."""
+    import time
+
+    last = [0.0]
+
+    def call(*args: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            update(*args)
+
+    return call

@@ -1,4 +1,4 @@
-"""`kvlab report RESULTS_DIR... [--out DIR] [--baseline MODEL/QUANT] [--compare A B]`."""
+"""`kvlab report DIR... [--out DIR] [--baseline MODEL/QUANT] [--compare A B]`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import typer
 
 
 def report_cmd(
-    results: list[Path] = typer.Argument(None, help="Results folders written by `kvlab experiment run`"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: <first results folder>/report)"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16)"),
+    results: list[Path] = typer.Argument(None, metavar="DIR", help="Folders holding results: every results folder at or below them is read (`kvlab experiment run`'s results/<spec>, `make experiment`'s results/one/<model>-<quant>/<digest>, plans)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: <first DIR>/report)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="MODEL/QUANT to compare against (default: the first GQA model at bf16, else the config of the oldest run)"),
     gpu_price: Optional[float] = typer.Option(None, "--gpu-price", help="$ per GPU-hour for the cost table (default: the spec's)"),
     compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", metavar="A B", help="Two results folders: per metric, B's delta against A's repeats' 95 % interval"),
 ) -> None:
-    """Write index.html (plots embedded), summary.md and the tables as CSV and JSON; print where."""
+    """One comparison report over every run found: index.html (plots embedded), summary.md and the
+    tables as CSV and JSON. The last line printed is the report's index.html."""
     from kvlab.analysis.report import build_report
+    from kvlab.clikit import live_progress
     from kvlab.errors import KvlabError
 
     if compare:
@@ -27,10 +29,13 @@ def report_cmd(
         folders, out, compare_with = [b], out or Path(b) / "report", [a]
     else:
         if not results:
-            raise KvlabError("give one or more results folders (or --compare A B)")
+            raise KvlabError("give one or more folders holding results, e.g. results/ (or --compare A B)")
         folders, out, compare_with = list(results), out or Path(results[0]) / "report", None
     try:
-        rep = build_report(folders, out=out, baseline=baseline, gpu_price=gpu_price, compare_with=compare_with)
+        with live_progress() as progress:
+            task = progress.add_task("report", total=None)
+            rep = build_report(folders, out=out, baseline=baseline, gpu_price=gpu_price, compare_with=compare_with,
+                               on_step=lambda what: progress.update(task, description=f"report: {what}"))
     except KeyboardInterrupt:
         sys.stderr.write(f"interrupted: the report in {out} is incomplete (its report.json says so); "
                          "the results are untouched: rerun the same command\n")

@@ -9,7 +9,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -112,8 +112,12 @@ def _plans(rs: RunSet, out: Path) -> list[dict]:
 
 
 def build_report(folders: list[Path], out: Path | None = None, baseline: str | None = None,
-                 gpu_price: float | None = None, compare_with: list[Path] | None = None) -> Report:
-    rs = load_runs(folders)
+                 gpu_price: float | None = None, compare_with: list[Path] | None = None,
+                 on_step: Callable[[str], None] | None = None) -> Report:
+    """The report over every results folder at or below `folders` (kvlab.analysis.runs.find_runs).
+    on_step: called with what is being done (reading a folder, a table, a plot), for progress."""
+    step = on_step or (lambda what: None)
+    rs = load_runs(folders, on_folder=lambda f: step(f"reading {f}"))
     out = Path(out) if out else Path(folders[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
     # report.json is written first marked incomplete and last marked complete: a report cut short
@@ -122,6 +126,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     ReportRecord(complete=False, started=started, kvlab_version=__version__).write(out / "report.json")
     missing = list(rs.missing)
 
+    step(f"tables of {len(rs.repeats)} repeat(s)")
     cfg = tables.configs(rs)
     base = tables.pick_baseline(cfg, baseline) if not cfg.empty else None
     head = tables.headline(cfg, base) if base else pd.DataFrame()
@@ -161,23 +166,28 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
     rep = rs.complete.assign(config=[config_label(m, q) for m, q in zip(rs.complete["model"], rs.complete["quant"])])
     figures = [
-        ("kv-bytes", "KV bytes per token", plots.kv_bytes_per_token(head, colours)),
-        ("kv-capacity", "KV capacity", plots.kv_capacity(head, colours, kind)),
-        ("memory", "Memory breakdown", plots.memory_breakdown(mem, colours)),
-        ("kv-time", "KV usage over time", plots.kv_over_time(rep, colours, plot_kind)),
-        ("cliff", "Preemption cliff", plots.cliff(cliffs, colours, plot_kind)),
-        ("throughput", "Throughput", plots.throughput(load, colours, plot_kind)),
-        ("ttft", "TTFT", plots.ttft(load, colours, plot_kind)),
-        ("itl", "ITL", plots.itl(load, colours, plot_kind)),
-        ("goodput", "Goodput", plots.goodput(load, colours, plot_kind)),
-        ("preemptions", "Preemptions", plots.preemptions(load, colours, plot_kind)),
-        ("prefix", "Prefix cache", plots.prefix_hits(load, colours, plot_kind)),
-        ("cost", "Cost", plots.cost(costs, colours)),
+        ("kv-bytes", "KV bytes per token", lambda: plots.kv_bytes_per_token(head, colours)),
+        ("kv-capacity", "KV capacity", lambda: plots.kv_capacity(head, colours, kind)),
+        ("memory", "Memory breakdown", lambda: plots.memory_breakdown(mem, colours)),
+        ("kv-time", "KV usage over time", lambda: plots.kv_over_time(rep, colours, plot_kind)),
+        ("cliff", "Preemption cliff", lambda: plots.cliff(cliffs, colours, plot_kind)),
+        ("throughput", "Throughput", lambda: plots.throughput(load, colours, plot_kind)),
+        ("ttft", "TTFT", lambda: plots.ttft(load, colours, plot_kind)),
+        ("itl", "ITL", lambda: plots.itl(load, colours, plot_kind)),
+        ("goodput", "Goodput", lambda: plots.goodput(load, colours, plot_kind)),
+        ("preemptions", "Preemptions", lambda: plots.preemptions(load, colours, plot_kind)),
+        ("prefix", "Prefix cache", lambda: plots.prefix_hits(load, colours, plot_kind)),
+        ("cost", "Cost", lambda: plots.cost(costs, colours)),
     ]
-    images = {key: {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
-              for key, title, png in figures if png}
+    images = {}
+    for i, (key, title, draw) in enumerate(figures, 1):
+        step(f"plot {i}/{len(figures)}: {title}")
+        png = draw()
+        if png:
+            images[key] = {"title": title, "src": "data:image/png;base64," + base64.b64encode(png).decode()}
     plans = _plans(rs, out)
 
+    step(f"writing {out / 'index.html'}")
     env = Environment(loader=PackageLoader("kvlab.analysis", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = fmt
     ctx = dict(

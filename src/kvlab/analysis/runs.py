@@ -1,6 +1,7 @@
 """Read results folders into tidy tables: one row per repeat, per cell and per config.
 
-A results folder is what `kvlab experiment run` writes (run.json, spec.yaml, <cell>/repeat-<k>/...).
+A results folder is what `kvlab experiment run` writes (run.json, spec.yaml, <cell>/repeat-<k>/...);
+`find_runs` finds every one at or below a folder.
 Nothing here recomputes a measurement: KV figures come from the server's own report (measured),
 the kvlab memory model (predicted) or the simulator (simulated); every column's source is declared
 in its type (kvlab.schema.report.RepeatRow), read from the records' types (kvlab.schema.experiment).
@@ -8,9 +9,10 @@ in its type (kvlab.schema.report.RepeatRow), read from the records' types (kvlab
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import yaml
@@ -123,24 +125,86 @@ def _hardware(man: dict) -> str | None:
     return None
 
 
-def load_runs(folders: list[Path | str]) -> RunSet:
-    """Every repeat under the given results folders; absent or unreadable parts go to `missing`."""
+def find_runs(folder: Path | str) -> list[Path]:
+    """The results folders at or below `folder`: every folder holding a run.json (`kvlab experiment
+    run` writes one, `make experiment` one per cell under results/one/<model>-<quant>/<digest>/), or
+    only a fleet plan (plan/plan.json of `kvlab plan --spec`, plan.json of `kvlab plan`). Below a
+    found folder nothing more is looked for. Oldest first (run.json's created_ts, else the file's
+    time), so that the first run made is the first config of the report."""
+    folder = Path(folder)
+    found: list[tuple[float, str, Path]] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        marker = here / "run.json" if "run.json" in files else _plan_file(here)
+        if marker is not None:
+            found.append((_created(marker), str(here), here))
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and ".partial-" not in d)
+    return [p for _, _, p in sorted(found)]
+
+
+def _plan_file(folder: Path) -> Path | None:
+    for f in (folder / "plan" / "plan.json", folder / "plan.json"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _created(marker: Path) -> float:
+    if marker.name == "run.json":
+        run = RunFolder.read_optional(marker)
+        if run is not None and run.created_ts is not None:
+            return run.created_ts
+    try:
+        return marker.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _read_plan(folder: Path) -> tuple[Path, PlanRecord] | None:
+    """(the plan's folder, its plan.json) of a results folder (FOLDER/plan/) or of a plan folder itself."""
+    plan = fleet.read_plan(folder)
+    if plan is not None:
+        return folder / "plan", plan
+    plan = PlanRecord.read_optional(folder / "plan.json")
+    return (folder, plan) if plan is not None else None
+
+
+def load_runs(folders: list[Path | str], on_folder: Callable[[Path], None] | None = None) -> RunSet:
+    """Every repeat in the results folders at or below the given folders (`find_runs`); absent or
+    unreadable parts go to `missing`. on_folder: called with each results folder as it is read."""
     rows, specs, missing, plans = [], {}, [], {}
     paths = [Path(f) for f in folders]
     if not paths:
         raise KvlabError("give at least one results folder")
+    runs: list[Path] = []
+    where: dict[Path, str] = {}  # results folder -> its path below the folder given (names it where names clash)
     for folder in paths:
         if not folder.is_dir():
             raise KvlabError(f"{folder} is not a folder")
+        below = find_runs(folder)
+        if not below:
+            raise KvlabError(f"{folder} is not a kvlab results folder and holds none (no run.json in it or below it; "
+                             "`kvlab experiment run` and `make experiment` write one)")
+        for r in below:
+            if r.resolve() not in {x.resolve() for x in runs}:
+                runs.append(r)
+                where[r] = str(r.relative_to(folder)) if r != folder else folder.name
+    for folder in runs:
+        if on_folder is not None:
+            on_folder(folder)
         run = RunFolder.read_optional(folder / "run.json")
-        plan = fleet.read_plan(folder)
-        if run is None and plan is not None:  # only a plan (kvlab plan --spec): its section says so
-            plans[folder.name] = (folder / "plan", plan)
-            specs[folder.name] = {}
+        plan = _read_plan(folder)
+        if run is None and plan is None:
+            missing.append(f"{folder}: its run.json or plan.json is unreadable")
             continue
-        if run is None:
-            raise KvlabError(f"{folder} is not a kvlab results folder (no run.json; `kvlab experiment run` writes one)")
-        name = run.spec_name
+        if run is None:  # only a plan (kvlab plan [--spec]): its section says so
+            name = _unique(folder.name, specs, where[folder])
+            plans[name] = plan
+            specs[name] = {}
+            continue
+        name = _unique(run.spec_name, specs, where[folder])
         try:
             spec = yaml.safe_load((folder / "spec.yaml").read_text()) or {}
         except (OSError, ValueError, yaml.YAMLError):
@@ -148,7 +212,7 @@ def load_runs(folders: list[Path | str]) -> RunSet:
             missing.append(f"{folder}: spec.yaml is missing or unreadable")
         specs[name] = spec
         if plan is not None:
-            plans[name] = (folder / "plan", plan)
+            plans[name] = plan
         found = sorted(folder.glob("*/repeat-*/"))
         found = [d for d in found if ".partial-" not in d.name]
         if not found:
@@ -163,6 +227,18 @@ def load_runs(folders: list[Path | str]) -> RunSet:
     if df.empty:
         df = pd.DataFrame(columns=list(RepeatRow.model_fields))
     return RunSet(folders=paths, specs=specs, repeats=df, missing=missing, plans=plans)
+
+
+def _unique(name: str, taken: dict, where: str) -> str:
+    """The spec's name, or, where another results folder already has it (`make experiment` of one
+    model and quant with other settings: another digest), the name with the folder's path."""
+    if name not in taken:
+        return name
+    base = f"{name} ({where})"
+    out, i = base, 2
+    while out in taken:
+        out, i = f"{base} {i}", i + 1
+    return out
 
 
 def config_label(model: str, quant: str) -> str:

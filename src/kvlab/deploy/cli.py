@@ -145,7 +145,7 @@ def _run(srv, record_path: Path, as_json: bool) -> None:
     from kvlab.errors import KvlabError
 
     try:
-        srv.start()
+        _start_showing_progress(srv, as_json)
     finally:
         if srv.stop_report is not None or srv.alive():
             srv.write_record(record_path)
@@ -164,6 +164,27 @@ def _run(srv, record_path: Path, as_json: bool) -> None:
     srv.write_record(record_path)
     raise KvlabError(f"the server exited on its own with code {code} (log: {srv.log_path}); last lines:\n"
                      f"{srv.log_tail()}")
+
+
+def _start_showing_progress(srv, as_json: bool) -> None:
+    """srv.start(), with a live line on a terminal while it waits for /health: the seconds waited,
+    the phase of the start read from the server's log (loading weights, profiling, capturing CUDA
+    graphs, ...) and the timeout."""
+    from kvlab.clikit import live_progress
+
+    timeout = srv.spec.health_timeout_s
+    with live_progress(as_json, elapsed=False) as progress:
+        task = progress.add_task(f"{srv.engine}: starting", total=None)
+
+        def show(waited_s: float, phase: str | None) -> None:
+            progress.update(task, description=f"{srv.engine}: {phase or 'starting'}, waiting for /health "
+                                              f"({waited_s:.0f} s of the {timeout:g} s timeout)")
+
+        srv.on_wait = show
+        try:
+            srv.start()
+        finally:
+            srv.on_wait = None
 
 
 def profiles_cmd(

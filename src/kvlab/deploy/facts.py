@@ -149,6 +149,33 @@ def kv_size_logged(text: str) -> bool:
     return LOG_PATTERNS["kv_cache_tokens"][0].search(text) is not None
 
 
+# The phases of vLLM's start, each from the first log line that begins it (V1 engine, GPU and CPU
+# builds; the simulator prints the same lines): what `kvlab serve` shows while it waits for /health.
+STARTUP_PHASES = (
+    ("resolving the model", re.compile(r"Resolved architecture: |non-default args: ")),
+    ("starting the engine core", re.compile(r"Initializing a V1 LLM engine")),
+    ("loading weights", re.compile(r"Starting to load model |Loading safetensors checkpoint shards|Loading weights took")),
+    ("profiling memory", re.compile(r"Model loading took |Memory profiling takes|Profiling CUDA graph memory|"
+                                    r"torch\.compile takes|Dynamo bytecode transform time")),
+    ("sizing the KV cache", re.compile(r"Available KV cache memory: |GiB for KV cache|GiB memory for KV Cache")),
+    ("capturing CUDA graphs", re.compile(r"Capturing CUDA graphs?|Capturing cudagraphs?", re.I)),
+    ("warming up", re.compile(r"Graph capturing finished|init engine \(profile, create kv cache, warmup model\)")),
+    ("starting the API server", re.compile(r"Starting vLLM (?:API )?server|Application startup complete")),
+)
+
+
+def startup_phase(text: str) -> str | None:
+    """The phase of vLLM's start a log has reached (the latest one whose line it holds), or None."""
+    last, where = None, -1
+    for name, pattern in STARTUP_PHASES:
+        pos = -1
+        for m in pattern.finditer(text):
+            pos = m.start()
+        if pos > where:
+            last, where = name, pos
+    return last
+
+
 _ERROR = re.compile(r"\b((?:[A-Z]\w*)?(?:Error|Exception): .+)$", re.M)
 
 

@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -167,6 +168,9 @@ class Server:
         self._group: ProcessGroup | None = None
         self._pid: int | None = None
         self.allocation_error: str | None = None  # allocation-only: what failed after the KV sizing
+        # Called while start() waits for /health with (seconds waited, the phase its log reached);
+        # what `kvlab serve` shows as progress.
+        self.on_wait: Callable[[float, str | None], None] | None = None
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -304,8 +308,12 @@ class Server:
     def _wait_ready(self) -> None:
         """Until /health answers; allocation-only: or until vLLM, having sized its KV cache, fails."""
         assert self._group is not None
-        deadline = time.monotonic() + self.spec.health_timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + self.spec.health_timeout_s
+        phase = _PhaseReader()
         while time.monotonic() < deadline:
+            if self.on_wait is not None:
+                self.on_wait(time.monotonic() - t0, phase.read(self.log_path, self._log_start))
             code = self._group.exit_code()
             if self.spec.allocation_only and self._sized_then_failed(code):
                 return
@@ -377,3 +385,28 @@ class Server:
     def write_record(self, path: Path) -> Path:
         """Atomically: a temporary file in the same folder, then a rename."""
         return self.server_record().write(path)
+
+
+class _PhaseReader:
+    """The startup phase of a growing log, reading only what was appended since the last call."""
+
+    def __init__(self) -> None:
+        self.offset: int | None = None
+        self.phase: str | None = None
+        self.rest = ""  # a line not yet finished
+
+    def read(self, path: Path, start: int) -> str | None:
+        if self.offset is None:
+            self.offset = start
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(1 << 22)
+        except OSError:
+            return self.phase
+        self.offset += len(data)
+        text = self.rest + data.decode("utf-8", errors="replace")
+        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+        text, self.rest = text[:cut], text[cut:]
+        self.phase = factsmod.startup_phase(text) or self.phase
+        return self.phase

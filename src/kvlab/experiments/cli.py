@@ -183,7 +183,9 @@ def one_cmd(
     warmup: str = typer.Option("10s", "--warmup"),
     repeats: int = typer.Option(1, "--repeats"),
     gpu: Optional[str] = typer.Option(None, "--gpu"),
-    out: Optional[Path] = typer.Option(None, "--out"),
+    results: Path = typer.Option(Path("results") / "one", "--results",
+                                 help="The cell goes to RESULTS/<model>-<quant>/<digest> (`kvlab report RESULTS` compares every cell there)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="The cell's folder itself (instead of one under --results)"),
     api_key: Optional[str] = API_KEY,
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="A vLLM kvlab did not start (engine external): its URL"),
     metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="The endpoint's /metrics, where it is elsewhere"),
@@ -210,7 +212,7 @@ def one_cmd(
     if endpoint:
         data["endpoint"] = {"url": endpoint, "metrics_url": metrics_url, "api_key_env": api_key_env}
     spec = validate_spec(data, "make experiment")
-    folder = out or Path("results") / "one" / spec.name / spec.digest
+    folder = out or results / spec.name / spec.digest
     _run_stopping_cleanly(spec, folder, None, engine, api_key)
     _finish(folder)
 

@@ -10,20 +10,28 @@ import typer
 from kvlab.clikit import emit_json
 
 
-def _progress_printer(tty: bool):
+def progress_line(p) -> str:
+    """`elapsed/duration s, users, requests (turns ended), in flight, failed, TTFT p50`: all counted
+    from the run's own files as it goes (Locust's users, the request records)."""
+    ttft = f"{p.ttft_p50_s:.3f} s" if p.ttft_p50_s is not None else "-"
+    users = p.users if p.users is not None else "starting"
+    flight = f"  in flight {p.in_flight}" if p.in_flight is not None else ""
+    waiting = " (no turn has ended yet)" if p.requests == 0 and p.in_flight else ""
+    when = (f"{p.elapsed_s:5.0f}/{p.duration_s:.0f} s" if p.elapsed_s <= p.duration_s else
+            f"{p.duration_s:.0f}/{p.duration_s:.0f} s, stopping ({p.elapsed_s - p.duration_s:.0f} s)")
+    return (f"kvlab load: {when}  users {users}  requests {p.requests}{waiting}"
+            f"{flight}  failed {p.failures}  TTFT p50 {ttft}")
+
+
+def _log_printer():
+    """Where stderr is no terminal (a log file): a line every 10 s, not a carriage-return mess."""
     last = {"t": -1e9}
 
     def show(p) -> None:
-        ttft = f"{p.ttft_p50_s:.3f} s" if p.ttft_p50_s is not None else "-"
-        users = p.users if p.users is not None else "-"
-        line = (f"kvlab load: {p.elapsed_s:5.0f}/{p.duration_s:.0f} s  users {users}  requests {p.requests}"
-                f"  failed {p.failures}  TTFT p50 {ttft}")
-        if tty:
-            sys.stderr.write("\r" + line.ljust(100))
-        elif p.elapsed_s - last["t"] >= 10:  # a log file gets a line every 10 s, not a carriage-return mess
-            sys.stderr.write(line + "\n")
+        if p.elapsed_s - last["t"] >= 10:
+            sys.stderr.write(progress_line(p) + "\n")
+            sys.stderr.flush()
             last["t"] = p.elapsed_s
-        sys.stderr.flush()
 
     return show
 
@@ -102,20 +110,23 @@ def register(app: typer.Typer) -> None:
         Exits 1 when no turn succeeded, or when the calibration cannot fit (the server's usage does
         not count the prompt: use --no-calibrate). Warns when a Locust process was busy >= 80 % of a
         core (latencies may include client queueing: use --workers N)."""
+        from kvlab.clikit import live_progress, progress_shown
         from kvlab.errors import KvlabError
         from kvlab.loadtest.runner import parse_duration, run_load
 
         if workers < 0:
             raise KvlabError("--workers must be >= 0")
-        tty = sys.stderr.isatty()
-        try:
-            result = run_load(host, workload, users, parse_duration(duration) if duration else None, shape, out, seed,
-                              workers=workers, max_requests=max_requests, spawn_rate=spawn_rate,
-                              progress=_progress_printer(tty), calibrate=not no_calibrate, tokenizer=tokenizer,
-                              tokens_per_word=tokens_per_word)
-        finally:
-            if tty:
-                sys.stderr.write("\n")
+        run = lambda show: run_load(host, workload, users, parse_duration(duration) if duration else None,  # noqa: E731
+                                    shape, out, seed, workers=workers, max_requests=max_requests,
+                                    spawn_rate=spawn_rate, progress=show, calibrate=not no_calibrate,
+                                    tokenizer=tokenizer, tokens_per_word=tokens_per_word)
+        if progress_shown(as_json):
+            with live_progress(bar=True, count=False, elapsed=False, transient=False) as bar:
+                task = bar.add_task("kvlab load: starting Locust", total=None)
+                result = run(lambda p: bar.update(task, description=progress_line(p), total=p.duration_s,
+                                                  completed=min(p.elapsed_s, p.duration_s)))
+        else:
+            result = run(None if as_json else _log_printer())
         if as_json:
             emit_json({"out_dir": str(result.out_dir), "records": str(result.records_path), "summary": result.summary,
                        "client_cpu": result.client_cpu, "warnings": result.warnings,

@@ -22,7 +22,7 @@ from typing import IO, Any
 import orjson
 
 from kvlab.errors import KvlabError
-from kvlab.io import atomic_path
+from kvlab.io import atomic_path, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,30 @@ def write_parquet(df, path: Path | str) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    """What one Locust process of a running `kvlab load` has now: its users and the turns it has in
+    flight (sent, not ended). A progress file the locustfile rewrites every second (--kvlab-live) and
+    `kvlab load` deletes after the run; not a record of the run."""
+
+    users: int
+    in_flight: int
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, {"users": self.users, "in_flight": self.in_flight})
+
+    @classmethod
+    def read_all(cls, folder: Path | str) -> "LiveCounts | None":
+        """The sum over every process's file in `folder` (None where none is there yet)."""
+        found = []
+        for path in sorted(Path(folder).glob("process-*.json")):
+            try:
+                data = json.loads(path.read_text())
+                found.append(cls(int(data["users"]), int(data["in_flight"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        if not found:
+            return None
+        return cls(sum(c.users for c in found), sum(c.in_flight for c in found))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ import yaml
 from kvlab import resources
 from kvlab.errors import KvlabError
 from kvlab.io import write_text_atomic
-from kvlab.loadtest.records import read_requests, record_files, write_parquet
+from kvlab.loadtest.records import LiveCounts, read_requests, record_files, write_parquet
 from kvlab.loadtest.render import Calibration, CalibrationError
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
@@ -91,10 +92,11 @@ class LoadResult:
 class Progress:
     elapsed_s: float
     duration_s: float
-    users: int | None
-    requests: int
+    users: int | None  # Locust users running now (None until a process has said)
+    requests: int  # turns ended (records written)
     failures: int
     ttft_p50_s: float | None
+    in_flight: int | None = None  # turns sent and not ended yet (None until a process has said)
 
 
 @dataclass
@@ -256,16 +258,22 @@ def _free_port() -> int:
 
 
 def _users_from_history(path: Path) -> int | None:
-    """The last 'User Count' Locust wrote to its stats history."""
+    """The last 'User Count' Locust wrote to its stats history (a CSV it flushes every few seconds;
+    its last line may be cut off)."""
+    import csv
+
     try:
         with open(path, "rb") as fh:
+            header = next(csv.reader([fh.readline().decode(errors="replace")]))
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
-            lines = fh.read().decode(errors="replace").splitlines()
-        header = path.open().readline().strip().split(",")
-        row = lines[-1].split(",")
-        return int(row[header.index('"User Count"')]) if len(row) == len(header) else None
-    except (OSError, ValueError, IndexError):
+            lines = fh.read().decode(errors="replace").split("\n")[:-1]  # complete lines only
+        col = header.index("User Count")
+        for row in csv.reader(reversed(lines)):
+            if len(row) == len(header) and row[0] != "Timestamp":
+                return int(row[col])
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
 
 
@@ -321,8 +329,10 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
     records_dir = out / "requests"
     lf = Path(locustfile) if locustfile else resources.locustfile()
 
+    live_dir = out / "live"  # the processes' users and turns in flight, for the progress; deleted after
+    live_dir.mkdir(exist_ok=True)
     common = ["-f", str(lf), "--workload", str(wl_path), "--seed", str(seed), "--records", str(records_dir),
-              *sizing_args]
+              "--kvlab-live", str(live_dir), *sizing_args]
     if max_requests or wl.load.max_requests:
         common += ["--max-requests", str(max_requests or wl.load.max_requests)]
     head = [sys.executable, "-m", "locust", *common, "--host", host, "--headless", "-u", str(users),
@@ -368,9 +378,10 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                     _stop(procs, signal.SIGTERM)
                 if progress is not None:
                     tail.poll()
-                    progress(Progress(time.monotonic() - t_start, duration,
-                                      _users_from_history(out / "locust_stats_history.csv"),
-                                      tail.requests, tail.failures, tail.ttft_p50_s))
+                    live = LiveCounts.read_all(live_dir)
+                    users = live.users if live else _users_from_history(out / "locust_stats_history.csv")
+                    progress(Progress(time.monotonic() - t_start, duration, users, tail.requests, tail.failures,
+                                      tail.ttft_p50_s, live.in_flight if live else None))
             for p in procs[1:]:
                 try:
                     p.wait(timeout=stop_timeout_s + 10)
@@ -385,6 +396,8 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
                 except subprocess.TimeoutExpired:
                     _stop([p], signal.SIGKILL)
             raise
+        finally:
+            shutil.rmtree(live_dir, ignore_errors=True)
     returncode = procs[0].wait()
     scored_by = (slo, slo_from) if slo is not None else (wl.slo, "workload")
     from kvlab.loadtest.sizing import prompt_sizing

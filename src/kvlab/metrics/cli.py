@@ -30,6 +30,7 @@ def scrape_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Scrape a vLLM server's /metrics for a while into DIR/metrics.csv, then print the figures."""
+    from kvlab.clikit import live_progress
     from kvlab.metrics.figures import summarize_all
     from kvlab.metrics.samples import SAMPLES_FILE
     from kvlab.metrics.scraper import Scraper, redacted
@@ -40,8 +41,12 @@ def scrape_cmd(
     scraper = Scraper(url, out / SAMPLES_FILE, interval_s, gpu=None if gpu else False)
     start = time.time()
     try:
-        with scraper:
-            time.sleep(max(0.0, start + seconds - time.time()))
+        with scraper, live_progress(as_json, bar=True, count=False) as progress:
+            task = progress.add_task("scrape", total=seconds)
+            while (left := start + seconds - time.time()) > 0:
+                progress.update(task, completed=seconds - left, description=(
+                    f"scrape: {seconds - left:,.0f}/{seconds:,.0f} s, {scraper.scrapes} scrapes, {scraper.gaps} failed"))
+                time.sleep(min(0.5, left))
     except KeyboardInterrupt:
         pass  # the context manager scraped once more and closed the file: nothing is lost
     if scraper.gaps == scraper.scrapes:

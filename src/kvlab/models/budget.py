@@ -18,7 +18,7 @@ kvlab cannot profile, so it estimates each term:
 - CUDA graphs: captured after the KV cache up to 0.20; from 0.21 vLLM estimates their memory
   before and subtracts it (`VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`, on by default).
 The constants are fitted on the train rows of `tests/fixtures/gpu_budget_logs.yaml` (split declared
-there before fitting); README "The --gpu budget against vLLM's logs" shows the table.
+there before fitting); docs/memory-model.md ("The --gpu budget against vLLM's logs") shows the table.
 """
 
 from __future__ import annotations

@@ -413,7 +413,12 @@ def tiny_cmd(
     from kvlab.models.cards import card
     from kvlab.models.twins import build_twin, read_marker
 
-    folder = build_twin(card(model), Path(out) if out else None, force=force)
+    from kvlab.clikit import live_progress
+
+    with live_progress() as progress:
+        task = progress.add_task(f"twin of {model}", total=None)
+        folder = build_twin(card(model), Path(out) if out else None, force=force,
+                            on_step=lambda what: progress.update(task, description=f"twin of {model}: {what}"))
     info = read_marker(folder)
     console.print(f"twin of {model}: {info.params:,} parameters (random weights, seed {info.seed})")
     sys.stdout.write(f"{folder}\n")

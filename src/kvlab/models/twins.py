@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kvlab import __version__
 from kvlab.errors import KvlabError
@@ -174,14 +174,18 @@ def _is_built(marker: Path, digest: str) -> bool:
     return built is not None and built.recipe == digest
 
 
-def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path:
-    """Build (or reuse) the twin of a card; returns its folder."""
+def build_twin(card: Card, out: Path | None = None, force: bool = False,
+               on_step: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) the twin of a card; returns its folder. on_step: called with each step's
+    name (importing torch, building, writing, the tokenizer), for progress."""
+    step = on_step or (lambda what: None)
     cfg = twin_config(card)
     digest = _recipe_hash(cfg)
     folder = Path(out) if out else twins_dir() / card.name
     marker = folder / MARKER
     if not force and _is_built(marker, digest):
         return folder
+    step("importing torch and transformers")
     try:
         import torch
         import transformers
@@ -196,12 +200,15 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False) -> Path
         config.architectures = cfg["architectures"]
         transformers.logging.disable_progress_bar()  # no "Writing model shards" bars in a run's output
         torch.manual_seed(SEED)
+        step(f"building the random-weight model ({config.num_hidden_layers} layers)")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        step("writing the weights")
         model.save_pretrained(tmp)
         # Keep the config exactly as written above (save_pretrained adds transformers' defaults).
         saved = json.loads((tmp / "config.json").read_text())
         saved.update(cfg)
         (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
+        step("training the chat tokenizer")
         build_tokenizer(tmp)
         params = sum(p.numel() for p in model.parameters())
         TwinMarker(twin_of=card.name, hf_id=card.hf_id, recipe=digest, kvlab_version=__version__, seed=SEED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -51,10 +52,12 @@ def parse_slo(text: str | None) -> dict[str, float | None]:
 
 
 def run_plan(req, as_json: bool = False) -> dict:
-    """Plan (plan.json goes next to rebound.png) and print the tables (or the JSON)."""
+    """Plan (plan.json goes next to rebound.png) and print the tables (or the JSON); on a terminal
+    with live progress: searches done / planned, and per config its probes so far and the last one."""
+    from kvlab.clikit import progress_shown
     from kvlab.plan.planner import plan
 
-    result = plan(req)
+    result = _plan_showing_progress(req) if progress_shown(as_json) else plan(req)
     if as_json:
         emit_json(result)
         return result
@@ -64,13 +67,50 @@ def run_plan(req, as_json: bool = False) -> dict:
     return result
 
 
+# kvlab.plan.search's probe line: "  CONFIG: N sessions, STAGE S s -> X% of R requests met the SLO (pass; ...)"
+_PROBE_LINE = re.compile(r"(?P<users>\d+) sessions, (?P<stage>\w+) .*\((?P<verdict>pass|miss)")
+
+
+def _plan_showing_progress(req) -> dict:
+    from rich.markup import escape
+
+    from kvlab.clikit import live_progress
+    from kvlab.plan.planner import plan
+
+    with live_progress(bar=True, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "searches":
+                tasks[""] = progress.add_task("plan: config searches done", total=len(data["configs"]))
+                for label in data["configs"]:  # probes per search: as many as the bracket needs (total unknown)
+                    tasks[label] = progress.add_task(f"  {label} probes (waiting for a worker)", total=None)
+            elif kind == "probe":
+                label, line = data["config"], data["line"]
+                task = tasks[label]
+                progress.advance(task)
+                m = _PROBE_LINE.search(line)
+                last = f"{m['users']} sessions, {m['stage']}: {m['verdict']}" if m else line.strip()
+                progress.update(task, description=f"  {label} probes (last: {escape(last)})")
+                if req.verbose:
+                    progress.console.print(escape(line), soft_wrap=True, highlight=False)
+            elif kind == "search_done":
+                progress.advance(tasks[""])
+                what = {"ok": f"{data['users']:,} sessions per replica", "at_cap": f"at the cap, {data['users']:,} sessions",
+                        "slo_unmet": "one session already misses the SLO"}.get(data["status"], data["status"])
+                progress.update(tasks[data["config"]], total=data["probes"], completed=data["probes"],
+                                description=f"  {data['config']} probes (done: {what})")
+
+        return plan(req, on_event)
+
+
 def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
     """`kvlab plan`. `load_spec` reads `--spec` (kvlab.experiments.spec.load_spec: the app passes it in,
     so that kvlab.plan imports nothing from the experiments stage, which plans after its cells)."""
 
     @app.command("plan")
     def plan_cmd(
-        workload: Optional[str] = typer.Option(None, "--workload", help="Agent workload: a profile in loadtest/ or a YAML path (with --spec: its first workload)"),
+        workload: Optional[str] = typer.Option(None, "--workload", help="Agent workload: a profile in loadtest/ or a YAML path (default: agent, as for kvlab load and kvlab sim run; with --spec: its first workload)"),
         agents: Optional[int] = typer.Option(None, "--agents", help="Agents in the fleet (with --spec: its plan.agents)"),
         gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus; with --spec: its gpu)"),
         models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model cards (with --spec: its models)"),
@@ -115,7 +155,8 @@ def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
             spec = load_spec(spec_path)
             req = request_from_spec(spec, given.pop("out", Path("results") / spec.name / "plan"), **given)
         else:
-            missing = [flag for flag, key in (("--workload", "workload"), ("--agents", "agents"), ("--gpu", "gpu"),
+            given.setdefault("workload", "agent")  # as kvlab load and kvlab sim run
+            missing = [flag for flag, key in (("--agents", "agents"), ("--gpu", "gpu"),
                                               ("--models", "models")) if key not in given]
             if missing:
                 raise KvlabError(f"kvlab plan needs {', '.join(missing)} (or --spec SPEC with a plan: block)")

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from math import ceil
 from pathlib import Path
+from typing import Callable
 
 from kvlab.errors import KvlabError
 from kvlab.io import finite  # finite: a margin with failed requests is null in JSON
@@ -164,23 +166,79 @@ def _key(cfg: PlanConfig) -> tuple:
 # -- searches --------------------------------------------------------------------------------------
 
 
+# A search's probe lines go to `on_probe(config label, line)`; in a worker process through this
+# queue (given to each worker when the pool starts), to the parent that shows them.
+_PROBE_QUEUE = None
+
+
+def _set_probe_queue(queue) -> None:
+    global _PROBE_QUEUE
+    _PROBE_QUEUE = queue
+
+
 def _search_job(args: tuple) -> SearchResult:
     cfg, workload, settings = args
-    return search(cfg, workload, settings)
+    log = None
+    if _PROBE_QUEUE is not None:
+        log = lambda msg: _PROBE_QUEUE.put((cfg.label, msg))  # noqa: E731
+    return search(cfg, workload, settings, log)
 
 
-def _run_searches(configs: list[PlanConfig], workload: Workload, settings: SearchSettings, workers: int) -> dict:
+def _run_searches(configs: list[PlanConfig], workload: Workload, settings: SearchSettings, workers: int,
+                  on_probe: Callable[[str, str], None] | None = None,
+                  on_done: Callable[[SearchResult], None] | None = None) -> dict:
+    """One search per config (in a process pool where there are workers); on_probe(config label,
+    line) after each probe, on_done(result) after each search (else the lines go to stderr)."""
     from kvlab.plan.search import initial_guess
 
     # Longest first: the guess is a fair proxy of a search's cost.
     order = sorted(configs, key=lambda c: -initial_guess(c, workload, settings.seed))
     workers = min(workers or os.cpu_count() or 1, len(order))
+    done = on_done or (lambda r: None)
     if workers <= 1:
-        results = [search(c, workload, settings) for c in order]
-    else:
+        results = []
+        for c in order:
+            log = (lambda msg, label=c.label: on_probe(label, msg)) if on_probe else None
+            results.append(search(c, workload, settings, log))
+            done(results[-1])
+    elif on_probe is None:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_search_job, [(c, workload, settings) for c in order]))
+        for r in results:
+            done(r)
+    else:
+        ctx = multiprocessing.get_context()
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_probe_queue,
+                                 initargs=(queue,)) as pool:
+            futures = [pool.submit(_search_job, (c, workload, settings)) for c in order]
+            pending = set(futures)
+            while pending:
+                _drain(queue, on_probe, wait_s=0.2)
+                for f in [f for f in pending if f.done()]:
+                    pending.discard(f)
+                    _drain(queue, on_probe, wait_s=0)
+                    if f.exception() is None:
+                        done(f.result())
+            results = [f.result() for f in futures]
+        _drain(queue, on_probe, wait_s=0)  # the workers are gone: what their queue threads sent last
     return {_key(r.config): r for r in results}
+
+
+def _drain(queue, on_probe: Callable[[str, str], None], wait_s: float) -> None:
+    """Every probe line the workers have queued (waiting up to wait_s for the first)."""
+    import queue as queue_mod
+
+    try:
+        item = queue.get(timeout=wait_s) if wait_s > 0 else queue.get_nowait()
+    except queue_mod.Empty:
+        return
+    while True:
+        on_probe(*item)
+        try:
+            item = queue.get_nowait()
+        except queue_mod.Empty:
+            return
 
 
 def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettings) -> str | None:
@@ -209,9 +267,12 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
 # -- the plan --------------------------------------------------------------------------------------
 
 
-def plan(req: PlanRequest) -> dict:
+def plan(req: PlanRequest, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), the
-    PlanRecord also written to `out/plan.json` beside `rebound.png`."""
+    PlanRecord also written to `out/plan.json` beside `rebound.png`. on_event(kind, data), for
+    progress: "searches" {configs: [labels]} before the searches, "probe" {config, line} after each
+    probe, "search_done" {config, status, users, probes} after each search (without it the probe
+    lines go to stderr, where req.verbose)."""
     t0 = time.time()
     workload = load_workload(req.workload)
     slo = slo_of(workload, req.slo)
@@ -226,7 +287,13 @@ def plan(req: PlanRequest) -> dict:
     _log(req, f"planning {len(todo)} config(s) ({len(todo) - len(_requested(planned))} of them to separate the "
               f"savings) with {req.workload}, SLO {slo.model_dump(exclude_none=True)} for {req.slo_attainment:.0%} of "
               f"requests; probes of {req.sim_s:g} simulated s")
-    results = _run_searches(list(todo.values()), workload, settings, req.workers)
+    on_probe = on_done = None
+    if on_event is not None:
+        on_event("searches", {"configs": [c.label for c in todo.values()]})
+        on_probe = lambda label, line: on_event("probe", {"config": label, "line": line})  # noqa: E731
+        on_done = lambda r: on_event("search_done", {"config": r.config.label, "status": r.status,  # noqa: E731
+                                                     "users": r.users, "probes": len(r.probes)})
+    results = _run_searches(list(todo.values()), workload, settings, req.workers, on_probe, on_done)
     feasible = _judge_results(planned, results, workload, settings)
     _refuse_if_none(feasible, planned, "no config meets the SLO")
     if base not in feasible:

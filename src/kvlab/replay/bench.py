@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from kvlab.clikit import emit_json
+from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
@@ -123,9 +123,10 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
               output_len: int | None = None, num_prompts: int = NUM_PROMPTS, request_rate: float = math.inf,
               max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
               random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
-              config=None, **engine_args) -> BenchResult:
+              config=None, on_progress=None, **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
-    (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`)."""
+    (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`);
+    on_progress(simulated s, requests ended) as each request ends."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
     from kvlab.schema.bench import BenchResult
@@ -137,7 +138,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
     cfg = config or build_config(model, gpu, **engine_args)
     res = run_offline(model, gpu, session_plans(requests), HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
-                      max_in_flight=max_concurrency)
+                      max_in_flight=max_concurrency, on_progress=on_progress)
     cap = cfg.capacity
     return BenchResult(
         model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), dataset_name=dataset,
@@ -203,14 +204,21 @@ def bench_cmd(
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     wall0 = time.perf_counter()
-    result = run_bench(model, gpu, dataset=dataset, input_len=input_len, output_len=output_len,
-                       num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
-                       seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
-                       random_prefix_len=random_prefix_len, config=build_config(options_config(
-                           model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                           tensor_parallel_size=tp, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens,
-                           gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing))
+    config = build_config(options_config(
+        model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing)
+    with live_progress(as_json, bar=True) as progress:
+        task = progress.add_task("sim bench: requests ended", total=num_prompts)
+
+        def show(sim_s: float, requests: int) -> None:
+            progress.update(task, completed=requests,
+                            description=f"sim bench: {sim_s:,.1f} simulated s, requests ended")
+
+        result = run_bench(model, gpu, dataset=dataset, input_len=input_len, output_len=output_len,
+                           num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
+                           seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
+                           random_prefix_len=random_prefix_len, config=config, on_progress=throttled(show))
     if out is not None:
         result.write(out)
     if as_json:

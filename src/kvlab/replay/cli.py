@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from kvlab.clikit import emit_json
+from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
 
@@ -74,16 +74,25 @@ def run_cmd(
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []
-    for n in ladder:
-        folder = root / f"users-{n}" if len(ladder) > 1 else root
-        manifest = SimRunManifest(command=["kvlab", *sys.argv[1:]], seed=seed, users=n,
-                                  workload={"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
-                                  spawn_rate=spawn_rate, duration_s=duration_s,
-                                  predicted_max_users_without_preemption=predicted)
-        res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
-                          out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest,
-                          max_requests=wl.load.max_requests)
-        rows.append((n, folder, res.results))
+    with live_progress(as_json, bar=True, count=False) as progress:
+        for n in ladder:
+            folder = root / f"users-{n}" if len(ladder) > 1 else root
+            manifest = SimRunManifest(command=["kvlab", *sys.argv[1:]], seed=seed, users=n,
+                                      workload={"source": str(resolve_profile(workload)), **wl.model_dump(mode="json")},
+                                      spawn_rate=spawn_rate, duration_s=duration_s,
+                                      predicted_max_users_without_preemption=predicted)
+            task = progress.add_task(f"sim run: {n} users", total=duration_s)
+
+            def show(sim_s: float, requests: int, n=n, task=task) -> None:
+                progress.update(task, completed=min(sim_s, duration_s), description=(
+                    f"sim run: {n} users, {min(sim_s, duration_s):,.0f}/{duration_s:,.0f} simulated s, "
+                    f"{requests:,} requests ended"))
+
+            res = run_offline(model, gpu, wl, duration_s, concurrency=n, seed=seed, spawn_rate=spawn_rate,
+                              out_dir=folder, scrape_interval_s=scrape_interval_s, config=cfg, manifest=manifest,
+                              max_requests=wl.load.max_requests, on_progress=throttled(show))
+            progress.update(task, completed=duration_s)
+            rows.append((n, folder, res.results))
     if as_json:
         emit_json({"runs": [{"users": n, "out": str(f), **r.to_data()} for n, f, r in rows]})
         return

@@ -17,7 +17,7 @@ import heapq
 import json
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -90,6 +90,7 @@ class Player:
         self.held: deque[_Session] = deque()  # open loop: arrived, waiting for a free slot
         self.max_requests = max_requests
         self.requests_sent = 0
+        self.on_progress: Callable[[float, int], None] | None = None  # (simulated s, requests ended), per request
 
     # -- sessions
 
@@ -160,6 +161,8 @@ class Player:
     def on_finished(self, seq: Sequence, end_s: float) -> None:
         sess: _Session = seq.tag
         self._record(seq, sess)
+        if self.on_progress is not None:
+            self.on_progress(end_s, len(self.records))
         sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
         sess.hashes = seq.block_hashes
         sess.hash_array = seq.hash_array

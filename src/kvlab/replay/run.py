@@ -21,7 +21,7 @@ closed-loop users with `concurrency=N`, else open-loop arrivals of a workload's 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +74,14 @@ def run_offline(
     manifest: SimRunManifest | None = None,
     max_in_flight: int | None = None,
     max_requests: int | None = None,
+    on_progress: Callable[[float, int], None] | None = None,
     **engine_args,
 ) -> OfflineResult:
     """Play `sessions` (SessionPlans, or a workload's stream of `seed`) for `duration_s` simulated
     seconds on MODEL served by the simulated vLLM on GPU preset `gpu`; `engine_args` are vLLM's
     flags as `build_config` keywords. Open loop (no `concurrency`): `max_in_flight` caps the sessions
-    running at once (later arrivals wait for a slot); `max_requests` stops sending after that many."""
+    running at once (later arrivals wait for a slot); `max_requests` stops sending after that many.
+    on_progress(simulated s, requests ended) is called as each request ends (for a progress line)."""
     if duration_s <= 0:
         raise KvlabError(f"duration must be positive, got {duration_s}")
     if scrape_interval_s <= 0:
@@ -97,6 +99,7 @@ def run_offline(
     wall0 = time.perf_counter()
     player = Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode,
                     max_in_flight=max_in_flight, max_requests=max_requests)
+    player.on_progress = on_progress
     player.run()
     wall_s = time.perf_counter() - wall0
     results = SimRunResults.model_validate({**summarize(cfg, player, duration_s, wall_s, concurrency),

@@ -3,7 +3,7 @@ simulator's figures stray from published real-vLLM runs, read where a simulated 
 
 `error_band()` is the sentence that goes beside every simulated figure (report, planner tables,
 demo): the test rows' share within ±25 % and the timing the validation ran on, where the summary
-file exists in the working directory; else a pointer to the README's validation table."""
+file exists in the working directory; else a pointer to the validation table in docs/simulator-validation.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kvlab.errors import KvlabError
 from kvlab.schema import Part
 
 SUMMARY_FILE = Path("bench") / "sim_validation_summary.json"
-NO_SUMMARY = "validation error band: see the README's simulator validation table (python bench/sim_validation.py)"
+NO_SUMMARY = "validation error band: see the simulator validation table, docs/simulator-validation.md (python bench/sim_validation.py)"
 
 
 class SimValidationSummary(Part):

@@ -282,7 +282,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format, else the roofline, labelled), kernels (tables only), roofline")
-DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (README, Simulator > Validation)
+DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (docs/simulator-validation.md)
 
 
 def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,

@@ -7,7 +7,7 @@ constant|steps|poisson|diurnal, --seed N, --records DIR (per-request records, de
 <--csv prefix>_requests or ./kvlab-records), --max-requests N, --no-calibrate with --tokenizer PATH or
 --tokens-per-word X (size prompts without probing the server's usage). -u is the peak user count
 (for poisson: session slots) and -t the run time; without them the workload's `load:` defaults apply.
-Scale-out: one `--master` and N `--worker` processes (see README "## Load").
+Scale-out: one `--master` and N `--worker` processes (see docs/load.md).
 
 The workload logic (sessions, calibration, streaming measurements, records) lives in
 kvlab.loadtest; this file only wires it to Locust's HTTP client, stats and load shapes.
@@ -55,6 +55,8 @@ def _options(parser) -> None:
     # Set by kvlab's runner with --tokens-per-word when it counted with --tokenizer itself: the
     # chat template's tokens per request and per message.
     parser.add_argument("--kvlab-template-tokens", default=None, include_in_web_ui=False, help="(internal)")
+    # kvlab load's progress: where each process writes its users and turns in flight every second.
+    parser.add_argument("--kvlab-live", default=None, include_in_web_ui=False, help="(internal)")
     # Set by the master at test start, for its workers: how to split the session stream, how long.
     parser.add_argument("--kvlab-worker-count", type=int, default=1, include_in_web_ui=False, help="(internal)")
     parser.add_argument("--kvlab-duration-s", type=float, default=None, include_in_web_ui=False, help="(internal)")
@@ -142,6 +144,8 @@ def _test_start(environment, **_kw) -> None:
                                                    sizing=STATE.get("sizing")))
     STATE["driver"].start()
     STATE["flusher"] = gevent.spawn(_flush_records, writer)
+    if opts.kvlab_live:
+        STATE["live"] = gevent.spawn(_write_live, environment, os.path.join(opts.kvlab_live, f"process-{index}.json"))
     log.info("kvlab: workload %s, worker %d of %d, records in %s", workload().name, index, count, writer.folder)
 
 
@@ -152,11 +156,23 @@ def _flush_records(writer: RecordWriter) -> None:
         writer.flush()
 
 
+def _write_live(environment, path: str) -> None:
+    """Every second, this process's users and the turns it has in flight (kvlab load shows them
+    while no turn has ended yet); a progress file for `kvlab load`, not a record: it deletes it."""
+    from kvlab.loadtest.records import LiveCounts
+
+    while True:
+        driver = STATE.get("driver")
+        LiveCounts(users=environment.runner.user_count, in_flight=driver.in_flight if driver else 0).write(path)
+        gevent.sleep(1.0)
+
+
 @events.test_stop.add_listener
 def _test_stop(environment, **_kw) -> None:
-    flusher = STATE.pop("flusher", None)
-    if flusher is not None:
-        flusher.kill(block=False)
+    for name in ("flusher", "live"):
+        greenlet = STATE.pop(name, None)
+        if greenlet is not None:
+            greenlet.kill(block=False)
     writer = STATE.pop("writer", None)
     if writer is not None:
         writer.close()
