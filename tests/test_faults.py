@@ -202,7 +202,8 @@ def test_a_storm_of_5xx_fails_the_repeat_with_the_counts(answer_faults):
     reason = st["failure"]["reason"]
     probes = results(run["out"], cell)["client"]["probes"]
     assert probes >= 3 and reason == f"no request succeeded (0 requests, {probes} calibration probes; errors: http_5xx {probes})"
-    assert ("repeat_done", {"cell": cell, "repeat": 1, "status": "failed", "reason": reason}) in run["events"]
+    want = {"cell": cell, "repeat": 1, "status": "failed", "reason": reason}
+    assert any(kind == "repeat_done" and want.items() <= data.items() for kind, data in run["events"])
     # A partial storm is counted, and the repeat stands.
     partial_ = results(run["out"], _cell(run, "deepseek-v2-lite"))
     assert partial_["status"] == "complete"

@@ -81,7 +81,8 @@ def test_a_storm_of_5xx_fails_the_repeat_with_the_counts(sim, tmp_path):
     probes = res["client"]["probes"]
     reason = f"no request succeeded (0 requests, {probes} calibration probes; errors: http_5xx {probes})"
     assert st["failure"]["reason"] == reason
-    assert ("repeat_done", {"cell": cell, "repeat": 1, "status": "failed", "reason": reason}) in events
+    want = {"cell": cell, "repeat": 1, "status": "failed", "reason": reason}
+    assert any(kind == "repeat_done" and want.items() <= data.items() for kind, data in events)
     # every probe was answered 500 by the server, which logged each one (a probe in flight when the load
     # stopped may lack its record)
     assert probes >= 3 and probes <= injected(out, cell, "http-5xx") <= probes + USERS

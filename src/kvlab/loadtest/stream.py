@@ -264,17 +264,9 @@ class ChatStream:
                 (finish is not None and type(finish) is not str):
             self.fail("malformed_sse", "a choice whose delta, content or finish_reason is not what OpenAI sends")
             return
-        r = self.r
-        if r.ttft_s is None:
-            r.ttft_s = now - self.t0
-        if content:
-            if self._last_token_t is not None:
-                r.itl_s.append(now - self._last_token_t)
-            self._last_token_t = now
-            r.chunks += 1
-            self._parts.append(content)
+        self._on_token(content or "", now)
         if finish:
-            r.finish_reason = finish
+            self.r.finish_reason = finish
 
     def _on_usage(self, usage: dict) -> None:
         details = usage.get("prompt_tokens_details")

@@ -30,6 +30,7 @@ from locust.exception import StopUser
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from kvlab.errors import KvlabError
+from kvlab.io import write_text_atomic
 from kvlab.loadtest.driver import AgentDriver, RunBounds
 from kvlab.loadtest.records import FLUSH_EVERY_S, RecordWriter
 from kvlab.loadtest.render import Calibration, CalibrationError
@@ -201,7 +202,7 @@ def _stop_on_fatal(environment, message: str) -> None:
     writer = STATE.get("writer")
     if writer is not None:
         writer.flush()
-        (writer.folder / FATAL_FILE.format(pid=os.getpid())).write_text(message + "\n")
+        write_text_atomic(writer.folder / FATAL_FILE.format(pid=os.getpid()), message + "\n")
     environment.process_exit_code = 3
     gevent.spawn(environment.runner.quit)
 
