@@ -214,15 +214,10 @@ def _sizing_args(calibrate: bool, tokenizer: str | Path | None, tokens_per_word:
     the tokenizer path it came from. The workload's `prompt_sizing:` applies where no argument does."""
     from kvlab.loadtest import sizing
 
-    if calibrate and (tokenizer or tokens_per_word):
-        raise KvlabError("--tokenizer and --tokens-per-word size prompts without calibration: add --no-calibrate")
-    if calibrate and wl.prompt_sizing is not None:
-        calibrate, tokenizer, tokens_per_word = False, wl.prompt_sizing.tokenizer, wl.prompt_sizing.tokens_per_word
-    if calibrate:
+    chosen = sizing.requested(calibrate, tokenizer, tokens_per_word, wl.prompt_sizing)
+    if chosen is None:
         return [], None, None
-    if bool(tokenizer) == bool(tokens_per_word):
-        raise KvlabError("--no-calibrate needs one of --tokenizer PATH (the model's or a twin's local tokenizer) "
-                         "or --tokens-per-word X")
+    tokenizer, tokens_per_word = chosen
     if tokenizer:
         cal = sizing.from_tokenizer(tokenizer)  # here, once: a bad folder is one line before Locust starts
         args = ["--no-calibrate", "--tokens-per-word", repr(cal.tokens_per_word),

@@ -15,6 +15,22 @@ DEFAULT_MESSAGE_TOKENS = Calibration.message_tokens
 DEFAULT_BASE_TOKENS = Calibration.base_tokens
 
 
+def requested(calibrate: bool, tokenizer: str | Path | None, tokens_per_word: float | None,
+              workload_sizing=None) -> tuple[str | Path | None, float | None] | None:
+    """What sizes the prompts, from the flags (`kvlab load`'s and the locustfile's alike) and the
+    workload's `prompt_sizing:` block (kvlab.loadtest.workload.PromptSizingSpec, where no flag
+    says): None to calibrate on the server's usage, else (tokenizer, tokens_per_word), exactly one
+    of them set."""
+    if calibrate and (tokenizer or tokens_per_word):
+        raise KvlabError("--tokenizer and --tokens-per-word size prompts without calibration: add --no-calibrate")
+    if calibrate:
+        return None if workload_sizing is None else (workload_sizing.tokenizer, workload_sizing.tokens_per_word)
+    if bool(tokenizer) == bool(tokens_per_word):
+        raise KvlabError("--no-calibrate needs one of --tokenizer PATH (the model's or a twin's local tokenizer) "
+                         "or --tokens-per-word X")
+    return tokenizer, tokens_per_word
+
+
 def from_tokens_per_word(ratio: float) -> Calibration:
     """A stated ratio; the chat template's overhead is not known, kvlab's defaults stand in for it."""
     if not ratio > 0:
