@@ -94,18 +94,13 @@ def _sizing(opts) -> Calibration | None:
     """None: calibrate on the server's usage; else prompts sized as --no-calibrate says."""
     from kvlab.loadtest import sizing
 
-    if not opts.no_calibrate:
-        if opts.tokenizer or opts.tokens_per_word:
-            raise KvlabError("--tokenizer and --tokens-per-word size prompts with --no-calibrate only")
-        spec = workload().prompt_sizing  # the workload's own, where it has one
-        if spec is None:
-            return None
-        return sizing.from_tokenizer(spec.tokenizer) if spec.tokenizer else sizing.from_tokens_per_word(spec.tokens_per_word)
-    if bool(opts.tokenizer) == bool(opts.tokens_per_word):
-        raise KvlabError("--no-calibrate needs one of --tokenizer PATH or --tokens-per-word X")
-    if opts.tokenizer:
-        return sizing.from_tokenizer(opts.tokenizer)
-    cal = sizing.from_tokens_per_word(opts.tokens_per_word)
+    chosen = sizing.requested(not opts.no_calibrate, opts.tokenizer, opts.tokens_per_word, workload().prompt_sizing)
+    if chosen is None:
+        return None
+    tokenizer, tokens_per_word = chosen
+    if tokenizer:
+        return sizing.from_tokenizer(tokenizer)
+    cal = sizing.from_tokens_per_word(tokens_per_word)
     if opts.kvlab_template_tokens:  # counted by kvlab's runner with a tokenizer
         base, message = (float(x) for x in opts.kvlab_template_tokens.split(","))
         cal = Calibration(tokens_per_word=cal.tokens_per_word, message_tokens=message, base_tokens=base,
@@ -306,7 +301,7 @@ class LocustTransport:
         if res.tpot_s is not None:
             stats.log_request("TPOT", name, res.tpot_s * 1000, 0)
         if res.itl_s:
-            log_many(self.user.environment.stats, "ITL", name, [g * 1000 for g in res.itl_s])
+            log_many(stats, "ITL", name, [g * 1000 for g in res.itl_s])
 
     def get_json(self, path: str) -> tuple[int | None, dict | None]:
         with self.user.client.get(path, name=path, catch_response=True, allow_redirects=False) as resp:
