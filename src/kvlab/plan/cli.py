@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,10 +66,6 @@ def run_plan(req, as_json: bool = False) -> dict:
     return result
 
 
-# kvlab.plan.search's probe line: "  CONFIG: N sessions, STAGE S s -> X% of R requests met the SLO (pass; ...)"
-_PROBE_LINE = re.compile(r"(?P<users>\d+) sessions, (?P<stage>\w+) .*\((?P<verdict>pass|miss)")
-
-
 def _plan_showing_progress(req) -> dict:
     from rich.markup import escape
 
@@ -86,12 +81,11 @@ def _plan_showing_progress(req) -> dict:
                 for label in data["configs"]:  # probes per search: as many as the bracket needs (total unknown)
                     tasks[label] = progress.add_task(f"  {label} probes (waiting for a worker)", total=None)
             elif kind == "probe":
-                label, line = data["config"], data["line"]
+                label, line, probe = data["config"], data["line"], data["probe"]
                 task = tasks[label]
                 progress.advance(task)
-                m = _PROBE_LINE.search(line)
-                last = f"{m['users']} sessions, {m['stage']}: {m['verdict']}" if m else line.strip()
-                progress.update(task, description=f"  {label} probes (last: {escape(last)})")
+                last = f"{probe.users} sessions, {probe.stage}: {'pass' if probe.passed else 'miss'}"
+                progress.update(task, description=f"  {label} probes (last: {last})")
                 if req.verbose:
                     progress.console.print(escape(line), soft_wrap=True, highlight=False)
             elif kind == "search_done":

@@ -37,7 +37,7 @@ from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with
 from kvlab.plan.probe import run_probe, timing_source
 from kvlab.plan.request import PlanRequest, request_from_spec  # noqa: F401  (request_from_spec: kvlab experiment run's)
 from kvlab.plan.rebound import plot, rebound
-from kvlab.plan.search import SearchResult, SearchSettings, search
+from kvlab.plan.search import ProbeLog, SearchResult, SearchSettings, search
 from kvlab.schema.plan import PlanRecord
 from kvlab.schema.slo import SLO
 
@@ -166,7 +166,7 @@ def _key(cfg: PlanConfig) -> tuple:
 # -- searches --------------------------------------------------------------------------------------
 
 
-# A search's probe lines go to `on_probe(config label, line)`; in a worker process through this
+# A search's probes go to `on_probe(config label, line, ProbeLog)`; in a worker process through this
 # queue (given to each worker when the pool starts), to the parent that shows them.
 _PROBE_QUEUE = None
 
@@ -180,15 +180,15 @@ def _search_job(args: tuple) -> SearchResult:
     cfg, workload, settings = args
     log = None
     if _PROBE_QUEUE is not None:
-        log = lambda msg: _PROBE_QUEUE.put((cfg.label, msg))  # noqa: E731
+        log = lambda msg, entry: _PROBE_QUEUE.put((cfg.label, msg, entry))  # noqa: E731
     return search(cfg, workload, settings, log)
 
 
 def _run_searches(configs: list[PlanConfig], workload: Workload, settings: SearchSettings, workers: int,
-                  on_probe: Callable[[str, str], None] | None = None,
+                  on_probe: Callable[[str, str, ProbeLog], None] | None = None,
                   on_done: Callable[[SearchResult], None] | None = None) -> dict:
     """One search per config (in a process pool where there are workers); on_probe(config label,
-    line) after each probe, on_done(result) after each search (else the lines go to stderr)."""
+    line, probe) after each probe, on_done(result) after each search (else the lines go to stderr)."""
     from kvlab.plan.search import initial_guess
 
     # Longest first: the guess is a fair proxy of a search's cost.
@@ -198,7 +198,7 @@ def _run_searches(configs: list[PlanConfig], workload: Workload, settings: Searc
     if workers <= 1:
         results = []
         for c in order:
-            log = (lambda msg, label=c.label: on_probe(label, msg)) if on_probe else None
+            log = (lambda msg, entry, label=c.label: on_probe(label, msg, entry)) if on_probe else None
             results.append(search(c, workload, settings, log))
             done(results[-1])
     elif on_probe is None:
@@ -225,7 +225,7 @@ def _run_searches(configs: list[PlanConfig], workload: Workload, settings: Searc
     return {_key(r.config): r for r in results}
 
 
-def _drain(queue, on_probe: Callable[[str, str], None], wait_s: float) -> None:
+def _drain(queue, on_probe: Callable[[str, str, ProbeLog], None], wait_s: float) -> None:
     """Every probe line the workers have queued (waiting up to wait_s for the first)."""
     import queue as queue_mod
 
@@ -270,7 +270,7 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
 def plan(req: PlanRequest, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Plan the fleet; returns everything as plain data (what `kvlab plan --json` prints), the
     PlanRecord also written to `out/plan.json` beside `rebound.png`. on_event(kind, data), for
-    progress: "searches" {configs: [labels]} before the searches, "probe" {config, line} after each
+    progress: "searches" {configs: [labels]} before the searches, "probe" {config, line, probe: its ProbeLog} after each
     probe, "search_done" {config, status, users, probes} after each search (without it the probe
     lines go to stderr, where req.verbose)."""
     t0 = time.time()
@@ -290,7 +290,8 @@ def plan(req: PlanRequest, on_event: Callable[[str, dict], None] | None = None) 
     on_probe = on_done = None
     if on_event is not None:
         on_event("searches", {"configs": [c.label for c in todo.values()]})
-        on_probe = lambda label, line: on_event("probe", {"config": label, "line": line})  # noqa: E731
+        on_probe = lambda label, line, entry: on_event("probe", {"config": label, "line": line,  # noqa: E731
+                                                                 "probe": entry})
         on_done = lambda r: on_event("search_done", {"config": r.config.label, "status": r.status,  # noqa: E731
                                                      "users": r.users, "probes": len(r.probes)})
     results = _run_searches(list(todo.values()), workload, settings, req.workers, on_probe, on_done)

@@ -79,10 +79,10 @@ class SearchResult:
 
 class _Searcher:
     def __init__(self, cfg: PlanConfig, workload: Workload, s: SearchSettings,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str, ProbeLog], None] | None = None):
         self.cfg, self.workload, self.s = cfg, workload, s
         if log is None:
-            log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if s.verbose else (lambda msg: None)
+            log = (lambda msg, _: print(msg, file=sys.stderr, flush=True)) if s.verbose else (lambda msg, _: None)
         self.log = log
         self.logs: list[ProbeLog] = []
         self.seen: dict[tuple[str, int], tuple[Verdict, Probe]] = {}
@@ -95,10 +95,11 @@ class _Searcher:
         p, cached, cpu_s = run_probe(self.cfg, self.workload, self.s.seed, users, window, self.s.use_cache)
         v = p.judge(self.s.slo, self.s.attainment)
         self.seen[key] = (v, p)
-        self.logs.append(ProbeLog(users, stage, window.sim_s, v.attainment, v.margin, v.passed, v.judged, cached, cpu_s))
+        entry = ProbeLog(users, stage, window.sim_s, v.attainment, v.margin, v.passed, v.judged, cached, cpu_s)
+        self.logs.append(entry)
         how = "cached" if cached else f"{cpu_s:.1f} CPU s"
         self.log(f"  {self.cfg.label}: {users} sessions, {stage} {window.sim_s:g} s -> {v.attainment:.1%} of "
-                 f"{v.judged} requests met the SLO ({'pass' if v.passed else 'miss'}; {how})")
+                 f"{v.judged} requests met the SLO ({'pass' if v.passed else 'miss'}; {how})", entry)
         return v
 
     # -- the stages
@@ -210,6 +211,7 @@ def initial_guess(cfg: PlanConfig, workload: Workload, seed: int) -> int:
 
 
 def search(cfg: PlanConfig, workload: Workload, settings: SearchSettings,
-           log: Callable[[str], None] | None = None) -> SearchResult:
-    """The most closed-loop sessions one replica of `cfg` serves within the SLO (simulated)."""
+           log: Callable[[str, ProbeLog], None] | None = None) -> SearchResult:
+    """The most closed-loop sessions one replica of `cfg` serves within the SLO (simulated).
+    log(line, probe) after each probe (default: the line to stderr where settings.verbose)."""
     return _Searcher(cfg, workload, settings, log).run(initial_guess(cfg, workload, settings.seed))
