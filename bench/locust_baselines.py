@@ -54,6 +54,14 @@ class _Timing:
                 self.gaps.append(now - self.last)
             self.last = now
 
+    def finish(self, resp) -> None:
+        """The reply's verdict to Locust, and its end time and tokens to the bench's log."""
+        if self.usage is None:
+            resp.failure("no usage chunk")
+            return
+        resp.success()
+        DONE.append((time.time(), self.usage["completion_tokens"]))
+
 
 class MinimalUser(FastHttpUser):
     @task
@@ -64,11 +72,7 @@ class MinimalUser(FastHttpUser):
             raw = resp._response
             while line := raw.readline(b"\n"):
                 t.line(line, time.perf_counter())
-            if t.usage is None:
-                resp.failure("no usage chunk")
-                return
-            resp.success()
-        DONE.append((time.time(), t.usage["completion_tokens"]))
+            t.finish(resp)
 
 
 class HttpLinesUser(HttpUser):
@@ -79,8 +83,4 @@ class HttpLinesUser(HttpUser):
                               catch_response=True, name="chat") as resp:
             for line in resp.iter_lines():
                 t.line(line, time.perf_counter())
-            if t.usage is None:
-                resp.failure("no usage chunk")
-                return
-            resp.success()
-        DONE.append((time.time(), t.usage["completion_tokens"]))
+            t.finish(resp)

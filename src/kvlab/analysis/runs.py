@@ -179,6 +179,7 @@ def load_runs(folders: list[Path | str], on_folder: Callable[[Path], None] | Non
     if not paths:
         raise KvlabError("give at least one results folder")
     runs: list[Path] = []
+    seen: set[Path] = set()  # resolved: a folder given twice (or inside another given one) is read once
     where: dict[Path, str] = {}  # results folder -> its path below the folder given (names it where names clash)
     for folder in paths:
         if not folder.is_dir():
@@ -188,7 +189,8 @@ def load_runs(folders: list[Path | str], on_folder: Callable[[Path], None] | Non
             raise KvlabError(f"{folder} is not a kvlab results folder and holds none (no run.json in it or below it; "
                              "`kvlab experiment run` and `make experiment` write one)")
         for r in below:
-            if r.resolve() not in {x.resolve() for x in runs}:
+            if r.resolve() not in seen:
+                seen.add(r.resolve())
                 runs.append(r)
                 where[r] = str(r.relative_to(folder)) if r != folder else folder.name
     for folder in runs:
