@@ -32,7 +32,10 @@ def make(target: str, cwd: Path, **variables: str) -> subprocess.CompletedProces
     argv = ["make", "-f", str(REPO / "Makefile"), "-o", str(venv / f".kvlab-setup-{extra}"), target,
             f"VENV={venv}", f"EXTRA={extra}", f"KVLAB={sys.executable} -m kvlab",
             *(f"{k}={v}" for k, v in variables.items())]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    # as a user runs it, from a shell: not as a sub-make of `make test` (a sub-make prints
+    # "make[1]: Leaving directory ..." after the last line)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
