@@ -35,6 +35,8 @@ def capacity_argv(row: dict) -> list[str]:
             "--vllm-version", row["accounting"], "--sampler", row["sampler"], "--json"]
     if row["quantization"]:
         argv += ["--quantization", row["quantization"]]
+    if row.get("nnodes", 1) > 1:
+        argv += ["--nnodes", str(row["nnodes"])]
     return argv
 
 
@@ -119,3 +121,35 @@ def test_the_simulator_and_planner_take_the_same_budget():
                           max_model_len=card("llama-3.1-8b").context_length)
     assert sim.capacity.kv_budget_bytes == cap.kv_budget_bytes
     assert sim.capacity.memory.activation_bytes == budget.sampler_peak_bytes(sim.arch, 8192, 1024)
+
+
+def test_nccl_between_nodes_counts_as_host_buffers():
+    """--nnodes: a TP group spanning nodes runs NCCL over the network (buffers in host memory, the
+    same figure as PCIe GPUs without P2P); a TP group within a node keeps its board's link."""
+    t = budget.nccl_transport
+    assert t("a100-40gb", 1, 1) is None and t("a100-40gb", 1, 1, nnodes=1) is None
+    assert t("a100-40gb", 2, 1) == "nvlink" and t("l40s", 2, 1) == "pcie"
+    assert t("a100-40gb", 2, 1, nnodes=2) == "network"  # one GPU a node
+    assert t("h100", 16, 1, nnodes=2) == "network"  # TP16 over two 8-GPU nodes
+    assert t("h100", 8, 2, nnodes=2) == "nvlink"  # TP within a node, PP between the nodes
+    assert t("h100", 1, 2, nnodes=2) == "network"  # PP only, over the network
+    assert t("h100", 4, 1, dp=2, nnodes=2) == "nvlink"  # one DP replica a node
+    assert budget.non_torch_estimate_bytes("network") == budget.non_torch_estimate_bytes("pcie")
+    assert budget.non_torch_estimate_bytes("network") < budget.non_torch_estimate_bytes("nvlink")
+    a = card("qwen2.5-7b").arch
+    one = memory.capacity(a, gpu="a100-40gb", tensor_parallel_size=2, max_model_len=16384)
+    two = memory.capacity(a, gpu="a100-40gb", tensor_parallel_size=2, max_model_len=16384, nnodes=2)
+    assert two.kv_budget_bytes - one.kv_budget_bytes == (budget.NON_TORCH_DISTRIBUTED_BYTES["nvlink"]
+                                                         - budget.NON_TORCH_DISTRIBUTED_BYTES["pcie"])
+    given = memory.capacity(a, kv_budget_bytes=10 * GiB, tensor_parallel_size=2, nnodes=2)
+    assert given.kv_budget_bytes == 10 * GiB  # an exact budget is what vLLM measured, nodes or not
+    with pytest.raises(KvlabError, match="evenly divide the total world size"):
+        memory.capacity(a, gpu="a100-40gb", tensor_parallel_size=2, nnodes=3)
+    with pytest.raises(KvlabError, match="at least 1"):
+        memory.capacity(a, gpu="a100-40gb", nnodes=0)
+
+
+def test_bad_nnodes_is_one_line(kvlab):
+    r = kvlab("capacity", "qwen2.5-7b", "--gpu", "a100-40gb", "-tp", "2", "--nnodes", "4")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--nnodes 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -13,8 +13,9 @@ kvlab cannot profile, so it estimates each term:
   requests (`_dummy_sampler_run`: full-vocabulary logits, cast to fp32, sorted for top-k/top-p with
   int64 indices, softmaxed, ...). The peak is the larger of the two; with vLLM's default
   `max_num_seqs` (1024 on H100/H200) the sampler's is the larger by far;
-- non-torch memory (cuBLAS workspace, CUDA allocations outside torch, NCCL when -tp/-pp > 1,
-  more over NVLink than over PCIe);
+- non-torch memory (cuBLAS workspace, CUDA allocations outside torch, NCCL when -tp/-pp > 1:
+  more over NVLink, where NCCL's buffers sit in GPU memory, than over PCIe without P2P or between
+  nodes, `--nnodes`, where they sit in host memory);
 - CUDA graphs: captured after the KV cache up to 0.20; from 0.21 vLLM estimates their memory
   before and subtracts it (`VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`, on by default).
 The constants are fitted on the train rows of `tests/fixtures/gpu_budget_logs.yaml` (split declared
@@ -47,9 +48,12 @@ SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
 DEFAULT_SAMPLER = "pytorch"
 # Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
 NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
-# Added with -tp/-pp > 1 (NCCL buffers): more over NVLink (the H100 TP2 train row's logged 0.55
-# GiB) than over PCIe (what the A100 80GB PCIe TP2 train row's budget leaves). The preset decides
-# which: kvlab does not know when a TP group spans nodes (NCCL then goes over the network).
+# Added with -tp/-pp > 1 (NCCL): its channel buffers sit in GPU memory when NCCL's P2P transport
+# joins the GPUs (NVLink boards: the H100 TP2 train row's logged 0.55 GiB) and in host memory when
+# it does not: the SHM transport between PCIe GPUs without P2P (what the A100 80GB PCIe TP2 train
+# row's budget leaves), and the NET transport between nodes without GPUDirect RDMA (NCCL allocates
+# net buffers in device memory only with `useGdr`, src/transport/net.cc). The preset decides P2P or
+# not within a node; `--nnodes` says when the TP group spans nodes (then NCCL goes over the network).
 NON_TORCH_DISTRIBUTED_BYTES = {"nvlink": int(0.415 * GiB), "pcie": int(0.154 * GiB)}
 NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x"})  # SXM / OAM boards
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
@@ -112,11 +116,30 @@ def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_
                sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
 
 
-def non_torch_estimate_bytes(num_gpus: int, gpu_name: str) -> int:
-    if num_gpus == 1:
+def nccl_transport(gpu_name: str, tp: int, pp: int, dp: int = 1, nnodes: int = 1) -> str | None:
+    """How NCCL joins each rank to its tensor-parallel group (its pipeline group when -tp is 1):
+    None for one GPU, "network" when that group spans nodes (vLLM places ranks tensor-parallel
+    first, `world_size // nnodes` to a node), else the preset's link within a node."""
+    if nnodes < 1:
+        raise KvlabError(f"--nnodes must be at least 1, got {nnodes}")
+    world = tp * pp * dp
+    if world % nnodes:
+        raise KvlabError(f"--nnodes {nnodes} must evenly divide the total world size ({world}), as vLLM "
+                         "requires; adjust --nnodes, -dp, -pp or -tp")
+    group = tp if tp > 1 else pp
+    if group == 1:
+        return None
+    if group > world // nnodes:
+        return "network"
+    return "nvlink" if gpu_name in NVLINK_PRESETS else "pcie"
+
+
+def non_torch_estimate_bytes(transport: str | None) -> int:
+    if transport is None:
         return NON_TORCH_BYTES
-    link = "nvlink" if gpu_name in NVLINK_PRESETS else "pcie"
-    return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[link]
+    # Over the network NCCL's buffers sit in host memory, as over PCIe without P2P (see above).
+    key = "pcie" if transport == "network" else transport
+    return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[key]
 
 
 def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int]) -> int:
@@ -130,7 +153,8 @@ def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int])
 def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utilization: float,
                        weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
                        max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
-                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER) -> MemoryEstimate:
+                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER,
+                       dp: int = 1, nnodes: int = 1) -> MemoryEstimate:
     """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache."""
     if not 0 < gpu_memory_utilization <= 1:
         raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -141,7 +165,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
     mns = max_num_seqs or preset.default_max_num_seqs
     act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
-    non_torch = non_torch_estimate_bytes(tp * pp, preset.name)
+    non_torch = non_torch_estimate_bytes(nccl_transport(preset.name, tp, pp, dp, nnodes))
     graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version)
     budget = requested - w_gpu - act - non_torch - graphs
     if w_gpu > requested:

@@ -43,6 +43,9 @@ VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
 SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler",
                        help="Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer")
+NNODES = typer.Option(1, "--nnodes", "-n",
+                      help="Nodes the GPUs sit on (vLLM's flag; also for Ray): a TP group spanning nodes "
+                           "runs NCCL over the network, which the --gpu budget counts")
 
 
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
@@ -190,6 +193,7 @@ class CapacityFlags:
     speculative_config: str | None = None
     vllm_version: str | None = None
     sampler: str | None = None
+    nnodes: int | None = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "CapacityFlags":
@@ -213,7 +217,7 @@ class CapacityFlags:
             del kw[given_only]
         kw["data_parallel_size"] = self.data_parallel_size or 1
         kw["enable_expert_parallel"] = bool(self.enable_expert_parallel)
-        for estimate_only in ("vllm_version", "sampler"):
+        for estimate_only in ("vllm_version", "sampler", "nnodes"):
             if kw[estimate_only] is None:
                 del kw[estimate_only]
         return {**kw, "kv_budget_bytes": budget}
@@ -241,6 +245,7 @@ def capacity_cmd(
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
     sampler: str = SAMPLER,
+    nnodes: int = NNODES,
     as_json: bool = JSON,
 ) -> None:
     """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""
@@ -256,6 +261,8 @@ def capacity_cmd(
     t.add_column("what")
     t.add_column("value", justify="right")
     where = f"{r.gpu} x{r.num_gpus}" if r.gpu else ("CPU build" if cpu else "exact budget")
+    if r.gpu and nnodes > 1:
+        where += f" on {nnodes} nodes"
     stages = ", ".join(f"{fmt_gib(b)}" for b in r.kv_budget_bytes_per_stage)
     rows = [
         ("where", where),

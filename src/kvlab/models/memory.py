@@ -26,7 +26,8 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
-    DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget)
+    DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget,
+    nccl_transport)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
@@ -401,13 +402,16 @@ def capacity(
     allow_long_max_model_len: bool | None = None,
     vllm_version: str = DEFAULT_VLLM_VERSION,
     sampler: str = DEFAULT_SAMPLER,
+    nnodes: int = 1,
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
     stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does."""
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does. nnodes: the nodes the GPUs
+    sit on (vLLM's --nnodes); it changes only the estimated budget (NCCL between nodes)."""
     tp, pp, dp = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
     if dp < 1:
         raise KvlabError(f"--data-parallel-size must be at least 1, got {dp}")
+    nccl_transport(gpu or "", max(tp, 1), max(pp, 1), dp, nnodes)  # --nnodes as vLLM checks it
     fmt: WeightFormat = weight_format(quantization, arch)
     dtype = normalize_dtype(dtype or arch.dtype)
     warnings: list[str] = []
@@ -454,7 +458,7 @@ def capacity(
     else:
         assert preset is not None
         memory = estimate_kv_budget(arch, preset, gpu_memory_utilization, w_gpu, max_num_batched_tokens,
-                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler)
+                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler, dp, nnodes)
         budget, source = memory.kv_budget_bytes, "estimate"
         budgets = [budget] * pp
 
