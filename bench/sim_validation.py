@@ -433,7 +433,9 @@ def _num(v: float) -> str:
 def _source(label: str) -> str:
     """The timing source in a few words: measured kernel tables, or the roofline (and why)."""
     if label.startswith("aiconfigurator"):
-        return "kernel tables (" + label.split(": ", 1)[1].split(",")[0] + ")"
+        scaled = re.search(r"scaled by the roofline's (\w+)/BF16 ratio", label)
+        return ("kernel tables (" + label.split(": ", 1)[1].split(",")[0] + ")"
+                + (f"; BF16 tables x the roofline's {scaled[1]}/BF16 ratio" if scaled else ""))
     m = re.match(r"roofline \(no kernel data: (.*)\)$", label)
     return f"roofline fallback: {re.sub(r' [(]tables exist for: [^)]*[)]', '', m[1])}" if m else label
 

@@ -232,3 +232,49 @@ def test_deepseek_v3_support_follows_the_mla_tables():
     assert "DeepseekV2ForCausalLM" in kernels.kernel_support(
         card("deepseek-v2-lite").arch, weight_format(None, card("deepseek-v2-lite").arch), "bfloat16", "auto",
         hardware.gpu("h100"), 1)
+
+
+def scaled(model: str, gpu: str, q: str):
+    """The step timing `build_config` picks: the format's GEMM path (Marlin for these) passed along."""
+    from kvlab.sim.timing import weight_kernel
+
+    arch = card(model).arch
+    fmt = weight_format(q, arch)
+    return step_timing(arch, fmt, "bfloat16", "auto", hardware.gpu(gpu), 1, "auto", weight_kernel(fmt, hardware.gpu(gpu)))
+
+
+def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(llama):
+    """AWQ/GPTQ int4 (no GEMM table of their own) on a GPU with BF16 tables: each step is the BF16
+    tables' GPU time times the roofline's format/BF16 ratio for that step, plus the same host time;
+    the label says so and the steps count as "scaled"."""
+    from kvlab.sim.timing import ScaledTiming
+
+    awq = scaled("llama-3.1-8b", "h100", "awq")
+    assert isinstance(awq, ScaledTiming) and awq.fallback_reason is None
+    assert "h100_sxm vLLM" in awq.timing_source and "scaled by the roofline's marlin/BF16 ratio" in awq.timing_source
+    host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * 64
+    for w in (decode(64, 64 * 2000), prefill(((2048, 0),), decodes=62, decode_kv=62 * 2000)):
+        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
+        ratio = awq.roof.gpu_s(w) / awq.roof_bf16.gpu_s(w)
+        assert awq.step_time_s(w) == pytest.approx((llama.step_time_s(w) - host) * ratio + host, rel=1e-9)
+    assert awq.decode_step_s(64, 64 * 2000) == pytest.approx(awq.step_time_s(decode(64, 64 * 2000)), rel=1e-9)
+    # int4 weights: a small decode step reads a quarter of the bytes (faster); a 4,096-token prefill
+    # is compute-bound on Marlin's slower GEMMs (MARLIN_EFFICIENCY of the BF16 rate: slower)
+    assert awq.decode_step_s(4, 4 * 500) < llama.decode_step_s(4, 4 * 500)
+    assert awq.step_time_s(prefill(((4096, 0),))) > llama.step_time_s(prefill(((4096, 0),)))
+    assert awq.provenance_counts == {"scaled": 6}
+
+
+def test_scaled_formats_and_their_fallbacks():
+    """FP8 on an A100 (Marlin W8A16) is scaled from the A100's BF16 tables; `-q awq` names the legacy
+    dequantize path; a GPU with no tables at all stays on the labelled roofline."""
+    from kvlab.sim.timing import ScaledTiming
+
+    fp8 = scaled("llama-3.1-8b", "a100-80gb", "fp8")
+    assert isinstance(fp8, ScaledTiming) and "a100_sxm" in fp8.timing_source and "marlin/BF16" in fp8.timing_source
+    arch = card("llama-3.1-8b").arch
+    legacy = step_timing(arch, weight_format("awq", arch), "bfloat16", "auto", hardware.gpu("h100"), 1, "auto",
+                         kernel="dequant")
+    assert isinstance(legacy, ScaledTiming) and "dequant/BF16" in legacy.timing_source
+    rtx = scaled("llama-3.1-8b", "rtx-4090", "awq")
+    assert isinstance(rtx, CostModel) and rtx.fallback_reason.startswith("no vLLM kernel tables for GPU rtx-4090")

@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     kvlab_opts = p.add_argument_group("kvlab options (not vLLM flags)")
     kvlab_opts.add_argument("--timing", choices=TIMING_SOURCES, default=DEFAULT_TIMING, help=(
         "what prices the simulated steps: measured vLLM kernel tables (kernels; an error where there are "
-        "none), the roofline, or auto (kernel tables where they cover the model, GPU and format, else the "
-        f"roofline, labelled); default {DEFAULT_TIMING}"))
+        "none), the roofline, or auto (kernel tables where they cover the model, GPU and format; AWQ/GPTQ and "
+        "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; else the roofline, labelled); default "
+        f"{DEFAULT_TIMING}"))
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "

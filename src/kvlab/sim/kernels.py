@@ -20,8 +20,10 @@ Every priced step has a provenance, the worst of its terms: `measured` (every va
 on a measured grid point, and the model's fixed shapes in the tables), `interpolated` (inside the
 grid), `extrapolated` (beyond it: the estimator extrapolates silently, kvlab checks the ranges), or
 `roofline` (the estimator could not answer; the step is priced by the roofline). `KernelTiming`
-counts steps per provenance. Models, GPUs and formats without tables get no KernelTiming at all:
-`kernel_support` names the reason and `kvlab.sim.timing.step_timing` falls back to the roofline.
+counts steps per provenance. Models, GPUs and formats without tables get no KernelTiming of their
+own: `kernel_support` names the reason and `kvlab.sim.timing.step_timing` prices a weight-only
+format from the BF16 tables scaled by the roofline's ratio (`ScaledTiming`), or falls back to the
+roofline.
 
 Calls cost 4-40 us inside the grid and up to several ms outside it, so every term is memoised:
 non-attention on the step's token count (asked at the tables' measured token counts only and

@@ -5,7 +5,7 @@ Names, help texts, label sets, histogram buckets and family order follow
 (tests/fixtures/*.metrics.txt). kvlab's own series, prefixed `kvlab:`, follow vLLM's (where a
 step-time model is attached as `EngineMetrics.timing`): `kvlab:sim_timing_info{timing_source}` (the
 step-time source, `kvlab.sim.timing.step_timing`) and `kvlab:sim_steps_priced_total{provenance}`
-(engine steps priced per provenance: measured, interpolated, extrapolated, roofline).
+(engine steps priced per provenance: measured, interpolated, extrapolated, scaled, roofline).
 `EngineMetrics.collect()` yields prometheus_client families,
 so `generate_latest` writes the same text as vLLM (counters with `_total`, `_created` gauges);
 `EngineMetrics.samples()` gives the tidy rows a scraper would parse from that text
@@ -123,7 +123,8 @@ HELP = {
 }
 TIMING_INFO = "kvlab:sim_timing_info"
 STEPS_PRICED = "kvlab:sim_steps_priced"
-PROVENANCES = ("measured", "interpolated", "extrapolated", "roofline")
+# "scaled": a weight-only format priced from the BF16 tables times the roofline's ratio (timing.ScaledTiming)
+PROVENANCES = ("measured", "interpolated", "extrapolated", "scaled", "roofline")
 
 # CacheConfig fields vLLM 0.32 exports in vllm:cache_config_info that the simulator has no use for,
 # with the values vLLM reports by default (from a real /metrics).

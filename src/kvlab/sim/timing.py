@@ -27,8 +27,10 @@ another, so a step takes as long as on one GPU-equivalent (no micro-batch pipeli
 The efficiency factors are estimates (documented below), not measurements.
 
 `step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
-aiconfigurator-core) where a model, GPU and format have them, else this roofline; each names its
-`timing_source` and counts its priced steps per provenance (`provenance_counts`).
+aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
+GEMM tables on a GPU with BF16 tables, the BF16 tables scaled by this roofline's format/BF16 ratio
+per step (`ScaledTiming`); else this roofline. Each names its `timing_source` and counts its priced
+steps per provenance (`provenance_counts`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from kvlab.hardware import GPU
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, OTHER, param_counts
-from kvlab.models.weights import WeightFormat, weight_bytes_by_role
+from kvlab.models.weights import WEIGHT_FORMATS, WeightFormat, weight_bytes_by_role
 
 # Fractions of data-sheet peaks that vLLM's kernels reach (estimates): large BF16/FP8 GEMMs reach
 # 60-75 % of dense peak on Hopper; decode GEMVs and paged-attention reads 75-90 % of HBM bandwidth.
@@ -98,6 +100,7 @@ ALLREDUCE_LATENCY_S = 0.000010
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
              "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32}
 W8A8_FORMATS = ("fp8", "fp8-block", "int8")
+BF16_WEIGHTS = WEIGHT_FORMATS["auto"]  # unquantized weights: the base a weight-only format is scaled from
 
 
 class StepWork(NamedTuple):
@@ -197,19 +200,59 @@ class CostModel:
             return self.dequant_bytes / self.tp / (self.bytes_per_s * DEQUANT_EFFICIENCY)
         return 0.0
 
+    def gpu_s(self, w: StepWork) -> float:
+        """The step's GPU time (no host time)."""
+        return max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
+
+    def decode_gpu_s(self, n: int, kv_tokens: int) -> float:
+        """`gpu_s` of a step of `n` single-token decodes reading `kv_tokens` of context."""
+        return max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n) + self._comm_s(n)
+
     def step_time_s(self, w: StepWork) -> float:
         self._steps[0] += 1
-        return (max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
-                + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests)
+        return self.gpu_s(w) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
         """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path):
         `step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))`, the same
         arithmetic without building the StepWork (it runs once per simulated decode step)."""
-        n = num_seqs
         self._steps[0] += 1
-        return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n)
-                + self._comm_s(n) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * n)
+        return self.decode_gpu_s(num_seqs, kv_tokens) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * num_seqs
+
+
+class ScaledTiming:
+    """A weight-only format without measured GEMM tables (AWQ/GPTQ int4, FP8 on GPUs without FP8
+    tensor cores) on the kernel path vLLM runs for it (Marlin, or the legacy dequantize + cuBLAS
+    kernels): each step is priced by the measured BF16 kernel tables (`base`) and scaled by the
+    roofline's ratio of the format's GPU time to BF16's for the same step (`roof` / `roof_bf16`:
+    same attention, same KV; only the weights' bytes and GEMM path differ). So a ratio between the
+    format and BF16 rests on the same measured base, where a plain roofline fallback would compare
+    a roofline with a measurement. The host time is the base's."""
+
+    def __init__(self, base, roof: CostModel, roof_bf16: CostModel, path: str):
+        self.base, self.roof, self.roof_bf16 = base, roof, roof_bf16
+        self.timing_source = f"{base.timing_source}, scaled by the roofline's {roof.weight_kernel}/BF16 ratio ({path})"
+        self.fallback_reason = None
+
+    @property
+    def provenance_counts(self) -> dict[str, int]:
+        """Steps priced so far: "scaled" (from the tables), or "roofline" where the tables had no answer."""
+        counts = self.base.provenance_counts
+        roofline = counts.get("roofline", 0)
+        scaled = sum(counts.values()) - roofline
+        return {k: n for k, n in (("scaled", scaled), ("roofline", roofline)) if n}
+
+    def reset_counts(self) -> None:
+        self.base.reset_counts()
+
+    def step_time_s(self, w: StepWork) -> float:
+        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
+        return (self.base.step_time_s(w) - host) * self.roof.gpu_s(w) / self.roof_bf16.gpu_s(w) + host
+
+    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
+        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * num_seqs
+        ratio = self.roof.decode_gpu_s(num_seqs, kv_tokens) / self.roof_bf16.decode_gpu_s(num_seqs, kv_tokens)
+        return (self.base.decode_step_s(num_seqs, kv_tokens) - host) * ratio + host
 
 
 WEIGHT_KERNELS = ("native", "marlin", "dequant")
@@ -281,16 +324,18 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
 
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
-               "cover the model, GPU and format, else the roofline, labelled), kernels (tables only), roofline")
+               "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
+               "ratio; else the roofline, labelled), kernels (tables only), roofline")
 DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (docs/simulator-validation.md)
 
 
 def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
                 source: str = "auto", kernel: str = "native"):
     """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
-    none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format,
-    else the roofline with `fallback_reason` saying why). Both have `step_time_s`, `decode_step_s`,
-    `timing_source` and `provenance_counts`."""
+    none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format; a
+    weight-only format on its GEMM path `kernel` (marlin, dequant) from the BF16 tables scaled by the
+    roofline's ratio, `ScaledTiming`; else the roofline with `fallback_reason` saying why). All have
+    `step_time_s`, `decode_step_s`, `timing_source` and `provenance_counts`."""
     from kvlab.errors import KvlabError
     from kvlab.sim import kernels
 
@@ -306,6 +351,11 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if reason is None:
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    if source == "auto" and path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
+        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
+        base = kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16,
+                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+        return ScaledTiming(base, roofline, bf16, path)
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
     label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
