@@ -333,3 +333,24 @@ def test_validation_summary_is_read_when_present(tmp_path, monkeypatch):
     (tmp_path / validation.SUMMARY_FILE).write_text("{}")
     with pytest.raises(KvlabError, match="not a simulator validation summary"):
         validation.error_band()
+
+
+def test_headline_sentence_without_a_reported_kv_memory_says_predicted():
+    """A config whose server reported no KV cache memory has no measured ratio: the sentence gives the
+    predicted one and says so, instead of "holds n/a"."""
+    import pandas as pd
+
+    from kvlab.analysis.tables import headline_sentences
+
+    head = pd.DataFrame([
+        {"config": "llama/bf16", "attention": "GQA", "kv_cache_dtype": "auto", "tokens_x_reported": 1.0,
+         "tokens_x_predicted": 1.0, "kv_saved_pct": 0.0, "source": "measured"},
+        {"config": "dsv2/bf16", "attention": "MLA", "kv_cache_dtype": "auto", "tokens_x_reported": None,
+         "tokens_x_predicted": 4.21, "kv_saved_pct": 76.3, "source": "simulated"},
+        {"config": "llama/fp8-kv", "attention": "GQA", "kv_cache_dtype": "fp8", "tokens_x_reported": 2.0,
+         "tokens_x_predicted": 2.0, "kv_saved_pct": 50.0, "source": "measured"}])
+    first, second = headline_sentences(head, "llama/bf16")
+    assert first == ("dsv2/bf16 (MLA, KV auto) would hold 4.21x the KV tokens of llama/bf16 in the same KV memory "
+                     "(predicted; simulated: no KV memory reported); 76.3 % fewer KV bytes per token.")
+    assert second.startswith("llama/fp8-kv (GQA, KV fp8) holds 2.00x the KV tokens of llama/bf16 in the same KV "
+                             "memory (measured; predicted 2.00x)")

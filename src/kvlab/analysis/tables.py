@@ -139,9 +139,11 @@ def headline_sentences(head: pd.DataFrame, baseline: str) -> list[str]:
         meas = f"{r['tokens_x_reported']:.2f}x" if pd.notna(r["tokens_x_reported"]) else "n/a"
         pred = f"{r['tokens_x_predicted']:.2f}x" if pd.notna(r["tokens_x_predicted"]) else "n/a"
         kv = r["kv_cache_dtype"] if pd.notna(r["kv_cache_dtype"]) else "not reported"
-        out.append(f"{r['config']} ({r['attention']}, KV {kv}) holds {meas} the KV tokens of "
-                   f"{baseline} in the same KV memory ({r['source']}; predicted {pred}); "
-                   f"{r['kv_saved_pct']:.1f} % fewer KV bytes per token.")
+        if meas == "n/a" and pred != "n/a":  # the server did not say its KV cache memory: no measured ratio
+            held = f"would hold {pred} the KV tokens of {baseline} in the same KV memory (predicted; {r['source']}: no KV memory reported)"
+        else:
+            held = f"holds {meas} the KV tokens of {baseline} in the same KV memory ({r['source']}; predicted {pred})"
+        out.append(f"{r['config']} ({r['attention']}, KV {kv}) {held}; {r['kv_saved_pct']:.1f} % fewer KV bytes per token.")
     return out
 
 
