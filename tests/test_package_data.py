@@ -131,3 +131,27 @@ def test_python_m_kvlab_resources_lists_the_folders(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert f"Grafana dashboards: {resources.DATA / 'deploy/grafana'}\n" in r.stdout
+
+
+def test_gpu_constraints_pin_the_mirrored_vllm_and_leave_the_cuda_stack_to_it():
+    """requirements/constraints-gpu.txt (what `make setup` installs on a GPU node) pins vLLM to the
+    release the memory model mirrors and every requirement of kvlab and its gpu/dev/ray extras, but no torch
+    or CUDA library (those come from vLLM's own pins and the CUDA build of torch on the node)."""
+    import re
+    import tomllib
+
+    from kvlab.models.budget import DEFAULT_VLLM_VERSION
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "requirements" / "constraints-gpu.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    assert pins["vllm"].rsplit(".", 1)[0] == DEFAULT_VLLM_VERSION
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for req in project["dependencies"] + extras["gpu"] + extras["dev"] + extras["ray"]:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0]).lower()
+        assert name in pins, f"{name} is not pinned in constraints-gpu.txt"
+    assert not [n for n in pins if re.match(r"(torch|triton|nvidia-|cuda-|nccl)", n)]
