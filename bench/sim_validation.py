@@ -83,6 +83,14 @@ QWEN3_14B = {
     "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "use_sliding_window": False,
 }
+# Qwen/Qwen3-32B config.json (huggingface.co/Qwen/Qwen3-32B; the copy aiconfigurator-core 0.12.0 ships as
+# model_configs/Qwen--Qwen3-32B_config.json; the fields kvlab reads).
+QWEN3_32B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 25600,
+    "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+}
 # Qwen/Qwen3-235B-A22B-Instruct-2507 config.json (huggingface.co/Qwen/Qwen3-235B-A22B-Instruct-2507).
 QWEN3_235B_A22B_2507 = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
@@ -91,7 +99,7 @@ QWEN3_235B_A22B_2507 = {
     "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
 }
-CONFIGS = {"qwen3-14b": QWEN3_14B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
+CONFIGS = {"qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
@@ -100,6 +108,9 @@ MODELS = {
     "Qwen/Qwen3-14B": ("qwen3-14b", None, "config.json of Qwen3-14B"),
     "Qwen/Qwen3-14B-FP8": ("qwen3-14b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
     "Qwen/Qwen3-14B-AWQ": ("qwen3-14b", "awq", ""),
+    "Qwen/Qwen3-32B": ("qwen3-32b", None, "config.json of Qwen3-32B"),
+    "Qwen/Qwen3-32B-FP8": ("qwen3-32b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
+    "Qwen/Qwen3-32B-AWQ": ("qwen3-32b", "awq", ""),
     "Qwen/Qwen3-235B-A22B-Instruct-2507": ("qwen3-235b-a22b-2507", None, "config.json of Qwen3-235B-A22B-2507"),
     "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8": ("qwen3-235b-a22b-2507", "fp8_per_block", "block-scaled FP8"),
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
@@ -197,6 +208,9 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload.update(input_len=run.input_len, output_len=run.output_len)
     if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
         serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
+    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):  # serve flags the source states
+        if getattr(run, flag) is not None:
+            serve[flag] = getattr(run, flag)
     if offline:
         note = "; ".join(filter(None, [note, "offline: all prompts at once, fixed lengths"]
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
