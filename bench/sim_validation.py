@@ -116,6 +116,8 @@ MODELS = {
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
     "meta-llama/Meta-Llama-3-8B-Instruct": ("llama-3.1-8b", None, "Llama-3-8B priced as Llama-3.1-8B (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("qwen2.5-7b", None, "R1-Distill-Qwen-7B has Qwen2.5-7B's layers (Qwen2.5-Math-7B base); the card's 32,768 context, not the distill's 131,072 (no --max-model-len stated; no step of these ShareGPT runs needs more)"),
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
 }
 # Checkpoints whose context length differs from the card they are priced as (their config.json).
