@@ -99,6 +99,7 @@ class Run(BaseModel):
     max_model_len: int | None = Field(default=None, ge=1)  # vllm serve flags the source states; absent: default
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     measured: Measured
     split_group: str = Field(pattern=ID)
     split: Split

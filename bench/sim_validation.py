@@ -123,7 +123,7 @@ MODELS = {
 # Checkpoints whose context length differs from the card they are priced as (their config.json).
 NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192}
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
-GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090",
+GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
         "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
@@ -210,7 +210,7 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload.update(input_len=run.input_len, output_len=run.output_len)
     if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
         serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
-    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):  # serve flags the source states
+    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states
         if getattr(run, flag) is not None:
             serve[flag] = getattr(run, flag)
     if offline:
