@@ -83,6 +83,14 @@ QWEN3_14B = {
     "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "use_sliding_window": False,
 }
+# Qwen/Qwen3-0.6B config.json (huggingface.co/Qwen/Qwen3-0.6B; aiconfigurator-core 0.12.0's copy
+# model_configs/Qwen--Qwen3-0.6B_config.json; the fields kvlab reads).
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+}
 # Qwen/Qwen3-32B config.json (huggingface.co/Qwen/Qwen3-32B; the copy aiconfigurator-core 0.12.0 ships as
 # model_configs/Qwen--Qwen3-32B_config.json; the fields kvlab reads).
 QWEN3_32B = {
@@ -99,12 +107,13 @@ QWEN3_235B_A22B_2507 = {
     "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
 }
-CONFIGS = {"qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
+CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
     "Qwen/Qwen3-8B": ("qwen3-8b", None, ""),
     "Qwen/Qwen3-8B-FP8": ("qwen3-8b", "fp8_per_block", "Qwen3-8B-FP8 is block-scaled FP8"),
+    "Qwen/Qwen3-0.6B": ("qwen3-0.6b", None, "config.json of Qwen3-0.6B"),
     "Qwen/Qwen3-14B": ("qwen3-14b", None, "config.json of Qwen3-14B"),
     "Qwen/Qwen3-14B-FP8": ("qwen3-14b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
     "Qwen/Qwen3-14B-AWQ": ("qwen3-14b", "awq", ""),
