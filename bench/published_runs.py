@@ -96,6 +96,10 @@ class Run(BaseModel):
     num_prompts: int | None = Field(ge=1)
     max_concurrency: int | None = Field(ge=1)
     request_rate: Annotated[float, Field(gt=0)] | Literal["inf"] | None
+    max_model_len: int | None = Field(default=None, ge=1)  # vllm serve flags the source states; absent: default
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     measured: Measured
     split_group: str = Field(pattern=ID)
     split: Split

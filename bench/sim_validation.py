@@ -83,6 +83,22 @@ QWEN3_14B = {
     "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "use_sliding_window": False,
 }
+# Qwen/Qwen3-0.6B config.json (huggingface.co/Qwen/Qwen3-0.6B; aiconfigurator-core 0.12.0's copy
+# model_configs/Qwen--Qwen3-0.6B_config.json; the fields kvlab reads).
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+}
+# Qwen/Qwen3-32B config.json (huggingface.co/Qwen/Qwen3-32B; the copy aiconfigurator-core 0.12.0 ships as
+# model_configs/Qwen--Qwen3-32B_config.json; the fields kvlab reads).
+QWEN3_32B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 25600,
+    "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+}
 # Qwen/Qwen3-235B-A22B-Instruct-2507 config.json (huggingface.co/Qwen/Qwen3-235B-A22B-Instruct-2507).
 QWEN3_235B_A22B_2507 = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
@@ -91,26 +107,32 @@ QWEN3_235B_A22B_2507 = {
     "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
 }
-CONFIGS = {"qwen3-14b": QWEN3_14B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
+CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
     "Qwen/Qwen3-8B": ("qwen3-8b", None, ""),
     "Qwen/Qwen3-8B-FP8": ("qwen3-8b", "fp8_per_block", "Qwen3-8B-FP8 is block-scaled FP8"),
+    "Qwen/Qwen3-0.6B": ("qwen3-0.6b", None, "config.json of Qwen3-0.6B"),
     "Qwen/Qwen3-14B": ("qwen3-14b", None, "config.json of Qwen3-14B"),
     "Qwen/Qwen3-14B-FP8": ("qwen3-14b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
     "Qwen/Qwen3-14B-AWQ": ("qwen3-14b", "awq", ""),
+    "Qwen/Qwen3-32B": ("qwen3-32b", None, "config.json of Qwen3-32B"),
+    "Qwen/Qwen3-32B-FP8": ("qwen3-32b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
+    "Qwen/Qwen3-32B-AWQ": ("qwen3-32b", "awq", ""),
     "Qwen/Qwen3-235B-A22B-Instruct-2507": ("qwen3-235b-a22b-2507", None, "config.json of Qwen3-235B-A22B-2507"),
     "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8": ("qwen3-235b-a22b-2507", "fp8_per_block", "block-scaled FP8"),
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
     "meta-llama/Meta-Llama-3-8B-Instruct": ("llama-3.1-8b", None, "Llama-3-8B priced as Llama-3.1-8B (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("qwen2.5-7b", None, "R1-Distill-Qwen-7B has Qwen2.5-7B's layers (Qwen2.5-Math-7B base); the card's 32,768 context, not the distill's 131,072 (no --max-model-len stated; no step of these ShareGPT runs needs more)"),
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
 }
 # Checkpoints whose context length differs from the card they are priced as (their config.json).
 NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192}
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
-GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090",
+GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
         "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
@@ -197,6 +219,9 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload.update(input_len=run.input_len, output_len=run.output_len)
     if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
         serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
+    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states
+        if getattr(run, flag) is not None:
+            serve[flag] = getattr(run, flag)
     if offline:
         note = "; ".join(filter(None, [note, "offline: all prompts at once, fixed lengths"]
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
