@@ -153,7 +153,8 @@ HEADLINE = (
 )
 # The host-time grid `--fit` searches (seconds per step, seconds per scheduled request per step).
 ROOFLINE_GRID = tuple((m, b) for m in (0.3, 0.45, 0.6, 0.75) for b in (0.7, 0.8, 0.9))
-HOST_GRID = tuple((s, r) for s in (0.0, 0.0008, 0.002, 0.004, 0.008) for r in (0.0, 0.000004, 0.00002, 0.00005))
+HOST_GRID = tuple((s, r) for s in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
+                  for r in (0.0, 0.00002, 0.00005, 0.0001, 0.00015, 0.0002, 0.0003))
 
 
 @dataclass(frozen=True)
