@@ -347,6 +347,13 @@ def main() -> None:
                                                            "chunks_per_s", "client_cpu_of_core")} for r in results],
                           "timing_error": timing, "meta": meta}, indent=1))
         return
+    if results:
+        print_capacity(results, args, meta)
+    if timing:
+        print_timing(timing, args)
+
+
+def print_capacity(results: list[dict], args, meta: dict) -> None:
     print(f"\n{MAX_TOKENS} token chunks per reply; medians of {args.windows} x {args.window:g} s windows after "
           f"{args.warmup:g} s; server writes {args.burst} chunks per write; {meta['cpus']} CPUs, client pinned to CPU {CLIENT_CPU} and server to CPU {SERVER_CPU}: "
           f"{meta['pinned']}; load average {meta['load_average_1m_before']} before, {meta['load_average_1m_after']} after\n")
@@ -355,17 +362,19 @@ def main() -> None:
     for r in results:
         print(f"| {r['name']} | {r['concurrency']} | {r['chunks_per_cpu_s']:,.0f} | {r['responses_per_s']:.1f} "
               f"| {r['client_cpu_of_core']:.0%} |")
-    if timing:
-        print(f"\nkvlab's client-side timing error against the paced server ({args.step_ms:g} ms per chunk per stream, "
-              "send times stamped by the server; error = client-measured minus server-stamped)\n")
-        print("| load (of capacity) | users | chunks/s | client CPU | client waiting for its core | load average "
-              "| TTFT error p50 / p99 (ms) | ITL error p50 / p99 (ms) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for t in timing:
-            wait = t["client_runqueue_wait_share"]
-            print(f"| {t['fraction_of_capacity']:.0%} | {t['users']} | {t['measured_chunks_per_s']:,} "
-                  f"| {t['client_cpu_of_core']:.0%} | {'n/a' if wait is None else f'{wait:.1%}'} | {t['load_average_1m']} "
-                  f"| {t['ttft_error_ms_p50']} / {t['ttft_error_ms_p99']} | {t['itl_error_ms_p50']} / {t['itl_error_ms_p99']} |")
+
+
+def print_timing(timing: list[dict], args) -> None:
+    print(f"\nkvlab's client-side timing error against the paced server ({args.step_ms:g} ms per chunk per stream, "
+          "send times stamped by the server; error = client-measured minus server-stamped)\n")
+    print("| load (of capacity) | users | chunks/s | client CPU | client waiting for its core | load average "
+          "| TTFT error p50 / p99 (ms) | ITL error p50 / p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in timing:
+        wait = t["client_runqueue_wait_share"]
+        print(f"| {t['fraction_of_capacity']:.0%} | {t['users']} | {t['measured_chunks_per_s']:,} "
+              f"| {t['client_cpu_of_core']:.0%} | {'n/a' if wait is None else f'{wait:.1%}'} | {t['load_average_1m']} "
+              f"| {t['ttft_error_ms_p50']} / {t['ttft_error_ms_p99']} | {t['itl_error_ms_p50']} / {t['itl_error_ms_p99']} |")
 
 
 if __name__ == "__main__":
