@@ -14,6 +14,10 @@ paced, one chunk per write every --step-ms per stream, each stamped with its sen
 error). The timing error's 100 % is kvlab's own capacity against the paced server (each chunk alone
 in its recv costs far more than in the capacity table's bursts), measured first by saturating it.
 
+The timing-error rows also say how much of the window kvlab's client was runnable but waiting for
+its core (Linux schedstat: other processes on the machine) and the load average: on a shared
+machine those, not the client, may set the tail.
+
 Each client runs a warm-up, then 3 windows; per window: token chunks of the replies that ended in
 it / the client process's CPU seconds in it (psutil, user + system), and replies per second; the
 table gives the median of the 3 windows.
@@ -214,6 +218,17 @@ def run_client(name: str, url: str, users: int, warmup_s: float, window_s: float
 # --- timing error -------------------------------------------------------------------------------------
 
 
+def runqueue_wait_s(pid: int) -> float | None:
+    """Seconds the process's main thread has been runnable but waiting for a CPU (Linux's
+    /proc/PID/task/PID/schedstat, second field): the share of a window another process held the
+    client's core. None where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def timing_error(capacity_chunks_per_s: float, fractions: list[float], step_ms: float, warmup_s: float,
                  window_s: float, work: Path) -> list[dict]:
     """kvlab's client against the paced server: users sized so that the offered chunk rate is a
@@ -237,9 +252,9 @@ def timing_error(capacity_chunks_per_s: float, fractions: list[float], step_ms: 
                 proc = psutil.Process(p.pid)
                 t_start = time.time()
                 time.sleep(warmup_s)
-                c0, w0 = sum(proc.cpu_times()[:2]), time.time()
+                c0, w0, q0 = sum(proc.cpu_times()[:2]), time.time(), runqueue_wait_s(p.pid)
                 time.sleep(window_s)
-                c1, w1 = sum(proc.cpu_times()[:2]), time.time()
+                c1, w1, q1 = sum(proc.cpu_times()[:2]), time.time(), runqueue_wait_s(p.pid)
                 p.wait(run_s + 120)
             stamps = {s["key"]: s for s in srv.stamps()}
         finally:
@@ -260,7 +275,9 @@ def timing_error(capacity_chunks_per_s: float, fractions: list[float], step_ms: 
         rows.append({"fraction_of_capacity": frac, "users": users, "step_ms": step_ms,
                      "offered_chunks_per_s": round(users * 1000 / step_ms),
                      "measured_chunks_per_s": round(chunks / window_s),
-                     "client_cpu_of_core": round((c1 - c0) / (w1 - w0), 3), "requests": len(ttft_err),
+                     "client_cpu_of_core": round((c1 - c0) / (w1 - w0), 3),
+                     "client_runqueue_wait_share": round((q1 - q0) / (w1 - w0), 3) if q0 is not None and q1 is not None else None,
+                     "load_average_1m": round(os.getloadavg()[0], 2), "requests": len(ttft_err),
                      "ttft_error_ms_p50": q(ttft_err, 50), "ttft_error_ms_p99": q(ttft_err, 99),
                      "itl_error_ms_p50": q(itl_err, 50), "itl_error_ms_p99": q(itl_err, 99)})
         print(f"timing error at {frac:.0%}: {json.dumps(rows[-1])}", file=sys.stderr)
@@ -330,6 +347,13 @@ def main() -> None:
                                                            "chunks_per_s", "client_cpu_of_core")} for r in results],
                           "timing_error": timing, "meta": meta}, indent=1))
         return
+    if results:
+        print_capacity(results, args, meta)
+    if timing:
+        print_timing(timing, args)
+
+
+def print_capacity(results: list[dict], args, meta: dict) -> None:
     print(f"\n{MAX_TOKENS} token chunks per reply; medians of {args.windows} x {args.window:g} s windows after "
           f"{args.warmup:g} s; server writes {args.burst} chunks per write; {meta['cpus']} CPUs, client pinned to CPU {CLIENT_CPU} and server to CPU {SERVER_CPU}: "
           f"{meta['pinned']}; load average {meta['load_average_1m_before']} before, {meta['load_average_1m_after']} after\n")
@@ -338,15 +362,19 @@ def main() -> None:
     for r in results:
         print(f"| {r['name']} | {r['concurrency']} | {r['chunks_per_cpu_s']:,.0f} | {r['responses_per_s']:.1f} "
               f"| {r['client_cpu_of_core']:.0%} |")
-    if timing:
-        print(f"\nkvlab's client-side timing error against the paced server ({args.step_ms:g} ms per chunk per stream, "
-              "send times stamped by the server; error = client-measured minus server-stamped)\n")
-        print("| load (of capacity) | users | chunks/s | client CPU | TTFT error p50 / p99 (ms) | ITL error p50 / p99 (ms) |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for t in timing:
-            print(f"| {t['fraction_of_capacity']:.0%} | {t['users']} | {t['measured_chunks_per_s']:,} "
-                  f"| {t['client_cpu_of_core']:.0%} | {t['ttft_error_ms_p50']} / {t['ttft_error_ms_p99']} "
-                  f"| {t['itl_error_ms_p50']} / {t['itl_error_ms_p99']} |")
+
+
+def print_timing(timing: list[dict], args) -> None:
+    print(f"\nkvlab's client-side timing error against the paced server ({args.step_ms:g} ms per chunk per stream, "
+          "send times stamped by the server; error = client-measured minus server-stamped)\n")
+    print("| load (of capacity) | users | chunks/s | client CPU | client waiting for its core | load average "
+          "| TTFT error p50 / p99 (ms) | ITL error p50 / p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in timing:
+        wait = t["client_runqueue_wait_share"]
+        print(f"| {t['fraction_of_capacity']:.0%} | {t['users']} | {t['measured_chunks_per_s']:,} "
+              f"| {t['client_cpu_of_core']:.0%} | {'n/a' if wait is None else f'{wait:.1%}'} | {t['load_average_1m']} "
+              f"| {t['ttft_error_ms_p50']} / {t['ttft_error_ms_p99']} | {t['itl_error_ms_p50']} / {t['itl_error_ms_p99']} |")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,30 @@ print(json.dumps(out))
     assert one == many
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel receive times: SO_TIMESTAMPNS (Linux)")
+def test_chunks_are_stamped_with_the_kernels_receive_time_not_when_read():
+    # in a subprocess: importing Locust monkey-patches the interpreter. Bytes that wait 0.3 s in the
+    # socket before the client reads them keep the time they arrived.
+    code = """
+import importlib.util, json, socket, sys, time
+import geventhttpclient.client
+spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lf)
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = lf.StampedSocket(socket.AF_INET, socket.SOCK_STREAM); c.connect(srv.getsockname()); a, _ = srv.accept()
+sent = time.time(); a.sendall(b"data: x\\n\\n")
+time.sleep(0.3)
+data = c.recv(4096); read = time.time()
+print(json.dumps([data.decode(), c.rx_wall - sent, read - sent, geventhttpclient.client.ConnectionPool is lf._StampingPool]))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    data, arrived_after_s, read_after_s, patched = json.loads(p.stdout.strip().splitlines()[-1])
+    assert data == "data: x\n\n" and patched
+    assert read_after_s >= 0.3 and -0.001 < arrived_after_s < 0.05
+
+
 # --- kvlab load, end to end ----------------------------------------------------------------------
 
 

@@ -145,3 +145,50 @@ def test_first_error_wins_and_failed_results():
     r = failed("connect", "ConnectionRefusedError", 1.0, 1.25)
     assert (r.error_kind, r.e2e_s, r.ttft_s, r.itl_s) == ("connect", 0.25, None, [])
     assert [http_error_kind(c) for c in (400, 404, 429, 500, 503)] == ["http_4xx"] * 3 + ["http_5xx"] * 2
+
+
+# Events of every kind the parser tells apart, as raw data payloads: feed's block path and its
+# typed token decode must give what the line-by-line path (feed_line -> on_event) gives.
+ODD_EVENTS = [
+    json.dumps(chunk("", role="assistant")).encode(), json.dumps(chunk("es")).encode(), json.dumps(chunk("")).encode(),
+    json.dumps(chunk("30", finish="length")).encode(), json.dumps(USAGE).encode(),
+    b'{"choices":[{"delta":{"content":"a"}}],"usage":null}',
+    b'{"choices":[{"delta":{"content":"a"}}],"choices":[{"delta":{"content":"b"}}]}',  # last key wins
+    b'{"choices":[{"delta":{"content":"a","content":1}}]}',
+    b'{"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}',
+    b'{"id":"\xff","choices":[{"delta":{"content":"x"}}]}',  # invalid UTF-8 in a skipped field
+    b'{"choices":[{"delta":{"content":"a\xff"}}]}',  # ... in the content
+    b'{"choices":[{"delta":{"content":"\\ud800"}}]}', b'{"created":NaN,"choices":[{"delta":{"content":"n"}}]}',
+    b'{"created":1e999,"choices":[{"delta":{"content":"i"}}]}',
+    b'{"x":' + b"[" * 3000 + b"]" * 3000 + b',"choices":[{"delta":{"content":"d"}}]}',  # deeper than parsers go
+    b'{"choices":[{"delta":{"content":"a"}}]} x', b"", b"[1, 2]", b'{"error": "overloaded"}',
+    b'{"error": null, "choices":[{"delta":{"content":"a"}}]}', b'{"choices": 5}', b'{"choices":[{"delta":"x"}]}',
+]
+
+
+def _lines_of(payload: bytes, multiline: bool) -> bytes:
+    if multiline and len(payload) > 2:  # the same data as two data: lines (joined with a newline)
+        k = len(payload) // 2
+        return b"data: " + payload[:k] + b"\ndata:" + payload[k:] + b"\n\n"
+    return b"data: " + payload + b"\n\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, len(ODD_EVENTS) - 1), st.booleans(), st.booleans()), max_size=12),
+       cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=12), done=st.booleans())
+def test_feed_blocks_match_the_line_by_line_path(picks, cuts, done):
+    data = b"".join((b": keep-alive\n" if comment else b"") + _lines_of(ODD_EVENTS[i], multi)
+                    for i, multi, comment in picks) + (b"data: [DONE]\n\n" if done else b"")
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    ref, fast = ChatStream(0.0), ChatStream(0.0)
+    for n, piece in enumerate(pieces):  # each piece arrives at its own time
+        fast.feed(piece, 1.0 + n)
+    sp = LineSplitter()
+    for n, piece in enumerate(pieces):
+        for line in sp.feed(piece):
+            ref.feed_line(line, 1.0 + n)
+    for line in sp.flush():
+        ref.feed_line(line, ref._last_t)
+    a, b = fast.finish(99.0), ref.finish(99.0)
+    assert a == b

@@ -19,9 +19,36 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import msgspec
 import orjson
+from msgspec import UNSET
 
 _loads = orjson.loads  # raises orjson.JSONDecodeError, a ValueError
+
+
+class _Delta(msgspec.Struct, gc=False):
+    content: str
+
+
+class _Choice(msgspec.Struct, gc=False):
+    delta: _Delta
+    finish_reason: None = None
+
+
+class _TokenChunk(msgspec.Struct, gc=False):
+    """The token chunk, as on_event's first case decides it: a JSON object whose `choices` is
+    exactly one object with a `delta` object whose `content` is a string and a `finish_reason`
+    that is null or absent, with neither `usage` nor `error` (checked on the result: UNSET means
+    absent). Any other event fails to decode (a ValueError) and goes to on_event. Decoding
+    validates what it skips, as orjson does; what it takes that orjson refuses (invalid UTF-8
+    or numbers out of range in a skipped field) the standard parser on_event falls back to takes
+    too, with the same content."""
+    choices: tuple[_Choice]
+    usage: object = UNSET
+    error: object = UNSET
+
+
+_decode_token = msgspec.json.Decoder(_TokenChunk).decode  # raises msgspec.DecodeError or UnicodeDecodeError: ValueErrors
 
 # connect: no HTTP response (refused, reset, no headers in time); timeout: no complete reply within
 # request.timeout_s; stall: no byte for request.stall_timeout_s mid-stream; http_4xx / http_5xx: error
@@ -81,9 +108,11 @@ class ChatStream:
     clock as `t0`); `finish()` gives the result.
 
     The per-chunk path is kept short, as it runs for every token of every request: lines stay
-    bytes, an event is decoded with orjson and a chunk of the shape OpenAI and vLLM send is read
-    with a few type checks; anything orjson refuses is parsed again with the standard library, so
-    that every error kind (and what the standard parser accepts) stays as it was."""
+    bytes; `feed` splits a block of whole one-line events on the event boundaries and decodes
+    each one straight into the token chunk's few fields (`_TokenChunk`, msgspec); any other event
+    goes to on_event, which decodes it with orjson and, for what orjson refuses, again with the
+    standard library, so that every error kind (and what the standard parser accepts) stays as
+    it was."""
 
     __slots__ = ("t0", "r", "done", "_data", "_parts", "_last_token_t", "_last_t", "_rest", "_splitter")
 
@@ -116,52 +145,62 @@ class ChatStream:
             return self.done
         if self._rest:
             data = self._rest + data
+        self._last_t = now
+        if not self._data and data[:6] == b"data: " and data[-2:] == b"\n\n":
+            # The common block: whole events of one "data: " line each. Split on the event
+            # boundaries; with exactly two newlines per event, no payload holds a newline, so each
+            # one is a whole event's data (what the line-by-line loop below would collect).
+            payloads = data[6:-2].split(b"\n\ndata: ")
+            if data.count(b"\n") == 2 * len(payloads):
+                self._rest = b""
+                self._events(payloads, now)
+                return self.done
         lines = data.split(b"\n")
         self._rest = lines.pop()
-        self._last_t = now
-        pending = self._data
-        loads, r, parts = _loads, self.r, self._parts
-        gaps, last_t, chunks = r.itl_s, self._last_token_t, r.chunks
+        pending, events = self._data, []
         for line in lines:
             if not line:
                 if pending:
-                    payload = pending[0] if len(pending) == 1 else b"\n".join(pending)
-                    pending = self._data = []
-                    # on_event's token-chunk case, inline (it runs for every token), its state in
-                    # locals; anything it does not decide goes to on_event whole
-                    try:
-                        obj = loads(payload)
-                    except ValueError:
-                        obj = None
-                    if type(obj) is dict and "usage" not in obj and "error" not in obj:
-                        choices = obj.get("choices")
-                        if type(choices) is list and len(choices) == 1:
-                            choice = choices[0]
-                            if type(choice) is dict and choice.get("finish_reason") is None:
-                                delta = choice.get("delta")
-                                content = delta.get("content") if type(delta) is dict else None
-                                if type(content) is str:
-                                    if r.ttft_s is None:
-                                        r.ttft_s = now - self.t0
-                                    if content:
-                                        if last_t is not None:
-                                            gaps.append(now - last_t)
-                                        last_t = now
-                                        chunks += 1
-                                        parts.append(content)
-                                    continue
-                    self._last_token_t, r.chunks = last_t, chunks
-                    self.on_event(payload, now)
-                    last_t, chunks = self._last_token_t, r.chunks
-                    if self.done:
-                        break
+                    events.append(pending[0] if len(pending) == 1 else b"\n".join(pending))
+                    pending = []
             elif line[:6] == b"data: ":
                 pending.append(line[6:])
             elif line[:5] == b"data:":
                 pending.append(line[5:])
             # comments (":") and other fields (event:, id:, retry:) carry nothing for chat completions
-        self._last_token_t, r.chunks = last_t, chunks
+        self._data = pending
+        if events:
+            self._events(events, now)
         return self.done
+
+    def _events(self, payloads: list[bytes], now: float) -> None:
+        """Events' data that arrived together: a token chunk is decoded straight into the few
+        typed fields that decide it (`_TokenChunk`: msgspec skips the rest without building it),
+        its state kept in locals; anything that does not decode as one goes to on_event whole."""
+        decode, unset, r, parts = _decode_token, UNSET, self.r, self._parts
+        gaps, last_t, chunks = r.itl_s, self._last_token_t, r.chunks
+        for payload in payloads:
+            try:
+                c = decode(payload)
+            except (ValueError, RecursionError):  # not a token chunk (or not JSON): on_event decides
+                c = None
+            if c is not None and c.usage is unset and c.error is unset:
+                content = c.choices[0].delta.content
+                if r.ttft_s is None:
+                    r.ttft_s = now - self.t0
+                if content:
+                    if last_t is not None:
+                        gaps.append(now - last_t)
+                    last_t = now
+                    chunks += 1
+                    parts.append(content)
+                continue
+            self._last_token_t, r.chunks = last_t, chunks
+            self.on_event(payload, now)
+            last_t, chunks = self._last_token_t, r.chunks
+            if self.done:
+                break
+        self._last_token_t, r.chunks = last_t, chunks
 
     def feed_line(self, line: bytes | bytearray | str, now: float) -> bool:
         """One line (with or without its line ending). Returns True once the stream is over."""
@@ -212,6 +251,9 @@ class ChatStream:
                 obj = json.loads(payload.decode("utf-8", errors="replace"))
             except ValueError:
                 self.fail("malformed_sse", "event data is not JSON")
+                return
+            except RecursionError:  # deeper than the standard parser goes
+                self.fail("malformed_sse", "event data nested too deep to read")
                 return
         if type(obj) is not dict:
             self.fail("malformed_sse", "event is not a JSON object")

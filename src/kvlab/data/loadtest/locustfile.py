@@ -15,16 +15,22 @@ kvlab.loadtest; this file only wires it to Locust's HTTP client, stats and load 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
+import struct
 import sys
 import time
 from collections import Counter
 
 import gevent
+import gevent.socket
+import geventhttpclient.client
+import geventhttpclient.connectionpool
 import locust.stats
+import orjson
 from locust import FastHttpUser, LoadTestShape, events, task
 from locust.exception import StopUser
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
@@ -241,6 +247,49 @@ def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
             rt[k] += c
 
 
+# The kernel's receive time of each read (Linux: SO_TIMESTAMPNS on the TCP socket, CLOCK_REALTIME).
+# A chunk stamped when its greenlet gets to read it would also carry the time it waited for this
+# process: the other users' chunks that arrived with it, the OS scheduler, the garbage collector.
+_SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None  # also SCM_TIMESTAMPNS
+_TIMESPEC = struct.Struct("@ll")  # struct timespec: time_t and long, both a C long on Linux
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+class StampedSocket(gevent.socket.socket):
+    """A gevent TCP socket whose recv keeps the kernel's receive time of the bytes it returned
+    (`rx_wall`, unix seconds; None where the kernel gave none). recv returns what it always
+    returned: the kernel time comes as ancillary data of the same read (recvmsg)."""
+
+    __slots__ = ("rx_wall",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rx_wall: float | None = None
+        try:
+            self.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass  # no kernel receive times: rx_wall stays None and chunks are stamped on reading
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancillary, _flags, _addr = self.recvmsg(bufsize, _CMSG_SPACE, flags)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, ns = _TIMESPEC.unpack_from(payload)
+                self.rx_wall = sec + ns * 1e-9
+        return data
+
+
+class _StampingPool(geventhttpclient.connectionpool.ConnectionPool):
+    def _create_tcp_socket(self, family: int, socktype: int, protocol: int):
+        if _SO_TIMESTAMPNS is None or not _CMSG_SPACE:
+            return super()._create_tcp_socket(family, socktype, protocol)
+        return StampedSocket(family, socktype, protocol)
+
+
+# every plain-HTTP client Locust's FastHttpSession makes in this process gets stamped sockets
+geventhttpclient.client.ConnectionPool = _StampingPool
+
+
 class LocustTransport:
     """One streamed chat completion through the user's FastHttpSession, reported to Locust's
     stats as the POST (E2E), TTFT and TPOT (one event each) and the request's ITL gaps (logged
@@ -271,8 +320,8 @@ class LocustTransport:
     def _post(self, path: str, body: dict, name: str, t0: float) -> tuple[int | None, StreamResult]:
         stream = ChatStream(t0)
         # A redirect is not followed: load goes only to --host (a 3xx is a bad_response).
-        with self.user.client.post(path, json=body, stream=True, catch_response=True, name=name,
-                                   allow_redirects=False) as resp:
+        with self.user.client.post(path, data=_json_body(body), headers=JSON_HEADERS, stream=True,
+                                   catch_response=True, name=name, allow_redirects=False) as resp:
             status = resp.status_code or None
             error = getattr(resp, "error", None)
             if status is None:
@@ -316,19 +365,44 @@ class LocustTransport:
                 return status, None
 
 
+# what Locust's json= adds, with the body encoded by orjson (an agent's long history costs the standard
+# encoder several times more CPU)
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _json_body(body: dict) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson will not write (a lone surrogate in a text): the standard encoder escapes it
+        return json.dumps(body).encode()
+
+
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
     """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
-    socket has; iter_content(1024) would wait for a whole KiB). The lines that came in the same
-    recv as the one readline returned are already in the response's buffer: they are taken with it,
-    whole lines only, stamped with the same arrival time, without a readline call each."""
+    socket has; iter_content(1024) would wait for a whole KiB), stamped with the kernel's receive
+    time where the socket has one (StampedSocket), else when it is read. The lines that came in the
+    same recv as the one readline returned are already in the response's buffer: they are taken
+    with it, whole lines only, stamped with the same arrival time, without a readline call each."""
     raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
     buf = getattr(raw, "_body_buffer", None)
     if not isinstance(buf, bytearray):
         buf = None  # another geventhttpclient layout: line by line
     feed, feed_line, clock = stream.feed, stream.feed_line, time.perf_counter
+    sock = getattr(raw, "_sock", None)
+    if not isinstance(sock, StampedSocket):
+        sock = None  # TLS, or no kernel receive times: stamped when read
+    wall, t0 = time.time, stream.t0
     try:
         while line := raw.readline(b"\n"):
             now = clock()
+            if sock is not None and sock.rx_wall is not None:
+                # The line's last byte came with the latest read: stamped with that read's kernel
+                # receive time, on the perf_counter clock (how long ago it arrived, taken off now;
+                # an age the request's own span cannot hold, as after a clock step, is not used).
+                # Lines that arrived together in one read share the newest one's time.
+                age = wall() - sock.rx_wall
+                if 0.0 < age < now - t0:
+                    now -= age
             cut = buf.rfind(b"\n") + 1 if buf else 0
             if cut:
                 data = line + buf[:cut]
