@@ -10,8 +10,8 @@
 
 The free queue is kept lazily, with the same order: each free is one run of block ids pushed to
 the front or back of a deque; a block's entry is live while the block is free and the entry is
-its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
-when the front is popped. A request that continues an earlier one (the next turn of an agent
+its latest (`_epoch`, reset to -1 when the block is taken or touched), so a touch only bumps the
+reference count and clears the block's epoch, and dead entries are skipped when the front is popped. A request that continues an earlier one (the next turn of an agent
 session) first checks the earlier request's blocks in place (`registered`: the block is the one the
 cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups (the
 cached dict is large and its lookups miss the CPU cache). Per-block state lives in numpy arrays,
@@ -53,7 +53,8 @@ class BlockManager:
         self.block_hash = np.zeros(num_blocks, np.int64)  # valid where `hashed`
         self.hashed = np.zeros(num_blocks, bool)
         self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
-        self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
+        # The run holding a free block's live entry; -1 for a block in use (ref_cnt > 0).
+        self._epoch = np.full(num_blocks, -1, np.int64)
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
         # [run id, block ids (array), next position, the same ids as a list (for scalar scans)]
         self._runs: deque[list] = deque()
@@ -126,6 +127,7 @@ class BlockManager:
         if computed:
             self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
             self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
+            self._epoch[idx] = -1  # their queue entries are dead
             seq.block_table.extend(computed)
             seq.num_cached_blocks = len(seq.block_table)
         new = ceil(total / self.block_size) - len(seq.block_table)
@@ -167,7 +169,8 @@ class BlockManager:
         """The first `n` live entries of the free queue, now referenced once, hashes evicted.
 
         Runs are scanned in growing slices, vectorized: an entry is live while its block is free
-        (`ref_cnt` 0) and this run is the block's latest (`_epoch`); a block is in a run at most
+        (`ref_cnt` 0) and this run is the block's latest: `_epoch` is the run (it is -1 while the block is
+        in use); a block is in a run at most
         once and live in one run only, so marking the taken blocks after the scan changes nothing."""
         if n < VECTOR_POP_MIN:
             return self._pop_free_few(n)
@@ -178,10 +181,10 @@ class BlockManager:
             entry = runs[0]
             run, blocks, pos, _ = entry
             end = len(blocks)
-            chunk = max(2 * need, 32)
+            chunk = max(4 * need, 128)
             while need and pos < end:
                 seg = blocks[pos:pos + chunk]
-                live = ((ref[seg] == 0) & (epoch[seg] == run)).nonzero()[0]
+                live = (epoch[seg] == run).nonzero()[0]
                 if len(live) >= need:
                     taken.append(seg[live[:need]])
                     pos += int(live[need - 1]) + 1
@@ -214,7 +217,7 @@ class BlockManager:
             while pos < end:
                 b = blocks[pos]
                 pos += 1
-                if not ref[b] and epoch[b] == run:
+                if epoch[b] == run:
                     ref[b] = 1
                     epoch[b] = -1
                     if hashed[b]:
