@@ -61,6 +61,7 @@ class BlockManager:
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
+        self._hits: tuple[list[int], np.ndarray] | None = None  # find_cached_prefix's last hits, both forms
         self._push_run(np.arange(1, num_blocks, dtype=np.int64), front=False)
 
     # -- accounting
@@ -94,10 +95,24 @@ class BlockManager:
             m = int(ok.argmin())
             if ok[m]:
                 m = k
-        hits = seq.prev_blocks[:m].tolist() if m else []
+        if m:
+            lead = seq.prev_blocks[:m]
+            hits = lead.tolist()
+        else:
+            hits = []
         if m < max_blocks:  # then one dict lookup per block, up to the first miss
             hits += takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks]))
+        if m and len(hits) == m:  # the hits as int64 too, for allocate_slots (see _hit_array)
+            self._hits = (hits, lead)
         return hits
+
+    def _hit_array(self, computed: list[int]) -> np.ndarray:
+        """`computed` as int64: the array find_cached_prefix kept if `computed` is the list it
+        returned last (unchanged: no block enters or leaves a list in between), else converted."""
+        kept = self._hits
+        if kept is not None and kept[0] is computed and len(computed) == len(kept[1]):
+            return kept[1]
+        return np.asarray(computed, dtype=np.int64)
 
     # -- allocation
 
@@ -118,7 +133,7 @@ class BlockManager:
         computed = computed or []
         total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         if computed:
-            idx = np.asarray(computed, dtype=np.int64)
+            idx = self._hit_array(computed)
             in_queue = self._num_in_queue(idx)
         else:
             in_queue = 0
