@@ -56,7 +56,8 @@ class BlockManager:
         # The run holding a free block's live entry; -1 for a block in use (ref_cnt > 0).
         self._epoch = np.full(num_blocks, -1, np.int64)
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        # [run id, block ids (array), next position, the same ids as a list (for scalar scans)]
+        # [run id, block ids (array), next position, the same ids as a list (for scalar scans; made
+        # when a scalar scan first reaches the run)]
         self._runs: deque[list] = deque()
         self._next_run = 0
         self.num_free_blocks = 0
@@ -173,7 +174,7 @@ class BlockManager:
         run = self._next_run
         self._next_run += 1
         self._epoch[blocks] = run
-        entry = [run, blocks, 0, blocks.tolist()]
+        entry = [run, blocks, 0, None]
         if front:
             self._runs.appendleft(entry)
         else:
@@ -227,7 +228,9 @@ class BlockManager:
         out: list[int] = []
         while len(out) < n:
             entry = runs[0]
-            run, _, pos, blocks = entry
+            run, arr, pos, blocks = entry
+            if blocks is None:
+                blocks = entry[3] = arr.tolist()
             end = len(blocks)
             while pos < end:
                 b = blocks[pos]
@@ -295,7 +298,8 @@ class BlockManager:
         """Release a request's blocks, tail first, so its last blocks are evicted first."""
         table = seq.block_table
         if table:
-            idx = np.asarray(table[::-1], dtype=np.int64)
+            fwd = np.asarray(table, dtype=np.int64)
+            idx = fwd[::-1]
             ref = self.ref_cnt
             ref[idx] -= 1  # a block occurs at most once in a request's table
             freed = idx[ref[idx] == 0]
@@ -311,7 +315,7 @@ class BlockManager:
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
-            seq.last_blocks = idx[::-1]
+            seq.last_blocks = fwd
         seq.block_table = []
         seq.num_cached_blocks = 0
 
