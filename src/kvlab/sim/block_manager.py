@@ -31,6 +31,8 @@ import numpy as np
 
 from kvlab.sim.sequence import Sequence
 
+_NO_BLOCKS = np.zeros(0, np.int64)
+
 VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
 
 # Boolean reductions as plain ufunc calls: ndarray.any()/all() and np.flatnonzero go through Python
@@ -62,7 +64,6 @@ class BlockManager:
         self._next_run = 0
         self.num_free_blocks = 0
         self.frees = 0  # how many times blocks were freed (admission checks can be reused until then)
-        self._hits: tuple[list[int], np.ndarray] | None = None  # find_cached_prefix's last hits, both forms
         self._push_run(np.arange(1, num_blocks, dtype=np.int64), front=False)
 
     # -- accounting
@@ -77,8 +78,9 @@ class BlockManager:
 
     # -- prefix cache
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """The longest run of cached full blocks at the start of `seq`.
+    def find_cached_prefix(self, seq: Sequence) -> list[int] | np.ndarray:
+        """The longest run of cached full blocks at the start of `seq`: a list, or an int64 array
+        when all of them are the leading blocks of the request `seq` continues (`prev_blocks`).
 
         The last token is never a hit (vLLM recomputes it to get logits), so at most
         `(num_tokens - 1) // block_size` blocks count."""
@@ -96,59 +98,54 @@ class BlockManager:
             m = int(ok.argmin())
             if ok[m]:
                 m = k
-        if m:
-            lead = seq.prev_blocks[:m]
-            hits = lead.tolist()
-        else:
-            hits = []
-        if m < max_blocks:  # then one dict lookup per block, up to the first miss
-            hits += takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks]))
-        if m and len(hits) == m:  # the hits as int64 too, for allocate_slots (see _hit_array)
-            self._hits = (hits, lead)
-        return hits
-
-    def _hit_array(self, computed: list[int]) -> np.ndarray:
-        """`computed` as int64: the array find_cached_prefix kept if `computed` is the list it
-        returned last (unchanged: no block enters or leaves a list in between), else converted."""
-        kept = self._hits
-        if kept is not None and kept[0] is computed and len(computed) == len(kept[1]):
-            return kept[1]
-        return np.asarray(computed, dtype=np.int64)
+        if m == max_blocks:  # all hits are the earlier request's blocks: returned as int64
+            return seq.prev_blocks[:m]
+        more = list(takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks])))
+        if not more and m:
+            return seq.prev_blocks[:m]
+        # one dict lookup per block after those, up to the first miss
+        return seq.prev_blocks[:m].tolist() + more if m else more
 
     # -- allocation
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
         """Free blocks an allocation for `num_tokens` slots would take (vLLM
         `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
-        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - num_computed
+        new = ceil(num_tokens / self.block_size) - seq.num_blocks - num_computed
         return max(new, 0) + in_queue
 
     def _num_in_queue(self, idx: np.ndarray) -> int:
         """How many of the blocks `idx` sit in the free queue (reference count 0)."""
         return int(np.count_nonzero(self.ref_cnt[idx] == 0)) if len(idx) else 0
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | None = None) -> bool:
-        """Give `seq` KV slots for its computed tokens, the cache hits `computed` and
-        `num_new_tokens` more; False (and no change) when the free queue is too short.
-        The hits are converted to an index array once, for both the check and the touch."""
-        computed = computed or []
-        total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        if computed:
-            idx = self._hit_array(computed)
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | np.ndarray | None = None) -> bool:
+        """Give `seq` KV slots for its computed tokens, the cache hits `computed` (a list or an
+        int64 array, as find_cached_prefix returns them) and `num_new_tokens` more; False (and no
+        change) when the free queue is too short. The hits are converted to an index array once,
+        for both the check and the touch; hits given as an array become the head of the block table
+        of a request without blocks."""
+        num_hits = 0 if computed is None else len(computed)
+        total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        if num_hits:
+            is_array = isinstance(computed, np.ndarray)
+            idx = computed if is_array else np.asarray(computed, dtype=np.int64)
             in_queue = self._num_in_queue(idx)
         else:
             in_queue = 0
-        if self._blocks_needed(seq, total, len(computed), in_queue) > self.num_free_blocks:
+        if self._blocks_needed(seq, total, num_hits, in_queue) > self.num_free_blocks:
             return False
-        if computed:
+        if num_hits:
             self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
             self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
             self._epoch[idx] = -1  # their queue entries are dead
-            seq.block_table.extend(computed)
-            seq.num_cached_blocks = len(seq.block_table)
-        new = ceil(total / self.block_size) - len(seq.block_table)
+            if is_array and not seq.num_blocks:
+                seq.head_blocks = idx
+            else:
+                seq.tail_blocks.extend(computed.tolist() if is_array else computed)
+            seq.num_cached_blocks = seq.num_blocks
+        new = ceil(total / self.block_size) - seq.num_blocks
         if new > 0:
-            seq.block_table.extend(self._pop_free(new))
+            seq.tail_blocks.extend(self._pop_free(new))
         self.cache_full_blocks(seq, min(total, seq.num_tokens))
         return True
 
@@ -156,7 +153,7 @@ class BlockManager:
         """One more block for a decoding request (False when none is free)."""
         if not self.num_free_blocks:
             return False
-        seq.block_table.extend(self._pop_free(1))
+        seq.tail_blocks.extend(self._pop_free(1))
         return True
 
     def append_blocks(self, seqs: list[Sequence]) -> bool:
@@ -167,7 +164,7 @@ class BlockManager:
             return False
         if seqs:
             for seq, b in zip(seqs, self._pop_free(len(seqs))):
-                seq.block_table.append(b)
+                seq.tail_blocks.append(b)
         return True
 
     def _push_run(self, blocks: np.ndarray, front: bool) -> None:
@@ -276,7 +273,12 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        blocks = seq.block_table[first:num_full]
+        head = seq.head_blocks
+        nh = len(head)
+        if first >= nh:  # (always, unless the head is not cached yet)
+            blocks = seq.tail_blocks[first - nh:num_full - nh]
+        else:
+            blocks = head[first:num_full].tolist() + seq.tail_blocks[:max(num_full - nh, 0)]
         idx = np.asarray(blocks, dtype=np.int64)
         new_hashes = hashes[first:num_full]
         hashed = self.hashed[idx]
@@ -296,9 +298,11 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a request's blocks, tail first, so its last blocks are evicted first."""
-        table = seq.block_table
-        if table:
-            fwd = np.asarray(table, dtype=np.int64)
+        head, tail = seq.head_blocks, seq.tail_blocks
+        if len(head) or tail:
+            fwd = np.fromiter(tail, np.int64, len(tail))
+            if len(head):
+                fwd = np.concatenate((head, fwd))
             idx = fwd[::-1]
             ref = self.ref_cnt
             ref[idx] -= 1  # a block occurs at most once in a request's table
@@ -316,7 +320,7 @@ class BlockManager:
                 else:
                     self._push_run(freed, front=True)
             seq.last_blocks = fwd
-        seq.block_table = []
+        seq.head_blocks, seq.tail_blocks = _NO_BLOCKS, []
         seq.num_cached_blocks = 0
 
     def check_no_leak(self, live: list[Sequence]) -> None:

@@ -171,7 +171,7 @@ class Scheduler:
         self._decode_base += t - step
         bs = self.block_size
         # At step s it needs slots for t + s - step tokens; a new block when that passes its blocks.
-        self._push_block_due(seq, step + len(seq.block_table) * bs + 1 - t)
+        self._push_block_due(seq, step + seq.num_blocks * bs + 1 - t)
         # It finishes at the step whose token reaches max_tokens or max_model_len.
         last_tokens = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
         seq.finish_step = step + max(0, last_tokens - 1 - t)
