@@ -35,10 +35,15 @@ RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s",
                   "finish_reason", "error_kind")
 
 
-def token_range(key: str, n: int) -> list[int]:
+def token_ids(key: str, n: int) -> range:
     """`n` token ids unique to `key` (an app's system prompt, one turn's input)."""
     base = (zlib.crc32(key.encode()) & 0x7FFFFFF) << 24
-    return list(range(base, base + n))
+    return range(base, base + n)
+
+
+def token_range(key: str, n: int) -> list[int]:
+    """`token_ids` as a list."""
+    return list(token_ids(key, n))
 
 
 @lru_cache(maxsize=1024)
@@ -140,7 +145,7 @@ class Player:
         plan, k = sess.plan, sess.turn
         turn = plan.turns[k]
         prompt = sess.context
-        prompt.extend(token_range(f"{plan.session_id}:{k}", turn.user_tokens))
+        prompt.extend(token_ids(f"{plan.session_id}:{k}", turn.user_tokens))
         max_len = self.cfg.max_model_len
         error = None
         if turn.max_tokens > max_len:

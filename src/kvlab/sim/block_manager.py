@@ -10,8 +10,8 @@
 
 The free queue is kept lazily, with the same order: each free is one run of block ids pushed to
 the front or back of a deque; a block's entry is live while the block is free and the entry is
-its latest (`_epoch`), so a touch only bumps the reference count and dead entries are skipped
-when the front is popped. A request that continues an earlier one (the next turn of an agent
+its latest (`_epoch`, reset to -1 when the block is taken or touched), so a touch only bumps the
+reference count and clears the block's epoch, and dead entries are skipped when the front is popped. A request that continues an earlier one (the next turn of an agent
 session) first checks the earlier request's blocks in place (`registered`: the block is the one the
 cache serves for its hash), then looks further hashes up: the same hits, fewer dict lookups (the
 cached dict is large and its lookups miss the CPU cache). Per-block state lives in numpy arrays,
@@ -30,6 +30,8 @@ from operator import is_not
 import numpy as np
 
 from kvlab.sim.sequence import Sequence
+
+_NO_BLOCKS = np.zeros(0, np.int64)
 
 VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
 
@@ -53,9 +55,11 @@ class BlockManager:
         self.block_hash = np.zeros(num_blocks, np.int64)  # valid where `hashed`
         self.hashed = np.zeros(num_blocks, bool)
         self.registered = np.zeros(num_blocks, bool)  # cached[block_hash[b]] is b
-        self._epoch = np.full(num_blocks, -1, np.int64)  # the run holding a free block's live entry
+        # The run holding a free block's live entry; -1 for a block in use (ref_cnt > 0).
+        self._epoch = np.full(num_blocks, -1, np.int64)
         self.cached: dict[int, int] = {}  # block hash -> the block that serves hits for it
-        # [run id, block ids (array), next position, the same ids as a list (for scalar scans)]
+        # [run id, block ids (array), next position, the same ids as a list (for scalar scans; made
+        # when a scalar scan first reaches the run)]
         self._runs: deque[list] = deque()
         self._next_run = 0
         self.num_free_blocks = 0
@@ -74,8 +78,9 @@ class BlockManager:
 
     # -- prefix cache
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """The longest run of cached full blocks at the start of `seq`.
+    def find_cached_prefix(self, seq: Sequence) -> list[int] | np.ndarray:
+        """The longest run of cached full blocks at the start of `seq`: a list, or an int64 array
+        when all of them are the leading blocks of the request `seq` continues (`prev_blocks`).
 
         The last token is never a hit (vLLM recomputes it to get logits), so at most
         `(num_tokens - 1) // block_size` blocks count."""
@@ -93,44 +98,54 @@ class BlockManager:
             m = int(ok.argmin())
             if ok[m]:
                 m = k
-        hits = seq.prev_blocks[:m].tolist() if m else []
-        if m < max_blocks:  # then one dict lookup per block, up to the first miss
-            hits += takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks]))
-        return hits
+        if m == max_blocks:  # all hits are the earlier request's blocks: returned as int64
+            return seq.prev_blocks[:m]
+        more = list(takewhile(_is_block, map(self.cached.get, hashes[m:max_blocks])))
+        if not more and m:
+            return seq.prev_blocks[:m]
+        # one dict lookup per block after those, up to the first miss
+        return seq.prev_blocks[:m].tolist() + more if m else more
 
     # -- allocation
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int, num_computed: int, in_queue: int) -> int:
         """Free blocks an allocation for `num_tokens` slots would take (vLLM
         `get_num_blocks_to_allocate`): new blocks, plus hit blocks that sit in the free queue."""
-        new = ceil(num_tokens / self.block_size) - len(seq.block_table) - num_computed
+        new = ceil(num_tokens / self.block_size) - seq.num_blocks - num_computed
         return max(new, 0) + in_queue
 
     def _num_in_queue(self, idx: np.ndarray) -> int:
         """How many of the blocks `idx` sit in the free queue (reference count 0)."""
         return int(np.count_nonzero(self.ref_cnt[idx] == 0)) if len(idx) else 0
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | None = None) -> bool:
-        """Give `seq` KV slots for its computed tokens, the cache hits `computed` and
-        `num_new_tokens` more; False (and no change) when the free queue is too short.
-        The hits are converted to an index array once, for both the check and the touch."""
-        computed = computed or []
-        total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        if computed:
-            idx = np.asarray(computed, dtype=np.int64)
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | np.ndarray | None = None) -> bool:
+        """Give `seq` KV slots for its computed tokens, the cache hits `computed` (a list or an
+        int64 array, as find_cached_prefix returns them) and `num_new_tokens` more; False (and no
+        change) when the free queue is too short. The hits are converted to an index array once,
+        for both the check and the touch; hits given as an array become the head of the block table
+        of a request without blocks."""
+        num_hits = 0 if computed is None else len(computed)
+        total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        if num_hits:
+            is_array = isinstance(computed, np.ndarray)
+            idx = computed if is_array else np.asarray(computed, dtype=np.int64)
             in_queue = self._num_in_queue(idx)
         else:
             in_queue = 0
-        if self._blocks_needed(seq, total, len(computed), in_queue) > self.num_free_blocks:
+        if self._blocks_needed(seq, total, num_hits, in_queue) > self.num_free_blocks:
             return False
-        if computed:
+        if num_hits:
             self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
             self.ref_cnt[idx] += 1  # a block occurs at most once in a request's hits
-            seq.block_table.extend(computed)
-            seq.num_cached_blocks = len(seq.block_table)
-        new = ceil(total / self.block_size) - len(seq.block_table)
+            self._epoch[idx] = -1  # their queue entries are dead
+            if is_array and not seq.num_blocks:
+                seq.head_blocks = idx
+            else:
+                seq.tail_blocks.extend(computed.tolist() if is_array else computed)
+            seq.num_cached_blocks = seq.num_blocks
+        new = ceil(total / self.block_size) - seq.num_blocks
         if new > 0:
-            seq.block_table.extend(self._pop_free(new))
+            seq.tail_blocks.extend(self._pop_free(new))
         self.cache_full_blocks(seq, min(total, seq.num_tokens))
         return True
 
@@ -138,7 +153,7 @@ class BlockManager:
         """One more block for a decoding request (False when none is free)."""
         if not self.num_free_blocks:
             return False
-        seq.block_table.extend(self._pop_free(1))
+        seq.tail_blocks.extend(self._pop_free(1))
         return True
 
     def append_blocks(self, seqs: list[Sequence]) -> bool:
@@ -149,14 +164,14 @@ class BlockManager:
             return False
         if seqs:
             for seq, b in zip(seqs, self._pop_free(len(seqs))):
-                seq.block_table.append(b)
+                seq.tail_blocks.append(b)
         return True
 
     def _push_run(self, blocks: np.ndarray, front: bool) -> None:
         run = self._next_run
         self._next_run += 1
         self._epoch[blocks] = run
-        entry = [run, blocks, 0, blocks.tolist()]
+        entry = [run, blocks, 0, None]
         if front:
             self._runs.appendleft(entry)
         else:
@@ -167,7 +182,8 @@ class BlockManager:
         """The first `n` live entries of the free queue, now referenced once, hashes evicted.
 
         Runs are scanned in growing slices, vectorized: an entry is live while its block is free
-        (`ref_cnt` 0) and this run is the block's latest (`_epoch`); a block is in a run at most
+        (`ref_cnt` 0) and this run is the block's latest: `_epoch` is the run (it is -1 while the block is
+        in use); a block is in a run at most
         once and live in one run only, so marking the taken blocks after the scan changes nothing."""
         if n < VECTOR_POP_MIN:
             return self._pop_free_few(n)
@@ -178,10 +194,10 @@ class BlockManager:
             entry = runs[0]
             run, blocks, pos, _ = entry
             end = len(blocks)
-            chunk = max(2 * need, 32)
+            chunk = max(4 * need, 128)
             while need and pos < end:
                 seg = blocks[pos:pos + chunk]
-                live = ((ref[seg] == 0) & (epoch[seg] == run)).nonzero()[0]
+                live = (epoch[seg] == run).nonzero()[0]
                 if len(live) >= need:
                     taken.append(seg[live[:need]])
                     pos += int(live[need - 1]) + 1
@@ -209,12 +225,14 @@ class BlockManager:
         out: list[int] = []
         while len(out) < n:
             entry = runs[0]
-            run, _, pos, blocks = entry
+            run, arr, pos, blocks = entry
+            if blocks is None:
+                blocks = entry[3] = arr.tolist()
             end = len(blocks)
             while pos < end:
                 b = blocks[pos]
                 pos += 1
-                if not ref[b] and epoch[b] == run:
+                if epoch[b] == run:
                     ref[b] = 1
                     epoch[b] = -1
                     if hashed[b]:
@@ -255,7 +273,12 @@ class BlockManager:
         if num_full <= first:
             return
         hashes = seq.hashes_for(num_full, self.block_size)
-        blocks = seq.block_table[first:num_full]
+        head = seq.head_blocks
+        nh = len(head)
+        if first >= nh:  # (always, unless the head is not cached yet)
+            blocks = seq.tail_blocks[first - nh:num_full - nh]
+        else:
+            blocks = head[first:num_full].tolist() + seq.tail_blocks[:max(num_full - nh, 0)]
         idx = np.asarray(blocks, dtype=np.int64)
         new_hashes = hashes[first:num_full]
         hashed = self.hashed[idx]
@@ -275,9 +298,12 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a request's blocks, tail first, so its last blocks are evicted first."""
-        table = seq.block_table
-        if table:
-            idx = np.asarray(table[::-1], dtype=np.int64)
+        head, tail = seq.head_blocks, seq.tail_blocks
+        if len(head) or tail:
+            fwd = np.fromiter(tail, np.int64, len(tail))
+            if len(head):
+                fwd = np.concatenate((head, fwd))
+            idx = fwd[::-1]
             ref = self.ref_cnt
             ref[idx] -= 1  # a block occurs at most once in a request's table
             freed = idx[ref[idx] == 0]
@@ -293,8 +319,8 @@ class BlockManager:
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
-            seq.last_blocks = idx[::-1]
-        seq.block_table = []
+            seq.last_blocks = fwd
+        seq.head_blocks, seq.tail_blocks = _NO_BLOCKS, []
         seq.num_cached_blocks = 0
 
     def check_no_leak(self, live: list[Sequence]) -> None:

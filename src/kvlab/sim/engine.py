@@ -187,23 +187,24 @@ class Engine:
     def _observe_finished(self, seq: Sequence) -> None:
         m = self.metrics
         m.request_success["length"] += 1
+        h = m.hist  # Histogram.observe directly (EngineMetrics.observe is this lookup and call)
         n_out = seq.num_output_tokens
         scheduled = seq.first_scheduled_s if seq.first_scheduled_s is not None else seq.arrival_s
         decode_s = seq.last_token_s - seq.first_token_s
-        m.observe("vllm:e2e_request_latency_seconds", seq.last_token_s - seq.arrival_s)
-        m.observe("vllm:request_queue_time_seconds", scheduled - seq.arrival_s)
-        m.observe("vllm:request_prefill_time_seconds", seq.first_token_s - scheduled)
-        m.observe("vllm:request_inference_time_seconds", seq.last_token_s - scheduled)
-        m.observe("vllm:request_decode_time_seconds", decode_s)
-        m.observe("vllm:request_num_preemptions", seq.num_preemptions)
-        m.observe("vllm:request_prefill_kv_computed_tokens", seq.num_prompt_tokens - max(seq.num_cached_tokens, 0))
-        m.observe("vllm:request_prompt_tokens", seq.num_prompt_tokens)
-        m.observe("vllm:request_generation_tokens", n_out)
-        m.observe("vllm:request_time_per_output_token_seconds", decode_s / (n_out - 1) if n_out > 1 else 0.0)
-        m.observe("vllm:request_max_num_generation_tokens", seq.max_tokens)
-        m.observe("vllm:request_params_n", 1)
+        h["vllm:e2e_request_latency_seconds"].observe(seq.last_token_s - seq.arrival_s)
+        h["vllm:request_queue_time_seconds"].observe(scheduled - seq.arrival_s)
+        h["vllm:request_prefill_time_seconds"].observe(seq.first_token_s - scheduled)
+        h["vllm:request_inference_time_seconds"].observe(seq.last_token_s - scheduled)
+        h["vllm:request_decode_time_seconds"].observe(decode_s)
+        h["vllm:request_num_preemptions"].observe(seq.num_preemptions)
+        h["vllm:request_prefill_kv_computed_tokens"].observe(seq.num_prompt_tokens - max(seq.num_cached_tokens, 0))
+        h["vllm:request_prompt_tokens"].observe(seq.num_prompt_tokens)
+        h["vllm:request_generation_tokens"].observe(n_out)
+        h["vllm:request_time_per_output_token_seconds"].observe(decode_s / (n_out - 1) if n_out > 1 else 0.0)
+        h["vllm:request_max_num_generation_tokens"].observe(seq.max_tokens)
+        h["vllm:request_params_n"].observe(1)
         if seq.max_tokens_param:
-            m.observe("vllm:request_params_max_tokens", seq.max_tokens_param)
+            h["vllm:request_params_max_tokens"].observe(seq.max_tokens_param)
 
     def _update_gauges(self) -> None:
         m, stats = self.metrics, self.scheduler.prefix_stats

@@ -12,7 +12,7 @@ Two facts make this cheap to simulate without changing it: `max_num_seqs <= max_
 (vLLM enforces it), so every decoding request gets its token every step; and a prefill can only be
 unfinished in the last request admitted, so running = decoding requests, then prefills. Decoding
 requests therefore advance implicitly (the "decode cohort"): a request that joined at step j with
-t tokens holds t + s - j tokens at step s, and heaps say at which step it needs its next block and
+t tokens holds t + s - j tokens at step s, and queues by step (`DueQueue`) say at which step it needs its next block and
 at which it finishes. A step costs O(requests that change state), not O(running requests).
 """
 
@@ -21,12 +21,72 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from kvlab.sim import tokens
 from kvlab.sim.block_manager import BlockManager
 from kvlab.sim.sequence import Sequence, Status
 
 _order = attrgetter("order")  # a request's admission order
+_first = itemgetter(0)
+
+
+class DueQueue:
+    """Decoding requests due at a step (for a new block, or for their last token), bucketed by step:
+    a heap of the steps that have entries and, per step, the (admission order, request) pairs pushed
+    for it. Popping sorts a step's pairs by order, so `pop` returns the same requests in the same
+    order as a heap of (step, order, request) entries would, with one heap operation per step
+    instead of per entry. An entry is current while its request still decodes, under the same
+    admission order, and its `field` (next_block_step or finish_step) still names that step; stale
+    ones are dropped."""
+
+    __slots__ = ("steps", "at", "field")
+
+    def __init__(self, field: str):
+        self.steps: list[int] = []
+        self.at: dict[int, list[tuple[int, Sequence]]] = {}
+        self.field = attrgetter(field)
+
+    def push(self, step: int, order: int, seq: Sequence) -> None:
+        bucket = self.at.get(step)
+        if bucket is None:
+            self.at[step] = [(order, seq)]
+            heapq.heappush(self.steps, step)
+        else:
+            bucket.append((order, seq))
+
+    def push_all(self, step: int, seqs: list[Sequence]) -> None:
+        """`push(step, seq.order, seq)` for each of `seqs`, in turn."""
+        bucket = self.at.get(step)
+        if bucket is None:
+            bucket = self.at[step] = []
+            heapq.heappush(self.steps, step)
+        bucket += [(seq.order, seq) for seq in seqs]
+
+    def pop(self, step: int, ordered: bool = True) -> list[Sequence]:
+        """The current entries due by `step`, by (step, order); `ordered=False` leaves each step's
+        entries in push order (for a caller that sorts by order itself)."""
+        steps, at, field = self.steps, self.at, self.field
+        out: list[Sequence] = []
+        while steps and steps[0] <= step:
+            s = heapq.heappop(steps)
+            bucket = at.pop(s)
+            if ordered and len(bucket) > 1:
+                bucket.sort(key=_first)
+            out += [seq for order, seq in bucket
+                    if seq.join_step >= 0 and seq.order == order and field(seq) == s]
+        return out
+
+    def first_step(self) -> int | None:
+        """The earliest step with a current entry (steps with only stale entries are dropped)."""
+        steps, at, field = self.steps, self.at, self.field
+        while steps:
+            s = steps[0]
+            for order, seq in at[s]:
+                if seq.join_step >= 0 and seq.order == order and field(seq) == s:
+                    return s
+            heapq.heappop(steps)
+            del at[s]
+        return None
 
 
 @dataclass
@@ -73,8 +133,8 @@ class Scheduler:
         self.step = 0  # the next step to schedule
         self.num_decoding = 0
         self._decode_base = 0  # sum over the cohort of join_tokens - join_step
-        self._block_due: list[tuple[int, int, Sequence]] = []  # (step, order, request)
-        self._finish_due: list[tuple[int, int, Sequence]] = []
+        self._block_due = DueQueue("next_block_step")
+        self._finish_due = DueQueue("finish_step")
         self._order = 0
         self.last_end_s = 0.0  # end time of the last completed step
         # The last failed admission: (head request, block frees so far, free blocks, budget). Until
@@ -111,11 +171,11 @@ class Scheduler:
         self._decode_base += t - step
         bs = self.block_size
         # At step s it needs slots for t + s - step tokens; a new block when that passes its blocks.
-        self._push_block_due(seq, step + len(seq.block_table) * bs + 1 - t)
+        self._push_block_due(seq, step + seq.num_blocks * bs + 1 - t)
         # It finishes at the step whose token reaches max_tokens or max_model_len.
         last_tokens = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
         seq.finish_step = step + max(0, last_tokens - 1 - t)
-        heapq.heappush(self._finish_due, (seq.finish_step, seq.order, seq))
+        self._finish_due.push(seq.finish_step, seq.order, seq)
 
     def _leave(self, seq: Sequence, num_tokens: int) -> None:
         """Take `seq` out of the cohort, its tokens made explicit up to `num_tokens`."""
@@ -128,33 +188,23 @@ class Scheduler:
         seq.join_step = -1
         self.bm.cache_full_blocks(seq, num_tokens - 1)
 
-    @staticmethod
-    def _pop_due(heap: list, step: int, field: str) -> list[Sequence]:
-        """Pop the entries due by `step` that are still current (the request still decodes and
-        its `field` still names that step); stale entries are dropped."""
-        out = []
-        while heap and heap[0][0] <= step:
-            s, order, seq = heapq.heappop(heap)
-            if seq.join_step >= 0 and seq.order == order and getattr(seq, field) == s:
-                out.append(seq)
-        return out
-
     def _push_block_due(self, seq: Sequence, step: int) -> None:
         seq.next_block_step = step
-        heapq.heappush(self._block_due, (step, seq.order, seq))
+        self._block_due.push(step, seq.order, seq)
+
+    def _push_blocks_due(self, seqs: list[Sequence], step: int) -> None:
+        """`_push_block_due(seq, step)` for each of `seqs`."""
+        if seqs:
+            for seq in seqs:
+                seq.next_block_step = step
+            self._block_due.push_all(step, seqs)
 
     def finishing(self, step: int) -> list[Sequence]:
         """Decoding requests whose token at `step` is their last."""
-        return self._pop_due(self._finish_due, step, "finish_step")
+        return self._finish_due.pop(step)
 
     def next_finish_step(self) -> int | None:
-        due = self._finish_due
-        while due:
-            s, order, seq = due[0]
-            if seq.join_step >= 0 and seq.finish_step == s and seq.order == order:
-                return s
-            heapq.heappop(due)
-        return None
+        return self._finish_due.first_step()
 
     def decode_stretch_step(self) -> bool:
         """Run the current step as a pure-decode step if it needs no decisions: no prefill, no
@@ -175,13 +225,12 @@ class Scheduler:
             for seq in due:
                 self._push_block_due(seq, seq.next_block_step)
             return False
-        for seq in due:
-            self._push_block_due(seq, step + self.block_size)
+        self._push_blocks_due(due, step + self.block_size)
         self.step = step + 1
         return True
 
     def _blocks_due(self, step: int) -> list[Sequence]:
-        out = self._pop_due(self._block_due, step, "next_block_step")
+        out = self._block_due.pop(step, ordered=False)
         out.sort(key=_order)
         return out
 
@@ -209,8 +258,7 @@ class Scheduler:
         bs = self.block_size
         due = self._blocks_due(self.step)
         if self.bm.append_blocks(due):  # all fit: one pop, no preemption
-            for seq in due:
-                self._push_block_due(seq, self.step + bs)
+            self._push_blocks_due(due, self.step + bs)
             return True
         for seq in due:
             if seq.join_step < 0:  # preempted earlier in this pass

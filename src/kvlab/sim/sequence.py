@@ -38,7 +38,7 @@ class Sequence:
 
     __slots__ = (
         "seq_id", "status", "token_ids", "num_prompt_tokens", "max_tokens", "num_computed_tokens",
-        "block_table", "block_hashes", "num_cached_blocks", "num_cached_tokens", "num_preemptions",
+        "head_blocks", "tail_blocks", "block_hashes", "num_cached_blocks", "num_cached_tokens", "num_preemptions",
         "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
         "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
         "order", "join_step", "join_tokens", "next_block_step", "finish_step",
@@ -54,7 +54,10 @@ class Sequence:
         self.max_tokens = max_tokens
         self.max_tokens_param = max_tokens_param  # what the client asked for (None: the default)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
-        self.block_table: list = []
+        # The block table, in two parts: the leading blocks taken at admission as an int64 array
+        # (cache hits on the earlier turn's blocks: never converted to Python ints), then a list.
+        self.head_blocks = _NO_BLOCKS
+        self.tail_blocks: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
         self.hash_array = _NO_BLOCKS  # a leading part of block_hashes as int64 (see hashes_array)
         self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
@@ -85,6 +88,15 @@ class Sequence:
         self.last_blocks = _NO_BLOCKS
 
     @property
+    def block_table(self) -> list[int]:
+        """The request's KV blocks in order (a copy: the block manager keeps the two parts)."""
+        return self.head_blocks.tolist() + self.tail_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.head_blocks) + len(self.tail_blocks)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -107,4 +119,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+                f"computed={self.num_computed_tokens}, blocks={self.num_blocks})")
