@@ -65,9 +65,15 @@ def headline(repeats: pd.DataFrame, baseline: str | None = None) -> tuple[str, p
 def sentences(baseline: str, head: pd.DataFrame) -> list[str]:
     """The headline in words, as `kvlab report` prints it."""
     fmt = lambda x: f"{x:.2f}x" if pd.notna(x) else "n/a"  # noqa: E731
-    return [f"{r.config} ({r.attention}, KV {r.kv_cache_dtype}) holds {fmt(r.tokens_x_reported)} the KV tokens of "
-            f"{baseline} in the same KV memory ({r.source}; predicted {fmt(r.tokens_x_predicted)}); "
-            f"{r.kv_saved_pct:.1f} % fewer KV bytes per token."
+
+    def held(r) -> str:
+        if pd.isna(r.tokens_x_reported) and pd.notna(r.tokens_x_predicted):  # no KV memory reported: no measured ratio
+            return (f"would hold {fmt(r.tokens_x_predicted)} the KV tokens of {baseline} in the same KV memory "
+                    f"(predicted; {r.source}: no KV memory reported)")
+        return (f"holds {fmt(r.tokens_x_reported)} the KV tokens of {baseline} in the same KV memory "
+                f"({r.source}; predicted {fmt(r.tokens_x_predicted)})")
+
+    return [f"{r.config} ({r.attention}, KV {r.kv_cache_dtype}) {held(r)}; {r.kv_saved_pct:.1f} % fewer KV bytes per token."
             for r in head.itertuples() if r.config != baseline]
 
 
