@@ -278,3 +278,22 @@ def test_scaled_formats_and_their_fallbacks():
     assert isinstance(legacy, ScaledTiming) and "dequant/BF16" in legacy.timing_source
     rtx = scaled("llama-3.1-8b", "rtx-4090", "awq")
     assert isinstance(rtx, CostModel) and rtx.fallback_reason.startswith("no vLLM kernel tables for GPU rtx-4090")
+
+
+def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(llama):
+    """With host time in the base (here 1 ms + 20 us a request, whatever the module's constants are
+    now), the scaled step is the base's GPU time times the ratio, plus that same host time."""
+    from kvlab.sim.timing import ScaledTiming
+
+    awq = scaled("llama-3.1-8b", "h100", "awq")
+    base = kernels.KernelTiming(card("llama-3.1-8b").arch, weight_format(None), "bfloat16", "auto",
+                                hardware.gpu("h100"), 1, awq.roof_bf16, 0.001, 0.00002)
+    s = ScaledTiming(base, awq.roof, awq.roof_bf16, "weights on the Marlin GEMM path")
+    n, kv = 64, 64 * 2000
+    gpu = base.decode_step_s(n, kv) - (0.001 + 0.00002 * n)
+    ratio = awq.roof.decode_gpu_s(n, kv) / awq.roof_bf16.decode_gpu_s(n, kv)
+    assert s.decode_step_s(n, kv) == pytest.approx(gpu * ratio + 0.001 + 0.00002 * n, rel=1e-9)
+    w = prefill(((2048, 0),), decodes=62, decode_kv=62 * 2000)
+    gpu = base.step_time_s(w) - (0.001 + 0.00002 * w.requests)
+    assert s.step_time_s(w) == pytest.approx(gpu * awq.roof.gpu_s(w) / awq.roof_bf16.gpu_s(w)
+                                             + 0.001 + 0.00002 * w.requests, rel=1e-9)

@@ -250,12 +250,16 @@ class ScaledTiming:
     def reset_counts(self) -> None:
         self.base.reset_counts()
 
+    def _host_s(self, requests: int) -> float:
+        """The host time the base adds to a step (its own constants, fixed when it was built)."""
+        return self.base.host_step_s + self.base.host_per_seq_s * requests
+
     def step_time_s(self, w: StepWork) -> float:
-        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
+        host = self._host_s(w.requests)
         return (self.base.step_time_s(w) - host) * self.roof.gpu_s(w) / self.roof_bf16.gpu_s(w) + host
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
-        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * num_seqs
+        host = self._host_s(num_seqs)
         ratio = self.roof.decode_gpu_s(num_seqs, kv_tokens) / self.roof_bf16.decode_gpu_s(num_seqs, kv_tokens)
         return (self.base.decode_step_s(num_seqs, kv_tokens) - host) * ratio + host
 
