@@ -139,7 +139,7 @@ def headline_sentences(head: pd.DataFrame, baseline: str) -> list[str]:
         meas = f"{r['tokens_x_reported']:.2f}x" if pd.notna(r["tokens_x_reported"]) else "n/a"
         pred = f"{r['tokens_x_predicted']:.2f}x" if pd.notna(r["tokens_x_predicted"]) else "n/a"
         kv = r["kv_cache_dtype"] if pd.notna(r["kv_cache_dtype"]) else "not reported"
-        if meas == "n/a" and pred != "n/a":  # the server did not say its KV cache memory: no measured ratio
+        if pd.isna(r["tokens_x_reported"]) and pd.notna(r["tokens_x_predicted"]):  # no KV memory reported: no measured ratio
             held = f"would hold {pred} the KV tokens of {baseline} in the same KV memory (predicted; {r['source']}: no KV memory reported)"
         else:
             held = f"holds {meas} the KV tokens of {baseline} in the same KV memory ({r['source']}; predicted {pred})"
