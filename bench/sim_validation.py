@@ -23,7 +23,10 @@ Host time (`kvlab.sim.timing.STEP_OVERHEAD_S`, `PER_SEQ_OVERHEAD_S`) is FITTED O
 ONLY: `--fit` searches `HOST_GRID` for the pair that minimises the median absolute log error of
 the headline figures of the train rows under `auto` timing (`fit_host`), prints the train error of
 each grid point, and the winner is written into sim/timing.py by hand with the fit's date and
-result. Then, at that host time, `fit_roofline` searches `ROOFLINE_GRID` for the roofline's GEMM and
+result. Then, at that host time, `fit_frontend` searches `FRONTEND_GRID` for the API server's
+CPU per arriving request, per prompt token and per streamed output (FRONTEND_PER_REQUEST_S,
+FRONTEND_PER_PROMPT_TOKEN_S, FRONTEND_PER_OUTPUT_S: kvlab.sim.engine's front end) with the same
+objective. Then, at both, `fit_roofline` searches `ROOFLINE_GRID` for the roofline's GEMM and
 HBM efficiencies (MATMUL_EFFICIENCY, MEMORY_EFFICIENCY) on the train rows that `auto` prices by
 the roofline fallback, with the same objective. Test rows are never read by either fit
 (tests/test_sim_validation.py checks that changing a test row's figures leaves the fit unchanged).
@@ -155,6 +158,10 @@ HEADLINE = (
 ROOFLINE_GRID = tuple((m, b) for m in (0.3, 0.45, 0.6, 0.75) for b in (0.7, 0.8, 0.9))
 HOST_GRID = tuple((s, r) for s in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
                   for r in (0.0, 0.00002, 0.00005, 0.0001, 0.00015, 0.0002, 0.0003))
+# The front-end grid (declared 2026-12-03 before it was run): seconds per arriving request x
+# seconds per prompt token x seconds per request with a token in a step.
+FRONTEND_GRID = tuple((r, t, o) for r in (0.0, 0.001, 0.002, 0.005) for t in (0.0, 2e-6, 5e-6)
+                      for o in (0.0, 1e-5, 3e-5, 6e-5))
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,12 @@ def host_time(step_s: float, per_seq_s: float):
     return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s)
 
 
+def front_end(per_request_s: float, per_prompt_token_s: float, per_output_s: float):
+    """The front end's constants set while configs are built and run."""
+    return constants(FRONTEND_PER_REQUEST_S=per_request_s, FRONTEND_PER_PROMPT_TOKEN_S=per_prompt_token_s,
+                     FRONTEND_PER_OUTPUT_S=per_output_s)
+
+
 def _model_path(model: str, tmp: Path) -> str:
     if model not in CONFIGS:
         return model
@@ -346,6 +359,23 @@ def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_
                f"{err:.3f} ({100 * (math.exp(err) - 1):.0f} %)")
         if best is None or err < best[1]:
             best = ((step_s, per_seq_s), err)
+    return best
+
+
+def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=FRONTEND_GRID,
+                 report=print) -> tuple[tuple[float, float, float], float]:
+    """The (per request, per prompt token, per output) front-end time of `grid` that minimises the
+    median absolute log error of the TRAIN rows' headline figures under `timing` (at the host time
+    in sim/timing.py), and that error. Test rows are never run."""
+    train = _train(pub)
+    best = None
+    for point in grid:
+        with front_end(*point):
+            err = median_log_error(rows(train, (timing,)), timing)
+        report(f"  front end {1000 * point[0]:.1f} ms/request + {1e6 * point[1]:.0f} us/prompt token, "
+               f"{1e6 * point[2]:.0f} us/output: train median |log err| {err:.4f} ({100 * (math.exp(err) - 1):.0f} %)")
+        if best is None or err < best[1]:
+            best = (point, err)
     return best
 
 
@@ -617,8 +647,15 @@ def main(argv: list[str] | None = None) -> int:
         (step_s, per_seq_s), err = fit_host(pub)
         print(f"best: STEP_OVERHEAD_S = {step_s}, PER_SEQ_OVERHEAD_S = {per_seq_s}: train median |log err| {err:.3f}")
         print(f"(sim/timing.py has {sim_timing.STEP_OVERHEAD_S}, {sim_timing.PER_SEQ_OVERHEAD_S})\n")
-        print("Roofline-fallback fit on the train rows auto prices by the roofline (at that host time):")
+        print("Front-end fit on the train rows (auto timing, at that host time):")
         with host_time(step_s, per_seq_s):
+            fe, err = fit_frontend(pub)
+        print(f"best: FRONTEND_PER_REQUEST_S = {fe[0]}, FRONTEND_PER_PROMPT_TOKEN_S = {fe[1]}, "
+              f"FRONTEND_PER_OUTPUT_S = {fe[2]}: train median |log err| {err:.4f}")
+        print(f"(sim/timing.py has {sim_timing.FRONTEND_PER_REQUEST_S}, {sim_timing.FRONTEND_PER_PROMPT_TOKEN_S}, "
+              f"{sim_timing.FRONTEND_PER_OUTPUT_S})\n")
+        print("Roofline-fallback fit on the train rows auto prices by the roofline (at that host time and front end):")
+        with host_time(step_s, per_seq_s), front_end(*fe):
             (matmul, memory), err = fit_roofline(pub)
         print(f"best: MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: median |log err| {err:.3f}")
         print(f"(sim/timing.py has {sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
@@ -627,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(memory_table()) + "\n")
     results = rows(pub, timings, args.split)
     print(f"Host time: {1000 * sim_timing.STEP_OVERHEAD_S:.2f} ms per step + "
-          f"{1e6 * sim_timing.PER_SEQ_OVERHEAD_S:.0f} us per scheduled request\n")
+          f"{1e6 * sim_timing.PER_SEQ_OVERHEAD_S:.0f} us per scheduled request; front end: "
+          f"{1000 * sim_timing.FRONTEND_PER_REQUEST_S:.1f} ms per request + "
+          f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:.0f} us per prompt token in, "
+          f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:.0f} us per streamed output\n")
     print("\n".join(timing_table(results, timings)) + "\n")
     for split in ("train", "test"):
         for t in timings:

@@ -1,6 +1,7 @@
 """The simulated engine in virtual time: determinism, block accounting, preemption onset, prefix
 caching, metrics, and the roofline's arithmetic."""
 
+import dataclasses
 import json
 from math import ceil
 
@@ -99,7 +100,8 @@ def _ladder_onset(cfg) -> int:
 
 
 def _ladder_rung(model: str, users: int) -> SimRunResults:
-    cfg = build_config(model, "h100")
+    # every request reaches the engine core at once: no front end admitting them one by one
+    cfg = dataclasses.replace(build_config(model, "h100"), frontend_per_request_s=0.0, frontend_per_prompt_token_s=0.0)
     res = run_offline(model, "h100", _synchronized_agents(users), 900.0, config=cfg)
     assert res.results.requests_completed == users
     return res.results

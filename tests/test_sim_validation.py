@@ -47,18 +47,29 @@ def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     assert fp8.serve["quantization"] == "fp8_per_block" and fp8.workload["num_prompts"] == v.OFFLINE_NUM_PROMPTS
 
 
-def test_the_host_fit_reads_train_rows_only(pub, monkeypatch):
+FITS = {  # a fit, a small grid of it, and a figure factor that depends on the constants it fits
+    "host": (lambda: v.fit_host, ((0.0, 0.0), (0.0005, 0.0), (0.002, 0.00002)),
+             lambda t: v.sim_timing.STEP_OVERHEAD_S * 1000 + v.sim_timing.PER_SEQ_OVERHEAD_S * 1e5),
+    "front end": (lambda: v.fit_frontend, ((0.0, 0.0, 0.0), (0.0005, 0.0, 0.0), (0.0, 2e-6, 1e-5)),
+                  lambda t: (t.FRONTEND_PER_REQUEST_S * 1000 + t.FRONTEND_PER_PROMPT_TOKEN_S * 3e5
+                             + t.FRONTEND_PER_OUTPUT_S * 2e4)),
+}
+
+
+@pytest.mark.parametrize("fit", sorted(FITS))
+def test_the_fits_read_train_rows_only(pub, monkeypatch, fit):
     """Changing a test row's published figures does not move the fit; no test row is even run."""
     ran = []
+    fit_fn, grid, factor = FITS[fit]
 
-    def fake_simulate(bench, timing):  # a figure that depends on the host constants being fitted
+    def fake_simulate(bench, timing):  # a figure that depends on the constants being fitted
         ran.append(bench)
-        t = v.sim_timing.STEP_OVERHEAD_S * 1000 + v.sim_timing.PER_SEQ_OVERHEAD_S * 1e5
+        t = factor(v.sim_timing)
         return {name: value * (0.5 + t) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
-    grid = ((0.0, 0.0), (0.0008, 0.0), (0.002, 0.00002))
-    before = v.fit_host(pub, grid=grid, report=lambda _: None)
+    before = fit_fn()(pub, grid=grid, report=lambda _: None)
+    assert before[0] == grid[1]  # the fake's figures are right at the second point
     assert ran and all(b.figures for b in ran)
     train_figures = {json.dumps(b.figures, sort_keys=True) for b in ran}
     test_runs = [r for r in pub.runs if r.split == "test"]
@@ -68,7 +79,7 @@ def test_the_host_fit_reads_train_rows_only(pub, monkeypatch):
             k: x * 7 for k, x in r.measured.figures().items()})}) if r.split == "test" else r
         for r in pub.runs]})
     ran.clear()
-    after = v.fit_host(changed, grid=grid, report=lambda _: None)
+    after = fit_fn()(changed, grid=grid, report=lambda _: None)
     assert after == before
     assert {json.dumps(b.figures, sort_keys=True) for b in ran} == train_figures
     test_figures = {json.dumps(v.headline(r), sort_keys=True) for r in test_runs}

@@ -81,6 +81,7 @@ class Player:
         self.plans: Iterator[SessionPlan] = iter(sessions)
         self.concurrency = concurrency
         self.arrivals: list[tuple[float, int, _Session]] = []  # (time, order, session)
+        self.intake: list[tuple[float, int, Sequence]] = []  # (time the front end is through, order, request)
         self.order = 0
         self.pending: SessionPlan | None = None  # open loop: the next plan not yet started
         self.records: list[dict] = []
@@ -121,6 +122,8 @@ class Player:
 
     def next_event_s(self) -> float:
         t = self.arrivals[0][0] if self.arrivals else float("inf")
+        if self.intake and self.intake[0][0] < t:
+            t = self.intake[0][0]
         if self.pending is not None:
             t = min(t, self.pending.start_offset_s)
         return t
@@ -137,6 +140,8 @@ class Player:
         while self.arrivals and self.arrivals[0][0] <= now_s:
             at_s, _, sess = heapq.heappop(self.arrivals)
             self._send_turn(sess, at_s)
+        while self.intake and self.intake[0][0] <= now_s:
+            self.engine.add_request(heapq.heappop(self.intake)[2])
 
     def _send_turn(self, sess: _Session, at_s: float) -> None:
         if self.max_requests is not None and self.requests_sent >= self.max_requests:
@@ -161,7 +166,13 @@ class Player:
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
         seq.hash_array = sess.hash_array
         seq.prev_blocks = sess.blocks
-        self.engine.add_request(seq)
+        ready_s = self.engine.intake(at_s, len(prompt))  # the API server's input processing first
+        if ready_s > at_s:
+            seq.queued_s = ready_s
+            heapq.heappush(self.intake, (ready_s, self.order, seq))
+            self.order += 1
+        else:
+            self.engine.add_request(seq)
 
     def on_finished(self, seq: Sequence, end_s: float) -> None:
         sess: _Session = seq.tag
@@ -192,8 +203,9 @@ class Player:
 
     def _record(self, seq: Sequence, sess: _Session, error: str | None = None) -> None:
         n_out = seq.num_output_tokens
-        ttft = seq.first_token_s - seq.arrival_s if seq.first_token_s is not None else None
-        e2e = seq.last_token_s - seq.arrival_s if seq.last_token_s is not None else None
+        # the client's clock: when the front end had the tokens out (kvlab.sim.engine)
+        ttft = seq.first_out_s - seq.arrival_s if seq.first_out_s is not None else None
+        e2e = seq.last_out_s - seq.arrival_s if seq.last_out_s is not None else None
         tpot = (e2e - ttft) / (n_out - 1) if ttft is not None and n_out > 1 else None
         self.runs.append((len(self.records), seq.token_steps))
         self.records.append({
@@ -214,12 +226,12 @@ class Player:
 
     def record_unfinished(self) -> None:
         sched = self.engine.scheduler
-        for seq in list(sched.running.values()) + list(sched.waiting):
+        for seq in list(sched.running.values()) + list(sched.waiting) + [x[2] for x in sorted(self.intake)]:
             self._record(seq, seq.tag, "incomplete")
 
     def fill_itls(self) -> None:
-        """Each record's inter-token latencies: the differences of the end times of the steps its
-        tokens came out in. All records' token times are gathered into one array and differenced
+        """Each record's inter-token latencies: the differences of the times the steps its tokens
+        came out in reached the client (`Engine.step_out_s`). All records' token times are gathered into one array and differenced
         at once (the same subtractions as per record), then each record takes its slice."""
         firsts: list[int] = []
         lasts: list[int] = []
@@ -235,7 +247,7 @@ class Player:
         lens = np.asarray(lasts, dtype=np.int64) - a + 1
         starts = np.cumsum(lens) - lens  # where each run begins in the gathered array
         steps = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(a - starts, lens)
-        times = np.asarray(self.engine.step_end_s)[steps]
+        times = np.asarray(self.engine.step_out_s)[steps]
         diffs = (times[1:] - times[:-1]).tolist()
         pos = 0
         for i, n in spans:
@@ -288,7 +300,7 @@ class Player:
             t_end = t + plan.duration_s
             res = eng.complete(plan, t_end)
             for seq in res.finished:
-                self.on_finished(seq, t_end)
+                self.on_finished(seq, res.out_s)  # the client has the last token (and sends its next turn)
             t = t_end
             if self.fast_decode:
                 t = eng.run_decodes(t, min(self.next_event_s(), self.next_scrape_s, self.duration_s))

@@ -18,6 +18,7 @@ from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model
 from kvlab.models.weights import weight_format
 from kvlab.serve_config import ServeConfig
+from kvlab.sim import timing as sim_timing
 from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing, weight_kernel
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
@@ -45,6 +46,11 @@ class SimConfig:
     num_gpu_blocks_override: int | None
     user_specified_block_size: bool
     dtype: str
+    # The API server's CPU per request with a token in a step (kvlab.sim.timing.FRONTEND_PER_OUTPUT_S
+    # when built; see kvlab.sim.engine): 0 puts every token out when its step ends.
+    frontend_per_output_s: float = 0.0
+    frontend_per_request_s: float = 0.0  # and per arriving request (FRONTEND_PER_REQUEST_S)
+    frontend_per_prompt_token_s: float = 0.0  # and per prompt token (FRONTEND_PER_PROMPT_TOKEN_S)
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -138,6 +144,9 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         gpu_memory_utilization=util,
         kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         num_gpu_blocks_override=config.num_gpu_blocks_override,
+        frontend_per_output_s=sim_timing.FRONTEND_PER_OUTPUT_S,
+        frontend_per_request_s=sim_timing.FRONTEND_PER_REQUEST_S,
+        frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,

@@ -3,6 +3,19 @@
 The engine never reads a clock: callers pass the time. The HTTP server passes simulated time
 derived from the wall clock (`--speedup`); the offline runner passes virtual time. One step is
 `plan = engine.schedule(now)`, then `engine.complete(plan, now + plan.duration_s)`.
+
+The front end (vLLM V1's API server process, apart from the engine core) is one serial resource:
+a request that arrives takes `SimConfig.frontend_per_request_s` of it plus
+`frontend_per_prompt_token_s` per prompt token (parsing, tokenising, input processing) before the
+engine core sees it (`Engine.intake`); after each step it turns the step's
+outputs into streamed chunks, `SimConfig.frontend_per_output_s` per request with a token in the
+step, one step's outputs after the other; the engine core does not wait for it (no backpressure in
+V1: `vllm/v1/engine/core.py` queues its outputs unbounded). So a
+token reaches the client when the front end is done with its step (`Sequence.first_out_s`,
+`last_out_s`, `step_out_s`), later than the engine made it once the front end falls behind. vLLM's
+own histograms keep their clocks (`vllm/v1/metrics/stats.py`): TTFT and end-to-end latency are
+taken when the front end starts on the step (`IterationStats.iteration_timestamp`), inter-token,
+prefill, decode and inference times from the engine core's timestamps.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ class StepResult:
     decoded: list[Sequence] = field(default_factory=list)  # decoding requests (with emit_decodes)
     prefilled: list[Sequence] = field(default_factory=list)  # requests whose prefill ended in a token
     finished: list[Sequence] = field(default_factory=list)
+    out_s: float = 0.0  # when the front end had this step's tokens out to the clients
 
 
 def step_work(out: SchedulerOutput) -> StepWork:
@@ -65,9 +79,29 @@ class Engine:
         self.emit_decodes = emit_decodes  # list the decoding requests of each step (HTTP streaming)
         self.check_blocks = check_blocks  # assert the block invariant after every step (tests)
         self.mfu_metrics = False  # fill vllm:estimated_* (vLLM: --enable-mfu-metrics)
-        self.step_end_s: list[float] = []
+        self.step_out_s: list[float] = []  # per step, when its tokens reached the clients (offline ITLs)
         self.num_steps = 0
         self.last_end_s = created_s
+        self.frontend_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
+        self.frontend_in_s = cfg.frontend_per_request_s  # front-end CPU per arriving request
+        self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
+        self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
+
+    def intake(self, arrival_s: float, prompt_tokens: int) -> float:
+        """When a request that reached the API server at `arrival_s` is through its input processing
+        and can be added (`add_request`): after the front end's earlier work and its own."""
+        if not (self.frontend_in_s or self.frontend_token_s):
+            return arrival_s
+        start = arrival_s if arrival_s > self.frontend_free_s else self.frontend_free_s
+        self.frontend_free_s = start + self.frontend_in_s + self.frontend_token_s * prompt_tokens
+        return self.frontend_free_s
+
+    def _front_end(self, end_s: float, outputs: int) -> tuple[float, float]:
+        """The front end takes a step's `outputs` when it is done with the previous step's and the
+        step has ended: (when it starts on them, when they are out)."""
+        start = end_s if end_s > self.frontend_free_s else self.frontend_free_s
+        self.frontend_free_s = start + self.frontend_s * outputs
+        return start, self.frontend_free_s
 
     # -- requests
 
@@ -120,6 +154,12 @@ class Engine:
         prompt_done = 0
         prefill_done = []
         max_len = self.cfg.max_model_len
+        if self.frontend_s:
+            fe_s, out_s = self._front_end(end_s, out.num_decodes + sum(
+                1 for seq, n in out.chunks if not seq.aborted and seq.num_computed_tokens + n >= seq.num_tokens))
+        else:
+            fe_s = out_s = end_s
+        res.out_s = out_s
         for seq, n in out.chunks:
             if seq.aborted:
                 continue
@@ -129,12 +169,14 @@ class Engine:
             seq.token_ids.append(tokens.output_token(seq.output_seed, seq.num_output_tokens))
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
-                m.observe("vllm:time_to_first_token_seconds", end_s - seq.arrival_s)
+                seq.first_out_s = out_s
+                m.observe("vllm:time_to_first_token_seconds", fe_s - seq.arrival_s)
                 m.on_prefill_done(seq.num_prompt_tokens, seq.num_cached_tokens)
                 prompt_done += seq.num_prompt_tokens - seq.num_cached_tokens
             else:  # resumed after a preemption
                 m.observe("vllm:inter_token_latency_seconds", end_s - seq.last_token_s)
             seq.last_token_s = end_s
+            seq.last_out_s = out_s
             seq.token_steps.append([step, step])
             res.prefilled.append(seq)
             if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= max_len:
@@ -143,14 +185,16 @@ class Engine:
                 prefill_done.append(seq)
         for seq in sched.finishing(step):
             seq.last_token_s = end_s
+            seq.last_out_s = out_s
             res.finished.append(seq)
         new_tokens = out.num_decodes + len(res.prefilled)
         m.inc("vllm:generation_tokens", new_tokens)
         m.observe("vllm:iteration_tokens_total", prompt_done + new_tokens)
         sched.advance(prefill_done, res.finished, end_s)
+        sched.last_out_s = out_s
         for seq in res.finished:
-            self._observe_finished(seq)
-        self._account_step(plan.work, end_s)
+            self._observe_finished(seq, fe_s)
+        self._account_step(plan.work, end_s, out_s)
         return res
 
     def run_decodes(self, now_s: float, until_s: float) -> float:
@@ -162,7 +206,8 @@ class Engine:
         if not n or now_s != self.last_end_s:
             return now_s
         itl = m.hist["vllm:inter_token_latency_seconds"]
-        record = self.step_end_s.append if self.record_token_steps else None
+        record = self.step_out_s.append if self.record_token_steps else None
+        front_end = self._front_end if self.frontend_s else None
         t, steps = now_s, 0
         while t < until_s and sched.decode_stretch_step():
             kv = sched._decode_base + n * (sched.step - 1)
@@ -170,7 +215,9 @@ class Engine:
             itl.observe(end - t, n)
             t = end
             if record:
-                record(t)
+                record(front_end(t, n)[1] if front_end else t)
+            elif front_end:
+                front_end(t, n)
             if self.mfu_metrics:
                 self._count_mfu(StepWork(n, n, n, kv, kv, 0, 0))
             steps += 1
@@ -179,20 +226,21 @@ class Engine:
             m.observe("vllm:iteration_tokens_total", n, steps)
             self.num_steps += steps
             self.last_end_s = sched.last_end_s = t
+            sched.last_out_s = self.frontend_free_s if front_end else t
             self._update_gauges()
             if self.check_blocks:
                 self.bm.check_no_leak(list(sched.running.values()))
         return t
 
-    def _observe_finished(self, seq: Sequence) -> None:
+    def _observe_finished(self, seq: Sequence, fe_s: float) -> None:
         m = self.metrics
         m.request_success["length"] += 1
         h = m.hist  # Histogram.observe directly (EngineMetrics.observe is this lookup and call)
         n_out = seq.num_output_tokens
-        scheduled = seq.first_scheduled_s if seq.first_scheduled_s is not None else seq.arrival_s
+        scheduled = seq.first_scheduled_s if seq.first_scheduled_s is not None else seq.queued_s
         decode_s = seq.last_token_s - seq.first_token_s
-        h["vllm:e2e_request_latency_seconds"].observe(seq.last_token_s - seq.arrival_s)
-        h["vllm:request_queue_time_seconds"].observe(scheduled - seq.arrival_s)
+        h["vllm:e2e_request_latency_seconds"].observe(fe_s - seq.arrival_s)
+        h["vllm:request_queue_time_seconds"].observe(scheduled - seq.queued_s)  # engine core's QUEUED event
         h["vllm:request_prefill_time_seconds"].observe(seq.first_token_s - scheduled)
         h["vllm:request_inference_time_seconds"].observe(seq.last_token_s - scheduled)
         h["vllm:request_decode_time_seconds"].observe(decode_s)
@@ -220,12 +268,12 @@ class Engine:
         m.inc("vllm:estimated_read_bytes_per_gpu", c.memory_s(work) * c.bytes_per_s)
         m.inc("vllm:estimated_write_bytes_per_gpu", work.tokens * c.kv_bytes_per_token)
 
-    def _account_step(self, work: StepWork, end_s: float) -> None:
+    def _account_step(self, work: StepWork, end_s: float, out_s: float) -> None:
         self._update_gauges()
         if self.mfu_metrics:
             self._count_mfu(work)
         if self.record_token_steps:
-            self.step_end_s.append(end_s)
+            self.step_out_s.append(out_s)
         self.last_end_s = end_s
         self.num_steps += 1
         if self.check_blocks:

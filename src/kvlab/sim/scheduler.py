@@ -137,6 +137,7 @@ class Scheduler:
         self._finish_due = DueQueue("finish_step")
         self._order = 0
         self.last_end_s = 0.0  # end time of the last completed step
+        self.last_out_s = 0.0  # when its tokens reached the clients (set by the engine)
         # The last failed admission: (head request, block frees so far, free blocks, budget). Until
         # blocks are freed, fewer free blocks and no less budget cannot admit it either.
         self._blocked: tuple | None = None
@@ -327,6 +328,7 @@ class Scheduler:
         if seq.join_step >= 0:
             self._leave(seq, self.tokens_now(seq))
             seq.last_token_s = self.last_end_s
+            seq.last_out_s = self.last_out_s
         self._remove_running(seq)
         self.bm.free_seq(seq)
         seq.status = Status.PREEMPTED

@@ -39,7 +39,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "status", "token_ids", "num_prompt_tokens", "max_tokens", "num_computed_tokens",
         "head_blocks", "tail_blocks", "block_hashes", "num_cached_blocks", "num_cached_tokens", "num_preemptions",
-        "arrival_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_reason",
+        "arrival_s", "queued_s", "first_scheduled_s", "first_token_s", "last_token_s", "first_out_s", "last_out_s", "finish_reason",
         "output_seed", "token_steps", "tag", "max_tokens_param", "aborted",
         "order", "join_step", "join_tokens", "next_block_step", "finish_step",
         "hash_array", "prev_blocks", "last_blocks",
@@ -64,9 +64,14 @@ class Sequence:
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
         self.num_preemptions = 0
         self.arrival_s = arrival_s
+        self.queued_s = arrival_s  # when the engine core got it (after the front end's input processing)
         self.first_scheduled_s: float | None = None
         self.first_token_s: float | None = None
         self.last_token_s: float | None = None
+        # When the API server had the first / last token out to the client (`kvlab.sim.engine`'s front
+        # end: the engine times above plus its queue; equal to them when the front end costs nothing).
+        self.first_out_s: float | None = None
+        self.last_out_s: float | None = None
         self.finish_reason: str | None = None
         self.output_seed = output_seed
         # Engine step indices at which tokens came out, as [first, last] runs (offline ITLs).

@@ -101,6 +101,7 @@ class SimServer:
         self.vocab: dict[int, bytes] = {}  # token id -> its bytes, for /detokenize (see `_learn`)
         self.wake = asyncio.Event()
         self.lag_s = 0.0  # simulated seconds steps ended later than the roofline said (host too slow)
+        self.in_intake: set[int] = set()  # ids of requests still in the front end's input processing
         self.ids = 0
         self.created = int(time.time())
         self.faults = FaultPlan(args.faults)
@@ -278,15 +279,32 @@ class SimServer:
         pending = Pending(choices, n, open_choices=len(choices))
         for c in choices:
             c.seq.tag = (pending, c)
-            self.engine.add_request(c.seq)
-        self.wake.set()
+        for p in range(len(prompts)):  # each prompt through the API server's input processing first
+            ready = self.engine.intake(now, len(prompts[p]))
+            seqs = [c.seq for c in choices[p * n:(p + 1) * n]]
+            if ready > now:
+                for seq in seqs:
+                    seq.queued_s = ready
+                self.in_intake.update(map(id, seqs))
+                asyncio.get_running_loop().call_later(self.clock.wall_delay(ready), self._add, seqs)
+            else:
+                self._add(seqs)
         return pending
+
+    def _add(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.in_intake.discard(id(seq))
+            if not seq.aborted:
+                self.engine.add_request(seq)
+        self.wake.set()
 
     def _abort(self, pending: Pending, rid: str | None = None) -> None:
         """Stop a request's unfinished choices; `rid`: a client went away, logged in one line as
         vLLM's AsyncLLM.abort logs it (its engine ids: the chat id, or the completion id per prompt)."""
         for c in pending.choices:
-            if c.finish_reason is None:
+            if id(c.seq) in self.in_intake:
+                c.seq.aborted = True  # still in the front end's input processing: never added
+            elif c.finish_reason is None:
                 self.engine.abort(c.seq)
         self.wake.set()
         if rid is not None:
@@ -316,7 +334,12 @@ class SimServer:
             now = clock.now()
             if now > end:
                 self.lag_s += now - end
-            self._dispatch(eng.complete(plan, max(end, now)))
+            end = max(end, now)
+            res = eng.complete(plan, end)
+            if res.out_s > end:  # the front end is behind: the tokens go out when it is through
+                asyncio.get_running_loop().call_later(clock.wall_delay(res.out_s), self._dispatch, res)
+            else:
+                self._dispatch(res)
 
     def _dispatch(self, res: StepResult) -> None:
         finished = {id(s) for s in res.finished}

@@ -97,6 +97,17 @@ MEMORY_EFFICIENCY = 0.9
 # docs/simulator-validation.md).
 STEP_OVERHEAD_S = 0.0
 PER_SEQ_OVERHEAD_S = 0.0
+# The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
+# outputs into streamed chunks (detokenising, building and writing each request's chunk) while the
+# engine core goes on stepping (kvlab.sim.engine). FRONTEND_PER_OUTPUT_S of its CPU per request with
+# a token in the step, one step's outputs after the other; a token reaches the client when its step
+# is through. Under hundreds of streams it falls behind, and clients see tokens later than the
+# engine made them.
+FRONTEND_PER_OUTPUT_S = 0.0
+# And FRONTEND_PER_REQUEST_S per arriving request plus FRONTEND_PER_PROMPT_TOKEN_S per prompt token
+# (parsing, tokenising, input processing), on the same process, before the engine core sees it.
+FRONTEND_PER_REQUEST_S = 0.0
+FRONTEND_PER_PROMPT_TOKEN_S = 0.0
 ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200

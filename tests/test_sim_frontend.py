@@ -1,0 +1,101 @@
+"""The simulated API server (front end): one serial resource apart from the engine core, taking each
+arriving request's input processing and each step's outputs (kvlab.sim.engine)."""
+
+import dataclasses
+
+import pytest
+
+from kvlab.loadtest.plan import SessionPlan, TurnPlan
+from kvlab.replay.run import run_offline
+from kvlab.sim.config import build_config
+from kvlab.sim.engine import Engine
+from kvlab.sim.sequence import Sequence
+
+TURN = TurnPlan(100, 64, 0.0)  # 100 words in, 64 tokens out, no think time
+
+
+def _burst(n: int) -> list[SessionPlan]:
+    return [SessionPlan(f"u{i}", "app0", 0, (TURN,)) for i in range(n)]
+
+
+def _cfg(**frontend):
+    cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096, timing="roofline")
+    return dataclasses.replace(cfg, **{"frontend_per_output_s": 0.0, "frontend_per_request_s": 0.0,
+                                       "frontend_per_prompt_token_s": 0.0, **frontend})
+
+
+def _play(cfg, n=16, **kw):
+    return run_offline("llama-3.1-8b", "h100", _burst(n), 600.0, concurrency=n, config=cfg, **kw)
+
+
+def _hist_sum(engine, name):
+    return engine.metrics.hist[name].sum
+
+
+def test_a_front_end_that_keeps_up_adds_its_time_once():
+    """One request: each step's output leaves the front end `c` after the step ends, so the client's
+    TTFT is the engine's plus c, its ITLs are the engine's, and vLLM's histograms (engine-core
+    timestamps; TTFT when the front end starts on the step) do not move."""
+    c = 0.0002  # far below one decode step of an 8B model on an H100
+    base, fe = _play(_cfg(), n=1), _play(_cfg(frontend_per_output_s=c), n=1)
+    (a,), (b,) = base.records, fe.records
+    assert b["ttft_s"] == pytest.approx(a["ttft_s"] + c, abs=1e-12)
+    assert b["itl_s"] == pytest.approx(a["itl_s"], abs=1e-12)
+    assert b["e2e_s"] == pytest.approx(a["e2e_s"] + c, abs=1e-12)
+    for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:e2e_request_latency_seconds"):
+        assert _hist_sum(fe.engine, name) == pytest.approx(_hist_sum(base.engine, name), abs=1e-12)
+
+
+def test_a_front_end_that_falls_behind_paces_the_stream():
+    """16 streams at 5 ms of front end per output: 80 ms per step of outputs, far longer than a
+    decode step, so once the front end is behind every client gap is exactly 16 x 5 ms while the
+    engine's ITL histogram keeps the engine's steps."""
+    n, c = 16, 0.005
+    res = _play(_cfg(frontend_per_output_s=c), n=n)
+    gaps = [g for r in res.records for g in r["itl_s"][8:]]
+    assert len(gaps) == n * (TURN.max_tokens - 1 - 8)
+    assert gaps == pytest.approx([n * c] * len(gaps), abs=1e-9)
+    itl = res.engine.metrics.hist["vllm:inter_token_latency_seconds"]
+    assert itl.sum / sum(itl.counts) < n * c / 4  # the engine stepped on, outputs queued (no backpressure)
+    for r in res.records:  # the records still add up
+        assert r["ttft_s"] + sum(r["itl_s"]) == pytest.approx(r["e2e_s"])
+
+
+def test_input_processing_admits_a_burst_one_request_after_another():
+    """A burst of 8 requests at t=0, 4 ms of input processing each plus 10 us per prompt token: the
+    engine core sees the k-th at k x (4 ms + its tokens' share); vLLM's queue time (from the engine
+    core's QUEUED event) leaves that out, the TTFT histogram and the client's TTFT have it."""
+    cfg = _cfg(frontend_per_request_s=0.004, frontend_per_prompt_token_s=1e-5)
+    eng = Engine(cfg)
+    seqs = []
+    for k in range(8):
+        seq = Sequence(f"r{k}", list(range(k * 1000, k * 1000 + 200)), 4, 0.0)
+        seq.queued_s = eng.intake(0.0, seq.num_prompt_tokens)
+        seqs.append(seq)
+    assert [s.queued_s for s in seqs] == pytest.approx([(k + 1) * (0.004 + 200 * 1e-5) for k in range(8)])
+    # the front end is busy until the last one is through: a step ending before then waits for it
+    start, out = eng._front_end(0.01, 3)
+    assert start == pytest.approx(seqs[-1].queued_s)
+
+
+def test_a_burst_waits_for_input_processing_in_the_replay():
+    n, c_in = 8, 0.05  # 50 ms each: far longer than an 8B prefill of ~130 tokens
+    base, fe = _play(_cfg(), n=n), _play(_cfg(frontend_per_request_s=c_in), n=n)
+    ttft_base = sorted(r["ttft_s"] for r in base.records)
+    ttft_fe = sorted(r["ttft_s"] for r in fe.records)
+    for k, (a, b) in enumerate(zip(ttft_base, ttft_fe)):
+        assert b >= (k + 1) * c_in  # the k-th waited for k + 1 intakes
+        assert b > a
+    q = fe.engine.metrics.hist["vllm:request_queue_time_seconds"]
+    assert q.sum < c_in  # the engine had nothing else queued: the wait is the front end's
+
+
+@pytest.mark.parametrize("frontend", [dict(frontend_per_output_s=0.0004),
+                                      dict(frontend_per_request_s=0.003, frontend_per_prompt_token_s=2e-6,
+                                           frontend_per_output_s=0.0001)])
+def test_decode_fast_path_changes_nothing_with_a_front_end(frontend):
+    cfg = _cfg(**frontend)
+    fast, slow = _play(cfg, n=24), _play(cfg, n=24, fast_decode=False)
+    assert fast.records == slow.records
+    assert fast.samples == slow.samples
