@@ -121,6 +121,7 @@ MODELS = {
     "Qwen/Qwen3-14B-FP8": ("qwen3-14b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
     "Qwen/Qwen3-14B-AWQ": ("qwen3-14b", "awq", ""),
     "Qwen/Qwen3-32B": ("qwen3-32b", None, "config.json of Qwen3-32B"),
+    "Qwen/Qwen3-30B-A3B": ("qwen3-30b-a3b", None, ""),
     "Qwen/Qwen3-32B-FP8": ("qwen3-32b", "fp8_per_block", "block-scaled FP8 (on A100: Marlin W8A16)"),
     "Qwen/Qwen3-32B-AWQ": ("qwen3-32b", "awq", ""),
     "Qwen/Qwen3-235B-A22B-Instruct-2507": ("qwen3-235b-a22b-2507", None, "config.json of Qwen3-235B-A22B-2507"),

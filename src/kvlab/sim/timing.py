@@ -97,7 +97,8 @@ MEMORY_EFFICIENCY = 0.9
 # every non-zero point 0.188-0.211), roofline 0.75 / 0.9 again (0.149), Marlin 0.8 and dequantize
 # 1.0 again: a third pass would start where the second did. On the test rows (179 figures) these
 # put 101 within ±25 % (56 %), against 81 (45 %) for the first pass's 0 + 0 and 97 (54 %) for the
-# first fit of 2026-12-02 (4 ms + 50 us; docs/simulator-validation.md).
+# first fit of 2026-12-02 (4 ms + 50 us; docs/simulator-validation.md); 103 of 182 (57 %) with the
+# runs added after the fit (none of them a train row kvlab can model).
 STEP_OVERHEAD_S = 0.001
 PER_SEQ_OVERHEAD_S = 0.00005
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
