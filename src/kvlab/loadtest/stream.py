@@ -239,6 +239,9 @@ class ChatStream:
     def on_event(self, payload: bytes | str, now: float) -> None:
         if isinstance(payload, str):
             payload = payload.encode("utf-8", errors="surrogateescape")
+        if payload == b"[DONE]":  # never JSON: spared the parser's exception (below for the padded forms)
+            self._end(now)
+            return
         try:
             obj = _loads(payload)
         except ValueError:
