@@ -139,6 +139,44 @@ print(json.dumps(out))
     assert one == many
 
 
+def test_a_reply_logged_in_one_step_counts_as_locust_counts_each_value():
+    # TTFT, TPOT and every ITL gap of a reply through log_reply (one pass over the total, the gaps'
+    # histogram by binary search) leave every entry as one log_request per value would; gaps on the
+    # half milliseconds too, where round() goes to the even key
+    code = """
+import importlib.util, json, random, sys
+from locust.stats import RequestStats
+spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lf)
+rng = random.Random(7)
+one, many = RequestStats(), RequestStats()
+for _ in range(300):
+    gaps = [rng.choice([rng.uniform(0, 0.03), rng.randint(0, 40) / 2000, rng.uniform(0.1, 3), 0.0])
+            for _ in range(rng.randint(0, 60))]
+    ttft, tpot = rng.choice([None, rng.uniform(0, 2)]), rng.choice([None, rng.randint(0, 9) / 2000])
+    for kind, v in (("TTFT", ttft), ("TPOT", tpot)):
+        if v is not None:
+            one.log_request(kind, "w", v * 1000, 0)
+    for g in gaps:
+        one.log_request("ITL", "w", g * 1000, 0)
+    lf.log_reply(many, "w", ttft, tpot, gaps)
+out = []
+for st in (one, many):
+    row = []
+    for e in [st.get("w", k) for k in ("TTFT", "TPOT", "ITL")] + [st.total]:
+        row.append([e.num_requests, round(e.total_response_time, 6), e.min_response_time, e.max_response_time,
+                    sorted(e.response_times.items()), sum(e.num_reqs_per_sec.values()),
+                    [e.get_response_time_percentile(p) for p in (0.5, 0.9, 0.99)]])
+    out.append(row)
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, many = json.loads(p.stdout.strip().splitlines()[-1])
+    assert one == many
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel receive times: SO_TIMESTAMPNS (Linux)")
 def test_chunks_are_stamped_with_the_kernels_receive_time_not_when_read():
     # in a subprocess: importing Locust monkey-patches the interpreter. Bytes that wait 0.3 s in the
