@@ -84,6 +84,33 @@ def test_every_gap_is_timed_by_arrival_and_a_last_line_without_newline_counts():
     assert r.e2e_s == pytest.approx(0.2 + 0.1 * (len(events) - 3))  # the [DONE] line's arrival
 
 
+TOKEN_EVENTS = [vllm_chunk("a"), vllm_chunk(""), vllm_chunk(" b"), vllm_chunk("", role="assistant"), vllm_chunk("é\\n")]
+ODD_EVENTS = [
+    vllm_chunk("c", usage=None), vllm_chunk("d", error=None),  # usage or error present: the JSON path decides
+    vllm_chunk("e")[:-2].replace(b"data: ", b"data:  ") + b"\n\n",  # padded: still a token chunk
+    b"data: " + vllm_chunk("f")[6:-2] + b"," + vllm_chunk("g")[6:-2] + b"\n\n",  # two objects in one event
+    b"data: \n\n", b"data: {\"choices\": [\n\n", vllm_chunk("h", finish="stop"),
+    b'data: {"error": {"message": "boom"}}\n\n', b"data: [1]\n\n",
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n',
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.lists(st.lists(st.one_of(st.sampled_from(TOKEN_EVENTS), st.sampled_from(ODD_EVENTS)), min_size=1,
+                                max_size=6), min_size=1, max_size=6))
+def test_a_block_of_events_reads_as_its_lines_do(blocks):
+    # whole events arriving together (one feed per read, one arrival time): decoded together when
+    # all are token chunks, else event by event; either way what the line-by-line path makes of them
+    s, ref = ChatStream(0.0), ChatStream(0.0)
+    for k, block in enumerate(blocks, start=1):
+        data = b"".join(block)
+        s.feed(data, 0.1 * k)
+        for line in data.splitlines(keepends=True):
+            ref.feed_line(line, 0.1 * k)
+    end = 0.1 * (len(blocks) + 1)
+    assert s.finish(end).__dict__ == ref.finish(end).__dict__
+
+
 @pytest.mark.parametrize("event, kind", [
     (b"data: {\"choices\": [\n\n", "malformed_sse"),
     (b"data: {\"error\": {\"message\": \"engine died\"}, \"choices\": [{\"delta\": {\"content\": \"x\"}}]}\n\n",
