@@ -84,6 +84,33 @@ def test_every_gap_is_timed_by_arrival_and_a_last_line_without_newline_counts():
     assert r.e2e_s == pytest.approx(0.2 + 0.1 * (len(events) - 3))  # the [DONE] line's arrival
 
 
+TOKEN_EVENTS = [vllm_chunk("a"), vllm_chunk(""), vllm_chunk(" b"), vllm_chunk("", role="assistant"), vllm_chunk("é\\n")]
+ODD_EVENTS = [
+    vllm_chunk("c", usage=None), vllm_chunk("d", error=None),  # usage or error present: the JSON path decides
+    vllm_chunk("e")[:-2].replace(b"data: ", b"data:  ") + b"\n\n",  # padded: still a token chunk
+    b"data: " + vllm_chunk("f")[6:-2] + b"," + vllm_chunk("g")[6:-2] + b"\n\n",  # two objects in one event
+    b"data: \n\n", b"data: {\"choices\": [\n\n", vllm_chunk("h", finish="stop"),
+    b'data: {"error": {"message": "boom"}}\n\n', b"data: [1]\n\n",
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n',
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.lists(st.lists(st.one_of(st.sampled_from(TOKEN_EVENTS), st.sampled_from(ODD_EVENTS)), min_size=1,
+                                max_size=6), min_size=1, max_size=6))
+def test_a_block_of_events_reads_as_its_lines_do(blocks):
+    # whole events arriving together (one feed per read, one arrival time): decoded together when
+    # all are token chunks, else event by event; either way what the line-by-line path makes of them
+    s, ref = ChatStream(0.0), ChatStream(0.0)
+    for k, block in enumerate(blocks, start=1):
+        data = b"".join(block)
+        s.feed(data, 0.1 * k)
+        for line in data.splitlines(keepends=True):
+            ref.feed_line(line, 0.1 * k)
+    end = 0.1 * (len(blocks) + 1)
+    assert s.finish(end).__dict__ == ref.finish(end).__dict__
+
+
 @pytest.mark.parametrize("event, kind", [
     (b"data: {\"choices\": [\n\n", "malformed_sse"),
     (b"data: {\"error\": {\"message\": \"engine died\"}, \"choices\": [{\"delta\": {\"content\": \"x\"}}]}\n\n",
@@ -130,6 +157,44 @@ for st in (one, many):
     out.append([e.num_requests, round(e.total_response_time, 6), e.min_response_time, e.max_response_time,
                 sorted(e.response_times.items()), sum(e.num_reqs_per_sec.values()), st.total.num_requests,
                 [e.get_response_time_percentile(p) for p in (0.5, 0.9, 0.99)]])
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, many = json.loads(p.stdout.strip().splitlines()[-1])
+    assert one == many
+
+
+def test_a_reply_logged_in_one_step_counts_as_locust_counts_each_value():
+    # TTFT, TPOT and every ITL gap of a reply through log_reply (one pass over the total, the gaps'
+    # histogram by binary search) leave every entry as one log_request per value would; gaps on the
+    # half milliseconds too, where round() goes to the even key
+    code = """
+import importlib.util, json, random, sys
+from locust.stats import RequestStats
+spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lf)
+rng = random.Random(7)
+one, many = RequestStats(), RequestStats()
+for _ in range(300):
+    gaps = [rng.choice([rng.uniform(0, 0.03), rng.randint(0, 40) / 2000, rng.uniform(0.1, 3), 0.0])
+            for _ in range(rng.randint(0, 60))]
+    ttft, tpot = rng.choice([None, rng.uniform(0, 2)]), rng.choice([None, rng.randint(0, 9) / 2000])
+    for kind, v in (("TTFT", ttft), ("TPOT", tpot)):
+        if v is not None:
+            one.log_request(kind, "w", v * 1000, 0)
+    for g in gaps:
+        one.log_request("ITL", "w", g * 1000, 0)
+    lf.log_reply(many, "w", ttft, tpot, gaps)
+out = []
+for st in (one, many):
+    row = []
+    for e in [st.get("w", k) for k in ("TTFT", "TPOT", "ITL")] + [st.total]:
+        row.append([e.num_requests, round(e.total_response_time, 6), e.min_response_time, e.max_response_time,
+                    sorted(e.response_times.items()), sum(e.num_reqs_per_sec.values()),
+                    [e.get_response_time_percentile(p) for p in (0.5, 0.9, 0.99)]])
+    out.append(row)
 print(json.dumps(out))
 """
     p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,

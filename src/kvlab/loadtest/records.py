@@ -57,15 +57,25 @@ class RequestRecord:
     worker: str = field(default_factory=lambda: _worker_name())
 
 
-_WORKER: tuple[int, str] | None = None
+_WORKER: str | None = None
 
 
 def _worker_name() -> str:
-    """host:pid of this process (asked once per process, not per record)."""
+    """host:pid of this process (asked once per process, not per record: a child made by fork asks
+    again)."""
     global _WORKER
-    if _WORKER is None or _WORKER[0] != os.getpid():
-        _WORKER = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}")
-    return _WORKER[1]
+    if _WORKER is None:
+        _WORKER = f"{socket.gethostname()}:{os.getpid()}"
+    return _WORKER
+
+
+def _forget_worker_name() -> None:
+    global _WORKER
+    _WORKER = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_name)
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))

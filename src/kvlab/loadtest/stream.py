@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import orjson
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 _loads = orjson.loads  # raises orjson.JSONDecodeError, a ValueError
 
@@ -38,14 +38,14 @@ class _Choice(msgspec.Struct, gc=False):
 class _TokenChunk(msgspec.Struct, gc=False):
     """The token chunk, as on_event's first case decides it: a JSON object whose `choices` is
     exactly one object with a `delta` object whose `content` is a string and a `finish_reason`
-    that is null or absent, with neither `usage` nor `error` (checked on the result: UNSET means
-    absent). Any other event fails to decode (a ValueError) and goes to on_event. Decoding
-    validates what it skips, as orjson does; what it takes that orjson refuses (invalid UTF-8
-    or numbers out of range in a skipped field) the standard parser on_event falls back to takes
-    too, with the same content."""
+    that is null or absent, with neither `usage` nor `error` (typed UnsetType: any value there,
+    null too, fails to decode). Any other event fails to decode (a ValueError) and goes to
+    on_event. Decoding validates what it skips, as orjson does; what it takes that orjson refuses
+    (invalid UTF-8 or numbers out of range in a skipped field) the standard parser on_event falls
+    back to takes too, with the same content."""
     choices: tuple[_Choice]
-    usage: object = UNSET
-    error: object = UNSET
+    usage: UnsetType = UNSET
+    error: UnsetType = UNSET
 
 
 _decode_token = msgspec.json.Decoder(_TokenChunk).decode  # raises msgspec.DecodeError or UnicodeDecodeError: ValueErrors
@@ -177,15 +177,14 @@ class ChatStream:
         """Events' data that arrived together: a token chunk is decoded straight into the few
         typed fields that decide it (`_TokenChunk`: msgspec skips the rest without building it),
         its state kept in locals; anything that does not decode as one goes to on_event whole."""
-        decode, unset, r, parts = _decode_token, UNSET, self.r, self._parts
+        decode, r, parts = _decode_token, self.r, self._parts
         gaps, last_t, chunks = r.itl_s, self._last_token_t, r.chunks
         for payload in payloads:
             try:
-                c = decode(payload)
+                content = decode(payload).choices[0].delta.content
             except (ValueError, RecursionError):  # not a token chunk (or not JSON): on_event decides
-                c = None
-            if c is not None and c.usage is unset and c.error is unset:
-                content = c.choices[0].delta.content
+                pass
+            else:
                 if r.ttft_s is None:
                     r.ttft_s = now - self.t0
                 if content:
@@ -239,6 +238,9 @@ class ChatStream:
     def on_event(self, payload: bytes | str, now: float) -> None:
         if isinstance(payload, str):
             payload = payload.encode("utf-8", errors="surrogateescape")
+        if payload == b"[DONE]":  # never JSON: spared the parser's exception (below for the padded forms)
+            self._end(now)
+            return
         try:
             obj = _loads(payload)
         except ValueError:

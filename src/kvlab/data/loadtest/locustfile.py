@@ -15,9 +15,12 @@ kvlab.loadtest; this file only wires it to Locust's HTTP client, stats and load 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import socket
 import struct
@@ -29,6 +32,7 @@ import gevent
 import gevent.socket
 import geventhttpclient.client
 import geventhttpclient.connectionpool
+import geventhttpclient.response
 import locust.stats
 import orjson
 from locust import FastHttpUser, LoadTestShape, events, task
@@ -227,23 +231,78 @@ def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
     if not times_ms:
         return
     now = time.time()
-    t = int(now)
-    n, total, lo, hi = len(times_ms), sum(times_ms), min(times_ms), max(times_ms)
+    part = _summary(sorted(times_ms))
+    _add(stats.total, now, *part)
+    _add(stats.get(name, method), now, *part)
+
+
+def log_reply(stats, name: str, ttft_s: float | None, tpot_s: float | None, itl_s: list[float]) -> None:
+    """A reply's TTFT, TPOT and ITL gaps (seconds) into Locust's stats in milliseconds, each entry
+    and the total as log_request would leave them for each value, with one pass over the total."""
+    now = time.time()
+    parts = []
+    for kind, value in (("TTFT", ttft_s), ("TPOT", tpot_s)):
+        if value is not None:
+            ms = value * 1000
+            part = (1, ms, ms, ms, {locust.stats.bucket_response_time(ms): 1})
+            _add(stats.get(name, kind), now, *part)
+            parts.append(part)
+    if itl_s:
+        part = _summary(sorted(map(operator.mul, itl_s, _THOUSANDS)))  # ms, without a Python call per gap
+        _add(stats.get(name, "ITL"), now, *part)
+        parts.append(part)
+    if len(parts) == 1:
+        _add(stats.total, now, *parts[0])
+    elif parts:
+        _add(stats.total, now, sum(p[0] for p in parts), sum(p[1] for p in parts), min(p[2] for p in parts),
+             max(p[3] for p in parts), *(p[4] for p in parts))
+
+
+_THOUSANDS = itertools.repeat(1000.0)
+
+
+def _summary(ms: list[float]) -> tuple:
+    """(count, sum, min, max, histogram) of response times sorted in ascending order, each one in
+    the histogram under the key Locust's bucket_response_time gives it."""
+    lo, hi = ms[0], ms[-1]
     bucket = locust.stats.bucket_response_time  # looked up here: Locust lets it be replaced
-    # Locust's own rounding is round() below 100 ms: the same keys without a call per gap
-    buckets = Counter(map(round if bucket is _LOCUST_BUCKET and hi < 100 else bucket, times_ms))
-    for entry in (stats.total, stats.get(name, method)):
-        last = entry.last_request_timestamp
-        if entry.use_response_times_cache and last and t > int(last):
-            entry._cache_response_times(t - 1)  # what StatsEntry.log does for the web UI's current percentiles
-        entry.num_requests += n
-        entry.num_reqs_per_sec[t] += n
-        entry.last_request_timestamp = now
-        entry.total_response_time += total
-        entry.min_response_time = lo if entry.min_response_time is None else min(entry.min_response_time, lo)
-        entry.max_response_time = max(entry.max_response_time, hi)
-        rt = entry.response_times
-        for k, c in buckets.items():
+    return len(ms), sum(ms), lo, hi, (_round_counts(ms) if bucket is _LOCUST_BUCKET and hi < 100 and lo > -100
+                                      else Counter(map(bucket, ms)))
+
+
+def _round_counts(ms: list[float]) -> dict:
+    """Counter(map(round, ms)) for an ascending list (Locust's bucket below 100 ms is round()):
+    one binary search per key instead of a call per value. round() halves to even: a key k takes
+    k + 0.5 when k is even and leaves it to k + 1 when k is odd."""
+    k, last = round(ms[0]), round(ms[-1])
+    if last - k > 40:
+        return Counter(map(round, ms))
+    out, start = {}, 0
+    while k < last:
+        end = (bisect.bisect_left if k & 1 else bisect.bisect_right)(ms, k + 0.5, start)
+        if end > start:
+            out[k] = end - start
+        start = end
+        k += 1
+    out[last] = len(ms) - start
+    return out
+
+
+def _add(entry, now: float, n: int, total: float, lo: float, hi: float, *histograms) -> None:
+    """n response times into one StatsEntry, as n calls of its log() would leave it."""
+    t = int(now)
+    last = entry.last_request_timestamp
+    if entry.use_response_times_cache and last and t > int(last):
+        entry._cache_response_times(t - 1)  # what StatsEntry.log does for the web UI's current percentiles
+    entry.num_requests += n
+    entry.num_reqs_per_sec[t] += n
+    entry.last_request_timestamp = now
+    entry.total_response_time += total
+    entry.min_response_time = lo if entry.min_response_time is None else min(entry.min_response_time, lo)
+    entry.max_response_time = max(entry.max_response_time, hi)
+    rt = entry.response_times
+    for histogram in histograms:
+        for k, c in histogram.items():
             rt[k] += c
 
 
@@ -253,6 +312,7 @@ def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
 _SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None  # also SCM_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@ll")  # struct timespec: time_t and long, both a C long on Linux
 _CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+_SOL_SOCKET, _TIMESPEC_SIZE, _unpack_timespec = socket.SOL_SOCKET, _TIMESPEC.size, _TIMESPEC.unpack_from
 
 
 class StampedSocket(gevent.socket.socket):
@@ -271,10 +331,19 @@ class StampedSocket(gevent.socket.socket):
             pass  # no kernel receive times: rx_wall stays None and chunks are stamped on reading
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data, ancillary, _flags, _addr = self.recvmsg(bufsize, _CMSG_SPACE, flags)
+        # gevent's own recvmsg, inlined: one Python frame per read, not two (this runs for every read
+        # of every stream): the native socket's read if the kernel has bytes, else wait as gevent does
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self._sock.recvmsg(bufsize, _CMSG_SPACE, flags)
+                break
+            except BlockingIOError:  # EWOULDBLOCK
+                if self.timeout == 0.0:
+                    raise
+            self._wait(self._read_event)
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
-                sec, ns = _TIMESPEC.unpack_from(payload)
+            if kind == _SO_TIMESTAMPNS and level == _SOL_SOCKET and len(payload) >= _TIMESPEC_SIZE:
+                sec, ns = _unpack_timespec(payload)
                 self.rx_wall = sec + ns * 1e-9
         return data
 
@@ -286,8 +355,23 @@ class _StampingPool(geventhttpclient.connectionpool.ConnectionPool):
         return StampedSocket(family, socktype, protocol)
 
 
-# every plain-HTTP client Locust's FastHttpSession makes in this process gets stamped sockets
+class _BufferingResponse(geventhttpclient.response.HTTPSocketPoolResponse):
+    """geventhttpclient's response, whose HTTP parser hands each body chunk (one per SSE event, as
+    vLLM frames them) straight to the body buffer's `extend`: the parser looks `_on_body` up on the
+    response for every chunk, and a built-in method costs no Python call (what HTTPResponse._on_body
+    does: append the bytes to `_body_buffer`)."""
+
+    def _read_headers(self, pre_buffered: bytes = b"") -> None:
+        buf = getattr(self, "_body_buffer", None)
+        if type(buf) is bytearray:
+            self._on_body = buf.extend
+        super()._read_headers(pre_buffered)
+
+
+# every plain-HTTP client Locust's FastHttpSession makes in this process gets stamped sockets and
+# the buffering response
 geventhttpclient.client.ConnectionPool = _StampingPool
+geventhttpclient.client.HTTPSocketPoolResponse = _BufferingResponse
 
 
 class LocustTransport:
@@ -344,13 +428,7 @@ class LocustTransport:
 
     def _report(self, name: str, res: StreamResult) -> None:
         # straight into the stats, as Locust's own request listener would log them (no event round trip)
-        stats = self.user.environment.stats
-        if res.ttft_s is not None:
-            stats.log_request("TTFT", name, res.ttft_s * 1000, 0)
-        if res.tpot_s is not None:
-            stats.log_request("TPOT", name, res.tpot_s * 1000, 0)
-        if res.itl_s:
-            log_many(stats, "ITL", name, [g * 1000 for g in res.itl_s])
+        log_reply(self.user.environment.stats, name, res.ttft_s, res.tpot_s, res.itl_s)
 
     def get_json(self, path: str) -> tuple[int | None, dict | None]:
         with self.user.client.get(path, name=path, catch_response=True, allow_redirects=False) as resp:
@@ -378,47 +456,62 @@ def _json_body(body: dict) -> bytes:
 
 
 def _read_stream(resp, stream: ChatStream) -> StreamResult:
-    """Each SSE line as soon as its last byte arrives (geventhttpclient's readline returns what the
-    socket has; iter_content(1024) would wait for a whole KiB), stamped with the kernel's receive
-    time where the socket has one (StampedSocket), else when it is read. The lines that came in the
-    same recv as the one readline returned are already in the response's buffer: they are taken
-    with it, whole lines only, stamped with the same arrival time, without a readline call each."""
+    """Each SSE line as soon as its last byte arrives (iter_content(1024) would wait for a whole
+    KiB), stamped with the kernel's receive time of the read that brought it where the socket has
+    one (StampedSocket), else when it is read. After each read of the socket, every whole line in
+    the response's body buffer goes to the stream at once, with that read's arrival time: one
+    `feed` per read, not a readline call per line (geventhttpclient's readline, as the loop below
+    does it: read, parse, take the whole lines)."""
     raw = resp._response  # geventhttpclient response: FastResponse exposes no line reader of its own
     buf = getattr(raw, "_body_buffer", None)
-    if not isinstance(buf, bytearray):
-        buf = None  # another geventhttpclient layout: line by line
-    feed, feed_line, clock = stream.feed, stream.feed_line, time.perf_counter
     sock = getattr(raw, "_sock", None)
     if not isinstance(sock, StampedSocket):
         sock = None  # TLS, or no kernel receive times: stamped when read
-    wall, t0 = time.time, stream.t0
+    feed, clock, wall, t0 = stream.feed, time.perf_counter, time.time, stream.t0
     try:
-        while line := raw.readline(b"\n"):
-            now = clock()
-            if sock is not None and sock.rx_wall is not None:
-                # The line's last byte came with the latest read: stamped with that read's kernel
-                # receive time, on the perf_counter clock (how long ago it arrived, taken off now;
-                # an age the request's own span cannot hold, as after a clock step, is not used).
-                # Lines that arrived together in one read share the newest one's time.
-                age = wall() - sock.rx_wall
-                if 0.0 < age < now - t0:
-                    now -= age
-            cut = buf.rfind(b"\n") + 1 if buf else 0
-            if cut:
-                data = line + buf[:cut]
-                del buf[:cut]
-                feed(bytes(data), now)
-            else:
-                feed_line(line, now)
+        if not isinstance(buf, bytearray) or not hasattr(raw, "message_complete"):
+            # another geventhttpclient layout: line by line
+            while line := raw.readline(b"\n"):
+                stream.feed_line(line, _arrival(clock(), sock, wall, t0))
+        else:
+            block = raw.block_size
+            while True:
+                cut = buf.rfind(b"\n") + 1
+                if cut:
+                    data = bytes(buf[:cut])
+                    del buf[:cut]
+                    feed(data, _arrival(clock(), sock, wall, t0))
+                if raw.message_complete:
+                    break
+                s = raw._sock
+                if s is None:
+                    raise geventhttpclient.response.HTTPConnectionClosed("connection closed.")
+                try:
+                    raw.feed(s.recv(block))
+                except BaseException:
+                    raw.release()
+                    raise
         # Read to the end of the body (after [DONE] too) so the connection goes back to the pool.
         rest = raw.read()  # a last line without its newline
         if rest:
-            feed_line(rest, clock())
+            stream.feed_line(rest, clock())
     except (TimeoutError, socket.timeout):
         stream.fail("stall", f"no byte for {workload().request.stall_timeout_s:g} s")
     except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
         stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
     return stream.finish(time.perf_counter())
+
+
+def _arrival(now: float, sock: StampedSocket | None, wall, t0: float) -> float:
+    """`now` (perf_counter), or the kernel's receive time of the socket's latest read on the same
+    clock (how long ago it arrived, taken off now; an age the request's own span cannot hold, as
+    after a clock step, is not used). Lines that arrived together in one read share the newest
+    one's time."""
+    if sock is not None and sock.rx_wall is not None:
+        age = wall() - sock.rx_wall
+        if 0.0 < age < now - t0:
+            return now - age
+    return now
 
 
 def _failure_message(res: StreamResult, status: int | None) -> str:
