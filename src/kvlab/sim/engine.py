@@ -82,7 +82,7 @@ class Engine:
         self.step_out_s: list[float] = []  # per step, when its tokens reached the clients (offline ITLs)
         self.num_steps = 0
         self.last_end_s = created_s
-        self.frontend_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
+        self.frontend_out_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
         self.frontend_in_s = cfg.frontend_per_request_s  # front-end CPU per arriving request
         self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
@@ -92,15 +92,18 @@ class Engine:
         and can be added (`add_request`): after the front end's earlier work and its own."""
         if not (self.frontend_in_s or self.frontend_token_s):
             return arrival_s
-        start = arrival_s if arrival_s > self.frontend_free_s else self.frontend_free_s
-        self.frontend_free_s = start + self.frontend_in_s + self.frontend_token_s * prompt_tokens
-        return self.frontend_free_s
+        return self._front_end_work(arrival_s, self.frontend_in_s + self.frontend_token_s * prompt_tokens)[1]
 
     def _front_end(self, end_s: float, outputs: int) -> tuple[float, float]:
-        """The front end takes a step's `outputs` when it is done with the previous step's and the
-        step has ended: (when it starts on them, when they are out)."""
-        start = end_s if end_s > self.frontend_free_s else self.frontend_free_s
-        self.frontend_free_s = start + self.frontend_s * outputs
+        """The front end takes a step's `outputs` when it is done with its earlier work and the step
+        has ended: (when it starts on them, when they are out)."""
+        return self._front_end_work(end_s, self.frontend_out_s * outputs)
+
+    def _front_end_work(self, ready_s: float, cost_s: float) -> tuple[float, float]:
+        """The front end, one serial resource, takes `cost_s` of work that is ready at `ready_s`
+        after the work it already has: (when it starts, when it is through)."""
+        start = ready_s if ready_s > self.frontend_free_s else self.frontend_free_s
+        self.frontend_free_s = start + cost_s
         return start, self.frontend_free_s
 
     # -- requests
@@ -154,7 +157,7 @@ class Engine:
         prompt_done = 0
         prefill_done = []
         max_len = self.cfg.max_model_len
-        if self.frontend_s:
+        if self.frontend_out_s:
             fe_s, out_s = self._front_end(end_s, out.num_decodes + sum(
                 1 for seq, n in out.chunks if not seq.aborted and seq.num_computed_tokens + n >= seq.num_tokens))
         else:
@@ -207,7 +210,7 @@ class Engine:
             return now_s
         itl = m.hist["vllm:inter_token_latency_seconds"]
         record = self.step_out_s.append if self.record_token_steps else None
-        front_end = self._front_end if self.frontend_s else None
+        front_end = self._front_end if self.frontend_out_s else None
         t, steps = now_s, 0
         while t < until_s and sched.decode_stretch_step():
             kv = sched._decode_base + n * (sched.step - 1)
