@@ -347,20 +347,33 @@ def _train(pub: published_runs.PublishedRuns) -> published_runs.PublishedRuns:
     return pub.model_copy(update={"runs": [r for r in pub.runs if r.split == "train"], "ratios": []})
 
 
+def _pct(err: float) -> float:
+    """A median |log error| as a percentage off."""
+    return 100 * (math.exp(err) - 1)
+
+
+def _grid_search(grid, setting, error, describe, report) -> tuple:
+    """The point of `grid` with the least `error()` (run with the context `setting(point)` in force),
+    and that error; each point reported as `describe(point, err)`. Ties keep the first point."""
+    best = None
+    for point in grid:
+        with setting(point):
+            err = error()
+        report(describe(point, err))
+        if best is None or err < best[1]:
+            best = (point, err)
+    return best
+
+
 def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_GRID,
              report=print) -> tuple[tuple[float, float], float]:
     """The (step, per-request) host time of `grid` that minimises the median absolute log error of
     the TRAIN rows' headline figures under `timing`, and that error. Test rows are never run."""
     train = _train(pub)
-    best = None
-    for step_s, per_seq_s in grid:
-        with host_time(step_s, per_seq_s):
-            err = median_log_error(rows(train, (timing,)), timing)
-        report(f"  host {1000 * step_s:.1f} ms/step + {1e6 * per_seq_s:.0f} us/request: train median |log err| "
-               f"{err:.3f} ({100 * (math.exp(err) - 1):.0f} %)")
-        if best is None or err < best[1]:
-            best = ((step_s, per_seq_s), err)
-    return best
+    return _grid_search(
+        grid, lambda p: host_time(*p), lambda: median_log_error(rows(train, (timing,)), timing),
+        lambda p, err: (f"  host {1000 * p[0]:.1f} ms/step + {1e6 * p[1]:.0f} us/request: train median |log err| "
+                        f"{err:.3f} ({_pct(err):.0f} %)"), report)
 
 
 def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=FRONTEND_GRID,
@@ -369,15 +382,10 @@ def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=F
     median absolute log error of the TRAIN rows' headline figures under `timing` (at the host time
     in sim/timing.py), and that error. Test rows are never run."""
     train = _train(pub)
-    best = None
-    for point in grid:
-        with front_end(*point):
-            err = median_log_error(rows(train, (timing,)), timing)
-        report(f"  front end {1000 * point[0]:.1f} ms/request + {1e6 * point[1]:.0f} us/prompt token, "
-               f"{1e6 * point[2]:.0f} us/output: train median |log err| {err:.4f} ({100 * (math.exp(err) - 1):.0f} %)")
-        if best is None or err < best[1]:
-            best = (point, err)
-    return best
+    return _grid_search(
+        grid, lambda p: front_end(*p), lambda: median_log_error(rows(train, (timing,)), timing),
+        lambda p, err: (f"  front end {1000 * p[0]:.1f} ms/request + {1e6 * p[1]:.0f} us/prompt token, "
+                        f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report)
 
 
 def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
@@ -387,15 +395,11 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
     sim/timing.py). Test rows are never run."""
     fallback = [r.run for r in rows(_train(pub), ("auto",)) if r.sim and r.source["auto"].startswith("roofline")]
     sub = pub.model_copy(update={"runs": fallback, "ratios": []})
-    best = None
-    for matmul, memory in grid:
-        with constants(MATMUL_EFFICIENCY=matmul, MEMORY_EFFICIENCY=memory):
-            err = median_log_error(rows(sub, ("auto",)), "auto")
-        report(f"  roofline GEMMs {matmul:.2f} of peak, HBM {memory:.2f}: train-fallback median |log err| {err:.3f} "
-               f"({100 * (math.exp(err) - 1):.0f} %, {len(fallback)} rows)")
-        if best is None or err < best[1]:
-            best = ((matmul, memory), err)
-    return best
+    return _grid_search(
+        grid, lambda p: constants(MATMUL_EFFICIENCY=p[0], MEMORY_EFFICIENCY=p[1]),
+        lambda: median_log_error(rows(sub, ("auto",)), "auto"),
+        lambda p, err: (f"  roofline GEMMs {p[0]:.2f} of peak, HBM {p[1]:.2f}: train-fallback median |log err| "
+                        f"{err:.3f} ({_pct(err):.0f} %, {len(fallback)} rows)"), report)
 
 
 MARLIN_GRID = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4)
@@ -460,21 +464,20 @@ def fit_path(pub: published_runs.PublishedRuns, path: str, report=print) -> tupl
     sub = pub.model_copy(update={"runs": [train[i] for q in pairs for i in (q.a, q.b)], "ratios": []})
     base = {r.run.id: r for r in rows(sub, ("auto",))}
     pairs = [q for q in pairs if base[q.a].sim and base[q.b].sim and marker in base[q.a].source["auto"]]
-    best = None
-    for eff in grid:
-        with constants(**{const: eff}):
-            errs = []
-            for q in pairs:
-                a, b = rows(sub.model_copy(update={"runs": [train[q.a]]}), ("auto",))[0], base[q.b]
-                name = _throughput_name(a, b)
-                pub_ratio = a.run.measured.figures()[name] / b.run.measured.figures()[name]
-                errs.append(log_error(a.sim["auto"][name] / b.sim["auto"][name], pub_ratio))
-        err = statistics.mean(errs)
-        report(f"  {const} = {eff:.2f}: mean |log ratio err| {err:.3f} "
-               f"({100 * (math.exp(err) - 1):.0f} %; {', '.join(q.id for q in pairs)})")
-        if best is None or err < best[1]:
-            best = (eff, err)
-    return best
+
+    def error() -> float:
+        errs = []
+        for q in pairs:
+            a, b = rows(sub.model_copy(update={"runs": [train[q.a]]}), ("auto",))[0], base[q.b]
+            name = _throughput_name(a, b)
+            pub_ratio = a.run.measured.figures()[name] / b.run.measured.figures()[name]
+            errs.append(log_error(a.sim["auto"][name] / b.sim["auto"][name], pub_ratio))
+        return statistics.mean(errs)
+
+    return _grid_search(
+        grid, lambda eff: constants(**{const: eff}), error,
+        lambda eff, err: (f"  {const} = {eff:.2f}: mean |log ratio err| {err:.3f} "
+                          f"({_pct(err):.0f} %; {', '.join(q.id for q in pairs)})"), report)
 
 
 # ------------------------------------------------------------------ tables
