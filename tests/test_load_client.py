@@ -137,35 +137,6 @@ def test_what_orjson_refuses_the_standard_parser_still_takes():
     assert r.ok and r.chunks == 1 and r.__dict__ == by_lines(data).__dict__
 
 
-def test_itl_logged_once_per_request_counts_as_locust_counts_each_gap():
-    # in a subprocess: importing Locust monkey-patches the interpreter
-    code = """
-import importlib.util, json, random, sys
-from locust.stats import RequestStats
-spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lf)
-rng = random.Random(4)
-one, many = RequestStats(), RequestStats()
-for _ in range(50):
-    gaps = [rng.choice([rng.uniform(0, 30), rng.uniform(100, 3000)]) for _ in range(rng.randint(1, 40))]
-    for g in gaps:
-        one.log_request("ITL", "w", g, 0)
-    lf.log_many(many, "ITL", "w", gaps)
-out = []
-for st in (one, many):
-    e = st.get("w", "ITL")
-    out.append([e.num_requests, round(e.total_response_time, 6), e.min_response_time, e.max_response_time,
-                sorted(e.response_times.items()), sum(e.num_reqs_per_sec.values()), st.total.num_requests,
-                [e.get_response_time_percentile(p) for p in (0.5, 0.9, 0.99)]])
-print(json.dumps(out))
-"""
-    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    assert p.returncode == 0, p.stderr[-2000:]
-    one, many = json.loads(p.stdout.strip().splitlines()[-1])
-    assert one == many
-
-
 def test_a_reply_logged_in_one_step_counts_as_locust_counts_each_value():
     # TTFT, TPOT and every ITL gap of a reply through log_reply (one pass over the total, the gaps'
     # histogram by binary search) leave every entry as one log_request per value would; gaps on the

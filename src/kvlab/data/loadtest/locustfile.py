@@ -224,18 +224,6 @@ def _quit_when_idle(environment) -> None:
 _LOCUST_BUCKET = locust.stats.bucket_response_time
 
 
-def log_many(stats, method: str, name: str, times_ms: list[float]) -> None:
-    """Many response times of one kind in one step, as Locust's StatsEntry.log would count them
-    one by one (the entry and the total: count, sum, min, max, rounded histogram, per second).
-    One request event per inter-token gap costs more CPU than reading the chunk itself."""
-    if not times_ms:
-        return
-    now = time.time()
-    part = _summary(sorted(times_ms))
-    _add(stats.total, now, *part)
-    _add(stats.get(name, method), now, *part)
-
-
 def log_reply(stats, name: str, ttft_s: float | None, tpot_s: float | None, itl_s: list[float]) -> None:
     """A reply's TTFT, TPOT and ITL gaps (seconds) into Locust's stats in milliseconds, each entry
     and the total as log_request would leave them for each value, with one pass over the total."""
