@@ -1,6 +1,7 @@
 """The load generator's cheap per-chunk path and its honesty: body bytes split anywhere read as the
 lines do, the inline token path agrees with the JSON path, ITL gaps logged once per request count
-as Locust counts them one by one; a calibration that cannot fit stops `kvlab load` (exit 1, one
+as Locust counts them one by one; chunks keep their own kernel receive times, through a wave of
+between-replies work too; a calibration that cannot fit stops `kvlab load` (exit 1, one
 line) while --no-calibrate runs; a run that sent no turn is never "errors: none"; a saturated
 Locust process is warned about and its CPU recorded."""
 
@@ -197,6 +198,61 @@ print(json.dumps([data.decode(), c.rx_wall - sent, read - sent, geventhttpclient
     data, arrived_after_s, read_after_s, patched = json.loads(p.stdout.strip().splitlines()[-1])
     assert data == "data: x\n\n" and patched
     assert read_after_s >= 0.3 and -0.001 < arrived_after_s < 0.05
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel receive times: SO_TIMESTAMPNS (Linux)")
+def test_a_wave_of_between_replies_work_lets_each_chunk_be_read_with_its_own_time():
+    # 30 users end their replies at once (2 ms of CPU each after the reply) while a stream's chunk A
+    # arrives, and its next chunk B 20 ms later. Run back to back (ungated), the 60 ms of work keep
+    # the socket unread until B is there too, and the kernel hands A and B over in one read with
+    # B's time: A reads 20 ms late. Through the locustfile's gate, each user's work waits for the
+    # loop's reads: A is read alone, with its own time.
+    code = """
+import importlib.util, json, socket, sys, time
+spec = importlib.util.spec_from_file_location("lf", sys.argv[1]); lf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lf)
+import gevent
+from gevent import monkey
+real_thread, real_sleep = monkey.get_original("_thread", "start_new_thread"), monkey.get_original("time", "sleep")
+sys.setswitchinterval(0.0005)
+
+def spin(s):
+    t = time.perf_counter()
+    while time.perf_counter() - t < s:
+        pass
+
+def wave(gated):
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+    c = lf.StampedSocket(socket.AF_INET, socket.SOCK_STREAM); c.connect(srv.getsockname()); a, _ = srv.accept()
+    sent, reads = [], []
+    def sender():  # an OS thread: sends while the event loop works
+        real_sleep(0.005); sent.append(time.time()); a.sendall(b"data: A\\n\\n")
+        real_sleep(0.02); sent.append(time.time()); a.sendall(b"data: B\\n\\n")
+    def reader():
+        while len(b"".join(r[0] for r in reads)) < 18:
+            d = c.recv(4096); reads.append((d, c.rx_wall))
+    def between_replies():  # one user's work after its reply: 2 ms of CPU
+        if gated:
+            lf._reads_first.wait()
+        spin(0.002)
+    users = [gevent.spawn(between_replies) for _ in range(30)]
+    r = gevent.spawn(reader)
+    real_thread(sender, ())
+    gevent.joinall(users + [r], timeout=10)
+    return [[d.decode(), (t - sent[0]) * 1000] for d, t in reads], (sent[1] - sent[0]) * 1000
+
+print(json.dumps({"gated": wave(True), "ungated": wave(False)}))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(REPO / "loadtest" / "locustfile.py")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    (gated, gap_ms), (ungated, ungated_gap_ms) = out["gated"], out["ungated"]
+    assert gap_ms > 15 and ungated_gap_ms > 15  # B came well after A in both
+    assert [d for d, _ in gated] == ["data: A\n\n", "data: B\n\n"]
+    assert abs(gated[0][1]) < gap_ms / 4 and abs(gated[1][1] - gap_ms) < gap_ms / 4  # each stamped when it came
+    # the mechanism the gate is there for: merged, with the later time
+    assert ungated == [["data: A\n\ndata: B\n\n", pytest.approx(ungated_gap_ms, abs=5)]]
 
 
 # --- kvlab load, end to end ----------------------------------------------------------------------

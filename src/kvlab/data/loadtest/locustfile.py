@@ -26,9 +26,10 @@ import socket
 import struct
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import gevent
+import gevent.hub
 import gevent.socket
 import geventhttpclient.client
 import geventhttpclient.connectionpool
@@ -336,6 +337,58 @@ class StampedSocket(gevent.socket.socket):
         return data
 
 
+class _ReadsFirst:
+    """Lets the work between two replies (the reply's stats and record, the next request built and
+    sent) run one user at a time, between the event loop's reads.
+
+    Replies end in waves: vLLM's engine steps every running request at once, and requests of
+    equal length end in the same step. Run back to back, a wave's per-reply work (a few hundred us
+    each) kept this process from reading for tens of milliseconds, so a stream's chunk could wait
+    in its socket until the stream's next chunk came, and the kernel merges the two into one
+    receive with the newer one's time (TCP coalesces queued segments and keeps the later stamp):
+    the older chunk's TTFT or ITL would read one engine step late. Here a waiting user goes on at
+    the start of a turn of the loop (a libev prepare watcher, before the loop polls its sockets
+    and reads what has come) or when the loop has nothing else to do (an idle watcher, which also
+    keeps the poll from sleeping while users wait), one user each time: every chunk that has
+    arrived is read, with its own time, between two users' between-replies work. The wave's work
+    is as long as before, and the requests it sends start about as late as they did (each one's
+    TTFT counts from its own send)."""
+
+    __slots__ = ("waiters", "prepare", "idle")
+
+    def __init__(self) -> None:
+        self.waiters: deque = deque()
+        self.prepare = self.idle = None
+
+    def wait(self) -> None:
+        waiter = gevent.hub.Waiter()
+        if self.idle is None:
+            loop = gevent.get_hub().loop
+            self.prepare, self.idle = loop.prepare(), loop.idle()
+        self.waiters.append(waiter)
+        if not self.idle.active:
+            self.prepare.start(self._release)
+            self.idle.start(self._release)
+        try:
+            waiter.get()
+        finally:
+            try:
+                self.waiters.remove(waiter)  # killed while waiting (a stop): not released later
+            except ValueError:
+                pass
+
+    def _release(self) -> None:
+        # in the hub: one user's turn, then back here
+        if self.waiters:
+            self.waiters.popleft().switch(None)
+        if not self.waiters and self.idle is not None:
+            self.prepare.stop()
+            self.idle.stop()  # an active idle watcher makes the loop poll without sleeping
+
+
+_reads_first = _ReadsFirst()
+
+
 class _StampingPool(geventhttpclient.connectionpool.ConnectionPool):
     def _create_tcp_socket(self, family: int, socktype: int, protocol: int):
         if _SO_TIMESTAMPNS is None or not _CMSG_SPACE:
@@ -487,7 +540,9 @@ def _read_stream(resp, stream: ChatStream) -> StreamResult:
         stream.fail("stall", f"no byte for {workload().request.stall_timeout_s:g} s")
     except (OSError, ValueError) as e:  # connection reset, HTTP parse error mid-body
         stream.fail("incomplete", f"{type(e).__name__}: {str(e)[:120]}")
-    return stream.finish(time.perf_counter())
+    res = stream.finish(time.perf_counter())
+    _reads_first.wait()  # what follows until the next request is sent waits for the loop's reads
+    return res
 
 
 def _arrival(now: float, sock: StampedSocket | None, wall, t0: float) -> float:
