@@ -18,12 +18,16 @@ The timing-error rows also say how much of the window kvlab's client was runnabl
 its core (Linux schedstat: other processes on the machine) and the load average: on a shared
 machine those, not the client, may set the tail.
 
-Each client runs a warm-up, then 3 windows; per window: token chunks of the replies that ended in
-it / the client process's CPU seconds in it (psutil, user + system), and replies per second; the
-table gives the median of the 3 windows.
+The clients take turns in rounds (default 3): each round runs every client once, a warm-up and
+then its window(s) (default one of 10 s), so that a machine whose speed drifts over the minutes of
+the bench moves all of them alike within a round. Per window: token chunks of the replies that
+ended in it / the client process's CPU seconds in it (psutil, user + system), and replies per
+second; the table gives, per client, the median over its windows, and kvlab's ratio to
+`locust-minimal` and to `aiohttp` round by round with their median.
 
     PYTHONPATH=src python bench/loadgen_capacity.py [--window 10] [--warmup 5] [--concurrency 16 64]
-        [--clients kvlab,locust-minimal,locust-httpuser,aiohttp] [--timing-error] [--json]
+        [--rounds 3] [--windows 1] [--clients kvlab,locust-minimal,locust-httpuser,aiohttp]
+        [--timing-error] [--json]
 
 Not a test: the figures depend on the machine and on what else runs on it (the load average is
 printed); docs/load.md ("Load-generator capacity") keeps the ones measured here.
@@ -215,6 +219,30 @@ def run_client(name: str, url: str, users: int, warmup_s: float, window_s: float
             "client_cpu_of_core": round(med("cpu_of_core"), 3), "windows": per}
 
 
+def merge_rounds(rounds: list[dict], window_s: float) -> dict:
+    """One client at one concurrency over its rounds: medians over all their windows (one round:
+    what run_client gave), and each round's own median."""
+    per = [w for r in rounds for w in r["windows"]]
+    med = lambda key: statistics.median(w[key] for w in per)  # noqa: E731
+    return {"name": rounds[0]["name"], "concurrency": rounds[0]["concurrency"],
+            "chunks_per_cpu_s": round(med("chunks_per_cpu_s"), 1), "responses_per_s": round(med("responses_per_s"), 2),
+            "chunks_per_s": round(med("chunks") / window_s, 1), "client_cpu_of_core": round(med("cpu_of_core"), 3),
+            "rounds_chunks_per_cpu_s": [r["chunks_per_cpu_s"] for r in rounds], "windows": per}
+
+
+def round_ratios(per_round: dict[str, list[dict]], users: int) -> list[dict]:
+    """kvlab's chunks per CPU-second over each baseline's, round by round (the two ran minutes
+    apart at most), and the median of those ratios."""
+    out = []
+    for base in ("locust-minimal", "aiohttp"):
+        if "kvlab" not in per_round or base not in per_round:
+            continue
+        xs = [k["chunks_per_cpu_s"] / b["chunks_per_cpu_s"] for k, b in zip(per_round["kvlab"], per_round[base])]
+        out.append({"name": "kvlab", "against": base, "concurrency": users,
+                    "per_round": [round(x, 3) for x in xs], "median": round(statistics.median(xs), 3)})
+    return out
+
+
 # --- timing error -------------------------------------------------------------------------------------
 
 
@@ -292,8 +320,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated; 'none' for the timing error alone")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before the first window")
-    ap.add_argument("--window", type=float, default=10.0, help="seconds per window (3 windows)")
-    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--window", type=float, default=10.0, help="seconds per window")
+    ap.add_argument("--windows", type=int, default=1, help="windows per client per round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds: each runs every client in turn (warm-up, then its windows)")
     ap.add_argument("--timing-error", action="store_true", help="also measure kvlab's TTFT/ITL error")
     ap.add_argument("--step-ms", type=float, default=10.0, help="timing error: the paced server's ms per chunk")
     ap.add_argument("--burst", type=int, default=16, help="capacity: token chunks per server write (bench/sse_server.py)")
@@ -310,18 +340,28 @@ def main() -> None:
     bad = [n for n in names if n not in CLIENTS]
     if bad:
         sys.exit(f"loadgen_capacity: unknown client {bad[0]!r}: use {', '.join(CLIENTS)}")
+    if args.rounds < 1 or args.windows < 1 or args.window <= 0:
+        sys.exit("loadgen_capacity: --rounds and --windows must be at least 1 and --window above 0")
     load_before = os.getloadavg()
-    results, timing = [], []
+    results, timing, ratios = [], [], []
     with tempfile.TemporaryDirectory(prefix="kvlab-capacity-") as tmp:
         srv = Server("--burst", str(args.burst)) if names else None
         try:
             for users in args.concurrency:
+                per_round = {name: [] for name in names}
+                for k in range(args.rounds):
+                    # the clients take turns, round by round: a machine whose speed drifts over the
+                    # minutes of the bench moves all of them alike within a round
+                    for name in names:
+                        r = run_client(name, srv.url, users, args.warmup, args.window, args.windows,
+                                       Path(tmp) / f"{name}-{users}-{k}")
+                        per_round[name].append(r)
+                        print(f"{name} c={users} round {k + 1}: {r['chunks_per_cpu_s']:,.0f} chunks/CPU-s, "
+                              f"{r['responses_per_s']:.1f} replies/s, client CPU {r['client_cpu_of_core']:.0%}",
+                              file=sys.stderr)
                 for name in names:
-                    r = run_client(name, srv.url, users, args.warmup, args.window, args.windows,
-                                   Path(tmp) / f"{name}-{users}")
-                    results.append(r)
-                    print(f"{name} c={users}: {r['chunks_per_cpu_s']:,.0f} chunks/CPU-s, {r['responses_per_s']:.1f} "
-                          f"replies/s, client CPU {r['client_cpu_of_core']:.0%}", file=sys.stderr)
+                    results.append(merge_rounds(per_round[name], args.window))
+                ratios.extend(round_ratios(per_round, users))
         finally:
             if srv is not None:
                 srv.stop()
@@ -341,27 +381,35 @@ def main() -> None:
     load_after = os.getloadavg()
     meta = {"cpus": os.cpu_count(), "pinned": bool(shutil.which("taskset")) and (os.cpu_count() or 1) > 1,
             "load_average_1m_before": round(load_before[0], 2), "load_average_1m_after": round(load_after[0], 2),
-            "server_burst": args.burst, "window_s": args.window, "windows": args.windows, "warmup_s": args.warmup, "tokens_per_reply": MAX_TOKENS}
+            "server_burst": args.burst, "window_s": args.window, "windows": args.windows, "rounds": args.rounds,
+            "warmup_s": args.warmup, "tokens_per_reply": MAX_TOKENS}
     if args.json:
         print(json.dumps({"clients": [{k: r[k] for k in ("name", "concurrency", "chunks_per_cpu_s", "responses_per_s",
-                                                           "chunks_per_s", "client_cpu_of_core")} for r in results],
-                          "timing_error": timing, "meta": meta}, indent=1))
+                                                           "chunks_per_s", "client_cpu_of_core", "rounds_chunks_per_cpu_s")}
+                                      for r in results],
+                          "ratios": ratios, "timing_error": timing, "meta": meta}, indent=1))
         return
     if results:
-        print_capacity(results, args, meta)
+        print_capacity(results, ratios, args, meta)
     if timing:
         print_timing(timing, args)
 
 
-def print_capacity(results: list[dict], args, meta: dict) -> None:
-    print(f"\n{MAX_TOKENS} token chunks per reply; medians of {args.windows} x {args.window:g} s windows after "
-          f"{args.warmup:g} s; server writes {args.burst} chunks per write; {meta['cpus']} CPUs, client pinned to CPU {CLIENT_CPU} and server to CPU {SERVER_CPU}: "
+def print_capacity(results: list[dict], ratios: list[dict], args, meta: dict) -> None:
+    print(f"\n{MAX_TOKENS} token chunks per reply; medians of {args.rounds} round(s) x {args.windows} x {args.window:g} s "
+          f"windows, each round after {args.warmup:g} s of warm-up, the clients taking turns round by round; server writes {args.burst} chunks per write; {meta['cpus']} CPUs, client pinned to CPU {CLIENT_CPU} and server to CPU {SERVER_CPU}: "
           f"{meta['pinned']}; load average {meta['load_average_1m_before']} before, {meta['load_average_1m_after']} after\n")
     print("| client | concurrency | chunks per CPU-second | replies/s | client CPU (of one core) |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['concurrency']} | {r['chunks_per_cpu_s']:,.0f} | {r['responses_per_s']:.1f} "
               f"| {r['client_cpu_of_core']:.0%} |")
+    if ratios:
+        print("\n| client | against | concurrency | ratio per round (chunks per CPU-second) | median |")
+        print("|---|---|---:|---|---:|")
+        for q in ratios:
+            print(f"| {q['name']} | {q['against']} | {q['concurrency']} | "
+                  f"{', '.join(f'{x:.2f}x' for x in q['per_round'])} | {q['median']:.2f}x |")
 
 
 def print_timing(timing: list[dict], args) -> None:
