@@ -371,11 +371,12 @@ class _ReadsFirst:
             self.idle.start(self._release)
         try:
             waiter.get()
-        finally:
+        except BaseException:  # killed while waiting (a stop): not released later
             try:
-                self.waiters.remove(waiter)  # killed while waiting (a stop): not released later
+                self.waiters.remove(waiter)
             except ValueError:
                 pass
+            raise
 
     def _release(self) -> None:
         # in the hub: one user's turn, then back here
