@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,23 +36,12 @@ import sim_validation  # noqa: E402  (bench/sim_validation.py: the published-run
 
 from kvlab.errors import KvlabError  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
-from kvlab.sim.config import build_config  # noqa: E402
 from kvlab.sim.timing import StepWork  # noqa: E402
 
 # Published figure -> the `kvlab sim bench` result field it is compared with.
 RESULT_FIELDS = {"duration_s": "duration", "throughput_tok_s": "total_token_throughput", "ttft_ms": "mean_ttft_ms",
                  "tpot_ms": "mean_tpot_ms", "input_throughput": None}
 TERMS = ("non_attention", "context_attention", "generation_attention")
-
-
-def host_s(cost, requests: int) -> float:
-    """The host time a step backend adds to a step of `requests` scheduled requests: the kernel
-    tables' own constants, a scaled backend's base's, else the roofline's (kvlab.sim.timing)."""
-    if hasattr(cost, "host_step_s"):
-        return cost.host_step_s + cost.host_per_seq_s * requests
-    if hasattr(cost, "base"):
-        return host_s(cost.base, requests)
-    return sim_timing.STEP_OVERHEAD_S + sim_timing.PER_SEQ_OVERHEAD_S * requests
 
 
 @dataclass
@@ -96,7 +84,7 @@ class StepRecorder:
 
     def step_time_s(self, w: StepWork) -> float:
         s = self._cost.step_time_s(w)
-        host = host_s(self._cost, w.requests)
+        host = self._cost.host_s(w.requests)
         s = (s - host) * self.gpu_scale + host
         decodes = w.num_decodes if w.num_decodes >= 0 else (w.requests if not w.prefill_pairs else w.requests - 1)
         if w.chunks or w.prefill_pairs:
@@ -108,7 +96,7 @@ class StepRecorder:
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
         s = self._cost.decode_step_s(num_seqs, kv_tokens)
-        host = host_s(self._cost, num_seqs)
+        host = self._cost.host_s(num_seqs)
         s = (s - host) * self.gpu_scale + host
         w = StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0, num_seqs, ())
         self.decode.add(num_seqs, 0, num_seqs, s, host, self._terms(w))
@@ -126,13 +114,10 @@ class Composition:
     published: dict  # published name -> value
 
 
-def compose(run_id: str, timing: str = sim_validation.sim_timing.DEFAULT_TIMING, gpu_scale: float = 1.0,
+def compose(run_id: str, timing: str = sim_timing.DEFAULT_TIMING, gpu_scale: float = 1.0,
             num_prompts: int | None = None) -> Composition:
     """Simulate published run `run_id` with every step recorded (`num_prompts` replaces the run's
     count, for a quick look)."""
-    from kvlab.replay.bench import run_bench
-    from kvlab.serve_config import options_config
-
     if not gpu_scale > 0:
         raise KvlabError(f"--gpu-scale must be positive, got {gpu_scale}")
     pub = published_runs.load()
@@ -144,18 +129,11 @@ def compose(run_id: str, timing: str = sim_validation.sim_timing.DEFAULT_TIMING,
         raise KvlabError(f"{run_id}: kvlab cannot model it: {bench}")
     if num_prompts is not None:
         bench = dataclasses.replace(bench, workload={**bench.workload, "num_prompts": num_prompts})
-    with tempfile.TemporaryDirectory() as tmp:
-        model = sim_validation._model_path(bench.model, Path(tmp))
-        cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing)
-        recorder = StepRecorder(cfg.cost, gpu_scale)
-        res = run_bench(model, bench.gpu, config=dataclasses.replace(cfg, cost=recorder), **bench.workload)
+    res, cfg = sim_validation.run_simulated(bench, timing, lambda cost: StepRecorder(cost, gpu_scale))
+    recorder = cfg.cost
     config = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
               "kv_cache_tokens": cfg.num_blocks * cfg.block_size}
     return Composition(run_id, bench, config, res.timing_source, recorder, res.to_data(), run.measured.figures())
-
-
-def _pct(sim: float, ref: float) -> str:
-    return f"{(sim / ref - 1) * 100:+.1f} %"
 
 
 def _num(x: float) -> str:
@@ -195,7 +173,7 @@ def report(c: Composition) -> str:
         if fld is None or fld not in c.result:
             continue
         sim = float(c.result[fld])
-        lines.append(f"| {name} | {_num(ref)} | {_num(sim)} | {_pct(sim, ref)} |")
+        lines.append(f"| {name} | {_num(ref)} | {_num(sim)} | {sim_validation._err(sim, ref)} |")
     return "\n".join(lines)
 
 

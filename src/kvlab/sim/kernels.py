@@ -430,6 +430,11 @@ class KernelTiming:
 
     # -- what the simulator calls
 
+    def host_s(self, requests: int) -> float:
+        """The host time added to a step of `requests` scheduled requests (this backend's own
+        constants, fixed when it was built)."""
+        return self.host_step_s + self.host_per_seq_s * requests
+
     def step_time_s(self, w) -> float:
         decodes, chunks = _decodes_and_chunks(w)
         if not chunks:

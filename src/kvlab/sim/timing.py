@@ -236,6 +236,10 @@ class CostModel:
         """`gpu_s` of a step of `n` single-token decodes reading `kv_tokens` of context."""
         return max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n) + self._comm_s(n)
 
+    def host_s(self, requests: int) -> float:
+        """The host time added to a step of `requests` scheduled requests (read at call time)."""
+        return STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * requests
+
     def step_time_s(self, w: StepWork) -> float:
         self._steps[0] += 1
         return self.gpu_s(w) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
@@ -273,16 +277,16 @@ class ScaledTiming:
     def reset_counts(self) -> None:
         self.base.reset_counts()
 
-    def _host_s(self, requests: int) -> float:
+    def host_s(self, requests: int) -> float:
         """The host time the base adds to a step (its own constants, fixed when it was built)."""
-        return self.base.host_step_s + self.base.host_per_seq_s * requests
+        return self.base.host_s(requests)
 
     def step_time_s(self, w: StepWork) -> float:
-        host = self._host_s(w.requests)
+        host = self.base.host_s(w.requests)
         return (self.base.step_time_s(w) - host) * self.roof.gpu_s(w) / self.roof_bf16.gpu_s(w) + host
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
-        host = self._host_s(num_seqs)
+        host = self.base.host_s(num_seqs)
         ratio = self.roof.decode_gpu_s(num_seqs, kv_tokens) / self.roof_bf16.decode_gpu_s(num_seqs, kv_tokens)
         return (self.base.decode_step_s(num_seqs, kv_tokens) - host) * ratio + host
 
