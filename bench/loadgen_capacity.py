@@ -213,6 +213,11 @@ def run_client(name: str, url: str, users: int, warmup_s: float, window_s: float
         per.append({"chunks": sum(inside), "responses": len(inside), "cpu_s": cpu, "wall_s": t1 - t0,
                     "chunks_per_cpu_s": sum(inside) / cpu if cpu > 0 else float("nan"),
                     "responses_per_s": len(inside) / (t1 - t0), "cpu_of_core": cpu / (t1 - t0)})
+    return summarize(name, users, per, window_s)
+
+
+def summarize(name: str, users: int, per: list[dict], window_s: float) -> dict:
+    """A client's windows at one concurrency: the median of each figure over them."""
     med = lambda key: statistics.median(w[key] for w in per)  # noqa: E731
     return {"name": name, "concurrency": users, "chunks_per_cpu_s": round(med("chunks_per_cpu_s"), 1),
             "responses_per_s": round(med("responses_per_s"), 2), "chunks_per_s": round(med("chunks") / window_s, 1),
@@ -222,12 +227,8 @@ def run_client(name: str, url: str, users: int, warmup_s: float, window_s: float
 def merge_rounds(rounds: list[dict], window_s: float) -> dict:
     """One client at one concurrency over its rounds: medians over all their windows (one round:
     what run_client gave), and each round's own median."""
-    per = [w for r in rounds for w in r["windows"]]
-    med = lambda key: statistics.median(w[key] for w in per)  # noqa: E731
-    return {"name": rounds[0]["name"], "concurrency": rounds[0]["concurrency"],
-            "chunks_per_cpu_s": round(med("chunks_per_cpu_s"), 1), "responses_per_s": round(med("responses_per_s"), 2),
-            "chunks_per_s": round(med("chunks") / window_s, 1), "client_cpu_of_core": round(med("cpu_of_core"), 3),
-            "rounds_chunks_per_cpu_s": [r["chunks_per_cpu_s"] for r in rounds], "windows": per}
+    merged = summarize(rounds[0]["name"], rounds[0]["concurrency"], [w for r in rounds for w in r["windows"]], window_s)
+    return {**merged, "rounds_chunks_per_cpu_s": [r["chunks_per_cpu_s"] for r in rounds]}
 
 
 def round_ratios(per_round: dict[str, list[dict]], users: int) -> list[dict]:

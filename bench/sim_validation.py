@@ -275,15 +275,25 @@ def _model_path(model: str, tmp: Path) -> str:
     return str(folder)
 
 
-def simulate(bench: BenchRun, timing: str) -> tuple[dict[str, float], str]:
-    """The run's headline figures simulated under `timing`, and its timing source."""
+def run_simulated(bench: BenchRun, timing: str, wrap_cost=None):
+    """The run simulated under `timing`: its `kvlab sim bench` result and the engine config it ran
+    with. `wrap_cost`, given the config's step backend, returns the one the run prices its steps
+    with (bench/sim_step_composition.py records them)."""
     from kvlab.replay.bench import run_bench
     from kvlab.serve_config import options_config
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_path(bench.model, Path(tmp))
         cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing)
+        if wrap_cost is not None:
+            cfg = dataclasses.replace(cfg, cost=wrap_cost(cfg.cost))
         res = run_bench(model, bench.gpu, config=cfg, **bench.workload)
+    return res, cfg
+
+
+def simulate(bench: BenchRun, timing: str) -> tuple[dict[str, float], str]:
+    """The run's headline figures simulated under `timing`, and its timing source."""
+    res, _ = run_simulated(bench, timing)
     data = res.to_data()
     sim = {name: float(data[bench_field]) for name, (bench_field, _) in bench.figures.items()}
     return sim, res.timing_source
