@@ -26,7 +26,9 @@ each grid point, and the winner is written into sim/timing.py by hand with the f
 result. Then, at that host time, `fit_frontend` searches `FRONTEND_GRID` for the API server's
 CPU per arriving request, per prompt token and per streamed output (FRONTEND_PER_REQUEST_S,
 FRONTEND_PER_PROMPT_TOKEN_S, FRONTEND_PER_OUTPUT_S: kvlab.sim.engine's front end) with the same
-objective. Then, at both, `fit_roofline` searches `ROOFLINE_GRID` for the roofline's GEMM and
+objective. Then, at both, `fit_latency` searches `LATENCY_GRID` for the delay every request takes
+on its way in (FRONTEND_LATENCY_S: transport, HTTP, whatever sits between the client and the
+engine core; it occupies nothing) with the same objective. Then, at all three, `fit_roofline` searches `ROOFLINE_GRID` for the roofline's GEMM and
 HBM efficiencies (MATMUL_EFFICIENCY, MEMORY_EFFICIENCY) on the train rows that `auto` prices by
 the roofline fallback, with the same objective. Test rows are never read by either fit
 (tests/test_sim_validation.py checks that changing a test row's figures leaves the fit unchanged).
@@ -163,6 +165,9 @@ HOST_GRID = tuple((s, r) for s in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
 # seconds per prompt token x seconds per request with a token in a step.
 FRONTEND_GRID = tuple((r, t, o) for r in (0.0, 0.001, 0.002, 0.005) for t in (0.0, 2e-6, 5e-6)
                       for o in (0.0, 1e-5, 3e-5, 6e-5))
+# The front end's latency grid (declared 2026-12-03 before it was run): seconds every request takes
+# on its way in (FRONTEND_LATENCY_S), at the fitted host time and front end.
+LATENCY_GRID = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1)
 
 
 @dataclass(frozen=True)
@@ -396,6 +401,18 @@ def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=F
         grid, lambda p: front_end(*p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: (f"  front end {1000 * p[0]:.1f} ms/request + {1e6 * p[1]:.0f} us/prompt token, "
                         f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report)
+
+
+def fit_latency(pub: published_runs.PublishedRuns, timing: str = "auto", grid=LATENCY_GRID,
+                report=print) -> tuple[float, float]:
+    """The request latency (FRONTEND_LATENCY_S) of `grid` that minimises the median absolute log
+    error of the TRAIN rows' headline figures under `timing` (at the host time and front end in
+    sim/timing.py), and that error. Test rows are never run."""
+    train = _train(pub)
+    return _grid_search(
+        grid, lambda p: constants(FRONTEND_LATENCY_S=p), lambda: median_log_error(rows(train, (timing,)), timing),
+        lambda p, err: f"  request latency {1000 * p:.0f} ms: train median |log err| {err:.4f} ({_pct(err):.0f} %)",
+        report)
 
 
 def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
@@ -668,8 +685,14 @@ def main(argv: list[str] | None = None) -> int:
               f"FRONTEND_PER_OUTPUT_S = {fe[2]}: train median |log err| {err:.4f}")
         print(f"(sim/timing.py has {sim_timing.FRONTEND_PER_REQUEST_S}, {sim_timing.FRONTEND_PER_PROMPT_TOKEN_S}, "
               f"{sim_timing.FRONTEND_PER_OUTPUT_S})\n")
-        print("Roofline-fallback fit on the train rows auto prices by the roofline (at that host time and front end):")
+        print("Request-latency fit on the train rows (auto timing, at that host time and front end):")
         with host_time(step_s, per_seq_s), front_end(*fe):
+            latency, err = fit_latency(pub)
+        print(f"best: FRONTEND_LATENCY_S = {latency}: train median |log err| {err:.4f}")
+        print(f"(sim/timing.py has {sim_timing.FRONTEND_LATENCY_S})\n")
+        print("Roofline-fallback fit on the train rows auto prices by the roofline (at that host time, front end "
+              "and latency):")
+        with host_time(step_s, per_seq_s), front_end(*fe), constants(FRONTEND_LATENCY_S=latency):
             (matmul, memory), err = fit_roofline(pub)
         print(f"best: MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: median |log err| {err:.3f}")
         print(f"(sim/timing.py has {sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
@@ -681,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{1e6 * sim_timing.PER_SEQ_OVERHEAD_S:.0f} us per scheduled request; front end: "
           f"{1000 * sim_timing.FRONTEND_PER_REQUEST_S:.1f} ms per request + "
           f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:.0f} us per prompt token in, "
-          f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:.0f} us per streamed output\n")
+          f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:.0f} us per streamed output; request latency "
+          f"{1000 * sim_timing.FRONTEND_LATENCY_S:.0f} ms\n")
     print("\n".join(timing_table(results, timings)) + "\n")
     for split in ("train", "test"):
         for t in timings:

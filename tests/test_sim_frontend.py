@@ -21,7 +21,7 @@ def _burst(n: int) -> list[SessionPlan]:
 def _cfg(**frontend):
     cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096, timing="roofline")
     return dataclasses.replace(cfg, **{"frontend_per_output_s": 0.0, "frontend_per_request_s": 0.0,
-                                       "frontend_per_prompt_token_s": 0.0, **frontend})
+                                       "frontend_per_prompt_token_s": 0.0, "frontend_latency_s": 0.0, **frontend})
 
 
 def _play(cfg, n=16, **kw):
@@ -89,6 +89,24 @@ def test_a_burst_waits_for_input_processing_in_the_replay():
         assert b > a
     q = fe.engine.metrics.hist["vllm:request_queue_time_seconds"]
     assert q.sum < c_in  # the engine had nothing else queued: the wait is the front end's
+
+
+def test_request_latency_delays_each_request_and_occupies_nothing():
+    """A burst of 8 with 40 ms of latency on the way in: every request reaches the engine core 40 ms
+    after it was sent, none waits for another's latency, so the whole run is the same run 40 ms
+    later: each TTFT and end-to-end time 40 ms longer, each ITL the same, and vLLM's queue time
+    (from the engine core's QUEUED event) unchanged. With serial input processing as well, the k-th
+    request is through at 40 ms + (k + 1) x its processing."""
+    n, lat = 8, 0.04
+    base, late = _play(_cfg(), n=n), _play(_cfg(frontend_latency_s=lat), n=n)
+    for a, b in zip(base.records, late.records):
+        assert b["ttft_s"] == pytest.approx(a["ttft_s"] + lat, abs=1e-9)
+        assert b["e2e_s"] == pytest.approx(a["e2e_s"] + lat, abs=1e-9)
+        assert b["itl_s"] == pytest.approx(a["itl_s"], abs=1e-9)
+    q = "vllm:request_queue_time_seconds"
+    assert _hist_sum(late.engine, q) == pytest.approx(_hist_sum(base.engine, q), abs=1e-9)
+    eng = Engine(_cfg(frontend_latency_s=lat, frontend_per_request_s=0.004))
+    assert [eng.intake(0.0, 200) for _ in range(3)] == pytest.approx([lat + 0.004 * (k + 1) for k in range(3)])
 
 
 @pytest.mark.parametrize("frontend", [dict(frontend_per_output_s=0.0004),

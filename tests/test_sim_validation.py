@@ -53,6 +53,7 @@ FITS = {  # a fit, a small grid of it, and a figure factor that depends on the c
     "front end": (lambda: v.fit_frontend, ((0.0, 0.0, 0.0), (0.0005, 0.0, 0.0), (0.0, 2e-6, 1e-5)),
                   lambda t: (t.FRONTEND_PER_REQUEST_S * 1000 + t.FRONTEND_PER_PROMPT_TOKEN_S * 3e5
                              + t.FRONTEND_PER_OUTPUT_S * 2e4)),
+    "latency": (lambda: v.fit_latency, (0.0, 0.01, 0.05), lambda t: t.FRONTEND_LATENCY_S * 50),
 }
 
 

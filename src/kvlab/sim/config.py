@@ -51,6 +51,9 @@ class SimConfig:
     frontend_per_output_s: float = 0.0
     frontend_per_request_s: float = 0.0  # and per arriving request (FRONTEND_PER_REQUEST_S)
     frontend_per_prompt_token_s: float = 0.0  # and per prompt token (FRONTEND_PER_PROMPT_TOKEN_S)
+    # The time every request takes from the client's send to the engine core's queue, apart from
+    # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
+    frontend_latency_s: float = 0.0
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -147,6 +150,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_output_s=sim_timing.FRONTEND_PER_OUTPUT_S,
         frontend_per_request_s=sim_timing.FRONTEND_PER_REQUEST_S,
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
+        frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,

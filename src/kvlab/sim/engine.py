@@ -7,7 +7,9 @@ derived from the wall clock (`--speedup`); the offline runner passes virtual tim
 The front end (vLLM V1's API server process, apart from the engine core) is one serial resource:
 a request that arrives takes `SimConfig.frontend_per_request_s` of it plus
 `frontend_per_prompt_token_s` per prompt token (parsing, tokenising, input processing) before the
-engine core sees it (`Engine.intake`); after each step it turns the step's
+engine core sees it (`Engine.intake`), and every request first takes `frontend_latency_s` on its
+way in, a delay that occupies nothing (transport, HTTP, whatever sits between the client and the
+API server: every request sees it, none waits for another's); after each step it turns the step's
 outputs into streamed chunks, `SimConfig.frontend_per_output_s` per request with a token in the
 step, one step's outputs after the other; the engine core does not wait for it (no backpressure in
 V1: `vllm/v1/engine/core.py` queues its outputs unbounded). So a
@@ -85,14 +87,17 @@ class Engine:
         self.frontend_out_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
         self.frontend_in_s = cfg.frontend_per_request_s  # front-end CPU per arriving request
         self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
+        self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
 
     def intake(self, arrival_s: float, prompt_tokens: int) -> float:
         """When a request that reached the API server at `arrival_s` is through its input processing
-        and can be added (`add_request`): after the front end's earlier work and its own."""
+        and can be added (`add_request`): `frontend_latency_s` after it was sent, then after the front
+        end's earlier work and its own."""
+        ready_s = arrival_s + self.frontend_latency_s
         if not (self.frontend_in_s or self.frontend_token_s):
-            return arrival_s
-        return self._front_end_work(arrival_s, self.frontend_in_s + self.frontend_token_s * prompt_tokens)[1]
+            return ready_s
+        return self._front_end_work(ready_s, self.frontend_in_s + self.frontend_token_s * prompt_tokens)[1]
 
     def _front_end(self, end_s: float, outputs: int) -> tuple[float, float]:
         """The front end takes a step's `outputs` when it is done with its earlier work and the step

@@ -120,6 +120,14 @@ FRONTEND_PER_OUTPUT_S = 0.0
 # hundreds of streams, without a per-token figure).
 FRONTEND_PER_REQUEST_S = 0.0
 FRONTEND_PER_PROMPT_TOKEN_S = 0.0
+# And FRONTEND_LATENCY_S: the time every request takes from the client's send to the engine core's
+# queue apart from that serial work, a delay that occupies nothing (transport, HTTP, whatever sits
+# between the bench client and the API server, the API server's own handling): it adds to each
+# request's TTFT and end-to-end latency (the client's and vLLM's histograms alike), to no step.
+# Published low-load TTFTs carry tens of milliseconds that no engine step accounts for
+# (docs/simulator-validation.md, "Low-load TTFT"); the front end's serial terms above cannot carry
+# them, since at 5 ms per request a burst of 1,000 would queue for 5 s.
+FRONTEND_LATENCY_S = 0.0
 ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
