@@ -438,6 +438,9 @@ def _throughput_name(a: RowResult, b: RowResult) -> str | None:
 
 
 DEQUANT_GRID = (1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05)
+# The legacy kernels' cost of each further pass over the packed weights below DEQUANT_MIN_TOKENS, as a
+# share of one HBM read of them (declared 2026-12-03 before it was run; 0: the model before it).
+LEGACY_REPEAT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 SHAREGPT_SIGMA_GRID = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
@@ -477,7 +480,8 @@ def fit_sharegpt(pub: published_runs.PublishedRuns, grid=SHAREGPT_SIGMA_GRID, re
     return best
 # Each kernel-path constant: (timing constant, grid, what the quantized run's timing source names).
 PATH_FITS = {"marlin": ("MARLIN_EFFICIENCY", MARLIN_GRID, "Marlin"),
-             "dequant": ("DEQUANT_EFFICIENCY", DEQUANT_GRID, "legacy dequantize")}
+             "dequant": ("DEQUANT_EFFICIENCY", DEQUANT_GRID, "legacy dequantize"),
+             "legacy-gemm": ("LEGACY_GEMM_REPEAT_COST", LEGACY_REPEAT_GRID, "legacy dequantize")}
 
 
 def fit_path(pub: published_runs.PublishedRuns, path: str, report=print) -> tuple[float, float]:

@@ -138,7 +138,7 @@ def test_the_kernel_path_fits_read_train_rows_only(pub, monkeypatch):
 
     def fake_simulate(bench, timing):
         ran.append(bench)
-        k = v.sim_timing.MARLIN_EFFICIENCY * v.sim_timing.DEQUANT_EFFICIENCY
+        k = v.sim_timing.MARLIN_EFFICIENCY * v.sim_timing.DEQUANT_EFFICIENCY / (1 + v.sim_timing.LEGACY_GEMM_REPEAT_COST)
         q = bench.serve.get("quantization")
         label = {"awq": "roofline (legacy dequantize)", "awq_marlin": "roofline (Marlin)"}.get(q, "kernel tables")
         return {name: value * (k if q else 1.0) for name, (_, value) in bench.figures.items()}, label
@@ -178,3 +178,28 @@ def test_weight_kernel_paths_follow_vllm():
     marlin = cost("awq_marlin")
     # the legacy path costs the dequantize kernels from 256 tokens on; Marlin never does
     assert legacy.step_time_s(at) - marlin.step_time_s(at) > legacy.step_time_s(below) - marlin.step_time_s(below)
+
+
+@pytest.mark.parametrize("q, rows", [("awq", 16), ("gptq", 8)])
+def test_legacy_kernels_pass_over_the_weights_once_per_block_of_rows(monkeypatch, q, rows):
+    """Below the dequantize threshold, `-q awq` (awq_gemm: 16-row blocks) and `-q gptq` (exllama: 8)
+    read the packed weights from HBM once and pass over them again for each further block of rows, at
+    LEGACY_GEMM_REPEAT_COST of a read each: the memory term grows by that, to the byte; at and above
+    the threshold the cuBLAS path is unchanged."""
+    from kvlab.models.params import LINEAR
+    from kvlab.models.weights import WEIGHT_FORMATS, weight_bytes_by_role
+    from kvlab.models.cards import card
+    from kvlab.hardware import gpu
+    from kvlab.sim import timing
+
+    arch, fmt = card("qwen3-8b").arch, WEIGHT_FORMATS[q]
+    packed = weight_bytes_by_role(arch, fmt, "bfloat16")[LINEAR]
+    free = timing.cost_model(arch, fmt, "bfloat16", "auto", gpu("h100"), 1, "dequant")
+    monkeypatch.setattr(timing, "LEGACY_GEMM_REPEAT_COST", 0.25)
+    paid = timing.cost_model(arch, fmt, "bfloat16", "auto", gpu("h100"), 1, "dequant")
+    assert paid.legacy_rows == rows
+    for tokens in (1, rows, rows + 1, 5 * rows, 200 if q == "awq" else 50):
+        extra = (paid._memory_s(tokens, 0) - free._memory_s(tokens, 0)) * paid.bytes_per_s
+        assert extra == pytest.approx((-(-tokens // rows) - 1) * 0.25 * packed, rel=1e-9)
+    top = timing.DEQUANT_MIN_TOKENS[q]
+    assert paid._memory_s(top, 0) == free._memory_s(top, 0)

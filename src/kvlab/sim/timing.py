@@ -22,7 +22,9 @@ weight-only formats, which dequantize to BF16). Weight-only formats run the GEMM
 them (`weight_kernel`): Marlin (AWQ/GPTQ checkpoints, `awq_marlin`/`gptq_marlin`, FP8 on GPUs without
 FP8 tensor cores) at MARLIN_EFFICIENCY of the BF16 GEMM rate; the legacy kernels that `-q awq` /
 `-q gptq` force dequantize the whole weight to 16 bits and call cuBLAS once a GEMM has enough rows
-(AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and reads 2 more bytes per weight each. `-pp` splits memory but its stages run one after
+(AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and reads 2 more bytes per weight each;
+below that their own GEMMs pass over the packed weights once per 16 (AWQ) / 8 (exllama) rows, each
+pass after the first at LEGACY_GEMM_REPEAT_COST of an HBM read of them. `-pp` splits memory but its stages run one after
 another, so a step takes as long as on one GPU-equivalent (no micro-batch pipelining modelled).
 The efficiency factors are estimates (documented below), not measurements.
 
@@ -72,6 +74,16 @@ MARLIN_EFFICIENCY = 0.8
 # GPTQ (`-q gptq`, exllama): csrc/quantization/gptq/q_gemm.cu gemm_half_q_half_cuda,
 # `use_exllama && size_m > MAX_Q_GEMM_ROWS` (50) reconstructs the FP16 matrix, then cuBLAS.
 DEQUANT_MIN_TOKENS = {"awq": 256, "gptq": 51}
+# Below those rows the legacy kernels are not Marlin: each block of rows unpacks the weights again.
+# AWQ: csrc/quantization/awq/gemm_kernels.cu `awq_gemm` launches ceil(M / 16) x (OC / 128) x split_k
+# thread blocks of `gemm_forward_4bit_cuda_m16nXk32`, each dequantizing its own 32 x 128 weight tiles;
+# GPTQ/exllama: csrc/quantization/gptq/q_gemm.cu `gemm_half_q_half_gptq_4bit_kernel`, `offset_m =
+# blockIdx.y * m_count` with m_count up to BLOCK_M_SIZE_MAX = 8. So a step of M tokens passes over
+# the packed weights ceil(M / rows) times: the first pass reads them from HBM, the others mostly hit
+# L2 and dequantize in registers, each costing LEGACY_GEMM_REPEAT_COST of one HBM read of them.
+LEGACY_GEMM_ROWS = {"awq": 16, "gptq": 8}
+# FIT: pending (0 prices every further pass free: the model before these rows were read).
+LEGACY_GEMM_REPEAT_COST = 0.0
 # The dequantize kernels' share of the roofline's HBM rate (they are simple elementwise kernels).
 # FIT (2026-12-02, `python bench/sim_validation.py --fit-path dequant`): grid {1.0, 0.5, 0.3, 0.2, 0.15,
 # 0.1, 0.07, 0.05}; objective: the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose
@@ -184,6 +196,10 @@ class CostModel:
     dequant_bytes: float = 0.0
     dequant_gemm_extra_bytes: float = 0.0
     dequant_min_tokens: int = 0
+    # below `dequant_min_tokens`, the legacy kernels' passes over the packed weights: one per
+    # `legacy_rows` tokens, each after the first costing `legacy_repeat_bytes` of HBM reads
+    legacy_rows: int = 0
+    legacy_repeat_bytes: float = 0.0
     timing_source: str = "roofline"
     fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
@@ -216,8 +232,11 @@ class CostModel:
 
     def _memory_s(self, tokens: int, kv_tokens: int) -> float:
         weights = (self.dense_weight_bytes + self.expert_bytes * self.expert_fraction(tokens)) / self.tp
-        if self.dequant_min_tokens and tokens >= self.dequant_min_tokens:
-            weights += self.dequant_gemm_extra_bytes / self.tp
+        if self.dequant_min_tokens:
+            if tokens >= self.dequant_min_tokens:
+                weights += self.dequant_gemm_extra_bytes / self.tp
+            elif tokens > self.legacy_rows and self.legacy_repeat_bytes:
+                weights += (-(-tokens // self.legacy_rows) - 1) * self.legacy_repeat_bytes / self.tp
         return (weights + kv_tokens * self.kv_bytes_per_token) / self.bytes_per_s
 
     def comm_s(self, w: StepWork) -> float:
@@ -363,6 +382,8 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         dequant_bytes=roles[LINEAR] + 2.0 * linear_params if kernel == "dequant" else 0.0,
         dequant_gemm_extra_bytes=2.0 * linear_params - roles[LINEAR] if kernel == "dequant" else 0.0,
         dequant_min_tokens=DEQUANT_MIN_TOKENS.get(fmt.name, 0) if kernel == "dequant" else 0,
+        legacy_rows=LEGACY_GEMM_ROWS.get(fmt.name, 0) if kernel == "dequant" else 0,
+        legacy_repeat_bytes=LEGACY_GEMM_REPEAT_COST * roles[LINEAR] if kernel == "dequant" else 0.0,
     )
 
 
