@@ -101,6 +101,28 @@ def test_composed_mixed_step_matches_mixed_step_breakdown(llama):
         llama._ctx_attn, 1, isl, 0, 1.0, None)[0][1], rel=1e-9)
 
 
+def test_online_fp8_moe_experts_are_priced_from_the_triton_rows():
+    """`-q fp8` on an MoE model: vLLM's Fp8MoEMethod runs its experts on the Triton fused-MoE kernel
+    (dynamic per-tensor activation scales, which FlashInfer CUTLASS does not take), so they are
+    priced from the table's Triton FP8 MoE rows (block-scaled), not its per-tensor rows (ModelOpt's
+    static-scale FlashInfer CUTLASS path); the dense GEMMs keep the per-tensor CUTLASS rows."""
+    moe = _rows("h100_sxm", "moe", "moe_perf.parquet")
+    shape = moe[(moe.hidden_size == 2048) & (moe.inter_size == 768) & (moe.num_experts == 128) & (moe.topk == 8)
+                & (moe.moe_tp_size == 1) & (moe.moe_ep_size == 1)]
+    assert set(shape[shape.moe_dtype == "fp8_block"].kernel_source) == {"vllm_fp8moe_triton_tritonexperts"}
+    assert set(shape[shape.moe_dtype == "fp8"].kernel_source) == {"vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts"}
+    per_tensor, block, bf16 = (timing("qwen3-30b-a3b", q=q) for q in ("fp8", "fp8-block", None))
+    assert per_tensor.moe_quant_mode == block.moe_quant_mode == "fp8_block" and bf16.moe_quant_mode == "bfloat16"
+    assert "MoE experts from the block-FP8 Triton rows" in per_tensor.timing_source
+    assert "MoE experts" not in block.timing_source and timing("llama-3.1-8b", q="fp8").moe_quant_mode is None
+    step = decode(64, 64 * 2000)
+    ops = {q: {name: ms for name, ms, _ in t.op_times_ms(step)} for q, t in (("fp8", per_tensor), ("block", block))}
+    assert ops["fp8"]["generation_moe"] == ops["block"]["generation_moe"]  # the same MoE rows
+    g = _rows("h100_sxm", "gemm", "gemm_perf.parquet")
+    assert ops["fp8"]["generation_qkv_gemm"] < ops["block"]["generation_qkv_gemm"]  # per-tensor CUTLASS GEMMs
+    assert set(g[g.gemm_dtype == "fp8"].kernel_source) == {"CutlassFP8ScaledMMLinearKernel"}
+
+
 def test_provenance_labels():
     moe = timing("qwen3-30b-a3b")
     assert isinstance(moe, kernels.KernelTiming)

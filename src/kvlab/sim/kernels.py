@@ -57,6 +57,21 @@ SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.
 GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
+# kvlab weight format -> the MoE table rows that price its routed experts: the rows of the kernel
+# vLLM runs for it. vLLM's FP8 MoE oracle (vllm/model_executor/layers/fused_moe/oracle/fp8.py,
+# `select_fp8_moe_backend`) tries FlashInfer TRT-LLM (Blackwell), FlashInfer CUTLASS, DeepGEMM (block
+# scales only), then Triton; `Fp8MoEMethod` (quantization/fp8.py) passes per-tensor weights with
+# DYNAMIC activation scales for `-q fp8` (online) and allow_vllm_cutlass=False, and FlashInfer
+# CUTLASS takes per-tensor FP8 only with static activation scales (flashinfer_cutlass_moe.py,
+# `_supports_quant_scheme`), so `-q fp8` experts run vLLM's Triton fused-MoE kernel. The tables'
+# per-tensor "fp8" MoE rows are ModelOpt's static-scale FlashInfer CUTLASS path
+# (kernel_source vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts), a kernel `-q fp8` does
+# not run; their Triton rows are the block-scaled ones (vllm_fp8moe_triton_tritonexperts: the
+# same Fp8MoEMethod and Triton experts, 128-block weight scales and per-token-group activation
+# quantization instead of per-tensor). So `fp8` experts are priced from those (MOE_PROXY says so).
+MOE_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8_block", "fp8-block": "fp8_block"}
+MOE_PROXY = {"fp8": ("MoE experts from the block-FP8 Triton rows (vLLM runs -q fp8 experts on its Triton kernel; "
+                     "the per-tensor FP8 MoE rows are ModelOpt's static-scale FlashInfer CUTLASS path)")}
 KV_QUANT_MODES = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat16", "half": "bfloat16",
                   "fp8": "fp8", "fp8_e4m3": "fp8"}
 # Architectures priced op by op. Mistral (no sliding window: kvlab's simulator refuses those) has
@@ -211,10 +226,11 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
     gemm_rows = _gemm_modes(system)
     if gemm not in gemm_rows:
         return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
-    if arch.moe is not None and not _moe_rows(system, gemm, arch, tp):
+    if arch.moe is not None and not _moe_rows(system, MOE_QUANT_MODES[fmt.name], arch, tp):
         m = arch.moe
         return (f"MoE shape (hidden {arch.hidden_size}, {m.num_experts} experts of {m.moe_intermediate_size}, "
-                f"top-{m.num_experts_per_tok}, {gemm}, moe_tp {tp}) is in no {system} MoE table")
+                f"top-{m.num_experts_per_tok}, {MOE_QUANT_MODES[fmt.name]}, moe_tp {tp}) is in no {system} MoE table"
+                + (" (its block-FP8 Triton rows price -q fp8 experts)" if fmt.name in MOE_PROXY else ""))
     if arch.num_attention_heads % tp or arch.num_key_value_heads % tp and tp % arch.num_key_value_heads:
         return f"{arch.num_attention_heads} heads do not split over -tp {tp}"
     if tp > 1 and not _allreduce_rows(system, tp):
@@ -265,7 +281,8 @@ def _allreduce_rows(system: str, tp: int) -> bool:
 
 @lru_cache(maxsize=64)
 def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim: int,
-            gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None, mla: bool = False) -> Tables:
+            gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None, mla: bool = False,
+            moe_mode: str | None = None) -> Tables:
     notes: list[str] = []
     static = MEASURED
     g = _table(system, "gemm", "gemm_perf.parquet")
@@ -275,7 +292,7 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
     if moe_shape is not None:  # a MoE model's token grid: where both GEMM and MoE tables have rows
         m = _table(system, "moe", "moe_perf.parquet")
         hidden, inter, topk, experts, moe_tp = moe_shape
-        m = m[(m.moe_dtype == gemm) & (m.hidden_size == hidden) & (m.inter_size == inter) & (m.topk == topk)
+        m = m[(m.moe_dtype == (moe_mode or gemm)) & (m.hidden_size == hidden) & (m.inter_size == inter) & (m.topk == topk)
               & (m.num_experts == experts) & (m.moe_tp_size == moe_tp) & (m.moe_ep_size == 1)]
         tokens &= set(int(x) for x in m.num_tokens.unique())
         knots |= set(int(x) for x in m.num_tokens.unique())
@@ -375,12 +392,13 @@ def _quiet_stderr():
 
 
 @lru_cache(maxsize=16)
-def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: bool):
-    """Compile the estimator for a model config (JSON) once per process."""
+def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: str | None):
+    """Compile the estimator for a model config (JSON) once per process (`moe`: the MoE rows'
+    quant mode, None for a dense model)."""
     from aiconfigurator_core.sdk.engine import EngineHandle
     kwargs = dict(tp_size=tp, gemm_quant_mode=gemm, kvcache_quant_mode=kv)
     if moe:
-        kwargs.update(moe_tp_size=tp, moe_ep_size=1, moe_quant_mode=gemm)
+        kwargs.update(moe_tp_size=tp, moe_ep_size=1, moe_quant_mode=moe)
     with tempfile.TemporaryDirectory(prefix="kvlab-aic-") as d, _quiet_stderr():
         write_text_atomic(Path(d) / "config.json", config_json)
         handle = EngineHandle.compile(d, system, BACKEND, **kwargs)
@@ -398,15 +416,17 @@ class KernelTiming:
             raise ValueError(reason)
         self.system = SYSTEMS[gpu.name]
         self.gemm_quant_mode = GEMM_QUANT_MODES[fmt.name]
+        self.moe_quant_mode = MOE_QUANT_MODES[fmt.name] if arch.moe is not None else None
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
         self.tp = tp
         self.roofline = roofline  # fallback for steps the estimator cannot answer, and FLOP/byte counts
         self.host_step_s, self.host_per_seq_s = host_step_s, host_per_seq_s
         self.version = table_version(self.system)
         self.timing_source = (f"{PACKAGE} {package_version()}: {self.system} vLLM {self.version} kernel tables, "
-                              f"{self.gemm_quant_mode} GEMMs, {self.kvcache_quant_mode} KV")
+                              f"{self.gemm_quant_mode} GEMMs, {self.kvcache_quant_mode} KV"
+                              + (f"; {MOE_PROXY[fmt.name]}" if arch.moe is not None and fmt.name in MOE_PROXY else ""))
         cfg = json.dumps(_hf_config(arch, ARCHITECTURES[arch.architecture]), sort_keys=True)
-        self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, arch.moe is not None)
+        self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, self.moe_quant_mode)
         ctx, gen = self._eng.run_static_per_op(1, 1, 16, 2, 0, 1.0, 1.0)
         ctx_names, gen_names = [op[0] for op in ctx], [op[0] for op in gen]
         self._ctx_attn = [i for i, n in enumerate(ctx_names) if n in ATTENTION_OPS]
@@ -416,7 +436,7 @@ class KernelTiming:
         kv_heads = max(arch.num_key_value_heads // tp, 1)
         self.tables = _tables(self.system, self.gemm_quant_mode, self.kvcache_quant_mode,
                               arch.num_attention_heads // tp, kv_heads, arch.head_dim, _gemm_shapes(arch, tp),
-                              _moe_shape(arch, tp), arch.mla is not None)
+                              _moe_shape(arch, tp), arch.mla is not None, self.moe_quant_mode)
         self._counts = [0, 0, 0, 0]
         self._memo_ctx_other: dict[int, tuple[float, int]] = {}
         self._memo_gen_other: dict[int, tuple[float, int]] = {}
