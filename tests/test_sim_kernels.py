@@ -121,6 +121,15 @@ def test_online_fp8_moe_experts_are_priced_from_the_triton_rows():
     g = _rows("h100_sxm", "gemm", "gemm_perf.parquet")
     assert ops["fp8"]["generation_qkv_gemm"] < ops["block"]["generation_qkv_gemm"]  # per-tensor CUTLASS GEMMs
     assert set(g[g.gemm_dtype == "fp8"].kernel_source) == {"CutlassFP8ScaledMMLinearKernel"}
+    # the L40S's per-tensor FP8 MoE rows are Triton's: used as they are; B200's tables have no Triton
+    # FP8 MoE rows (FlashInfer TRT-LLM only): its per-tensor rows, labelled; -tp 4 on an H100 has no
+    # Triton FP8 rows either
+    l40s = timing("qwen3-30b-a3b", "l40s", q="fp8")
+    assert l40s.moe_quant_mode == "fp8" and "MoE experts" not in l40s.timing_source
+    b200 = timing("qwen3-30b-a3b", "b200", q="fp8")
+    assert b200.moe_quant_mode == "fp8" and "trtllm" in b200.timing_source and "no FP8 rows" in b200.timing_source
+    tp4 = timing("qwen3-30b-a3b", q="fp8", tp=4)
+    assert tp4.moe_quant_mode == "fp8" and "flashinfer_cutlass" in tp4.timing_source
 
 
 def test_provenance_labels():

@@ -57,21 +57,19 @@ SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.
 GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
-# kvlab weight format -> the MoE table rows that price its routed experts: the rows of the kernel
-# vLLM runs for it. vLLM's FP8 MoE oracle (vllm/model_executor/layers/fused_moe/oracle/fp8.py,
-# `select_fp8_moe_backend`) tries FlashInfer TRT-LLM (Blackwell), FlashInfer CUTLASS, DeepGEMM (block
-# scales only), then Triton; `Fp8MoEMethod` (quantization/fp8.py) passes per-tensor weights with
-# DYNAMIC activation scales for `-q fp8` (online) and allow_vllm_cutlass=False, and FlashInfer
-# CUTLASS takes per-tensor FP8 only with static activation scales (flashinfer_cutlass_moe.py,
-# `_supports_quant_scheme`), so `-q fp8` experts run vLLM's Triton fused-MoE kernel. The tables'
-# per-tensor "fp8" MoE rows are ModelOpt's static-scale FlashInfer CUTLASS path
-# (kernel_source vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts), a kernel `-q fp8` does
-# not run; their Triton rows are the block-scaled ones (vllm_fp8moe_triton_tritonexperts: the
-# same Fp8MoEMethod and Triton experts, 128-block weight scales and per-token-group activation
-# quantization instead of per-tensor). So `fp8` experts are priced from those (MOE_PROXY says so).
-MOE_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8_block", "fp8-block": "fp8_block"}
-MOE_PROXY = {"fp8": ("MoE experts from the block-FP8 Triton rows (vLLM runs -q fp8 experts on its Triton kernel; "
-                     "the per-tensor FP8 MoE rows are ModelOpt's static-scale FlashInfer CUTLASS path)")}
+# The MoE rows that price a format's routed experts are those of the kernel vLLM runs for it. For
+# `-q fp8` that is vLLM's Triton fused-MoE kernel: `Fp8MoEMethod` (quantization/fp8.py) asks the FP8
+# MoE oracle (vllm/model_executor/layers/fused_moe/oracle/fp8.py, `select_fp8_moe_backend`) for
+# per-tensor weights with DYNAMIC activation scales and allow_vllm_cutlass=False; FlashInfer TRT-LLM
+# and FlashInfer CUTLASS take per-tensor FP8 only with static activation scales
+# (flashinfer_cutlass_moe.py, `_supports_quant_scheme`), DeepGEMM only block scales, so Triton it is.
+# The tables' per-tensor "fp8" MoE rows were measured on ModelOpt checkpoints (static scales): on
+# Hopper and Blackwell that is FlashInfer's path (kernel_source vllm_modeloptfp8moe_flashinfer_...),
+# a kernel `-q fp8` does not run; on the L40S it is Triton. `moe_quant_mode` picks, for `-q fp8`, the
+# per-tensor rows where they are Triton's, else the block-scaled Triton rows
+# (vllm_fp8moe_triton_tritonexperts: the same Fp8MoEMethod and Triton experts, 128-block weight
+# scales and per-token-group activation quantization instead of per-tensor), else the per-tensor
+# rows as they are, and says which.
 KV_QUANT_MODES = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "bfloat16", "half": "bfloat16",
                   "fp8": "fp8", "fp8_e4m3": "fp8"}
 # Architectures priced op by op. Mistral (no sliding window: kvlab's simulator refuses those) has
@@ -226,11 +224,11 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
     gemm_rows = _gemm_modes(system)
     if gemm not in gemm_rows:
         return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
-    if arch.moe is not None and not _moe_rows(system, MOE_QUANT_MODES[fmt.name], arch, tp):
+    moe_mode = moe_quant_mode(system, fmt.name, _moe_shape(arch, tp))[0] if arch.moe is not None else None
+    if arch.moe is not None and not _moe_rows(system, moe_mode, arch, tp):
         m = arch.moe
         return (f"MoE shape (hidden {arch.hidden_size}, {m.num_experts} experts of {m.moe_intermediate_size}, "
-                f"top-{m.num_experts_per_tok}, {MOE_QUANT_MODES[fmt.name]}, moe_tp {tp}) is in no {system} MoE table"
-                + (" (its block-FP8 Triton rows price -q fp8 experts)" if fmt.name in MOE_PROXY else ""))
+                f"top-{m.num_experts_per_tok}, {moe_mode}, moe_tp {tp}) is in no {system} MoE table")
     if arch.num_attention_heads % tp or arch.num_key_value_heads % tp and tp % arch.num_key_value_heads:
         return f"{arch.num_attention_heads} heads do not split over -tp {tp}"
     if tp > 1 and not _allreduce_rows(system, tp):
@@ -248,6 +246,38 @@ def _attention_kv_modes(system: str, op: str) -> frozenset[str]:
 
 
 @lru_cache(maxsize=None)
+def moe_quant_mode(system: str, fmt_name: str, shape: tuple) -> tuple[str, str | None]:
+    """The MoE rows' quant mode that prices format `fmt_name`'s experts on `system` for MoE `shape`
+    (`_moe_shape`), and a note where those rows are not the format's own (see above)."""
+    gemm = GEMM_QUANT_MODES[fmt_name]
+    if fmt_name != "fp8":
+        return gemm, None
+    own = _moe_kernels(system, "fp8", shape)
+    if own and all("triton" in k for k in own):
+        return "fp8", None
+    block = _moe_kernels(system, "fp8_block", shape)
+    if block and all("triton" in k for k in block):
+        return "fp8_block", ("MoE experts from the block-FP8 Triton rows (vLLM runs -q fp8 experts on its Triton "
+                             f"kernel; the per-tensor FP8 MoE rows are {', '.join(sorted(own)) or 'absent'})")
+    if own:
+        return "fp8", (f"MoE experts from the per-tensor FP8 rows, measured on {', '.join(sorted(own))} (vLLM runs "
+                       "-q fp8 experts on its Triton kernel, of which these tables have no FP8 rows)")
+    return "fp8", None
+
+
+@lru_cache(maxsize=None)
+def _moe_kernels(system: str, mode: str, shape: tuple) -> frozenset[str]:
+    """The kernel sources of `system`'s MoE rows in quant mode `mode` for `shape` (hidden, inter,
+    top-k, experts, moe_tp; expert parallelism 1)."""
+    df = _table(system, "moe", "moe_perf.parquet")
+    if df is None:
+        return frozenset()
+    hidden, inter, topk, experts, tp = shape
+    df = df[(df.moe_dtype == mode) & (df.hidden_size == hidden) & (df.inter_size == inter) & (df.topk == topk)
+            & (df.num_experts == experts) & (df.moe_tp_size == tp) & (df.moe_ep_size == 1)]
+    return frozenset(str(k) for k in df.kernel_source.unique())
+
+
 def _gemm_modes(system: str) -> frozenset[str]:
     df = _table(system, "gemm", "gemm_perf.parquet")
     return frozenset(df.gemm_dtype.unique()) if df is not None else frozenset()
@@ -416,7 +446,8 @@ class KernelTiming:
             raise ValueError(reason)
         self.system = SYSTEMS[gpu.name]
         self.gemm_quant_mode = GEMM_QUANT_MODES[fmt.name]
-        self.moe_quant_mode = MOE_QUANT_MODES[fmt.name] if arch.moe is not None else None
+        self.moe_quant_mode, moe_note = (moe_quant_mode(self.system, fmt.name, _moe_shape(arch, tp))
+                                         if arch.moe is not None else (None, None))
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
         self.tp = tp
         self.roofline = roofline  # fallback for steps the estimator cannot answer, and FLOP/byte counts
@@ -424,7 +455,7 @@ class KernelTiming:
         self.version = table_version(self.system)
         self.timing_source = (f"{PACKAGE} {package_version()}: {self.system} vLLM {self.version} kernel tables, "
                               f"{self.gemm_quant_mode} GEMMs, {self.kvcache_quant_mode} KV"
-                              + (f"; {MOE_PROXY[fmt.name]}" if arch.moe is not None and fmt.name in MOE_PROXY else ""))
+                              + (f"; {moe_note}" if moe_note else ""))
         cfg = json.dumps(_hf_config(arch, ARCHITECTURES[arch.architecture]), sort_keys=True)
         self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, self.moe_quant_mode)
         ctx, gen = self._eng.run_static_per_op(1, 1, 16, 2, 0, 1.0, 1.0)
