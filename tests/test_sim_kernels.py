@@ -328,3 +328,18 @@ def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(lla
     gpu = base.step_time_s(w) - (0.001 + 0.00002 * w.requests)
     assert s.step_time_s(w) == pytest.approx(gpu * awq.roof.gpu_s(w) / awq.roof_bf16.gpu_s(w)
                                              + 0.001 + 0.00002 * w.requests, rel=1e-9)
+
+
+def test_compile_reads_the_tables_yaml_with_libyaml_to_the_same_objects():
+    """While the estimator compiles, `yaml.safe_load` parses with libyaml (CSafeLoader): every
+    YAML file of the H100 tables gives the same objects as PyYAML's pure-Python loader, and the
+    loader is put back after."""
+    import yaml
+    plain = yaml.safe_load
+    files = sorted((kernels.data_root() / "h100_sxm").rglob("*.yaml"))
+    assert files
+    expected = [plain(f.read_text()) for f in files]
+    with kernels._libyaml():
+        assert yaml.safe_load is not plain or not yaml.__with_libyaml__
+        assert [yaml.safe_load(f.read_text()) for f in files] == expected
+    assert yaml.safe_load is plain
