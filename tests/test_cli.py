@@ -49,6 +49,19 @@ def test_compare_table_and_json(kvlab):
     assert round(d["models"][1]["kv_saved_vs_first_pct"], 2) == round(100 * (1 - 31104 / 131072), 2)
 
 
+def test_compare_takes_capacitys_flags(kvlab):
+    """compare sizes each model as `kvlab capacity` does with the same flags, --nnodes, -dp, -ep,
+    --vllm-version and --sampler included."""
+    flags = ("--gpu", "h100", "-tp", "16", "--nnodes", "2", "-dp", "2", "-ep", "--vllm-version", "0.20",
+             "--sampler", "flashinfer", "--max-model-len", "32768")
+    d = json.loads(kvlab("compare", "qwen3-30b-a3b", "deepseek-v2-lite", *flags, "--json").stdout)
+    for row in d["models"]:
+        alone = json.loads(kvlab("capacity", row["model"], *flags, "--json").stdout)
+        assert row["capacity"] == alone
+    assert d["models"][0]["capacity"]["kv_budget_bytes"] != json.loads(kvlab(
+        "capacity", "qwen3-30b-a3b", *flags[:4], "--max-model-len", "32768", "--json").stdout)["kv_budget_bytes"]
+
+
 def test_gpus_and_cards(kvlab):
     d = json.loads(kvlab("gpus", "--json").stdout)
     names = {g["name"] for g in d["gpus"]}

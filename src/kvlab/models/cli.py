@@ -304,17 +304,24 @@ def compare_cmd(
     kv_cache_memory_bytes: Optional[int] = KV_BYTES,
     max_model_len: Optional[int] = MAX_LEN,
     block_size: Optional[int] = BLOCK,
+    attention_backend: Optional[str] = BACKEND,
     kv_cache_dtype: str = KV_DTYPE,
     quantization: Optional[str] = QUANT,
     dtype: Optional[str] = DTYPE,
     tensor_parallel_size: int = TP,
     pipeline_parallel_size: int = PP,
+    data_parallel_size: int = DP,
+    enable_expert_parallel: bool = EP,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
     cpu: bool = CPU,
+    vllm_version: str = VLLM_VERSION,
+    sampler: str = SAMPLER,
+    nnodes: int = NNODES,
     as_json: bool = JSON,
 ) -> None:
-    """Side-by-side KV bytes, capacity and memory saved against the first model."""
+    """Side-by-side KV bytes, capacity and memory saved against the first model (capacity with the
+    same flags as `kvlab capacity`, speculative decoding aside)."""
     if len(models) < 2:
         raise KvlabError("compare needs at least two models")
     resolved = [resolve_model(x) for x in models]
