@@ -162,18 +162,19 @@ class Engine:
         prompt_done = 0
         prefill_done = []
         max_len = self.cfg.max_model_len
-        if self.frontend_out_s:
-            fe_s, out_s = self._front_end(end_s, out.num_decodes + sum(
-                1 for seq, n in out.chunks if not seq.aborted and seq.num_computed_tokens + n >= seq.num_tokens))
-        else:
-            fe_s = out_s = end_s
-        res.out_s = out_s
+        done = []  # requests whose prefill ends in this step (they sample their next token)
         for seq, n in out.chunks:
             if seq.aborted:
                 continue
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue
+            if seq.num_computed_tokens >= seq.num_tokens:
+                done.append(seq)
+        if self.frontend_out_s:
+            fe_s, out_s = self._front_end(end_s, out.num_decodes + len(done))
+        else:
+            fe_s = out_s = end_s
+        res.out_s = out_s
+        for seq in done:
             seq.token_ids.append(tokens.output_token(seq.output_seed, seq.num_output_tokens))
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
