@@ -174,6 +174,10 @@ def test_cli_json_has_every_field_and_writes_the_record(kvlab, tmp_path):
     (["--input-len", "0"], "--input-len must be at least 1"),
     (["--dataset", "sharegpt", "--input-len", "100"], "apply to --dataset random"),
     (["-q", "no-such-method"], "--quantization no-such-method"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    (["--max-num-batched-tokens", "-3"], "--max-num-batched-tokens must be at least 1, got -3"),
+    (["--max-model-len", "200", "--input-len", "300", "--output-len", "8"],
+     "all 2 requests failed, as vLLM would refuse them (2 the prompt is longer than --max-model-len)"),
 ])
 def test_bad_input_is_one_line_exit_2(kvlab, args, message):
     r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "2", *args)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -102,6 +103,12 @@ def bench_metrics(records: list[dict]) -> dict:
     ends = [r["start_ts"] + (r["e2e_s"] or 0.0) for r in records]
     duration = max(ends) if ends else 0.0
     if duration <= 0:
+        errors = Counter(r["error_kind"] for r in records if r["error_kind"])
+        why = {"context_length": "the prompt is longer than --max-model-len",
+               "max_tokens": "--output-len (max_tokens) is greater than --max-model-len"}
+        if errors and not done:
+            kinds = "; ".join(f"{n} {why.get(k, k)}" for k, n in errors.most_common())
+            raise KvlabError(f"all {len(records)} requests failed, as vLLM would refuse them ({kinds})")
         raise KvlabError("the benchmark took no simulated time: no request was served")
     total_in = sum(r["prompt_tokens"] for r in done)
     total_out = sum(r["completion_tokens"] for r in done)

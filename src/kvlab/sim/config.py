@@ -117,6 +117,9 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
             "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
             "must be used with extreme caution."
         )
+    for flag, value in (("--max-num-seqs", config.max_num_seqs), ("--max-num-batched-tokens", config.max_num_batched_tokens)):
+        if value is not None and value < 1:
+            raise KvlabError(f"{flag} must be at least 1, got {value}")
     max_num_seqs = config.max_num_seqs or preset.default_max_num_seqs
     max_num_batched_tokens = config.max_num_batched_tokens or preset.default_max_num_batched_tokens
     cap = memory.capacity(arch, model_name=resolved.name, **{
