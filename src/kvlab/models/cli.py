@@ -320,8 +320,9 @@ def compare_cmd(
     nnodes: int = NNODES,
     as_json: bool = JSON,
 ) -> None:
-    """Side-by-side KV bytes, capacity and memory saved against the first model (capacity with the
-    same flags as `kvlab capacity`, speculative decoding aside)."""
+    """Side-by-side KV bytes, capacity and memory saved against the first model.
+
+    Capacity is sized with the same flags as `kvlab capacity` (speculative decoding aside)."""
     if len(models) < 2:
         raise KvlabError("compare needs at least two models")
     resolved = [resolve_model(x) for x in models]
