@@ -132,3 +132,26 @@ def test_config_missing_fields(kvlab, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     r = kvlab("kv", str(tmp_path))
     assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+def test_a_path_the_system_refuses_is_one_line(kvlab, capsys):
+    """An OSError about a path (a folder that cannot be written, a file that is not there) is one
+    line with the path and the system's reason, exit 2; one that names no path is a bug and keeps
+    its traceback."""
+    from kvlab.clikit import run_one_line_errors
+
+    r = kvlab("tiny", "llama-3.1-8b", "--out", "/proc/no-such-dir/twin")
+    assert r.returncode == 2 and r.stderr.strip() == "kvlab: error: cannot write the twin under /proc/no-such-dir: No such file or directory"
+
+    def refuses(args, prog_name):
+        raise PermissionError(13, "Permission denied", "/root/x.json")
+
+    with pytest.raises(SystemExit) as e:
+        run_one_line_errors(refuses, [])
+    assert e.value.code == 2 and capsys.readouterr().err == "kvlab: error: /root/x.json: Permission denied\n"
+
+    def bug(args, prog_name):
+        raise OSError("no path")
+
+    with pytest.raises(OSError, match="no path"):
+        run_one_line_errors(bug, [])

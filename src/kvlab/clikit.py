@@ -45,12 +45,19 @@ def fmt_gib(n_bytes: int | float) -> str:
 
 def run_one_line_errors(app: Callable[..., Any], argv: list[str] | None, prog_name: str = "kvlab") -> None:
     """Run the app; a KvlabError (bad input) prints `kvlab: error: ...` on one line and exits with
-    its code (2), never a traceback."""
+    its code (2), never a traceback; so does an OSError about a path (a file that is not there, a
+    folder that cannot be written), with the path and the system's reason."""
     try:
         app(args=argv, prog_name=prog_name)
     except KvlabError as e:
         sys.stderr.write(f"{prog_name}: error: {e}\n")
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, with its traceback
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        sys.stderr.write(f"{prog_name}: error: {where}: {e.strerror or e}\n")
+        sys.exit(2)
 
 
 def progress_shown(as_json: bool = False) -> bool:

@@ -192,8 +192,11 @@ def build_twin(card: Card, out: Path | None = None, force: bool = False,
     except ImportError as e:
         raise KvlabError(f"building a twin needs torch and transformers ({e.name} is missing): "
                          "pip install 'kvlab[cpu]' or run make setup") from None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{card.name}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{card.name}-", dir=folder.parent))
+    except OSError as e:
+        raise KvlabError(f"cannot write the twin under {folder.parent}: {e.strerror}") from None
     try:
         hf_cfg = {k: v for k, v in cfg.items() if k != "architectures"}
         config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
