@@ -45,6 +45,9 @@ ROUTES = [("/health", "GET"), ("/version", "GET"), ("/metrics", "GET"), ("/token
           ("/detokenize", "POST"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST"),
           ("/v1/completions", "POST")]
 STATS_INTERVAL_S = 10.0
+# The app's background tasks (aiohttp's typed application keys)
+ENGINE_LOOP = web.AppKey("engine_loop", asyncio.Task)
+STATS_LOOP = web.AppKey("stats_loop", asyncio.Task)
 
 
 class Clock:
@@ -124,12 +127,12 @@ class SimServer:
         return app
 
     async def _start_background(self, app: web.Application) -> None:
-        app["engine_loop"] = asyncio.create_task(self.engine_loop())
+        app[ENGINE_LOOP] = asyncio.create_task(self.engine_loop())
         if not self.args.disable_log_stats:
-            app["stats_loop"] = asyncio.create_task(self.stats_loop())
+            app[STATS_LOOP] = asyncio.create_task(self.stats_loop())
 
     async def _stop_background(self, app: web.Application) -> None:
-        for key in ("engine_loop", "stats_loop"):
+        for key in (ENGINE_LOOP, STATS_LOOP):
             task = app.get(key)
             if task is not None:
                 task.cancel()
