@@ -175,9 +175,11 @@ def test_fallback_is_the_roofline_labelled(model, gpu, q, kv, why):
 def test_deepseek_v2_lite_moe_shape_is_in_no_table():
     """V2-Lite's MoE (hidden 2048, 64 experts of 1408, top-6) has no rows on any GPU; its MLA rows are
     DeepSeek-V3 attention blocks only."""
-    shapes = kernels._moe_shapes("h100_sxm")
-    assert not any(s[2:6] == (2048, 1408, 6, 64) for s in shapes)
-    assert any(s[2:6] == (2048, 768, 8, 128) for s in shapes)  # Qwen3-30B-A3B's is there
+    moe = _rows("h100_sxm", "moe", "moe_perf.parquet")
+    moe = moe[moe.moe_ep_size == 1]
+    shapes = set(zip(moe.hidden_size, moe.inter_size, moe.topk, moe.num_experts))
+    assert (2048, 1408, 6, 64) not in shapes
+    assert (2048, 768, 8, 128) in shapes  # Qwen3-30B-A3B's is there
     mla = _rows("h100_sxm", "mla", "mla_generation_module_perf.parquet")
     assert set(mla.model) == {"deepseek-ai/DeepSeek-V3"}
     assert "MoE shape" in kernels.kernel_support(card("deepseek-v2-lite").arch, weight_format(None), "bfloat16",

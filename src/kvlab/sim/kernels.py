@@ -225,7 +225,7 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
     if gemm not in gemm_rows:
         return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
     moe_mode = moe_quant_mode(system, fmt.name, _moe_shape(arch, tp))[0] if arch.moe is not None else None
-    if arch.moe is not None and not _moe_rows(system, moe_mode, arch, tp):
+    if arch.moe is not None and not _moe_kernels(system, moe_mode, _moe_shape(arch, tp)):
         m = arch.moe
         return (f"MoE shape (hidden {arch.hidden_size}, {m.num_experts} experts of {m.moe_intermediate_size}, "
                 f"top-{m.num_experts_per_tok}, {moe_mode}, moe_tp {tp}) is in no {system} MoE table")
@@ -265,37 +265,27 @@ def moe_quant_mode(system: str, fmt_name: str, shape: tuple) -> tuple[str, str |
     return "fp8", None
 
 
-@lru_cache(maxsize=None)
-def _moe_kernels(system: str, mode: str, shape: tuple) -> frozenset[str]:
-    """The kernel sources of `system`'s MoE rows in quant mode `mode` for `shape` (hidden, inter,
-    top-k, experts, moe_tp; expert parallelism 1)."""
+def _moe_frame(system: str, mode: str, shape: tuple):
+    """`system`'s MoE rows in quant mode `mode` for `shape` (`_moe_shape`: hidden, inter, top-k,
+    experts, moe_tp; expert parallelism 1), or None where the system has no MoE table."""
     df = _table(system, "moe", "moe_perf.parquet")
     if df is None:
-        return frozenset()
+        return None
     hidden, inter, topk, experts, tp = shape
-    df = df[(df.moe_dtype == mode) & (df.hidden_size == hidden) & (df.inter_size == inter) & (df.topk == topk)
-            & (df.num_experts == experts) & (df.moe_tp_size == tp) & (df.moe_ep_size == 1)]
-    return frozenset(str(k) for k in df.kernel_source.unique())
+    return df[(df.moe_dtype == mode) & (df.hidden_size == hidden) & (df.inter_size == inter) & (df.topk == topk)
+              & (df.num_experts == experts) & (df.moe_tp_size == tp) & (df.moe_ep_size == 1)]
+
+
+@lru_cache(maxsize=None)
+def _moe_kernels(system: str, mode: str, shape: tuple) -> frozenset[str]:
+    """The kernel sources of those rows (empty: the shape is in no MoE table of `system`)."""
+    df = _moe_frame(system, mode, shape)
+    return frozenset() if df is None else frozenset(str(k) for k in df.kernel_source.unique())
 
 
 def _gemm_modes(system: str) -> frozenset[str]:
     df = _table(system, "gemm", "gemm_perf.parquet")
     return frozenset(df.gemm_dtype.unique()) if df is not None else frozenset()
-
-
-def _moe_rows(system: str, gemm: str, arch: ModelArch, tp: int) -> bool:
-    m = arch.moe
-    return (system, gemm, arch.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts, tp) in _moe_shapes(system)
-
-
-@lru_cache(maxsize=None)
-def _moe_shapes(system: str) -> frozenset:
-    df = _table(system, "moe", "moe_perf.parquet")
-    if df is None:
-        return frozenset()
-    cols = ["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size"]
-    df = df[df.moe_ep_size == 1][cols].drop_duplicates()
-    return frozenset((system, *row) for row in df.itertuples(index=False, name=None))
 
 
 def _allreduce_rows(system: str, tp: int) -> bool:
@@ -313,6 +303,8 @@ def _allreduce_rows(system: str, tp: int) -> bool:
 def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim: int,
             gemm_shapes: tuple[tuple[int, int], ...], moe_shape: tuple | None, mla: bool = False,
             moe_mode: str | None = None) -> Tables:
+    """The grids of measured points for one configuration (`moe_shape` and `moe_mode`, the MoE
+    rows' quant mode, for an MoE model)."""
     notes: list[str] = []
     static = MEASURED
     g = _table(system, "gemm", "gemm_perf.parquet")
@@ -320,10 +312,7 @@ def _tables(system: str, gemm: str, kv: str, heads: int, kv_heads: int, head_dim
     tokens = set(int(x) for x in g.m.unique())
     knots = set(tokens)
     if moe_shape is not None:  # a MoE model's token grid: where both GEMM and MoE tables have rows
-        m = _table(system, "moe", "moe_perf.parquet")
-        hidden, inter, topk, experts, moe_tp = moe_shape
-        m = m[(m.moe_dtype == (moe_mode or gemm)) & (m.hidden_size == hidden) & (m.inter_size == inter) & (m.topk == topk)
-              & (m.num_experts == experts) & (m.moe_tp_size == moe_tp) & (m.moe_ep_size == 1)]
+        m = _moe_frame(system, moe_mode, moe_shape)
         tokens &= set(int(x) for x in m.num_tokens.unique())
         knots |= set(int(x) for x in m.num_tokens.unique())
     pairs = set(zip(g.n, g.k))
