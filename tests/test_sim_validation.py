@@ -180,6 +180,60 @@ def test_weight_kernel_paths_follow_vllm():
     assert legacy.step_time_s(at) - marlin.step_time_s(at) > legacy.step_time_s(below) - marlin.step_time_s(below)
 
 
+def test_marlin_and_dequantize_rates_are_the_measured_ones_where_published():
+    """Marlin's compute-bound rate is the kernel benchmark's per GPU (vLLM 0.18 `marlin_gemm` vs
+    torch FP16 matmul, 8,192 x 8,192, M 1,024-16,384: A800 222-227 vs 241-258 TFLOP/s, H100 406-413 vs
+    649-699), the fitted fraction elsewhere; the legacy `awq_dequantize` kernel on an H100 runs at its
+    measured 0.56 TB/s. Each says which in the timing source."""
+    from kvlab.hardware import gpu
+    from kvlab.models.cards import card
+    from kvlab.models.params import LINEAR, param_counts
+    from kvlab.models.weights import WEIGHT_FORMATS, weight_bytes_by_role
+    from kvlab.serve_config import options_config
+    from kvlab.sim import timing
+    from kvlab.sim.config import build_config
+
+    awq, fp8 = WEIGHT_FORMATS["awq"], WEIGHT_FORMATS["fp8"]
+    assert timing.marlin_efficiency(gpu("a100-80gb"), awq) == (0.891, timing.MARLIN_MEASURED_SOURCE)
+    assert timing.marlin_efficiency(gpu("a100-80gb"), fp8)[0] == 0.806  # W8A16
+    assert timing.marlin_efficiency(gpu("h100"), awq)[0] == 0.612
+    assert timing.marlin_efficiency(gpu("rtx-4090"), awq)[0] == 1.075
+    assert timing.marlin_efficiency(gpu("l40s"), awq) == (timing.MARLIN_EFFICIENCY, "fitted")
+    arch = card("qwen3-8b").arch
+    a100 = timing.cost_model(arch, awq, "bfloat16", "auto", gpu("a100-80gb"), 1, "marlin")
+    bf16 = timing.cost_model(arch, WEIGHT_FORMATS["auto"], "bfloat16", "auto", gpu("a100-80gb"), 1)
+    assert a100.flops_per_s == pytest.approx(bf16.flops_per_s * 0.891, rel=1e-12)
+
+    def source(q, g):
+        return build_config(options_config("qwen3-8b", quantization=q), g, timing="roofline").cost.timing_source
+
+    assert "Marlin GEMM path at 0.61 of the BF16 GEMM rate, measured: vLLM 0.18 Marlin" in source("awq_marlin", "h100")
+    assert "Marlin GEMM path at 0.80 of the BF16 GEMM rate, fitted" in source("awq_marlin", "l40s")
+    h100 = build_config(options_config("qwen3-8b", quantization="awq"), "h100", timing="roofline").cost
+    assert "dequantize at 0.56 TB/s, measured: vLLM awq_dequantize kernel benchmark" in h100.timing_source
+    # the dequantize pass: the packed weights read and 2 bytes per weight written, at 0.56 TB/s
+    moved = weight_bytes_by_role(arch, awq, "bfloat16")[LINEAR] + 2.0 * (param_counts(arch).active - param_counts(arch).embedding)
+    assert h100.dequant_s(256) == pytest.approx(moved / 0.56e12, rel=1e-12)
+    assert "dequantize at 1.00 of the roofline's HBM rate, fitted" in source("awq", "rtx-4090")
+
+
+def test_an_awq_checkpoint_served_without_q_runs_awq_marlin():
+    """gpustack's Qwen3-14B/32B AWQ pages serve the checkpoint without -q: vLLM's
+    AWQMarlinConfig.override_quantization_method picks awq_marlin (user_quant None), not the legacy
+    kernel an explicit -q awq keeps."""
+    from kvlab.serve_config import options_config
+    from kvlab.sim.config import build_config
+
+    runs = {r.id: r for r in published_runs.load().runs}
+    for rid in ("gpustack-q14-a100-awq-sharegpt", "gpustack-q32-a100-awq-sharegpt"):
+        bench = v.map_run(runs[rid])
+        assert bench.serve["quantization"] == "awq_marlin" and "awq_marlin" in bench.note
+    explicit = v.map_run(runs["gpustack-q8-a100-awq"])  # the quantization page names -q awq
+    assert explicit.serve["quantization"] == "awq"
+    marlin = build_config(options_config("qwen3-8b", quantization="awq_marlin"), "a100-80gb", timing="roofline")
+    assert marlin.cost.weight_kernel == "marlin"
+
+
 @pytest.mark.parametrize("q, rows", [("awq", 16), ("gptq", 8)])
 def test_legacy_kernels_pass_over_the_weights_once_per_block_of_rows(monkeypatch, q, rows):
     """Below the dequantize threshold, `-q awq` (awq_gemm: 16-row blocks) and `-q gptq` (exllama: 8)

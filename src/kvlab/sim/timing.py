@@ -20,13 +20,14 @@ Per GPU of a `-tp N` group, for one step that computes `tokens` new tokens and s
 Peak FLOPS: FP8 for fp8/int8 (W8A8) weights where the GPU has FP8, else BF16 (also for 4-bit
 weight-only formats, which dequantize to BF16). Weight-only formats run the GEMM path vLLM picks for
 them (`weight_kernel`): Marlin (AWQ/GPTQ checkpoints, `awq_marlin`/`gptq_marlin`, FP8 on GPUs without
-FP8 tensor cores) at MARLIN_EFFICIENCY of the BF16 GEMM rate; the legacy kernels that `-q awq` /
-`-q gptq` force dequantize the whole weight to 16 bits and call cuBLAS once a GEMM has enough rows
-(AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and reads 2 more bytes per weight each;
-below that their own GEMMs pass over the packed weights once per 16 (AWQ) / 8 (exllama) rows, each
-pass after the first at LEGACY_GEMM_REPEAT_COST of an HBM read of them. `-pp` splits memory but its stages run one after
-another, so a step takes as long as on one GPU-equivalent (no micro-batch pipelining modelled).
-The efficiency factors are estimates (documented below), not measurements.
+FP8 tensor cores) at a fraction of the BF16 GEMM rate measured per GPU (`marlin_efficiency`); the
+legacy kernels that `-q awq` / `-q gptq` force dequantize the whole weight to 16 bits and call
+cuBLAS once a GEMM has enough rows (AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and
+reads 2 more bytes per weight each; below that their own GEMMs pass over the packed weights once per
+16 (AWQ) / 8 (exllama) rows, each pass after the first at LEGACY_GEMM_REPEAT_COST of an HBM read of
+them. `-pp` splits memory but its stages run one after another, so a step takes as long as on one
+GPU-equivalent (no micro-batch pipelining modelled). The efficiency factors are fitted or estimated
+(documented below), not measurements, except Marlin's where a published kernel benchmark has the GPU.
 
 `step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
 aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
@@ -59,15 +60,43 @@ from kvlab.models.weights import WEIGHT_FORMATS, WeightFormat, weight_bytes_by_r
 # ATTENTION_EFFICIENCY was not fitted.
 MATMUL_EFFICIENCY = 0.75
 ATTENTION_EFFICIENCY = 0.5
-# Marlin's large-batch GEMM rate as a fraction of the BF16 GEMM rate (Marlin is built for small batches:
-# weights stream from HBM once while up to 16-64 rows reuse them; beyond that it is compute-bound with
-# in-register dequantization on the critical path).
-# FIT (2026-12-02, `python bench/sim_validation.py --fit-marlin`): grid {1.0, 0.9, 0.8, 0.75, 0.7, 0.65,
-# 0.6, 0.5, 0.4}; objective: the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose
-# quantized run is on the Marlin path (AWQ-Marlin / BF16 on an RTX 4090, FP8 Marlin W8A16 / BF16 on
-# an A100). 1.0 scores 0.170; 0.9, 0.8 and 0.75 all 0.120 (flat: the two rows pull apart), 0.6 0.196,
-# 0.4 0.527. 0.8, the middle of the flat run, is kept; weakly determined by two rows.
+# Marlin's compute-bound GEMM rate as a fraction of the BF16 GEMM rate (`marlin_efficiency`). Marlin is
+# built for small batches: weights stream from HBM once while up to 64 rows reuse them; beyond that it is
+# compute-bound, each pass of 64 rows dequantizing its weight tiles again in registers, and on Hopper
+# its MMAs are Ampere's `mma.sync` (no wgmma), so the fraction depends on the GPU.
+# MEASURED where a published kernel benchmark has the GPU: vLLM 0.18's `marlin_gemm` against torch's
+# FP16 matmul (cuBLAS) on one 8,192 x 8,192 weight, triton do_bench, the mean time ratio over M = 1,024,
+# 2,048, 4,096, 8,192 and 16,384 rows, inverted (github.com/mgoin/humming, benchmarks/results/<device>/
+# dense_n8192_k8192_g0: the data behind inclusionAI/humming PR #2 and vLLM PR #34556; channelwise
+# scales, no zero points, FP16 activations: group-128 AWQ/GPTQ checkpoints may be a little slower).
+# A100: the A800-SXM4-80GB's figures (the A100's SMs, tensor cores and HBM; NVLink differs); its 8-bit
+# figure is Marlin W8A16 with int8 weights, the kernel vLLM's FP8 Marlin (W8A16) shares.
+MARLIN_MEASURED = {  # (GPU preset, weight bits) -> fraction of the BF16 GEMM rate
+    ("a100-80gb", 4): 0.891, ("a100-40gb", 4): 0.891,  # 222-227 against 241-258 TFLOP/s
+    ("a100-80gb", 8): 0.806, ("a100-40gb", 8): 0.806,
+    ("h100", 4): 0.612,  # 406-413 against 649-699 TFLOP/s
+    ("h200", 4): 0.618,
+    ("rtx-4090", 4): 1.075,  # 171 against 156-165 TFLOP/s: Marlin at least as fast as cuBLAS
+}
+MARLIN_MEASURED_SOURCE = "measured: vLLM 0.18 Marlin kernel benchmark"
+# Elsewhere (L40S, L4, B200) one FITTED fraction. FIT (2026-12-02, `python bench/sim_validation.py
+# --fit-path marlin`, then for every GPU): grid {1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4}; objective:
+# the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose quantized run is on the Marlin
+# path (AWQ-Marlin / BF16 on an RTX 4090, FP8 Marlin W8A16 / BF16 on an A100). 1.0 scores 0.170; 0.9, 0.8
+# and 0.75 all 0.120 (flat: the two rows pull apart), 0.6 0.196, 0.4 0.527. 0.8, the middle of the flat
+# run, is kept; weakly determined by two rows, which now have measured fractions: no train row is left
+# to refit it on (docs/simulator-validation.md).
 MARLIN_EFFICIENCY = 0.8
+
+
+def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
+    """Marlin's compute-bound GEMM rate on `gpu` for `fmt`'s weights as a fraction of the BF16 GEMM
+    rate, and where the fraction comes from (measured, MARLIN_MEASURED; else fitted)."""
+    bits = 4 if fmt.bits <= 4 else 8
+    measured = MARLIN_MEASURED.get((gpu.name, bits))
+    if measured is not None:
+        return measured, MARLIN_MEASURED_SOURCE
+    return MARLIN_EFFICIENCY, "fitted"
 # Rows from which vLLM's legacy weight-only kernels dequantize the whole weight and call cuBLAS:
 # AWQ (`-q awq`): vllm/model_executor/layers/quantization/awq.py (auto_awq.py in vLLM 0.32)
 # AWQLinearMethod.apply, `FP16_MATMUL_HEURISTIC_CONDITION = x.shape[:-1].numel() >= 256`;
@@ -84,18 +113,28 @@ DEQUANT_MIN_TOKENS = {"awq": 256, "gptq": 51}
 LEGACY_GEMM_ROWS = {"awq": 16, "gptq": 8}
 # FIT (2026-12-03, `python bench/sim_validation.py --fit-path legacy-gemm`, grid declared before it
 # ran): {0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0} on the TRAIN ratio rows on the legacy path
-# (`-q awq` / BF16 on an RTX 4090 and on an A100, Qwen3-8B/14B), objective the mean |log ratio
-# error|: 0 best (0.074; 0.05-0.75 0.075-0.081, 1.0 0.118): the train rows do not ask for the
-# repeats to cost anything, so the structure is kept at 0 (the model before it), and its
-# test rows (H100 `-q awq` 0.73x BF16 measured) stay as they were.
+# (`-q awq` / BF16 on an RTX 4090 and, as then mapped, Qwen3-14B AWQ on an A100), objective the mean
+# |log ratio error|: 0 best (0.074; 0.05-0.75 0.075-0.081, 1.0 0.118): the train rows do not ask for
+# the repeats to cost anything, so the structure is kept at 0 (the model before it). Refitted
+# 2026-12-03 on the RTX 4090 row alone (the A100 row's checkpoint runs awq_marlin: it was served
+# without -q): 0 best again (0.047; 0.05 0.051, 1.0 0.191).
 LEGACY_GEMM_REPEAT_COST = 0.0
 # The dequantize kernels' share of the roofline's HBM rate (they are simple elementwise kernels).
 # FIT (2026-12-02, `python bench/sim_validation.py --fit-path dequant`): grid {1.0, 0.5, 0.3, 0.2, 0.15,
 # 0.1, 0.07, 0.05}; objective: the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose
-# quantized run is on the legacy path (`-q awq` / BF16 on an RTX 4090 and on an A100, Qwen3-8B/14B).
-# 1.0 scores 0.099, 0.5 0.119, 0.3 0.256: the train rows want the kernels at the roofline's rate. (The
-# test rows' H100 `-q awq` run is 0.73x BF16 where this prices 1.13x: not explained by HBM traffic.)
+# quantized run is on the legacy path (`-q awq` / BF16 on an RTX 4090 and, as then mapped, on an A100).
+# 1.0 scores 0.099, 0.5 0.119, 0.3 0.256: the train rows want the kernels at the roofline's rate.
+# Refitted 2026-12-03 on the RTX 4090 row alone: 1.0 best again (0.047; 0.5 0.172, 0.3 0.317).
 DEQUANT_EFFICIENCY = 1.0
+# MEASURED where a published kernel benchmark has the GPU class: vLLM's `awq_dequantize` CUDA kernel
+# (csrc/quantization/awq/gemm_kernels.cu), timed in sglang PR #4104 (2025-03-05, bench_awq_dequant.py,
+# triton do_bench; repeated in sglang PR #4537): 3,465 us for a 18,944 x 37,888 weight (359 MB packed
+# read + 1,436 MB FP16 written), 670 us for 3,584 x 37,888, 81 us for 3,584 x 3,584, each including
+# clones of the packed weight (718 / 136 / 13 MB moved). The GPU is not named; the sglang kernel beside it
+# moved the same bytes at 2.8 TB/s, which only a Hopper-class HBM3 GPU reaches, so H100 and H200.
+# The largest shape, less its clone at that 2.8 TB/s: 1,795 MB in 3.21 ms, 0.56 TB/s (0.17 of an H100's
+# 3.35 TB/s): the kernel is bound by its per-element unpacking and scalar stores, not by HBM.
+DEQUANT_MEASURED = {("awq", "h100"): 0.56e12, ("awq", "h200"): 0.56e12}  # bytes moved per second
 MEMORY_EFFICIENCY = 0.9
 # Host time, which kernel tables leave out (scheduling, input preparation, sampling, detokenising and
 # streaming): STEP_OVERHEAD_S per engine step plus PER_SEQ_OVERHEAD_S per scheduled request per step,
@@ -216,6 +255,7 @@ class CostModel:
     # `legacy_rows` tokens, each after the first costing `legacy_repeat_bytes` of HBM reads
     legacy_rows: int = 0
     legacy_repeat_bytes: float = 0.0
+    dequant_bytes_per_s: float = 0.0  # the dequantize kernel's measured rate (0: the roofline's HBM rate x DEQUANT_EFFICIENCY)
     timing_source: str = "roofline"
     fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
@@ -268,7 +308,7 @@ class CostModel:
     def dequant_s(self, tokens: int) -> float:
         """The legacy path's dequantize kernels (serial with the GEMMs)."""
         if self.dequant_min_tokens and tokens >= self.dequant_min_tokens:
-            return self.dequant_bytes / self.tp / (self.bytes_per_s * DEQUANT_EFFICIENCY)
+            return self.dequant_bytes / self.tp / (self.dequant_bytes_per_s or self.bytes_per_s * DEQUANT_EFFICIENCY)
         return 0.0
 
     def gpu_s(self, w: StepWork) -> float:
@@ -376,7 +416,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     return CostModel(
         gpu=gpu.name,
         tp=tp,
-        flops_per_s=peak * MATMUL_EFFICIENCY * (MARLIN_EFFICIENCY if kernel == "marlin" else 1.0),
+        flops_per_s=peak * MATMUL_EFFICIENCY * (marlin_efficiency(gpu, fmt)[0] if kernel == "marlin" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
         link_bytes_per_s=LINK_GB_S.get(gpu.name, 32) * 1e9,
@@ -400,6 +440,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         dequant_min_tokens=DEQUANT_MIN_TOKENS.get(fmt.name, 0) if kernel == "dequant" else 0,
         legacy_rows=LEGACY_GEMM_ROWS.get(fmt.name, 0) if kernel == "dequant" else 0,
         legacy_repeat_bytes=LEGACY_GEMM_REPEAT_COST * roles[LINEAR] if kernel == "dequant" else 0.0,
+        dequant_bytes_per_s=DEQUANT_MEASURED.get((fmt.name, gpu.name), 0.0) if kernel == "dequant" else 0.0,
     )
 
 
@@ -424,6 +465,13 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         raise KvlabError(f"unknown timing source {source!r}; use one of: {', '.join(TIMING_SOURCES)}")
     roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp, kernel)
     path = KERNEL_LABELS.get(kernel)
+    if kernel == "marlin":
+        eff, eff_source = marlin_efficiency(gpu, fmt)
+        path = f"{path} at {eff:.2f} of the BF16 GEMM rate, {eff_source}"
+    elif kernel == "dequant":
+        rate = DEQUANT_MEASURED.get((fmt.name, gpu.name))
+        path = (f"{path}; dequantize at {rate / 1e12:.2f} TB/s, measured: vLLM awq_dequantize kernel benchmark"
+                if rate else f"{path}; dequantize at {DEQUANT_EFFICIENCY:.2f} of the roofline's HBM rate, fitted")
     if path:
         roofline = dataclasses.replace(roofline, timing_source=f"roofline ({path})")
     if source == "roofline":
