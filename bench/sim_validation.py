@@ -729,24 +729,62 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(ratio_table(pub, results, timings)))
     if args.split is None:
-        _write_summary(results, timings)
+        _write_summary(pub, results, timings)
     return 0
 
 
-def _write_summary(results: list[RowResult], timings) -> None:
-    """bench/sim_validation_summary.json (kvlab.schema.validation, git-ignored): the test rows' share
-    within ±25 % under the simulator's default timing, which reports and plans print beside simulated
-    figures."""
-    from kvlab.schema.validation import SUMMARY_FILE
+# vLLM --quantization methods by the ratio-row factor their runs check (kvlab.schema.validation).
+INT4_METHODS = ("awq", "awq_marlin", "gptq", "gptq_marlin")
+FP8_METHODS = ("fp8", "fp8_per_block")
+
+
+def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], timing: str) -> list:
+    """The same-GPU ratio rows the simulator ran, as kvlab.schema.validation.RatioCheck: the factor
+    the quantized run differs from its BF16 twin by (int4 weights, fp8 weights, fp8 KV cache; pairs of
+    another kind are left out), its GPU preset, and the published and simulated throughput ratios."""
+    from kvlab.schema.validation import RatioCheck
+
+    by_id = {r.run.id: r for r in results}
+    out = []
+    for q in pub.ratios:
+        a, b = by_id.get(q.a), by_id.get(q.b)
+        if a is None or b is None or not (a.sim and b.sim) or a.bench.gpu != b.bench.gpu:
+            continue
+        name = _throughput_name(a, b)
+        if name is None or name not in a.sim[timing] or name not in b.sim[timing]:
+            continue
+        qa, qb = a.bench.serve.get("quantization"), b.bench.serve.get("quantization")
+        kva, kvb = a.bench.serve.get("kv_cache_dtype"), b.bench.serve.get("kv_cache_dtype")
+        if qb is None and qa in INT4_METHODS and kva == kvb:
+            factor = "int4 weights"
+        elif qb is None and qa in FP8_METHODS and kva == kvb:
+            factor = "fp8 weights"
+        elif qa == qb and (kva or "").startswith("fp8") and kvb in (None, "auto"):
+            factor = "fp8 KV cache"
+        else:
+            continue
+        out.append(RatioCheck(id=q.id, factor=factor, gpu=a.bench.gpu, split=a.run.split,
+                              published=a.run.measured.figures()[name] / b.run.measured.figures()[name],
+                              simulated=a.sim[timing][name] / b.sim[timing][name]))
+    return out
+
+
+def _write_summary(pub: published_runs.PublishedRuns, results: list[RowResult], timings) -> None:
+    """bench/sim_validation_summary.json (kvlab.schema.validation.SimValidationSummary, git-ignored):
+    the test rows' share within ±25 % under the simulator's default timing, which reports and plans
+    print beside simulated figures, and the same-GPU ratio rows they cite beside quantized ones."""
+    from kvlab.schema.validation import SUMMARY_FILE, SimValidationSummary
 
     timing = sim_timing.DEFAULT_TIMING if sim_timing.DEFAULT_TIMING in timings else timings[0]
     ok, n = share_within(results, timing, "test")
     if not n:
         return
+    summary = SimValidationSummary(
+        test_within_25pct_share=ok / n, test_figures=n, timing=timing,
+        by_timing={t: dict(zip(("within", "of"), share_within(results, t, "test"))) for t in timings},
+        ratios=ratio_checks(pub, results, timing))
     path = ROOT / SUMMARY_FILE
-    path.write_text(json.dumps({"test_within_25pct_share": ok / n, "test_figures": n, "timing": timing,
-                                "by_timing": {t: dict(zip(("within", "of"), share_within(results, t, "test")))
-                                              for t in timings}}, indent=1) + "\n", encoding="utf-8")
+    path.write_text(summary.model_dump_json(indent=1) + "\n", encoding="utf-8")
     print(f"\nwrote {path.relative_to(ROOT)}")
 
 

@@ -335,6 +335,36 @@ def test_validation_summary_is_read_when_present(tmp_path, monkeypatch):
         validation.error_band()
 
 
+def test_validation_band_cites_the_ratio_rows_of_each_quantization_factor_shown(tmp_path, monkeypatch):
+    """Beside a quantized simulated figure, the band says what the validation's same-GPU ratio rows
+    found for that factor on that GPU: published and simulated ranges and the wrong-side count (a
+    published ratio within 2 % of 1 has no side); a factor without rows says so; BF16 adds nothing;
+    the summary's writer and reader share one model."""
+    from kvlab.schema import validation as v
+
+    monkeypatch.setattr(v, "summary_paths", lambda: [tmp_path / v.SUMMARY_FILE])
+    (tmp_path / "bench").mkdir()
+    rows = [v.RatioCheck(id="a", factor="int4 weights", gpu="a100-80gb", split="test", published=0.78, simulated=1.12),
+            v.RatioCheck(id="b", factor="int4 weights", gpu="a100-80gb", split="train", published=0.955, simulated=0.96),
+            v.RatioCheck(id="c", factor="fp8 weights", gpu="h100", split="test", published=0.981, simulated=0.853),
+            v.RatioCheck(id="d", factor="fp8 KV cache", gpu="h100", split="test", published=1.016, simulated=1.027)]
+    summary = v.SimValidationSummary(test_within_25pct_share=0.5714, timing="auto", test_figures=182, ratios=rows)
+    (tmp_path / v.SUMMARY_FILE).write_text(summary.model_dump_json(indent=1))
+    assert v.read_summary() == summary
+    assert [r.wrong_side for r in rows] == [True, False, False, False]
+    base = v.error_band()
+    assert v.error_band([("a100-80gb", None, "auto"), ("h100", None, None)]) == base
+    band = v.error_band([("a100-80gb", "awq", "auto"), ("a100-80gb", "gptq", None), ("h100", "fp8-block", "fp8_e4m3"),
+                         ("l40s", "awq", None), (float("nan"), "awq", float("nan"))])
+    assert band == "; ".join([
+        base,
+        "int4 weights vs BF16 on a100-80gb: published throughput ratios 0.78-0.95, simulated 0.96-1.12 "
+        "(2 rows, 1 on the wrong side of 1)",
+        "fp8 KV cache vs BF16 on h100: published throughput ratio 1.02, simulated 1.03 (1 row)",
+        "fp8 weights vs BF16 on h100: published throughput ratio 0.98, simulated 0.85 (1 row)",
+        "int4 weights vs BF16 on l40s: no published same-GPU ratio in the validation"])
+
+
 def test_headline_sentence_without_a_reported_kv_memory_says_predicted():
     """A config whose server reported no KV cache memory has no measured ratio: the sentence gives the
     predicted one and says so, instead of "holds n/a"."""

@@ -257,3 +257,31 @@ def test_legacy_kernels_pass_over_the_weights_once_per_block_of_rows(monkeypatch
         assert extra == pytest.approx((-(-tokens // rows) - 1) * 0.25 * packed, rel=1e-9)
     top = timing.DEQUANT_MIN_TOKENS[q]
     assert paid._memory_s(top, 0) == free._memory_s(top, 0)
+
+
+def test_the_summary_carries_the_ratio_rows_by_factor_and_gpu(pub):
+    """bench/sim_validation_summary.json's ratio rows (what reports cite beside quantized figures):
+    each same-GPU pair the simulator ran, classed by what its quantized run differs by: int4 weights
+    (AWQ/GPTQ, Marlin or legacy), fp8 weights, fp8 KV cache; pairs it could not run are left out."""
+    runs = {r.id: r for r in pub.runs}
+    results = []
+    for q in pub.ratios:
+        for rid, value in ((q.a, 2.0), (q.b, 1.6)):
+            bench = v.map_run(runs[rid])
+            row = v.RowResult(runs[rid], bench if not isinstance(bench, str) else None,
+                              bench if isinstance(bench, str) else None)
+            if row.bench is not None:  # the published figures, scaled: the ratio simulated is 1.25
+                row.sim["auto"] = {n: value / 2.0 * x for n, x in runs[rid].measured.figures().items()}
+            results.append(row)
+    checks = {c.id: c for c in v.ratio_checks(pub, results, "auto")}
+    assert checks["ratio-a100-awq-marlin-vs-bf16"].factor == "int4 weights"
+    assert checks["ratio-h100-awq-vs-bf16"].factor == "int4 weights"
+    assert checks["ratio-a100-q14-awq-vs-bf16"].factor == "int4 weights"
+    assert checks["ratio-h100-qwen3-8b-fp8-vs-bf16-v085"].factor == "fp8 weights"
+    assert checks["ratio-a100-q32-fp8-vs-bf16"].factor == "fp8 weights"  # FP8 Marlin on an A100
+    assert checks["ratio-h100-kv-fp8-vs-bf16"].factor == "fp8 KV cache"
+    assert checks["ratio-a100-awq-marlin-vs-bf16"].gpu == "a100-80gb" and checks["ratio-h100-awq-vs-bf16"].split == "test"
+    assert "ratio-h100-q235-fp8-vs-bf16" not in checks  # cannot model (expert parallelism)
+    assert "ratio-h100-dsv2-lite-mla-vs-mha-cache" not in checks
+    a = checks["ratio-h100-awq-vs-bf16"]
+    assert a.simulated == pytest.approx(a.published * 1.25, rel=1e-12)

@@ -102,7 +102,8 @@ def _plans(rs: RunSet, out: Path) -> list[dict]:
         _write_table(out, f"rebound{suffix}", reb)
         png = folder / "rebound.png"
         plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.provenance,
-                      "timing": fleet.timing_label(plan), "validation": error_band(),
+                      "timing": fleet.timing_label(plan),
+                      "validation": error_band((c.gpu, c.weights, c.kv_cache_dtype) for c in plan.configs),
                       "rows": _records(table), "rebound": _records(reb),
                       "rebound_columns": [c for c in reb.columns if c.startswith("K=")],
                       "image": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
@@ -160,7 +161,9 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     kind = src["repeats"]["kv_cache_tokens_reported"]  # what the servers' figures are: measured / simulated
     # Figures under load on the simulator also say what priced its steps, and how far to trust it.
     load_kind = kind.replace("simulated", simulated_label(rs))
-    validation = error_band() if "simulated" in kind else None
+    shown = rs.repeats[rs.repeats["source"] == "simulated"] if "source" in rs.repeats else rs.repeats.iloc[0:0]
+    validation = error_band(zip(*(shown[c] if c in shown else [None] * len(shown)
+                                  for c in ("gpu", "weight_format", "kv_cache_dtype")))) if "simulated" in kind else None
     src["under_load"] = {k: load_kind if v == kind else v for k, v in src["under_load"].items()}
     plot_kind = "\n".join(textwrap.wrap(load_kind, 70))  # a plot title's line stays within the figure
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))

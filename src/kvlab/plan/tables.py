@@ -47,7 +47,8 @@ def fleet_table(result: dict) -> Table:
 
 def timing_lines(result: dict) -> list[str]:
     """What priced each planned config's simulated steps, one line per timing source, and the
-    validation error band (kvlab.schema.validation)."""
+    validation error band (kvlab.schema.validation), with the ratio rows' word on each quantization
+    factor the planned configs have on their GPU."""
     from kvlab.schema.validation import error_band
 
     by: dict[str, list[str]] = {}
@@ -55,7 +56,8 @@ def timing_lines(result: dict) -> list[str]:
         if row.get("timing_source"):
             by.setdefault(row["timing_source"], []).append(row["config"])
     lines = [f"simulated (timing: {src}): {', '.join(configs)}" for src, configs in by.items()]
-    return lines + [error_band()] if lines else []
+    shown = [(row.get("gpu"), row.get("weights"), row.get("kv_cache_dtype")) for row in result["configs"]]
+    return lines + [error_band(shown)] if lines else []
 
 
 def savings_table(result: dict) -> Table:

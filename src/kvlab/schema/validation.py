@@ -3,27 +3,57 @@ simulator's figures stray from published real-vLLM runs, read where a simulated 
 
 `error_band()` is the sentence that goes beside every simulated figure (report, planner tables,
 demo): the test rows' share within ±25 % and the timing the validation ran on, where the summary
-file exists in the working directory; else a pointer to the validation table in docs/simulator-validation.md."""
+file exists in the working directory; else a pointer to the validation table in docs/simulator-validation.md.
+Given the configurations shown (GPU, weights, KV dtype), it adds what the validation's same-GPU ratio
+rows say of each quantization factor among them on that GPU (`ratio_band`): the published and
+simulated ratios to BF16, and how many came out on the wrong side of 1."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ConfigDict
 
 from kvlab.errors import KvlabError
-from kvlab.schema import Part
+from kvlab.schema import Part, figure
 
 SUMMARY_FILE = Path("bench") / "sim_validation_summary.json"
 NO_SUMMARY = "validation error band: see the simulator validation table, docs/simulator-validation.md (python bench/sim_validation.py)"
 
+# The quantization factors the ratio rows check, against BF16 weights and a BF16 KV cache.
+Factor = Literal["int4 weights", "fp8 weights", "fp8 KV cache"]
+INT4_WEIGHTS = ("awq", "gptq")  # kvlab weight formats vLLM runs on its int4 kernels (Marlin or legacy)
+FP8_WEIGHTS = ("fp8", "fp8-block")
+WRONG_SIDE_MARGIN = 0.02  # a published ratio this close to 1 has no side
+
+
+class RatioCheck(Part):
+    """One same-GPU ratio row of the validation: a quantized run's throughput over its BF16 twin's."""
+
+    id: str
+    factor: Factor
+    gpu: str  # the kvlab GPU preset
+    split: Literal["train", "test"]
+    published: float = figure("measured", description="the published runs' throughput ratio", default=...)
+    simulated: float = figure("simulated", description="the same ratio simulated (the summary's timing)", default=...)
+
+    @property
+    def wrong_side(self) -> bool:
+        """Simulated on the other side of 1 than published."""
+        return abs(self.published - 1) >= WRONG_SIDE_MARGIN and (self.simulated - 1) * (self.published - 1) < 0
+
 
 class SimValidationSummary(Part):
-    """The headline of the validation table (other keys the validator writes are ignored)."""
+    """The headline of the validation table and its same-GPU ratio rows (other keys are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     test_within_25pct_share: float  # share of the test rows' figures within ±25 % of the measured
     timing: str  # the timing the validation ran on
+    test_figures: int | None = None
+    by_timing: dict[str, dict[str, int]] = {}  # timing -> {"within": n, "of": m}, test rows
+    ratios: list[RatioCheck] = []
 
 
 def summary_paths() -> list[Path]:
@@ -49,10 +79,47 @@ def read_summary() -> SimValidationSummary | None:
     return None
 
 
-def error_band() -> str:
-    """The validation error band, in words, for a simulated figure's label."""
+def config_factors(weights: str | None, kv_cache_dtype: str | None) -> list[str]:
+    """The ratio-row factors a configuration differs from BF16 by (kvlab weight format, KV dtype)."""
+    out = []
+    if weights in INT4_WEIGHTS:
+        out.append("int4 weights")
+    elif weights in FP8_WEIGHTS:
+        out.append("fp8 weights")
+    if kv_cache_dtype and kv_cache_dtype.startswith("fp8"):
+        out.append("fp8 KV cache")
+    return out
+
+
+def ratio_band(summary: SimValidationSummary, gpu: str, factor: str) -> str:
+    """What the validation's ratio rows say of `factor` against BF16 on `gpu`, in words."""
+    rows = [r for r in summary.ratios if r.gpu == gpu and r.factor == factor]
+    if not rows:
+        return f"{factor} vs BF16 on {gpu}: no published same-GPU ratio in the validation"
+    pub = sorted(r.published for r in rows)
+    sim = sorted(r.simulated for r in rows)
+    wrong = sum(r.wrong_side for r in rows)
+
+    def span(v: list[float]) -> str:
+        return f"{v[0]:.2f}" if v[0] == v[-1] else f"{v[0]:.2f}-{v[-1]:.2f}"
+
+    return (f"{factor} vs BF16 on {gpu}: published throughput ratio{'s' if len(rows) > 1 else ''} {span(pub)}, "
+            f"simulated {span(sim)} ({len(rows)} row{'s' if len(rows) > 1 else ''}"
+            + (f", {wrong} on the wrong side of 1)" if wrong else ")"))
+
+
+def error_band(configs: Iterable[tuple[str | None, str | None, str | None]] = ()) -> str:
+    """The validation error band, in words, for a simulated figure's label; with `configs` (GPU
+    preset, kvlab weight format, KV dtype) of the figures shown, the ratio rows' word on each
+    quantization factor among them, on its GPU."""
     s = read_summary()
     if s is None:
         return NO_SUMMARY
-    return (f"validation: {s.test_within_25pct_share:.0%} of test figures within ±25 % of published vLLM runs "
+    band = (f"validation: {s.test_within_25pct_share:.0%} of test figures within ±25 % of published vLLM runs "
             f"(timing {s.timing}; bench/sim_validation.py)")
+    def text(v) -> str | None:  # table cells may be NaN where a record has no value
+        return v if isinstance(v, str) and v else None
+
+    pairs = sorted({(gpu, f) for gpu, weights, kv in configs if text(gpu)
+                    for f in config_factors(text(weights), text(kv))})
+    return "; ".join([band] + [ratio_band(s, gpu, f) for gpu, f in pairs])
