@@ -441,6 +441,9 @@ DEQUANT_GRID = (1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05)
 # The legacy kernels' cost of each further pass over the packed weights below DEQUANT_MIN_TOKENS, as a
 # share of one HBM read of them (declared 2026-12-03 before it was run; 0: the model before it).
 LEGACY_REPEAT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# The fraction of its measured channelwise rate Marlin keeps on weights with per-group scales
+# (declared 2026-12-03 before it was run; 1.0: the model before it).
+MARLIN_GROUP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
 SHAREGPT_SIGMA_GRID = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
@@ -480,6 +483,7 @@ def fit_sharegpt(pub: published_runs.PublishedRuns, grid=SHAREGPT_SIGMA_GRID, re
     return best
 # Each kernel-path constant: (timing constant, grid, what the quantized run's timing source names).
 PATH_FITS = {"marlin": ("MARLIN_EFFICIENCY", MARLIN_GRID, "Marlin"),
+             "marlin-groups": ("MARLIN_GROUPED_SCALES", MARLIN_GROUP_GRID, "for group-"),
              "dequant": ("DEQUANT_EFFICIENCY", DEQUANT_GRID, "legacy dequantize"),
              "legacy-gemm": ("LEGACY_GEMM_REPEAT_COST", LEGACY_REPEAT_GRID, "legacy dequantize")}
 
@@ -494,9 +498,10 @@ def fit_path(pub: published_runs.PublishedRuns, path: str, report=print) -> tupl
     pairs = [q for q in pub.ratios if q.a in train and q.b in train]
     sub = pub.model_copy(update={"runs": [train[i] for q in pairs for i in (q.a, q.b)], "ratios": []})
     base = {r.run.id: r for r in rows(sub, ("auto",))}
-    # (Marlin and the dequantize kernel: only where their rate is not measured: kvlab.sim.timing)
+    # (Marlin and the dequantize kernel: only where their rate is not measured; Marlin's group-scale
+    # cost: where it is measured and the weights have group scales: kvlab.sim.timing)
     pairs = [q for q in pairs if base[q.a].sim and base[q.b].sim and marker in base[q.a].source["auto"]
-             and (path == "legacy-gemm" or "measured: vLLM" not in base[q.a].source["auto"])]
+             and (path in ("legacy-gemm", "marlin-groups") or "measured: vLLM" not in base[q.a].source["auto"])]
     if not pairs:
         report(f"  {const}: no train ratio row on this path to fit it on; kept at {getattr(sim_timing, const)}")
         return getattr(sim_timing, const), math.nan

@@ -79,6 +79,15 @@ MARLIN_MEASURED = {  # (GPU preset, weight bits) -> fraction of the BF16 GEMM ra
     ("rtx-4090", 4): 1.075,  # 171 against 156-165 TFLOP/s: Marlin at least as fast as cuBLAS
 }
 MARLIN_MEASURED_SOURCE = "measured: vLLM 0.18 Marlin kernel benchmark"
+# Those measurements are of channelwise weights (one scale per output column, applied once per output
+# in the epilogue, no zero points). AWQ/GPTQ checkpoints (group 128, AWQ with zero points) and
+# block-FP8 ones (128 x 128) scale every weight element in the main loop, on each pass of 64 rows:
+# more integer and FP16 work per tensor-core FLOP. MARLIN_GROUPED_SCALES is the fraction of the
+# measured rate Marlin keeps on such weights. FIT (2026-12-03, `python bench/sim_validation.py
+# --fit-path marlin-groups`; grid MARLIN_GROUP_GRID there, declared before it ran; objective the mean
+# |log(simulated / published ratio)| of the TRAIN ratio rows on the Marlin path at a measured rate):
+# not yet run, 1.0 (no cost) until it is.
+MARLIN_GROUPED_SCALES = 1.0
 # Elsewhere (L40S, L4, B200) one FITTED fraction. FIT (2026-12-02, `python bench/sim_validation.py
 # --fit-path marlin`, then for every GPU): grid {1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4}; objective:
 # the mean |log(simulated / published ratio)| of the TRAIN ratio rows whose quantized run is on the Marlin
@@ -91,12 +100,16 @@ MARLIN_EFFICIENCY = 0.8
 
 def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
     """Marlin's compute-bound GEMM rate on `gpu` for `fmt`'s weights as a fraction of the BF16 GEMM
-    rate, and where the fraction comes from (measured, MARLIN_MEASURED; else fitted)."""
+    rate, and where the fraction comes from (measured, MARLIN_MEASURED, times MARLIN_GROUPED_SCALES
+    for weights with per-group scales; else fitted)."""
     bits = 4 if fmt.bits <= 4 else 8
     measured = MARLIN_MEASURED.get((gpu.name, bits))
-    if measured is not None:
-        return measured, MARLIN_MEASURED_SOURCE
-    return MARLIN_EFFICIENCY, "fitted"
+    if measured is None:
+        return MARLIN_EFFICIENCY, "fitted"
+    if 0 < fmt.group_size < 1 << 30:  # per-group (or per-block) scales: the fitted cost of applying them
+        return measured * MARLIN_GROUPED_SCALES, (f"{MARLIN_MEASURED_SOURCE} (channelwise) x {MARLIN_GROUPED_SCALES:.2f} "
+                                                  f"for group-{fmt.group_size} scales, fitted")
+    return measured, MARLIN_MEASURED_SOURCE
 # Rows from which vLLM's legacy weight-only kernels dequantize the whole weight and call cuBLAS:
 # AWQ (`-q awq`): vllm/model_executor/layers/quantization/awq.py (auto_awq.py in vLLM 0.32)
 # AWQLinearMethod.apply, `FP16_MATMUL_HEURISTIC_CONDITION = x.shape[:-1].numel() >= 256`;
