@@ -182,9 +182,10 @@ def test_weight_kernel_paths_follow_vllm():
 
 def test_marlin_and_dequantize_rates_are_the_measured_ones_where_published():
     """Marlin's compute-bound rate is the kernel benchmark's per GPU (vLLM 0.18 `marlin_gemm` vs
-    torch FP16 matmul, 8,192 x 8,192, M 1,024-16,384: A800 222-227 vs 241-258 TFLOP/s, H100 406-413 vs
-    649-699), the fitted fraction elsewhere; the legacy `awq_dequantize` kernel on an H100 runs at its
-    measured 0.56 TB/s. Each says which in the timing source."""
+    torch FP16 matmul, 8,192 x 8,192, channelwise, M 1,024-16,384: A800 222-227 vs 241-258 TFLOP/s,
+    H100 406-413 vs 649-699), times the fitted cost of group scales where the weights have them; the
+    fitted fraction on GPUs without a measurement; the legacy `awq_dequantize` kernel on an H100 runs
+    at its measured 0.56 TB/s. Each says which in the timing source."""
     from kvlab.hardware import gpu
     from kvlab.models.cards import card
     from kvlab.models.params import LINEAR, param_counts
@@ -193,21 +194,28 @@ def test_marlin_and_dequantize_rates_are_the_measured_ones_where_published():
     from kvlab.sim import timing
     from kvlab.sim.config import build_config
 
-    awq, fp8 = WEIGHT_FORMATS["awq"], WEIGHT_FORMATS["fp8"]
-    assert timing.marlin_efficiency(gpu("a100-80gb"), awq) == (0.891, timing.MARLIN_MEASURED_SOURCE)
-    assert timing.marlin_efficiency(gpu("a100-80gb"), fp8)[0] == 0.806  # W8A16
-    assert timing.marlin_efficiency(gpu("h100"), awq)[0] == 0.612
-    assert timing.marlin_efficiency(gpu("rtx-4090"), awq)[0] == 1.075
+    awq, fp8, block = WEIGHT_FORMATS["awq"], WEIGHT_FORMATS["fp8"], WEIGHT_FORMATS["fp8-block"]
+    g = timing.MARLIN_GROUPED_SCALES  # group-128 AWQ/GPTQ and 128 x 128 block FP8: the fitted cost of their scales
+    assert g == 0.8
+    # per-tensor FP8 on an A100 (FP8 Marlin, W8A16) has no group scales: the measured rate alone
+    assert timing.marlin_efficiency(gpu("a100-80gb"), fp8) == (0.806, timing.MARLIN_MEASURED_SOURCE)
+    eff, source = timing.marlin_efficiency(gpu("a100-80gb"), awq)
+    assert eff == pytest.approx(0.891 * g) and source == (
+        f"{timing.MARLIN_MEASURED_SOURCE} (channelwise) x 0.80 for group-128 scales, fitted")
+    assert timing.marlin_efficiency(gpu("a100-80gb"), block)[0] == pytest.approx(0.806 * g)
+    assert timing.marlin_efficiency(gpu("h100"), awq)[0] == pytest.approx(0.612 * g)
+    assert timing.marlin_efficiency(gpu("rtx-4090"), awq)[0] == pytest.approx(1.075 * g)
     assert timing.marlin_efficiency(gpu("l40s"), awq) == (timing.MARLIN_EFFICIENCY, "fitted")
     arch = card("qwen3-8b").arch
     a100 = timing.cost_model(arch, awq, "bfloat16", "auto", gpu("a100-80gb"), 1, "marlin")
     bf16 = timing.cost_model(arch, WEIGHT_FORMATS["auto"], "bfloat16", "auto", gpu("a100-80gb"), 1)
-    assert a100.flops_per_s == pytest.approx(bf16.flops_per_s * 0.891, rel=1e-12)
+    assert a100.flops_per_s == pytest.approx(bf16.flops_per_s * 0.891 * g, rel=1e-12)
 
     def source(q, g):
         return build_config(options_config("qwen3-8b", quantization=q), g, timing="roofline").cost.timing_source
 
-    assert "Marlin GEMM path at 0.61 of the BF16 GEMM rate, measured: vLLM 0.18 Marlin" in source("awq_marlin", "h100")
+    assert ("Marlin GEMM path at 0.49 of the BF16 GEMM rate, measured: vLLM 0.18 Marlin kernel benchmark (channelwise) "
+            "x 0.80 for group-128 scales, fitted") in source("awq_marlin", "h100")
     assert "Marlin GEMM path at 0.80 of the BF16 GEMM rate, fitted" in source("awq_marlin", "l40s")
     h100 = build_config(options_config("qwen3-8b", quantization="awq"), "h100", timing="roofline").cost
     assert "dequantize at 0.56 TB/s, measured: vLLM awq_dequantize kernel benchmark" in h100.timing_source
