@@ -169,7 +169,11 @@ MEMORY_EFFICIENCY = 0.9
 # put 101 within ±25 % (56 %), against 81 (45 %) for the first pass's 0 + 0 and 97 (54 %) for the
 # first fit of 2026-12-02 (4 ms + 50 us; docs/simulator-validation.md); 103 of 182 (57 %) with the
 # runs added after the fit (none of them a train row kvlab can model).
-STEP_OVERHEAD_S = 0.001
+# Third pass (2026-12-03, after Marlin's and the AWQ dequantize kernel's rates became measured and
+# Marlin's group-scale cost was fitted, which moved the quantized train rows): **0.5 ms + 50 us**
+# (0.168; 1 ms + 50 us 0.172, 2 ms + 20 us 0.178, 0 + 50 us 0.189, 4 ms and more 0.25-0.40), front end
+# 0 + 0 + 30 us/output (next), request latency 0 and roofline 0.75 / 0.9 again.
+STEP_OVERHEAD_S = 0.0005
 PER_SEQ_OVERHEAD_S = 0.00005
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
 # outputs into streamed chunks (detokenising, building and writing each request's chunk) while the
@@ -177,7 +181,7 @@ PER_SEQ_OVERHEAD_S = 0.00005
 # a token in the step, one step's outputs after the other; a token reaches the client when its step
 # is through. Under hundreds of streams it falls behind, and clients see tokens later than the
 # engine made them.
-FRONTEND_PER_OUTPUT_S = 0.0
+FRONTEND_PER_OUTPUT_S = 0.00003
 # And FRONTEND_PER_REQUEST_S per arriving request plus FRONTEND_PER_PROMPT_TOKEN_S per prompt token
 # (parsing, tokenising, input processing), on the same process, before the engine core sees it.
 # FIT (the second pass above, at its host time; grid {0, 1, 2, 5} ms/request x {0, 2, 5} us/prompt
@@ -187,7 +191,9 @@ FRONTEND_PER_OUTPUT_S = 0.0
 # against 2-7x off without), and every non-zero point raises the train median error (0.188-0.211
 # against 0.186). No published figure here isolates the
 # API server's cost (vLLM PRs #12287, #15137, #17546 and #27869 show it limiting throughput at
-# hundreds of streams, without a per-token figure).
+# hundreds of streams, without a per-token figure). Third pass (at 0.5 ms + 50 us): 0 + 0 + **30
+# us/output** (0.1671; 0 + 0 + 0 0.1677, 10 or 60 us/output 0.1677, 5 us/prompt token 0.1673, every
+# point with 1 ms/request or more 0.168-0.207): a hair below none, so FRONTEND_PER_OUTPUT_S above is 30 us.
 FRONTEND_PER_REQUEST_S = 0.0
 FRONTEND_PER_PROMPT_TOKEN_S = 0.0
 # And FRONTEND_LATENCY_S: the time every request takes from the client's send to the engine core's
