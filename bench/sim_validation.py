@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import published_runs  # noqa: E402  (bench/published_runs.py)
 
 from kvlab.errors import KvlabError  # noqa: E402
+from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
 from kvlab.sim.config import build_config  # noqa: E402
 
@@ -572,8 +573,7 @@ def ratio_table(pub: published_runs.PublishedRuns, results: list[RowResult], tim
         a, b = by_id.get(q.a), by_id.get(q.b)
         if a is None or b is None:
             continue
-        shared = [n for n in a.run.measured.figures() if n in b.run.measured.figures()]
-        name = next((n for _, opts in HEADLINE[:1] for n, _ in opts if n in shared), None)
+        name = _throughput_name(a, b)
         pub_ratio = a.run.measured.figures()[name] / b.run.measured.figures()[name] if name else None
         if not (a.sim and b.sim) or name not in a.sim[timings[0]] or name not in b.sim[timings[0]]:
             why = a.reason or b.reason or "no shared throughput figure"
@@ -586,7 +586,7 @@ def ratio_table(pub: published_runs.PublishedRuns, results: list[RowResult], tim
             sim = a.sim[t][name] / b.sim[t][name]
             cells.append(f"{sim:.3f} ({_err(sim, pub_ratio)})")
             ok = abs(sim - pub_ratio) / pub_ratio <= WITHIN_RATIO
-            sign = (sim - 1) * (pub_ratio - 1) > 0 or abs(pub_ratio - 1) < 0.02
+            sign = not wrong_side(pub_ratio, sim)
             verdicts.append(f"{t}: {'yes' if ok else 'NO'}/{'right' if sign else 'WRONG'}")
         lines.append(f"| {q.id} | {q.factor} | {a.run.split} | {name} | {pub_ratio:.3f} | " + " | ".join(cells)
                      + f" | {'; '.join(verdicts)} |")
@@ -738,16 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# vLLM --quantization methods by the ratio-row factor their runs check (kvlab.schema.validation).
-INT4_METHODS = ("awq", "awq_marlin", "gptq", "gptq_marlin")
-FP8_METHODS = ("fp8", "fp8_per_block")
-
-
 def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], timing: str) -> list:
     """The same-GPU ratio rows the simulator ran, as kvlab.schema.validation.RatioCheck: the factor
     the quantized run differs from its BF16 twin by (int4 weights, fp8 weights, fp8 KV cache; pairs of
     another kind are left out), its GPU preset, and the published and simulated throughput ratios."""
-    from kvlab.schema.validation import RatioCheck
+    from kvlab.schema.validation import RatioCheck, config_factors
+    from kvlab.serve_config import METHOD_WEIGHTS
 
     by_id = {r.run.id: r for r in results}
     out = []
@@ -758,16 +754,12 @@ def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], ti
         name = _throughput_name(a, b)
         if name is None or name not in a.sim[timing] or name not in b.sim[timing]:
             continue
-        qa, qb = a.bench.serve.get("quantization"), b.bench.serve.get("quantization")
-        kva, kvb = a.bench.serve.get("kv_cache_dtype"), b.bench.serve.get("kv_cache_dtype")
-        if qb is None and qa in INT4_METHODS and kva == kvb:
-            factor = "int4 weights"
-        elif qb is None and qa in FP8_METHODS and kva == kvb:
-            factor = "fp8 weights"
-        elif qa == qb and (kva or "").startswith("fp8") and kvb in (None, "auto"):
-            factor = "fp8 KV cache"
-        else:
+        # the one factor run a has that its twin b lacks (kvlab formats of vLLM's --quantization methods)
+        fa, fb = ({*config_factors(METHOD_WEIGHTS.get(r.bench.serve.get("quantization")), r.bench.serve.get("kv_cache_dtype"))}
+                  for r in (a, b))
+        if not (fb < fa and len(fa - fb) == 1):
             continue
+        (factor,) = fa - fb
         out.append(RatioCheck(id=q.id, factor=factor, gpu=a.bench.gpu, split=a.run.split,
                               published=a.run.measured.figures()[name] / b.run.measured.figures()[name],
                               simulated=a.sim[timing][name] / b.sim[timing][name]))

@@ -161,9 +161,8 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     kind = src["repeats"]["kv_cache_tokens_reported"]  # what the servers' figures are: measured / simulated
     # Figures under load on the simulator also say what priced its steps, and how far to trust it.
     load_kind = kind.replace("simulated", simulated_label(rs))
-    shown = rs.repeats[rs.repeats["source"] == "simulated"] if "source" in rs.repeats else rs.repeats.iloc[0:0]
-    validation = error_band(zip(*(shown[c] if c in shown else [None] * len(shown)
-                                  for c in ("gpu", "weight_format", "kv_cache_dtype")))) if "simulated" in kind else None
+    sim = rs.repeats[rs.repeats["source"] == "simulated"]  # RepeatRow's columns, rows or none
+    validation = error_band(zip(sim["gpu"], sim["weight_format"], sim["kv_cache_dtype"])) if "simulated" in kind else None
     src["under_load"] = {k: load_kind if v == kind else v for k, v in src["under_load"].items()}
     plot_kind = "\n".join(textwrap.wrap(load_kind, 70))  # a plot title's line stays within the figure
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))

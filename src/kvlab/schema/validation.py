@@ -29,6 +29,12 @@ FP8_WEIGHTS = ("fp8", "fp8-block")
 WRONG_SIDE_MARGIN = 0.02  # a published ratio this close to 1 has no side
 
 
+def wrong_side(published: float, simulated: float) -> bool:
+    """A simulated ratio on the other side of 1 than the published one (or at 1 where it is not);
+    a published ratio within WRONG_SIDE_MARGIN of 1 has no side."""
+    return abs(published - 1) >= WRONG_SIDE_MARGIN and (simulated - 1) * (published - 1) <= 0
+
+
 class RatioCheck(Part):
     """One same-GPU ratio row of the validation: a quantized run's throughput over its BF16 twin's."""
 
@@ -41,8 +47,8 @@ class RatioCheck(Part):
 
     @property
     def wrong_side(self) -> bool:
-        """Simulated on the other side of 1 than published."""
-        return abs(self.published - 1) >= WRONG_SIDE_MARGIN and (self.simulated - 1) * (self.published - 1) < 0
+        """Simulated on the other side of 1 than published (`wrong_side`)."""
+        return wrong_side(self.published, self.simulated)
 
 
 class SimValidationSummary(Part):

@@ -489,7 +489,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         eff, eff_source = marlin_efficiency(gpu, fmt)
         path = f"{path} at {eff:.2f} of the BF16 GEMM rate, {eff_source}"
     elif kernel == "dequant":
-        rate = DEQUANT_MEASURED.get((fmt.name, gpu.name))
+        rate = roofline.dequant_bytes_per_s  # the measured rate cost_model took, 0 where there is none
         path = (f"{path}; dequantize at {rate / 1e12:.2f} TB/s, measured: vLLM awq_dequantize kernel benchmark"
                 if rate else f"{path}; dequantize at {DEQUANT_EFFICIENCY:.2f} of the roofline's HBM rate, fitted")
     if path:
