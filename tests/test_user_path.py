@@ -85,8 +85,12 @@ def on_terminal(*args: str, timeout: float = 180, env: dict | None = None) -> tu
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    # A terminal emulator sets TERM and the size comes from the pty: the environment the tests run in
+    # (CI: TERM=dumb, COLUMNS) must not leak in, or rich reads an 80-column terminal without live display.
+    base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "TTY_INTERACTIVE", "TTY_COMPATIBLE")}
     proc = subprocess.Popen([sys.executable, "-m", "kvlab", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, **(env or {})}, close_fds=True, start_new_session=True)
+                            env={**base, "TERM": "xterm-256color", **(env or {})}, close_fds=True,
+                            start_new_session=True)
     os.close(slave)
     out, deadline = b"", time.monotonic() + timeout
     try:
