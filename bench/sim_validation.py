@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import published_runs  # noqa: E402  (bench/published_runs.py)
 
 from kvlab.errors import KvlabError  # noqa: E402
+from kvlab.models.memory import DEFAULT_VLLM_VERSION  # noqa: E402
 from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
 from kvlab.sim.config import build_config  # noqa: E402
@@ -181,6 +182,7 @@ class BenchRun:
     workload: dict  # run_bench keywords
     figures: dict  # published name -> (bench field, published value), the headline figures
     note: str = ""
+    vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its weight-GEMM kernel choice
 
 
 @dataclass
@@ -242,7 +244,7 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
                                    if run.num_prompts is None else [])))
     try:
-        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note))
+        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run)))
     except KvlabError as e:
         return f"kvlab refuses it: {e}"
 
@@ -290,7 +292,8 @@ def run_simulated(bench: BenchRun, timing: str, wrap_cost=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_path(bench.model, Path(tmp))
-        cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing)
+        cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing,
+                           vllm_version=bench.vllm_version)
         if wrap_cost is not None:
             cfg = dataclasses.replace(cfg, cost=wrap_cost(cfg.cost))
         res = run_bench(model, bench.gpu, config=cfg, **bench.workload)
@@ -326,6 +329,13 @@ def fitted(bench: BenchRun) -> BenchRun:
     return bench
 
 
+
+
+def _release(run: published_runs.Run) -> str:
+    """The run's vLLM release for its weight-GEMM kernel choice; a build from main (no release
+    number) is priced as kvlab's default release (none of those rows runs a weight-only format)."""
+    m = re.match(r"v?\d+\.\d+(?:\.\d+)?", run.vllm_version or "")
+    return m.group(0) if m else DEFAULT_VLLM_VERSION
 
 
 def log_error(sim: float, ref: float) -> float:

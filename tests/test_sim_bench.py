@@ -176,6 +176,7 @@ def test_cli_json_has_every_field_and_writes_the_record(kvlab, tmp_path):
     (["-q", "no-such-method"], "--quantization no-such-method"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
     (["--max-num-batched-tokens", "-3"], "--max-num-batched-tokens must be at least 1, got -3"),
+    (["--vllm-version", "latest"], "vLLM version 'latest' is not a version"),
     (["--max-model-len", "200", "--input-len", "300", "--output-len", "8"],
      "all 2 requests failed, as vLLM would refuse them (2 the prompt is longer than --max-model-len)"),
 ])
@@ -183,6 +184,19 @@ def test_bad_input_is_one_line_exit_2(kvlab, args, message):
     r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "2", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_vllm_version_picks_the_weight_kernel_a_release_runs(kvlab):
+    """`-q awq` on an H100: vLLM 0.9.2 kept the legacy dequantize kernel; the default release (0.32)
+    maps -q awq to AutoAWQ, whose layers run Machete on Hopper; the source says which."""
+    def source(*version):
+        r = kvlab("sim", "bench", "qwen3-8b", "--gpu", "h100", "-q", "awq", "--num-prompts", "4", "--output-len", "4",
+                  "--max-model-len", "4096", "--json", *version)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["timing_source"]
+
+    assert "legacy dequantize" in source("--vllm-version", "0.9.2")
+    assert "Machete GEMM path (Hopper)" in source()
 
 
 def test_run_offline_stops_at_max_requests():

@@ -267,13 +267,15 @@ def test_deepseek_v3_support_follows_the_mla_tables():
         hardware.gpu("h100"), 1)
 
 
-def scaled(model: str, gpu: str, q: str):
-    """The step timing `build_config` picks: the format's GEMM path (Marlin for these) passed along."""
+def scaled(model: str, gpu: str, q: str, vllm_version: str = "0.18"):
+    """The step timing `build_config` picks: the format's GEMM path for vLLM `vllm_version` passed
+    along (0.18: Marlin for AWQ, also on an H100)."""
     from kvlab.sim.timing import weight_kernel
 
     arch = card(model).arch
     fmt = weight_format(q, arch)
-    return step_timing(arch, fmt, "bfloat16", "auto", hardware.gpu(gpu), 1, "auto", weight_kernel(fmt, hardware.gpu(gpu)))
+    return step_timing(arch, fmt, "bfloat16", "auto", hardware.gpu(gpu), 1, "auto",
+                       weight_kernel(fmt, hardware.gpu(gpu), vllm_version=vllm_version))
 
 
 def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(llama):
@@ -296,6 +298,14 @@ def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(ll
     assert awq.decode_step_s(4, 4 * 500) < llama.decode_step_s(4, 4 * 500)
     assert awq.step_time_s(prefill(((4096, 0),))) > llama.step_time_s(prefill(((4096, 0),)))
     assert awq.provenance_counts == {"scaled": 6}
+    # vLLM 0.19 on: AWQ on an H100 runs Machete, at the BF16 GEMM rate (published): the same compute-bound
+    # prefill as BF16 (the int4 weights' fewer bytes aside), and a small decode step faster
+    machete = scaled("llama-3.1-8b", "h100", "awq", "0.19")
+    assert "scaled by the roofline's machete/BF16 ratio" in machete.timing_source
+    big = prefill(((4096, 0),))
+    assert machete.roof.gpu_s(big) == pytest.approx(machete.roof_bf16.gpu_s(big), rel=1e-9)
+    assert machete.step_time_s(big) == pytest.approx(llama.step_time_s(big), rel=1e-9)
+    assert machete.decode_step_s(4, 4 * 500) < llama.decode_step_s(4, 4 * 500)
 
 
 def test_scaled_formats_and_their_fallbacks():

@@ -158,18 +158,33 @@ def test_the_kernel_path_fits_read_train_rows_only(pub, monkeypatch):
 
 
 def test_weight_kernel_paths_follow_vllm():
-    """vLLM's GEMM path per format: Marlin for AWQ/GPTQ checkpoints and for FP8 without FP8 tensor
-    cores, the legacy dequantize + cuBLAS path for an explicit `-q awq`, from 256 tokens a step."""
+    """vLLM's GEMM path per format, GPU and release (read from the wheels' sources, kvlab.sim.timing
+    MACHETE_FIRST / LEGACY_LAST): Machete for gptq_marlin / compressed-tensors W4A16 on compute
+    capability 9.0, and for AWQ there from 0.19 (choose_mp_linear_kernel); Marlin elsewhere, for MoE
+    experts and for FP8 without FP8 tensor cores; the legacy dequantize + cuBLAS path for an explicit
+    `-q awq` up to 0.23 and `-q gptq` up to 0.21, from 256 / 51 tokens a step."""
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
     from kvlab.sim.timing import StepWork
 
-    def cost(q, gpu="h100"):
-        return build_config(options_config("qwen3-8b", quantization=q), gpu, timing="roofline").cost
+    def cost(q, gpu="h100", version="0.9.2", model="qwen3-8b"):
+        return build_config(options_config(model, quantization=q), gpu, timing="roofline", vllm_version=version).cost
 
     assert (cost(None).weight_kernel, cost(None).timing_source) == ("native", "roofline")
-    assert cost("awq_marlin").weight_kernel == cost("gptq_marlin").weight_kernel == "marlin"
+    assert cost("awq_marlin").weight_kernel == "marlin" and cost("gptq_marlin").weight_kernel == "machete"
+    assert cost("awq_marlin", version="0.18.1").weight_kernel == "marlin"
+    assert cost("awq_marlin", version="0.19.0").weight_kernel == "machete"
+    assert cost("gptq_marlin", "a100-80gb").weight_kernel == cost("gptq_marlin", "b200").weight_kernel == "marlin"
+    assert cost("awq_marlin", "h200", "0.32").weight_kernel == "machete"
+    assert cost("awq_marlin", version="0.32", model="qwen3-30b-a3b").weight_kernel == "marlin"  # MoE experts
     assert cost("fp8", "a100-80gb").weight_kernel == "marlin" and cost("fp8").weight_kernel == "native"
+    assert [cost("awq", version=v).weight_kernel for v in ("0.23.0", "0.24.0")] == ["dequant", "machete"]
+    assert [cost("gptq", version=v).weight_kernel for v in ("0.21.0", "0.22.0")] == ["dequant", "machete"]
+    assert cost("awq", "a100-80gb", "0.32").weight_kernel == "marlin"
+    machete = cost("gptq_marlin")
+    assert ("Machete GEMM path (Hopper) at 1.00 of the BF16 GEMM rate, published: Machete matches FP16's "
+            "compute-bound rate") in machete.timing_source
+    assert machete.flops_per_s == cost(None).flops_per_s
     legacy = cost("awq")
     assert legacy.weight_kernel == "dequant" and "legacy dequantize" in legacy.timing_source
     assert legacy.dequant_min_tokens == 256
@@ -211,13 +226,15 @@ def test_marlin_and_dequantize_rates_are_the_measured_ones_where_published():
     bf16 = timing.cost_model(arch, WEIGHT_FORMATS["auto"], "bfloat16", "auto", gpu("a100-80gb"), 1)
     assert a100.flops_per_s == pytest.approx(bf16.flops_per_s * 0.891 * g, rel=1e-12)
 
-    def source(q, g):
-        return build_config(options_config("qwen3-8b", quantization=q), g, timing="roofline").cost.timing_source
+    def source(q, g):  # vLLM 0.9.2: AWQ-Marlin on an H100 is still Marlin, `-q awq` still the legacy kernel
+        return build_config(options_config("qwen3-8b", quantization=q), g, timing="roofline",
+                            vllm_version="0.9.2").cost.timing_source
 
     assert ("Marlin GEMM path at 0.49 of the BF16 GEMM rate, measured: vLLM 0.18 Marlin kernel benchmark (channelwise) "
             "x 0.80 for group-128 scales, fitted") in source("awq_marlin", "h100")
     assert "Marlin GEMM path at 0.80 of the BF16 GEMM rate, fitted" in source("awq_marlin", "l40s")
-    h100 = build_config(options_config("qwen3-8b", quantization="awq"), "h100", timing="roofline").cost
+    h100 = build_config(options_config("qwen3-8b", quantization="awq"), "h100", timing="roofline",
+                        vllm_version="0.9.2").cost
     assert "dequantize at 0.56 TB/s, measured: vLLM awq_dequantize kernel benchmark" in h100.timing_source
     # the dequantize pass: the packed weights read and 2 bytes per weight written, at 0.56 TB/s
     moved = weight_bytes_by_role(arch, awq, "bfloat16")[LINEAR] + 2.0 * (param_counts(arch).active - param_counts(arch).embedding)

@@ -35,6 +35,7 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
 
@@ -204,6 +205,10 @@ def bench_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
+    vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
+                                     help="The vLLM release whose weight-GEMM kernel choice is priced (a published "
+                                          "run's: -q awq kept its legacy kernel up to 0.23, AWQ runs Machete on "
+                                          "Hopper from 0.19); memory is sized as the default release sizes it"),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
@@ -214,7 +219,7 @@ def bench_cmd(
     config = build_config(options_config(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing)
+        gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing, vllm_version=vllm_version)
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts)
 

@@ -92,11 +92,14 @@ class SimConfig:
 
 
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING, **flags) -> SimConfig:
+                 enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING,
+                 vllm_version: str = memory.DEFAULT_VLLM_VERSION, **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
-    (`kvlab.sim.timing.step_timing`: roofline, kernels, auto; default `DEFAULT_TIMING`)."""
+    (`kvlab.sim.timing.step_timing`: roofline, kernels, auto; default `DEFAULT_TIMING`).
+    `vllm_version`: the vLLM release whose weight-GEMM kernel choice is priced (`timing.weight_kernel`:
+    -q awq's legacy kernel, Machete or Marlin); memory is sized as kvlab's default vLLM sizes it."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -140,7 +143,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         gpu=preset,
         capacity=cap,
         cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
-                         weight_kernel(fmt, preset, legacy=_legacy_kernel(config))),
+                         weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
+                                       moe=arch.moe is not None)),
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

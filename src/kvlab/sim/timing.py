@@ -18,16 +18,19 @@ Per GPU of a `-tp N` group, for one step that computes `tokens` new tokens and s
   data, plus a latency per all-reduce) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S x scheduled requests.
 
 Peak FLOPS: FP8 for fp8/int8 (W8A8) weights where the GPU has FP8, else BF16 (also for 4-bit
-weight-only formats, which dequantize to BF16). Weight-only formats run the GEMM path vLLM picks for
-them (`weight_kernel`): Marlin (AWQ/GPTQ checkpoints, `awq_marlin`/`gptq_marlin`, FP8 on GPUs without
-FP8 tensor cores) at a fraction of the BF16 GEMM rate measured per GPU (`marlin_efficiency`); the
-legacy kernels that `-q awq` / `-q gptq` force dequantize the whole weight to 16 bits and call
+weight-only formats, which dequantize to BF16). Weight-only formats run the GEMM path the priced vLLM
+release picks for them (`weight_kernel`): Marlin (AWQ/GPTQ checkpoints, `awq_marlin`/`gptq_marlin`, FP8
+on GPUs without FP8 tensor cores) at a fraction of the BF16 GEMM rate measured per GPU
+(`marlin_efficiency`); Machete (AWQ/GPTQ linear layers on Hopper, where vLLM's
+`choose_mp_linear_kernel` takes them) at the BF16 rate (MACHETE_EFFICIENCY, published); the legacy
+kernels that `-q awq` / `-q gptq` forced (up to vLLM 0.23 / 0.21) dequantize the whole weight to 16 bits and call
 cuBLAS once a GEMM has enough rows (AWQ: 256 tokens, GPTQ/exllama: more than 50), which writes and
 reads 2 more bytes per weight each; below that their own GEMMs pass over the packed weights once per
 16 (AWQ) / 8 (exllama) rows, each pass after the first at LEGACY_GEMM_REPEAT_COST of an HBM read of
 them. `-pp` splits memory but its stages run one after another, so a step takes as long as on one
 GPU-equivalent (no micro-batch pipelining modelled). The efficiency factors are fitted or estimated
-(documented below), not measurements, except Marlin's where a published kernel benchmark has the GPU.
+(documented below), not measurements, except Marlin's where a published kernel benchmark has the GPU
+(and Machete's, a published claim).
 
 `step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
 aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
@@ -97,6 +100,34 @@ MARLIN_GROUPED_SCALES = 0.8
 # run, is kept; weakly determined by two rows, which now have measured fractions: no train row is left
 # to refit it on (docs/simulator-validation.md).
 MARLIN_EFFICIENCY = 0.8
+# Machete: vLLM's CUTLASS mixed-input GEMM for Hopper (csrc/quantization/machete, PRs #7174, #7701),
+# built on wgmma, which Marlin lacks. On compute capability 9.0 `choose_mp_linear_kernel` tries it
+# before Marlin (kernels/mixed_precision/__init__.py `_POSSIBLE_KERNELS`; CutlassW4A8 ahead of it takes
+# FP8 activations only) for the layers that go through that chooser: gptq_marlin and compressed-tensors
+# WNA16 (W4A16) in every vLLM kvlab prices, AWQ from MACHETE_AWQ_FIRST on (`weight_kernel`).
+# `MacheteLinearKernel.can_implement`: uint4/uint8 with zero points or uint4b8/uint8b128 without, group
+# size -1, 64 or 128, capability exactly 9.0 (from vLLM 0.10). MoE experts keep Marlin's MoE kernel.
+# Its large-batch rate: no per-shape measurement against cuBLAS is published (none in the humming or
+# aiconfigurator tables). The published statement is that it matches FP16's compute-bound performance
+# (Neural Magic's announcement of the kernel, 2024-10; pytorch/FBGEMM PR #3259 benchmarked it and saw
+# "similar speedups over bf16 as claimed by the Machete blog post", Marlin faster at batch <= 32, Machete
+# from 64 on). So its rate is the BF16 GEMM rate: PUBLISHED, not measured, not fitted (no train row runs
+# it).
+MACHETE_EFFICIENCY = 1.0
+MACHETE_SOURCE = ("published: Machete matches FP16's compute-bound rate (Neural Magic's announcement; "
+                  "FBGEMM PR #3259), not measured per shape")
+MACHETE_GROUP_SIZES = (64, 128, 1 << 30)  # 1 << 30: channelwise (vLLM's -1)
+# The first vLLM release (major, minor) whose `choose_mp_linear_kernel` takes the format's linear layers
+# on CUDA: gptq_marlin and compressed-tensors WNA16 since Machete's integration (PR #7701, vLLM 0.6.2;
+# vLLM issue #20986 shows 0.9.2 logging "MacheteLinearKernel for GPTQMarlinLinearMethod"); AWQ from 0.19
+# (PR #36505: 0.18.1's awq_marlin.py calls apply_awq_marlin_linear, 0.19.0's choose_mp_linear_kernel).
+MACHETE_FIRST = {"gptq": (0, 6), "awq": (0, 19)}
+# The last vLLM release (major, minor) in which `--quantization awq` / `gptq` named on the command line
+# kept the legacy kernel: 0.23's quantization/__init__.py maps "awq" to AWQConfig (awq_gemm /
+# awq_dequantize; awq_marlin.py logs "forcing awq"), 0.24's to AutoAWQConfig, whose
+# override_quantization_method accepts a user's "awq" and runs the Marlin/Machete path; 0.21 maps "gptq"
+# to GPTQConfig (exllama gptq_gemm), 0.22 to AutoGPTQConfig (choose_mp_linear_kernel).
+LEGACY_LAST = {"awq": (0, 23), "gptq": (0, 21)}
 
 
 def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
@@ -394,18 +425,43 @@ class ScaledTiming:
         return (self.base.decode_step_s(num_seqs, kv_tokens) - host) * ratio + host
 
 
-WEIGHT_KERNELS = ("native", "marlin", "dequant")
+WEIGHT_KERNELS = ("native", "marlin", "machete", "dequant")
 KERNEL_LABELS = {"marlin": "weights on the Marlin GEMM path",
+                 "machete": "weights on the Machete GEMM path (Hopper)",
                  "dequant": "weights on the legacy dequantize + cuBLAS path"}
 
 
-def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False) -> str:
-    """The GEMM path vLLM runs for weight format `fmt` on `gpu`: "marlin" for AWQ/GPTQ (vLLM picks
-    awq_marlin / gptq_marlin for such checkpoints on compute capability >= 8.0) and for FP8 on a GPU
-    without FP8 tensor cores (FP8 Marlin, W8A16); "dequant" where `legacy` (`-q awq` / `-q gptq` named
-    explicitly: vLLM keeps the legacy kernel it was told to use); else "native"."""
+def vllm_release(version: str) -> tuple[int, int]:
+    """'0.9.2', '0.32', 'v0.19.0' -> (major, minor): the vLLM release whose kernel choice is priced."""
+    import re
+
+    from kvlab.errors import KvlabError
+
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?\S*", str(version).strip())
+    if not m:
+        raise KvlabError(f"vLLM version {version!r} is not a version; give X.Y, e.g. 0.32 or 0.9.2")
+    return int(m.group(1)), int(m.group(2))
+
+
+def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_version: str = memory.DEFAULT_VLLM_VERSION,
+                  moe: bool = False) -> str:
+    """The GEMM path vLLM `vllm_version` runs for weight format `fmt` on `gpu`:
+    - "dequant": `-q awq` / `-q gptq` named explicitly (`legacy`) up to LEGACY_LAST: vLLM kept the
+      legacy kernel it was told to use (it logs that awq_marlin / gptq_marlin would be faster);
+    - "machete": AWQ/GPTQ (and compressed-tensors W4A16) linear layers on compute capability 9.0
+      where `choose_mp_linear_kernel` routes them (GPTQ always, AWQ from MACHETE_AWQ_FIRST), a group
+      size Machete takes, and no MoE experts (those keep Marlin's MoE kernel);
+    - "marlin": the other AWQ/GPTQ checkpoints on compute capability >= 8.0, and FP8 on a GPU
+      without FP8 tensor cores (FP8 Marlin, W8A16);
+    - else "native"."""
+    release = vllm_release(vllm_version)
     if fmt.name in DEQUANT_MIN_TOKENS:
-        return "dequant" if legacy else "marlin"
+        if legacy and release <= LEGACY_LAST[fmt.name]:
+            return "dequant"
+        if (gpu.compute_capability == 9.0 and not moe and fmt.group_size in MACHETE_GROUP_SIZES
+                and release >= MACHETE_FIRST[fmt.name]):
+            return "machete"
+        return "marlin"
     if fmt.name in ("fp8", "fp8-block") and not gpu.fp8_tflops:
         return "marlin"
     return "native"
@@ -436,7 +492,8 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     return CostModel(
         gpu=gpu.name,
         tp=tp,
-        flops_per_s=peak * MATMUL_EFFICIENCY * (marlin_efficiency(gpu, fmt)[0] if kernel == "marlin" else 1.0),
+        flops_per_s=peak * MATMUL_EFFICIENCY * (marlin_efficiency(gpu, fmt)[0] if kernel == "marlin"
+                                                else MACHETE_EFFICIENCY if kernel == "machete" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
         link_bytes_per_s=LINK_GB_S.get(gpu.name, 32) * 1e9,
@@ -488,6 +545,8 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if kernel == "marlin":
         eff, eff_source = marlin_efficiency(gpu, fmt)
         path = f"{path} at {eff:.2f} of the BF16 GEMM rate, {eff_source}"
+    elif kernel == "machete":
+        path = f"{path} at {MACHETE_EFFICIENCY:.2f} of the BF16 GEMM rate, {MACHETE_SOURCE}"
     elif kernel == "dequant":
         rate = roofline.dequant_bytes_per_s  # the measured rate cost_model took, 0 where there is none
         path = (f"{path}; dequantize at {rate / 1e12:.2f} TB/s, measured: vLLM awq_dequantize kernel benchmark"
