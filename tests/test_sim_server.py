@@ -179,6 +179,7 @@ def test_done_when_blocks_times_block_size_is_kvlab_capacity(kvlab):
     (["--quantization", "nope"], "Unknown quantization method: nope."),
     (["--max-model-len", "999999"], "User-specified max_model_len (999999) is greater than the derived max_model_len"),
     (["--gpu", "h1000"], "unknown GPU 'h1000'"),
+    (["--vllm-version", "next"], "vLLM version 'next' is not a version"),
 ])
 def test_bad_flags_fail_like_vllm(kvlab, argv, message):
     args = ["sim", "serve", "llama-3.1-8b", *(argv if "--gpu" in argv else ["--gpu", "h100", *argv])]
@@ -186,6 +187,19 @@ def test_bad_flags_fail_like_vllm(kvlab, argv, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_vllm_version_is_passed_to_the_kernel_choice():
+    """`kvlab sim serve ... -q awq --vllm-version 0.9.2` prices the legacy kernel that release kept;
+    without it, kvlab's default release (AWQ on Machete on an H100)."""
+    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.config import build_config
+
+    def kernel(*extra):
+        args = parse_serve_args(["qwen3-8b", "--gpu", "h100", "-q", "awq", "--max-model-len", "4096", *extra])
+        return build_config(args.config, args.gpu, timing="roofline", vllm_version=args.vllm_version).cost.weight_kernel
+
+    assert kernel("--vllm-version", "0.9.2") == "dequant" and kernel() == "machete"
 
 
 def test_weights_that_do_not_fit_fail(kvlab):

@@ -12,9 +12,10 @@ import argparse
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values
 from kvlab.sim.faults import Fault, help_text, parse_faults
-from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, vllm_release
 
 # vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
 VLLM_KV_CACHE_DTYPES = (
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "none), the roofline, or auto (kernel tables where they cover the model, GPU and format; AWQ/GPTQ and "
         "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; else the roofline, labelled); default "
         f"{DEFAULT_TIMING}"))
+    kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION, help=(
+        "the vLLM release whose weight-GEMM kernel choice is priced (-q awq kept its legacy kernel up to 0.23, "
+        "AWQ runs Machete on Hopper from 0.19); memory is sized as the default release sizes it; default "
+        f"{DEFAULT_VLLM_VERSION}"))
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
@@ -129,6 +134,7 @@ class ServeArgs:
     not_simulated: tuple[str, ...]
     faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
     timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
+    vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release whose weight kernels are priced
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
@@ -171,6 +177,7 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         raise KvlabError(f"give MODEL once: positional {ns.model_tag!r} and --model {ns.model_flag!r} differ")
     if not ns.speedup > 0:
         raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
+    vllm_release(ns.vllm_version)  # a version kvlab can read, or one line
     config = ServeConfig(model=model, **config_values(ns))
     check_config(config)
     faults = parse_faults(ns.fault or [], fault_env)
@@ -190,4 +197,5 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
         non_default=non_default, not_simulated=not_simulated, faults=faults, timing=ns.timing,
+        vllm_version=ns.vllm_version,
     )
