@@ -65,8 +65,10 @@ def keyed_run(tmp_path_factory):
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while p.poll() is None:  # what every process of the run listens on, while it runs
             for q in tagged(tag):
-                try:
-                    listening[q.pid] = [c.laddr for c in q.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+                try:  # kept across samples: a later sample, as the server shuts down, sees nothing
+                    seen = listening.setdefault(q.pid, [])
+                    seen += [c.laddr for c in q.net_connections("inet")
+                             if c.status == psutil.CONN_LISTEN and c.laddr not in seen]
                 except psutil.Error:
                     pass
             watch.sample()
