@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_openai import FakeConfig, FakeOpenAI
+from kvlab.loadtest.runner import CLIENT_CPU_BUSY, client_warnings
 from kvlab.loadtest.stream import ChatStream
 from kvlab.schema.load import LoadRecord
 
@@ -346,10 +347,27 @@ def test_a_saturated_locust_process_is_warned_about_and_its_cpu_recorded(tmp_pat
     assert p.returncode == 0, p.stderr[-2000:]
     rec = LoadRecord.read(out / "load.json")
     [cpu] = rec.client_cpu
-    assert cpu.role == "standalone" and cpu.samples >= 4 and cpu.p90 >= 0.8
+    # busy: most of a core (on 2 cores shared with the stream server and the other test worker it gets
+    # 0.79-0.95 of one; the warning's threshold is CLIENT_CPU_BUSY, checked on fixed samples below)
+    assert cpu.role == "standalone" and cpu.samples >= 4 and cpu.p90 >= 0.6
     assert rec.summary.client_cpu_busiest == cpu.p90
-    assert any(w.startswith("client CPU: Locust standalone process") and "--workers" in w for w in rec.warnings)
-    assert "warning: client CPU" in p.stdout and "latencies may include client queueing" in p.stdout
+    warned = any(w.startswith("client CPU: Locust standalone process") and "--workers" in w for w in rec.warnings)
+    assert warned == (cpu.p90 >= CLIENT_CPU_BUSY)
+    assert ("warning: client CPU" in p.stdout and "latencies may include client queueing" in p.stdout) == warned
+
+
+def test_the_client_cpu_warning_is_given_at_the_busy_threshold():
+    """One warning naming the busiest streaming process at or above CLIENT_CPU_BUSY of a core (the
+    master does not stream), with a --workers suggestion; none below it."""
+    def proc(role, pid, p90):
+        return {"role": role, "pid": pid, "p90": p90, "samples": 10}
+
+    summary = {"requests": 5, "requests_ok": 5}
+    [w] = client_warnings([proc("standalone", 7, CLIENT_CPU_BUSY)], 0, summary)
+    assert w.startswith("client CPU: Locust standalone process 7 was busy 80% of a core") and "--workers 2" in w
+    [w] = client_warnings([proc("master", 1, 0.99), proc("worker", 2, 0.85), proc("worker", 3, 0.9)], 2, summary)
+    assert "worker process 3 was busy 90%" in w and "2 of 2 streaming" in w and "--workers 4" in w
+    assert client_warnings([proc("standalone", 7, CLIENT_CPU_BUSY - 0.01), proc("master", 1, 0.99)], 0, summary) == []
 
 
 def test_the_experiment_runner_fails_the_repeat_with_the_calibration_error_and_exits_non_zero(tmp_path):
