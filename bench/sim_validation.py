@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import published_runs  # noqa: E402  (bench/published_runs.py)
 
 from kvlab.errors import KvlabError  # noqa: E402
+from kvlab.models.budget import vllm_release  # noqa: E402
 from kvlab.models.memory import DEFAULT_VLLM_VERSION  # noqa: E402
 from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
@@ -334,8 +335,7 @@ def fitted(bench: BenchRun) -> BenchRun:
 def _release(run: published_runs.Run) -> str:
     """The run's vLLM release for its weight-GEMM kernel choice; a build from main (no release
     number) is priced as kvlab's default release (none of those rows runs a weight-only format)."""
-    m = re.match(r"v?\d+\.\d+(?:\.\d+)?", run.vllm_version or "")
-    return m.group(0) if m else DEFAULT_VLLM_VERSION
+    return run.vllm_version if vllm_release(run.vllm_version or "") else DEFAULT_VLLM_VERSION
 
 
 def log_error(sim: float, ref: float) -> float:

@@ -78,12 +78,18 @@ class MemoryEstimate:
     kv_budget_bytes: int
 
 
+def vllm_release(version: str) -> tuple[int, int] | None:
+    """'0.32', '0.10.2', 'v0.21.0', '0.8.5.post1' -> (major, minor); None for anything else."""
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:\S*)", str(version).strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def parse_vllm_version(version: str) -> tuple[int, int]:
     """'0.32', '0.10.2', 'v0.21.0' -> (major, minor); KvlabError for anything else or before 0.10."""
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:\S*)", str(version).strip())
-    if not m:
+    release = vllm_release(version)
+    if release is None:
         raise KvlabError(f"--vllm-version {version!r} is not a version; give X.Y, e.g. 0.32 or 0.10")
-    major, minor = int(m.group(1)), int(m.group(2))
+    major, minor = release
     if (major, minor) < OLDEST_VLLM_VERSION:
         raise KvlabError(f"--vllm-version {version}: kvlab models the V1 engine's memory profiling from "
                          "vLLM 0.10 on; give 0.10 or later")

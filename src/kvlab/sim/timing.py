@@ -104,7 +104,7 @@ MARLIN_EFFICIENCY = 0.8
 # built on wgmma, which Marlin lacks. On compute capability 9.0 `choose_mp_linear_kernel` tries it
 # before Marlin (kernels/mixed_precision/__init__.py `_POSSIBLE_KERNELS`; CutlassW4A8 ahead of it takes
 # FP8 activations only) for the layers that go through that chooser: gptq_marlin and compressed-tensors
-# WNA16 (W4A16) in every vLLM kvlab prices, AWQ from MACHETE_AWQ_FIRST on (`weight_kernel`).
+# WNA16 (W4A16) in every vLLM kvlab prices, AWQ from 0.19 on (MACHETE_FIRST, `weight_kernel`).
 # `MacheteLinearKernel.can_implement`: uint4/uint8 with zero points or uint4b8/uint8b128 without, group
 # size -1, 64 or 128, capability exactly 9.0 (from vLLM 0.10). MoE experts keep Marlin's MoE kernel.
 # Its large-batch rate: no per-shape measurement against cuBLAS is published (none in the humming or
@@ -432,15 +432,15 @@ KERNEL_LABELS = {"marlin": "weights on the Marlin GEMM path",
 
 
 def vllm_release(version: str) -> tuple[int, int]:
-    """'0.9.2', '0.32', 'v0.19.0' -> (major, minor): the vLLM release whose kernel choice is priced."""
-    import re
-
+    """'0.9.2', '0.32', 'v0.19.0' -> (major, minor): the vLLM release whose kernel choice is priced
+    (any release: the memory model's `parse_vllm_version` takes 0.10 on)."""
     from kvlab.errors import KvlabError
+    from kvlab.models.budget import vllm_release as release_of
 
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?\S*", str(version).strip())
-    if not m:
+    release = release_of(version)
+    if release is None:
         raise KvlabError(f"vLLM version {version!r} is not a version; give X.Y, e.g. 0.32 or 0.9.2")
-    return int(m.group(1)), int(m.group(2))
+    return release
 
 
 def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_version: str = memory.DEFAULT_VLLM_VERSION,
@@ -449,7 +449,7 @@ def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_versio
     - "dequant": `-q awq` / `-q gptq` named explicitly (`legacy`) up to LEGACY_LAST: vLLM kept the
       legacy kernel it was told to use (it logs that awq_marlin / gptq_marlin would be faster);
     - "machete": AWQ/GPTQ (and compressed-tensors W4A16) linear layers on compute capability 9.0
-      where `choose_mp_linear_kernel` routes them (GPTQ always, AWQ from MACHETE_AWQ_FIRST), a group
+      where `choose_mp_linear_kernel` routes them (from MACHETE_FIRST: GPTQ always, AWQ from 0.19), a group
       size Machete takes, and no MoE experts (those keep Marlin's MoE kernel);
     - "marlin": the other AWQ/GPTQ checkpoints on compute capability >= 8.0, and FP8 on a GPU
       without FP8 tensor cores (FP8 Marlin, W8A16);
