@@ -94,6 +94,9 @@ def _plan_showing_progress(req) -> dict:
                         "slo_unmet": "one session already misses the SLO"}.get(data["status"], data["status"])
                 progress.update(tasks[data["config"]], total=data["probes"], completed=data["probes"],
                                 description=f"  {data['config']} probes (done: {what})")
+                # drawn now, not at the next timed refresh: searches that end within one refresh
+                # interval of each other would otherwise skip a count (1/2 straight to 2/2)
+                progress.refresh()
 
         return plan(req, on_event)
 
