@@ -106,6 +106,27 @@ def test_cuda_graphs_count_from_vllm_0_21():
         budget.parse_vllm_version("latest")
 
 
+def test_the_default_utilization_is_the_releases(kvlab):
+    """vLLM's CacheConfig default: 0.9 up to 0.19, 0.92 from 0.20; `capacity` and `kvlab capacity`
+    take the one of --vllm-version unless --gpu-memory-utilization is given."""
+    assert memory.default_gpu_memory_utilization("0.19.1") == 0.9
+    assert memory.default_gpu_memory_utilization("v0.20.0") == 0.92 == memory.default_gpu_memory_utilization()
+    with pytest.raises(KvlabError, match="not a version"):
+        memory.default_gpu_memory_utilization("latest")
+    a = card("llama-3.1-8b").arch
+    old = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.11")
+    assert old.memory.gpu_memory_utilization == 0.9
+    assert old.kv_budget_bytes == memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.11",
+                                                  gpu_memory_utilization=0.9).kv_budget_bytes
+    assert memory.capacity(a, gpu="h100", max_model_len=8192).memory.gpu_memory_utilization == 0.92
+    r = kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--vllm-version", "0.11", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["memory"]["gpu_memory_utilization"] == 0.9
+    r = kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--vllm-version", "0.11", "--gpu-memory-utilization", "0.8",
+              "--json")
+    assert json.loads(r.stdout)["memory"]["gpu_memory_utilization"] == 0.8
+
+
 def test_bad_version_is_one_line(kvlab):
     r = kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--vllm-version", "0.8")
     assert r.returncode != 0 and "Traceback" not in r.stderr

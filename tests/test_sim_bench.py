@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kvlab.models.cards import card
 from kvlab.errors import KvlabError
 from kvlab.replay import datasets
 from kvlab.replay.bench import bench_metrics, run_bench, timing_source
@@ -197,6 +198,35 @@ def test_vllm_version_picks_the_weight_kernel_a_release_runs(kvlab):
 
     assert "legacy dequantize" in source("--vllm-version", "0.9.2")
     assert "Machete GEMM path (Hopper)" in source()
+
+
+def test_vllm_version_sizes_memory_as_that_release(kvlab):
+    """The release simulated sizes the KV cache as its profiling does: vLLM 0.11's default utilization
+    is 0.9 and it takes no CUDA-graph estimate from the budget; a release before 0.10 is sized as
+    0.10; the record says which release and utilization it ran."""
+    from kvlab.models.memory import capacity
+    from kvlab.sim.config import build_config, memory_release
+
+    a = card("qwen3-8b").arch
+
+    def blocks(**kw):
+        return capacity(a, model_name="qwen3-8b", gpu="h100", max_model_len=4096, max_num_batched_tokens=8192,
+                        max_num_seqs=1024, **kw).num_blocks
+
+    def run(*version):
+        r = kvlab("sim", "bench", "qwen3-8b", "--gpu", "h100", "--num-prompts", "2", "--output-len", "2",
+                  "--max-model-len", "4096", "--json", *version)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    old, new = run("--vllm-version", "0.11.0"), run()
+    assert (old["vllm_version"], old["gpu_memory_utilization"]) == ("0.11.0", 0.9)
+    assert (new["vllm_version"], new["gpu_memory_utilization"]) == ("0.32", 0.92)
+    assert old["num_gpu_blocks"] == blocks(vllm_version="0.11", gpu_memory_utilization=0.9)
+    assert new["num_gpu_blocks"] == blocks() and new["num_gpu_blocks"] > old["num_gpu_blocks"]
+    assert memory_release("0.9.2") == "0.10" and memory_release("0.32") == "0.32"
+    cfg = build_config("qwen3-8b", "h100", max_model_len=4096, vllm_version="0.8.5")
+    assert cfg.num_blocks == blocks(vllm_version="0.10") and cfg.gpu_memory_utilization == 0.9
 
 
 def test_run_offline_stops_at_max_requests():

@@ -24,8 +24,8 @@ KV_DTYPE = typer.Option("auto", "--kv-cache-dtype", help="auto, bfloat16, float1
 QUANT = typer.Option(None, "--quantization", "-q", help="Weight quantization: fp8, fp8-block, int8, awq, gptq, bitsandbytes (nf4); default: the checkpoint's")
 DTYPE = typer.Option(None, "--dtype", help="Model dtype: bfloat16, float16, float32 (default: the config's)")
 GPU = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus); KV budget estimated from --gpu-memory-utilization")
-UTIL = typer.Option(memory.DEFAULT_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
-                    help="Fraction of GPU memory vLLM may use (vLLM >= 0.20's default)")
+UTIL = typer.Option(None, "--gpu-memory-utilization",
+                    help="Fraction of GPU memory vLLM may use (default: --vllm-version's, 0.92 from vLLM 0.20, 0.9 before)")
 KV_GIB = typer.Option(None, "--kv-memory-gib", help="Exact KV budget per GPU in GiB (vLLM's 'Available KV cache memory', or VLLM_CPU_KVCACHE_SPACE); with -pp one for all stages or one per stage, comma-separated (e.g. 20.5,22.1)")
 KV_BYTES = typer.Option(None, "--kv-cache-memory-bytes", help="Exact KV budget per GPU in bytes (vLLM's flag)")
 MAX_LEN = typer.Option(None, "--max-model-len", help="Context length per request (default: the card's context length, else the config's)")
@@ -174,7 +174,7 @@ class CapacityFlags:
     """The sizing flags of `kvlab capacity` and `kvlab compare`, as given (vLLM's names)."""
 
     gpu: str | None
-    gpu_memory_utilization: float
+    gpu_memory_utilization: float | None
     kv_memory_gib: str | None
     kv_cache_memory_bytes: int | None
     max_model_len: int | None
@@ -226,7 +226,7 @@ class CapacityFlags:
 def capacity_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     gpu: Optional[str] = GPU,
-    gpu_memory_utilization: float = UTIL,
+    gpu_memory_utilization: Optional[float] = UTIL,
     kv_memory_gib: Optional[str] = KV_GIB,
     kv_cache_memory_bytes: Optional[int] = KV_BYTES,
     max_model_len: Optional[int] = MAX_LEN,
@@ -299,7 +299,7 @@ def capacity_cmd(
 def compare_cmd(
     models: list[str] = typer.Argument(..., help="Two or more models; savings are against the first"),
     gpu: Optional[str] = GPU,
-    gpu_memory_utilization: float = UTIL,
+    gpu_memory_utilization: Optional[float] = UTIL,
     kv_memory_gib: Optional[str] = KV_GIB,
     kv_cache_memory_bytes: Optional[int] = KV_BYTES,
     max_model_len: Optional[int] = MAX_LEN,

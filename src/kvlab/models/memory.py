@@ -27,12 +27,23 @@ from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
     DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget,
-    nccl_transport)
+    OLDEST_VLLM_VERSION, nccl_transport, vllm_release)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
-# vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes.
+# vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes for
+# kvlab's default release (DEFAULT_VLLM_VERSION); `default_gpu_memory_utilization` for any release.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
+UTILIZATION_092_FROM = (0, 20)
+
+
+def default_gpu_memory_utilization(vllm_version: str = DEFAULT_VLLM_VERSION) -> float:
+    """vLLM's default --gpu-memory-utilization in release `vllm_version` (CacheConfig): 0.9 up to
+    0.19, 0.92 from 0.20; KvlabError for a version kvlab cannot read."""
+    release = vllm_release(vllm_version)
+    if release is None:
+        raise KvlabError(f"--vllm-version {vllm_version!r} is not a version; give X.Y, e.g. 0.32 or 0.10")
+    return DEFAULT_GPU_MEMORY_UTILIZATION if release >= UTILIZATION_092_FROM else 0.9
 
 # --kv-cache-dtype values -> bytes per element (None: the model dtype).
 KV_CACHE_DTYPES: dict[str, int | None] = {
@@ -391,7 +402,7 @@ def capacity(
     pipeline_parallel_size: int = 1,
     kv_budget_bytes: int | Sequence[int] | None = None,
     gpu: str | None = None,
-    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    gpu_memory_utilization: float | None = None,
     max_num_batched_tokens: int | None = None,
     max_num_seqs: int | None = None,
     num_gpu_blocks_override: int | None = None,
@@ -406,7 +417,8 @@ def capacity(
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
     stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does. nnodes: the nodes the GPUs
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does. gpu_memory_utilization None:
+    the default of release `vllm_version` (`default_gpu_memory_utilization`). nnodes: the nodes the GPUs
     sit on (vLLM's --nnodes); it changes only the estimated budget (NCCL between nodes)."""
     tp, pp, dp = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
     if dp < 1:
@@ -457,7 +469,8 @@ def capacity(
         budgets, source = _stage_budgets(kv_budget_bytes, pp), "given"
     else:
         assert preset is not None
-        memory = estimate_kv_budget(arch, preset, gpu_memory_utilization, w_gpu, max_num_batched_tokens,
+        util = default_gpu_memory_utilization(vllm_version) if gpu_memory_utilization is None else gpu_memory_utilization
+        memory = estimate_kv_budget(arch, preset, util, w_gpu, max_num_batched_tokens,
                                     max_num_seqs, tp, pp, max(stages), vllm_version, sampler, dp, nnodes)
         budget, source = memory.kv_budget_bytes, "estimate"
         budgets = [budget] * pp

@@ -155,7 +155,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, quantization=cap.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
-        block_size=cap.block_size, num_preemptions=res.results.num_preemptions,
+        block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        num_preemptions=res.results.num_preemptions,
         **bench_metrics(res.records),
     )
 
@@ -206,9 +207,11 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
-                                     help="The vLLM release whose weight-GEMM kernel choice is priced (a published "
-                                          "run's: -q awq kept its legacy kernel up to 0.23, AWQ runs Machete on "
-                                          "Hopper from 0.19); memory is sized as the default release sizes it"),
+                                     help="The vLLM release simulated (a published run's): its weight-GEMM kernel "
+                                          "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on "
+                                          "Hopper from 0.19) and its memory profiling (default "
+                                          "--gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken from the "
+                                          "KV budget from 0.21; before 0.10 sized as 0.10)"),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config

@@ -39,6 +39,10 @@ class BenchResult(Record):
     max_num_batched_tokens: int
     num_gpu_blocks: int
     block_size: int
+    # kvlab's --vllm-version: the release whose kernel choice and memory profiling were simulated
+    # (records written before it existed: kvlab's default release then, 0.32)
+    vllm_version: str = "0.32"
+    gpu_memory_utilization: float | None = None  # as resolved (None in records written before it)
 
     # results (vLLM's names and units)
     duration: float = figure("simulated", unit="s", default=0.0,

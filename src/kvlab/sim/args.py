@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; else the roofline, labelled); default "
         f"{DEFAULT_TIMING}"))
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION, help=(
-        "the vLLM release whose weight-GEMM kernel choice is priced (-q awq kept its legacy kernel up to 0.23, "
-        "AWQ runs Machete on Hopper from 0.19); memory is sized as the default release sizes it; default "
+        "the vLLM release simulated: its weight-GEMM kernel choice (-q awq kept its legacy kernel up to 0.23, "
+        "AWQ runs Machete on Hopper from 0.19) and its memory profiling (default --gpu-memory-utilization 0.9 "
+        "before 0.20, CUDA graphs taken from the KV budget from 0.21, before 0.10 sized as 0.10); default "
         f"{DEFAULT_VLLM_VERSION}"))
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
@@ -134,7 +135,7 @@ class ServeArgs:
     not_simulated: tuple[str, ...]
     faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
     timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
-    vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release whose weight kernels are priced
+    vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release simulated (kernels, memory)
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:

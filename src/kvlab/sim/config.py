@@ -54,6 +54,7 @@ class SimConfig:
     # The time every request takes from the client's send to the engine core's queue, apart from
     # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
     frontend_latency_s: float = 0.0
+    vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -98,8 +99,10 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
     (`kvlab.sim.timing.step_timing`: roofline, kernels, auto; default `DEFAULT_TIMING`).
-    `vllm_version`: the vLLM release whose weight-GEMM kernel choice is priced (`timing.weight_kernel`:
-    -q awq's legacy kernel, Machete or Marlin); memory is sized as kvlab's default vLLM sizes it."""
+    `vllm_version`: the vLLM release simulated: its weight-GEMM kernel choice (`timing.weight_kernel`:
+    -q awq's legacy kernel, Machete or Marlin) and its memory profiling (`memory_release`: the default
+    --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
+    from 0.21)."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -107,8 +110,9 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     preset = hardware.gpu(gpu)
     resolved: ResolvedModel = resolve_model(config.model)
     arch = resolved.arch
+    mem_version = memory_release(vllm_version)
     util = config.gpu_memory_utilization
-    util = DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util
+    util = memory.default_gpu_memory_utilization(mem_version) if util is None else util
     max_model_len = config.max_model_len
     if max_model_len is None and resolved.card is not None:
         max_model_len = resolved.card.context_length  # as `kvlab capacity` does
@@ -128,7 +132,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     cap = memory.capacity(arch, model_name=resolved.name, **{
         **config.capacity_kwargs(), "max_model_len": max_model_len, "gpu": preset.name,
         "gpu_memory_utilization": util, "max_num_batched_tokens": max_num_batched_tokens,
-        "max_num_seqs": max_num_seqs})
+        "max_num_seqs": max_num_seqs, "vllm_version": mem_version})
     if cap.num_kv_cache_groups != 1 or arch.num_sliding_layers:
         raise KvlabError(f"{resolved.name} has sliding-window attention layers: kvlab's simulator models "
                          "full attention and MLA only")
@@ -158,10 +162,21 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_request_s=sim_timing.FRONTEND_PER_REQUEST_S,
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
+        vllm_version=vllm_version,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,
     )
+
+
+def memory_release(vllm_version: str) -> str:
+    """The release whose memory profiling sizes a simulated `vllm_version`: itself from 0.10 on, else
+    0.10 (the oldest the memory model takes: V1's profiling in 0.8-0.9 has the same terms,
+    `determine_available_memory` in vllm/v1/worker/gpu_worker.py of 0.9.2: requested memory less the
+    profiling run's non-KV memory, the sampler's dummy run included); KvlabError for a version kvlab
+    cannot read."""
+    oldest = memory.OLDEST_VLLM_VERSION
+    return vllm_version if sim_timing.vllm_release(vllm_version) >= oldest else f"{oldest[0]}.{oldest[1]}"
 
 
 def flags_config(model: str, *, quantization: str | None = None, served_model_name: list[str] | None = None,

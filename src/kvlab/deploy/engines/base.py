@@ -142,10 +142,9 @@ class Engine:
         """vLLM's default --gpu-memory-utilization: 0.9 up to 0.19, 0.92 from 0.20."""
         v = self.install.version if self.install.installed and not self.install.cpu_build else None
         try:
-            major, minor = (int(x) for x in (v or "").split(".")[:2])
-        except ValueError:
+            return memory.default_gpu_memory_utilization(v or memory.DEFAULT_VLLM_VERSION)
+        except KvlabError:  # a version string kvlab cannot read: kvlab's default release
             return memory.DEFAULT_GPU_MEMORY_UTILIZATION
-        return memory.DEFAULT_GPU_MEMORY_UTILIZATION if (major, minor) >= (0, 20) else 0.9
 
     def capacity_kwargs(self, config: ServeConfig, mla: bool) -> dict:
         """`memory.capacity` keywords for this engine serving `config` (budget and GPU not included)."""
