@@ -15,7 +15,8 @@ Two parts, printed as Markdown (the tables of docs/simulator-validation.md):
    config.json, GPU preset, serve flags, workload) and run under each step-time backend
    (`roofline`, `auto`). Per row: the headline figures (one throughput, one TTFT, one TPOT/ITL, as
    the run states them: `HEADLINE`), published vs simulated, error, timing source, split. Then the
-   share of test figures within +-25 % and the same-GPU ratio rows (a over b of the throughput
+   share of test figures within +-25 % (in all, by GPU and by kind of figure: the summary file's
+   `by_gpu` and `by_figure`, which reports cite) and the same-GPU ratio rows (a over b of the throughput
    figure): simulated ratio vs published, within +-15 %, right sign. A row kvlab cannot model stays
    in the table with its reason.
 
@@ -183,7 +184,7 @@ class BenchRun:
     workload: dict  # run_bench keywords
     figures: dict  # published name -> (bench field, published value), the headline figures
     note: str = ""
-    vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its weight-GEMM kernel choice
+    vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its kernel choice and memory profiling
 
 
 @dataclass
@@ -318,7 +319,7 @@ def fitted(bench: BenchRun) -> BenchRun:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             build_config(options_config(_model_path(bench.model, Path(tmp)), **bench.serve), bench.gpu,
-                         timing="roofline")
+                         timing="roofline", vllm_version=bench.vllm_version)
         except KvlabError as e:
             m = re.search(r"estimated maximum model length is (\d+)", str(e))
             if not m:
@@ -333,8 +334,9 @@ def fitted(bench: BenchRun) -> BenchRun:
 
 
 def _release(run: published_runs.Run) -> str:
-    """The run's vLLM release for its weight-GEMM kernel choice; a build from main (no release
-    number) is priced as kvlab's default release (none of those rows runs a weight-only format)."""
+    """The run's vLLM release, simulated (its weight-GEMM kernel choice and memory profiling: default
+    utilization, CUDA-graph estimate); a build from main (no release number) is simulated as kvlab's
+    default release (none of those rows runs a weight-only format)."""
     return run.vllm_version if vllm_release(run.vllm_version or "") else DEFAULT_VLLM_VERSION
 
 
@@ -575,6 +577,24 @@ def share_within(results: list[RowResult], timing: str, split: str) -> tuple[int
     return sum(abs(s - v) / v <= WITHIN_FIGURE for s, v in figs), len(figs)
 
 
+FIGURE_KIND = {name: kind for kind, options in HEADLINE for name, _ in options}  # published name -> kind
+
+
+def shares_by(results: list[RowResult], timing: str, split: str, key) -> dict:
+    """The split's figures under `timing` grouped by key(row, published name): for each group,
+    kvlab.schema.validation.FigureShare (within ±25 %, of, median |simulated / published - 1|)."""
+    from kvlab.schema.validation import FigureShare
+
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        if r.run.split != split or timing not in r.sim:
+            continue
+        for n, (_, v) in r.bench.figures.items():
+            groups.setdefault(key(r, n), []).append(abs(r.sim[timing][n] / v - 1))
+    return {k: FigureShare(within=sum(e <= WITHIN_FIGURE for e in errs), of=len(errs),
+                           median_abs_error=statistics.median(errs)) for k, errs in sorted(groups.items())}
+
+
 def ratio_table(pub: published_runs.PublishedRuns, results: list[RowResult], timings=TIMINGS) -> list[str]:
     by_id = {r.run.id: r for r in results}
     lines = ["| ratio | factor | split | figure | published | " + " | ".join(f"{t} sim (err)" for t in timings)
@@ -741,6 +761,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- {split} figures within ±25 % under {t}: {ok} of {n}"
                   + (f" ({100 * ok / n:.0f} %); median |error| {100 * (math.exp(med) - 1):.0f} %; "
                      f"off by more than 2x: {over2}" if n else ""))
+    for name, key in (("GPU", lambda r, n: r.bench.gpu), ("figure", lambda r, n: FIGURE_KIND[n])):
+        t = timings[-1]
+        print(f"- test figures by {name} under {t}: " + "; ".join(
+            f"{k} {g.within} of {g.of} ({100 * g.share:.0f} %), median {100 * g.median_abs_error:.0f} %"
+            for k, g in shares_by(results, t, "test", key).items()))
     print()
     print("\n".join(ratio_table(pub, results, timings)))
     if args.split is None:
@@ -789,6 +814,8 @@ def _write_summary(pub: published_runs.PublishedRuns, results: list[RowResult], 
     summary = SimValidationSummary(
         test_within_25pct_share=ok / n, test_figures=n, timing=timing,
         by_timing={t: dict(zip(("within", "of"), share_within(results, t, "test"))) for t in timings},
+        by_gpu=shares_by(results, timing, "test", lambda r, n: r.bench.gpu),
+        by_figure=shares_by(results, timing, "test", lambda r, n: FIGURE_KIND[n]),
         ratios=ratio_checks(pub, results, timing))
     path = ROOT / SUMMARY_FILE
     path.write_text(summary.model_dump_json(indent=1) + "\n", encoding="utf-8")

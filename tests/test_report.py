@@ -365,6 +365,29 @@ def test_validation_band_cites_the_ratio_rows_of_each_quantization_factor_shown(
         "int4 weights vs BF16 on l40s: no published same-GPU ratio in the validation"])
 
 
+def test_validation_band_gives_the_share_of_each_gpu_and_kind_of_figure(tmp_path, monkeypatch):
+    """Beside simulated figures the band gives the test share of each kind of figure, and of each GPU
+    shown (or that the GPU has no published test run); a summary without the breakdown gives neither."""
+    from kvlab.schema import validation as v
+
+    monkeypatch.setattr(v, "summary_paths", lambda: [tmp_path / v.SUMMARY_FILE])
+    (tmp_path / "bench").mkdir()
+    summary = v.SimValidationSummary(
+        test_within_25pct_share=0.6154, timing="auto", test_figures=182,
+        by_gpu={"h100": v.FigureShare(within=41, of=73, median_abs_error=0.23)},
+        by_figure={"throughput": v.FigureShare(within=47, of=67, median_abs_error=0.17),
+                   "ttft": v.FigureShare(within=31, of=63, median_abs_error=0.26),
+                   "tpot": v.FigureShare(within=34, of=52, median_abs_error=0.17)})
+    (tmp_path / v.SUMMARY_FILE).write_text(summary.model_dump_json(indent=1))
+    assert v.read_summary() == summary
+    base = ("validation: 62% of test figures within ±25 % of published vLLM runs (timing auto; "
+            "bench/sim_validation.py) — throughput 70%, TTFT 49%, TPOT/ITL 65%")
+    assert v.error_band() == base
+    assert v.error_band([("h100", None, "auto"), ("l40s", None, None), ("h100", None, None)]) == "; ".join([
+        base, "h100: 41 of 73 test figures within ±25 % (56%), median error 23%",
+        "l40s: no published test run in the validation"])
+
+
 def test_headline_sentence_without_a_reported_kv_memory_says_predicted():
     """A config whose server reported no KV cache memory has no measured ratio: the sentence gives the
     predicted one and says so, instead of "holds n/a"."""

@@ -310,3 +310,26 @@ def test_the_summary_carries_the_ratio_rows_by_factor_and_gpu(pub):
     assert "ratio-h100-dsv2-lite-mla-vs-mha-cache" not in checks
     a = checks["ratio-h100-awq-vs-bf16"]
     assert a.simulated == pytest.approx(a.published * 1.25, rel=1e-12)
+
+
+def test_the_summary_breaks_the_test_figures_down_by_gpu_and_kind(pub):
+    """The per-GPU and per-kind shares the band cites: every test figure counted once in each
+    breakdown, train rows left out, the median of |simulated / published - 1| per group."""
+    runs = {r.id: r for r in pub.runs}
+    picked = ["gpustack-q8-h100-bf16", "gpustack-q8-a100-bf16", "iog-r1-distill-llama-8b-1xrtx4090-1qps",
+              "gpustack-q14-a100-bf16-sharegpt"]  # the last a train row
+    results = []
+    for i, rid in enumerate(picked):
+        bench = v.map_run(runs[rid])
+        row = v.RowResult(runs[rid], bench, None)
+        # every published figure simulated 10 % high, but the H100 run's first figure 40 % high
+        row.sim["auto"] = {n: x * (1.4 if (i == 0 and j == 0) else 1.1)
+                           for j, (n, (_, x)) in enumerate(bench.figures.items())}
+        results.append(row)
+    by_gpu = v.shares_by(results, "auto", "test", lambda r, n: r.bench.gpu)
+    assert {k: (g.within, g.of) for k, g in by_gpu.items()} == {"a100-80gb": (3, 3), "h100": (2, 3), "rtx-4090": (2, 2)}
+    assert by_gpu["h100"].median_abs_error == pytest.approx(0.1)
+    by_kind = v.shares_by(results, "auto", "test", lambda r, n: v.FIGURE_KIND[n])
+    assert {k: (g.within, g.of) for k, g in by_kind.items()} == {"throughput": (2, 3), "ttft": (3, 3), "tpot": (2, 2)}
+    assert sum(g.of for g in by_gpu.values()) == sum(g.of for g in by_kind.values()) == v.share_within(
+        results, "auto", "test")[1]

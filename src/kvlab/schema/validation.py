@@ -4,9 +4,11 @@ simulator's figures stray from published real-vLLM runs, read where a simulated 
 `error_band()` is the sentence that goes beside every simulated figure (report, planner tables,
 demo): the test rows' share within ±25 % and the timing the validation ran on, where the summary
 file exists in the working directory; else a pointer to the validation table in docs/simulator-validation.md.
-Given the configurations shown (GPU, weights, KV dtype), it adds what the validation's same-GPU ratio
-rows say of each quantization factor among them on that GPU (`ratio_band`): the published and
-simulated ratios to BF16, and how many came out on the wrong side of 1."""
+The band adds the share of each kind of figure (throughput, TTFT, TPOT/ITL) where the summary has it.
+Given the configurations shown (GPU, weights, KV dtype), it adds the test figures' share on each GPU
+among them (`gpu_band`) and what the validation's same-GPU ratio rows say of each quantization factor
+among them on that GPU (`ratio_band`): the published and simulated ratios to BF16, and how many came
+out on the wrong side of 1."""
 
 from __future__ import annotations
 
@@ -51,6 +53,22 @@ class RatioCheck(Part):
         return wrong_side(self.published, self.simulated)
 
 
+class FigureShare(Part):
+    """The test figures of one group (a GPU preset, or a kind of figure) and how many came within ±25 %."""
+
+    within: int = figure("computed", description="test figures within ±25 % of the published", default=...)
+    of: int = figure("computed", description="test figures in the group", default=...)
+    median_abs_error: float = figure("computed", description="median |simulated / published - 1|", default=...)
+
+    @property
+    def share(self) -> float:
+        return self.within / self.of if self.of else 0.0
+
+
+# The kinds of figure the validation scores, as the band names them.
+FIGURE_KINDS = {"throughput": "throughput", "ttft": "TTFT", "tpot": "TPOT/ITL"}
+
+
 class SimValidationSummary(Part):
     """The headline of the validation table and its same-GPU ratio rows (other keys are ignored)."""
 
@@ -59,6 +77,8 @@ class SimValidationSummary(Part):
     timing: str  # the timing the validation ran on
     test_figures: int | None = None
     by_timing: dict[str, dict[str, int]] = {}  # timing -> {"within": n, "of": m}, test rows
+    by_gpu: dict[str, FigureShare] = {}  # GPU preset -> its test figures (the summary's timing)
+    by_figure: dict[str, FigureShare] = {}  # FIGURE_KINDS key -> its test figures (the summary's timing)
     ratios: list[RatioCheck] = []
 
 
@@ -123,9 +143,21 @@ def error_band(configs: Iterable[tuple[str | None, str | None, str | None]] = ()
         return NO_SUMMARY
     band = (f"validation: {s.test_within_25pct_share:.0%} of test figures within ±25 % of published vLLM runs "
             f"(timing {s.timing}; bench/sim_validation.py)")
+    if s.by_figure:
+        band += " — " + ", ".join(f"{FIGURE_KINDS.get(k, k)} {v.share:.0%}" for k, v in s.by_figure.items())
     def text(v) -> str | None:  # table cells may be NaN where a record has no value
         return v if isinstance(v, str) and v else None
 
-    pairs = sorted({(gpu, f) for gpu, weights, kv in configs if text(gpu)
-                    for f in config_factors(text(weights), text(kv))})
-    return "; ".join([band] + [ratio_band(s, gpu, f) for gpu, f in pairs])
+    configs = [(text(gpu), text(weights), text(kv)) for gpu, weights, kv in configs]
+    gpus = sorted({gpu for gpu, _, _ in configs if gpu}) if s.by_gpu else []
+    pairs = sorted({(gpu, f) for gpu, weights, kv in configs if gpu for f in config_factors(weights, kv)})
+    return "; ".join([band] + [gpu_band(s, gpu) for gpu in gpus] + [ratio_band(s, gpu, f) for gpu, f in pairs])
+
+
+def gpu_band(summary: SimValidationSummary, gpu: str) -> str:
+    """What the validation's test figures say of `gpu`, in words."""
+    g = summary.by_gpu.get(gpu)
+    if g is None or not g.of:
+        return f"{gpu}: no published test run in the validation"
+    return (f"{gpu}: {g.within} of {g.of} test figures within ±25 % ({g.share:.0%}), "
+            f"median error {g.median_abs_error:.0%}")
