@@ -380,16 +380,37 @@ def _pct(err: float) -> float:
     return 100 * (math.exp(err) - 1)
 
 
-def _grid_search(grid, setting, error, describe, report) -> tuple:
+# A pass changes a fitted constant only where the grid's best point beats the constant's current
+# value by more than FIT_TOLERANCE of median |log error| (the convergence rule of `--fit`'s passes).
+# Why this size: near the train rows' median the sorted |log errors| of the 123 figures lie 0.004-0.008
+# apart (0.153, 0.161, 0.165 under the third pass's constants), so a smaller difference is one figure
+# crossing the median. Stated on 2026-12-04, after that day's pass (each run's memory at its own
+# release) put the front end's best point, 5 us per prompt token, 0.0043 below the current 30 us per
+# output (0.1565 against 0.1608; no front end at all 0.1571): without the rule that pass would have
+# moved a constant that binds the agent workloads' plans (its serial tokenising caps sessions per GPU)
+# on a difference the train rows cannot resolve. The third pass's own change (30 us per output, 0.0006
+# better than none) would not have been made under it; it is kept, as the current value.
+FIT_TOLERANCE = 0.005
+
+
+def _grid_search(grid, setting, error, describe, report, current=None) -> tuple:
     """The point of `grid` with the least `error()` (run with the context `setting(point)` in force),
-    and that error; each point reported as `describe(point, err)`. Ties keep the first point."""
-    best = None
+    and that error; each point reported as `describe(point, err)`. Ties keep the first point. With
+    `current` (the constant's value now, a point of the grid), that point is kept unless the best
+    beats it by more than FIT_TOLERANCE (reported)."""
+    best, now = None, None
     for point in grid:
         with setting(point):
             err = error()
         report(describe(point, err))
         if best is None or err < best[1]:
             best = (point, err)
+        if current is not None and point == current:
+            now = (point, err)
+    if now is not None and now[1] - best[1] <= FIT_TOLERANCE:
+        if now[0] != best[0]:
+            report(f"  (best {describe(*best).strip()}; within {FIT_TOLERANCE} of the current value: kept)")
+        return now
     return best
 
 
@@ -401,7 +422,8 @@ def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_
     return _grid_search(
         grid, lambda p: host_time(*p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: (f"  host {1000 * p[0]:.1f} ms/step + {1e6 * p[1]:.0f} us/request: train median |log err| "
-                        f"{err:.3f} ({_pct(err):.0f} %)"), report)
+                        f"{err:.3f} ({_pct(err):.0f} %)"), report,
+        current=(sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S))
 
 
 def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=FRONTEND_GRID,
@@ -413,7 +435,9 @@ def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=F
     return _grid_search(
         grid, lambda p: front_end(*p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: (f"  front end {1000 * p[0]:.1f} ms/request + {1e6 * p[1]:.0f} us/prompt token, "
-                        f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report)
+                        f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report,
+        current=(sim_timing.FRONTEND_PER_REQUEST_S, sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
+                 sim_timing.FRONTEND_PER_OUTPUT_S))
 
 
 def fit_latency(pub: published_runs.PublishedRuns, timing: str = "auto", grid=LATENCY_GRID,
@@ -425,7 +449,7 @@ def fit_latency(pub: published_runs.PublishedRuns, timing: str = "auto", grid=LA
     return _grid_search(
         grid, lambda p: constants(FRONTEND_LATENCY_S=p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: f"  request latency {1000 * p:.0f} ms: train median |log err| {err:.4f} ({_pct(err):.0f} %)",
-        report)
+        report, current=sim_timing.FRONTEND_LATENCY_S)
 
 
 def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
@@ -439,7 +463,8 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
         grid, lambda p: constants(MATMUL_EFFICIENCY=p[0], MEMORY_EFFICIENCY=p[1]),
         lambda: median_log_error(rows(sub, ("auto",)), "auto"),
         lambda p, err: (f"  roofline GEMMs {p[0]:.2f} of peak, HBM {p[1]:.2f}: train-fallback median |log err| "
-                        f"{err:.3f} ({_pct(err):.0f} %, {len(fallback)} rows)"), report)
+                        f"{err:.3f} ({_pct(err):.0f} %, {len(fallback)} rows)"), report,
+        current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY))
 
 
 MARLIN_GRID = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4)

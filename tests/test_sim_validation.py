@@ -333,3 +333,29 @@ def test_the_summary_breaks_the_test_figures_down_by_gpu_and_kind(pub):
     assert {k: (g.within, g.of) for k, g in by_kind.items()} == {"throughput": (2, 3), "ttft": (3, 3), "tpot": (2, 2)}
     assert sum(g.of for g in by_gpu.values()) == sum(g.of for g in by_kind.values()) == v.share_within(
         results, "auto", "test")[1]
+
+
+def test_a_fit_keeps_the_current_value_within_the_tolerance():
+    """`--fit`'s convergence rule: the grid's best point replaces the constant's current value only
+    when it beats it by more than FIT_TOLERANCE of median |log error|."""
+    import contextlib
+
+    errors = {0: 0.1608, 1: 0.1565, 2: 0.1571, 3: 0.20}
+    seen = []
+
+    def search(current, errs=errors):
+        state = {}
+
+        @contextlib.contextmanager
+        def setting(p):
+            state["p"] = p
+            yield
+
+        return v._grid_search(list(errs), setting, lambda: errs[state["p"]], lambda p, e: f"  point {p}: {e}",
+                              seen.append, current=current)
+
+    assert search(current=0) == (0, 0.1608)  # 0.0043 better: kept
+    assert any("kept" in line for line in seen)
+    assert search(current=None) == (1, 0.1565)
+    assert search(current=3) == (1, 0.1565)  # 0.0435 better: changed
+    assert search(current=0, errs={0: 0.170, 1: 0.160}) == (1, 0.160)  # 0.010 better: changed
