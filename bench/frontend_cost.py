@@ -1,0 +1,282 @@
+"""What does vLLM's API server spend per request, per prompt token and per streamed output token?
+
+A measurement of the front-end terms the simulator models (kvlab.sim.timing: FRONTEND_PER_REQUEST_S,
+FRONTEND_PER_PROMPT_TOKEN_S, FRONTEND_PER_OUTPUT_S), which the published runs do not resolve
+(docs/simulator-validation.md, the fifth fit pass). Real vLLM (the CPU build in this checkout's
+virtualenv: its API server is the same Python code as the GPU build's) serves a tiny random-weight
+Llama (2 layers, hidden 128) whose tokenizer is a byte-level BPE trained here on text found on this
+machine, with a GPT-4-style split regex and a `--vocab`-token vocabulary: a stand-in for Llama-3's
+or Qwen's, whose files cannot be downloaded here (a tokenizer's cost per token depends on its
+vocabulary and merges). The client sends `/v1/chat/completions` requests, `--concurrency` at a
+time, and reads the API server process's CPU time (psutil: every thread of that process; the
+engine core is another process, reported apart) before and after each batch, less its idle rate
+(its CPU per second with nothing in flight, measured first) over the batch's wall time:
+- per request and per prompt token: non-streaming requests with `max_tokens` 1 at each of
+  `--prompt-lens`, least squares of CPU per request on the prompt's tokens;
+- per streamed output token: streaming requests with `ignore_eos` and a short prompt at each of
+  `--output-lens`, least squares of CPU per request on the output tokens, at each of
+  `--concurrency`; the slope at concurrency c is a per-output cost plus a per-engine-step cost
+  shared by the c requests of the step (s(c) = per_output + per_step / c), so two concurrencies
+  separate them.
+Each point is the median of `--rounds` batches of `--requests` requests. Measured on this machine's
+CPU (the probe, a 10M-iteration Python loop, is printed to compare machines): a server's API
+process on another CPU takes about its probe's ratio more or less.
+
+Run: `python bench/frontend_cost.py [--requests 48] [--rounds 3] [--json]` (about 5 minutes on
+2 cores; needs vLLM's CPU build in the virtualenv, as `make setup` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The split regex of GPT-4's cl100k tokenizer (and, with small changes, Llama-3's and Qwen2's).
+SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '</s>\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+CORPUS_BYTES = 12 << 20
+
+
+def corpus() -> list[str]:
+    """Text found on this machine (documentation, licences, READMEs of installed packages), in a
+    fixed order, up to CORPUS_BYTES."""
+    roots = [Path(sys.prefix) / "lib", Path("/usr/share/doc"), Path("/usr/share/common-licenses")]
+    texts, size = [], 0
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if size >= CORPUS_BYTES:
+                return texts
+            if path.suffix not in (".md", ".rst", ".txt", "") or not path.is_file() or path.stat().st_size > 1 << 20:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if sum(c.isalpha() for c in text[:2000]) > 800:
+                texts.append(text)
+                size += len(text)
+    return texts
+
+
+def build_model(folder: Path, texts: list[str], vocab: int) -> int:
+    """The tokenizer (trained on `texts`) and a 2-layer random Llama in `folder`; its vocabulary size."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}))
+    n = tok.get_vocab_size()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=n, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=16384,
+                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return n
+
+
+def prompts(folder: Path, texts: list[str], tokens: int, count: int) -> list[str]:
+    """`count` different prompts of `tokens` tokens each (slices of the corpus, decoded back to text)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = [i for t in texts[:200] for i in tok.encode(t).ids]
+    step = max(1, (len(ids) - tokens) // count)
+    return [tok.decode(ids[k * step:k * step + tokens]) for k in range(count)]
+
+
+def cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def engine_pids(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+async def batch(port: int, bodies: list[dict], concurrency: int) -> None:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        async def one(body: dict) -> None:
+            async with sem:
+                if body.get("stream"):
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        r.raise_for_status()
+                        async for _ in r.aiter_lines():
+                            pass
+                else:
+                    (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+
+        await asyncio.gather(*(one(b) for b in bodies))
+
+
+def idle_rate(pid: int, seconds: float = 10.0) -> float:
+    """The API server's CPU seconds per second with no request in flight (its background loops)."""
+    a0, t0 = cpu_s(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_s(pid) - a0) / (time.monotonic() - t0)
+
+
+def measure(pid: int, port: int, bodies: list[dict], concurrency: int, rounds: int, idle: float = 0.0) -> dict:
+    """CPU seconds per request of the API server (median of the rounds; its idle rate over the
+    batch's wall time taken off) and of the engine core."""
+    api, core, wall = [], [], []
+    kids = engine_pids(pid)
+    for _ in range(rounds):
+        a0, c0, t0 = cpu_s(pid), sum(map(cpu_s, kids)), time.monotonic()
+        asyncio.run(batch(port, bodies, concurrency))
+        w = time.monotonic() - t0
+        api.append((cpu_s(pid) - a0 - idle * w) / len(bodies))
+        core.append((sum(map(cpu_s, kids)) - c0) / len(bodies))
+        wall.append(w)
+    return {"api_cpu_s_per_request": statistics.median(api), "api_cpu_s_rounds": api,
+            "engine_core_cpu_s_per_request": statistics.median(core), "batch_wall_s": wall}
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x: (a, b)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"vLLM not ready after {timeout_s:.0f} s")
+
+
+def cpu_probe_s() -> float:
+    t = time.process_time()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.process_time() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=100_000, help="the stand-in tokenizer's vocabulary")
+    ap.add_argument("--prompt-lens", default="16,1024,4096", help="prompt tokens of the per-token series")
+    ap.add_argument("--output-lens", default="1,64,256", help="output tokens of the streaming series")
+    ap.add_argument("--requests", type=int, default=48, help="requests per batch")
+    ap.add_argument("--concurrency", default="8,32", help="requests in flight (prompt series: the first)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    import vllm
+
+    prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
+    concurrency = [int(x) for x in a.concurrency.split(",")]
+    output_lens = [int(x) for x in a.output_lens.split(",")]
+    probe = cpu_probe_s()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "tiny-llama"
+        folder.mkdir()
+        texts = corpus()
+        vocab = build_model(folder, texts, a.vocab)
+        series = {n: prompts(folder, texts, n, a.requests) for n in sorted({*prompt_lens, 16})}
+        port = free_port()
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+                "--host", "127.0.0.1", "--max-model-len", "16384", "--max-num-seqs", str(max(concurrency)),
+                "--enforce-eager", "--served-model-name", "tiny"]
+        with open(Path(tmp) / "server.log", "w") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_ready(port, proc)
+
+                def body(prompt: str, max_tokens: int, stream: bool) -> dict:
+                    b = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                         "temperature": 0, "ignore_eos": True}
+                    return {**b, "stream": True, "stream_options": {"include_usage": True}} if stream else b
+
+                measure(proc.pid, port, [body(p, 1, False) for p in series[16]], concurrency[0], 1)  # warm-up
+                idle = idle_rate(proc.pid)
+                by_prompt = {n: measure(proc.pid, port, [body(p, 1, False) for p in series[n]], concurrency[0],
+                                        a.rounds, idle) for n in prompt_lens}
+                by_output = {c: {k: measure(proc.pid, port, [body(p, k, True) for p in series[16]], c, a.rounds, idle)
+                                 for k in output_lens} for c in concurrency}
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    per_request, per_prompt_token = fit(prompt_lens, [by_prompt[n]["api_cpu_s_per_request"] for n in prompt_lens])
+    slope = {c: fit(output_lens, [by_output[c][k]["api_cpu_s_per_request"] for k in output_lens])[1] for c in concurrency}
+    # s(c) = per_output + per_step / c, least squares over the concurrencies
+    per_step, per_output = (fit([1 / c for c in concurrency], [slope[c] for c in concurrency])[::-1]
+                            if len(concurrency) > 1 else (0.0, slope[concurrency[0]]))
+    out = {"vllm_version": vllm.__version__, "tokenizer_vocab": vocab, "concurrency": concurrency,
+           "requests_per_batch": a.requests, "rounds": a.rounds, "cpu_probe_10M_loop_s": round(probe, 3),
+           "api_idle_cpu_s_per_s": idle,
+           "measured": {"api_cpu_s_per_request_at_0_tokens": per_request, "api_cpu_s_per_prompt_token": per_prompt_token,
+                        "api_cpu_s_per_streamed_output": per_output, "api_cpu_s_per_engine_step": per_step,
+                        "api_cpu_s_per_output_token_by_concurrency": slope},
+           "by_prompt_tokens": by_prompt, "by_output_tokens": by_output}
+    if a.json:
+        print(json.dumps(out, indent=1))
+    else:
+        m = out["measured"]
+        print(f"vLLM {out['vllm_version']} API server, this CPU (probe {probe:.2f} s; idle {100 * idle:.1f} % of a core "
+              f"taken off), stand-in tokenizer of {vocab:,} "
+              f"tokens: {1e3 * m['api_cpu_s_per_request_at_0_tokens']:.2f} ms per request + "
+              f"{1e6 * m['api_cpu_s_per_prompt_token']:.2f} us per prompt token; "
+              f"{1e6 * m['api_cpu_s_per_streamed_output']:.1f} us per streamed output token + "
+              f"{1e6 * m['api_cpu_s_per_engine_step']:.0f} us per engine step (measured)")
+        for n in prompt_lens:
+            print(f"  prompt {n:>5} tokens, max_tokens 1: {1e3 * by_prompt[n]['api_cpu_s_per_request']:.2f} ms API CPU "
+                  f"per request (rounds {', '.join(f'{1e3 * x:.2f}' for x in by_prompt[n]['api_cpu_s_rounds'])})")
+        for c in concurrency:
+            for k in output_lens:
+                r = by_output[c][k]
+                print(f"  streamed {k:>4} output tokens, {c} in flight: {1e3 * r['api_cpu_s_per_request']:.2f} ms API CPU "
+                      f"per request (rounds {', '.join(f'{1e3 * x:.2f}' for x in r['api_cpu_s_rounds'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
