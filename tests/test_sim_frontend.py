@@ -21,7 +21,8 @@ def _burst(n: int) -> list[SessionPlan]:
 def _cfg(**frontend):
     cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096, timing="roofline")
     return dataclasses.replace(cfg, **{"frontend_per_output_s": 0.0, "frontend_per_request_s": 0.0,
-                                       "frontend_per_prompt_token_s": 0.0, "frontend_latency_s": 0.0, **frontend})
+                                       "frontend_per_prompt_token_s": 0.0, "frontend_per_step_s": 0.0,
+                                       "frontend_latency_s": 0.0, **frontend})
 
 
 def _play(cfg, n=16, **kw):
@@ -60,6 +61,20 @@ def test_a_front_end_that_falls_behind_paces_the_stream():
     assert itl.sum / sum(itl.counts) < n * c / 4  # the engine stepped on, outputs queued (no backpressure)
     for r in res.records:  # the records still add up
         assert r["ttft_s"] + sum(r["itl_s"]) == pytest.approx(r["e2e_s"])
+
+
+def test_a_steps_outputs_cost_a_share_of_the_step_and_each_output():
+    """The front end takes `frontend_per_step_s` per step with outputs plus `frontend_per_output_s`
+    per output: 16 streams at 4 ms per step + 1 ms per output pace the clients at 20 ms per token once
+    behind; one stream alone sees the two once on its first token."""
+    n, step, out = 16, 0.004, 0.001
+    res = _play(_cfg(frontend_per_step_s=step, frontend_per_output_s=out), n=n)
+    gaps = [g for r in res.records for g in r["itl_s"][8:]]
+    assert gaps == pytest.approx([step + n * out] * len(gaps), abs=1e-9)
+    base, one = _play(_cfg(), n=1), _play(_cfg(frontend_per_step_s=step, frontend_per_output_s=out), n=1)
+    assert one.records[0]["ttft_s"] == pytest.approx(base.records[0]["ttft_s"] + step + out, abs=1e-12)
+    from kvlab.sim import timing
+    assert build_config("llama-3.1-8b", "h100", max_model_len=4096).frontend_per_step_s == timing.FRONTEND_PER_STEP_S
 
 
 def test_input_processing_admits_a_burst_one_request_after_another():

@@ -51,6 +51,8 @@ class SimConfig:
     frontend_per_output_s: float = 0.0
     frontend_per_request_s: float = 0.0  # and per arriving request (FRONTEND_PER_REQUEST_S)
     frontend_per_prompt_token_s: float = 0.0  # and per prompt token (FRONTEND_PER_PROMPT_TOKEN_S)
+    # and per engine step with outputs, shared by the step's requests (FRONTEND_PER_STEP_S)
+    frontend_per_step_s: float = 0.0
     # The time every request takes from the client's send to the engine core's queue, apart from
     # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
     frontend_latency_s: float = 0.0
@@ -161,6 +163,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_output_s=sim_timing.FRONTEND_PER_OUTPUT_S,
         frontend_per_request_s=sim_timing.FRONTEND_PER_REQUEST_S,
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
+        frontend_per_step_s=sim_timing.FRONTEND_PER_STEP_S,
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
         vllm_version=vllm_version,
         user_specified_block_size=config.block_size is not None,

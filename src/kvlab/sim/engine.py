@@ -11,7 +11,9 @@ engine core sees it (`Engine.intake`), and every request first takes `frontend_l
 way in, a delay that occupies nothing (transport, HTTP, whatever sits between the client and the
 API server: every request sees it, none waits for another's); after each step it turns the step's
 outputs into streamed chunks, `SimConfig.frontend_per_output_s` per request with a token in the
-step, one step's outputs after the other; the engine core does not wait for it (no backpressure in
+step plus `frontend_per_step_s` per step with outputs (what a step's batch costs whatever its size:
+receiving and decoding the engine core's message, the output handler's pass), one step's outputs
+after the other; the engine core does not wait for it (no backpressure in
 V1: `vllm/v1/engine/core.py` queues its outputs unbounded). So a
 token reaches the client when the front end is done with its step (`Sequence.first_out_s`,
 `last_out_s`, `step_out_s`), later than the engine made it once the front end falls behind. vLLM's
@@ -85,6 +87,8 @@ class Engine:
         self.num_steps = 0
         self.last_end_s = created_s
         self.frontend_out_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
+        self.frontend_step_s = cfg.frontend_per_step_s  # and per step with outputs, whatever their number
+        self.frontend_on = bool(self.frontend_out_s or self.frontend_step_s)  # outputs go through the front end
         self.frontend_in_s = cfg.frontend_per_request_s  # front-end CPU per arriving request
         self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
@@ -102,7 +106,7 @@ class Engine:
     def _front_end(self, end_s: float, outputs: int) -> tuple[float, float]:
         """The front end takes a step's `outputs` when it is done with its earlier work and the step
         has ended: (when it starts on them, when they are out)."""
-        return self._front_end_work(end_s, self.frontend_out_s * outputs)
+        return self._front_end_work(end_s, self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0)
 
     def _front_end_work(self, ready_s: float, cost_s: float) -> tuple[float, float]:
         """The front end, one serial resource, takes `cost_s` of work that is ready at `ready_s`
@@ -169,7 +173,7 @@ class Engine:
             seq.num_computed_tokens += n
             if seq.num_computed_tokens >= seq.num_tokens:
                 done.append(seq)
-        if self.frontend_out_s:
+        if self.frontend_on:
             fe_s, out_s = self._front_end(end_s, out.num_decodes + len(done))
         else:
             fe_s = out_s = end_s
@@ -216,7 +220,7 @@ class Engine:
             return now_s
         itl = m.hist["vllm:inter_token_latency_seconds"]
         record = self.step_out_s.append if self.record_token_steps else None
-        front_end = self._front_end if self.frontend_out_s else None
+        front_end = self._front_end if self.frontend_on else None
         t, steps = now_s, 0
         while t < until_s and sched.decode_stretch_step():
             kv = sched._decode_base + n * (sched.step - 1)

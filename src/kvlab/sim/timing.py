@@ -215,7 +215,16 @@ PER_SEQ_OVERHEAD_S = 0.00005
 # a token in the step, one step's outputs after the other; a token reaches the client when its step
 # is through. Under hundreds of streams it falls behind, and clients see tokens later than the
 # engine made them.
+# Measured (2026-12-04, bench/frontend_cost.py: vLLM 0.32.0's own API server, the CPU build, on this
+# workplace's CPU, 10M-loop probe 0.39 s; CPU time of its process less its idle rate): 88.5 us per
+# streamed output plus 519 us per engine step with outputs (the slopes at 8 and 32 requests in
+# flight, 153 and 104 us per output token, split as s(c) = per output + per step / c), and 2.4 ms per
+# chat request. NOT ADOPTED: with them (host time refitted: 0.5 ms + 50 us again) the train rows'
+# median |log error| is 0.200 against 0.161 with the fitted front end (within +-25 %: 70 against 74
+# of 123); the RTX 4090 low-load TTFTs go from +15 % to +66 % long. The published runs' vLLM
+# (0.8-0.11) and servers are not the ones measured. FRONTEND_PER_STEP_S is the per-step term, 0 here.
 FRONTEND_PER_OUTPUT_S = 0.00003
+FRONTEND_PER_STEP_S = 0.0
 # And FRONTEND_PER_REQUEST_S per arriving request plus FRONTEND_PER_PROMPT_TOKEN_S per prompt token
 # (parsing, tokenising, input processing), on the same process, before the engine core sees it.
 # FIT (the second pass above, at its host time; grid {0, 1, 2, 5} ms/request x {0, 2, 5} us/prompt
@@ -233,6 +242,8 @@ FRONTEND_PER_OUTPUT_S = 0.00003
 # (bench/sim_validation.py FIT_TOLERANCE, 0.005: one figure crossing the train median), so kept. The
 # front-end terms are not resolved by the train rows; 5 us per prompt token would cap the agent
 # workloads' sessions per GPU (every turn re-tokenises its whole context on one API-server process).
+# Per prompt token the same run measured 2.8-4.4 us, the stand-in tokenizer's own speed (2.4 us per
+# token in `tokenizers` alone): it moves with the real model's tokenizer, which cannot be timed here.
 FRONTEND_PER_REQUEST_S = 0.0
 FRONTEND_PER_PROMPT_TOKEN_S = 0.0
 # And FRONTEND_LATENCY_S: the time every request takes from the client's send to the engine core's
