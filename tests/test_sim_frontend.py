@@ -77,6 +77,27 @@ def test_a_steps_outputs_cost_a_share_of_the_step_and_each_output():
     assert build_config("llama-3.1-8b", "h100", max_model_len=4096).frontend_per_step_s == timing.FRONTEND_PER_STEP_S
 
 
+@pytest.mark.parametrize("arrive_s", [0.5, 0.5005, 0.5011, 0.5017])
+def test_a_request_arriving_during_a_step_is_processed_before_that_steps_outputs(arrive_s):
+    """A request that reaches the API server while a decode step runs is taken in before that step's
+    outputs (which reach the front end later), so its input processing overlaps the step: its TTFT
+    grows by its input processing and its first output's share, not by a step it would wait out
+    behind outputs that came after it."""
+    long = SessionPlan("a", "app0", 0, (TurnPlan(100, 400, 0.0),))
+    late = SessionPlan("b", "app0", 0, (TurnPlan(100, 8, 0.0),), start_offset_s=arrive_s)
+    step, out, intake = 0.0005, 0.0001, 0.002
+    plain = run_offline("llama-3.1-8b", "h100", [long, late], 60.0, concurrency=2, config=_cfg())
+    both = run_offline("llama-3.1-8b", "h100", [long, late], 60.0, concurrency=2,
+                       config=_cfg(frontend_per_request_s=intake, frontend_per_step_s=step, frontend_per_output_s=out))
+    ttft = {r["session_id"]: r["ttft_s"] for r in plain.records}
+    ttft_fe = {r["session_id"]: r["ttft_s"] for r in both.records}
+    decode_step = min(plain.records[0]["itl_s"])
+    # at most: its input processing, one step it may miss by it, the first output of the step (two streams)
+    assert ttft_fe["b"] - ttft["b"] <= intake + step + 2 * out + 1e-9 or \
+        ttft_fe["b"] - ttft["b"] <= decode_step + step + 2 * out + 1e-9
+    assert ttft_fe["b"] - ttft["b"] < decode_step + intake  # never a whole step behind later outputs
+
+
 def test_input_processing_admits_a_burst_one_request_after_another():
     """A burst of 8 requests at t=0, 4 ms of input processing each plus 10 us per prompt token: the
     engine core sees the k-th at k x (4 ms + its tokens' share); vLLM's queue time (from the engine

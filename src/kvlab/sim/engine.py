@@ -93,6 +93,10 @@ class Engine:
         self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
+        # The latest step's output work: when it started, and when the front end's work before it
+        # (including requests' input processing put ahead of it since) is through (`intake`).
+        self.frontend_out_start_s = float("-inf")
+        self.frontend_free_before_out_s = float("-inf")
 
     def intake(self, arrival_s: float, prompt_tokens: int) -> float:
         """When a request that reached the API server at `arrival_s` is through its input processing
@@ -101,12 +105,26 @@ class Engine:
         ready_s = arrival_s + self.frontend_latency_s
         if not (self.frontend_in_s or self.frontend_token_s):
             return ready_s
-        return self._front_end_work(ready_s, self.frontend_in_s + self.frontend_token_s * prompt_tokens)[1]
+        cost_s = self.frontend_in_s + self.frontend_token_s * prompt_tokens
+        if ready_s < self.frontend_out_start_s:
+            # The request reached the front end before the latest step's outputs did (its callers learn
+            # of it after that step: it arrived while the step ran): it is served first, after the work
+            # before those outputs, and pushes the front end's later work back. The outputs' own
+            # times, given out already, are not moved (at most the input processing of the requests
+            # that arrived during one step).
+            start = ready_s if ready_s > self.frontend_free_before_out_s else self.frontend_free_before_out_s
+            self.frontend_free_before_out_s = start + cost_s
+            self.frontend_free_s += cost_s
+            return start + cost_s
+        return self._front_end_work(ready_s, cost_s)[1]
 
     def _front_end(self, end_s: float, outputs: int) -> tuple[float, float]:
         """The front end takes a step's `outputs` when it is done with its earlier work and the step
         has ended: (when it starts on them, when they are out)."""
-        return self._front_end_work(end_s, self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0)
+        before = self.frontend_free_s
+        start, out = self._front_end_work(end_s, self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0)
+        self.frontend_out_start_s, self.frontend_free_before_out_s = start, before
+        return start, out
 
     def _front_end_work(self, ready_s: float, cost_s: float) -> tuple[float, float]:
         """The front end, one serial resource, takes `cost_s` of work that is ready at `ready_s`
