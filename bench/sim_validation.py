@@ -786,8 +786,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- {split} figures within ±25 % under {t}: {ok} of {n}"
                   + (f" ({100 * ok / n:.0f} %); median |error| {100 * (math.exp(med) - 1):.0f} %; "
                      f"off by more than 2x: {over2}" if n else ""))
+    t = summary_timing(timings)
     for name, key in (("GPU", lambda r, n: r.bench.gpu), ("figure", lambda r, n: FIGURE_KIND[n])):
-        t = timings[-1]
         print(f"- test figures by {name} under {t}: " + "; ".join(
             f"{k} {g.within} of {g.of} ({100 * g.share:.0f} %), median {100 * g.median_abs_error:.0f} %"
             for k, g in shares_by(results, t, "test", key).items()))
@@ -826,13 +826,19 @@ def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], ti
     return out
 
 
+def summary_timing(timings) -> str:
+    """The timing the summary file (and the by-GPU and by-kind lines) report: the simulator's default
+    where it ran, else the first."""
+    return sim_timing.DEFAULT_TIMING if sim_timing.DEFAULT_TIMING in timings else timings[0]
+
+
 def _write_summary(pub: published_runs.PublishedRuns, results: list[RowResult], timings) -> None:
     """bench/sim_validation_summary.json (kvlab.schema.validation.SimValidationSummary, git-ignored):
     the test rows' share within ±25 % under the simulator's default timing, which reports and plans
     print beside simulated figures, and the same-GPU ratio rows they cite beside quantized ones."""
     from kvlab.schema.validation import SUMMARY_FILE, SimValidationSummary
 
-    timing = sim_timing.DEFAULT_TIMING if sim_timing.DEFAULT_TIMING in timings else timings[0]
+    timing = summary_timing(timings)
     ok, n = share_within(results, timing, "test")
     if not n:
         return

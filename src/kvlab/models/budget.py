@@ -84,12 +84,17 @@ def vllm_release(version: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def parse_vllm_version(version: str) -> tuple[int, int]:
-    """'0.32', '0.10.2', 'v0.21.0' -> (major, minor); KvlabError for anything else or before 0.10."""
+def release_of(version: str) -> tuple[int, int]:
+    """`vllm_release`, with KvlabError (the --vllm-version message) for anything it cannot read."""
     release = vllm_release(version)
     if release is None:
         raise KvlabError(f"--vllm-version {version!r} is not a version; give X.Y, e.g. 0.32 or 0.10")
-    major, minor = release
+    return release
+
+
+def parse_vllm_version(version: str) -> tuple[int, int]:
+    """'0.32', '0.10.2', 'v0.21.0' -> (major, minor); KvlabError for anything else or before 0.10."""
+    major, minor = release_of(version)
     if (major, minor) < OLDEST_VLLM_VERSION:
         raise KvlabError(f"--vllm-version {version}: kvlab models the V1 engine's memory profiling from "
                          "vLLM 0.10 on; give 0.10 or later")

@@ -27,7 +27,7 @@ from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
     DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget,
-    OLDEST_VLLM_VERSION, nccl_transport, vllm_release)
+    OLDEST_VLLM_VERSION, nccl_transport, release_of)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
 from kvlab.units import GiB
@@ -40,10 +40,7 @@ UTILIZATION_092_FROM = (0, 20)
 def default_gpu_memory_utilization(vllm_version: str = DEFAULT_VLLM_VERSION) -> float:
     """vLLM's default --gpu-memory-utilization in release `vllm_version` (CacheConfig): 0.9 up to
     0.19, 0.92 from 0.20; KvlabError for a version kvlab cannot read."""
-    release = vllm_release(vllm_version)
-    if release is None:
-        raise KvlabError(f"--vllm-version {vllm_version!r} is not a version; give X.Y, e.g. 0.32 or 0.10")
-    return DEFAULT_GPU_MEMORY_UTILIZATION if release >= UTILIZATION_092_FROM else 0.9
+    return DEFAULT_GPU_MEMORY_UTILIZATION if release_of(vllm_version) >= UTILIZATION_092_FROM else 0.9
 
 # --kv-cache-dtype values -> bytes per element (None: the model dtype).
 KV_CACHE_DTYPES: dict[str, int | None] = {
