@@ -227,7 +227,7 @@ def wave(gated):
     c = lf.StampedSocket(socket.AF_INET, socket.SOCK_STREAM); c.connect(srv.getsockname()); a, _ = srv.accept()
     sent, reads = [], []
     def sender():  # an OS thread: sends while the event loop works
-        real_sleep(0.005); sent.append(time.time()); a.sendall(b"data: A\\n\\n")
+        sent.append(time.time()); a.sendall(b"data: A\\n\\n")
         real_sleep(0.02); sent.append(time.time()); a.sendall(b"data: B\\n\\n")
     def reader():
         while len(b"".join(r[0] for r in reads)) < 18:
@@ -236,9 +236,13 @@ def wave(gated):
         if gated:
             lf._reads_first.wait()
         spin(0.002)
+    # the users end their replies as A arrives: the work starts once A is sent, not on a 5 ms timer
+    # of the sender thread's (a loaded run once read A alone ungated: A came after the 60 ms of work)
+    real_thread(sender, ())
+    while not sent:
+        real_sleep(0.0002)
     users = [gevent.spawn(between_replies) for _ in range(30)]
     r = gevent.spawn(reader)
-    real_thread(sender, ())
     gevent.joinall(users + [r], timeout=10)
     return [[d.decode(), (t - sent[0]) * 1000] for d, t in reads], (sent[1] - sent[0]) * 1000
 
