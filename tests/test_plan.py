@@ -131,8 +131,13 @@ def _direct_run(row, wl_path, users):
     cfg = build_config(row["model"], "h100", max_model_len=4096, kv_cache_dtype=kv)
     res = run_offline(row["model"], "h100", load_workload(wl_path), SIM_S, concurrency=users, seed=0, config=cfg,
                       scrape_interval_s=2.0)
-    return Probe(users, Window(SIM_S, SIM_S / 3), _arrays(res.records, res.samples),
-                 {"usable_blocks": cfg.num_blocks - 1, "bytes_per_block": cfg.capacity.bytes_per_block})
+    probe = Probe(users, Window(SIM_S, SIM_S / 3), _arrays(res.records, res.samples),
+                  {"usable_blocks": cfg.num_blocks - 1, "bytes_per_block": cfg.capacity.bytes_per_block,
+                   "engine_steps": res.results.engine_steps,
+                   "frontend": [cfg.frontend_per_request_s, cfg.frontend_per_prompt_token_s, cfg.frontend_per_output_s,
+                                cfg.frontend_per_step_s]})
+    probe.engine, probe.records, probe.cfg = res.engine, res.records, cfg
+    return probe
 
 
 def test_sessions_per_gpu_agree_with_the_simulator(planned):
@@ -148,7 +153,8 @@ def test_sessions_per_gpu_agree_with_the_simulator(planned):
         v = direct.judge(slo, 0.95)
         assert v.passed and v.attainment == f["probe"]["attainment"]
         fig = direct.figures()
-        for key in ("requests_completed", "output_tokens", "calls_per_s", "kv_in_use_bytes_mean", "prompt_tokens_per_s"):
+        for key in ("requests_completed", "output_tokens", "calls_per_s", "kv_in_use_bytes_mean", "prompt_tokens_per_s",
+                    "api_server_load"):
             assert f["probe"][key] == pytest.approx(fig[key], rel=1e-12), key
         assert not _direct_run(row, wl_path, s["missed_at"]).judge(slo, 0.95).passed
         # the fleet: every config serves the calls of AGENTS agents as busy as the baseline's sessions
@@ -159,6 +165,36 @@ def test_sessions_per_gpu_agree_with_the_simulator(planned):
         assert f["usd_per_day"] == f["gpus"] * 2.5 * 24
     base = rows[result["baseline"]]["figures"]
     assert base["concurrent_sessions"] == pytest.approx(AGENTS) and base["gpus"] == ceil(AGENTS / base["sessions_per_replica"])
+
+
+def test_the_api_server_load_is_the_simulated_front_ends_work(planned):
+    """The planner's API-server load (work per second computed from the window's requests, prompt
+    tokens and outputs at the front end's per-unit costs) counts what the simulated front end did:
+    over a whole run, the same formula on every request taken in gives the engine's own tally of
+    front-end work; and the plan's line names the configs near one process's limit."""
+    from kvlab.plan.tables import api_server_line
+
+    root, wl_path, result = planned
+    for row in result["configs"]:
+        direct = _direct_run(row, wl_path, row["search"]["sessions_per_replica"])
+        cfg, recs = direct.cfg, direct.records
+        assert cfg.frontend_per_prompt_token_s > 0  # the measured tokenising cost is on
+        # every request taken in (unfinished ones too: their records keep no partial output, so the
+        # outputs are the engine's own count of generated tokens, one streamed output each)
+        generated = direct.engine.metrics.counters["vllm:generation_tokens"]
+        assert generated >= sum(r["completion_tokens"] or 0 for r in recs)
+        expected = (sum(cfg.frontend_per_request_s + cfg.frontend_per_prompt_token_s * r["prompt_tokens"] for r in recs)
+                    + cfg.frontend_per_output_s * generated)
+        assert direct.engine.frontend_work_s == pytest.approx(expected, rel=1e-9)
+        load = row["figures"]["probe"]["api_server_load"]
+        assert 0 < load == pytest.approx(direct.figures()["api_server_load"], rel=1e-12)
+    line = api_server_line(result)
+    assert line.startswith("API server (one process), seconds of work per second at the planned load (computed: "
+                           "2 us per prompt token, 30 us per streamed output): ")
+    heavy = {**result, "configs": [{**result["configs"][0], "figures": {"probe": {"api_server_load": 0.93}}}]}
+    assert api_server_line(heavy).endswith(f"{result['configs'][0]['config']} 0.93; near one process's limit: "
+                                           f"{result['configs'][0]['config']} (vLLM's --api-server-count runs more "
+                                           "API-server processes; kvlab simulates one)")
 
 
 def test_each_config_names_its_timing_source(planned):

@@ -123,12 +123,13 @@ class Probe:
         kv_pool = self.meta["usable_blocks"] * self.meta["bytes_per_block"]
         calls = int(done.sum())
         ok = a["state"] == OK
+        prompt, output = float(a["prompt_tokens"][done].sum()), float(a["completion_tokens"][done].sum())
         return {
             "requests_completed": int(ok.sum()),  # the whole run, as `kvlab sim run` counts them
             "output_tokens": int(a["completion_tokens"][ok].sum()),
             "calls_per_s": calls / span,
-            "prompt_tokens_per_s": float(a["prompt_tokens"][done].sum()) / span,
-            "output_tokens_per_s": float(a["completion_tokens"][done].sum()) / span,
+            "prompt_tokens_per_s": prompt / span,
+            "output_tokens_per_s": output / span,
             "cached_tokens_per_s": float(a["cached_tokens"][done].sum()) / span,
             "calls_in_window": calls,
             "kv_usage_mean": usage_mean,
@@ -138,7 +139,21 @@ class Probe:
             "preemptions": preempted,
             "ttft_p50_s": _pct(a["ttft_s"][done], 50), "ttft_p95_s": _pct(a["ttft_s"][done], 95),
             "itl_p95_p50_s": _pct(a["itl_p95_s"][done], 50), "tpot_p50_s": _pct(a["tpot_s"][done], 50),
+            "api_server_load": self.api_server_load(calls, prompt, output, span),
         }
+
+    def api_server_load(self, calls: int, prompt_tokens: float, output_tokens: float, span_s: float) -> float | None:
+        """Seconds of the simulated API server's work per second of the window: the window's calls,
+        their prompt tokens and streamed outputs (one per output token) at the front end's per-unit
+        costs (kvlab.sim.engine), and its per-step cost over the run's average step rate; above 1, one
+        API-server process cannot keep up. None for a probe cached without the costs."""
+        fe = self.meta.get("frontend")
+        if not fe:
+            return None
+        per_request, per_prompt_token, per_output, per_step = fe
+        steps = self.meta["engine_steps"] * span_s / self.window.sim_s
+        return (calls * per_request + prompt_tokens * per_prompt_token + output_tokens * per_output
+                + steps * per_step) / span_s
 
 
 def _pct(v: np.ndarray, q: float) -> float | None:
@@ -204,7 +219,9 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
     arrays = _arrays(res.records, res.samples)
     meta = {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
             "engine_steps": res.results.engine_steps, "timing_source": res.results.timing_source,
-            "timing_provenance": res.results.timing_provenance}
+            "timing_provenance": res.results.timing_provenance,
+            "frontend": [sim_cfg.frontend_per_request_s, sim_cfg.frontend_per_prompt_token_s,
+                         sim_cfg.frontend_per_output_s, sim_cfg.frontend_per_step_s]}
     cpu_s = time.process_time() - cpu0
     if use_cache:
         _save(path, arrays, meta)

@@ -60,6 +60,30 @@ def timing_lines(result: dict) -> list[str]:
     return lines + [error_band(shown)] if lines else []
 
 
+API_SERVER_NEAR_LIMIT = 0.8  # seconds of work per second at which the line names the configs near the limit
+
+
+def api_server_line(result: dict) -> str | None:
+    """The simulated API server's load at each planned config's answer (ProbeFigures.api_server_load),
+    naming those near one process's limit; None where no probe has the figure."""
+    from kvlab.sim import timing as sim_timing
+
+    loads = [(row["config"], ((row.get("figures") or {}).get("probe") or {}).get("api_server_load"))
+             for row in result["configs"]]
+    loads = [(c, x) for c, x in loads if x is not None]
+    if not loads:
+        return None
+    costs = ", ".join(f"{v} {unit}" for v, unit in (
+        (f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:g} us", "per prompt token"),
+        (f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:g} us", "per streamed output"),
+        (f"{1e3 * sim_timing.FRONTEND_PER_REQUEST_S:g} ms", "per request")) if not v.startswith("0 "))
+    near = [c for c, x in loads if x >= API_SERVER_NEAR_LIMIT]
+    tail = (f"; near one process's limit: {', '.join(near)} (vLLM's --api-server-count runs more API-server "
+            f"processes; kvlab simulates one)" if near else "")
+    return (f"API server (one process), seconds of work per second at the planned load (computed: {costs}): "
+            + ", ".join(f"{c} {x:.2f}" for c, x in loads) + tail)
+
+
 def savings_table(result: dict) -> Table:
     t = Table(title=f"Savings against {result['baseline']} (share of each factor: changed one at a time, averaged "
                     "over the orders of change)")
@@ -108,6 +132,9 @@ def print_plan(result: dict) -> None:
     console.print(fleet_table(result))
     for line in timing_lines(result):
         console.print(f"[dim]{line}[/dim]")
+    api = api_server_line(result)
+    if api:
+        console.print(f"[yellow]{api}[/yellow]" if "near one process" in api else f"[dim]{api}[/dim]")
     console.print(savings_table(result))
     console.print(rebound_table(result))
     console.print("[dim]Cells: HBM demand (weights + KV pool) against today's, and GPUs. Rows 'config: -X %' are the "

@@ -83,6 +83,10 @@ class ProbeFigures(Part):
     tpot_p50_s: float | None = _f("simulated", unit="s")
     attainment: float | None = _f("simulated")
     requests_judged: int = _f("simulated", unit="requests")
+    api_server_load: float | None = figure(
+        "computed", unit="s/s", description="seconds of the simulated API server's work per second at this load "
+        "(the window's requests, prompt tokens and streamed outputs at kvlab.sim's front-end costs); above 1, one "
+        "API-server process cannot keep up")
 
 
 class FleetFigures(Part):

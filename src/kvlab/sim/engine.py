@@ -93,6 +93,7 @@ class Engine:
         self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
+        self.frontend_work_s = 0.0  # the front end's work taken on so far (seconds of its CPU)
         # The latest step's output work: when it started, and when the front end's work before it
         # (including requests' input processing put ahead of it since) is through (`intake`).
         self.frontend_out_start_s = float("-inf")
@@ -106,6 +107,7 @@ class Engine:
         if not (self.frontend_in_s or self.frontend_token_s):
             return ready_s
         cost_s = self.frontend_in_s + self.frontend_token_s * prompt_tokens
+        self.frontend_work_s += cost_s
         if ready_s < self.frontend_out_start_s:
             # The request reached the front end before the latest step's outputs did (its callers learn
             # of it after that step: it arrived while the step ran): it is served first, after the work
@@ -122,7 +124,9 @@ class Engine:
         """The front end takes a step's `outputs` when it is done with its earlier work and the step
         has ended: (when it starts on them, when they are out)."""
         before = self.frontend_free_s
-        start, out = self._front_end_work(end_s, self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0)
+        cost_s = self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0
+        self.frontend_work_s += cost_s
+        start, out = self._front_end_work(end_s, cost_s)
         self.frontend_out_start_s, self.frontend_free_before_out_s = start, before
         return start, out
 
