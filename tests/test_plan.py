@@ -433,6 +433,8 @@ def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tm
         assert row["output_tokens_per_s_per_gpu"] == pytest.approx(c["figures"]["probe"]["output_tokens_per_s"])
         assert row["ttft_p95_s"] == c["figures"]["probe"]["ttft_p95_s"]
         assert row["usd_per_1m_tokens"] == pytest.approx(c["figures"]["usd_per_1m_tokens"])
+        assert row["api_server_load"] == c["figures"]["probe"]["api_server_load"] > 0  # the API server's load
+        assert f'data-figure="api_server_load">{row["api_server_load"]:.2f}</td>' in html
 
     # experiment run's path: the plan: block after the cells, into the run's folder
     folder = tmp_path / "run"

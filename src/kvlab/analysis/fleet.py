@@ -46,6 +46,8 @@ def fleet_table(plan: PlanRecord) -> pd.DataFrame:
             # at the planned load (the search's chosen probe, simulated): per GPU, and its latencies
             "output_tokens_per_s_per_gpu": _per_gpu(f.probe.output_tokens_per_s, f.gpus_per_replica) if f else None,
             "ttft_p95_s": f.probe.ttft_p95_s if f else None, "itl_p95_p50_s": f.probe.itl_p95_p50_s if f else None,
+            # the simulated API server's work per second there (computed; None in plans written before it)
+            "api_server_load": f.probe.api_server_load if f else None,
             "usd_per_1m_tokens": f.usd_per_1m_tokens if f else None,
             "timing_source": c.timing_source,
             "gpus_saved": s.gpus.saved if s and s.gpus else None, "hbm_saved_gib": hbm.saved if hbm else None,
