@@ -200,7 +200,7 @@ def test_vllm_version_picks_the_weight_kernel_a_release_runs(kvlab):
     assert "Machete GEMM path (Hopper)" in source()
 
 
-def test_vllm_version_sizes_memory_as_that_release(kvlab):
+def test_vllm_version_sizes_memory_as_that_release(kvlab, tmp_path):
     """The release simulated sizes the KV cache as its profiling does: vLLM 0.11's default utilization
     is 0.9 and it takes no CUDA-graph estimate from the budget; a release before 0.10 is sized as
     0.10; the record says which release and utilization it ran."""
@@ -227,6 +227,16 @@ def test_vllm_version_sizes_memory_as_that_release(kvlab):
     assert memory_release("0.9.2") == "0.10" and memory_release("0.32") == "0.32"
     cfg = build_config("qwen3-8b", "h100", max_model_len=4096, vllm_version="0.8.5")
     assert cfg.num_blocks == blocks(vllm_version="0.10") and cfg.gpu_memory_utilization == 0.9
+    # `kvlab sim run` takes the same flag: the same KV cache as `sim bench` at that release, named in its results
+    r = kvlab("sim", "run", "qwen3-8b", "--gpu", "h100", "--users", "2", "--duration-s", "5", "--max-model-len", "4096",
+              "--max-num-batched-tokens", "8192", "--max-num-seqs", "1024", "--vllm-version", "0.11.0", "--json",
+              "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["runs"][0]
+    assert res["vllm_version"] == "0.11.0" and res["capacity"]["num_gpu_blocks"] == old["num_gpu_blocks"]
+    r = kvlab("sim", "run", "qwen3-8b", "--gpu", "h100", "--vllm-version", "banana")
+    assert r.returncode == 2 and r.stderr.strip() == ("kvlab: error: vLLM version 'banana' is not a version; "
+                                                      "give X.Y, e.g. 0.32 or 0.9.2")
 
 
 def test_run_offline_stops_at_max_requests():

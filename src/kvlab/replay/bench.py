@@ -37,7 +37,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
-from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
     from kvlab.loadtest.plan import SessionPlan
@@ -207,11 +207,7 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
-                                     help="The vLLM release simulated (a published run's): its weight-GEMM kernel "
-                                          "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on "
-                                          "Hopper from 0.19) and its memory profiling (default "
-                                          "--gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken from the "
-                                          "KV budget from 0.21; before 0.10 sized as 0.10)"),
+                                     help=VLLM_VERSION_HELP),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config

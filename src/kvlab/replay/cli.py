@@ -12,7 +12,8 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP
+from kvlab.models.memory import DEFAULT_VLLM_VERSION
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
 
 def _users(spec: str) -> list[int]:
@@ -50,6 +51,8 @@ def run_cmd(
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
+    vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
+                                     help=VLLM_VERSION_HELP),
 ) -> None:
     """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A
@@ -70,7 +73,8 @@ def run_cmd(
                            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp)
-    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing)
+    cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
+                       vllm_version=vllm_version)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []

@@ -68,6 +68,7 @@ class SimRunResults(Record):
     tensor_parallel_size: int
     kv_cache_dtype: str
     quantization: str | None
+    vllm_version: str | None = None  # kvlab's --vllm-version: the release whose kernels and memory were simulated
     users: int | None  # closed-loop users; None: open-loop arrivals
     duration_s: float = _required("simulated", unit="s")
     wall_s: float = _required("measured", unit="s", description="host seconds the simulation took")

@@ -567,6 +567,10 @@ TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
                "ratio; else the roofline, labelled), kernels (tables only), roofline")
+VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
+                     "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19) and "
+                     "its memory profiling (default --gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken "
+                     "from the KV budget from 0.21; before 0.10 sized as 0.10)")
 DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (docs/simulator-validation.md)
 
 
