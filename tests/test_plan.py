@@ -15,7 +15,7 @@ from kvlab.schema.slo import SLO
 from kvlab.models import memory
 from kvlab.models.cards import card
 from kvlab.plan.fleet import shapley
-from kvlab.plan.probe import ERROR, INCOMPLETE, OK, Probe, Window, _arrays
+from kvlab.plan.probe import ERROR, INCOMPLETE, OK, Probe, Window, _arrays, probe_meta
 from kvlab.plan.rebound import rebound
 
 # Short sessions and a tight SLO keep the sessions per GPU small, so every probe takes a fraction
@@ -131,11 +131,7 @@ def _direct_run(row, wl_path, users):
     cfg = build_config(row["model"], "h100", max_model_len=4096, kv_cache_dtype=kv)
     res = run_offline(row["model"], "h100", load_workload(wl_path), SIM_S, concurrency=users, seed=0, config=cfg,
                       scrape_interval_s=2.0)
-    probe = Probe(users, Window(SIM_S, SIM_S / 3), _arrays(res.records, res.samples),
-                  {"usable_blocks": cfg.num_blocks - 1, "bytes_per_block": cfg.capacity.bytes_per_block,
-                   "engine_steps": res.results.engine_steps,
-                   "frontend": [cfg.frontend_per_request_s, cfg.frontend_per_prompt_token_s, cfg.frontend_per_output_s,
-                                cfg.frontend_per_step_s]})
+    probe = Probe(users, Window(SIM_S, SIM_S / 3), _arrays(res.records, res.samples), probe_meta(cfg, res.results))
     probe.engine, probe.records, probe.cfg = res.engine, res.records, cfg
     return probe
 

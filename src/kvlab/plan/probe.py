@@ -216,16 +216,21 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
     sessions = closed_loop(workload, seed, users, plans=workload_plans(workload, seed))
     res = run_offline(cfg.model, cfg.gpu, sessions, window.sim_s, concurrency=users, config=sim_cfg,
                       scrape_interval_s=SCRAPE_INTERVAL_S)
-    arrays = _arrays(res.records, res.samples)
-    meta = {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
-            "engine_steps": res.results.engine_steps, "timing_source": res.results.timing_source,
-            "timing_provenance": res.results.timing_provenance,
-            "frontend": [sim_cfg.frontend_per_request_s, sim_cfg.frontend_per_prompt_token_s,
-                         sim_cfg.frontend_per_output_s, sim_cfg.frontend_per_step_s]}
+    arrays, meta = _arrays(res.records, res.samples), probe_meta(sim_cfg, res.results)
     cpu_s = time.process_time() - cpu0
     if use_cache:
         _save(path, arrays, meta)
     return Probe(users, window, arrays, meta), False, cpu_s
+
+
+def probe_meta(sim_cfg, results) -> dict:
+    """What `Probe.figures` reads beside the arrays: the KV pool, the run's steps and timing, and the
+    front end's per-unit costs (`sim_cfg`: the SimConfig run; `results`: its SimRunResults)."""
+    return {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
+            "engine_steps": results.engine_steps, "timing_source": results.timing_source,
+            "timing_provenance": results.timing_provenance,
+            "frontend": [sim_cfg.frontend_per_request_s, sim_cfg.frontend_per_prompt_token_s,
+                         sim_cfg.frontend_per_output_s, sim_cfg.frontend_per_step_s]}
 
 
 class _PlanStream:

@@ -63,20 +63,25 @@ def timing_lines(result: dict) -> list[str]:
 API_SERVER_NEAR_LIMIT = 0.8  # seconds of work per second at which the line names the configs near the limit
 
 
+def api_server_loads(result: dict) -> list[tuple[str, float]]:
+    """(config, ProbeFigures.api_server_load) of each planned config whose probe has the figure."""
+    loads = [(row["config"], ((row.get("figures") or {}).get("probe") or {}).get("api_server_load"))
+             for row in result["configs"]]
+    return [(c, x) for c, x in loads if x is not None]
+
+
 def api_server_line(result: dict) -> str | None:
     """The simulated API server's load at each planned config's answer (ProbeFigures.api_server_load),
     naming those near one process's limit; None where no probe has the figure."""
     from kvlab.sim import timing as sim_timing
 
-    loads = [(row["config"], ((row.get("figures") or {}).get("probe") or {}).get("api_server_load"))
-             for row in result["configs"]]
-    loads = [(c, x) for c, x in loads if x is not None]
+    loads = api_server_loads(result)
     if not loads:
         return None
-    costs = ", ".join(f"{v} {unit}" for v, unit in (
-        (f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:g} us", "per prompt token"),
-        (f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:g} us", "per streamed output"),
-        (f"{1e3 * sim_timing.FRONTEND_PER_REQUEST_S:g} ms", "per request")) if not v.startswith("0 "))
+    costs = ", ".join(f"{scale * value:g} {unit}" for value, scale, unit in (
+        (sim_timing.FRONTEND_PER_PROMPT_TOKEN_S, 1e6, "us per prompt token"),
+        (sim_timing.FRONTEND_PER_OUTPUT_S, 1e6, "us per streamed output"),
+        (sim_timing.FRONTEND_PER_REQUEST_S, 1e3, "ms per request")) if value)
     near = [c for c, x in loads if x >= API_SERVER_NEAR_LIMIT]
     tail = (f"; near one process's limit: {', '.join(near)} (vLLM's --api-server-count runs more API-server "
             f"processes; kvlab simulates one)" if near else "")
@@ -134,7 +139,8 @@ def print_plan(result: dict) -> None:
         console.print(f"[dim]{line}[/dim]")
     api = api_server_line(result)
     if api:
-        console.print(f"[yellow]{api}[/yellow]" if "near one process" in api else f"[dim]{api}[/dim]")
+        near = any(x >= API_SERVER_NEAR_LIMIT for _, x in api_server_loads(result))
+        console.print(f"[yellow]{api}[/yellow]" if near else f"[dim]{api}[/dim]")
     console.print(savings_table(result))
     console.print(rebound_table(result))
     console.print("[dim]Cells: HBM demand (weights + KV pool) against today's, and GPUs. Rows 'config: -X %' are the "

@@ -12,7 +12,7 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.models.memory import DEFAULT_VLLM_VERSION
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
 

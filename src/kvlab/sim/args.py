@@ -15,7 +15,7 @@ from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values
 from kvlab.sim.faults import Fault, help_text, parse_faults
-from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, vllm_release
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
 
 # vLLM 0.32's --kv-cache-dtype choices (argparse choices in vllm/engine/arg_utils.py).
 VLLM_KV_CACHE_DTYPES = (
@@ -93,11 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "none), the roofline, or auto (kernel tables where they cover the model, GPU and format; AWQ/GPTQ and "
         "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; else the roofline, labelled); default "
         f"{DEFAULT_TIMING}"))
-    kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION, help=(
-        "the vLLM release simulated: its weight-GEMM kernel choice (-q awq kept its legacy kernel up to 0.23, "
-        "AWQ runs Machete on Hopper from 0.19) and its memory profiling (default --gpu-memory-utilization 0.9 "
-        "before 0.20, CUDA graphs taken from the KV budget from 0.21, before 0.10 sized as 0.10); default "
-        f"{DEFAULT_VLLM_VERSION}"))
+    kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,
+                            help=f"{VLLM_VERSION_HELP}; default {DEFAULT_VLLM_VERSION}")
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
