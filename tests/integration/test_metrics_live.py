@@ -251,7 +251,7 @@ def test_prometheus_path_gives_the_same_figures(stack, run):
             prom_series = (prom_series * (NUM_BLOCKS - 1)).round()
         steps = series.diff().abs().dropna()
         prom_steps = prom_series.diff().abs().dropna()
-        tolerance = {"peak": max(steps.max(), prom_steps.max() if len(prom_steps) else 0.0),
+        tolerance = {"peak": max(steps.max() if len(steps) else 0.0, prom_steps.max() if len(prom_steps) else 0.0),
                      "mean": (steps.sum() + series.abs().max()) / len(series)}
         for stat, tol in tolerance.items():
             key = f"{fig}_{stat}"

@@ -351,6 +351,10 @@ class CostModel:
     dequant_bytes_per_s: float = 0.0  # the dequantize kernel's measured rate (0: the roofline's HBM rate x DEQUANT_EFFICIENCY)
     timing_source: str = "roofline"
     fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
+    # the routed experts priced from kvlab's measured MoE rows (measured_moe.MoECurve, per layer) instead
+    # of the terms above, which then leave them out (with_measured_moe)
+    moe_curve: object = None
+    moe_layers: int = 0
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
 
     @property
@@ -404,13 +408,19 @@ class CostModel:
             return self.dequant_bytes / self.tp / (self.dequant_bytes_per_s or self.bytes_per_s * DEQUANT_EFFICIENCY)
         return 0.0
 
+    def moe_s(self, tokens: int) -> float:
+        """The routed experts' time where a measured curve prices them (0 where the roofline terms do)."""
+        return self.moe_layers * self.moe_curve.at(tokens) if self.moe_curve is not None else 0.0
+
     def gpu_s(self, w: StepWork) -> float:
         """The step's GPU time (no host time)."""
-        return max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
+        return (max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
+                + self.moe_s(w.tokens))
 
     def decode_gpu_s(self, n: int, kv_tokens: int) -> float:
         """`gpu_s` of a step of `n` single-token decodes reading `kv_tokens` of context."""
-        return max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n) + self._comm_s(n)
+        return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n)
+                + self._comm_s(n) + self.moe_s(n))
 
     def host_s(self, requests: int) -> float:
         """The host time added to a step of `requests` scheduled requests (read at call time)."""
@@ -563,6 +573,26 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     )
 
 
+def with_measured_moe(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> CostModel:
+    """`model` with its routed experts priced from kvlab's measured MoE rows (measured_moe) where
+    there are some for this shape, format, GPU and tensor parallelism: the experts' bytes and FLOPs
+    leave the roofline's terms and `moe_layers` x the curve joins the step (after the rest, as the
+    layers run one after another). Unchanged where there are none."""
+    from kvlab.sim import measured_moe
+
+    moe = arch.moe
+    if moe is None or not moe.moe_layers:
+        return model
+    curve = measured_moe.moe_curve(arch.hidden_size, moe.moe_intermediate_size, moe.num_experts_per_tok,
+                                   moe.num_experts, fmt.name, model.gpu, model.tp)
+    if curve is None:
+        return model
+    n_layers = len(moe.moe_layers)
+    expert_flops = 2.0 * 3 * arch.hidden_size * moe.moe_intermediate_size * moe.num_experts_per_tok * n_layers
+    return dataclasses.replace(model, linear_flops_per_token=model.linear_flops_per_token - expert_flops,
+                               expert_bytes=0.0, moe_curve=curve, moe_layers=n_layers)
+
+
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
@@ -613,4 +643,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
     label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
+    roofline = with_measured_moe(roofline, arch, fmt) if not path else roofline
+    if roofline.moe_curve is not None:
+        label += f"; {roofline.moe_curve.source}"
     return dataclasses.replace(roofline, timing_source=f"roofline ({label})", fallback_reason=reason)

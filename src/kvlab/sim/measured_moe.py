@@ -1,0 +1,118 @@
+"""MoE expert time from kvlab's own GPU measurements, for MoE shapes in no aiconfigurator table.
+
+aiconfigurator's MoE tables hold only the (hidden, intermediate, top-k, experts) shapes NVIDIA
+measured; DeepSeek-V2-Lite's (2,048, 1,408, top-6 of 64) is in none, so its steps fall back to the
+roofline, which prices the experts at 75 % of the GPU's peak. `bench/gpu_kernels.py` timed vLLM
+0.32's own Triton fused-MoE kernel at that shape on an H200 (`data/kernels/moe_perf.csv`): it
+reaches at most ~415 TFLOP/s there (vLLM ships no tuned config for E=64, N=1408 on Hopper, so it runs
+its default tiles), and a 16k-token chunk's experts take 1.8x the roofline's time.
+
+- On the measured GPU the rows price the op directly: `latency_gemms`, vLLM's two GEMM launches
+  (the harness check: at Qwen3-30B-A3B's shape, which the tables hold, that column is within
+  -11 %..+22 % of aiconfigurator's whole-op rows, within 10 % up to 4,096 tokens; docs/simulator.md).
+- On another GPU with aiconfigurator MoE rows at the check shape (Qwen3-30B-A3B, same hidden size
+  and kernel) for both GPUs, the rows are transferred by that shape's per-token-count ratio
+  (H100/H200). The method, tried on the tables' own 14 other bf16 shapes: 93-100 % of points within
+  ±15 % of the H100 rows for every shape but Mixtral's 8 experts of 14,336 (74 %).
+- Elsewhere (other GPUs, tensor parallelism, formats not measured) there is no curve: the roofline
+  prices the experts as before.
+
+`moe_curve` answers one configuration; the roofline's `CostModel` adds `moe_layers x curve(tokens)`
+to a step and leaves the experts' bytes and FLOPs out of its own terms.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "kernels" / "moe_perf.csv"
+MEASURED_GPUS = {"NVIDIA H200": "h200"}  # the device names in the CSV -> kvlab GPU presets
+CHECK_SHAPE = (2048, 768, 8, 128)  # Qwen3-30B-A3B: in the tables and measured here
+AIC_SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm"}
+# kvlab weight format -> (the measured rows' moe_dtype, the aiconfigurator rows of the same kernel
+# family that carry the ratio between GPUs: Triton's FP8 rows are the block-scale ones, the per-tensor
+# "fp8" rows on Hopper are FlashInfer's, a kernel `-q fp8` does not run; see kernels.moe_quant_mode)
+FORMATS = {"auto": ("bfloat16", "bfloat16"), "bf16": ("bfloat16", "bfloat16"), "fp16": ("bfloat16", "bfloat16"),
+           "fp8": ("fp8", "fp8_block")}
+
+
+class MoECurve(NamedTuple):
+    """Seconds of one MoE layer's routed experts at `tokens` tokens (interpolated linearly between
+    measured token counts, extended along the last two beyond them)."""
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+    source: str
+
+    def at(self, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        t, s = self.tokens, self.seconds
+        i = bisect.bisect_left(t, n)
+        if i < len(t) and t[i] == n:
+            return s[i]
+        if i == 0:
+            return s[0]
+        if i == len(t):
+            i -= 1
+        return s[i - 1] + (s[i] - s[i - 1]) * (n - t[i - 1]) / (t[i] - t[i - 1])
+
+
+@functools.lru_cache(maxsize=1)
+def rows() -> tuple[dict, ...]:
+    with DATA.open() as f:
+        return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
+    """Measured ms per token count (latency_gemms) on kvlab preset `gpu`."""
+    return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in rows()
+            if MEASURED_GPUS.get(r["device"]) == gpu and r["moe_dtype"] == moe_dtype and r["distribution"] == "balanced"
+            and (int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape}
+
+
+def _aic(system: str, shape: tuple, mode: str) -> dict[int, float]:
+    from kvlab.sim import kernels
+
+    df = kernels._moe_frame(system, mode, (*shape[:4], 1))
+    if df is None or not len(df):
+        return {}
+    df = df[df.distribution == "balanced"]
+    return dict(zip(df.num_tokens.astype(int), df.latency.astype(float)))
+
+
+@functools.lru_cache(maxsize=64)
+def moe_curve(hidden: int, inter: int, topk: int, experts: int, fmt_name: str, gpu: str, tp: int) -> MoECurve | None:
+    """The measured (or transferred) curve for one MoE shape, weight format and GPU preset at
+    tensor parallelism `tp`, or None where kvlab has none."""
+    if tp != 1 or fmt_name not in FORMATS:
+        return None
+    shape = (hidden, inter, topk, experts)
+    dtype, aic_mode = FORMATS[fmt_name]
+    own = _measured(gpu, shape, dtype)
+    device = next((d for d, g in MEASURED_GPUS.items() if g == gpu), None)
+    if own:
+        pts = sorted(own.items())
+        return MoECurve(tuple(n for n, _ in pts), tuple(ms / 1e3 for _, ms in pts),
+                        f"MoE experts measured: vLLM's Triton fused-MoE kernel on an {device}, kvlab bench/gpu_kernels.py")
+    from kvlab.sim import kernels
+
+    if gpu not in AIC_SYSTEMS or not kernels.available():
+        return None
+    for device_name, preset in MEASURED_GPUS.items():
+        base = _measured(preset, shape, dtype)
+        if not base or preset not in AIC_SYSTEMS:
+            continue
+        there, here = _aic(AIC_SYSTEMS[preset], CHECK_SHAPE, aic_mode), _aic(AIC_SYSTEMS[gpu], CHECK_SHAPE, aic_mode)
+        pts = sorted(n for n in base if n in there and n in here)
+        if len(pts) < 2:
+            continue
+        return MoECurve(tuple(pts), tuple(base[n] * here[n] / there[n] / 1e3 for n in pts),
+                        f"MoE experts measured on an {device_name} (vLLM's Triton fused-MoE kernel, kvlab "
+                        f"bench/gpu_kernels.py), transferred to the {gpu.upper()} by aiconfigurator's "
+                        f"{gpu.upper()}/{preset.upper()} ratio at Qwen3-30B-A3B's MoE shape")
+    return None
