@@ -73,18 +73,32 @@ def test_the_transfer_method_on_the_tables_own_shapes():
         assert max(abs(e) for e in errors) < 0.165, (shape, errors)
 
 
-def test_the_roofline_step_leaves_the_experts_to_the_curve():
+def test_the_roofline_step_leaves_the_experts_and_the_gemms_to_the_measured_curves():
     arch = card("deepseek-v2-lite").arch
     t = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h200"), 1, "auto")
     pure = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h200"), 1, "roofline")
-    assert t.moe_curve is not None and t.moe_layers == 26 and pure.moe_curve is None
+    assert t.moe_curve is not None and t.moe_layers == 26 and t.gemm_curves is not None
+    assert pure.moe_curve is None and pure.gemm_curves is None
     assert "no kernel data" in t.timing_source and "MoE experts measured" in t.timing_source
+    assert "GEMM tables (bfloat16)" in t.timing_source and "attention and the KV cache by the roofline" in t.timing_source
+    # what is left to the roofline: attention FLOPs and the KV cache's bytes
+    assert (t.linear_flops_per_token, t.head_flops_per_sample, t.context_flops_per_token) == (0, 0, 0)
+    assert t.dense_weight_bytes == 0 and t.expert_bytes == 0
+    assert t.decode_flops_per_pair == pure.decode_flops_per_pair and t.kv_bytes_per_token == pure.kv_bytes_per_token
+    # a 4,096-token chunk over 1,024 cached tokens, with 8 decodes beside it
+    w = StepWork(4104, 9, 9, 4096 + 1024 + 8 * 900, 8 * 900, 4096 * 1024 + 4096 * 4097 // 2, 1024, 8, ((4096, 1024),))
+    rest = dataclasses.replace(t, moe_curve=None, gemm_curves=None)
+    g = t.gemm_curves
+    assert t.step_time_s(w) == pytest.approx(rest.step_time_s(w) + 26 * t.moe_curve.at(4104) + g.per_token.at(4104)
+                                             + g.kv_b.at(4104 + 1024) + g.head.at(9), rel=1e-12)
+    # the experts alone: 26 x ~1.0 ms measured, where the roofline put them at 75 % of the H200's peak
     experts = 2.0 * 3 * 2048 * 1408 * 6 * 26
-    assert pure.linear_flops_per_token - t.linear_flops_per_token == experts and t.expert_bytes == 0
-    w = StepWork(4096, 1, 1, 4096, 0, 4096 * 4097 // 2, 0, 0, ((4096, 0),))
-    rest = dataclasses.replace(t, moe_curve=None)
-    assert t.step_time_s(w) == pytest.approx(rest.step_time_s(w) + 26 * t.moe_curve.at(4096), rel=1e-12)
-    # a 4,096-token chunk's experts alone: 26 x 1.02 ms measured, where the roofline put all of them at
-    # 75 % of the H200's peak
     assert 26 * t.moe_curve.at(4096) > 1.5 * experts * 4096 / (hardware.gpu("h200").bf16_tflops * 1e12 * 0.75)
     assert t.decode_step_s(8, 8000) == pytest.approx(t.step_time_s(StepWork(8, 8, 8, 8000, 8000, 0, 0, 8, ())), rel=1e-12)
+
+
+def test_no_measured_experts_no_composition():
+    # an A100 (no MoE rows, no GEMM tables used): the plain roofline, bit for bit
+    arch = card("deepseek-v2-lite").arch
+    t = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("a100-80gb"), 1, "auto")
+    assert t.moe_curve is None and t.gemm_curves is None

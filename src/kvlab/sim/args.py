@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     kvlab_opts.add_argument("--timing", choices=TIMING_SOURCES, default=DEFAULT_TIMING, help=(
         "what prices the simulated steps: measured vLLM kernel tables (kernels; an error where there are "
         "none), the roofline, or auto (kernel tables where they cover the model, GPU and format; AWQ/GPTQ and "
-        "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; else the roofline, labelled); default "
+        "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; DeepSeek-V2-Lite on an H100/H200 from "
+        "the GEMM tables at its layer shapes, its MoE experts measured and the roofline for attention; else the "
+        "roofline, labelled); default "
         f"{DEFAULT_TIMING}"))
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,
                             help=f"{VLLM_VERSION_HELP}; default {DEFAULT_VLLM_VERSION}")

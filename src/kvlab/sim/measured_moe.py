@@ -23,11 +23,12 @@ to a step and leaves the experts' bytes and FLOPs out of its own terms.
 
 from __future__ import annotations
 
-import bisect
 import csv
 import functools
 from pathlib import Path
 from typing import NamedTuple
+
+from kvlab.sim.gemm_tables import piecewise_linear
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "kernels" / "moe_perf.csv"
 MEASURED_GPUS = {"NVIDIA H200": "h200"}  # the device names in the CSV -> kvlab GPU presets
@@ -41,25 +42,15 @@ FORMATS = {"auto": ("bfloat16", "bfloat16"), "bf16": ("bfloat16", "bfloat16"), "
 
 
 class MoECurve(NamedTuple):
-    """Seconds of one MoE layer's routed experts at `tokens` tokens (interpolated linearly between
-    measured token counts, extended along the last two beyond them)."""
+    """Seconds of one MoE layer's routed experts at `tokens` tokens (gemm_tables.piecewise_linear:
+    linear between measured token counts, along the last two beyond them)."""
 
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
     source: str
 
     def at(self, n: int) -> float:
-        if n <= 0:
-            return 0.0
-        t, s = self.tokens, self.seconds
-        i = bisect.bisect_left(t, n)
-        if i < len(t) and t[i] == n:
-            return s[i]
-        if i == 0:
-            return s[0]
-        if i == len(t):
-            i -= 1
-        return s[i - 1] + (s[i] - s[i - 1]) * (n - t[i - 1]) / (t[i] - t[i - 1])
+        return piecewise_linear(self.tokens, self.seconds, n)
 
 
 @functools.lru_cache(maxsize=1)

@@ -352,9 +352,12 @@ class CostModel:
     timing_source: str = "roofline"
     fallback_reason: str | None = None  # why no measured kernel data priced this config (step_timing)
     # the routed experts priced from kvlab's measured MoE rows (measured_moe.MoECurve, per layer) instead
-    # of the terms above, which then leave them out (with_measured_moe)
+    # of the terms above, which then leave them out (with_measured_ops)
     moe_curve: object = None
     moe_layers: int = 0
+    # the linear layers priced from aiconfigurator's GEMM tables at the model's layer shapes
+    # (gemm_tables.GemmCurves) instead of the terms above, which then leave them out (with_measured_ops)
+    gemm_curves: object = None
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
 
     @property
@@ -412,15 +415,24 @@ class CostModel:
         """The routed experts' time where a measured curve prices them (0 where the roofline terms do)."""
         return self.moe_layers * self.moe_curve.at(tokens) if self.moe_curve is not None else 0.0
 
+    def gemm_s(self, tokens: int, sampled: int, kv_b_rows: int) -> float:
+        """The linear layers' time where the GEMM tables price them (0 where the roofline terms do):
+        `tokens` rows through every per-token GEMM, `kv_b_rows` through kv_b_proj, `sampled` through the
+        LM head."""
+        g = self.gemm_curves
+        if g is None:
+            return 0.0
+        return g.per_token.at(tokens) + g.kv_b.at(kv_b_rows) + g.head.at(sampled)
+
     def gpu_s(self, w: StepWork) -> float:
         """The step's GPU time (no host time)."""
         return (max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
-                + self.moe_s(w.tokens))
+                + self.moe_s(w.tokens) + self.gemm_s(w.tokens, w.sampled, w.tokens + w.prefill_context_tokens))
 
     def decode_gpu_s(self, n: int, kv_tokens: int) -> float:
         """`gpu_s` of a step of `n` single-token decodes reading `kv_tokens` of context."""
         return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n)
-                + self._comm_s(n) + self.moe_s(n))
+                + self._comm_s(n) + self.moe_s(n) + self.gemm_s(n, n, n))
 
     def host_s(self, requests: int) -> float:
         """The host time added to a step of `requests` scheduled requests (read at call time)."""
@@ -573,30 +585,40 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     )
 
 
-def with_measured_moe(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> CostModel:
-    """`model` with its routed experts priced from kvlab's measured MoE rows (measured_moe) where
-    there are some for this shape, format, GPU and tensor parallelism: the experts' bytes and FLOPs
-    leave the roofline's terms and `moe_layers` x the curve joins the step (after the rest, as the
-    layers run one after another). Unchanged where there are none."""
-    from kvlab.sim import measured_moe
+def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> CostModel:
+    """`model` with the parts of its step that have measured data priced from it, for a model whose
+    whole block no kernel table holds (DeepSeek-V2-Lite):
+    - the routed experts from kvlab's measured MoE rows (measured_moe) where there are some for this
+      shape, format, GPU and tensor parallelism: their bytes and FLOPs leave the roofline's terms and
+      `moe_layers` x the curve joins the step;
+    - then, for an MLA model (whose experts, if any, are so priced), every linear layer from
+      aiconfigurator's GEMM tables at its own shape (gemm_tables): the weights' bytes and the linear,
+      LM-head and kv_b FLOPs leave the roofline's terms, which keep attention and the KV cache.
+    The parts run one after another (the layers do). Unchanged where there is no data."""
+    from kvlab.sim import gemm_tables, measured_moe
 
     moe = arch.moe
-    if moe is None or not moe.moe_layers:
+    if moe is not None and moe.moe_layers:
+        curve = measured_moe.moe_curve(arch.hidden_size, moe.moe_intermediate_size, moe.num_experts_per_tok,
+                                       moe.num_experts, fmt.name, model.gpu, model.tp)
+        if curve is None:
+            return model
+        n_layers = len(moe.moe_layers)
+        expert_flops = 2.0 * 3 * arch.hidden_size * moe.moe_intermediate_size * moe.num_experts_per_tok * n_layers
+        model = dataclasses.replace(model, linear_flops_per_token=model.linear_flops_per_token - expert_flops,
+                                    expert_bytes=0.0, moe_curve=curve, moe_layers=n_layers)
+    gemms = gemm_tables.gemm_curves(arch, fmt.name, model.gpu, model.tp)
+    if gemms is None:
         return model
-    curve = measured_moe.moe_curve(arch.hidden_size, moe.moe_intermediate_size, moe.num_experts_per_tok,
-                                   moe.num_experts, fmt.name, model.gpu, model.tp)
-    if curve is None:
-        return model
-    n_layers = len(moe.moe_layers)
-    expert_flops = 2.0 * 3 * arch.hidden_size * moe.moe_intermediate_size * moe.num_experts_per_tok * n_layers
-    return dataclasses.replace(model, linear_flops_per_token=model.linear_flops_per_token - expert_flops,
-                               expert_bytes=0.0, moe_curve=curve, moe_layers=n_layers)
+    return dataclasses.replace(model, linear_flops_per_token=0.0, head_flops_per_sample=0.0,
+                               context_flops_per_token=0.0, dense_weight_bytes=0.0, gemm_curves=gemms)
 
 
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
-               "ratio; else the roofline, labelled), kernels (tables only), roofline")
+               "ratio; DeepSeek-V2-Lite on an H100/H200 from the GEMM tables at its layer shapes, its MoE experts "
+               "measured and the roofline for attention; else the roofline, labelled), kernels (tables only), roofline")
 VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
                      "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19) and "
                      "its memory profiling (default --gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken "
@@ -609,7 +631,8 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
     none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format; a
     weight-only format on its GEMM path `kernel` (marlin, dequant) from the BF16 tables scaled by the
-    roofline's ratio, `ScaledTiming`; else the roofline with `fallback_reason` saying why). All have
+    roofline's ratio, `ScaledTiming`; else the roofline with `fallback_reason` saying why, composed with
+    measured parts where there are some: `with_measured_ops`). All have
     `step_time_s`, `decode_step_s`, `timing_source` and `provenance_counts`."""
     from kvlab.errors import KvlabError
     from kvlab.sim import kernels
@@ -643,7 +666,11 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
     label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
-    roofline = with_measured_moe(roofline, arch, fmt) if not path else roofline
+    roofline = with_measured_ops(roofline, arch, fmt) if not path else roofline
+    if roofline.gemm_curves is not None:
+        label += f"; {roofline.gemm_curves.source}"
     if roofline.moe_curve is not None:
         label += f"; {roofline.moe_curve.source}"
+    if roofline.gemm_curves is not None:
+        label += "; attention and the KV cache by the roofline"
     return dataclasses.replace(roofline, timing_source=f"roofline ({label})", fallback_reason=reason)
