@@ -24,7 +24,13 @@ This script times, on whatever CUDA GPU it runs on:
    own layer shapes, with the same weights every replay (`latency`, aiconfigurator's method) and
    rotating through copies of the weights larger than L2 together (`latency_cold`).
 
-Writes `moe_perf.csv` and `gemm_perf.csv` (aiconfigurator's column names, plus the columns above)
+3. **MLA decode attention**: vLLM 0.32's Triton MLA decode kernel (the TRITON_MLA backend,
+   `bench/_vllm_triton_decode_attention.py`, copied verbatim; vLLM's fourth choice on Hopper after
+   FLASH_ATTN_MLA, FLASHMLA and FLASHINFER_MLA, which are CUDA extensions) at DeepSeek-V2-Lite's 16
+   heads over a paged bf16 latent cache, per batch and context, four layers of distinct caches per
+   replay: the latent's bytes over the time, against the roofline's 90 % of HBM.
+
+Writes `moe_perf.csv`, `gemm_perf.csv` (aiconfigurator's column names, plus the columns above), `mla_decode.csv`
 and `meta.json` (GPU, driver, torch, Triton) into `--out` as it goes: a run stopped half-way keeps
 every row it finished.
 
@@ -363,13 +369,90 @@ def run_gemm(out: Path, tokens) -> None:
         torch.cuda.empty_cache()
 
 
+# MLA decode attention (vLLM's TRITON_MLA backend kernel: bench/_vllm_triton_decode_attention.py)
+MLA_SHAPES = {"deepseek-v2-lite": (16, 512, 64)}  # q heads, kv_lora_rank, qk_rope_head_dim
+MLA_BATCHES = (1, 8, 32, 64, 128, 256)
+MLA_CONTEXTS = (1024, 4096, 16384)
+MLA_PAGE = 16  # vLLM's default block size; TRITON_MLA takes any multiple of 16
+
+
+def mla_splits(max_seq_len: int, sm_count: int) -> int:
+    """vLLM 0.32 triton_mla._compute_num_kv_splits."""
+    ideal = 1 << (max(1, max_seq_len // 512) - 1).bit_length()
+    return min(ideal, sm_count * 2)
+
+
+class MLADecode:
+    """One layer's MLA decode over a paged latent cache, as TritonMLAImpl.forward_mqa calls it."""
+
+    def __init__(self, batch, context, heads, lora, rope, page, device, dtype=torch.bfloat16):
+        pages = context // page
+        self.cache = torch.randn(batch * pages, page, lora + rope, device=device, dtype=dtype) * 0.1
+        self.block_table = torch.randperm(batch * pages, device=device, dtype=torch.int64).to(torch.int32).view(batch, pages)
+        self.seq_lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+        self.q = torch.randn(batch, heads, lora + rope, device=device, dtype=dtype)
+        self.o = torch.zeros(batch, heads, lora, device=device, dtype=dtype)
+        self.lse = torch.zeros(batch, heads, device=device, dtype=dtype)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if self.q.is_cuda else 132
+        self.splits = mla_splits(context, sms)
+        self.logits = torch.empty(batch, heads, self.splits, lora + 1, device=device, dtype=torch.float32)
+        self.one = torch.tensor(1.0, dtype=torch.float32, device=device)
+        self.lora, self.page, self.scale = lora, page, (lora + rope) ** -0.5
+
+    def forward(self):
+        from _vllm_triton_decode_attention import decode_attention_fwd
+
+        kv = self.cache.unsqueeze(2)
+        decode_attention_fwd(self.q, kv, kv[..., :self.lora], self.o, self.lse, self.block_table, self.seq_lens,
+                             self.logits, self.splits, self.scale, self.page, k_scale=self.one, v_scale=self.one,
+                             is_mla=True)
+        return self.o
+
+    def reference(self):
+        out = []
+        for b in range(self.q.size(0)):
+            pages = self.block_table[b].long()
+            kv = self.cache[pages].reshape(-1, self.cache.size(-1))[: int(self.seq_lens[b])].float()
+            scores = torch.einsum("hd,td->ht", self.q[b].float(), kv) * self.scale
+            out.append(torch.softmax(scores, dim=-1) @ kv[:, :self.lora])
+        return torch.stack(out)
+
+
+def run_mla(out: Path) -> None:
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    for model, (heads, lora, rope) in MLA_SHAPES.items():
+        check = MLADecode(3, 256, heads, lora, rope, MLA_PAGE, dev)
+        got, ref = check.forward().float(), check.reference()
+        err = ((got - ref).norm() / ref.norm()).item()
+        print(f"check mla {model}: relative error {err:.4f}", flush=True)
+        if err > 0.02:
+            raise RuntimeError(f"{model}: the MLA decode disagrees with PyTorch (relative error {err:.3f})")
+        del check
+        for context in MLA_CONTEXTS:
+            for batch in MLA_BATCHES:
+                layers = [MLADecode(batch, context, heads, lora, rope, MLA_PAGE, dev) for _ in range(4)]
+                ms = graph_ms(lambda: [layer.forward() for layer in layers]) / len(layers)
+                kv_bytes = batch * context * (lora + rope) * 2
+                row = {"framework": "kvlab-bench", "version": VLLM_KERNEL_VERSION, "device": name,
+                       "op_name": "mla_decode", "kernel_source": f"vllm{VLLM_KERNEL_VERSION}_triton_mla_decode_attention_fwd",
+                       "kv_dtype": "bfloat16", "num_heads": heads, "kv_lora_rank": lora, "qk_rope_head_dim": rope,
+                       "batch": batch, "context": context, "page_size": MLA_PAGE, "num_kv_splits": layers[0].splits,
+                       "latency": round(ms, 6), "kv_bytes": kv_bytes, "kv_gb_s": round(kv_bytes / (ms / 1e3) / 1e9, 1),
+                       "model": model}
+                write_rows(out / "mla_decode.csv", [row])
+                print(f"mla {model} batch={batch} context={context}: {ms:.4f} ms, {row['kv_gb_s']} GB/s of latent", flush=True)
+                del layers
+                torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for moe_perf.csv, gemm_perf.csv, meta.json")
     ap.add_argument("--quick", action="store_true", help=f"MoE at {QUICK_TOKENS} tokens only")
     ap.add_argument("--config-dir", type=Path, default=HERE / "vllm_moe_configs",
                     help="vLLM's tuned fused-MoE configs (default: the copies beside this script)")
-    ap.add_argument("--only", choices=("moe", "gemm"), help="one part only")
+    ap.add_argument("--only", choices=("moe", "gemm", "mla"), help="one part only")
     ap.add_argument("--moe-dtypes", default="bfloat16,fp8", help="comma-separated: bfloat16, fp8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -394,6 +477,8 @@ def main(argv=None) -> int:
         parts.append(("gemm", lambda: run_gemm(args.out, GEMM_TOKENS)))
     if args.only in (None, "moe") and "fp8" in dtypes:
         parts.append(("moe fp8", lambda: run_moe(args.out, tokens, args.config_dir, ["fp8"])))
+    if args.only in (None, "mla"):
+        parts.append(("mla", lambda: run_mla(args.out)))
     tokens = QUICK_TOKENS if args.quick else MOE_TOKENS
     meta["errors"] = {}
     for part, fn in parts:

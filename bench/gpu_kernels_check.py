@@ -5,7 +5,8 @@ Where both measured the same op on the same GPU kind, the ratio kvlab / table pe
   `latency_gemms` and `latency` against the table's bf16 rows, and kvlab's FP8 per-tensor rows
   against the table's block-FP8 Triton rows (the nearest Triton FP8 kernel it has);
 - dense bf16 GEMMs at the table's grid shapes (cuBLAS through torch.nn.functional.linear both).
-Then what the measurement says about DeepSeek-V2-Lite's MoE: its TFLOP/s, and FP8 against bf16.
+Then what the measurement says about DeepSeek-V2-Lite's MoE (its TFLOP/s, FP8 against bf16) and its
+MLA decode (vLLM's Triton kernel against the roofline's attention term, which prices it).
 
 Run: `python bench/gpu_kernels_check.py [DIR]` (DIR: a gpu_kernels.py output folder; default the
 rows kvlab ships, src/kvlab/data/kernels/). Prints JSON. Needs aiconfigurator-core.
@@ -85,6 +86,30 @@ def v2_lite(rows: list[dict]) -> dict:
     return out
 
 
+def mla_check(rows: list[dict]) -> dict:
+    """The measured MLA decode (vLLM's Triton kernel) against the roofline's attention term: the
+    latent read at 90 % of HBM, or the attention FLOPs at 50 % of peak, whichever is longer."""
+    from kvlab import hardware
+    from kvlab.sim import timing
+
+    out = {}
+    for r in rows:
+        gpu = {"NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100"}.get(r["device"])
+        if gpu is None:
+            continue
+        g = hardware.gpu(gpu)
+        batch, context, heads = int(r["batch"]), int(r["context"]), int(r["num_heads"])
+        lora, rope = int(r["kv_lora_rank"]), int(r["qk_rope_head_dim"])
+        pairs = batch * context
+        roof = max(pairs * (lora + rope) * 2 / (g.bandwidth_tb_s * 1e12 * timing.MEMORY_EFFICIENCY),
+                   pairs * heads * (2 * (lora + rope) + 2 * lora) / (g.bf16_tflops * 1e12 * timing.ATTENTION_EFFICIENCY))
+        out[f"{r['device']} batch {batch} context {context}"] = {
+            "measured_ms": float(r["latency"]), "roofline_ms": round(roof * 1e3, 4),
+            "measured_over_roofline": round(float(r["latency"]) / (roof * 1e3), 2),
+            "latent_gb_s": float(r["kv_gb_s"]), "share_of_hbm": round(float(r["kv_gb_s"]) / (g.bandwidth_tb_s * 1e3), 3)}
+    return out
+
+
 def main(argv: list[str]) -> int:
     folder = Path(argv[0]) if argv else measured_moe.DATA.parent
     if not kernels.available():
@@ -92,7 +117,9 @@ def main(argv: list[str]) -> int:
         return 2
     moe = read(folder / "moe_perf.csv")
     gemm = read(folder / "gemm_perf.csv") if (folder / "gemm_perf.csv").exists() else []
-    print(json.dumps({"moe": moe_checks(moe), "gemm": gemm_checks(gemm), "deepseek_v2_lite_moe": v2_lite(moe)}, indent=1))
+    mla = read(folder / "mla_decode.csv") if (folder / "mla_decode.csv").exists() else []
+    print(json.dumps({"moe": moe_checks(moe), "gemm": gemm_checks(gemm), "deepseek_v2_lite_moe": v2_lite(moe),
+                      "mla_decode": mla_check(mla)}, indent=1))
     return 0
 
 

@@ -72,3 +72,26 @@ def test_the_op_with_vllms_kernel_equals_the_layer_in_plain_pytorch():
     assert out.returncode == 0, out.stderr[-2000:]
     errors = {int(m): float(e) for m, e in (line.split() for line in out.stdout.split("\n") if line.strip())}
     assert set(errors) == {1, 5, 40} and max(errors.values()) < 0.01, errors
+
+
+MLA_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import gpu_kernels as gk
+torch.manual_seed(0)
+m = gk.MLADecode(2, 64, 4, 32, 16, 16, torch.device("cpu"), dtype=torch.float16)
+print(((m.forward().float() - m.reference()).norm() / m.reference().norm()).item())
+"""
+
+
+def test_the_mla_decode_with_vllms_triton_kernel_equals_attention_over_the_latent():
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "-c", MLA_CHECK, str(BENCH)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 0.01
+
+
+def test_mla_splits_are_vllms():
+    # vLLM 0.32 triton_mla._compute_num_kv_splits: next power of 2 of context // 512, at most 2 per SM
+    assert [gk.mla_splits(c, 132) for c in (256, 1024, 1536, 4096, 16384, 1 << 20)] == [1, 2, 4, 8, 32, 264]

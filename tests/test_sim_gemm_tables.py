@@ -60,3 +60,19 @@ def test_the_tables_at_v2_lites_exact_shapes_against_kvlabs_h200_measurement():
     assert sum(abs(x - 1) <= 0.15 for _, x in ratios) == 106
     assert 0.94 <= statistics.median(x for _, x in ratios) <= 0.96
     assert all(m <= 128 for m, x in ratios if abs(x - 1) > 0.15)
+
+
+def test_the_measured_mla_decode_bounds_the_roofline_attention_term():
+    # vLLM 0.32's Triton MLA decode kernel on an H200 at V2-Lite's 16 heads (bench/gpu_kernels.py --only mla):
+    # the roofline's attention term (the latent read at 90 % of HBM) is 2.4-2.6x faster from 262k context tokens a step
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(measured_moe.DATA.parents[4] / "bench"))
+    check = importlib.import_module("gpu_kernels_check")
+    rows = check.read(measured_moe.DATA.parent / "mla_decode.csv")
+    points = check.mla_check(rows)
+    assert len(points) == 18
+    saturated = [p for k, p in points.items() if int(k.split()[-3]) * int(k.split()[-1]) >= 64 * 4096]
+    assert len(saturated) == 8
+    assert all(2.35 <= p["measured_over_roofline"] <= 2.65 and 0.33 <= p["share_of_hbm"] <= 0.38 for p in saturated)
