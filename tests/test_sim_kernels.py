@@ -228,6 +228,7 @@ def test_simulated_run_counts_every_step():
 
 def test_gpu_tables():
     assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0"
+    assert kernels.gpu_tables("h200") == "h200_sxm, vLLM 0.24.0; kvlab: MoE of deepseek-v2-lite, qwen3-30b-a3b"
     assert kernels.gpu_tables("a100-80gb") == "a100_sxm, vLLM 0.14.0"
     assert kernels.gpu_tables("l4") is None and kernels.gpu_tables("mi300x") is None
 

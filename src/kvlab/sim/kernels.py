@@ -119,11 +119,15 @@ def table_version(system: str) -> str | None:
 
 def gpu_tables(gpu: str) -> str | None:
     """Which measured tables a kvlab GPU preset has, e.g. "h100_sxm, vLLM 0.24.0" (for `kvlab
-    gpus`), or None."""
+    gpus`), and kvlab's own measured rows for it ("; kvlab: MoE of deepseek-v2-lite, ..."), or None."""
+    from kvlab.sim import measured_moe
+
     system = SYSTEMS.get(gpu)
-    if system is None or not available() or table_version(system) is None:
-        return None
-    return f"{system}, vLLM {table_version(system)}"
+    own = measured_moe.measured_models(gpu)
+    tables = (f"{system}, vLLM {table_version(system)}" if system is not None and available()
+              and table_version(system) is not None else None)
+    mine = f"kvlab: MoE of {', '.join(own)}" if own else None
+    return "; ".join(x for x in (tables, mine) if x) or None
 
 
 def _table(system: str, op: str, name: str):

@@ -59,6 +59,11 @@ def rows() -> tuple[dict, ...]:
         return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
+def measured_models(gpu: str) -> tuple[str, ...]:
+    """The models whose MoE kvlab measured on GPU preset `gpu` (for `kvlab gpus`)."""
+    return tuple(sorted({r["model"] for r in rows() if MEASURED_GPUS.get(r["device"]) == gpu}))
+
+
 def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
     """Measured ms per token count (latency_gemms) on kvlab preset `gpu`."""
     return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in rows()
