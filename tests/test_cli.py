@@ -88,6 +88,7 @@ def test_gpus_and_cards(kvlab):
     (("capacity", "deepseek-v3", "--gpu", "h100"), "short by"),
     (("capacity", "llama-3.1-8b", "--gpu", "h100", "-tp", "3"), "does not divide the 32 attention heads"),
     (("capacity", "llama-3.1-8b", "--gpu", "h900"), "unknown GPU 'h900'"),
+    (("serve", "llama-3.1-8b", "--gpu", "--dry-run"), "unknown GPU '--dry-run'"),  # once started a real server
     (("capacity", "llama-3.1-8b"), "give --gpu NAME"),
     (("capacity", "llama-3.1-8b", "--kv-memory-gib", "-1"), "must be positive"),
     (("kv", "some-org/not-cached"), "not in the local Hugging Face cache"),

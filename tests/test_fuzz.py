@@ -301,13 +301,16 @@ def cli_args(draw):
     n_models, opts = COMMANDS[cmd]
     targets = PATHS if " " in cmd else MODELS  # the subcommands read a folder or file
     argv = [*cmd.split(), *draw(st.lists(targets, min_size=0, max_size=n_models))]
+    if cmd == "serve":
+        # never start anything: first, so that no option drawn below can take it as its value (a
+        # trailing `--gpu --dry-run` once started a real server here)
+        argv.append("--dry-run")
     for opt in draw(st.lists(st.sampled_from(opts + ["--json", "--cpu", "--bogus"]) if opts else st.just("--json"),
                              max_size=4)):
         argv.append(opt)
         if opt not in ("--json", "--cpu") and draw(st.booleans()):
             argv.append(draw(HOSTS if opt == "--host" else values))
     if cmd == "serve":
-        argv.append("--dry-run")  # never start anything
         if draw(st.booleans()):
             argv += ["--", *draw(flag_args)]
     return argv
