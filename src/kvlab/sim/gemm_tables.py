@@ -29,7 +29,6 @@ from kvlab.models.arch import ModelArch
 GRID = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
         8192, 12288, 16384, 24576, 32768)
 SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm"}  # the GPUs whose GEMM tables the composition uses
-TABLE_VERSION = "0.24.0"
 # kvlab weight format -> the GEMM tables' quant mode for the quantized linear layers
 MODES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
 
@@ -98,10 +97,11 @@ def gemm_set(arch: ModelArch, quant: str) -> tuple[tuple[str, int, int, int, str
 
 @functools.lru_cache(maxsize=8)
 def _database(system: str):
-    from kvlab.sim.kernels import _quiet_stderr
+    from kvlab.sim.kernels import _quiet_stderr, table_version
+
     with _quiet_stderr():
         from aiconfigurator_core.sdk import perf_database
-        return perf_database.get_database(system, "vllm", TABLE_VERSION)
+        return perf_database.get_database(system, "vllm", table_version(system))
 
 
 @functools.lru_cache(maxsize=256)
@@ -137,4 +137,4 @@ def gemm_curves(arch: ModelArch, fmt_name: str, gpu: str, tp: int) -> GemmCurves
     curve = {key: Curve(GRID, tuple(v)) for key, v in sums.items()}
     return GemmCurves(curve["tokens"], curve["kv_b"], curve["sampled"], shapes,
                       f"dense GEMMs from aiconfigurator-core {kernels.package_version()}'s {system} vLLM "
-                      f"{TABLE_VERSION} GEMM tables ({MODES[fmt_name]}) at the model's layer shapes")
+                      f"{kernels.table_version(system)} GEMM tables ({MODES[fmt_name]}) at the model's layer shapes")
