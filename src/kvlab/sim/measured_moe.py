@@ -9,7 +9,7 @@ its default tiles), and a 16k-token chunk's experts take 1.8x the roofline's tim
 
 - On the measured GPU the rows price the op directly: `latency_gemms`, vLLM's two GEMM launches
   (the harness check: at Qwen3-30B-A3B's shape, which the tables hold, that column is within
-  -11 %..+22 % of aiconfigurator's whole-op rows, within 10 % up to 4,096 tokens; docs/simulator.md).
+  -11 %..+22 % of aiconfigurator's whole-op rows, -11 %..+9 % up to 4,096 tokens; docs/simulator.md).
 - On another GPU with aiconfigurator MoE rows at the check shape (Qwen3-30B-A3B, same hidden size
   and kernel) for both GPUs, the rows are transferred by that shape's per-token-count ratio
   (H100/H200). The method, tried on the tables' own 14 other bf16 shapes: 93-100 % of points within
