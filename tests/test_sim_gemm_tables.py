@@ -31,6 +31,13 @@ def test_v2_lites_layer_shapes():
     }
 
 
+def test_a_q_lora_model_has_vllms_fused_qkv_a_proj():
+    # DeepSeek-V3 (q_lora 1536): vLLM fuses q_a and kv_a (fused_qkv_a_proj: 1536 + 512 + 64 outputs)
+    shapes = {name: (n, k) for name, n, k, *_ in gemm_tables.gemm_set(card("deepseek-v3").arch, "bfloat16")}
+    assert shapes["fused_qkv_a_proj"] == (2112, 7168) and shapes["q_b_proj"] == (128 * 192, 1536)
+    assert "q_proj" not in shapes and "kv_a_proj_with_mqa" not in shapes
+
+
 def test_the_curves_are_the_sums_of_the_layers_at_the_grids_token_counts():
     arch = card("deepseek-v2-lite").arch
     c = gemm_tables.gemm_curves(arch, "auto", "h100", 1)

@@ -9,7 +9,7 @@ own interpolation. Checked against kvlab's own H200 measurement of V2-Lite's exa
 (`data/kernels/gemm_perf.csv`, bench/gpu_kernels.py; tests/test_sim_gemm_tables.py).
 
 A step's GEMMs, per `gemm_set`:
-- per new token: q_proj (heads x qk_head_dim, or q_a/q_b with a q_lora), kv_a_proj_with_mqa, o_proj;
+- per new token: q_proj and kv_a_proj_with_mqa (with a q_lora: vLLM's fused_qkv_a_proj and q_b_proj), o_proj;
   the MoE layers' shared experts and router, the dense layers' MLP;
 - kv_b_proj over the new tokens and the cached context under prefill chunks (vLLM's MLA prefill
   decompresses that context; decode's absorbed W_UK/W_UV products have the same shape and FLOPs);
@@ -74,13 +74,14 @@ def gemm_set(arch: ModelArch, quant: str) -> tuple[tuple[str, int, int, int, str
     dense_layers = layers - moe_layers
     qk_head = m.qk_nope_head_dim + m.qk_rope_head_dim
     out = []
-    if m.q_lora_rank:
-        out += [("q_a_proj", m.q_lora_rank, h, layers, "tokens", quant),
+    kv_a = m.kv_lora_rank + m.qk_rope_head_dim
+    if m.q_lora_rank:  # vLLM's MLA attention (models/deepseek_v2.py) fuses q_a and kv_a into one GEMM
+        out += [("fused_qkv_a_proj", m.q_lora_rank + kv_a, h, layers, "tokens", quant),
                 ("q_b_proj", heads * qk_head, m.q_lora_rank, layers, "tokens", quant)]
     else:
-        out.append(("q_proj", heads * qk_head, h, layers, "tokens", quant))
-    out += [("kv_a_proj_with_mqa", m.kv_lora_rank + m.qk_rope_head_dim, h, layers, "tokens", quant),
-            ("kv_b_proj", heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, layers, "kv_b", quant),
+        out += [("q_proj", heads * qk_head, h, layers, "tokens", quant),
+                ("kv_a_proj_with_mqa", kv_a, h, layers, "tokens", quant)]
+    out += [("kv_b_proj", heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, layers, "kv_b", quant),
             ("o_proj", h, heads * m.v_head_dim, layers, "tokens", quant)]
     if moe_layers:
         shared = moe.num_shared_experts * moe.moe_intermediate_size
