@@ -30,6 +30,11 @@ This script times, on whatever CUDA GPU it runs on:
    heads over a paged bf16 latent cache, per batch and context, four layers of distinct caches per
    replay: the latent's bytes over the time, against the roofline's 90 % of HBM.
 
+4. (`--only extra`, not in a full run) the MoE op's two GEMM launches alone, inputs made (and for
+   FP8 quantised) beforehand (`moe_launches.csv`: what FP8 experts are priced from, since PyTorch's
+   quantisation in the replay of 1. costs more than vLLM's), this GPU's bf16 matrix rate, and
+   PyTorch's prefill attention (FlashAttention-2, cuDNN) at MLA's prefill head sizes (`probes.csv`).
+
 Writes `moe_perf.csv`, `gemm_perf.csv` (aiconfigurator's column names, plus the columns above), `mla_decode.csv`
 and `meta.json` (GPU, driver, torch, Triton) into `--out` as it goes: a run stopped half-way keeps
 every row it finished.
@@ -446,13 +451,88 @@ def run_mla(out: Path) -> None:
                 torch.cuda.empty_cache()
 
 
+# --- extra rows for later rounds (not read by the simulator): the GPU's own ceilings, the MoE op's
+# two GEMM launches alone, and FlashAttention-class prefill attention at MLA's prefill head sizes
+PREFILL_LENGTHS = (1024, 4096, 16384)
+
+
+def run_extra(out: Path, tokens) -> None:
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    rows = []
+    # ceilings: a device-to-device copy (bytes read + written) and an 8192^3 bf16 matrix product
+    a = torch.empty(1 << 31, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ms = graph_ms(lambda: b.copy_(a), runs=10)
+    rows.append({"device": name, "probe": "copy", "shape": "2 GiB", "latency": round(ms, 6),
+                 "rate": round(2 * a.numel() / (ms / 1e3) / 1e12, 3), "unit": "TB/s read+written"})
+    del a, b
+    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    ms = graph_ms(lambda: x @ x, runs=10)
+    rows.append({"device": name, "probe": "bf16 matmul", "shape": "8192^3", "latency": round(ms, 6),
+                 "rate": round(2 * 8192 ** 3 / (ms / 1e3) / 1e12, 1), "unit": "TFLOP/s"})
+    del x
+    # the MoE op's two GEMM launches alone: inputs made beforehand (no routing, alignment, activation
+    # or quantisation in the replay)
+    for model, (hidden, inter, topk, experts, renorm) in MOE_SHAPES.items():
+        for moe_dtype in ("bfloat16", "fp8"):
+            fp8 = moe_dtype == "fp8"
+            layer = MoELayer(hidden, inter, topk, experts, renorm, fp8, dev)
+            out_rows = []
+            for m in tokens:
+                cfg, cfg_source = moe_config(m, experts, inter, "fp8_w8a8" if fp8 else None, Path(HERE / "vllm_moe_configs"))
+                x = torch.randn(m, hidden, device=dev, dtype=torch.bfloat16)
+                ids = balanced_topk_ids(m, experts, topk, dev)
+                weights, rids = layer.route(F.one_hot(ids, experts).sum(1).to(torch.bfloat16))
+                sorted_ids, expert_ids, total = layer.assign(rids, m, cfg)
+                c1, c2, c3 = layer.buffers(m)
+                c2.normal_()
+                a1, s1 = quantize(x) if fp8 else (x, None)
+                a2, s2 = quantize(c2) if fp8 else (c2, None)
+
+                def launches():
+                    invoke(a1, layer.w1, c1, s1, layer.s1, weights, sorted_ids, expert_ids, total, False, topk, cfg, fp8)
+                    invoke(a2, layer.w2, c3, s2, layer.s2, weights, sorted_ids, expert_ids, total, True, 1, cfg, fp8)
+
+                ms = graph_ms(launches)
+                out_rows.append({"device": name, "model": model, "moe_dtype": moe_dtype, "num_tokens": m,
+                                 "latency_launches": round(ms, 6), "config_source": cfg_source})
+            write_rows(out / "moe_launches.csv", out_rows)
+            print(f"moe launches {model} {moe_dtype}: " + ", ".join(f"{r['num_tokens']}:{r['latency_launches']:.4f}"
+                                                                  for r in out_rows), flush=True)
+            del layer
+            torch.cuda.empty_cache()
+    # prefill attention at MLA's prefill head sizes (16 heads, q/k 192, v 128 padded to 192 as vLLM pads
+    # it for FlashAttention), causal, one sequence, through PyTorch's SDPA backends (not vLLM's FA3)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        for n in PREFILL_LENGTHS:
+            q = torch.randn(1, 16, n, 192, device=dev, dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            try:
+                with sdpa_kernel(backend):
+                    ms = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), runs=10)
+            except Exception as e:  # noqa: BLE001  (a backend this build lacks)
+                rows.append({"device": name, "probe": f"sdpa {backend.name}", "shape": f"16 x {n} x 192 causal",
+                             "latency": "", "rate": "", "unit": f"failed: {type(e).__name__}"})
+                continue
+            flops = 16 * n * n * (192 + 128)  # 2 x n^2/2 x heads x (QK^T 192 + PV 128, the unpadded V): causal half
+            rows.append({"device": name, "probe": f"sdpa {backend.name}", "shape": f"16 x {n} x 192 causal",
+                         "latency": round(ms, 6), "rate": round(flops / (ms / 1e3) / 1e12, 1),
+                         "unit": "TFLOP/s (causal, unpadded V)"})
+    write_rows(out / "probes.csv", rows)
+    for r in rows:
+        print("probe", r, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for moe_perf.csv, gemm_perf.csv, meta.json")
     ap.add_argument("--quick", action="store_true", help=f"MoE at {QUICK_TOKENS} tokens only")
     ap.add_argument("--config-dir", type=Path, default=HERE / "vllm_moe_configs",
                     help="vLLM's tuned fused-MoE configs (default: the copies beside this script)")
-    ap.add_argument("--only", choices=("moe", "gemm", "mla"), help="one part only")
+    ap.add_argument("--only", choices=("moe", "gemm", "mla", "extra"), help="one part only (extra: not in a full run)")
     ap.add_argument("--moe-dtypes", default="bfloat16,fp8", help="comma-separated: bfloat16, fp8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -479,6 +559,8 @@ def main(argv=None) -> int:
         parts.append(("moe fp8", lambda: run_moe(args.out, tokens, args.config_dir, ["fp8"])))
     if args.only in (None, "mla"):
         parts.append(("mla", lambda: run_mla(args.out)))
+    if args.only == "extra":
+        parts.append(("extra", lambda: run_extra(args.out, tokens)))
     tokens = QUICK_TOKENS if args.quick else MOE_TOKENS
     meta["errors"] = {}
     for part, fn in parts:

@@ -7,7 +7,8 @@ roofline, which prices the experts at 75 % of the GPU's peak. `bench/gpu_kernels
 reaches at most ~415 TFLOP/s there (vLLM ships no tuned config for E=64, N=1408 on Hopper, so it runs
 its default tiles), and a 16k-token chunk's experts take 1.8x the roofline's time.
 
-- On the measured GPU the rows price the op directly: `latency_gemms`, vLLM's two GEMM launches
+- On the measured GPU the rows price the op directly (FP8: its GEMM launches from
+  `moe_launches.csv` plus bf16's elementwise time, `_measured`): `latency_gemms`, vLLM's two GEMM launches
   (the harness check: at Qwen3-30B-A3B's shape, which the tables hold, that column is within
   -11 %..+22 % of aiconfigurator's whole-op rows, -11 %..+9 % up to 4,096 tokens; docs/simulator.md).
 - On another GPU with aiconfigurator MoE rows at the check shape (Qwen3-30B-A3B, same hidden size
@@ -31,6 +32,7 @@ from typing import NamedTuple
 from kvlab.sim.gemm_tables import piecewise_linear
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "kernels" / "moe_perf.csv"
+LAUNCHES = DATA.with_name("moe_launches.csv")
 MEASURED_GPUS = {"NVIDIA H200": "h200"}  # the device names in the CSV -> kvlab GPU presets
 CHECK_SHAPE = (2048, 768, 8, 128)  # Qwen3-30B-A3B: in the tables and measured here
 AIC_SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm"}
@@ -64,11 +66,39 @@ def measured_models(gpu: str) -> tuple[str, ...]:
     return tuple(sorted({r["model"] for r in rows() if MEASURED_GPUS.get(r["device"]) == gpu}))
 
 
-def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
-    """Measured ms per token count (latency_gemms) on kvlab preset `gpu`."""
-    return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in rows()
+@functools.lru_cache(maxsize=1)
+def launch_rows() -> tuple[dict, ...]:
+    with LAUNCHES.open() as f:
+        return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def _column(gpu: str, shape: tuple, moe_dtype: str, column: str = "latency_gemms") -> dict[int, float]:
+    """A moe_perf.csv column, ms per token count, on kvlab preset `gpu`."""
+    return {int(r["num_tokens"]): float(r[column]) for r in rows()
             if MEASURED_GPUS.get(r["device"]) == gpu and r["moe_dtype"] == moe_dtype and r["distribution"] == "balanced"
             and (int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape}
+
+
+def _launches(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
+    """moe_launches.csv: the two GEMM launches alone, ms per token count."""
+    models = {r["model"] for r in rows() if MEASURED_GPUS.get(r["device"]) == gpu
+              and (int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape}
+    return {int(r["num_tokens"]): float(r["latency_launches"]) for r in launch_rows()
+            if MEASURED_GPUS.get(r["device"]) == gpu and r["model"] in models and r["moe_dtype"] == moe_dtype}
+
+
+def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
+    """The op's ms per token count on kvlab preset `gpu`: bf16 `latency_gemms` (the two launches and
+    PyTorch's SiLU-and-multiply between them); FP8 its two launches plus the same elementwise time
+    as bf16's at that token count (`latency_gemms` - launches, bf16): PyTorch's three passes of
+    SiLU-and-multiply stand for vLLM's fused SiLU-and-multiply and its dynamic FP8 quantisation of the
+    result (three passes too); the FP8 rows of moe_perf.csv carry PyTorch's own quantisation, several
+    kernels where vLLM runs two, and are not used."""
+    bf16 = _column(gpu, shape, "bfloat16")
+    if moe_dtype == "bfloat16":
+        return bf16
+    own, bf16_launches = _launches(gpu, shape, moe_dtype), _launches(gpu, shape, "bfloat16")
+    return {n: own[n] + max(0.0, bf16[n] - bf16_launches[n]) for n in own if n in bf16 and n in bf16_launches}
 
 
 def _aic(system: str, shape: tuple, mode: str) -> dict[int, float]:
