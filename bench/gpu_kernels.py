@@ -49,7 +49,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -160,6 +159,11 @@ def balanced_topk_ids(tokens: int, experts: int, topk: int, device) -> torch.Ten
     else:
         sel = (t * stride / tokens + j * stride) % experts
     return sel.long()
+
+
+def balanced_logits(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
+    """Router logits that route as `balanced_topk_ids` (aiconfigurator's balanced_logits before its softmax)."""
+    return F.one_hot(balanced_topk_ids(tokens, experts, topk, device), experts).sum(1).to(torch.bfloat16)
 
 
 def align(topk_ids: torch.Tensor, block_m: int, experts: int):
@@ -327,8 +331,7 @@ def run_moe(out: Path, tokens, config_dir: Path, dtypes) -> None:
             for m in tokens:
                 cfg, cfg_source = moe_config(m, experts, inter, cfg_dtype, config_dir)
                 x = torch.randn(m, hidden, device=dev, dtype=torch.bfloat16)
-                ids = balanced_topk_ids(m, experts, topk, dev)
-                logits = F.one_hot(ids, experts).sum(1).to(torch.bfloat16)  # balanced_logits before its softmax
+                logits = balanced_logits(m, experts, topk, dev)
                 bufs = layers[0].buffers(m)
                 t0 = time.perf_counter()
                 whole = graph_ms(lambda: layers[0].forward(x, logits, cfg, bufs))
@@ -456,7 +459,7 @@ def run_mla(out: Path) -> None:
 PREFILL_LENGTHS = (1024, 4096, 16384)
 
 
-def run_extra(out: Path, tokens) -> None:
+def run_extra(out: Path, tokens, config_dir: Path) -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     rows = []
@@ -480,10 +483,9 @@ def run_extra(out: Path, tokens) -> None:
             layer = MoELayer(hidden, inter, topk, experts, renorm, fp8, dev)
             out_rows = []
             for m in tokens:
-                cfg, cfg_source = moe_config(m, experts, inter, "fp8_w8a8" if fp8 else None, Path(HERE / "vllm_moe_configs"))
+                cfg, cfg_source = moe_config(m, experts, inter, "fp8_w8a8" if fp8 else None, config_dir)
                 x = torch.randn(m, hidden, device=dev, dtype=torch.bfloat16)
-                ids = balanced_topk_ids(m, experts, topk, dev)
-                weights, rids = layer.route(F.one_hot(ids, experts).sum(1).to(torch.bfloat16))
+                weights, rids = layer.route(balanced_logits(m, experts, topk, dev))
                 sorted_ids, expert_ids, total = layer.assign(rids, m, cfg)
                 c1, c2, c3 = layer.buffers(m)
                 c2.normal_()
@@ -560,7 +562,7 @@ def main(argv=None) -> int:
     if args.only in (None, "mla"):
         parts.append(("mla", lambda: run_mla(args.out)))
     if args.only == "extra":
-        parts.append(("extra", lambda: run_extra(args.out, tokens)))
+        parts.append(("extra", lambda: run_extra(args.out, tokens, args.config_dir)))
     tokens = QUICK_TOKENS if args.quick else MOE_TOKENS
     meta["errors"] = {}
     for part, fn in parts:

@@ -14,19 +14,19 @@ rows kvlab ships, src/kvlab/data/kernels/). Prints JSON. Needs aiconfigurator-co
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
 
 from kvlab.sim import kernels, measured_moe
 
-SYSTEMS = {"NVIDIA H200": "h200_sxm", "NVIDIA H100 80GB HBM3": "h100_sxm"}
+# the GPUs' device names (as torch reports them) -> kvlab presets -> aiconfigurator systems
+PRESETS = {"NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100"}
+SYSTEMS = {device: kernels.SYSTEMS[preset] for device, preset in PRESETS.items()}
 
 
 def read(path: Path) -> list[dict]:
-    with path.open() as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+    return list(measured_moe.read_rows(path))
 
 
 def summary(ratios: dict) -> dict:
@@ -94,7 +94,7 @@ def mla_check(rows: list[dict]) -> dict:
 
     out = {}
     for r in rows:
-        gpu = {"NVIDIA H200": "h200", "NVIDIA H100 80GB HBM3": "h100"}.get(r["device"])
+        gpu = PRESETS.get(r["device"])
         if gpu is None:
             continue
         g = hardware.gpu(gpu)

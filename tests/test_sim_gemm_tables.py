@@ -2,7 +2,6 @@
 layer shapes, the curves at the table's token counts, and the tables' interpolation against kvlab's
 own measurement of those exact shapes on an H200 (data/kernels/gemm_perf.csv, bench/gpu_kernels.py)."""
 
-import csv
 import statistics
 
 import pytest
@@ -56,8 +55,7 @@ def test_the_tables_at_v2_lites_exact_shapes_against_kvlabs_h200_measurement():
     # 8 layer shapes x 15 token counts measured on an H200 with the same weights every replay (as
     # aiconfigurator measures): 106 of 120 within ±15 %, median 0.95; the misses are at 1-128 tokens
     # (kv_b_proj 4,096 x 512, where the tables read 0.61-0.82 of kvlab's 4-6 us, and a few near 7 us)
-    with (measured_moe.DATA.parent / "gemm_perf.csv").open() as f:
-        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#")) if r["shape"].startswith("v2lite")]
+    rows = [r for r in measured_moe.read_rows(measured_moe.DATA.parent / "gemm_perf.csv") if r["shape"].startswith("v2lite")]
     ratios = []
     for r in rows:
         m, n, k = int(r["m"]), int(r["n"]), int(r["k"])

@@ -3,7 +3,6 @@ bench/gpu_kernels.py): the curve is the measured rows, transferred to the H100 b
 ratio, the harness agrees with aiconfigurator's rows where both measured the same shape, and the
 roofline step leaves the experts to the curve."""
 
-import csv
 import dataclasses
 
 import pytest
@@ -20,10 +19,8 @@ V2_LITE = (2048, 1408, 6, 64)
 
 
 def measured(model: str, dtype: str) -> dict[int, float]:
-    with measured_moe.DATA.open() as f:
-        rows = csv.DictReader(line for line in f if not line.startswith("#"))
-        return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in rows
-                if r["model"] == model and r["moe_dtype"] == dtype}
+    return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in measured_moe.rows()
+            if r["model"] == model and r["moe_dtype"] == dtype}
 
 
 def test_the_h200_curve_is_the_measured_rows():

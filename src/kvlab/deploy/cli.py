@@ -113,11 +113,8 @@ def serve_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the record as one JSON object instead of tables"),
 ) -> None:
     """Serve MODEL with a profile on real vLLM (GPU or CPU build) or the simulator; extra vLLM flags after --."""
-    from kvlab import hardware
     from kvlab.deploy.launcher import ServeSpec, Server
 
-    if gpu is not None:
-        hardware.gpu(gpu)  # an unknown preset is refused on every engine (it only informs the prediction on real vLLM)
     spec = ServeSpec(model, quant=quant, engine=engine, host=host_, port=port, kv_memory_gib=kv_memory_gib,
                      max_model_len=max_model_len, extra_args=list(ctx.args), api_key=api_key,
                      allocation_only=allocation_only, log_path=log, health_timeout_s=health_timeout, gpu=gpu)

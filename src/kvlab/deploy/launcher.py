@@ -20,6 +20,7 @@ from typing import Callable
 
 import httpx
 
+from kvlab import hardware
 from kvlab.deploy import commands, engines, facts as factsmod, host
 from kvlab.deploy.compare import Comparison, compare
 from kvlab.deploy.engines import preset_for_gpu_name  # noqa: F401  (kept importable from here)
@@ -71,6 +72,8 @@ def _validate(spec: ServeSpec) -> ServeSpec:
         raise KvlabError(f"--max-model-len must be positive, got {spec.max_model_len}")
     if spec.health_timeout_s <= 0:
         raise KvlabError(f"the health timeout must be positive, got {spec.health_timeout_s}")
+    if spec.gpu is not None:
+        hardware.gpu(spec.gpu)  # an unknown preset is refused on every engine, not only the simulator's
     extra, key = without_flag(list(spec.extra_args), "--api-key")  # keys go through the environment
     return replace(spec, extra_args=extra, api_key=spec.api_key or key)
 

@@ -25,10 +25,11 @@ import functools
 from typing import NamedTuple
 
 from kvlab.models.arch import ModelArch
+from kvlab.sim import kernels
 
 GRID = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
         8192, 12288, 16384, 24576, 32768)
-SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm"}  # the GPUs whose GEMM tables the composition uses
+SYSTEMS = {gpu: kernels.SYSTEMS[gpu] for gpu in ("h100", "h200")}  # the GPUs whose tables the composition uses
 # kvlab weight format -> the GEMM tables' quant mode for the quantized linear layers
 MODES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
 
@@ -98,11 +99,9 @@ def gemm_set(arch: ModelArch, quant: str) -> tuple[tuple[str, int, int, int, str
 
 @functools.lru_cache(maxsize=8)
 def _database(system: str):
-    from kvlab.sim.kernels import _quiet_stderr, table_version
-
-    with _quiet_stderr():
+    with kernels._quiet_stderr():
         from aiconfigurator_core.sdk import perf_database
-        return perf_database.get_database(system, "vllm", table_version(system))
+        return perf_database.get_database(system, "vllm", kernels.table_version(system))
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,19 +113,15 @@ def gemm_seconds(system: str, mode: str, n: int, k: int) -> tuple[float, ...]:
     from aiconfigurator_core.sdk import operations as ops
     from aiconfigurator_core.sdk.common import GEMMQuantMode
 
-    from kvlab.sim.kernels import _quiet_stderr
-
     db = _database(system)
     op = ops.GEMM("kvlab_gemm", 1, n, k, getattr(GEMMQuantMode, mode))
-    with _quiet_stderr():
+    with kernels._quiet_stderr():
         return tuple(float(engine._evaluate_single_op(db, op, is_context=True, batch_size=1, s=m)) / 1e3 for m in GRID)
 
 
 def gemm_curves(arch: ModelArch, fmt_name: str, gpu: str, tp: int) -> GemmCurves | None:
     """The step's GEMMs from the GEMM tables for an MLA model on an H100/H200 at `-tp 1` in a format
     the tables have (bf16, FP8), or None."""
-    from kvlab.sim import kernels
-
     if arch.mla is None or tp != 1 or gpu not in SYSTEMS or fmt_name not in MODES or not kernels.available():
         return None
     system = SYSTEMS[gpu]

@@ -29,13 +29,14 @@ import functools
 from pathlib import Path
 from typing import NamedTuple
 
+from kvlab.sim import kernels
+from kvlab.sim.gemm_tables import SYSTEMS as AIC_SYSTEMS  # the GPUs whose tables the composition uses
 from kvlab.sim.gemm_tables import piecewise_linear
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "kernels" / "moe_perf.csv"
 LAUNCHES = DATA.with_name("moe_launches.csv")
 MEASURED_GPUS = {"NVIDIA H200": "h200"}  # the device names in the CSV -> kvlab GPU presets
 CHECK_SHAPE = (2048, 768, 8, 128)  # Qwen3-30B-A3B: in the tables and measured here
-AIC_SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm"}
 # kvlab weight format -> (the measured rows' moe_dtype, the aiconfigurator rows of the same kernel
 # family that carry the ratio between GPUs: Triton's FP8 rows are the block-scale ones, the per-tensor
 # "fp8" rows on Hopper are FlashInfer's, a kernel `-q fp8` does not run; see kernels.moe_quant_mode)
@@ -55,10 +56,20 @@ class MoECurve(NamedTuple):
         return piecewise_linear(self.tokens, self.seconds, n)
 
 
+def read_rows(path: Path) -> tuple[dict, ...]:
+    """A kvlab kernel CSV's rows (its `#` provenance lines left out)."""
+    with path.open() as f:
+        return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
 @functools.lru_cache(maxsize=1)
 def rows() -> tuple[dict, ...]:
-    with DATA.open() as f:
-        return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
+    return read_rows(DATA)
+
+
+@functools.lru_cache(maxsize=1)
+def launch_rows() -> tuple[dict, ...]:
+    return read_rows(LAUNCHES)
 
 
 def measured_models(gpu: str) -> tuple[str, ...]:
@@ -66,23 +77,21 @@ def measured_models(gpu: str) -> tuple[str, ...]:
     return tuple(sorted({r["model"] for r in rows() if MEASURED_GPUS.get(r["device"]) == gpu}))
 
 
-@functools.lru_cache(maxsize=1)
-def launch_rows() -> tuple[dict, ...]:
-    with LAUNCHES.open() as f:
-        return tuple(csv.DictReader(line for line in f if not line.startswith("#")))
+def _on(r: dict, gpu: str, shape: tuple) -> bool:
+    """Row `r` (moe_perf.csv) is of MoE `shape` on kvlab preset `gpu`."""
+    return MEASURED_GPUS.get(r["device"]) == gpu and (
+        int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape
 
 
-def _column(gpu: str, shape: tuple, moe_dtype: str, column: str = "latency_gemms") -> dict[int, float]:
-    """A moe_perf.csv column, ms per token count, on kvlab preset `gpu`."""
-    return {int(r["num_tokens"]): float(r[column]) for r in rows()
-            if MEASURED_GPUS.get(r["device"]) == gpu and r["moe_dtype"] == moe_dtype and r["distribution"] == "balanced"
-            and (int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape}
+def _gemms(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
+    """moe_perf.csv's `latency_gemms`, ms per token count, on kvlab preset `gpu`."""
+    return {int(r["num_tokens"]): float(r["latency_gemms"]) for r in rows()
+            if _on(r, gpu, shape) and r["moe_dtype"] == moe_dtype and r["distribution"] == "balanced"}
 
 
 def _launches(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
     """moe_launches.csv: the two GEMM launches alone, ms per token count."""
-    models = {r["model"] for r in rows() if MEASURED_GPUS.get(r["device"]) == gpu
-              and (int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"]), int(r["num_experts"])) == shape}
+    models = {r["model"] for r in rows() if _on(r, gpu, shape)}
     return {int(r["num_tokens"]): float(r["latency_launches"]) for r in launch_rows()
             if MEASURED_GPUS.get(r["device"]) == gpu and r["model"] in models and r["moe_dtype"] == moe_dtype}
 
@@ -94,7 +103,7 @@ def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
     SiLU-and-multiply stand for vLLM's fused SiLU-and-multiply and its dynamic FP8 quantisation of the
     result (three passes too); the FP8 rows of moe_perf.csv carry PyTorch's own quantisation, several
     kernels where vLLM runs two, and are not used."""
-    bf16 = _column(gpu, shape, "bfloat16")
+    bf16 = _gemms(gpu, shape, "bfloat16")
     if moe_dtype == "bfloat16":
         return bf16
     own, bf16_launches = _launches(gpu, shape, moe_dtype), _launches(gpu, shape, "bfloat16")
@@ -102,8 +111,6 @@ def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
 
 
 def _aic(system: str, shape: tuple, mode: str) -> dict[int, float]:
-    from kvlab.sim import kernels
-
     df = kernels._moe_frame(system, mode, (*shape[:4], 1))
     if df is None or not len(df):
         return {}
@@ -125,8 +132,6 @@ def moe_curve(hidden: int, inter: int, topk: int, experts: int, fmt_name: str, g
         pts = sorted(own.items())
         return MoECurve(tuple(n for n, _ in pts), tuple(ms / 1e3 for _, ms in pts),
                         f"MoE experts measured: vLLM's Triton fused-MoE kernel on an {device}, kvlab bench/gpu_kernels.py")
-    from kvlab.sim import kernels
-
     if gpu not in AIC_SYSTEMS or not kernels.available():
         return None
     for device_name, preset in MEASURED_GPUS.items():

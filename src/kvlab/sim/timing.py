@@ -667,10 +667,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
     label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
     roofline = with_measured_ops(roofline, arch, fmt) if not path else roofline
-    if roofline.gemm_curves is not None:
-        label += f"; {roofline.gemm_curves.source}"
-    if roofline.moe_curve is not None:
-        label += f"; {roofline.moe_curve.source}"
-    if roofline.gemm_curves is not None:
-        label += "; attention and the KV cache by the roofline"
+    g, m = roofline.gemm_curves, roofline.moe_curve
+    parts = [g.source if g else "", m.source if m else "", "attention and the KV cache by the roofline" if g else ""]
+    label += "".join(f"; {p}" for p in parts if p)
     return dataclasses.replace(roofline, timing_source=f"roofline ({label})", fallback_reason=reason)
