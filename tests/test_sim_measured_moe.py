@@ -82,17 +82,23 @@ def test_the_roofline_step_leaves_the_experts_and_the_gemms_to_the_measured_curv
     assert t.moe_curve is not None and t.moe_layers == 26 and t.gemm_curves is not None
     assert pure.moe_curve is None and pure.gemm_curves is None
     assert "no kernel data" in t.timing_source and "MoE experts measured" in t.timing_source
-    assert "GEMM tables (bfloat16)" in t.timing_source and "attention and the KV cache by the roofline" in t.timing_source
-    # what is left to the roofline: attention FLOPs and the KV cache's bytes
+    assert "GEMM tables (bfloat16)" in t.timing_source and "MLA module rows" in t.timing_source
+    # nothing is left to the roofline's terms: the linear layers' FLOPs and bytes are the GEMM
+    # tables', attention and the KV cache the MLA module's (kvlab.sim.mla_module)
     assert (t.linear_flops_per_token, t.head_flops_per_sample, t.context_flops_per_token) == (0, 0, 0)
-    assert t.dense_weight_bytes == 0 and t.expert_bytes == 0
+    assert t.dense_weight_bytes == 0 and t.expert_bytes == 0 and t.mla_attention is not None
     assert t.decode_flops_per_pair == pure.decode_flops_per_pair and t.kv_bytes_per_token == pure.kv_bytes_per_token
-    # a 4,096-token chunk over 1,024 cached tokens, with 8 decodes beside it
+    # a 4,096-token chunk over 1,024 cached tokens, with 8 decodes beside it: the decode rows' kv_b_proj
+    # is in the module (its batched W_UK/W_UV products), the chunk's runs over its tokens and its context
     w = StepWork(4104, 9, 9, 4096 + 1024 + 8 * 900, 8 * 900, 4096 * 1024 + 4096 * 4097 // 2, 1024, 8, ((4096, 1024),))
-    rest = dataclasses.replace(t, moe_curve=None, gemm_curves=None)
-    g = t.gemm_curves
-    assert t.step_time_s(w) == pytest.approx(rest.step_time_s(w) + 26 * t.moe_curve.at(4104) + g.per_token.at(4104)
-                                             + g.kv_b.at(4104 + 1024) + g.head.at(9), rel=1e-12)
+    g, a = t.gemm_curves, t.mla_attention
+    host = t.step_time_s(StepWork(0, 0, 9, 0, 0, 0, 0, 0, ()))
+    assert t.step_time_s(w) == pytest.approx(host + a.decode_s(8, 8 * 900) + a.chunk_s(1, 4096, 1024)
+                                             + 26 * t.moe_curve.at(4104) + g.per_token.at(4104)
+                                             + g.kv_b.at(4096 + 1024) + g.head.at(9), rel=1e-12)
+    # without the module rows (mla_attention None) the roofline prices attention and the KV as before
+    rest = dataclasses.replace(t, moe_curve=None, gemm_curves=None, mla_attention=None)
+    assert rest.gpu_s(w) == pytest.approx(max(rest.compute_s(w), rest.memory_s(w)), rel=1e-12)
     # the experts alone: 26 x ~1.0 ms measured, where the roofline put them at 75 % of the H200's peak
     experts = 2.0 * 3 * 2048 * 1408 * 6 * 26
     assert 26 * t.moe_curve.at(4096) > 1.5 * experts * 4096 / (hardware.gpu("h200").bf16_tflops * 1e12 * 0.75)

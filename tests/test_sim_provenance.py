@@ -12,7 +12,7 @@ def test_sim_run_results_say_the_timing_source_and_steps_per_provenance(tmp_path
     first = run_offline("llama-3.1-8b", "h100", "agent-smoke", 20, concurrency=2, config=cfg, out_dir=tmp_path / "a")
     res = first.results.model_dump()
     assert res["timing_source"] == cfg.cost.timing_source
-    assert set(res["timing_provenance"]) <= {"measured", "interpolated", "extrapolated", "scaled", "roofline"}
+    assert set(res["timing_provenance"]) <= {"measured", "interpolated", "extrapolated", "scaled", "composed", "roofline"}
     assert sum(res["timing_provenance"].values()) == res["engine_steps"] > 0
     # the same config again: this run's steps only
     again = run_offline("llama-3.1-8b", "h100", "agent-smoke", 20, concurrency=2, config=cfg).results.model_dump()

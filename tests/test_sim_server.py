@@ -144,7 +144,7 @@ def test_metrics_parse_like_real_vllm(client):
     assert "roofline" in timing["timing_source"] or "kernel tables" in timing["timing_source"]
     steps = {s.labels["provenance"]: s.value for f in text_string_to_metric_families(r.text)
              if f.name == "kvlab:sim_steps_priced" for s in f.samples if s.name.endswith("_total")}
-    assert set(steps) == {"measured", "interpolated", "extrapolated", "scaled", "roofline"} and sum(steps.values()) > 0
+    assert set(steps) == {"measured", "interpolated", "extrapolated", "scaled", "composed", "roofline"} and sum(steps.values()) > 0
 
 
 def test_api_key_is_required(server):

@@ -126,7 +126,7 @@ class SimTiming(Part):
     """Where a simulated repeat's step times came from: the simulator's timing source
     (`kvlab:sim_timing_info`) and the engine steps the server priced per provenance
     (`kvlab:sim_steps_priced_total` read after the load run: since the server started, its warm-up
-    and earlier repeats on the same server included; measured, interpolated, extrapolated, scaled, roofline)."""
+    and earlier repeats on the same server included; measured, interpolated, extrapolated, scaled, composed, roofline)."""
 
     timing_source: str
     steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})  # since the server started

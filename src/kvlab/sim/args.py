@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "what prices the simulated steps: measured vLLM kernel tables (kernels; an error where there are "
         "none), the roofline, or auto (kernel tables where they cover the model, GPU and format; AWQ/GPTQ and "
         "FP8 on A100 from the BF16 tables scaled by the roofline's ratio; DeepSeek-V2-Lite on an H100/H200 from "
-        "the GEMM tables at its layer shapes, its MoE experts measured and the roofline for attention; else the "
+        "the GEMM tables at its layer shapes, its MoE experts measured and its attention from the measured MLA "
+        "module tables; else the "
         "roofline, labelled); default "
         f"{DEFAULT_TIMING}"))
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,

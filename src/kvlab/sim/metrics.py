@@ -123,8 +123,9 @@ HELP = {
 }
 TIMING_INFO = "kvlab:sim_timing_info"
 STEPS_PRICED = "kvlab:sim_steps_priced"
-# "scaled": a weight-only format priced from the BF16 tables times the roofline's ratio (timing.ScaledTiming)
-PROVENANCES = ("measured", "interpolated", "extrapolated", "scaled", "roofline")
+# "scaled": a weight-only format priced from the BF16 tables times the roofline's ratio (timing.ScaledTiming);
+# "composed": a model no table holds whole, every part of its step from measured data (timing.with_measured_ops)
+PROVENANCES = ("measured", "interpolated", "extrapolated", "scaled", "composed", "roofline")
 
 # CacheConfig fields vLLM 0.32 exports in vllm:cache_config_info that the simulator has no use for,
 # with the values vLLM reports by default (from a real /metrics).

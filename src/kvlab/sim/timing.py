@@ -35,7 +35,9 @@ GPU-equivalent (no micro-batch pipelining modelled). The efficiency factors are 
 `step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
 aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
 GEMM tables on a GPU with BF16 tables, the BF16 tables scaled by this roofline's format/BF16 ratio
-per step (`ScaledTiming`); else this roofline. Each names its `timing_source` and counts its priced
+per step (`ScaledTiming`); else this roofline, with the parts of the step that have measured data
+priced from it (`with_measured_ops`: an MLA model no table holds whole, DeepSeek-V2-Lite on an
+H100/H200: "composed" where every part is). Each names its `timing_source` and counts its priced
 steps per provenance (`provenance_counts`).
 """
 
@@ -51,6 +53,7 @@ from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, OTHER, param_counts
 from kvlab.models.weights import WEIGHT_FORMATS, WeightFormat, weight_bytes_by_role
+from kvlab.sim.kernels import _decodes_and_chunks
 
 # Fractions of data-sheet peaks that vLLM's kernels reach (estimates): large BF16/FP8 GEMMs reach
 # 60-75 % of dense peak on Hopper; decode GEMVs and paged-attention reads 75-90 % of HBM bandwidth.
@@ -358,12 +361,17 @@ class CostModel:
     # the linear layers priced from aiconfigurator's GEMM tables at the model's layer shapes
     # (gemm_tables.GemmCurves) instead of the terms above, which then leave them out (with_measured_ops)
     gemm_curves: object = None
+    # an MLA model's attention priced from aiconfigurator's measured MLA module rows
+    # (mla_module.MlaAttention, all layers) instead of the roofline's attention and KV terms, which
+    # then price nothing; decode rows' kv_b_proj is in it (with_measured_ops)
+    mla_attention: object = None
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
 
     @property
     def provenance_counts(self) -> dict[str, int]:
-        """Steps priced so far, all by the roofline."""
-        return {"roofline": self._steps[0]} if self._steps[0] else {}
+        """Steps priced so far: all by the roofline, or all composed from measured parts where no
+        roofline term is left (`mla_attention` set: with_measured_ops)."""
+        return {"composed" if self.mla_attention is not None else "roofline": self._steps[0]} if self._steps[0] else {}
 
     def reset_counts(self) -> None:
         self._steps[0] = 0
@@ -426,11 +434,17 @@ class CostModel:
 
     def gpu_s(self, w: StepWork) -> float:
         """The step's GPU time (no host time)."""
+        if self.mla_attention is not None:
+            decodes, chunks = _decodes_and_chunks(w)
+            return (self.mla_attention.step_s(decodes, w.decode_pairs, chunks) + self.moe_s(w.tokens)
+                    + self.gemm_s(w.tokens, w.sampled, w.tokens - decodes + w.prefill_context_tokens))
         return (max(self.compute_s(w), self.memory_s(w)) + self.dequant_s(w.tokens) + self.comm_s(w)
                 + self.moe_s(w.tokens) + self.gemm_s(w.tokens, w.sampled, w.tokens + w.prefill_context_tokens))
 
     def decode_gpu_s(self, n: int, kv_tokens: int) -> float:
         """`gpu_s` of a step of `n` single-token decodes reading `kv_tokens` of context."""
+        if self.mla_attention is not None:
+            return self.mla_attention.decode_s(n, kv_tokens) + self.moe_s(n) + self.gemm_s(n, n, 0)
         return (max(self._compute_s(n, n, kv_tokens, 0, 0), self._memory_s(n, kv_tokens)) + self.dequant_s(n)
                 + self._comm_s(n) + self.moe_s(n) + self.gemm_s(n, n, n))
 
@@ -585,7 +599,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     )
 
 
-def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> CostModel:
+def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat, kv_cache_dtype: str = "auto") -> CostModel:
     """`model` with the parts of its step that have measured data priced from it, for a model whose
     whole block no kernel table holds (DeepSeek-V2-Lite):
     - the routed experts from kvlab's measured MoE rows (measured_moe) where there are some for this
@@ -593,9 +607,11 @@ def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> C
       `moe_layers` x the curve joins the step;
     - then, for an MLA model (whose experts, if any, are so priced), every linear layer from
       aiconfigurator's GEMM tables at its own shape (gemm_tables): the weights' bytes and the linear,
-      LM-head and kv_b FLOPs leave the roofline's terms, which keep attention and the KV cache.
+      LM-head and kv_b FLOPs leave the roofline's terms, which keep attention and the KV cache;
+    - then, where aiconfigurator's MLA module rows hold the model's attention (mla_module: its head
+      count and latent dims, an H100/H200), the attention from them: the roofline prices nothing.
     The parts run one after another (the layers do). Unchanged where there is no data."""
-    from kvlab.sim import gemm_tables, measured_moe
+    from kvlab.sim import gemm_tables, measured_moe, mla_module
 
     moe = arch.moe
     if moe is not None and moe.moe_layers:
@@ -610,15 +626,17 @@ def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat) -> C
     gemms = gemm_tables.gemm_curves(arch, fmt.name, model.gpu, model.tp)
     if gemms is None:
         return model
-    return dataclasses.replace(model, linear_flops_per_token=0.0, head_flops_per_sample=0.0,
-                               context_flops_per_token=0.0, dense_weight_bytes=0.0, gemm_curves=gemms)
+    model = dataclasses.replace(model, linear_flops_per_token=0.0, head_flops_per_sample=0.0,
+                                context_flops_per_token=0.0, dense_weight_bytes=0.0, gemm_curves=gemms)
+    attention = mla_module.mla_attention(arch, model.gpu, model.tp, kv_cache_dtype)
+    return model if attention is None else dataclasses.replace(model, mla_attention=attention)
 
 
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
                "ratio; DeepSeek-V2-Lite on an H100/H200 from the GEMM tables at its layer shapes, its MoE experts "
-               "measured and the roofline for attention; else the roofline, labelled), kernels (tables only), roofline")
+               "measured and its attention from the measured MLA module tables; else the roofline, labelled), kernels (tables only), roofline")
 VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
                      "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19) and "
                      "its memory profiling (default --gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken "
@@ -666,8 +684,11 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
     label = f"no kernel data: {reason}" + (f"; {path}" if path else "")
-    roofline = with_measured_ops(roofline, arch, fmt) if not path else roofline
-    g, m = roofline.gemm_curves, roofline.moe_curve
-    parts = [g.source if g else "", m.source if m else "", "attention and the KV cache by the roofline" if g else ""]
+    roofline = with_measured_ops(roofline, arch, fmt, kv_cache_dtype) if not path else roofline
+    g, m, a = roofline.gemm_curves, roofline.moe_curve, roofline.mla_attention
+    parts = [g.source if g else "", m.source if m else "",
+             a.source if a else "attention and the KV cache by the roofline" if g else ""]
     label += "".join(f"; {p}" for p in parts if p)
-    return dataclasses.replace(roofline, timing_source=f"roofline ({label})", fallback_reason=reason)
+    # every part from measured data, none left to the roofline: "composed"
+    return dataclasses.replace(roofline, timing_source=f"{'composed' if a else 'roofline'} ({label})",
+                               fallback_reason=reason)
