@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     """Serve like `python -m vllm.entrypoints.openai.api_server` (the same flags; unknown ones are
     ignored). The environment variable KVLAB_FAKE (JSON) says how to misbehave, for every server or,
     under a served model name, for that one ({"llama-3.1-8b": {...}}):
-      start_delay_s: wait this long before listening;  exit_at_start: print a vLLM-like error, exit
+      start_delay_s: wait this long before listening;  exit_at_start: after 1 s print a vLLM-like error, exit
       with this code;  hang: listen but never answer (not even /health);  health_status: what
       /health answers;  child: start a child process in the group (like vLLM's EngineCore);
       fault_all: the fault of every chat request;  faults_every: {fault: k}, request n (n > 4, after
@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # same group, like EngineCore
     time.sleep(plan.get("start_delay_s", 0))
     if "exit_at_start" in plan:
+        # real vLLM fails after seconds of loading, not at once: live long enough (1 s) for the tests'
+        # process watch (a sample every 0.2 s) to see this server's group even on a loaded machine
+        time.sleep(1.0)
         print("ValueError: To serve at least one request with the models's max seq len (4096), (0.50 GiB KV "
               "cache is needed, which is larger than the available KV cache memory (0.01 GiB).", flush=True)
         sys.exit(plan["exit_at_start"])
