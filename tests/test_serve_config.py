@@ -179,3 +179,12 @@ def test_a_config_is_frozen_and_round_trips_as_json():
     with pytest.raises(Exception):
         c.kv_cache_dtype = "auto"
     assert ServeConfig.model_validate(c.model_dump(mode="json")) == c
+
+
+def test_api_server_count_is_typed_and_given_back_to_vllm():
+    from kvlab.serve_config import parse_serve_config
+
+    for argv in (["--api-server-count", "3"], ["-asc", "3"], ["--api-server-count=3"]):
+        c = parse_serve_config("llama-3.1-8b", argv)
+        assert c.api_server_count == 3 and c.to_argv() == ["--api-server-count", "3"] and c.vllm_args == ()
+    assert parse_serve_config("llama-3.1-8b", []).api_server_count is None

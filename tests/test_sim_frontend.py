@@ -196,3 +196,50 @@ def test_the_http_server_streams_through_the_front_end():
     assert max(a[-1], b[-1]) >= 0.024
     assert sim.engine.metrics.counters["vllm:generation_tokens"] == 8
     assert not sim.in_intake
+
+
+def test_api_server_count_shares_the_front_ends_work():
+    """--api-server-count N (vLLM: N API-server processes, each its own connections' requests and
+    outputs): the front end's per-request, per-prompt-token and per-output work shared N ways, each
+    process's own pass per step kept. 16 streams at 5 ms per output pace at 80 ms a step with one
+    process, 40 ms with two."""
+    n, c = 16, 0.005
+    one = _cfg(frontend_per_output_s=c, frontend_per_step_s=1e-4)
+    two = dataclasses.replace(one, api_server_count=2)
+    assert two.frontend_costs() == (0.0, 0.0, c / 2, 1e-4)
+    assert dataclasses.replace(two, frontend_per_prompt_token_s=1e-5, frontend_per_request_s=1e-3).frontend_costs()[:2] \
+        == (5e-4, 5e-6)
+    a, b = _play(one, n=n), _play(two, n=n)
+    gaps_one = [g for r in a.records for g in r["itl_s"][8:]]
+    gaps_two = [g for r in b.records for g in r["itl_s"][8:]]
+    assert gaps_one == pytest.approx([n * c + 1e-4] * len(gaps_one), abs=1e-9)
+    assert gaps_two == pytest.approx([n * c / 2 + 1e-4] * len(gaps_two), abs=1e-9)
+
+
+def test_api_server_count_is_read_from_vllms_flag_and_refused_below_one():
+    from kvlab.errors import KvlabError
+    from kvlab.serve_config import parse_serve_config
+
+    cfg = build_config(parse_serve_config("llama-3.1-8b", ["--api-server-count", "4", "--max-model-len", "4096"]), "h100")
+    assert cfg.api_server_count == 4 and cfg.frontend_costs()[2] == cfg.frontend_per_output_s / 4
+    # vLLM's default: --data-parallel-size (1 here)
+    assert build_config("llama-3.1-8b", "h100", max_model_len=4096).api_server_count == 1
+    with pytest.raises(KvlabError, match=r"^--api-server-count 0 runs vLLM without an API server \(headless\)"):
+        build_config(parse_serve_config("llama-3.1-8b", ["-asc", "0"]), "h100")
+
+
+def test_sim_serve_says_what_it_does_with_several_api_servers(capsys):
+    """`kvlab sim serve --api-server-count 2`: vLLM's own warning (its stats logging off above one
+    process) and kvlab's line on how the processes are simulated; one process prints neither."""
+    from kvlab.sim import logs
+    from kvlab.sim.args import parse_serve_args
+
+    args = parse_serve_args(["llama-3.1-8b", "--gpu", "h100", "--max-model-len", "4096", "--api-server-count", "2"])
+    assert args.config.api_server_count == 2 and args.non_default["api_server_count"] == 2
+    logs.startup_lines(build_config(args.config, "h100"), args.non_default, args.not_simulated)
+    out = capsys.readouterr().out
+    assert "[loggers.py:1387] AsyncLLM created with api_server_count more than 1; disabling stats logging" in out
+    assert "2 API-server processes (--api-server-count): simulated as one front end taking 1/2" in out
+    one = parse_serve_args(["llama-3.1-8b", "--gpu", "h100", "--max-model-len", "4096"])
+    logs.startup_lines(build_config(one.config, "h100"), one.non_default, one.not_simulated)
+    assert "api_server_count" not in capsys.readouterr().out

@@ -69,6 +69,7 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--api-server-count", "-asc", type=int, default=None)
 
 
 def _json_object(value: str) -> str:
@@ -119,6 +120,7 @@ class ServeConfig(BaseModel):
     max_num_batched_tokens: int | None = None
     num_gpu_blocks_override: int | None = None
     served_model_names: tuple[str, ...] = ()
+    api_server_count: int | None = None  # API-server processes; None: vLLM's default (data_parallel_size)
     vllm_args: tuple[str, ...] = ()  # the other vLLM flags, verbatim and in order
 
     @property
@@ -167,7 +169,8 @@ class ServeConfig(BaseModel):
                 ("--kv-cache-memory-bytes", self.kv_cache_memory_bytes, None),
                 ("--max-num-seqs", self.max_num_seqs, None),
                 ("--max-num-batched-tokens", self.max_num_batched_tokens, None),
-                ("--num-gpu-blocks-override", self.num_gpu_blocks_override, None)):
+                ("--num-gpu-blocks-override", self.num_gpu_blocks_override, None),
+                ("--api-server-count", self.api_server_count, None)):
             if value != default:
                 out += [flag, str(value)]
         if self.enable_expert_parallel:
@@ -235,7 +238,7 @@ def config_values(ns: argparse.Namespace) -> dict[str, Any]:
         attention_backend=ns.attention_backend, gpu_memory_utilization=ns.gpu_memory_utilization,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, num_gpu_blocks_override=ns.num_gpu_blocks_override,
-        served_model_names=tuple(ns.served_model_name or ()),
+        served_model_names=tuple(ns.served_model_name or ()), api_server_count=ns.api_server_count,
     )
 
 

@@ -143,10 +143,11 @@ class Probe:
         }
 
     def api_server_load(self, calls: int, prompt_tokens: float, output_tokens: float, span_s: float) -> float | None:
-        """Seconds of the simulated API server's work per second of the window: the window's calls,
-        their prompt tokens and streamed outputs (one per output token) at the front end's per-unit
-        costs (kvlab.sim.engine), and its per-step cost over the run's average step rate; above 1, one
-        API-server process cannot keep up. None for a probe cached without the costs."""
+        """Seconds of one simulated API-server process's work per second of the window: the window's
+        calls, their prompt tokens and streamed outputs (one per output token) at the front end's
+        per-unit costs as one of `--api-server-count` processes takes them (SimConfig.frontend_costs),
+        and its per-step cost over the run's average step rate; above 1, it cannot keep up. None for a
+        probe cached without the costs."""
         fe = self.meta.get("frontend")
         if not fe:
             return None
@@ -229,8 +230,7 @@ def probe_meta(sim_cfg, results) -> dict:
     return {"usable_blocks": sim_cfg.num_blocks - 1, "bytes_per_block": sim_cfg.capacity.bytes_per_block,
             "engine_steps": results.engine_steps, "timing_source": results.timing_source,
             "timing_provenance": results.timing_provenance,
-            "frontend": [sim_cfg.frontend_per_request_s, sim_cfg.frontend_per_prompt_token_s,
-                         sim_cfg.frontend_per_output_s, sim_cfg.frontend_per_step_s]}
+            "frontend": list(sim_cfg.frontend_costs())}
 
 
 class _PlanStream:

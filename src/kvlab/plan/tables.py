@@ -83,9 +83,9 @@ def api_server_line(result: dict) -> str | None:
         (sim_timing.FRONTEND_PER_OUTPUT_S, 1e6, "us per streamed output"),
         (sim_timing.FRONTEND_PER_REQUEST_S, 1e3, "ms per request")) if value)
     near = [c for c, x in loads if x >= API_SERVER_NEAR_LIMIT]
-    tail = (f"; near one process's limit: {', '.join(near)} (vLLM's --api-server-count runs more API-server "
-            f"processes; kvlab simulates one)" if near else "")
-    return (f"API server (one process), seconds of work per second at the planned load (computed: {costs}): "
+    tail = (f"; near one process's limit: {', '.join(near)} (vLLM's --api-server-count N in serve_args runs N "
+            f"API-server processes, each taking 1/N of the work)" if near else "")
+    return (f"API server (per process), seconds of work per second at the planned load (computed: {costs}): "
             + ", ".join(f"{c} {x:.2f}" for c, x in loads) + tail)
 
 

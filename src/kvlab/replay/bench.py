@@ -156,7 +156,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        num_preemptions=res.results.num_preemptions,
+        api_server_count=cfg.api_server_count, num_preemptions=res.results.num_preemptions,
         **bench_metrics(res.records),
     )
 
@@ -203,6 +203,7 @@ def bench_cmd(
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
+    api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
@@ -218,7 +219,8 @@ def bench_cmd(
     config = build_config(options_config(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        gpu_memory_utilization=gpu_memory_utilization), gpu, timing=timing, vllm_version=vllm_version)
+        gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count), gpu, timing=timing,
+        vllm_version=vllm_version)
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts)
 

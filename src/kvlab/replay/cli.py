@@ -49,6 +49,7 @@ def run_cmd(
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
+    api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
@@ -72,7 +73,7 @@ def run_cmd(
                            kv_cache_dtype=kv_cache_dtype, block_size=block_size,
                            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
-                           pipeline_parallel_size=pp)
+                           pipeline_parallel_size=pp, api_server_count=api_server_count)
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
                        vllm_version=vllm_version)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -43,6 +43,7 @@ class BenchResult(Record):
     # (records written before it existed: kvlab's default release then, 0.32)
     vllm_version: str = "0.32"
     gpu_memory_utilization: float | None = None  # as resolved (None in records written before it)
+    api_server_count: int = 1  # the API-server processes simulated (records written before it: 1)
 
     # results (vLLM's names and units)
     duration: float = figure("simulated", unit="s", default=0.0,

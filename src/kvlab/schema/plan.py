@@ -84,9 +84,9 @@ class ProbeFigures(Part):
     attainment: float | None = _f("simulated")
     requests_judged: int = _f("simulated", unit="requests")
     api_server_load: float | None = figure(
-        "computed", unit="s/s", description="seconds of the simulated API server's work per second at this load "
-        "(the window's requests, prompt tokens and streamed outputs at kvlab.sim's front-end costs); above 1, one "
-        "API-server process cannot keep up")
+        "computed", unit="s/s", description="seconds of one simulated API-server process's work per second at this "
+        "load (the window's requests, prompt tokens and streamed outputs at kvlab.sim's front-end costs, its share of "
+        "them with --api-server-count N); above 1, it cannot keep up")
 
 
 class FleetFigures(Part):

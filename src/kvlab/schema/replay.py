@@ -69,6 +69,7 @@ class SimRunResults(Record):
     kv_cache_dtype: str
     quantization: str | None
     vllm_version: str | None = None  # kvlab's --vllm-version: the release whose kernels and memory were simulated
+    api_server_count: int = 1  # vLLM's --api-server-count simulated (results written before it: 1)
     users: int | None  # closed-loop users; None: open-loop arrivals
     duration_s: float = _required("simulated", unit="s")
     wall_s: float = _required("measured", unit="s", description="host seconds the simulation took")

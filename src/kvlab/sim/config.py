@@ -56,6 +56,9 @@ class SimConfig:
     # The time every request takes from the client's send to the engine core's queue, apart from
     # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
     frontend_latency_s: float = 0.0
+    # vLLM's API-server processes (--api-server-count; vLLM's default: --data-parallel-size): the
+    # front end's work shared among them (`frontend_costs`)
+    api_server_count: int = 1
     vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
@@ -63,6 +66,17 @@ class SimConfig:
     @property
     def served_model_name(self) -> str:
         return self.served_model_names[0]
+
+    def frontend_costs(self) -> tuple[float, float, float, float]:
+        """The front end's (per request, per prompt token, per output, per step) seconds as one
+        process sees them with the work shared among `api_server_count` processes: vLLM spreads
+        connections over them (SO_REUSEPORT) and each turns its own requests' outputs into chunks,
+        so each takes 1/N of the requests, their tokens and their outputs, and every one of them its
+        own pass per step. kvlab.sim.engine runs them as one resource with these costs: the N
+        processes' work in step, not one connection's luck of the draw."""
+        n = self.api_server_count
+        return (self.frontend_per_request_s / n, self.frontend_per_prompt_token_s / n,
+                self.frontend_per_output_s / n, self.frontend_per_step_s)
 
     @property
     def num_blocks(self) -> int:
@@ -129,6 +143,9 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     for flag, value in (("--max-num-seqs", config.max_num_seqs), ("--max-num-batched-tokens", config.max_num_batched_tokens)):
         if value is not None and value < 1:
             raise KvlabError(f"{flag} must be at least 1, got {value}")
+    if config.api_server_count is not None and config.api_server_count < 1:
+        raise KvlabError(f"--api-server-count {config.api_server_count} runs vLLM without an API server (headless); "
+                         "kvlab's simulator serves over HTTP: give 1 or more")
     max_num_seqs = config.max_num_seqs or preset.default_max_num_seqs
     max_num_batched_tokens = config.max_num_batched_tokens or preset.default_max_num_batched_tokens
     cap = memory.capacity(arch, model_name=resolved.name, **{
@@ -165,6 +182,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
         frontend_per_step_s=sim_timing.FRONTEND_PER_STEP_S,
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
+        api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,

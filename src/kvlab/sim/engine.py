@@ -86,11 +86,9 @@ class Engine:
         self.step_out_s: list[float] = []  # per step, when its tokens reached the clients (offline ITLs)
         self.num_steps = 0
         self.last_end_s = created_s
-        self.frontend_out_s = cfg.frontend_per_output_s  # front-end CPU per request with a token in a step
-        self.frontend_step_s = cfg.frontend_per_step_s  # and per step with outputs, whatever their number
+        # the front end's costs as one of its --api-server-count processes sees them (SimConfig.frontend_costs)
+        self.frontend_in_s, self.frontend_token_s, self.frontend_out_s, self.frontend_step_s = cfg.frontend_costs()
         self.frontend_on = bool(self.frontend_out_s or self.frontend_step_s)  # outputs go through the front end
-        self.frontend_in_s = cfg.frontend_per_request_s  # front-end CPU per arriving request
-        self.frontend_token_s = cfg.frontend_per_prompt_token_s  # and per prompt token
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
         self.frontend_work_s = 0.0  # the front end's work taken on so far (seconds of its CPU)

@@ -58,6 +58,13 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
         f"kvlab simulated engine: no model runs. KV capacity from kvlab's memory model, step times simulated "
         f"on {cfg.gpu.name} x{cap.num_gpus}"), level="WARNING")
     log("APIServer", "kvlab_sim", f"step timing source: {cfg.cost.timing_source}")
+    if cfg.api_server_count > 1:
+        log("APIServer", "kvlab_sim", (
+            f"{cfg.api_server_count} API-server processes (--api-server-count): simulated as one front end taking "
+            f"1/{cfg.api_server_count} of each request's, prompt token's and output's work, the processes' "
+            "work in step"))
+        log("APIServer", "loggers.py:1387", "AsyncLLM created with api_server_count more than 1; disabling stats "
+            "logging to avoid incomplete stats.", level="WARNING")
     for flag in not_simulated:
         log("APIServer", "kvlab_sim", f"--{flag} is accepted but not simulated", level="WARNING")
     if faults:

@@ -128,7 +128,7 @@ class SimServer:
 
     async def _start_background(self, app: web.Application) -> None:
         app[ENGINE_LOOP] = asyncio.create_task(self.engine_loop())
-        if not self.args.disable_log_stats:
+        if not self.args.disable_log_stats and self.cfg.api_server_count == 1:  # vLLM: no stats logging above 1
             app[STATS_LOOP] = asyncio.create_task(self.stats_loop())
 
     async def _stop_background(self, app: web.Application) -> None:

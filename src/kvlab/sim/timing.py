@@ -269,7 +269,7 @@ FRONTEND_PER_STEP_S = 0.0
 # FIT_TOLERANCE of the grid's best); where they cannot tell the values apart, the measurement is the
 # evidence there is. So FRONTEND_PER_PROMPT_TOKEN_S is 2 us, measured, and the other terms stay fitted.
 # An agent turn re-sends its whole context, so at hundreds of sessions per GPU this term can bind the
-# API server (vLLM's `--api-server-count` scales it out; kvlab's front end is one process).
+# API server (vLLM's `--api-server-count N` scales it out: SimConfig.frontend_costs shares it N ways).
 FRONTEND_PER_REQUEST_S = 0.0
 FRONTEND_PER_PROMPT_TOKEN_S = 0.000002
 # And FRONTEND_LATENCY_S: the time every request takes from the client's send to the engine core's
