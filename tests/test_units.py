@@ -189,3 +189,29 @@ def test_a_specs_plan_block_is_the_plan_request_type():
         validate_spec({**data, "plan": {"agents": 0}}, "s.yaml")
     with pytest.raises(ValidationError):
         PlanBlock.model_validate({"agents": 1, "extra_key": 1})
+
+
+def test_a_plan_serves_its_configs_with_the_specs_flags_on_the_vllm_release_asked():
+    """A spec's serve_args reach the plan's configs (on top of each level's flags) and its
+    plan.vllm_version (or kvlab plan --vllm-version) the simulated release: both in the configs'
+    simulator settings, their `kvlab sim run` reproduction and the plan's inputs."""
+    from kvlab.experiments.spec import validate_spec
+    from kvlab.plan.configs import resolve_config, with_factors
+    from kvlab.plan.request import PlanRequest, request_from_spec
+
+    data = {"name": "s", "models": ["llama-3.1-8b"], "gpu": "h100", "serve_args": ["--api-server-count", "2"],
+            "plan": {"agents": 100, "vllm_version": "0.10"}}
+    req = request_from_spec(validate_spec(data, "s.yaml"), Path("out"))
+    assert (req.serve_args, req.vllm_version) == (["--api-server-count", "2"], "0.10")
+    cfg = resolve_config("llama-3.1-8b", "fp8-kv", "h100", 1, 32768, tuple(req.serve_args), req.vllm_version)
+    sim = cfg.sim_config()
+    assert (cfg.serve.api_server_count, cfg.serve.kv_cache_dtype, sim.api_server_count, sim.vllm_version) == (2, "fp8", 2, "0.10")
+    assert sim.gpu_memory_utilization == 0.9  # vLLM 0.10's default (0.92 from 0.20)
+    flags = cfg.sim_run_flags()
+    assert flags[-4:] == ["--api-server-count", "2", "--vllm-version", "0.10"] and "--kv-cache-dtype" in flags
+    default = resolve_config("llama-3.1-8b", "fp8-kv", "h100", 1, 32768)
+    assert default.simulated != cfg.simulated and "--vllm-version" not in default.sim_run_flags()
+    for other in (cfg.at(tp=2), with_factors(cfg, "llama-3.1-8b", "bf16", "bf16", {})):
+        assert (other.serve.api_server_count, other.vllm_version) == (2, "0.10")
+    with pytest.raises(KvlabError, match=r"^--vllm-version '0\.x' is not a version; give X\.Y"):
+        PlanRequest(workload="agent", agents=10, gpu="h100", models=["llama-3.1-8b"], vllm_version="0.x")

@@ -9,6 +9,8 @@ import typer
 
 from kvlab.clikit import emit_json
 from kvlab.errors import KvlabError
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
+from kvlab.sim.timing import VLLM_VERSION_HELP
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -129,6 +131,8 @@ def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Simulate every probe again (default: reuse $KVLAB_CACHE/plan)"),
         out: Optional[Path] = typer.Option(None, "--out", help="Folder for plan.json and rebound.png (default results/plan-<time>; with --spec results/<spec name>/plan)"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+        vllm_version: Optional[str] = typer.Option(None, "--vllm-version", help=f"{VLLM_VERSION_HELP}; default "
+                                                   f"{DEFAULT_VLLM_VERSION}"),
     ) -> None:
         """How many GPUs, and how much HBM, N agents need per model x quantization within the SLO, what
         MLA, KV-cache and weight quantization save, and whether a rebound in calls eats the saving.
@@ -144,7 +148,7 @@ def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
             "tensor_parallel_size": tp, "max_model_len": max_model_len, "sim_s": sim_s, "seed": seed,
             "cost_drop_pct": _floats(cost_drop, "--cost-drop") if cost_drop is not None else None,
             "volume_growth": _floats(volume_growth, "--volume-growth") if volume_growth is not None else None,
-            "out": out,
+            "out": out, "vllm_version": vllm_version,
         }
         given = {k: v for k, v in given.items() if v is not None}
         given.update(tolerance=tolerance, workers=workers, use_cache=not no_cache)

@@ -16,6 +16,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import normalize_dtype
 from kvlab.models.cards import resolve_model
+from kvlab.models.memory import DEFAULT_VLLM_VERSION
 from kvlab.serve_config import ServeConfig
 
 # The order in which `nearest_working` tries other quantization levels: the smallest change first.
@@ -34,6 +35,8 @@ class PlanConfig:
     kv_cache_dtype: str  # bf16 (fp16, fp32) when the KV cache takes the model dtype, else fp8, ...
     weights: str  # bf16 (fp16, fp32) when unquantized, else the weight format: fp8, awq, ...
     attention: str  # MLA, GQA, MHA, MQA
+    serve_args: tuple[str, ...] = ()  # the spec's `vllm serve` flags, on top of the level's (already in `serve`)
+    vllm_version: str = DEFAULT_VLLM_VERSION  # the vLLM release simulated (kvlab's --vllm-version)
 
     @property
     def model(self) -> str:  # card name
@@ -59,17 +62,24 @@ class PlanConfig:
     @property
     def simulated(self) -> str:
         """The serve configuration as the simulator sees it (one JSON string: a key for caches)."""
-        return json.dumps(self.serve.model_dump(mode="json", exclude=_NOT_SIMULATED), sort_keys=True)
+        return json.dumps({**self.serve.model_dump(mode="json", exclude=_NOT_SIMULATED),
+                           "vllm_version": self.vllm_version}, sort_keys=True)
 
     def sim_config(self):
         """The simulated engine's config (KvlabError with vLLM's message if vLLM would not start)."""
         from kvlab.sim.config import build_config
 
-        return build_config(self.serve, self.gpu)
+        return build_config(self.serve, self.gpu, vllm_version=self.vllm_version)
 
     def sim_run_flags(self) -> list[str]:
         """The `kvlab sim run` flags that give this config."""
-        return self.serve.model_copy(update={"vllm_args": ()}).to_argv(name_checkpoint_weights=True)
+        argv = self.serve.model_copy(update={"vllm_args": ()}).to_argv(name_checkpoint_weights=True)
+        return argv + (["--vllm-version", self.vllm_version] if self.vllm_version != DEFAULT_VLLM_VERSION else [])
+
+    def at(self, quant: str | None = None, tp: int | None = None) -> "PlanConfig":
+        """The same model, GPU, context length, serve flags and vLLM release at another level or -tp."""
+        return resolve_config(self.model, quant or self.quant, self.gpu, tp or self.tp, self.serve.max_model_len,
+                              self.serve_args, self.vllm_version)
 
 
 def _kv_factor(kv: str, model_dtype: str) -> str:
@@ -80,8 +90,10 @@ def _kv_factor(kv: str, model_dtype: str) -> str:
     return DTYPE_SHORT.get(normalize_dtype(kv), kv) if kv in ("bfloat16", "float16", "float32", "half", "float") else kv
 
 
-def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int) -> PlanConfig:
-    """MODEL at serve profile QUANT, as `kvlab serve --engine sim` would serve it, at -tp and a context length."""
+def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int, serve_args: tuple[str, ...] = (),
+                   vllm_version: str = DEFAULT_VLLM_VERSION) -> PlanConfig:
+    """MODEL at serve profile QUANT, as `kvlab serve --engine sim` would serve it with `serve_args` (a
+    spec's `vllm serve` flags) on top, at -tp and a context length, on vLLM release `vllm_version`."""
     from kvlab.deploy.profiles import profile
     from kvlab.sim.args import check_config
 
@@ -91,16 +103,16 @@ def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int
                          "serve profiles")
     preset = hardware.gpu(gpu)
     name = resolved.card.name
-    serve = profile(name, quant).serve_config(name).model_copy(
+    serve = profile(name, quant).serve_config(name).with_flags(serve_args).model_copy(
         update={"tensor_parallel_size": tp, "max_model_len": max_model_len})
     try:
         check_config(serve)
     except KvlabError as e:
         raise KvlabError(f"{name}/{quant}: the simulator cannot serve this profile ({e})") from None
-    return _make(serve, preset.name)
+    return _make(serve, preset.name, tuple(serve_args), vllm_version)
 
 
-def _make(serve: ServeConfig, gpu: str) -> PlanConfig:
+def _make(serve: ServeConfig, gpu: str, serve_args: tuple[str, ...], vllm_version: str) -> PlanConfig:
     from kvlab.models.weights import weight_format
 
     arch = resolve_model(serve.model).arch
@@ -108,7 +120,7 @@ def _make(serve: ServeConfig, gpu: str) -> PlanConfig:
     weights = weight_format(serve.weights, arch).name
     weights = DTYPE_SHORT[dtype] if weights == "auto" else weights
     kv = _kv_factor(serve.kv_cache_dtype, dtype)
-    return PlanConfig(serve, gpu, kv, weights, arch.attention)
+    return PlanConfig(serve, gpu, kv, weights, arch.attention, serve_args, vllm_version)
 
 
 def with_factors(base: PlanConfig, model: str, kv_cache_dtype: str, weights: str, quant_names: dict) -> PlanConfig:
@@ -122,7 +134,7 @@ def with_factors(base: PlanConfig, model: str, kv_cache_dtype: str, weights: str
         "model": model, "level": name, "checkpoint": None, "weights": None if unquantized else weights,
         "weights_from_checkpoint": False, "quantization_method": None,
         "kv_cache_dtype": "auto" if kv_cache_dtype == dtype else _dtype_flag(kv_cache_dtype)})
-    return _make(serve, base.gpu)
+    return _make(serve, base.gpu, base.serve_args, base.vllm_version)
 
 
 def _dtype_flag(kv: str) -> str:
@@ -134,11 +146,9 @@ def nearest_working(cfg: PlanConfig, levels: list[str]) -> tuple[PlanConfig, str
     """The closest config the GPU can start (weights and one max-length request fit), changing
     one thing: another quantization level of the model, more tensor-parallel GPUs, or a GPU preset
     with more memory. None when nothing of that kind fits."""
-    mml = cfg.serve.max_model_len
-    tries: list[tuple[str, Any]] = [(f"--quant {q}", lambda q=q: resolve_config(cfg.model, q, cfg.gpu, cfg.tp, mml))
+    tries: list[tuple[str, Any]] = [(f"--quant {q}", lambda q=q: cfg.at(quant=q))
                                     for q in NEAREST_QUANTS if q in levels and q != cfg.quant]
-    tries += [(f"-tp {tp}", lambda tp=tp: resolve_config(cfg.model, cfg.quant, cfg.gpu, tp, mml))
-              for tp in TP_SIZES if tp > cfg.tp]
+    tries += [(f"-tp {tp}", lambda tp=tp: cfg.at(tp=tp)) for tp in TP_SIZES if tp > cfg.tp]
     here = hardware.gpu(cfg.gpu).memory_bytes
     bigger = sorted((g for g in hardware.PRESETS if g.memory_bytes > here), key=lambda g: g.memory_bytes)
     tries += [(f"--gpu {g.name}", lambda g=g: replace(cfg, gpu=g.name)) for g in bigger]

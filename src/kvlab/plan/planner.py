@@ -93,7 +93,8 @@ def _resolve(req: PlanRequest, max_model_len: int) -> list[Planned]:
         for quant in req.quants:
             p = Planned(model, quant)
             try:
-                p.config = resolve_config(model, quant, req.gpu, req.tensor_parallel_size, max_model_len)
+                p.config = resolve_config(model, quant, req.gpu, req.tensor_parallel_size, max_model_len,
+                                          tuple(req.serve_args), req.vllm_version)
                 p.config.sim_config()
             except KvlabError as e:
                 p.refusal = str(e)
@@ -135,7 +136,8 @@ def _quant_names(req: PlanRequest, max_model_len: int) -> dict[tuple[str, str, s
             continue
         for level in levels:
             try:
-                cfg = resolve_config(model, level, req.gpu, req.tensor_parallel_size, max_model_len)
+                cfg = resolve_config(model, level, req.gpu, req.tensor_parallel_size, max_model_len,
+                                     tuple(req.serve_args), req.vllm_version)
             except KvlabError:
                 continue
             names.setdefault((cfg.model, cfg.kv_cache_dtype, cfg.weights), level)
@@ -251,8 +253,7 @@ def _nearest_for_slo(cfg: PlanConfig, workload: Workload, settings: SearchSettin
     here = hardware.gpu(cfg.gpu)
     faster = sorted((g for g in hardware.PRESETS if g.bandwidth_tb_s > here.bandwidth_tb_s), key=lambda g: g.bandwidth_tb_s)
     alternatives = [(replace(cfg, gpu=g.name), f"--gpu {g.name}") for g in faster]
-    alternatives += [(resolve_config(cfg.model, cfg.quant, cfg.gpu, tp, cfg.serve.max_model_len), f"-tp {tp}")
-                     for tp in TP_SIZES if tp > cfg.tp]
+    alternatives += [(cfg.at(tp=tp), f"-tp {tp}") for tp in TP_SIZES if tp > cfg.tp]
     for alt, change in alternatives:
         try:
             alt.sim_config()
@@ -321,7 +322,8 @@ def plan(req: PlanRequest, on_event: Callable[[str, dict], None] | None = None) 
                    "models": req.models, "quants": req.quants, "slo": slo.model_dump(), "slo_attainment": req.slo_attainment,
                    "gpu_price_per_hour": req.gpu_price_per_hour, "tensor_parallel_size": req.tensor_parallel_size,
                    "max_model_len": mml, "sim_s": req.sim_s, "warmup_s": settings.fine.warmup_s,
-                   "tolerance": req.tolerance, "seed": req.seed},
+                   "tolerance": req.tolerance, "seed": req.seed, "serve_args": list(req.serve_args),
+                   "vllm_version": req.vllm_version},
         "baseline": base.label,
         "configs": [_config_json(p, base, names, figs, req, feasible) for p in planned],
         "attribution_configs": [{"config": r.config.label, **_search_json(r, req), "figures": figs.get(k)}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvlab.errors import KvlabError
+from kvlab.models.memory import DEFAULT_VLLM_VERSION
 
 DEFAULT_COST_DROPS_PCT = (25.0, 50.0, 75.0, 90.0)
 DEFAULT_VOLUME_GROWTH = (1.0, 2.0, 5.0, 10.0, 20.0)
@@ -41,7 +42,18 @@ FLAGS = {"agents": "--agents", "calls_per_agent_hour": "--calls-per-agent-hour",
          "sim_s": "--sim-s", "models": "--models", "quants": "--quants", "gpu_price_per_hour": "--gpu-price",
          "max_model_len": "--max-model-len", "tolerance": "--tolerance", "workers": "--workers", "slo": "--slo",
          "baseline": "--baseline", "workload": "--workload", "gpu": "--gpu", "seed": "--seed", "out": "--out",
-         "tp": "-tp", "attainment": "--slo-attainment", "cost_drops_pct": "--cost-drop", "volume_x": "--volume-growth"}
+         "tp": "-tp", "attainment": "--slo-attainment", "cost_drops_pct": "--cost-drop", "volume_x": "--volume-growth",
+         "vllm_version": "--vllm-version"}
+
+
+def _release(version: str) -> str | None:
+    """None where kvlab can read `version` as a vLLM release, else why not."""
+    from kvlab.sim.timing import vllm_release
+    try:
+        vllm_release(version)
+    except KvlabError as e:
+        return str(e).removeprefix("vLLM version ")  # the flag's name comes first in the one line
+    return None
 
 
 class PlanBlock(BaseModel):
@@ -60,6 +72,7 @@ class PlanBlock(BaseModel):
     volume_growth: list[float] = Field(default_factory=lambda: list(DEFAULT_VOLUME_GROWTH),
                                        validation_alias=AliasChoices("volume_growth", "volume_x"))
     sim_s: float = 180.0  # simulated seconds per probe
+    vllm_version: str = DEFAULT_VLLM_VERSION  # the vLLM release simulated (kernel choice, memory profiling)
 
     @field_validator(*_CHECKS, check_fields=False)
     @classmethod
@@ -67,6 +80,14 @@ class PlanBlock(BaseModel):
         valid, must = _CHECKS[info.field_name]
         if not valid(value):
             raise ValueError(f"{must}, got {value!r}")
+        return value
+
+    @field_validator("vllm_version")
+    @classmethod
+    def _release(cls, value: str) -> str:
+        why = _release(value)
+        if why:
+            raise ValueError(why)
         return value
 
 
@@ -84,6 +105,7 @@ class PlanRequest(PlanBlock):
     seed: int = 0
     tolerance: float = 0.03
     workers: int = 0  # 0: one per CPU core
+    serve_args: list[str] = Field(default_factory=list)  # `vllm serve` flags on top of each level's (a spec's)
     use_cache: bool = True
     out: Path | None = None  # where plan.json and rebound.png go
     verbose: bool = True
@@ -117,7 +139,7 @@ def request_from_spec(spec: Any, out: Path, **given: Any) -> PlanRequest:
     from_spec: dict[str, Any] = {
         "workload": spec.workloads[0], "gpu": spec.gpu, "models": list(spec.models), "quants": list(spec.quants),
         "slo": spec.slo.model_dump(), "gpu_price_per_hour": spec.gpu_price_per_hour, "seed": spec.seed,
-        "max_model_len": spec.max_model_len, "out": out,
+        "max_model_len": spec.max_model_len, "out": out, "serve_args": list(spec.serve_args),
     }
     if block is not None:
         from_spec.update(block.model_dump())

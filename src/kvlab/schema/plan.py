@@ -29,6 +29,8 @@ class PlanInputs(Part):
     warmup_s: float
     tolerance: float
     seed: int
+    serve_args: list[str] = []  # the spec's `vllm serve` flags on top of each level's (plans before them: none)
+    vllm_version: str = "0.32"  # the vLLM release simulated (plans written before it: kvlab's default then, 0.32)
 
 
 def _f(source: str, unit: str | None = None, description: str | None = None) -> Any:
