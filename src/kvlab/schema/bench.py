@@ -23,7 +23,7 @@ class BenchResult(Record):
     engine: Literal["sim"] = "sim"
     model_id: str
     gpu: str
-    timing_source: str  # what priced the simulated steps (the cost model's label; "roofline" today)
+    timing_source: str  # what priced the simulated steps (the cost model's label: kernel tables, composed, roofline)
     dataset_name: Literal["random", "sharegpt"]
     num_prompts: int
     request_rate: float | Literal["inf"]
