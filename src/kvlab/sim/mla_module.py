@@ -81,8 +81,8 @@ def _projections(heads: int, context: bool) -> tuple[tuple[int, int], ...]:
 
 def projections_s(system: str, heads: int, tokens: int, context: bool) -> float:
     """Seconds of the module model's projections at `tokens` rows, from the GEMM tables."""
-    return sum(gemm_tables.piecewise_linear(gemm_tables.GRID, gemm_tables.gemm_seconds(system, "bfloat16", n, k), tokens)
-               for n, k in _projections(heads, context))
+    return sum(gemm_tables.piecewise_linear(gemm_tables.GRID, gemm_tables.gemm_seconds(system, "bfloat16", n, k),
+                                            tokens) for n, k in _projections(heads, context))
 
 
 def module_s(system: str, kv: str, heads: int, context: bool, batch: int, s: int) -> float:
@@ -159,7 +159,8 @@ class MlaAttention:
         if hit is None:
             if len(self._prefill) >= MEMO_LIMIT:
                 self._prefill.clear()
-            hit = self._prefill[key] = self.layers * prefill_core_s(self.system, self.kv, self.heads, chunks, new, cached)
+            hit = self._prefill[key] = self.layers * prefill_core_s(self.system, self.kv, self.heads, chunks, new,
+                                                                    cached)
         return hit
 
     def step_s(self, decodes: int, decode_kv_tokens: int, chunks: tuple) -> float:

@@ -636,7 +636,8 @@ TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
                "ratio; DeepSeek-V2-Lite on an H100/H200 from the GEMM tables at its layer shapes, its MoE experts "
-               "measured and its attention from the measured MLA module tables; else the roofline, labelled), kernels (tables only), roofline")
+               "measured and its attention from the measured MLA module tables; else the roofline, labelled), "
+               "kernels (tables only), roofline")
 VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
                      "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19) and "
                      "its memory profiling (default --gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken "
