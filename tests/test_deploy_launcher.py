@@ -157,6 +157,10 @@ def test_cpu_refusals_on_avx2_say_why_and_what_instead(cpu, no_gpu):
             Server(ServeSpec("llama-3.1-8b", quant=quant, allocation_only=True))
     with pytest.raises(KvlabError, match="no twin of the pre-quantized deepseek-ai/DeepSeek-V3 \\(fp8\\)"):
         Server(ServeSpec("deepseek-v3", quant="fp8"))
+    # vLLM's python -m vllm.entrypoints.openai.api_server takes --api-server-count and runs one server
+    with pytest.raises(KvlabError, match="--api-server-count 2: the CPU build is started as python -m "):
+        Server(ServeSpec("llama-3.1-8b", extra_args=["--api-server-count", "2"]))
+    assert Server(ServeSpec("llama-3.1-8b", port=8123, extra_args=["--api-server-count", "1"])).refusal is None
 
 
 def test_allocation_only_is_allowed_and_labelled(cpu, no_gpu):

@@ -123,6 +123,12 @@ def cpu_refusal(config: ServeConfig, mla: bool, checkpoint: str | None, cpu: Cpu
     if checkpoint is not None:  # see twin_weights_differ
         return Refusal(f"the tiny twin has bf16 weights only; no twin of the pre-quantized {checkpoint} "
                        "checkpoint exists, and the real checkpoint needs a GPU", False)
+    if config.api_server_count is not None and config.api_server_count > 1:
+        # vllm/entrypoints/launchers/api_server/entry.py parses --api-server-count and runs one server
+        # (`run_server`); only `vllm serve` starts several, and this build's console script cannot run
+        return Refusal(f"--api-server-count {config.api_server_count}: the CPU build is started as python -m "
+                       "vllm.entrypoints.openai.api_server (its vllm console script fails: no package metadata "
+                       "for vllm), which takes the flag and runs one API server", False)
     online = None if config.weights_from_checkpoint else config.weights
     if online == "nf4" and not install.has_quantization_module("bitsandbytes"):
         return Refusal(f"bitsandbytes is not a quantization method of this build (vLLM {install.version})", False)
