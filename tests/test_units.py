@@ -215,3 +215,24 @@ def test_a_plan_serves_its_configs_with_the_specs_flags_on_the_vllm_release_aske
         assert (other.serve.api_server_count, other.vllm_version) == (2, "0.10")
     with pytest.raises(KvlabError, match=r"^--vllm-version '0\.x' is not a version; give X\.Y"):
         PlanRequest(workload="agent", agents=10, gpu="h100", models=["llama-3.1-8b"], vllm_version="0.x")
+
+
+def test_a_plans_reproduction_runs_as_kvlab_sim_run(tmp_path):
+    """Each planned config's `kvlab sim run` command (PlanConfig.sim_run_flags: its typed serve flags
+    and the vLLM release) is one `kvlab sim run` accepts and runs the same configuration with."""
+    import json
+    import shlex
+
+    from conftest import run_kvlab
+    from kvlab.plan.configs import resolve_config
+
+    cfg = resolve_config("llama-3.1-8b", "fp8-kv", "h100", 1, 8192,
+                         ("--attention-backend", "FLASHINFER", "--api-server-count", "2"), "0.10")
+    flags = cfg.sim_run_flags()
+    assert "--attention-backend" in flags and "--vllm-version" in flags
+    res = run_kvlab("sim", "run", "llama-3.1-8b", "--gpu", "h100", "--workload", "agent-smoke", "--users", "2",
+                    "--duration-s", "30", "--out", str(tmp_path / "r"), "--json", *flags)
+    assert res.returncode == 0, res.stderr
+    run = json.loads(res.stdout)["runs"][0]
+    assert (run["api_server_count"], run["vllm_version"], run["kv_cache_dtype"]) == (2, "0.10", "fp8")
+    assert run["capacity"]["num_gpu_blocks"] == cfg.sim_config().num_blocks, shlex.join(flags)

@@ -26,6 +26,18 @@ def _users(spec: str) -> list[int]:
     return users
 
 
+def _speculative(text: str | None) -> str | None:
+    """--speculative-config as a ServeConfig keeps it: vLLM's JSON object, compact."""
+    import argparse
+
+    from kvlab.serve_config import _json_object
+
+    try:
+        return _json_object(text) if text is not None else None
+    except argparse.ArgumentTypeError as e:
+        raise KvlabError(f"--speculative-config: {e}") from None
+
+
 def run_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     gpu: str = typer.Option(..., "--gpu", help="GPU preset to simulate (kvlab gpus)"),
@@ -50,6 +62,12 @@ def run_cmd(
     tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
+    attention_backend: Optional[str] = typer.Option(None, "--attention-backend"),
+    dp: int = typer.Option(1, "--data-parallel-size", "-dp", help="Sized by the memory model, not simulated"),
+    ep: bool = typer.Option(False, "--enable-expert-parallel/--no-enable-expert-parallel", "-ep/ ",
+                            help="Sized by the memory model, not simulated"),
+    speculative_config: Optional[str] = typer.Option(None, "--speculative-config", "-sc",
+                                                     help="Sized by the memory model, not simulated"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
@@ -73,7 +91,13 @@ def run_cmd(
                            kv_cache_dtype=kv_cache_dtype, block_size=block_size,
                            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
-                           pipeline_parallel_size=pp, api_server_count=api_server_count)
+                           pipeline_parallel_size=pp, api_server_count=api_server_count,
+                           attention_backend=attention_backend, data_parallel_size=dp, enable_expert_parallel=ep,
+                           speculative_config=_speculative(speculative_config))
+    from kvlab.sim.args import NOT_SIMULATED_TYPED
+    for flag, given in NOT_SIMULATED_TYPED.items():
+        if given(serve):
+            print(f"kvlab sim run: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
                        vllm_version=vllm_version)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"

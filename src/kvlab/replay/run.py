@@ -135,7 +135,7 @@ def summarize(cfg: SimConfig, player: Player, duration_s: float, wall_s: float, 
     prompt_tokens = sum(r["prompt_tokens"] for r in done)
     return {
         "engine": "sim",
-        "provenance": "simulated (kvlab memory model + roofline step times; virtual time)",
+        "provenance": "simulated (kvlab memory model + step times from timing_source; virtual time)",
         "model": cfg.model,
         "gpu": cfg.gpu.name,
         "tensor_parallel_size": cfg.tensor_parallel_size,
