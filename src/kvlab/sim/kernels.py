@@ -87,6 +87,24 @@ MEMO_LIMIT = 200_000
 BUCKETS_PER_OCTAVE_LOG2 = 6  # generation-attention context buckets: 64 per octave (above 128 tokens)
 
 
+def context_bucket(s: float) -> int:
+    """The low edge of the decode-context bucket of a mean context `s` (exact below 128 tokens,
+    BUCKETS_PER_OCTAVE_LOG2 octave slices above): what the decode memos are keyed on."""
+    si = int(s)
+    return si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+
+
+def bucket_width(lo: int) -> int:
+    """The width of the decode-context bucket whose low edge is `lo` (`context_bucket`)."""
+    return 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+
+
+def bound_memo(memo: dict) -> None:
+    """Clear a memo table that has reached MEMO_LIMIT entries."""
+    if len(memo) >= MEMO_LIMIT:
+        memo.clear()
+
+
 def available() -> bool:
     try:
         import aiconfigurator_core  # noqa: F401
@@ -518,8 +536,7 @@ class KernelTiming:
         memo lookup per (rows, context bucket), linear inside the bucket)."""
         self.lookups += 1
         s = kv_tokens / num_seqs
-        si = int(s)
-        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        lo = context_bucket(s)
         hit = self._memo_decode.get((num_seqs, lo))
         if hit is None:
             self.misses += 1
@@ -538,7 +555,7 @@ class KernelTiming:
         """(a pure decode step's GPU ms at context `lo`, ms per token of context up to the bucket's
         top, the step's labels at `lo` and inside the bucket, the non-attention ms, the attention's
         labels at `lo` and inside), or False where the estimator has no answer."""
-        width = 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+        width = bucket_width(lo)
         try:
             other, label = self._gen_other_ms(batch)
             a, b = self._gen_attn_at(batch, lo), self._gen_attn_at(batch, lo + width)
@@ -650,8 +667,7 @@ class KernelTiming:
         """(a pure decode step's GPU ms, its generation attention's ms, the label of the step, or
         of the attention alone unless `whole_step`) from the (rows, context bucket) memo."""
         s = kv_tokens / num_seqs
-        si = int(s)
-        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        lo = context_bucket(s)
         hit = self._memo_decode.get((num_seqs, lo))
         if hit is None:
             hit = self._decode_bucket(num_seqs, lo)
@@ -734,10 +750,7 @@ class KernelTiming:
         self.calls += 1
         return sum(op[1] for op in ops)
 
-    @staticmethod
-    def _bound(memo: dict) -> None:
-        if len(memo) >= MEMO_LIMIT:
-            memo.clear()
+    _bound = staticmethod(bound_memo)
 
 
 def _decodes_and_chunks(w) -> tuple[int, tuple]:

@@ -43,8 +43,6 @@ from kvlab.models.arch import ModelArch
 from kvlab.sim import gemm_tables, kernels
 
 MODULE_MODEL = "deepseek-v3"  # the card of the config.json the module rows were measured with
-BUCKETS_PER_OCTAVE_LOG2 = 6  # decode context buckets, as kernels.KernelTiming's
-MEMO_LIMIT = 200_000
 
 
 def _module_arch() -> ModelArch:
@@ -141,15 +139,13 @@ class MlaAttention:
         if rows <= 0:
             return 0.0
         s = kv_tokens / rows
-        si = max(int(s), 1)
-        lo = si if si < 128 else si - si % (1 << (si.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2))
+        lo = max(kernels.context_bucket(s), 1)
         hit = self._decode.get((rows, lo))
         if hit is None:
-            width = 1 if lo < 128 else 1 << (lo.bit_length() - 1 - BUCKETS_PER_OCTAVE_LOG2)
+            width = kernels.bucket_width(lo)
             a = decode_core_s(self.system, self.kv, self.heads, rows, lo)
             b = decode_core_s(self.system, self.kv, self.heads, rows, lo + width)
-            if len(self._decode) >= MEMO_LIMIT:
-                self._decode.clear()
+            kernels.bound_memo(self._decode)
             hit = self._decode[(rows, lo)] = (a * self.layers, (b - a) * self.layers / width)
         return hit[0] + hit[1] * (s - lo) if s > lo else hit[0]
 
@@ -157,8 +153,7 @@ class MlaAttention:
         key = (chunks, new, cached)
         hit = self._prefill.get(key)
         if hit is None:
-            if len(self._prefill) >= MEMO_LIMIT:
-                self._prefill.clear()
+            kernels.bound_memo(self._prefill)
             hit = self._prefill[key] = self.layers * prefill_core_s(self.system, self.kv, self.heads, chunks, new,
                                                                     cached)
         return hit
