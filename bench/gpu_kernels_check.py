@@ -36,12 +36,16 @@ def summary(ratios: dict) -> dict:
             "per_point": {str(k): round(v, 3) for k, v in ratios.items()}}
 
 
+def _systems(rows: list[dict]):
+    """(device, aiconfigurator system) of each device in `rows` that has tables."""
+    for device in sorted({r["device"] for r in rows}):
+        if device in SYSTEMS:
+            yield device, SYSTEMS[device]
+
+
 def moe_checks(rows: list[dict]) -> dict:
     out = {}
-    for device in sorted({r["device"] for r in rows}):
-        system = SYSTEMS.get(device)
-        if system is None:
-            continue
+    for device, system in _systems(rows):
         mine = [r for r in rows if r["device"] == device and r["model"] == "qwen3-30b-a3b"]
         for dtype, mode, column in (("bfloat16", "bfloat16", "latency_gemms"), ("bfloat16", "bfloat16", "latency"),
                                     ("fp8", "fp8_block", "latency_gemms")):
@@ -55,10 +59,7 @@ def moe_checks(rows: list[dict]) -> dict:
 
 def gemm_checks(rows: list[dict]) -> dict:
     out = {}
-    for device in sorted({r["device"] for r in rows}):
-        system = SYSTEMS.get(device)
-        if system is None:
-            continue
+    for device, system in _systems(rows):
         df = kernels._table(system, "gemm", "gemm_perf.parquet")
         df = df[df.gemm_dtype == "bfloat16"]
         table = {(int(m), int(n), int(k)): float(v) for m, n, k, v in zip(df.m, df.n, df.k, df.latency)}

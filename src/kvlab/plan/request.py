@@ -46,16 +46,6 @@ FLAGS = {"agents": "--agents", "calls_per_agent_hour": "--calls-per-agent-hour",
          "vllm_version": "--vllm-version"}
 
 
-def _release(version: str) -> str | None:
-    """None where kvlab can read `version` as a vLLM release, else why not."""
-    from kvlab.sim.timing import vllm_release
-    try:
-        vllm_release(version)
-    except KvlabError as e:
-        return str(e).removeprefix("vLLM version ")  # the flag's name comes first in the one line
-    return None
-
-
 class PlanBlock(BaseModel):
     """A spec's `plan:` block: the fleet to plan for the spec's models x quants, first workload, GPU,
     SLO and price (`kvlab plan --spec`, and `kvlab experiment run` after the cells)."""
@@ -84,10 +74,13 @@ class PlanBlock(BaseModel):
 
     @field_validator("vllm_version")
     @classmethod
-    def _release(cls, value: str) -> str:
-        why = _release(value)
-        if why:
-            raise ValueError(why)
+    def _readable_release(cls, value: str) -> str:
+        from kvlab.sim.timing import vllm_release
+
+        try:
+            vllm_release(value)  # the release check kvlab sim run and sim serve make
+        except KvlabError as e:  # the flag's name comes first in the one line (_one_line)
+            raise ValueError(str(e).removeprefix("vLLM version ")) from None
         return value
 
 

@@ -94,10 +94,9 @@ def run_cmd(
                            pipeline_parallel_size=pp, api_server_count=api_server_count,
                            attention_backend=attention_backend, data_parallel_size=dp, enable_expert_parallel=ep,
                            speculative_config=_speculative(speculative_config))
-    from kvlab.sim.args import NOT_SIMULATED_TYPED
-    for flag, given in NOT_SIMULATED_TYPED.items():
-        if given(serve):
-            print(f"kvlab sim run: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
+    from kvlab.sim.args import not_simulated_typed
+    for flag in not_simulated_typed(serve):
+        print(f"kvlab sim run: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
                        vllm_version=vllm_version)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -61,6 +61,11 @@ NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
                        "enable-expert-parallel": lambda c: c.enable_expert_parallel}
 
 
+def not_simulated_typed(config: ServeConfig) -> tuple[str, ...]:
+    """The typed flags of `config` the memory model sizes and the simulator does not simulate."""
+    return tuple(name for name, given in NOT_SIMULATED_TYPED.items() if given(config))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit 2; kvlab prints one line
         raise KvlabError(message)
@@ -189,7 +194,7 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         non_default["api_key"] = ["<redacted>"]
     not_simulated = tuple(k.removeprefix("_unsim_") for k, v in vars(ns).items()
                           if k.startswith("_unsim_") and v not in (None, False))
-    not_simulated += tuple(name for name, given in NOT_SIMULATED_TYPED.items() if given(config))
+    not_simulated += not_simulated_typed(config)
     return ServeArgs(
         model=model, gpu=ns.gpu, speedup=ns.speedup, host=ns.host, port=ns.port,
         api_keys=tuple(ns.api_key or ()), config=config, enable_prefix_caching=ns.enable_prefix_caching,
