@@ -72,12 +72,12 @@ def test_fp8_fp8_kv_from_the_profile_to_every_stage(no_gpu):
 
 
 def test_later_flags_win_and_untyped_flags_stay_verbatim():
-    c = parse_serve_config("m", ["--quantization", "fp8", "-tp", "2", "--max-model-len=32k", "--enforce-eager",
+    c = parse_serve_config("m", ["--quantization", "fp8", "-tp", "2", "--max-model-len=32k", "--trust-remote-code",
                                  "--max-num-seqs", "8", "--quantization", "awq_marlin", "--seed", "3"], level="x")
     assert (c.weights, c.quantization_method, c.tensor_parallel_size, c.max_model_len) == ("awq", "awq_marlin", 2, 32_000)
-    assert c.vllm_args == ("--enforce-eager", "--seed", "3") and c.has_vllm_flag("--enforce-eager")
+    assert c.vllm_args == ("--trust-remote-code", "--seed", "3") and c.has_vllm_flag("--trust-remote-code")
     assert c.to_argv() == ["--quantization", "awq_marlin", "--tensor-parallel-size", "2", "--max-model-len", "32000",
-                           "--max-num-seqs", "8", "--enforce-eager", "--seed", "3"]
+                           "--max-num-seqs", "8", "--trust-remote-code", "--seed", "3"]
     assert c.with_flags(["--max-model-len", "4096"]).max_model_len == 4096
     # A checkpoint's own format: vLLM is not told it, kvlab's simulator is; a flag replaces it.
     awq = parse_serve_config("m", [], checkpoint="org/m-AWQ", weights="awq")
@@ -188,3 +188,49 @@ def test_api_server_count_is_typed_and_given_back_to_vllm():
         c = parse_serve_config("llama-3.1-8b", argv)
         assert c.api_server_count == 3 and c.to_argv() == ["--api-server-count", "3"] and c.vllm_args == ()
     assert parse_serve_config("llama-3.1-8b", []).api_server_count is None
+
+
+def test_enforce_eager_is_typed_and_frees_the_cuda_graph_memory_from_vllm_0_21():
+    """vLLM profiles CUDA-graph memory only when it will capture graphs (`Worker.determine_available_memory`:
+    `cudagraph_mode != NONE`), so with --enforce-eager the 0.21+ budget keeps the layers' graph estimate;
+    before 0.21 graphs were captured after the KV cache was sized: no change. The last of
+    --enforce-eager / --no-enforce-eager wins, as with vLLM's BooleanOptionalAction."""
+    from kvlab.models import budget
+    from kvlab.serve_config import options_config
+    from kvlab.sim.config import build_config
+
+    eager = parse_serve_config("llama-3.1-8b", ["--enforce-eager", "--max-model-len", "8192"])
+    assert eager.enforce_eager and eager.vllm_args == () and eager.to_argv() == ["--max-model-len", "8192", "--enforce-eager"]
+    assert not parse_serve_config("m", ["--enforce-eager", "--no-enforce-eager"]).enforce_eager
+    for version, freed in (("0.32", 32 * budget.CUDAGRAPH_BYTES_PER_LAYER), ("0.19", 0)):
+        graphs = build_config(options_config("llama-3.1-8b", max_model_len=8192), "h100", vllm_version=version).capacity
+        none = build_config(eager, "h100", vllm_version=version).capacity
+        assert graphs.memory.cudagraph_bytes == freed and none.memory.cudagraph_bytes == 0
+        assert none.kv_budget_bytes - graphs.kv_budget_bytes == freed
+        assert none.num_blocks == none.kv_budget_bytes // none.bytes_per_block
+    assert graphs.num_blocks == none.num_blocks  # 0.19
+
+
+def test_enforce_eager_reaches_kvlab_capacity_sim_serve_and_sim_run(kvlab, capsys, tmp_path):
+    """The flag sizes the budget in `kvlab capacity` and the simulator; the simulator says its step
+    times stay those of CUDA-graph decode (eager launch overhead is not simulated)."""
+    import json
+
+    from kvlab.sim import logs
+    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.config import build_config
+
+    flags = ["llama-3.1-8b", "--gpu", "h100", "--max-model-len", "8192", "--json"]
+    graphs, eager = (json.loads(kvlab("capacity", *flags, *extra).stdout) for extra in ((), ("--enforce-eager",)))
+    assert eager["memory"]["cudagraph_bytes"] == 0 < graphs["memory"]["cudagraph_bytes"]
+    assert eager["num_blocks"] > graphs["num_blocks"]
+    args = parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--max-model-len", "8192", "--enforce-eager"])
+    assert args.config.enforce_eager and args.not_simulated == ("enforce-eager",)
+    cfg = build_config(args.config, "h100")
+    assert cfg.num_blocks == eager["num_blocks"]
+    logs.startup_lines(cfg, args.non_default, args.not_simulated, stop_before_kv=True)
+    assert "--enforce-eager is accepted but not simulated (the memory model sizes it)" in capsys.readouterr().out
+    r = kvlab("sim", "run", "llama-3.1-8b", "--gpu", "h100", "--max-model-len", "8192", "--enforce-eager",
+              "--users", "1", "--duration-s", "5", "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "--enforce-eager is accepted but not simulated" in r.stderr

@@ -59,6 +59,7 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--speculative-config", "-sc", type=_json_object, default=None)
     p.add_argument("--max-model-len", type=human_readable_int, default=None)
     p.add_argument("--block-size", type=int, default=None)
@@ -110,6 +111,7 @@ class ServeConfig(BaseModel):
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    enforce_eager: bool = False  # no CUDA graphs: vLLM takes no graph memory from the KV budget
     speculative_config: str | None = None  # vLLM's JSON, compact
     max_model_len: int | None = None
     block_size: int | None = None
@@ -175,6 +177,8 @@ class ServeConfig(BaseModel):
                 out += [flag, str(value)]
         if self.enable_expert_parallel:
             out.append("--enable-expert-parallel")
+        if self.enforce_eager:
+            out.append("--enforce-eager")
         return out + list(self.vllm_args)
 
     # -- the memory model -----------------------------------------------------------------------
@@ -192,7 +196,7 @@ class ServeConfig(BaseModel):
                   data_parallel_size=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
                   speculative_config=self.speculative_config,
                   max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                  num_gpu_blocks_override=self.num_gpu_blocks_override)
+                  num_gpu_blocks_override=self.num_gpu_blocks_override, cuda_graphs=not self.enforce_eager)
         if self.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         return kw
@@ -233,8 +237,8 @@ def config_values(ns: argparse.Namespace) -> dict[str, Any]:
     return dict(
         **quantization_fields(ns.quantization), kv_cache_dtype=ns.kv_cache_dtype, dtype=_dtype(ns.dtype), tensor_parallel_size=ns.tensor_parallel_size,
         pipeline_parallel_size=ns.pipeline_parallel_size, data_parallel_size=ns.data_parallel_size,
-        enable_expert_parallel=ns.enable_expert_parallel, speculative_config=ns.speculative_config,
-        max_model_len=ns.max_model_len, block_size=ns.block_size,
+        enable_expert_parallel=ns.enable_expert_parallel, enforce_eager=ns.enforce_eager,
+        speculative_config=ns.speculative_config, max_model_len=ns.max_model_len, block_size=ns.block_size,
         attention_backend=ns.attention_backend, gpu_memory_utilization=ns.gpu_memory_utilization,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, num_gpu_blocks_override=ns.num_gpu_blocks_override,

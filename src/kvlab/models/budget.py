@@ -153,10 +153,12 @@ def non_torch_estimate_bytes(transport: str | None) -> int:
     return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[key]
 
 
-def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int]) -> int:
+def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int], cuda_graphs: bool = True) -> int:
     """CUDA-graph memory taken from the budget: none before vLLM 0.21 (graphs are captured after
-    the KV cache is allocated), the estimate from 0.21 on."""
-    if vllm_version < CUDAGRAPH_SUBTRACTED_FROM:
+    the KV cache is allocated), the estimate from 0.21 on; none with --enforce-eager (cuda_graphs
+    False: vLLM profiles graph memory only when it will capture graphs, `cudagraph_mode != NONE` in
+    `Worker.determine_available_memory`)."""
+    if not cuda_graphs or vllm_version < CUDAGRAPH_SUBTRACTED_FROM:
         return 0
     return layers_per_gpu * CUDAGRAPH_BYTES_PER_LAYER
 
@@ -165,7 +167,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
                        weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
                        max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
                        vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER,
-                       dp: int = 1, nnodes: int = 1) -> MemoryEstimate:
+                       dp: int = 1, nnodes: int = 1, cuda_graphs: bool = True) -> MemoryEstimate:
     """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache."""
     if not 0 < gpu_memory_utilization <= 1:
         raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -177,7 +179,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     mns = max_num_seqs or preset.default_max_num_seqs
     act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
     non_torch = non_torch_estimate_bytes(nccl_transport(preset.name, tp, pp, dp, nnodes))
-    graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version)
+    graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version, cuda_graphs)
     budget = requested - w_gpu - act - non_torch - graphs
     if w_gpu > requested:
         raise KvlabError(

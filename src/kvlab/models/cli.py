@@ -38,6 +38,7 @@ EP = typer.Option(False, "--enable-expert-parallel", "-ep", help="Experts owned 
 SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool")
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
+EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs (vLLM's flag): the --gpu budget loses no graph memory")
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
 VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
@@ -194,6 +195,7 @@ class CapacityFlags:
     vllm_version: str | None = None
     sampler: str | None = None
     nnodes: int | None = None
+    enforce_eager: bool | None = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "CapacityFlags":
@@ -217,6 +219,7 @@ class CapacityFlags:
             del kw[given_only]
         kw["data_parallel_size"] = self.data_parallel_size or 1
         kw["enable_expert_parallel"] = bool(self.enable_expert_parallel)
+        kw["cuda_graphs"] = not kw.pop("enforce_eager")
         for estimate_only in ("vllm_version", "sampler", "nnodes"):
             if kw[estimate_only] is None:
                 del kw[estimate_only]
@@ -242,6 +245,7 @@ def capacity_cmd(
     speculative_config: Optional[str] = SPEC,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
+    enforce_eager: bool = EAGER,
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
     sampler: str = SAMPLER,
@@ -314,6 +318,7 @@ def compare_cmd(
     enable_expert_parallel: bool = EP,
     max_num_batched_tokens: Optional[int] = MNBT,
     max_num_seqs: Optional[int] = MNS,
+    enforce_eager: bool = EAGER,
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
     sampler: str = SAMPLER,

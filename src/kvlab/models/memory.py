@@ -411,12 +411,14 @@ def capacity(
     vllm_version: str = DEFAULT_VLLM_VERSION,
     sampler: str = DEFAULT_SAMPLER,
     nnodes: int = 1,
+    cuda_graphs: bool = True,
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
     stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
     VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does. gpu_memory_utilization None:
     the default of release `vllm_version` (`default_gpu_memory_utilization`). nnodes: the nodes the GPUs
-    sit on (vLLM's --nnodes); it changes only the estimated budget (NCCL between nodes)."""
+    sit on (vLLM's --nnodes); it changes only the estimated budget (NCCL between nodes). cuda_graphs False
+    (vLLM's --enforce-eager): no CUDA-graph memory is taken from the estimated budget."""
     tp, pp, dp = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
     if dp < 1:
         raise KvlabError(f"--data-parallel-size must be at least 1, got {dp}")
@@ -468,7 +470,8 @@ def capacity(
         assert preset is not None
         util = default_gpu_memory_utilization(vllm_version) if gpu_memory_utilization is None else gpu_memory_utilization
         memory = estimate_kv_budget(arch, preset, util, w_gpu, max_num_batched_tokens,
-                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler, dp, nnodes)
+                                    max_num_seqs, tp, pp, max(stages), vllm_version, sampler, dp, nnodes,
+                                    cuda_graphs=cuda_graphs)
         budget, source = memory.kv_budget_bytes, "estimate"
         budgets = [budget] * pp
 

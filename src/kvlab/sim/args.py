@@ -36,7 +36,7 @@ VLLM_DTYPES = ("auto", "bfloat16", "float", "float16", "float32", "half")
 
 # Accepted, no effect on a simulation.
 NO_EFFECT_FLAGS = (
-    "--enforce-eager", "--trust-remote-code", "--disable-log-requests", "--enable-log-requests",
+    "--trust-remote-code", "--disable-log-requests", "--enable-log-requests",
     "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--skip-tokenizer-init",
     "--disable-fastapi-docs", "--enable-auto-tool-choice", "--disable-uvicorn-access-log",
     "--return-tokens-as-token-ids", "--async-scheduling", "--no-async-scheduling",
@@ -57,6 +57,7 @@ NOT_SIMULATED_VALUE_FLAGS = (
 NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
 # Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
 NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
+                       "enforce-eager": lambda c: c.enforce_eager,
                        "speculative-config": lambda c: c.speculative_config is not None,
                        "enable-expert-parallel": lambda c: c.enable_expert_parallel}
 

@@ -65,8 +65,11 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
             "work in step"))
         log("APIServer", "loggers.py:1387", "AsyncLLM created with api_server_count more than 1; disabling stats "
             "logging to avoid incomplete stats.", level="WARNING")
+    from kvlab.sim.args import NOT_SIMULATED_TYPED  # kvlab.sim.args imports this module (via faults)
+
     for flag in not_simulated:
-        log("APIServer", "kvlab_sim", f"--{flag} is accepted but not simulated", level="WARNING")
+        sized = " (the memory model sizes it)" if flag in NOT_SIMULATED_TYPED else ""
+        log("APIServer", "kvlab_sim", f"--{flag} is accepted but not simulated{sized}", level="WARNING")
     if faults:
         log("APIServer", "kvlab_sim", (
             f"fault injection on (a kvlab testing option, not vLLM's): {' '.join(f.spec for f in faults)}; this "
