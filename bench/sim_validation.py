@@ -135,6 +135,7 @@ MODELS = {
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
     "meta-llama/Meta-Llama-3-8B-Instruct": ("llama-3.1-8b", None, "Llama-3-8B priced as Llama-3.1-8B (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
+    "Qwen/Qwen2.5-7B-Instruct": ("qwen2.5-7b", None, ""),
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("qwen2.5-7b", None, "R1-Distill-Qwen-7B has Qwen2.5-7B's layers (Qwen2.5-Math-7B base); the card's 32,768 context, not the distill's 131,072 (no --max-model-len stated; no step of these ShareGPT runs needs more)"),
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
@@ -143,7 +144,11 @@ MODELS = {
 NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192}
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
 GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
-        "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
+        "a100-sxm": "a100-80gb",  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
+        "a100-80gb-pcie": "a100-80gb"}  # the SXM tables (see GPU_NOTES)
+# What a GPU mapping above leaves out, in the row's note.
+GPU_NOTES = {"a100-80gb-pcie": "A100 80GB PCIe priced as the SXM part (same 108 SMs and 312 dense BF16 TFLOPS; "
+                               "1.935 vs 2.039 TB/s, 300 vs 400 W)"}
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
                 "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
@@ -225,6 +230,7 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     if run.model not in MODELS:
         return f"no kvlab card or config for {run.model}"
     model, checkpoint_format, note = MODELS[run.model]
+    note = "; ".join(filter(None, [note, GPU_NOTES.get(run.gpu, "")]))
     serve: dict = {"tensor_parallel_size": run.tp or 1}
     if run.quantization in NO_FORMAT:
         return NO_FORMAT[run.quantization]
