@@ -330,6 +330,10 @@ class StampedSocket(gevent.socket.socket):
                 if self.timeout == 0.0:
                     raise
             self._wait(self._read_event)
+        # this read's time or none: a read the kernel did not stamp (a TCP segment that came in before
+        # the kernel turned receive stamps on, `net_enable_timestamp`'s deferred work) must not keep
+        # the previous read's time
+        self.rx_wall = None
         for level, kind, payload in ancillary:
             if kind == _SO_TIMESTAMPNS and level == _SOL_SOCKET and len(payload) >= _TIMESPEC_SIZE:
                 sec, ns = _unpack_timespec(payload)
