@@ -314,3 +314,7 @@ def test_simulator_still_warns_that_it_does_not_simulate_them():
     assert {"data-parallel-size", "enable-expert-parallel", "speculative-config"} <= set(args.not_simulated)
     assert args.config.data_parallel_size == 2
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).not_simulated == ()
+    # --cpu-offload-gb moves weights to host memory (more KV cache, slower steps): neither is modelled,
+    # so it is warned about, not taken as a flag without effect; 0 is vLLM's default
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--cpu-offload-gb", "10"]).not_simulated == ("cpu-offload-gb",)
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--cpu-offload-gb", "0"]).not_simulated == ()

@@ -47,10 +47,11 @@ NO_EFFECT_VALUE_FLAGS = (
     "--root-path", "--allowed-origins", "--allowed-methods", "--allowed-headers", "--uvicorn-log-level",
     "--distributed-executor-backend", "--tool-call-parser", "--reasoning-parser", "--tokenizer-mode",
     "--hf-overrides", "--override-generation-config", "--log-level", "--max-seq-len-to-capture",
-    "--compilation-config", "-O", "--chat-template-content-format", "--cpu-offload-gb",
+    "--compilation-config", "-O", "--chat-template-content-format",
 )
 # Accepted, not modelled: warned about at start.
 NOT_SIMULATED_VALUE_FLAGS = (
+    "--cpu-offload-gb",  # weights streamed from host memory: more KV cache, slower steps; neither modelled
     "--long-prefill-token-threshold", "--max-num-partial-prefills",
     "--scheduling-policy", "--kv-transfer-config", "--max-lora-rank",
 )
@@ -194,7 +195,8 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
     if ns.api_key:
         non_default["api_key"] = ["<redacted>"]
     not_simulated = tuple(k.removeprefix("_unsim_") for k, v in vars(ns).items()
-                          if k.startswith("_unsim_") and v not in (None, False))
+                          if k.startswith("_unsim_") and v not in (None, False)
+                          and not (k == "_unsim_cpu-offload-gb" and v.strip() in ("0", "0.0")))  # vLLM's default
     not_simulated += not_simulated_typed(config)
     return ServeArgs(
         model=model, gpu=ns.gpu, speedup=ns.speedup, host=ns.host, port=ns.port,
