@@ -104,6 +104,9 @@ class Run(BaseModel):
     split_group: str = Field(pattern=ID)
     split: Split
     cannot_model: str | None = None
+    # runs of the same prompts the server had served before this one, not restarted (its prefix
+    # cache warm): simulated as `kvlab sim bench --warm-runs N`
+    warm_runs: int | None = Field(default=None, ge=1)
     notes: str | None = None
 
     @model_validator(mode="after")

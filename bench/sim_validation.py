@@ -249,6 +249,10 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                 "max_concurrency": run.max_concurrency}
     if run.dataset != "sharegpt":
         workload.update(input_len=run.input_len, output_len=run.output_len)
+    if run.warm_runs:
+        workload["warm_runs"] = run.warm_runs
+        note = "; ".join(filter(None, [note, f"after {run.warm_runs} earlier run{'s' if run.warm_runs > 1 else ''} "
+                                             "of the same prompts (prefix cache warm: --warm-runs)"]))
     if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
         serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
     for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states

@@ -136,6 +136,34 @@ def test_max_concurrency_caps_requests_in_flight():
     assert capped.duration > free.duration
 
 
+def test_warm_runs_leave_the_prompts_in_the_prefix_cache():
+    """--warm-runs N: the run after N earlier runs of the same requests on one engine (vLLM's
+    datasets draw the same prompts for one --seed). Every prompt then finds all its full blocks but
+    the one holding its last token cached (vLLM computes at least the last prompt token), the clock
+    starts at that run's first send, and the results are that run's alone."""
+    from kvlab.replay.bench import WARM_GAP_S, _warm_offset, session_plans
+    from kvlab.replay.run import run_offline
+
+    kw = dict(input_len=200, output_len=16, num_prompts=24, max_concurrency=6, **FLAGS)
+    cold, warm, warmer = (run_bench(MODEL, GPU, warm_runs=n, **kw) for n in (0, 1, 2))
+    assert (warm.warm_runs, cold.warm_runs) == (1, 0)
+    assert warm.completed == cold.completed == 24 and warm.total_input_tokens == cold.total_input_tokens
+    assert warm.mean_ttft_ms < 0.6 * cold.mean_ttft_ms and warm.duration < cold.duration
+    a, b = warmer.model_dump(exclude={"warm_runs"}), warm.model_dump(exclude={"warm_runs"})
+    assert a.keys() == b.keys()  # the cache is as full (the clocks differ only in float rounding)
+    assert all(a[k] == (pytest.approx(b[k], rel=1e-9) if isinstance(b[k], float) else b[k]) for k in a)
+    cfg = build_config(MODEL, GPU, **FLAGS)
+    reqs = datasets.bench_requests("random", 24, 200, 16, math.inf, 0)
+    plans, start = _warm_offset(MODEL, GPU, cfg, session_plans(reqs), 1, 6)
+    recs = run_offline(MODEL, GPU, plans, 10_000.0, config=cfg, max_in_flight=6).records
+    first = [r for r in recs if r["start_ts"] < start]
+    last = [r for r in recs if r["start_ts"] >= start]
+    assert len(first) == len(last) == 24 and start == max(r["start_ts"] + r["e2e_s"] for r in first) + WARM_GAP_S
+    assert all(r["cached_tokens"] == 0 for r in first)
+    block = cfg.block_size
+    assert all(r["cached_tokens"] == (r["prompt_tokens"] - 1) // block * block for r in last)
+
+
 def test_prefix_len_is_shared_and_plain_requests_share_nothing():
     from kvlab.replay.bench import session_plans
 
@@ -178,6 +206,7 @@ def test_cli_json_has_every_field_and_writes_the_record(kvlab, tmp_path):
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
     (["--max-num-batched-tokens", "-3"], "--max-num-batched-tokens must be at least 1, got -3"),
     (["--vllm-version", "latest"], "vLLM version 'latest' is not a version"),
+    (["--warm-runs", "-1"], "--warm-runs must be 0 to 10, got -1"),
     (["--max-model-len", "200", "--input-len", "300", "--output-len", "8"],
      "all 2 requests failed, as vLLM would refuse them (2 the prompt is longer than --max-model-len)"),
 ])

@@ -127,14 +127,46 @@ def bench_metrics(records: list[dict]) -> dict:
     }
 
 
+WARM_GAP_S = 1.0  # idle simulated time between two runs of a --warm-runs bench
+MAX_WARM_RUNS = 10
+
+
+def _shifted(plans: list[SessionPlan], by_s: float) -> list[SessionPlan]:
+    import dataclasses
+
+    return [dataclasses.replace(p, start_offset_s=p.start_offset_s + by_s) for p in plans]
+
+
+def _warm_offset(model: str, gpu: str, cfg, plans: list[SessionPlan], warm_runs: int,
+                 max_concurrency: int | None) -> tuple[list[SessionPlan], float]:
+    """The bench's requests after `warm_runs` earlier runs of the same requests on the same engine,
+    each sent WARM_GAP_S after the one before has ended (the engine and its prefix cache kept, as on
+    a server not restarted between `vllm bench serve` runs); the sessions and when the last run starts.
+    Each earlier run's end is simulated, not guessed: the runs before it are replayed with it."""
+    from kvlab.replay.run import run_offline
+
+    played: list[SessionPlan] = []
+    start = 0.0
+    for _ in range(warm_runs):
+        played += _shifted(plans, start)
+        res = run_offline(model, gpu, played, HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
+                          max_in_flight=max_concurrency)
+        ends = [r["start_ts"] + (r["e2e_s"] or 0.0) for r in res.records]
+        start = max(ends) + WARM_GAP_S
+    return played + _shifted(plans, start), start
+
+
 def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int | None = None,
               output_len: int | None = None, num_prompts: int = NUM_PROMPTS, request_rate: float = math.inf,
               max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
               random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
-              config=None, on_progress=None, **engine_args) -> BenchResult:
+              warm_runs: int = 0, config=None, on_progress=None, **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
     (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`);
-    on_progress(simulated s, requests ended) as each request ends."""
+    on_progress(simulated s, requests ended) as each request ends. `warm_runs` N: the results of
+    the (N+1)-th run of the same requests on a server not restarted in between (vLLM's datasets
+    draw the same prompts for one --seed, so the earlier runs leave them in the prefix cache); N = 0
+    is a freshly started server."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
     from kvlab.schema.bench import BenchResult
@@ -142,11 +174,21 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
 
     if max_concurrency is not None and max_concurrency <= 0:
         raise KvlabError("--max-concurrency must be greater than 0")  # vLLM's message
+    if not 0 <= warm_runs <= MAX_WARM_RUNS:
+        raise KvlabError(f"--warm-runs must be 0 to {MAX_WARM_RUNS}, got {warm_runs}")
     requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
     cfg = config or build_config(model, gpu, **engine_args)
-    res = run_offline(model, gpu, session_plans(requests), HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
+    plans, start = session_plans(requests), 0.0
+    if warm_runs:
+        plans, start = _warm_offset(model, gpu, cfg, plans, warm_runs, max_concurrency)
+    res = run_offline(model, gpu, plans, HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
                       max_in_flight=max_concurrency, on_progress=on_progress)
+    records = res.records
+    if warm_runs:  # the last run's requests, on its own clock (each is sent at or after its start)
+        records = [{**r, "start_ts": r["start_ts"] - start} for r in records if r["start_ts"] >= start]
+    preemptions = (sum(r["num_preemptions"] for r in records) if warm_runs
+                   else res.results.num_preemptions)
     cap = cfg.capacity
     return BenchResult(
         model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), dataset_name=dataset,
@@ -156,8 +198,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        api_server_count=cfg.api_server_count, num_preemptions=res.results.num_preemptions,
-        **bench_metrics(res.records),
+        api_server_count=cfg.api_server_count, warm_runs=warm_runs, num_preemptions=preemptions,
+        **bench_metrics(records),
     )
 
 
@@ -204,6 +246,10 @@ def bench_cmd(
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
+    warm_runs: int = typer.Option(0, "--warm-runs", rich_help_panel="kvlab options", help=(
+        "Results of the run after N earlier runs of the same benchmark on a server not restarted in between: "
+        "vLLM's datasets draw the same prompts for one --seed, so those runs leave them in the prefix cache "
+        "(0: a freshly started server)")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
@@ -222,7 +268,7 @@ def bench_cmd(
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count), gpu, timing=timing,
         vllm_version=vllm_version)
     with live_progress(as_json, bar=True) as progress:
-        task = progress.add_task("sim bench: requests ended", total=num_prompts)
+        task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))
 
         def show(sim_s: float, requests: int) -> None:
             progress.update(task, completed=requests,
@@ -231,7 +277,8 @@ def bench_cmd(
         result = run_bench(model, gpu, dataset=dataset, input_len=input_len, output_len=output_len,
                            num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
                            seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
-                           random_prefix_len=random_prefix_len, config=config, on_progress=throttled(show))
+                           random_prefix_len=random_prefix_len, warm_runs=warm_runs, config=config,
+                           on_progress=throttled(show))
     if out is not None:
         result.write(out)
     if as_json:
@@ -267,5 +314,6 @@ def _print_result(r: BenchResult, wall_s: float) -> None:
         print(num(f"Median {name} (ms):", getattr(r, f"median_{key}_ms")))
         print(num(f"P{PERCENTILE} {name} (ms):", getattr(r, f"p{PERCENTILE}_{key}_ms")))
     print("=" * 50)
+    warm = f"after {r.warm_runs} earlier run{'s' if r.warm_runs > 1 else ''} of it on the same server; " if r.warm_runs else ""
     print(f"simulated: {r.model_id} on {r.gpu} x{r.tensor_parallel_size}, step times: {r.timing_source}; "
-          f"{r.num_preemptions} preemptions; {wall_s:.1f} s wall")
+          f"{warm}{r.num_preemptions} preemptions; {wall_s:.1f} s wall")
