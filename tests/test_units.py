@@ -236,3 +236,26 @@ def test_a_plans_reproduction_runs_as_kvlab_sim_run(tmp_path):
     run = json.loads(res.stdout)["runs"][0]
     assert (run["api_server_count"], run["vllm_version"], run["kv_cache_dtype"]) == (2, "0.10", "fp8")
     assert run["capacity"]["num_gpu_blocks"] == cfg.sim_config().num_blocks, shlex.join(flags)
+
+
+@pytest.mark.parametrize("serve_args", [("-O0", "--seed", "3"), ("-cc", '{"cudagraph_mode": "NONE"}'), ("--enforce-eager",)])
+def test_a_plan_without_cuda_graphs_reproduces_its_kv_cache_in_kvlab_sim_run(tmp_path, serve_args):
+    """vLLM captures no CUDA graphs with --enforce-eager, -O0 or a compilation config whose
+    cudagraph_mode is NONE, and from 0.21 then takes no graph memory from the KV budget: the planned
+    config and its `kvlab sim run` reproduction size the same, larger cache (untyped flags other than
+    those stay out of the reproduction)."""
+    import json
+
+    from conftest import run_kvlab
+    from kvlab.plan.configs import resolve_config
+
+    cfg = resolve_config("llama-3.1-8b", "bf16", "h100", 1, 8192, serve_args)
+    graphs = resolve_config("llama-3.1-8b", "bf16", "h100", 1, 8192)
+    assert not cfg.serve.cuda_graphs and cfg.sim_config().num_blocks > graphs.sim_config().num_blocks
+    flags = cfg.sim_run_flags()
+    assert "--seed" not in flags
+    res = run_kvlab("sim", "run", "llama-3.1-8b", "--gpu", "h100", "--workload", "agent-smoke", "--users", "1",
+                    "--duration-s", "5", "--out", str(tmp_path / "r"), "--json", *flags)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["runs"][0]["capacity"]["num_gpu_blocks"] == cfg.sim_config().num_blocks
+    assert "is accepted but not simulated (the memory model sizes it)" in res.stderr

@@ -96,3 +96,26 @@ def test_a_misspelt_flag_fails_this_test(vllm_cli):
         vllm_parse(vllm_cli, ["vllm", "serve", "m", "--kv-cache-dtpye", "fp8"])
     with pytest.raises(pytest.fail.Exception, match="invalid choice"):
         vllm_parse(vllm_cli, ["vllm", "serve", "m", "--kv-cache-dtype", "fp9"])
+
+
+@pytest.mark.parametrize("flags", [
+    [], ["-O0"], ["-O", "0"], ["--optimization-level", "3"], ["--optimization-level=0"],
+    ["-cc", '{"cudagraph_mode": "NONE"}'], ["-cc.cudagraph_mode=NONE"], ["--compilation-config.cudagraph_mode", "FULL"],
+    ["-O0", "-cc", '{"cudagraph_mode": "PIECEWISE"}'], ["--compilation-config", '{"mode": 3}'], ["--enforce-eager"],
+])
+def test_cuda_graph_flags_are_read_as_vllm_parses_them(vllm_cli, flags):
+    """The flags that decide whether vLLM captures CUDA graphs (and so whether a 0.21+ budget loses
+    graph memory), read by kvlab (`ServeConfig.cuda_graphs`) as vLLM's own parser reads them: the
+    optimization level, the compilation config's cudagraph_mode (which wins over the level's
+    default, `VllmConfig._apply_optimization_level_defaults`) and --enforce-eager."""
+    from kvlab.serve_config import graph_flags, parse_serve_config
+
+    ns = vllm_cli.parse_args(["serve", "m", *flags])
+    mode = ns.compilation_config.cudagraph_mode
+    vllm_mode = None if mode is None else mode.name
+    vllm_level = int(ns.optimization_level)  # vLLM's default 2 where no flag gives it
+    level_given = any(f.startswith(("-O", "--optimization-level")) for f in flags)
+    config = parse_serve_config("m", flags)
+    assert graph_flags(config.vllm_args) == (vllm_level if level_given else None, vllm_mode)
+    graphs = not ns.enforce_eager and (vllm_mode != "NONE" if vllm_mode is not None else vllm_level != 0)
+    assert config.cuda_graphs == graphs

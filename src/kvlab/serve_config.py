@@ -134,6 +134,18 @@ class ServeConfig(BaseModel):
     def served_model_name(self) -> str | None:
         return self.served_model_names[0] if self.served_model_names else None
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether vLLM captures CUDA graphs (and so takes their memory from a 0.21+ KV budget):
+        not with --enforce-eager, nor at -O0 (`--optimization-level 0`, whose default
+        `cudagraph_mode` is NONE), nor with a --compilation-config (-cc) whose `cudagraph_mode` is
+        NONE, which wins over the level (vllm/config/vllm.py: OPTIMIZATION_LEVEL_00,
+        `VllmConfig.__post_init__`)."""
+        if self.enforce_eager:
+            return False
+        level, mode = graph_flags(self.vllm_args)
+        return mode != "NONE" if mode is not None else level != 0
+
     def has_vllm_flag(self, *names: str) -> bool:
         """Whether one of the untyped flags (`vllm_args`) is given."""
         return any(a.split("=", 1)[0] in names for a in self.vllm_args)
@@ -196,10 +208,53 @@ class ServeConfig(BaseModel):
                   data_parallel_size=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
                   speculative_config=self.speculative_config,
                   max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                  num_gpu_blocks_override=self.num_gpu_blocks_override, cuda_graphs=not self.enforce_eager)
+                  num_gpu_blocks_override=self.num_gpu_blocks_override, cuda_graphs=self.cuda_graphs)
         if self.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         return kw
+
+
+GRAPH_LEVEL_FLAGS = ("-O", "--optimization-level")
+GRAPH_CONFIG_FLAGS = ("-cc", "--compilation-config")
+
+
+def graph_flags(args: Sequence[str]) -> tuple[int | None, str | None]:
+    """(optimization level, compilation config's cudagraph_mode) as vLLM reads them from untyped
+    flags, the last given of each winning: `-O0` / `-O 0` / `--optimization-level[=]0`, and
+    `-cc`/`--compilation-config` as JSON or dotted (`-cc.cudagraph_mode=NONE`); None where not given
+    or not readable (vLLM then refuses the flag itself)."""
+    level: int | None = None
+    mode: str | None = None
+    args = list(args)
+    for i, a in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        name, eq, val = a.partition("=")
+        if a.startswith("-O") and a[2:].isdigit():
+            level = int(a[2:])
+        elif name in GRAPH_LEVEL_FLAGS:
+            value = val if eq else nxt
+            if value is not None and value.strip().isdigit():
+                level = int(value)
+        elif name in GRAPH_CONFIG_FLAGS:
+            value = val if eq else nxt
+            try:
+                parsed = json.loads(value) if value is not None else None
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict) and parsed.get("cudagraph_mode") is not None:
+                mode = str(parsed["cudagraph_mode"]).upper()
+        elif name in tuple(f"{f}.cudagraph_mode" for f in GRAPH_CONFIG_FLAGS):
+            value = val if eq else nxt
+            if value is not None:
+                mode = value.strip().upper()
+    return level, mode
+
+
+def graph_argv(args: Sequence[str]) -> list[str]:
+    """The untyped flags' CUDA-graph settings (`graph_flags`) as flags again, in their long form."""
+    level, mode = graph_flags(args)
+    return ((["--optimization-level", str(level)] if level is not None else [])
+            + (["--compilation-config", json.dumps({"cudagraph_mode": mode})] if mode is not None else []))
 
 
 def parse_serve_config(model: str, args: Sequence[str], *, level: str | None = None, checkpoint: str | None = None,

@@ -73,7 +73,10 @@ class PlanConfig:
 
     def sim_run_flags(self) -> list[str]:
         """The `kvlab sim run` flags that give this config."""
-        argv = self.serve.model_copy(update={"vllm_args": ()}).to_argv(name_checkpoint_weights=True)
+        from kvlab.serve_config import graph_argv
+
+        serve = self.serve.model_copy(update={"vllm_args": tuple(graph_argv(self.serve.vllm_args))})
+        argv = serve.to_argv(name_checkpoint_weights=True)
         return argv + (["--vllm-version", self.vllm_version] if self.vllm_version != DEFAULT_VLLM_VERSION else [])
 
     def at(self, quant: str | None = None, tp: int | None = None) -> "PlanConfig":

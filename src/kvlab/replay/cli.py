@@ -71,6 +71,12 @@ def run_cmd(
     enforce_eager: bool = typer.Option(False, "--enforce-eager/--no-enforce-eager",
                                        help="No CUDA graphs: sized by the memory model (no graph memory), "
                                             "step times not simulated (priced as under CUDA graphs)"),
+    optimization_level: Optional[int] = typer.Option(None, "--optimization-level", "-O",
+                                                     help="0: no CUDA graphs (sized as --enforce-eager); "
+                                                          "compilation not simulated"),
+    compilation_config: Optional[str] = typer.Option(None, "--compilation-config", "-cc",
+                                                     help="vLLM's JSON; its cudagraph_mode NONE is sized as "
+                                                          "--enforce-eager; compilation not simulated"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
@@ -96,7 +102,10 @@ def run_cmd(
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp, api_server_count=api_server_count,
                            attention_backend=attention_backend, data_parallel_size=dp, enable_expert_parallel=ep,
-                           speculative_config=_speculative(speculative_config), enforce_eager=enforce_eager)
+                           speculative_config=_speculative(speculative_config), enforce_eager=enforce_eager,
+                           vllm_args=tuple(a for flag, value in (("--optimization-level", optimization_level),
+                                                                 ("--compilation-config", compilation_config))
+                                           if value is not None for a in (flag, str(value))))
     from kvlab.sim.args import not_simulated_typed
     for flag in not_simulated_typed(serve):
         print(f"kvlab sim run: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)

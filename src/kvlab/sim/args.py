@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
-from kvlab.serve_config import ServeConfig, add_serve_flags, config_values
+from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
 
@@ -47,8 +47,11 @@ NO_EFFECT_VALUE_FLAGS = (
     "--root-path", "--allowed-origins", "--allowed-methods", "--allowed-headers", "--uvicorn-log-level",
     "--distributed-executor-backend", "--tool-call-parser", "--reasoning-parser", "--tokenizer-mode",
     "--hf-overrides", "--override-generation-config", "--log-level", "--max-seq-len-to-capture",
-    "--compilation-config", "-O", "--chat-template-content-format",
+    "--chat-template-content-format",
 )
+# Kept in the serve configuration's untyped flags, which the memory model reads for CUDA graphs
+# (`ServeConfig.cuda_graphs`: -O0, a --compilation-config with cudagraph_mode NONE).
+GRAPH_VALUE_FLAGS = (("-O", "--optimization-level"), ("-cc", "--compilation-config"))
 # Accepted, not modelled: warned about at start.
 NOT_SIMULATED_VALUE_FLAGS = (
     "--cpu-offload-gb",  # weights streamed from host memory: more KV cache, slower steps; neither modelled
@@ -59,6 +62,8 @@ NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
 # Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
 NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
                        "enforce-eager": lambda c: c.enforce_eager,
+                       "optimization-level": lambda c: graph_flags(c.vllm_args)[0] is not None,
+                       "compilation-config": lambda c: graph_flags(c.vllm_args)[1] is not None,
                        "speculative-config": lambda c: c.speculative_config is not None,
                        "enable-expert-parallel": lambda c: c.enable_expert_parallel}
 
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=f"_ignored_{flag.strip('-')}")
     for flag in NOT_SIMULATED_VALUE_FLAGS:
         p.add_argument(flag, dest=f"_unsim_{flag.strip('-')}")
+    for short, long in GRAPH_VALUE_FLAGS:
+        p.add_argument(short, long, dest=f"_graph_{long.strip('-')}")
     for flag in NOT_SIMULATED_FLAGS:
         p.add_argument(flag, action="store_true", dest=f"_unsim_{flag.strip('-')}")
     return p
@@ -186,7 +193,9 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
     if not ns.speedup > 0:
         raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
     vllm_release(ns.vllm_version)  # a version kvlab can read, or one line
-    config = ServeConfig(model=model, **config_values(ns))
+    graph_args = tuple(a for _, long in GRAPH_VALUE_FLAGS if getattr(ns, f"_graph_{long.strip('-')}") is not None
+                       for a in (long, getattr(ns, f"_graph_{long.strip('-')}")))
+    config = ServeConfig(model=model, **config_values(ns), vllm_args=graph_args)
     check_config(config)
     faults = parse_faults(ns.fault or [], fault_env)
     defaults = vars(build_parser().parse_args(["--gpu", ns.gpu, model]))
