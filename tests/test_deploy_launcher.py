@@ -128,6 +128,15 @@ def test_cpu_command_serves_the_twin(cpu, no_gpu):
     assert (r.kv_cache_tokens, r.num_blocks, r.block_size, srv.predicted_backend) == (34_512, 2157, 16, "CPU_MLA")
 
 
+def test_cpu_command_runs_eager_unless_told_either_way(cpu, no_gpu):
+    """The CPU build is started eager; a user's --enforce-eager is not given twice, and a
+    --no-enforce-eager is kept as given (kvlab types the flag: it reaches vLLM through to_argv)."""
+    told = Server(ServeSpec("llama-3.1-8b", port=8123, extra_args=["--enforce-eager"]))
+    assert told.argv.count("--enforce-eager") == 1
+    no = Server(ServeSpec("llama-3.1-8b", port=8123, extra_args=["--no-enforce-eager"]))
+    assert "--enforce-eager" not in no.argv and no.argv.count("--no-enforce-eager") == 1
+
+
 def test_cpu_budget_whole_and_fractional_gib(cpu, no_gpu):
     three = Server(ServeSpec("llama-3.1-8b", port=8123, kv_memory_gib=3))
     assert three.env == {"VLLM_CPU_KVCACHE_SPACE": "3"} and three.prediction.kv_budget_bytes == 3 << 30

@@ -59,7 +59,7 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--speculative-config", "-sc", type=_json_object, default=None)
     p.add_argument("--max-model-len", type=human_readable_int, default=None)
     p.add_argument("--block-size", type=int, default=None)
@@ -111,7 +111,8 @@ class ServeConfig(BaseModel):
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    enforce_eager: bool = False  # no CUDA graphs: vLLM takes no graph memory from the KV budget
+    # no CUDA graphs: vLLM takes no graph memory from the KV budget; None: not given (vLLM's False)
+    enforce_eager: bool | None = None
     speculative_config: str | None = None  # vLLM's JSON, compact
     max_model_len: int | None = None
     block_size: int | None = None
@@ -189,8 +190,8 @@ class ServeConfig(BaseModel):
                 out += [flag, str(value)]
         if self.enable_expert_parallel:
             out.append("--enable-expert-parallel")
-        if self.enforce_eager:
-            out.append("--enforce-eager")
+        if self.enforce_eager is not None:
+            out.append("--enforce-eager" if self.enforce_eager else "--no-enforce-eager")
         return out + list(self.vllm_args)
 
     # -- the memory model -----------------------------------------------------------------------

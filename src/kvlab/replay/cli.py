@@ -68,7 +68,7 @@ def run_cmd(
                             help="Sized by the memory model, not simulated"),
     speculative_config: Optional[str] = typer.Option(None, "--speculative-config", "-sc",
                                                      help="Sized by the memory model, not simulated"),
-    enforce_eager: bool = typer.Option(False, "--enforce-eager/--no-enforce-eager",
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
                                        help="No CUDA graphs: sized by the memory model (no graph memory), "
                                             "step times not simulated (priced as under CUDA graphs)"),
     optimization_level: Optional[int] = typer.Option(None, "--optimization-level", "-O",

@@ -61,7 +61,7 @@ NOT_SIMULATED_VALUE_FLAGS = (
 NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
 # Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
 NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
-                       "enforce-eager": lambda c: c.enforce_eager,
+                       "enforce-eager": lambda c: bool(c.enforce_eager),
                        "optimization-level": lambda c: graph_flags(c.vllm_args)[0] is not None,
                        "compilation-config": lambda c: graph_flags(c.vllm_args)[1] is not None,
                        "speculative-config": lambda c: c.speculative_config is not None,

@@ -63,7 +63,7 @@ class VllmCpuEngine(Engine):
         """The CPU build: KV space from VLLM_CPU_KVCACHE_SPACE (whole GiB), eager mode, a 4K context."""
         gib = CPU_DEFAULT_KV_GIB if launch.kv_memory_gib is None else launch.kv_memory_gib
         whole = float(gib).is_integer()
-        eager = [] if config.has_vllm_flag("--enforce-eager", "--no-enforce-eager") else ["--enforce-eager"]
+        eager = [] if config.enforce_eager is not None else ["--enforce-eager"]  # the user's choice is in to_argv
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", launch.model_arg,
                 *_served_names(config), "--host", launch.host, "--port", str(launch.port), *eager,
                 *config.to_argv()]
