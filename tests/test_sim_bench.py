@@ -288,3 +288,20 @@ def test_sim_run_cli_honours_the_workloads_max_requests(kvlab, tmp_path):
     assert r.returncode == 0, r.stderr
     (run,) = json.loads(r.stdout)["runs"]
     assert run["requests_completed"] == 5
+
+
+def test_prefix_caching_and_eager_flags_on_sim_bench(kvlab):
+    """--no-enable-prefix-caching: earlier runs leave nothing to hit (a warm run is a cold one);
+    --enforce-eager: the record says so and the KV cache is larger by the CUDA-graph estimate
+    (vLLM 0.32), with a warning that steps stay priced as under graphs."""
+    kw = dict(input_len=200, output_len=16, num_prompts=24, max_concurrency=6, **FLAGS)
+    cold = run_bench(MODEL, GPU, **kw)
+    warm_off = run_bench(MODEL, GPU, warm_runs=1, enable_prefix_caching=False, **kw)
+    assert warm_off.mean_ttft_ms == pytest.approx(cold.mean_ttft_ms, rel=1e-9)
+    flags = ["--num-prompts", "4", "--output-len", "4", "--max-model-len", "4096", "--json"]
+    graphs = json.loads(kvlab("sim", "bench", MODEL, "--gpu", GPU, *flags).stdout)
+    r = kvlab("sim", "bench", MODEL, "--gpu", GPU, *flags, "--enforce-eager", "--no-enable-prefix-caching")
+    eager = json.loads(r.stdout)
+    assert (eager["enforce_eager"], eager["enable_prefix_caching"], graphs["enforce_eager"]) == (True, False, False)
+    assert eager["num_gpu_blocks"] > graphs["num_gpu_blocks"]
+    assert "--enforce-eager is accepted but not simulated" in r.stderr

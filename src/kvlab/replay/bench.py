@@ -24,6 +24,7 @@ results are computed from the per-request records with vLLM's definitions
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -198,7 +199,9 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        api_server_count=cfg.api_server_count, warm_runs=warm_runs, num_preemptions=preemptions,
+        api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
+        warm_runs=warm_runs, num_preemptions=preemptions,
         **bench_metrics(records),
     )
 
@@ -246,6 +249,10 @@ def bench_cmd(
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
+                                                 help="No CUDA graphs: sized by the memory model (no graph memory), "
+                                                      "step times not simulated (priced as under CUDA graphs)"),
     warm_runs: int = typer.Option(0, "--warm-runs", rich_help_panel="kvlab options", help=(
         "Results of the run after N earlier runs of the same benchmark on a server not restarted in between: "
         "vLLM's datasets draw the same prompts for one --seed, so those runs leave them in the prefix cache "
@@ -265,8 +272,11 @@ def bench_cmd(
     config = build_config(options_config(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count), gpu, timing=timing,
-        vllm_version=vllm_version)
+        gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
+        gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching)
+    if enforce_eager:
+        print("kvlab sim bench: --enforce-eager is accepted but not simulated (the memory model sizes it)",
+              file=sys.stderr)
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))
 

@@ -44,6 +44,8 @@ class BenchResult(Record):
     vllm_version: str = "0.32"
     gpu_memory_utilization: float | None = None  # as resolved (None in records written before it)
     api_server_count: int = 1  # the API-server processes simulated (records written before it: 1)
+    enable_prefix_caching: bool = True  # vLLM's flag, as resolved (records written before it: True)
+    enforce_eager: bool = False  # vLLM's flag (records written before it: False)
     # kvlab's --warm-runs: earlier runs of the same requests on the same server (prefix cache warm);
     # 0: a freshly started server (records written before it: 0)
     warm_runs: int = 0
