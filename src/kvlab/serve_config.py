@@ -251,11 +251,17 @@ def graph_flags(args: Sequence[str]) -> tuple[int | None, str | None]:
     return level, mode
 
 
+def graph_value_args(optimization_level: int | str | None, compilation_config: str | None) -> tuple[str, ...]:
+    """--optimization-level and --compilation-config as untyped flags (long form), the ones given."""
+    return tuple(a for flag, value in (("--optimization-level", optimization_level),
+                                       ("--compilation-config", compilation_config))
+                 if value is not None for a in (flag, str(value)))
+
+
 def graph_argv(args: Sequence[str]) -> list[str]:
     """The untyped flags' CUDA-graph settings (`graph_flags`) as flags again, in their long form."""
     level, mode = graph_flags(args)
-    return ((["--optimization-level", str(level)] if level is not None else [])
-            + (["--compilation-config", json.dumps({"cudagraph_mode": mode})] if mode is not None else []))
+    return list(graph_value_args(level, json.dumps({"cudagraph_mode": mode}) if mode is not None else None))
 
 
 def parse_serve_config(model: str, args: Sequence[str], *, level: str | None = None, checkpoint: str | None = None,

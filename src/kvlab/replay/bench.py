@@ -24,7 +24,6 @@ results are computed from the per-request records with vLLM's definitions
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -264,6 +263,7 @@ def bench_cmd(
                                      help=VLLM_VERSION_HELP),
 ) -> None:
     from kvlab.serve_config import options_config
+    from kvlab.sim.args import warn_not_simulated
     from kvlab.sim.config import build_config
 
     if dataset not in DATASETS:
@@ -274,9 +274,7 @@ def bench_cmd(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
         gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching)
-    if enforce_eager:
-        print("kvlab sim bench: --enforce-eager is accepted but not simulated (the memory model sizes it)",
-              file=sys.stderr)
+    warn_not_simulated(config.serve, "kvlab sim bench")
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))
 

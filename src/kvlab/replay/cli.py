@@ -90,7 +90,8 @@ def run_cmd(
     from kvlab.replay.run import run_offline
     from kvlab.replay.sessions import predicted_max_users
     from kvlab.schema.replay import SimRunManifest
-    from kvlab.serve_config import options_config
+    from kvlab.serve_config import graph_value_args, options_config
+    from kvlab.sim.args import warn_not_simulated
     from kvlab.sim.config import build_config
 
     ladder = _users(users)
@@ -103,12 +104,8 @@ def run_cmd(
                            pipeline_parallel_size=pp, api_server_count=api_server_count,
                            attention_backend=attention_backend, data_parallel_size=dp, enable_expert_parallel=ep,
                            speculative_config=_speculative(speculative_config), enforce_eager=enforce_eager,
-                           vllm_args=tuple(a for flag, value in (("--optimization-level", optimization_level),
-                                                                 ("--compilation-config", compilation_config))
-                                           if value is not None for a in (flag, str(value))))
-    from kvlab.sim.args import not_simulated_typed
-    for flag in not_simulated_typed(serve):
-        print(f"kvlab sim run: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
+                           vllm_args=graph_value_args(optimization_level, compilation_config))
+    warn_not_simulated(serve, "kvlab sim run")
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
                        vllm_version=vllm_version)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
-from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags
+from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
 
@@ -71,6 +71,15 @@ NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
 def not_simulated_typed(config: ServeConfig) -> tuple[str, ...]:
     """The typed flags of `config` the memory model sizes and the simulator does not simulate."""
     return tuple(name for name, given in NOT_SIMULATED_TYPED.items() if given(config))
+
+
+def warn_not_simulated(config: ServeConfig, command: str) -> None:
+    """One stderr line per typed flag of `config` that is sized but not simulated (`kvlab sim run`,
+    `kvlab sim bench`; `kvlab sim serve` logs them as vLLM-style startup lines)."""
+    import sys
+
+    for flag in not_simulated_typed(config):
+        print(f"{command}: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -193,8 +202,7 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
     if not ns.speedup > 0:
         raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
     vllm_release(ns.vllm_version)  # a version kvlab can read, or one line
-    graph_args = tuple(a for _, long in GRAPH_VALUE_FLAGS if getattr(ns, f"_graph_{long.strip('-')}") is not None
-                       for a in (long, getattr(ns, f"_graph_{long.strip('-')}")))
+    graph_args = graph_value_args(*(getattr(ns, f"_graph_{long.strip('-')}") for _, long in GRAPH_VALUE_FLAGS))
     config = ServeConfig(model=model, **config_values(ns), vllm_args=graph_args)
     check_config(config)
     faults = parse_faults(ns.fault or [], fault_env)
