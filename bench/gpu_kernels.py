@@ -299,6 +299,13 @@ def reference_moe(layer: MoELayer, x, logits):
     return out
 
 
+def finish(out: Path, meta: dict) -> int:
+    """Stamp and write a run's meta.json; the exit status: 1 where a part failed."""
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return 1 if meta["errors"] else 0
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -571,9 +578,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             meta["errors"][part] = f"{type(e).__name__}: {e}"[:2000]
             print(f"gpu_kernels: {part} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return 1 if meta["errors"] else 0
+    return finish(args.out, meta)
 
 
 if __name__ == "__main__":
