@@ -227,8 +227,9 @@ def test_simulated_run_counts_every_step():
 
 
 def test_gpu_tables():
-    assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0"
-    assert kernels.gpu_tables("h200") == "h200_sxm, vLLM 0.24.0; kvlab: MoE of deepseek-v2-lite, qwen3-30b-a3b"
+    assert kernels.gpu_tables("h200") == ("h200_sxm, vLLM 0.24.0; kvlab: MoE of deepseek-v2-lite, qwen3-30b-a3b; "
+                                          "int4/block-FP8 layers of llama-3.1-8b, qwen2.5-7b, qwen3-8b")
+    assert kernels.gpu_tables("h100") == "h100_sxm, vLLM 0.24.0; kvlab: int4/block-FP8 layers of llama-3.1-8b, qwen2.5-7b, qwen3-8b"
     assert kernels.gpu_tables("a100-80gb") == "a100_sxm, vLLM 0.14.0"
     assert kernels.gpu_tables("l4") is None and kernels.gpu_tables("mi300x") is None
 
@@ -280,10 +281,19 @@ def scaled(model: str, gpu: str, q: str, vllm_version: str = "0.18"):
                        weight_kernel(fmt, hardware.gpu(gpu), vllm_version=vllm_version))
 
 
-def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(llama):
-    """AWQ/GPTQ int4 (no GEMM table of their own) on a GPU with BF16 tables: each step is the BF16
-    tables' GPU time times the roofline's format/BF16 ratio for that step, plus the same host time;
-    the label says so and the steps count as "scaled"."""
+@pytest.fixture
+def no_measured_int4(monkeypatch):
+    """Without kvlab's measured int4 rows (data/kernels/quant_gemm_perf.csv, which cover Llama-3.1-8B's
+    layers on Hopper: tests/test_sim_quant_gemms.py), as for a model or GPU they do not cover."""
+    from kvlab.sim import quant_gemms
+
+    monkeypatch.setattr(quant_gemms, "measured_delta", lambda *a, **k: None)
+
+
+def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(llama, no_measured_int4):
+    """AWQ/GPTQ int4 (no GEMM table of their own) on a GPU with BF16 tables and no measured int4 rows
+    for the model: each step is the BF16 tables' GPU time times the roofline's format/BF16 ratio for
+    that step, plus the same host time; the label says so and the steps count as "scaled"."""
     from kvlab.sim.timing import ScaledTiming
 
     awq = scaled("llama-3.1-8b", "h100", "awq")
@@ -310,7 +320,7 @@ def test_weight_only_formats_are_the_bf16_tables_scaled_by_the_roofline_ratio(ll
     assert machete.decode_step_s(4, 4 * 500) < llama.decode_step_s(4, 4 * 500)
 
 
-def test_scaled_formats_and_their_fallbacks():
+def test_scaled_formats_and_their_fallbacks(no_measured_int4):
     """FP8 on an A100 (Marlin W8A16) is scaled from the A100's BF16 tables; `-q awq` names the legacy
     dequantize path; a GPU with no tables at all stays on the labelled roofline."""
     from kvlab.sim.timing import ScaledTiming
@@ -325,7 +335,7 @@ def test_scaled_formats_and_their_fallbacks():
     assert isinstance(rtx, CostModel) and rtx.fallback_reason.startswith("no vLLM kernel tables for GPU rtx-4090")
 
 
-def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(llama):
+def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(llama, no_measured_int4):
     """With host time in the base (here 1 ms + 20 us a request, whatever the module's constants are
     now), the scaled step is the base's GPU time times the ratio, plus that same host time."""
     from kvlab.sim.timing import ScaledTiming

@@ -137,15 +137,18 @@ def table_version(system: str) -> str | None:
 
 def gpu_tables(gpu: str) -> str | None:
     """Which measured tables a kvlab GPU preset has, e.g. "h100_sxm, vLLM 0.24.0" (for `kvlab
-    gpus`), and kvlab's own measured rows for it ("; kvlab: MoE of deepseek-v2-lite, ..."), or None."""
-    from kvlab.sim import measured_moe
+    gpus`), and kvlab's own measured rows for it ("; kvlab: MoE of deepseek-v2-lite, ...; int4/block-FP8
+    layers of ..."), or None."""
+    from kvlab.sim import measured_moe, quant_gemms
 
     system = SYSTEMS.get(gpu)
     own = measured_moe.measured_models(gpu)
+    int4 = quant_gemms.measured_models() if gpu in quant_gemms.GPUS else ()
     tables = (f"{system}, vLLM {table_version(system)}" if system is not None and available()
               and table_version(system) is not None else None)
-    mine = f"kvlab: MoE of {', '.join(own)}" if own else None
-    return "; ".join(x for x in (tables, mine) if x) or None
+    mine = [f"MoE of {', '.join(own)}"] if own else []
+    mine += [f"int4/block-FP8 layers of {', '.join(int4)}"] if int4 else []
+    return "; ".join(x for x in (tables, "kvlab: " + "; ".join(mine) if mine else None) if x) or None
 
 
 def _table(system: str, op: str, name: str):

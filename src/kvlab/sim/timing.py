@@ -35,7 +35,9 @@ GPU-equivalent (no micro-batch pipelining modelled). The efficiency factors are 
 `step_timing` picks the step-time backend: measured vLLM kernel tables (`kvlab.sim.kernels`,
 aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
 GEMM tables on a GPU with BF16 tables, the BF16 tables scaled by this roofline's format/BF16 ratio
-per step (`ScaledTiming`); else this roofline, with the parts of the step that have measured data
+per step (`ScaledTiming`), or, on an H100/H200 where kvlab measured vLLM's own int4 / CUTLASS block-FP8
+kernels at every layer shape of the model, the BF16 tables plus those layers by the measured
+format/BF16 ratio (`MeasuredRatioTiming`, `kvlab.sim.quant_gemms`); else this roofline, with the parts of the step that have measured data
 priced from it (`with_measured_ops`: an MLA model no table holds whole, DeepSeek-V2-Lite on an
 H100/H200: "composed" where every part is). Each names its `timing_source` and counts its priced
 steps per provenance (`provenance_counts`).
@@ -131,6 +133,13 @@ MACHETE_FIRST = {"gptq": (0, 6), "awq": (0, 19)}
 # override_quantization_method accepts a user's "awq" and runs the Marlin/Machete path; 0.21 maps "gptq"
 # to GPTQConfig (exllama gptq_gemm), 0.22 to AutoGPTQConfig (choose_mp_linear_kernel).
 LEGACY_LAST = {"awq": (0, 23), "gptq": (0, 21)}
+# Block-FP8 linear layers on Hopper: vLLM's CUTLASS block-scaled GEMM (`cutlass_scaled_mm` with 1 x 128
+# activation and 128 x 128 weight scales) up to 0.10, DeepGEMM from 0.11, when VLLM_USE_DEEP_GEMM's
+# default turned 1 (envs.py: "0" in 0.10.2, "1" in 0.11.0; fp8_utils.apply_w8a8_block_fp8_linear and
+# W8A8BlockFp8LinearOp take DeepGEMM first where `should_use_deepgemm_for_fp8_linear`). The GEMM tables'
+# fp8_block rows are vLLM 0.24's (DeepGEMM), so a release up to this one is priced from kvlab's
+# measurement of the CUTLASS kernel where it has the shapes (`quant_gemms`).
+CUTLASS_BLOCK_LAST = (0, 10)
 
 
 def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
@@ -503,10 +512,29 @@ class ScaledTiming:
         return (self.base.decode_step_s(num_seqs, kv_tokens) - host) * ratio + host
 
 
-WEIGHT_KERNELS = ("native", "marlin", "machete", "dequant")
+class MeasuredRatioTiming(ScaledTiming):
+    """An int4 format on Hopper whose every linear layer kvlab measured on vLLM's own kernels
+    (`quant_gemms`): each step is the BF16 tables' step (`base`) plus what the quantized layers add to
+    or save from BF16 at the step's rows, by the measured format/BF16 ratio per layer shape
+    (`delta`). Attention, the KV cache and the LM head stay as the BF16 tables price them."""
+
+    def __init__(self, base, delta, path: str):
+        self.base, self.delta = base, delta
+        self.timing_source = f"{base.timing_source}, plus the quantized layers by the {delta.source} ({path})"
+        self.fallback_reason = None
+
+    def step_time_s(self, w: StepWork) -> float:
+        return self.base.step_time_s(w) + self.delta.at(w.tokens)
+
+    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
+        return self.base.decode_step_s(num_seqs, kv_tokens) + self.delta.at(num_seqs)
+
+
+WEIGHT_KERNELS = ("native", "marlin", "machete", "dequant", "cutlass_block")
 KERNEL_LABELS = {"marlin": "weights on the Marlin GEMM path",
                  "machete": "weights on the Machete GEMM path (Hopper)",
-                 "dequant": "weights on the legacy dequantize + cuBLAS path"}
+                 "dequant": "weights on the legacy dequantize + cuBLAS path",
+                 "cutlass_block": "block-FP8 weights on vLLM's CUTLASS block-scaled GEMM (DeepGEMM from 0.11)"}
 
 
 def vllm_release(version: str) -> tuple[int, int]:
@@ -531,6 +559,8 @@ def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_versio
       size Machete takes, and no MoE experts (those keep Marlin's MoE kernel);
     - "marlin": the other AWQ/GPTQ checkpoints on compute capability >= 8.0, and FP8 on a GPU
       without FP8 tensor cores (FP8 Marlin, W8A16);
+    - "cutlass_block": block-FP8 linear layers on compute capability 9.0 up to CUTLASS_BLOCK_LAST
+      (DeepGEMM, which the tables hold, from 0.11);
     - else "native"."""
     release = vllm_release(vllm_version)
     if fmt.name in DEQUANT_MIN_TOKENS:
@@ -542,6 +572,8 @@ def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_versio
         return "marlin"
     if fmt.name in ("fp8", "fp8-block") and not gpu.fp8_tflops:
         return "marlin"
+    if fmt.name == "fp8-block" and gpu.compute_capability == 9.0 and not moe and release <= CUTLASS_BLOCK_LAST:
+        return "cutlass_block"
     return "native"
 
 
@@ -635,7 +667,8 @@ def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat, kv_c
 TIMING_SOURCES = ("auto", "kernels", "roofline")
 TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measured vLLM kernel tables where they "
                "cover the model, GPU and format; AWQ/GPTQ and FP8 on A100 from the BF16 tables scaled by the roofline's "
-               "ratio; DeepSeek-V2-Lite on an H100/H200 from the GEMM tables at its layer shapes, its MoE experts "
+               "ratio, or on an H100/H200 by kvlab's measured ratio of vLLM's int4 kernels where it has the model's "
+               "layer shapes; DeepSeek-V2-Lite on an H100/H200 from the GEMM tables at its layer shapes, its MoE experts "
                "measured and its attention from the measured MLA module tables; else the roofline, labelled), "
                "kernels (tables only), roofline")
 VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
@@ -654,7 +687,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     measured parts where there are some: `with_measured_ops`). All have
     `step_time_s`, `decode_step_s`, `timing_source` and `provenance_counts`."""
     from kvlab.errors import KvlabError
-    from kvlab.sim import kernels
+    from kvlab.sim import kernels, quant_gemms
 
     if source not in TIMING_SOURCES:
         raise KvlabError(f"unknown timing source {source!r}; use one of: {', '.join(TIMING_SOURCES)}")
@@ -673,6 +706,15 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         roofline = dataclasses.replace(roofline, timing_source=f"roofline ({path})")
     if source == "roofline":
         return roofline
+    if source == "auto" and kernel == "cutlass_block":  # the tables' fp8_block rows are DeepGEMM's
+        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
+        if delta is not None and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
+            bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
+            base = kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16,
+                                        STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+            return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
+        path = None  # no measured CUTLASS rows for these shapes: the tables' fp8_block rows, as before
+        roofline = dataclasses.replace(roofline, timing_source="roofline")
     reason = kernels.kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
     if reason is None:
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
@@ -681,6 +723,9 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
         base = kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16,
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
+        if delta is not None:
+            return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
         return ScaledTiming(base, roofline, bf16, path)
     if source == "kernels":
         raise KvlabError(f"no measured kernel data for this configuration: {reason}")
