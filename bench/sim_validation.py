@@ -593,8 +593,11 @@ def _source(label: str) -> str:
     """The timing source in a few words: measured kernel tables, or the roofline (and why)."""
     if label.startswith("aiconfigurator"):
         scaled = re.search(r"scaled by the roofline's (\w+)/BF16 ratio", label)
+        measured = re.search(r"plus the quantized layers by the (\w+) / bf16 GEMM ratio measured", label)
         return ("kernel tables (" + label.split(": ", 1)[1].split(",")[0] + ")"
-                + (f"; BF16 tables x the roofline's {scaled[1]}/BF16 ratio" if scaled else ""))
+                + (f"; BF16 tables x the roofline's {scaled[1]}/BF16 ratio" if scaled else "")
+                + (f"; BF16 tables + the {measured[1]}/bf16 GEMM ratio measured per layer (vLLM 0.26 kernels, "
+                   "H200)" if measured else ""))
     m = re.match(r"roofline \(no kernel data: (.*)\)$", label)
     return f"roofline fallback: {re.sub(r' [(]tables exist for: [^)]*[)]', '', m[1])}" if m else label
 
