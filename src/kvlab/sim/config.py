@@ -116,7 +116,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
     (`kvlab.sim.timing.step_timing`: roofline, kernels, auto; default `DEFAULT_TIMING`).
     `vllm_version`: the vLLM release simulated: its weight-GEMM kernel choice (`timing.weight_kernel`:
-    -q awq's legacy kernel, Machete or Marlin) and its memory profiling (`memory_release`: the default
+    -q awq's legacy kernel, Machete or Marlin; block FP8 on Hopper: CUTLASS up to 0.10) and its memory profiling (`memory_release`: the default
     --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
     from 0.21)."""
     if isinstance(config, str):

@@ -672,7 +672,8 @@ TIMING_HELP = ("Step-time backend (kvlab option, not a vLLM flag): auto (measure
                "measured and its attention from the measured MLA module tables; else the roofline, labelled), "
                "kernels (tables only), roofline")
 VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run's): its weight-GEMM kernel "
-                     "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19) and "
+                     "choice (-q awq kept its legacy kernel up to 0.23, AWQ runs Machete on Hopper from 0.19, "
+                     "block FP8 on Hopper CUTLASS up to 0.10 and DeepGEMM from 0.11) and "
                      "its memory profiling (default --gpu-memory-utilization 0.9 before 0.20; CUDA graphs taken "
                      "from the KV budget from 0.21; before 0.10 sized as 0.10)")
 DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (docs/simulator-validation.md)
