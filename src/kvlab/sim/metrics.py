@@ -123,7 +123,8 @@ HELP = {
 }
 TIMING_INFO = "kvlab:sim_timing_info"
 STEPS_PRICED = "kvlab:sim_steps_priced"
-# "scaled": a weight-only format priced from the BF16 tables times the roofline's ratio (timing.ScaledTiming);
+# "scaled": a weight-only format priced from the BF16 tables times a format/BF16 ratio, the roofline's or the
+# one kvlab measured on vLLM's kernels (timing.ScaledTiming, timing.MeasuredRatioTiming);
 # "composed": a model no table holds whole, every part of its step from measured data (timing.with_measured_ops)
 PROVENANCES = ("measured", "interpolated", "extrapolated", "scaled", "composed", "roofline")
 

@@ -36,7 +36,7 @@ GPU-equivalent (no micro-batch pipelining modelled). The efficiency factors are 
 aiconfigurator-core) where a model, GPU and format have them; for a weight-only format without
 GEMM tables on a GPU with BF16 tables, the BF16 tables scaled by this roofline's format/BF16 ratio
 per step (`ScaledTiming`), or, on an H100/H200 where kvlab measured vLLM's own int4 / CUTLASS block-FP8
-kernels at every layer shape of the model, the BF16 tables plus those layers by the measured
+kernels at (or within 2x of) every layer shape of the model, the BF16 tables plus those layers by the measured
 format/BF16 ratio (`MeasuredRatioTiming`, `kvlab.sim.quant_gemms`); else this roofline, with the parts of the step that have measured data
 priced from it (`with_measured_ops`: an MLA model no table holds whole, DeepSeek-V2-Lite on an
 H100/H200: "composed" where every part is). Each names its `timing_source` and counts its priced
@@ -513,8 +513,8 @@ class ScaledTiming:
 
 
 class MeasuredRatioTiming(ScaledTiming):
-    """An int4 format on Hopper whose every linear layer kvlab measured on vLLM's own kernels
-    (`quant_gemms`): each step is the BF16 tables' step (`base`) plus what the quantized layers add to
+    """An int4 (or, up to vLLM 0.10, block-FP8) format on Hopper whose every linear layer shape kvlab
+    measured on vLLM's own kernels, or one within 2x of it (`quant_gemms`): each step is the BF16 tables' step (`base`) plus what the quantized layers add to
     or save from BF16 at the step's rows, by the measured format/BF16 ratio per layer shape
     (`delta`). Attention, the KV cache and the LM head stay as the BF16 tables price them."""
 
@@ -707,13 +707,15 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         roofline = dataclasses.replace(roofline, timing_source=f"roofline ({path})")
     if source == "roofline":
         return roofline
+    def bf16_base():  # the BF16 kernel tables' timing of this model, and its roofline
+        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
+        return kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16, STEP_OVERHEAD_S,
+                                    PER_SEQ_OVERHEAD_S), bf16
+
     if source == "auto" and kernel == "cutlass_block":  # the tables' fp8_block rows are DeepGEMM's
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
         if delta is not None and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
-            bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
-            base = kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16,
-                                        STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
-            return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
+            return MeasuredRatioTiming(bf16_base()[0], delta, KERNEL_LABELS[kernel])
         path = None  # no measured CUTLASS rows for these shapes: the tables' fp8_block rows, as before
         roofline = dataclasses.replace(roofline, timing_source="roofline")
     reason = kernels.kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
@@ -721,9 +723,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
     if source == "auto" and path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
-        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
-        base = kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16,
-                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+        base, bf16 = bf16_base()
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
         if delta is not None:
             return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
