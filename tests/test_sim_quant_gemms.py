@@ -57,14 +57,20 @@ def test_the_rows_cover_every_format_at_every_token_count_and_passed_their_check
             assert all((f, n, k) in shapes for f in int4 | {"bfloat16", "fp8_block_128"}), (model, n, k)
 
 
+def against_table(fmt: str, mode: str) -> list[float]:
+    """kvlab's rows of `fmt` over aiconfigurator's H200 table of quant mode `mode`, point by point."""
+    ratios = []
+    for (f, n, k), (ms, seconds) in quant_gemms._latencies().items():
+        if f == fmt:
+            table = gemm_tables.gemm_seconds("h200_sxm", mode, n, k)
+            ratios += [s / table[gemm_tables.GRID.index(m)] for m, s in zip(ms, seconds)]
+    return ratios
+
+
 def test_the_harness_against_nvidias_bf16_tables():
     """kvlab's bf16 cuBLAS rows against aiconfigurator's H200 BF16 GEMM table (NVIDIA's measurement, the
     base the ratios scale) at the same shapes and token counts: 194 of 225 within ±15 %, median 1.035."""
-    ratios = []
-    for (fmt, n, k), (ms, seconds) in quant_gemms._latencies().items():
-        if fmt == "bfloat16":
-            table = gemm_tables.gemm_seconds("h200_sxm", "bfloat16", n, k)
-            ratios += [s / table[gemm_tables.GRID.index(m)] for m, s in zip(ms, seconds)]
+    ratios = against_table("bfloat16", "bfloat16")
     assert len(ratios) == 225
     assert 1.0 < statistics.median(ratios) < 1.07
     assert sum(abs(r - 1) <= 0.15 for r in ratios) == 194 and 0.8 < min(ratios) and max(ratios) < 1.3
@@ -74,11 +80,7 @@ def test_the_fp8_rows_against_nvidias_fp8_tables():
     """vLLM 0.26's per-tensor FP8 linear (static activation scale: quantisation + CUTLASS GEMM) against
     aiconfigurator's H200 FP8 GEMM table (vLLM 0.24, what prices `-q fp8` on Hopper) at the same shapes:
     172 of 225 points within ±15 %, median 0.959 (the harness, and the tables, on a second kernel)."""
-    ratios = []
-    for (fmt, n, k), (ms, seconds) in quant_gemms._latencies().items():
-        if fmt == "fp8_static_tensor":
-            table = gemm_tables.gemm_seconds("h200_sxm", "fp8", n, k)
-            ratios += [s / table[gemm_tables.GRID.index(m)] for m, s in zip(ms, seconds)]
+    ratios = against_table("fp8_static_tensor", "fp8")
     assert len(ratios) == 225
     assert 0.93 < statistics.median(ratios) < 0.99 and sum(abs(r - 1) <= 0.15 for r in ratios) == 172
 
