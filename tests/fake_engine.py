@@ -14,6 +14,7 @@ stage (finalize, report) where it writes $KVLAB_FAKE_MARKER and waits, so a sign
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -67,6 +68,9 @@ def _pause_at(stage: str, setattr) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get(MARKER_ENV):  # the signal state this process inherited, for a failing test to show
+        Path(os.environ[MARKER_ENV] + ".signals").write_text(
+            f"SIGINT handler {signal.getsignal(signal.SIGINT)!r}; blocked {sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}")
     install(setattr)
     if os.environ.get(PAUSE_ENV):
         _pause_at(os.environ[PAUSE_ENV], setattr)

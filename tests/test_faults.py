@@ -369,16 +369,31 @@ def test_kvlab_killed_outright_leaves_a_lease_and_the_rerun_stops_its_server(fak
     assert_records_whole(out)
 
 
-def test_ctrl_c_in_report_marks_it_incomplete_and_a_rerun_completes_it(fake, tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_in_report_marks_it_incomplete_and_a_rerun_completes_it(fake, tmp_path, inherited):
+    """Also when kvlab report starts with SIGINT ignored, as a non-interactive shell starts a
+    background command (`kvlab report ... &` in a script)."""
     out = tmp_path / "r"
     runner.run_spec(make_spec(), out)
     rep = tmp_path / "report"
     env = {fake_engine.PAUSE_ENV: "report", fake_engine.MARKER_ENV: str(tmp_path / "marker")}
-    p = _kvlab_fake(["report", str(out), "--out", str(rep)], fake.tag, env)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if inherited == "ignored" else signal.default_int_handler)
+    try:  # the child inherits an ignored SIGINT
+        p = _kvlab_fake(["report", str(out), "--out", str(rep)], fake.tag, env)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if inherited == "ignored":
+        wait_for(lambda: (tmp_path / "marker.signals").exists(), what="the report's start")
+        assert "Handlers.SIG_IGN" in (tmp_path / "marker.signals").read_text()
     try:
         wait_for(lambda: (tmp_path / "marker").exists() or p.poll() is not None, what="the report's plots")
         os.killpg(p.pid, signal.SIGINT)
-        _, stderr = p.communicate(timeout=60)
+        try:
+            _, stderr = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say what the report started with (kvlab report must hear it anyway)
+            signals = tmp_path / "marker.signals"
+            pytest.fail(f"kvlab report went on after SIGINT; it started with "
+                        f"{signals.read_text() if signals.exists() else 'no state recorded'}")
     finally:
         if p.poll() is None:
             p.kill()

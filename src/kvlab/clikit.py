@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -96,3 +97,12 @@ def throttled(update: Callable[..., None], every_s: float = 0.1) -> Callable[...
             update(*args)
 
     return call
+
+
+def hear_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt here, whatever this process inherited: a
+    non-interactive shell starts background commands with SIGINT ignored, and a parent thread that
+    blocked it (Ray's workers do) passes the block on. A command's own KeyboardInterrupt handling
+    then runs."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])

@@ -19,7 +19,7 @@ def report_cmd(
     """One comparison report over every run found: index.html (plots embedded), summary.md and the
     tables as CSV and JSON. The last line printed is the report's index.html."""
     from kvlab.analysis.report import build_report
-    from kvlab.clikit import live_progress
+    from kvlab.clikit import hear_ctrl_c, live_progress
     from kvlab.errors import KvlabError
 
     if compare:
@@ -31,6 +31,7 @@ def report_cmd(
         if not results:
             raise KvlabError("give one or more folders holding results, e.g. results/ (or --compare A B)")
         folders, out, compare_with = list(results), out or Path(results[0]) / "report", None
+    hear_ctrl_c()  # Ctrl-C leaves the report marked incomplete (below)
     try:
         with live_progress() as progress:
             task = progress.add_task("report", total=None)

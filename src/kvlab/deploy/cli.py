@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvlab.clikit import emit_json
+from kvlab.clikit import emit_json, hear_ctrl_c
 
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160, highlight=False,
                   soft_wrap=True)
@@ -130,8 +130,8 @@ def serve_cmd(
         print_plan(srv)
         console.print(f"log: {srv.log_path}")
     record_path = record or srv.log_path.with_suffix(".json")
-    # Ctrl-C and SIGTERM stop the server (SIGINT may arrive ignored from a non-interactive shell).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C and SIGTERM stop the server.
+    hear_ctrl_c()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         _run(srv, record_path, as_json)

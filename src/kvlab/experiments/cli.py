@@ -24,10 +24,11 @@ def _raise_keyboard_interrupt(signum, frame):
 def _run_stopping_cleanly(spec, folder: Path, only, engine, api_key, ray: str | None = None) -> None:
     """Ctrl-C, or SIGTERM from a job scheduler, stops the servers and Locust and keeps what is
     finished; a record that cannot be written (a full disk) ends the run with one line."""
+    from kvlab.clikit import hear_ctrl_c
     from kvlab.errors import KvlabError
     from kvlab.io import RecordWriteError
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # may arrive ignored from a non-interactive shell
+    hear_ctrl_c()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         _progress_runner(spec, folder, only, engine, api_key, ray)
