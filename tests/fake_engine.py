@@ -68,9 +68,10 @@ def _pause_at(stage: str, setattr) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get(MARKER_ENV):  # the signal state this process inherited, for a failing test to show
-        Path(os.environ[MARKER_ENV] + ".signals").write_text(
-            f"SIGINT handler {signal.getsignal(signal.SIGINT)!r}; blocked {sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}")
+    signals = Path(os.environ.get(MARKER_ENV, "") + ".signals")
+    if os.environ.get(MARKER_ENV) and signals.parent.is_dir():  # the signal state it inherited, for a failing test
+        signals.write_text(f"SIGINT handler {signal.getsignal(signal.SIGINT)!r}; "
+                           f"blocked {sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}")
     install(setattr)
     if os.environ.get(PAUSE_ENV):
         _pause_at(os.environ[PAUSE_ENV], setattr)
