@@ -55,10 +55,16 @@ GPUS = ("h100", "h200")  # Hopper presets with BF16 GEMM tables to scale (gemm_t
 
 
 @functools.lru_cache(maxsize=1)
+def _rows() -> tuple[dict, ...]:
+    """The CSV's rows, read once."""
+    return read_rows(DATA)
+
+
+@functools.lru_cache(maxsize=1)
 def _latencies() -> dict[tuple[str, int, int], tuple[tuple[int, ...], tuple[float, ...]]]:
     """(format, n, k) -> (rows, seconds) of the whole layer, rows ascending."""
     out: dict[tuple[str, int, int], dict[int, float]] = {}
-    for r in read_rows(DATA):
+    for r in _rows():
         if r["device"] == MEASURED_GPU:
             out.setdefault((r["format"], int(r["n"]), int(r["k"])), {})[int(r["m"])] = float(r["latency"]) / 1e3
     return {key: (tuple(sorted(v)), tuple(v[m] for m in sorted(v))) for key, v in out.items()}
@@ -66,7 +72,7 @@ def _latencies() -> dict[tuple[str, int, int], tuple[tuple[int, ...], tuple[floa
 
 def kernel_version() -> str:
     """The vLLM release whose kernels the rows time (from their kernel_source, 'vllm0.26.0 ...')."""
-    return read_rows(DATA)[0]["kernel_source"].split()[0].removeprefix("vllm")
+    return _rows()[0]["kernel_source"].split()[0].removeprefix("vllm")
 
 
 def dense_linear_shapes(arch: ModelArch, tp: int) -> tuple[tuple[str, int, int, int], ...] | None:
@@ -152,7 +158,7 @@ def measured_delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str,
 @functools.lru_cache(maxsize=1)
 def measured_models() -> tuple[str, ...]:
     """The models whose every int4 and block-FP8 layer the rows hold (for `kvlab gpus`)."""
-    return tuple(sorted({r["model"] for r in read_rows(DATA) if r["format"] == FORMATS[("awq", "machete")]}))
+    return tuple(sorted({r["model"] for r in _rows() if r["format"] == FORMATS[("awq", "machete")]}))
 
 
 def measured_shapes() -> tuple[tuple[str, int, int], ...]:
