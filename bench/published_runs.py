@@ -96,6 +96,9 @@ class Run(BaseModel):
     num_prompts: int | None = Field(ge=1)
     max_concurrency: int | None = Field(ge=1)
     request_rate: Annotated[float, Field(gt=0)] | Literal["inf"] | None
+    # the bench client's --endpoint-type (--backend) where the source states openai-chat
+    # (/v1/chat/completions); absent: /v1/completions, or not stated (simulated as /v1/completions)
+    endpoint_type: Literal["openai-chat"] | None = None
     max_model_len: int | None = Field(default=None, ge=1)  # vllm serve flags the source states; absent: default
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)

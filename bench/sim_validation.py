@@ -249,6 +249,12 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                 "max_concurrency": run.max_concurrency}
     if run.dataset != "sharegpt":
         workload.update(input_len=run.input_len, output_len=run.output_len)
+    if run.endpoint_type:
+        workload["endpoint_type"] = run.endpoint_type
+        chat_s, chat_source = sim_timing.chat_template_cost(_release(run), _model_type(model))
+        if chat_s:
+            note = "; ".join(filter(None, [note, f"chat requests: vLLM {_release(run)} parses the chat template on "
+                                                 f"each, {1e3 * chat_s:.1f} ms of API-server CPU ({chat_source})"]))
     if run.warm_runs:
         workload["warm_runs"] = run.warm_runs
         note = "; ".join(filter(None, [note, f"after {run.warm_runs} earlier run{'s' if run.warm_runs > 1 else ''} "
@@ -348,6 +354,24 @@ def fitted(bench: BenchRun) -> BenchRun:
     return bench
 
 
+
+
+def _chat_costs() -> str:
+    """kvlab.sim.timing.CHAT_TEMPLATE_COST_S in one line, ms per chat request."""
+    by = {}
+    for (template, path), s in sim_timing.CHAT_TEMPLATE_COST_S.items():
+        by.setdefault(template, {})[path] = s
+    return ", ".join(f"{t} {1e3 * p['resolve_chat_template_kwargs']:.1f} / {1e3 * p['detect_content_format']:.1f} ms"
+                     for t, p in by.items())
+
+
+def _model_type(model: str) -> str:
+    """A card's or CONFIGS entry's model_type (which chat template it has)."""
+    if model in CONFIGS:
+        return CONFIGS[model]["model_type"]
+    from kvlab.models.cards import resolve_model
+
+    return resolve_model(model).arch.model_type
 
 
 def _release(run: published_runs.Run) -> str:
@@ -797,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * sim_timing.FRONTEND_PER_REQUEST_S:.1f} ms per request + "
           f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:.0f} us per prompt token in, "
           f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:.0f} us per streamed output; request latency "
-          f"{1000 * sim_timing.FRONTEND_LATENCY_S:.0f} ms\n")
+          f"{1000 * sim_timing.FRONTEND_LATENCY_S:.0f} ms; chat requests at vLLM 0.11.0 and 0.6.4-0.9.1: the "
+          f"chat template's parse, measured ({_chat_costs()})\n")
     print("\n".join(timing_table(results, timings)) + "\n")
     for split in ("train", "test"):
         for t in timings:

@@ -243,3 +243,75 @@ def test_sim_serve_says_what_it_does_with_several_api_servers(capsys):
     one = parse_serve_args(["llama-3.1-8b", "--gpu", "h100", "--max-model-len", "4096"])
     logs.startup_lines(build_config(one.config, "h100"), one.non_default, one.not_simulated)
     assert "api_server_count" not in capsys.readouterr().out
+
+
+# -- the chat template, parsed per chat request by vLLM 0.11.0 and releases before 0.9.2
+
+
+def test_the_chat_template_cost_follows_the_releases_read_in_their_wheels():
+    """0.11.0 and 0.6.4-0.9.1 parse the template per chat request (kvlab.sim.timing.CHAT_TEMPLATE_RELEASES);
+    0.9.2-0.10.x and 0.11.1 on cache it. A version without its patch is read as its .0."""
+    from kvlab.sim.timing import CHAT_TEMPLATE_COST_S, chat_template_cost
+
+    assert chat_template_cost("0.11.0", "qwen3")[0] == CHAT_TEMPLATE_COST_S["qwen3", "resolve_chat_template_kwargs"]
+    assert chat_template_cost("0.11", "qwen3_moe")[0] == CHAT_TEMPLATE_COST_S["qwen3", "resolve_chat_template_kwargs"]
+    assert chat_template_cost("0.8.5", "deepseek_v3")[0] == CHAT_TEMPLATE_COST_S["deepseek_v3", "detect_content_format"]
+    assert chat_template_cost("0.9.1", "llama")[0] == CHAT_TEMPLATE_COST_S["llama3_1", "detect_content_format"]
+    for cached in ("0.9.2", "0.10.1.1", "0.10.2", "0.11.1", "0.11.2", "0.19.0", "0.32", "0.5.4"):
+        assert chat_template_cost(cached, "qwen3")[0] == 0.0, cached
+    cost, source = chat_template_cost("0.11.0", "mistral")  # no measurement of its template
+    assert cost == CHAT_TEMPLATE_COST_S["deepseek_v3", "resolve_chat_template_kwargs"]  # the median of three
+    assert source.startswith("assumed")
+
+
+def test_the_installed_vllm_caches_the_template_parse():
+    """The release kvlab serves with (vLLM 0.32, the CPU build) caches what 0.11.0 did on every request
+    (`vllm/renderers/hf.py`), so its chat requests cost nothing for it."""
+    hf = pytest.importorskip("vllm.renderers.hf")
+    from kvlab.sim.timing import chat_template_cost
+
+    assert hasattr(hf, "_cached_resolve_chat_template_kwargs")
+    assert chat_template_cost("0.32", "qwen3") == (0.0, "vLLM 0.32 caches the chat template's parse")
+
+
+def test_a_chat_burst_reaches_the_engine_core_after_every_template_is_parsed():
+    """8 chat requests at t=0, 20 ms of template work each, then 4 ms of input processing: the API
+    server's event loop parses all eight before it tokenises the first, so no request reaches the
+    engine core before 8 x 20 ms, the k-th at 8 x 20 ms + (k + 1) x 4 ms; a lone request at t=1 s
+    takes its own 20 + 4 ms."""
+    n, tmpl, c_in = 8, 0.02, 0.004
+    cfg = _cfg(frontend_per_request_s=c_in, frontend_per_chat_request_s=tmpl)
+    eng = Engine(cfg)
+    done = [eng.template(0.0) for _ in range(n)]
+    assert done == pytest.approx([(k + 1) * tmpl for k in range(n)])
+    # each is handed on when its template work is through: behind the templates queued before then
+    entered = [eng.intake(t, 200, latency=False) for t in done]
+    assert entered == pytest.approx([n * tmpl + (k + 1) * c_in for k in range(n)])
+    assert eng.intake(eng.template(1.0), 200, latency=False) == pytest.approx(1.0 + tmpl + c_in)
+
+
+def test_a_chat_burst_in_the_replay_and_the_completions_endpoint():
+    """The replay puts chat requests through the template work (run_offline(chat=True)); the same
+    burst sent to /v1/completions (chat=False) costs nothing for it."""
+    n, tmpl = 8, 0.05  # far longer than an 8B prefill of ~130 tokens
+    cfg = _cfg(frontend_per_chat_request_s=tmpl)
+    chat, plain = _play(cfg, n=n, chat=True), _play(cfg, n=n, chat=False)
+    assert min(r["ttft_s"] for r in chat.records) >= n * tmpl  # the first token after all n parses
+    assert [r["ttft_s"] for r in plain.records] == pytest.approx([r["ttft_s"] for r in _play(_cfg(), n=n).records])
+
+
+def test_sim_bench_records_its_endpoint_and_prices_chat_at_0_11_0():
+    from kvlab.replay.bench import run_bench
+
+    kw = dict(dataset="random", input_len=128, output_len=4, num_prompts=200, timing="roofline")
+    chat = run_bench("qwen3-8b", "h100", endpoint_type="openai-chat", vllm_version="0.11.0", **kw)
+    plain = run_bench("qwen3-8b", "h100", vllm_version="0.11.0", **kw)
+    later = run_bench("qwen3-8b", "h100", endpoint_type="openai-chat", vllm_version="0.11.1", **kw)
+    assert (chat.endpoint_type, plain.endpoint_type) == ("openai-chat", "openai")
+    from kvlab.sim.timing import CHAT_TEMPLATE_COST_S
+
+    floor = 200 * CHAT_TEMPLATE_COST_S["qwen3", "resolve_chat_template_kwargs"]
+    assert chat.median_ttft_ms / 1e3 > floor > plain.p99_ttft_ms / 1e3
+    assert later.mean_ttft_ms == pytest.approx(plain.mean_ttft_ms)
+    with pytest.raises(Exception, match="--endpoint-type must be one of openai, openai-chat"):
+        run_bench("qwen3-8b", "h100", endpoint_type="vllm", **kw)

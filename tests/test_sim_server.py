@@ -324,3 +324,28 @@ def test_a_client_that_leaves_is_aborted_in_one_log_line():
     assert "Traceback" not in log and "Error handling request" not in log
     assert log.count("Aborted request(s)") == 2 and f"Aborted request(s) {rid}." in log
     assert re.search(r"Aborted request\(s\) cmpl-[0-9a-f]+-0\.", log)
+
+
+def test_a_chat_request_at_0_11_0_pays_for_its_template():
+    """`kvlab sim serve --vllm-version 0.11.0`: a chat request's TTFT (vLLM's histogram, simulated time)
+    carries the API server's parse of the chat template (kvlab.sim.timing.chat_template_cost); a
+    completion request of about the same length does not."""
+    from kvlab.sim.timing import CHAT_TEMPLATE_COST_S
+
+    s = SimServer("qwen3-8b", "--gpu", "h100", "--max-model-len", "4096", "--speedup", "1", "--vllm-version", "0.11.0")
+    try:
+        def ttft_sum() -> float:
+            fam = next(f for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                       if f.name == "vllm:time_to_first_token_seconds")
+            return next(x.value for x in fam.samples if x.name.endswith("_sum"))
+
+        before = ttft_sum()
+        httpx.post(s.url + "/v1/completions", json={"prompt": "say something short", "max_tokens": 2},
+                   timeout=30).raise_for_status()
+        plain = ttft_sum() - before
+        httpx.post(s.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "say something short"}], "max_tokens": 2}).raise_for_status()
+        chat = ttft_sum() - before - plain
+    finally:
+        s.stop()
+    assert chat - plain > 0.9 * CHAT_TEMPLATE_COST_S["qwen3", "resolve_chat_template_kwargs"]

@@ -129,6 +129,7 @@ def bench_metrics(records: list[dict]) -> dict:
 
 WARM_GAP_S = 1.0  # idle simulated time between two runs of a --warm-runs bench
 MAX_WARM_RUNS = 10
+ENDPOINT_TYPES = ("openai", "openai-chat")  # vllm bench serve's --endpoint-type values kvlab simulates
 
 
 def _shifted(plans: list[SessionPlan], by_s: float) -> list[SessionPlan]:
@@ -138,7 +139,7 @@ def _shifted(plans: list[SessionPlan], by_s: float) -> list[SessionPlan]:
 
 
 def _warm_offset(model: str, gpu: str, cfg, plans: list[SessionPlan], warm_runs: int,
-                 max_concurrency: int | None) -> tuple[list[SessionPlan], float]:
+                 max_concurrency: int | None, chat: bool = False) -> tuple[list[SessionPlan], float]:
     """The bench's requests after `warm_runs` earlier runs of the same requests on the same engine,
     each sent WARM_GAP_S after the one before has ended (the engine and its prefix cache kept, as on
     a server not restarted between `vllm bench serve` runs); the sessions and when the last run starts.
@@ -150,7 +151,7 @@ def _warm_offset(model: str, gpu: str, cfg, plans: list[SessionPlan], warm_runs:
     for _ in range(warm_runs):
         played += _shifted(plans, start)
         res = run_offline(model, gpu, played, HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
-                          max_in_flight=max_concurrency)
+                          max_in_flight=max_concurrency, chat=chat)
         ends = [r["start_ts"] + (r["e2e_s"] or 0.0) for r in res.records]
         start = max(ends) + WARM_GAP_S
     return played + _shifted(plans, start), start
@@ -160,13 +161,15 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
               output_len: int | None = None, num_prompts: int = NUM_PROMPTS, request_rate: float = math.inf,
               max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
               random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
-              warm_runs: int = 0, config=None, on_progress=None, **engine_args) -> BenchResult:
+              warm_runs: int = 0, config=None, on_progress=None, endpoint_type: str = "openai",
+              **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
     (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`);
     on_progress(simulated s, requests ended) as each request ends. `warm_runs` N: the results of
     the (N+1)-th run of the same requests on a server not restarted in between (vLLM's datasets
     draw the same prompts for one --seed, so the earlier runs leave them in the prefix cache); N = 0
-    is a freshly started server."""
+    is a freshly started server. `endpoint_type`: openai (/v1/completions) or openai-chat
+    (/v1/chat/completions), as vLLM's --endpoint-type."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
     from kvlab.schema.bench import BenchResult
@@ -174,16 +177,19 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
 
     if max_concurrency is not None and max_concurrency <= 0:
         raise KvlabError("--max-concurrency must be greater than 0")  # vLLM's message
+    if endpoint_type not in ENDPOINT_TYPES:
+        raise KvlabError(f"--endpoint-type must be one of {', '.join(ENDPOINT_TYPES)}, got {endpoint_type!r}")
     if not 0 <= warm_runs <= MAX_WARM_RUNS:
         raise KvlabError(f"--warm-runs must be 0 to {MAX_WARM_RUNS}, got {warm_runs}")
     requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
     cfg = config or build_config(model, gpu, **engine_args)
+    chat = endpoint_type == "openai-chat"
     plans, start = session_plans(requests), 0.0
     if warm_runs:
-        plans, start = _warm_offset(model, gpu, cfg, plans, warm_runs, max_concurrency)
+        plans, start = _warm_offset(model, gpu, cfg, plans, warm_runs, max_concurrency, chat)
     res = run_offline(model, gpu, plans, HORIZON_S, config=cfg, scrape_interval_s=HORIZON_S,
-                      max_in_flight=max_concurrency, on_progress=on_progress)
+                      max_in_flight=max_concurrency, on_progress=on_progress, chat=chat)
     records = res.records
     if warm_runs:  # the last run's requests, on its own clock (each is sent at or after its start)
         records = [{**r, "start_ts": r["start_ts"] - start} for r in records if r["start_ts"] >= start]
@@ -200,7 +206,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
-        warm_runs=warm_runs, num_preemptions=preemptions,
+        warm_runs=warm_runs, endpoint_type=endpoint_type, num_preemptions=preemptions,
         **bench_metrics(records),
     )
 
@@ -239,6 +245,9 @@ def bench_cmd(
     burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of the arrival gaps (1: Poisson)"),
     random_range_ratio: float = typer.Option(RANDOM_RANGE_RATIO, "--random-range-ratio"),
     random_prefix_len: int = typer.Option(0, "--random-prefix-len", help="random: tokens every prompt shares"),
+    endpoint_type: str = typer.Option("openai", "--endpoint-type", "--backend", help=(
+        "openai (/v1/completions) or openai-chat (/v1/chat/completions: vLLM 0.11.0 and releases before 0.9.2 "
+        "parse the model's chat template on every chat request, on the API server)")),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype"),
@@ -286,6 +295,7 @@ def bench_cmd(
                            num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
                            seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
                            random_prefix_len=random_prefix_len, warm_runs=warm_runs, config=config,
+                           endpoint_type=endpoint_type,
                            on_progress=throttled(show))
     if out is not None:
         result.write(out)

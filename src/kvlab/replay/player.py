@@ -73,7 +73,8 @@ class Player:
 
     def __init__(self, cfg: SimConfig, sessions: Iterable[SessionPlan], duration_s: float,
                  concurrency: int | None, scrape_interval_s: float, check_blocks: bool,
-                 fast_decode: bool = True, max_in_flight: int | None = None, max_requests: int | None = None):
+                 fast_decode: bool = True, max_in_flight: int | None = None, max_requests: int | None = None,
+                 chat: bool = False):
         self.cfg = cfg
         self.engine = Engine(cfg, record_token_steps=True, check_blocks=check_blocks)
         self.duration_s = duration_s
@@ -81,7 +82,12 @@ class Player:
         self.plans: Iterator[SessionPlan] = iter(sessions)
         self.concurrency = concurrency
         self.arrivals: list[tuple[float, int, _Session]] = []  # (time, order, session)
-        self.intake: list[tuple[float, int, Sequence]] = []  # (time the front end is through, order, request)
+        # (time the front end is through with a request's work so far, order, request, whether that was its
+        # chat-template work, after which its input processing is queued, or all of it)
+        self.intake: list[tuple[float, int, Sequence, bool]] = []
+        # the requests are chat requests (/v1/chat/completions): at a release that parses the chat template
+        # on each, they take that work first (kvlab.sim.engine.Engine.template)
+        self.chat_template = chat and self.engine.frontend_chat_s > 0
         self.order = 0
         self.pending: SessionPlan | None = None  # open loop: the next plan not yet started
         self.records: list[dict] = []
@@ -137,11 +143,22 @@ class Player:
                 self.in_flight += 1
                 self._push(self.pending.start_offset_s, sess)
             self.pending = next(self.plans, None)
-        while self.arrivals and self.arrivals[0][0] <= now_s:
-            at_s, _, sess = heapq.heappop(self.arrivals)
-            self._send_turn(sess, at_s)
-        while self.intake and self.intake[0][0] <= now_s:
-            self.engine.add_request(heapq.heappop(self.intake)[2])
+        # arrivals and the front end's hand-offs, in time order (an arrival first at the same time): a
+        # request through its chat-template work queues its input processing behind what arrived before
+        while True:
+            t_arrival = self.arrivals[0][0] if self.arrivals else float("inf")
+            t_intake = self.intake[0][0] if self.intake else float("inf")
+            if t_arrival <= t_intake and t_arrival <= now_s:
+                at_s, _, sess = heapq.heappop(self.arrivals)
+                self._send_turn(sess, at_s)
+            elif t_intake <= now_s:
+                ready_s, _, seq, templated = heapq.heappop(self.intake)
+                if templated:
+                    self._take_in(seq, ready_s, latency=False)
+                else:
+                    self.engine.add_request(seq)
+            else:
+                break
 
     def _send_turn(self, sess: _Session, at_s: float) -> None:
         if self.max_requests is not None and self.requests_sent >= self.max_requests:
@@ -166,10 +183,18 @@ class Player:
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
         seq.hash_array = sess.hash_array
         seq.prev_blocks = sess.blocks
-        ready_s = self.engine.intake(at_s, len(prompt))  # the API server's input processing first
+        if self.chat_template:  # the chat template's work first, then the input processing
+            seq.queued_s = self.engine.template(at_s)
+            heapq.heappush(self.intake, (seq.queued_s, self.order, seq, True))
+            self.order += 1
+        else:
+            self._take_in(seq, at_s)
+
+    def _take_in(self, seq: Sequence, at_s: float, latency: bool = True) -> None:
+        ready_s = self.engine.intake(at_s, seq.num_prompt_tokens, latency)  # the API server's input processing
         if ready_s > at_s:
             seq.queued_s = ready_s
-            heapq.heappush(self.intake, (ready_s, self.order, seq))
+            heapq.heappush(self.intake, (ready_s, self.order, seq, False))
             self.order += 1
         else:
             self.engine.add_request(seq)

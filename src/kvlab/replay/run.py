@@ -28,7 +28,7 @@ from pathlib import Path
 from kvlab.errors import KvlabError
 from kvlab.io import atomic_path
 from kvlab.loadtest.plan import SessionPlan
-from kvlab.loadtest.workload import Workload
+from kvlab.loadtest.workload import Workload, load_workload
 from kvlab.replay.player import RECORD_COLUMNS, Player
 from kvlab.replay.sessions import session_stream
 from kvlab.schema.replay import SimRunManifest, SimRunResults
@@ -75,13 +75,16 @@ def run_offline(
     max_in_flight: int | None = None,
     max_requests: int | None = None,
     on_progress: Callable[[float, int], None] | None = None,
+    chat: bool | None = None,
     **engine_args,
 ) -> OfflineResult:
     """Play `sessions` (SessionPlans, or a workload's stream of `seed`) for `duration_s` simulated
     seconds on MODEL served by the simulated vLLM on GPU preset `gpu`; `engine_args` are vLLM's
     flags as `build_config` keywords. Open loop (no `concurrency`): `max_in_flight` caps the sessions
     running at once (later arrivals wait for a slot); `max_requests` stops sending after that many.
-    on_progress(simulated s, requests ended) is called as each request ends (for a progress line)."""
+    on_progress(simulated s, requests ended) is called as each request ends (for a progress line).
+    `chat`: the requests go to /v1/chat/completions (a release that parses the chat template on each
+    costs them that: kvlab.sim.engine); None: as the workload's endpoint says (SessionPlans: no)."""
     if duration_s <= 0:
         raise KvlabError(f"duration must be positive, got {duration_s}")
     if scrape_interval_s <= 0:
@@ -93,12 +96,16 @@ def run_offline(
                          + (" with closed-loop users" if concurrency is not None else ""))
     if max_requests is not None and max_requests < 1:
         raise KvlabError(f"max_requests must be at least 1, got {max_requests}")
+    if isinstance(sessions, (str, Path)):
+        sessions = load_workload(sessions)
+    if chat is None:
+        chat = isinstance(sessions, Workload) and sessions.request.endpoint.endswith("/chat/completions")
     plans = session_stream(sessions, seed, concurrency, spawn_rate)
     cfg = config or build_config(model, gpu, **engine_args)
     cfg.cost.reset_counts()  # timing_provenance counts this run's steps only
     wall0 = time.perf_counter()
     player = Player(cfg, plans, duration_s, concurrency, scrape_interval_s, check_blocks, fast_decode,
-                    max_in_flight=max_in_flight, max_requests=max_requests)
+                    max_in_flight=max_in_flight, max_requests=max_requests, chat=chat)
     player.on_progress = on_progress
     player.run()
     wall_s = time.perf_counter() - wall0

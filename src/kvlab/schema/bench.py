@@ -49,6 +49,10 @@ class BenchResult(Record):
     # kvlab's --warm-runs: earlier runs of the same requests on the same server (prefix cache warm);
     # 0: a freshly started server (records written before it: 0)
     warm_runs: int = 0
+    # vllm bench serve's --endpoint-type (--backend): openai (/v1/completions) or openai-chat
+    # (/v1/chat/completions; at the releases that parse the chat template on each request it costs the
+    # API server that: kvlab.sim.timing.chat_template_cost). Records written before it: openai
+    endpoint_type: Literal["openai", "openai-chat"] = "openai"
 
     # results (vLLM's names and units)
     duration: float = figure("simulated", unit="s", default=0.0,

@@ -56,6 +56,11 @@ class SimConfig:
     # The time every request takes from the client's send to the engine core's queue, apart from
     # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
     frontend_latency_s: float = 0.0
+    # And per chat request (/v1/chat/completions), at the releases that parse the model's chat
+    # template on each one (kvlab.sim.timing.chat_template_cost), before its tokenising; where the
+    # figure comes from
+    frontend_per_chat_request_s: float = 0.0
+    frontend_chat_source: str = ""
     # vLLM's API-server processes (--api-server-count; vLLM's default: --data-parallel-size): the
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
@@ -66,6 +71,10 @@ class SimConfig:
     @property
     def served_model_name(self) -> str:
         return self.served_model_names[0]
+
+    def frontend_chat_s(self) -> float:
+        """The chat template's cost per chat request as one API-server process sees it (`frontend_costs`)."""
+        return self.frontend_per_chat_request_s / self.api_server_count
 
     def frontend_costs(self) -> tuple[float, float, float, float]:
         """The front end's (per request, per prompt token, per output, per step) seconds as one
@@ -159,6 +168,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     _check_scheduler(cap.max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
     dtype_name = normalize_dtype(config.dtype or arch.dtype)
     fmt = weight_format(config.weights, arch)
+    chat_s, chat_source = sim_timing.chat_template_cost(vllm_version, arch.model_type)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -182,6 +192,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
         frontend_per_step_s=sim_timing.FRONTEND_PER_STEP_S,
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
+        frontend_per_chat_request_s=chat_s,
+        frontend_chat_source=chat_source,
         api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
         user_specified_block_size=config.block_size is not None,

