@@ -129,7 +129,9 @@ def bench_metrics(records: list[dict]) -> dict:
 
 WARM_GAP_S = 1.0  # idle simulated time between two runs of a --warm-runs bench
 MAX_WARM_RUNS = 10
-ENDPOINT_TYPES = ("openai", "openai-chat")  # vllm bench serve's --endpoint-type values kvlab simulates
+# vllm bench serve's --endpoint-type values kvlab simulates: /v1/completions (openai, and vllm, its
+# older name for the same client) and /v1/chat/completions (openai-chat)
+ENDPOINT_TYPES = ("openai", "vllm", "openai-chat")
 
 
 def _shifted(plans: list[SessionPlan], by_s: float) -> list[SessionPlan]:
@@ -168,7 +170,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
     on_progress(simulated s, requests ended) as each request ends. `warm_runs` N: the results of
     the (N+1)-th run of the same requests on a server not restarted in between (vLLM's datasets
     draw the same prompts for one --seed, so the earlier runs leave them in the prefix cache); N = 0
-    is a freshly started server. `endpoint_type`: openai (/v1/completions) or openai-chat
+    is a freshly started server. `endpoint_type`: openai or vllm (/v1/completions), or openai-chat
     (/v1/chat/completions), as vLLM's --endpoint-type."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
@@ -185,6 +187,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
     cfg = config or build_config(model, gpu, **engine_args)
     chat = endpoint_type == "openai-chat"
+    endpoint_type = "openai-chat" if chat else "openai"
     plans, start = session_plans(requests), 0.0
     if warm_runs:
         plans, start = _warm_offset(model, gpu, cfg, plans, warm_runs, max_concurrency, chat)
@@ -246,7 +249,7 @@ def bench_cmd(
     random_range_ratio: float = typer.Option(RANDOM_RANGE_RATIO, "--random-range-ratio"),
     random_prefix_len: int = typer.Option(0, "--random-prefix-len", help="random: tokens every prompt shares"),
     endpoint_type: str = typer.Option("openai", "--endpoint-type", "--backend", help=(
-        "openai (/v1/completions) or openai-chat (/v1/chat/completions: vLLM 0.11.0 and releases before 0.9.2 "
+        "openai or vllm (/v1/completions), or openai-chat (/v1/chat/completions: vLLM 0.11.0 and releases before 0.9.2 "
         "parse the model's chat template on every chat request, on the API server)")),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
