@@ -317,3 +317,20 @@ def test_sim_bench_records_its_endpoint_and_prices_chat_at_0_11_0():
                      timing="roofline").endpoint_type == "openai"  # vllm bench's older name for the same client
     with pytest.raises(Exception, match="--endpoint-type must be one of openai, vllm, openai-chat"):
         run_bench("qwen3-8b", "h100", endpoint_type="openai-completions", **kw)
+
+
+def test_a_plan_probe_sends_its_workloads_chat_requests_as_sim_run_does():
+    """The planner's probe and `kvlab sim run` (the command a plan prints to reproduce it) play the same
+    workload alike: its chat requests pay the template parse at vLLM 0.11.0."""
+    import numpy as np
+
+    from kvlab.loadtest.workload import load_workload
+    from kvlab.plan import probe
+    from kvlab.plan.configs import resolve_config
+
+    wl = load_workload("agent")
+    assert wl.request.endpoint == "/v1/chat/completions"
+    window = probe.Window(sim_s=20.0, warmup_s=0.0)
+    old, new = (probe.run_probe(resolve_config("qwen3-8b", "bf16", "h100", 1, 8192, vllm_version=v), wl, 0, 32,
+                                window, use_cache=False)[0] for v in ("0.11.1", "0.11.0"))
+    assert np.nanmean(new.a["ttft_s"]) > np.nanmean(old.a["ttft_s"])
