@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +40,6 @@ from sim_speed import cpu_probe_s  # noqa: E402
 CLIENT = ("import argparse, sys\n"
           "from vllm.benchmarks.serve import add_cli_args, main\n"
           "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -74,12 +67,14 @@ def main() -> int:
     a = ap.parse_args()
     import psutil
 
+    from kvlab.deploy.launcher import free_port
+
     probe = cpu_probe_s()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "tiny"
         model.mkdir()
         use_tokenizer(model, a.tokenizer)
-        port = free_port()
+        port = free_port("127.0.0.1")
         url = f"http://127.0.0.1:{port}"
         log = open(a.log or Path(tmp) / "server.log", "w")
         server = subprocess.Popen(

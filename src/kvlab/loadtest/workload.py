@@ -58,6 +58,11 @@ class RequestSpec(_Spec):
     stall_timeout_s: float = Field(default=60.0, gt=0)  # no byte for this long: a stalled stream
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
+    @property
+    def chat(self) -> bool:
+        """Whether the requests go to a chat-completions endpoint (its messages through the chat template)."""
+        return self.endpoint.endswith("/chat/completions")
+
     @field_validator("endpoint")
     @classmethod
     def _a_path(cls, v: str) -> str:

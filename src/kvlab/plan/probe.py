@@ -217,7 +217,7 @@ def run_probe(cfg: PlanConfig, workload: Workload, seed: int, users: int, window
     sessions = closed_loop(workload, seed, users, plans=workload_plans(workload, seed))
     res = run_offline(cfg.model, cfg.gpu, sessions, window.sim_s, concurrency=users, config=sim_cfg,
                       scrape_interval_s=SCRAPE_INTERVAL_S,
-                      chat=workload.request.endpoint.endswith("/chat/completions"))  # as `kvlab sim run` sends them
+                      chat=workload.request.chat)  # as `kvlab sim run` sends them
     arrays, meta = _arrays(res.records, res.samples), probe_meta(sim_cfg, res.results)
     cpu_s = time.process_time() - cpu0
     if use_cache:

@@ -184,20 +184,22 @@ class Player:
         seq.hash_array = sess.hash_array
         seq.prev_blocks = sess.blocks
         if self.chat_template:  # the chat template's work first, then the input processing
-            seq.queued_s = self.engine.template(at_s)
-            heapq.heappush(self.intake, (seq.queued_s, self.order, seq, True))
-            self.order += 1
+            self._hold(seq, self.engine.template(at_s), True)
         else:
             self._take_in(seq, at_s)
 
     def _take_in(self, seq: Sequence, at_s: float, latency: bool = True) -> None:
         ready_s = self.engine.intake(at_s, seq.num_prompt_tokens, latency)  # the API server's input processing
         if ready_s > at_s:
-            seq.queued_s = ready_s
-            heapq.heappush(self.intake, (ready_s, self.order, seq, False))
-            self.order += 1
+            self._hold(seq, ready_s, False)
         else:
             self.engine.add_request(seq)
+
+    def _hold(self, seq: Sequence, until_s: float, templated: bool) -> None:
+        """`seq` in the front end until `until_s` (`templated`: through its chat-template work only)."""
+        seq.queued_s = until_s
+        heapq.heappush(self.intake, (until_s, self.order, seq, templated))
+        self.order += 1
 
     def on_finished(self, seq: Sequence, end_s: float) -> None:
         sess: _Session = seq.tag

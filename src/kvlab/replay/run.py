@@ -99,7 +99,7 @@ def run_offline(
     if isinstance(sessions, (str, Path)):
         sessions = load_workload(sessions)
     if chat is None:
-        chat = isinstance(sessions, Workload) and sessions.request.endpoint.endswith("/chat/completions")
+        chat = isinstance(sessions, Workload) and sessions.request.chat
     plans = session_stream(sessions, seed, concurrency, spawn_rate)
     cfg = config or build_config(model, gpu, **engine_args)
     cfg.cost.reset_counts()  # timing_provenance counts this run's steps only

@@ -57,10 +57,8 @@ class SimConfig:
     # the front end's serial work (FRONTEND_LATENCY_S; a delay, not a resource: kvlab.sim.engine)
     frontend_latency_s: float = 0.0
     # And per chat request (/v1/chat/completions), at the releases that parse the model's chat
-    # template on each one (kvlab.sim.timing.chat_template_cost), before its tokenising; where the
-    # figure comes from
+    # template on each one (kvlab.sim.timing.chat_template_cost), before its tokenising
     frontend_per_chat_request_s: float = 0.0
-    frontend_chat_source: str = ""
     # vLLM's API-server processes (--api-server-count; vLLM's default: --data-parallel-size): the
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
@@ -168,7 +166,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     _check_scheduler(cap.max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
     dtype_name = normalize_dtype(config.dtype or arch.dtype)
     fmt = weight_format(config.weights, arch)
-    chat_s, chat_source = sim_timing.chat_template_cost(vllm_version, arch.model_type)
+    chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -193,7 +191,6 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_step_s=sim_timing.FRONTEND_PER_STEP_S,
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
         frontend_per_chat_request_s=chat_s,
-        frontend_chat_source=chat_source,
         api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
         user_specified_block_size=config.block_size is not None,

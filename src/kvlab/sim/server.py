@@ -287,10 +287,7 @@ class SimServer:
             seqs = [c.seq for c in choices[p * n:(p + 1) * n]]
             if chat and self.engine.frontend_chat_s:  # the chat template's work, then the input processing
                 done = self.engine.template(now)
-                for seq in seqs:
-                    seq.queued_s = done
-                self.in_intake.update(map(id, seqs))
-                asyncio.get_running_loop().call_later(self.clock.wall_delay(done), self._take_in, seqs, done, False)
+                self._hold(seqs, done, self._take_in, seqs, done, False)
             else:
                 self._take_in(seqs, now, True)
         return pending
@@ -299,12 +296,16 @@ class SimServer:
         """A prompt's choices through the API server's input processing, then to the engine."""
         ready = self.engine.intake(at_s, seqs[0].num_prompt_tokens, latency)
         if ready > at_s:
-            for seq in seqs:
-                seq.queued_s = ready
-            self.in_intake.update(map(id, seqs))
-            asyncio.get_running_loop().call_later(self.clock.wall_delay(ready), self._add, seqs)
+            self._hold(seqs, ready, self._add, seqs)
         else:
             self._add(seqs)
+
+    def _hold(self, seqs: list[Sequence], until_s: float, then, *args) -> None:
+        """A prompt's choices held in the front end until simulated `until_s`, then `then(*args)`."""
+        for seq in seqs:
+            seq.queued_s = until_s
+        self.in_intake.update(map(id, seqs))
+        asyncio.get_running_loop().call_later(self.clock.wall_delay(until_s), then, *args)
 
     def _add(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
