@@ -67,7 +67,7 @@ def main() -> int:
     a = ap.parse_args()
     import psutil
 
-    from kvlab.deploy.launcher import free_port
+    from kvlab.ports import free_port
 
     probe = cpu_probe_s()
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,17 +53,13 @@ from pathlib import Path
 import psutil
 import yaml
 
+from kvlab.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 CLIENTS = ("kvlab", "locust-minimal", "locust-httpuser", "aiohttp")
 MAX_TOKENS = 128
 CLIENT_CPU, SERVER_CPU = "0", "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pinned(cmd: list[str], cpu: str) -> list[str]:

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,18 +31,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvlab.loadtest.plan import SessionPlan, TurnPlan
+from kvlab.ports import free_port
 from kvlab.replay.sessions import predicted_max_users
 
 SYSTEM, USER, END = 1000, 200, 8192
 REPLY_TOKENS = END - SYSTEM - USER + 1
 SESSION = SessionPlan("user", "app0", SYSTEM, (TurnPlan(USER, REPLY_TOKENS, 0.0),))
 PORT = int(os.environ.get("PORT", "0"))  # 0: a free port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 BLOCK_SIZE = os.environ.get("BLOCK_SIZE", "256")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from kvlab.deploy.engines import preset_for_gpu_name  # noqa: F401  (kept import
 from kvlab.deploy.process import ProcessGroup, StopReport
 from kvlab.deploy.profiles import ServeProfile, profile
 from kvlab.errors import KvlabError
+from kvlab.ports import free_port, port_in_use  # noqa: F401  (importable from here, as before)
 from kvlab.redact import redact_argv, redact_env
 from kvlab.schema.server import Prediction, ServerFacts, ServerRecord
 from kvlab.models import memory
@@ -95,32 +95,6 @@ def without_flag(args: list[str], name: str) -> tuple[list[str], str | None]:
             out.append(a)
         i += 1
     return out, value
-
-
-def free_port(host_: str) -> int:
-    with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host_, 0))
-        except OSError as e:  # an unknown name, an address of another machine
-            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
-        return s.getsockname()[1]
-
-
-def port_in_use(host_: str, port: int) -> str | None:
-    """Why (host, port) cannot be bound, or None. SO_REUSEADDR as servers set it (TIME_WAIT is fine)."""
-    with socket.socket(_family(host_), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host_, port))
-        except socket.gaierror as e:
-            raise KvlabError(f"--host {host_!r}: cannot listen there ({e.strerror or e}); the default is 127.0.0.1") from None
-        except OSError as e:
-            return e.strerror or str(e)
-    return None
-
-
-def _family(host_: str) -> int:
-    return socket.AF_INET6 if ":" in host_ else socket.AF_INET
 
 
 def _connect_host(host_: str) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from kvlab.loadtest.records import LiveCounts, read_requests, record_files, writ
 from kvlab.loadtest.render import Calibration, CalibrationError
 from kvlab.loadtest.shapes import SHAPES, ShapePlan
 from kvlab.loadtest.workload import Workload, load_workload
+from kvlab.ports import free_port
 from kvlab.schema.load import LoadRecord
 from kvlab.schema.slo import SLO, SLOFrom
 from kvlab.units import parse_duration_s
@@ -246,12 +246,6 @@ def parse_duration(text: str | float | int) -> float:
     return parse_duration_s(text, allow_zero=True, what="duration")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _users_from_history(path: Path) -> int | None:
     """The last 'User Count' Locust wrote to its stats history (a CSV it flushes every few seconds;
     its last line may be cut off)."""
@@ -337,7 +331,7 @@ def run_load(host: str, workload: str | Path | Workload, users: int | None = Non
             "--logfile", str(out / "locust.log")]
     worker_cmds: list[list[str]] = []
     if workers > 0:
-        port = _free_port()
+        port = free_port()
         head += ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                  "--expect-workers", str(workers), "--expect-workers-max-wait", str(WORKER_WAIT_S)]
         worker_cmds = [[sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",

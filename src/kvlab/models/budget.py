@@ -78,10 +78,17 @@ class MemoryEstimate:
     kv_budget_bytes: int
 
 
+def vllm_patch_release(version: str) -> tuple[int, int, int] | None:
+    """'0.32', '0.10.2', 'v0.21.0', '0.8.5.post1' -> (major, minor, patch), a version without its
+    patch read as its .0; None for anything else."""
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:\S*)", str(version).strip())
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
 def vllm_release(version: str) -> tuple[int, int] | None:
     """'0.32', '0.10.2', 'v0.21.0', '0.8.5.post1' -> (major, minor); None for anything else."""
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:\S*)", str(version).strip())
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    release = vllm_patch_release(version)
+    return release[:2] if release else None
 
 
 def release_of(version: str) -> tuple[int, int]:

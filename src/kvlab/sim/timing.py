@@ -334,11 +334,10 @@ CHAT_TEMPLATE_SOURCE = "measured: bench/chat_template_cost.py"
 
 def vllm_patch_release(version: str) -> tuple[int, int, int]:
     """'0.11.0' -> (0, 11, 0); a version without its patch ('0.11') is read as its .0."""
-    import re
+    from kvlab.models.budget import vllm_patch_release as patch_release_of
 
-    major, minor = vllm_release(version)
-    m = re.fullmatch(r"v?\d+\.\d+\.(\d+)\S*", str(version).strip())
-    return major, minor, int(m.group(1)) if m else 0
+    vllm_release(version)  # KvlabError for what is not a version
+    return patch_release_of(version)
 
 
 def chat_template_cost(vllm_version: str, model_type: str) -> tuple[float, str]:
