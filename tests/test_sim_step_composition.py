@@ -38,11 +38,12 @@ def test_recorded_steps_add_up_to_the_run(runs):
     # requests' input processing overlaps the first steps) to the last request: its steps are the run,
     # and then the front end streams the last step's outputs (FRONTEND_PER_OUTPUT_S for each request in
     # it; at 24 requests it never falls behind the engine). The run's chat requests at vLLM 0.11.0 first
-    # have their chat template parsed, all 24 before the first one's input processing (kvlab.sim.engine)
+    # have their chat template parsed, all 24 before the first one's input processing (kvlab.sim.engine),
+    # after the request latency every request takes on its way in (FRONTEND_LATENCY_S)
     per_output = sim_timing.FRONTEND_PER_OUTPUT_S
     chat_s, _ = sim_timing.chat_template_cost(c.bench.vllm_version, "qwen3")
     assert c.bench.workload["endpoint_type"] == "openai-chat" and chat_s > 0
-    head = (PROMPTS * chat_s + sim_timing.FRONTEND_PER_REQUEST_S
+    head = (sim_timing.FRONTEND_LATENCY_S + PROMPTS * chat_s + sim_timing.FRONTEND_PER_REQUEST_S
             + sim_timing.FRONTEND_PER_PROMPT_TOKEN_S * res["total_input_tokens"] / res["completed"])  # 2,000 each
     tail = res["duration"] - head - (r.mixed.seconds + r.decode.seconds)
     if per_output:
