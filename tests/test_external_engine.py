@@ -21,6 +21,7 @@ from kvlab.experiments import index, runner
 from kvlab.experiments.spec import validate_spec
 from kvlab.models import memory
 from kvlab.models.cards import card
+from kvlab.ports import free_port
 from kvlab.schema.experiment import Manifest, RepeatResults
 
 MODEL = "llama-3.1-8b"
@@ -50,14 +51,6 @@ class SimServer:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def external_spec(url: str, name: str = "ext", duration_s: float = 4):
