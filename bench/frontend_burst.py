@@ -16,8 +16,19 @@ server's CPU per request is the figure that carries over (scaled by the CPU prob
 bench/sim_speed.py, printed beside it). Profile the API server meanwhile with
 `py-spy record --pid PID --format raw` (its pid is printed) to see where that CPU goes.
 
-Run: `python bench/frontend_burst.py --tokenizer DIR [--server-python PY] [--num-prompts 1000]
-[--input-len 128] [--output-len 4] [--json]` (about 3 minutes on 2 cores).
+Low load (`--max-concurrency C`, vLLM bench's flag: at most C requests in flight; a warm-up pass of
+the same prompts first): where a request's time goes when nothing queues. Beside the client's TTFT
+it prints vLLM's own per-request histograms over the run (`/metrics` before and after:
+`vllm:time_to_first_token_seconds`, `vllm:request_queue_time_seconds`,
+`vllm:request_prefill_time_seconds`, the last two on the engine core's clock) and what is left of
+the client's mean TTFT outside the engine (less the mean queue and prefill times): the API server's
+CPU for the request (template, tokenising, input processing), the transport both ways and the
+client's own handling. The check behind kvlab.sim.timing.FRONTEND_LATENCY_S (docs/simulator-
+validation.md, "Low-load TTFT").
+
+Run: `python bench/frontend_burst.py --tokenizer DIR [--server-python PY] [--endpoint chat|completions]
+[--num-prompts 1000] [--input-len 128] [--output-len 4] [--max-concurrency C] [--json]` (about 3
+minutes on 2 cores; `--max-concurrency 1 --num-prompts 40 --input-len 230 --output-len 32`, 2).
 """
 
 from __future__ import annotations
@@ -54,6 +65,36 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> No
             time.sleep(2)
 
 
+HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
+
+
+def histogram_totals(text: str) -> dict[str, float]:
+    """The `_sum` and `_count` of vLLM's histograms HISTOGRAMS in a `/metrics` text (Prometheus text
+    format), each summed over its label sets (model name, engine)."""
+    raw: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        for h in HISTOGRAMS:
+            if name in (f"vllm:{h}_sum", f"vllm:{h}_count"):
+                raw[name] = raw.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return raw
+
+
+def server_means(url: str, before: dict | None = None) -> dict:
+    """vLLM's own histograms from the server's `/metrics`: their raw sums and counts
+    (`histogram_totals`), or, given those read `before`, each one's mean in milliseconds over the
+    requests in between (None where none was observed)."""
+    raw = histogram_totals(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
+    if before is None:
+        return raw
+    means = {}
+    for h in HISTOGRAMS:
+        n = raw.get(f"vllm:{h}_count", 0.0) - before.get(f"vllm:{h}_count", 0.0)
+        total = raw.get(f"vllm:{h}_sum", 0.0) - before.get(f"vllm:{h}_sum", 0.0)
+        means[h] = 1e3 * total / n if n else None
+    return means
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, required=True, metavar="DIR",
@@ -62,6 +103,10 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=4)
+    ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                    help="/v1/chat/completions (vLLM bench's openai-chat backend) or /v1/completions (openai)")
+    ap.add_argument("--max-concurrency", type=int, metavar="C",
+                    help="at most C requests in flight (default: every prompt at once), after a warm-up pass")
     ap.add_argument("--log", type=Path, help="keep the server's log here")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -80,7 +125,7 @@ def main() -> int:
         server = subprocess.Popen(
             [a.server_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
              "tiny", "--port", str(port), "--max-model-len", "4096", "--max-num-seqs", "1024",
-             "--max-num-batched-tokens", "8192", "--disable-log-stats"],
+             "--max-num-batched-tokens", "8192", *(() if a.max_concurrency else ("--disable-log-stats",))],
             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_healthy(url, server)
@@ -89,14 +134,21 @@ def main() -> int:
             api = psutil.Process(server.pid)
             core = api.children(recursive=True)
             print(f"API server pid {api.pid} (vLLM {version})", file=sys.stderr)
+            chat = a.endpoint == "chat"
+            client = [sys.executable, "-c", CLIENT, "--backend", "openai-chat" if chat else "openai",
+                      "--endpoint", "/v1/chat/completions" if chat else "/v1/completions",
+                      "--base-url", url, "--model", "tiny", "--tokenizer", str(model), "--dataset-name", "random",
+                      "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+                      "--num-prompts", str(a.num_prompts), "--seed", "42", "--ignore-eos", "--save-result",
+                      "--save-detailed", "--result-dir", tmp,
+                      *(("--max-concurrency", str(a.max_concurrency)) if a.max_concurrency else ())]
+            if a.max_concurrency:  # warm-up: the same prompts once (a burst has none: its first requests are the run)
+                subprocess.run([*client, "--result-filename", "warm-up.json"], check=True, capture_output=True, text=True)
+            m0 = server_means(url)
             a0, c0 = cpu_s(api.pid), sum(cpu_s(p.pid) for p in core)
-            subprocess.run([sys.executable, "-c", CLIENT, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-                            "--base-url", url, "--model", "tiny", "--tokenizer", str(model), "--dataset-name", "random",
-                            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-                            "--num-prompts", str(a.num_prompts), "--seed", "42", "--ignore-eos", "--save-result",
-                            "--save-detailed", "--result-dir", tmp, "--result-filename", "bench.json"],
-                           check=True, capture_output=True, text=True)
+            subprocess.run([*client, "--result-filename", "bench.json"], check=True, capture_output=True, text=True)
             api_s, core_s = cpu_s(api.pid) - a0, sum(cpu_s(p.pid) for p in core) - c0
+            histograms = server_means(url, m0)
         finally:
             os.killpg(server.pid, 15)
             server.wait(60)
@@ -108,11 +160,26 @@ def main() -> int:
            "duration_s": bench["duration"], "mean_ttft_ms": bench["mean_ttft_ms"], "median_ttft_ms": bench["median_ttft_ms"],
            "p99_ttft_ms": bench["p99_ttft_ms"], "mean_tpot_ms": bench["mean_tpot_ms"],
            "ttft_p10_s": ttfts[n // 10], "ttft_p90_s": ttfts[9 * n // 10],
-           "api_server_cpu_s_per_request": api_s / a.num_prompts, "engine_core_cpu_s_per_request": core_s / a.num_prompts}
+           "api_server_cpu_s_per_request": api_s / a.num_prompts, "engine_core_cpu_s_per_request": core_s / a.num_prompts,
+           "endpoint": a.endpoint, "max_concurrency": a.max_concurrency, "mean_itl_ms": bench.get("mean_itl_ms"),
+           "p99_itl_ms": bench.get("p99_itl_ms"),
+           "server_mean_ms": histograms}
+    queue, prefill = histograms["request_queue_time_seconds"], histograms["request_prefill_time_seconds"]
+    out["outside_engine_ms"] = (None if queue is None or prefill is None
+                                else bench["mean_ttft_ms"] - queue - prefill)
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"vLLM {version} (this CPU, probe {probe:.2f} s), {a.num_prompts} chat requests at once, {a.input_len} in / "
+    if a.max_concurrency:
+        h = histograms
+        print(f"vLLM {version} (this CPU, probe {probe:.2f} s), {a.num_prompts} {a.endpoint} requests, at most "
+              f"{a.max_concurrency} in flight, {a.input_len} in / {a.output_len} out (measured): client TTFT mean "
+              f"{out['mean_ttft_ms']:.1f} ms (median {out['median_ttft_ms']:.1f}, p99 {out['p99_ttft_ms']:.1f}); vLLM's own "
+              f"means: TTFT {h['time_to_first_token_seconds']:.1f} ms, queue {queue:.2f} ms, prefill {prefill:.1f} ms; "
+              f"outside the engine {out['outside_engine_ms']:.1f} ms; API server {1e3 * out['api_server_cpu_s_per_request']:.1f} "
+              f"ms of CPU per request; ITL mean {out['mean_itl_ms']:.1f} ms, p99 {out['p99_itl_ms']:.1f} ms")
+        return 0
+    print(f"vLLM {version} (this CPU, probe {probe:.2f} s), {a.num_prompts} {a.endpoint} requests at once, {a.input_len} in / "
           f"{a.output_len} out (measured): API server {1e3 * out['api_server_cpu_s_per_request']:.1f} ms of CPU per request, "
           f"engine core {1e3 * out['engine_core_cpu_s_per_request']:.1f} ms; duration {out['duration_s']:.1f} s, TTFT mean "
           f"{out['mean_ttft_ms'] / 1e3:.1f} s, median {out['median_ttft_ms'] / 1e3:.1f} s, p10-p90 {out['ttft_p10_s']:.1f}-"

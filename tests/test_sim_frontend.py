@@ -334,3 +334,27 @@ def test_a_plan_probe_sends_its_workloads_chat_requests_as_sim_run_does():
     old, new = (probe.run_probe(resolve_config("qwen3-8b", "bf16", "h100", 1, 8192, vllm_version=v), wl, 0, 32,
                                 window, use_cache=False)[0] for v in ("0.11.1", "0.11.0"))
     assert np.nanmean(new.a["ttft_s"]) > np.nanmean(old.a["ttft_s"])
+
+
+def test_the_low_load_bench_reads_vllms_histograms_as_prometheus_does():
+    """bench/frontend_burst.py --max-concurrency splits a request's time with vLLM's own histograms:
+    its reading of a real vLLM 0.32 /metrics page (tests/fixtures) equals prometheus_client's parser,
+    summed over label sets."""
+    import sys
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import frontend_burst
+
+    text = (Path(__file__).parent / "fixtures" / "vllm-0.32-cpu-llama-twin.metrics.txt").read_text()
+    want: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if any(s.name in (f"vllm:{h}_sum", f"vllm:{h}_count") for h in frontend_burst.HISTOGRAMS):
+                want[s.name] = want.get(s.name, 0.0) + s.value
+    got = frontend_burst.histogram_totals(text)
+    assert got == pytest.approx(want) and len(got) == 6
+    assert got["vllm:request_prefill_time_seconds_count"] == 16.0
+    assert got["vllm:request_prefill_time_seconds_sum"] == pytest.approx(15.255730633999747)

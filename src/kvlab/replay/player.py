@@ -87,7 +87,7 @@ class Player:
         self.intake: list[tuple[float, int, Sequence, bool]] = []
         # the requests are chat requests (/v1/chat/completions): at a release that parses the chat template
         # on each, they take that work first (kvlab.sim.engine.Engine.template)
-        self.chat_template = chat and self.engine.frontend_chat_s > 0
+        self.chat_template = self.engine.parses_template(chat)
         self.order = 0
         self.pending: SessionPlan | None = None  # open loop: the next plan not yet started
         self.records: list[dict] = []

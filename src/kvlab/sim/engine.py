@@ -103,9 +103,14 @@ class Engine:
         self.frontend_out_start_s = float("-inf")
         self.frontend_free_before_out_s = float("-inf")
 
+    def parses_template(self, chat: bool) -> bool:
+        """Whether a request (a chat request where `chat`) takes the chat template's work first (`template`):
+        at a release that parses the template on each chat request (`frontend_chat_s` not 0)."""
+        return chat and self.frontend_chat_s > 0
+
     def template(self, arrival_s: float) -> float:
         """When a chat request that reached the API server at `arrival_s` is through its chat-template
-        work (`frontend_chat_s`; call only where that is not 0): `frontend_latency_s` after it was
+        work (`frontend_chat_s`; call only where `parses_template`): `frontend_latency_s` after it was
         sent, then after the front end's earlier work and this. Its input processing (`intake`, with
         `latency=False`) is queued at that time, behind the work the front end took on meanwhile."""
         return self._take_in(arrival_s + self.frontend_latency_s, self.frontend_chat_s)

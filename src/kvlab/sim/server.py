@@ -285,7 +285,7 @@ class SimServer:
             c.seq.tag = (pending, c)
         for p in range(len(prompts)):  # each prompt through the API server's input processing first
             seqs = [c.seq for c in choices[p * n:(p + 1) * n]]
-            if chat and self.engine.frontend_chat_s:  # the chat template's work, then the input processing
+            if self.engine.parses_template(chat):  # the chat template's work, then the input processing
                 done = self.engine.template(now)
                 self._hold(seqs, done, self._take_in, seqs, done, False)
             else:
