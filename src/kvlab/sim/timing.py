@@ -396,6 +396,17 @@ ALLREDUCE_LATENCY_S = 0.000010
 # (L40S, L4, RTX 4090) 32. Data sheets; kvlab.hardware has no link figures yet.
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
              "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32}
+# GPUs whose driver refuses peer access (GeForce: NVIDIA does not enable GPUDirect P2P on the RTX
+# 4090; `cudaDeviceCanAccessPeer` is false, e.g. NVIDIA/nccl-tests#117). vLLM then turns its custom
+# all-reduce off ("Custom allreduce is disabled because your platform lacks GPU P2P capability":
+# `gpu_p2p_access_check`, vllm/distributed/device_communicators/custom_all_reduce.py) and NCCL stages
+# every all-reduce through host memory (its SHM transport), not over the PCIe link GPU to GPU. Their
+# tensor-parallel all-reduces take NO_P2P_LINK_GB_S and NO_P2P_ALLREDUCE_LATENCY_S in place of the
+# link's figure and ALLREDUCE_LATENCY_S. Until fitted (bench/sim_validation.py --fit-no-p2p, on the
+# train rows that run tensor parallel on such GPUs), the link's own figures.
+NO_P2P_GPUS = frozenset({"rtx-4090"})
+NO_P2P_LINK_GB_S = 32
+NO_P2P_ALLREDUCE_LATENCY_S = ALLREDUCE_LATENCY_S
 W8A8_FORMATS = ("fp8", "fp8-block", "int8")
 BF16_WEIGHTS = WEIGHT_FORMATS["auto"]  # unquantized weights: the base a weight-only format is scaled from
 
@@ -438,6 +449,7 @@ class CostModel:
     allreduce_bytes_per_token: float
     num_allreduces: int
     weight_kernel: str = "native"  # vLLM's GEMM path for the weights (weight_kernel)
+    allreduce_latency_s: float = ALLREDUCE_LATENCY_S  # per all-reduce (NO_P2P_ALLREDUCE_LATENCY_S without peer access)
     # legacy dequantize + cuBLAS path, from `dequant_min_tokens` tokens a step (0: never): a dequantize
     # kernel reads the packed weights and writes 16-bit ones (`dequant_bytes`, before the GEMMs, not
     # overlapped with them), and the GEMMs read the 16-bit weights (`dequant_gemm_extra_bytes` more
@@ -509,7 +521,7 @@ class CostModel:
             return 0.0
         ring = 2 * (self.tp - 1) / self.tp
         data = tokens * self.allreduce_bytes_per_token * ring / self.link_bytes_per_s
-        return self.num_allreduces * ALLREDUCE_LATENCY_S + data
+        return self.num_allreduces * self.allreduce_latency_s + data
 
     def dequant_s(self, tokens: int) -> float:
         """The legacy path's dequantize kernels (serial with the GEMMs)."""
@@ -695,7 +707,8 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
                                                 else MACHETE_EFFICIENCY if kernel == "machete" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
-        link_bytes_per_s=LINK_GB_S.get(gpu.name, 32) * 1e9,
+        link_bytes_per_s=(NO_P2P_LINK_GB_S if gpu.name in NO_P2P_GPUS else LINK_GB_S.get(gpu.name, 32)) * 1e9,
+        allreduce_latency_s=NO_P2P_ALLREDUCE_LATENCY_S if gpu.name in NO_P2P_GPUS else ALLREDUCE_LATENCY_S,
         linear_flops_per_token=2.0 * (counts.active - counts.embedding),
         head_flops_per_sample=2.0 * head_params,
         dense_weight_bytes=float(dense_bytes),
