@@ -402,8 +402,12 @@ LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb
 # `gpu_p2p_access_check`, vllm/distributed/device_communicators/custom_all_reduce.py) and NCCL stages
 # every all-reduce through host memory (its SHM transport), not over the PCIe link GPU to GPU. Their
 # tensor-parallel all-reduces take NO_P2P_LINK_GB_S and NO_P2P_ALLREDUCE_LATENCY_S in place of the
-# link's figure and ALLREDUCE_LATENCY_S. Until fitted (bench/sim_validation.py --fit-no-p2p, on the
-# train rows that run tensor parallel on such GPUs), the link's own figures.
+# link's figure and ALLREDUCE_LATENCY_S. Those are the link's own figures: the fit of 2026-12-05
+# (bench/sim_validation.py --fit-no-p2p, on the 8 train runs that run tensor parallel on RTX 4090s)
+# found its best at the grid's edge (100 us per call, the rate unresolved), bought with low-rate TTFTs
+# that no all-reduce explains and at the cost of the low-rate throughputs it had right; NOT ADOPTED
+# (docs/simulator-validation.md, "TP2/TP4 over PCIe RTX 4090s"). A published nccl-tests figure for
+# two or four RTX 4090s without P2P would set them.
 NO_P2P_GPUS = frozenset({"rtx-4090"})
 NO_P2P_LINK_GB_S = 32
 NO_P2P_ALLREDUCE_LATENCY_S = ALLREDUCE_LATENCY_S
