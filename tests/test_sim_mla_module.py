@@ -109,6 +109,35 @@ def test_v2_lites_step_with_the_module():
                        "auto").mla_attention is None
 
 
+def test_v2_lites_int4_weights_are_its_composed_bf16_step_scaled_by_the_roofline_ratio():
+    """AWQ int4 on DeepSeek-V2-Lite (no table of its own, Marlin on an H100): the composed BF16 step
+    (MoE rows, GEMM tables, MLA module) times the roofline's Marlin/BF16 ratio for the same step, so that
+    AWQ over BF16 is the roofline's ratio on one base, not a roofline set against a measurement; where
+    BF16 has no measured part (an A100), the labelled roofline as before."""
+    from kvlab.sim import timing
+    from kvlab.sim.timing import CostModel, ScaledTiming, weight_kernel
+
+    arch, h100 = V2_LITE, hardware.gpu("h100")
+    fmt = weight_format("awq", arch)
+    kernel = weight_kernel(fmt, h100, moe=True)  # an MoE model's int4 experts: Marlin (as sim.config picks it)
+    awq = step_timing(arch, fmt, "bfloat16", "auto", h100, 1, "auto", kernel)
+    bf16 = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", h100, 1, "auto")
+    assert isinstance(awq, ScaledTiming) and awq.fallback_reason.startswith("DeepseekV2ForCausalLM")
+    assert awq.timing_source.startswith("composed (no kernel data: DeepseekV2ForCausalLM")
+    assert "scaled by the roofline's marlin/BF16 ratio (weights on the Marlin GEMM path" in awq.timing_source
+    roof_awq = step_timing(arch, fmt, "bfloat16", "auto", h100, 1, "roofline", kernel)
+    roof_bf16 = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", h100, 1, "roofline")
+    host = timing.STEP_OVERHEAD_S + timing.PER_SEQ_OVERHEAD_S * 16
+    ratio = roof_awq.decode_gpu_s(16, 16 * 1100) / roof_bf16.decode_gpu_s(16, 16 * 1100)
+    assert awq.decode_step_s(16, 16 * 1100) == pytest.approx((bf16.decode_step_s(16, 16 * 1100) - host) * ratio + host,
+                                                            rel=1e-9)
+    assert ratio < 0.5  # a quarter of the weights' bytes at 16 streams: memory-bound
+    assert awq.provenance_counts == {"scaled": 1}
+    a100 = step_timing(arch, fmt, "bfloat16", "auto", hardware.gpu("a100-80gb"), 1, "auto",
+                       weight_kernel(fmt, hardware.gpu("a100-80gb"), moe=True))
+    assert isinstance(a100, CostModel) and a100.timing_source.startswith("roofline (no kernel data")
+
+
 def test_the_module_rows_cover_the_gemm_systems():
     for gpu, system in gemm_tables.SYSTEMS.items():
         for kv in ("bfloat16", "fp8"):
