@@ -154,13 +154,14 @@ def test_provenance_labels():
     ("llama-3.1-8b", "h100", "awq", "auto", "no vLLM GEMM table for awq"),
     ("qwen2.5-7b", "h100", "gptq", "auto", "no vLLM GEMM table for gptq"),
     ("llama-3.1-8b", "a100-80gb", "fp8", "auto", "no fp8 GEMM rows for a100_sxm"),
-    ("llama-3.1-8b", "a100-80gb", None, "fp8", "attention rows for fp8 KV on a100_sxm"),  # A100's vLLM 0.14 tables
     ("llama-3.1-8b", "l4", None, "auto", "no vLLM kernel tables for GPU l4"),
     ("llama-3.1-8b", "mi300x", None, "auto", "no vLLM kernel tables for GPU mi300x"),
     # on an A100: no measured MoE rows there either (on an H100/H200 its experts are: test_sim_measured_moe)
     ("deepseek-v2-lite", "a100-80gb", None, "auto", "DeepseekV2ForCausalLM"),
 ])
 def test_fallback_is_the_roofline_labelled(model, gpu, q, kv, why):
+    # (an FP8 KV cache on an A100, whose tables lack its attention rows, is scaled from them:
+    # test_an_fp8_kv_cache_without_attention_rows_is_the_bf16_kv_tables_scaled_by_the_roofline_ratio)
     t = timing(model, gpu, q, kv)
     assert isinstance(t, CostModel)
     assert why in t.fallback_reason and t.timing_source.startswith("roofline (no kernel data: ")
@@ -333,6 +334,38 @@ def test_scaled_formats_and_their_fallbacks(no_measured_int4):
     assert isinstance(legacy, ScaledTiming) and "dequant/BF16" in legacy.timing_source
     rtx = scaled("llama-3.1-8b", "rtx-4090", "awq")
     assert isinstance(rtx, CostModel) and rtx.fallback_reason.startswith("no vLLM kernel tables for GPU rtx-4090")
+
+
+def test_an_fp8_kv_cache_without_attention_rows_is_the_bf16_kv_tables_scaled_by_the_roofline_ratio(no_measured_int4):
+    """An A100's tables (vLLM 0.14) have no FP8-KV attention rows: a step with an FP8 cache is the
+    tables' step with a BF16 cache times the roofline's FP8-KV/BF16-KV ratio for that step, so that
+    the FP8-KV/BF16-KV ratio rests on the tables, not on a roofline set against them; with int4
+    weights too, the BF16 tables are the base and the ratio takes both."""
+    from kvlab.sim.timing import ScaledTiming, cost_model, weight_kernel
+
+    arch, a100 = card("llama-3.1-8b").arch, hardware.gpu("a100-80gb")
+    bf16 = weight_format(None, arch)
+    assert "no context or generation attention rows for fp8 KV on a100_sxm" in kernels.kernel_support(
+        arch, bf16, "bfloat16", "fp8", a100, 1)
+    tables = step_timing(arch, bf16, "bfloat16", "auto", a100, 1, "auto")
+    fp8kv = step_timing(arch, bf16, "bfloat16", "fp8", a100, 1, "auto")
+    assert isinstance(fp8kv, ScaledTiming) and "a100_sxm vLLM 0.14.0 kernel tables" in fp8kv.timing_source
+    assert "scaled by the roofline's fp8 KV/bfloat16 KV ratio" in fp8kv.timing_source
+    roof_fp8 = cost_model(arch, bf16, "bfloat16", "fp8", a100, 1)
+    roof_bf16 = cost_model(arch, bf16, "bfloat16", "auto", a100, 1)
+    for w in (decode(16, 16 * 1100), prefill(((1024, 0),), decodes=15, decode_kv=15 * 1100)):
+        host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
+        ratio = roof_fp8.gpu_s(w) / roof_bf16.gpu_s(w)
+        assert fp8kv.step_time_s(w) == pytest.approx((tables.step_time_s(w) - host) * ratio + host, rel=1e-9)
+        assert ratio <= 1  # half the KV bytes read: faster where the step reads them, the same where compute binds
+    assert fp8kv.decode_step_s(16, 16 * 1100) < tables.decode_step_s(16, 16 * 1100)
+    awq = weight_format("awq", arch)
+    both = step_timing(arch, awq, "bfloat16", "fp8", a100, 1, "auto", weight_kernel(awq, a100))
+    assert isinstance(both, ScaledTiming) and "fp8 KV/bfloat16 KV and marlin/BF16" in both.timing_source
+    w = decode(16, 16 * 1100)
+    host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * 16
+    ratio = both.roof.gpu_s(w) / roof_bf16.gpu_s(w)
+    assert both.step_time_s(w) == pytest.approx((tables.step_time_s(w) - host) * ratio + host, rel=1e-9)
 
 
 def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(llama, no_measured_int4):

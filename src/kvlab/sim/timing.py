@@ -587,9 +587,10 @@ class ScaledTiming:
     format and BF16 rests on the same measured base, where a plain roofline fallback would compare
     a roofline with a measurement. The host time is the base's."""
 
-    def __init__(self, base, roof: CostModel, roof_bf16: CostModel, path: str):
+    def __init__(self, base, roof: CostModel, roof_bf16: CostModel, path: str, ratio: str | None = None):
         self.base, self.roof, self.roof_bf16 = base, roof, roof_bf16
-        self.timing_source = f"{base.timing_source}, scaled by the roofline's {roof.weight_kernel}/BF16 ratio ({path})"
+        ratio = ratio or f"{roof.weight_kernel}/BF16"
+        self.timing_source = f"{base.timing_source}, scaled by the roofline's {ratio} ratio ({path})"
         self.fallback_reason = None
 
     @property
@@ -828,6 +829,24 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     if reason is None:
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    if source == "auto" and kv_cache_dtype != "auto":
+        # An FP8 KV cache where the tables have no attention rows for it (an A100's, vLLM 0.14) but
+        # have them for the model's own dtype: the tables' step with a BF16 cache (the weights'
+        # format, or BF16 weights scaled to it as below) times the roofline's FP8-KV/BF16-KV ratio for
+        # the same step, so that FP8 KV over BF16 KV rests on one base; a plain roofline here set a
+        # roofline against the tables (+26 % output rate for Llama-3.1-8B on an A100 at 16 streams,
+        # where the roofline alone gives +3 %).
+        base_fmt = fmt if kernels.kernel_support(arch, fmt, dtype, "auto", gpu, tp) is None else (
+            BF16_WEIGHTS if path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, "auto", gpu, tp) is None
+            else None)
+        if base_fmt is not None:
+            roof_base = cost_model(arch, base_fmt, dtype, "auto", gpu, tp)
+            base = kernels.KernelTiming(arch, base_fmt, dtype, "auto", gpu, tp, roof_base, STEP_OVERHEAD_S,
+                                        PER_SEQ_OVERHEAD_S)
+            what = f"{kv_cache_dtype} KV/{dtype} KV" + ("" if base_fmt is fmt else f" and {roofline.weight_kernel}/BF16")
+            scaled = ScaledTiming(base, roofline, roof_base, f"no kernel data: {reason}" + (f"; {path}" if path else ""),
+                                  ratio=what)
+            return scaled
     if source == "auto" and path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
         base, bf16 = bf16_base()
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
