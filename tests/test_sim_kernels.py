@@ -366,6 +366,11 @@ def test_an_fp8_kv_cache_without_attention_rows_is_the_bf16_kv_tables_scaled_by_
     host = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * 16
     ratio = both.roof.gpu_s(w) / roof_bf16.gpu_s(w)
     assert both.step_time_s(w) == pytest.approx((tables.step_time_s(w) - host) * ratio + host, rel=1e-9)
+    # where the tables have FP8-KV rows (an L40S's), int4 with an FP8 cache keeps them as its base
+    l40s = hardware.gpu("l40s")
+    int4 = step_timing(arch, awq, "bfloat16", "fp8", l40s, 1, "auto", weight_kernel(awq, l40s))
+    assert isinstance(int4, ScaledTiming) and "l40s vLLM 0.24.0 kernel tables, bfloat16 GEMMs, fp8 KV" in int4.timing_source
+    assert "fp8 KV/" not in int4.timing_source
 
 
 def test_a_scaled_step_keeps_its_base_host_time_and_scales_only_the_gpu_time(llama, no_measured_int4):

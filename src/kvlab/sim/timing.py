@@ -836,9 +836,14 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         # the same step, so that FP8 KV over BF16 KV rests on one base; a plain roofline here set a
         # roofline against the tables (+26 % output rate for Llama-3.1-8B on an A100 at 16 streams,
         # where the roofline alone gives +3 %).
-        base_fmt = fmt if kernels.kernel_support(arch, fmt, dtype, "auto", gpu, tp) is None else (
-            BF16_WEIGHTS if path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, "auto", gpu, tp) is None
-            else None)
+        # (a weight-only format whose BF16 tables have this cache's rows goes on below, to its own base)
+        def supported(f, kv):
+            return kernels.kernel_support(arch, f, dtype, kv, gpu, tp) is None
+        if path:
+            base_fmt = BF16_WEIGHTS if supported(BF16_WEIGHTS, "auto") and not supported(BF16_WEIGHTS, kv_cache_dtype) \
+                else None
+        else:
+            base_fmt = fmt if supported(fmt, "auto") else None
         if base_fmt is not None:
             roof_base = cost_model(arch, base_fmt, dtype, "auto", gpu, tp)
             base = kernels.KernelTiming(arch, base_fmt, dtype, "auto", gpu, tp, roof_base, STEP_OVERHEAD_S,
