@@ -80,17 +80,18 @@ def histogram_totals(text: str) -> dict[str, float]:
     return raw
 
 
-def server_means(url: str, before: dict | None = None) -> dict:
-    """vLLM's own histograms from the server's `/metrics`: their raw sums and counts
-    (`histogram_totals`), or, given those read `before`, each one's mean in milliseconds over the
-    requests in between (None where none was observed)."""
-    raw = histogram_totals(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
-    if before is None:
-        return raw
+def server_totals(url: str) -> dict[str, float]:
+    """`histogram_totals` of the server's `/metrics` now."""
+    return histogram_totals(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
+
+
+def histogram_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Each of HISTOGRAMS' mean in milliseconds over what was observed between two `server_totals`
+    (None where nothing was)."""
     means = {}
     for h in HISTOGRAMS:
-        n = raw.get(f"vllm:{h}_count", 0.0) - before.get(f"vllm:{h}_count", 0.0)
-        total = raw.get(f"vllm:{h}_sum", 0.0) - before.get(f"vllm:{h}_sum", 0.0)
+        n = after.get(f"vllm:{h}_count", 0.0) - before.get(f"vllm:{h}_count", 0.0)
+        total = after.get(f"vllm:{h}_sum", 0.0) - before.get(f"vllm:{h}_sum", 0.0)
         means[h] = 1e3 * total / n if n else None
     return means
 
@@ -144,11 +145,11 @@ def main() -> int:
                       *(("--max-concurrency", str(a.max_concurrency)) if a.max_concurrency else ())]
             if a.max_concurrency:  # warm-up: the same prompts once (a burst has none: its first requests are the run)
                 subprocess.run([*client, "--result-filename", "warm-up.json"], check=True, capture_output=True, text=True)
-            m0 = server_means(url)
+            m0 = server_totals(url)
             a0, c0 = cpu_s(api.pid), sum(cpu_s(p.pid) for p in core)
             subprocess.run([*client, "--result-filename", "bench.json"], check=True, capture_output=True, text=True)
             api_s, core_s = cpu_s(api.pid) - a0, sum(cpu_s(p.pid) for p in core) - c0
-            histograms = server_means(url, m0)
+            histograms = histogram_means(m0, server_totals(url))
         finally:
             os.killpg(server.pid, 15)
             server.wait(60)

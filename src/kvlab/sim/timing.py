@@ -814,46 +814,45 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         roofline = dataclasses.replace(roofline, timing_source=f"roofline ({path})")
     if source == "roofline":
         return roofline
-    def bf16_base():  # the BF16 kernel tables' timing of this model, and its roofline
-        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
-        return kernels.KernelTiming(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, bf16, STEP_OVERHEAD_S,
-                                    PER_SEQ_OVERHEAD_S), bf16
+    def tables_base(base_fmt: WeightFormat = BF16_WEIGHTS, kv: str = kv_cache_dtype):
+        """The kernel tables' timing of this model at `base_fmt` weights and a `kv` cache, and its roofline."""
+        roof = cost_model(arch, base_fmt, dtype, kv, gpu, tp)
+        return kernels.KernelTiming(arch, base_fmt, dtype, kv, gpu, tp, roof, STEP_OVERHEAD_S,
+                                    PER_SEQ_OVERHEAD_S), roof
+
+    def support(base_fmt: WeightFormat, kv: str = kv_cache_dtype) -> str | None:
+        return kernels.kernel_support(arch, base_fmt, dtype, kv, gpu, tp)
 
     if source == "auto" and kernel == "cutlass_block":  # the tables' fp8_block rows are DeepGEMM's
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
-        if delta is not None and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
-            return MeasuredRatioTiming(bf16_base()[0], delta, KERNEL_LABELS[kernel])
+        if delta is not None and support(BF16_WEIGHTS) is None:
+            return MeasuredRatioTiming(tables_base()[0], delta, KERNEL_LABELS[kernel])
         path = None  # no measured CUTLASS rows for these shapes: the tables' fp8_block rows, as before
         roofline = dataclasses.replace(roofline, timing_source="roofline")
-    reason = kernels.kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+    reason = support(fmt)
     if reason is None:
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
                                     STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    bf16_reason = support(BF16_WEIGHTS) if path else None  # a weight-only format: its BF16 base
     if source == "auto" and kv_cache_dtype != "auto":
         # An FP8 KV cache where the tables have no attention rows for it (an A100's, vLLM 0.14) but
         # have them for the model's own dtype: the tables' step with a BF16 cache (the weights'
         # format, or BF16 weights scaled to it as below) times the roofline's FP8-KV/BF16-KV ratio for
         # the same step, so that FP8 KV over BF16 KV rests on one base; a plain roofline here set a
         # roofline against the tables (+26 % output rate for Llama-3.1-8B on an A100 at 16 streams,
-        # where the roofline alone gives +3 %).
-        # (a weight-only format whose BF16 tables have this cache's rows goes on below, to its own base)
-        def supported(f, kv):
-            return kernels.kernel_support(arch, f, dtype, kv, gpu, tp) is None
+        # where the roofline alone gives +3 %). (A weight-only format whose BF16 tables have this
+        # cache's rows goes on below, to its own base.)
         if path:
-            base_fmt = BF16_WEIGHTS if supported(BF16_WEIGHTS, "auto") and not supported(BF16_WEIGHTS, kv_cache_dtype) \
-                else None
+            base_fmt = BF16_WEIGHTS if bf16_reason is not None and support(BF16_WEIGHTS, "auto") is None else None
         else:
-            base_fmt = fmt if supported(fmt, "auto") else None
+            base_fmt = fmt if support(fmt, "auto") is None else None
         if base_fmt is not None:
-            roof_base = cost_model(arch, base_fmt, dtype, "auto", gpu, tp)
-            base = kernels.KernelTiming(arch, base_fmt, dtype, "auto", gpu, tp, roof_base, STEP_OVERHEAD_S,
-                                        PER_SEQ_OVERHEAD_S)
+            base, roof_base = tables_base(base_fmt, "auto")
             what = f"{kv_cache_dtype} KV/{dtype} KV" + ("" if base_fmt is fmt else f" and {roofline.weight_kernel}/BF16")
-            scaled = ScaledTiming(base, roofline, roof_base, f"no kernel data: {reason}" + (f"; {path}" if path else ""),
-                                  ratio=what)
-            return scaled
-    if source == "auto" and path and kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) is None:
-        base, bf16 = bf16_base()
+            return ScaledTiming(base, roofline, roof_base, f"no kernel data: {reason}" + (f"; {path}" if path else ""),
+                                ratio=what)
+    if source == "auto" and path and bf16_reason is None:
+        base, bf16 = tables_base()
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
         if delta is not None:
             return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
@@ -870,7 +869,6 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
         composed = with_measured_ops(bf16, arch, BF16_WEIGHTS, kv_cache_dtype)
         if composed is not bf16:
-            bf16_reason = kernels.kernel_support(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp) or reason
             scaled = ScaledTiming(_labelled_fallback(composed, bf16_reason), roofline, bf16, path)
             scaled.fallback_reason = reason
             return scaled
