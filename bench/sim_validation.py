@@ -547,6 +547,15 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
         current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY))
 
 
+def report_roofline_fit(pub: published_runs.PublishedRuns, at: str) -> None:
+    """`fit_roofline` run and printed (`--fit`'s last stage, `--fit-roofline` alone); `at`: the
+    constants it runs at."""
+    print(f"Roofline-fallback fit on the train rows auto prices by the roofline ({at}):")
+    (matmul, memory), err = fit_roofline(pub)
+    print(f"best: MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: median |log err| {err:.3f}")
+    print(f"(sim/timing.py has {sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
+
+
 MARLIN_GRID = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4)
 
 
@@ -823,11 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best: SHAREGPT_SIGMA = {sigma}, mu {mu_in:.3f} / {mu_out:.3f}: median |log err| {err:.3f}")
         return 0
     if args.fit_roofline:
-        print("Roofline-fallback fit on the train rows auto prices by the roofline (auto timing, at the current "
-              "host time, front end and latency; objective: median |log(sim/published)|):")
-        (matmul, memory), err = fit_roofline(pub)
-        print(f"best: MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: median |log err| {err:.3f} "
-              f"(sim/timing.py has {sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
+        report_roofline_fit(pub, "auto timing, at the current host time, front end and latency; objective: "
+                                 "median |log(sim/published)|")
         return 0
     if args.fit_no_p2p:
         print("All-reduce without peer access, fitted on the train runs that run tensor parallel on such GPUs "
@@ -861,12 +867,8 @@ def main(argv: list[str] | None = None) -> int:
             latency, err = fit_latency(pub)
         print(f"best: FRONTEND_LATENCY_S = {latency}: train median |log err| {err:.4f}")
         print(f"(sim/timing.py has {sim_timing.FRONTEND_LATENCY_S})\n")
-        print("Roofline-fallback fit on the train rows auto prices by the roofline (at that host time, front end "
-              "and latency):")
         with host_time(step_s, per_seq_s), front_end(*fe), constants(FRONTEND_LATENCY_S=latency):
-            (matmul, memory), err = fit_roofline(pub)
-        print(f"best: MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: median |log err| {err:.3f}")
-        print(f"(sim/timing.py has {sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
+            report_roofline_fit(pub, "at that host time, front end and latency")
         return 0
     if not args.no_memory:
         print("\n".join(memory_table()) + "\n")

@@ -69,8 +69,8 @@ def test_the_tables_at_v2_lites_exact_shapes_against_kvlabs_h200_measurement():
 
 def test_the_measured_mla_decode_bounds_the_roofline_attention_term():
     # vLLM 0.32's Triton MLA decode kernel on an H200 at V2-Lite's 16 heads (bench/gpu_kernels.py --only mla):
-    # the roofline's attention term (the latent read at MEMORY_EFFICIENCY, 95 %, of HBM) is 2.5-2.8x faster from 262k
-    # context tokens a step
+    # the roofline's attention term (the latent read at MEMORY_EFFICIENCY of HBM) is 2.61-2.94x faster from 262k
+    # context tokens a step at the full HBM rate, so 2.5-2.8x at the fitted 95 % (2.35-2.65x at 90 %)
     import importlib
     import sys
 
@@ -81,4 +81,7 @@ def test_the_measured_mla_decode_bounds_the_roofline_attention_term():
     assert len(points) == 18
     saturated = [p for k, p in points.items() if int(k.split()[-3]) * int(k.split()[-1]) >= 64 * 4096]
     assert len(saturated) == 8
-    assert all(2.45 <= p["measured_over_roofline"] <= 2.8 and 0.33 <= p["share_of_hbm"] <= 0.38 for p in saturated)
+    from kvlab.sim.timing import MEMORY_EFFICIENCY
+
+    assert all(2.35 / 0.9 <= p["measured_over_roofline"] / MEMORY_EFFICIENCY <= 2.65 / 0.9
+               and 0.33 <= p["share_of_hbm"] <= 0.38 for p in saturated)
