@@ -2,10 +2,12 @@
 
 The YAML holds the figures kvlab's simulated clock is checked against (issue 14, point 5): one
 entry per published run with its source, configuration, workload and measured figures, the
-same-GPU ratio pairs (fp8/bf16, AWQ/bf16, fp8 KV/bf16 KV, MLA), and a train/test split declared
-before anything was fitted. Loading checks that every id is unique, that every ratio names two
-runs of one split group on one GPU, and that every run's `split` is what the declared rule gives
-for its `split_group` (a hand-moved row is refused).
+same-GPU ratio pairs (fp8/bf16, AWQ/bf16, fp8 KV/bf16 KV, MLA), a train/test split declared
+before anything was fitted, and the stated causes of the figures the simulator misses by more than
+2x (`miss_causes`, named per figure by a run's `misses`). Loading checks that every id is unique,
+that every ratio names two runs of one split group on one GPU, that every run's `split` is what the
+declared rule gives for its `split_group` (a hand-moved row is refused), and that every miss names
+a figure the run states and a stated cause.
 
 Run: `python bench/published_runs.py [PATH]` prints the runs and ratios as Markdown tables.
 """
@@ -110,6 +112,11 @@ class Run(BaseModel):
     # runs of the same prompts the server had served before this one, not restarted (its prefix
     # cache warm): simulated as `kvlab sim bench --warm-runs N`
     warm_runs: int | None = Field(default=None, ge=1)
+    # the bench client's --random-range-ratio where the source states one (lengths uniform on
+    # L x [1 - r, 1 + r]); absent: the client's default (fixed lengths)
+    random_range_ratio: float | None = Field(default=None, ge=0, lt=1)
+    # figures the simulator misses by more than 2x, each with the id of its stated cause (miss_causes)
+    misses: dict[str, str] = {}
     notes: str | None = None
 
     @model_validator(mode="after")
@@ -117,6 +124,11 @@ class Run(BaseModel):
         if self.split != split_of(self.split_group):
             raise ValueError(f"split is {self.split!r} but the declared rule puts split_group "
                              f"{self.split_group!r} in {split_of(self.split_group)!r}")
+        if self.random_range_ratio is not None and self.dataset == "sharegpt":
+            raise ValueError("random_range_ratio applies to the random datasets, not sharegpt")
+        unstated = sorted(set(self.misses) - set(self.measured.figures()))
+        if unstated:
+            raise ValueError(f"misses names a figure the run does not state: {', '.join(unstated)}")
         return self
 
     def config(self) -> str:
@@ -127,6 +139,8 @@ class Run(BaseModel):
 
     def workload(self) -> str:
         lengths = f" {self.input_len or '?'}/{self.output_len or '?'}" if self.dataset != "sharegpt" else ""
+        if self.random_range_ratio:
+            lengths += f" ±{100 * self.random_range_ratio:g} %"
         load = [f"n={self.num_prompts or '?'}"]
         if self.max_concurrency:
             load.append(f"conc {self.max_concurrency}")
@@ -146,14 +160,25 @@ class Ratio(BaseModel):
     note: str | None = None
 
 
+class MissCause(BaseModel):
+    """Why figures are off by more than 2x: stated once, named by the runs' `misses`, and told in full
+    under its heading in docs/simulator-validation.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=ID)
+    doc: str = Field(min_length=1)  # the bold heading of its entry in docs/simulator-validation.md
+    why: str = Field(min_length=1)  # the cause in a sentence
+
+
 class PublishedRuns(BaseModel):
-    """The whole file: the declared split, the runs and the ratio pairs."""
+    """The whole file: the declared split, the runs, the ratio pairs and the stated causes of misses."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     split_rule: str
     split_declared: datetime.date
     runs: list[Run] = Field(min_length=1)
     ratios: list[Ratio] = []
+    miss_causes: list[MissCause] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> PublishedRuns:
@@ -171,7 +196,17 @@ class PublishedRuns(BaseModel):
             a, b = by_id[q.a], by_id[q.b]
             if q.a == q.b or a.gpu != b.gpu or a.split_group != b.split_group:
                 raise ValueError(f"ratio {q.id} must pair two runs of one GPU and one split_group")
+        causes = self.causes()
+        if len(causes) != len(self.miss_causes):
+            raise ValueError("duplicate miss cause id")
+        for r in self.runs:
+            unknown = sorted(set(r.misses.values()) - set(causes))
+            if unknown:
+                raise ValueError(f"run {r.id} names no stated miss cause {', '.join(unknown)}")
         return self
+
+    def causes(self) -> dict[str, MissCause]:
+        return {c.id: c for c in self.miss_causes}
 
     def by_id(self) -> dict[str, Run]:
         return {r.id: r for r in self.runs}
@@ -196,7 +231,7 @@ def validate(data: dict, where: str) -> PublishedRuns:
 
 def _where(data: dict, loc: tuple) -> str:
     """A validation error's location, naming the run or ratio by its id."""
-    if len(loc) >= 2 and loc[0] in ("runs", "ratios") and isinstance(loc[1], int):
+    if len(loc) >= 2 and loc[0] in ("runs", "ratios", "miss_causes") and isinstance(loc[1], int):
         items = data.get(loc[0]) or []
         item = items[loc[1]] if loc[1] < len(items) and isinstance(items[loc[1]], dict) else {}
         name = f"{loc[0]}[{loc[1]}] ({item.get('id', '?')})"

@@ -107,3 +107,36 @@ def test_bad_path_exits_2_with_one_line(tmp_path, capsys):
     assert published_runs.main([str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_range_ratio_on_sharegpt_or_out_of_range_is_refused(raw):
+    sharegpt = next(i for i, r in enumerate(raw["runs"]) if r["dataset"] == "sharegpt")
+    raw["runs"][sharegpt]["random_range_ratio"] = 0.1
+    with pytest.raises(KvlabError, match="random_range_ratio applies to the random datasets"):
+        _check(raw)
+    del raw["runs"][sharegpt]["random_range_ratio"]
+    raw["runs"][sharegpt]["dataset"] = "random"
+    raw["runs"][sharegpt]["random_range_ratio"] = 1.0
+    with pytest.raises(KvlabError, match="random_range_ratio: Input should be less than 1"):
+        _check(raw)
+
+
+def test_a_miss_names_a_stated_figure_and_a_stated_cause(raw):
+    run = next(r for r in raw["runs"] if r.get("misses"))
+    run["misses"] = {"p99_itl_ms": raw["miss_causes"][0]["id"]} if "p99_itl_ms" not in run["measured"] else {}
+    with pytest.raises(KvlabError, match="misses names a figure the run does not state: p99_itl_ms"):
+        _check(raw)
+    figure = next(iter(run["measured"]))
+    run["misses"] = {figure: "no-such-cause"}
+    with pytest.raises(KvlabError, match=f"run {run['id']} names no stated miss cause no-such-cause"):
+        _check(raw)
+
+
+def test_every_stated_cause_is_told_in_the_validation_docs(pub):
+    """Each cause's `doc` is the bold heading of an entry in docs/simulator-validation.md, where its
+    evidence is; and each is named by at least one figure."""
+    doc = (ROOT / "docs" / "simulator-validation.md").read_text(encoding="utf-8")
+    named = {c for r in pub.runs for c in r.misses.values()}
+    for c in pub.miss_causes:
+        assert f"- **{c.doc}**" in doc, c.id
+        assert c.id in named, c.id

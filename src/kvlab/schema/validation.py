@@ -76,6 +76,8 @@ class SimValidationSummary(Part):
     test_within_25pct_share: float  # share of the test rows' figures within ±25 % of the measured
     timing: str  # the timing the validation ran on
     test_figures: int | None = None
+    test_over_2x: int | None = None  # test figures off by more than 2x (the summary's timing)
+    test_over_2x_without_cause: int | None = None  # of them, those no stated cause names
     by_timing: dict[str, dict[str, int]] = {}  # timing -> {"within": n, "of": m}, test rows
     by_gpu: dict[str, FigureShare] = {}  # GPU preset -> its test figures (the summary's timing)
     by_figure: dict[str, FigureShare] = {}  # FIGURE_KINDS key -> its test figures (the summary's timing)
