@@ -388,6 +388,24 @@ def test_validation_band_gives_the_share_of_each_gpu_and_kind_of_figure(tmp_path
         "l40s: no published test run in the validation"])
 
 
+def test_validation_band_gives_the_test_figures_off_by_more_than_2x_and_their_causes(tmp_path, monkeypatch):
+    """The band says how many test figures the simulator misses by more than 2x and whether each has a
+    stated cause (bench/published_runs.yaml's miss_causes); a summary without the count says nothing."""
+    from kvlab.schema import validation as v
+
+    monkeypatch.setattr(v, "summary_paths", lambda: [tmp_path / v.SUMMARY_FILE])
+    (tmp_path / "bench").mkdir()
+    base = ("validation: 63% of test figures within ±25 % of published vLLM runs (timing auto; "
+            "bench/sim_validation.py)")
+    for over, without, tail in ((24, 0, "; 24 of 190 off by more than 2x, each with a stated cause"),
+                                (24, 3, "; 24 of 190 off by more than 2x, 3 without a stated cause"),
+                                (0, 0, "; 0 of 190 off by more than 2x"), (None, None, "")):
+        summary = v.SimValidationSummary(test_within_25pct_share=0.6316, timing="auto", test_figures=190,
+                                         test_over_2x=over, test_over_2x_without_cause=without)
+        (tmp_path / v.SUMMARY_FILE).write_text(summary.model_dump_json(indent=1))
+        assert v.error_band() == base + tail
+
+
 def test_headline_sentence_without_a_reported_kv_memory_says_predicted():
     """A config whose server reported no KV cache memory has no measured ratio: the sentence gives the
     predicted one and says so, instead of "holds n/a"."""

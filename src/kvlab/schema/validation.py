@@ -147,6 +147,12 @@ def error_band(configs: Iterable[tuple[str | None, str | None, str | None]] = ()
             f"(timing {s.timing}; bench/sim_validation.py)")
     if s.by_figure:
         band += " — " + ", ".join(f"{FIGURE_KINDS.get(k, k)} {v.share:.0%}" for k, v in s.by_figure.items())
+    if s.test_over_2x is not None and s.test_figures:
+        uncaused = s.test_over_2x_without_cause
+        band += (f"; {s.test_over_2x} of {s.test_figures} off by more than 2x"
+                 + (", each with a stated cause" if uncaused == 0 and s.test_over_2x
+                    else f", {uncaused} without a stated cause" if uncaused else ""))
+
     def text(v) -> str | None:  # table cells may be NaN where a record has no value
         return v if isinstance(v, str) and v else None
 
