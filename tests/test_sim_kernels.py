@@ -119,7 +119,9 @@ def test_online_fp8_moe_experts_are_priced_from_the_triton_rows():
     ops = {q: {name: ms for name, ms, _ in t.op_times_ms(step)} for q, t in (("fp8", per_tensor), ("block", block))}
     assert ops["fp8"]["generation_moe"] == ops["block"]["generation_moe"]  # the same MoE rows
     g = _rows("h100_sxm", "gemm", "gemm_perf.parquet")
-    assert ops["fp8"]["generation_qkv_gemm"] < ops["block"]["generation_qkv_gemm"]  # per-tensor CUTLASS GEMMs
+    # the dense GEMMs of both from the per-tensor CUTLASS rows (block FP8's own rows: a launch floor, below)
+    assert ops["fp8"]["generation_qkv_gemm"] == ops["block"]["generation_qkv_gemm"]
+    assert block.gemm_quant_mode == "fp8" and "linear layers from the per-tensor fp8 GEMM rows" in block.timing_source
     assert set(g[g.gemm_dtype == "fp8"].kernel_source) == {"CutlassFP8ScaledMMLinearKernel"}
     # the L40S's per-tensor FP8 MoE rows are Triton's: used as they are; B200's tables have no Triton
     # FP8 MoE rows (FlashInfer TRT-LLM only): its per-tensor rows, labelled; -tp 4 on an H100 has no
@@ -130,6 +132,35 @@ def test_online_fp8_moe_experts_are_priced_from_the_triton_rows():
     assert b200.moe_quant_mode == "fp8" and "trtllm" in b200.timing_source and "no FP8 rows" in b200.timing_source
     tp4 = timing("qwen3-30b-a3b", q="fp8", tp=4)
     assert tp4.moe_quant_mode == "fp8" and "flashinfer_cutlass" in tp4.timing_source
+
+
+@pytest.mark.parametrize("system", ["h100_sxm", "h200_sxm", "b200_sxm"])
+def test_block_fp8_gemm_rows_hold_a_per_call_floor_and_the_per_tensor_rows_price_them(system):
+    """The tables' fp8_block GEMM rows cost each kernel about the same from 8 rows to 1,024 whatever
+    the (n, k) (a per-call launch cost, which vLLM's CUDA graphs remove), several times the per-tensor
+    FP8 rows there, which grow with the work; where a GEMM's own time is well above that floor, block
+    FP8 is within 10 % of per-tensor FP8 (the median). So a block-FP8 model's dense layers are priced
+    from the per-tensor rows (kernels.DENSE_GEMM_ROWS); its MoE experts keep the block rows, and an MLA
+    model keeps its block MLA module rows, which have no such floor."""
+    g = _rows(system, "gemm", "gemm_perf.parquet")
+    piv = g.pivot_table(index=["m", "n", "k"], columns="gemm_dtype", values="latency").reset_index()
+    piv = piv.merge(g[g.gemm_dtype == "fp8_block"][["m", "n", "k", "kernel_source"]], on=["m", "n", "k"])
+    piv = piv.rename(columns={"kernel_source": "source"}).dropna(subset=["fp8", "fp8_block"])
+    small = piv[(piv.m >= 8) & (piv.m <= 1024) & (piv.n * piv.k <= 4096 * 4096)]
+    for _, rows in small.groupby("source"):  # flat: one kernel's rows within a narrow band
+        assert rows.fp8_block.quantile(0.75) / rows.fp8_block.quantile(0.25) < 1.35
+        assert rows.fp8_block.quantile(0.25) > 0.05  # ms: a floor of 50 us or more
+    assert (small.fp8_block / small.fp8).median() > 3
+    big = piv[piv.fp8 > 3 * small.fp8_block.median()]
+    assert 0.9 < (big.fp8_block / big.fp8).median() < 1.0
+    if system == "b200_sxm":  # B200's dense layers of a block-FP8 MoE checkpoint
+        t = timing("qwen3-30b-a3b", "b200", q="fp8-block")
+        assert (t.gemm_quant_mode, t.moe_quant_mode) == ("fp8", "fp8_block")
+    mla, _ = kernels._mla_tables("h200_sxm", "fp8_block", "bfloat16")
+    bf16, _ = kernels._mla_tables("h200_sxm", "bfloat16", "bfloat16")
+    both = mla.merge(bf16, on=["num_heads", "batch_size", "step"], suffixes=("_block", "_bf16"))
+    few = both[(both.num_heads == 16) & (both.batch_size <= 128)]
+    assert len(few) and ((few.latency_block / few.latency_bf16 - 1).abs() < 0.1).all()
 
 
 def test_provenance_labels():

@@ -57,6 +57,31 @@ SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.
 GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
+# The rows that price a format's DENSE GEMMs where they are not its own: a block-FP8 checkpoint's
+# linear layers from the per-tensor FP8 rows. The tables' fp8_block GEMM rows (vLLM 0.24's DeepGEMM,
+# FlashInfer and CUTLASS block-scaled kernels) hold a per-call cost that does not grow with the work:
+# per kernel, about the same from 8 rows to 1,024 and for every (n, k) up to 4096 x 4096, about 60 us
+# on an H100/H200 (FlashInfer, up to 16 rows), 90 us (DeepGEMM), 175 us (CUTLASS, the smallest shapes)
+# and 160-240 us on a B200 (DeepGEMM: a 2048 x 4096 GEMM takes 172-188 us at every row count from 8 to
+# 8,192); where a GEMM's own time is well above it (the per-tensor row over 3x the floor) block over
+# per-tensor has a median of 0.91 on the H100, 0.98 on the H200, 0.94 on the B200. Time that does not
+# grow with the work is the host's launch path timed without a CUDA graph (vLLM PR #13917's own DeepGEMM
+# microbenchmark shows the same flat 68-70 us at 8-128 rows on an H100), which vLLM's CUDA graphs
+# remove in serving. The kernels' own time at small batch is a memory-bound GEMM's: DeepGEMM on Hopper
+# 13-16 us at 1-64 rows for 7168 x 2304 and at 1-512 rows for 512 x 7168, 56-64 us at 1-128 rows for
+# 7168 x 16384 (sgl-project/sglang PRs #5820 and #5207); vLLM's CUTLASS block path with its activation
+# quantisation 9-28 us at 1-512 rows for Qwen3-8B's and Llama-3.1-8B's layers, one CUDA graph per layer
+# (kvlab's H200 measurement, data/kernels/quant_gemm_perf.csv), where the H100/H200 tables hold 60-90
+# us. The MLA module rows of a block-FP8 DeepSeek model have no such floor (fp8_block over bfloat16 at
+# 1-128 rows on the H200: median +0.2 %), so MLA models keep their block rows; MoE experts keep the
+# format's MoE rows.
+DENSE_GEMM_ROWS = {"fp8-block": "fp8"}
+
+
+def dense_gemm_mode(fmt_name: str, mla: bool) -> str:
+    """The GEMM rows that price a format's dense linear layers (DENSE_GEMM_ROWS, not for MLA models,
+    whose projections are priced inside the MLA module rows of the format's own mode)."""
+    return GEMM_QUANT_MODES[fmt_name] if mla else DENSE_GEMM_ROWS.get(fmt_name, GEMM_QUANT_MODES[fmt_name])
 # The MoE rows that price a format's routed experts are those of the kernel vLLM runs for it. For
 # `-q fp8` that is vLLM's Triton fused-MoE kernel: `Fp8MoEMethod` (quantization/fp8.py) asks the FP8
 # MoE oracle (vllm/model_executor/layers/fused_moe/oracle/fp8.py, `select_fp8_moe_backend`) for
@@ -229,9 +254,9 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
         return f"architecture {arch.architecture} is not priced from kernel tables"
     if arch.num_sliding_layers:
         return "sliding-window attention is not priced from kernel tables"
-    gemm = GEMM_QUANT_MODES.get(fmt.name)
-    if gemm is None:
+    if fmt.name not in GEMM_QUANT_MODES:
         return f"no vLLM GEMM table for {fmt.name} weights (dense int4/int8 kernels were not measured)"
+    gemm = dense_gemm_mode(fmt.name, arch.mla is not None)
     if dtype not in ("bfloat16", "float16"):
         return f"no kernel tables for {dtype} activations"
     if KV_QUANT_MODES.get(kv_cache_dtype) is None:
@@ -477,7 +502,7 @@ class KernelTiming:
         if reason:
             raise ValueError(reason)
         self.system = SYSTEMS[gpu.name]
-        self.gemm_quant_mode = GEMM_QUANT_MODES[fmt.name]
+        self.gemm_quant_mode = dense_gemm_mode(fmt.name, arch.mla is not None)
         self.moe_quant_mode, moe_note = (moe_quant_mode(self.system, fmt.name, _moe_shape(arch, tp))
                                          if arch.moe is not None else (None, None))
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
@@ -487,6 +512,9 @@ class KernelTiming:
         self.version = table_version(self.system)
         self.timing_source = (f"{PACKAGE} {package_version()}: {self.system} vLLM {self.version} kernel tables, "
                               f"{self.gemm_quant_mode} GEMMs, {self.kvcache_quant_mode} KV"
+                              + (f"; {fmt.name} linear layers from the per-tensor {self.gemm_quant_mode} GEMM rows "
+                                 f"(the {GEMM_QUANT_MODES[fmt.name]} rows hold a per-call launch cost that CUDA "
+                                 "graphs remove)" if self.gemm_quant_mode != GEMM_QUANT_MODES[fmt.name] else "")
                               + (f"; {moe_note}" if moe_note else ""))
         cfg = json.dumps(_hf_config(arch, ARCHITECTURES[arch.architecture]), sort_keys=True)
         self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, self.moe_quant_mode)
