@@ -9,7 +9,7 @@ that every ratio names two runs of one split group on one GPU, that every run's 
 declared rule gives for its `split_group` (a hand-moved row is refused), and that every miss names
 a figure the run states and a stated cause.
 
-Run: `python bench/published_runs.py [PATH]` prints the runs and ratios as Markdown tables.
+Run: `python bench/published_runs.py [PATH]` prints the runs, ratios and stated causes as Markdown tables.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ def _number(v: float) -> str:
 
 
 def markdown(pub: PublishedRuns) -> str:
-    """The runs and the ratio pairs as Markdown tables, with the split's totals."""
+    """The runs, the ratio pairs and the stated causes of misses as Markdown tables, with the split's
+    totals."""
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
@@ -263,6 +264,11 @@ def markdown(pub: PublishedRuns) -> str:
         fa, fb = by_id[q.a].measured.figures(), by_id[q.b].measured.figures()
         shared = ", ".join(f"{k} {fa[k] / fb[k]:.3f}" for k in fa if k in fb)
         lines.append(row([q.id, q.factor, q.a, q.b, shared, by_id[q.a].split]))
+    named = Counter(c for r in pub.runs for c in r.misses.values())
+    lines += ["", "Stated causes of figures the simulator misses by more than 2x (a run's `misses` names them):", "",
+              row(["cause", "entry in docs/simulator-validation.md", "figures naming it", "why"]), row(["---"] * 4)]
+    for c in pub.miss_causes:
+        lines.append(row([c.id, c.doc, str(named[c.id]), c.why]))
     gpus = Counter(r.gpu for r in pub.runs)
     lines += ["", "Runs per GPU: " + ", ".join(f"{g} {n}" for g, n in gpus.most_common())]
     return "\n".join(lines)

@@ -66,6 +66,7 @@ def test_markdown_lists_every_run_and_ratio(pub):
     text = published_runs.markdown(pub)
     assert text.count("\n| ") >= len(pub.runs) + len(pub.ratios)
     assert all(r.id in text for r in pub.runs) and all(q.id in text for q in pub.ratios)
+    assert all(f"| {c.id} | {c.doc} |" in text for c in pub.miss_causes)
 
 
 def test_main_prints_the_table(capsys):
