@@ -373,6 +373,17 @@ def test_a_figure_off_by_more_than_2x_shows_its_stated_cause_or_is_counted_witho
     assert len(table) == 2 + len(pub.miss_causes)
 
 
+@pytest.mark.slow  # every test run of the table simulated: ~40 s on 2 cores
+def test_no_test_figure_is_off_by_more_than_2x_without_a_stated_cause(pub):
+    """Issue 14's third done-when clause, on the table as it runs now (every test run simulated under
+    the default timing, about 40 s): each test figure off by more than 2x names a stated cause
+    (bench/published_runs.yaml `misses` / `miss_causes`). A change that puts another figure beyond 2x
+    fails here until its cause is found and stated, or the figure comes back."""
+    results = v.rows(pub, (v.sim_timing.DEFAULT_TIMING,), "test")
+    caused, uncaused = v.misses(results, v.sim_timing.DEFAULT_TIMING, "test")
+    assert caused and not uncaused, f"off by more than 2x without a stated cause: {uncaused}"
+
+
 def test_a_fit_keeps_the_current_value_within_the_tolerance():
     """`--fit`'s convergence rule: the grid's best point replaces the constant's current value only
     when it beats it by more than FIT_TOLERANCE of median |log error|."""
