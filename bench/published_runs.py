@@ -184,7 +184,7 @@ class PublishedRuns(BaseModel):
     def _consistent(self) -> PublishedRuns:
         if self.split_rule != SPLIT_RULE:
             raise ValueError(f"split_rule must be the declared rule {SPLIT_RULE!r}")
-        ids = Counter([r.id for r in self.runs] + [q.id for q in self.ratios])
+        ids = Counter([r.id for r in self.runs] + [q.id for q in self.ratios] + [c.id for c in self.miss_causes])
         dup = sorted(i for i, n in ids.items() if n > 1)
         if dup:
             raise ValueError(f"duplicate id: {', '.join(dup)}")
@@ -197,8 +197,6 @@ class PublishedRuns(BaseModel):
             if q.a == q.b or a.gpu != b.gpu or a.split_group != b.split_group:
                 raise ValueError(f"ratio {q.id} must pair two runs of one GPU and one split_group")
         causes = self.causes()
-        if len(causes) != len(self.miss_causes):
-            raise ValueError("duplicate miss cause id")
         for r in self.runs:
             unknown = sorted(set(r.misses.values()) - set(causes))
             if unknown:

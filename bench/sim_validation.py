@@ -675,9 +675,12 @@ def _source(label: str) -> str:
     return f"roofline fallback: {re.sub(r' [(]tables exist for: [^)]*[)]', '', m[1])}" if m else label
 
 
+OVER_2X = math.log(2)  # |log(simulated / published)| beyond which a figure is off by more than 2x
+
+
 def over_2x(sim: float, ref: float) -> bool:
     """Off by more than 2x either way."""
-    return log_error(sim, ref) > math.log(2)
+    return log_error(sim, ref) > OVER_2X
 
 
 def miss_note(r: RowResult, name: str, timing: str) -> str:
@@ -727,7 +730,7 @@ def causes_table(pub: published_runs.PublishedRuns, results: list[RowResult], ti
 def timing_table(results: list[RowResult], timings=TIMINGS) -> list[str]:
     head = ["run", "split", "figure", "published"] + [f"{t} sim" for t in timings] + [f"{t} err" for t in timings]
     lines = ["| " + " | ".join(head + ["timing source (auto)"]) + " |", "|" + "---|" * (len(head) + 1)]
-    t = summary_timing(timings)
+    noted = summary_timing(timings)  # the timing whose misses are noted beside the figures
     for r in results:
         if r.bench is None or not r.sim:
             lines.append(f"| {r.run.id} | {r.run.split} | — | — | " + " | ".join(["—"] * 2 * len(timings))
@@ -737,7 +740,7 @@ def timing_table(results: list[RowResult], timings=TIMINGS) -> list[str]:
             sims = [_num(r.sim[t][name]) for t in timings]
             errs = [_err(r.sim[t][name], ref) for t in timings]
             src = (_source(r.source[timings[-1]]) + (f"; {r.bench.note}" if r.bench.note else "")) if i == 0 else ""
-            src = "; ".join(filter(None, [miss_note(r, name, t), src]))
+            src = "; ".join(filter(None, [miss_note(r, name, noted), src]))
             lines.append(f"| {r.run.id if i == 0 else ''} | {r.run.split if i == 0 else ''} | {name} | {_num(ref)} | "
                          + " | ".join(sims + errs) + f" | {src} |")
     return lines
@@ -936,15 +939,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * sim_timing.FRONTEND_LATENCY_S:.0f} ms; chat requests at vLLM 0.11.0 and 0.6.4-0.9.1: the "
           f"chat template's parse, measured ({_chat_costs()})\n")
     print("\n".join(timing_table(results, timings)) + "\n")
+    t = summary_timing(timings)
+    missed = {split: misses(results, t, split) for split in ("train", "test")}  # (caused, uncaused) under t
     for split in ("train", "test"):
         for t in timings:
             ok, n = share_within(results, t, split)
             errs = [log_error(r.sim[t][k], v) for r in results if r.run.split == split and t in r.sim
                     for k, (_, v) in r.bench.figures.items()]
             med = statistics.median(errs) if errs else math.nan
-            over2 = sum(e > math.log(2) for e in errs)
-            uncaused = (f" ({len(misses(results, t, split)[1])} without a stated cause)"
-                        if t == summary_timing(timings) else "")
+            over2 = sum(e > OVER_2X for e in errs)
+            uncaused = f" ({len(missed[split][1])} without a stated cause)" if t == summary_timing(timings) else ""
             print(f"- {split} figures within ±25 % under {t}: {ok} of {n}"
                   + (f" ({100 * ok / n:.0f} %); median |error| {100 * (math.exp(med) - 1):.0f} %; "
                      f"off by more than 2x: {over2}{uncaused}" if n else ""))
@@ -954,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {g.within} of {g.of} ({100 * g.share:.0f} %), median {100 * g.median_abs_error:.0f} %"
             for k, g in shares_by(results, t, "test", key).items()))
     for split in ("test", "train"):
-        uncaused = misses(results, t, split)[1]
+        uncaused = missed[split][1]
         if uncaused:
             print(f"- {split} figures off by more than 2x under {t} without a stated cause: "
                   + "; ".join(f"{i} {n}" for i, n in uncaused))

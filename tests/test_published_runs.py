@@ -78,6 +78,10 @@ def test_duplicate_id_is_refused(raw):
     raw["runs"].append(dict(raw["runs"][0]))
     with pytest.raises(KvlabError, match="duplicate id: gpustack-q8-rtx4090-bf16"):
         _check(raw)
+    del raw["runs"][-1]
+    raw["miss_causes"].append(dict(raw["miss_causes"][0]))
+    with pytest.raises(KvlabError, match=f"duplicate id: {raw['miss_causes'][0]['id']}"):
+        _check(raw)
 
 
 def test_ratio_naming_an_unknown_run_is_refused(raw):
@@ -124,8 +128,9 @@ def test_a_range_ratio_on_sharegpt_or_out_of_range_is_refused(raw):
 
 def test_a_miss_names_a_stated_figure_and_a_stated_cause(raw):
     run = next(r for r in raw["runs"] if r.get("misses"))
-    run["misses"] = {"p99_itl_ms": raw["miss_causes"][0]["id"]} if "p99_itl_ms" not in run["measured"] else {}
-    with pytest.raises(KvlabError, match="misses names a figure the run does not state: p99_itl_ms"):
+    unstated = next(f for f in published_runs.Measured.model_fields if f not in run["measured"])
+    run["misses"] = {unstated: raw["miss_causes"][0]["id"]}
+    with pytest.raises(KvlabError, match=f"misses names a figure the run does not state: {unstated}"):
         _check(raw)
     figure = next(iter(run["measured"]))
     run["misses"] = {figure: "no-such-cause"}
