@@ -115,6 +115,11 @@ class Run(BaseModel):
     # the bench client's --random-range-ratio where the source states one (lengths uniform on
     # L x [1 - r, 1 + r]); absent: the client's default (fixed lengths)
     random_range_ratio: float | None = Field(default=None, ge=0, lt=1)
+    # the client's printed "Total input tokens" / "Total generated tokens" where the source gives them;
+    # the generated total is what the replies came to (they end at EOS without ignore_eos), simulated
+    # as `kvlab sim bench --total-output-tokens`
+    total_input_tokens: int | None = Field(default=None, ge=1)
+    total_output_tokens: int | None = Field(default=None, ge=1)
     # figures the simulator misses by more than 2x, each with the id of its stated cause (miss_causes)
     misses: dict[str, str] = {}
     notes: str | None = None
@@ -126,6 +131,10 @@ class Run(BaseModel):
                              f"{self.split_group!r} in {split_of(self.split_group)!r}")
         if self.random_range_ratio is not None and self.dataset == "sharegpt":
             raise ValueError("random_range_ratio applies to the random datasets, not sharegpt")
+        if (self.dataset == "random" and self.total_output_tokens and self.num_prompts and self.output_len
+                and not self.random_range_ratio and self.total_output_tokens > self.num_prompts * self.output_len):
+            raise ValueError(f"total_output_tokens {self.total_output_tokens} is more than the {self.num_prompts} "
+                             f"requests of {self.output_len} output tokens ask for")
         unstated = sorted(set(self.misses) - set(self.measured.figures()))
         if unstated:
             raise ValueError(f"misses names a figure the run does not state: {', '.join(unstated)}")

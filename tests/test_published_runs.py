@@ -126,6 +126,14 @@ def test_a_range_ratio_on_sharegpt_or_out_of_range_is_refused(raw):
         _check(raw)
 
 
+def test_a_random_runs_generated_total_is_at_most_what_it_asked_for(raw):
+    run = next(r for r in raw["runs"] if r["dataset"] == "random" and r.get("total_output_tokens")
+               and not r.get("random_range_ratio"))
+    run["total_output_tokens"] = run["num_prompts"] * run["output_len"] + 1
+    with pytest.raises(KvlabError, match="total_output_tokens .* is more than the"):
+        _check(raw)
+
+
 def test_a_miss_names_a_stated_figure_and_a_stated_cause(raw):
     run = next(r for r in raw["runs"] if r.get("misses"))
     unstated = next(f for f in published_runs.Measured.model_fields if f not in run["measured"])

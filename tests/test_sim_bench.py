@@ -99,6 +99,35 @@ def test_random_lengths_are_vllms_draws():
     assert (same == 1024).all()  # vLLM's default range ratio is 0: every prompt as long as asked
 
 
+def test_total_output_tokens_cuts_every_reply_by_one_share():
+    # gpustack's Qwen3-235B at 32,000 input tokens: 100 requests of 100 asked, 8,191 generated
+    reqs = datasets.bench_requests("random", 100, 32000, 100, math.inf, 0, total_output_tokens=8191)
+    out = [r.output_tokens for r in reqs]
+    assert sum(out) == 8191 and set(out) == {81, 82} and out.count(82) == 91  # floor 81 each, 91 remainders
+    assert all(r.input_tokens == 32000 for r in reqs)  # prompts as drawn
+    lengths = np.array([1, 2, 10, 100, 1000])
+    scaled = datasets.scale_to_total(lengths, 556)
+    assert scaled.sum() == 556 and scaled.min() >= 1 and list(scaled) == [1, 1, 5, 50, 499]
+    assert (np.diff(scaled) >= 0).all()  # the order of the lengths is kept
+    assert list(datasets.scale_to_total(np.array([1, 1, 98]), 5)) == [1, 1, 3]  # short ones keep 1 token
+    sharegpt = datasets.bench_requests("sharegpt", 200, None, None, math.inf, 0)
+    more = datasets.bench_requests("sharegpt", 200, None, None, math.inf, 0,
+                                   total_output_tokens=sum(r.output_tokens for r in sharegpt) + 50)
+    assert sum(r.output_tokens for r in more) == sum(r.output_tokens for r in sharegpt) + 50  # a length model
+
+
+def test_total_output_tokens_on_the_engine(kvlab):
+    kw = dict(input_len=256, output_len=40, num_prompts=20, max_concurrency=4)
+    full = run_bench(MODEL, GPU, **kw)
+    cut = run_bench(MODEL, GPU, total_output_tokens=500, **kw)
+    assert (full.total_output_tokens, cut.total_output_tokens) == (800, 500)
+    assert cut.total_input_tokens == full.total_input_tokens and cut.duration < full.duration
+    r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "20", "--input-len", "256", "--output-len", "40",
+              "--max-concurrency", "4", "--total-output-tokens", "500", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total_output_tokens"] == 500
+
+
 def test_arrivals_are_vllms_poisson_process():
     assert (datasets.arrival_times_s(5, math.inf, 1.0, 0) == 0).all()
     t = datasets.arrival_times_s(1000, 4.0, 1.0, seed=3)
@@ -214,6 +243,9 @@ def test_cli_json_has_every_field_and_writes_the_record(kvlab, tmp_path):
     (["--max-num-batched-tokens", "-3"], "--max-num-batched-tokens must be at least 1, got -3"),
     (["--vllm-version", "latest"], "vLLM version 'latest' is not a version"),
     (["--warm-runs", "-1"], "--warm-runs must be 0 to 10, got -1"),
+    (["--output-len", "8", "--total-output-tokens", "17"],
+     "--total-output-tokens 17 is more than the 16 tokens the random requests ask for"),
+    (["--total-output-tokens", "1"], "--total-output-tokens 1 is fewer than one token for each of the 2 requests"),
     (["--max-model-len", "200", "--input-len", "300", "--output-len", "8"],
      "all 2 requests failed, as vLLM would refuse them (2 the prompt is longer than --max-model-len)"),
 ])

@@ -49,6 +49,19 @@ def test_a_stated_length_spread_is_the_bench_clients_range_ratio(pub):
     assert "random_range_ratio" not in v.map_run(pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]).workload
 
 
+def test_a_stated_generated_total_is_what_the_replies_come_to(pub):
+    # gpustack's Qwen3-235B on 8 x A100 at 32,000 input tokens: "Total generated tokens" 8,191 of 100 x 100
+    run = pub.by_id()["gpustack-q235-a100-bf16-tp8-random-32k"]
+    assert (run.total_input_tokens, run.total_output_tokens) == (3200000, 8191)
+    bench = v.map_run(run)
+    assert bench.workload["total_output_tokens"] == 8191 and "8,191 of the 10,000 tokens asked for" in bench.note
+    full = v.map_run(pub.by_id()["gpustack-q14-h100-random-2k"])  # 50,000 of 50,000: nothing to say
+    assert full.workload["total_output_tokens"] == 50000 and "EOS" not in full.note
+    sharegpt = v.map_run(pub.by_id()["gpustack-q14-h100-sharegpt"])
+    assert sharegpt.workload["total_output_tokens"] == 201648 and "201,648 generated tokens" in sharegpt.note
+    assert "total_output_tokens" not in v.map_run(pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]).workload
+
+
 def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     by_id = pub.by_id()
     assert "H100 PCIe" in v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"])

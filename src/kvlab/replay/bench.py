@@ -164,14 +164,15 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
               max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
               random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
               warm_runs: int = 0, config=None, on_progress=None, endpoint_type: str = "openai",
-              **engine_args) -> BenchResult:
+              total_output_tokens: int | None = None, **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
     (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`);
     on_progress(simulated s, requests ended) as each request ends. `warm_runs` N: the results of
     the (N+1)-th run of the same requests on a server not restarted in between (vLLM's datasets
     draw the same prompts for one --seed, so the earlier runs leave them in the prefix cache); N = 0
     is a freshly started server. `endpoint_type`: openai or vllm (/v1/completions), or openai-chat
-    (/v1/chat/completions), as vLLM's --endpoint-type."""
+    (/v1/chat/completions), as vLLM's --endpoint-type. `total_output_tokens`: the replies scaled to
+    that total (a run whose replies stopped at EOS; `kvlab.replay.datasets`)."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
     from kvlab.schema.bench import BenchResult
@@ -184,7 +185,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
     if not 0 <= warm_runs <= MAX_WARM_RUNS:
         raise KvlabError(f"--warm-runs must be 0 to {MAX_WARM_RUNS}, got {warm_runs}")
     requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
-                              range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness)
+                              range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness,
+                              total_output_tokens=total_output_tokens)
     cfg = config or build_config(model, gpu, **engine_args)
     chat = endpoint_type == "openai-chat"
     endpoint_type = "openai-chat" if chat else "openai"
@@ -268,6 +270,11 @@ def bench_cmd(
         "Results of the run after N earlier runs of the same benchmark on a server not restarted in between: "
         "vLLM's datasets draw the same prompts for one --seed, so those runs leave them in the prefix cache "
         "(0: a freshly started server)")),
+    total_output_tokens: Optional[int] = typer.Option(None, "--total-output-tokens", rich_help_panel="kvlab options",
+                                                      help=(
+        "Replies end early so that they total N tokens, each cut by the same share: replays a published run whose "
+        "replies stopped at EOS (no ignore_eos: vLLM's client up to 0.11.0 on random, any on sharegpt) from its "
+        "'Total generated tokens'. The simulated model never emits EOS")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
@@ -298,7 +305,7 @@ def bench_cmd(
                            num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
                            seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
                            random_prefix_len=random_prefix_len, warm_runs=warm_runs, config=config,
-                           endpoint_type=endpoint_type,
+                           endpoint_type=endpoint_type, total_output_tokens=total_output_tokens,
                            on_progress=throttled(show))
     if out is not None:
         result.write(out)

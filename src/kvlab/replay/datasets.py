@@ -23,7 +23,16 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
   tokens (vllm-project/vllm pull request #18566, May 2025), i.e. 229.7 and 203.1 tokens per
   request. Pairs are drawn from `default_rng(--seed)` and filtered as vLLM filters. vLLM sets
   `ignore_eos` only for the random datasets, so a real model may end a ShareGPT reply early; the
-  simulated engine generates every reply to its length.
+  simulated engine generates every reply to its length. Whether the client sets `ignore_eos` for
+  `random` depends on its release: 0.11.0's `vllm bench serve` sets it only on `--ignore-eos` (read in
+  the 0.11.0 wheel's `vllm/benchmarks/serve.py`); the late-2026 client above sets it by default for
+  `random` and `random-mm` on the OpenAI-compatible backends. A published run whose replies stopped
+  at EOS prints fewer "Total generated tokens" than its requests asked for (gpustack's Qwen3-235B
+  runs at 32,000 input tokens: 8,191 of 10,000); `total_output_tokens` replays that total (below).
+- `total_output_tokens` (kvlab's, not vLLM's: `kvlab sim bench --total-output-tokens`): the replies
+  are scaled so that they total it, each by the same share (largest remainders rounded up, at least 1
+  token each): the simulated model never emits EOS, and which replies a real one ends early, and
+  where, is not printed by the client, only their total.
 - arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
   draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
   1: a Poisson process) with the global numpy generator seeded with `--seed` (one draw per request,
@@ -103,6 +112,25 @@ def random_lengths(num_prompts: int, input_len: int, output_len: int, range_rati
     return inputs, outputs
 
 
+def scale_to_total(lengths: np.ndarray, total: int) -> np.ndarray:
+    """`lengths` scaled by one share so that they sum to `total` exactly: each floor(l x share), the
+    rest one token each to the largest remainders (the earlier on a tie); a length that came to 0
+    gets 1 token, taken from the longest."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if total < len(lengths):
+        raise KvlabError(f"--total-output-tokens {total} is fewer than one token for each of the "
+                         f"{len(lengths)} requests")
+    exact = lengths * (total / lengths.sum())
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(-(exact - out), kind="stable")[:total - int(out.sum())]] += 1
+    for i in np.flatnonzero(out == 0):
+        out[i] = 1
+        out[int(np.argmax(out))] -= 1
+    return out
+
+
 def _sharegpt_valid(prompt: np.ndarray, output: np.ndarray, output_fixed: bool) -> np.ndarray:
     ok = (prompt >= SHAREGPT_MIN_LEN) & (prompt <= SHAREGPT_MAX_PROMPT) & (prompt + output <= SHAREGPT_MAX_TOTAL)
     return ok if output_fixed else ok & (output >= SHAREGPT_MIN_LEN)
@@ -171,8 +199,10 @@ def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, se
 
 def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output_len: int | None,
                    request_rate: float, seed: int, *, range_ratio: float = RANDOM_RANGE_RATIO,
-                   prefix_len: int = 0, burstiness: float = 1.0) -> list[BenchRequest]:
-    """The benchmark's requests, in the order vLLM sends them."""
+                   prefix_len: int = 0, burstiness: float = 1.0,
+                   total_output_tokens: int | None = None) -> list[BenchRequest]:
+    """The benchmark's requests, in the order vLLM sends them; `total_output_tokens`: their replies
+    scaled to that total (replies that stopped at EOS; see the module docstring)."""
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)} (vLLM's others need their files), "
                          f"got {dataset!r}")
@@ -192,5 +222,11 @@ def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output
                              "have their own lengths")
         inputs, outputs = sharegpt_lengths(num_prompts, output_len, seed)
         prefix_len = 0
+    if total_output_tokens is not None:
+        asked = int(outputs.sum())
+        if dataset == "random" and total_output_tokens > asked:  # each request's max_tokens is its length
+            raise KvlabError(f"--total-output-tokens {total_output_tokens} is more than the {asked} tokens the "
+                             "random requests ask for (their max_tokens): replies can only end early")
+        outputs = scale_to_total(outputs, total_output_tokens)
     arrivals = arrival_times_s(num_prompts, request_rate, burstiness, seed)
     return [BenchRequest(prefix_len, int(i), int(o), float(t)) for i, o, t in zip(inputs, outputs, arrivals)]
