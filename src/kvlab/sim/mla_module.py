@@ -45,7 +45,8 @@ from kvlab.sim import gemm_tables, kernels
 MODULE_MODEL = "deepseek-v3"  # the card of the config.json the module rows were measured with
 
 
-def _module_arch() -> ModelArch:
+@functools.lru_cache(maxsize=None)
+def _module_arch() -> ModelArch:  # read once: a card's arch is parsed from its config.json on each access
     from kvlab.models.cards import card
     return card(MODULE_MODEL).arch
 
