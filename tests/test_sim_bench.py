@@ -121,6 +121,7 @@ def test_total_output_tokens_on_the_engine(kvlab):
     full = run_bench(MODEL, GPU, **kw)
     cut = run_bench(MODEL, GPU, total_output_tokens=500, **kw)
     assert (full.total_output_tokens, cut.total_output_tokens) == (800, 500)
+    assert (full.replies_total, cut.replies_total) == (None, 500)  # the record says the replies were cut
     assert cut.total_input_tokens == full.total_input_tokens and cut.duration < full.duration
     r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "20", "--input-len", "256", "--output-len", "40",
               "--max-concurrency", "4", "--total-output-tokens", "500", "--json")

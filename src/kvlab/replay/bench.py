@@ -211,7 +211,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
-        warm_runs=warm_runs, endpoint_type=endpoint_type, num_preemptions=preemptions,
+        warm_runs=warm_runs, endpoint_type=endpoint_type, replies_total=total_output_tokens,
+        num_preemptions=preemptions,
         **bench_metrics(records),
     )
 
