@@ -115,9 +115,9 @@ class Run(BaseModel):
     # the bench client's --random-range-ratio where the source states one (lengths uniform on
     # L x [1 - r, 1 + r]); absent: the client's default (fixed lengths)
     random_range_ratio: float | None = Field(default=None, ge=0, lt=1)
-    # the client's printed "Total input tokens" / "Total generated tokens" where the source gives them;
-    # the generated total is what the replies came to (they end at EOS without ignore_eos), simulated
-    # as `kvlab sim bench --total-output-tokens`
+    # the client's printed "Total input tokens" / "Total generated tokens" where the source gives them
+    # (the generated total is what the replies came to: they end at EOS without ignore_eos), simulated
+    # as `kvlab sim bench --total-input-tokens --total-output-tokens`
     total_input_tokens: int | None = Field(default=None, ge=1)
     total_output_tokens: int | None = Field(default=None, ge=1)
     # figures the simulator misses by more than 2x, each with the id of its stated cause (miss_causes)

@@ -272,17 +272,20 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload["random_range_ratio"] = run.random_range_ratio
         note = "; ".join(filter(None, [note, f"lengths ±{100 * run.random_range_ratio:g} % as the source states "
                                              f"(--random-range-ratio {run.random_range_ratio:g})"]))
-    if run.total_output_tokens is not None and not offline:  # replies that ended at EOS, as the source counts them
-        workload["total_output_tokens"] = run.total_output_tokens
-        if run.dataset == "random" and run.num_prompts and run.output_len:
-            asked = run.num_prompts * run.output_len
-            if run.total_output_tokens < asked:
-                note = "; ".join(filter(None, [note, f"replies end at EOS: {run.total_output_tokens:,} of the {asked:,} "
-                                                     "tokens asked for, as the source counts them "
-                                                     "(--total-output-tokens)"]))
-        elif run.dataset == "sharegpt":
-            note = "; ".join(filter(None, [note, f"replies scaled to the source's {run.total_output_tokens:,} "
-                                                 "generated tokens (--total-output-tokens)"]))
+    if not offline:  # the client's printed totals: replies that ended at EOS, ShareGPT's own lengths
+        if run.total_input_tokens is not None:
+            workload["total_input_tokens"] = run.total_input_tokens
+        if run.total_output_tokens is not None:
+            workload["total_output_tokens"] = run.total_output_tokens
+        asked = (run.num_prompts or 0) * (run.output_len or 0)
+        if run.dataset == "random" and run.total_output_tokens is not None and run.total_output_tokens < asked:
+            note = "; ".join(filter(None, [note, f"replies end at EOS: {run.total_output_tokens:,} of the {asked:,} "
+                                                 "tokens asked for, as the source counts them (--total-output-tokens)"]))
+        elif run.dataset == "sharegpt" and (run.total_input_tokens or run.total_output_tokens):
+            stated = [f"{n:,} {what}" for n, what in ((run.total_input_tokens, "prompt"),
+                                                     (run.total_output_tokens, "generated")) if n]
+            note = "; ".join(filter(None, [note, f"lengths scaled to the source's {' and '.join(stated)} tokens "
+                                                 "(--total-input-tokens, --total-output-tokens)"]))
     if run.endpoint_type:
         workload["endpoint_type"] = run.endpoint_type
         chat_s, chat_source = sim_timing.chat_template_cost(_release(run), _model_type(model))

@@ -114,6 +114,13 @@ def test_total_output_tokens_cuts_every_reply_by_one_share():
     more = datasets.bench_requests("sharegpt", 200, None, None, math.inf, 0,
                                    total_output_tokens=sum(r.output_tokens for r in sharegpt) + 50)
     assert sum(r.output_tokens for r in more) == sum(r.output_tokens for r in sharegpt) + 50  # a length model
+    # prompts: the client's "Total input tokens" (gpustack's first 100 ShareGPT prompts: 23,260)
+    hundred = datasets.bench_requests("sharegpt", 100, None, None, math.inf, 0, total_input_tokens=23260)
+    assert sum(r.prompt_tokens for r in hundred) == 23260
+    prefixed = datasets.bench_requests("random", 10, 100, 4, math.inf, 0, prefix_len=50, total_input_tokens=1000)
+    assert all(r.prefix_tokens == 50 and r.input_tokens == 50 for r in prefixed)  # the prefix stays
+    with pytest.raises(KvlabError, match="--total-input-tokens 505 leaves fewer than one token of its own"):
+        datasets.bench_requests("random", 10, 100, 4, math.inf, 0, prefix_len=50, total_input_tokens=505)
 
 
 def test_total_output_tokens_on_the_engine(kvlab):
@@ -122,6 +129,7 @@ def test_total_output_tokens_on_the_engine(kvlab):
     cut = run_bench(MODEL, GPU, total_output_tokens=500, **kw)
     assert (full.total_output_tokens, cut.total_output_tokens) == (800, 500)
     assert (full.replies_total, cut.replies_total) == (None, 500)  # the record says the replies were cut
+    assert run_bench(MODEL, GPU, total_input_tokens=4000, **kw).total_input_tokens == 4000
     assert cut.total_input_tokens == full.total_input_tokens and cut.duration < full.duration
     r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "20", "--input-len", "256", "--output-len", "40",
               "--max-concurrency", "4", "--total-output-tokens", "500", "--json")

@@ -58,7 +58,8 @@ def test_a_stated_generated_total_is_what_the_replies_come_to(pub):
     full = v.map_run(pub.by_id()["gpustack-q14-h100-random-2k"])  # 50,000 of 50,000: nothing to say
     assert full.workload["total_output_tokens"] == 50000 and "EOS" not in full.note
     sharegpt = v.map_run(pub.by_id()["gpustack-q14-h100-sharegpt"])
-    assert sharegpt.workload["total_output_tokens"] == 201648 and "201,648 generated tokens" in sharegpt.note
+    assert (sharegpt.workload["total_input_tokens"], sharegpt.workload["total_output_tokens"]) == (217393, 201648)
+    assert "217,393 prompt and 201,648 generated tokens" in sharegpt.note
     assert "total_output_tokens" not in v.map_run(pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]).workload
 
 

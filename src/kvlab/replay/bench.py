@@ -164,15 +164,17 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
               max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
               random_range_ratio: float = RANDOM_RANGE_RATIO, random_prefix_len: int = 0,
               warm_runs: int = 0, config=None, on_progress=None, endpoint_type: str = "openai",
-              total_output_tokens: int | None = None, **engine_args) -> BenchResult:
+              total_input_tokens: int | None = None, total_output_tokens: int | None = None,
+              **engine_args) -> BenchResult:
     """`vllm bench serve` against MODEL served by the simulated vLLM on GPU preset `gpu`
     (`engine_args`: vLLM's serve flags as `build_config` keywords, or a built `config`);
     on_progress(simulated s, requests ended) as each request ends. `warm_runs` N: the results of
     the (N+1)-th run of the same requests on a server not restarted in between (vLLM's datasets
     draw the same prompts for one --seed, so the earlier runs leave them in the prefix cache); N = 0
     is a freshly started server. `endpoint_type`: openai or vllm (/v1/completions), or openai-chat
-    (/v1/chat/completions), as vLLM's --endpoint-type. `total_output_tokens`: the replies scaled to
-    that total (a run whose replies stopped at EOS; `kvlab.replay.datasets`)."""
+    (/v1/chat/completions), as vLLM's --endpoint-type. `total_output_tokens` / `total_input_tokens`:
+    the replies / prompts scaled to that total (a published run's printed totals: its replies ended
+    at EOS; `kvlab.replay.datasets`)."""
     from kvlab.replay.datasets import bench_requests
     from kvlab.replay.run import run_offline
     from kvlab.schema.bench import BenchResult
@@ -186,7 +188,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         raise KvlabError(f"--warm-runs must be 0 to {MAX_WARM_RUNS}, got {warm_runs}")
     requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness,
-                              total_output_tokens=total_output_tokens)
+                              total_input_tokens=total_input_tokens, total_output_tokens=total_output_tokens)
     cfg = config or build_config(model, gpu, **engine_args)
     chat = endpoint_type == "openai-chat"
     endpoint_type = "openai-chat" if chat else "openai"
@@ -211,7 +213,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
-        warm_runs=warm_runs, endpoint_type=endpoint_type, replies_total=total_output_tokens,
+        warm_runs=warm_runs, endpoint_type=endpoint_type, prompts_total=total_input_tokens,
+        replies_total=total_output_tokens,
         num_preemptions=preemptions,
         **bench_metrics(records),
     )
@@ -276,6 +279,10 @@ def bench_cmd(
         "Replies end early so that they total N tokens, each cut by the same share: replays a published run whose "
         "replies stopped at EOS (no ignore_eos: vLLM's client up to 0.11.0 on random, any on sharegpt) from its "
         "'Total generated tokens'. The simulated model never emits EOS")),
+    total_input_tokens: Optional[int] = typer.Option(None, "--total-input-tokens", rich_help_panel="kvlab options",
+                                                     help=(
+        "Prompts scaled by one share (after --random-prefix-len) so that they total N tokens: replays a published "
+        "run's 'Total input tokens' (sharegpt here is a length distribution, not the dataset)")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
@@ -306,7 +313,8 @@ def bench_cmd(
                            num_prompts=num_prompts, request_rate=_rate(request_rate), max_concurrency=max_concurrency,
                            seed=seed, burstiness=burstiness, random_range_ratio=random_range_ratio,
                            random_prefix_len=random_prefix_len, warm_runs=warm_runs, config=config,
-                           endpoint_type=endpoint_type, total_output_tokens=total_output_tokens,
+                           endpoint_type=endpoint_type, total_input_tokens=total_input_tokens,
+                           total_output_tokens=total_output_tokens,
                            on_progress=throttled(show))
     if out is not None:
         result.write(out)

@@ -32,7 +32,12 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
 - `total_output_tokens` (kvlab's, not vLLM's: `kvlab sim bench --total-output-tokens`): the replies
   are scaled so that they total it, each by the same share (largest remainders rounded up, at least 1
   token each): the simulated model never emits EOS, and which replies a real one ends early, and
-  where, is not printed by the client, only their total.
+  where, is not printed by the client, only their total. `total_input_tokens` (`--total-input-tokens`)
+  scales the prompts' own tokens (after the shared prefix) the same way, to the client's "Total input
+  tokens": kvlab's ShareGPT lengths are a distribution, so a published ShareGPT run's prompts total
+  something else (1,000 prompts: 221,119 drawn against the 217,393 vLLM's client printed with Qwen3's
+  tokenizer; 100: 25,209 against 23,260), and vLLM's random prompts are re-tokenized to about their
+  length (1,000,000 asked, 998,175 printed).
 - arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
   draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
   1: a Poisson process) with the global numpy generator seeded with `--seed` (one draw per request,
@@ -112,7 +117,7 @@ def random_lengths(num_prompts: int, input_len: int, output_len: int, range_rati
     return inputs, outputs
 
 
-def scale_to_total(lengths: np.ndarray, total: int) -> np.ndarray:
+def scale_to_total(lengths: np.ndarray, total: int, flag: str = "--total-output-tokens") -> np.ndarray:
     """`lengths` scaled by one share so that they sum to `total` exactly: each floor(l x share), the
     rest one token each to the largest remainders (the earlier on a tie); a length that came to 0
     gets 1 token, taken from the longest."""
@@ -120,7 +125,7 @@ def scale_to_total(lengths: np.ndarray, total: int) -> np.ndarray:
 
     lengths = np.asarray(lengths, dtype=np.int64)
     if total < len(lengths):
-        raise KvlabError(f"--total-output-tokens {total} is fewer than one token for each of the "
+        raise KvlabError(f"{flag} {total} is fewer than one token for each of the "
                          f"{len(lengths)} requests")
     exact = lengths * (total / lengths.sum())
     out = np.floor(exact).astype(np.int64)
@@ -200,9 +205,11 @@ def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, se
 def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output_len: int | None,
                    request_rate: float, seed: int, *, range_ratio: float = RANDOM_RANGE_RATIO,
                    prefix_len: int = 0, burstiness: float = 1.0,
+                   total_input_tokens: int | None = None,
                    total_output_tokens: int | None = None) -> list[BenchRequest]:
-    """The benchmark's requests, in the order vLLM sends them; `total_output_tokens`: their replies
-    scaled to that total (replies that stopped at EOS; see the module docstring)."""
+    """The benchmark's requests, in the order vLLM sends them; `total_input_tokens` /
+    `total_output_tokens`: their prompts / replies scaled to that total (a published run's printed
+    totals; see the module docstring)."""
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)} (vLLM's others need their files), "
                          f"got {dataset!r}")
@@ -228,5 +235,11 @@ def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output
             raise KvlabError(f"--total-output-tokens {total_output_tokens} is more than the {asked} tokens the "
                              "random requests ask for (their max_tokens): replies can only end early")
         outputs = scale_to_total(outputs, total_output_tokens)
+    if total_input_tokens is not None:  # the shared prefix stays; each prompt's own tokens are scaled
+        own = total_input_tokens - prefix_len * num_prompts
+        if own < num_prompts:
+            raise KvlabError(f"--total-input-tokens {total_input_tokens} leaves fewer than one token of its own for "
+                             f"each of the {num_prompts} prompts after the {prefix_len}-token prefix")
+        inputs = scale_to_total(inputs, own, "--total-input-tokens")
     arrivals = arrival_times_s(num_prompts, request_rate, burstiness, seed)
     return [BenchRequest(prefix_len, int(i), int(o), float(t)) for i, o, t in zip(inputs, outputs, arrivals)]

@@ -53,9 +53,11 @@ class BenchResult(Record):
     # (/v1/chat/completions; at the releases that parse the chat template on each request it costs the
     # API server that: kvlab.sim.timing.chat_template_cost). Records written before it: openai
     endpoint_type: Literal["openai", "openai-chat"] = "openai"
-    # kvlab's --total-output-tokens: the replies were cut by one share to this total (a published run
-    # whose replies ended at EOS); None: every reply to its length (records written before it: None)
+    # kvlab's --total-output-tokens / --total-input-tokens: the replies / prompts were scaled by one
+    # share to this total (a published run's printed totals: its replies ended at EOS); None: the
+    # drawn lengths (records written before them: None)
     replies_total: int | None = None
+    prompts_total: int | None = None
 
     # results (vLLM's names and units)
     duration: float = figure("simulated", unit="s", default=0.0,
