@@ -117,7 +117,7 @@ class Composition:
 def compose(run_id: str, timing: str = sim_timing.DEFAULT_TIMING, gpu_scale: float = 1.0,
             num_prompts: int | None = None) -> Composition:
     """Simulate published run `run_id` with every step recorded (`num_prompts` replaces the run's
-    count, for a quick look)."""
+    count, for a quick look; the run's stated token totals shrink or grow with it)."""
     if not gpu_scale > 0:
         raise KvlabError(f"--gpu-scale must be positive, got {gpu_scale}")
     pub = published_runs.load()
@@ -128,7 +128,10 @@ def compose(run_id: str, timing: str = sim_timing.DEFAULT_TIMING, gpu_scale: flo
     if not isinstance(bench, sim_validation.BenchRun):
         raise KvlabError(f"{run_id}: kvlab cannot model it: {bench}")
     if num_prompts is not None:
-        bench = dataclasses.replace(bench, workload={**bench.workload, "num_prompts": num_prompts})
+        share = num_prompts / bench.workload["num_prompts"]
+        totals = {k: max(round(v * share), num_prompts) for k, v in bench.workload.items()
+                  if k in ("total_input_tokens", "total_output_tokens")}
+        bench = dataclasses.replace(bench, workload={**bench.workload, "num_prompts": num_prompts, **totals})
     res, cfg = sim_validation.run_simulated(bench, timing, lambda cost: StepRecorder(cost, gpu_scale))
     recorder = cfg.cost
     config = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,

@@ -135,6 +135,9 @@ def test_total_output_tokens_on_the_engine(kvlab):
               "--max-concurrency", "4", "--total-output-tokens", "500", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["total_output_tokens"] == 500
+    r = kvlab("sim", "bench", MODEL, "--gpu", GPU, "--num-prompts", "20", "--input-len", "256", "--output-len", "40",
+              "--total-output-tokens", "500")
+    assert r.returncode == 0 and "replies scaled to 500 tokens (--total-output-tokens)" in r.stdout, r.stderr
 
 
 def test_arrivals_are_vllms_poisson_process():

@@ -277,8 +277,8 @@ def bench_cmd(
     total_output_tokens: Optional[int] = typer.Option(None, "--total-output-tokens", rich_help_panel="kvlab options",
                                                       help=(
         "Replies end early so that they total N tokens, each cut by the same share: replays a published run whose "
-        "replies stopped at EOS (no ignore_eos: vLLM's client up to 0.11.0 on random, any on sharegpt) from its "
-        "'Total generated tokens'. The simulated model never emits EOS")),
+        "replies stopped at EOS (no ignore_eos: vLLM 0.11.0's client on random, where 0.32's sets it; any on "
+        "sharegpt) from its 'Total generated tokens'. The simulated model never emits EOS")),
     total_input_tokens: Optional[int] = typer.Option(None, "--total-input-tokens", rich_help_panel="kvlab options",
                                                      help=(
         "Prompts scaled by one share (after --random-prefix-len) so that they total N tokens: replays a published "
@@ -352,5 +352,7 @@ def _print_result(r: BenchResult, wall_s: float) -> None:
         print(num(f"P{PERCENTILE} {name} (ms):", getattr(r, f"p{PERCENTILE}_{key}_ms")))
     print("=" * 50)
     warm = f"after {r.warm_runs} earlier run{'s' if r.warm_runs > 1 else ''} of it on the same server; " if r.warm_runs else ""
+    scaled = " and ".join(f"{what} scaled to {n:,} tokens (--total-{flag}-tokens)" for what, flag, n in
+                          (("prompts", "input", r.prompts_total), ("replies", "output", r.replies_total)) if n)
     print(f"simulated: {r.model_id} on {r.gpu} x{r.tensor_parallel_size}, step times: {r.timing_source}; "
-          f"{warm}{r.num_preemptions} preemptions; {wall_s:.1f} s wall")
+          f"{warm}{scaled + '; ' if scaled else ''}{r.num_preemptions} preemptions; {wall_s:.1f} s wall")
