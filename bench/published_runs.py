@@ -155,6 +155,8 @@ class Run(BaseModel):
             load.append(f"conc {self.max_concurrency}")
         if self.request_rate is not None:
             load.append(f"rate {self.request_rate}")
+        if self.total_input_tokens or self.total_output_tokens:  # the client's printed totals
+            load.append(f"{self.total_input_tokens or '?'} in / {self.total_output_tokens or '?'} generated")
         return f"{self.dataset}{lengths}, {', '.join(load)}"
 
 

@@ -53,6 +53,7 @@ def test_a_stated_generated_total_is_what_the_replies_come_to(pub):
     # gpustack's Qwen3-235B on 8 x A100 at 32,000 input tokens: "Total generated tokens" 8,191 of 100 x 100
     run = pub.by_id()["gpustack-q235-a100-bf16-tp8-random-32k"]
     assert (run.total_input_tokens, run.total_output_tokens) == (3200000, 8191)
+    assert run.workload() == "random 32000/100, n=100, rate inf, 3200000 in / 8191 generated"
     bench = v.map_run(run)
     assert bench.workload["total_output_tokens"] == 8191 and "8,191 of the 10,000 tokens asked for" in bench.note
     full = v.map_run(pub.by_id()["gpustack-q14-h100-random-2k"])  # 50,000 of 50,000: nothing to say
