@@ -98,6 +98,7 @@ class Run(BaseModel):
     num_prompts: int | None = Field(ge=1)
     max_concurrency: int | None = Field(ge=1)
     request_rate: Annotated[float, Field(gt=0)] | Literal["inf"] | None
+    seed: int | None = None  # the bench client's --seed where the source states it; absent: its default, 0
     # the bench client's --endpoint-type (--backend) where the source states openai-chat
     # (/v1/chat/completions); absent: /v1/completions, or not stated (simulated as /v1/completions)
     endpoint_type: Literal["openai-chat"] | None = None

@@ -266,6 +266,8 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                 "num_prompts": run.num_prompts or OFFLINE_NUM_PROMPTS,
                 "request_rate": math.inf if run.request_rate in (None, "inf") else float(run.request_rate),
                 "max_concurrency": run.max_concurrency}
+    if run.seed is not None:  # the client's --seed: its Poisson gaps (and vLLM's random prompts)
+        workload["seed"] = run.seed
     if run.dataset != "sharegpt":
         workload.update(input_len=run.input_len, output_len=run.output_len)
     if run.random_range_ratio is not None:

@@ -160,6 +160,21 @@ def test_sharegpt_is_a_documented_length_distribution():
     assert (fixed == 64).all()
 
 
+def test_clients_before_0_10_send_the_first_request_at_0_and_do_not_rescale():
+    # vLLM 0.9.2's get_request (and IOG's copy of benchmark_serving.py): yield, then draw a gap and sleep
+    t = datasets.arrival_times_s(200, 1.0, 1.0, 42, rescaled=False)
+    state = np.random.RandomState(42)
+    gaps = [state.gamma(shape=1.0, scale=1.0) for _ in range(200)]
+    assert t[0] == 0 and t == pytest.approx(np.concatenate(([0.0], np.cumsum(gaps[:-1]))))
+    assert t[-1] == pytest.approx(187.58, abs=0.01)  # IOG's 200 prompts at 1 req/s, --seed 42: 190-192 s runs
+    assert datasets.arrival_times_s(200, 1.0, 1.0, 42)[-1] == pytest.approx(200.0)  # 0.10.0 on: rescaled
+    # kvlab sim bench uses the client of the release it simulates
+    kw = dict(num_prompts=20, input_len=64, output_len=4, request_rate=4.0, seed=42)
+    last_old = datasets.arrival_times_s(20, 4.0, 1.0, 42, rescaled=False)[-1]
+    old, new = (run_bench(MODEL, GPU, vllm_version=v, **kw) for v in ("0.9.2", "0.10"))
+    assert last_old < old.duration < last_old + 1.0 and 5.0 < new.duration < 6.0
+
+
 def test_request_rate_inf_sends_all_at_once_and_a_finite_rate_spreads_them():
     burst = run_bench(MODEL, GPU, input_len=64, output_len=8, num_prompts=12, **FLAGS)
     paced = run_bench(MODEL, GPU, input_len=64, output_len=8, num_prompts=12, request_rate=2.0, **FLAGS)

@@ -64,6 +64,12 @@ def test_a_stated_generated_total_is_what_the_replies_come_to(pub):
     assert "total_output_tokens" not in v.map_run(pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]).workload
 
 
+def test_a_stated_client_seed_is_the_simulated_one(pub):
+    # IOG's run_benchmark.sh passes --seed 42 to every run; a row that states none keeps the default
+    assert v.map_run(pub.by_id()["iog-r1-distill-llama-8b-1xrtx4090-1qps"]).workload["seed"] == 42
+    assert "seed" not in v.map_run(pub.by_id()["gpustack-q14-h100-sharegpt"]).workload
+
+
 def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     by_id = pub.by_id()
     assert "H100 PCIe" in v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"])

@@ -9,7 +9,8 @@ results are computed from the per-request records with vLLM's definitions
 2026, commit 009e6d4a):
 
 - `duration`: from the start of the run (time 0; with a finite rate the first request is sent
-  after the first gap) until the last request is done;
+  after the first gap, by the clients of vLLM 0.10.0 on, and at time 0 by those before, which the
+  run's `--vllm-version` picks: `kvlab.replay.datasets`) until the last request is done;
 - `completed`/`failed`; `total_input_tokens`/`total_output_tokens` over completed requests;
   `request_throughput`, `output_throughput`, `total_token_throughput` = those / duration;
 - TTFT and E2EL over completed requests; TPOT = (latency - ttft) / (output tokens - 1) over
@@ -36,8 +37,8 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
-from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO
-from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
+from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
+from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
     from kvlab.loadtest.plan import SessionPlan
@@ -186,10 +187,11 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         raise KvlabError(f"--endpoint-type must be one of {', '.join(ENDPOINT_TYPES)}, got {endpoint_type!r}")
     if not 0 <= warm_runs <= MAX_WARM_RUNS:
         raise KvlabError(f"--warm-runs must be 0 to {MAX_WARM_RUNS}, got {warm_runs}")
+    cfg = config or build_config(model, gpu, **engine_args)
     requests = bench_requests(dataset, num_prompts, input_len, output_len, request_rate, seed,
                               range_ratio=random_range_ratio, prefix_len=random_prefix_len, burstiness=burstiness,
-                              total_input_tokens=total_input_tokens, total_output_tokens=total_output_tokens)
-    cfg = config or build_config(model, gpu, **engine_args)
+                              total_input_tokens=total_input_tokens, total_output_tokens=total_output_tokens,
+                              rescaled_arrivals=vllm_release(cfg.vllm_version) >= RESCALED_ARRIVALS_FROM)
     chat = endpoint_type == "openai-chat"
     endpoint_type = "openai-chat" if chat else "openai"
     plans, start = session_plans(requests), 0.0

@@ -41,7 +41,16 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
 - arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
   draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
   1: a Poisson process) with the global numpy generator seeded with `--seed` (one draw per request,
-  in order), sums them, and rescales the sums so that the last request is sent at N / R.
+  in order), sums them, and rescales the sums so that the last request is sent at N / R. That is
+  the client from vLLM 0.10.0 on (vllm-project/vllm pull request #21108; read in the 0.10.0 and
+  0.10.1 wheels' `vllm/benchmarks/serve.py`). Before it (read in 0.9.2's, and in the copy of
+  `benchmarks/benchmark_serving.py` IOG's benchmarks ran with vLLM 0.8.5) the client sends the first
+  request at time 0 and draws each gap after sending a request, without rescaling: request i goes at
+  the sum of the first i gaps (`RESCALED_ARRIVALS_FROM`; `kvlab sim bench` uses the client of the
+  release it simulates, `--vllm-version`). That client also slept each gap in turn, so its sends
+  drift late by the event loop's lag (pull request #21108 measured 9 % at 200 requests/s); and with
+  `--dataset random` its lengths came from the same global generator before the gaps (kvlab draws
+  the gaps alone): neither is simulated.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ RANDOM_INPUT_LEN = 1024  # vLLM's --random-input-len default
 RANDOM_OUTPUT_LEN = 128  # --random-output-len
 RANDOM_RANGE_RATIO = 0.0  # --random-range-ratio
 NUM_PROMPTS = 1000  # --num-prompts
+RESCALED_ARRIVALS_FROM = (0, 10)  # the first vLLM release whose client rescales its Poisson schedule
 
 # ShareGPT as vLLM's benchmark samples it (see the module docstring for the source).
 SHAREGPT_MEAN_INPUT = 229.7
@@ -180,8 +190,10 @@ def _fit_sharegpt_mu(target_mean: float, which: str, n: int = 200_000) -> float:
     return (lo + hi) / 2
 
 
-def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, seed: int) -> np.ndarray:
-    """When each request is sent, as vLLM's `get_request` computes it (see the module docstring)."""
+def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, seed: int, *,
+                    rescaled: bool = True) -> np.ndarray:
+    """When each request is sent, as vLLM's `get_request` computes it (see the module docstring);
+    `rescaled` False: the client before 0.10.0 (the first at 0, no rescaling)."""
     import numpy as np
 
     if request_rate <= 0 or math.isnan(request_rate):
@@ -196,6 +208,8 @@ def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, se
         state = np.random.RandomState(seed)  # vLLM: np.random.seed(args.seed), then np.random.gamma
         theta = 1.0 / (request_rate * burstiness)
         delays = np.array([state.gamma(shape=burstiness, scale=theta) for _ in range(num_prompts)])
+    if not rescaled:  # request i after the first i gaps; the gap drawn after the last request is unused
+        return np.concatenate(([0.0], np.cumsum(delays[:-1])))
     cumulative = np.cumsum(delays)
     if cumulative[-1] != 0:
         cumulative = cumulative * ((num_prompts / request_rate) / cumulative[-1])
@@ -206,10 +220,11 @@ def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output
                    request_rate: float, seed: int, *, range_ratio: float = RANDOM_RANGE_RATIO,
                    prefix_len: int = 0, burstiness: float = 1.0,
                    total_input_tokens: int | None = None,
-                   total_output_tokens: int | None = None) -> list[BenchRequest]:
+                   total_output_tokens: int | None = None, rescaled_arrivals: bool = True) -> list[BenchRequest]:
     """The benchmark's requests, in the order vLLM sends them; `total_input_tokens` /
     `total_output_tokens`: their prompts / replies scaled to that total (a published run's printed
-    totals; see the module docstring)."""
+    totals); `rescaled_arrivals` False: the arrival schedule of clients before vLLM 0.10.0 (see the
+    module docstring)."""
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)} (vLLM's others need their files), "
                          f"got {dataset!r}")
@@ -241,5 +256,5 @@ def bench_requests(dataset: str, num_prompts: int, input_len: int | None, output
             raise KvlabError(f"--total-input-tokens {total_input_tokens} leaves fewer than one token of its own for "
                              f"each of the {num_prompts} prompts after the {prefix_len}-token prefix")
         inputs = scale_to_total(inputs, own, "--total-input-tokens")
-    arrivals = arrival_times_s(num_prompts, request_rate, burstiness, seed)
+    arrivals = arrival_times_s(num_prompts, request_rate, burstiness, seed, rescaled=rescaled_arrivals)
     return [BenchRequest(prefix_len, int(i), int(o), float(t)) for i, o, t in zip(inputs, outputs, arrivals)]
