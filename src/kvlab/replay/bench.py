@@ -289,7 +289,8 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
-                                     help=VLLM_VERSION_HELP),
+                                     help=VLLM_VERSION_HELP + "; and its bench client's Poisson schedule (before 0.10: "
+                                     "the first request at time 0, the gaps not rescaled to N / rate)"),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.args import warn_not_simulated
