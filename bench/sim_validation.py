@@ -955,8 +955,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * sim_timing.FRONTEND_LATENCY_S:.0f} ms; chat requests at vLLM 0.11.0 and 0.6.4-0.9.1: the "
           f"chat template's parse, measured ({_chat_costs()})\n")
     print("\n".join(timing_table(results, timings)) + "\n")
-    t = summary_timing(timings)
-    missed = {split: misses(results, t, split) for split in ("train", "test")}  # (caused, uncaused) under t
+    noted = summary_timing(timings)  # the timing the summary, the band and the misses are of
+    missed = {split: misses(results, noted, split) for split in ("train", "test")}  # (caused, uncaused)
     for split in ("train", "test"):
         for t in timings:
             ok, n = share_within(results, t, split)
@@ -964,11 +964,11 @@ def main(argv: list[str] | None = None) -> int:
                     for k, (_, v) in r.bench.figures.items()]
             med = statistics.median(errs) if errs else math.nan
             over2 = sum(e > OVER_2X for e in errs)
-            uncaused = f" ({len(missed[split][1])} without a stated cause)" if t == summary_timing(timings) else ""
+            uncaused = f" ({len(missed[split][1])} without a stated cause)" if t == noted else ""
             print(f"- {split} figures within ±25 % under {t}: {ok} of {n}"
                   + (f" ({100 * ok / n:.0f} %); median |error| {100 * (math.exp(med) - 1):.0f} %; "
                      f"off by more than 2x: {over2}{uncaused}" if n else ""))
-    t = summary_timing(timings)
+    t = noted
     for name, key in (("GPU", lambda r, n: r.bench.gpu), ("figure", lambda r, n: FIGURE_KIND[n])):
         print(f"- test figures by {name} under {t}: " + "; ".join(
             f"{k} {g.within} of {g.of} ({100 * g.share:.0f} %), median {100 * g.median_abs_error:.0f} %"
