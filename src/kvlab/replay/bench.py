@@ -214,6 +214,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
+        scheduler_reserve_full_isl=cfg.scheduler_reserve_full_isl,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
         warm_runs=warm_runs, endpoint_type=endpoint_type, prompts_total=total_input_tokens,
         replies_total=total_output_tokens,
@@ -269,6 +270,10 @@ def bench_cmd(
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    scheduler_reserve_full_isl: Optional[bool] = typer.Option(
+        None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl",
+        help="Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
+             "default: the --vllm-version's default, on from 0.19)"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
                                                  help="No CUDA graphs: sized by the memory model (no graph memory), "
                                                       "step times not simulated (priced as under CUDA graphs)"),
@@ -303,7 +308,8 @@ def bench_cmd(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
-        gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching)
+        gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching,
+        scheduler_reserve_full_isl=scheduler_reserve_full_isl)
     warn_not_simulated(config.serve, "kvlab sim bench")
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))

@@ -45,6 +45,9 @@ class BenchResult(Record):
     gpu_memory_utilization: float | None = None  # as resolved (None in records written before it)
     api_server_count: int = 1  # the API-server processes simulated (records written before it: 1)
     enable_prefix_caching: bool = True  # vLLM's flag, as resolved (records written before it: True)
+    # vLLM's --scheduler-reserve-full-isl as resolved (the release's default: on from 0.19); records
+    # written before it: None (kvlab's scheduler then admitted on the first chunk at every release)
+    scheduler_reserve_full_isl: bool | None = None
     enforce_eager: bool = False  # vLLM's flag (records written before it: False)
     # kvlab's --warm-runs: earlier runs of the same requests on the same server (prefix cache warm);
     # 0: a freshly started server (records written before it: 0)

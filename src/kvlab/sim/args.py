@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(p, kv_cache_dtypes=VLLM_KV_CACHE_DTYPES, dtypes=VLLM_DTYPES)  # the flags a ServeConfig types
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--scheduler-reserve-full-isl", action=argparse.BooleanOptionalAction, default=None,
+                   help="admit a waiting request only where its whole prompt fits in the free KV blocks "
+                        "(vLLM 0.19+; default: the --vllm-version's default, on from 0.19)")
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enable-mfu-metrics", action="store_true")
@@ -159,6 +162,7 @@ class ServeArgs:
     faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
     timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
     vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release simulated (kernels, memory)
+    scheduler_reserve_full_isl: bool | None = None  # None: the release's default (kvlab.sim.config)
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
@@ -223,5 +227,5 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         enable_force_include_usage=ns.enable_force_include_usage, enable_mfu_metrics=ns.enable_mfu_metrics,
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
         non_default=non_default, not_simulated=not_simulated, faults=faults, timing=ns.timing,
-        vllm_version=ns.vllm_version,
+        vllm_version=ns.vllm_version, scheduler_reserve_full_isl=ns.scheduler_reserve_full_isl,
     )

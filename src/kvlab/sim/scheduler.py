@@ -6,7 +6,10 @@ budget (chunked prefill). When a running request cannot get a block, the last ru
 preempted (blocks freed, computed tokens reset: recompute) and goes to the front of the waiting
 queue, until the allocation fits or the request itself was preempted (then the running pass
 stops). Then, only if nobody was preempted, waiting requests are admitted in order while budget
-is left and fewer than `max_num_seqs` run, each starting from its prefix-cache hit.
+is left and fewer than `max_num_seqs` run, each starting from its prefix-cache hit; from vLLM 0.19
+(`reserve_full_isl`, vLLM's --scheduler-reserve-full-isl) only where the free blocks hold its whole
+sequence, before only its first chunk. Checked step by step against vLLM's own `Scheduler`
+(tests/test_sim_scheduler_conformance.py).
 
 Two facts make this cheap to simulate without changing it: `max_num_seqs <= max_num_batched_tokens`
 (vLLM enforces it), so every decoding request gets its token every step; and a prefill can only be
@@ -117,7 +120,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True):
+                 max_model_len: int, enable_chunked_prefill: bool = True, reserve_full_isl: bool = True):
         if max_num_seqs > max_num_batched_tokens:
             raise ValueError("max_num_seqs must not exceed max_num_batched_tokens (vLLM checks this)")
         self.bm = block_manager
@@ -126,6 +129,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.reserve_full_isl = reserve_full_isl
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # admission order -> request, in running order
         self.prefilling: dict[int, Sequence] = {}  # the running requests not decoding yet
@@ -302,7 +306,8 @@ class Scheduler:
             if not self.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
-            if not self.bm.allocate_slots(seq, n, computed):
+            full = min(seq.num_tokens, self.max_model_len) if self.reserve_full_isl else 0
+            if not self.bm.allocate_slots(seq, n, computed, full):
                 self._blocked = (seq, self.bm.frees, self.bm.num_free_blocks, budget)
                 break
             waiting.popleft()

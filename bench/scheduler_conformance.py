@@ -1,0 +1,134 @@
+"""Does kvlab's simulated scheduler schedule what vLLM's own scheduler schedules? Step by step.
+
+Random scenarios (seeded): 10-60 requests arriving over time, prompts of 1-300 tokens, 60 % of them
+behind one of three shared prefixes (prefix-cache hits), 1-120 output tokens each, on a KV cache of
+30-120 blocks of 16 tokens (preemptions under pressure), with max_num_seqs, max_num_batched_tokens
+(chunked prefill), max_model_len and prefix caching drawn per scenario. vLLM's V1 `Scheduler` runs
+each one through bench/vllm_scheduler_trace.py, under the Python of any vLLM install
+(`--vllm-python`); kvlab's engine (`kvlab.sim.engine.Engine`, simulating that release:
+`--vllm-version`, default the one installed there) runs the same requests. A scenario conforms when
+every step schedules the same requests with the same token counts and preempts the same requests.
+Exits 1 if any scenario differs, printing its first differing step.
+
+Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+BLOCK_SIZE = 16
+
+
+def scenario(seed: int) -> dict:
+    """One scenario for bench/vllm_scheduler_trace.py's `trace` (and `kvlab_trace`)."""
+    rng = random.Random(seed)
+    prefixes = [[1000 + k] * rng.randint(0, 120) for k in range(3)]
+    max_model_len = rng.choice([512, 1024, 4096])
+    requests, step = [], 0
+    for i in range(rng.randint(10, 60)):
+        prefix = rng.choice(prefixes) if rng.random() < 0.6 else []
+        prompt = (prefix + [i + 1] * rng.randint(1, 300))[:max_model_len - 1]  # vLLM refuses longer ones up front
+        step += rng.choice([0, 0, 0, 1, 2, 5, 10])
+        requests.append([str(i), prompt, rng.randint(1, 120), step])
+    max_num_seqs = rng.choice([4, 8, 16, 32])
+    return {"requests": requests, "num_blocks": rng.randint(30, 120), "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max(rng.choice([64, 128, 256, 512, 2048]), max_num_seqs),
+            "max_model_len": max_model_len, "enable_prefix_caching": rng.random() < 0.8, "block_size": BLOCK_SIZE}
+
+
+def kvlab_trace(s: dict, vllm_version: str) -> list:
+    """The steps kvlab's simulated engine runs for scenario `s`, in vllm_scheduler_trace's form."""
+    from kvlab.sim.config import build_config
+    from kvlab.sim.engine import Engine
+    from kvlab.sim.sequence import Sequence
+
+    cfg = build_config("llama-3.1-8b", "h100", num_gpu_blocks_override=s["num_blocks"],
+                       max_num_seqs=s["max_num_seqs"], max_num_batched_tokens=s["max_num_batched_tokens"],
+                       max_model_len=s["max_model_len"], enable_prefix_caching=s["enable_prefix_caching"],
+                       vllm_version=vllm_version)
+    assert cfg.block_size == s["block_size"], cfg.block_size
+    eng = Engine(cfg)
+    pending = sorted(s["requests"], key=lambda r: r[3])
+    steps: list = []
+    step, t = 0, 0.0
+    while pending or eng.has_work:
+        while pending and pending[0][3] <= step:
+            rid, prompt, max_tokens, _ = pending.pop(0)
+            eng.add_request(Sequence(rid, list(prompt), max_tokens, t))
+        step += 1
+        plan = eng.schedule(t)
+        if plan is None:
+            steps.append([{}, []])
+            if not pending:
+                break
+            continue
+        scheduled = {seq.seq_id: 1 for seq in eng.scheduler.decoding()}
+        scheduled.update((seq.seq_id, n) for seq, n in plan.out.chunks)
+        steps.append([scheduled, sorted(seq.seq_id for seq in plan.out.preempted)])
+        t += 0.01
+        eng.complete(plan, t)
+    while steps and not steps[-1][0]:
+        steps.pop()
+    return steps
+
+
+def first_difference(vllm_steps: list, kvlab_steps: list) -> int | None:
+    """The first step where the two differ (None: identical)."""
+    for i, (a, b) in enumerate(zip(vllm_steps, kvlab_steps)):
+        if [a[0], sorted(a[1])] != [b[0], sorted(b[1])]:
+            return i
+    return None if len(vllm_steps) == len(kvlab_steps) else min(len(vllm_steps), len(kvlab_steps))
+
+
+def compare(scenarios: list[dict], vllm_traces: list, vllm_version: str) -> list[dict]:
+    """Per scenario: steps, preemptions (vLLM's) and the first differing step (None where identical)."""
+    rows = []
+    for s, v in zip(scenarios, vllm_traces):
+        k = kvlab_trace(s, vllm_version)
+        i = first_difference(v, k)
+        rows.append({"steps": len(v), "preemptions": sum(len(p) for _, p in v), "first_difference": i,
+                     "vllm": v[i] if i is not None and i < len(v) else None,
+                     "kvlab": k[i] if i is not None and i < len(k) else None})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vllm-python", default=sys.executable,
+                    help="the Python of the vLLM install to check against (default: this one)")
+    ap.add_argument("--vllm-version", default=None, help="the release kvlab simulates (default: the installed one's)")
+    ap.add_argument("--scenarios", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
+    a = ap.parse_args()
+    scenarios = [scenario(a.seed + i) for i in range(a.scenarios)]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "scenarios.json", Path(tmp) / "traces.json"
+        src.write_text(json.dumps(scenarios))
+        proc = subprocess.run([a.vllm_python, str(BENCH / "vllm_scheduler_trace.py"), str(src), str(dst)],
+                              capture_output=True, text=True)
+        if proc.returncode or not dst.exists():
+            sys.exit(f"error: {a.vllm_python} bench/vllm_scheduler_trace.py failed: "
+                     f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        got = json.loads(dst.read_text())
+    version = a.vllm_version or got["vllm_version"]
+    rows = compare(scenarios, got["traces"], version)
+    differing = [(a.seed + i, r) for i, r in enumerate(rows) if r["first_difference"] is not None]
+    for seed, r in differing:
+        print(f"scenario {seed}: first difference at step {r['first_difference']} of {r['steps']}: "
+              f"vLLM {r['vllm']}, kvlab {r['kvlab']}")
+    print(json.dumps({"vllm": got["vllm_version"], "kvlab_simulates": version, "scenarios": len(rows),
+                      "identical": len(rows) - len(differing), "steps": sum(r["steps"] for r in rows),
+                      "preemptions": sum(r["preemptions"] for r in rows)}))
+    sys.exit(1 if differing else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Drive vLLM's own V1 `Scheduler` through a scenario, without a model, and record what it schedules.
+
+No kvlab import: run it with the Python of any vLLM install (tested with the CPU builds 0.11.0 and
+0.32.0) to check kvlab's simulated scheduler against that release (bench/scheduler_conformance.py
+runs it; tests/test_sim_scheduler_conformance.py imports it under the installed vLLM).
+
+The model is not run: after each `schedule()` every request whose computed tokens reach its tokens
+gets one sampled token (id 7, `ignore_eos`), the `ModelRunnerOutput` a real model runner would give
+when no request stops early, and `update_from_output` takes it. The scheduler, its KV cache manager
+and block pool are vLLM's, built as its engine core builds them (one full-attention KV cache group
+of `num_blocks` blocks). Prompts are token ids; requests join the waiting queue before the step
+numbered by their arrival.
+
+Reads a JSON list of scenarios from the file IN ({"requests": [[id, prompt ids, max_tokens, arrival step],
+...], "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+"enable_prefix_caching", "block_size"}) and writes to OUT the vLLM version and, per scenario, the
+steps as [{request id: tokens scheduled}, [ids preempted in the step]] (to a file: vLLM logs on
+standard output).
+
+Run: `PYTHON bench/vllm_scheduler_trace.py IN OUT`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import tempfile
+
+SAMPLED_TOKEN = 7
+
+_MODEL_DIR: str | None = None
+
+
+def _model_dir() -> str:
+    """A config.json vLLM's ModelConfig can read (the scheduler needs no weights or tokenizer); its
+    torch_dtype keeps vLLM from looking the folder up as a hub id for the weights' dtype."""
+    global _MODEL_DIR
+    if _MODEL_DIR is None:
+        _MODEL_DIR = tempfile.mkdtemp(prefix="kvlab-sched-")
+        with open(os.path.join(_MODEL_DIR, "config.json"), "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                       "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "num_hidden_layers": 2, "vocab_size": 32000, "max_position_embeddings": 131072,
+                       "torch_dtype": "bfloat16"}, f)
+    return _MODEL_DIR
+
+
+def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
+          max_model_len: int = 4096, enable_prefix_caching: bool = True, block_size: int = 16) -> list:
+    """The steps vLLM's scheduler runs for `requests` ([id, prompt ids, max_tokens, arrival step])."""
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request, RequestStatus
+    from vllm.v1.structured_output import StructuredOutputManager
+    try:
+        from vllm.utils.hashing import sha256
+    except ImportError:  # before the utils package was split
+        from vllm.utils import sha256
+
+    sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len, enable_chunked_prefill=True, is_encoder_decoder=False)
+    model_cfg = ModelConfig(model=_model_dir(), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len)
+    cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+    vllm_cfg = VllmConfig(model_config=model_cfg, scheduler_config=sched_cfg, cache_config=cache_cfg)
+    spec = dict(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    if "use_mla" in {f.name for f in dataclasses.fields(FullAttentionSpec)}:
+        spec["use_mla"] = False
+    kv_cfg = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(**spec))])
+    cache_cfg.num_gpu_blocks = num_blocks
+    extra = {"block_size": block_size} if "block_size" in inspect.signature(Scheduler.__init__).parameters else {}
+    sched = Scheduler(vllm_config=vllm_cfg, kv_cache_config=kv_cfg,
+                      structured_output_manager=StructuredOutputManager(vllm_cfg), log_stats=True, **extra)
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(block_size, sha256)
+    req_kw = {"eos_token_id": 2} if "eos_token_id" in inspect.signature(Request.__init__).parameters else {}
+    params = inspect.signature(ModelRunnerOutput).parameters
+    out_kw = {k: ({} if k == "prompt_logprobs_dict" else None)
+              for k in ("logprobs", "prompt_logprobs_dict", "pooler_output")
+              if k in params and params[k].default is inspect.Parameter.empty}
+
+    pending = sorted(requests, key=lambda r: r[3])
+    steps: list = []
+    step = 0
+    while pending or sched.running or len(sched.waiting):
+        while pending and pending[0][3] <= step:
+            rid, prompt, max_tokens, _ = pending.pop(0)
+            sched.add_request(Request(request_id=rid, prompt_token_ids=list(prompt),
+                                      sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                      pooling_params=None, block_hasher=hasher, **req_kw))
+        step += 1
+        status = {rid: r.status for rid, r in sched.requests.items()}
+        out = sched.schedule()
+        ids = list(out.num_scheduled_tokens)
+        preempted = sorted(rid for rid, r in sched.requests.items()
+                           if r.status == RequestStatus.PREEMPTED and status.get(rid) != r.status)
+        steps.append([dict(out.num_scheduled_tokens), preempted])
+        if not ids:
+            if not pending:
+                break
+            continue
+        sampled = [[SAMPLED_TOKEN] if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens else []
+                   for r in ids]
+        sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                                        sampled_token_ids=sampled, **out_kw))
+    while steps and not steps[-1][0]:
+        steps.pop()
+    return steps
+
+
+def version() -> str:
+    import vllm
+    return vllm.__version__
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    src, dst = sys.argv[1:3]
+    with open(src) as f:
+        scenarios = json.load(f)
+    traces = [trace(**s) for s in scenarios]
+    with open(dst, "w") as f:
+        json.dump({"vllm_version": version(), "traces": traces}, f)
+
+
+if __name__ == "__main__":
+    main()

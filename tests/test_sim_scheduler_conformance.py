@@ -1,0 +1,91 @@
+"""kvlab's simulated scheduler against vLLM's own V1 `Scheduler` (the installed vLLM, the CPU build of
+0.32), step by step: the same requests scheduled with the same token counts and the same
+preemptions, over random scenarios with chunked prefill, prefix-cache hits and a KV cache small
+enough to preempt (bench/scheduler_conformance.py; bench/vllm_scheduler_trace.py drives vLLM's
+scheduler without a model). Also that the check can fail: kvlab simulating vLLM 0.11.0's admission
+and free queue does not match 0.32's scheduler."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvlab.errors import KvlabError
+from kvlab.sim.block_manager import BlockManager
+from kvlab.sim.config import build_config, scheduler_behaviour
+from kvlab.sim.sequence import Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import scheduler_conformance as conf  # noqa: E402
+import vllm_scheduler_trace as vtrace  # noqa: E402
+
+SCENARIOS = range(25)
+
+
+@pytest.fixture(scope="module")
+def vllm_runs():
+    pytest.importorskip("vllm.v1.core.sched.scheduler", reason="needs vLLM (CPU or GPU build)")
+    scenarios = [conf.scenario(seed) for seed in SCENARIOS]
+    return vtrace.version(), scenarios, [vtrace.trace(**s) for s in scenarios]
+
+
+def test_every_step_matches_vllms_scheduler(vllm_runs):
+    version, scenarios, traces = vllm_runs
+    rows = conf.compare(scenarios, traces, version)
+    assert [r["first_difference"] for r in rows] == [None] * len(rows), [
+        (seed, r) for seed, r in zip(SCENARIOS, rows) if r["first_difference"] is not None]
+    # the scenarios exercise what they are for: preemptions, chunked prefills, cache hits, arrivals
+    assert sum(r["preemptions"] for r in rows) > 100
+    steps = [step for t in traces for step, _ in t]
+    assert any(n > 1 and len(step) > 1 for step in steps for n in step.values())  # a prefill among decodes
+    assert any(not step for step in steps)  # idle steps between arrivals
+
+
+def test_the_check_sees_another_releases_scheduler(vllm_runs):
+    """vLLM 0.11.0's scheduler admits on the first chunk and frees every block to the back of the queue:
+    simulated as that release, kvlab must not match 0.32's scheduler."""
+    version, scenarios, traces = vllm_runs
+    if scheduler_behaviour(version) == scheduler_behaviour("0.11.0"):
+        pytest.skip(f"vLLM {version} schedules as 0.11.0 does")
+    rows = conf.compare(scenarios, traces, "0.11.0")
+    assert sum(r["first_difference"] is not None for r in rows) >= len(rows) // 2
+
+
+def test_scheduler_behaviour_by_release():
+    # (admission reserves the whole sequence, freed blocks without a hash reused first)
+    assert scheduler_behaviour("0.11.0") == (False, False)
+    assert scheduler_behaviour("0.18.1") == (False, False)
+    assert scheduler_behaviour("0.19.0") == (True, False)
+    assert scheduler_behaviour("0.27.1") == (True, False)
+    assert scheduler_behaviour("0.28.0") == (True, True)
+    assert scheduler_behaviour("0.32") == (True, True)
+    assert scheduler_behaviour("0.32", reserve_full_isl=False) == (False, True)
+    with pytest.raises(KvlabError, match="no-scheduler-reserve-full-isl.*0.19"):
+        scheduler_behaviour("0.11.0", reserve_full_isl=False)
+    cfg = build_config("llama-3.1-8b", "h100", vllm_version="0.11.0")
+    assert (cfg.scheduler_reserve_full_isl, cfg.uncached_blocks_first) == (False, False)
+
+
+def _freed_order(uncached_first: bool) -> tuple[list[int], list[int]]:
+    """(the blocks of a request of 2 full blocks and 1 partial, the blocks a fresh request takes after it is freed)."""
+    bm = BlockManager(8, 4, enable_caching=True, uncached_first=uncached_first)
+    a = Sequence("a", list(range(10)), 1, 0.0)
+    assert bm.allocate_slots(a, 10)
+    held = list(a.block_table)
+    bm.free_seq(a)
+    b = Sequence("b", [99] * 28, 1, 0.0)
+    assert bm.allocate_slots(b, 28)
+    return held, list(b.block_table)
+
+
+def test_free_queue_order_by_release():
+    held, taken = _freed_order(uncached_first=True)
+    # 0.28+: the partial block (no hash) first, then the never-used blocks, the cached ones last (tail first)
+    assert taken == [held[2], 4, 5, 6, 7, held[1], held[0]]
+    held, taken = _freed_order(uncached_first=False)
+    # before: the never-used blocks, then the freed ones in the order freed (tail first)
+    assert taken == [4, 5, 6, 7, held[2], held[1], held[0]]
