@@ -2,9 +2,10 @@
 
 Random scenarios (seeded): 10-60 requests arriving over time, prompts of 1-300 tokens, 60 % of them
 behind one of three shared prefixes (prefix-cache hits), 1-120 output tokens each, on a KV cache of
-30-120 blocks of 16 tokens (preemptions under pressure), with max_num_seqs, max_num_batched_tokens
-(chunked prefill), max_model_len and prefix caching drawn per scenario. vLLM's V1 `Scheduler` runs
-each one through bench/vllm_scheduler_trace.py, under the Python of any vLLM install
+30-120 blocks of 16 tokens (preemptions under pressure), with max_num_seqs, max_num_batched_tokens,
+chunked prefill (off in a quarter of them), max_model_len and prefix caching drawn per scenario.
+vLLM's V1 `Scheduler` runs each one through bench/vllm_scheduler_trace.py, under the Python of any
+vLLM install
 (`--vllm-python`); kvlab's engine (`kvlab.sim.engine.Engine`, simulating that release:
 `--vllm-version`, default the one installed there) runs the same requests. A scenario conforms when
 every step schedules the same requests with the same token counts and preempts the same requests.
@@ -39,9 +40,14 @@ def scenario(seed: int) -> dict:
         step += rng.choice([0, 0, 0, 1, 2, 5, 10])
         requests.append([str(i), prompt, rng.randint(1, 120), step])
     max_num_seqs = rng.choice([4, 8, 16, 32])
-    return {"requests": requests, "num_blocks": rng.randint(30, 120), "max_num_seqs": max_num_seqs,
-            "max_num_batched_tokens": max(rng.choice([64, 128, 256, 512, 2048]), max_num_seqs),
-            "max_model_len": max_model_len, "enable_prefix_caching": rng.random() < 0.8, "block_size": BLOCK_SIZE}
+    s = {"requests": requests, "num_blocks": rng.randint(30, 120), "max_num_seqs": max_num_seqs,
+         "max_num_batched_tokens": max(rng.choice([64, 128, 256, 512, 2048]), max_num_seqs),
+         "max_model_len": max_model_len, "enable_prefix_caching": rng.random() < 0.8, "block_size": BLOCK_SIZE}
+    # a quarter without chunked prefill (vLLM then needs max_num_batched_tokens >= max_model_len)
+    s["enable_chunked_prefill"] = rng.random() >= 0.25
+    if not s["enable_chunked_prefill"]:
+        s["max_num_batched_tokens"] = max(s["max_num_batched_tokens"], max_model_len)
+    return s
 
 
 def kvlab_trace(s: dict, vllm_version: str) -> list:
@@ -53,7 +59,7 @@ def kvlab_trace(s: dict, vllm_version: str) -> list:
     cfg = build_config("llama-3.1-8b", "h100", num_gpu_blocks_override=s["num_blocks"],
                        max_num_seqs=s["max_num_seqs"], max_num_batched_tokens=s["max_num_batched_tokens"],
                        max_model_len=s["max_model_len"], enable_prefix_caching=s["enable_prefix_caching"],
-                       vllm_version=vllm_version)
+                       enable_chunked_prefill=s["enable_chunked_prefill"], vllm_version=vllm_version)
     assert cfg.block_size == s["block_size"], cfg.block_size
     eng = Engine(cfg)
     pending = sorted(s["requests"], key=lambda r: r[3])

@@ -13,7 +13,7 @@ numbered by their arrival.
 
 Reads a JSON list of scenarios from the file IN ({"requests": [[id, prompt ids, max_tokens, arrival step],
 ...], "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-"enable_prefix_caching", "block_size"}) and writes to OUT the vLLM version and, per scenario, the
+"enable_prefix_caching", "block_size", "enable_chunked_prefill"}) and writes to OUT the vLLM version and, per scenario, the
 steps as [{request id: tokens scheduled}, [ids preempted in the step]] (to a file: vLLM logs on
 standard output).
 
@@ -49,7 +49,8 @@ def _model_dir() -> str:
 
 
 def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
-          max_model_len: int = 4096, enable_prefix_caching: bool = True, block_size: int = 16) -> list:
+          max_model_len: int = 4096, enable_prefix_caching: bool = True, block_size: int = 16,
+          enable_chunked_prefill: bool = True) -> list:
     """The steps vLLM's scheduler runs for `requests` ([id, prompt ids, max_tokens, arrival step])."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -66,7 +67,8 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
         from vllm.utils import sha256
 
     sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len, enable_chunked_prefill=True, is_encoder_decoder=False)
+                                max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
+                                is_encoder_decoder=False)
     model_cfg = ModelConfig(model=_model_dir(), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len)
     cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     vllm_cfg = VllmConfig(model_config=model_cfg, scheduler_config=sched_cfg, cache_config=cache_cfg)

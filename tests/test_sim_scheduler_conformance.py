@@ -56,18 +56,21 @@ def test_the_check_sees_another_releases_scheduler(vllm_runs):
 
 
 def test_scheduler_behaviour_by_release():
-    # (admission reserves the whole sequence, freed blocks without a hash reused first)
-    assert scheduler_behaviour("0.11.0") == (False, False)
-    assert scheduler_behaviour("0.18.1") == (False, False)
-    assert scheduler_behaviour("0.19.0") == (True, False)
-    assert scheduler_behaviour("0.27.1") == (True, False)
-    assert scheduler_behaviour("0.28.0") == (True, True)
-    assert scheduler_behaviour("0.32") == (True, True)
-    assert scheduler_behaviour("0.32", reserve_full_isl=False) == (False, True)
+    # (admission reserves the whole sequence, freed blocks without a hash reused first,
+    #  chunked prefill off: a prompt over the budget skipped rather than the end of admission)
+    assert scheduler_behaviour("0.9.2") == (False, False, True)
+    assert scheduler_behaviour("0.11.0") == (False, False, True)
+    assert scheduler_behaviour("0.12.0") == (False, False, False)
+    assert scheduler_behaviour("0.18.1") == (False, False, False)
+    assert scheduler_behaviour("0.19.0") == (True, False, False)
+    assert scheduler_behaviour("0.27.1") == (True, False, False)
+    assert scheduler_behaviour("0.28.0") == (True, True, False)
+    assert scheduler_behaviour("0.32") == (True, True, False)
+    assert scheduler_behaviour("0.32", reserve_full_isl=False) == (False, True, False)
     with pytest.raises(KvlabError, match="no-scheduler-reserve-full-isl.*0.19"):
         scheduler_behaviour("0.11.0", reserve_full_isl=False)
     cfg = build_config("llama-3.1-8b", "h100", vllm_version="0.11.0")
-    assert (cfg.scheduler_reserve_full_isl, cfg.uncached_blocks_first) == (False, False)
+    assert (cfg.scheduler_reserve_full_isl, cfg.uncached_blocks_first, cfg.skip_unfit_prompts) == (False, False, True)
 
 
 def _freed_order(uncached_first: bool) -> tuple[list[int], list[int]]:

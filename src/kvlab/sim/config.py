@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil
+from typing import NamedTuple
 
 from kvlab import hardware
 from kvlab.errors import KvlabError
@@ -30,6 +31,18 @@ SIM_VERSION = f"{VLLM_VERSION}+kvlab.sim"
 # every freed block joined the back). `vllm/v1/core/sched/scheduler.py`, `vllm/v1/core/block_pool.py`.
 RESERVE_FULL_ISL_FROM = (0, 19)
 UNCACHED_BLOCKS_FIRST_FROM = (0, 28)
+# With chunked prefill off, a waiting prompt larger than the step's token budget left is skipped (set
+# aside, the next one tried, the skipped ones put back at the head: vLLM's `prepend_requests`
+# reverses them) before 0.12 (read in 0.9.2, 0.10.1.1 and 0.11.0); from 0.12 admission stops there.
+UNFIT_PROMPT_STOPS_FROM = (0, 12)
+
+
+class SchedulerBehaviour(NamedTuple):
+    """How a simulated release's scheduler and block pool decide (`scheduler_behaviour`)."""
+
+    reserve_full_isl: bool  # admission only where the whole sequence fits (--scheduler-reserve-full-isl)
+    uncached_blocks_first: bool  # freed blocks without a hash go to the front of the free queue
+    skip_unfit_prompts: bool  # chunked prefill off: a prompt over the budget is skipped, not the end
 # The memory model's default (vLLM 0.32's), so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
 DEFAULT_GPU_MEMORY_UTILIZATION = memory.DEFAULT_GPU_MEMORY_UTILIZATION
 
@@ -74,6 +87,8 @@ class SimConfig:
     scheduler_reserve_full_isl: bool = True
     # Freed blocks without a hash reused first (vLLM 0.28+), else every freed block joins the back of the queue
     uncached_blocks_first: bool = True
+    # Chunked prefill off: a waiting prompt over the budget left is skipped (before vLLM 0.12), not the end
+    skip_unfit_prompts: bool = False
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -180,7 +195,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     dtype_name = normalize_dtype(config.dtype or arch.dtype)
     fmt = weight_format(config.weights, arch)
     chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
-    reserve_full_isl, uncached_first = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl)
+    behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -207,25 +222,27 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_chat_request_s=chat_s,
         api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
-        scheduler_reserve_full_isl=reserve_full_isl,
-        uncached_blocks_first=uncached_first,
+        scheduler_reserve_full_isl=behaviour.reserve_full_isl,
+        uncached_blocks_first=behaviour.uncached_blocks_first,
+        skip_unfit_prompts=behaviour.skip_unfit_prompts,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,
     )
 
 
-def scheduler_behaviour(vllm_version: str, reserve_full_isl: bool | None = None) -> tuple[bool, bool]:
-    """(admission reserves the whole sequence, freed blocks without a hash reused first) for a simulated
-    release: `reserve_full_isl` as given (vLLM's --[no-]scheduler-reserve-full-isl, from 0.19; KvlabError
-    before), or the release's default (RESERVE_FULL_ISL_FROM, UNCACHED_BLOCKS_FIRST_FROM)."""
+def scheduler_behaviour(vllm_version: str, reserve_full_isl: bool | None = None) -> SchedulerBehaviour:
+    """How a simulated release schedules: `reserve_full_isl` as given (vLLM's
+    --[no-]scheduler-reserve-full-isl, from 0.19; KvlabError before), or the release's default
+    (RESERVE_FULL_ISL_FROM); UNCACHED_BLOCKS_FIRST_FROM; UNFIT_PROMPT_STOPS_FROM."""
     release = sim_timing.vllm_release(vllm_version)
     has_flag = release >= RESERVE_FULL_ISL_FROM
     if reserve_full_isl is not None and not has_flag:
         flag = "--scheduler-reserve-full-isl" if reserve_full_isl else "--no-scheduler-reserve-full-isl"
         raise KvlabError(f"unrecognized arguments: {flag} (vLLM {vllm_version} has no such flag: it came in 0.19; "
                          "before, a waiting request was admitted when its first chunk fit)")
-    return (has_flag if reserve_full_isl is None else reserve_full_isl), release >= UNCACHED_BLOCKS_FIRST_FROM
+    return SchedulerBehaviour(has_flag if reserve_full_isl is None else reserve_full_isl,
+                              release >= UNCACHED_BLOCKS_FIRST_FROM, release < UNFIT_PROMPT_STOPS_FROM)
 
 
 def memory_release(vllm_version: str) -> str:

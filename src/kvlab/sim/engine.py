@@ -82,7 +82,8 @@ class Engine:
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                uncached_first=cfg.uncached_blocks_first)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
-                                   cfg.enable_chunked_prefill, reserve_full_isl=cfg.scheduler_reserve_full_isl)
+                                   cfg.enable_chunked_prefill, reserve_full_isl=cfg.scheduler_reserve_full_isl,
+                                   skip_unfit_prompts=cfg.skip_unfit_prompts)
         self.cost = cfg.cost
         self.metrics = EngineMetrics(cfg.served_model_name, cfg.max_model_len, cfg.cache_config_labels(), created_s)
         self.record_token_steps = record_token_steps  # keep every step's end time (offline ITLs)

@@ -8,7 +8,8 @@ queue, until the allocation fits or the request itself was preempted (then the r
 stops). Then, only if nobody was preempted, waiting requests are admitted in order while budget
 is left and fewer than `max_num_seqs` run, each starting from its prefix-cache hit; from vLLM 0.19
 (`reserve_full_isl`, vLLM's --scheduler-reserve-full-isl) only where the free blocks hold its whole
-sequence, before only its first chunk. Checked step by step against vLLM's own `Scheduler`
+sequence, before only its first chunk. With chunked prefill off, a prompt larger than the budget
+left ends admission (from vLLM 0.12) or is skipped for the next one (before). Checked step by step against vLLM's own `Scheduler`
 (tests/test_sim_scheduler_conformance.py).
 
 Two facts make this cheap to simulate without changing it: `max_num_seqs <= max_num_batched_tokens`
@@ -120,7 +121,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True, reserve_full_isl: bool = True):
+                 max_model_len: int, enable_chunked_prefill: bool = True, reserve_full_isl: bool = True,
+                 skip_unfit_prompts: bool = False):
         if max_num_seqs > max_num_batched_tokens:
             raise ValueError("max_num_seqs must not exceed max_num_batched_tokens (vLLM checks this)")
         self.bm = block_manager
@@ -130,6 +132,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_full_isl = reserve_full_isl
+        self.skip_unfit_prompts = skip_unfit_prompts  # chunked prefill off, before vLLM 0.12
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # admission order -> request, in running order
         self.prefilling: dict[int, Sequence] = {}  # the running requests not decoding yet
@@ -296,6 +299,7 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now_s: float) -> None:
         waiting, running = self.waiting, self.running
+        skipped: list[Sequence] = []
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = waiting[0]
             if self.admission_blocked(budget):
@@ -304,7 +308,10 @@ class Scheduler:
             num_hit = len(computed) * self.block_size
             n = seq.num_tokens - num_hit
             if not self.enable_chunked_prefill and n > budget:
-                break
+                if not self.skip_unfit_prompts:
+                    break
+                skipped.append(waiting.popleft())  # before vLLM 0.12: set aside, the next one tried
+                continue
             n = min(n, budget)
             full = min(seq.num_tokens, self.max_model_len) if self.reserve_full_isl else 0
             if not self.bm.allocate_slots(seq, n, computed, full):
@@ -327,6 +334,8 @@ class Scheduler:
             out.chunks.append((seq, n))
             out.admitted.append(seq)
             budget -= n
+        if skipped:  # back at the head, in reverse (vLLM's prepend_requests of its skipped queue)
+            waiting.extendleft(skipped)
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running request's blocks and put it at the front of the waiting queue."""
