@@ -9,9 +9,11 @@ vLLM install
 (`--vllm-python`); kvlab's engine (`kvlab.sim.engine.Engine`, simulating that release:
 `--vllm-version`, default the one installed there) runs the same requests. A scenario conforms when
 every step schedules the same requests with the same token counts and preempts the same requests.
-Exits 1 if any scenario differs, printing its first differing step.
+Exits 1 if any scenario differs, printing its first differing step. `--vllm-async` runs vLLM's
+AsyncScheduler instead (the default on GPUs from vLLM 0.14), which kvlab does not simulate, and
+compares the steps that schedule work: what synchronous scheduling leaves out.
 
-Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S]`.
+Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S] [--vllm-async]`.
 """
 
 from __future__ import annotations
@@ -94,13 +96,18 @@ def first_difference(vllm_steps: list, kvlab_steps: list) -> int | None:
     return None if len(vllm_steps) == len(kvlab_steps) else min(len(vllm_steps), len(kvlab_steps))
 
 
-def compare(scenarios: list[dict], vllm_traces: list, vllm_version: str) -> list[dict]:
-    """Per scenario: steps, preemptions (vLLM's) and the first differing step (None where identical)."""
+def compare(scenarios: list[dict], vllm_traces: list, vllm_version: str, busy_only: bool = False) -> list[dict]:
+    """Per scenario: steps, preemptions (vLLM's) and the first differing step (None where identical);
+    `busy_only`: the steps that schedule work only (an async engine's idle steps mean something else),
+    with kvlab's step count beside vLLM's."""
     rows = []
     for s, v in zip(scenarios, vllm_traces):
         k = kvlab_trace(s, vllm_version)
+        if busy_only:
+            v, k = [x for x in v if x[0]], [x for x in k if x[0]]
         i = first_difference(v, k)
-        rows.append({"steps": len(v), "preemptions": sum(len(p) for _, p in v), "first_difference": i,
+        rows.append({"steps": len(v), "kvlab_steps": len(k), "preemptions": sum(len(p) for _, p in v),
+                     "first_difference": i,
                      "vllm": v[i] if i is not None and i < len(v) else None,
                      "kvlab": k[i] if i is not None and i < len(k) else None})
     return rows
@@ -113,8 +120,13 @@ def main() -> None:
     ap.add_argument("--vllm-version", default=None, help="the release kvlab simulates (default: the installed one's)")
     ap.add_argument("--scenarios", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
+    ap.add_argument("--vllm-async", action="store_true", help=(
+        "run vLLM's AsyncScheduler (--async-scheduling, the default on GPUs from 0.14) instead, and compare "
+        "the steps that schedule work: kvlab schedules synchronously, so this measures what that leaves out"))
     a = ap.parse_args()
     scenarios = [scenario(a.seed + i) for i in range(a.scenarios)]
+    if a.vllm_async:
+        scenarios = [{**s, "async_scheduling": True} for s in scenarios]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "scenarios.json", Path(tmp) / "traces.json"
         src.write_text(json.dumps(scenarios))
@@ -125,13 +137,15 @@ def main() -> None:
                      f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
         got = json.loads(dst.read_text())
     version = a.vllm_version or got["vllm_version"]
-    rows = compare(scenarios, got["traces"], version)
+    rows = compare(scenarios, got["traces"], version, busy_only=a.vllm_async)
     differing = [(a.seed + i, r) for i, r in enumerate(rows) if r["first_difference"] is not None]
     for seed, r in differing:
         print(f"scenario {seed}: first difference at step {r['first_difference']} of {r['steps']}: "
               f"vLLM {r['vllm']}, kvlab {r['kvlab']}")
-    print(json.dumps({"vllm": got["vllm_version"], "kvlab_simulates": version, "scenarios": len(rows),
+    print(json.dumps({"vllm": got["vllm_version"] + (" (AsyncScheduler)" if a.vllm_async else ""),
+                      "kvlab_simulates": version, "scenarios": len(rows),
                       "identical": len(rows) - len(differing), "steps": sum(r["steps"] for r in rows),
+                      "kvlab_steps": sum(r["kvlab_steps"] for r in rows),
                       "preemptions": sum(r["preemptions"] for r in rows)}))
     sys.exit(1 if differing else 0)
 

@@ -50,8 +50,10 @@ def _model_dir() -> str:
 
 def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
           max_model_len: int = 4096, enable_prefix_caching: bool = True, block_size: int = 16,
-          enable_chunked_prefill: bool = True) -> list:
-    """The steps vLLM's scheduler runs for `requests` ([id, prompt ids, max_tokens, arrival step])."""
+          enable_chunked_prefill: bool = True, async_scheduling: bool = False) -> list:
+    """The steps vLLM's scheduler runs for `requests` ([id, prompt ids, max_tokens, arrival step]).
+    `async_scheduling`: vLLM's AsyncScheduler driven as its engine core's batch queue of two does
+    (`EngineCore.step_with_batch_queue`): step N+1 is scheduled before step N's outputs are taken."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.sampling_params import SamplingParams
@@ -66,9 +68,10 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
     except ImportError:  # before the utils package was split
         from vllm.utils import sha256
 
+    async_kw = {"async_scheduling": True} if async_scheduling else {}
     sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
-                                is_encoder_decoder=False)
+                                is_encoder_decoder=False, **async_kw)
     model_cfg = ModelConfig(model=_model_dir(), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len)
     cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     vllm_cfg = VllmConfig(model_config=model_cfg, scheduler_config=sched_cfg, cache_config=cache_cfg)
@@ -79,6 +82,8 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
                            kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(**spec))])
     cache_cfg.num_gpu_blocks = num_blocks
     extra = {"block_size": block_size} if "block_size" in inspect.signature(Scheduler.__init__).parameters else {}
+    if async_scheduling:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Scheduler  # noqa: N814
     sched = Scheduler(vllm_config=vllm_cfg, kv_cache_config=kv_cfg,
                       structured_output_manager=StructuredOutputManager(vllm_cfg), log_stats=True, **extra)
     init_none_hash(sha256)
@@ -90,6 +95,9 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
               if k in params and params[k].default is inspect.Parameter.empty}
 
     pending = sorted(requests, key=lambda r: r[3])
+    if async_scheduling:
+        return _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus, SamplingParams,
+                            ModelRunnerOutput)
     steps: list = []
     step = 0
     while pending or sched.running or len(sched.waiting):
@@ -113,6 +121,46 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
                    for r in ids]
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                                         sampled_token_ids=sampled, **out_kw))
+    while steps and not steps[-1][0]:
+        steps.pop()
+    return steps
+
+
+def _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus, SamplingParams,  # noqa: N803
+                 ModelRunnerOutput) -> list:
+    """`trace`'s loop for the AsyncScheduler with a batch queue of two: schedule while the queue has
+    room and there is work, else take the oldest step's outputs. A request samples in a step where the
+    scheduler gave it an output placeholder. Records the steps as `trace` does."""
+    steps: list = []
+    queue: list = []
+    step = 0
+    while pending or sched.has_requests() or queue:
+        while pending and pending[0][3] <= step:
+            rid, prompt, max_tokens, _ = pending.pop(0)
+            sched.add_request(Request(request_id=rid, prompt_token_ids=list(prompt),
+                                      sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                      pooling_params=None, block_hasher=hasher, **req_kw))
+        if sched.has_requests():
+            step += 1
+            status = {rid: r.status for rid, r in sched.requests.items()}
+            placeholders = {rid: r.num_output_placeholders for rid, r in sched.requests.items()}
+            out = sched.schedule()
+            preempted = sorted(rid for rid, r in sched.requests.items()
+                               if r.status == RequestStatus.PREEMPTED and status.get(rid) != r.status)
+            samples = {rid for rid in out.num_scheduled_tokens
+                       if sched.requests[rid].num_output_placeholders > placeholders.get(rid, 0)}
+            steps.append([dict(out.num_scheduled_tokens), preempted])
+            queue.insert(0, (out, samples))
+            if len(queue) < 2 and (out.total_num_scheduled_tokens > 0 or sched.has_requests()):
+                continue
+        elif not queue:
+            step += 1  # nothing to run until the next arrival
+            continue
+        out, samples = queue.pop()
+        ids = list(out.num_scheduled_tokens)
+        sched.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[[SAMPLED_TOKEN] if r in samples else [] for r in ids], **out_kw))
     while steps and not steps[-1][0]:
         steps.pop()
     return steps

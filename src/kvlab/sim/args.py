@@ -39,7 +39,8 @@ NO_EFFECT_FLAGS = (
     "--trust-remote-code", "--disable-log-requests", "--enable-log-requests",
     "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--skip-tokenizer-init",
     "--disable-fastapi-docs", "--enable-auto-tool-choice", "--disable-uvicorn-access-log",
-    "--return-tokens-as-token-ids", "--async-scheduling", "--no-async-scheduling",
+    "--return-tokens-as-token-ids",
+    "--no-async-scheduling",  # the synchronous scheduler: what the simulator schedules (docs/simulator.md)
 )
 NO_EFFECT_VALUE_FLAGS = (
     "--tokenizer", "--revision", "--tokenizer-revision", "--download-dir", "--load-format", "--seed",
@@ -58,7 +59,9 @@ NOT_SIMULATED_VALUE_FLAGS = (
     "--long-prefill-token-threshold", "--max-num-partial-prefills",
     "--scheduling-policy", "--kv-transfer-config", "--max-lora-rank",
 )
-NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
+# --async-scheduling: vLLM schedules step N+1 before step N's outputs (finished requests free their slots
+# and blocks a step later, host work overlaps the GPU); the simulator schedules synchronously
+NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode", "--async-scheduling")
 # Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
 NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
                        "enforce-eager": lambda c: bool(c.enforce_eager),
