@@ -3,7 +3,7 @@
 preemptions, over random scenarios with chunked prefill, prefix-cache hits and a KV cache small
 enough to preempt (bench/scheduler_conformance.py; bench/vllm_scheduler_trace.py drives vLLM's
 scheduler without a model). Also that the check can fail: kvlab simulating vLLM 0.11.0's admission
-and free queue does not match 0.32's scheduler."""
+and free queue does not match 0.32's scheduler; and what it leaves out, vLLM's AsyncScheduler."""
 
 from __future__ import annotations
 
@@ -92,3 +92,14 @@ def test_free_queue_order_by_release():
     held, taken = _freed_order(uncached_first=False)
     # before: the never-used blocks, then the freed ones in the order freed (tail first)
     assert taken == [4, 5, 6, 7, held[2], held[1], held[0]]
+
+
+def test_async_scheduling_is_what_kvlab_leaves_out(vllm_runs):
+    """vLLM's AsyncScheduler (the GPU default from 0.14; not simulated) frees a finished request's
+    slot and blocks a step later: its busy steps differ from kvlab's synchronous ones, and are more."""
+    version, scenarios, _ = vllm_runs
+    some = scenarios[:4]
+    traces = [vtrace.trace(**s, async_scheduling=True) for s in some]
+    rows = conf.compare(some, traces, version, busy_only=True)
+    assert all(r["first_difference"] is not None for r in rows)
+    assert sum(r["steps"] for r in rows) > sum(r["kvlab_steps"] for r in rows)
