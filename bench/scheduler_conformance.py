@@ -9,11 +9,14 @@ vLLM install
 (`--vllm-python`); kvlab's engine (`kvlab.sim.engine.Engine`, simulating that release:
 `--vllm-version`, default the one installed there) runs the same requests. A scenario conforms when
 every step schedules the same requests with the same token counts and preempts the same requests.
-Exits 1 if any scenario differs, printing its first differing step. `--vllm-async` runs vLLM's
-AsyncScheduler instead (the default on GPUs from vLLM 0.14), which kvlab does not simulate, and
-compares the steps that schedule work: what synchronous scheduling leaves out.
+Exits 1 if any scenario differs, printing its first differing step; a scenario where vLLM's
+scheduler gets stuck (schedules nothing while requests wait) is counted apart, not compared. `--vllm-async` runs vLLM's
+AsyncScheduler instead (the default on GPUs from vLLM 0.14) against kvlab's async scheduling, and
+compares the steps that schedule work (an async engine core's empty steps, which take the previous
+step's outputs, are not steps of kvlab's).
 
-Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S] [--vllm-async]`.
+Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S]
+[--vllm-async [--kvlab-sync]]`.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def kvlab_trace(s: dict, vllm_version: str) -> list:
     cfg = build_config("llama-3.1-8b", "h100", num_gpu_blocks_override=s["num_blocks"],
                        max_num_seqs=s["max_num_seqs"], max_num_batched_tokens=s["max_num_batched_tokens"],
                        max_model_len=s["max_model_len"], enable_prefix_caching=s["enable_prefix_caching"],
-                       enable_chunked_prefill=s["enable_chunked_prefill"], vllm_version=vllm_version)
+                       enable_chunked_prefill=s["enable_chunked_prefill"], vllm_version=vllm_version,
+                       async_scheduling=s.get("async_scheduling", False))
     assert cfg.block_size == s["block_size"], cfg.block_size
     eng = Engine(cfg)
     pending = sorted(s["requests"], key=lambda r: r[3])
@@ -75,8 +79,10 @@ def kvlab_trace(s: dict, vllm_version: str) -> list:
         plan = eng.schedule(t)
         if plan is None:
             steps.append([{}, []])
-            if not pending:
+            if not pending and not eng.has_work:
                 break
+            if not pending and len(steps) > 1 and not steps[-2][0]:
+                break  # two empty steps in a row with nothing to arrive: stuck, as vLLM would be
             continue
         scheduled = {seq.seq_id: 1 for seq in eng.scheduler.decoding()}
         scheduled.update((seq.seq_id, n) for seq, n in plan.out.chunks)
@@ -96,15 +102,30 @@ def first_difference(vllm_steps: list, kvlab_steps: list) -> int | None:
     return None if len(vllm_steps) == len(kvlab_steps) else min(len(vllm_steps), len(kvlab_steps))
 
 
+def busy_steps(steps: list) -> list:
+    """The steps that schedule work, each with the preemptions of the empty steps just before it."""
+    out, carried = [], []
+    for scheduled, preempted in steps:
+        if scheduled:
+            out.append([scheduled, sorted(carried + list(preempted))])
+            carried = []
+        else:
+            carried += preempted
+    return out
+
+
 def compare(scenarios: list[dict], vllm_traces: list, vllm_version: str, busy_only: bool = False) -> list[dict]:
     """Per scenario: steps, preemptions (vLLM's) and the first differing step (None where identical);
     `busy_only`: the steps that schedule work only (an async engine's idle steps mean something else),
     with kvlab's step count beside vLLM's."""
     rows = []
     for s, v in zip(scenarios, vllm_traces):
+        if v is None:  # vLLM's scheduler got stuck (bench/vllm_scheduler_trace.py): not compared
+            rows.append({"steps": 0, "kvlab_steps": 0, "preemptions": 0, "first_difference": None, "stuck": True})
+            continue
         k = kvlab_trace(s, vllm_version)
         if busy_only:
-            v, k = [x for x in v if x[0]], [x for x in k if x[0]]
+            v, k = busy_steps(v), busy_steps(k)
         i = first_difference(v, k)
         rows.append({"steps": len(v), "kvlab_steps": len(k), "preemptions": sum(len(p) for _, p in v),
                      "first_difference": i,
@@ -121,8 +142,10 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
     ap.add_argument("--vllm-async", action="store_true", help=(
-        "run vLLM's AsyncScheduler (--async-scheduling, the default on GPUs from 0.14) instead, and compare "
-        "the steps that schedule work: kvlab schedules synchronously, so this measures what that leaves out"))
+        "run vLLM's AsyncScheduler (--async-scheduling, the default on GPUs from 0.14) and kvlab's async "
+        "scheduling, and compare the steps that schedule work"))
+    ap.add_argument("--kvlab-sync", action="store_true", help=(
+        "with --vllm-async: kvlab schedules synchronously (what --no-async-scheduling runs), to measure the difference"))
     a = ap.parse_args()
     scenarios = [scenario(a.seed + i) for i in range(a.scenarios)]
     if a.vllm_async:
@@ -137,14 +160,17 @@ def main() -> None:
                      f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
         got = json.loads(dst.read_text())
     version = a.vllm_version or got["vllm_version"]
-    rows = compare(scenarios, got["traces"], version, busy_only=a.vllm_async)
+    kvlab_side = [{**s, "async_scheduling": False} for s in scenarios] if a.kvlab_sync else scenarios
+    rows = compare(kvlab_side, got["traces"], version, busy_only=a.vllm_async)
     differing = [(a.seed + i, r) for i, r in enumerate(rows) if r["first_difference"] is not None]
     for seed, r in differing:
         print(f"scenario {seed}: first difference at step {r['first_difference']} of {r['steps']}: "
               f"vLLM {r['vllm']}, kvlab {r['kvlab']}")
     print(json.dumps({"vllm": got["vllm_version"] + (" (AsyncScheduler)" if a.vllm_async else ""),
-                      "kvlab_simulates": version, "scenarios": len(rows),
-                      "identical": len(rows) - len(differing), "steps": sum(r["steps"] for r in rows),
+                      "kvlab_simulates": version + (" (synchronous)" if a.kvlab_sync else ""), "scenarios": len(rows),
+                      "vllm_stuck": sum(bool(r.get("stuck")) for r in rows),
+                      "identical": len(rows) - len(differing) - sum(bool(r.get("stuck")) for r in rows),
+                      "steps": sum(r["steps"] for r in rows),
                       "kvlab_steps": sum(r["kvlab_steps"] for r in rows),
                       "preemptions": sum(r["preemptions"] for r in rows)}))
     sys.exit(1 if differing else 0)

@@ -15,7 +15,8 @@ Reads a JSON list of scenarios from the file IN ({"requests": [[id, prompt ids, 
 ...], "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
 "enable_prefix_caching", "block_size", "enable_chunked_prefill"}) and writes to OUT the vLLM version and, per scenario, the
 steps as [{request id: tokens scheduled}, [ids preempted in the step]] (to a file: vLLM logs on
-standard output).
+standard output), or None where vLLM's scheduler got stuck: scheduling nothing, step after step,
+while requests wait (seen with the AsyncScheduler on a tiny cache with chunked prefill off).
 
 Run: `PYTHON bench/vllm_scheduler_trace.py IN OUT`.
 """
@@ -30,6 +31,10 @@ import sys
 import tempfile
 
 SAMPLED_TOKEN = 7
+
+
+class StuckError(RuntimeError):
+    """vLLM's scheduler schedules nothing while requests wait and nothing else will arrive."""
 
 _MODEL_DIR: str | None = None
 
@@ -133,8 +138,11 @@ def _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus,
     scheduler gave it an output placeholder. Records the steps as `trace` does."""
     steps: list = []
     queue: list = []
-    step = 0
+    step = idle = 0
     while pending or sched.has_requests() or queue:
+        if idle > 3 and not pending:
+            raise StuckError(f"vLLM's scheduler schedules nothing with {len(sched.waiting)} waiting and "
+                               f"{len(sched.running)} running (step {step})")
         while pending and pending[0][3] <= step:
             rid, prompt, max_tokens, _ = pending.pop(0)
             sched.add_request(Request(request_id=rid, prompt_token_ids=list(prompt),
@@ -150,6 +158,7 @@ def _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus,
             samples = {rid for rid in out.num_scheduled_tokens
                        if sched.requests[rid].num_output_placeholders > placeholders.get(rid, 0)}
             steps.append([dict(out.num_scheduled_tokens), preempted])
+            idle = 0 if out.total_num_scheduled_tokens > 0 else idle + 1
             queue.insert(0, (out, samples))
             if len(queue) < 2 and (out.total_num_scheduled_tokens > 0 or sched.has_requests()):
                 continue
@@ -176,7 +185,13 @@ def main() -> None:
     src, dst = sys.argv[1:3]
     with open(src) as f:
         scenarios = json.load(f)
-    traces = [trace(**s) for s in scenarios]
+    traces = []
+    for s in scenarios:
+        try:
+            traces.append(trace(**s))
+        except StuckError as e:  # recorded as None, with the reason on standard error
+            print(f"scenario {len(traces)}: {e}", file=sys.stderr)
+            traces.append(None)
     with open(dst, "w") as f:
         json.dump({"vllm_version": version(), "traces": traces}, f)
 

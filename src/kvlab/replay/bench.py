@@ -214,7 +214,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
-        scheduler_reserve_full_isl=cfg.scheduler_reserve_full_isl,
+        scheduler_reserve_full_isl=cfg.scheduler_reserve_full_isl, async_scheduling=cfg.async_scheduling,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
         warm_runs=warm_runs, endpoint_type=endpoint_type, prompts_total=total_input_tokens,
         replies_total=total_output_tokens,
@@ -270,6 +270,10 @@ def bench_cmd(
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    async_scheduling: Optional[bool] = typer.Option(
+        None, "--async-scheduling/--no-async-scheduling",
+        help="Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: finished "
+             "requests free their slots a step later; default: the --vllm-version's)"),
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(
         None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl",
         help="Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
@@ -309,7 +313,7 @@ def bench_cmd(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
         gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching,
-        scheduler_reserve_full_isl=scheduler_reserve_full_isl)
+        scheduler_reserve_full_isl=scheduler_reserve_full_isl, async_scheduling=async_scheduling)
     warn_not_simulated(config.serve, "kvlab sim bench")
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))

@@ -59,6 +59,10 @@ def run_cmd(
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, "--kv-cache-memory-bytes"),
     num_gpu_blocks_override: Optional[int] = typer.Option(None, "--num-gpu-blocks-override"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    async_scheduling: Optional[bool] = typer.Option(
+        None, "--async-scheduling/--no-async-scheduling",
+        help="Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: finished "
+             "requests free their slots a step later; default: the --vllm-version's)"),
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(
         None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl",
         help="Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
@@ -111,7 +115,8 @@ def run_cmd(
                            vllm_args=graph_value_args(optimization_level, compilation_config))
     warn_not_simulated(serve, "kvlab sim run")
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,
-                       vllm_version=vllm_version, scheduler_reserve_full_isl=scheduler_reserve_full_isl)
+                       vllm_version=vllm_version, scheduler_reserve_full_isl=scheduler_reserve_full_isl,
+                       async_scheduling=async_scheduling)
     root = out or Path("results") / f"sim-run-{time.strftime('%Y%m%d-%H%M%S')}"
     predicted = predicted_max_users(cfg.num_blocks, cfg.block_size, wl.sessions(seed))
     rows = []

@@ -48,6 +48,9 @@ class BenchResult(Record):
     # vLLM's --scheduler-reserve-full-isl as resolved (the release's default: on from 0.19); records
     # written before it: None (kvlab's scheduler then admitted on the first chunk at every release)
     scheduler_reserve_full_isl: bool | None = None
+    # vLLM's --async-scheduling as resolved (the release's default: on from 0.14); records written before
+    # it: None (kvlab then scheduled synchronously at every release)
+    async_scheduling: bool | None = None
     enforce_eager: bool = False  # vLLM's flag (records written before it: False)
     # kvlab's --warm-runs: earlier runs of the same requests on the same server (prefix cache warm);
     # 0: a freshly started server (records written before it: 0)

@@ -40,7 +40,6 @@ NO_EFFECT_FLAGS = (
     "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--skip-tokenizer-init",
     "--disable-fastapi-docs", "--enable-auto-tool-choice", "--disable-uvicorn-access-log",
     "--return-tokens-as-token-ids",
-    "--no-async-scheduling",  # the synchronous scheduler: what the simulator schedules (docs/simulator.md)
 )
 NO_EFFECT_VALUE_FLAGS = (
     "--tokenizer", "--revision", "--tokenizer-revision", "--download-dir", "--load-format", "--seed",
@@ -59,9 +58,7 @@ NOT_SIMULATED_VALUE_FLAGS = (
     "--long-prefill-token-threshold", "--max-num-partial-prefills",
     "--scheduling-policy", "--kv-transfer-config", "--max-lora-rank",
 )
-# --async-scheduling: vLLM schedules step N+1 before step N's outputs (finished requests free their slots
-# and blocks a step later, host work overlaps the GPU); the simulator schedules synchronously
-NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode", "--async-scheduling")
+NOT_SIMULATED_FLAGS = ("--enable-lora", "--enable-sleep-mode")
 # Typed by ServeConfig (the memory model sizes them), not simulated: warned about at start.
 NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
                        "enforce-eager": lambda c: bool(c.enforce_eager),
@@ -106,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(p, kv_cache_dtypes=VLLM_KV_CACHE_DTYPES, dtypes=VLLM_DTYPES)  # the flags a ServeConfig types
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule each step before the previous one's outputs are taken (vLLM's default from "
+                        "0.14: finished requests free their slots a step later; default: the --vllm-version's)")
     p.add_argument("--scheduler-reserve-full-isl", action=argparse.BooleanOptionalAction, default=None,
                    help="admit a waiting request only where its whole prompt fits in the free KV blocks "
                         "(vLLM 0.19+; default: the --vllm-version's default, on from 0.19)")
@@ -166,6 +166,7 @@ class ServeArgs:
     timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
     vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release simulated (kernels, memory)
     scheduler_reserve_full_isl: bool | None = None  # None: the release's default (kvlab.sim.config)
+    async_scheduling: bool | None = None  # None: the release's default (kvlab.sim.config)
 
 
 def _pydantic_range(cls: str, field: str, value, rule: str, bound, kind: str) -> KvlabError:
@@ -231,4 +232,5 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         disable_log_stats=ns.disable_log_stats, disable_access_log=ns.disable_uvicorn_access_log,
         non_default=non_default, not_simulated=not_simulated, faults=faults, timing=ns.timing,
         vllm_version=ns.vllm_version, scheduler_reserve_full_isl=ns.scheduler_reserve_full_isl,
+        async_scheduling=ns.async_scheduling,
     )

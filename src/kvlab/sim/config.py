@@ -35,6 +35,10 @@ UNCACHED_BLOCKS_FIRST_FROM = (0, 28)
 # aside, the next one tried, the skipped ones put back at the head: vLLM's `prepend_requests`
 # reverses them) before 0.12 (read in 0.9.2, 0.10.1.1 and 0.11.0); from 0.12 admission stops there.
 UNFIT_PROMPT_STOPS_FROM = (0, 12)
+# Async scheduling, vLLM's default from 0.14 (read in the 0.13.0 and 0.14.0 wheels' vllm/config/vllm.py;
+# off with pipeline parallelism on its V1 model runner): the AsyncScheduler schedules step N+1 before it
+# takes step N's outputs, so a request that finished in step N holds its slot and blocks one step longer.
+ASYNC_SCHEDULING_FROM = (0, 14)
 
 
 class SchedulerBehaviour(NamedTuple):
@@ -43,6 +47,7 @@ class SchedulerBehaviour(NamedTuple):
     reserve_full_isl: bool  # admission only where the whole sequence fits (--scheduler-reserve-full-isl)
     uncached_blocks_first: bool  # freed blocks without a hash go to the front of the free queue
     skip_unfit_prompts: bool  # chunked prefill off: a prompt over the budget is skipped, not the end
+    async_scheduling: bool  # the AsyncScheduler (--async-scheduling): outputs taken a step later
 # The memory model's default (vLLM 0.32's), so that `kvlab sim serve M --gpu G` and `kvlab capacity M --gpu G` agree.
 DEFAULT_GPU_MEMORY_UTILIZATION = memory.DEFAULT_GPU_MEMORY_UTILIZATION
 
@@ -89,6 +94,9 @@ class SimConfig:
     uncached_blocks_first: bool = True
     # Chunked prefill off: a waiting prompt over the budget left is skipped (before vLLM 0.12), not the end
     skip_unfit_prompts: bool = False
+    # vLLM's AsyncScheduler (--async-scheduling, the default from 0.14): a finished request's slot and
+    # blocks are freed after the next step is scheduled
+    async_scheduling: bool = False
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -144,7 +152,7 @@ class SimConfig:
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING,
                  vllm_version: str = memory.DEFAULT_VLLM_VERSION, scheduler_reserve_full_isl: bool | None = None,
-                 **flags) -> SimConfig:
+                 async_scheduling: bool | None = None, **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
@@ -152,8 +160,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     `vllm_version`: the vLLM release simulated: its weight-GEMM kernel choice (`timing.weight_kernel`:
     -q awq's legacy kernel, Machete or Marlin; block FP8 on Hopper: CUTLASS up to 0.10) and its memory profiling (`memory_release`: the default
     --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
-    from 0.21), and its scheduler (`scheduler_behaviour`: `scheduler_reserve_full_isl`, None for the
-    release's default)."""
+    from 0.21), and its scheduler (`scheduler_behaviour`: `scheduler_reserve_full_isl` and
+    `async_scheduling`, None for the release's default)."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -195,7 +203,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     dtype_name = normalize_dtype(config.dtype or arch.dtype)
     fmt = weight_format(config.weights, arch)
     chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
-    behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl)
+    behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl, async_scheduling,
+                                    pipeline_parallel=cap.pipeline_parallel_size > 1)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -225,24 +234,31 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         scheduler_reserve_full_isl=behaviour.reserve_full_isl,
         uncached_blocks_first=behaviour.uncached_blocks_first,
         skip_unfit_prompts=behaviour.skip_unfit_prompts,
+        async_scheduling=behaviour.async_scheduling,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
         serve=config,
     )
 
 
-def scheduler_behaviour(vllm_version: str, reserve_full_isl: bool | None = None) -> SchedulerBehaviour:
+def scheduler_behaviour(vllm_version: str, reserve_full_isl: bool | None = None,
+                        async_scheduling: bool | None = None, pipeline_parallel: bool = False) -> SchedulerBehaviour:
     """How a simulated release schedules: `reserve_full_isl` as given (vLLM's
     --[no-]scheduler-reserve-full-isl, from 0.19; KvlabError before), or the release's default
-    (RESERVE_FULL_ISL_FROM); UNCACHED_BLOCKS_FIRST_FROM; UNFIT_PROMPT_STOPS_FROM."""
+    (RESERVE_FULL_ISL_FROM); UNCACHED_BLOCKS_FIRST_FROM; UNFIT_PROMPT_STOPS_FROM; `async_scheduling` as
+    given (--[no-]async-scheduling) or the release's default (ASYNC_SCHEDULING_FROM, not with
+    `pipeline_parallel`)."""
     release = sim_timing.vllm_release(vllm_version)
+    if async_scheduling is None:
+        async_scheduling = release >= ASYNC_SCHEDULING_FROM and not pipeline_parallel
     has_flag = release >= RESERVE_FULL_ISL_FROM
     if reserve_full_isl is not None and not has_flag:
         flag = "--scheduler-reserve-full-isl" if reserve_full_isl else "--no-scheduler-reserve-full-isl"
         raise KvlabError(f"unrecognized arguments: {flag} (vLLM {vllm_version} has no such flag: it came in 0.19; "
                          "before, a waiting request was admitted when its first chunk fit)")
     return SchedulerBehaviour(has_flag if reserve_full_isl is None else reserve_full_isl,
-                              release >= UNCACHED_BLOCKS_FIRST_FROM, release < UNFIT_PROMPT_STOPS_FROM)
+                              release >= UNCACHED_BLOCKS_FIRST_FROM, release < UNFIT_PROMPT_STOPS_FROM,
+                              async_scheduling)
 
 
 def memory_release(vllm_version: str) -> str:

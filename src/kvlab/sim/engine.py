@@ -83,7 +83,7 @@ class Engine:
                                uncached_first=cfg.uncached_blocks_first)
         self.scheduler = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                                    cfg.enable_chunked_prefill, reserve_full_isl=cfg.scheduler_reserve_full_isl,
-                                   skip_unfit_prompts=cfg.skip_unfit_prompts)
+                                   skip_unfit_prompts=cfg.skip_unfit_prompts, async_scheduling=cfg.async_scheduling)
         self.cost = cfg.cost
         self.metrics = EngineMetrics(cfg.served_model_name, cfg.max_model_len, cfg.cache_config_labels(), created_s)
         self.record_token_steps = record_token_steps  # keep every step's end time (offline ITLs)
@@ -189,6 +189,12 @@ class Engine:
 
     def schedule(self, now_s: float) -> StepPlan | None:
         out = self.scheduler.schedule(now_s)
+        if out.empty and out.released:
+            # Async scheduling: a step with nothing to run hands the engine core the previous step's
+            # outputs at once, and what they freed is scheduled next, in no time
+            first = out
+            out = self.scheduler.schedule(now_s)
+            out.preempted = first.preempted + out.preempted
         if out.preempted:
             self.metrics.inc("vllm:num_preemptions", len(out.preempted))
         if out.empty:

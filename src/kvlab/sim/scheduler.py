@@ -109,6 +109,7 @@ class SchedulerOutput:
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (prefilling request, tokens)
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
+    released: int = 0  # async scheduling: finished requests whose slots and blocks this schedule freed
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +123,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True, reserve_full_isl: bool = True,
-                 skip_unfit_prompts: bool = False):
+                 skip_unfit_prompts: bool = False, async_scheduling: bool = False):
         if max_num_seqs > max_num_batched_tokens:
             raise ValueError("max_num_seqs must not exceed max_num_batched_tokens (vLLM checks this)")
         self.bm = block_manager
@@ -133,6 +134,10 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_full_isl = reserve_full_isl
         self.skip_unfit_prompts = skip_unfit_prompts  # chunked prefill off, before vLLM 0.12
+        # vLLM's AsyncScheduler: step N+1 is scheduled before step N's outputs are taken, so a request
+        # that finished in step N keeps its slot and blocks through the next `schedule` (`_done`)
+        self.async_scheduling = async_scheduling
+        self._done: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # admission order -> request, in running order
         self.prefilling: dict[int, Sequence] = {}  # the running requests not decoding yet
@@ -185,8 +190,9 @@ class Scheduler:
         seq.finish_step = step + max(0, last_tokens - 1 - t)
         self._finish_due.push(seq.finish_step, seq.order, seq)
 
-    def _leave(self, seq: Sequence, num_tokens: int) -> None:
-        """Take `seq` out of the cohort, its tokens made explicit up to `num_tokens`."""
+    def _leave(self, seq: Sequence, num_tokens: int, cached_tokens: int | None = None) -> None:
+        """Take `seq` out of the cohort, its tokens made explicit up to `num_tokens`, its blocks full
+        within `cached_tokens` (default: all but the last token) in the prefix cache."""
         seq.token_ids.extend(tokens.output_tokens(seq.output_seed, seq.num_output_tokens, num_tokens - seq.num_prompt_tokens))
         seq.num_computed_tokens = num_tokens - 1
         if seq.token_steps:  # its last token came out at this step
@@ -194,7 +200,7 @@ class Scheduler:
         self.num_decoding -= 1
         self._decode_base -= seq.join_tokens - seq.join_step
         seq.join_step = -1
-        self.bm.cache_full_blocks(seq, num_tokens - 1)
+        self.bm.cache_full_blocks(seq, num_tokens - 1 if cached_tokens is None else cached_tokens)
 
     def _push_block_due(self, seq: Sequence, step: int) -> None:
         seq.next_block_step = step
@@ -219,7 +225,7 @@ class Scheduler:
         admission possible, no request finishing, enough free blocks for the due ones. False (and
         nothing changed) otherwise. The caller accounts for the step."""
         step = self.step
-        if self.prefilling or not self.num_decoding:
+        if self.prefilling or not self.num_decoding or self._done:
             return False
         budget = self.max_num_batched_tokens - self.num_decoding
         if self.waiting and not (len(self.running) >= self.max_num_seqs or budget <= 0
@@ -252,13 +258,29 @@ class Scheduler:
                 self._schedule_waiting(out, budget, now_s)
         out.num_decodes = self.num_decoding
         out.decode_tokens = self._decode_base + self.num_decoding * self.step
+        if self._done:  # async: the previous step's outputs are taken after this step is scheduled
+            for seq in self._done:
+                if self.running.get(seq.order) is seq:  # (unless preempted in this step)
+                    self._release(seq)
+                    out.released += 1
+            self._done = []
         return out
 
     def _preempt_last(self, out: SchedulerOutput) -> Sequence:
         victim = next(reversed(self.running.values()))
-        self.preempt(victim)
+        if victim.status is Status.FINISHED:  # async: finished in the step in flight, its blocks still held
+            self._release(victim)
+            victim.num_preemptions += 1
+        else:
+            self.preempt(victim)
         out.preempted.append(victim)
         return victim
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a finished request's slot and blocks (at once, or with async scheduling after the next
+        `schedule`)."""
+        self._remove_running(seq)
+        self.bm.free_seq(seq)
 
     def _schedule_decodes(self, out: SchedulerOutput) -> bool:
         """Give decoding requests that fill their last block a new one; False if the running pass
@@ -338,9 +360,13 @@ class Scheduler:
             waiting.extendleft(skipped)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running request's blocks and put it at the front of the waiting queue."""
+        """Free a running request's blocks and put it at the front of the waiting queue. With async
+        scheduling its last decode step is still in flight: that token is kept (vLLM delivers it), but
+        vLLM had cached its blocks only up to the token before (it caches a decode's block when the
+        step's output is taken), or up to its prefill if it has not decoded yet."""
         if seq.join_step >= 0:
-            self._leave(seq, self.tokens_now(seq))
+            n = self.tokens_now(seq)
+            self._leave(seq, n, max(seq.join_tokens - 1, n - 2) if self.async_scheduling else None)
             seq.last_token_s = self.last_end_s
             seq.last_out_s = self.last_out_s
         self._remove_running(seq)
@@ -369,13 +395,20 @@ class Scheduler:
         self.last_end_s = end_s
 
     def finish(self, seq: Sequence, reason: str, token_this_step: bool = False) -> None:
-        """Take a finished (or aborted) request out and free its blocks."""
+        """Take a finished (or aborted) request out and free its blocks; with async scheduling, a
+        request that finished in the step just run (`token_this_step`) keeps its slot and blocks
+        until the next `schedule` has run (vLLM takes that step's outputs after scheduling the next)."""
         if seq.status is Status.RUNNING:
             if seq.join_step >= 0:
                 self._leave(seq, self.tokens_now(seq) + token_this_step)
-            self._remove_running(seq)
-        elif seq.status in (Status.WAITING, Status.PREEMPTED):
-            self.waiting.remove(seq)
-        self.bm.free_seq(seq)
+            self.prefilling.pop(seq.order, None)
+            if self.async_scheduling and token_this_step:
+                self._done.append(seq)
+            else:
+                self._release(seq)
+        else:
+            if seq.status in (Status.WAITING, Status.PREEMPTED):
+                self.waiting.remove(seq)
+            self.bm.free_seq(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
