@@ -28,7 +28,7 @@ from kvlab.loadtest.plan import SessionPlan
 from kvlab.sim import tokens
 from kvlab.sim.config import SimConfig
 from kvlab.sim.engine import Engine
-from kvlab.sim.sequence import Sequence, extend_hashes
+from kvlab.sim.sequence import Sequence, Status, extend_hashes
 
 RECORD_COLUMNS = ("start_ts", "session_id", "app_id", "turn", "ttft_s", "itl_s", "tpot_s", "e2e_s",
                   "prompt_tokens", "completion_tokens", "cached_tokens", "num_preemptions",
@@ -254,7 +254,8 @@ class Player:
     def record_unfinished(self) -> None:
         sched = self.engine.scheduler
         for seq in list(sched.running.values()) + list(sched.waiting) + [x[2] for x in sorted(self.intake)]:
-            self._record(seq, seq.tag, "incomplete")
+            if seq.status is not Status.FINISHED:  # (async scheduling: finished, its blocks not yet freed)
+                self._record(seq, seq.tag, "incomplete")
 
     def fill_itls(self) -> None:
         """Each record's inter-token latencies: the differences of the times the steps its tokens

@@ -179,7 +179,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return self.scheduler.num_running
 
     @property
     def num_waiting(self) -> int:
@@ -320,7 +320,7 @@ class Engine:
         m, stats = self.metrics, self.scheduler.prefix_stats
         m.counters["vllm:prefix_cache_queries"] = stats.queries
         m.counters["vllm:prefix_cache_hits"] = stats.hits
-        m.num_running = len(self.scheduler.running)
+        m.num_running = self.scheduler.num_running
         m.num_waiting = len(self.scheduler.waiting)
         m.kv_cache_usage = self.bm.usage()
 

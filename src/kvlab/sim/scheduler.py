@@ -165,7 +165,9 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Requests running, less those that finished in the last step and hold their blocks until the
+        next `schedule` (async scheduling: vLLM counts them out when it takes that step's outputs)."""
+        return len(self.running) - sum(self.running.get(seq.order) is seq for seq in self._done)
 
     def decoding(self) -> list[Sequence]:
         return [s for s in self.running.values() if s.join_step >= 0]
