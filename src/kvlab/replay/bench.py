@@ -38,6 +38,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
@@ -270,14 +271,10 @@ def bench_cmd(
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
-    async_scheduling: Optional[bool] = typer.Option(
-        None, "--async-scheduling/--no-async-scheduling",
-        help="Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: finished "
-             "requests free their slots a step later; default: the --vllm-version's)"),
+    async_scheduling: Optional[bool] = typer.Option(None, "--async-scheduling/--no-async-scheduling",
+                                                    help=ASYNC_SCHEDULING_HELP),
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(
-        None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl",
-        help="Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
-             "default: the --vllm-version's default, on from 0.19)"),
+        None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", help=RESERVE_FULL_ISL_HELP),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
                                                  help="No CUDA graphs: sized by the memory model (no graph memory), "
                                                       "step times not simulated (priced as under CUDA graphs)"),

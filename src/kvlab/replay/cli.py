@@ -13,6 +13,7 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
 
@@ -59,14 +60,10 @@ def run_cmd(
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, "--kv-cache-memory-bytes"),
     num_gpu_blocks_override: Optional[int] = typer.Option(None, "--num-gpu-blocks-override"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
-    async_scheduling: Optional[bool] = typer.Option(
-        None, "--async-scheduling/--no-async-scheduling",
-        help="Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: finished "
-             "requests free their slots a step later; default: the --vllm-version's)"),
+    async_scheduling: Optional[bool] = typer.Option(None, "--async-scheduling/--no-async-scheduling",
+                                                    help=ASYNC_SCHEDULING_HELP),
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(
-        None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl",
-        help="Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
-             "default: the --vllm-version's default, on from 0.19)"),
+        None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", help=RESERVE_FULL_ISL_HELP),
     tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
     pp: int = typer.Option(1, "--pipeline-parallel-size", "-pp"),
     api_server_count: Optional[int] = typer.Option(None, "--api-server-count", "-asc"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
 
@@ -104,11 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule each step before the previous one's outputs are taken (vLLM's default from "
-                        "0.14: finished requests free their slots a step later; default: the --vllm-version's)")
+                   help=ASYNC_SCHEDULING_HELP)
     p.add_argument("--scheduler-reserve-full-isl", action=argparse.BooleanOptionalAction, default=None,
-                   help="admit a waiting request only where its whole prompt fits in the free KV blocks "
-                        "(vLLM 0.19+; default: the --vllm-version's default, on from 0.19)")
+                   help=RESERVE_FULL_ISL_HELP)
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enable-mfu-metrics", action="store_true")

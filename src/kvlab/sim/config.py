@@ -39,6 +39,11 @@ UNFIT_PROMPT_STOPS_FROM = (0, 12)
 # off with pipeline parallelism on its V1 model runner): the AsyncScheduler schedules step N+1 before it
 # takes step N's outputs, so a request that finished in step N holds its slot and blocks one step longer.
 ASYNC_SCHEDULING_FROM = (0, 14)
+# The commands' help for the two flags (kvlab sim serve, sim run, sim bench)
+ASYNC_SCHEDULING_HELP = ("Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: "
+                         "finished requests free their slots a step later; default: the --vllm-version's)")
+RESERVE_FULL_ISL_HELP = ("Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
+                         "default: the --vllm-version's, on from 0.19)")
 
 
 class SchedulerBehaviour(NamedTuple):
