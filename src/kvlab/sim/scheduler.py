@@ -227,7 +227,7 @@ class Scheduler:
         admission possible, no request finishing, enough free blocks for the due ones. False (and
         nothing changed) otherwise. The caller accounts for the step."""
         step = self.step
-        if self.prefilling or not self.num_decoding or self._done:
+        if self.prefilling or not self.num_decoding:
             return False
         budget = self.max_num_batched_tokens - self.num_decoding
         if self.waiting and not (len(self.running) >= self.max_num_seqs or budget <= 0
@@ -242,6 +242,8 @@ class Scheduler:
                 self._push_block_due(seq, seq.next_block_step)
             return False
         self._push_blocks_due(due, step + self.block_size)
+        if self._done:  # async: the previous step's finished requests leave once this one is scheduled
+            self._release_done()
         self.step = step + 1
         return True
 
@@ -261,12 +263,19 @@ class Scheduler:
         out.num_decodes = self.num_decoding
         out.decode_tokens = self._decode_base + self.num_decoding * self.step
         if self._done:  # async: the previous step's outputs are taken after this step is scheduled
-            for seq in self._done:
-                if self.running.get(seq.order) is seq:  # (unless preempted in this step)
-                    self._release(seq)
-                    out.released += 1
-            self._done = []
+            out.released = self._release_done()
         return out
+
+    def _release_done(self) -> int:
+        """Free the requests that finished in the previous step (async scheduling), unless preempted in
+        this one; how many."""
+        n = 0
+        for seq in self._done:
+            if self.running.get(seq.order) is seq:
+                self._release(seq)
+                n += 1
+        self._done = []
+        return n
 
     def _preempt_last(self, out: SchedulerOutput) -> Sequence:
         victim = next(reversed(self.running.values()))
