@@ -11,12 +11,13 @@ and block pool are vLLM's, built as its engine core builds them (one full-attent
 of `num_blocks` blocks). Prompts are token ids; requests join the waiting queue before the step
 numbered by their arrival.
 
-Reads a JSON list of scenarios from the file IN ({"requests": [[id, prompt ids, max_tokens, arrival step],
-...], "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-"enable_prefix_caching", "block_size", "enable_chunked_prefill"}) and writes to OUT the vLLM version and, per scenario, the
-steps as [{request id: tokens scheduled}, [ids preempted in the step]] (to a file: vLLM logs on
-standard output). A trace ends when nothing is left, or when nothing can be scheduled any more and
-nothing else will arrive (a request the small cache can no longer hold keeps waiting).
+Reads a JSON list of scenarios from the file IN ({"requests": [[id, prompt ids, max_tokens, arrival
+step], ...], "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+"enable_prefix_caching", "block_size", "enable_chunked_prefill", "async_scheduling"}: `trace`'s
+arguments) and writes to OUT the vLLM version and, per scenario, the steps as [{request id: tokens
+scheduled}, [ids preempted in the step]] (to a file: vLLM logs on standard output). A trace ends
+when nothing is left, or when nothing can be scheduled any more and nothing else will arrive (a
+request the small cache can no longer hold keeps waiting).
 
 Run: `PYTHON bench/vllm_scheduler_trace.py IN OUT`.
 """
@@ -31,8 +32,6 @@ import sys
 import tempfile
 
 SAMPLED_TOKEN = 7
-
-
 
 _MODEL_DIR: str | None = None
 
@@ -98,60 +97,70 @@ def trace(requests: list, num_blocks: int, max_num_seqs: int, max_num_batched_to
               if k in params and params[k].default is inspect.Parameter.empty}
 
     pending = sorted(requests, key=lambda r: r[3])
-    if async_scheduling:
-        return _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus, SamplingParams,
-                            ModelRunnerOutput)
-    steps: list = []
-    step = 0
-    while pending or sched.running or len(sched.waiting):
+
+    def add_due(step: int) -> None:
+        """Add the requests arriving before step `step + 1`."""
         while pending and pending[0][3] <= step:
             rid, prompt, max_tokens, _ = pending.pop(0)
             sched.add_request(Request(request_id=rid, prompt_token_ids=list(prompt),
                                       sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                                       pooling_params=None, block_hasher=hasher, **req_kw))
-        step += 1
+
+    def schedule() -> tuple:
+        """One `schedule()`: its output, the ids it preempted, and each request's output placeholders before."""
         status = {rid: r.status for rid, r in sched.requests.items()}
+        placeholders = {rid: getattr(r, "num_output_placeholders", 0) for rid, r in sched.requests.items()}
         out = sched.schedule()
-        ids = list(out.num_scheduled_tokens)
         preempted = sorted(rid for rid, r in sched.requests.items()
                            if r.status == RequestStatus.PREEMPTED and status.get(rid) != r.status)
-        steps.append([dict(out.num_scheduled_tokens), preempted])
-        if not ids:
-            if not pending:
-                break
-            continue
-        sampled = [[SAMPLED_TOKEN] if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens else []
-                   for r in ids]
-        sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                                        sampled_token_ids=sampled, **out_kw))
+        return out, preempted, placeholders
+
+    def take(out, samples) -> None:
+        """`update_from_output` with one sampled token for each request in `samples`."""
+        ids = list(out.num_scheduled_tokens)
+        sched.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[[SAMPLED_TOKEN] if r in samples else [] for r in ids], **out_kw))
+
+    steps = (_async_steps if async_scheduling else _sync_steps)(sched, pending, add_due, schedule, take)
     while steps and not steps[-1][0]:
         steps.pop()
     return steps
 
 
-def _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus, SamplingParams,  # noqa: N803
-                 ModelRunnerOutput) -> list:
+def _sync_steps(sched, pending, add_due, schedule, take) -> list:
+    """`trace`'s loop for the synchronous Scheduler: schedule a step, take its outputs. A request
+    samples when its computed tokens reach its tokens."""
+    steps: list = []
+    step = 0
+    while pending or sched.running or len(sched.waiting):
+        add_due(step)
+        step += 1
+        out, preempted, _ = schedule()
+        steps.append([dict(out.num_scheduled_tokens), preempted])
+        if not out.num_scheduled_tokens:
+            if not pending:
+                break  # nothing left, or nothing schedulable ever again (a request the cache cannot hold)
+            continue
+        take(out, {r for r in out.num_scheduled_tokens
+                   if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens})
+    return steps
+
+
+def _async_steps(sched, pending, add_due, schedule, take) -> list:
     """`trace`'s loop for the AsyncScheduler with a batch queue of two: schedule while the queue has
     room and there is work, else take the oldest step's outputs. A request samples in a step where the
-    scheduler gave it an output placeholder. Records the steps as `trace` does."""
+    scheduler gave it an output placeholder."""
     steps: list = []
     queue: list = []
     step = idle = 0
     while pending or sched.has_requests() or queue:
         if idle > 2 and not pending:
             break  # nothing schedulable ever again (a request the cache cannot hold): the sync trace ends here too
-        while pending and pending[0][3] <= step:
-            rid, prompt, max_tokens, _ = pending.pop(0)
-            sched.add_request(Request(request_id=rid, prompt_token_ids=list(prompt),
-                                      sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                      pooling_params=None, block_hasher=hasher, **req_kw))
+        add_due(step)
         if sched.has_requests():
             step += 1
-            status = {rid: r.status for rid, r in sched.requests.items()}
-            placeholders = {rid: r.num_output_placeholders for rid, r in sched.requests.items()}
-            out = sched.schedule()
-            preempted = sorted(rid for rid, r in sched.requests.items()
-                               if r.status == RequestStatus.PREEMPTED and status.get(rid) != r.status)
+            out, preempted, placeholders = schedule()
             samples = {rid for rid in out.num_scheduled_tokens
                        if sched.requests[rid].num_output_placeholders > placeholders.get(rid, 0)}
             steps.append([dict(out.num_scheduled_tokens), preempted])
@@ -162,13 +171,7 @@ def _async_steps(sched, pending, hasher, req_kw, out_kw, Request, RequestStatus,
         elif not queue:
             step += 1  # nothing to run until the next arrival
             continue
-        out, samples = queue.pop()
-        ids = list(out.num_scheduled_tokens)
-        sched.update_from_output(out, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=[[SAMPLED_TOKEN] if r in samples else [] for r in ids], **out_kw))
-    while steps and not steps[-1][0]:
-        steps.pop()
+        take(*queue.pop())
     return steps
 
 

@@ -93,7 +93,8 @@ class SimConfig:
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
     vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
-    # Admission only where a waiting request's whole sequence fits (vLLM's --scheduler-reserve-full-isl)
+    # How the release schedules (`scheduler_behaviour`; build_config sets all four, these defaults are
+    # vLLM 0.32's). Admission only where a waiting request's whole sequence fits (--scheduler-reserve-full-isl)
     scheduler_reserve_full_isl: bool = True
     # Freed blocks without a hash reused first (vLLM 0.28+), else every freed block joins the back of the queue
     uncached_blocks_first: bool = True
@@ -101,7 +102,7 @@ class SimConfig:
     skip_unfit_prompts: bool = False
     # vLLM's AsyncScheduler (--async-scheduling, the default from 0.14): a finished request's slot and
     # blocks are freed after the next step is scheduled
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 

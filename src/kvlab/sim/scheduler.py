@@ -9,8 +9,10 @@ stops). Then, only if nobody was preempted, waiting requests are admitted in ord
 is left and fewer than `max_num_seqs` run, each starting from its prefix-cache hit; from vLLM 0.19
 (`reserve_full_isl`, vLLM's --scheduler-reserve-full-isl) only where the free blocks hold its whole
 sequence, before only its first chunk. With chunked prefill off, a prompt larger than the budget
-left ends admission (from vLLM 0.12) or is skipped for the next one (before). Checked step by step against vLLM's own `Scheduler`
-(tests/test_sim_scheduler_conformance.py).
+left ends admission (from vLLM 0.12) or is skipped for the next one (before). With async
+scheduling (vLLM's default from 0.14) a request that finished in a step holds its slot and blocks
+until the next step is scheduled. Checked step by step against vLLM's own `Scheduler` and
+`AsyncScheduler` (bench/scheduler_conformance.py, tests/test_sim_scheduler_conformance.py).
 
 Two facts make this cheap to simulate without changing it: `max_num_seqs <= max_num_batched_tokens`
 (vLLM enforces it), so every decoding request gets its token every step; and a prefill can only be
