@@ -106,6 +106,7 @@ class Run(BaseModel):
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enable_expert_parallel: bool = False  # vllm serve's --enable-expert-parallel where the source's command has it
     measured: Measured
     split_group: str = Field(pattern=ID)
     split: Split

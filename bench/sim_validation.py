@@ -251,6 +251,8 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     model, checkpoint_format, note = MODELS[run.model]
     note = "; ".join(filter(None, [note, GPU_NOTES.get(run.gpu, "")]))
     serve: dict = {"tensor_parallel_size": run.tp or 1}
+    if run.enable_expert_parallel:
+        serve["enable_expert_parallel"] = True
     if run.quantization in NO_FORMAT:
         return NO_FORMAT[run.quantization]
     if checkpoint_format:

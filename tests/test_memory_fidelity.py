@@ -311,7 +311,9 @@ def test_simulator_still_warns_that_it_does_not_simulate_them():
 
     args = parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "-dp", "2", "--enable-expert-parallel",
                              "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'])
-    assert {"data-parallel-size", "enable-expert-parallel", "speculative-config"} <= set(args.not_simulated)
+    assert {"data-parallel-size", "speculative-config"} <= set(args.not_simulated)
+    # expert parallelism is simulated: its experts priced from the kernel tables' moe_ep rows
+    assert "enable-expert-parallel" not in args.not_simulated and args.config.enable_expert_parallel
     assert args.config.data_parallel_size == 2
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).not_simulated == ()
     # --cpu-offload-gb moves weights to host memory (more KV cache, slower steps): neither is modelled,

@@ -371,3 +371,17 @@ def test_prefix_caching_and_eager_flags_on_sim_bench(kvlab):
     assert (eager["enforce_eager"], eager["enable_prefix_caching"], graphs["enforce_eager"]) == (True, False, False)
     assert eager["num_gpu_blocks"] > graphs["num_gpu_blocks"]
     assert "--enforce-eager is accepted but not simulated" in r.stderr
+
+
+def test_expert_parallel_on_sim_bench(kvlab):
+    """-ep (vLLM's --enable-expert-parallel) on an MoE model over -tp 2: simulated, not warned about;
+    the record says so and the experts come from the kernel tables' moe_ep rows."""
+    flags = ["qwen3-30b-a3b", "--gpu", "h100", "-tp", "2", "--num-prompts", "8", "--input-len", "512",
+             "--output-len", "8", "--max-model-len", "4096", "--json"]
+    tp = json.loads(kvlab("sim", "bench", *flags).stdout)
+    r = kvlab("sim", "bench", *flags, "-ep")
+    ep = json.loads(r.stdout)
+    assert (ep["enable_expert_parallel"], tp["enable_expert_parallel"]) == (True, False)
+    assert "moe_ep 2 rows" in ep["timing_source"] and "moe_ep" not in tp["timing_source"]
+    assert ep["num_gpu_blocks"] == tp["num_gpu_blocks"]  # the same weights per GPU, the same KV cache
+    assert "not simulated" not in r.stderr

@@ -436,3 +436,45 @@ def test_compile_reads_the_tables_yaml_with_libyaml_to_the_same_objects():
         assert yaml.safe_load is not plain or not yaml.__with_libyaml__
         assert [yaml.safe_load(f.read_text()) for f in files] == expected
     assert yaml.safe_load is plain
+
+
+def test_expert_parallel_experts_are_the_tables_moe_ep_rows():
+    """--enable-expert-parallel over -tp 4 (one engine): each GPU holds a quarter of the experts whole
+    (vLLM's FusedMoEParallelConfig: moe_tp 1, moe_ep 4), so the experts' time is the MoE table's
+    moe_tp 1 x moe_ep 4 rows (the estimator's power-law 1.2 routing) x 48 layers, where tensor
+    parallel's is its moe_tp 4 x moe_ep 1 rows; the rest of the step is the same op for op."""
+    arch = card("qwen3-30b-a3b").arch
+    moe = _rows("h100_sxm", "moe", "moe_perf.parquet")
+    moe = moe[(moe.hidden_size == 2048) & (moe.inter_size == 768) & (moe.num_experts == 128) & (moe.topk == 8)
+              & (moe.moe_dtype == "bfloat16") & (moe.distribution == "power_law_1.2")]
+    row = lambda tp, ep, n: float(moe[(moe.moe_tp_size == tp) & (moe.moe_ep_size == ep)  # noqa: E731
+                                      & (moe.num_tokens == n)].latency.iloc[0])
+    tp4 = timing("qwen3-30b-a3b", tp=4)
+    ep4 = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h100"), 4, "auto",
+                      expert_parallel=True)
+    assert isinstance(ep4, kernels.KernelTiming) and "experts from the moe_tp 1 x moe_ep 4 rows" in ep4.timing_source
+    assert "moe_ep" not in tp4.timing_source
+    for n in (64, 256):
+        ops = {t: {name: ms for name, ms, _ in x.op_times_ms(decode(n, n * 2000))} for t, x in (("tp", tp4), ("ep", ep4))}
+        assert ops["ep"]["generation_moe"] == pytest.approx(48 * row(1, 4, n), rel=1e-9)
+        assert ops["tp"]["generation_moe"] == pytest.approx(48 * row(4, 1, n), rel=1e-9)
+        assert {k: v for k, v in ops["ep"].items() if k != "generation_moe"} == \
+               {k: v for k, v in ops["tp"].items() if k != "generation_moe"}
+    assert kernels.moe_parallel(4, True) == (1, 4) and kernels.moe_parallel(1, True) == (1, 1)
+    assert kernels.moe_parallel(8, False) == (8, 1)
+    # -tp 1: the flag changes nothing in vLLM (use_ep needs more than one GPU), nor here
+    one = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h100"), 1, "auto",
+                      expert_parallel=True)
+    assert one.timing_source == timing("qwen3-30b-a3b").timing_source
+
+
+def test_expert_parallel_on_the_roofline_is_priced_as_tensor_parallel_and_says_so():
+    """No kernel table holds DeepSeek-V2-Lite's experts: the roofline prices them per GPU as under
+    tensor parallel (the same bytes and FLOPs on average) and its timing source says so."""
+    arch = card("deepseek-v2-lite").arch
+    args = (arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h100"), 2, "auto")
+    tp, ep = step_timing(*args), step_timing(*args, expert_parallel=True)
+    step = prefill(((2048, 0),), decodes=8, decode_kv=8 * 1000)
+    assert ep.step_time_s(step) == tp.step_time_s(step)
+    assert "expert parallel priced as tensor parallel by the roofline" in ep.timing_source
+    assert "expert parallel" not in tp.timing_source

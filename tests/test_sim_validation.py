@@ -337,7 +337,8 @@ def test_the_summary_carries_the_ratio_rows_by_factor_and_gpu(pub):
     assert checks["ratio-a100-q32-fp8-vs-bf16"].factor == "fp8 weights"  # FP8 Marlin on an A100
     assert checks["ratio-h100-kv-fp8-vs-bf16"].factor == "fp8 KV cache"
     assert checks["ratio-a100-awq-marlin-vs-bf16"].gpu == "a100-80gb" and checks["ratio-h100-awq-vs-bf16"].split == "test"
-    assert "ratio-h100-q235-fp8-vs-bf16" not in checks  # cannot model (expert parallelism)
+    # expert parallelism is simulated: the FP8 run's -tp 8 --enable-expert-parallel against BF16's -tp 8
+    assert checks["ratio-h100-q235-fp8-vs-bf16"].factor == "fp8 weights"
     assert "ratio-h100-dsv2-lite-mla-vs-mha-cache" not in checks
     a = checks["ratio-h100-awq-vs-bf16"]
     assert a.simulated == pytest.approx(a.published * 1.25, rel=1e-12)

@@ -38,7 +38,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
-from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
@@ -210,7 +210,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), dataset_name=dataset,
         num_prompts=num_prompts, request_rate="inf" if math.isinf(request_rate) else request_rate,
         burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
-        tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, quantization=cap.quantization,
+        tensor_parallel_size=cfg.tensor_parallel_size, enable_expert_parallel=cfg.expert_parallel,
+        dtype=cfg.dtype, quantization=cap.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
         block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -265,6 +266,8 @@ def bench_cmd(
     quantization: Optional[str] = typer.Option(None, "--quantization", "-q"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype"),
     tp: int = typer.Option(1, "--tensor-parallel-size", "-tp"),
+    expert_parallel: bool = typer.Option(False, "--enable-expert-parallel/--no-enable-expert-parallel", "-ep/ ",
+                                         help=EXPERT_PARALLEL_HELP),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens"),
@@ -307,6 +310,7 @@ def bench_cmd(
     wall0 = time.perf_counter()
     config = build_config(options_config(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
+        enable_expert_parallel=expert_parallel,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
         gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching,

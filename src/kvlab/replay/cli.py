@@ -13,7 +13,7 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
-from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
 
@@ -70,7 +70,7 @@ def run_cmd(
     attention_backend: Optional[str] = typer.Option(None, "--attention-backend"),
     dp: int = typer.Option(1, "--data-parallel-size", "-dp", help="Sized by the memory model, not simulated"),
     ep: bool = typer.Option(False, "--enable-expert-parallel/--no-enable-expert-parallel", "-ep/ ",
-                            help="Sized by the memory model, not simulated"),
+                            help=EXPERT_PARALLEL_HELP),
     speculative_config: Optional[str] = typer.Option(None, "--speculative-config", "-sc",
                                                      help="Sized by the memory model, not simulated"),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",

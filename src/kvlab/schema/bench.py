@@ -31,6 +31,9 @@ class BenchResult(Record):
     max_concurrency: int | None
     seed: int
     tensor_parallel_size: int
+    # vLLM's --enable-expert-parallel as given (records written before it: False, which kvlab then priced
+    # as tensor parallel)
+    enable_expert_parallel: bool = False
     dtype: str
     quantization: str | None
     kv_cache_dtype: str

@@ -66,6 +66,7 @@ class SimRunResults(Record):
     model: str
     gpu: str
     tensor_parallel_size: int
+    enable_expert_parallel: bool = False  # vLLM's flag as given (results written before it: False)
     kv_cache_dtype: str
     quantization: str | None
     vllm_version: str | None = None  # kvlab's --vllm-version: the release whose kernels and memory were simulated

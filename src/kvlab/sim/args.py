@@ -65,8 +65,7 @@ NOT_SIMULATED_TYPED = {"data-parallel-size": lambda c: c.data_parallel_size > 1,
                        "enforce-eager": lambda c: bool(c.enforce_eager),
                        "optimization-level": lambda c: graph_flags(c.vllm_args)[0] is not None,
                        "compilation-config": lambda c: graph_flags(c.vllm_args)[1] is not None,
-                       "speculative-config": lambda c: c.speculative_config is not None,
-                       "enable-expert-parallel": lambda c: c.enable_expert_parallel}
+                       "speculative-config": lambda c: c.speculative_config is not None}
 
 
 def not_simulated_typed(config: ServeConfig) -> tuple[str, ...]:

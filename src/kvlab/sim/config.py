@@ -42,6 +42,9 @@ ASYNC_SCHEDULING_FROM = (0, 14)
 # The commands' help for the two flags (kvlab sim serve, sim run, sim bench)
 ASYNC_SCHEDULING_HELP = ("Schedule each step before the previous one's outputs are taken (vLLM's default from 0.14: "
                          "finished requests free their slots a step later; default: the --vllm-version's)")
+EXPERT_PARALLEL_HELP = ("Split a MoE model's routed experts whole over the -tp GPUs (vLLM's flag): sized by the memory "
+                        "model; step times from the kernel tables' expert-parallel MoE rows (the roofline prices them "
+                        "as tensor parallel); with -dp, data parallelism is not simulated")
 RESERVE_FULL_ISL_HELP = ("Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
                          "default: the --vllm-version's, on from 0.19)")
 
@@ -137,6 +140,11 @@ class SimConfig:
     def tensor_parallel_size(self) -> int:
         return self.capacity.tensor_parallel_size
 
+    @property
+    def expert_parallel(self) -> bool:
+        """vLLM's --enable-expert-parallel as given (its experts priced as `kernels.moe_parallel` says)."""
+        return bool(self.serve is not None and self.serve.enable_expert_parallel)
+
     def cache_config_labels(self) -> dict[str, str]:
         """The CacheConfig fields vLLM exports in `vllm:cache_config_info`."""
         c = self.capacity
@@ -219,7 +227,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         capacity=cap,
         cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
                          weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
-                                       moe=arch.moe is not None)),
+                                       moe=arch.moe is not None), expert_parallel=config.enable_expert_parallel),
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

@@ -236,8 +236,9 @@ def _hf_config(arch: ModelArch, architecture: str) -> dict:
 
 
 def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU | str,
-                   tp: int) -> str | None:
-    """Why this configuration has no measured kernel data (None: it has)."""
+                   tp: int, expert_parallel: bool = False) -> str | None:
+    """Why this configuration has no measured kernel data (None: it has). `expert_parallel`: vLLM's
+    --enable-expert-parallel (`moe_parallel`)."""
     name = gpu if isinstance(gpu, str) else gpu.name
     if not available():
         return f"{PACKAGE} is not installed"
@@ -274,11 +275,13 @@ def kernel_support(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtyp
     gemm_rows = _gemm_modes(system)
     if gemm not in gemm_rows:
         return f"no {gemm} GEMM rows for {system} (vLLM {table_version(system)}: {', '.join(sorted(gemm_rows))})"
-    moe_mode = moe_quant_mode(system, fmt.name, _moe_shape(arch, tp))[0] if arch.moe is not None else None
-    if arch.moe is not None and not _moe_kernels(system, moe_mode, _moe_shape(arch, tp)):
+    shape = _moe_shape(arch, tp, expert_parallel)
+    moe_mode = moe_quant_mode(system, fmt.name, shape)[0] if arch.moe is not None else None
+    if arch.moe is not None and not _moe_kernels(system, moe_mode, shape):
         m = arch.moe
         return (f"MoE shape (hidden {arch.hidden_size}, {m.num_experts} experts of {m.moe_intermediate_size}, "
-                f"top-{m.num_experts_per_tok}, {moe_mode}, moe_tp {tp}) is in no {system} MoE table")
+                f"top-{m.num_experts_per_tok}, {moe_mode}, moe_tp {shape[4]}, moe_ep {shape[5]}) is in no {system} "
+                "MoE table")
     if arch.num_attention_heads % tp or arch.num_key_value_heads % tp and tp % arch.num_key_value_heads:
         return f"{arch.num_attention_heads} heads do not split over -tp {tp}"
     if tp > 1 and not _allreduce_rows(system, tp):
@@ -317,13 +320,13 @@ def moe_quant_mode(system: str, fmt_name: str, shape: tuple) -> tuple[str, str |
 
 def _moe_frame(system: str, mode: str, shape: tuple):
     """`system`'s MoE rows in quant mode `mode` for `shape` (`_moe_shape`: hidden, inter, top-k,
-    experts, moe_tp; expert parallelism 1), or None where the system has no MoE table."""
+    experts, moe_tp, moe_ep), or None where the system has no MoE table."""
     df = _table(system, "moe", "moe_perf.parquet")
     if df is None:
         return None
-    hidden, inter, topk, experts, tp = shape
+    hidden, inter, topk, experts, tp, ep = shape
     return df[(df.moe_dtype == mode) & (df.hidden_size == hidden) & (df.inter_size == inter) & (df.topk == topk)
-              & (df.num_experts == experts) & (df.moe_tp_size == tp) & (df.moe_ep_size == 1)]
+              & (df.num_experts == experts) & (df.moe_tp_size == tp) & (df.moe_ep_size == ep)]
 
 
 @lru_cache(maxsize=None)
@@ -425,9 +428,21 @@ def _full_attention(df, kv: str):
     return df[keep]
 
 
-def _moe_shape(arch: ModelArch, tp: int) -> tuple | None:
+def moe_parallel(tp: int, expert_parallel: bool) -> tuple[int, int]:
+    """(moe_tp, moe_ep): how vLLM splits a MoE layer's routed experts over one engine's `tp` GPUs.
+    Without --enable-expert-parallel every GPU holds a 1/tp slice of every expert. With it (and tp >
+    1) every GPU holds tp-th of the experts whole: `FusedMoEParallelConfig.make` sets the experts'
+    tp_size 1 and ep_size tp (vllm/model_executor/layers/fused_moe/config.py). Without data parallelism
+    vLLM runs no all-to-all kernels there (`use_all2all_kernels` needs dp, pcp or sequence parallelism):
+    the experts' partial outputs are summed by the same all-reduce as under tensor parallelism, so only
+    the experts' own time changes, which the MoE tables measure per (moe_tp, moe_ep)."""
+    return (1, tp) if expert_parallel and tp > 1 else (tp, 1)
+
+
+def _moe_shape(arch: ModelArch, tp: int, expert_parallel: bool = False) -> tuple | None:
     m = arch.moe
-    return None if m is None else (arch.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts, tp)
+    return None if m is None else (arch.hidden_size, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts,
+                                   *moe_parallel(tp, expert_parallel))
 
 
 def _gemm_shapes(arch: ModelArch, tp: int) -> tuple[tuple[int, int], ...]:
@@ -479,13 +494,14 @@ def _libyaml():
 
 
 @lru_cache(maxsize=16)
-def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: str | None):
+def _engine(config_json: str, system: str, tp: int, gemm: str, kv: str, moe: str | None, expert_parallel: bool = False):
     """Compile the estimator for a model config (JSON) once per process (`moe`: the MoE rows'
-    quant mode, None for a dense model)."""
+    quant mode, None for a dense model; `expert_parallel`: its experts split as `moe_parallel` says)."""
     from aiconfigurator_core.sdk.engine import EngineHandle
     kwargs = dict(tp_size=tp, gemm_quant_mode=gemm, kvcache_quant_mode=kv)
     if moe:
-        kwargs.update(moe_tp_size=tp, moe_ep_size=1, moe_quant_mode=moe)
+        moe_tp, moe_ep = moe_parallel(tp, expert_parallel)
+        kwargs.update(moe_tp_size=moe_tp, moe_ep_size=moe_ep, moe_quant_mode=moe)
     with tempfile.TemporaryDirectory(prefix="kvlab-aic-") as d, _quiet_stderr(), _libyaml():
         write_text_atomic(Path(d) / "config.json", config_json)
         handle = EngineHandle.compile(d, system, BACKEND, **kwargs)
@@ -497,14 +513,18 @@ class KernelTiming:
     same interface as `kvlab.sim.timing.CostModel`: `step_time_s`, `decode_step_s`)."""
 
     def __init__(self, arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
-                 roofline, host_step_s: float, host_per_seq_s: float):
-        reason = kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp)
+                 roofline, host_step_s: float, host_per_seq_s: float, expert_parallel: bool = False):
+        reason = kernel_support(arch, fmt, dtype, kv_cache_dtype, gpu, tp, expert_parallel)
         if reason:
             raise ValueError(reason)
         self.system = SYSTEMS[gpu.name]
         self.gemm_quant_mode = dense_gemm_mode(fmt.name, arch.mla is not None)
-        self.moe_quant_mode, moe_note = (moe_quant_mode(self.system, fmt.name, _moe_shape(arch, tp))
+        moe_shape = _moe_shape(arch, tp, expert_parallel)
+        self.moe_quant_mode, moe_note = (moe_quant_mode(self.system, fmt.name, moe_shape)
                                          if arch.moe is not None else (None, None))
+        if moe_shape is not None and moe_shape[5] > 1:
+            moe_note = "; ".join(filter(None, [f"expert parallel: experts from the moe_tp 1 x moe_ep {moe_shape[5]} rows",
+                                               moe_note]))
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
         self.tp = tp
         self.roofline = roofline  # fallback for steps the estimator cannot answer, and FLOP/byte counts
@@ -517,7 +537,8 @@ class KernelTiming:
                                  "graphs remove)" if self.gemm_quant_mode != GEMM_QUANT_MODES[fmt.name] else "")
                               + (f"; {moe_note}" if moe_note else ""))
         cfg = json.dumps(_hf_config(arch, ARCHITECTURES[arch.architecture]), sort_keys=True)
-        self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, self.moe_quant_mode)
+        self._eng = _engine(cfg, self.system, tp, self.gemm_quant_mode, self.kvcache_quant_mode, self.moe_quant_mode,
+                            moe_shape is not None and moe_shape[5] > 1)
         ctx, gen = self._eng.run_static_per_op(1, 1, 16, 2, 0, 1.0, 1.0)
         ctx_names, gen_names = [op[0] for op in ctx], [op[0] for op in gen]
         self._ctx_attn = [i for i, n in enumerate(ctx_names) if n in ATTENTION_OPS]
@@ -527,7 +548,7 @@ class KernelTiming:
         kv_heads = max(arch.num_key_value_heads // tp, 1)
         self.tables = _tables(self.system, self.gemm_quant_mode, self.kvcache_quant_mode,
                               arch.num_attention_heads // tp, kv_heads, arch.head_dim, _gemm_shapes(arch, tp),
-                              _moe_shape(arch, tp), arch.mla is not None, self.moe_quant_mode)
+                              moe_shape, arch.mla is not None, self.moe_quant_mode)
         self._counts = [0, 0, 0, 0]
         self._memo_ctx_other: dict[int, tuple[float, int]] = {}
         self._memo_gen_other: dict[int, tuple[float, int]] = {}

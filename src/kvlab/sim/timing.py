@@ -799,8 +799,32 @@ VLLM_VERSION_HELP = ("The vLLM release simulated (kvlab option; a published run'
 DEFAULT_TIMING = "auto"  # build_config's and the commands' --timing default: the validation's rule (docs/simulator-validation.md)
 
 
+# Expert parallelism where no kernel table prices the experts (kernels.moe_parallel): the roofline's
+# experts are the same per GPU either way on average (tp-th of each active expert's bytes and FLOPs, or
+# whole experts on tp-th of them); what it leaves out is the load imbalance of whole experts.
+EP_ROOFLINE_NOTE = ("expert parallel priced as tensor parallel by the roofline (the same expert bytes and FLOPs "
+                    "per GPU on average; the busiest GPU's extra tokens, which the tables' moe_ep rows measure, "
+                    "not modelled)")
+
+
 def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
-                source: str = "auto", kernel: str = "native"):
+                source: str = "auto", kernel: str = "native", expert_parallel: bool = False):
+    """The step-time backend (`_step_timing`); `expert_parallel`: vLLM's --enable-expert-parallel,
+    whose routed experts the kernel tables price from their moe_ep rows (`kernels.moe_parallel`) and
+    the roofline as under tensor parallelism, saying so (EP_ROOFLINE_NOTE)."""
+    from kvlab.sim import kernels
+
+    t = _step_timing(arch, fmt, dtype, kv_cache_dtype, gpu, tp, source, kernel, expert_parallel)
+    if expert_parallel and arch.moe is not None and tp > 1 and not isinstance(getattr(t, "base", t), kernels.KernelTiming):
+        if isinstance(t, CostModel):
+            t = dataclasses.replace(t, timing_source=f"{t.timing_source}; {EP_ROOFLINE_NOTE}")
+        else:
+            t.timing_source = f"{t.timing_source}; {EP_ROOFLINE_NOTE}"
+    return t
+
+
+def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
+                 source: str = "auto", kernel: str = "native", expert_parallel: bool = False):
     """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
     none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format; a
     weight-only format on its GEMM path `kernel` (marlin, dequant) from the BF16 tables scaled by the
@@ -831,10 +855,10 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
         """The kernel tables' timing of this model at `base_fmt` weights and a `kv` cache, and its roofline."""
         roof = cost_model(arch, base_fmt, dtype, kv, gpu, tp)
         return kernels.KernelTiming(arch, base_fmt, dtype, kv, gpu, tp, roof, STEP_OVERHEAD_S,
-                                    PER_SEQ_OVERHEAD_S), roof
+                                    PER_SEQ_OVERHEAD_S, expert_parallel), roof
 
     def support(base_fmt: WeightFormat, kv: str = kv_cache_dtype) -> str | None:
-        return kernels.kernel_support(arch, base_fmt, dtype, kv, gpu, tp)
+        return kernels.kernel_support(arch, base_fmt, dtype, kv, gpu, tp, expert_parallel)
 
     if source == "auto" and kernel == "cutlass_block":  # the tables' fp8_block rows are DeepGEMM's
         delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
@@ -845,7 +869,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     reason = support(fmt)
     if reason is None:
         return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
-                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S, expert_parallel)
     bf16_reason = support(BF16_WEIGHTS) if path else None  # a weight-only format: its BF16 base
     if source == "auto" and kv_cache_dtype != "auto":
         # An FP8 KV cache where the tables have no attention rows for it (an A100's, vLLM 0.14) but
