@@ -116,7 +116,17 @@ QWEN3_235B_A22B_2507 = {
     "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
 }
-CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507}
+# meta-llama/Meta-Llama-3.1-70B config.json (aiconfigurator-core 0.12.0's copy,
+# model_configs/meta-llama--Meta-Llama-3.1-70B_config.json; the fields kvlab reads), and Llama-3-70B:
+# the same layers with Llama 3's 8,192-token context (huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct).
+LLAMA31_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+LLAMA3_70B = {**LLAMA31_70B, "max_position_embeddings": 8192}
+CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507,
+           "llama-3-70b": LLAMA3_70B, "llama-3.1-70b": LLAMA31_70B}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
@@ -134,6 +144,9 @@ MODELS = {
     "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8": ("qwen3-235b-a22b-2507", "fp8_per_block", "block-scaled FP8"),
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
     "meta-llama/Meta-Llama-3-8B-Instruct": ("llama-3.1-8b", None, "Llama-3-8B priced as Llama-3.1-8B (same layers)"),
+    "meta-llama/Meta-Llama-3-70B-Instruct": ("llama-3-70b", None, "config.json of Llama-3-70B"),
+    "neuralmagic/Llama-3.1-Nemotron-70B-Instruct-HF-FP8-dynamic": (
+        "llama-3.1-70b", None, "Llama-3.1-Nemotron-70B is a Llama-3.1-70B fine-tune (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
     "Qwen/Qwen2.5-7B-Instruct": ("qwen2.5-7b", None, ""),
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
@@ -141,9 +154,10 @@ MODELS = {
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
 }
 # Checkpoints whose context length differs from the card they are priced as (their config.json).
-NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192}
+NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192, "meta-llama/Meta-Llama-3-70B-Instruct": 8192}
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
 GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
+        "h100-pcie": "h100-pcie", "h100-nvl": "h100-nvl",
         "a100-sxm": "a100-80gb",  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
         "a100-80gb-pcie": "a100-80gb"}  # the SXM tables (see GPU_NOTES)
 # What a GPU mapping above leaves out, in the row's note.

@@ -74,6 +74,7 @@ def test_gpus_and_cards(kvlab):
     assert data["mi300x"] is None and data["l4"] is None
     if kernels.available():
         assert data["h100"].startswith("h100_sxm, vLLM ")
+        assert data["h100-pcie"].startswith("h100's, scaled by the data sheets' ratio: h100_sxm, vLLM ")
     # wide enough that rich keeps the header whole (CI's terminal is narrower)
     assert "measured kernel data" in kvlab("gpus", env={"COLUMNS": "250"}).stdout
     r = kvlab("cards")

@@ -478,3 +478,31 @@ def test_expert_parallel_on_the_roofline_is_priced_as_tensor_parallel_and_says_s
     assert ep.step_time_s(step) == tp.step_time_s(step)
     assert "expert parallel priced as tensor parallel by the roofline" in ep.timing_source
     assert "expert parallel" not in tp.timing_source
+
+
+@pytest.mark.parametrize("gpu", ["h100-pcie", "h100-nvl"])
+def test_an_h100_pcie_or_nvl_step_is_the_h100_sxm_step_scaled_by_the_data_sheets(llama, gpu):
+    """The PCIe cards of the GH100 die have no tables: a step is the H100 SXM's priced step times the
+    roofline's ratio of the two GPUs for that step, whose rooflines differ only in the data sheets'
+    FLOPS, HBM bandwidth and link (the same kernel efficiencies); labelled, the host time the SXM's."""
+    from kvlab.sim.timing import ScaledTiming, cost_model
+
+    arch = card("llama-3.1-8b").arch
+    card_gpu, sxm = hardware.gpu(gpu), hardware.gpu("h100")
+    t = timing("llama-3.1-8b", gpu)
+    assert isinstance(t, ScaledTiming) and isinstance(t.base, kernels.KernelTiming)
+    assert f"scaled by the roofline's {gpu}/h100 ratio" in t.timing_source and "h100_sxm vLLM 0.24.0" in t.timing_source
+    assert t.roof.bytes_per_s == pytest.approx(t.roof_bf16.bytes_per_s * card_gpu.bandwidth_tb_s / sxm.bandwidth_tb_s)
+    assert t.roof.flops_per_s == pytest.approx(t.roof_bf16.flops_per_s * card_gpu.bf16_tflops / sxm.bf16_tflops)
+    assert t.roof_bf16 == cost_model(arch, weight_format(None, arch), "bfloat16", "auto", sxm, 1)
+    for step in (decode(32, 32 * 3000), prefill(((2048, 0),), decodes=8, decode_kv=8 * 1000)):
+        host = llama.host_s(step.requests)
+        ratio = t.roof.gpu_s(step) / t.roof_bf16.gpu_s(step)
+        assert t.step_time_s(step) == pytest.approx((llama.step_time_s(step) - host) * ratio + host, rel=1e-9)
+    # the H100 PCIe: fewer SMs and 2.0 TB/s: slower on both kinds of step; the NVL's 3.9 TB/s: faster decodes
+    assert (t.decode_step_s(32, 32 * 3000) > llama.decode_step_s(32, 32 * 3000)) == (gpu == "h100-pcie")
+    assert t.step_time_s(prefill(((4096, 0),))) > llama.step_time_s(prefill(((4096, 0),)))
+    # no measured part on the twin either (DeepSeek-V2-Lite over -tp 2): this GPU's own roofline,
+    # labelled with its own reason
+    roof = timing("deepseek-v2-lite", gpu, tp=2)
+    assert isinstance(roof, CostModel) and f"no vLLM kernel tables for GPU {gpu}" in roof.timing_source

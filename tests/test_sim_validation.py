@@ -72,7 +72,11 @@ def test_a_stated_client_seed_is_the_simulated_one(pub):
 
 def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     by_id = pub.by_id()
-    assert "H100 PCIe" in v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"])
+    assert "V0 engine" in v.map_run(by_id["lambda-v054-llama3-8b-h100-mml2048-np10"])
+    # modelled since the presets came: the H100 PCIe and NVL runs, and expert parallelism
+    assert v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"]).gpu == "h100-pcie"
+    assert v.map_run(by_id["vllm-issue-17788-qwen3-32b-h100-nvl"]).serve["max_num_seqs"] == 32
+    assert v.map_run(by_id["gpustack-q235-a100-fp8-tp4-ep"]).serve["enable_expert_parallel"] is True
     assert "int8 weight-only" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])
     fp8 = v.map_run(by_id["vllm-issue-25915-qwen3-8b-h100-fp8-v0102"])
     assert fp8.serve["quantization"] == "fp8_per_block" and fp8.workload["num_prompts"] == v.OFFLINE_NUM_PROMPTS

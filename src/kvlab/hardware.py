@@ -3,7 +3,7 @@
 `memory_bytes` is what the CUDA runtime reports as total device memory (what vLLM multiplies by
 --gpu-memory-utilization), which is a little less than the marketed size; each preset says where
 its figure comes from. Data-sheet FLOPS are dense (the "with sparsity" figures are twice these). Bandwidth and FLOPS:
-NVIDIA H100/H200/A100/L40S/L4/B200 and AMD MI300X data sheets, NVIDIA Ada whitepaper (RTX 4090).
+NVIDIA H100 (SXM, PCIe, NVL)/H200/A100/L40S/L4/B200 and AMD MI300X data sheets, NVIDIA Ada whitepaper (RTX 4090).
 """
 
 from __future__ import annotations
@@ -63,6 +63,18 @@ PRESETS: tuple[GPU, ...] = (
     GPU("h100", 80, 81090 * MiB,
         "torch total_memory 81090 MiB (nvidia-smi: 81559 MiB, github.com/NVIDIA/nccl/issues/1264)",
         3.35, 989, 1979, 9.0, ("h100-sxm", "h100-80gb", "h100-sxm-80gb")),
+    # The PCIe cards of the same GH100 die: fewer SMs (114) and HBM2e at 2.0 TB/s on the H100 PCIe,
+    # all 132 SMs at a 350-400 W cap and 94 GB of HBM3 at 3.9 TB/s on the H100 NVL (NVIDIA H100 data
+    # sheet: 1,513 / 1,671 BF16 and 3,026 / 3,341 FP8 TFLOPS with sparsity; PCIe Gen5, NVLink bridge
+    # 600 GB/s for pairs). No kernel tables of their own: `kvlab.sim.kernels.TABLE_TWINS`.
+    GPU("h100-pcie", 80, 84942979072,
+        "CUDA total 84942979072 B (XLA's H100 PCIe target spec, github.com/openxla/xla "
+        "xla/backends/gpu/target_config/specs/h100_pcie.txtpb; nvidia-smi: 81559 MiB)",
+        2.0, 756, 1513, 9.0, ("h100-pcie-80gb",)),
+    GPU("h100-nvl", 94, 99961274368,
+        "NVML total less reserved memory, 99961274368 B (github.com/fastfetch-cli/fastfetch/issues/1658; "
+        "nvidia-smi: 95830 MiB)",
+        3.9, 835, 1671, 9.0, ("h100-nvl-94gb",)),
     GPU("h200", 141, 143156 * MiB,
         "torch total_memory 143156 MiB (nvidia-smi: 143771 MiB, github.com/sgl-project/sglang/issues/3196)",
         4.8, 989, 1979, 9.0, ("h200-sxm", "h200-141gb")),

@@ -54,6 +54,11 @@ BACKEND = "vllm"
 # kvlab GPU preset -> aiconfigurator system with vLLM tables (H100 PCIe, A100 PCIe/40GB, L4, A10,
 # RTX 4090 and MI300X have none).
 SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}
+# GPUs without tables of their own whose die, compute capability and so vLLM kernels are those of a
+# GPU with tables (the H100 PCIe and NVL: GH100 like the H100 SXM; fewer SMs or a lower power cap,
+# other HBM): priced as the twin's step times the roofline's ratio of this GPU's step to the twin's,
+# from their data sheets (`kvlab.sim.timing.step_timing`, labelled).
+TABLE_TWINS = {"h100-pcie": "h100", "h100-nvl": "h100"}
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.
 GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
@@ -166,6 +171,10 @@ def gpu_tables(gpu: str) -> str | None:
     layers of ..."), or None."""
     from kvlab.sim import measured_moe, quant_gemms
 
+    twin = TABLE_TWINS.get(gpu)
+    if twin is not None:
+        theirs = gpu_tables(twin)
+        return f"{twin}'s, scaled by the data sheets' ratio: {theirs}" if theirs else None
     system = SYSTEMS.get(gpu)
     own = measured_moe.measured_models(gpu)
     int4 = quant_gemms.measured_models() if gpu in quant_gemms.GPUS else ()

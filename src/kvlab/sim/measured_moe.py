@@ -111,7 +111,7 @@ def _measured(gpu: str, shape: tuple, moe_dtype: str) -> dict[int, float]:
 
 
 def _aic(system: str, shape: tuple, mode: str) -> dict[int, float]:
-    df = kernels._moe_frame(system, mode, (*shape[:4], 1))
+    df = kernels._moe_frame(system, mode, (*shape[:4], 1, 1))
     if df is None or not len(df):
         return {}
     df = df[df.distribution == "balanced"]

@@ -406,9 +406,10 @@ ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
 # SXM) 450, NVLink 5 (B200) 900, NVLink 3 (A100 SXM) 300, Infinity Fabric (MI300X) 448, PCIe 4 x16
-# (L40S, L4, RTX 4090) 32. Data sheets; kvlab.hardware has no link figures yet.
+# (L40S, L4, RTX 4090) 32, PCIe 5 x16 (H100 PCIe) 64, the H100 NVL's NVLink bridge (600 GB/s both
+# ways, between the two cards of a pair) 300. Data sheets; kvlab.hardware has no link figures yet.
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
-             "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32}
+             "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32, "h100-pcie": 64, "h100-nvl": 300}
 # GPUs whose driver refuses peer access (GeForce: NVIDIA does not enable GPUDirect P2P on the RTX
 # 4090; `cudaDeviceCanAccessPeer` is false, e.g. NVIDIA/nccl-tests#117). vLLM then turns its custom
 # all-reduce off ("Custom allreduce is disabled because your platform lacks GPU P2P capability":
@@ -812,15 +813,53 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
     """The step-time backend (`_step_timing`); `expert_parallel`: vLLM's --enable-expert-parallel,
     whose routed experts the kernel tables price from their moe_ep rows (`kernels.moe_parallel`) and
     the roofline as under tensor parallelism, saying so (EP_ROOFLINE_NOTE)."""
+    from kvlab import hardware
     from kvlab.sim import kernels
 
-    t = _step_timing(arch, fmt, dtype, kv_cache_dtype, gpu, tp, source, kernel, expert_parallel)
-    if expert_parallel and arch.moe is not None and tp > 1 and not isinstance(getattr(t, "base", t), kernels.KernelTiming):
+    twin = kernels.TABLE_TWINS.get(gpu.name)
+    t = None
+    if twin is not None and source == "auto":
+        t = _twin_timing(arch, fmt, dtype, kv_cache_dtype, gpu, hardware.gpu(twin), tp, kernel, expert_parallel)
+    if t is None:
+        t = _step_timing(arch, fmt, dtype, kv_cache_dtype, gpu, tp, source, kernel, expert_parallel)
+    inner = t
+    while hasattr(inner, "base"):  # a scaled timing's measured base
+        inner = inner.base
+    if expert_parallel and arch.moe is not None and tp > 1 and not isinstance(inner, kernels.KernelTiming):
         if isinstance(t, CostModel):
             t = dataclasses.replace(t, timing_source=f"{t.timing_source}; {EP_ROOFLINE_NOTE}")
         else:
             t.timing_source = f"{t.timing_source}; {EP_ROOFLINE_NOTE}"
     return t
+
+
+def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, twin: GPU, tp: int,
+                 kernel: str, expert_parallel: bool):
+    """A GPU without tables priced from its twin's (`kernels.TABLE_TWINS`: the same die and kernels):
+    the twin's `auto` step (tables, scaled formats, composed parts) times the roofline's ratio of
+    this GPU's GPU time to the twin's for the same step (`ScaledTiming`). The two rooflines are the
+    twin's for this model and format with the GEMM rates scaled by the data sheets' FLOPS, the HBM
+    rates by their bandwidth, and this GPU's link: the same kernel efficiencies on both sides, so
+    the ratio is the hardware's. None where the twin has no measured part either (its roofline
+    fallback): this GPU's own roofline then."""
+    base = _step_timing(arch, fmt, dtype, kv_cache_dtype, twin, tp, "auto", kernel, expert_parallel)
+    if isinstance(base, CostModel) and base.gemm_curves is None and base.moe_curve is None and base.mla_attention is None:
+        return None
+    theirs = cost_model(arch, fmt, dtype, kv_cache_dtype, twin, tp, kernel)
+    w8a8 = fmt.name in W8A8_FORMATS and twin.fp8_tflops and gpu.fp8_tflops
+    gemm = gpu.fp8_tflops / twin.fp8_tflops if w8a8 else gpu.bf16_tflops / twin.bf16_tflops
+    hbm = gpu.bandwidth_tb_s / twin.bandwidth_tb_s
+    link = NO_P2P_LINK_GB_S if gpu.name in NO_P2P_GPUS else LINK_GB_S.get(gpu.name, 32)
+    mine = dataclasses.replace(
+        theirs, gpu=gpu.name, flops_per_s=theirs.flops_per_s * gemm,
+        attn_flops_per_s=theirs.attn_flops_per_s * gpu.bf16_tflops / twin.bf16_tflops,
+        bytes_per_s=theirs.bytes_per_s * hbm, dequant_bytes_per_s=theirs.dequant_bytes_per_s * hbm,
+        link_bytes_per_s=link * 1e9)
+    path = (f"{gpu.name} priced from the {twin.name}'s step: {gpu.bf16_tflops:g} / {twin.bf16_tflops:g} BF16 TFLOPS"
+            + (f", {gpu.fp8_tflops:g} / {twin.fp8_tflops:g} FP8" if w8a8 else "")
+            + f", {gpu.bandwidth_tb_s:g} / {twin.bandwidth_tb_s:g} TB/s, {link:g} / "
+            f"{LINK_GB_S.get(twin.name, 32):g} GB/s links, data sheets")
+    return ScaledTiming(base, mine, theirs, path, ratio=f"{gpu.name}/{twin.name}")
 
 
 def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
