@@ -324,8 +324,8 @@ def test_a_gpu_that_cannot_hold_one_session_names_the_nearest_config(kvlab, tmp_
 def test_an_slo_no_config_meets_says_what_one_session_reaches(kvlab, tmp_path):
     """6.5 ms per token: one session of Llama-3.1-8B on an H100 decodes slower than that (its 16 GB of
     weights are read every step: 4.8 ms at the data sheet's 3.35 TB/s, plus attention and 1 ms of
-    host time: 7.3 ms simulated), on an H200 (4.8 TB/s) faster (5.9 ms): the nearest config that
-    works is the H200."""
+    host time: 7.3 ms simulated), on an H100 NVL (3.9 TB/s, the next preset up by bandwidth) faster:
+    the nearest config that works is the H100 NVL."""
     wl = tmp_path / "w.yaml"
     wl.write_text(yaml.safe_dump(WORKLOAD))
     r = kvlab("plan", "--workload", str(wl), "--agents", "10", "--gpu", "h100", "--models", "llama-3.1-8b",
@@ -334,7 +334,7 @@ def test_an_slo_no_config_meets_says_what_one_session_reaches(kvlab, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no config meets the SLO: llama-3.1-8b/bf16: even one session misses the SLO" in r.stderr
     assert "at one session 95% of requests stay within" in r.stderr
-    assert "nearest that works: llama-3.1-8b/bf16 on h200 (--gpu h200)" in r.stderr
+    assert "nearest that works: llama-3.1-8b/bf16 on h100-nvl (--gpu h100-nvl)" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
