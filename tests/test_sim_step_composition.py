@@ -82,7 +82,7 @@ def test_gpu_scale_scales_the_gpu_time_and_keeps_the_schedule(runs):
 
 @pytest.mark.parametrize("args,message", [
     (["no-such-run"], "no published run 'no-such-run'"),
-    (["iog-llama3-8b-h100-pcie-1qps"], "kvlab cannot model it"),
+    (["lambda-v054-llama3-8b-h100-mml2048-np10"], "kvlab cannot model it"),  # a V0 engine
     ([RUN, "--gpu-scale", "0"], "--gpu-scale must be positive"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(capsys, args, message):

@@ -51,8 +51,8 @@ from kvlab.models.weights import WeightFormat
 
 PACKAGE = "aiconfigurator-core"
 BACKEND = "vllm"
-# kvlab GPU preset -> aiconfigurator system with vLLM tables (H100 PCIe, A100 PCIe/40GB, L4, A10,
-# RTX 4090 and MI300X have none).
+# kvlab GPU preset -> aiconfigurator system with vLLM tables (the H100 PCIe and NVL: TABLE_TWINS; A100
+# PCIe/40GB, L4, A10, RTX 4090 and MI300X have none).
 SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}
 # GPUs without tables of their own whose die, compute capability and so vLLM kernels are those of a
 # GPU with tables (the H100 PCIe and NVL: GH100 like the H100 SXM; fewer SMs or a lower power cap,
@@ -532,8 +532,8 @@ class KernelTiming:
         self.moe_quant_mode, moe_note = (moe_quant_mode(self.system, fmt.name, moe_shape)
                                          if arch.moe is not None else (None, None))
         if moe_shape is not None and moe_shape[5] > 1:
-            moe_note = "; ".join(filter(None, [f"expert parallel: experts from the moe_tp 1 x moe_ep {moe_shape[5]} rows",
-                                               moe_note]))
+            ep_note = f"expert parallel: experts from the moe_tp 1 x moe_ep {moe_shape[5]} rows"
+            moe_note = "; ".join(filter(None, [ep_note, moe_note]))
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
         self.tp = tp
         self.roofline = roofline  # fallback for steps the estimator cannot answer, and FLOP/byte counts

@@ -192,8 +192,8 @@ class Engine:
 def preset_for_gpu_name(name: str) -> str | None:
     """The kvlab GPU preset for an nvidia-smi name ("NVIDIA H100 80GB HBM3" -> h100)."""
     s = name.lower()
-    for key, preset in (("h200", "h200"), ("h100 nvl", "h100-nvl"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("b200", "b200"), ("l40s", "l40s"),
-                        ("4090", "rtx-4090"), ("mi300x", "mi300x")):
+    for key, preset in (("h200", "h200"), ("h100 nvl", "h100-nvl"), ("h100 pcie", "h100-pcie"), ("h100", "h100"),
+                        ("b200", "b200"), ("l40s", "l40s"), ("4090", "rtx-4090"), ("mi300x", "mi300x")):
         if key in s:
             return preset
     if "a100" in s:
