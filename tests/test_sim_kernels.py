@@ -460,6 +460,16 @@ def test_expert_parallel_experts_are_the_tables_moe_ep_rows():
         assert ops["tp"]["generation_moe"] == pytest.approx(48 * row(4, 1, n), rel=1e-9)
         assert {k: v for k, v in ops["ep"].items() if k != "generation_moe"} == \
                {k: v for k, v in ops["tp"].items() if k != "generation_moe"}
+    # where the tables measured another kernel for expert parallel (block FP8 on an H100: FlashInfer's
+    # CUTLASS MoE at moe_ep 4, Triton at moe_tp 4 for Qwen3-235B's shape), the timing source names both
+    big = kernels.KernelTiming(arch, weight_format("fp8-block", arch), "bfloat16", "auto", hardware.gpu("h100"), 4,
+                               tp4.roofline, STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S, expert_parallel=True)
+    assert ("measured on vllm_fp8moe_flashinfer_cutlass_flashinferexperts (no tensor-parallel rows for this "
+            "shape)") in big.timing_source  # Qwen3-30B-A3B's block-FP8 experts have no moe_tp 4 rows
+    assert kernels._moe_kernels("h100_sxm", "fp8_block", (4096, 1536, 8, 128, 4, 1)) == {"vllm_fp8moe_triton_tritonexperts"}
+    assert kernels._moe_kernels("h100_sxm", "fp8_block", (4096, 1536, 8, 128, 1, 4)) == {
+        "vllm_fp8moe_flashinfer_cutlass_flashinferexperts"}
+    assert "measured on" not in ep4.timing_source  # bf16: Triton's unquantized kernel either way
     assert kernels.moe_parallel(4, True) == (1, 4) and kernels.moe_parallel(1, True) == (1, 1)
     assert kernels.moe_parallel(8, False) == (8, 1)
     # -tp 1: the flag changes nothing in vLLM (use_ep needs more than one GPU), nor here

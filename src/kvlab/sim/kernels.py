@@ -533,6 +533,12 @@ class KernelTiming:
                                          if arch.moe is not None else (None, None))
         if moe_shape is not None and moe_shape[5] > 1:
             ep_note = f"expert parallel: experts from the moe_tp 1 x moe_ep {moe_shape[5]} rows"
+            ep_kernels = _moe_kernels(self.system, self.moe_quant_mode, moe_shape)
+            tp_kernels = _moe_kernels(self.system, self.moe_quant_mode, _moe_shape(arch, tp))
+            if ep_kernels != tp_kernels:  # the tables measured another kernel there (or none at moe_ep 1)
+                ep_note += f", measured on {', '.join(sorted(ep_kernels))}" + (
+                    f" (the tensor-parallel rows: {', '.join(sorted(tp_kernels))})" if tp_kernels else
+                    " (no tensor-parallel rows for this shape)")
             moe_note = "; ".join(filter(None, [ep_note, moe_note]))
         self.kvcache_quant_mode = KV_QUANT_MODES[kv_cache_dtype]
         self.tp = tp
