@@ -385,3 +385,20 @@ def test_expert_parallel_on_sim_bench(kvlab):
     assert "moe_ep 2 rows" in ep["timing_source"] and "moe_ep" not in tp["timing_source"]
     assert ep["num_gpu_blocks"] == tp["num_gpu_blocks"]  # the same weights per GPU, the same KV cache
     assert "not simulated" not in r.stderr
+
+
+def test_sampler_sizes_the_simulated_kv_cache_as_kvlab_capacity_does(kvlab):
+    """--sampler flashinfer (vLLM's FlashInfer top-k/top-p, 10 bytes a logit in the profiling run's
+    dummy sampler pass against PyTorch's 39): the simulated KV cache is `kvlab capacity --sampler`'s,
+    and the record says which; an unknown sampler is one line and exit 2."""
+    flags = ["llama-3.1-8b", "--gpu", "h100", "--num-prompts", "4", "--output-len", "4", "--json"]
+    fi = json.loads(kvlab("sim", "bench", *flags, "--sampler", "flashinfer").stdout)
+    pt = json.loads(kvlab("sim", "bench", *flags).stdout)
+    cap = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--sampler", "flashinfer", "--json").stdout)
+    assert (fi["sampler"], pt["sampler"]) == ("flashinfer", "pytorch")
+    assert fi["num_gpu_blocks"] == cap["num_blocks"] > pt["num_gpu_blocks"]
+    r = kvlab("sim", "bench", *flags, "--sampler", "bogus")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--sampler" in r.stderr
+    from kvlab.sim.args import parse_serve_args
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--sampler", "flashinfer"]).sampler == "flashinfer"
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).sampler == "pytorch"

@@ -46,6 +46,8 @@ CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS 
 # and the probabilities (10 B).
 SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
 DEFAULT_SAMPLER = "pytorch"
+SAMPLER_HELP = "Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer"
+SAMPLERS = tuple(SAMPLER_BYTES_PER_LOGIT)
 # Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
 NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
 # Added with -tp/-pp > 1 (NCCL): its channel buffers sit in GPU memory when NCCL's P2P transport

@@ -14,6 +14,7 @@ from kvlab import hardware
 from kvlab.clikit import JSON, console, emit_json, fmt_gib, fmt_int
 from kvlab.errors import KvlabError
 from kvlab.models import memory
+from kvlab.models.budget import SAMPLER_HELP
 from kvlab.models.cards import ResolvedModel, builtin_cards, resolve_model
 from kvlab.models.params import param_counts
 from kvlab.models.weights import weight_bytes, weight_format
@@ -42,8 +43,7 @@ EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs (vLLM's flag
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
 VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
-SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler",
-                       help="Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer")
+SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler", help=SAMPLER_HELP)
 NNODES = typer.Option(1, "--nnodes", "-n",
                       help="Nodes the GPUs sit on (vLLM's flag; also for Ray): a TP group spanning nodes "
                            "runs NCCL over the network, which the --gpu budget counts")

@@ -36,7 +36,7 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_VLLM_VERSION
+from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, SAMPLER_HELP
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
@@ -214,7 +214,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         dtype=cfg.dtype, quantization=cap.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, num_gpu_blocks=cap.num_blocks,
-        block_size=cap.block_size, vllm_version=cfg.vllm_version, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        block_size=cap.block_size, vllm_version=cfg.vllm_version, sampler=cfg.sampler,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
         api_server_count=cfg.api_server_count, enable_prefix_caching=cfg.enable_prefix_caching,
         scheduler_reserve_full_isl=cfg.scheduler_reserve_full_isl, async_scheduling=cfg.async_scheduling,
         enforce_eager=bool(cfg.serve is not None and cfg.serve.enforce_eager),
@@ -300,6 +301,8 @@ def bench_cmd(
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
                                      help=VLLM_VERSION_HELP + "; and its bench client's Poisson schedule (before 0.10: "
                                      "the first request at time 0, the gaps not rescaled to N / rate)"),
+    sampler: str = typer.Option(DEFAULT_SAMPLER, "--sampler", rich_help_panel="kvlab options",
+                                help=f"{SAMPLER_HELP} (sizes the KV cache)"),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.args import warn_not_simulated
@@ -314,7 +317,7 @@ def bench_cmd(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
         gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching,
-        scheduler_reserve_full_isl=scheduler_reserve_full_isl, async_scheduling=async_scheduling)
+        scheduler_reserve_full_isl=scheduler_reserve_full_isl, async_scheduling=async_scheduling, sampler=sampler)
     warn_not_simulated(config.serve, "kvlab sim bench")
     with live_progress(as_json, bar=True) as progress:
         task = progress.add_task("sim bench: requests ended", total=num_prompts * (warm_runs + 1))

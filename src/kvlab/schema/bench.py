@@ -45,6 +45,7 @@ class BenchResult(Record):
     # kvlab's --vllm-version: the release whose kernel choice and memory profiling were simulated
     # (records written before it existed: kvlab's default release then, 0.32)
     vllm_version: str = "0.32"
+    sampler: str = "pytorch"  # kvlab's --sampler: the profiling run's top-k/top-p sampler (records before it: pytorch)
     gpu_memory_utilization: float | None = None  # as resolved (None in records written before it)
     api_server_count: int = 1  # the API-server processes simulated (records written before it: 1)
     enable_prefix_caching: bool = True  # vLLM's flag, as resolved (records written before it: True)

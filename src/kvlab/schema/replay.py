@@ -70,6 +70,7 @@ class SimRunResults(Record):
     kv_cache_dtype: str
     quantization: str | None
     vllm_version: str | None = None  # kvlab's --vllm-version: the release whose kernels and memory were simulated
+    sampler: str = "pytorch"  # kvlab's --sampler: the profiling run's sampler (results written before it: pytorch)
     api_server_count: int = 1  # vLLM's --api-server-count simulated (results written before it: 1)
     users: int | None  # closed-loop users; None: open-loop arrivals
     duration_s: float = _required("simulated", unit="s")

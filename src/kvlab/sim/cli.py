@@ -28,7 +28,7 @@ def serve_cmd(ctx: typer.Context) -> None:
     cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
                        enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
                        vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
-                       async_scheduling=args.async_scheduling)
+                       async_scheduling=args.async_scheduling, sampler=args.sampler)
     fail = next((f for f in args.faults if f.kind == "fail-start"), None)
     logs.startup_lines(cfg, args.non_default, args.not_simulated, faults=args.faults, stop_before_kv=fail is not None)
     if fail is not None:

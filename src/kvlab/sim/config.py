@@ -96,6 +96,7 @@ class SimConfig:
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
     vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
+    sampler: str = memory.DEFAULT_SAMPLER  # the profiling run's top-k/top-p sampler (kvlab's --sampler)
     # How the release schedules (`scheduler_behaviour`; build_config sets all four, these defaults are
     # vLLM 0.32's). Admission only where a waiting request's whole sequence fits (--scheduler-reserve-full-isl)
     scheduler_reserve_full_isl: bool = True
@@ -166,7 +167,7 @@ class SimConfig:
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING,
                  vllm_version: str = memory.DEFAULT_VLLM_VERSION, scheduler_reserve_full_isl: bool | None = None,
-                 async_scheduling: bool | None = None, **flags) -> SimConfig:
+                 async_scheduling: bool | None = None, sampler: str = memory.DEFAULT_SAMPLER, **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
@@ -175,7 +176,9 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     -q awq's legacy kernel, Machete or Marlin; block FP8 on Hopper: CUTLASS up to 0.10) and its memory profiling (`memory_release`: the default
     --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
     from 0.21), and its scheduler (`scheduler_behaviour`: `scheduler_reserve_full_isl` and
-    `async_scheduling`, None for the release's default)."""
+    `async_scheduling`, None for the release's default). `sampler`: the top-k/top-p sampler vLLM's
+    profiling run used (pytorch or flashinfer, as `kvlab capacity --sampler`): its dummy run's peak
+    comes out of the KV cache."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -208,7 +211,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     cap = memory.capacity(arch, model_name=resolved.name, **{
         **config.capacity_kwargs(), "max_model_len": max_model_len, "gpu": preset.name,
         "gpu_memory_utilization": util, "max_num_batched_tokens": max_num_batched_tokens,
-        "max_num_seqs": max_num_seqs, "vllm_version": mem_version})
+        "max_num_seqs": max_num_seqs, "vllm_version": mem_version, "sampler": sampler})
     if cap.num_kv_cache_groups != 1 or arch.num_sliding_layers:
         raise KvlabError(f"{resolved.name} has sliding-window attention layers: kvlab's simulator models "
                          "full attention and MLA only")
@@ -245,6 +248,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         frontend_per_chat_request_s=chat_s,
         api_server_count=config.api_server_count or config.data_parallel_size,
         vllm_version=vllm_version,
+        sampler=sampler,
         scheduler_reserve_full_isl=behaviour.reserve_full_isl,
         uncached_blocks_first=behaviour.uncached_blocks_first,
         skip_unfit_prompts=behaviour.skip_unfit_prompts,
