@@ -57,7 +57,8 @@ NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch alloc
 # net buffers in device memory only with `useGdr`, src/transport/net.cc). The preset decides P2P or
 # not within a node; `--nnodes` says when the TP group spans nodes (then NCCL goes over the network).
 NON_TORCH_DISTRIBUTED_BYTES = {"nvlink": int(0.415 * GiB), "pcie": int(0.154 * GiB)}
-NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x", "h100-nvl"})  # SXM / OAM boards, bridged NVL pairs
+# SXM / OAM boards, and the H100 NVL's bridged pairs
+NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x", "h100-nvl"})
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
 # logs report after capture ("Graph capturing finished ..., took 0.52 GiB" for 32 layers).
 CUDAGRAPH_BYTES_PER_LAYER = int(0.016 * GiB)

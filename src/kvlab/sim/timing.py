@@ -843,7 +843,8 @@ def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
     the ratio is the hardware's. None where the twin has no measured part either (its roofline
     fallback): this GPU's own roofline then."""
     base = _step_timing(arch, fmt, dtype, kv_cache_dtype, twin, tp, "auto", kernel, expert_parallel)
-    if isinstance(base, CostModel) and base.gemm_curves is None and base.moe_curve is None and base.mla_attention is None:
+    measured_parts = (base.gemm_curves, base.moe_curve, base.mla_attention) if isinstance(base, CostModel) else (base,)
+    if not any(p is not None for p in measured_parts):
         return None
     theirs = cost_model(arch, fmt, dtype, kv_cache_dtype, twin, tp, kernel)
     w8a8 = fmt.name in W8A8_FORMATS and twin.fp8_tflops and gpu.fp8_tflops
