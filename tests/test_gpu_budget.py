@@ -37,6 +37,8 @@ def capacity_argv(row: dict) -> list[str]:
         argv += ["--quantization", row["quantization"]]
     if row.get("nnodes", 1) > 1:
         argv += ["--nnodes", str(row["nnodes"])]
+    if "--enable-expert-parallel" in row["flags"]:  # as the logged command ran (the sizing is the same)
+        argv += ["--enable-expert-parallel"]
     return argv
 
 

@@ -320,3 +320,21 @@ def test_simulator_still_warns_that_it_does_not_simulate_them():
     # so it is warned about, not taken as a flag without effect; 0 is vLLM's default
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--cpu-offload-gb", "10"]).not_simulated == ("cpu-offload-gb",)
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--cpu-offload-gb", "0"]).not_simulated == ()
+
+
+def test_block_fp8_experts_that_do_not_split_into_whole_blocks_refuse_to_start(kvlab):
+    """vLLM's `validate_fp8_block_shape_moe`: a block-FP8 MoE's experts split over -tp must keep whole
+    128-wide scale blocks. Qwen3-30B-A3B's 768 columns over 4 GPUs are 192 (vLLM refuses, with this
+    message); over 2 they are 384; with --enable-expert-parallel the experts stay whole."""
+    arch = card("qwen3-30b-a3b").arch
+    with pytest.raises(KvlabError, match=r"^The output_size of gate's and up's weight = 192 is not divisible by "
+                                         r"weight quantization block_n = 128\. \(vLLM refuses to start"):
+        memory.capacity(arch, quantization="fp8-block", tensor_parallel_size=4, gpu="h100")
+    for kw in ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 4, "enable_expert_parallel": True},
+               {"tensor_parallel_size": 4, "quantization": "fp8"}):
+        assert memory.capacity(arch, **{"quantization": "fp8-block", "gpu": "h100", **kw}).num_blocks > 0
+    # -dp without EP flattens the experts' split over tp x dp GPUs, as vLLM's FusedMoE does
+    with pytest.raises(KvlabError, match="-tp 2 x -dp 2 splits each routed expert's 768 columns 4 ways"):
+        memory.capacity(arch, quantization="fp8-block", tensor_parallel_size=2, data_parallel_size=2, gpu="h100")
+    r = kvlab("capacity", "qwen3-30b-a3b", "--gpu", "h100", "-tp", "4", "-q", "fp8-block")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--enable-expert-parallel" in r.stderr

@@ -332,6 +332,26 @@ class CapacityResult:
         return d
 
 
+def check_block_fp8_experts(arch: ModelArch, fmt: WeightFormat, tp: int, dp: int, expert_parallel: bool) -> None:
+    """vLLM refuses a block-FP8 MoE checkpoint whose routed experts' per-GPU slice is not a whole number
+    of scale blocks (`validate_fp8_block_shape_moe`, vllm/model_executor/layers/quantization; the same
+    check in 0.11.0's `Fp8MoEMethod.create_weights`): without --enable-expert-parallel each expert's
+    intermediate size is split over tp x dp GPUs (FusedMoEParallelConfig flattens TP across DP), with
+    it the experts stay whole. KvlabError with vLLM's message and what would start. (vLLM also checks the
+    down projection's input against block_k; kvlab's blocks are square, so the one check covers both.)"""
+    if fmt.name != "fp8-block" or arch.moe is None or not fmt.group_size:
+        return
+    inter = arch.moe.moe_intermediate_size
+    moe_tp = 1 if expert_parallel and tp * dp > 1 else tp * dp
+    per = inter // moe_tp
+    block = fmt.group_size
+    hint = (f" (vLLM refuses to start: -tp {tp}{f' x -dp {dp}' if dp > 1 else ''} splits each routed expert's "
+            f"{inter} columns {moe_tp} ways; --enable-expert-parallel keeps them whole)")
+    if per % block:
+        raise KvlabError(f"The output_size of gate's and up's weight = {per} is not divisible by weight "
+                         f"quantization block_n = {block}.{hint}")
+
+
 def _weights_per_gpu(roles: dict[str, float], tp: int, pp: int, dp: int) -> int:
     """One GPU's weights (`roles`: `weight_bytes_by_role`). Routed experts are split over tp x dp GPUs
     with or without --enable-expert-parallel (vLLM `FusedMoEParallelConfig.make` flattens TP across
@@ -424,6 +444,7 @@ def capacity(
         raise KvlabError(f"--data-parallel-size must be at least 1, got {dp}")
     nccl_transport(gpu or "", max(tp, 1), max(pp, 1), dp, nnodes)  # --nnodes as vLLM checks it
     fmt: WeightFormat = weight_format(quantization, arch)
+    check_block_fp8_experts(arch, fmt, tp, dp, enable_expert_parallel)
     dtype = normalize_dtype(dtype or arch.dtype)
     warnings: list[str] = []
     if max_model_len is None:
