@@ -332,6 +332,13 @@ class CapacityResult:
         return d
 
 
+def expert_split(gpus: int, expert_parallel: bool) -> tuple[int, int]:
+    """(tp, ep) of a MoE layer's routed experts over the `gpus` GPUs that share them (tp x dp): vLLM's
+    `FusedMoEParallelConfig.make` gives each a 1/gpus slice of every expert, or, with
+    --enable-expert-parallel and more than one GPU, 1/gpus of the experts whole."""
+    return (1, gpus) if expert_parallel and gpus > 1 else (gpus, 1)
+
+
 def check_block_fp8_experts(arch: ModelArch, fmt: WeightFormat, tp: int, dp: int, expert_parallel: bool) -> None:
     """vLLM refuses a block-FP8 MoE checkpoint whose routed experts' per-GPU slice is not a whole number
     of scale blocks (`validate_fp8_block_shape_moe`, vllm/model_executor/layers/quantization; the same
@@ -342,7 +349,7 @@ def check_block_fp8_experts(arch: ModelArch, fmt: WeightFormat, tp: int, dp: int
     if fmt.name != "fp8-block" or arch.moe is None or not fmt.group_size:
         return
     inter = arch.moe.moe_intermediate_size
-    moe_tp = 1 if expert_parallel and tp * dp > 1 else tp * dp
+    moe_tp = expert_split(tp * dp, expert_parallel)[0]
     per = inter // moe_tp
     block = fmt.group_size
     hint = (f" (vLLM refuses to start: -tp {tp}{f' x -dp {dp}' if dp > 1 else ''} splits each routed expert's "

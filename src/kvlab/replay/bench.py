@@ -36,9 +36,9 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, SAMPLER_HELP
+from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
-from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
 if TYPE_CHECKING:  # numpy and the rest come when a bench runs: `kvlab --help` does not wait for them
@@ -301,8 +301,7 @@ def bench_cmd(
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
                                      help=VLLM_VERSION_HELP + "; and its bench client's Poisson schedule (before 0.10: "
                                      "the first request at time 0, the gaps not rescaled to N / rate)"),
-    sampler: str = typer.Option(DEFAULT_SAMPLER, "--sampler", rich_help_panel="kvlab options",
-                                help=f"{SAMPLER_HELP} (sizes the KV cache)"),
+    sampler: str = typer.Option(DEFAULT_SAMPLER, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.args import warn_not_simulated

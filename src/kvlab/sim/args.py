@@ -12,9 +12,9 @@ import argparse
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, SAMPLER_HELP, SAMPLERS
+from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, SAMPLERS
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args
-from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP
+from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,
                             help=f"{VLLM_VERSION_HELP}; default {DEFAULT_VLLM_VERSION}")
     kvlab_opts.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                            help=f"{SAMPLER_HELP}; sizes the KV cache; default {DEFAULT_SAMPLER}")
+                            help=f"{SAMPLER_HELP}; default {DEFAULT_SAMPLER}")
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "

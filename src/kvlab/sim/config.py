@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from kvlab import hardware
 from kvlab.errors import KvlabError
-from kvlab.models import memory
+from kvlab.models import budget, memory
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model
 from kvlab.models.weights import weight_format
@@ -45,6 +45,7 @@ ASYNC_SCHEDULING_HELP = ("Schedule each step before the previous one's outputs a
 EXPERT_PARALLEL_HELP = ("Split a MoE model's routed experts whole over the -tp GPUs (vLLM's flag): sized by the memory "
                         "model; step times from the kernel tables' expert-parallel MoE rows (the roofline prices them "
                         "as tensor parallel); with -dp, data parallelism is not simulated")
+SAMPLER_HELP = f"{budget.SAMPLER_HELP} (kvlab option, as on kvlab capacity: sizes the KV cache)"
 RESERVE_FULL_ISL_HELP = ("Admit a waiting request only where its whole prompt fits in the free KV blocks (vLLM 0.19+; "
                          "default: the --vllm-version's, on from 0.19)")
 

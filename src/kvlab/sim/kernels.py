@@ -46,6 +46,7 @@ from pathlib import Path
 
 from kvlab.hardware import GPU
 from kvlab.io import write_text_atomic
+from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.weights import WeightFormat
 
@@ -445,7 +446,7 @@ def moe_parallel(tp: int, expert_parallel: bool) -> tuple[int, int]:
     vLLM runs no all-to-all kernels there (`use_all2all_kernels` needs dp, pcp or sequence parallelism):
     the experts' partial outputs are summed by the same all-reduce as under tensor parallelism, so only
     the experts' own time changes, which the MoE tables measure per (moe_tp, moe_ep)."""
-    return (1, tp) if expert_parallel and tp > 1 else (tp, 1)
+    return memory.expert_split(tp, expert_parallel)
 
 
 def _moe_shape(arch: ModelArch, tp: int, expert_parallel: bool = False) -> tuple | None:

@@ -726,8 +726,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
                                                 else MACHETE_EFFICIENCY if kernel == "machete" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
-        link_bytes_per_s=(NO_P2P_LINK_GB_S if gpu.name in NO_P2P_GPUS else LINK_GB_S.get(gpu.name, 32)) * 1e9,
-        allreduce_latency_s=NO_P2P_ALLREDUCE_LATENCY_S if gpu.name in NO_P2P_GPUS else ALLREDUCE_LATENCY_S,
+        **_link(gpu),
         linear_flops_per_token=2.0 * (counts.active - counts.embedding),
         head_flops_per_sample=2.0 * head_params,
         dense_weight_bytes=float(dense_bytes),
@@ -750,6 +749,14 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
         legacy_repeat_bytes=LEGACY_GEMM_REPEAT_COST * roles[LINEAR] if kernel == "dequant" else 0.0,
         dequant_bytes_per_s=DEQUANT_MEASURED.get((fmt.name, gpu.name), 0.0) if kernel == "dequant" else 0.0,
     )
+
+
+def _link(gpu: GPU) -> dict[str, float]:
+    """The tensor-parallel all-reduce's link on `gpu`: CostModel's `link_bytes_per_s` and
+    `allreduce_latency_s` (NCCL through host memory on GPUs without peer access)."""
+    if gpu.name in NO_P2P_GPUS:
+        return {"link_bytes_per_s": NO_P2P_LINK_GB_S * 1e9, "allreduce_latency_s": NO_P2P_ALLREDUCE_LATENCY_S}
+    return {"link_bytes_per_s": LINK_GB_S.get(gpu.name, 32) * 1e9, "allreduce_latency_s": ALLREDUCE_LATENCY_S}
 
 
 def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat, kv_cache_dtype: str = "auto") -> CostModel:
@@ -850,16 +857,14 @@ def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
     w8a8 = fmt.name in W8A8_FORMATS and twin.fp8_tflops and gpu.fp8_tflops
     gemm = gpu.fp8_tflops / twin.fp8_tflops if w8a8 else gpu.bf16_tflops / twin.bf16_tflops
     hbm = gpu.bandwidth_tb_s / twin.bandwidth_tb_s
-    link = NO_P2P_LINK_GB_S if gpu.name in NO_P2P_GPUS else LINK_GB_S.get(gpu.name, 32)
     mine = dataclasses.replace(
         theirs, gpu=gpu.name, flops_per_s=theirs.flops_per_s * gemm,
         attn_flops_per_s=theirs.attn_flops_per_s * gpu.bf16_tflops / twin.bf16_tflops,
-        bytes_per_s=theirs.bytes_per_s * hbm, dequant_bytes_per_s=theirs.dequant_bytes_per_s * hbm,
-        link_bytes_per_s=link * 1e9)
+        bytes_per_s=theirs.bytes_per_s * hbm, dequant_bytes_per_s=theirs.dequant_bytes_per_s * hbm, **_link(gpu))
     path = (f"{gpu.name} priced from the {twin.name}'s step: {gpu.bf16_tflops:g} / {twin.bf16_tflops:g} BF16 TFLOPS"
             + (f", {gpu.fp8_tflops:g} / {twin.fp8_tflops:g} FP8" if w8a8 else "")
-            + f", {gpu.bandwidth_tb_s:g} / {twin.bandwidth_tb_s:g} TB/s, {link:g} / "
-            f"{LINK_GB_S.get(twin.name, 32):g} GB/s links, data sheets")
+            + f", {gpu.bandwidth_tb_s:g} / {twin.bandwidth_tb_s:g} TB/s, {mine.link_bytes_per_s / 1e9:g} / "
+            f"{theirs.link_bytes_per_s / 1e9:g} GB/s links, data sheets")
     return ScaledTiming(base, mine, theirs, path, ratio=f"{gpu.name}/{twin.name}")
 
 
