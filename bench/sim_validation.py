@@ -157,12 +157,8 @@ MODELS = {
 NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192, "meta-llama/Meta-Llama-3-70B-Instruct": 8192}
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
 GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
-        "h100-pcie": "h100-pcie", "h100-nvl": "h100-nvl",
-        "a100-sxm": "a100-80gb",  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
-        "a100-80gb-pcie": "a100-80gb"}  # the SXM tables (see GPU_NOTES)
-# What a GPU mapping above leaves out, in the row's note.
-GPU_NOTES = {"a100-80gb-pcie": "A100 80GB PCIe priced as the SXM part (same 108 SMs and 312 dense BF16 TFLOPS; "
-                               "1.935 vs 2.039 TB/s, 300 vs 400 W)"}
+        "h100-pcie": "h100-pcie", "h100-nvl": "h100-nvl", "a100-80gb-pcie": "a100-pcie",
+        "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
                 "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
@@ -263,7 +259,6 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     if run.model not in MODELS:
         return f"no kvlab card or config for {run.model}"
     model, checkpoint_format, note = MODELS[run.model]
-    note = "; ".join(filter(None, [note, GPU_NOTES.get(run.gpu, "")]))
     serve: dict = {"tensor_parallel_size": run.tp or 1}
     if run.enable_expert_parallel:
         serve["enable_expert_parallel"] = True

@@ -257,6 +257,9 @@ def test_gpu_names_map_to_presets():
     assert preset_for_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
     assert preset_for_gpu_name("NVIDIA H100 PCIe") == "h100-pcie" and preset_for_gpu_name("NVIDIA H100 NVL") == "h100-nvl"
     assert preset_for_gpu_name("NVIDIA A100-SXM4-40GB") == "a100-40gb"
+    assert preset_for_gpu_name("NVIDIA A100-SXM4-80GB") == "a100-80gb"
+    assert preset_for_gpu_name("NVIDIA A100 80GB PCIe") == "a100-pcie"
+    assert preset_for_gpu_name("NVIDIA A100-PCIE-40GB") == "a100-40gb"
     assert preset_for_gpu_name("NVIDIA L40S") == "l40s" and preset_for_gpu_name("NVIDIA L4") == "l4"
     assert preset_for_gpu_name("Tesla T4") is None
 

@@ -490,6 +490,27 @@ def test_expert_parallel_on_the_roofline_is_priced_as_tensor_parallel_and_says_s
     assert "expert parallel" not in tp.timing_source
 
 
+def test_an_a100_pcie_step_is_the_a100_sxm_step_scaled_by_the_data_sheets():
+    """The A100 80GB PCIe (the SXM part's die, 312 TFLOPS, HBM2e at 1.935 TB/s, PCIe Gen4 x16 between
+    cards) has no tables: priced from the A100 SXM's, by the roofline's ratio. A decode step (HBM-bound)
+    is slower by at most the bandwidth ratio; over -tp 2 the all-reduces cross PCIe (32 GB/s) instead
+    of NVLink 3 (300): slower still."""
+    from kvlab.sim.timing import ScaledTiming
+
+    pcie, sxm = hardware.gpu("a100-pcie"), hardware.gpu("a100-80gb")
+    for tp in (1, 2):
+        t, base = timing("qwen2.5-7b", "a100-pcie", tp=tp), timing("qwen2.5-7b", "a100-80gb", tp=tp)
+        assert isinstance(t, ScaledTiming) and "a100_sxm vLLM 0.14.0" in t.timing_source
+        assert "scaled by the roofline's a100-pcie/a100-80gb ratio" in t.timing_source
+        assert t.roof.flops_per_s == t.roof_bf16.flops_per_s  # the same 312 TFLOPS
+        assert t.roof.link_bytes_per_s == 32e9 and t.roof_bf16.link_bytes_per_s == 300e9
+        step = decode(32, 32 * 1000)
+        ratio = t.step_time_s(step) / base.step_time_s(step)
+        assert ratio > 1.0
+        if tp == 1:
+            assert ratio < sxm.bandwidth_tb_s / pcie.bandwidth_tb_s
+
+
 @pytest.mark.parametrize("gpu", ["h100-pcie", "h100-nvl"])
 def test_an_h100_pcie_or_nvl_step_is_the_h100_sxm_step_scaled_by_the_data_sheets(llama, gpu):
     """The PCIe cards of the GH100 die have no tables: a step is the H100 SXM's priced step times the

@@ -75,6 +75,8 @@ def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     assert "V0 engine" in v.map_run(by_id["lambda-v054-llama3-8b-h100-mml2048-np10"])
     # modelled since the presets came: the H100 PCIe and NVL runs, and expert parallelism
     assert v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"]).gpu == "h100-pcie"
+    tp2 = v.map_run(by_id["cssnoeasy-tpbase-q25-7b-a100-pcie-tp2-ssl-c8-r2"])  # two A100 PCIe cards, no NVLink
+    assert tp2.gpu == "a100-pcie" and tp2.serve["tensor_parallel_size"] == 2
     assert v.map_run(by_id["vllm-issue-17788-qwen3-32b-h100-nvl"]).serve["max_num_seqs"] == 32
     assert v.map_run(by_id["gpustack-q235-a100-fp8-tp4-ep"]).serve["enable_expert_parallel"] is True
     assert "int8 weight-only" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])

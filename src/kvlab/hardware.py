@@ -81,6 +81,13 @@ PRESETS: tuple[GPU, ...] = (
     GPU("a100-80gb", 80, 81049 * MiB,
         "CUDA total 81049 MiB on A100 80GB PCIe (github.com/ekondis/mixbench/issues/47)",
         2.039, 312, None, 8.0, ("a100", "a100-sxm-80gb")),
+    # The A100 80GB PCIe: the SXM part's GA100 die (108 SMs, 312 dense BF16 TFLOPS) with HBM2e at
+    # 1.935 TB/s and a 300 W cap (NVIDIA A100 data sheet: 2,039 GB/s and 400 W for the SXM); PCIe Gen4
+    # x16, an NVLink bridge only for pairs that have one. No kernel tables of its own:
+    # `kvlab.sim.kernels.TABLE_TWINS`. Memory: the CUDA total seen on this card (the a100-80gb's figure).
+    GPU("a100-pcie", 80, 81049 * MiB,
+        "CUDA total 81049 MiB on A100 80GB PCIe (github.com/ekondis/mixbench/issues/47)",
+        1.935, 312, None, 8.0, ("a100-80gb-pcie", "a100-pcie-80gb")),
     GPU("a100-40gb", 40, 42298834944,
         "CUDA total 42298834944 B on A100-SXM4-40GB (github.com/bottlerocket-os/bottlerocket/pull/3873)",
         1.555, 312, None, 8.0, ("a100-sxm-40gb",)),

@@ -91,8 +91,8 @@ ATTENTION_EFFICIENCY = 0.5
 # A100: the A800-SXM4-80GB's figures (the A100's SMs, tensor cores and HBM; NVLink differs); its 8-bit
 # figure is Marlin W8A16 with int8 weights, the kernel vLLM's FP8 Marlin (W8A16) shares.
 MARLIN_MEASURED = {  # (GPU preset, weight bits) -> fraction of the BF16 GEMM rate
-    ("a100-80gb", 4): 0.891, ("a100-40gb", 4): 0.891,  # 222-227 against 241-258 TFLOP/s
-    ("a100-80gb", 8): 0.806, ("a100-40gb", 8): 0.806,
+    ("a100-80gb", 4): 0.891, ("a100-40gb", 4): 0.891, ("a100-pcie", 4): 0.891,  # 222-227 against 241-258 TFLOP/s
+    ("a100-80gb", 8): 0.806, ("a100-40gb", 8): 0.806, ("a100-pcie", 8): 0.806,
     ("h100", 4): 0.612,  # 406-413 against 649-699 TFLOP/s
     ("h200", 4): 0.618,
     ("rtx-4090", 4): 1.075,  # 171 against 156-165 TFLOP/s: Marlin at least as fast as cuBLAS
@@ -406,10 +406,11 @@ ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
 # SXM) 450, NVLink 5 (B200) 900, NVLink 3 (A100 SXM) 300, Infinity Fabric (MI300X) 448, PCIe 4 x16
-# (L40S, L4, RTX 4090) 32, PCIe 5 x16 (H100 PCIe) 64, the H100 NVL's NVLink bridge (600 GB/s both
+# (L40S, L4, RTX 4090, A100 PCIe without its pair's NVLink bridge) 32, PCIe 5 x16 (H100 PCIe) 64, the H100 NVL's NVLink bridge (600 GB/s both
 # ways, between the two cards of a pair) 300. Data sheets; kvlab.hardware has no link figures yet.
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
-             "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32, "h100-pcie": 64, "h100-nvl": 300}
+             "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32, "h100-pcie": 64, "h100-nvl": 300,
+             "a100-pcie": 32}
 # GPUs whose driver refuses peer access (GeForce: NVIDIA does not enable GPUDirect P2P on the RTX
 # 4090; `cudaDeviceCanAccessPeer` is false, e.g. NVIDIA/nccl-tests#117). vLLM then turns its custom
 # all-reduce off ("Custom allreduce is disabled because your platform lacks GPU P2P capability":

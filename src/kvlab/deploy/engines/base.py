@@ -197,7 +197,9 @@ def preset_for_gpu_name(name: str) -> str | None:
         if key in s:
             return preset
     if "a100" in s:
-        return "a100-40gb" if "40gb" in s.replace(" ", "") else "a100-80gb"
+        if "40gb" in s.replace(" ", ""):
+            return "a100-40gb"
+        return "a100-pcie" if "pcie" in s else "a100-80gb"
     if " l4" in f" {s}" and "l40" not in s:
         return "l4"
     return None
