@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from kvlab import hardware
 from kvlab.cli import app
 from kvlab.errors import KvlabError
 from kvlab.models import budget, memory
@@ -87,20 +88,39 @@ def test_the_terms_match_the_logged_split(row):
 
 def test_the_sampler_sets_the_peak_with_vllms_default_max_num_seqs():
     a = card("llama-3.1-8b").arch
-    assert budget.sampler_peak_bytes(a, 8192, 1024) == 1024 * 128_256 * budget.SAMPLER_BYTES_PER_LOGIT["pytorch"]
-    assert budget.activation_estimate_bytes(a, 8192, 1024, 1) == budget.sampler_peak_bytes(a, 8192, 1024)
+    for s in budget.SAMPLERS:
+        assert budget.sampler_peak_bytes(a, 8192, 1024, s) == 1024 * 128_256 * budget.SAMPLER_BYTES_PER_LOGIT[s]
+        assert budget.activation_estimate_bytes(a, 8192, 1024, 1, s) == budget.sampler_peak_bytes(a, 8192, 1024, s)
     # a long batch with few sequences: the forward pass is the larger
-    assert budget.activation_estimate_bytes(a, 65536, 8, 1) == budget.forward_peak_bytes(a, 65536, 1)
+    assert budget.activation_estimate_bytes(a, 65536, 8, 1, "pytorch") == budget.forward_peak_bytes(a, 65536, 1)
+
+
+def test_the_default_sampler_is_the_releases_own():
+    """vLLM's top-k/top-p sampler by release (its topk_topp_sampler.py and envs.py): PyTorch's from
+    0.11.1 to 0.20 unless VLLM_USE_FLASHINFER_SAMPLER=1 (and before, in the pip wheel without the
+    flashinfer extra), FlashInfer's from 0.21 on a CUDA GPU FlashInfer supports (compute capability
+    8.0+); not on ROCm. The estimate says which it assumed, and an explicit --sampler wins."""
+    h100, mi300x = hardware.gpu("h100"), hardware.gpu("mi300x")
+    assert [budget.default_sampler(v, h100) for v in ("0.10.2", "0.11", "0.19.1", "0.20", "0.21", "0.32")] == \
+        ["pytorch"] * 4 + ["flashinfer"] * 2
+    assert budget.default_sampler("0.32", mi300x) == "pytorch" and budget.default_sampler("0.32", None) == "pytorch"
+    a = card("llama-3.1-8b").arch
+    new, old = (memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version=v) for v in ("0.32", "0.20"))
+    assert (new.memory.sampler, old.memory.sampler) == ("flashinfer", "pytorch")
+    assert new.memory.activation_bytes == budget.sampler_peak_bytes(a, 8192, 1024, "flashinfer")
+    forced = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.32", sampler="pytorch")
+    assert forced.memory.sampler == "pytorch" and forced.num_blocks < new.num_blocks
 
 
 def test_cuda_graphs_count_from_vllm_0_21():
     a = card("llama-3.1-8b").arch
-    old = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.20")
-    new = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.21.0")
+    # (the same sampler on both sides: 0.21 also takes FlashInfer's by default, test_the_default_sampler_...)
+    old = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.20", sampler="pytorch")
+    new = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.21.0", sampler="pytorch")
     assert old.memory.cudagraph_bytes == 0
     assert new.memory.cudagraph_bytes == 32 * budget.CUDAGRAPH_BYTES_PER_LAYER
     assert old.kv_budget_bytes - new.kv_budget_bytes == new.memory.cudagraph_bytes
-    default = memory.capacity(a, gpu="h100", max_model_len=8192)
+    default = memory.capacity(a, gpu="h100", max_model_len=8192, sampler="pytorch")
     assert default.kv_budget_bytes == new.kv_budget_bytes  # 0.32, kvlab's vLLM
     with pytest.raises(KvlabError, match="from vLLM 0.10 on"):
         memory.capacity(a, gpu="h100", vllm_version="0.9")
@@ -143,7 +163,8 @@ def test_the_simulator_and_planner_take_the_same_budget():
     cap = memory.capacity(card("llama-3.1-8b").arch, model_name="llama-3.1-8b", gpu="h100",
                           max_model_len=card("llama-3.1-8b").context_length)
     assert sim.capacity.kv_budget_bytes == cap.kv_budget_bytes
-    assert sim.capacity.memory.activation_bytes == budget.sampler_peak_bytes(sim.arch, 8192, 1024)
+    assert sim.capacity.memory.activation_bytes == budget.sampler_peak_bytes(sim.arch, 8192, 1024, "flashinfer")
+    assert sim.sampler == "flashinfer"  # vLLM 0.32's own on an H100
 
 
 def test_nccl_between_nodes_counts_as_host_buffers():

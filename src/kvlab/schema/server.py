@@ -52,6 +52,7 @@ class MemorySplit(Part):
     non_torch_bytes: int = figure("predicted", unit="bytes")
     cudagraph_bytes: int = figure("predicted", unit="bytes")
     kv_budget_bytes: int = figure("predicted", unit="bytes")
+    sampler: str = "pytorch"  # the profiling run's top-k/top-p sampler assumed (records before it: pytorch)
 
 
 class Prediction(Part):

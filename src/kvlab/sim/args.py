@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-from kvlab.models.budget import DEFAULT_SAMPLER, DEFAULT_VLLM_VERSION, SAMPLERS
+from kvlab.models.budget import DEFAULT_VLLM_VERSION, SAMPLERS
 from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.faults import Fault, help_text, parse_faults
@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMING}"))
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,
                             help=f"{VLLM_VERSION_HELP}; default {DEFAULT_VLLM_VERSION}")
-    kvlab_opts.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                            help=f"{SAMPLER_HELP}; default {DEFAULT_SAMPLER}")
+    kvlab_opts.add_argument("--sampler", choices=SAMPLERS, default=None, help=SAMPLER_HELP)
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
@@ -165,7 +164,7 @@ class ServeArgs:
     faults: tuple[Fault, ...] = ()  # --fault, then $KVLAB_SIM_FAULT (kvlab.sim.faults)
     timing: str = DEFAULT_TIMING  # --timing: the step-time backend (kvlab.sim.timing.step_timing)
     vllm_version: str = DEFAULT_VLLM_VERSION  # --vllm-version: the release simulated (kernels, memory)
-    sampler: str = DEFAULT_SAMPLER  # --sampler: the profiling run's top-k/top-p sampler (memory)
+    sampler: str | None = None  # --sampler: the profiling run's top-k/top-p sampler (memory); None: the release's
     scheduler_reserve_full_isl: bool | None = None  # None: the release's default (kvlab.sim.config)
     async_scheduling: bool | None = None  # None: the release's default (kvlab.sim.config)
 

@@ -97,7 +97,7 @@ class SimConfig:
     # front end's work shared among them (`frontend_costs`)
     api_server_count: int = 1
     vllm_version: str = memory.DEFAULT_VLLM_VERSION  # the release simulated (kernels and memory profiling)
-    sampler: str = memory.DEFAULT_SAMPLER  # the profiling run's top-k/top-p sampler (kvlab's --sampler)
+    sampler: str = "pytorch"  # the profiling run's top-k/top-p sampler (kvlab's --sampler; build_config: resolved)
     # How the release schedules (`scheduler_behaviour`; build_config sets all four, these defaults are
     # vLLM 0.32's). Admission only where a waiting request's whole sequence fits (--scheduler-reserve-full-isl)
     scheduler_reserve_full_isl: bool = True
@@ -168,7 +168,7 @@ class SimConfig:
 def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, timing: str = DEFAULT_TIMING,
                  vllm_version: str = memory.DEFAULT_VLLM_VERSION, scheduler_reserve_full_isl: bool | None = None,
-                 async_scheduling: bool | None = None, sampler: str = memory.DEFAULT_SAMPLER, **flags) -> SimConfig:
+                 async_scheduling: bool | None = None, sampler: str | None = None, **flags) -> SimConfig:
     """Resolve a serve configuration on GPU preset `gpu` (KvlabError with vLLM's message if vLLM
     would refuse to start). `config` is a ServeConfig, or a model with its fields as keywords
     (`quantization`: a weight format of `kvlab.models.weights`). `timing`: the step-time backend
@@ -178,8 +178,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     --gpu-memory-utilization, 0.9 before 0.20, and the CUDA-graph estimate taken from the KV budget
     from 0.21), and its scheduler (`scheduler_behaviour`: `scheduler_reserve_full_isl` and
     `async_scheduling`, None for the release's default). `sampler`: the top-k/top-p sampler vLLM's
-    profiling run used (pytorch or flashinfer, as `kvlab capacity --sampler`): its dummy run's peak
-    comes out of the KV cache."""
+    profiling run used (pytorch or flashinfer, as `kvlab capacity --sampler`; None: the release's
+    own on this GPU, `memory.default_sampler`): its dummy run's peak comes out of the KV cache."""
     if isinstance(config, str):
         config = flags_config(config, **flags)
     elif flags:
@@ -207,6 +207,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     if config.api_server_count is not None and config.api_server_count < 1:
         raise KvlabError(f"--api-server-count {config.api_server_count} runs vLLM without an API server (headless); "
                          "kvlab's simulator serves over HTTP: give 1 or more")
+    sampler = sampler or memory.default_sampler(mem_version, preset)
     max_num_seqs = config.max_num_seqs or preset.default_max_num_seqs
     max_num_batched_tokens = config.max_num_batched_tokens or preset.default_max_num_batched_tokens
     cap = memory.capacity(arch, model_name=resolved.name, **{

@@ -13,7 +13,7 @@ import sys
 import time
 
 from kvlab.models import memory
-from kvlab.sim.config import SIM_VERSION, SimConfig
+from kvlab.sim.config import SIM_VERSION, SimConfig, memory_release
 
 _PID = os.getpid()
 
@@ -88,6 +88,11 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
     log("Worker", "gpu_model_runner.py:5150",
         f"Model loading took {format_gib(cap.weight_bytes_per_gpu)} GiB memory and 0.000000 seconds")
     log("Worker", "cuda.py:175", f"Using {cap.attention_backend} backend.")
+    if cfg.sampler == "flashinfer":  # the profiling run's sampler (kvlab.models.budget.default_sampler)
+        log("Worker", "topk_topp_sampler.py:124", "Using FlashInfer for top-p & top-k sampling.")
+    elif memory.default_sampler(memory_release(cfg.vllm_version), cfg.gpu) == "flashinfer":  # --sampler pytorch
+        log("Worker", "topk_topp_sampler.py:96",
+            "FlashInfer top-p/top-k sampling disabled via VLLM_USE_FLASHINFER_SAMPLER=0.")
     if stop_before_kv:
         return
     if cfg.kv_cache_memory_bytes:
