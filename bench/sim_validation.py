@@ -226,6 +226,7 @@ class BenchRun:
     figures: dict  # published name -> (bench field, published value), the headline figures
     note: str = ""
     vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its kernel choice and memory profiling
+    sampler: str | None = None  # the profiling run's sampler where the source decides it (Run.sampler); None: the release's
 
 
 @dataclass
@@ -314,12 +315,15 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states
         if getattr(run, flag) is not None:
             serve[flag] = getattr(run, flag)
+    if run.sampler:
+        note = "; ".join(filter(None, [note, f"the {run.sampler} top-k/top-p sampler sizes the KV cache, as the source's "
+                                             "setup has it (--sampler)"]))
     if offline:
         note = "; ".join(filter(None, [note, "offline: all prompts at once, fixed lengths"]
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
                                    if run.num_prompts is None else [])))
     try:
-        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run)))
+        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run), run.sampler))
     except KvlabError as e:
         return f"kvlab refuses it: {e}"
 
@@ -368,7 +372,7 @@ def run_simulated(bench: BenchRun, timing: str, wrap_cost=None):
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_path(bench.model, Path(tmp))
         cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing,
-                           vllm_version=bench.vllm_version)
+                           vllm_version=bench.vllm_version, sampler=bench.sampler)
         if wrap_cost is not None:
             cfg = dataclasses.replace(cfg, cost=wrap_cost(cfg.cost))
         res = run_bench(model, bench.gpu, config=cfg, **bench.workload)
@@ -392,7 +396,7 @@ def fitted(bench: BenchRun) -> BenchRun:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             build_config(options_config(_model_path(bench.model, Path(tmp)), **bench.serve), bench.gpu,
-                         timing="roofline", vllm_version=bench.vllm_version)
+                         timing="roofline", vllm_version=bench.vllm_version, sampler=bench.sampler)
         except KvlabError as e:
             m = re.search(r"estimated maximum model length is (\d+)", str(e))
             if not m:

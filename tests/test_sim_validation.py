@@ -77,6 +77,10 @@ def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     assert v.map_run(by_id["iog-llama3-8b-h100-pcie-1qps"]).gpu == "h100-pcie"
     tp2 = v.map_run(by_id["cssnoeasy-tpbase-q25-7b-a100-pcie-tp2-ssl-c8-r2"])  # two A100 PCIe cards, no NVLink
     assert tp2.gpu == "a100-pcie" and tp2.serve["tensor_parallel_size"] == 2
+    # a source's stated Docker image (or its log) decides the profiling run's sampler; absent, the release's
+    iog = v.map_run(by_id["iog-llama3-70b-2xh100-pcie-16qps"])
+    assert iog.sampler == "flashinfer" and "the flashinfer top-k/top-p sampler" in iog.note
+    assert tp2.sampler is None
     assert v.map_run(by_id["vllm-issue-17788-qwen3-32b-h100-nvl"]).serve["max_num_seqs"] == 32
     assert v.map_run(by_id["gpustack-q235-a100-fp8-tp4-ep"]).serve["enable_expert_parallel"] is True
     assert "int8 weight-only" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])
