@@ -103,7 +103,7 @@ class MemoryEstimate:
     non_torch_bytes: int  # estimated non-torch allocations (cuBLAS, NCCL)
     cudagraph_bytes: int  # CUDA-graph memory subtracted from the budget (0 before vLLM 0.21)
     kv_budget_bytes: int
-    sampler: str = "pytorch"  # the profiling run's top-k/top-p sampler the activation peak assumes
+    sampler: str  # the profiling run's top-k/top-p sampler the activation peak assumes
 
 
 def vllm_patch_release(version: str) -> tuple[int, int, int] | None:
