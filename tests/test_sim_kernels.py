@@ -490,6 +490,15 @@ def test_expert_parallel_on_the_roofline_is_priced_as_tensor_parallel_and_says_s
     assert "expert parallel" not in tp.timing_source
 
 
+def test_an_h100_nvl_group_beyond_its_bridged_pair_all_reduces_over_pcie():
+    """The H100 NVL's NVLink bridge joins two cards: -tp 2 all-reduces over it (300 GB/s a
+    direction), -tp 4 and 8 cross PCIe Gen5 x16 between pairs (64), the ring's slowest hop."""
+    for tp, gb_s in ((2, 300), (4, 64), (8, 64)):
+        t = timing("llama-3.1-8b", "h100-nvl", tp=tp)
+        assert t.roof.link_bytes_per_s == gb_s * 1e9 and t.roof_bf16.link_bytes_per_s == 450e9
+        assert f"{gb_s:g} / 450 GB/s links" in t.timing_source
+
+
 def test_an_a100_pcie_step_is_the_a100_sxm_step_scaled_by_the_data_sheets():
     """The A100 80GB PCIe (the SXM part's die, 312 TFLOPS, HBM2e at 1.935 TB/s, PCIe Gen4 x16 between
     cards) has no tables: priced from the A100 SXM's, by the roofline's ratio. A decode step (HBM-bound)

@@ -411,6 +411,10 @@ ALLREDUCE_LATENCY_S = 0.000010
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
              "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32, "h100-pcie": 64, "h100-nvl": 300,
              "a100-pcie": 32}
+# Cards whose NVLink bridge joins pairs only (the H100 NVL: NVIDIA's data sheet, "NVLink bridge for 2
+# GPUs"): a tensor-parallel group of more than two spans pairs, and its ring all-reduce is as slow as
+# its slowest hop, the PCIe Gen5 x16 between pairs (GB/s a direction).
+PAIR_BRIDGED_LINK_GB_S = {"h100-nvl": 64}
 # GPUs whose driver refuses peer access (GeForce: NVIDIA does not enable GPUDirect P2P on the RTX
 # 4090; `cudaDeviceCanAccessPeer` is false, e.g. NVIDIA/nccl-tests#117). vLLM then turns its custom
 # all-reduce off ("Custom allreduce is disabled because your platform lacks GPU P2P capability":
@@ -727,7 +731,7 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
                                                 else MACHETE_EFFICIENCY if kernel == "machete" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
         bytes_per_s=gpu.bandwidth_tb_s * 1e12 * MEMORY_EFFICIENCY,
-        **_link(gpu),
+        **_link(gpu, tp),
         linear_flops_per_token=2.0 * (counts.active - counts.embedding),
         head_flops_per_sample=2.0 * head_params,
         dense_weight_bytes=float(dense_bytes),
@@ -752,12 +756,14 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     )
 
 
-def _link(gpu: GPU) -> dict[str, float]:
-    """The tensor-parallel all-reduce's link on `gpu`: CostModel's `link_bytes_per_s` and
-    `allreduce_latency_s` (NCCL through host memory on GPUs without peer access)."""
+def _link(gpu: GPU, tp: int = 1) -> dict[str, float]:
+    """The tensor-parallel all-reduce's link on `gpu` for a group of `tp`: CostModel's
+    `link_bytes_per_s` and `allreduce_latency_s` (NCCL through host memory on GPUs without peer
+    access; PCIe between pairs where bridges join pairs only and the group is larger)."""
     if gpu.name in NO_P2P_GPUS:
         return {"link_bytes_per_s": NO_P2P_LINK_GB_S * 1e9, "allreduce_latency_s": NO_P2P_ALLREDUCE_LATENCY_S}
-    return {"link_bytes_per_s": LINK_GB_S.get(gpu.name, 32) * 1e9, "allreduce_latency_s": ALLREDUCE_LATENCY_S}
+    gb_s = PAIR_BRIDGED_LINK_GB_S[gpu.name] if tp > 2 and gpu.name in PAIR_BRIDGED_LINK_GB_S else LINK_GB_S.get(gpu.name, 32)
+    return {"link_bytes_per_s": gb_s * 1e9, "allreduce_latency_s": ALLREDUCE_LATENCY_S}
 
 
 def with_measured_ops(model: CostModel, arch: ModelArch, fmt: WeightFormat, kv_cache_dtype: str = "auto") -> CostModel:
@@ -861,7 +867,7 @@ def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
     mine = dataclasses.replace(
         theirs, gpu=gpu.name, flops_per_s=theirs.flops_per_s * gemm,
         attn_flops_per_s=theirs.attn_flops_per_s * gpu.bf16_tflops / twin.bf16_tflops,
-        bytes_per_s=theirs.bytes_per_s * hbm, dequant_bytes_per_s=theirs.dequant_bytes_per_s * hbm, **_link(gpu))
+        bytes_per_s=theirs.bytes_per_s * hbm, dequant_bytes_per_s=theirs.dequant_bytes_per_s * hbm, **_link(gpu, tp))
     path = (f"{gpu.name} priced from the {twin.name}'s step: {gpu.bf16_tflops:g} / {twin.bf16_tflops:g} BF16 TFLOPS"
             + (f", {gpu.fp8_tflops:g} / {twin.fp8_tflops:g} FP8" if w8a8 else "")
             + f", {gpu.bandwidth_tb_s:g} / {twin.bandwidth_tb_s:g} TB/s, {mine.link_bytes_per_s / 1e9:g} / "
