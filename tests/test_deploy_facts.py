@@ -91,6 +91,48 @@ def test_attention_backend_variants(line, backend):
     assert parse_log(moe + prefill + line).attention_backend == backend
 
 
+@pytest.mark.parametrize("line, sampler", [
+    # vLLM's official 0.9.1 image, then with VLLM_USE_FLASHINFER_SAMPLER=0 (flashinfer-ai/flashinfer#1180)
+    ("INFO 06-26 00:11:32 [topk_topp_sampler.py:49] Using FlashInfer for top-p & top-k sampling.", "flashinfer"),
+    ("WARNING 06-26 00:49:19 [topk_topp_sampler.py:52] FlashInfer is available, but it is not enabled. Falling back to "
+     "the PyTorch-native implementation of top-p & top-k sampling. For the best performance, please set "
+     "VLLM_USE_FLASHINFER_SAMPLER=1.", "pytorch"),
+    # no FlashInfer installed (LMCache/LMCache#1384); a FlashInfer of 0.2.3 or later under 0.8.5 (its wheel's text)
+    ("WARNING 06-26 07:04:55 [topk_topp_sampler.py:59] FlashInfer is not available. Falling back to the PyTorch-native "
+     "implementation of top-p & top-k sampling. For the best performance, please install FlashInfer.", "pytorch"),
+    ("INFO 05-03 20:21:10 [topk_topp_sampler.py:44] Currently, FlashInfer top-p & top-k sampling sampler is disabled "
+     "because FlashInfer>=v0.2.3 is not backward compatible. Falling back to the PyTorch-native implementation of "
+     "top-p & top-k sampling.", "pytorch"),
+    # 0.9-0.11.0 with a FlashInfer older than 0.2.3; 0.32 opted out, and on a GPU it does not support (its wheel's text)
+    (W + "FlashInfer version >= 0.2.3 required. Falling back to default sampling implementation.", "pytorch"),
+    (W + "FlashInfer top-p/top-k sampling disabled via VLLM_USE_FLASHINFER_SAMPLER=0.", "pytorch"),
+    (W + "FlashInfer top-p/top-k sampling unavailable: unsupported compute capability 7.5; falling back. "
+     "Set VLLM_USE_FLASHINFER_SAMPLER=0 to silence.", "pytorch"),
+    (W + "Using Flash Attention backend on V1 engine.", None),  # 0.11.1-0.20 say nothing (debug level)
+])
+def test_the_sampler_vllm_took(line, sampler):
+    assert parse_log(line).sampler == sampler
+
+
+def test_the_sampler_is_compared_where_the_budget_was_estimated():
+    """The estimated budget assumes a sampler (the release's own: FlashInfer's at 0.32 on an H100):
+    the comparison puts it beside the one the log names; an exact budget assumes none."""
+    from kvlab.deploy.compare import compare
+    from kvlab.models import memory
+    from kvlab.models.cards import card
+
+    arch = card("llama-3.1-8b").arch
+    est = memory.capacity(arch, gpu="h100", max_model_len=8192)
+    logged = parse_log("INFO [topk_topp_sampler.py:124] Using FlashInfer for top-p & top-k sampling.")
+    row = next(r for r in compare(est, logged) if r.quantity == "sampler")
+    assert (row.predicted, row.reported, row.match) == ("flashinfer", "flashinfer", True)
+    row = next(r for r in compare(est, parse_log(W + "FlashInfer top-p/top-k sampling disabled via "
+                                                 "VLLM_USE_FLASHINFER_SAMPLER=0.")) if r.quantity == "sampler")
+    assert row.match is False
+    exact = memory.capacity(arch, kv_budget_bytes=2**30, max_model_len=8192)
+    assert all(r.quantity != "sampler" for r in compare(exact, logged))
+
+
 def test_versions_and_weights():
     assert parse_log("INFO 07-01 api_server.py:1 vLLM API server version 0.10.1.1\n").vllm_version == "0.10.1.1"
     assert parse_log(W + "Model loading took 14.99 GiB memory and 3.2 seconds").model_weights_gib == 14.99

@@ -50,4 +50,7 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
                          None if gib is None else abs(pred.kv_budget_bytes / GiB - gib) <= 0.005 + 1e-9,
                          budget_note or "vLLM logs it in GiB with 2 decimals"))
     rows.append(_row("attention_backend", predicted_backend or pred.attention_backend, facts.attention_backend))
+    if pred.memory is not None:  # the estimated budget's profiling run assumed this sampler
+        rows.append(_row("sampler", pred.memory.sampler, facts.sampler,
+                         note="the profiling run's top-k/top-p sampler the budget estimate assumes (--sampler)"))
     return rows

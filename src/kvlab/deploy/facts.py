@@ -31,6 +31,7 @@ class StartupFacts:
     model_weights_gib: float | None = None
     kv_device: str | None = None  # "GPU", "CPU" (the prefix of the KV cache size line)
     timing_source: str | None = None  # kvlab's simulator only: its step-time source (kvlab.sim.timing)
+    sampler: str | None = None  # the top-k/top-p sampler vLLM logged taking: "flashinfer" or "pytorch"
 
     def merged(self, other: "StartupFacts") -> "StartupFacts":
         """These facts, with other's where other has one (other = /metrics, the exact figures)."""
@@ -70,6 +71,26 @@ LOG_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
     "enable_prefix_caching": (re.compile(r"\benable_prefix_caching=(True|False)"),),
     "timing_source": (re.compile(r"\btiming source: (.+?)\s*$", re.M),),
 }
+
+# The top-k/top-p sampler's lines (vllm/v1/sample/ops/topk_topp_sampler.py, 0.8 .. 0.32): FlashInfer's,
+# or the PyTorch-native fallback in its wordings ("Falling back to the PyTorch-native implementation",
+# "FlashInfer version >= 0.2.3 required. Falling back to default sampling implementation",
+# "FlashInfer top-p/top-k sampling disabled via VLLM_USE_FLASHINFER_SAMPLER=0", "... unavailable: ...;
+# falling back", "... not supported on compute capability ...; falling back to PyTorch-native sampler").
+# 0.11.1-0.20 log the opt-in hint at debug level only: there the log says nothing.
+_SAMPLER = (
+    ("flashinfer", re.compile(r"Using FlashInfer for top-p & top-k sampling")),
+    ("pytorch", re.compile(r"(?i)falling back to (?:the )?PyTorch-native|Falling back to default sampling implementation|"
+                           r"FlashInfer top-p/top-k sampling (?:disabled|unavailable|not supported)")),
+)
+
+
+def _sampler(text: str) -> str | None:
+    for name, pattern in _SAMPLER:
+        if pattern.search(text):
+            return name
+    return None
+
 
 # "Using X backend" lines that name the attention backend (not MoE, prefill or ViT backends).
 _BACKEND = re.compile(
@@ -119,7 +140,7 @@ def parse_log(text: str) -> StartupFacts:
             if m:
                 found[key] = m
                 break
-    out: dict = {"attention_backend": _attention_backend(text)}
+    out: dict = {"attention_backend": _attention_backend(text), "sampler": _sampler(text)}
     if "vllm_version" in found:
         out["vllm_version"] = found["vllm_version"].group(1)
     if "kv_cache_tokens" in found:
