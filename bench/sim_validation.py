@@ -226,7 +226,8 @@ class BenchRun:
     figures: dict  # published name -> (bench field, published value), the headline figures
     note: str = ""
     vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its kernel choice and memory profiling
-    sampler: str | None = None  # the profiling run's sampler where the source decides it (Run.sampler); None: the release's
+    # the profiling run's sampler where the source decides it (Run.sampler); None: the release's own
+    sampler: str | None = None
 
 
 @dataclass
@@ -316,8 +317,8 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         if getattr(run, flag) is not None:
             serve[flag] = getattr(run, flag)
     if run.sampler:
-        note = "; ".join(filter(None, [note, f"the {run.sampler} top-k/top-p sampler sizes the KV cache, as the source's "
-                                             "setup has it (--sampler)"]))
+        note = "; ".join(filter(None, [note, f"the {run.sampler} top-k/top-p sampler sizes the KV cache, as the "
+                                             "source's setup has it (--sampler)"]))
     if offline:
         note = "; ".join(filter(None, [note, "offline: all prompts at once, fixed lengths"]
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]

@@ -80,7 +80,8 @@ LOG_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
 # 0.11.1-0.20 log the opt-in hint at debug level only: there the log says nothing.
 _SAMPLER = (
     ("flashinfer", re.compile(r"Using FlashInfer for top-p & top-k sampling")),
-    ("pytorch", re.compile(r"(?i)falling back to (?:the )?PyTorch-native|Falling back to default sampling implementation|"
+    ("pytorch", re.compile(r"(?i)falling back to (?:the )?PyTorch-native|"
+                           r"Falling back to default sampling implementation|"
                            r"FlashInfer top-p/top-k sampling (?:disabled|unavailable|not supported)")),
 )
 

@@ -292,8 +292,8 @@ def capacity_cmd(
         console.print(
             f"[dim]Budget estimate: {fmt_gib(mem.total_bytes)} GiB x {mem.gpu_memory_utilization} = {fmt_gib(mem.requested_bytes)} GiB, "
             f"minus weights {fmt_gib(mem.weight_bytes)}, activations {fmt_gib(mem.activation_bytes)}, non-torch "
-            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s profiling, the {mem.sampler} "
-            "sampler's dummy run). "
+            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s "
+            f"profiling, the {mem.sampler} sampler's dummy run). "
             "vLLM measures these at start; "
             "pass its 'Available KV cache memory' as --kv-memory-gib for an exact answer.[/dim]"
         )

@@ -57,8 +57,9 @@ BACKEND = "vllm"
 SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}
 # GPUs without tables of their own whose die, compute capability and so vLLM kernels are those of a
 # GPU with tables (the H100 PCIe and NVL: GH100 like the H100 SXM; fewer SMs or a lower power cap,
-# other HBM; the A100 80GB PCIe: the A100 SXM's GA100, its HBM2e slower, a 300 W cap): priced as the twin's step times the roofline's ratio of this GPU's step to the twin's,
-# from their data sheets (`kvlab.sim.timing.step_timing`, labelled).
+# other HBM; the A100 80GB PCIe: the A100 SXM's GA100, its HBM2e slower, a 300 W cap): priced as the
+# twin's step times the roofline's ratio of this GPU's step to the twin's, from their data sheets
+# (`kvlab.sim.timing.step_timing`, labelled).
 TABLE_TWINS = {"h100-pcie": "h100", "h100-nvl": "h100", "a100-pcie": "a100-80gb"}
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.

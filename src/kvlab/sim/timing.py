@@ -406,8 +406,9 @@ ALLREDUCE_LATENCY_S = 0.000010
 
 # GPU-to-GPU bandwidth per direction (GB/s) for tensor-parallel all-reduces: NVLink 4 (H100/H200
 # SXM) 450, NVLink 5 (B200) 900, NVLink 3 (A100 SXM) 300, Infinity Fabric (MI300X) 448, PCIe 4 x16
-# (L40S, L4, RTX 4090, A100 PCIe without its pair's NVLink bridge) 32, PCIe 5 x16 (H100 PCIe) 64, the H100 NVL's NVLink bridge (600 GB/s both
-# ways, between the two cards of a pair) 300. Data sheets; kvlab.hardware has no link figures yet.
+# (L40S, L4, RTX 4090, A100 PCIe without its pair's NVLink bridge) 32, PCIe 5 x16 (H100 PCIe) 64, the
+# H100 NVL's NVLink bridge (600 GB/s both ways, between the two cards of a pair) 300. Data sheets;
+# kvlab.hardware has no link figures yet.
 LINK_GB_S = {"h100": 450, "h200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
              "mi300x": 448, "l40s": 32, "l4": 32, "rtx-4090": 32, "h100-pcie": 64, "h100-nvl": 300,
              "a100-pcie": 32}
@@ -762,7 +763,9 @@ def _link(gpu: GPU, tp: int = 1) -> dict[str, float]:
     access; PCIe between pairs where bridges join pairs only and the group is larger)."""
     if gpu.name in NO_P2P_GPUS:
         return {"link_bytes_per_s": NO_P2P_LINK_GB_S * 1e9, "allreduce_latency_s": NO_P2P_ALLREDUCE_LATENCY_S}
-    gb_s = PAIR_BRIDGED_LINK_GB_S[gpu.name] if tp > 2 and gpu.name in PAIR_BRIDGED_LINK_GB_S else LINK_GB_S.get(gpu.name, 32)
+    gb_s = LINK_GB_S.get(gpu.name, 32)
+    if tp > 2:  # a group beyond one bridged pair
+        gb_s = PAIR_BRIDGED_LINK_GB_S.get(gpu.name, gb_s)
     return {"link_bytes_per_s": gb_s * 1e9, "allreduce_latency_s": ALLREDUCE_LATENCY_S}
 
 
