@@ -75,7 +75,8 @@ def test_gpus_and_cards(kvlab):
     if kernels.available():
         assert data["h100"].startswith("h100_sxm, vLLM ")
         assert data["h100-pcie"].startswith("h100's, scaled by the data sheets' ratio: h100_sxm, vLLM ")
-        assert data["a100-pcie"].startswith("a100-80gb's, scaled by the data sheets' ratio: a100_sxm, vLLM ")
+        for twin in ("a100-pcie", "a100-40gb"):
+            assert data[twin].startswith("a100-80gb's, scaled by the data sheets' ratio: a100_sxm, vLLM ")
     # wide enough that rich keeps the header whole (CI's terminal is narrower)
     assert "measured kernel data" in kvlab("gpus", env={"COLUMNS": "250"}).stdout
     r = kvlab("cards")

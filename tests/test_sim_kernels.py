@@ -520,6 +520,24 @@ def test_an_a100_pcie_step_is_the_a100_sxm_step_scaled_by_the_data_sheets():
             assert ratio < sxm.bandwidth_tb_s / pcie.bandwidth_tb_s
 
 
+def test_an_a100_40gb_step_is_the_a100_80gb_step_scaled_by_the_data_sheets():
+    """The A100 40GB SXM (the 80GB part's GA100 die and NVLink 3, HBM2 at 1.555 against 2.039 TB/s)
+    has no tables: priced from the A100 80GB's by the roofline's ratio. A decode step is slower by at
+    most the bandwidth ratio; a prefill step (compute-bound, the same 312 TFLOPS) by much less."""
+    from kvlab.sim.timing import ScaledTiming
+
+    small, big = hardware.gpu("a100-40gb"), hardware.gpu("a100-80gb")
+    t, base = timing("llama-3.1-8b", "a100-40gb"), timing("llama-3.1-8b", "a100-80gb")
+    assert isinstance(t, ScaledTiming) and "a100_sxm vLLM 0.14.0" in t.timing_source
+    assert "scaled by the roofline's a100-40gb/a100-80gb ratio" in t.timing_source
+    assert t.roof.link_bytes_per_s == t.roof_bf16.link_bytes_per_s == 300e9
+    dec = decode(32, 32 * 1000)
+    ratio = t.step_time_s(dec) / base.step_time_s(dec)
+    assert 1.0 < ratio < big.bandwidth_tb_s / small.bandwidth_tb_s
+    pre = prefill(((8192, 0),))
+    assert 1.0 <= t.step_time_s(pre) / base.step_time_s(pre) < ratio
+
+
 @pytest.mark.parametrize("gpu", ["h100-pcie", "h100-nvl"])
 def test_an_h100_pcie_or_nvl_step_is_the_h100_sxm_step_scaled_by_the_data_sheets(llama, gpu):
     """The PCIe cards of the GH100 die have no tables: a step is the H100 SXM's priced step times the

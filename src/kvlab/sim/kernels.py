@@ -53,14 +53,15 @@ from kvlab.models.weights import WeightFormat
 PACKAGE = "aiconfigurator-core"
 BACKEND = "vllm"
 # kvlab GPU preset -> aiconfigurator system with vLLM tables (the H100 PCIe and NVL and the A100 80GB
-# PCIe: TABLE_TWINS; the A100 40GB, L4, A10, RTX 4090 and MI300X have none).
+# PCIe and 40GB: TABLE_TWINS; the L4, A10, RTX 4090 and MI300X have none).
 SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100-80gb": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}
 # GPUs without tables of their own whose die, compute capability and so vLLM kernels are those of a
 # GPU with tables (the H100 PCIe and NVL: GH100 like the H100 SXM; fewer SMs or a lower power cap,
-# other HBM; the A100 80GB PCIe: the A100 SXM's GA100, its HBM2e slower, a 300 W cap): priced as the
-# twin's step times the roofline's ratio of this GPU's step to the twin's, from their data sheets
+# other HBM; the A100 80GB PCIe: the A100 SXM's GA100, its HBM2e slower, a 300 W cap; the A100 40GB
+# SXM: the same GA100 and NVLink 3, HBM2 at 1.555 against 2.039 TB/s): priced as the twin's step times
+# the roofline's ratio of this GPU's step to the twin's, from their data sheets
 # (`kvlab.sim.timing.step_timing`, labelled).
-TABLE_TWINS = {"h100-pcie": "h100", "h100-nvl": "h100", "a100-pcie": "a100-80gb"}
+TABLE_TWINS = {"h100-pcie": "h100", "h100-nvl": "h100", "a100-pcie": "a100-80gb", "a100-40gb": "a100-80gb"}
 # kvlab weight format -> aiconfigurator GEMM/MoE quant mode. No dense int4 (AWQ/GPTQ/NF4) or INT8
 # W8A8 GEMM table exists for vLLM.
 GEMM_QUANT_MODES = {"auto": "bfloat16", "fp8": "fp8", "fp8-block": "fp8_block"}
