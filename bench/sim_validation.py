@@ -125,8 +125,16 @@ LLAMA31_70B = {
     "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 LLAMA3_70B = {**LLAMA31_70B, "max_position_embeddings": 8192}
+# Qwen/Qwen2.5-0.5B-Instruct config.json (huggingface.co/Qwen/Qwen2.5-0.5B-Instruct; the fields kvlab
+# reads, as public copies quote them: hidden 896, 24 layers, 14 heads of 64, 2 KV heads, tied embeddings).
+QWEN25_0_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+}
 CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507,
-           "llama-3-70b": LLAMA3_70B, "llama-3.1-70b": LLAMA31_70B}
+           "llama-3-70b": LLAMA3_70B, "llama-3.1-70b": LLAMA31_70B, "qwen2.5-0.5b": QWEN25_0_5B}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
@@ -149,6 +157,7 @@ MODELS = {
         "llama-3.1-70b", None, "Llama-3.1-Nemotron-70B is a Llama-3.1-70B fine-tune (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
     "Qwen/Qwen2.5-7B-Instruct": ("qwen2.5-7b", None, ""),
+    "Qwen/Qwen2.5-0.5B-Instruct": ("qwen2.5-0.5b", None, "config.json of Qwen2.5-0.5B"),
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("qwen2.5-7b", None, "R1-Distill-Qwen-7B has Qwen2.5-7B's layers (Qwen2.5-Math-7B base); the card's 32,768 context, not the distill's 131,072 (no --max-model-len stated; no step of these ShareGPT runs needs more)"),
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
@@ -158,7 +167,7 @@ NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192, "meta-llama
 # Published GPU -> kvlab preset, where the source names it exactly or the mapping is stated.
 GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s", "rtx-4090": "rtx-4090", "b200": "b200",
         "h100-pcie": "h100-pcie", "h100-nvl": "h100-nvl", "a100-80gb-pcie": "a100-pcie",
-        "a100-sxm": "a100-80gb"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
+        "a100-sxm": "a100-80gb", "l4": "l4"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
                 "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
