@@ -405,3 +405,14 @@ def test_sampler_sizes_the_simulated_kv_cache_as_kvlab_capacity_does(kvlab):
     from kvlab.sim.args import parse_serve_args
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b", "--sampler", "flashinfer"]).sampler == "flashinfer"
     assert parse_serve_args(["--gpu", "h100", "llama-3.1-8b"]).sampler is None  # build_config: the release's
+
+
+def test_data_parallel_is_refused_with_what_to_run_instead(kvlab):
+    """`-dp N` (vLLM's flag) is not simulated by `kvlab sim bench`: one engine would take every rank's
+    requests, so it is refused in one line that says to simulate one rank with its share of the load;
+    `-dp 1` is vLLM's default and runs."""
+    r = kvlab("sim", "bench", "llama-3.1-8b", "--gpu", "h100", "--num-prompts", "8", "-dp", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "data parallelism is not simulated" in r.stderr and "divided by 2" in r.stderr
+    one = kvlab("sim", "bench", "llama-3.1-8b", "--gpu", "h100", "--num-prompts", "8", "-dp", "1", "--json")
+    assert one.returncode == 0 and json.loads(one.stdout)["completed"] == 8

@@ -303,6 +303,8 @@ def bench_cmd(
                                      "the first request at time 0, the gaps not rescaled to N / rate)"),
     sampler: Optional[str] = typer.Option(None, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP,
                                           show_default=False),
+    data_parallel_size: int = typer.Option(1, "--data-parallel-size", "-dp",
+                                           help="Not simulated: above 1 refused (simulate one rank)"),
 ) -> None:
     from kvlab.serve_config import options_config
     from kvlab.sim.args import warn_not_simulated
@@ -310,6 +312,11 @@ def bench_cmd(
 
     if dataset not in DATASETS:
         raise KvlabError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if data_parallel_size > 1:
+        # one engine would take every rank's requests: its figures would not be the server's
+        raise KvlabError(f"-dp {data_parallel_size}: data parallelism is not simulated (vLLM's load balancer "
+                         "across engines is not modelled); simulate one rank with its share of the load "
+                         f"(--num-prompts and --max-concurrency or --request-rate divided by {data_parallel_size})")
     wall0 = time.perf_counter()
     config = build_config(options_config(
         model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
