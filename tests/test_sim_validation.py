@@ -128,6 +128,35 @@ def test_the_fits_read_train_rows_only(pub, monkeypatch, fit):
     assert not (train_figures & test_figures)
 
 
+def test_the_joint_host_and_roofline_fit_reads_train_rows_only_and_moves_both(pub, monkeypatch):
+    """`--fit-joint`: the fallback rows answer to the roofline's constants and host time, the others
+    to host time alone; the best point is where both are right, and a test row's figures never move it (nor are run)."""
+    ran = []
+
+    def fake_simulate(bench, timing):
+        ran.append(bench)
+        t = v.sim_timing
+        fallback = bench.gpu in ("rtx-4090", "l4")
+        k = t.PER_SEQ_OVERHEAD_S * 1e4 * (2 * t.MATMUL_EFFICIENCY - 1 if fallback else 1)
+        return ({name: value * (0.5 + k) for name, (_, value) in bench.figures.items()},
+                "roofline fallback: fake" if fallback else "kernel tables: fake")
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    host, roof = ((0.0005, 0.00002), (0.0005, 0.00005)), ((0.8, 0.8), (1.0, 0.8))
+    best, err = v.fit_host_roofline(pub, host, roof, report=lambda _: None)
+    assert best == (0.0005, 0.00005, 1.0, 0.8) and err == pytest.approx(0.0, abs=1e-12)
+    assert {b.gpu for b in ran} >= {"rtx-4090", "h100"}
+    train_figures = {json.dumps(b.figures, sort_keys=True) for b in ran}
+    changed = pub.model_copy(update={"runs": [
+        r.model_copy(update={"measured": r.measured.model_copy(update={
+            k: x * 7 for k, x in r.measured.figures().items()})}) if r.split == "test" else r
+        for r in pub.runs]})
+    ran.clear()
+    assert v.fit_host_roofline(changed, host, roof, report=lambda _: None) == (best, err)
+    assert {json.dumps(b.figures, sort_keys=True) for b in ran} == train_figures
+    assert not train_figures & {json.dumps(v.headline(r), sort_keys=True) for r in pub.runs if r.split == "test"}
+
+
 def test_timing_option_on_sim_bench(kvlab):
     base = ("sim", "bench", "llama-3.1-8b", "--gpu", "rtx-4090", "--input-len", "64", "--output-len", "4",
             "--num-prompts", "3", "--max-model-len", "4096", "--json")

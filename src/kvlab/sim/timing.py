@@ -252,6 +252,10 @@ MEMORY_EFFICIENCY = 0.80  # fitted with MATMUL_EFFICIENCY (above)
 # host fit, at that roofline, is the same (0.113; 0.5 ms + 50 us 0.163). What it moved on the whole
 # table: train 98 -> 101 of 153 within ±25 % (median 20 -> 11 %), test 143 -> 130 of 212 (67 -> 61 %;
 # the H100 bursts' throughputs 12-25 % shorter, docs/simulator-validation.md).
+# Checked jointly (2026-12-05, session 25, `--fit-joint`: host {0.5, 1} ms x {20, 50, 100, 150} us, each
+# with every roofline point, GEMMs 0.6-1.0 x HBM 0.70-0.95): 0.5 ms + 100 us with 1.0 / 0.80 is the
+# joint optimum (0.1060; 0.5 ms + 50 us at its best roofline 0.95 / 0.75 0.1277, 1 ms + 100 us 0.1146).
+# The train rows kernel tables price cannot tell 20-100 us apart (0.105-0.114); the roofline's rows decide.
 STEP_OVERHEAD_S = 0.0005
 PER_SEQ_OVERHEAD_S = 0.0001
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
