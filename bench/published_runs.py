@@ -76,6 +76,18 @@ class Measured(BaseModel):
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+class ClosedLoopWindow(BaseModel):
+    """A closed-loop load tester's point: its users start one after another over `ramp_s`, each
+    sending its next request when the last one ends; after `warmup_s` more, one window of `window_s`
+    is measured. Figures over the window: output tokens that reached the client in it, requests that
+    completed in it, and latency statistics of those requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    ramp_s: float = Field(ge=0)
+    warmup_s: float = Field(ge=0)
+    window_s: float = Field(gt=0)
+
+
 class Run(BaseModel):
     """One published run: where it is, what ran, under which load, what was measured."""
 
@@ -126,9 +138,19 @@ class Run(BaseModel):
     # as `kvlab sim bench --total-input-tokens --total-output-tokens`
     total_input_tokens: int | None = Field(default=None, ge=1)
     total_output_tokens: int | None = Field(default=None, ge=1)
+    # a closed loop of `max_concurrency` users measured in one steady-state window, where the source's
+    # own load tester ran it (not `vllm bench`): simulated as those users, staggered over the ramp
+    closed_loop: ClosedLoopWindow | None = None
     # figures the simulator misses by more than 2x, each with the id of its stated cause (miss_causes)
     misses: dict[str, str] = {}
     notes: str | None = None
+
+    @model_validator(mode="after")
+    def _closed_loop_has_users(self) -> Run:
+        if self.closed_loop is not None and (self.max_concurrency is None or self.dataset != "random"
+                                             or not self.input_len or not self.output_len):
+            raise ValueError("a closed-loop window needs max_concurrency (its users) and fixed random lengths")
+        return self
 
     @model_validator(mode="after")
     def _split_follows_rule(self) -> Run:
@@ -161,6 +183,9 @@ class Run(BaseModel):
             load.append(f"conc {self.max_concurrency}")
         if self.request_rate is not None:
             load.append(f"rate {self.request_rate}")
+        if self.closed_loop is not None:
+            w = self.closed_loop
+            load.append(f"closed loop, ramp {w.ramp_s:g} s, window {w.window_s:g} s after {w.warmup_s:g} s")
         if self.total_input_tokens or self.total_output_tokens:  # the client's printed totals
             load.append(f"{self.total_input_tokens or '?'} in / {self.total_output_tokens or '?'} generated")
         return f"{self.dataset}{lengths}, {', '.join(load)}"

@@ -127,6 +127,8 @@ def compose(run_id: str, timing: str = sim_timing.DEFAULT_TIMING, gpu_scale: flo
     bench = sim_validation.map_run(run)
     if not isinstance(bench, sim_validation.BenchRun):
         raise KvlabError(f"{run_id}: kvlab cannot model it: {bench}")
+    if num_prompts is not None and "closed_loop" in bench.workload:
+        raise KvlabError(f"{run_id}: a closed-loop window has no prompt count (--num-prompts does not apply)")
     if num_prompts is not None:
         share = num_prompts / bench.workload["num_prompts"]
         totals = {k: max(round(v * share), num_prompts) for k, v in bench.workload.items()

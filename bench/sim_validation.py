@@ -187,7 +187,7 @@ HEADLINE = (
                     ("total_token_throughput", "total_token_throughput"), ("request_throughput", "request_throughput"))),
     ("ttft", (("mean_ttft_ms", "mean_ttft_ms"), ("median_ttft_ms", "median_ttft_ms"), ("ttft_ms", "mean_ttft_ms"))),
     ("tpot", (("mean_tpot_ms", "mean_tpot_ms"), ("tpot_ms", "mean_tpot_ms"), ("median_itl_ms", "median_itl_ms"),
-              ("mean_itl_ms", "mean_itl_ms"))),
+              ("mean_itl_ms", "mean_itl_ms"), ("median_tpot_ms", "median_tpot_ms"))),
 )
 # The roofline's efficiencies `--fit` (and `--fit-roofline` alone) searches: GEMMs' fraction of dense
 # peak x HBM reads' fraction of peak bandwidth. First grid {0.3, 0.45, 0.6, 0.75} x {0.7, 0.8, 0.9}:
@@ -332,6 +332,13 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         if chat_s:
             note = "; ".join(filter(None, [note, f"chat requests: vLLM {_release(run)} parses the chat template on "
                                                  f"each, {1e3 * chat_s:.1f} ms of API-server CPU ({chat_source})"]))
+    if run.closed_loop is not None:  # the source's own closed-loop tester: users staggered, one window
+        w = run.closed_loop
+        workload = {"closed_loop": (run.max_concurrency, w.ramp_s, w.warmup_s, w.window_s),
+                    "input_len": run.input_len, "output_len": run.output_len}
+        note = "; ".join(filter(None, [note, f"closed loop of {run.max_concurrency} users started over {w.ramp_s:g} s, "
+                                             f"measured {w.window_s:g} s after {w.warmup_s:g} s more (the source's "
+                                             "own tester: figures over that window)"]))
     if run.warm_runs:
         workload["warm_runs"] = run.warm_runs
         note = "; ".join(filter(None, [note, f"after {run.warm_runs} earlier run{'s' if run.warm_runs > 1 else ''} "
@@ -401,8 +408,67 @@ def run_simulated(bench: BenchRun, timing: str, wrap_cost=None):
                            vllm_version=bench.vllm_version, sampler=bench.sampler)
         if wrap_cost is not None:
             cfg = dataclasses.replace(cfg, cost=wrap_cost(cfg.cost))
-        res = run_bench(model, bench.gpu, config=cfg, **bench.workload)
+        if "closed_loop" in bench.workload:
+            res = run_closed_loop(model, bench.gpu, cfg, **bench.workload)
+        else:
+            res = run_bench(model, bench.gpu, config=cfg, **bench.workload)
     return res, cfg
+
+
+# Simulated past a closed-loop window's end, so that every request with a token in the window has
+# ended (the longest published request there takes 37 s).
+CLOSED_LOOP_TAIL_S = 120.0
+
+
+@dataclass
+class WindowResult:
+    """A closed-loop window's figures by `vllm bench serve`'s result names, and the timing source."""
+
+    data: dict
+    timing_source: str
+
+    def to_data(self) -> dict:
+        return self.data
+
+
+def run_closed_loop(model: str, gpu: str, cfg, closed_loop: tuple, input_len: int, output_len: int) -> WindowResult:
+    """A load tester's closed-loop point on the simulated engine: `users` users, user i starting at
+    i x ramp / users, each sending its next request (a new, unshared prompt of `input_len` tokens
+    asking for `output_len` with ignore_eos) the moment the last one ends; measured over
+    [ramp + warmup, ramp + warmup + window]: output tokens that reached the client in it, requests
+    that completed in it, and the TTFT/TPOT/ITL statistics of those requests (in ms)."""
+    import numpy as np
+
+    from kvlab.loadtest.plan import SessionPlan, TurnPlan
+    from kvlab.replay.bench import _stats, timing_source
+    from kvlab.replay.run import run_offline
+
+    users, ramp_s, warmup_s, window_s = closed_loop
+    t0 = ramp_s + warmup_s
+    t1 = t0 + window_s
+
+    def plans():
+        i = 0
+        while True:
+            start = i * ramp_s / users if i < users else 0.0  # later plans start when a user's last ends
+            yield SessionPlan(f"loop-{i}", f"loop-{i}", 0, (TurnPlan(input_len, output_len, 0.0),), start)
+            i += 1
+
+    res = run_offline(model, gpu, plans(), t1 + CLOSED_LOOP_TAIL_S, concurrency=users, config=cfg,
+                      scrape_interval_s=t1 + CLOSED_LOOP_TAIL_S)
+    done = [r for r in res.records if r["error_kind"] is None]
+    tokens = 0
+    for r in done:
+        times = r["start_ts"] + r["ttft_s"] + np.concatenate(([0.0], np.cumsum(r["itl_s"] or [])))
+        tokens += int(((times >= t0) & (times < t1)).sum())
+    ended = [r for r in done if t0 <= r["start_ts"] + r["e2e_s"] < t1]
+    if not ended:
+        raise KvlabError(f"no request completed in the closed loop's window ({t0:g}-{t1:g} s)")
+    tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ended if r["completion_tokens"] > 1]
+    data = {"output_throughput": tokens / window_s, "request_throughput": len(ended) / window_s,
+            **_stats("ttft", [r["ttft_s"] for r in ended]), **_stats("tpot", tpots),
+            **_stats("itl", [g for r in ended for g in (r["itl_s"] or [])])}
+    return WindowResult(data, timing_source(cfg))
 
 
 def simulate(bench: BenchRun, timing: str) -> tuple[dict[str, float], str]:
