@@ -154,3 +154,11 @@ def test_every_stated_cause_is_told_in_the_validation_docs(pub):
     for c in pub.miss_causes:
         assert f"- **{c.doc}**" in doc, c.id
         assert c.id in named, c.id
+
+
+def test_a_closed_loop_window_needs_its_users_and_fixed_lengths(raw):
+    loop = next(r for r in raw["runs"] if r.get("closed_loop"))
+    assert loop["max_concurrency"] and loop["input_len"] == 512
+    loop["max_concurrency"] = None
+    with pytest.raises(KvlabError, match="a closed-loop window needs max_concurrency"):
+        _check(raw)
