@@ -41,7 +41,9 @@ the source does not say (the tool's default); `throughput_tok_s` (kind not state
 with the total token throughput, `ttft_ms`/`tpot_ms` (statistic not stated) with the mean; a
 checkpoint's own quantization (an -FP8 model) is its weight format; where the model's own context
 length does not fit the GPU the largest --max-model-len that fits is assumed (it changes no step of
-these workloads). Published counts are kept (virtual time is cheap).
+these workloads). Published counts are kept (virtual time is cheap). A `closed_loop` row (a source's
+own closed-loop load tester, not `vllm bench`) is simulated as that tester ran it (`run_closed_loop`:
+its users staggered over the ramp, its figures over the window).
 
 `--fit-joint` searches host time and the roofline together (`fit_host_roofline`: JOINT_HOST_GRID x
 JOINT_ROOFLINE_GRID, the median |log error| of every train figure), the check that `--fit`'s
