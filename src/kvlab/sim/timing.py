@@ -263,6 +263,8 @@ MEMORY_EFFICIENCY = 0.80  # fitted with MATMUL_EFFICIENCY (above)
 # with every roofline point, GEMMs 0.6-1.0 x HBM 0.70-0.95): 0.5 ms + 100 us with 1.0 / 0.80 is the
 # joint optimum (0.1060; 0.5 ms + 50 us at its best roofline 0.95 / 0.75 0.1277, 1 ms + 100 us 0.1146).
 # The train rows kernel tables price cannot tell 20-100 us apart (0.105-0.114); the roofline's rows decide.
+# Tenth pass (2026-12-05, session 25, with TechBroMoho's 17 L40S closed-loop runs among the train rows):
+# kept (0.116; 1 ms + 50 us 0.119), and again at Marlin's refitted rate (0.122; 1 ms + 50 us 0.118).
 STEP_OVERHEAD_S = 0.0005
 PER_SEQ_OVERHEAD_S = 0.0001
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
