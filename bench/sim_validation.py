@@ -6,6 +6,8 @@ Two parts, printed as Markdown (the tables of docs/simulator-validation.md):
    - vLLM 0.32 CPU-build logs (tests/fixtures): the KV cache vLLM allocated for the DeepSeek-V2-Lite
      and Llama-3.1-8B geometry twins with 1 GiB of KV space; the simulator started with the same
      flags (`--kv-cache-memory-bytes 1073741824`) must report the same tokens.
+   - KV caches vLLM 0.10.2 logged on one L40S (TechBroMoho's Qwen3-8B servers, BF16 and two W4A16
+     checkpoints): the memory model's estimate beside each (its profiling run is an estimate on a GPU).
    - DeepSeek-V2 report (arXiv 2405.04434, p.16): the KV cache reduction vs DeepSeek 67B (93.3 %);
      "maximum generation throughput exceeding 50K tokens per second" on 8 H800 with FP8 weights and
      ~6-bit KV, 5.76x DeepSeek 67B's (DeepSeek's own stack, not vLLM: context, not scored).
@@ -1005,6 +1007,34 @@ def throughput(model: str, n: int, prompt: int, output: int, **flags) -> dict:
             "timing_source": cfg.cost.timing_source}
 
 
+# KV caches vLLM logged on a GPU (its memory profiling, not kvlab's arithmetic alone): TechBroMoho's
+# Qwen3-8B servers on one L40S (46,068 MiB), vLLM 0.10.2 from the vllm/vllm-openai:v0.10.2 image
+# (FlashInfer's sampler), `--max-model-len 1024 --gpu-memory-utilization 0.90 --max-num-seqs 256`
+# (docs/RESULTS.md at 792911d, "Weight memory and KV-cache capacity", each figure a server.log line).
+# The same page: the AWQ checkpoint's probe server logged 240,544, 1.9 % below its sweep server.
+L40S_KV_LOGGED = (("BF16", None, 170_944), ("W4A16, AWQ recipe", "compressed-tensors-w4a16", 245_312),
+                  ("W4A16, GPTQ recipe", "compressed-tensors-w4a16", 240_736))
+
+
+def gpu_log_rows() -> list[list[str]]:
+    """The memory model's KV tokens against those vLLM logged on a GPU (L40S_KV_LOGGED)."""
+    from kvlab.serve_config import options_config
+
+    out = []
+    for label, quant, logged in L40S_KV_LOGGED:
+        flags = {"max_model_len": 1024, "max_num_seqs": 256, "gpu_memory_utilization": 0.9}
+        if quant:
+            flags["quantization"] = QUANTIZATION[quant]
+        cfg = build_config(options_config("qwen3-8b", **flags), "l40s", timing="roofline", vllm_version="0.10.2",
+                           sampler="flashinfer")
+        tokens = cfg.num_blocks * cfg.block_size
+        out.append([f"qwen3-8b {label} on one L40S: KV tokens vLLM 0.10.2 logged (TechBroMoho server.log)",
+                    f"{logged:,}", f"{tokens:,}", _err(tokens, logged),
+                    "predicted by the memory model (profiling run with FlashInfer's sampler, the image's); "
+                    "the page's run-to-run spread on one checkpoint: 1.9 %"])
+    return out
+
+
 def memory_table() -> list[str]:
     rows_ = [cpu_log_row("deepseek-v2-lite", "vllm-0.32-cpu-deepseek-twin.server.log", 16),
              cpu_log_row("llama-3.1-8b", "vllm-0.32-cpu-llama-twin.server.log", 32)]
@@ -1013,6 +1043,7 @@ def memory_table() -> list[str]:
         kv67 = build_config(tmp, "h100", tensor_parallel_size=8, max_model_len=4096).capacity.kv_bytes_per_token_model
     kv_v2 = build_config("deepseek-v2", "h100", tensor_parallel_size=8, quantization="fp8", kv_cache_dtype="fp8",
                          max_model_len=4096).capacity.kv_bytes_per_token_model
+    rows_ += gpu_log_rows()
     saved = 1 - kv_v2 / kv67
     rows_.append(["DeepSeek-V2 KV cache reduction vs DeepSeek 67B (report: 93.3 %)", "93.3 %", f"{100 * saved:.1f} %",
                   f"{100 * saved - 93.3:+.1f} pts", f"{kv_v2:,} vs {kv67:,} B/token (V2 FP8 latent vs 67B BF16 GQA); "
