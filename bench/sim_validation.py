@@ -441,10 +441,8 @@ def run_closed_loop(model: str, gpu: str, cfg, closed_loop: tuple, input_len: in
     asking for `output_len` with ignore_eos) the moment the last one ends; measured over
     [ramp + warmup, ramp + warmup + window]: output tokens that reached the client in it, requests
     that completed in it, and the TTFT/TPOT/ITL statistics of those requests (in ms)."""
-    import numpy as np
-
     from kvlab.loadtest.plan import SessionPlan, TurnPlan
-    from kvlab.replay.bench import _stats, timing_source
+    from kvlab.replay.bench import _stats, timing_source, token_times, tpots
     from kvlab.replay.run import run_offline
 
     users, ramp_s, warmup_s, window_s = closed_loop
@@ -463,14 +461,13 @@ def run_closed_loop(model: str, gpu: str, cfg, closed_loop: tuple, input_len: in
     done = [r for r in res.records if r["error_kind"] is None]
     tokens = 0
     for r in done:
-        times = r["start_ts"] + r["ttft_s"] + np.concatenate(([0.0], np.cumsum(r["itl_s"] or [])))
+        times = token_times(r)
         tokens += int(((times >= t0) & (times < t1)).sum())
     ended = [r for r in done if t0 <= r["start_ts"] + r["e2e_s"] < t1]
     if not ended:
         raise KvlabError(f"no request completed in the closed loop's window ({t0:g}-{t1:g} s)")
-    tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in ended if r["completion_tokens"] > 1]
     data = {"output_throughput": tokens / window_s, "request_throughput": len(ended) / window_s,
-            **_stats("ttft", [r["ttft_s"] for r in ended]), **_stats("tpot", tpots),
+            **_stats("ttft", [r["ttft_s"] for r in ended]), **_stats("tpot", tpots(ended)),
             **_stats("itl", [g for r in ended for g in (r["itl_s"] or [])])}
     return WindowResult(data, timing_source(cfg))
 
@@ -556,9 +553,13 @@ def rows(pub: published_runs.PublishedRuns, timings=TIMINGS, split: str | None =
     return out
 
 
+def _log_errors(results: list[RowResult], timing: str) -> list[float]:
+    """|log(simulated / published)| of every headline figure simulated under `timing`."""
+    return [log_error(r.sim[timing][n], v) for r in results if timing in r.sim for n, (_, v) in r.bench.figures.items()]
+
+
 def median_log_error(results: list[RowResult], timing: str) -> float:
-    errs = [log_error(r.sim[timing][n], v) for r in results if timing in r.sim
-            for n, (_, v) in r.bench.figures.items()]
+    errs = _log_errors(results, timing)
     return statistics.median(errs) if errs else math.nan
 
 
@@ -601,9 +602,15 @@ def _grid_search(grid, setting, error, describe, report, current=None) -> tuple:
             best = (point, err)
         if current is not None and point == current:
             now = (point, err)
+    return _keep_current(best, now, describe(*best).strip() if best else "", "value", report)
+
+
+def _keep_current(best: tuple, now: tuple | None, best_described: str, what: str, report) -> tuple:
+    """The (point, error) a fit ends on: `now`, the current value's, unless `best` beats it by more
+    than FIT_TOLERANCE (a kept current value that is not the best is reported)."""
     if now is not None and now[1] - best[1] <= FIT_TOLERANCE:
         if now[0] != best[0]:
-            report(f"  (best {describe(*best).strip()}; within {FIT_TOLERANCE} of the current value: kept)")
+            report(f"  (best {best_described}; within {FIT_TOLERANCE} of the current {what}: kept)")
         return now
     return best
 
@@ -678,10 +685,6 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
         current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY))
 
 
-def _log_errors(results: list[RowResult], timing: str) -> list[float]:
-    return [log_error(r.sim[timing][n], v) for r in results if timing in r.sim for n, (_, v) in r.bench.figures.items()]
-
-
 def fit_host_roofline(pub: published_runs.PublishedRuns, host_grid=JOINT_HOST_GRID, roofline_grid=JOINT_ROOFLINE_GRID,
                       report=print) -> tuple[tuple[float, float, float, float], float]:
     """Host time and the roofline's efficiencies fitted together: the (step, per-request, GEMM, HBM)
@@ -715,11 +718,7 @@ def fit_host_roofline(pub: published_runs.PublishedRuns, host_grid=JOINT_HOST_GR
         report(f"  host {1000 * step_s:.1f} ms/step + {1e6 * per_seq_s:.0f} us/request: best roofline GEMMs "
                f"{m:.2f}, HBM {b:.2f}: train median |log err| {err:.4f} ({_pct(err):.0f} %; "
                f"{len(fixed)} figures by kernel tables, {len(fallback)} runs by the fallback)")
-    if now is not None and now[1] - best[1] <= FIT_TOLERANCE:
-        if now[0] != best[0]:
-            report(f"  (best {best[0]} at {best[1]:.4f}; within {FIT_TOLERANCE} of the current values: kept)")
-        return now
-    return best
+    return _keep_current(best, now, f"{best[0]} at {best[1]:.4f}", "values", report)
 
 
 def report_roofline_fit(pub: published_runs.PublishedRuns, at: str) -> None:
@@ -1156,8 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "test"):
         for t in timings:
             ok, n = share_within(results, t, split)
-            errs = [log_error(r.sim[t][k], v) for r in results if r.run.split == split and t in r.sim
-                    for k, (_, v) in r.bench.figures.items()]
+            errs = _log_errors([r for r in results if r.run.split == split], t)
             med = statistics.median(errs) if errs else math.nan
             over2 = sum(e > OVER_2X for e in errs)
             uncaused = f" ({len(missed[split][1])} without a stated cause)" if t == noted else ""

@@ -75,6 +75,19 @@ def _stats(name: str, values: list[float]) -> dict[str, float]:
             f"p{PERCENTILE}_{name}_ms": float(np.percentile(a, PERCENTILE)) * 1000}
 
 
+def token_times(record: dict):
+    """When each of a replay record's output tokens reached the client (seconds from the run's start):
+    its first token at start + TTFT, then one inter-token latency after the other."""
+    import numpy as np
+
+    return record["start_ts"] + record["ttft_s"] + np.concatenate(([0.0], np.cumsum(record["itl_s"] or [])))
+
+
+def tpots(records: list[dict]) -> list[float]:
+    """vLLM's time per output token of each record with more than one: (e2e - TTFT) / (tokens - 1)."""
+    return [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in records if r["completion_tokens"] > 1]
+
+
 def _peaks(done: list[dict]) -> tuple[float, int]:
     """vLLM's max_output_tokens_per_s (tokens per whole second from the first start) and
     max_concurrent_requests (sweep over [start, start + latency), ends first on ties)."""
@@ -87,8 +100,7 @@ def _peaks(done: list[dict]) -> tuple[float, int]:
     seconds = int(np.ceil(last - first)) + 1
     tokens = np.zeros(seconds)
     for r in done:
-        times = r["start_ts"] + r["ttft_s"] + np.concatenate(([0.0], np.cumsum(r["itl_s"] or [])))
-        buckets = (times - first).astype(np.int64)
+        buckets = (token_times(r) - first).astype(np.int64)
         buckets = buckets[(buckets >= 0) & (buckets < seconds)]
         np.add.at(tokens, buckets, 1)
     events = sorted([(r["start_ts"], 1) for r in done] + [(r["start_ts"] + r["e2e_s"], -1) for r in done])
@@ -115,7 +127,6 @@ def bench_metrics(records: list[dict]) -> dict:
         raise KvlabError("the benchmark took no simulated time: no request was served")
     total_in = sum(r["prompt_tokens"] for r in done)
     total_out = sum(r["completion_tokens"] for r in done)
-    tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in done if r["completion_tokens"] > 1]
     itls = [gap for r in done for gap in (r["itl_s"] or [])]
     peak_tokens, peak_requests = _peaks(done)
     return {
@@ -124,7 +135,7 @@ def bench_metrics(records: list[dict]) -> dict:
         "request_throughput": len(done) / duration, "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
         "max_output_tokens_per_s": peak_tokens, "max_concurrent_requests": peak_requests,
-        **_stats("ttft", [r["ttft_s"] for r in done]), **_stats("tpot", tpots), **_stats("itl", itls),
+        **_stats("ttft", [r["ttft_s"] for r in done]), **_stats("tpot", tpots(done)), **_stats("itl", itls),
         **_stats("e2el", [r["e2e_s"] for r in done]),
     }
 
