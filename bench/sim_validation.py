@@ -22,18 +22,22 @@ Two parts, printed as Markdown (the tables of docs/simulator-validation.md):
    figure): simulated ratio vs published, within +-15 %, right sign. A row kvlab cannot model stays
    in the table with its reason.
 
-Host time (`kvlab.sim.timing.STEP_OVERHEAD_S`, `PER_SEQ_OVERHEAD_S`) is FITTED ON THE TRAINING ROWS
-ONLY: `--fit` searches `HOST_GRID` for the pair that minimises the median absolute log error of
-the headline figures of the train rows under `auto` timing (`fit_host`), prints the train error of
-each grid point, and the winner is written into sim/timing.py by hand with the fit's date and
-result. Then, at that host time, `fit_frontend` searches `FRONTEND_GRID` for the API server's
+Host time (`kvlab.sim.timing.HOST_MEASURED`: per engine step and per scheduled request, by vLLM
+release) is MEASURED on vLLM's own engine core (`bench/engine_core_host.py`), no longer fitted;
+`--fit` first checks it against `HOST_GRID` on the train rows (`fit_host`: one host time at every
+release) by the rule for measured terms (kept unless the grid's best beats it by more than
+FIT_TOLERANCE). Everything else `--fit` fits ON THE TRAINING ROWS ONLY, each winner written into
+sim/timing.py by hand with the fit's date and result: `fit_roofline_per_seq` searches
+`ROOFLINE_PER_SEQ_GRID` for the roofline's time per scheduled request (ROOFLINE_PER_SEQ_S), with the
+objective the median absolute log error of the headline figures of the train rows under `auto`
+timing; then, at it, `fit_frontend` searches `FRONTEND_GRID` for the API server's
 CPU per arriving request, per prompt token and per streamed output (FRONTEND_PER_REQUEST_S,
 FRONTEND_PER_PROMPT_TOKEN_S, FRONTEND_PER_OUTPUT_S: kvlab.sim.engine's front end) with the same
 objective. Then, at both, `fit_latency` searches `LATENCY_GRID` for the delay every request takes
 on its way in (FRONTEND_LATENCY_S: transport, HTTP, whatever sits between the client and the
 engine core; it occupies nothing) with the same objective. Then, at all three, `fit_roofline` searches `ROOFLINE_GRID` for the roofline's GEMM and
 HBM efficiencies (MATMUL_EFFICIENCY, MEMORY_EFFICIENCY) on the train rows that `auto` prices by
-the roofline fallback, with the same objective. Test rows are never read by either fit
+the roofline fallback, with the same objective. Test rows are never read by any fit
 (tests/test_sim_validation.py checks that changing a test row's figures leaves the fit unchanged).
 
 Mapping rules (`map_run`), stated per row in the table's notes where they apply: ShareGPT rows use
@@ -47,9 +51,9 @@ these workloads). Published counts are kept (virtual time is cheap). A `closed_l
 own closed-loop load tester, not `vllm bench`) is simulated as that tester ran it (`run_closed_loop`:
 its users staggered over the ramp, its figures over the window).
 
-`--fit-joint` searches host time and the roofline together (`fit_host_roofline`: JOINT_HOST_GRID x
-JOINT_ROOFLINE_GRID, the median |log error| of every train figure), the check that `--fit`'s
-one-at-a-time search did not stop where moving one term alone costs (about 30 minutes).
+`--fit-joint` searches the roofline's three constants together (`fit_per_seq_roofline`:
+ROOFLINE_PER_SEQ_GRID x JOINT_ROOFLINE_GRID, the median |log error| of every train figure), the
+check that `--fit`'s one-at-a-time search did not stop where moving one term alone costs.
 
 Run: `python bench/sim_validation.py [--fit | --fit-roofline | --fit-joint] [--timing roofline,auto]` (a few minutes on 2 cores).
 """
@@ -204,6 +208,12 @@ HEADLINE = (
 ROOFLINE_GRID = tuple((m, b) for m in (0.6, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0) for b in (0.8, 0.85, 0.9, 0.95))
 HOST_GRID = tuple((s, r) for s in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
                   for r in (0.0, 0.00002, 0.00005, 0.0001, 0.00015, 0.0002, 0.0003))
+# The roofline's time per scheduled request (ROOFLINE_PER_SEQ_S, `--fit`'s first fit since the host
+# time is measured). Declared 2026-12-05 (session 26) BEFORE it was run: what the fitted 100 us of host
+# time per request carried beyond the measured engine core's 18-20 us on the rows the roofline prices
+# (RTX 4090, L4, H100 PCIe twins' fallbacks), 0-150 us; objective: the median |log error| of every train
+# figure, as `--fit`'s.
+ROOFLINE_PER_SEQ_GRID = (0.0, 0.00002, 0.00004, 0.00006, 0.00008, 0.0001, 0.00015)
 # The joint fit of host time and the roofline (`--fit-joint`, fit_host_roofline). Declared 2026-12-05
 # (session 25) BEFORE it was run: `--fit` fits host time with the roofline held, then the roofline
 # with host time held, and the ninth pass converged with the roofline on two edges of its grid (GEMMs
@@ -213,7 +223,8 @@ HOST_GRID = tuple((s, r) for s in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
 # with the whole ROOFLINE_GRID, widened on the HBM axis to 0.7 (a GDDR card's copies reach less of
 # its quoted peak than HBM's; stas00/ml-engineering lists no GeForce figure, so the axis is not cut by
 # one); objective: the median |log error| of every train figure, as `--fit`'s.
-JOINT_HOST_GRID = tuple((s, r) for s in (0.0005, 0.001) for r in (0.00002, 0.00005, 0.0001, 0.00015))
+# Session 26 (2026-12-05): the host time is measured; the joint fit's first axis is now the roofline's
+# time per request (ROOFLINE_PER_SEQ_GRID, declared above before it ran), with this roofline grid.
 JOINT_ROOFLINE_GRID = tuple((m, b) for m in (0.6, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
                             for b in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95))
 # The front-end grid: seconds per arriving request x seconds per prompt token x seconds per request
@@ -380,8 +391,9 @@ def constants(**values: float):
 
 
 def host_time(step_s: float, per_seq_s: float):
-    """The host-time constants set to (step_s, per_seq_s) while configs are built and run."""
-    return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s)
+    """The host time set to (step_s, per_seq_s) at every release while configs are built and run (in
+    place of the measured HOST_MEASURED)."""
+    return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s, HOST_MEASURED={(0, 0, 0): (step_s, per_seq_s)})
 
 
 def front_end(per_request_s: float, per_prompt_token_s: float, per_output_s: float):
@@ -627,6 +639,18 @@ def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_
         current=(sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S))
 
 
+def fit_roofline_per_seq(pub: published_runs.PublishedRuns, timing: str = "auto", grid=ROOFLINE_PER_SEQ_GRID,
+                         report=print) -> tuple[float, float]:
+    """The roofline's time per scheduled request (ROOFLINE_PER_SEQ_S) of `grid` that minimises the
+    median absolute log error of the TRAIN rows' headline figures under `timing` (at the measured host
+    time and the front end in sim/timing.py), and that error. Test rows are never run."""
+    train = _train(pub)
+    return _grid_search(
+        grid, lambda p: constants(ROOFLINE_PER_SEQ_S=p), lambda: median_log_error(rows(train, (timing,)), timing),
+        lambda p, err: f"  roofline {1e6 * p:.0f} us/request: train median |log err| {err:.4f} ({_pct(err):.0f} %)",
+        report, current=sim_timing.ROOFLINE_PER_SEQ_S)
+
+
 def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=FRONTEND_GRID,
                  report=print) -> tuple[tuple[float, float, float], float]:
     """The (per request, per prompt token, per output) front-end time of `grid` that minimises the
@@ -685,39 +709,36 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
         current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY))
 
 
-def fit_host_roofline(pub: published_runs.PublishedRuns, host_grid=JOINT_HOST_GRID, roofline_grid=JOINT_ROOFLINE_GRID,
-                      report=print) -> tuple[tuple[float, float, float, float], float]:
-    """Host time and the roofline's efficiencies fitted together: the (step, per-request, GEMM, HBM)
-    point of `host_grid` x `roofline_grid` that minimises the median |log error| of ALL the train
-    rows' headline figures under `auto`, and that error. The roofline constants move only the rows
-    `auto` prices by the fallback, so each host point runs the other rows once and the fallback rows
-    at every roofline point. Test rows are never run. Ties keep the first point; the current values
-    are kept unless beaten by more than FIT_TOLERANCE."""
-    train = _train(pub)
+def fit_per_seq_roofline(pub: published_runs.PublishedRuns, per_seq_grid=ROOFLINE_PER_SEQ_GRID,
+                         roofline_grid=JOINT_ROOFLINE_GRID, report=print) -> tuple[tuple[float, float, float], float]:
+    """The roofline's three fitted constants together: the (ROOFLINE_PER_SEQ_S, MATMUL_EFFICIENCY,
+    MEMORY_EFFICIENCY) point of `per_seq_grid` x `roofline_grid` that minimises the median |log
+    error| of ALL the train rows' headline figures under `auto` (at the measured host time), and that
+    error. The three move only the rows `auto` prices by the fallback, so the other rows run once and
+    the fallback rows at every point. Test rows are never run. Ties keep the first point; the current
+    values are kept unless beaten by more than FIT_TOLERANCE."""
+    results = rows(_train(pub), ("auto",))
+    fallback = [r for r in results if r.sim and r.source["auto"].startswith("roofline")]
+    fixed = _log_errors([r for r in results if r not in fallback], "auto")
+    sub = pub.model_copy(update={"runs": [r.run for r in fallback], "ratios": []})
     best, now = None, None
-    current = (sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S, sim_timing.MATMUL_EFFICIENCY,
-               sim_timing.MEMORY_EFFICIENCY)
-    for step_s, per_seq_s in host_grid:
-        with host_time(step_s, per_seq_s):
-            results = rows(train, ("auto",))
-            fallback = [r for r in results if r.sim and r.source["auto"].startswith("roofline")]
-            fixed = _log_errors([r for r in results if r not in fallback], "auto")
-            sub = pub.model_copy(update={"runs": [r.run for r in fallback], "ratios": []})
-            line = None
-            for matmul, memory in roofline_grid:
-                with constants(MATMUL_EFFICIENCY=matmul, MEMORY_EFFICIENCY=memory):
-                    err = statistics.median(fixed + _log_errors(rows(sub, ("auto",)), "auto"))
-                point = (step_s, per_seq_s, matmul, memory)
-                if line is None or err < line[1]:
-                    line = (point, err)
-                if best is None or err < best[1]:
-                    best = (point, err)
-                if point == current:
-                    now = (point, err)
-        (_, _, m, b), err = line
-        report(f"  host {1000 * step_s:.1f} ms/step + {1e6 * per_seq_s:.0f} us/request: best roofline GEMMs "
-               f"{m:.2f}, HBM {b:.2f}: train median |log err| {err:.4f} ({_pct(err):.0f} %; "
-               f"{len(fixed)} figures by kernel tables, {len(fallback)} runs by the fallback)")
+    current = (sim_timing.ROOFLINE_PER_SEQ_S, sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY)
+    for per_seq_s in per_seq_grid:
+        line = None
+        for matmul, memory in roofline_grid:
+            with constants(ROOFLINE_PER_SEQ_S=per_seq_s, MATMUL_EFFICIENCY=matmul, MEMORY_EFFICIENCY=memory):
+                err = statistics.median(fixed + _log_errors(rows(sub, ("auto",)), "auto"))
+            point = (per_seq_s, matmul, memory)
+            if line is None or err < line[1]:
+                line = (point, err)
+            if best is None or err < best[1]:
+                best = (point, err)
+            if point == current:
+                now = (point, err)
+        (_, m, b), err = line
+        report(f"  roofline {1e6 * per_seq_s:.0f} us/request: best GEMMs {m:.2f}, HBM {b:.2f}: train median "
+               f"|log err| {err:.4f} ({_pct(err):.0f} %; {len(fixed)} figures by kernel tables, {len(fallback)} "
+               f"runs by the fallback)")
     return _keep_current(best, now, f"{best[0]} at {best[1]:.4f}", "values", report)
 
 
@@ -1067,7 +1088,8 @@ def memory_table() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fit", action="store_true", help="refit the host time on the train rows (HOST_GRID) first")
+    ap.add_argument("--fit", action="store_true", help="check the measured host time against HOST_GRID, then refit the roofline's time per request, "
+                         "the front end, the request latency and the roofline on the train rows")
     ap.add_argument("--fit-path", choices=sorted(PATH_FITS),
                     help="refit one weight-kernel path's constant alone on the train ratio rows on that path")
     ap.add_argument("--fit-sharegpt", action="store_true",
@@ -1076,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="refit the roofline's GEMM and HBM efficiencies alone (ROOFLINE_GRID) on the train rows "
                          "auto prices by the roofline, at the current host time, front end and latency")
     ap.add_argument("--fit-joint", action="store_true",
-                    help="refit host time and the roofline's efficiencies together (JOINT_HOST_GRID x "
+                    help="refit the roofline's time per request and efficiencies together (ROOFLINE_PER_SEQ_GRID x "
                          "JOINT_ROOFLINE_GRID) on all the train rows")
     ap.add_argument("--fit-no-p2p", action="store_true",
                     help="refit the all-reduce of tensor parallel without peer access (NO_P2P_GRID) on its train rows")
@@ -1096,13 +1118,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "median |log(sim/published)|")
         return 0
     if args.fit_joint:
-        print("Host time and roofline fitted together on the train rows (auto timing; objective: median "
-              "|log(sim/published)| of every train headline figure):")
-        (step_s, per_seq_s, matmul, memory), err = fit_host_roofline(pub)
-        print(f"best: STEP_OVERHEAD_S = {step_s}, PER_SEQ_OVERHEAD_S = {per_seq_s}, MATMUL_EFFICIENCY = {matmul}, "
-              f"MEMORY_EFFICIENCY = {memory}: train median |log err| {err:.4f}")
-        print(f"(sim/timing.py has {sim_timing.STEP_OVERHEAD_S}, {sim_timing.PER_SEQ_OVERHEAD_S}, "
-              f"{sim_timing.MATMUL_EFFICIENCY}, {sim_timing.MEMORY_EFFICIENCY})")
+        print("The roofline's time per request and efficiencies fitted together on the train rows (auto timing, "
+              "at the measured host time; objective: median |log(sim/published)| of every train headline figure):")
+        (per_seq_s, matmul, memory), err = fit_per_seq_roofline(pub)
+        print(f"best: ROOFLINE_PER_SEQ_S = {per_seq_s}, MATMUL_EFFICIENCY = {matmul}, MEMORY_EFFICIENCY = {memory}: "
+              f"train median |log err| {err:.4f}")
+        print(f"(sim/timing.py has {sim_timing.ROOFLINE_PER_SEQ_S}, {sim_timing.MATMUL_EFFICIENCY}, "
+              f"{sim_timing.MEMORY_EFFICIENCY})")
         return 0
     if args.fit_no_p2p:
         print("All-reduce without peer access, fitted on the train runs that run tensor parallel on such GPUs "
@@ -1119,31 +1141,40 @@ def main(argv: list[str] | None = None) -> int:
               f"{getattr(sim_timing, name)})")
         return 0
     if args.fit:
-        print("Host-time fit on the train rows (auto timing; objective: median |log(sim/published)| of the "
-              "headline figures):")
-        (step_s, per_seq_s), err = fit_host(pub)
-        print(f"best: STEP_OVERHEAD_S = {step_s}, PER_SEQ_OVERHEAD_S = {per_seq_s}: train median |log err| {err:.3f}")
-        print(f"(sim/timing.py has {sim_timing.STEP_OVERHEAD_S}, {sim_timing.PER_SEQ_OVERHEAD_S})\n")
-        print("Front-end fit on the train rows (auto timing, at that host time):")
-        with host_time(step_s, per_seq_s):
+        print("The measured host time (kvlab.sim.timing.HOST_MEASURED) against HOST_GRID, the same host time at "
+              "every release, on the train rows (auto timing; objective: median |log(sim/published)| of the "
+              "headline figures; the rule for measured terms: kept unless the grid's best beats it by more than "
+              f"{FIT_TOLERANCE}):")
+        (step_s, per_seq_s), best_err = fit_host(pub)
+        measured_err = median_log_error(rows(_train(pub), ("auto",)), "auto")
+        print(f"grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
+              f"{measured_err:.4f}: " + ("kept" if measured_err - best_err <= FIT_TOLERANCE else "REJECTED") + "\n")
+        print("The roofline's time per request, fitted on the train rows (auto timing, at the measured host time):")
+        per_seq, err = fit_roofline_per_seq(pub)
+        print(f"best: ROOFLINE_PER_SEQ_S = {per_seq}: train median |log err| {err:.4f}")
+        print(f"(sim/timing.py has {sim_timing.ROOFLINE_PER_SEQ_S})\n")
+        print("Front-end fit on the train rows (auto timing, at that time per request):")
+        with constants(ROOFLINE_PER_SEQ_S=per_seq):
             fe, err = fit_frontend(pub)
         print(f"best: FRONTEND_PER_REQUEST_S = {fe[0]}, FRONTEND_PER_PROMPT_TOKEN_S = {fe[1]}, "
               f"FRONTEND_PER_OUTPUT_S = {fe[2]}: train median |log err| {err:.4f}")
         print(f"(sim/timing.py has {sim_timing.FRONTEND_PER_REQUEST_S}, {sim_timing.FRONTEND_PER_PROMPT_TOKEN_S}, "
               f"{sim_timing.FRONTEND_PER_OUTPUT_S})\n")
-        print("Request-latency fit on the train rows (auto timing, at that host time and front end):")
-        with host_time(step_s, per_seq_s), front_end(*fe):
+        print("Request-latency fit on the train rows (auto timing, at that time per request and front end):")
+        with constants(ROOFLINE_PER_SEQ_S=per_seq), front_end(*fe):
             latency, err = fit_latency(pub)
         print(f"best: FRONTEND_LATENCY_S = {latency}: train median |log err| {err:.4f}")
         print(f"(sim/timing.py has {sim_timing.FRONTEND_LATENCY_S})\n")
-        with host_time(step_s, per_seq_s), front_end(*fe), constants(FRONTEND_LATENCY_S=latency):
-            report_roofline_fit(pub, "at that host time, front end and latency")
+        with constants(ROOFLINE_PER_SEQ_S=per_seq), front_end(*fe), constants(FRONTEND_LATENCY_S=latency):
+            report_roofline_fit(pub, "at that time per request, front end and latency")
         return 0
     if not args.no_memory:
         print("\n".join(memory_table()) + "\n")
     results = rows(pub, timings, args.split)
-    print(f"Host time: {1000 * sim_timing.STEP_OVERHEAD_S:.2f} ms per step + "
-          f"{1e6 * sim_timing.PER_SEQ_OVERHEAD_S:.0f} us per scheduled request; front end: "
+    print("Host time, measured (bench/engine_core_host.py), each run at the latest measured release at or before "
+          "its own: " + "; ".join(f"vLLM {'.'.join(map(str, r))} {1000 * st:.2f} ms per step + {1e6 * rq:.1f} us per "
+                                  f"scheduled request" for r, (st, rq) in sorted(sim_timing.HOST_MEASURED.items()))
+          + f"; the roofline's time per scheduled request {1e6 * sim_timing.ROOFLINE_PER_SEQ_S:.0f} us; front end: "
           f"{1000 * sim_timing.FRONTEND_PER_REQUEST_S:.1f} ms per request + "
           f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:.0f} us per prompt token in, "
           f"{1e6 * sim_timing.FRONTEND_PER_OUTPUT_S:.0f} us per streamed output; request latency "

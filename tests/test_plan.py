@@ -186,7 +186,7 @@ def test_the_api_server_load_is_the_simulated_front_ends_work(planned):
         assert 0 < load == pytest.approx(direct.figures()["api_server_load"], rel=1e-12)
     line = api_server_line(result)
     assert line.startswith("API server (per process), seconds of work per second at the planned load (computed: "
-                           "2 us per prompt token, 2.5 ms per request): ")
+                           "2 us per prompt token, 90 us per streamed output, 2.5 ms per request): ")
     heavy = {**result, "configs": [{**result["configs"][0], "figures": {"probe": {"api_server_load": 0.93}}}]}
     assert api_server_line(heavy).endswith(f"{result['configs'][0]['config']} 0.93; near one process's limit: "
                                            f"{result['configs'][0]['config']} (vLLM's --api-server-count N in "

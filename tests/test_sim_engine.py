@@ -18,7 +18,7 @@ from kvlab.sim.config import build_config
 from kvlab.replay.run import run_offline
 from kvlab.replay.sessions import closed_loop, predicted_max_users
 from kvlab.schema.replay import SimRunResults
-from kvlab.sim.timing import MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, STEP_OVERHEAD_S
+from kvlab.sim.timing import HOST_MEASURED, MEMORY_EFFICIENCY, PER_SEQ_OVERHEAD_S, ROOFLINE_PER_SEQ_S, STEP_OVERHEAD_S
 
 
 def _spread(x: float) -> dict:
@@ -196,8 +196,14 @@ def test_decode_step_roofline_arithmetic():
     embed = 128256 * 4096 * 2  # the input embedding is a lookup, not read whole
     weights = cfg.capacity.weight_bytes - embed
     kv = 1000 * 131072
-    expected = (weights + kv) / (3.35e12 * MEMORY_EFFICIENCY) + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S
-    assert c.decode_step_s(1, 1000) == pytest.approx(expected, rel=1e-12)
+    gpu = (weights + kv) / (3.35e12 * MEMORY_EFFICIENCY) + ROOFLINE_PER_SEQ_S
+    assert c.inner.decode_step_s(1, 1000) == pytest.approx(gpu + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S, rel=1e-12)
+    # the host time is the release's, measured (HOST_MEASURED): vLLM 0.32.0's here, 0.11.0's at 0.11.0
+    assert c.host_s(8) == pytest.approx(HOST_MEASURED[(0, 32, 0)][0] + 8 * HOST_MEASURED[(0, 32, 0)][1])
+    assert c.decode_step_s(1, 1000) == pytest.approx(gpu + c.host_s(1), rel=1e-12)
+    older = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.11.0").cost
+    assert older.host_s(8) == pytest.approx(0.00034 + 8 * 0.0000178)
+    assert older.decode_step_s(1, 1000) == pytest.approx(gpu + older.host_s(1), rel=1e-12)
     # A 4096-token prefill is compute bound: 2 x active parameters per token dominates.
     assert c.compute_s(build_prefill_work(4096)) > c.memory_s(build_prefill_work(4096))
 

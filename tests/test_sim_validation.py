@@ -95,6 +95,7 @@ FITS = {  # a fit, a small grid of it, and a figure factor that depends on the c
                   lambda t: (t.FRONTEND_PER_REQUEST_S * 1000 + t.FRONTEND_PER_PROMPT_TOKEN_S * 3e5
                              + t.FRONTEND_PER_OUTPUT_S * 2e4)),
     "latency": (lambda: v.fit_latency, (0.0, 0.01, 0.05), lambda t: t.FRONTEND_LATENCY_S * 50),
+    "roofline per request": (lambda: v.fit_roofline_per_seq, (0.0, 0.00002, 0.0001), lambda t: t.ROOFLINE_PER_SEQ_S * 2.5e4),
 }
 
 
@@ -128,23 +129,24 @@ def test_the_fits_read_train_rows_only(pub, monkeypatch, fit):
     assert not (train_figures & test_figures)
 
 
-def test_the_joint_host_and_roofline_fit_reads_train_rows_only_and_moves_both(pub, monkeypatch):
-    """`--fit-joint`: the fallback rows answer to the roofline's constants and host time, the others
-    to host time alone; the best point is where both are right, and a test row's figures never move it (nor are run)."""
+def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
+    """`--fit-joint`: the fallback rows answer to the roofline's time per request and efficiencies, the
+    others to neither; the best point is where they are right, and a test row's figures never move it
+    (nor are run)."""
     ran = []
 
     def fake_simulate(bench, timing):
         ran.append(bench)
         t = v.sim_timing
         fallback = bench.gpu != "h100"  # most train rows: the median then answers to the roofline
-        k = t.PER_SEQ_OVERHEAD_S * 1e4 * (2 * t.MATMUL_EFFICIENCY - 1 if fallback else 1)
+        k = t.ROOFLINE_PER_SEQ_S * 1e4 * (2 * t.MATMUL_EFFICIENCY - 1) if fallback else 0.5
         return ({name: value * (0.5 + k) for name, (_, value) in bench.figures.items()},
                 "roofline fallback: fake" if fallback else "kernel tables: fake")
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
-    host, roof = ((0.0005, 0.00002), (0.0005, 0.00005)), ((0.8, 0.8), (1.0, 0.8))
-    best, err = v.fit_host_roofline(pub, host, roof, report=lambda _: None)
-    assert best == (0.0005, 0.00005, 1.0, 0.8) and err == pytest.approx(0.0, abs=1e-12)
+    per_seq, roof = (0.00002, 0.00005), ((0.8, 0.8), (1.0, 0.8))
+    best, err = v.fit_per_seq_roofline(pub, per_seq, roof, report=lambda _: None)
+    assert best == (0.00005, 1.0, 0.8) and err == pytest.approx(0.0, abs=1e-12)
     assert {b.gpu for b in ran} >= {"rtx-4090", "h100"}
     train_figures = {json.dumps(b.figures, sort_keys=True) for b in ran}
     changed = pub.model_copy(update={"runs": [
@@ -152,7 +154,7 @@ def test_the_joint_host_and_roofline_fit_reads_train_rows_only_and_moves_both(pu
             k: x * 7 for k, x in r.measured.figures().items()})}) if r.split == "test" else r
         for r in pub.runs]})
     ran.clear()
-    assert v.fit_host_roofline(changed, host, roof, report=lambda _: None) == (best, err)
+    assert v.fit_per_seq_roofline(changed, per_seq, roof, report=lambda _: None) == (best, err)
     assert {json.dumps(b.figures, sort_keys=True) for b in ran} == train_figures
     assert not train_figures & {json.dumps(v.headline(r), sort_keys=True) for r in pub.runs if r.split == "test"}
 
