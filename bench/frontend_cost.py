@@ -29,7 +29,7 @@ CPU (the probe, a 10M-iteration Python loop, is printed to compare machines): a 
 process on another CPU takes about its probe's ratio more or less.
 
 Run: `python bench/frontend_cost.py [--tokenizer DIR] [--endpoint chat|completions] [--no-streaming] [--requests 48] [--rounds 3]
-[--json]` (about 5 minutes on 2 cores, 2 with `--no-streaming`; needs vLLM's CPU build in the
+[--server-python PY] [--json]` (about 5 minutes on 2 cores, 2 with `--no-streaming`; needs vLLM's CPU build in the
 virtualenv, as `make setup` installs it).
 """
 
@@ -206,6 +206,54 @@ def measure(pid: int, base_url: str, bodies: list[dict], concurrency: int, round
             "engine_core_cpu_s_per_request": statistics.median(core), "batch_wall_s": wall}
 
 
+class other_server:
+    """`spec` served by the vLLM of another Python (`python -m vllm.entrypoints.openai.api_server`, the
+    CPU build's KV space through VLLM_CPU_KVCACHE_SPACE, eager as kvlab's launcher runs it), in its own
+    process group; `pid`, `base_url` and `version` while it runs."""
+
+    def __init__(self, python: str, spec):
+        self.python, self.spec = python, spec
+
+    def __enter__(self):
+        import os
+        import subprocess
+
+        from frontend_burst import wait_healthy
+        from kvlab.ports import free_port
+
+        port = free_port("127.0.0.1")
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._log = open(self.spec.log_path, "w")
+        self._proc = subprocess.Popen(
+            [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.spec.model, "--port", str(port),
+             "--max-model-len", str(self.spec.max_model_len), "--enforce-eager", *self.spec.extra_args],
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_memory_gib)}, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_healthy(self.base_url, self._proc, self.spec.health_timeout_s)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.pid = self._proc.pid
+        self.version = subprocess.run([self.python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                                      text=True).stdout.strip().splitlines()[-1]
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import signal
+
+        try:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            self._proc.wait(timeout=30)
+        except (ProcessLookupError, OSError):
+            pass
+        except Exception:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._log.close()
+        return False
+
+
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares y = a + b x: (a, b)."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -229,9 +277,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=48, help="requests per batch")
     ap.add_argument("--concurrency", default="8,32", help="requests in flight (prompt series: the first)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--server-python", help="the Python of another vLLM to serve with (the CPU build of another "
+                    "release in a virtualenv of its own, as for bench/frontend_burst.py); default: this one's, "
+                    "through kvlab's launcher")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    import vllm
 
     from kvlab.deploy.launcher import Server, ServeSpec
 
@@ -251,8 +301,13 @@ def main() -> int:
         spec = ServeSpec(model=str(folder), engine="vllm-cpu", max_model_len=16384, kv_memory_gib=1,
                          extra_args=["--max-num-seqs", str(max(concurrency)), "--served-model-name", "tiny"],
                          log_path=Path(tmp) / "server.log", health_timeout_s=300)
-        with Server(spec) as srv:
-            pid, url = srv.pid, srv.base_url
+        server = other_server(a.server_python, spec) if a.server_python else Server(spec)
+        with server as srv:
+            pid, url, version = srv.pid, srv.base_url, getattr(srv, "version", None)
+            if version is None:
+                import vllm
+
+                version = vllm.__version__
 
             def body(prompt: str, max_tokens: int, stream: bool) -> dict:
                 b = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -274,7 +329,7 @@ def main() -> int:
         fit([1 / c for c in concurrency], [slope[c] for c in concurrency])[::-1] if len(concurrency) > 1
         else (0.0, slope[concurrency[0]]))
     tokenizer = str(a.tokenizer) if a.tokenizer else f"stand-in byte-level BPE of {vocab:,} tokens"
-    out = {"vllm_version": vllm.__version__, "endpoint": a.endpoint, "tokenizer": tokenizer, "tokenizer_vocab": vocab,
+    out = {"vllm_version": version, "endpoint": a.endpoint, "tokenizer": tokenizer, "tokenizer_vocab": vocab,
            "tokenizer_alone_cpu_s_per_token": alone, "concurrency": concurrency,
            "requests_per_batch": a.requests, "rounds": a.rounds, "cpu_probe_10M_loop_s": round(probe, 3),
            "api_idle_cpu_s_per_s": idle,

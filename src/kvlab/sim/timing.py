@@ -334,6 +334,10 @@ ROOFLINE_PER_SEQ_S = 0.00008
 # us in three later runs) is within FIT_TOLERANCE of the best, so by the rule for measured terms it
 # is taken. The fitted host time's 100 us per request had stood in for it: at that host time the
 # train rows rejected it.
+# MEASURED again (2026-12-05, session 26, bench/frontend_cost.py --tokenizer (Qwen3's) [--server-python],
+# chat route): vLLM 0.11.0 65.4 us per output + 454 us per step, 0.32.0 108.9 us + 750 us (probes
+# 0.28-0.29 s). Train rows with 0.11.0's pair everywhere 0.1259, 0.32.0's 0.1247, against 0.1227 now:
+# both within FIT_TOLERANCE; a per-release pair (as HOST_MEASURED) is the next step, not yet taken.
 FRONTEND_PER_OUTPUT_S = 0.00009
 FRONTEND_PER_STEP_S = 0.0
 # And FRONTEND_PER_REQUEST_S per arriving request plus FRONTEND_PER_PROMPT_TOKEN_S per prompt token
