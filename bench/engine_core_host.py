@@ -155,7 +155,12 @@ def main() -> int:
     from frontend_cost import build_model, corpus
     from sim_speed import cpu_probe_s
 
-    batches = sorted({int(x) for x in a.batches.split(",")})
+    try:
+        batches = sorted({int(x) for x in a.batches.split(",")})
+    except ValueError:
+        batches = []
+    if len(batches) < 2 or batches[0] < 1:
+        ap.error(f"--batches {a.batches!r}: give two or more positive batch sizes, comma-separated")
     with tempfile.TemporaryDirectory(prefix="kvlab-host-") as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
@@ -164,8 +169,12 @@ def main() -> int:
         script = Path(tmp) / "driver.py"
         script.write_text(DRIVER)
         probe_before = cpu_probe_s()
-        proc = subprocess.run([a.vllm_python, str(script), str(folder), json.dumps(batches), str(PROMPT_TOKENS),
-                               str(OUTPUT_TOKENS), str(vocab), str(out)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([a.vllm_python, str(script), str(folder), json.dumps(batches), str(PROMPT_TOKENS),
+                                   str(OUTPUT_TOKENS), str(vocab), str(out)], capture_output=True, text=True)
+        except OSError as e:
+            print(f"error: --vllm-python {a.vllm_python}: {e.strerror}", file=sys.stderr)
+            return 2
         probe_after = cpu_probe_s()
         if proc.returncode != 0 or not out.is_file():
             sys.stderr.write(proc.stderr[-4000:])

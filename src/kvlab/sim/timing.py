@@ -1,5 +1,5 @@
 """Roofline step times: each engine step costs max(compute, memory) on the GPU preset, plus the
-tensor-parallel all-reduces and a fixed host overhead.
+tensor-parallel all-reduces, a time per scheduled request, and the engine core's host time.
 
 Per GPU of a `-tp N` group, for one step that computes `tokens` new tokens and samples `sampled`:
 
