@@ -271,7 +271,7 @@ def deepseek_v3():
     from kvlab.serve_config import options_config
     from kvlab.sim.config import build_config
     return build_config(options_config("deepseek-v3", quantization="fp8_per_block", tensor_parallel_size=8,
-                                       max_model_len=32768), "h200", timing="auto").cost.inner
+                                       max_model_len=32768), "h200", timing="auto").cost
 
 
 def test_deepseek_v3_mla_block_on_a_measured_point_is_the_tables_value(deepseek_v3):

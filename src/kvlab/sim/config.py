@@ -68,7 +68,7 @@ class SimConfig:
     arch: ModelArch
     gpu: hardware.GPU
     capacity: memory.CapacityResult
-    cost: sim_timing.HostTime  # the step backend with the release's host time
+    cost: CostModel
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -224,19 +224,16 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
     behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl, async_scheduling,
                                     pipeline_parallel=cap.pipeline_parallel_size > 1)
-    host_step_s, host_per_seq_s, _ = sim_timing.host_time(vllm_version)
-    cost = sim_timing.HostTime(
-        step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
-                    weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
-                                  moe=arch.moe is not None), expert_parallel=config.enable_expert_parallel),
-        host_step_s, host_per_seq_s)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
         arch=arch,
         gpu=preset,
         capacity=cap,
-        cost=cost,
+        cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
+                         weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
+                                       moe=arch.moe is not None), expert_parallel=config.enable_expert_parallel,
+                         host=sim_timing.host_time(vllm_version)[:2]),  # the release's measured host time
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

@@ -13,7 +13,7 @@ continuous-batching step from its per-op terms, as its `mixed_step_breakdown` do
   `decode_step_latency` computes; generation attention is near-linear in context, and Dynamo's
   mocker prices a step from the same sums: decode rows and their summed KV tokens).
 
-Plus the host time of `kvlab.sim.timing` (the release's measured engine-core time, `HostTime`): the
+Plus the host time of `kvlab.sim.timing` (the release's measured engine-core time, `host_time`): the
 tables hold GPU time only.
 
 Every priced step has a provenance, the worst of its terms: `measured` (every varying coordinate

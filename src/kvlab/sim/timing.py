@@ -288,10 +288,11 @@ MEMORY_EFFICIENCY = 0.80  # fitted with MATMUL_EFFICIENCY (above)
 # step of vLLM issue #48229 (0.24.0, Qwen2.5-7B on one H100 SXM, 32 greedy decodes: "steps otherwise
 # ~6 ms") against the tables' 6.4 ms of GPU time: 10.1 ms with the fitted term added, 7.8 ms with the
 # measured one added, 6.4 ms with it overlapped (async scheduling, vLLM's default from 0.14: not
-# modelled, see HostTime).
+# modelled: a step of max(GPU, host) put the train rows at vLLM 0.19-0.23 10-35 % fast,
+# docs/simulator-validation.md, "Host time, measured").
 # Each run takes the figure of the latest measured release at or before its own (the earliest for
-# older ones: `host_time`); STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S, which the backends add to the GPU
-# time of a step, are the default release's.
+# older ones: `host_time`, which build_config gives step_timing); STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S,
+# what a backend built without a release adds to the GPU time of a step, are the default release's.
 HOST_MEASURED = {(0, 11, 0): (0.00034, 0.0000178), (0, 32, 0): (0.00079, 0.0000195)}  # release -> (per step, per request) s
 HOST_MEASURED_SOURCE = "measured: bench/engine_core_host.py"
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_MEASURED[(0, 32, 0)]
@@ -586,6 +587,9 @@ class CostModel:
     # (mla_module.MlaAttention, all layers) instead of the roofline's attention and KV terms, which
     # then price nothing; decode rows' kv_b_proj is in it (with_measured_ops)
     mla_attention: object = None
+    # the host time added to each step (`host_time` of the run's release; cost_model's `host`)
+    host_step_s: float = STEP_OVERHEAD_S
+    host_per_seq_s: float = PER_SEQ_OVERHEAD_S
     _steps: list = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
 
     @property
@@ -670,12 +674,12 @@ class CostModel:
                 + self._comm_s(n) + self.moe_s(n) + self.gemm_s(n, n, n))
 
     def host_s(self, requests: int) -> float:
-        """The host time added to a step of `requests` scheduled requests (read at call time)."""
-        return STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * requests
+        """The host time added to a step of `requests` scheduled requests."""
+        return self.host_step_s + self.host_per_seq_s * requests
 
     def step_time_s(self, w: StepWork) -> float:
         self._steps[0] += 1
-        return self.gpu_s(w) + ROOFLINE_PER_SEQ_S * w.requests + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * w.requests
+        return self.gpu_s(w) + ROOFLINE_PER_SEQ_S * w.requests + self.host_step_s + self.host_per_seq_s * w.requests
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
         """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path):
@@ -683,7 +687,7 @@ class CostModel:
         arithmetic without building the StepWork (it runs once per simulated decode step)."""
         self._steps[0] += 1
         return (self.decode_gpu_s(num_seqs, kv_tokens) + ROOFLINE_PER_SEQ_S * num_seqs
-                + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * num_seqs)
+                + self.host_step_s + self.host_per_seq_s * num_seqs)
 
 
 def host_time(vllm_version: str | None) -> tuple[float, float, str]:
@@ -697,32 +701,6 @@ def host_time(vllm_version: str | None) -> tuple[float, float, str]:
     at = max((r for r in measured if r <= release), default=measured[0])
     step_s, per_seq_s = HOST_MEASURED[at]
     return step_s, per_seq_s, ".".join(map(str, at))
-
-
-class HostTime:
-    """A step backend (`inner`, which adds STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S x requests to each
-    step's GPU time) with the host time of the run's own release (`host_time`) in their place, added
-    to the GPU time as before. Everything else is the inner backend's. (vLLM's async scheduling, the
-    default from 0.14, overlaps the engine core's host work with the GPU's, vllm/v1/engine/core.py
-    `step_with_batch_queue`; a step of max(GPU, host) put the train rows at those releases 10-35 %
-    fast (docs/simulator-validation.md, "Host time, measured"), so the host time is added there too.)"""
-
-    def __init__(self, inner, step_s: float, per_seq_s: float):
-        self.inner, self.step_s, self.per_seq_s = inner, step_s, per_seq_s
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def host_s(self, requests: int) -> float:
-        return self.step_s + self.per_seq_s * requests
-
-    def step_time_s(self, w: StepWork) -> float:
-        return (self.inner.step_time_s(w) - self.inner.host_s(w.requests)
-                + self.step_s + self.per_seq_s * w.requests)
-
-    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
-        return (self.inner.decode_step_s(num_seqs, kv_tokens) - self.inner.host_s(num_seqs)
-                + self.step_s + self.per_seq_s * num_seqs)
 
 
 class ScaledTiming:
@@ -831,7 +809,10 @@ def weight_kernel(fmt: WeightFormat, gpu: GPU, legacy: bool = False, vllm_versio
 
 
 def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU,
-               tp: int, kernel: str = "native") -> CostModel:
+               tp: int, kernel: str = "native", host: tuple[float, float] | None = None) -> CostModel:
+    """The roofline of one model, format and KV cache on one GPU preset; `host`: the (per step, per
+    scheduled request) host time its steps add (default: STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)."""
+    host_step_s, host_per_seq_s = host or (STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
     counts = param_counts(arch)
     roles = weight_bytes_by_role(arch, fmt, dtype)
     # Read every step: the dense layers, norms and the LM head (with tied embeddings, the embedding
@@ -855,6 +836,8 @@ def cost_model(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: s
     return CostModel(
         gpu=gpu.name,
         tp=tp,
+        host_step_s=host_step_s,
+        host_per_seq_s=host_per_seq_s,
         flops_per_s=peak * MATMUL_EFFICIENCY * (marlin_efficiency(gpu, fmt)[0] if kernel == "marlin"
                                                 else MACHETE_EFFICIENCY if kernel == "machete" else 1.0),
         attn_flops_per_s=gpu.bf16_tflops * 1e12 * ATTENTION_EFFICIENCY,
@@ -953,19 +936,23 @@ EP_ROOFLINE_NOTE = ("expert parallel priced as tensor parallel by the roofline (
 
 
 def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
-                source: str = "auto", kernel: str = "native", expert_parallel: bool = False):
+                source: str = "auto", kernel: str = "native", expert_parallel: bool = False,
+                host: tuple[float, float] | None = None):
     """The step-time backend (`_step_timing`); `expert_parallel`: vLLM's --enable-expert-parallel,
     whose routed experts the kernel tables price from their moe_ep rows (`kernels.moe_parallel`) and
-    the roofline as under tensor parallelism, saying so (EP_ROOFLINE_NOTE)."""
+    the roofline as under tensor parallelism, saying so (EP_ROOFLINE_NOTE); `host`: the (per step, per
+    scheduled request) host time every step adds (`host_time` of the run's release; default
+    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)."""
+    host = host or (STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
     from kvlab import hardware
     from kvlab.sim import kernels
 
     twin = kernels.TABLE_TWINS.get(gpu.name)
     t = None
     if twin is not None and source == "auto":
-        t = _twin_timing(arch, fmt, dtype, kv_cache_dtype, gpu, hardware.gpu(twin), tp, kernel, expert_parallel)
+        t = _twin_timing(arch, fmt, dtype, kv_cache_dtype, gpu, hardware.gpu(twin), tp, kernel, expert_parallel, host)
     if t is None:
-        t = _step_timing(arch, fmt, dtype, kv_cache_dtype, gpu, tp, source, kernel, expert_parallel)
+        t = _step_timing(arch, fmt, dtype, kv_cache_dtype, gpu, tp, source, kernel, expert_parallel, host)
     inner = t
     while hasattr(inner, "base"):  # a scaled timing's measured base
         inner = inner.base
@@ -978,7 +965,7 @@ def step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: 
 
 
 def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, twin: GPU, tp: int,
-                 kernel: str, expert_parallel: bool):
+                 kernel: str, expert_parallel: bool, host: tuple[float, float]):
     """A GPU without tables priced from its twin's (`kernels.TABLE_TWINS`: the same die and kernels):
     the twin's `auto` step (tables, scaled formats, composed parts) times the roofline's ratio of
     this GPU's GPU time to the twin's for the same step (`ScaledTiming`). The two rooflines are the
@@ -986,11 +973,11 @@ def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
     rates by their bandwidth, and this GPU's link: the same kernel efficiencies on both sides, so
     the ratio is the hardware's. None where the twin has no measured part either (its roofline
     fallback): this GPU's own roofline then."""
-    base = _step_timing(arch, fmt, dtype, kv_cache_dtype, twin, tp, "auto", kernel, expert_parallel)
+    base = _step_timing(arch, fmt, dtype, kv_cache_dtype, twin, tp, "auto", kernel, expert_parallel, host)
     measured_parts = (base.gemm_curves, base.moe_curve, base.mla_attention) if isinstance(base, CostModel) else (base,)
     if not any(p is not None for p in measured_parts):
         return None
-    theirs = cost_model(arch, fmt, dtype, kv_cache_dtype, twin, tp, kernel)
+    theirs = cost_model(arch, fmt, dtype, kv_cache_dtype, twin, tp, kernel, host)
     w8a8 = fmt.name in W8A8_FORMATS and twin.fp8_tflops and gpu.fp8_tflops
     gemm = gpu.fp8_tflops / twin.fp8_tflops if w8a8 else gpu.bf16_tflops / twin.bf16_tflops
     hbm = gpu.bandwidth_tb_s / twin.bandwidth_tb_s
@@ -1006,7 +993,8 @@ def _twin_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
 
 
 def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype: str, gpu: GPU, tp: int,
-                 source: str = "auto", kernel: str = "native", expert_parallel: bool = False):
+                 source: str = "auto", kernel: str = "native", expert_parallel: bool = False,
+                 host: tuple[float, float] | None = None):
     """The step-time backend: `kernels` (measured vLLM kernel tables, KvlabError where there are
     none), `roofline`, or `auto` (the kernel tables where they cover the model, GPU and format; a
     weight-only format on its GEMM path `kernel` (marlin, dequant) from the BF16 tables scaled by the
@@ -1018,7 +1006,8 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
 
     if source not in TIMING_SOURCES:
         raise KvlabError(f"unknown timing source {source!r}; use one of: {', '.join(TIMING_SOURCES)}")
-    roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp, kernel)
+    host = host or (STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S)
+    roofline = cost_model(arch, fmt, dtype, kv_cache_dtype, gpu, tp, kernel, host)
     path = KERNEL_LABELS.get(kernel)
     if kernel == "marlin":
         eff, eff_source = marlin_efficiency(gpu, fmt)
@@ -1035,9 +1024,8 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
         return roofline
     def tables_base(base_fmt: WeightFormat = BF16_WEIGHTS, kv: str = kv_cache_dtype):
         """The kernel tables' timing of this model at `base_fmt` weights and a `kv` cache, and its roofline."""
-        roof = cost_model(arch, base_fmt, dtype, kv, gpu, tp)
-        return kernels.KernelTiming(arch, base_fmt, dtype, kv, gpu, tp, roof, STEP_OVERHEAD_S,
-                                    PER_SEQ_OVERHEAD_S, expert_parallel), roof
+        roof = cost_model(arch, base_fmt, dtype, kv, gpu, tp, host=host)
+        return kernels.KernelTiming(arch, base_fmt, dtype, kv, gpu, tp, roof, *host, expert_parallel), roof
 
     def support(base_fmt: WeightFormat, kv: str = kv_cache_dtype) -> str | None:
         return kernels.kernel_support(arch, base_fmt, dtype, kv, gpu, tp, expert_parallel)
@@ -1050,8 +1038,7 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
         roofline = dataclasses.replace(roofline, timing_source="roofline")
     reason = support(fmt)
     if reason is None:
-        return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline,
-                                    STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S, expert_parallel)
+        return kernels.KernelTiming(arch, fmt, dtype, kv_cache_dtype, gpu, tp, roofline, *host, expert_parallel)
     bf16_reason = support(BF16_WEIGHTS) if path else None  # a weight-only format: its BF16 base
     if source == "auto" and kv_cache_dtype != "auto":
         # An FP8 KV cache where the tables have no attention rows for it (an A100's, vLLM 0.14) but
@@ -1085,7 +1072,7 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
         # base (ScaledTiming), as for the models the tables hold; a plain roofline here would set a
         # roofline against a measurement (AWQ/BF16 3.6x on DeepSeek-V2-Lite at 16 streams, against
         # 2.4x on either base alone).
-        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp)
+        bf16 = cost_model(arch, BF16_WEIGHTS, dtype, kv_cache_dtype, gpu, tp, host=host)
         composed = with_measured_ops(bf16, arch, BF16_WEIGHTS, kv_cache_dtype)
         if composed is not bf16:
             scaled = ScaledTiming(_labelled_fallback(composed, bf16_reason), roofline, bf16, path)
