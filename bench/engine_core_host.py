@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from frontend_cost import build_model, corpus, fit  # noqa: E402  (the same least-squares line)
+from sim_speed import cpu_probe_s  # noqa: E402
 
 PROMPT_TOKENS = 32
 OUTPUT_TOKENS = 64
@@ -137,13 +139,6 @@ if __name__ == "__main__":
 '''.replace("SKIP_FIRST", str(SKIP_FIRST)).replace("SKIP_LAST", str(SKIP_LAST))
 
 
-def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least squares y = a + b x: (a, b)."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", default=sys.executable,
@@ -151,10 +146,6 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32,128,256,512", help="batch sizes N, comma-separated")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from frontend_cost import build_model, corpus
-    from sim_speed import cpu_probe_s
-
     try:
         batches = sorted({int(x) for x in a.batches.split(",")})
     except ValueError:
