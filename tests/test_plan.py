@@ -179,14 +179,17 @@ def test_the_api_server_load_is_the_simulated_front_ends_work(planned):
         # outputs are the engine's own count of generated tokens, one streamed output each)
         generated = direct.engine.metrics.counters["vllm:generation_tokens"]
         assert generated >= sum(r["completion_tokens"] or 0 for r in recs)
+        # and each step with outputs its per-step cost (the release's measured streaming): nearly every step
+        assert 0.9 * direct.engine.num_steps < direct.engine.frontend_steps <= direct.engine.num_steps
         expected = (sum(cfg.frontend_per_request_s + cfg.frontend_per_prompt_token_s * r["prompt_tokens"] for r in recs)
-                    + cfg.frontend_per_output_s * generated)
-        assert direct.engine.frontend_work_s == pytest.approx(expected, rel=1e-9)
+                    + cfg.frontend_per_output_s * generated + cfg.frontend_per_step_s * direct.engine.frontend_steps)
+        assert cfg.frontend_per_step_s > 0 and direct.engine.frontend_work_s == pytest.approx(expected, rel=1e-9)
         load = row["figures"]["probe"]["api_server_load"]
         assert 0 < load == pytest.approx(direct.figures()["api_server_load"], rel=1e-12)
     line = api_server_line(result)
     assert line.startswith("API server (per process), seconds of work per second at the planned load (computed: "
-                           "2 us per prompt token, 90 us per streamed output, 2.5 ms per request): ")
+                           "2 us per prompt token, 117 us per streamed output, 0.8 ms per engine step, 2.5 ms per "
+                           "request; streaming measured on vLLM 0.32.0): ")
     heavy = {**result, "configs": [{**result["configs"][0], "figures": {"probe": {"api_server_load": 0.93}}}]}
     assert api_server_line(heavy).endswith(f"{result['configs'][0]['config']} 0.93; near one process's limit: "
                                            f"{result['configs'][0]['config']} (vLLM's --api-server-count N in "

@@ -77,6 +77,20 @@ def test_a_steps_outputs_cost_a_share_of_the_step_and_each_output():
     assert build_config("llama-3.1-8b", "h100", max_model_len=4096).frontend_per_step_s == timing.FRONTEND_PER_STEP_S
 
 
+@pytest.mark.parametrize("release, measured", [("0.32.0", "0.32.0"), ("0.11.0", "0.11.0"), ("0.24.0", "0.11.0"),
+                                               ("0.9.2", "0.11.0")])
+def test_each_release_streams_at_the_measured_release_at_or_before_it(release, measured):
+    """The API server's streaming cost per output and per step is bench/frontend_cost.py's measurement
+    of the latest measured release at or before the run's (the earliest for older ones), as the host time."""
+    from kvlab.sim import timing
+
+    cfg = build_config("llama-3.1-8b", "h100", max_model_len=4096, vllm_version=release)
+    per_output, per_step = timing.FRONTEND_STREAMING_MEASURED[tuple(map(int, measured.split(".")))]
+    assert (cfg.frontend_per_output_s, cfg.frontend_per_step_s) == (per_output, per_step)
+    assert timing.frontend_streaming(release) == (per_output, per_step, measured)
+    assert {(0, 11, 0): (0.000068, 0.00047), (0, 32, 0): (0.000117, 0.0008)} == timing.FRONTEND_STREAMING_MEASURED
+
+
 @pytest.mark.parametrize("arrive_s", [0.5, 0.5005, 0.5011, 0.5017])
 def test_a_request_arriving_during_a_step_is_processed_before_that_steps_outputs(arrive_s):
     """A request that reaches the API server while a decode step runs is taken in before that step's

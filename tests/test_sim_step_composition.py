@@ -36,11 +36,11 @@ def test_recorded_steps_add_up_to_the_run(runs):
     # a burst at time 0 keeps the engine busy from the first request's input processing (the front
     # end's per-request and per-prompt-token time: the engine has nothing before it; the other
     # requests' input processing overlaps the first steps) to the last request: its steps are the run,
-    # and then the front end streams the last step's outputs (FRONTEND_PER_OUTPUT_S for each request in
-    # it; at 24 requests it never falls behind the engine). The run's chat requests at vLLM 0.11.0 first
+    # and then the front end streams the last step's outputs (the release's measured cost per engine step
+    # and per request in it; at 24 requests it never falls behind the engine). The run's chat requests at vLLM 0.11.0 first
     # have their chat template parsed, all 24 before the first one's input processing (kvlab.sim.engine),
     # after the request latency every request takes on its way in (FRONTEND_LATENCY_S)
-    per_output = sim_timing.FRONTEND_PER_OUTPUT_S
+    per_output, per_step, _ = sim_timing.frontend_streaming(c.bench.vllm_version)
     chat_s, _ = sim_timing.chat_template_cost(c.bench.vllm_version, "qwen3")
     assert c.bench.workload["endpoint_type"] == "openai-chat" and chat_s > 0
     # the prompts are the run's printed total scaled to 24 requests (1,996-1,997 tokens each): the first
@@ -48,7 +48,7 @@ def test_recorded_steps_add_up_to_the_run(runs):
     token_s = sim_timing.FRONTEND_PER_PROMPT_TOKEN_S
     head = (sim_timing.FRONTEND_LATENCY_S + PROMPTS * chat_s + sim_timing.FRONTEND_PER_REQUEST_S
             + token_s * res["total_input_tokens"] / res["completed"])
-    tail = res["duration"] - head - (r.mixed.seconds + r.decode.seconds)
+    tail = res["duration"] - head - (r.mixed.seconds + r.decode.seconds) - per_step
     if per_output:
         last = tail / per_output
         assert 1 <= round(last) <= PROMPTS and last == pytest.approx(round(last), abs=1e-6 + token_s / per_output)

@@ -78,10 +78,13 @@ def api_server_line(result: dict) -> str | None:
     loads = api_server_loads(result)
     if not loads:
         return None
+    per_output_s, per_step_s, release = sim_timing.frontend_streaming(result["inputs"].get("vllm_version"))
     costs = ", ".join(f"{scale * value:g} {unit}" for value, scale, unit in (
         (sim_timing.FRONTEND_PER_PROMPT_TOKEN_S, 1e6, "us per prompt token"),
-        (sim_timing.FRONTEND_PER_OUTPUT_S, 1e6, "us per streamed output"),
+        (per_output_s, 1e6, "us per streamed output"),
+        (per_step_s, 1e3, "ms per engine step"),
         (sim_timing.FRONTEND_PER_REQUEST_S, 1e3, "ms per request")) if value)
+    costs += f"; streaming measured on vLLM {release}"
     near = [c for c, x in loads if x >= API_SERVER_NEAR_LIMIT]
     tail = (f"; near one process's limit: {', '.join(near)} (vLLM's --api-server-count N in serve_args runs N "
             f"API-server processes, each taking 1/N of the work)" if near else "")

@@ -87,7 +87,7 @@ class ProbeFigures(Part):
     requests_judged: int = _f("simulated", unit="requests")
     api_server_load: float | None = figure(
         "computed", unit="s/s", description="seconds of one simulated API-server process's work per second at this "
-        "load (the window's requests, prompt tokens and streamed outputs at kvlab.sim's front-end costs, its share of "
+        "load (the window's requests, prompt tokens, streamed outputs and engine steps at kvlab.sim's front-end costs, its share of "
         "them with --api-server-count N); above 1, it cannot keep up")
 
 

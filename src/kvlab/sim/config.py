@@ -224,6 +224,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     chat_s, _ = sim_timing.chat_template_cost(vllm_version, arch.model_type)
     behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl, async_scheduling,
                                     pipeline_parallel=cap.pipeline_parallel_size > 1)
+    streaming = sim_timing.frontend_streaming(vllm_version)  # the release's API server, streaming
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -243,10 +244,10 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         gpu_memory_utilization=util,
         kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         num_gpu_blocks_override=config.num_gpu_blocks_override,
-        frontend_per_output_s=sim_timing.FRONTEND_PER_OUTPUT_S,
+        frontend_per_output_s=streaming[0],
         frontend_per_request_s=sim_timing.FRONTEND_PER_REQUEST_S,
         frontend_per_prompt_token_s=sim_timing.FRONTEND_PER_PROMPT_TOKEN_S,
-        frontend_per_step_s=sim_timing.FRONTEND_PER_STEP_S,
+        frontend_per_step_s=streaming[1],
         frontend_latency_s=sim_timing.FRONTEND_LATENCY_S,
         frontend_per_chat_request_s=chat_s,
         api_server_count=config.api_server_count or config.data_parallel_size,

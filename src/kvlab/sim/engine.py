@@ -100,6 +100,7 @@ class Engine:
         self.frontend_latency_s = cfg.frontend_latency_s  # every request's delay on its way in
         self.frontend_free_s = float("-inf")  # when the front end is through with its work so far
         self.frontend_work_s = 0.0  # the front end's work taken on so far (seconds of its CPU)
+        self.frontend_steps = 0  # steps whose outputs it took on so far (each costs frontend_step_s)
         # The latest step's output work: when it started, and when the front end's work before it
         # (including requests' input processing put ahead of it since) is through (`intake`).
         self.frontend_out_start_s = float("-inf")
@@ -147,6 +148,7 @@ class Engine:
         before = self.frontend_free_s
         cost_s = self.frontend_step_s + self.frontend_out_s * outputs if outputs else 0.0
         self.frontend_work_s += cost_s
+        self.frontend_steps += outputs > 0
         start, out = self._front_end_work(end_s, cost_s)
         self.frontend_out_start_s, self.frontend_free_before_out_s = start, before
         return start, out
