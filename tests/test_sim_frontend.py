@@ -372,3 +372,17 @@ def test_the_low_load_bench_reads_vllms_histograms_as_prometheus_does():
     assert got == pytest.approx(want) and len(got) == 6
     assert got["vllm:request_prefill_time_seconds_count"] == 16.0
     assert got["vllm:request_prefill_time_seconds_sum"] == pytest.approx(15.255730633999747)
+
+
+@pytest.mark.parametrize("release, host, streaming", [
+    ("0.11.0", "0.34 ms per step + 17.8 us", "streaming measured on vLLM 0.11.0's 68 us per output + 0.47 ms per step"),
+    ("0.32.0", "0.79 ms per step + 19.5 us", "streaming measured on vLLM 0.32.0's 117 us per output + 0.80 ms per step")])
+def test_a_bench_record_says_what_priced_the_time_outside_the_steps(release, host, streaming):
+    """`kvlab sim bench`'s record names the host time and the API server's costs of its release, with
+    where each comes from (measured, or the request latency fitted), beside the steps' timing source."""
+    from kvlab.replay.bench import run_bench
+
+    res = run_bench("llama-3.1-8b", "h100", num_prompts=4, input_len=64, output_len=8, max_concurrency=2,
+                    vllm_version=release, max_model_len=4096)
+    assert res.host_source.startswith(f"host time measured on vLLM {release}'s engine core ({host} per scheduled request)")
+    assert streaming in res.host_source and res.host_source.endswith("request latency 20 ms (fitted)")

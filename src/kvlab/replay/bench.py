@@ -218,7 +218,8 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
                    else res.results.num_preemptions)
     cap = cfg.capacity
     return BenchResult(
-        model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), dataset_name=dataset,
+        model_id=model, gpu=cfg.gpu.name, timing_source=timing_source(cfg), host_source=cfg.host_source(),
+        dataset_name=dataset,
         num_prompts=num_prompts, request_rate="inf" if math.isinf(request_rate) else request_rate,
         burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
         tensor_parallel_size=cfg.tensor_parallel_size, enable_expert_parallel=cfg.expert_parallel,
@@ -390,4 +391,5 @@ def _print_result(r: BenchResult, wall_s: float) -> None:
     scaled = " and ".join(f"{what} scaled to {n:,} tokens (--total-{flag}-tokens)" for what, flag, n in
                           (("prompts", "input", r.prompts_total), ("replies", "output", r.replies_total)) if n)
     print(f"simulated: {r.model_id} on {r.gpu} x{r.tensor_parallel_size}, step times: {r.timing_source}; "
-          f"{warm}{scaled + '; ' if scaled else ''}{r.num_preemptions} preemptions; {wall_s:.1f} s wall")
+          + (f"outside the steps: {r.host_source}; " if r.host_source else "")
+          + f"{warm}{scaled + '; ' if scaled else ''}{r.num_preemptions} preemptions; {wall_s:.1f} s wall")

@@ -178,6 +178,7 @@ def summarize(cfg: SimConfig, player: Player, duration_s: float, wall_s: float, 
         if c["vllm:prefix_cache_queries"] else 0.0,
         "kv_cache_usage_max": player.max_kv_usage,
         "timing_source": cfg.cost.timing_source,
+        "host_source": cfg.host_source(),
         "timing_provenance": dict(cfg.cost.provenance_counts),  # engine steps priced per provenance
     }
 

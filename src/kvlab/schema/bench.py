@@ -24,6 +24,9 @@ class BenchResult(Record):
     model_id: str
     gpu: str
     timing_source: str  # what priced the simulated steps (the cost model's label: kernel tables, composed, roofline)
+    # what priced the time outside the GPU's steps (host time, API server, request latency) and where
+    # each term comes from (SimConfig.host_source); records written before it: None
+    host_source: str | None = None
     dataset_name: Literal["random", "sharegpt"]
     num_prompts: int
     request_rate: float | Literal["inf"]

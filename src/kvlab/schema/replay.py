@@ -62,6 +62,7 @@ class SimRunResults(Record):
     engine: Literal["sim"] = "sim"
     provenance: str
     timing_source: str | None = None  # what priced the simulated steps (kvlab.sim.timing)
+    host_source: str | None = None  # and the time outside them (SimConfig.host_source; results before it: None)
     timing_provenance: dict[str, int] | None = None  # steps priced by each source
     model: str
     gpu: str

@@ -130,6 +130,25 @@ class SimConfig:
         return (self.frontend_per_request_s / n, self.frontend_per_prompt_token_s / n,
                 self.frontend_per_output_s / n, self.frontend_per_step_s)
 
+    def host_source(self) -> str:
+        """What prices the simulated time outside the GPU's steps, and where each term comes from: the
+        engine core's host time (measured per release: `kvlab.sim.timing.host_time`), the API server's
+        work (measured on vLLM's own: per request, per prompt token, the chat template where the
+        release parses it, streaming per release: `frontend_streaming`) and the request latency (fitted)."""
+        step_s, per_seq_s, host_at = sim_timing.host_time(self.vllm_version)
+        per_output_s, per_step_s, stream_at = sim_timing.frontend_streaming(self.vllm_version)
+        streaming = ((f"streaming measured on vLLM {stream_at}'s" if (self.frontend_per_output_s, self.frontend_per_step_s)
+                      == (per_output_s, per_step_s) else "streaming as given")
+                     + f" {1e6 * self.frontend_per_output_s:.0f} us per output + {1000 * self.frontend_per_step_s:.2f} ms per step")
+        chat = (f", the chat template {1000 * self.frontend_per_chat_request_s:.1f} ms per chat request (measured)"
+                if self.frontend_per_chat_request_s else "")
+        servers = f" over {self.api_server_count} API-server processes" if self.api_server_count > 1 else ""
+        return (f"host time measured on vLLM {host_at}'s engine core ({1000 * step_s:.2f} ms per step + "
+                f"{1e6 * per_seq_s:.1f} us per scheduled request); API server{servers}: "
+                f"{1000 * self.frontend_per_request_s:.1f} ms per request + {1e6 * self.frontend_per_prompt_token_s:.0f} us "
+                f"per prompt token (measured){chat}, {streaming}; request latency "
+                f"{1000 * self.frontend_latency_s:.0f} ms (fitted)")
+
     @property
     def num_blocks(self) -> int:
         return self.capacity.num_blocks
