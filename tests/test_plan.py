@@ -208,6 +208,7 @@ def test_each_config_names_its_timing_source(planned):
         kv = {"fp8": "fp8"}.get(c.kv_cache_dtype, "auto")
         assert c.timing_source == build_config(c.model, "h100", max_model_len=4096, kv_cache_dtype=kv).cost.timing_source
         assert c.timing_provenance and sum(c.timing_provenance.values()) > 0
+        assert c.host_source.startswith("host time measured on vLLM 0.32.0's engine core")
         assert set(c.timing_provenance) <= {"measured", "interpolated", "extrapolated", "scaled", "composed", "roofline"}
     assert "timing_source" in result["provenance"]
 

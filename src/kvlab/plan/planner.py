@@ -34,7 +34,7 @@ from kvlab.loadtest.workload import Workload, load_workload, resolve_profile
 from kvlab.models.cards import resolve_model
 from kvlab.plan import fleet
 from kvlab.plan.configs import PlanConfig, nearest_working, resolve_config, with_factors
-from kvlab.plan.probe import run_probe, timing_source
+from kvlab.plan.probe import host_source, run_probe, timing_source
 from kvlab.plan.request import PlanRequest, request_from_spec  # noqa: F401  (request_from_spec: kvlab experiment run's)
 from kvlab.plan.rebound import plot, rebound
 from kvlab.plan.search import ProbeLog, SearchResult, SearchSettings, search
@@ -379,7 +379,7 @@ def _config_json(p: Planned, base: Planned, names: dict, figs: dict, req: PlanRe
     if p.config is not None:
         row.update({"gpu": p.config.gpu, "tp": p.config.tp, "attention": p.config.attention,
                     "kv_cache_dtype": p.config.kv_cache_dtype, "weights": p.config.weights,
-                    "timing_source": timing_source(p.config)})
+                    "timing_source": timing_source(p.config), "host_source": host_source(p.config)})
     if p in feasible:
         row.update(_search_json(p.result, req))
         row["figures"] = figs[_key(p.config)]

@@ -192,6 +192,12 @@ def timing_source(cfg: PlanConfig) -> str:
     return cfg.sim_config().cost.timing_source
 
 
+@lru_cache(maxsize=256)
+def host_source(cfg: PlanConfig) -> str:
+    """What prices the config's simulated time outside the steps (SimConfig.host_source)."""
+    return cfg.sim_config().host_source()
+
+
 def probe_key(cfg: PlanConfig, workload: Workload, seed: int, users: int, window: Window) -> str:
     ident = {"code": code_digest(), "model": cfg.model, "gpu": cfg.gpu, "serve": cfg.simulated,
              "timing": timing_source(cfg),

@@ -163,6 +163,8 @@ class PlannedConfig(Part):
     kv_cache_dtype: str | None = None
     weights: str | None = None
     timing_source: str | None = None  # what priced the simulated steps of its probes (kvlab.sim.timing)
+    # and the time outside them: host time, API server, request latency (SimConfig.host_source; plans before it: None)
+    host_source: str | None = None
     timing_provenance: dict[str, int] | None = None  # the chosen probe's engine steps per provenance
     search: Search | None = None
     figures: FleetFigures | None = None
