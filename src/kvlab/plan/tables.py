@@ -46,7 +46,8 @@ def fleet_table(result: dict) -> Table:
 
 
 def timing_lines(result: dict) -> list[str]:
-    """What priced each planned config's simulated steps, one line per timing source, and the
+    """What priced each planned config's simulated steps, one line per timing source, what priced the
+    time outside them (host time, API server, request latency: `host_source`), and the
     validation error band (kvlab.schema.validation), with the ratio rows' word on each quantization
     factor the planned configs have on their GPU."""
     from kvlab.schema.validation import error_band
@@ -56,6 +57,12 @@ def timing_lines(result: dict) -> list[str]:
         if row.get("timing_source"):
             by.setdefault(row["timing_source"], []).append(row["config"])
     lines = [f"simulated (timing: {src}): {', '.join(configs)}" for src, configs in by.items()]
+    hosts: dict[str, list[str]] = {}
+    for row in result["configs"]:
+        if row.get("host_source"):
+            hosts.setdefault(row["host_source"], []).append(row["config"])
+    lines += [f"outside the steps ({'every config' if len(hosts) == 1 else ', '.join(configs)}): {h}"
+              for h, configs in hosts.items()]
     shown = [(row.get("gpu"), row.get("weights"), row.get("kv_cache_dtype")) for row in result["configs"]]
     return lines + [error_band(shown)] if lines else []
 
