@@ -496,3 +496,35 @@ def test_the_memory_model_against_the_kv_cache_vllm_logged_on_an_l40s():
     assert [r[1] for r in rows] == ["170,944", "245,312", "240,736"]
     assert [r[2] for r in rows] == ["177,040", "246,752", "246,752"]
     assert all(abs(float(r[3].split()[0])) < 4 for r in rows)
+
+
+@pytest.mark.parametrize("measured_right", [True, False])
+def test_fit_checks_the_measured_front_end_and_fits_the_latency_at_what_it_keeps(monkeypatch, capsys, measured_right):
+    """`--fit`'s front-end stage: the API server's streaming measured per release is checked against
+    FRONTEND_GRID's best (one per-output cost at every release) by the rule for measured terms; the
+    request latency is then fitted at the measured streaming where it is kept, at the grid's best
+    where it is rejected."""
+    import functools
+
+    measured = v.sim_timing.FRONTEND_STREAMING_MEASURED
+    seen = []  # (request latency, streaming at the measured pair) of each simulated run
+
+    def fake_simulate(bench, timing):
+        t = v.sim_timing
+        at_measured = t.FRONTEND_STREAMING_MEASURED is measured
+        seen.append((t.FRONTEND_LATENCY_S, at_measured))
+        right = at_measured if measured_right else t.FRONTEND_STREAMING_MEASURED == {(0, 0, 0): (1e-5, 0.0)}
+        return {name: value * (1.0 if right else 1.5) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    for name, grid in (("fit_host", ((0.0, 0.0),)), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
+                       ("fit_frontend", ((0.0025, 2e-6, 0.0), (0.0025, 2e-6, 1e-5))), ("fit_latency", (0.02, 0.03)),
+                       ("fit_roofline", ((1.0, 0.8),))):
+        monkeypatch.setattr(v, name, functools.partial(getattr(v, name), grid=grid))
+    assert v.main(["--fit"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("grid's best: FRONTEND_PER_REQUEST_S"))
+    assert line.endswith("kept" if measured_right else "REJECTED")
+    assert "streaming measured per release vLLM 0.11.0 68 us per streamed output + 0.47 ms per step" in line
+    at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
+    assert at_latency_point == {measured_right}
