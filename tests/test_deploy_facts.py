@@ -181,3 +181,11 @@ def test_the_simulators_timing_source_from_its_log_line_or_metrics():
     facts = parse_cache_config_info(generate_latest(registry).decode())
     assert facts.timing_source == cfg.cost.timing_source and facts.num_gpu_blocks == cfg.num_blocks
     assert parse_log(log).merged(facts).timing_source == cfg.cost.timing_source
+    # and what prices its time outside the steps: the log line and the same series' host_source label
+    assert facts.host_source is None
+    m.host_source = cfg.host_source()
+    assert parse_cache_config_info(generate_latest(registry).decode()).host_source == cfg.host_source()
+    host_log = f"(APIServer pid=1) INFO 12-02 18:00:00 [kvlab_sim] time outside the steps: {cfg.host_source()}\n"
+    said = parse_log(log + host_log)
+    assert (said.timing_source, said.host_source) == (label, cfg.host_source())
+    assert parse_log(real).host_source is None

@@ -56,6 +56,9 @@ def test_records_say_sim_and_hold_the_memory_models_pool(results, model):
     # what priced the simulated steps: the server's /metrics (kvlab:sim_* series), steps per provenance
     assert res["timing"]["timing_source"] == server["timing_source"] and res["timing"]["timing_source"]
     assert sum(res["timing"]["steps_priced"].values()) > 0
+    # and what priced the time outside them: the server's log and /metrics say the same
+    assert res["timing"]["host_source"] == server["host_source"]
+    assert res["timing"]["host_source"].startswith("host time measured on vLLM 0.32.0's engine core")
     cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=4096)
     # startup log and vllm:cache_config_info, parsed by the launcher as for vLLM
     assert server["vllm_version"] == "0.32.0+kvlab.sim"

@@ -43,6 +43,10 @@ def test_runner_counts_the_steps_priced_during_the_load_run():
     cfg.cost.step_time_s(StepWork(512, 1, 1, 512, 0, 512 * 512 // 2, 0))
     t = sim_timing(before, generate_latest(registry).decode(), None)
     assert t.timing_source == cfg.cost.timing_source and sum(t.steps_priced.values()) == 6
+    assert t.host_source is None  # a server that does not say (kvlab's before it did)
+    m.host_source = cfg.host_source()  # kvlab's simulated server says it (kvlab.sim.server)
+    t = sim_timing(before, generate_latest(registry).decode(), None)
+    assert t.host_source == cfg.host_source() and t.host_source.startswith("host time measured on vLLM 0.32.0's")
     assert sim_timing(None, None, None) is None  # vLLM: no series, no source
     assert sim_timing(None, None, "from the log").timing_source == "from the log"
     assert sim_timing("<html>not metrics</html>", None, None) is None

@@ -31,6 +31,7 @@ class StartupFacts:
     model_weights_gib: float | None = None
     kv_device: str | None = None  # "GPU", "CPU" (the prefix of the KV cache size line)
     timing_source: str | None = None  # kvlab's simulator only: its step-time source (kvlab.sim.timing)
+    host_source: str | None = None  # kvlab's simulator only: what prices its time outside the steps
     sampler: str | None = None  # the top-k/top-p sampler vLLM logged taking: "flashinfer" or "pytorch"
 
     def merged(self, other: "StartupFacts") -> "StartupFacts":
@@ -70,6 +71,7 @@ LOG_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
     "cache_dtype": (re.compile(r"\bkv_cache_dtype=([\w]+)"),),
     "enable_prefix_caching": (re.compile(r"\benable_prefix_caching=(True|False)"),),
     "timing_source": (re.compile(r"\btiming source: (.+?)\s*$", re.M),),
+    "host_source": (re.compile(r"\btime outside the steps: (.+?)\s*$", re.M),),
 }
 
 # The top-k/top-p sampler's lines (vllm/v1/sample/ops/topk_topp_sampler.py, 0.8 .. 0.32): FlashInfer's,
@@ -161,8 +163,9 @@ def parse_log(text: str) -> StartupFacts:
         out["cache_dtype"] = found["cache_dtype"].group(1)
     if "enable_prefix_caching" in found:
         out["enable_prefix_caching"] = found["enable_prefix_caching"].group(1) == "True"
-    if "timing_source" in found:
-        out["timing_source"] = found["timing_source"].group(1)
+    for key in ("timing_source", "host_source"):
+        if key in found:
+            out[key] = found[key].group(1)
     return StartupFacts(**out)
 
 
@@ -243,9 +246,10 @@ def parse_cache_config_info(metrics_text: str) -> StartupFacts:
     """Startup facts from `vllm:cache_config_info` on /metrics (empty when it is missing), with the
     step-time source of kvlab's simulator from `kvlab:sim_timing_info` where it is there."""
     labels = cache_config_labels(metrics_text)
-    timing = (info_labels(metrics_text, TIMING_INFO) or {}).get("timing_source") or None
+    info = info_labels(metrics_text, TIMING_INFO) or {}
+    timing, host = info.get("timing_source") or None, info.get("host_source") or None
     if labels is None:
-        return StartupFacts(timing_source=timing)
+        return StartupFacts(timing_source=timing, host_source=host)
     kv_bytes = _opt(labels, "kv_cache_memory_bytes", int)
     return StartupFacts(
         block_size=_opt(labels, "block_size", int),
@@ -256,4 +260,5 @@ def parse_cache_config_info(metrics_text: str) -> StartupFacts:
         cache_dtype=_opt(labels, "cache_dtype", str),
         enable_prefix_caching=_opt(labels, "enable_prefix_caching", lambda s: s == "True"),
         timing_source=timing,
+        host_source=host,
     )

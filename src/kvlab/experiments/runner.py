@@ -193,7 +193,8 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         prediction=prediction, metrics=MetricsFigures.from_run(metrics),
         scrapes=Scrapes(total=scraper.scrapes, gaps=scraper.gaps, last_error=scraper.last_error),
         client=client, gpu_price_per_hour=spec.gpu_price_per_hour, failure=failure,
-        timing=sim_timing(None, after, getattr(server.facts, "timing_source", None)))
+        timing=sim_timing(None, after, getattr(server.facts, "timing_source", None),
+                          getattr(server.facts, "host_source", None)))
     results.write(rdir / "results.json")
     manifest = manifest.model_copy(update={"ended_ts": time.time()})
     manifest.write(rdir / "manifest.json")
@@ -205,24 +206,26 @@ STEPS_PRICED = "kvlab:sim_steps_priced"  # kvlab.sim.metrics (the scraper keeps 
 TIMING_INFO = "kvlab:sim_timing_info"
 
 
-def sim_counters(metrics_text: str | None) -> tuple[str | None, dict[str, float]]:
-    """(timing source, steps priced per provenance) from one /metrics text of kvlab's simulator;
-    (None, {}) on vLLM, which has neither series, or where /metrics did not answer."""
+def sim_counters(metrics_text: str | None) -> tuple[dict[str, str], dict[str, float]]:
+    """(kvlab:sim_timing_info's labels: timing_source, host_source; steps priced per provenance) from
+    one /metrics text of kvlab's simulator; ({}, {}) on vLLM, which has neither series, or where
+    /metrics did not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    source, steps = None, {}
+    info: dict[str, str] = {}
+    steps: dict[str, float] = {}
     if not metrics_text:
-        return source, steps
+        return info, steps
     try:
         for family in text_string_to_metric_families(metrics_text):
             if family.name == TIMING_INFO:
-                source = next((s.labels.get("timing_source") for s in family.samples), None)
+                info = next((dict(s.labels) for s in family.samples), {})
             elif family.name in (STEPS_PRICED, STEPS_PRICED + "_total"):  # the parser names it either way
                 steps.update({s.labels.get("provenance", "?"): s.value for s in family.samples
                               if s.name == STEPS_PRICED + "_total"})
     except ValueError:  # not an exposition (a fault, a proxy's page)
-        return None, {}
-    return source, steps
+        return {}, {}
+    return info, steps
 
 
 def read_metrics_text(base_url: str) -> str | None:
@@ -236,17 +239,19 @@ def read_metrics_text(base_url: str) -> str | None:
     return r.text if r.status_code == 200 else None
 
 
-def sim_timing(before: str | None, after: str | None, timing_source: str | None) -> SimTiming | None:
-    """The simulator's timing source and the steps it priced between two /metrics texts (None
-    before: since the server started), per provenance; None on vLLM (the source from the startup
-    facts where the series are missing)."""
-    src0, steps0 = sim_counters(before)
-    src1, steps1 = sim_counters(after)
-    source = src1 or src0 or timing_source
+def sim_timing(before: str | None, after: str | None, timing_source: str | None,
+               host_source: str | None = None) -> SimTiming | None:
+    """The simulator's timing source, what priced its time outside the steps, and the steps it priced
+    between two /metrics texts (None before: since the server started), per provenance; None on vLLM
+    (the sources from the startup facts where the series are missing)."""
+    info0, steps0 = sim_counters(before)
+    info1, steps1 = sim_counters(after)
+    source = info1.get("timing_source") or info0.get("timing_source") or timing_source
     if source is None:
         return None
+    host = info1.get("host_source") or info0.get("host_source") or host_source
     steps = {p: int(v - steps0.get(p, 0.0)) for p, v in steps1.items()}
-    return SimTiming(timing_source=source, steps_priced={p: n for p, n in steps.items() if n > 0})
+    return SimTiming(timing_source=source, host_source=host, steps_priced={p: n for p, n in steps.items() if n > 0})
 
 
 def server_facts(server: Any) -> ServerFacts:

@@ -129,6 +129,9 @@ class SimTiming(Part):
     and earlier repeats on the same server included; measured, interpolated, extrapolated, scaled, composed, roofline)."""
 
     timing_source: str
+    # what priced the time outside the steps (host time, API server, request latency: SimConfig.host_source);
+    # results written before it, and servers that did not say: None
+    host_source: str | None = None
     steps_priced: dict[str, int] = figure("simulated", unit="steps", default={})  # since the server started
     source: str = "read from the simulated engine's /metrics (kvlab:sim_* series)"
 

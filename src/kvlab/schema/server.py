@@ -30,6 +30,7 @@ class ServerFacts(Part):
     model_weights_gib: float | None = figure("served", unit="GiB")
     kv_device: str | None = None
     timing_source: str | None = None  # kvlab's simulator: where its step times come from; None on vLLM
+    host_source: str | None = None  # kvlab's simulator: what prices its time outside the steps; None on vLLM
     sampler: str | None = None  # the top-k/top-p sampler the log says vLLM took (flashinfer, pytorch); None: not said
     source: str | None = None  # in words: where the facts were read
     pool_source: str | None = None  # in words: where the KV pool (blocks, tokens) was read

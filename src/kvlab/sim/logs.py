@@ -58,6 +58,7 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
         f"kvlab simulated engine: no model runs. KV capacity from kvlab's memory model, step times simulated "
         f"on {cfg.gpu.name} x{cap.num_gpus}"), level="WARNING")
     log("APIServer", "kvlab_sim", f"step timing source: {cfg.cost.timing_source}")
+    log("APIServer", "kvlab_sim", f"time outside the steps: {cfg.host_source()}")
     if cfg.api_server_count > 1:
         log("APIServer", "kvlab_sim", (
             f"{cfg.api_server_count} API-server processes (--api-server-count): simulated as one front end taking "

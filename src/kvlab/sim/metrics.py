@@ -3,8 +3,9 @@
 Names, help texts, label sets, histogram buckets and family order follow
 `vllm/v1/metrics/loggers.py` (PrometheusStatLogger) and a real /metrics of vLLM 0.32
 (tests/fixtures/*.metrics.txt). kvlab's own series, prefixed `kvlab:`, follow vLLM's (where a
-step-time model is attached as `EngineMetrics.timing`): `kvlab:sim_timing_info{timing_source}` (the
-step-time source, `kvlab.sim.timing.step_timing`) and `kvlab:sim_steps_priced_total{provenance}`
+step-time model is attached as `EngineMetrics.timing`): `kvlab:sim_timing_info{timing_source,host_source}` (the
+step-time source, `kvlab.sim.timing.step_timing`, and, where `EngineMetrics.host_source` is set, what
+prices the time outside the steps, `SimConfig.host_source`) and `kvlab:sim_steps_priced_total{provenance}`
 (engine steps priced per provenance: measured, interpolated, extrapolated, scaled, roofline).
 `EngineMetrics.collect()` yields prometheus_client families,
 so `generate_latest` writes the same text as vLLM (counters with `_total`, `_created` gauges);
@@ -118,7 +119,8 @@ HELP = {
     "vllm:request_num_preemptions": "Histogram of the number of times a request was preempted.",
     "vllm:request_prefill_kv_computed_tokens": "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
     "vllm:cache_config_info": "Information of the LLMEngine CacheConfig",
-    "kvlab:sim_timing_info": "kvlab simulated engine: where its step times come from (timing_source label).",
+    "kvlab:sim_timing_info": "kvlab simulated engine: where its step times come from (timing_source label) and "
+                             "its time outside them (host_source label).",
     "kvlab:sim_steps_priced": "kvlab simulated engine: engine steps priced, by provenance of their step time.",
 }
 TIMING_INFO = "kvlab:sim_timing_info"
@@ -155,6 +157,7 @@ class EngineMetrics:
         self.cache_config = {**CACHE_CONFIG_DEFAULTS, **cache_config}
         self.created_s = created_s
         self.timing = None  # the step-time model (timing_source, provenance_counts): kvlab's own series
+        self.host_source = None  # what prices the time outside the steps (SimConfig.host_source): a label of it
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
@@ -235,7 +238,8 @@ class EngineMetrics:
             yield self._histogram_rows(name, h)
         yield self._gauge_rows("vllm:cache_config_info", [({**self.cache_config, "engine": "0"}, 1.0)])
         if self.timing is not None:
-            yield self._gauge_rows(TIMING_INFO, [({**lab, "timing_source": self.timing.timing_source}, 1.0)])
+            host = {"host_source": self.host_source} if self.host_source else {}
+            yield self._gauge_rows(TIMING_INFO, [({**lab, "timing_source": self.timing.timing_source, **host}, 1.0)])
             counts = self.timing.provenance_counts
             yield self._counter_rows(STEPS_PRICED, [({**lab, "provenance": p}, counts.get(p, 0)) for p in PROVENANCES])
 

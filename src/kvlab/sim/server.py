@@ -96,6 +96,7 @@ class SimServer:
         self.engine = Engine(cfg, emit_decodes=True, created_s=time.time())
         self.engine.mfu_metrics = args.enable_mfu_metrics
         self.engine.metrics.timing = cfg.cost  # kvlab:sim_timing_info, kvlab:sim_steps_priced_total
+        self.engine.metrics.host_source = cfg.host_source()  # kvlab:sim_timing_info's host_source label
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
