@@ -428,6 +428,8 @@ def test_a_specs_plan_block_is_planned_into_its_results_and_reported(planned, tm
         assert fleet_rows[c["config"]]["hbm_total_gib"] == pytest.approx(c["figures"]["hbm_total_gib"])
     assert fleet_rows["llama-3.1-8b/bf16"]["baseline"]
     assert f"## Fleet plan ({label})" in (rep / "summary.md").read_text()
+    hosts = "; ".join(dict.fromkeys(c["host_source"] for c in result["configs"]))
+    assert f"Simulated time outside the steps: {hosts}." in (rep / "summary.md").read_text()
     for c in result["configs"]:  # the planned load's throughput and latencies, and $ per 1M tokens, shown
         row = fleet_rows[c["config"]]
         assert row["output_tokens_per_s_per_gpu"] == pytest.approx(c["figures"]["probe"]["output_tokens_per_s"])

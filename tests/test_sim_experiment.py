@@ -95,6 +95,10 @@ def test_report_labels_the_figures_simulated(results):
                                      for m in ("deepseek-v2-lite", "llama-3.1-8b")))  # the report's order
     assert f"## Under agent load (simulated (timing: {timing}))" in (rep / "summary.md").read_text()
     assert f"simulated (timing: {timing}) (server)" in html
+    # and what priced the time outside the steps, from the same records
+    host = RepeatResults.read(_repeat(results, "llama-3.1-8b") / "results.json").timing.host_source
+    assert f"Simulated time outside the steps: {host}." in (rep / "summary.md").read_text()
+    assert f"Simulated time outside the steps: {host}." in html.replace("&#39;", "'")
 
 
 def test_analysis_headline_script_rebuilds_the_reports_headline(results):

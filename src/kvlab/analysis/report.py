@@ -92,6 +92,13 @@ def simulated_label(rs: RunSet) -> str:
     return f"simulated (timing: {'; '.join(sources)})" if sources else "simulated"
 
 
+def host_label(sources) -> str | None:
+    """"outside the steps: <source>[; <source>]": what priced the simulated time outside the engine's
+    steps (host time, API server, request latency: SimConfig.host_source); None where no record says."""
+    said = list(dict.fromkeys(s for s in sources if isinstance(s, str) and s))
+    return f"outside the steps: {'; '.join(said)}" if said else None
+
+
 def _plans(rs: RunSet, out: Path) -> list[dict]:
     """The fleet plans found in the results folders, as tables (also written as fleet-plan*.csv/json)."""
     plans = []
@@ -103,6 +110,7 @@ def _plans(rs: RunSet, out: Path) -> list[dict]:
         png = folder / "rebound.png"
         plans.append({"spec": name, "summary": fleet.summary(plan), "provenance": plan.provenance,
                       "timing": fleet.timing_label(plan),
+                      "host": host_label(c.host_source for c in plan.configs),
                       "validation": error_band((c.gpu, c.weights, c.kv_cache_dtype) for c in plan.configs),
                       "rows": _records(table), "rebound": _records(reb),
                       "rebound_columns": [c for c in reb.columns if c.startswith("K=")],
@@ -163,6 +171,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
     load_kind = kind.replace("simulated", simulated_label(rs))
     sim = rs.repeats[rs.repeats["source"] == "simulated"]  # RepeatRow's columns, rows or none
     validation = error_band(zip(sim["gpu"], sim["weight_format"], sim["kv_cache_dtype"])) if "simulated" in kind else None
+    load_host = host_label(sim["host_source"]) if "host_source" in sim else None
     src["under_load"] = {k: load_kind if v == kind else v for k, v in src["under_load"].items()}
     plot_kind = "\n".join(textwrap.wrap(load_kind, 70))  # a plot title's line stays within the figure
     colours = plots.Colours(list(cfg["model"]) if not cfg.empty else list(rs.repeats.get("model", [])))
@@ -198,7 +207,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         folders=[str(f) for f in rs.folders], baseline=base, sentences=sentences,
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
-        images=images, missing=missing, specs=rs.specs, kind=kind, load_kind=load_kind, validation=validation,
+        images=images, missing=missing, specs=rs.specs, kind=kind, load_kind=load_kind, validation=validation, load_host=load_host,
         plans=plans, factors=fleet.FACTORS,
         n_repeats=len(rs.repeats), n_complete=len(rs.complete), src=src,
     )

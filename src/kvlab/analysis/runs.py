@@ -67,6 +67,7 @@ def _row(rdir: Path, spec_name: str, spec: dict) -> RepeatRow:
         repeat=g(head, "repeat"), status=head.status if head else "unknown",
         failure=failure.reason if failure else None, engine=engine, source=served_source(engine),
         timing_source=res.timing.timing_source if res and res.timing else g(server, "timing_source"),
+        host_source=(res.timing.host_source if res and res.timing else None) or g(server, "host_source"),
         attention=g(pred, "attention"),
         kv_cache_dtype=g(server, "cache_dtype"), kv_cache_dtype_predicted=g(pred, "kv_cache_dtype"),
         weight_format=g(pred, "quantization"),

@@ -27,6 +27,7 @@ class RepeatRow(Part):
     engine: str | None
     source: str  # what `served` figures are for this engine: measured or simulated
     timing_source: str | None = None  # kvlab's simulator: what priced its steps (None on vLLM)
+    host_source: str | None = None  # and its time outside them (None on vLLM and in records before it)
     attention: str | None = figure("predicted")
     kv_cache_dtype: str | None = figure("served")  # the server's --kv-cache-dtype as it reported it
     kv_cache_dtype_predicted: str | None = figure("predicted")
