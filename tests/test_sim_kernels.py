@@ -289,6 +289,31 @@ def test_deepseek_v3_mla_block_on_a_measured_point_is_the_tables_value(deepseek_
     assert t._decode_label(64, 200_000) == kernels.EXTRAPOLATED
 
 
+def test_deepseek_v3_fresh_prompts_of_several_lengths_are_one_batch_of_the_mla_block(deepseek_v3, llama):
+    """The MLA tables' context op is the whole block: projections, per-layer fixed work and attention.
+    Its batch axis shows the block's cost is the step's tokens', not the prompts' count (two prompts of
+    n/2 tokens cost about what one of n does), as vLLM runs one GEMM per projection and one varlen
+    attention call over a step. So a step's fresh prompts of several lengths are one batch at their
+    mean length, as the estimator's mixed step averages prompts; a chunk with cached context keeps its
+    own batch; chunks of one length are one batch as before."""
+    t = deepseek_v3
+    for n in (200, 1000, 4000):  # the tables' batch axis
+        assert t._ctx_attn_ms(2, n // 2, 0)[0] == pytest.approx(t._ctx_attn_ms(1, n, 0)[0], rel=0.1)
+    assert t.breakdown_ms(prefill(((256, 0), (256, 0))))["context_attention"] == t._ctx_attn_ms(2, 256, 0)[0]
+    assert t.breakdown_ms(prefill(((200, 0), (312, 0))))["context_attention"] == t._ctx_attn_ms(2, 256, 0)[0]
+    step = prefill(((200, 0), (313, 0), (100, 0), (192, 3808)))  # three fresh prompts and a continuation
+    assert kernels.mla_batches({(200, 0): 1, (313, 0): 1, (100, 0): 1, (192, 3808): 1}) == {(204, 0): 3, (192, 3808): 1}
+    assert t.breakdown_ms(step)["context_attention"] == pytest.approx(
+        t._ctx_attn_ms(3, 204, 0)[0] + t._ctx_attn_ms(1, 192, 3808)[0], rel=1e-12)
+    # forty ShareGPT-like prompts in one 8,192-token step: a block per prompt would cost 4-5x more
+    many = tuple((150 + 5 * i, 0) for i in range(40))
+    per_prompt = sum(t._ctx_attn_ms(1, n, c)[0] for n, c in many)
+    assert 3 < per_prompt / t.breakdown_ms(prefill(many))["context_attention"] < 6
+    # a dense model's context op is attention alone: its groups stay as they are
+    assert llama.breakdown_ms(prefill(((200, 0), (312, 0))))["context_attention"] == pytest.approx(
+        llama._ctx_attn_ms(1, 200, 0)[0] + llama._ctx_attn_ms(1, 312, 0)[0], rel=1e-12)
+
+
 def test_deepseek_v3_support_follows_the_mla_tables():
     arch = card("deepseek-v3").arch
     fp8 = weight_format("fp8-block", arch)

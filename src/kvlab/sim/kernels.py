@@ -8,7 +8,13 @@ continuous-batching step from its per-op terms, as its `mixed_step_breakdown` do
 
 - a step with prefill chunks: the non-attention ops (GEMMs, MoE, norms, all-reduces) at all of the
   step's tokens (prefill plus decode), plus context attention for the chunks (chunks of the same
-  (new, cached) length as one batch), plus generation attention for the decode rows;
+  (new, cached) length as one batch), plus generation attention for the decode rows. For MLA models
+  the tables' context op is the whole MLA block, its projections and per-layer fixed work with the
+  attention: a step's fresh prompts (no cached context) of several lengths are one batch of it at
+  their mean length, as the estimator's own mixed step averages a batch's prompts, so they pay those
+  once, as vLLM's one GEMM per projection and one varlen attention call over the step do (the tables'
+  batch axis agrees: two prompts of n/2 tokens cost what one of n does); a chunk with cached context
+  (a long prompt's continuation) keeps its own batch;
 - a pure decode step of B rows: the generation ops at B rows and the rows' mean context (what
   `decode_step_latency` computes; generation attention is near-linear in context, and Dynamo's
   mocker prices a step from the same sums: decode rows and their summed KV tokens).
@@ -574,6 +580,8 @@ class KernelTiming:
         self._memo_decode: dict[tuple[int, int], tuple | bool] = {}
         self._memo_knots: dict[int, float] = {}
         self._memo_ctx_attn: dict[tuple[int, int, int], tuple[float, int]] = {}
+        # MLA: the context op is the whole MLA block (`mla_batches`)
+        self._mla = any(ctx_names[i] == "context_mla_block" for i in self._ctx_attn)
         self.calls = 0  # estimator calls (memo misses)
         self.lookups = 0  # steps priced
         self.misses = 0  # steps that needed at least one estimator call
@@ -681,7 +689,7 @@ class KernelTiming:
             return {"non_attention": self._gen_other_ms(decodes)[0], "context_attention": 0.0,
                     "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1]}
         return {"non_attention": self._ctx_other_ms(w.tokens)[0],
-                "context_attention": sum(self._ctx_attn_ms(k, n, c)[0] for (n, c), k in Counter(chunks).items()),
+                "context_attention": self._chunks_ms(chunks)[0],
                 "generation_attention": self._decode_terms(decodes, w.decode_pairs)[1] if decodes else 0.0}
 
     def gpu_ms(self, w) -> float:
@@ -699,7 +707,8 @@ class KernelTiming:
             ops = e.evaluate_generation_ops(self._gen_other + self._gen_attn, decodes, s, 1.0, 0, None)
         else:
             ops = list(e.evaluate_context_ops(self._ctx_other, 1, w.tokens, 0, 1.0, None))
-            for (n, c), k in Counter(chunks).items():
+            groups = Counter(chunks)
+            for (n, c), k in (mla_batches(groups) if self._mla and len(groups) > 1 else groups).items():
                 ops += e.evaluate_context_ops(self._ctx_attn, k, n, c, 1.0, None)
             if decodes:
                 s = max(round(w.decode_pairs / decodes), 1)
@@ -717,16 +726,28 @@ class KernelTiming:
         if not chunks:
             return self._decode_ms(decodes, decode_kv)
         ms, label = self._ctx_other_ms(tokens)
-        groups = Counter(chunks) if len(chunks) > 1 else {chunks[0]: 1}
-        for (n, c), k in groups.items():
-            a, lab = self._ctx_attn_ms(k, n, c)
-            ms += a
-            label = max(label, lab)
+        a, lab = self._chunks_ms(chunks)
+        ms += a
+        label = max(label, lab)
         if decodes:
             attn_ms, attn_label = self._decode_terms(decodes, decode_kv)[1:]
             ms += attn_ms
             label = max(label, attn_label)
         return ms, max(label, self.tables.static)
+
+    def _chunks_ms(self, chunks: tuple) -> tuple[float, int]:
+        """The context attention of a step's prefill chunks (milliseconds, label): each group of
+        chunks of one (new, cached) length as one batch; for an MLA model, its fresh prompts of
+        several lengths as one batch at their mean length (`mla_batches`)."""
+        groups = Counter(chunks) if len(chunks) > 1 else {chunks[0]: 1}
+        if self._mla and len(groups) > 1:
+            groups = mla_batches(groups)
+        ms, label = 0.0, MEASURED
+        for (n, c), k in groups.items():
+            a, lab = self._ctx_attn_ms(k, n, c)
+            ms += a
+            label = max(label, lab)
+        return ms, label
 
     def _decode_ms(self, num_seqs: int, kv_tokens: int) -> tuple[float, int]:
         """decode_step_s's GPU milliseconds and label (ValueError where the estimator has none)."""
@@ -821,6 +842,19 @@ class KernelTiming:
         return sum(op[1] for op in ops)
 
     _bound = staticmethod(bound_memo)
+
+
+def mla_batches(groups: dict) -> dict:
+    """A step's prefill chunk groups ((new, cached) -> chunks) as the MLA block's batches: the fresh
+    prompts (no cached context) of several lengths as one batch at their mean new length (rounded;
+    its tokens within half a token a chunk of theirs), each chunk group with cached context as it is."""
+    fresh = {n: k for (n, c), k in groups.items() if c == 0}
+    if len(fresh) < 2:
+        return groups
+    out = {key: k for key, k in groups.items() if key[1] != 0}
+    chunks = sum(fresh.values())
+    out[(max(round(sum(n * k for n, k in fresh.items()) / chunks), 1), 0)] = chunks
+    return out
 
 
 def _decodes_and_chunks(w) -> tuple[int, tuple]:
