@@ -186,16 +186,21 @@ def code_digest() -> str:
 
 
 @lru_cache(maxsize=256)
+def _sources(cfg: PlanConfig) -> tuple[str, str]:
+    """(timing_source, host_source) of the config's simulated engine, built once for both."""
+    sim = cfg.sim_config()
+    return sim.cost.timing_source, sim.host_source()
+
+
 def timing_source(cfg: PlanConfig) -> str:
     """What prices the config's simulated steps (kvlab.sim.timing.step_timing's label: the kernel
     tables' package and version, or the roofline and why)."""
-    return cfg.sim_config().cost.timing_source
+    return _sources(cfg)[0]
 
 
-@lru_cache(maxsize=256)
 def host_source(cfg: PlanConfig) -> str:
     """What prices the config's simulated time outside the steps (SimConfig.host_source)."""
-    return cfg.sim_config().host_source()
+    return _sources(cfg)[1]
 
 
 def probe_key(cfg: PlanConfig, workload: Workload, seed: int, users: int, window: Window) -> str:

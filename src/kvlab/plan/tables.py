@@ -45,6 +45,15 @@ def fleet_table(result: dict) -> Table:
     return t
 
 
+def _configs_by(result: dict, key: str) -> dict[str, list[str]]:
+    """The planned configs grouped by their `key` (a source label), in order; configs without one left out."""
+    by: dict[str, list[str]] = {}
+    for row in result["configs"]:
+        if row.get(key):
+            by.setdefault(row[key], []).append(row["config"])
+    return by
+
+
 def timing_lines(result: dict) -> list[str]:
     """What priced each planned config's simulated steps, one line per timing source, what priced the
     time outside them (host time, API server, request latency: `host_source`), and the
@@ -52,15 +61,9 @@ def timing_lines(result: dict) -> list[str]:
     factor the planned configs have on their GPU."""
     from kvlab.schema.validation import error_band
 
-    by: dict[str, list[str]] = {}
-    for row in result["configs"]:
-        if row.get("timing_source"):
-            by.setdefault(row["timing_source"], []).append(row["config"])
-    lines = [f"simulated (timing: {src}): {', '.join(configs)}" for src, configs in by.items()]
-    hosts: dict[str, list[str]] = {}
-    for row in result["configs"]:
-        if row.get("host_source"):
-            hosts.setdefault(row["host_source"], []).append(row["config"])
+    lines = [f"simulated (timing: {src}): {', '.join(configs)}"
+             for src, configs in _configs_by(result, "timing_source").items()]
+    hosts = _configs_by(result, "host_source")
     lines += [f"outside the steps ({'every config' if len(hosts) == 1 else ', '.join(configs)}): {h}"
               for h, configs in hosts.items()]
     shown = [(row.get("gpu"), row.get("weights"), row.get("kv_cache_dtype")) for row in result["configs"]]

@@ -707,8 +707,7 @@ class KernelTiming:
             ops = e.evaluate_generation_ops(self._gen_other + self._gen_attn, decodes, s, 1.0, 0, None)
         else:
             ops = list(e.evaluate_context_ops(self._ctx_other, 1, w.tokens, 0, 1.0, None))
-            groups = Counter(chunks)
-            for (n, c), k in (mla_batches(groups) if self._mla and len(groups) > 1 else groups).items():
+            for (n, c), k in self._context_batches(chunks).items():
                 ops += e.evaluate_context_ops(self._ctx_attn, k, n, c, 1.0, None)
             if decodes:
                 s = max(round(w.decode_pairs / decodes), 1)
@@ -739,15 +738,18 @@ class KernelTiming:
         """The context attention of a step's prefill chunks (milliseconds, label): each group of
         chunks of one (new, cached) length as one batch; for an MLA model, its fresh prompts of
         several lengths as one batch at their mean length (`mla_batches`)."""
-        groups = Counter(chunks) if len(chunks) > 1 else {chunks[0]: 1}
-        if self._mla and len(groups) > 1:
-            groups = mla_batches(groups)
         ms, label = 0.0, MEASURED
-        for (n, c), k in groups.items():
+        for (n, c), k in self._context_batches(chunks).items():
             a, lab = self._ctx_attn_ms(k, n, c)
             ms += a
             label = max(label, lab)
         return ms, label
+
+    def _context_batches(self, chunks: tuple) -> dict:
+        """A step's prefill chunks as the context op's batches ((new, cached) -> chunks): chunks of one
+        length as one batch; for an MLA model, `mla_batches`."""
+        groups = Counter(chunks) if len(chunks) > 1 else {chunks[0]: 1}
+        return mla_batches(groups) if self._mla else groups
 
     def _decode_ms(self, num_seqs: int, kv_tokens: int) -> tuple[float, int]:
         """decode_step_s's GPU milliseconds and label (ValueError where the estimator has none)."""

@@ -703,24 +703,21 @@ def host_time(vllm_version: str | None) -> tuple[float, float, str]:
     """The engine core's host time at a vLLM release: (s per step, s per scheduled request, the
     measured release it is taken from): HOST_MEASURED's latest release at or before it, its earliest
     for older ones."""
-    from kvlab.models.memory import DEFAULT_VLLM_VERSION
-
-    step_s, per_seq_s, at = _at_release(HOST_MEASURED, vllm_version or DEFAULT_VLLM_VERSION)
-    return step_s, per_seq_s, at
+    return _at_release(HOST_MEASURED, vllm_version)
 
 
 def frontend_streaming(vllm_version: str | None) -> tuple[float, float, str]:
     """The API server's streaming cost at a vLLM release: (s per streamed output, s per engine step
     with outputs, the measured release it is taken from), as `host_time` picks its release."""
+    return _at_release(FRONTEND_STREAMING_MEASURED, vllm_version)
+
+
+def _at_release(measured: dict, vllm_version: str | None) -> tuple[float, float, str]:
+    """`measured`'s pair of the latest release at or before `vllm_version` (kvlab's default release
+    where None; the earliest measured for older ones), and that release."""
     from kvlab.models.memory import DEFAULT_VLLM_VERSION
 
-    return _at_release(FRONTEND_STREAMING_MEASURED, vllm_version or DEFAULT_VLLM_VERSION)
-
-
-def _at_release(measured: dict, vllm_version: str) -> tuple[float, float, str]:
-    """`measured`'s pair of the latest release at or before `vllm_version` (its earliest for older
-    ones), and that release."""
-    release = vllm_patch_release(vllm_version)
+    release = vllm_patch_release(vllm_version or DEFAULT_VLLM_VERSION)
     at = max((r for r in sorted(measured) if r <= release), default=min(measured))
     a, b = measured[at]
     return a, b, ".".join(map(str, at))
