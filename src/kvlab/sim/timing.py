@@ -523,8 +523,9 @@ PAIR_BRIDGED_LINK_GB_S = {"h100-nvl": 64}
 # that no all-reduce explains and at the cost of the low-rate throughputs it had right; NOT ADOPTED
 # (docs/simulator-validation.md, "TP2/TP4 over PCIe RTX 4090s"). Rerun at the ninth pass's constants
 # (2026-12-05, session 24): best on the grid's rate edge (4 GB/s + 50 us, 0.374; every point 0.37-0.60),
-# the same unresolved fit: still not adopted. A published nccl-tests figure for two or four RTX 4090s
-# without P2P would set them.
+# the same unresolved fit: still not adopted. Rerun at ShareGPT's fitted shape (2026-12-06, session 28):
+# best 4 GB/s + 100 us (0.488; the link's figures 0.789), on both edges again: not adopted. A published
+# nccl-tests figure for two or four RTX 4090s without P2P would set them.
 NO_P2P_GPUS = frozenset({"rtx-4090"})
 NO_P2P_LINK_GB_S = 32
 NO_P2P_ALLREDUCE_LATENCY_S = ALLREDUCE_LATENCY_S
