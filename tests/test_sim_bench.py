@@ -160,6 +160,16 @@ def test_sharegpt_is_a_documented_length_distribution():
     assert (fixed == 64).all()
 
 
+def test_sharegpt_lengths_read_the_shape_when_called(monkeypatch):
+    # bench/sim_validation.py --fit-sharegpt sets the module's sigma and mus, then draws: the draw
+    # must use the mus set then (its defaults were once bound at import, keeping the old ones)
+    _, base_o = datasets.sharegpt_lengths(5_000, None, seed=3)
+    monkeypatch.setattr(datasets, "SHAREGPT_MU_OUTPUT", datasets.SHAREGPT_MU_OUTPUT - 0.5)
+    _, shorter = datasets.sharegpt_lengths(5_000, None, seed=3)
+    assert shorter.mean() < 0.75 * base_o.mean()
+    assert datasets.SHAREGPT_SIGMA == 0.7  # fitted on the train rows (bench/sim_validation.py --fit-sharegpt)
+
+
 def test_clients_before_0_10_send_the_first_request_at_0_and_do_not_rescale():
     # vLLM 0.9.2's get_request (and IOG's copy of benchmark_serving.py): yield, then draw a gap and sleep
     t = datasets.arrival_times_s(200, 1.0, 1.0, 42, rescaled=False)
