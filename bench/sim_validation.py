@@ -26,7 +26,8 @@ Host time (`kvlab.sim.timing.HOST_MEASURED`: per engine step and per scheduled r
 release) is MEASURED on vLLM's own engine core (`bench/engine_core_host.py`), no longer fitted;
 `--fit` first checks it against `HOST_GRID` on the train rows (`fit_host`: one host time at every
 release) by the rule for measured terms (kept unless the grid's best beats it by more than
-FIT_TOLERANCE). Everything else `--fit` fits ON THE TRAINING ROWS ONLY, each winner written into
+FIT_TOLERANCE; where rejected, the stages below run at the grid's best, which is written into
+sim/timing.py as HOST_FITTED once a pass converges). Everything else `--fit` fits ON THE TRAINING ROWS ONLY, each winner written into
 sim/timing.py by hand with the fit's date and result: `fit_roofline_per_seq` searches
 `ROOFLINE_PER_SEQ_GRID` for the roofline's time per scheduled request (ROOFLINE_PER_SEQ_S), with the
 objective the median absolute log error of the headline figures of the train rows under `auto`
@@ -395,7 +396,15 @@ def constants(**values: float):
 def host_time(step_s: float, per_seq_s: float):
     """The host time set to (step_s, per_seq_s) at every release while configs are built and run (in
     place of the measured HOST_MEASURED)."""
-    return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s, HOST_MEASURED={(0, 0, 0): (step_s, per_seq_s)})
+    return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s, HOST_MEASURED={(0, 0, 0): (step_s, per_seq_s)},
+                     HOST_FITTED=None)
+
+
+def host_measured():
+    """The measured host time (HOST_MEASURED, per release) in force while configs are built and run,
+    whatever HOST_FITTED says (`--fit`'s check of the measurement)."""
+    return constants(HOST_FITTED=None, STEP_OVERHEAD_S=sim_timing.HOST_MEASURED[(0, 32, 0)][0],
+                     PER_SEQ_OVERHEAD_S=sim_timing.HOST_MEASURED[(0, 32, 0)][1])
 
 
 def _streaming_measured() -> str:
@@ -1096,6 +1105,35 @@ def memory_table() -> list[str]:
         ["| " + " | ".join(r) + " |" for r in rows_]
 
 
+def _fit_after_host(pub: published_runs.PublishedRuns) -> None:
+    """`--fit` after its host-time stage, at the host time in force: the roofline's time per request,
+    the front end (the measured streaming checked against FRONTEND_GRID's best), the request latency
+    and the roofline's efficiencies, each at the ones before it."""
+    print("The roofline's time per request, fitted on the train rows (auto timing, at that host time):")
+    per_seq, err = fit_roofline_per_seq(pub)
+    print(f"best: ROOFLINE_PER_SEQ_S = {per_seq}: train median |log err| {err:.4f}")
+    print(f"(sim/timing.py has {sim_timing.ROOFLINE_PER_SEQ_S})\n")
+    print("Front-end fit on the train rows (auto timing, at that time per request; one per-output cost at "
+          "every release):")
+    with constants(ROOFLINE_PER_SEQ_S=per_seq):
+        fe, best_err = fit_frontend(pub)
+        measured_err = median_log_error(rows(_train(pub), ("auto",)), "auto")
+    kept = measured_err - best_err <= FIT_TOLERANCE
+    print(f"grid's best: FRONTEND_PER_REQUEST_S = {fe[0]}, FRONTEND_PER_PROMPT_TOKEN_S = {fe[1]}, "
+          f"FRONTEND_PER_OUTPUT_S = {fe[2]}: {best_err:.4f}; sim/timing.py's ({sim_timing.FRONTEND_PER_REQUEST_S}, "
+          f"{sim_timing.FRONTEND_PER_PROMPT_TOKEN_S}, streaming measured per release "
+          f"{_streaming_measured()}): {measured_err:.4f}: " + ("kept" if kept else "REJECTED") + "\n")
+    fitted_fe = contextlib.nullcontext() if kept else front_end(*fe)
+    print("Request-latency fit on the train rows (auto timing, at that time per request and front end):")
+    with constants(ROOFLINE_PER_SEQ_S=per_seq), fitted_fe:
+        latency, err = fit_latency(pub)
+    print(f"best: FRONTEND_LATENCY_S = {latency}: train median |log err| {err:.4f}")
+    print(f"(sim/timing.py has {sim_timing.FRONTEND_LATENCY_S})\n")
+    fitted_fe = contextlib.nullcontext() if kept else front_end(*fe)
+    with constants(ROOFLINE_PER_SEQ_S=per_seq), fitted_fe, constants(FRONTEND_LATENCY_S=latency):
+        report_roofline_fit(pub, "at that time per request, front end and latency")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", action="store_true", help="check the measured host time against HOST_GRID, then refit the roofline's time per request, "
@@ -1157,39 +1195,28 @@ def main(argv: list[str] | None = None) -> int:
               "headline figures; the rule for measured terms: kept unless the grid's best beats it by more than "
               f"{FIT_TOLERANCE}):")
         (step_s, per_seq_s), best_err = fit_host(pub)
-        measured_err = median_log_error(rows(_train(pub), ("auto",)), "auto")
-        print(f"grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
-              f"{measured_err:.4f}: " + ("kept" if measured_err - best_err <= FIT_TOLERANCE else "REJECTED") + "\n")
-        print("The roofline's time per request, fitted on the train rows (auto timing, at the measured host time):")
-        per_seq, err = fit_roofline_per_seq(pub)
-        print(f"best: ROOFLINE_PER_SEQ_S = {per_seq}: train median |log err| {err:.4f}")
-        print(f"(sim/timing.py has {sim_timing.ROOFLINE_PER_SEQ_S})\n")
-        print("Front-end fit on the train rows (auto timing, at that time per request; one per-output cost at "
-              "every release):")
-        with constants(ROOFLINE_PER_SEQ_S=per_seq):
-            fe, best_err = fit_frontend(pub)
+        with host_measured():
             measured_err = median_log_error(rows(_train(pub), ("auto",)), "auto")
-        kept = measured_err - best_err <= FIT_TOLERANCE
-        print(f"grid's best: FRONTEND_PER_REQUEST_S = {fe[0]}, FRONTEND_PER_PROMPT_TOKEN_S = {fe[1]}, "
-              f"FRONTEND_PER_OUTPUT_S = {fe[2]}: {best_err:.4f}; sim/timing.py's ({sim_timing.FRONTEND_PER_REQUEST_S}, "
-              f"{sim_timing.FRONTEND_PER_PROMPT_TOKEN_S}, streaming measured per release "
-              f"{_streaming_measured()}): {measured_err:.4f}: " + ("kept" if kept else "REJECTED") + "\n")
-        fitted_fe = contextlib.nullcontext() if kept else front_end(*fe)
-        print("Request-latency fit on the train rows (auto timing, at that time per request and front end):")
-        with constants(ROOFLINE_PER_SEQ_S=per_seq), fitted_fe:
-            latency, err = fit_latency(pub)
-        print(f"best: FRONTEND_LATENCY_S = {latency}: train median |log err| {err:.4f}")
-        print(f"(sim/timing.py has {sim_timing.FRONTEND_LATENCY_S})\n")
-        fitted_fe = contextlib.nullcontext() if kept else front_end(*fe)
-        with constants(ROOFLINE_PER_SEQ_S=per_seq), fitted_fe, constants(FRONTEND_LATENCY_S=latency):
-            report_roofline_fit(pub, "at that time per request, front end and latency")
+        host_kept = measured_err - best_err <= FIT_TOLERANCE
+        print(f"grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
+              f"{measured_err:.4f}: " + ("kept" if host_kept else "REJECTED: the stages below run at the grid's best "
+                                         "(HOST_FITTED)") + "\n")
+        host = host_measured() if host_kept else host_time(step_s, per_seq_s)
+        with host:
+            _fit_after_host(pub)
+        return 0
         return 0
     if not args.no_memory:
         print("\n".join(memory_table()) + "\n")
     results = rows(pub, timings, args.split)
-    print("Host time, measured (bench/engine_core_host.py), each run at the latest measured release at or before "
-          "its own: " + "; ".join(f"vLLM {'.'.join(map(str, r))} {1000 * st:.2f} ms per step + {1e6 * rq:.1f} us per "
-                                  f"scheduled request" for r, (st, rq) in sorted(sim_timing.HOST_MEASURED.items()))
+    measured_host = "; ".join(f"vLLM {'.'.join(map(str, r))} {1000 * st:.2f} ms per step + {1e6 * rq:.1f} us per "
+                              f"scheduled request" for r, (st, rq) in sorted(sim_timing.HOST_MEASURED.items()))
+    fitted_host = sim_timing.HOST_FITTED
+    print((f"Host time fitted on the train rows, at every release: {1000 * fitted_host[0]:.2f} ms per step + "
+           f"{1e6 * fitted_host[1]:.1f} us per scheduled request (the measurement, bench/engine_core_host.py, "
+           f"rejected by them: {measured_host})" if fitted_host else
+           "Host time, measured (bench/engine_core_host.py), each run at the latest measured release at or before "
+           f"its own: {measured_host}")
           + f"; the roofline's time per scheduled request {1e6 * sim_timing.ROOFLINE_PER_SEQ_S:.0f} us; front end: "
           f"{1000 * sim_timing.FRONTEND_PER_REQUEST_S:.1f} ms per request + "
           f"{1e6 * sim_timing.FRONTEND_PER_PROMPT_TOKEN_S:.0f} us per prompt token in, streaming measured per "

@@ -17,6 +17,7 @@ from kvlab.models.cards import card
 from kvlab.plan.fleet import shapley
 from kvlab.plan.probe import ERROR, INCOMPLETE, OK, Probe, Window, _arrays, probe_meta
 from kvlab.plan.rebound import rebound
+from kvlab.sim.timing import host_label
 
 # Short sessions and a tight SLO keep the sessions per GPU small, so every probe takes a fraction
 # of a second; the planner's arithmetic is the same as for the agent workload.
@@ -208,7 +209,7 @@ def test_each_config_names_its_timing_source(planned):
         kv = {"fp8": "fp8"}.get(c.kv_cache_dtype, "auto")
         assert c.timing_source == build_config(c.model, "h100", max_model_len=4096, kv_cache_dtype=kv).cost.timing_source
         assert c.timing_provenance and sum(c.timing_provenance.values()) > 0
-        assert c.host_source.startswith("host time measured on vLLM 0.32.0's engine core")
+        assert c.host_source.startswith(host_label("0.32.0") + "; API server")
         assert set(c.timing_provenance) <= {"measured", "interpolated", "extrapolated", "scaled", "composed", "roofline"}
     assert "timing_source" in result["provenance"]
 

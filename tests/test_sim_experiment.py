@@ -10,6 +10,7 @@ import yaml
 from kvlab.schema.experiment import Manifest, RepeatResults
 from kvlab.models import memory
 from kvlab.models.cards import card
+from kvlab.sim.timing import host_label
 
 SPEC = {
     "name": "sim-e2e",
@@ -58,7 +59,7 @@ def test_records_say_sim_and_hold_the_memory_models_pool(results, model):
     assert sum(res["timing"]["steps_priced"].values()) > 0
     # and what priced the time outside them: the server's log and /metrics say the same
     assert res["timing"]["host_source"] == server["host_source"]
-    assert res["timing"]["host_source"].startswith("host time measured on vLLM 0.32.0's engine core")
+    assert res["timing"]["host_source"].startswith(host_label("0.32.0") + "; API server")
     cap = memory.capacity(card(model).arch, model_name=model, gpu="h100", max_model_len=4096)
     # startup log and vllm:cache_config_info, parsed by the launcher as for vLLM
     assert server["vllm_version"] == "0.32.0+kvlab.sim"

@@ -5,6 +5,7 @@ roofline); the runner reads the same from the sim server's kvlab:sim_* series.""
 from kvlab.experiments.runner import sim_timing
 from kvlab.replay.run import run_offline
 from kvlab.sim.config import build_config
+from kvlab.sim.timing import host_label
 
 
 def test_sim_run_results_say_the_timing_source_and_steps_per_provenance(tmp_path):
@@ -46,7 +47,7 @@ def test_runner_counts_the_steps_priced_during_the_load_run():
     assert t.host_source is None  # a server that does not say (kvlab's before it did)
     m.host_source = cfg.host_source()  # kvlab's simulated server says it (kvlab.sim.server)
     t = sim_timing(before, generate_latest(registry).decode(), None)
-    assert t.host_source == cfg.host_source() and t.host_source.startswith("host time measured on vLLM 0.32.0's")
+    assert t.host_source == cfg.host_source() and t.host_source.startswith(host_label("0.32.0"))
     assert sim_timing(None, None, None) is None  # vLLM: no series, no source
     assert sim_timing(None, None, "from the log").timing_source == "from the log"
     assert sim_timing("<html>not metrics</html>", None, None) is None

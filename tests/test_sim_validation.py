@@ -528,3 +528,33 @@ def test_fit_checks_the_measured_front_end_and_fits_the_latency_at_what_it_keeps
     assert "streaming measured per release vLLM 0.11.0 68 us per streamed output + 0.47 ms per step" in line
     at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
     assert at_latency_point == {measured_right}
+
+
+@pytest.mark.parametrize("measured_right", [True, False])
+def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(monkeypatch, capsys, measured_right):
+    """`--fit`'s host-time stage: the engine core's host time measured per release is checked against
+    HOST_GRID's best (one host time at every release) by the rule for measured terms; the stages after
+    it run at the measurement where it is kept, at the grid's best where it is rejected."""
+    import functools
+
+    measured = v.sim_timing.HOST_MEASURED
+    seen = []  # (stage's constant in force, host time at the measured pairs) of each simulated run
+
+    def fake_simulate(bench, timing):
+        t = v.sim_timing
+        at_measured = t.HOST_MEASURED is measured and t.HOST_FITTED is None
+        seen.append((t.FRONTEND_LATENCY_S, at_measured))
+        right = at_measured if measured_right else t.HOST_MEASURED == {(0, 0, 0): (0.001, 0.0)}
+        return {name: value * (1.0 if right else 1.5) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    for name, grid in (("fit_host", ((0.001, 0.0), (0.002, 0.0))), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
+                       ("fit_frontend", ((0.0025, 2e-6, 0.0),)), ("fit_latency", (0.02, 0.03)),
+                       ("fit_roofline", ((1.0, 0.8),))):
+        monkeypatch.setattr(v, name, functools.partial(getattr(v, name), grid=grid))
+    assert v.main(["--fit"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("grid's best: 1.00 ms + 0 us"))
+    assert ("kept" in line) == measured_right and ("REJECTED" in line) != measured_right
+    at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
+    assert at_latency_point == {measured_right}

@@ -132,10 +132,10 @@ class SimConfig:
 
     def host_source(self) -> str:
         """What prices the simulated time outside the GPU's steps, and where each term comes from: the
-        engine core's host time (measured per release: `kvlab.sim.timing.host_time`), the API server's
+        engine core's host time (measured per release, or fitted where the train rows reject the
+        measurement: `kvlab.sim.timing.host_time`), the API server's
         work (measured on vLLM's own: per request, per prompt token, the chat template where the
         release parses it, streaming per release: `frontend_streaming`) and the request latency (fitted)."""
-        step_s, per_seq_s, host_at = sim_timing.host_time(self.vllm_version)
         per_output_s, per_step_s, stream_at = sim_timing.frontend_streaming(self.vllm_version)
         streaming = ((f"streaming measured on vLLM {stream_at}'s" if (self.frontend_per_output_s, self.frontend_per_step_s)
                       == (per_output_s, per_step_s) else "streaming as given")
@@ -143,8 +143,7 @@ class SimConfig:
         chat = (f", the chat template {1000 * self.frontend_per_chat_request_s:.1f} ms per chat request (measured)"
                 if self.frontend_per_chat_request_s else "")
         servers = f" over {self.api_server_count} API-server processes" if self.api_server_count > 1 else ""
-        return (f"host time measured on vLLM {host_at}'s engine core ({1000 * step_s:.2f} ms per step + "
-                f"{1e6 * per_seq_s:.1f} us per scheduled request); API server{servers}: "
+        return (f"{sim_timing.host_label(self.vllm_version)}; API server{servers}: "
                 f"{1000 * self.frontend_per_request_s:.1f} ms per request + {1e6 * self.frontend_per_prompt_token_s:.0f} us "
                 f"per prompt token (measured){chat}, {streaming}; request latency "
                 f"{1000 * self.frontend_latency_s:.0f} ms (fitted)")
@@ -253,7 +252,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
                          weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
                                        moe=arch.moe is not None), expert_parallel=config.enable_expert_parallel,
-                         host=sim_timing.host_time(vllm_version)[:2]),  # the release's measured host time
+                         host=sim_timing.host_time(vllm_version)[:2]),  # the release's host time
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

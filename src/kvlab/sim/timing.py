@@ -295,7 +295,10 @@ MEMORY_EFFICIENCY = 0.80  # fitted with MATMUL_EFFICIENCY (above)
 # what a backend built without a release adds to the GPU time of a step, are the default release's.
 HOST_MEASURED = {(0, 11, 0): (0.00034, 0.0000178), (0, 32, 0): (0.00079, 0.0000195)}  # release -> (per step, per request) s
 HOST_MEASURED_SOURCE = "measured: bench/engine_core_host.py"
-STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_MEASURED[(0, 32, 0)]
+# The host time fitted on the train rows, at every release, where the rule for measured terms rejects
+# HOST_MEASURED (bench/sim_validation.py --fit's first stage); None: the measurement is taken.
+HOST_FITTED: tuple[float, float] | None = None
+STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
 # out and that grows with the batch's requests (each sequence's attention blocks and their launch
 # and reduction, the sampler's rows, the per-request input and output tensors), where the kernel
@@ -700,11 +703,22 @@ class CostModel:
                 + self.host_step_s + self.host_per_seq_s * num_seqs)
 
 
-def host_time(vllm_version: str | None) -> tuple[float, float, str]:
+def host_time(vllm_version: str | None) -> tuple[float, float, str | None]:
     """The engine core's host time at a vLLM release: (s per step, s per scheduled request, the
     measured release it is taken from): HOST_MEASURED's latest release at or before it, its earliest
-    for older ones."""
+    for older ones; HOST_FITTED at every release where it is set (the release then None)."""
+    if HOST_FITTED is not None:
+        return HOST_FITTED[0], HOST_FITTED[1], None
     return _at_release(HOST_MEASURED, vllm_version)
+
+
+def host_label(vllm_version: str | None) -> str:
+    """The engine core's host time at a release in words, with where it comes from (the head of
+    SimConfig.host_source)."""
+    step_s, per_seq_s, release = host_time(vllm_version)
+    where = (f"host time measured on vLLM {release}'s engine core" if release is not None
+             else "host time fitted on the train rows")
+    return f"{where} ({1000 * step_s:.2f} ms per step + {1e6 * per_seq_s:.1f} us per scheduled request)"
 
 
 def frontend_streaming(vllm_version: str | None) -> tuple[float, float, str]:
