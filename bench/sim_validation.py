@@ -27,8 +27,8 @@ release) is MEASURED on vLLM's own engine core (`bench/engine_core_host.py`), no
 `--fit` first checks it against `HOST_GRID` on the train rows (`fit_host`: one host time at every
 release) by the rule for measured terms (kept unless the grid's best beats it by more than
 FIT_TOLERANCE; where rejected, the stages below run at the grid's best, which is written into
-sim/timing.py as HOST_FITTED once a pass converges). Everything else `--fit` fits ON THE TRAINING ROWS ONLY, each winner written into
-sim/timing.py by hand with the fit's date and result: `fit_roofline_per_seq` searches
+sim/timing.py as HOST_FITTED once a pass converges). Everything else `--fit` fits ON THE TRAINING
+ROWS ONLY, each winner written into sim/timing.py by hand with the fit's date and result: `fit_roofline_per_seq` searches
 `ROOFLINE_PER_SEQ_GRID` for the roofline's time per scheduled request (ROOFLINE_PER_SEQ_S), with the
 objective the median absolute log error of the headline figures of the train rows under `auto`
 timing; then, at it, `fit_frontend` searches `FRONTEND_GRID` for the API server's
@@ -1204,7 +1204,6 @@ def main(argv: list[str] | None = None) -> int:
         host = host_measured() if host_kept else host_time(step_s, per_seq_s)
         with host:
             _fit_after_host(pub)
-        return 0
         return 0
     if not args.no_memory:
         print("\n".join(memory_table()) + "\n")
