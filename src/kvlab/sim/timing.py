@@ -300,7 +300,8 @@ HOST_MEASURED_SOURCE = "measured: bench/engine_core_host.py"
 # Session 28 (2026-12-06), at ShareGPT's fitted shape (kvlab.replay.datasets): the train rows reject
 # it: HOST_GRID's best, 1.0 ms per step + 0 us per request, 0.0979 against 0.1115 measured. A pass at
 # that host time moved the roofline to 0.9 / 0.9 (0.087 against 0.101 on its 35 runs); a second pass
-# there kept the host time (0.0925), the shape, 80 us per request, 20 ms of latency and 0.9 / 0.9.
+# there kept the host time (0.0925), the shape, 80 us per request, 20 ms of latency, 0.9 / 0.9 and the
+# measured streaming (0.0925 against FRONTEND_GRID's best 0.0933): converged.
 # Not set yet: the grid's best prices a step of 256 decodes at 1 ms where vLLM's engine core was
 # measured at 5-7 ms (docs/simulator-validation.md, session 28).
 HOST_FITTED: tuple[float, float] | None = None
