@@ -381,11 +381,10 @@ def test_a_bench_record_says_what_priced_the_time_outside_the_steps(release, str
     """`kvlab sim bench`'s record names the host time and the API server's costs of its release, with
     where each comes from (measured, or the request latency fitted), beside the steps' timing source."""
     from kvlab.replay.bench import run_bench
+    from kvlab.sim.timing import host_label, host_time
 
     res = run_bench("llama-3.1-8b", "h100", num_prompts=4, input_len=64, output_len=8, max_concurrency=2,
                     vllm_version=release, max_model_len=4096)
-    from kvlab.sim.timing import host_label, host_time
-
     step_s, per_seq_s, measured_at = host_time(release)
     assert res.host_source.startswith(host_label(release) + "; API server")
     assert (f"host time measured on vLLM {measured_at}'s engine core" if measured_at else
