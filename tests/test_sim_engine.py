@@ -189,8 +189,9 @@ def test_run_writes_records_atomically(small_kv, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_decode_step_roofline_arithmetic():
+def test_decode_step_roofline_arithmetic(monkeypatch):
     """One Llama-3.1-8B decode on an H100 is weight-bandwidth bound: weights / (3.35 TB/s x eff)."""
+    from kvlab.sim import timing as sim_timing
     cfg = build_config("llama-3.1-8b", "h100", timing="roofline")
     c = cfg.cost
     embed = 128256 * 4096 * 2  # the input embedding is a lookup, not read whole
@@ -198,9 +199,14 @@ def test_decode_step_roofline_arithmetic():
     kv = 1000 * 131072
     gpu = (weights + kv) / (3.35e12 * MEMORY_EFFICIENCY) + ROOFLINE_PER_SEQ_S
     assert c.decode_step_s(1, 1000) == pytest.approx(gpu + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S, rel=1e-12)
-    # the host time is the release's, measured (HOST_MEASURED): vLLM 0.32.0's here, 0.11.0's at 0.11.0
-    assert c.host_s(8) == pytest.approx(HOST_MEASURED[(0, 32, 0)][0] + 8 * HOST_MEASURED[(0, 32, 0)][1])
+    # the host time fitted on the train rows (HOST_FITTED) at every release while it is set ...
+    step_s, per_seq_s = sim_timing.HOST_FITTED
+    assert c.host_s(8) == pytest.approx(step_s + 8 * per_seq_s)
     assert c.decode_step_s(1, 1000) == pytest.approx(gpu + c.host_s(1), rel=1e-12)
+    # ... and the release's measured one (HOST_MEASURED: 0.32.0's by default, 0.11.0's at 0.11.0) without it
+    monkeypatch.setattr(sim_timing, "HOST_FITTED", None)
+    measured = build_config("llama-3.1-8b", "h100", timing="roofline").cost
+    assert measured.host_s(8) == pytest.approx(HOST_MEASURED[(0, 32, 0)][0] + 8 * HOST_MEASURED[(0, 32, 0)][1])
     older = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.11.0").cost
     assert older.host_s(8) == pytest.approx(0.00034 + 8 * 0.0000178)
     assert older.decode_step_s(1, 1000) == pytest.approx(gpu + older.host_s(1), rel=1e-12)
