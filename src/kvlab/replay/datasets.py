@@ -88,6 +88,14 @@ SHAREGPT_SIGMA = 0.7  # log-normal shape: fitted on the train rows (the publishe
 # `_fit_sharegpt_mu`, 200,000 pairs; tests/test_sim_bench.py checks the filtered means).
 SHAREGPT_MU_INPUT = 5.226
 SHAREGPT_MU_OUTPUT = 5.068
+# The replies' family: None, the log-normal above; a number k, a Gamma distribution of shape k (its
+# coefficient of variation 1/sqrt(k); k <= 1 puts its mode at the shortest replies) and scale
+# SHAREGPT_THETA_OUTPUT, fitted so that the filtered mean stays the published one. A log-normal cannot
+# give a reply tail as short as sigma 0.7's with more short replies than it has; a Gamma can. Tried on
+# the train rows by `python bench/sim_validation.py --fit-sharegpt-gamma` (bench/sim_validation.py
+# SHAREGPT_GAMMA_GRID, declared before it ran).
+SHAREGPT_OUTPUT_GAMMA_K: float | None = None
+SHAREGPT_THETA_OUTPUT = 203.1
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048  # vLLM's is_valid_sequence
 
 
@@ -157,15 +165,17 @@ def _sharegpt_valid(prompt: np.ndarray, output: np.ndarray, output_fixed: bool) 
 
 
 def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
-                     mu_input: float | None = None, mu_output: float | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     mu_input: float | None = None, mu_output: float | None = None,
+                     theta_output: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prompt and reply lengths from the ShareGPT length distribution (not the dataset), filtered
     as vLLM filters the dataset; `output_len` replaces the reply lengths (--sharegpt-output-len).
-    The mus default to the module's constants as they are when called (a refit sets them)."""
+    The mus (and the Gamma replies' scale, where SHAREGPT_OUTPUT_GAMMA_K is set) default to the
+    module's constants as they are when called (a refit sets them)."""
     import numpy as np
 
     mu_input = SHAREGPT_MU_INPUT if mu_input is None else mu_input
     mu_output = SHAREGPT_MU_OUTPUT if mu_output is None else mu_output
+    theta_output = SHAREGPT_THETA_OUTPUT if theta_output is None else theta_output
 
     rng = np.random.default_rng(seed)
     prompts: list[np.ndarray] = []
@@ -174,7 +184,9 @@ def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
     while have < num_prompts:
         batch = max(2 * (num_prompts - have), 64)
         p = np.maximum(np.rint(rng.lognormal(mu_input, SHAREGPT_SIGMA, batch)), 1).astype(np.int64)
-        o = np.maximum(np.rint(rng.lognormal(mu_output, SHAREGPT_SIGMA, batch)), 1).astype(np.int64)
+        o = (rng.lognormal(mu_output, SHAREGPT_SIGMA, batch) if SHAREGPT_OUTPUT_GAMMA_K is None
+             else rng.gamma(SHAREGPT_OUTPUT_GAMMA_K, theta_output, batch))
+        o = np.maximum(np.rint(o), 1).astype(np.int64)
         if output_len is not None:
             o = np.full(batch, output_len, dtype=np.int64)
         ok = _sharegpt_valid(p, o, output_len is not None)
@@ -188,12 +200,17 @@ def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
 
 
 def _fit_sharegpt_mu(target_mean: float, which: str, n: int = 200_000) -> float:
-    """The mu whose filtered mean is `target_mean` (bisection; how the constants above were found)."""
+    """The mu whose filtered mean is `target_mean` (bisection; how the constants above were found);
+    for the replies under a Gamma family (SHAREGPT_OUTPUT_GAMMA_K set), the log of its scale."""
+    gamma = which == "output" and SHAREGPT_OUTPUT_GAMMA_K is not None
     lo, hi = 3.0, 7.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        mus = (mid, SHAREGPT_MU_OUTPUT) if which == "input" else (SHAREGPT_MU_INPUT, mid)
-        p, o = sharegpt_lengths(n, None, 0, *mus)
+        if gamma:
+            p, o = sharegpt_lengths(n, None, 0, theta_output=math.exp(mid))
+        else:
+            mus = (mid, SHAREGPT_MU_OUTPUT) if which == "input" else (SHAREGPT_MU_INPUT, mid)
+            p, o = sharegpt_lengths(n, None, 0, *mus)
         mean = float((p if which == "input" else o).mean())
         lo, hi = (mid, hi) if mean < target_mean else (lo, mid)
     return (lo + hi) / 2
