@@ -8,6 +8,7 @@ The definitions checked here are read from vLLM's source (vllm-project/vllm main
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,27 @@ def test_sharegpt_lengths_read_the_shape_when_called(monkeypatch):
     _, shorter = datasets.sharegpt_lengths(5_000, None, seed=3)
     assert shorter.mean() < 0.75 * base_o.mean()
     assert datasets.SHAREGPT_SIGMA == 0.7  # fitted on the train rows (bench/sim_validation.py --fit-sharegpt)
+
+
+def test_sharegpt_replies_as_a_gamma_keep_the_published_means_and_vllms_filter():
+    # bench/sim_validation.py --fit-sharegpt-gamma: the replies drawn from Gamma(k), the scale refitted so
+    # that the filtered mean stays 203.1; the train rows kept the log-normal (2026-12-06)
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import sim_validation
+
+    assert datasets.SHAREGPT_OUTPUT_GAMMA_K is None
+    ln_p, ln_o = datasets.sharegpt_lengths(20_000, None, seed=0)
+    with sim_validation.sharegpt_gamma_replies(1.0) as (_, scale):
+        p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
+        assert scale == pytest.approx(200, rel=0.02)  # an exponential, less what the filter drops
+    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
+    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
+    assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2048
+    assert (o < 30).mean() > 0.10 and (ln_o < 30).mean() < 0.01  # the short replies a log-normal of 0.7 lacks
+    assert datasets.SHAREGPT_OUTPUT_GAMMA_K is None  # restored
+    again_p, again_o = datasets.sharegpt_lengths(20_000, None, seed=0)
+    assert (again_p == ln_p).all() and (again_o == ln_o).all()
 
 
 def test_clients_before_0_10_send_the_first_request_at_0_and_do_not_rescale():
