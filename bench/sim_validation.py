@@ -657,6 +657,28 @@ def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_
         current=(sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S))
 
 
+def fit_host_by_generation(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_GRID,
+                           report=print) -> dict[str, tuple[tuple[float, float], float]]:
+    """`fit_host` on two sets of TRAIN runs apart: those at a vLLM release before the earliest one
+    whose engine core was measured (HOST_MEASURED) and the rest (each run at its mapped release, kvlab's
+    default where a source does not state one). Whether the published runs demand a host time per
+    vLLM generation: {set: (its best point, its error)}. Test rows are never run."""
+    first = min(sim_timing.HOST_MEASURED)
+    sets: dict[str, list] = {f"before {'.'.join(map(str, first))}": [], f"{'.'.join(map(str, first))} on": []}
+    names = list(sets)
+    for r in pub.runs:
+        bench = map_run(r) if r.split == "train" else None
+        if bench is None or isinstance(bench, str):
+            continue
+        release = sim_timing.vllm_patch_release(bench.vllm_version or DEFAULT_VLLM_VERSION)
+        sets[names[0] if release < first else names[1]].append(r)
+    out = {}
+    for name, runs in sets.items():
+        report(f" train runs {name} ({len(runs)}):")
+        out[name] = fit_host(pub.model_copy(update={"runs": runs, "ratios": []}), timing, grid, report)
+    return out
+
+
 def fit_roofline_per_seq(pub: published_runs.PublishedRuns, timing: str = "auto", grid=ROOFLINE_PER_SEQ_GRID,
                          report=print) -> tuple[float, float]:
     """The roofline's time per scheduled request (ROOFLINE_PER_SEQ_S) of `grid` that minimises the
@@ -1187,6 +1209,9 @@ def main(argv: list[str] | None = None) -> int:
                          "roofline on the train rows")
     ap.add_argument("--fit-path", choices=sorted(PATH_FITS),
                     help="refit one weight-kernel path's constant alone on the train ratio rows on that path")
+    ap.add_argument("--fit-host-by-generation", action="store_true",
+                    help="fit the host time (HOST_GRID) on the train runs before the earliest measured vLLM "
+                         "release and on the rest apart: whether the runs ask for one per generation")
     ap.add_argument("--fit-sharegpt-gamma", action="store_true",
                     help="try the ShareGPT replies as a Gamma distribution (SHAREGPT_GAMMA_GRID) against the "
                          "incumbent log-normal on the train ShareGPT runs")
@@ -1206,6 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     timings = tuple(args.timing.split(","))
     pub = published_runs.load()
+    if args.fit_host_by_generation:
+        print("Host time fitted per vLLM generation on the train rows (auto timing):")
+        for name, ((step_s, per_seq_s), err) in fit_host_by_generation(pub).items():
+            print(f"best {name}: {1000 * step_s:.1f} ms per step + {1e6 * per_seq_s:.0f} us per request: "
+                  f"median |log err| {err:.4f}")
+        return 0
     if args.fit_sharegpt_gamma:
         (k, mu_in, scale), err = fit_sharegpt_gamma(pub)
         print(f"kept: replies {'Gamma k = ' + str(k) if k else 'log-normal'}, prompt mu {mu_in:.3f}, "

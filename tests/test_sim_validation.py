@@ -129,6 +129,26 @@ def test_the_fits_read_train_rows_only(pub, monkeypatch, fit):
     assert not (train_figures & test_figures)
 
 
+def test_the_host_fit_per_generation_splits_the_train_runs_at_the_first_measured_release(pub, monkeypatch):
+    """`--fit-host-by-generation`: the train runs before the earliest measured release and the rest,
+    each fitted apart; no test row is run."""
+    ran = []
+    fit_fn, grid, factor = FITS["host"]
+
+    def fake_simulate(bench, timing):
+        ran.append(bench)
+        return {name: value * (0.5 + factor(v.sim_timing)) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    out = v.fit_host_by_generation(pub, grid=grid, report=lambda _: None)
+    assert list(out) == ["before 0.11.0", "0.11.0 on"]
+    assert all(point == grid[1] for point, _ in out.values())  # the fake's figures are right there
+    releases = {v.sim_timing.vllm_patch_release(b.vllm_version or v.DEFAULT_VLLM_VERSION) for b in ran}
+    assert min(releases) < (0, 11, 0) <= max(releases)
+    test_figures = {json.dumps(v.headline(r), sort_keys=True) for r in pub.runs if r.split == "test"}
+    assert not ({json.dumps(b.figures, sort_keys=True) for b in ran} & test_figures)
+
+
 def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
     """`--fit-joint`: the fallback rows answer to the roofline's time per request and efficiencies, the
     others to neither; the best point is where they are right, and a test row's figures never move it

@@ -312,7 +312,10 @@ HOST_MEASURED_SOURCE = "measured: bench/engine_core_host.py"
 # prices the runs. It is not the engine core's CPU alone: it is what the train rows' steps take beyond
 # the kernel tables' GPU time, so where vLLM overlaps its host work with the GPU's (its output thread,
 # kernels launched ahead) a step of many requests costs less than the two added, which the measurement,
-# taken without a GPU, cannot see. HOST_MEASURED stays the record of the engine core's CPU.
+# taken without a GPU, cannot see. HOST_MEASURED stays the record of the engine core's CPU. One value
+# at every release: fitted on the train runs before 0.11.0 and on the rest apart
+# (`--fit-host-by-generation`, session 29), both sets pick it (0.0875 and 0.0967; 1 ms + 20 us 0.1086
+# and 0.1111).
 HOST_FITTED: tuple[float, float] | None = (0.001, 0.0)
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
