@@ -812,6 +812,11 @@ SHAREGPT_SIGMA_GRID = (1.0, 0.85, 0.7, 0.55, 0.4)
 # of sigma 0.7, the incumbent, has 0.79, as k = 1.6 has). Declared 2026-12-06 (session 29) before it
 # ran; the incumbent is kept unless the grid's best beats it by more than FIT_TOLERANCE.
 SHAREGPT_GAMMA_GRID = (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 3.0)
+# A share of short replies (4-30 tokens) beside the log-normal of sigma 0.7, its mu refitted to the
+# published mean (kvlab.replay.datasets.SHAREGPT_SHORT_SHARE; 0, the incumbent, has 0.3 % of replies
+# under 30 tokens). Declared 2026-12-06 (session 29) before it ran, after the Gamma family was
+# rejected; the incumbent is kept unless the grid's best beats it by more than FIT_TOLERANCE.
+SHAREGPT_SHORT_GRID = (0.05, 0.1, 0.15, 0.2, 0.3)
 
 
 @contextlib.contextmanager
@@ -870,6 +875,44 @@ def fit_sharegpt_gamma(pub: published_runs.PublishedRuns, grid=SHAREGPT_GAMMA_GR
                f"median |log err| {err:.4f} ({n} figures)")
         if err < best[1] - FIT_TOLERANCE:
             best = ((k, mu_in, theta), err)
+    return best
+
+
+@contextlib.contextmanager
+def sharegpt_short_replies(share: float):
+    """kvlab's ShareGPT lengths with `share` of the replies short (SHAREGPT_SHORT_RANGE), the mus
+    refitted so that the filtered means stay the published ones (kvlab.replay.datasets)."""
+    from kvlab.replay import datasets as d
+
+    old = d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
+    d.SHAREGPT_SHORT_SHARE = share
+    try:
+        for _ in range(2):
+            d.SHAREGPT_MU_INPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_INPUT, "input", 50_000)
+            d.SHAREGPT_MU_OUTPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000)
+        yield d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
+    finally:
+        d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT = old
+
+
+def fit_sharegpt_short(pub: published_runs.PublishedRuns, grid=SHAREGPT_SHORT_GRID, report=print):
+    """`fit_sharegpt`'s objective for a share of short replies over `grid`, beside the incumbent (the
+    module's share): ((share, mu_in, mu_out), err) of the best, the incumbent unless a share beats it
+    by more than FIT_TOLERANCE. Test rows are never run."""
+    from kvlab.replay import datasets as d
+
+    runs = [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"]
+    sub = pub.model_copy(update={"runs": runs, "ratios": []})
+    incumbent = median_log_error(rows(sub, ("auto",)), "auto")
+    report(f"  incumbent (short share {d.SHAREGPT_SHORT_SHARE}): train-ShareGPT median |log err| {incumbent:.4f}")
+    best = ((d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT), incumbent)
+    for share in grid:
+        with sharegpt_short_replies(share) as (mu_in, mu_out):
+            results = rows(sub, ("auto",))
+        err = median_log_error(results, "auto")
+        report(f"  short share {share:.2f} (mu {mu_in:.3f} / {mu_out:.3f}): train-ShareGPT median |log err| {err:.4f}")
+        if err < best[1] - FIT_TOLERANCE:
+            best = ((share, mu_in, mu_out), err)
     return best
 
 
@@ -1212,6 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-host-by-generation", action="store_true",
                     help="fit the host time (HOST_GRID) on the train runs before the earliest measured vLLM "
                          "release and on the rest apart: whether the runs ask for one per generation")
+    ap.add_argument("--fit-sharegpt-short", action="store_true",
+                    help="try a share of short ShareGPT replies (SHAREGPT_SHORT_GRID) beside the log-normal "
+                         "on the train ShareGPT runs")
     ap.add_argument("--fit-sharegpt-gamma", action="store_true",
                     help="try the ShareGPT replies as a Gamma distribution (SHAREGPT_GAMMA_GRID) against the "
                          "incumbent log-normal on the train ShareGPT runs")
@@ -1236,6 +1282,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, ((step_s, per_seq_s), err) in fit_host_by_generation(pub).items():
             print(f"best {name}: {1000 * step_s:.1f} ms per step + {1e6 * per_seq_s:.0f} us per request: "
                   f"median |log err| {err:.4f}")
+        return 0
+    if args.fit_sharegpt_short:
+        (share, mu_in, mu_out), err = fit_sharegpt_short(pub)
+        print(f"kept: short share {share}, mu {mu_in:.3f} / {mu_out:.3f}: median |log err| {err:.4f}")
         return 0
     if args.fit_sharegpt_gamma:
         (k, mu_in, scale), err = fit_sharegpt_gamma(pub)

@@ -97,6 +97,12 @@ SHAREGPT_MU_OUTPUT = 5.068
 # against the best Gamma, k 1.3, 0.1033 (k 1.0 0.1071, 1.7 0.1108, 0.6 0.1315, 3.0 0.1618).
 SHAREGPT_OUTPUT_GAMMA_K: float | None = None
 SHAREGPT_THETA_OUTPUT = 203.1
+# A share of short replies beside the log-normal's: with probability SHAREGPT_SHORT_SHARE a reply is
+# drawn uniformly from SHAREGPT_SHORT_RANGE tokens (a sentence or less), the rest from the log-normal,
+# its mu refitted to the published mean. 0: the log-normal alone. Tried on the train rows by `python
+# bench/sim_validation.py --fit-sharegpt-short` (SHAREGPT_SHORT_GRID, declared before it ran).
+SHAREGPT_SHORT_SHARE = 0.0
+SHAREGPT_SHORT_RANGE = (4, 30)
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048  # vLLM's is_valid_sequence
 
 
@@ -188,6 +194,9 @@ def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
         o = (rng.lognormal(mu_output, SHAREGPT_SIGMA, batch) if SHAREGPT_OUTPUT_GAMMA_K is None
              else rng.gamma(SHAREGPT_OUTPUT_GAMMA_K, theta_output, batch))
         o = np.maximum(np.rint(o), 1).astype(np.int64)
+        if SHAREGPT_SHORT_SHARE:  # (no draw at 0: the log-normal's stream unchanged)
+            short = rng.random(batch) < SHAREGPT_SHORT_SHARE
+            o[short] = rng.integers(SHAREGPT_SHORT_RANGE[0], SHAREGPT_SHORT_RANGE[1] + 1, int(short.sum()))
         if output_len is not None:
             o = np.full(batch, output_len, dtype=np.int64)
         ok = _sharegpt_valid(p, o, output_len is not None)
