@@ -192,6 +192,24 @@ def test_sharegpt_replies_as_a_gamma_keep_the_published_means_and_vllms_filter()
     assert (again_p == ln_p).all() and (again_o == ln_o).all()
 
 
+def test_a_share_of_short_sharegpt_replies_keeps_the_published_means():
+    # bench/sim_validation.py --fit-sharegpt-short: a share of 4-30-token replies beside the log-normal,
+    # its mu refitted; at 0 (kept, 2026-12-06) the draw is the log-normal's alone
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import sim_validation
+
+    assert datasets.SHAREGPT_SHORT_SHARE == 0.0
+    _, ln_o = datasets.sharegpt_lengths(20_000, None, seed=0)
+    with sim_validation.sharegpt_short_replies(0.15):
+        p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
+    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
+    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
+    assert (o <= 30).mean() == pytest.approx(0.15, abs=0.02) and (ln_o <= 30).mean() < 0.01
+    assert o.min() >= 4 and (p + o).max() <= 2048
+    assert (datasets.sharegpt_lengths(20_000, None, seed=0)[1] == ln_o).all()  # restored
+
+
 def test_clients_before_0_10_send_the_first_request_at_0_and_do_not_rescale():
     # vLLM 0.9.2's get_request (and IOG's copy of benchmark_serving.py): yield, then draw a gap and sleep
     t = datasets.arrival_times_s(200, 1.0, 1.0, 42, rescaled=False)
