@@ -664,14 +664,14 @@ def fit_host_by_generation(pub: published_runs.PublishedRuns, timing: str = "aut
     default where a source does not state one). Whether the published runs demand a host time per
     vLLM generation: {set: (its best point, its error)}. Test rows are never run."""
     first = min(sim_timing.HOST_MEASURED)
-    sets: dict[str, list] = {f"before {'.'.join(map(str, first))}": [], f"{'.'.join(map(str, first))} on": []}
-    names = list(sets)
+    before, after = f"before {'.'.join(map(str, first))}", f"{'.'.join(map(str, first))} on"
+    sets: dict[str, list] = {before: [], after: []}
     for r in pub.runs:
         bench = map_run(r) if r.split == "train" else None
         if bench is None or isinstance(bench, str):
             continue
         release = sim_timing.vllm_patch_release(bench.vllm_version or DEFAULT_VLLM_VERSION)
-        sets[names[0] if release < first else names[1]].append(r)
+        sets[before if release < first else after].append(r)
     out = {}
     for name, runs in sets.items():
         report(f" train runs {name} ({len(runs)}):")
@@ -820,37 +820,73 @@ SHAREGPT_SHORT_GRID = (0.05, 0.1, 0.15, 0.2, 0.3)
 
 
 @contextlib.contextmanager
-def sharegpt_shape(sigma: float):
-    """kvlab's ShareGPT length distribution with log-normal shape `sigma`, its mus refitted so that
-    the filtered means stay the published ones (kvlab.replay.datasets)."""
+def _sharegpt_refitted(**settings):
+    """kvlab's ShareGPT length distribution with the module constants `settings` set
+    (kvlab.replay.datasets: SHAREGPT_SIGMA=..., SHAREGPT_OUTPUT_GAMMA_K=..., SHAREGPT_SHORT_SHARE=...),
+    the prompts' mu and the replies' mu (their Gamma scale, under a Gamma family) refitted so that the
+    filtered means stay the published ones; yields (prompt mu, reply mu or scale)."""
     from kvlab.replay import datasets as d
 
-    old = d.SHAREGPT_SIGMA, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
-    d.SHAREGPT_SIGMA = sigma
+    names = {*settings, "SHAREGPT_MU_INPUT", "SHAREGPT_MU_OUTPUT", "SHAREGPT_THETA_OUTPUT"}
+    old = {name: getattr(d, name) for name in names}
+    for name, value in settings.items():
+        setattr(d, name, value)
     try:
         for _ in range(2):  # the two means depend on both mus through the joint filter
             d.SHAREGPT_MU_INPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_INPUT, "input", 50_000)
-            d.SHAREGPT_MU_OUTPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000)
-        yield d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
+            reply = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000)
+            if d.SHAREGPT_OUTPUT_GAMMA_K is None:
+                d.SHAREGPT_MU_OUTPUT = reply
+            else:
+                d.SHAREGPT_THETA_OUTPUT = math.exp(reply)
+        yield d.SHAREGPT_MU_INPUT, (d.SHAREGPT_MU_OUTPUT if d.SHAREGPT_OUTPUT_GAMMA_K is None
+                                    else d.SHAREGPT_THETA_OUTPUT)
     finally:
-        d.SHAREGPT_SIGMA, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT = old
+        for name, value in old.items():
+            setattr(d, name, value)
 
 
-@contextlib.contextmanager
+def sharegpt_shape(sigma: float):
+    """kvlab's ShareGPT length distribution with log-normal shape `sigma`, its mus refitted so that
+    the filtered means stay the published ones (kvlab.replay.datasets)."""
+    return _sharegpt_refitted(SHAREGPT_SIGMA=sigma)
+
+
 def sharegpt_gamma_replies(k: float):
     """kvlab's ShareGPT lengths with Gamma(k) replies, the prompts' mu and the replies' scale refitted
     so that the filtered means stay the published ones (kvlab.replay.datasets)."""
-    from kvlab.replay import datasets as d
+    return _sharegpt_refitted(SHAREGPT_OUTPUT_GAMMA_K=k)
 
-    old = d.SHAREGPT_OUTPUT_GAMMA_K, d.SHAREGPT_MU_INPUT, d.SHAREGPT_THETA_OUTPUT
-    d.SHAREGPT_OUTPUT_GAMMA_K = k
-    try:
-        for _ in range(2):
-            d.SHAREGPT_MU_INPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_INPUT, "input", 50_000)
-            d.SHAREGPT_THETA_OUTPUT = math.exp(d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000))
-        yield d.SHAREGPT_MU_INPUT, d.SHAREGPT_THETA_OUTPUT
-    finally:
-        d.SHAREGPT_OUTPUT_GAMMA_K, d.SHAREGPT_MU_INPUT, d.SHAREGPT_THETA_OUTPUT = old
+
+def sharegpt_short_replies(share: float):
+    """kvlab's ShareGPT lengths with `share` of the replies short (SHAREGPT_SHORT_RANGE), the mus
+    refitted so that the filtered means stay the published ones (kvlab.replay.datasets)."""
+    return _sharegpt_refitted(SHAREGPT_SHORT_SHARE=share)
+
+
+def _sharegpt_train(pub: published_runs.PublishedRuns) -> published_runs.PublishedRuns:
+    """The TRAIN runs on ShareGPT, without ratio rows: what the ShareGPT shape fits run."""
+    return pub.model_copy(update={"runs": [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"],
+                                  "ratios": []})
+
+
+def _fit_sharegpt_option(pub: published_runs.PublishedRuns, grid, setting, incumbent: tuple, describe,
+                         report) -> tuple:
+    """`fit_sharegpt`'s objective for an option of the ShareGPT lengths over `grid` (`setting(x)`, a
+    `_sharegpt_refitted` context), beside the `incumbent` point (the module as it is, described by
+    `describe(None, err, n)`): ((x, prompt mu, reply mu or scale), err) of the best, the incumbent
+    unless a point beats it by more than FIT_TOLERANCE. Test rows are never run."""
+    sub = _sharegpt_train(pub)
+    best = (incumbent, median_log_error(rows(sub, ("auto",)), "auto"))
+    report(describe(None, None, best[1], None))
+    for x in grid:
+        with setting(x) as params:
+            results = rows(sub, ("auto",))
+        err = median_log_error(results, "auto")
+        report(describe(x, params, err, sum(len(r.sim.get("auto", {})) for r in results)))
+        if err < best[1] - FIT_TOLERANCE:
+            best = ((x, *params), err)
+    return best
 
 
 def fit_sharegpt_gamma(pub: published_runs.PublishedRuns, grid=SHAREGPT_GAMMA_GRID, report=print):
@@ -859,40 +895,17 @@ def fit_sharegpt_gamma(pub: published_runs.PublishedRuns, grid=SHAREGPT_GAMMA_GR
     incumbent unless a k beats it by more than FIT_TOLERANCE. Test rows are never run."""
     from kvlab.replay import datasets as d
 
-    runs = [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"]
-    sub = pub.model_copy(update={"runs": runs, "ratios": []})
-    incumbent = median_log_error(rows(sub, ("auto",)), "auto")
-    report(f"  incumbent (replies {'Gamma k ' + str(d.SHAREGPT_OUTPUT_GAMMA_K) if d.SHAREGPT_OUTPUT_GAMMA_K else f'log-normal sigma {d.SHAREGPT_SIGMA}'}): "
-           f"train-ShareGPT median |log err| {incumbent:.4f}")
-    best = ((d.SHAREGPT_OUTPUT_GAMMA_K, d.SHAREGPT_MU_INPUT,
-             d.SHAREGPT_THETA_OUTPUT if d.SHAREGPT_OUTPUT_GAMMA_K else d.SHAREGPT_MU_OUTPUT), incumbent)
-    for k in grid:
-        with sharegpt_gamma_replies(k) as (mu_in, theta):
-            results = rows(sub, ("auto",))
-        err = median_log_error(results, "auto")
-        n = sum(len(r.sim.get("auto", {})) for r in results)
-        report(f"  replies Gamma k {k:.2f} (prompt mu {mu_in:.3f}, reply scale {theta:.1f}): train-ShareGPT "
-               f"median |log err| {err:.4f} ({n} figures)")
-        if err < best[1] - FIT_TOLERANCE:
-            best = ((k, mu_in, theta), err)
-    return best
+    k0 = d.SHAREGPT_OUTPUT_GAMMA_K
+    incumbent = (k0, d.SHAREGPT_MU_INPUT, d.SHAREGPT_THETA_OUTPUT if k0 else d.SHAREGPT_MU_OUTPUT)
 
+    def describe(k, params, err, n):
+        if k is None:
+            family = f"Gamma k {k0}" if k0 else f"log-normal sigma {d.SHAREGPT_SIGMA}"
+            return f"  incumbent (replies {family}): train-ShareGPT median |log err| {err:.4f}"
+        return (f"  replies Gamma k {k:.2f} (prompt mu {params[0]:.3f}, reply scale {params[1]:.1f}): train-ShareGPT "
+                f"median |log err| {err:.4f} ({n} figures)")
 
-@contextlib.contextmanager
-def sharegpt_short_replies(share: float):
-    """kvlab's ShareGPT lengths with `share` of the replies short (SHAREGPT_SHORT_RANGE), the mus
-    refitted so that the filtered means stay the published ones (kvlab.replay.datasets)."""
-    from kvlab.replay import datasets as d
-
-    old = d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
-    d.SHAREGPT_SHORT_SHARE = share
-    try:
-        for _ in range(2):
-            d.SHAREGPT_MU_INPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_INPUT, "input", 50_000)
-            d.SHAREGPT_MU_OUTPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000)
-        yield d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT
-    finally:
-        d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT = old
+    return _fit_sharegpt_option(pub, grid, sharegpt_gamma_replies, incumbent, describe, report)
 
 
 def fit_sharegpt_short(pub: published_runs.PublishedRuns, grid=SHAREGPT_SHORT_GRID, report=print):
@@ -901,27 +914,22 @@ def fit_sharegpt_short(pub: published_runs.PublishedRuns, grid=SHAREGPT_SHORT_GR
     by more than FIT_TOLERANCE. Test rows are never run."""
     from kvlab.replay import datasets as d
 
-    runs = [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"]
-    sub = pub.model_copy(update={"runs": runs, "ratios": []})
-    incumbent = median_log_error(rows(sub, ("auto",)), "auto")
-    report(f"  incumbent (short share {d.SHAREGPT_SHORT_SHARE}): train-ShareGPT median |log err| {incumbent:.4f}")
-    best = ((d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT), incumbent)
-    for share in grid:
-        with sharegpt_short_replies(share) as (mu_in, mu_out):
-            results = rows(sub, ("auto",))
-        err = median_log_error(results, "auto")
-        report(f"  short share {share:.2f} (mu {mu_in:.3f} / {mu_out:.3f}): train-ShareGPT median |log err| {err:.4f}")
-        if err < best[1] - FIT_TOLERANCE:
-            best = ((share, mu_in, mu_out), err)
-    return best
+    incumbent = (d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT)
+
+    def describe(share, params, err, n):
+        if share is None:
+            return f"  incumbent (short share {d.SHAREGPT_SHORT_SHARE}): train-ShareGPT median |log err| {err:.4f}"
+        return (f"  short share {share:.2f} (mu {params[0]:.3f} / {params[1]:.3f}): train-ShareGPT median |log err| "
+                f"{err:.4f}")
+
+    return _fit_sharegpt_option(pub, grid, sharegpt_short_replies, incumbent, describe, report)
 
 
 def fit_sharegpt(pub: published_runs.PublishedRuns, grid=SHAREGPT_SIGMA_GRID, report=print):
     """The ShareGPT log-normal shape of `grid` that minimises the median |log(simulated / published)|
     of the headline figures of the TRAIN rows that run ShareGPT (auto timing), and its mus. Test
     rows are never run."""
-    runs = [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"]
-    sub = pub.model_copy(update={"runs": runs, "ratios": []})
+    sub = _sharegpt_train(pub)
     best = None
     for sigma in grid:
         with sharegpt_shape(sigma) as mus:
