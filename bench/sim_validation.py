@@ -148,7 +148,17 @@ QWEN25_0_5B = {
     "max_position_embeddings": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "use_sliding_window": False,
 }
-CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507,
+# An 8-bit GPTQ checkpoint of Qwen3-8B (the source does not name it): the card's layers (Qwen/Qwen3-8B
+# config.json) with the quantization_config an 8-bit GPTQ checkpoint declares (GPTQ's defaults: group
+# 128, symmetric), from which vLLM takes the bits.
+QWEN3_8B_GPTQ_INT8 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+    "quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True},
+}
+CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b-gptq-int8": QWEN3_8B_GPTQ_INT8, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507,
            "llama-3-70b": LLAMA3_70B, "llama-3.1-70b": LLAMA31_70B, "qwen2.5-0.5b": QWEN25_0_5B}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
@@ -186,7 +196,10 @@ GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s"
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
                 "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
-NO_FORMAT = {"gptq": "GPTQ int8 weight-only (W8A16): kvlab has no int8 weight-only format (its int8 is W8A8)"}
+# `quantization` values naming a checkpoint's bits beside vLLM's method: (the method, the kvlab model
+# whose config.json declares those bits for each published model, note).
+CHECKPOINT_BITS = {"gptq-int8": ("gptq", {"Qwen/Qwen3-8B": "qwen3-8b-gptq-int8"},
+                                 "an 8-bit GPTQ checkpoint (config.json's quantization_config: bits 8, group 128)")}
 # Rows whose published configuration kvlab cannot map, beyond the YAML's cannot_model (reason).
 HARNESS_CANNOT = {
     "gpustack-q8-rtx4090-gptq-marlin": "GPTQ Marlin bit width not stated (the page lists it after the Int8 row)",
@@ -307,8 +320,12 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     serve: dict = {"tensor_parallel_size": run.tp or 1}
     if run.enable_expert_parallel:
         serve["enable_expert_parallel"] = True
-    if run.quantization in NO_FORMAT:
-        return NO_FORMAT[run.quantization]
+    if run.quantization in CHECKPOINT_BITS:
+        method, variants, bits_note = CHECKPOINT_BITS[run.quantization]
+        if run.model not in variants:
+            return f"no kvlab config for {run.model} as {run.quantization}"
+        model, checkpoint_format = variants[run.model], method
+        note = "; ".join(filter(None, [note, bits_note]))
     if checkpoint_format:
         serve["quantization"] = checkpoint_format
     elif run.quantization:

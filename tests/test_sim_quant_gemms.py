@@ -174,3 +174,29 @@ def test_block_fp8_up_to_vllm_0_10_runs_cutlass_and_is_priced_from_its_measureme
     assert isinstance(new, kernels.KernelTiming) and "fp8_block" in new.timing_source
     # no CUTLASS rows within 2x of Qwen3-8B's shapes at -tp 8: the tables' fp8_block rows, as before
     assert isinstance(timing("qwen3-8b", None, version="0.10.2", fmt=fp8_block, tp=8), kernels.KernelTiming)
+
+
+def test_8_bit_gptq_takes_gptq_paths_but_not_the_int4_rows():
+    """An 8-bit GPTQ checkpoint runs where a 4-bit one does (vLLM's choose_mp_linear_kernel takes
+    uint8b128 for Machete on Hopper and for Marlin elsewhere; `-q gptq` kept exllama, which
+    reconstructs 8-bit weights too, up to 0.21), priced from the BF16 tables by the roofline's ratio
+    at its own weight bytes: the int4 rows measure 4-bit kernels only."""
+    from kvlab.sim.timing import marlin_efficiency
+
+    int8, int4 = weight_format("gptq-int8"), weight_format("gptq")
+    h100, a100 = hardware.gpu("h100"), hardware.gpu("a100-80gb")
+    assert weight_kernel(int8, h100, vllm_version="0.32") == "machete"
+    assert weight_kernel(int8, a100, vllm_version="0.32") == "marlin"
+    assert weight_kernel(int8, a100, legacy=True, vllm_version="0.9.2") == "dequant"
+    assert marlin_efficiency(a100, int8) == (pytest.approx(0.806 * 0.75), marlin_efficiency(a100, int8)[1])
+    assert marlin_efficiency(a100, int8)[0] < marlin_efficiency(a100, int4)[0]  # the 8-bit benchmark: 0.806 vs 0.891
+    arch = card("qwen3-8b").arch
+    assert quant_gemms.measured_delta(arch, "gptq", 128, "machete", "h200", 1) is not None
+    assert quant_gemms.measured_delta(arch, "gptq", 128, "machete", "h200", 1, bits=8) is None
+    t8, t4 = timing("qwen3-8b", "gptq-int8"), timing("qwen3-8b", "gptq")
+    assert isinstance(t8, ScaledTiming) and not isinstance(t8, MeasuredRatioTiming)
+    assert "scaled by the roofline's machete/BF16 ratio" in t8.timing_source
+    assert isinstance(t4, MeasuredRatioTiming)
+    # on Marlin (A100) one decode row reads the weights: 8-bit ones take longer than 4-bit ones, less than BF16
+    a8, a4, a16 = (timing("qwen3-8b", q, "a100-80gb") for q in ("gptq-int8", "gptq", None))
+    assert a4.decode_step_s(1, 1024) < a8.decode_step_s(1, 1024) < a16.decode_step_s(1, 1024)

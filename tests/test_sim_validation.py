@@ -83,7 +83,11 @@ def test_rows_kvlab_cannot_model_keep_their_reason(pub):
     assert tp2.sampler is None
     assert v.map_run(by_id["vllm-issue-17788-qwen3-32b-h100-nvl"]).serve["max_num_seqs"] == 32
     assert v.map_run(by_id["gpustack-q235-a100-fp8-tp4-ep"]).serve["enable_expert_parallel"] is True
-    assert "int8 weight-only" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])
+    # modelled since kvlab sizes 8-bit GPTQ: `-q gptq` on an 8-bit checkpoint, the legacy path at 0.9.2
+    int8 = v.map_run(by_id["gpustack-q8-rtx4090-gptq-int8"])
+    assert int8.model == "qwen3-8b-gptq-int8" and int8.serve["quantization"] == "gptq"
+    assert "an 8-bit GPTQ checkpoint" in int8.note
+    assert "bit width not stated" in v.map_run(by_id["gpustack-q8-rtx4090-gptq-marlin"])
     fp8 = v.map_run(by_id["vllm-issue-25915-qwen3-8b-h100-fp8-v0102"])
     assert fp8.serve["quantization"] == "fp8_per_block" and fp8.workload["num_prompts"] == v.OFFLINE_NUM_PROMPTS
 

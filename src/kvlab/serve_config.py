@@ -32,7 +32,7 @@ METHOD_WEIGHTS = {
 }
 # kvlab's weight formats -> the --quantization method that names each one to vLLM.
 WEIGHTS_METHOD = {"fp8": "fp8", "fp8-block": "fp8_per_block", "int8": "compressed-tensors", "awq": "awq",
-                  "gptq": "gptq", "nf4": "bitsandbytes"}
+                  "gptq": "gptq", "gptq-int8": "gptq", "nf4": "bitsandbytes"}
 _DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float": "float32",
            "float32": "float32"}
 

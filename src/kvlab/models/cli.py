@@ -22,7 +22,7 @@ from kvlab.units import GiB
 
 # Shared option declarations (vLLM's flag names).
 KV_DTYPE = typer.Option("auto", "--kv-cache-dtype", help="auto, bfloat16, float16, float32, fp8, fp8_e4m3, fp8_e5m2, fp8_ds_mla (MLA only)")
-QUANT = typer.Option(None, "--quantization", "-q", help="Weight quantization: fp8, fp8-block, int8, awq, gptq, bitsandbytes (nf4); default: the checkpoint's")
+QUANT = typer.Option(None, "--quantization", "-q", help="Weight quantization: fp8, fp8-block, int8, awq, gptq (4-bit), gptq-int8 (kvlab's name for an 8-bit GPTQ checkpoint), bitsandbytes (nf4); default: the checkpoint's")
 DTYPE = typer.Option(None, "--dtype", help="Model dtype: bfloat16, float16, float32 (default: the config's)")
 GPU = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus); KV budget estimated from --gpu-memory-utilization")
 UTIL = typer.Option(None, "--gpu-memory-utilization",
@@ -76,7 +76,7 @@ def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dt
         "params_exact": counts.exact,
         "moe": a.moe is not None,
         "dtype": a.dtype if dtype is None else dtype,
-        "weight_format": fmt.name,
+        "weight_format": fmt.key,
         "weight_bytes": weight_bytes(a, fmt, dtype),
         "provenance": "computed from the model config (kvlab memory model, vLLM V1 accounting)",
     }

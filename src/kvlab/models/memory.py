@@ -531,7 +531,7 @@ def capacity(
         model=model_name or arch.architecture,
         attention=arch.attention,
         kv_cache_dtype=kv_cache_dtype,
-        quantization=fmt.name,
+        quantization=fmt.key,
         block_size=block_size,
         attention_backend=backend,
         tensor_parallel_size=tp,

@@ -18,10 +18,16 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class WeightFormat:
-    name: str
+    name: str  # the family, which picks vLLM's kernels: auto, fp8, fp8-block, int8, awq, gptq, nf4
     description: str
     bits: int  # bits per quantized weight element (16/32 for unquantized)
-    group_size: int = 0  # elements per scale along the input dim (int4); block edge for fp8-block
+    group_size: int = 0  # elements per scale along the input dim (AWQ/GPTQ); block edge for fp8-block
+
+    @property
+    def key(self) -> str:
+        """kvlab's name for the format (WEIGHT_FORMATS' key, ServeConfig.weights): the family `name`,
+        except 8-bit GPTQ, "gptq-int8" (`name` "gptq": vLLM runs both on the same kernels)."""
+        return "gptq-int8" if self.name == "gptq" and self.bits == 8 else self.name
 
     def linear_bytes(self, t: Tensor, dtype_bytes: int) -> float:
         """Bytes of one (out, in) linear weight (times t.count), scales and zeros included."""
@@ -38,10 +44,13 @@ class WeightFormat:
         if self.name == "int8":  # per-output-channel fp32 scale (W8A8)
             return c * (n + 4 * out_f)
         if self.name in ("awq", "gptq"):
+            # vLLM's AWQ/GPTQ parameters (GPTQLinearMethod.create_weights): `bits`-bit weights and
+            # zeros packed in int32, an fp16 scale per group and output, GPTQ's int32 g_idx per input
+            packed = self.bits / 8
             groups = ceil(in_f / self.group_size)
-            scales_and_zeros = groups * out_f * (2 + 0.5)  # fp16 scale and 4-bit zero per group
-            g_idx = 4 * in_f if self.name == "gptq" else 0  # int32 group index per input channel
-            return c * (n / 2 + scales_and_zeros + g_idx)
+            scales_and_zeros = groups * out_f * (2 + packed)
+            g_idx = 4 * in_f if self.name == "gptq" else 0
+            return c * (n * packed + scales_and_zeros + g_idx)
         if self.name == "nf4":  # bitsandbytes: 8-bit absmax per 64 values, fp32 per 256 absmax
             blocks = ceil(n / 64)
             return c * (n / 2 + blocks + 4 * ceil(blocks / 256))
@@ -49,7 +58,7 @@ class WeightFormat:
 
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
-    f.name: f
+    f.key: f
     for f in (
         WeightFormat("auto", "the checkpoint's dtype (--dtype)", 16),
         WeightFormat("fp8", "FP8 E4M3, per-tensor scale (vLLM --quantization fp8)", 8),
@@ -57,6 +66,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("int8", "INT8 W8A8, per-channel scale (compressed-tensors)", 8),
         WeightFormat("awq", "INT4 AWQ, group 128, fp16 scales, 4-bit zeros", 4, 128),
         WeightFormat("gptq", "INT4 GPTQ, group 128, fp16 scales, 4-bit zeros, g_idx", 4, 128),
+        WeightFormat("gptq", "INT8 GPTQ (W8A16), group 128, fp16 scales, 8-bit zeros, g_idx", 8, 128),
         WeightFormat("nf4", "bitsandbytes NF4, 64-value blocks, double-quantized absmax", 4, 64),
     )
 }
@@ -78,6 +88,8 @@ QUANTIZATION_ALIASES = {
     "int4": "awq",
     "gptq": "gptq",
     "gptq_marlin": "gptq",
+    "gptq-int8": "gptq-int8",  # kvlab's: an 8-bit GPTQ checkpoint (vLLM reads the bits from it)
+    "gptq_int8": "gptq-int8",
     "bitsandbytes": "nf4",
     "bnb4": "nf4",
     "nf4": "nf4",
@@ -95,11 +107,12 @@ def weight_format(quantization: str | None, arch: ModelArch | None = None) -> We
     fmt = WEIGHT_FORMATS[QUANTIZATION_ALIASES[key]]
     if arch is not None and arch.quantization_config and fmt.name != "auto":
         declared = format_from_checkpoint(arch.quantization_config)
-        if declared.name != fmt.name:
+        if declared.name != fmt.name or (fmt.key != fmt.name and declared.bits != fmt.bits):
             raise KvlabError(
-                f"the checkpoint is already quantized as {declared.name}; --quantization {quantization} "
+                f"the checkpoint is already quantized as {declared.key}; --quantization {quantization} "
                 "cannot re-quantize it (omit --quantization)"
             )
+        return declared  # vLLM takes the bits and group size from the checkpoint
     return fmt
 
 
@@ -111,12 +124,14 @@ def format_from_checkpoint(qc: dict) -> WeightFormat:
             return WeightFormat("fp8-block", WEIGHT_FORMATS["fp8-block"].description, 8, int(block[0]))
         return WEIGHT_FORMATS["fp8"]
     if method in ("awq", "gptq"):
-        base = WEIGHT_FORMATS[method]
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
-        if bits != 4:
-            raise KvlabError(f"{method} checkpoint with {bits}-bit weights is not modelled (4-bit only)")
+        # vLLM: AWQ is 4-bit only; GPTQ's Marlin/Machete kernels take 4 and 8 bits
+        if bits not in ((4,) if method == "awq" else (4, 8)):
+            raise KvlabError(f"{method} checkpoint with {bits}-bit weights is not modelled "
+                             f"({'4-bit only' if method == 'awq' else '4 or 8 bits'})")
+        base = WEIGHT_FORMATS["gptq-int8" if bits == 8 else method]
         group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-        return WeightFormat(base.name, base.description, 4, group if group > 0 else 1 << 30)
+        return WeightFormat(base.name, base.description, bits, group if group > 0 else 1 << 30)
     if method == "bitsandbytes":
         return WEIGHT_FORMATS["nf4"]
     if method == "compressed-tensors":

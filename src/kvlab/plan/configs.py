@@ -120,7 +120,7 @@ def _make(serve: ServeConfig, gpu: str, serve_args: tuple[str, ...], vllm_versio
 
     arch = resolve_model(serve.model).arch
     dtype = normalize_dtype(serve.dtype or arch.dtype)
-    weights = weight_format(serve.weights, arch).name
+    weights = weight_format(serve.weights, arch).key
     weights = DTYPE_SHORT[dtype] if weights == "auto" else weights
     kv = _kv_factor(serve.kv_cache_dtype, dtype)
     return PlanConfig(serve, gpu, kv, weights, arch.attention, serve_args, vllm_version)

@@ -314,7 +314,7 @@ def memory_release(vllm_version: str) -> str:
 def flags_config(model: str, *, quantization: str | None = None, served_model_name: list[str] | None = None,
                  dtype: str | None = None, **fields) -> ServeConfig:
     """A ServeConfig from build_config's keywords (`quantization`: a kvlab weight format or alias)."""
-    fmt = weight_format(quantization).name
+    fmt = weight_format(quantization).key
     return ServeConfig(model=model, weights=None if fmt == "auto" else fmt,
                        served_model_names=tuple(served_model_name or ()),
                        dtype=None if dtype in (None, "auto") else dtype, **fields)
@@ -346,7 +346,8 @@ def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
 def _legacy_kernel(config: ServeConfig) -> bool:
     """`-q awq` / `-q gptq` named explicitly: vLLM keeps that legacy kernel (it logs that awq_marlin /
     gptq_marlin would be faster) where a checkpoint that declares the format alone gets Marlin."""
-    return config.weights in ("awq", "gptq") and not config.weights_from_checkpoint and not config.quantization_method
+    return (config.weights in ("awq", "gptq", "gptq-int8") and not config.weights_from_checkpoint
+            and not config.quantization_method)
 
 
 def _check_scheduler(max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, chunked: bool) -> None:

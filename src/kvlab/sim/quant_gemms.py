@@ -49,6 +49,7 @@ MEASURED_GROUP = 128
 FORMATS = {("gptq", "machete"): "machete_uint4b8_g128", ("awq", "machete"): "machete_uint4_zp_g128",
            ("gptq", "marlin"): "marlin_uint4b8_g128", ("awq", "marlin"): "marlin_uint4_zp_g128",
            ("awq", "dequant"): "awq_legacy_g128", ("fp8-block", "cutlass_block"): "fp8_block_128"}
+MEASURED_BITS = {"awq": 4, "gptq": 4}  # the AWQ/GPTQ rows are int4 kernels'
 BASELINE = "bfloat16"
 NEAREST_FACTOR = 2.0  # an unmeasured layer shape borrows a measured one's ratio within this factor in n and k
 GPUS = ("h100", "h200")  # Hopper presets with BF16 GEMM tables to scale (gemm_tables.SYSTEMS)
@@ -97,9 +98,10 @@ class GemmDelta(NamedTuple):
         return self.curve.at(m)
 
 
-def measured_format(fmt_name: str, group_size: int, kernel: str) -> str | None:
-    """The measured format for a kvlab weight format on GEMM path `kernel`, or None."""
-    if group_size != MEASURED_GROUP:
+def measured_format(fmt_name: str, group_size: int, kernel: str, bits: int | None = None) -> str | None:
+    """The measured format for a kvlab weight format on GEMM path `kernel`, or None (`bits`: the
+    format's, where given; the int4 rows do not price 8-bit GPTQ)."""
+    if group_size != MEASURED_GROUP or (bits is not None and bits != MEASURED_BITS.get(fmt_name, bits)):
         return None
     return FORMATS.get((fmt_name, kernel))
 
@@ -148,10 +150,13 @@ def _delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str, gpu: st
     return GemmDelta(gemm_tables.Curve(grid, tuple(total)), source)
 
 
-def measured_delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str, gpu: str, tp: int) -> GemmDelta | None:
+def measured_delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str, gpu: str, tp: int,
+                   bits: int | None = None) -> GemmDelta | None:
     """The measured int4 layers' difference from BF16 for this configuration, or None where the rows
-    do not cover it (every layer shape measured or near a measured one, group 128, an H100/H200, a
-    dense model)."""
+    do not cover it (every layer shape measured or near a measured one, group 128, int4 AWQ/GPTQ, an
+    H100/H200, a dense model)."""
+    if measured_format(fmt_name, group_size, kernel, bits) is None:
+        return None
     return _delta(arch, fmt_name, group_size, kernel, gpu, tp)
 
 

@@ -1085,7 +1085,7 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
         return kernels.kernel_support(arch, base_fmt, dtype, kv, gpu, tp, expert_parallel)
 
     if source == "auto" and kernel == "cutlass_block":  # the tables' fp8_block rows are DeepGEMM's
-        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
+        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp, fmt.bits)
         if delta is not None and support(BF16_WEIGHTS) is None:
             return MeasuredRatioTiming(tables_base()[0], delta, KERNEL_LABELS[kernel])
         path = None  # no measured CUTLASS rows for these shapes: the tables' fp8_block rows, as before
@@ -1113,7 +1113,7 @@ def _step_timing(arch: ModelArch, fmt: WeightFormat, dtype: str, kv_cache_dtype:
                                 ratio=what)
     if source == "auto" and path and bf16_reason is None:
         base, bf16 = tables_base()
-        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp)
+        delta = quant_gemms.measured_delta(arch, fmt.name, fmt.group_size, kernel, gpu.name, tp, fmt.bits)
         if delta is not None:
             return MeasuredRatioTiming(base, delta, KERNEL_LABELS[kernel])
         return ScaledTiming(base, roofline, bf16, path)
