@@ -215,7 +215,7 @@ def test_sim_command(no_gpu):
     assert srv.reported_label == "simulated (kvlab sim)"
     assert srv.prediction.gpu == "h100" and srv.prediction.block_size == 64
     awq = Server(ServeSpec("llama-3.1-8b", quant="awq", engine="sim", gpu="h100", port=8150))
-    assert awq.argv[-2:] == ["--quantization", "awq"]
+    assert awq.argv[-2:] == ["--checkpoint-weights", "awq"]  # the card stands in for the AWQ checkpoint
     with pytest.raises(KvlabError, match="the sim engine needs a GPU preset"):
         Server(ServeSpec("llama-3.1-8b", engine="sim"))
 

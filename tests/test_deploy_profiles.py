@@ -9,7 +9,7 @@ from kvlab.models.cards import builtin_cards
 
 
 # The level names the shipped profiles use (QUANT=); a user's profile file may add its own.
-SHIPPED_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "bnb4")
+SHIPPED_LEVELS = ("bf16", "fp8", "fp8-kv", "fp8+fp8-kv", "awq", "gptq", "gptq-int8", "bnb4")
 
 
 def test_every_card_has_profiles_and_a_bf16_or_native_baseline():
@@ -23,7 +23,7 @@ def test_every_card_has_profiles_and_a_bf16_or_native_baseline():
 def test_int4_levels_are_exactly_the_cards_checkpoints():
     for name, c in builtin_cards().items():
         mp = model_profiles(name)
-        for level in ("awq", "gptq"):
+        for level in ("awq", "gptq", "gptq-int8"):
             if level in c.quantized:
                 assert mp.profiles[level].checkpoint == c.quantized[level].hf_id
                 assert mp.profiles[level].weights == level
@@ -44,7 +44,7 @@ def test_the_named_levels_carry_the_named_flags():
                 assert c.weights == "nf4" and c.to_argv() == ["--quantization", "bitsandbytes"]
             if p.checkpoint:  # the checkpoint declares its format: vLLM is not told, the simulator is
                 assert c.weights == p.weights and c.weights_from_checkpoint and "--quantization" not in c.to_argv()
-                assert c.to_argv(name_checkpoint_weights=True)[:2] == ["--quantization", p.weights]
+                assert c.to_argv(name_checkpoint_weights=True)[:2] == ["--checkpoint-weights", p.weights]
 
 
 def test_deepseek_v3_is_fp8_only():

@@ -24,7 +24,7 @@ from kvlab.sim.config import build_config
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvlab"
 ALL = [(m, q) for m, mp in all_profiles().items() if m != "_default" for q in mp.profiles]
 # What the simulator's own parse of the sim engine's argv cannot know: the level's name and checkpoint.
-_PROFILE_ONLY = {"level", "checkpoint", "weights_from_checkpoint"}
+_PROFILE_ONLY = {"level", "checkpoint"}  # a checkpoint's format reaches the simulator (--checkpoint-weights)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_later_flags_win_and_untyped_flags_stay_verbatim():
     assert c.with_flags(["--max-model-len", "4096"]).max_model_len == 4096
     # A checkpoint's own format: vLLM is not told it, kvlab's simulator is; a flag replaces it.
     awq = parse_serve_config("m", [], checkpoint="org/m-AWQ", weights="awq")
-    assert awq.to_argv() == [] and awq.to_argv(name_checkpoint_weights=True) == ["--quantization", "awq"]
+    assert awq.to_argv() == [] and awq.to_argv(name_checkpoint_weights=True) == ["--checkpoint-weights", "awq"]
     assert awq.with_flags(["--quantization", "gptq"]).to_argv() == ["--quantization", "gptq"]
     assert parse_serve_config("m", ["--dtype", "half"]).dtype == "float16"
 
@@ -117,6 +117,31 @@ def test_the_simulator_derives_the_launchers_config_for_every_profile(model, qua
     args = parse_serve_args(srv.argv[5:])
     assert args.config.model_dump(exclude=_PROFILE_ONLY) == srv.config.model_dump(exclude=_PROFILE_ONLY)
     assert args.config.served_model_name == model
+
+
+def test_a_checkpoints_format_reaches_the_simulator_as_kvlabs_flag(no_gpu):
+    """The simulator is given the card in a pre-quantized checkpoint's place: `--checkpoint-weights` says
+    what the checkpoint declares (vLLM reads it there, without --quantization, so no legacy kernel at any
+    release) and the bits vLLM's method leaves to it (8-bit GPTQ); a method that cannot serve it, or an
+    unquantized format, is a one-line error."""
+    from kvlab.sim.config import build_config
+
+    int8 = profile("qwen2.5-7b", "gptq-int8").serve_config("qwen2.5-7b")
+    assert int8.to_argv() == [] and int8.to_argv(name_checkpoint_weights=True) == ["--checkpoint-weights", "gptq-int8"]
+    sim = parse_serve_args(["qwen2.5-7b", "--gpu", "a100-80gb", *int8.to_argv(name_checkpoint_weights=True)]).config
+    assert (sim.weights, sim.weights_from_checkpoint, sim.quantization_method) == ("gptq-int8", True, None)
+    old = build_config(sim, "a100-80gb", timing="roofline", vllm_version="0.9.2").cost
+    assert old.weight_kernel == "marlin" and "0.60 of the BF16 GEMM rate" in old.timing_source  # 8-bit Marlin, group 128
+    named = parse_serve_args(["qwen2.5-7b", "--gpu", "a100-80gb", "-q", "gptq", "--checkpoint-weights", "gptq-int8"])
+    assert (named.config.weights, named.config.weights_from_checkpoint) == ("gptq-int8", False)
+    assert build_config(named.config, "a100-80gb", timing="roofline", vllm_version="0.9.2").cost.weight_kernel == "dequant"
+    assert named.config.to_argv(name_checkpoint_weights=True) == ["--checkpoint-weights", "gptq-int8", "--quantization",
+                                                                 "gptq"]
+    for argv, message in ((["-q", "awq", "--checkpoint-weights", "gptq-int8"], "--quantization awq does not serve a gptq-int8"),
+                          (["--checkpoint-weights", "bf16"], "--checkpoint-weights bf16: not a weight format; use one of: awq,"),
+                          (["--checkpoint-weights", "auto"], "name the quantized format the checkpoint declares")):
+        with pytest.raises(KvlabError, match=re.escape(message)):
+            parse_serve_args(["qwen2.5-7b", "--gpu", "h100", *argv])
 
 
 def test_every_engine_is_a_class_behind_one_protocol(no_gpu):

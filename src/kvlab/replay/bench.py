@@ -38,6 +38,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
+from kvlab.serve_config import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
@@ -315,6 +316,9 @@ def bench_cmd(
                                      "the first request at time 0, the gaps not rescaled to N / rate)"),
     sampler: Optional[str] = typer.Option(None, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP,
                                           show_default=False),
+    checkpoint_weights: Optional[str] = typer.Option(None, "--checkpoint-weights", metavar="FORMAT",
+                                                     rich_help_panel="kvlab options", help=CHECKPOINT_WEIGHTS_HELP,
+                                                     show_default=False),
     data_parallel_size: int = typer.Option(1, "--data-parallel-size", "-dp",
                                            help="Not simulated: above 1 refused (simulate one rank)"),
 ) -> None:
@@ -331,7 +335,8 @@ def bench_cmd(
                          f"(--num-prompts and --max-concurrency or --request-rate divided by {data_parallel_size})")
     wall0 = time.perf_counter()
     config = build_config(options_config(
-        model, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
+        model, quantization=quantization, checkpoint_weights=checkpoint_weights, dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         enable_expert_parallel=expert_parallel,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),

@@ -13,6 +13,7 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
+from kvlab.serve_config import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
@@ -88,6 +89,9 @@ def run_cmd(
                                      help=VLLM_VERSION_HELP),
     sampler: Optional[str] = typer.Option(None, "--sampler", rich_help_panel="kvlab options", help=SAMPLER_HELP,
                                           show_default=False),
+    checkpoint_weights: Optional[str] = typer.Option(None, "--checkpoint-weights", metavar="FORMAT",
+                                                     rich_help_panel="kvlab options", help=CHECKPOINT_WEIGHTS_HELP,
+                                                     show_default=False),
 ) -> None:
     """Play a workload's agent sessions (the ones Locust plays) as closed-loop users on the simulated
     engine in virtual time (no HTTP); write per-request records, metric samples and results. A
@@ -103,7 +107,8 @@ def run_cmd(
 
     ladder = _users(users)
     wl = load_workload(workload)
-    serve = options_config(model, quantization=quantization, dtype=dtype, max_model_len=max_model_len,
+    serve = options_config(model, quantization=quantization, checkpoint_weights=checkpoint_weights, dtype=dtype,
+                           max_model_len=max_model_len,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            kv_cache_dtype=kv_cache_dtype, block_size=block_size,
                            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION, SAMPLERS
-from kvlab.serve_config import ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args
+from kvlab.serve_config import (CHECKPOINT_WEIGHTS_HELP, ServeConfig, add_serve_flags, checkpoint_fields, config_values,
+                                graph_flags, graph_value_args)
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     kvlab_opts.add_argument("--vllm-version", default=DEFAULT_VLLM_VERSION,
                             help=f"{VLLM_VERSION_HELP}; default {DEFAULT_VLLM_VERSION}")
     kvlab_opts.add_argument("--sampler", choices=SAMPLERS, default=None, help=SAMPLER_HELP)
+    kvlab_opts.add_argument("--checkpoint-weights", metavar="FORMAT", default=None, help=CHECKPOINT_WEIGHTS_HELP)
     testing = p.add_argument_group("kvlab testing options (not vLLM flags)")
     testing.add_argument("--fault", action="append", metavar="SPEC", help=(
         f"inject a fault on purpose, to rehearse failures (repeatable; also $KVLAB_SIM_FAULT, specs separated by "
@@ -193,7 +195,7 @@ def check_config(config: ServeConfig) -> None:
     if config.kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
         raise KvlabError(f"argument --kv-cache-dtype: invalid choice: {config.kv_cache_dtype!r} "
                          f"(choose from {', '.join(VLLM_KV_CACHE_DTYPES)})")
-    method = config.quantization_flag(name_checkpoint_weights=True)
+    method = config.quantization_flag()
     if method is not None and method not in VLLM_QUANTIZATIONS:
         raise KvlabError(f"Unknown quantization method: {method}. Must be one of {list(VLLM_QUANTIZATIONS)}.")
     config.capacity_kwargs()  # a method the memory model does not size
@@ -211,7 +213,8 @@ def parse_serve_args(argv: list[str], fault_env: str | None = None) -> ServeArgs
         raise KvlabError(f"--speedup must be positive, got {ns.speedup}")
     vllm_release(ns.vllm_version)  # a version kvlab can read, or one line
     graph_args = graph_value_args(*(getattr(ns, f"_graph_{long.strip('-')}") for _, long in GRAPH_VALUE_FLAGS))
-    config = ServeConfig(model=model, **config_values(ns), vllm_args=graph_args)
+    config = ServeConfig(model=model, **{**config_values(ns), **checkpoint_fields(ns.checkpoint_weights, ns.quantization)},
+                         vllm_args=graph_args)
     check_config(config)
     faults = parse_faults(ns.fault or [], fault_env)
     defaults = vars(build_parser().parse_args(["--gpu", ns.gpu, model]))
