@@ -166,7 +166,7 @@ class ServeConfig(BaseModel):
         return WEIGHTS_METHOD[self.weights]
 
     def checkpoint_weights_flag(self) -> str | None:
-        """kvlab's --checkpoint-weights value (`checkpoint_fields`) for kvlab's simulator, which is given
+        """kvlab's --checkpoint-weights value (kvlab.sim.args.checkpoint_fields) for kvlab's simulator, which is given
         the card in the checkpoint's place: the format a checkpoint declares, and a format whose bits
         vLLM's method does not say (gptq-int8); None where --quantization says it all."""
         if self.weights is None:
@@ -324,40 +324,12 @@ def quantization_fields(method: str | None) -> dict[str, Any]:
                 quantization_method=None if own or method is None else method)
 
 
-CHECKPOINT_WEIGHTS_HELP = (
-    "The weight format the served checkpoint declares (kvlab option, not a vLLM flag: fp8, fp8-block, int8, awq, "
-    "gptq, gptq-int8, nf4): MODEL (a card) stands in for a pre-quantized checkpoint of it, which vLLM reads the "
-    "format from without --quantization (so AWQ/GPTQ run Marlin or Machete, not the legacy kernels -q names); "
-    "beside --quantization, the bits that method leaves to the checkpoint (gptq-int8)")
-
-
-def checkpoint_fields(checkpoint_weights: str | None, method: str | None) -> dict[str, Any]:
-    """The ServeConfig fields of kvlab's --checkpoint-weights FORMAT (CHECKPOINT_WEIGHTS_HELP) beside a
-    --quantization METHOD (either None: not given)."""
-    from kvlab.models.weights import WEIGHT_FORMATS, weight_format
-
-    fields = quantization_fields(method)
-    if checkpoint_weights is None:
-        return fields
-    try:
-        key = weight_format(checkpoint_weights).key
-    except KvlabError:
-        names = ", ".join(sorted(k for k in WEIGHT_FORMATS if k != "auto"))
-        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: not a weight format; use one of: {names}") from None
-    if key == "auto":
-        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: name the quantized format the checkpoint "
-                         "declares (an unquantized checkpoint needs no flag)")
-    if method is not None and (fields["weights"] is None
-                               or WEIGHT_FORMATS[fields["weights"]].name != WEIGHT_FORMATS[key].name):
-        raise KvlabError(f"--quantization {method} does not serve a {key} checkpoint (--checkpoint-weights {key})")
-    return {**fields, "weights": key, "weights_from_checkpoint": method is None}
-
-
 def options_config(model: str, *, quantization: str | None = None, dtype: str | None = None,
-                   checkpoint_weights: str | None = None, **fields: Any) -> ServeConfig:
+                   weights: dict[str, Any] | None = None, **fields: Any) -> ServeConfig:
     """A ServeConfig from a command's options named as vLLM's flags (`quantization`: vLLM's method;
-    `checkpoint_weights`: kvlab's --checkpoint-weights, `checkpoint_fields`)."""
-    return ServeConfig(model=model, **checkpoint_fields(checkpoint_weights, quantization),
+    `weights`: the weight fields instead, where kvlab's --checkpoint-weights was given beside it:
+    kvlab.sim.args.checkpoint_fields)."""
+    return ServeConfig(model=model, **(weights or quantization_fields(quantization)),
                        dtype=None if dtype in (None, "auto") else dtype, **fields)
 
 

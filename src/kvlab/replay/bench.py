@@ -38,7 +38,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
-from kvlab.serve_config import CHECKPOINT_WEIGHTS_HELP
+from kvlab.sim.args import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
 
@@ -323,7 +323,7 @@ def bench_cmd(
                                            help="Not simulated: above 1 refused (simulate one rank)"),
 ) -> None:
     from kvlab.serve_config import options_config
-    from kvlab.sim.args import warn_not_simulated
+    from kvlab.sim.args import checkpoint_fields, warn_not_simulated
     from kvlab.sim.config import build_config
 
     if dataset not in DATASETS:
@@ -335,7 +335,7 @@ def bench_cmd(
                          f"(--num-prompts and --max-concurrency or --request-rate divided by {data_parallel_size})")
     wall0 = time.perf_counter()
     config = build_config(options_config(
-        model, quantization=quantization, checkpoint_weights=checkpoint_weights, dtype=dtype,
+        model, weights=checkpoint_fields(checkpoint_weights, quantization), dtype=dtype,
         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         enable_expert_parallel=expert_parallel,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

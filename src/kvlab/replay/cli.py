@@ -13,7 +13,7 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
-from kvlab.serve_config import CHECKPOINT_WEIGHTS_HELP
+from kvlab.sim.args import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
 
@@ -102,12 +102,12 @@ def run_cmd(
     from kvlab.replay.sessions import predicted_max_users
     from kvlab.schema.replay import SimRunManifest
     from kvlab.serve_config import graph_value_args, options_config
-    from kvlab.sim.args import warn_not_simulated
+    from kvlab.sim.args import checkpoint_fields, warn_not_simulated
     from kvlab.sim.config import build_config
 
     ladder = _users(users)
     wl = load_workload(workload)
-    serve = options_config(model, quantization=quantization, checkpoint_weights=checkpoint_weights, dtype=dtype,
+    serve = options_config(model, weights=checkpoint_fields(checkpoint_weights, quantization), dtype=dtype,
                            max_model_len=max_model_len,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            kv_cache_dtype=kv_cache_dtype, block_size=block_size,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION, SAMPLERS
-from kvlab.serve_config import (CHECKPOINT_WEIGHTS_HELP, ServeConfig, add_serve_flags, checkpoint_fields, config_values,
-                                graph_flags, graph_value_args)
+from kvlab.models.weights import WEIGHT_FORMATS, weight_format
+from kvlab.serve_config import (ServeConfig, add_serve_flags, config_values, graph_flags, graph_value_args,
+                                quantization_fields)
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.faults import Fault, help_text, parse_faults
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_SOURCES, VLLM_VERSION_HELP, vllm_release
@@ -81,6 +83,34 @@ def warn_not_simulated(config: ServeConfig, command: str) -> None:
 
     for flag in not_simulated_typed(config):
         print(f"{command}: --{flag} is accepted but not simulated (the memory model sizes it)", file=sys.stderr)
+
+
+CHECKPOINT_WEIGHTS_HELP = (
+    "The weight format the served checkpoint declares (kvlab option, not a vLLM flag: fp8, fp8-block, int8, awq, "
+    "gptq, gptq-int8, nf4): MODEL (a card) stands in for a pre-quantized checkpoint of it, which vLLM reads the "
+    "format from without --quantization (so AWQ/GPTQ run Marlin or Machete, not the legacy kernels -q names); "
+    "beside --quantization, the bits that method leaves to the checkpoint (gptq-int8)")
+
+
+def checkpoint_fields(checkpoint_weights: str | None, method: str | None) -> dict[str, Any]:
+    """The ServeConfig fields of kvlab's --checkpoint-weights FORMAT (CHECKPOINT_WEIGHTS_HELP) beside a
+    --quantization METHOD (either None: not given)."""
+    fields = quantization_fields(method)
+    if checkpoint_weights is None:
+        return fields
+    try:
+        key = weight_format(checkpoint_weights).key
+    except KvlabError:
+        names = ", ".join(sorted(k for k in WEIGHT_FORMATS if k != "auto"))
+        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: not a weight format; use one of: {names}") from None
+    if key == "auto":
+        raise KvlabError(f"--checkpoint-weights {checkpoint_weights}: name the quantized format the checkpoint "
+                         "declares (an unquantized checkpoint needs no flag)")
+    if method is not None and (fields["weights"] is None
+                               or WEIGHT_FORMATS[fields["weights"]].name != WEIGHT_FORMATS[key].name):
+        raise KvlabError(f"--quantization {method} does not serve a {key} checkpoint (--checkpoint-weights {key})")
+    return {**fields, "weights": key, "weights_from_checkpoint": method is None}
+
 
 
 class _Parser(argparse.ArgumentParser):
