@@ -259,6 +259,26 @@ def test_rope_scaling_factor_raises_the_context_vllm_accepts(monkeypatch):
                            max_model_len=8192).max_model_len == 8192
 
 
+def test_the_simulator_takes_the_context_vllm_accepts(monkeypatch, tmp_path):
+    """`kvlab sim` checks --max-model-len as the memory model (vLLM) does: the RoPE scaling factor raises
+    the limit, and VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 lifts it (it had compared max_position_embeddings alone)."""
+    import json
+
+    from kvlab.sim.config import build_config
+
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, vocab_size=1000,
+        max_position_embeddings=4096, torch_dtype="bfloat16", rope_scaling={"type": "linear", "factor": 4.0})))
+    assert build_config(str(tmp_path), "h100", max_model_len=16384).max_model_len == 16384
+    with pytest.raises(KvlabError, match=r"max_position_embeddings=16384.0 .* VLLM_ALLOW_LONG_MAX_MODEL_LEN=1\. "
+                                         r"VLLM_ALLOW_LONG_MAX_MODEL_LEN must be used with extreme caution\."):
+        build_config(str(tmp_path), "h100", max_model_len=16385)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert build_config(str(tmp_path), "h100", max_model_len=32768).max_model_len == 32768
+
+
 def test_experts_split_over_data_parallel_gpus():
     a = card("deepseek-v3").arch
     roles = weight_bytes_by_role(a, weight_format(None, a), "bfloat16")

@@ -211,14 +211,11 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     max_model_len = config.max_model_len
     if max_model_len is None and resolved.card is not None:
         max_model_len = resolved.card.context_length  # as `kvlab capacity` does
-    limit = arch.max_position_embeddings
-    if max_model_len is not None and limit and max_model_len > limit:
-        raise KvlabError(
-            f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
-            f"(max_position_embeddings={float(limit)} or model_max_length=None in model's config.json). To allow "
-            "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
-            "must be used with extreme caution."
-        )
+    if max_model_len is not None:  # vLLM's check, as the memory model makes it (RoPE scaling, the env var)
+        try:
+            memory.check_max_model_len(arch, max_model_len)
+        except KvlabError as e:
+            raise KvlabError(f"{e} VLLM_ALLOW_LONG_MAX_MODEL_LEN must be used with extreme caution.") from None
     for flag, value in (("--max-num-seqs", config.max_num_seqs), ("--max-num-batched-tokens", config.max_num_batched_tokens)):
         if value is not None and value < 1:
             raise KvlabError(f"{flag} must be at least 1, got {value}")
