@@ -279,6 +279,34 @@ def test_the_simulator_takes_the_context_vllm_accepts(monkeypatch, tmp_path):
     assert build_config(str(tmp_path), "h100", max_model_len=32768).max_model_len == 32768
 
 
+def test_hf_overrides_apply_to_the_config_as_vllm_applies_them(monkeypatch):
+    """vLLM's --hf-overrides (vllm/config/model.py, ModelConfig): a flat value is set, a dict value set
+    whole (rope_scaling), except into a nested config (text_config), which it merges into; kvlab's
+    capacity and simulator read the overridden config (`with_hf_overrides`)."""
+    from kvlab.models.cards import apply_hf_overrides, resolve_model, with_hf_overrides
+    from kvlab.sim.config import build_config
+
+    cfg = {"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "x": 1},
+           "text_config": {"model_type": "t", "hidden_size": 64, "num_hidden_layers": 2}}
+    out = apply_hf_overrides(cfg, {"max_position_embeddings": 8192, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+                                   "text_config": {"num_hidden_layers": 4}})
+    assert out["max_position_embeddings"] == 8192 and out["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0}
+    assert out["text_config"] == {"model_type": "t", "hidden_size": 64, "num_hidden_layers": 4} and cfg["text_config"]["num_hidden_layers"] == 2
+
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    yarn = ('{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, '
+            '"max_position_embeddings": 131072}')
+    qwen = with_hf_overrides(resolve_model("qwen2.5-7b"), yarn)
+    assert qwen.arch.max_position_embeddings == 131072 and resolve_model("qwen2.5-7b").arch.max_position_embeddings == 32768
+    assert memory.capacity(qwen.arch, gpu="h100", max_model_len=131072).max_model_len == 131072
+    with pytest.raises(KvlabError, match="max_position_embeddings=32768.0"):
+        build_config("qwen2.5-7b", "h100", max_model_len=131072)
+    from kvlab.serve_config import options_config
+
+    assert build_config(options_config("qwen2.5-7b", max_model_len=131072, hf_overrides=yarn),
+                        "h100").max_model_len == 131072
+
+
 def test_experts_split_over_data_parallel_gpus():
     a = card("deepseek-v3").arch
     roles = weight_bytes_by_role(a, weight_format(None, a), "bfloat16")

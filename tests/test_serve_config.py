@@ -144,6 +144,22 @@ def test_a_checkpoints_format_reaches_the_simulator_as_kvlabs_flag(no_gpu):
             parse_serve_args(["qwen2.5-7b", "--gpu", "h100", *argv])
 
 
+def test_hf_overrides_are_typed_and_reach_the_simulator(no_gpu):
+    """--hf-overrides is kept as vLLM's JSON object (compact), given back to vLLM, and the simulator builds
+    the overridden model (it had accepted the flag and ignored it)."""
+    from kvlab.sim.config import build_config
+
+    flags = ["--hf-overrides", '{"max_position_embeddings": 65536,  "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}',
+             "--max-model-len", "65536"]
+    c = parse_serve_config("qwen2.5-7b", flags)
+    assert c.hf_overrides == '{"max_position_embeddings":65536,"rope_scaling":{"rope_type":"yarn","factor":2.0}}'
+    assert c.to_argv()[:2] == ["--hf-overrides", c.hf_overrides]
+    sim = parse_serve_args(["qwen2.5-7b", "--gpu", "h100", *c.to_argv()]).config
+    assert sim.hf_overrides == c.hf_overrides and build_config(sim, "h100").max_model_len == 65536
+    with pytest.raises(KvlabError, match="--hf-overrides: a JSON object is needed"):
+        parse_serve_config("qwen2.5-7b", ["--hf-overrides", "[1]"])
+
+
 def test_every_engine_is_a_class_behind_one_protocol(no_gpu):
     assert engines.ENGINES == ("vllm", "vllm-cpu", "sim", "external")
     for name in engines.ENGINES:

@@ -91,6 +91,18 @@ def test_kvlabs_own_flags_parse_as_vllms(vllm_cli):
     assert (args.tensor_parallel_size, args.gpu_memory_utilization) == (2, 0.85)
 
 
+def test_hf_overrides_reach_vllm_as_its_parser_reads_them(vllm_cli):
+    """--hf-overrides (a JSON object of config.json fields) passes through kvlab's typed config to vLLM's
+    parser unchanged, and kvlab's prediction is of the overridden config: the YaRN context Qwen2.5's
+    card does not have."""
+    yarn = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+            "max_position_embeddings": 131072}
+    srv = gpu_server("qwen2.5-7b", "bf16", max_model_len=131072, extra_args=["--hf-overrides", json.dumps(yarn)])
+    args = vllm_parse(vllm_cli, srv.argv)
+    assert args.hf_overrides == yarn and json.loads(srv.config.hf_overrides) == yarn
+    assert srv.arch.max_position_embeddings == 131072 and srv.prediction.max_model_len == 131072
+
+
 def test_a_misspelt_flag_fails_this_test(vllm_cli):
     with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: --kv-cache-dtpye"):
         vllm_parse(vllm_cli, ["vllm", "serve", "m", "--kv-cache-dtpye", "fp8"])

@@ -61,6 +61,7 @@ def add_serve_flags(p: argparse.ArgumentParser, *, kv_cache_dtypes: Sequence[str
     p.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--speculative-config", "-sc", type=_json_object, default=None)
+    p.add_argument("--hf-overrides", type=_json_object, default=None)
     p.add_argument("--max-model-len", type=human_readable_int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default=None)
@@ -82,6 +83,20 @@ def _json_object(value: str) -> str:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError("a JSON object is needed")
     return json.dumps(parsed, separators=(",", ":"))
+
+
+def json_flag(text: str | None, flag: str = "--speculative-config") -> str | None:
+    """A JSON-object flag (--speculative-config, --hf-overrides) as a ServeConfig keeps it: vLLM's JSON
+    object, compact."""
+    try:
+        return _json_object(text) if text is not None else None
+    except argparse.ArgumentTypeError as e:
+        raise KvlabError(f"{flag}: {e}") from None
+
+
+HF_OVERRIDES_HELP = ("vLLM's JSON object of config.json fields to override (e.g. rope_scaling and "
+                     "max_position_embeddings for a longer context): the model's layers, context limit and "
+                     "quantization as vLLM builds them from the overridden config")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +129,7 @@ class ServeConfig(BaseModel):
     # no CUDA graphs: vLLM takes no graph memory from the KV budget; None: not given (vLLM's False)
     enforce_eager: bool | None = None
     speculative_config: str | None = None  # vLLM's JSON, compact
+    hf_overrides: str | None = None  # vLLM's JSON object of config.json fields, compact (kvlab.models.cards.with_hf_overrides)
     max_model_len: int | None = None
     block_size: int | None = None
     attention_backend: str | None = None
@@ -186,6 +202,7 @@ class ServeConfig(BaseModel):
                 ("--pipeline-parallel-size", self.pipeline_parallel_size, 1),
                 ("--data-parallel-size", self.data_parallel_size, 1),
                 ("--speculative-config", self.speculative_config, None),
+                ("--hf-overrides", self.hf_overrides, None),
                 ("--max-model-len", self.max_model_len, None), ("--block-size", self.block_size, None),
                 ("--attention-backend", self.attention_backend, None),
                 ("--gpu-memory-utilization", self.gpu_memory_utilization, None),
@@ -308,7 +325,8 @@ def config_values(ns: argparse.Namespace) -> dict[str, Any]:
         **quantization_fields(ns.quantization), kv_cache_dtype=ns.kv_cache_dtype, dtype=_dtype(ns.dtype), tensor_parallel_size=ns.tensor_parallel_size,
         pipeline_parallel_size=ns.pipeline_parallel_size, data_parallel_size=ns.data_parallel_size,
         enable_expert_parallel=ns.enable_expert_parallel, enforce_eager=ns.enforce_eager,
-        speculative_config=ns.speculative_config, max_model_len=ns.max_model_len, block_size=ns.block_size,
+        speculative_config=ns.speculative_config, hf_overrides=ns.hf_overrides, max_model_len=ns.max_model_len,
+        block_size=ns.block_size,
         attention_backend=ns.attention_backend, gpu_memory_utilization=ns.gpu_memory_utilization,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, num_gpu_blocks_override=ns.num_gpu_blocks_override,

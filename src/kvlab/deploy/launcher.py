@@ -31,7 +31,7 @@ from kvlab.redact import redact_argv, redact_env
 from kvlab.schema.server import Prediction, ServerFacts, ServerRecord
 from kvlab.models import memory
 from kvlab.models.arch import ModelArch
-from kvlab.models.cards import ResolvedModel, resolve_model
+from kvlab.models.cards import ResolvedModel, resolve_model, with_hf_overrides
 from kvlab.serve_config import ServeConfig
 
 LOG_TAIL_LINES = 40
@@ -130,6 +130,7 @@ class Server:
         if not config.served_model_names:  # the card's name (the model's, without a card) unless the user names it
             config = config.model_copy(update={"served_model_names": (config.model,)})
         self.config: ServeConfig = config
+        self.resolved = with_hf_overrides(self.resolved, config.hf_overrides)  # what vLLM builds from config.json
         self.served_model_name: str = config.served_model_names[0]
         self.refusal = self.engine_impl.refusal(self.config, self.resolved, spec.allocation_only)
         self.arch: ModelArch = self.engine_impl.served_arch(self.resolved)

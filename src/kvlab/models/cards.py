@@ -7,9 +7,11 @@ when online and `huggingface_hub` is installed).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -107,6 +109,44 @@ class ResolvedModel:
     hf_id: str | None = None
     path: Path | None = None  # local folder (or HF cache snapshot) with the checkpoint
     card: Card | None = None
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the config.json read
+
+
+def _is_sub_config(value: Any) -> bool:
+    """A nested config in a config.json (text_config, vision_config, ...: transformers writes each
+    with its own model_type), which vLLM's --hf-overrides merges into rather than replaces."""
+    return isinstance(value, dict) and "model_type" in value
+
+
+def _update_nested(target: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    out = dict(target)
+    for key, value in updates.items():
+        old = out.get(key)
+        out[key] = _update_nested(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
+    return out
+
+
+def apply_hf_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's fields under vLLM's --hf-overrides (vllm/config/model.py, ModelConfig: a flat
+    value is set; a dict value is merged, recursively, into a nested config and set whole otherwise:
+    rope_scaling, quantization_config)."""
+    out = dict(cfg)
+    for key, value in overrides.items():
+        old = out.get(key)
+        out[key] = _update_nested(old, value) if isinstance(value, dict) and _is_sub_config(old) else value
+    return out
+
+
+def with_hf_overrides(resolved: ResolvedModel, overrides: str | dict[str, Any] | None) -> ResolvedModel:
+    """`resolved` with vLLM's --hf-overrides (a JSON object, as the flag takes it) applied to the
+    config.json it was read from: the architecture vLLM builds from the overridden config."""
+    if not overrides:
+        return resolved
+    values = json.loads(overrides) if isinstance(overrides, str) else overrides
+    if resolved.config is None:  # (every resolve_model result keeps the config it read)
+        raise KvlabError(f"{resolved.name}: its config.json is not at hand for --hf-overrides")
+    cfg = apply_hf_overrides(resolved.config, values)
+    return dataclasses.replace(resolved, arch=arch_from_config(cfg, f"{resolved.name} with --hf-overrides"), config=cfg)
 
 
 def _read_config(path: Path, label: str) -> dict[str, Any]:
@@ -168,24 +208,25 @@ def resolve_model(spec: str) -> ResolvedModel:
     cards = builtin_cards()
     if spec in cards or spec.lower() in cards:
         c = cards[spec if spec in cards else spec.lower()]
-        return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c)
+        return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c, config=c.config)
     path = Path(spec).expanduser()
     if path.exists():
         cfg_path = path / "config.json" if path.is_dir() else path
         if not cfg_path.is_file():
             raise KvlabError(f"{spec}: no config.json in this folder")
         label = str(path)
-        arch = arch_from_config(_read_config(cfg_path, label), label)
+        cfg = _read_config(cfg_path, label)
         folder = cfg_path.parent
-        return ResolvedModel(folder.name if path.is_dir() else cfg_path.stem, arch, "local", path=folder)
+        return ResolvedModel(folder.name if path.is_dir() else cfg_path.stem, arch_from_config(cfg, label), "local",
+                             path=folder, config=cfg)
     if _looks_like_hf_id(spec):
         for c in cards.values():
             if c.hf_id.lower() == spec.lower():
-                return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c)
+                return ResolvedModel(c.name, c.arch, "card", hf_id=c.hf_id, card=c, config=c.config)
         snap = cached_snapshot(spec)
         if snap is not None:
-            arch = arch_from_config(_read_config(snap / "config.json", spec), spec)
-            return ResolvedModel(spec, arch, "hf-cache", hf_id=spec, path=snap)
-        arch = arch_from_config(_from_hub(spec), spec)
-        return ResolvedModel(spec, arch, "hf-hub", hf_id=spec)
+            cfg = _read_config(snap / "config.json", spec)
+            return ResolvedModel(spec, arch_from_config(cfg, spec), "hf-cache", hf_id=spec, path=snap, config=cfg)
+        cfg = _from_hub(spec)
+        return ResolvedModel(spec, arch_from_config(cfg, spec), "hf-hub", hf_id=spec, config=cfg)
     raise KvlabError(unknown_model_message(spec))

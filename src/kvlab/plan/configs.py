@@ -15,7 +15,7 @@ from typing import Any
 from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import normalize_dtype
-from kvlab.models.cards import resolve_model
+from kvlab.models.cards import resolve_model, with_hf_overrides
 from kvlab.models.memory import DEFAULT_VLLM_VERSION
 from kvlab.serve_config import ServeConfig
 
@@ -118,7 +118,7 @@ def resolve_config(model: str, quant: str, gpu: str, tp: int, max_model_len: int
 def _make(serve: ServeConfig, gpu: str, serve_args: tuple[str, ...], vllm_version: str) -> PlanConfig:
     from kvlab.models.weights import weight_format
 
-    arch = resolve_model(serve.model).arch
+    arch = with_hf_overrides(resolve_model(serve.model), serve.hf_overrides).arch
     dtype = normalize_dtype(serve.dtype or arch.dtype)
     weights = weight_format(serve.weights, arch).key
     weights = DTYPE_SHORT[dtype] if weights == "auto" else weights

@@ -38,6 +38,7 @@ from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
 from kvlab.replay.datasets import DATASETS, NUM_PROMPTS, RANDOM_RANGE_RATIO, RESCALED_ARRIVALS_FROM
+from kvlab.serve_config import HF_OVERRIDES_HELP, json_flag
 from kvlab.sim.args import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP, vllm_release
@@ -292,6 +293,7 @@ def bench_cmd(
                                                     help=ASYNC_SCHEDULING_HELP),
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(
         None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", help=RESERVE_FULL_ISL_HELP),
+    hf_overrides: Optional[str] = typer.Option(None, "--hf-overrides", help=HF_OVERRIDES_HELP),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
                                                  help="No CUDA graphs: sized by the memory model (no graph memory), "
                                                       "step times not simulated (priced as under CUDA graphs)"),
@@ -339,7 +341,8 @@ def bench_cmd(
         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
         enable_expert_parallel=expert_parallel,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager),
+        gpu_memory_utilization=gpu_memory_utilization, api_server_count=api_server_count, enforce_eager=enforce_eager,
+        hf_overrides=json_flag(hf_overrides, "--hf-overrides")),
         gpu, timing=timing, vllm_version=vllm_version, enable_prefix_caching=enable_prefix_caching,
         scheduler_reserve_full_isl=scheduler_reserve_full_isl, async_scheduling=async_scheduling, sampler=sampler)
     warn_not_simulated(config.serve, "kvlab sim bench")

@@ -13,6 +13,7 @@ import typer
 from kvlab.clikit import emit_json, live_progress, throttled
 from kvlab.errors import KvlabError
 from kvlab.models.budget import DEFAULT_VLLM_VERSION
+from kvlab.serve_config import HF_OVERRIDES_HELP, json_flag
 from kvlab.sim.args import CHECKPOINT_WEIGHTS_HELP
 from kvlab.sim.config import ASYNC_SCHEDULING_HELP, EXPERT_PARALLEL_HELP, RESERVE_FULL_ISL_HELP, SAMPLER_HELP
 from kvlab.sim.timing import DEFAULT_TIMING, TIMING_HELP, VLLM_VERSION_HELP
@@ -26,18 +27,6 @@ def _users(spec: str) -> list[int]:
     if not users or min(users) < 1:
         raise KvlabError(f"--users must be positive, got {spec!r}")
     return users
-
-
-def _speculative(text: str | None) -> str | None:
-    """--speculative-config as a ServeConfig keeps it: vLLM's JSON object, compact."""
-    import argparse
-
-    from kvlab.serve_config import _json_object
-
-    try:
-        return _json_object(text) if text is not None else None
-    except argparse.ArgumentTypeError as e:
-        raise KvlabError(f"--speculative-config: {e}") from None
 
 
 def run_cmd(
@@ -74,6 +63,7 @@ def run_cmd(
                             help=EXPERT_PARALLEL_HELP),
     speculative_config: Optional[str] = typer.Option(None, "--speculative-config", "-sc",
                                                      help="Sized by the memory model, not simulated"),
+    hf_overrides: Optional[str] = typer.Option(None, "--hf-overrides", help=HF_OVERRIDES_HELP),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager",
                                        help="No CUDA graphs: sized by the memory model (no graph memory), "
                                             "step times not simulated (priced as under CUDA graphs)"),
@@ -115,7 +105,8 @@ def run_cmd(
                            num_gpu_blocks_override=num_gpu_blocks_override, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp, api_server_count=api_server_count,
                            attention_backend=attention_backend, data_parallel_size=dp, enable_expert_parallel=ep,
-                           speculative_config=_speculative(speculative_config), enforce_eager=enforce_eager,
+                           speculative_config=json_flag(speculative_config),
+                           hf_overrides=json_flag(hf_overrides, "--hf-overrides"), enforce_eager=enforce_eager,
                            vllm_args=graph_value_args(optimization_level, compilation_config))
     warn_not_simulated(serve, "kvlab sim run")
     cfg = build_config(serve, gpu, enable_prefix_caching=enable_prefix_caching, timing=timing,

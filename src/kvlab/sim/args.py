@@ -50,7 +50,7 @@ NO_EFFECT_VALUE_FLAGS = (
     "--swap-space", "--max-logprobs", "--generation-config", "--chat-template", "--response-role",
     "--root-path", "--allowed-origins", "--allowed-methods", "--allowed-headers", "--uvicorn-log-level",
     "--distributed-executor-backend", "--tool-call-parser", "--reasoning-parser", "--tokenizer-mode",
-    "--hf-overrides", "--override-generation-config", "--log-level", "--max-seq-len-to-capture",
+    "--override-generation-config", "--log-level", "--max-seq-len-to-capture",
     "--chat-template-content-format",
 )
 # Kept in the serve configuration's untyped flags, which the memory model reads for CUDA graphs

@@ -16,7 +16,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models import budget, memory
 from kvlab.models.arch import ModelArch, normalize_dtype
-from kvlab.models.cards import ResolvedModel, resolve_model
+from kvlab.models.cards import ResolvedModel, resolve_model, with_hf_overrides
 from kvlab.models.weights import weight_format
 from kvlab.serve_config import ServeConfig
 from kvlab.sim import timing as sim_timing
@@ -203,7 +203,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     elif flags:
         raise TypeError(f"build_config: keywords {sorted(flags)} given with a ServeConfig")
     preset = hardware.gpu(gpu)
-    resolved: ResolvedModel = resolve_model(config.model)
+    resolved: ResolvedModel = with_hf_overrides(resolve_model(config.model), config.hf_overrides)
     arch = resolved.arch
     mem_version = memory_release(vllm_version)
     util = config.gpu_memory_utilization
