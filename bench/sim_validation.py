@@ -1416,7 +1416,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], timing: str) -> list:
     """The same-GPU ratio rows the simulator ran, as kvlab.schema.validation.RatioCheck: the factor
-    the quantized run differs from its BF16 twin by (int4 weights, fp8 weights, fp8 KV cache; pairs of
+    the quantized run differs from its BF16 twin by (int4 weights, int8 weight-only, fp8 weights, fp8 KV cache; pairs of
     another kind are left out), its GPU preset, and the published and simulated throughput ratios."""
     from kvlab.schema.validation import RatioCheck, config_factors
     from kvlab.serve_config import METHOD_WEIGHTS
@@ -1430,8 +1430,11 @@ def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], ti
         name = _throughput_name(a, b)
         if name is None or name not in a.sim[timing] or name not in b.sim[timing]:
             continue
-        # the one factor run a has that its twin b lacks (kvlab formats of vLLM's --quantization methods)
-        fa, fb = ({*config_factors(METHOD_WEIGHTS.get(r.bench.serve.get("quantization")), r.bench.serve.get("kv_cache_dtype"))}
+        # the one factor run a has that its twin b lacks (kvlab formats of vLLM's --quantization methods,
+        # or the format a checkpoint's bits make it: CHECKPOINT_BITS)
+        fa, fb = ({*config_factors(r.run.quantization if r.run.quantization in CHECKPOINT_BITS
+                                   else METHOD_WEIGHTS.get(r.bench.serve.get("quantization")),
+                                   r.bench.serve.get("kv_cache_dtype"))}
                   for r in (a, b))
         if not (fb < fa and len(fa - fb) == 1):
             continue

@@ -355,14 +355,15 @@ def test_validation_band_cites_the_ratio_rows_of_each_quantization_factor_shown(
     base = v.error_band()
     assert v.error_band([("a100-80gb", None, "auto"), ("h100", None, None)]) == base
     band = v.error_band([("a100-80gb", "awq", "auto"), ("a100-80gb", "gptq", None), ("h100", "fp8-block", "fp8_e4m3"),
-                         ("l40s", "awq", None), (float("nan"), "awq", float("nan"))])
+                         ("l40s", "awq", None), (float("nan"), "awq", float("nan")), ("l40s", "gptq-int8", None)])
     assert band == "; ".join([
         base,
         "int4 weights vs BF16 on a100-80gb: published throughput ratios 0.78-0.95, simulated 0.96-1.12 "
         "(2 rows, 1 on the wrong side of 1)",
         "fp8 KV cache vs BF16 on h100: published throughput ratio 1.02, simulated 1.03 (1 row)",
         "fp8 weights vs BF16 on h100: published throughput ratio 0.98, simulated 0.85 (1 row)",
-        "int4 weights vs BF16 on l40s: no published same-GPU ratio in the validation"])
+        "int4 weights vs BF16 on l40s: no published same-GPU ratio in the validation",
+        "int8 weight-only vs BF16 on l40s: no published same-GPU ratio in the validation"])
 
 
 def test_validation_band_gives_the_share_of_each_gpu_and_kind_of_figure(tmp_path, monkeypatch):

@@ -25,8 +25,9 @@ SUMMARY_FILE = Path("bench") / "sim_validation_summary.json"
 NO_SUMMARY = "validation error band: see the simulator validation table, docs/simulator-validation.md (python bench/sim_validation.py)"
 
 # The quantization factors the ratio rows check, against BF16 weights and a BF16 KV cache.
-Factor = Literal["int4 weights", "fp8 weights", "fp8 KV cache"]
+Factor = Literal["int4 weights", "int8 weight-only", "fp8 weights", "fp8 KV cache"]
 INT4_WEIGHTS = ("awq", "gptq")  # kvlab weight formats vLLM runs on its int4 kernels (Marlin or legacy)
+INT8_WEIGHT_ONLY = ("gptq-int8",)  # W8A16: the same kernels at 8 bits
 FP8_WEIGHTS = ("fp8", "fp8-block")
 WRONG_SIDE_MARGIN = 0.02  # a published ratio this close to 1 has no side
 
@@ -112,6 +113,8 @@ def config_factors(weights: str | None, kv_cache_dtype: str | None) -> list[str]
     out = []
     if weights in INT4_WEIGHTS:
         out.append("int4 weights")
+    elif weights in INT8_WEIGHT_ONLY:
+        out.append("int8 weight-only")
     elif weights in FP8_WEIGHTS:
         out.append("fp8 weights")
     if kv_cache_dtype and kv_cache_dtype.startswith("fp8"):
