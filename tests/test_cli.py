@@ -23,6 +23,21 @@ def test_kv_fp8_and_awq(kvlab):
     assert d["weight_bytes"] < 6 * 2**30  # int4 weights plus bf16 embeddings and LM head
 
 
+def test_kv_and_capacity_take_gptq_int8_and_hf_overrides(kvlab):
+    d = json.loads(kvlab("kv", "qwen3-8b", "--quantization", "gptq-int8", "--json").stdout)
+    assert (d["weight_format"], d["weight_bytes"]) == ("gptq-int8", 9_603_803_136)
+    half = json.loads(kvlab("kv", "qwen2.5-7b", "--hf-overrides", '{"num_hidden_layers": 14}', "--json").stdout)
+    assert (half["num_layers"], half["kv_bytes_per_token"]) == (14, 28_672)  # 14 layers x 4 KV heads x 128 x 2 x 2 B
+    yarn = '{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 131072}'
+    r = kvlab("capacity", "qwen2.5-7b", "--gpu", "h100", "--max-model-len", "131072", "--json")
+    assert r.returncode == 2 and "max_position_embeddings=32768.0" in r.stderr
+    d = json.loads(kvlab("capacity", "qwen2.5-7b", "--gpu", "h100", "--max-model-len", "131072", "--hf-overrides", yarn,
+                         "--json").stdout)
+    assert d["max_model_len"] == 131072
+    bad = kvlab("kv", "qwen2.5-7b", "--hf-overrides", "{nope")
+    assert bad.returncode == 2 and "--hf-overrides: not JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_capacity_json_echoes_inputs(kvlab):
     r = kvlab("capacity", "deepseek-v2-lite", "--kv-memory-gib", "1", "--max-model-len", "4096", "--cpu", "--json")
     assert r.returncode == 0, r.stderr

@@ -93,10 +93,13 @@ def kv_cmd(
     kv_cache_dtype: str = KV_DTYPE,
     quantization: Optional[str] = QUANT,
     dtype: Optional[str] = DTYPE,
+    hf_overrides: Optional[str] = HF_OVERRIDES,
     as_json: bool = JSON,
 ) -> None:
     """KV-cache bytes per token, parameter counts and weight bytes of a model."""
-    m = resolve_model(model)
+    from kvlab.serve_config import json_flag
+
+    m = with_hf_overrides(resolve_model(model), json_flag(hf_overrides, "--hf-overrides"))
     f = kv_facts(m, kv_cache_dtype, quantization, dtype)
     if as_json:
         emit_json(f)
