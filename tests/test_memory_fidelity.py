@@ -305,6 +305,8 @@ def test_hf_overrides_apply_to_the_config_as_vllm_applies_them(monkeypatch):
 
     assert build_config(options_config("qwen2.5-7b", max_model_len=131072, hf_overrides=yarn),
                         "h100").max_model_len == 131072
+    # without --max-model-len: vLLM's default, the overridden config's length (not the card's 32,768)
+    assert build_config(options_config("qwen2.5-7b", hf_overrides=yarn), "h100").max_model_len == 131072
 
 
 def test_experts_split_over_data_parallel_gpus():

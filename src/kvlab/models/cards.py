@@ -110,6 +110,13 @@ class ResolvedModel:
     path: Path | None = None  # local folder (or HF cache snapshot) with the checkpoint
     card: Card | None = None
     config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the config.json read
+    overridden: bool = False  # its config under --hf-overrides (`with_hf_overrides`)
+
+    @property
+    def default_max_model_len(self) -> int | None:
+        """The context length kvlab takes without --max-model-len: the card's, unless --hf-overrides changed
+        the config (then vLLM's own default, the length derived from the overridden config: None here)."""
+        return self.card.context_length if self.card is not None and not self.overridden else None
 
 
 def _is_sub_config(value: Any) -> bool:
@@ -146,7 +153,8 @@ def with_hf_overrides(resolved: ResolvedModel, overrides: str | dict[str, Any] |
     if resolved.config is None:  # (every resolve_model result keeps the config it read)
         raise KvlabError(f"{resolved.name}: its config.json is not at hand for --hf-overrides")
     cfg = apply_hf_overrides(resolved.config, values)
-    return dataclasses.replace(resolved, arch=arch_from_config(cfg, f"{resolved.name} with --hf-overrides"), config=cfg)
+    return dataclasses.replace(resolved, arch=arch_from_config(cfg, f"{resolved.name} with --hf-overrides"), config=cfg,
+                               overridden=True)
 
 
 def _read_config(path: Path, label: str) -> dict[str, Any]:

@@ -156,8 +156,8 @@ def _budget_bytes(kv_memory_gib: str | float | None, kv_cache_memory_bytes: int 
 
 
 def run_capacity(m: ResolvedModel, **kw: Any) -> memory.CapacityResult:
-    if kw.get("max_model_len") is None and m.card is not None:
-        kw["max_model_len"] = m.card.context_length
+    if kw.get("max_model_len") is None:
+        kw["max_model_len"] = m.default_max_model_len
     return memory.capacity(m.arch, model_name=m.name, **kw)
 
 

@@ -209,8 +209,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     util = config.gpu_memory_utilization
     util = memory.default_gpu_memory_utilization(mem_version) if util is None else util
     max_model_len = config.max_model_len
-    if max_model_len is None and resolved.card is not None:
-        max_model_len = resolved.card.context_length  # as `kvlab capacity` does
+    if max_model_len is None:
+        max_model_len = resolved.default_max_model_len  # as `kvlab capacity` does
     if max_model_len is not None:  # vLLM's check, as the memory model makes it (RoPE scaling, the env var)
         try:
             memory.check_max_model_len(arch, max_model_len)
