@@ -310,8 +310,14 @@ def memory_release(vllm_version: str) -> str:
 
 def flags_config(model: str, *, quantization: str | None = None, served_model_name: list[str] | None = None,
                  dtype: str | None = None, **fields) -> ServeConfig:
-    """A ServeConfig from build_config's keywords (`quantization`: a kvlab weight format or alias)."""
+    """A ServeConfig from build_config's keywords (`quantization`: a kvlab weight format or alias; the JSON
+    flags, `speculative_config` and `hf_overrides`, kept compact as the flags' parser keeps them)."""
+    from kvlab.serve_config import json_flag
+
     fmt = weight_format(quantization).key
+    for name in ("speculative_config", "hf_overrides"):
+        if isinstance(fields.get(name), str):
+            fields[name] = json_flag(fields[name], f"--{name.replace('_', '-')}")
     return ServeConfig(model=model, weights=None if fmt == "auto" else fmt,
                        served_model_names=tuple(served_model_name or ()),
                        dtype=None if dtype in (None, "auto") else dtype, **fields)
