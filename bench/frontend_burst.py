@@ -26,9 +26,15 @@ CPU for the request (template, tokenising, input processing), the transport both
 client's own handling. The check behind kvlab.sim.timing.FRONTEND_LATENCY_S (docs/simulator-
 validation.md, "Low-load TTFT").
 
+A burst with replies of spread lengths (`--output-len 100 --random-range-ratio 0.9`) also gives a
+request's mean gap over the pooled gap, mean TPOT / mean ITL, at the client and in vLLM's own
+histograms (the check behind the stated cause `lab-sharegpt-tpot-gaps`: published ShareGPT bursts on
+H100/H200 give 1.8-2.4x, which neither the API server nor the client makes here).
+
 Run: `python bench/frontend_burst.py --tokenizer DIR [--server-python PY] [--endpoint chat|completions]
-[--num-prompts 1000] [--input-len 128] [--output-len 4] [--max-concurrency C] [--json]` (about 3
-minutes on 2 cores; `--max-concurrency 1 --num-prompts 40 --input-len 230 --output-len 32`, 2).
+[--num-prompts 1000] [--input-len 128] [--output-len 4] [--random-range-ratio R] [--max-concurrency C]
+[--json]` (about 3 minutes on 2 cores; `--max-concurrency 1 --num-prompts 40 --input-len 230 --output-len
+32`, 2).
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> No
             time.sleep(2)
 
 
-HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds")
+HISTOGRAMS = ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+              "request_time_per_output_token_seconds", "inter_token_latency_seconds")
 
 
 def histogram_totals(text: str) -> dict[str, float]:
@@ -96,6 +103,10 @@ def histogram_means(before: dict[str, float], after: dict[str, float]) -> dict[s
     return means
 
 
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, required=True, metavar="DIR",
@@ -104,6 +115,8 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=4)
+    ap.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+                    help="vLLM bench's: prompt and reply lengths drawn from [L x (1 - R), L x (1 + R)] (0: fixed)")
     ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
                     help="/v1/chat/completions (vLLM bench's openai-chat backend) or /v1/completions (openai)")
     ap.add_argument("--max-concurrency", type=int, metavar="C",
@@ -126,7 +139,10 @@ def main() -> int:
         server = subprocess.Popen(
             [a.server_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
              "tiny", "--port", str(port), "--max-model-len", "4096", "--max-num-seqs", "1024",
-             "--max-num-batched-tokens", "8192", *(() if a.max_concurrency else ("--disable-log-stats",))],
+             "--max-num-batched-tokens", "8192",
+             # vLLM's histograms where they are read (low load; spread replies' TPOT / ITL); else no stats,
+             # which cost the API server CPU the burst measures
+             *(() if a.max_concurrency or a.random_range_ratio else ("--disable-log-stats",))],
             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_healthy(url, server)
@@ -140,6 +156,7 @@ def main() -> int:
                       "--endpoint", "/v1/chat/completions" if chat else "/v1/completions",
                       "--base-url", url, "--model", "tiny", "--tokenizer", str(model), "--dataset-name", "random",
                       "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+                      "--random-range-ratio", str(a.random_range_ratio),
                       "--num-prompts", str(a.num_prompts), "--seed", "42", "--ignore-eos", "--save-result",
                       "--save-detailed", "--result-dir", tmp,
                       *(("--max-concurrency", str(a.max_concurrency)) if a.max_concurrency else ())]
@@ -163,8 +180,14 @@ def main() -> int:
            "ttft_p10_s": ttfts[n // 10], "ttft_p90_s": ttfts[9 * n // 10],
            "api_server_cpu_s_per_request": api_s / a.num_prompts, "engine_core_cpu_s_per_request": core_s / a.num_prompts,
            "endpoint": a.endpoint, "max_concurrency": a.max_concurrency, "mean_itl_ms": bench.get("mean_itl_ms"),
-           "p99_itl_ms": bench.get("p99_itl_ms"),
+           "p99_itl_ms": bench.get("p99_itl_ms"), "median_tpot_ms": bench.get("median_tpot_ms"),
+           "median_itl_ms": bench.get("median_itl_ms"), "random_range_ratio": a.random_range_ratio,
            "server_mean_ms": histograms}
+    # A request's TPOT is the mean of its own gaps, ITL pools every gap: their ratio, at the client and in
+    # vLLM's own histograms (engine-core clock: request_time_per_output_token over inter_token_latency)
+    srv_tpot, srv_itl = histograms["request_time_per_output_token_seconds"], histograms["inter_token_latency_seconds"]
+    out["client_tpot_over_itl"] = (bench["mean_tpot_ms"] / bench["mean_itl_ms"]) if bench.get("mean_itl_ms") else None
+    out["server_tpot_over_itl"] = (srv_tpot / srv_itl) if srv_tpot and srv_itl else None
     queue, prefill = histograms["request_queue_time_seconds"], histograms["request_prefill_time_seconds"]
     out["outside_engine_ms"] = (None if queue is None or prefill is None
                                 else bench["mean_ttft_ms"] - queue - prefill)
@@ -184,7 +207,9 @@ def main() -> int:
           f"{a.output_len} out (measured): API server {1e3 * out['api_server_cpu_s_per_request']:.1f} ms of CPU per request, "
           f"engine core {1e3 * out['engine_core_cpu_s_per_request']:.1f} ms; duration {out['duration_s']:.1f} s, TTFT mean "
           f"{out['mean_ttft_ms'] / 1e3:.1f} s, median {out['median_ttft_ms'] / 1e3:.1f} s, p10-p90 {out['ttft_p10_s']:.1f}-"
-          f"{out['ttft_p90_s']:.1f} s, p99 {out['p99_ttft_ms'] / 1e3:.1f} s; TPOT {out['mean_tpot_ms']:.0f} ms")
+          f"{out['ttft_p90_s']:.1f} s, p99 {out['p99_ttft_ms'] / 1e3:.1f} s; TPOT {out['mean_tpot_ms']:.0f} ms, mean TPOT / "
+          f"mean ITL {_ratio(out['client_tpot_over_itl'])} at the client, {_ratio(out['server_tpot_over_itl'])} in vLLM's "
+          "own histograms")
     return 0
 
 

@@ -369,7 +369,7 @@ def test_the_low_load_bench_reads_vllms_histograms_as_prometheus_does():
             if any(s.name in (f"vllm:{h}_sum", f"vllm:{h}_count") for h in frontend_burst.HISTOGRAMS):
                 want[s.name] = want.get(s.name, 0.0) + s.value
     got = frontend_burst.histogram_totals(text)
-    assert got == pytest.approx(want) and len(got) == 6
+    assert got == pytest.approx(want) and len(got) == 10  # five histograms, each a _sum and a _count
     assert got["vllm:request_prefill_time_seconds_count"] == 16.0
     assert got["vllm:request_prefill_time_seconds_sum"] == pytest.approx(15.255730633999747)
 
