@@ -187,7 +187,8 @@ class ServeConfig(BaseModel):
         vLLM's method does not say (gptq-int8); None where --quantization says it all."""
         if self.weights is None:
             return None
-        return self.weights if self.weights_from_checkpoint or WEIGHTS_METHOD[self.weights] != self.weights else None
+        said = METHOD_WEIGHTS[WEIGHTS_METHOD[self.weights]]  # the format vLLM's method names back
+        return self.weights if self.weights_from_checkpoint or said != self.weights else None
 
     def to_argv(self, *, name_checkpoint_weights: bool = False) -> list[str]:
         """The `vllm serve` flags of this config (no MODEL, no --served-model-name: the engine places

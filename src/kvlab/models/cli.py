@@ -88,6 +88,13 @@ def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dt
     return facts
 
 
+def _resolve(model: str, hf_overrides: str | None) -> ResolvedModel:
+    """MODEL as vLLM builds it with --hf-overrides (a JSON object; None: the config as it is)."""
+    from kvlab.serve_config import json_flag
+
+    return with_hf_overrides(resolve_model(model), json_flag(hf_overrides, "--hf-overrides"))
+
+
 def kv_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     kv_cache_dtype: str = KV_DTYPE,
@@ -97,9 +104,7 @@ def kv_cmd(
     as_json: bool = JSON,
 ) -> None:
     """KV-cache bytes per token, parameter counts and weight bytes of a model."""
-    from kvlab.serve_config import json_flag
-
-    m = with_hf_overrides(resolve_model(model), json_flag(hf_overrides, "--hf-overrides"))
+    m = _resolve(model, hf_overrides)
     f = kv_facts(m, kv_cache_dtype, quantization, dtype)
     if as_json:
         emit_json(f)
@@ -258,9 +263,7 @@ def capacity_cmd(
     as_json: bool = JSON,
 ) -> None:
     """KV blocks, tokens and maximum concurrency vLLM would allocate for one model."""
-    from kvlab.serve_config import json_flag
-
-    m = with_hf_overrides(resolve_model(model), json_flag(hf_overrides, "--hf-overrides"))
+    m = _resolve(model, hf_overrides)
     flags = CapacityFlags.of(locals())
     r = run_capacity(m, **flags.capacity_kwargs())
     d = capacity_dict(m, r)

@@ -112,7 +112,6 @@ def checkpoint_fields(checkpoint_weights: str | None, method: str | None) -> dic
     return {**fields, "weights": key, "weights_from_checkpoint": method is None}
 
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit 2; kvlab prints one line
         raise KvlabError(message)

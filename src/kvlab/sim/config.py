@@ -349,8 +349,7 @@ def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
 def _legacy_kernel(config: ServeConfig) -> bool:
     """`-q awq` / `-q gptq` named explicitly: vLLM keeps that legacy kernel (it logs that awq_marlin /
     gptq_marlin would be faster) where a checkpoint that declares the format alone gets Marlin."""
-    return (config.weights in ("awq", "gptq", "gptq-int8") and not config.weights_from_checkpoint
-            and not config.quantization_method)
+    return config.quantization_flag() in ("awq", "gptq")
 
 
 def _check_scheduler(max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, chunked: bool) -> None:

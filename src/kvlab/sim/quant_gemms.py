@@ -127,8 +127,9 @@ def measured_ratio(fmt: str, shape: tuple[int, int], m: int) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str, gpu: str, tp: int) -> GemmDelta | None:
-    measured = measured_format(fmt_name, group_size, kernel)
+def _delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str, gpu: str, tp: int,
+           bits: int | None) -> GemmDelta | None:
+    measured = measured_format(fmt_name, group_size, kernel, bits)
     shapes = dense_linear_shapes(arch, tp)
     if measured is None or shapes is None or gpu not in GPUS or not kernels.available():
         return None
@@ -155,9 +156,7 @@ def measured_delta(arch: ModelArch, fmt_name: str, group_size: int, kernel: str,
     """The measured int4 layers' difference from BF16 for this configuration, or None where the rows
     do not cover it (every layer shape measured or near a measured one, group 128, int4 AWQ/GPTQ, an
     H100/H200, a dense model)."""
-    if measured_format(fmt_name, group_size, kernel, bits) is None:
-        return None
-    return _delta(arch, fmt_name, group_size, kernel, gpu, tp)
+    return _delta(arch, fmt_name, group_size, kernel, gpu, tp, bits)
 
 
 @functools.lru_cache(maxsize=1)
