@@ -144,6 +144,35 @@ def test_a_checkpoints_format_reaches_the_simulator_as_kvlabs_flag(no_gpu):
             parse_serve_args(["qwen2.5-7b", "--gpu", "h100", *argv])
 
 
+def test_the_simulators_startup_line_names_the_method_vllm_settles_on(no_gpu, capsys):
+    """The simulated engine's 'Initializing a V1 LLM engine' line prints vLLM's ModelConfig.quantization, as
+    vLLM does (vLLM PR #23066's log of a GPTQ checkpoint served without -q: `quantization=gptq_marlin`;
+    vLLM issue #20112: an explicit -q awq kept at 0.9 'forcing awq'), not kvlab's format names: an
+    unquantized model None (it printed kvlab's "auto"); an AWQ/GPTQ checkpoint by the config class that
+    claims it: auto_awq / auto_gptq at vLLM 0.32 (its auto_awq.py, auto_gptq.py: every AWQ / GPTQ name
+    maps to them, -q awq too), awq_marlin / gptq_marlin before (it printed "gptq-int8"), the legacy method
+    where vLLM kept it; a -q method as given."""
+    from kvlab.sim import logs
+    from kvlab.sim.config import build_config
+
+    def method(argv, version="0.32.0"):
+        args = parse_serve_args(["qwen2.5-7b", "--gpu", "a100-80gb", *argv])
+        cfg = build_config(args.config, "a100-80gb", timing="roofline", vllm_version=version)
+        logs.startup_lines(cfg, args.non_default, args.not_simulated)
+        line = next(x for x in capsys.readouterr().out.splitlines() if "Initializing a V1 LLM engine" in x)
+        assert f"quantization={cfg.quantization_method}," in line
+        return cfg.quantization_method
+
+    assert method([]) is None
+    assert method(["--checkpoint-weights", "gptq-int8"]) == "auto_gptq"
+    assert method(["--checkpoint-weights", "gptq-int8"], "0.10.1") == "gptq_marlin"  # PR #23066's release
+    assert method(["--checkpoint-weights", "awq"]) == method(["-q", "awq"]) == "auto_awq"
+    assert method(["--checkpoint-weights", "awq"], "0.9.2") == "awq_marlin"
+    assert method(["-q", "awq"], "0.9.2") == "awq" and method(["-q", "gptq"], "0.9.2") == "gptq"
+    assert method(["--checkpoint-weights", "fp8-block"]) == "fp8" and method(["-q", "fp8_per_block"]) == "fp8_per_block"
+    assert method(["--checkpoint-weights", "int8"]) == "compressed-tensors"
+
+
 def test_hf_overrides_are_typed_and_reach_the_simulator(no_gpu):
     """--hf-overrides is kept as vLLM's JSON object (compact), given back to vLLM, and the simulator builds
     the overridden model (it had accepted the flag and ignored it)."""

@@ -17,7 +17,7 @@ from kvlab.errors import KvlabError
 from kvlab.models import budget, memory
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model, with_hf_overrides
-from kvlab.models.weights import weight_format
+from kvlab.models.weights import WeightFormat, weight_format
 from kvlab.serve_config import ServeConfig
 from kvlab.sim import timing as sim_timing
 from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing, weight_kernel
@@ -108,6 +108,9 @@ class SimConfig:
     # vLLM's AsyncScheduler (--async-scheduling, the default from 0.14): a finished request's slot and
     # blocks are freed after the next step is scheduled
     async_scheduling: bool = True
+    # The quantization method vLLM settles on, its ModelConfig.quantization (None: unquantized), which its
+    # startup line prints: `vllm_quantization_method`
+    quantization_method: str | None = None
     serve: ServeConfig | None = field(default=None, compare=False)  # what it was built from
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -240,6 +243,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
     behaviour = scheduler_behaviour(vllm_version, scheduler_reserve_full_isl, async_scheduling,
                                     pipeline_parallel=cap.pipeline_parallel_size > 1)
     streaming = sim_timing.frontend_streaming(vllm_version)  # the release's API server, streaming
+    kernel = weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version, moe=arch.moe is not None)
     return SimConfig(
         model=config.model,
         served_model_names=config.served_model_names or (config.model,),
@@ -247,8 +251,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         gpu=preset,
         capacity=cap,
         cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
-                         weight_kernel(fmt, preset, legacy=_legacy_kernel(config), vllm_version=vllm_version,
-                                       moe=arch.moe is not None), expert_parallel=config.enable_expert_parallel,
+                         kernel, expert_parallel=config.enable_expert_parallel,
                          host=sim_timing.host_time(vllm_version)[:2]),  # the release's host time
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
@@ -274,6 +277,7 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         async_scheduling=behaviour.async_scheduling,
         user_specified_block_size=config.block_size is not None,
         dtype=dtype_name,
+        quantization_method=vllm_quantization_method(config, fmt, kernel, vllm_version),
         serve=config,
     )
 
@@ -344,6 +348,30 @@ def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
             f"({_gib(cap.kv_budget_bytes)} GiB). {estimate}Try increasing `gpu_memory_utilization` or "
             "decreasing `max_model_len` when initializing the engine."
         )
+
+
+# The method a pre-quantized checkpoint's quantization_config names, by kvlab weight format: what vLLM
+# reads where --quantization is not given (block-scaled FP8 checkpoints say "fp8" with a weight_block_size).
+CHECKPOINT_METHOD = {"fp8": "fp8", "fp8-block": "fp8", "int8": "compressed-tensors", "awq": "awq", "gptq": "gptq",
+                     "gptq-int8": "gptq", "nf4": "bitsandbytes"}
+
+
+def vllm_quantization_method(config: ServeConfig, fmt: WeightFormat, kernel: str, vllm_version: str) -> str | None:
+    """The method vLLM `vllm_version` settles on for weight format `fmt` (its ModelConfig.quantization, which
+    the engine's startup line prints; None: unquantized): the --quantization given, else the checkpoint's
+    own; AWQ and GPTQ by the config class that claims them (override_quantization_method): the legacy
+    "awq" / "gptq" where an explicit -q kept that kernel (`weight_kernel`: "dequant"), else "awq_marlin" /
+    "gptq_marlin" (Machete is picked inside them), and from the release after LEGACY_LAST, where one class
+    takes every AWQ (GPTQ) name, its own: "auto_awq" / "auto_gptq" (vLLM 0.32's auto_awq.py, auto_gptq.py)."""
+    if fmt.name == "auto":
+        return None
+    if fmt.name in ("awq", "gptq"):
+        if kernel == "dequant":
+            return fmt.name
+        if sim_timing.vllm_release(vllm_version) > sim_timing.LEGACY_LAST[fmt.name]:
+            return f"auto_{fmt.name}"
+        return f"{fmt.name}_marlin"
+    return config.quantization_flag() or CHECKPOINT_METHOD[fmt.key]
 
 
 def _legacy_kernel(config: ServeConfig) -> bool:

@@ -83,7 +83,7 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
     log("EngineCore", "core.py:133", (
         f"Initializing a V1 LLM engine (v{SIM_VERSION}) with config: model='{cfg.model}', "
         f"dtype=torch.{cfg.dtype}, max_seq_len={cfg.max_model_len}, tensor_parallel_size={cap.tensor_parallel_size}, "
-        f"pipeline_parallel_size={cap.pipeline_parallel_size}, quantization={cap.quantization}, "
+        f"pipeline_parallel_size={cap.pipeline_parallel_size}, quantization={cfg.quantization_method}, "
         f"kv_cache_dtype={cfg.kv_cache_dtype}, device_config=cuda, served_model_name={cfg.served_model_name}, "
         f"enable_prefix_caching={cfg.enable_prefix_caching}, enable_chunked_prefill={cfg.enable_chunked_prefill}"))
     log("Worker", "gpu_model_runner.py:5150",
