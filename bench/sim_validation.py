@@ -633,6 +633,13 @@ def _pct(err: float) -> float:
 # real tokenizers, 2026-12-04) is set to its measurement where its grid point lies within
 # FIT_TOLERANCE of the best; as the current value, the rule above then keeps it (kvlab.sim.timing).
 FIT_TOLERANCE = 0.005
+# Declared 2026-12-06 (session 31), before any row was scored with it: the RTX 4090 (AD102, the L40S's
+# die) and the L4 (AD104: Ada's SM, compute capability 8.9, so the L40S's vLLM kernels) priced as table
+# twins of the L40S (kvlab.sim.kernels.TABLE_TWINS: the L40S's measured step times the data sheets'
+# ratio, as the H100 PCIe from the H100 SXM's) in place of their roofline fallback. Taken by the rule for
+# measured terms: where the train rows' median |log error| under auto with it is within FIT_TOLERANCE
+# of the fallback's or below; the roofline's constants are not refitted with it; the test rows are read
+# after the decision.
 
 
 def _grid_search(grid, setting, error, describe, report, current=None) -> tuple:
