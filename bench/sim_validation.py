@@ -639,7 +639,8 @@ FIT_TOLERANCE = 0.005
 # ratio, as the H100 PCIe from the H100 SXM's) in place of their roofline fallback. Taken by the rule for
 # measured terms: where the train rows' median |log error| under auto with it is within FIT_TOLERANCE
 # of the fallback's or below; the roofline's constants are not refitted with it; the test rows are read
-# after the decision.
+# after the decision. NOT TAKEN (2026-12-06): train median |log error| 0.179 with it against 0.0932
+# (docs/simulator-validation.md, "the RTX 4090 and L4 as table twins of the L40S").
 
 
 def _grid_search(grid, setting, error, describe, report, current=None) -> tuple:
