@@ -85,6 +85,7 @@ from kvlab.models.memory import DEFAULT_VLLM_VERSION  # noqa: E402
 from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
 from kvlab.sim.config import build_config  # noqa: E402
+from kvlab.serve_config import METHOD_WEIGHTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -284,6 +285,9 @@ class BenchRun:
     vllm_version: str = DEFAULT_VLLM_VERSION  # the published run's vLLM: its kernel choice and memory profiling
     # the profiling run's sampler where the source decides it (Run.sampler); None: the release's own
     sampler: str | None = None
+    # kvlab's weight format the run serves (WEIGHT_FORMATS' key; None: unquantized), 8-bit GPTQ named by the
+    # bits its checkpoint declares (CHECKPOINT_BITS) where vLLM's method does not say them: a ratio row's factor
+    weights: str | None = None
 
 
 @dataclass
@@ -390,8 +394,10 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         note = "; ".join(filter(None, [note, "offline: all prompts at once, fixed lengths"]
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
                                    if run.num_prompts is None else [])))
+    weights = run.quantization if run.quantization in CHECKPOINT_BITS else METHOD_WEIGHTS.get(serve.get("quantization"))
     try:
-        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run), run.sampler))
+        return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run), run.sampler,
+                               weights))
     except KvlabError as e:
         return f"kvlab refuses it: {e}"
 
@@ -1427,7 +1433,6 @@ def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], ti
     the quantized run differs from its BF16 twin by (int4 weights, int8 weight-only, fp8 weights, fp8 KV cache; pairs of
     another kind are left out), its GPU preset, and the published and simulated throughput ratios."""
     from kvlab.schema.validation import RatioCheck, config_factors
-    from kvlab.serve_config import METHOD_WEIGHTS
 
     by_id = {r.run.id: r for r in results}
     out = []
@@ -1438,12 +1443,8 @@ def ratio_checks(pub: published_runs.PublishedRuns, results: list[RowResult], ti
         name = _throughput_name(a, b)
         if name is None or name not in a.sim[timing] or name not in b.sim[timing]:
             continue
-        # the one factor run a has that its twin b lacks (kvlab formats of vLLM's --quantization methods,
-        # or the format a checkpoint's bits make it: CHECKPOINT_BITS)
-        fa, fb = ({*config_factors(r.run.quantization if r.run.quantization in CHECKPOINT_BITS
-                                   else METHOD_WEIGHTS.get(r.bench.serve.get("quantization")),
-                                   r.bench.serve.get("kv_cache_dtype"))}
-                  for r in (a, b))
+        # the one factor run a has that its twin b lacks (BenchRun.weights, the KV cache's dtype)
+        fa, fb = ({*config_factors(r.bench.weights, r.bench.serve.get("kv_cache_dtype"))} for r in (a, b))
         if not (fb < fa and len(fa - fb) == 1):
             continue
         (factor,) = fa - fb
