@@ -36,6 +36,9 @@ def test_kv_and_capacity_take_gptq_int8_and_hf_overrides(kvlab):
     assert d["max_model_len"] == 131072
     bad = kvlab("kv", "qwen2.5-7b", "--hf-overrides", "{nope")
     assert bad.returncode == 2 and "--hf-overrides: not JSON" in bad.stderr and "Traceback" not in bad.stderr
+    # vLLM reads rope_scaling as a mapping (patch_rope_parameters); a scalar is one line, not a silent 1.0
+    bad = kvlab("capacity", "qwen2.5-7b", "--gpu", "h100", "--hf-overrides", '{"rope_scaling": 5}')
+    assert bad.returncode == 2 and "rope_scaling must be a JSON object" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_capacity_json_echoes_inputs(kvlab):

@@ -276,7 +276,9 @@ def _rope_scaling_factor(cfg: dict[str, Any], model_type: str, source: str) -> f
     rope = _get(cfg, "rope_parameters", "rope_scaling")
     if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
         rope = next(iter(rope.values()))  # per layer type: vLLM assumes one factor for all
-    if not isinstance(rope, dict) or "gemma3" in model_type:
+    if rope is not None and not isinstance(rope, dict):  # vLLM's patch_rope_parameters reads it as a mapping
+        raise KvlabError(f"{source}: rope_scaling must be a JSON object (rope_type, factor, ...), got {rope!r}")
+    if rope is None or "gemma3" in model_type:
         return 1.0
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in _PRESCALED_ROPE_TYPES or rope.get("factor") is None:
