@@ -14,8 +14,12 @@ AsyncScheduler instead (the default on GPUs from vLLM 0.14) against kvlab's asyn
 compares the steps that schedule work (an async engine core's empty steps, which take the previous
 step's outputs, are not steps of kvlab's).
 
+`--burst N` runs one scenario at a published burst's scale instead (`burst_scenario`: N ShareGPT-shaped
+prompts at once on the KV cache of gpustack's Qwen3-32B A100 run, where hundreds of requests are
+preempted after their first token).
+
 Run: `python bench/scheduler_conformance.py [--vllm-python PATH] [--scenarios N] [--seed S]
-[--vllm-async [--kvlab-sync]]`.
+[--burst N] [--vllm-async [--kvlab-sync]]`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,27 @@ def scenario(seed: int) -> dict:
     if not s["enable_chunked_prefill"]:
         s["max_num_batched_tokens"] = max(s["max_num_batched_tokens"], max_model_len)
     return s
+
+
+def burst_scenario(num_prompts: int = 1000) -> dict:
+    """A burst at the scale of gpustack's Qwen3-32B ShareGPT run on one A100 (bench/published_runs.yaml,
+    gpustack-q32-a100-bf16-sharegpt, vLLM 0.11.0): `num_prompts` requests at once with kvlab's ShareGPT
+    lengths scaled to that run's printed totals (217,393 prompt, 201,396 generated tokens for 1,000), on the
+    KV cache kvlab's memory model gives that run (2,217 blocks of 16), at the A100's defaults for the API
+    server (max_num_seqs 256, max_num_batched_tokens 2,048), prefix caching and chunked prefill on: the
+    KV cache holds about a tenth of the burst, so requests are preempted, hundreds after their first token."""
+    import math
+
+    from kvlab.replay.datasets import bench_requests
+
+    scale = num_prompts / 1000
+    reqs = bench_requests("sharegpt", num_prompts, None, None, math.inf, 0, total_input_tokens=round(217_393 * scale),
+                          total_output_tokens=round(201_396 * scale))
+    requests = [[str(i), [10 + (i * 7 + j) % 5000 for j in range(r.prompt_tokens)], r.output_tokens, 0]
+                for i, r in enumerate(reqs)]
+    return {"requests": requests, "num_blocks": 2217, "max_num_seqs": 256, "max_num_batched_tokens": 2048,
+            "max_model_len": 32768, "enable_prefix_caching": True, "block_size": BLOCK_SIZE,
+            "enable_chunked_prefill": True}
 
 
 def kvlab_trace(s: dict, vllm_version: str) -> list:
@@ -138,10 +163,15 @@ def main() -> None:
     ap.add_argument("--vllm-async", action="store_true", help=(
         "run vLLM's AsyncScheduler (--async-scheduling, the default on GPUs from 0.14) and kvlab's async "
         "scheduling, and compare the steps that schedule work"))
+    ap.add_argument("--burst", type=int, default=None, metavar="N", help=(
+        "one scenario instead: N ShareGPT-shaped prompts at once on the KV cache of gpustack's Qwen3-32B A100 run "
+        "(burst_scenario; 1000: that run's scale)"))
     ap.add_argument("--kvlab-sync", action="store_true", help=(
         "with --vllm-async: kvlab schedules synchronously (what --no-async-scheduling runs), to measure the difference"))
     a = ap.parse_args()
-    scenarios = [scenario(a.seed + i) for i in range(a.scenarios)]
+    if a.burst is not None and a.burst < 1:
+        ap.error(f"--burst {a.burst}: give a number of prompts, 1 or more")
+    scenarios = [burst_scenario(a.burst)] if a.burst else [scenario(a.seed + i) for i in range(a.scenarios)]
     if a.vllm_async:
         scenarios = [{**s, "async_scheduling": True} for s in scenarios]
     with tempfile.TemporaryDirectory() as tmp:
