@@ -18,6 +18,7 @@ from kvlab.models.budget import SAMPLER_HELP
 from kvlab.models.cards import ResolvedModel, builtin_cards, resolve_model, with_hf_overrides
 from kvlab.models.params import param_counts
 from kvlab.models.weights import weight_bytes, weight_format
+from kvlab.serve_config import HF_OVERRIDES_HELP
 from kvlab.units import GiB
 
 # Shared option declarations (vLLM's flag names).
@@ -36,7 +37,7 @@ TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="Tensor-parallel GPUs
 PP = typer.Option(1, "--pipeline-parallel-size", "-pp", help="Pipeline-parallel stages")
 DP = typer.Option(1, "--data-parallel-size", "-dp", help="Data-parallel replicas (their GPUs split the routed experts)")
 EP = typer.Option(False, "--enable-expert-parallel", "-ep", help="Experts owned whole by each GPU (vLLM's flag; same bytes per GPU)")
-HF_OVERRIDES = typer.Option(None, "--hf-overrides", help="vLLM's JSON object of config.json fields to override (e.g. rope_scaling and max_position_embeddings for a longer context)")
+HF_OVERRIDES = typer.Option(None, "--hf-overrides", help=HF_OVERRIDES_HELP)
 SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool")
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")

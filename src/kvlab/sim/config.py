@@ -18,7 +18,7 @@ from kvlab.models import budget, memory
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.cards import ResolvedModel, resolve_model, with_hf_overrides
 from kvlab.models.weights import WeightFormat, weight_format
-from kvlab.serve_config import ServeConfig
+from kvlab.serve_config import WEIGHTS_METHOD, ServeConfig
 from kvlab.sim import timing as sim_timing
 from kvlab.sim.timing import DEFAULT_TIMING, CostModel, step_timing, weight_kernel
 
@@ -351,9 +351,9 @@ def _check_memory(cap: memory.CapacityResult, preset: hardware.GPU) -> None:
 
 
 # The method a pre-quantized checkpoint's quantization_config names, by kvlab weight format: what vLLM
-# reads where --quantization is not given (block-scaled FP8 checkpoints say "fp8" with a weight_block_size).
-CHECKPOINT_METHOD = {"fp8": "fp8", "fp8-block": "fp8", "int8": "compressed-tensors", "awq": "awq", "gptq": "gptq",
-                     "gptq-int8": "gptq", "nf4": "bitsandbytes"}
+# reads where --quantization is not given; the method -q names it by (WEIGHTS_METHOD), except that a
+# block-scaled FP8 checkpoint says "fp8" (with a weight_block_size), not the online fp8_per_block.
+CHECKPOINT_METHOD = {**WEIGHTS_METHOD, "fp8-block": "fp8"}
 
 
 def vllm_quantization_method(config: ServeConfig, fmt: WeightFormat, kernel: str, vllm_version: str) -> str | None:

@@ -45,11 +45,10 @@ class VllmCpuEngine(Engine):
             return resolved.arch
         from kvlab.models.twins import twin_config
 
-        cfg = twin_config(card)
+        cfg, label = twin_config(card), f"twin of {card.name}"
         if hf_overrides:
-            cfg = apply_hf_overrides(cfg, json.loads(hf_overrides))
-            return arch_from_config(cfg, f"twin of {card.name} with --hf-overrides")
-        return arch_from_config(cfg, f"twin of {card.name}")
+            cfg, label = apply_hf_overrides(cfg, json.loads(hf_overrides)), f"{label} with --hf-overrides"
+        return arch_from_config(cfg, label)
 
     def model_arg(self, resolved: ResolvedModel, config: ServeConfig) -> str:
         if resolved.card is None:
