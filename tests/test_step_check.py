@@ -1,0 +1,107 @@
+"""bench/step_check.py: vLLM's published stats lines parsed, mapped and priced by the declared rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvlab.serve_config import options_config
+from kvlab.sim.config import build_config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+_spec = importlib.util.spec_from_file_location("step_check", ROOT / "bench" / "step_check.py")
+step_check = importlib.util.module_from_spec(_spec)
+sys.modules["step_check"] = step_check  # pydantic resolves the module's annotations through it
+_spec.loader.exec_module(step_check)
+
+# vLLM 0.32's own line (the CPU build's log in tests/fixtures: "CPU KV cache usage")
+CPU_LINE = next(line for line in (ROOT / "tests/fixtures/vllm-0.32-cpu-llama-twin.server.log").read_text().splitlines()
+                if "Avg generation throughput: 5.5 tokens/s" in line)
+# A V0 engine's line as published (vLLM issue 8881, vLLM 0.6.1.post2 on 4 x H100)
+V0_LINE = ("INFO 09-27 03:05:43 metrics.py:352] Avg prompt throughput: 3.2 tokens/s, Avg generation throughput: 0.1 "
+           "tokens/s, Running: 2 reqs, Swapped: 0 reqs, Pending: 2 reqs, GPU KV cache usage: 46.5%, CPU KV cache usage: 0.0%.")
+
+
+@pytest.fixture(scope="module")
+def pub():
+    return step_check.load()
+
+
+def _row(pub, run: str, k: int):
+    rows = [r for r in pub.rows if r.run == run]
+    return rows[k - 1]
+
+
+def test_it_parses_vllms_own_stats_line():
+    p = step_check.parse(CPU_LINE)
+    assert (p.prompt, p.gen, p.running, p.waiting) == (30.1, 5.5, 1, 0)
+    assert p.usage == pytest.approx(0.047) and p.hit == pytest.approx(0.214)
+    assert step_check.parse(V0_LINE) is None
+
+
+def test_a_published_line_is_priced_at_the_logged_kv_cache_and_the_stated_flags(pub):
+    row = _row(pub, "test5-p200-in1024-out1024", 2)
+    c = step_check.check(row)
+    assert c.reason is None
+    assert (c.parsed.running, c.parsed.gen, c.parsed.usage) == (195, 5737.5, pytest.approx(0.668))
+    # the blocks the usage holds (464,848 logged tokens x 66.8 %) less half a block per request
+    context = 464_848 // 16 * 16 * 0.668 - 195 * 8
+    assert c.context == round(context / 195) == 1584
+    # the simulator's own pure-decode step at the server's stated flags (Qwen2-7B is priced as Qwen2.5-7B's layers)
+    cfg = build_config(options_config("qwen2.5-7b", tensor_parallel_size=1, max_model_len=16384,
+                                      gpu_memory_utilization=0.5, max_num_batched_tokens=2048),
+                       "a100-80gb", vllm_version="0.10.1.1")
+    step_s = cfg.cost.decode_step_s(195, round(context))
+    assert c.step_ms == pytest.approx(1000 * step_s)
+    assert c.sim_gen == pytest.approx(195 / step_s)
+    assert c.error == pytest.approx(195 / step_s / 5737.5 - 1)
+    assert "a100_sxm" in c.timing_source and "the source's log" in c.blocks_source
+
+
+def _with_line(row, line: str, **changes):
+    return row.model_copy(update={"line": line, **changes})
+
+
+@pytest.mark.parametrize("line, reason", [
+    (V0_LINE, "a V0 engine's line"),
+    ("Engine 000: Avg prompt throughput: 1023.7 tokens/s, Avg generation throughput: 93.8 tokens/s, Running: 10 reqs, "
+     "Waiting: 0 reqs, GPU KV cache usage: 2.3%, Prefix cache hit rate: 8.9%", "prefill in the interval"),
+    ("Engine 000: Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 85.2 tokens/s, Running: 1 reqs, "
+     "Waiting: 0 reqs, GPU KV cache usage: 0.4%, Prefix cache hit rate: 56.1%", "1 running requests (fewer than 8)"),
+    ("Avg generation throughput: 85.2 tokens/s", "not vLLM's periodic stats line"),
+])
+def test_the_declared_rules_leave_a_line_unscored_with_its_reason(pub, line, reason):
+    c = step_check.check(_with_line(_row(pub, "test5-p200-in1024-out1024", 2), line))
+    assert c.sim_gen is None and c.reason.startswith(reason)
+
+
+def test_a_row_without_a_kv_size_or_the_flags_it_follows_from_is_not_scored(pub):
+    row = _row(pub, "test5-p200-in1024-out1024", 2).model_copy(update={"kv_cache_tokens": None,
+                                                                        "gpu_memory_utilization": None})
+    assert "neither in the source's log" in step_check.check(row).reason
+
+
+def test_a_stated_cannot_model_is_kept_and_runs_link_their_previous_line(pub):
+    tp2 = [step_check.check(r) for r in pub.rows if r.tp == 2]
+    assert tp2 and all("lack P2P" in c.reason for c in tp2)
+    results = [step_check.check(r) for r in pub.rows if r.run == "test5-p500-in1024-out1024"]
+    step_check.link_runs(results)
+    assert results[0].previous_running is None
+    assert [c.previous_running for c in results[1:]] == [c.parsed.running for c in results[:-1]]
+
+
+def test_the_command_prints_the_table_and_a_bad_file_is_one_line(tmp_path, capsys):
+    assert step_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert "| dennislee22-qwen2-7b-a100-test5-p200-in1024-out1024-2 |" in out
+    assert "- at the simulator's host time" in out and "for comparison only, at the measured host time" in out
+    bad = tmp_path / "steps.yaml"
+    bad.write_text(yaml.safe_dump({"rows": [{"id": "x"}]}))
+    assert step_check.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
