@@ -13,7 +13,7 @@ requests' tokens, less half a block each on average (the last block is partly fi
 prices the same step with the simulator's own step-time backend (`cost.decode_step_s`, the engine's
 hot path for pure-decode steps, host time included) and compares the throughputs. It checks the
 kernel tables' decode steps at large batches, under real load, on servers the benchmark rows of
-bench/published_runs.yaml do not include (published log lines, bench/published_steps.yaml).
+bench/published_runs.yaml score (published log lines, bench/published_steps.yaml: their sources there).
 
 Declared before any row was priced (2026-12-06, session 32):
 - every row is a check: **no constant is fitted on them**, so there is no train split;
