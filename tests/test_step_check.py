@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from kvlab.serve_config import options_config
+from kvlab.sim import stepcheck
 from kvlab.sim.config import build_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,27 +40,27 @@ def _row(pub, run: str, k: int):
 
 
 def test_it_parses_vllms_own_stats_line():
-    p = step_check.parse(CPU_LINE)
-    assert (p.prompt, p.gen, p.running, p.waiting) == (30.1, 5.5, 1, 0)
-    assert p.usage == pytest.approx(0.047) and p.hit == pytest.approx(0.214)
-    assert step_check.parse(V0_LINE) is None
+    p = stepcheck.parse_stats_line(CPU_LINE)
+    assert (p.prompt_tok_s, p.gen_tok_s, p.running, p.waiting, p.stamp) == (30.1, 5.5, 1, 0, "11-28 18:47:04")
+    assert p.usage == pytest.approx(0.047) and p.prefix_hit_rate == pytest.approx(0.214)
+    assert stepcheck.parse_stats_line(V0_LINE) is None and stepcheck.is_v0_stats_line(V0_LINE)
 
 
 def test_a_published_line_is_priced_at_the_logged_kv_cache_and_the_stated_flags(pub):
     row = _row(pub, "test5-p200-in1024-out1024", 2)
     c = step_check.check(row)
     assert c.reason is None
-    assert (c.parsed.running, c.parsed.gen, c.parsed.usage) == (195, 5737.5, pytest.approx(0.668))
+    assert (c.parsed.running, c.parsed.gen_tok_s, c.parsed.usage) == (195, 5737.5, pytest.approx(0.668))
     # the blocks the usage holds (464,848 logged tokens x 66.8 %) less half a block per request
     context = 464_848 // 16 * 16 * 0.668 - 195 * 8
-    assert c.context == round(context / 195) == 1584
+    assert c.step.context_per_request == round(context / 195) == 1584
     # the simulator's own pure-decode step at the server's stated flags (Qwen2-7B is priced as Qwen2.5-7B's layers)
     cfg = build_config(options_config("qwen2.5-7b", tensor_parallel_size=1, max_model_len=16384,
                                       gpu_memory_utilization=0.5, max_num_batched_tokens=2048),
                        "a100-80gb", vllm_version="0.10.1.1")
     step_s = cfg.cost.decode_step_s(195, round(context))
-    assert c.step_ms == pytest.approx(1000 * step_s)
-    assert c.sim_gen == pytest.approx(195 / step_s)
+    assert c.step.step_s == pytest.approx(step_s)
+    assert c.step.sim_gen_tok_s == pytest.approx(195 / step_s)
     assert c.error == pytest.approx(195 / step_s / 5737.5 - 1)
     assert "a100_sxm" in c.timing_source and "the source's log" in c.blocks_source
 
@@ -72,12 +74,12 @@ def _with_line(row, line: str, **changes):
     ("Engine 000: Avg prompt throughput: 1023.7 tokens/s, Avg generation throughput: 93.8 tokens/s, Running: 10 reqs, "
      "Waiting: 0 reqs, GPU KV cache usage: 2.3%, Prefix cache hit rate: 8.9%", "prefill in the interval"),
     ("Engine 000: Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 85.2 tokens/s, Running: 1 reqs, "
-     "Waiting: 0 reqs, GPU KV cache usage: 0.4%, Prefix cache hit rate: 56.1%", "1 running requests (fewer than 8)"),
+     "Waiting: 0 reqs, GPU KV cache usage: 0.4%, Prefix cache hit rate: 56.1%", "fewer than 8 requests running (1)"),
     ("Avg generation throughput: 85.2 tokens/s", "not vLLM's periodic stats line"),
 ])
 def test_the_declared_rules_leave_a_line_unscored_with_its_reason(pub, line, reason):
     c = step_check.check(_with_line(_row(pub, "test5-p200-in1024-out1024", 2), line))
-    assert c.sim_gen is None and c.reason.startswith(reason)
+    assert c.step is None and c.reason.startswith(reason)
 
 
 def test_a_row_without_a_kv_size_or_the_flags_it_follows_from_is_not_scored(pub):
@@ -105,3 +107,72 @@ def test_the_command_prints_the_table_and_a_bad_file_is_one_line(tmp_path, capsy
     assert step_check.main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# -- kvlab sim check-log: the same check on a user's own server log
+
+
+def _server_log(tmp_path, pub, runs: str, startup: bool = True) -> Path:
+    """A server log of published lines: dennislee22's Test 5 server (its startup log's version and KV lines)."""
+    head = ["(APIServer pid=2739) INFO 09-04 01:28:28 [api_server.py:1805] vLLM API server version 0.10.1.1",
+            "(EngineCore_0 pid=2881) INFO 09-04 01:29:26 [kv_cache_utils.py:849] GPU KV cache size: 464,848 tokens"]
+    lines = [r.line for r in pub.rows if r.run.startswith(runs)]
+    log = tmp_path / "server.log"
+    log.write_text("\n".join((head if startup else []) + lines) + "\n")
+    return log
+
+
+SERVE = ("qwen2.5-7b", "--gpu", "a100-80gb", "--max-model-len", "16384", "--gpu-memory-utilization", "0.5",
+         "--max-num-batched-tokens", "2048")
+
+
+def test_check_log_prices_a_servers_own_lines_as_the_published_check_does(kvlab, tmp_path, pub):
+    from kvlab.schema.stepcheck import StepCheckResult
+
+    r = kvlab("sim", "check-log", str(_server_log(tmp_path, pub, "test5-")), *SERVE, "--json")
+    assert r.returncode == 0, r.stderr
+    res = StepCheckResult.from_data(json.loads(r.stdout), "stdout")
+    assert (res.vllm_version, res.kv_cache_tokens, res.stats_lines) == ("0.10.1.1", 464_848, 25)
+    assert res.kv_cache_source.startswith("the log's KV cache size line")
+    assert res.unscored == {"prefill in the interval": 11, "fewer than 8 requests running": 1}
+    published = {c.parsed.stamp: c for c in map(step_check.check, pub.rows)
+                 if c.reason is None and c.row.run.startswith("test5-")}
+    assert [c.stamp for c in res.lines] == list(published)
+    for c in res.lines:
+        assert c.simulated_gen_tok_s == pytest.approx(published[c.stamp].step.sim_gen_tok_s)
+        assert c.measured_gen_tok_s == published[c.stamp].parsed.gen_tok_s
+    assert res.within_25pct == 12 and res.median_error == pytest.approx(0.146, abs=0.001)
+    assert StepCheckResult.source_of("measured_gen_tok_s") is None  # a line's figure: on CheckedLine
+    assert res.lines[0].source_of("measured_gen_tok_s") == "measured"
+    assert res.lines[0].source_of("simulated_gen_tok_s") == "simulated"
+
+
+def test_check_log_text_names_measured_and_simulated_and_takes_the_memory_models_cache_where_the_log_has_none(
+        kvlab, tmp_path, pub):
+    r = kvlab("sim", "check-log", str(_server_log(tmp_path, pub, "test5-p200", startup=False)), *SERVE)
+    assert r.returncode == 0, r.stderr
+    assert "stats lines of vLLM (measured) against kvlab's simulated engine" in r.stdout
+    assert "predicted by the memory model (the log has no KV cache size line)" in r.stdout
+    assert "| 09-04 01:35:00 | 195 | 0 | 66.8 % | 5,737.5 |" in r.stdout
+    assert "decode steps priced: 2;" in r.stdout
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "cannot read"),
+    ("INFO 09-04 01:28:28 [api_server.py:1805] vLLM API server version 0.10.1.1\n", "no vLLM stats line"),
+    (V0_LINE + "\n", "a V0 engine's"),
+])
+def test_check_log_bad_input_is_one_line(kvlab, tmp_path, content, words):
+    log = tmp_path / "server.log"
+    if content is not None:
+        log.write_text(content)
+    r = kvlab("sim", "check-log", str(log), *SERVE)
+    assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_check_log_needs_a_gpu_and_says_how_to_use_it(kvlab, tmp_path, pub):
+    r = kvlab("sim", "check-log", str(_server_log(tmp_path, pub, "test5-p200")), "qwen2.5-7b")
+    assert r.returncode != 0 and "--gpu" in r.stderr and "Traceback" not in r.stderr
+    h = kvlab("sim", "check-log", "--help")
+    assert h.returncode == 0 and "kvlab sim check-log LOG MODEL --gpu G" in h.stdout

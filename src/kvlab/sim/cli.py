@@ -1,6 +1,9 @@
-"""`kvlab sim serve`: a simulated vLLM server. (`kvlab sim run`, the offline replay, is `kvlab.replay.cli`.)"""
+"""`kvlab sim serve`: a simulated vLLM server; `kvlab sim check-log`: the simulator against a real server's
+own stats lines (`kvlab.sim.stepcheck`). (`kvlab sim run` and `sim bench`, in virtual time, are `kvlab.replay.cli`.)"""
 
 from __future__ import annotations
+
+import json
 
 import typer
 
@@ -38,6 +41,108 @@ def serve_cmd(ctx: typer.Context) -> None:
     except OSError as e:
         raise KvlabError(f"[Errno {e.errno}] error while attempting to bind on address "
                          f"('{args.host}', {args.port}): {e.strerror.lower() if e.strerror else e}") from None
+
+
+_CHECK_LOG_HELP = (
+    "Check the simulator against a vLLM server's own log: LOG's periodic stats lines (generation throughput at "
+    "the Running requests and KV cache usage they show), each decode-dominated 10 s interval priced by the "
+    "simulated engine of MODEL on --gpu with the vllm serve flags the server ran with. The log's KV cache size "
+    "and vLLM version are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G [vllm serve flags] "
+    "[--json]. Measured (vLLM's lines) beside simulated, per line, and the share within ±25 %.")
+
+
+@sim_app.command("check-log", help=_CHECK_LOG_HELP, add_help_option=False,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def check_log_cmd(ctx: typer.Context) -> None:
+    argv = list(ctx.args)
+    if not argv or argv[0] in ("-h", "--help"):
+        typer.echo(_CHECK_LOG_HELP)
+        raise typer.Exit(0 if argv else 2)
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    result = check_log(argv[0], argv[1:])
+    if as_json:
+        typer.echo(json.dumps(result.to_data(), indent=2))
+    else:
+        typer.echo(check_log_text(result))
+
+
+def check_log(log: str, serve_argv: list[str]):
+    """LOG's stats lines priced by the simulated engine `serve_argv` (kvlab sim serve's arguments) describes."""
+    from pathlib import Path
+
+    from kvlab.deploy.facts import parse_log
+    from kvlab.models.budget import vllm_release
+    from kvlab.schema.stepcheck import CheckedLine, StepCheckResult
+    from kvlab.sim import stepcheck
+    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.config import build_config
+
+    try:
+        text = Path(log).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise KvlabError(f"{log}: cannot read ({e.strerror or e})") from None
+    lines = stepcheck.stats_lines(text)
+    if not lines:
+        v0 = any(stepcheck.is_v0_stats_line(line) for line in text.splitlines())
+        raise KvlabError(f"{log}: " + ("its stats lines are a V0 engine's (Swapped/Pending): kvlab simulates V1" if v0 else
+                                       "no vLLM stats line ('Engine 000: Avg prompt throughput: ...'; vLLM logs one every "
+                                       "10 s unless --disable-log-stats)"))
+    facts = parse_log(text)
+    if "--vllm-version" not in serve_argv and facts.vllm_version and vllm_release(facts.vllm_version):
+        serve_argv = [*serve_argv, "--vllm-version", facts.vllm_version]
+    args = parse_serve_args(serve_argv)
+    cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
+                       enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
+                       vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
+                       async_scheduling=args.async_scheduling, sampler=args.sampler)
+    block = cfg.capacity.block_size
+    predicted = (cfg.capacity.num_blocks - 1) * block
+    if facts.kv_cache_tokens:
+        kv_tokens = facts.kv_cache_tokens
+        kv_source = f"the log's KV cache size line ({facts.kv_device}; the memory model predicts {predicted:,} tokens)"
+    else:
+        kv_tokens = predicted
+        kv_source = "predicted by the memory model (the log has no KV cache size line)"
+    checked, unscored = [], {}
+    for line in lines:
+        reason = stepcheck.unscored_reason(line)
+        if reason:
+            kind = stepcheck.reason_kind(reason)
+            unscored[kind] = unscored.get(kind, 0) + 1
+            continue
+        c = stepcheck.price(cfg.cost, line, kv_tokens // block, block)
+        checked.append(CheckedLine(stamp=line.stamp, running=line.running, waiting=line.waiting,
+                                   kv_cache_usage=line.usage, measured_gen_tok_s=line.gen_tok_s,
+                                   context_per_request=c.context_per_request, simulated_step_ms=1000 * c.step_s,
+                                   simulated_gen_tok_s=c.sim_gen_tok_s, error=c.error, note=c.note))
+    errors = [c.error for c in checked]
+    return StepCheckResult(
+        log=log, model=args.model, gpu=args.gpu, vllm_version=args.vllm_version, timing_source=cfg.cost.timing_source,
+        host_source=cfg.host_source(), kv_cache_tokens=kv_tokens, kv_cache_source=kv_source, stats_lines=len(lines),
+        lines=checked, unscored=unscored, within_25pct=sum(abs(e) <= 0.25 for e in errors),
+        median_error=stepcheck.median(errors) if errors else None)
+
+
+def check_log_text(r) -> str:
+    from kvlab.sim import stepcheck
+
+    out = [f"{r.log}: {r.stats_lines} stats lines of vLLM (measured) against kvlab's simulated engine: {r.model} on "
+           f"{r.gpu}, vLLM {r.vllm_version} (simulated; steps: {r.timing_source}; {r.host_source})",
+           f"KV cache {r.kv_cache_tokens:,} tokens: {r.kv_cache_source}", ""]
+    if r.lines:
+        out += ["| time | running | waiting | KV usage | measured gen tok/s | simulated | error | context / request "
+                "(computed) | simulated step | note |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out += [f"| {c.stamp or '—'} | {c.running} | {c.waiting} | {100 * c.kv_cache_usage:.1f} % | "
+                f"{c.measured_gen_tok_s:,.1f} | {c.simulated_gen_tok_s:,.1f} | {100 * c.error:+.1f} % | "
+                f"{c.context_per_request:,} | {c.simulated_step_ms:.1f} ms | {c.note} |" for c in r.lines]
+        out += ["", f"decode steps priced: {len(r.lines)}; {stepcheck.summary([c.error for c in r.lines])}"]
+    else:
+        out.append(f"no decode-dominated interval to price (at least {stepcheck.MIN_RUNNING} requests running and "
+                   f"prompt throughput at most {stepcheck.DECODE_DOMINATED:.0%} of the generation throughput)")
+    if r.unscored:
+        out.append("not priced: " + "; ".join(f"{n} {why}" for why, n in sorted(r.unscored.items(), key=lambda x: -x[1])))
+    return "\n".join(out)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,136 @@
+"""The simulator's decode steps against a vLLM server's own periodic stats lines.
+
+vLLM's engine logs, every 10 s, the tokens it generated per second over the interval with a
+snapshot of its running requests and KV-cache usage (vllm/v1/metrics/loggers.py):
+
+    Engine 000: Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 2345.6 tokens/s,
+    Running: 128 reqs, Waiting: 0 reqs, GPU KV cache usage: 35.2%, Prefix cache hit rate: 0.0%
+
+In a decode-dominated interval that is the engine's step rate at a known batch: each step gives
+every running request one token, so generation throughput = running / step time, measured by vLLM
+itself with no client or API server in between. The running requests' context follows from the
+usage: the blocks held (`usage x usable blocks`) hold their tokens, less half a block each on
+average (the last block is partly filled). `price` prices that step with the simulator's own
+pure-decode path (`cost.decode_step_s`, host time included), as `kvlab sim` runs it.
+
+Scored (`unscored_reason` is None) where decoding dominates the interval: prompt throughput at most
+DECODE_DOMINATED of the generation throughput, at least MIN_RUNNING requests running, some KV cache in
+use. What the line cannot show: a preempted request's recomputation (vLLM counts a request's prompt
+once, at its first token, so a full cache with requests waiting can hide prefill), the batch moving
+within the interval (Running is a snapshot), and blocks shared by running requests (held once, read
+by each: the context is then a lower bound).
+
+Used by `kvlab sim check-log` (a user's own server log) and bench/step_check.py (published lines).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DECODE_DOMINATED = 0.10  # prompt throughput / generation throughput at most this
+MIN_RUNNING = 8
+FULL_USAGE = 0.95  # a note, not a rule: preemptions likely where requests wait at this usage
+
+# vLLM V1's LoggingStatLogger line: "GPU" or, on other platforms, the device's name before "KV cache usage"
+STATS_LINE = re.compile(
+    r"Avg prompt throughput: (?P<prompt>[\d.]+) tokens/s, Avg generation throughput: (?P<gen>[\d.]+) tokens/s, "
+    r"Running: (?P<running>\d+) reqs?, Waiting: (?P<waiting>\d+) reqs?, \w+ KV cache usage: (?P<usage>[\d.]+)%"
+    r"(?:, Prefix cache hit rate: (?P<hit>[\d.]+)%)?")
+# V0's (vllm/engine/metrics.py): Swapped and Pending instead of Waiting
+V0_STATS_LINE = re.compile(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ tokens/s, "
+                           r"Running: \d+ reqs?, Swapped: \d+ reqs?, Pending: \d+ reqs?")
+_STAMP = re.compile(r"\b(\d\d-\d\d \d\d:\d\d:\d\d)\b")
+
+
+@dataclass(frozen=True)
+class StatsLine:
+    """One V1 stats line's figures (measured by vLLM; fractions, not per cent)."""
+
+    prompt_tok_s: float
+    gen_tok_s: float
+    running: int
+    waiting: int
+    usage: float
+    prefix_hit_rate: float | None
+    stamp: str | None  # the line's "MM-DD HH:MM:SS", where it has one
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """A stats line's step, simulated: the simulator's generation throughput at the line's batch."""
+
+    line: StatsLine
+    context_per_request: int  # tokens, from the usage (computed)
+    step_s: float  # simulated
+    sim_gen_tok_s: float  # simulated
+    note: str = ""
+
+    @property
+    def error(self) -> float:
+        """Simulated over measured generation throughput, less 1 (positive: the simulator is faster)."""
+        return self.sim_gen_tok_s / self.line.gen_tok_s - 1
+
+
+def parse_stats_line(text: str) -> StatsLine | None:
+    m = STATS_LINE.search(text)
+    if not m:
+        return None
+    stamp = _STAMP.search(text[:m.start()])
+    hit = m["hit"]
+    return StatsLine(float(m["prompt"]), float(m["gen"]), int(m["running"]), int(m["waiting"]),
+                     float(m["usage"]) / 100, None if hit is None else float(hit) / 100,
+                     stamp.group(1) if stamp else None)
+
+
+def is_v0_stats_line(text: str) -> bool:
+    return V0_STATS_LINE.search(text) is not None
+
+
+def stats_lines(log_text: str) -> list[StatsLine]:
+    """Every V1 stats line of a server log, in order."""
+    return [s for s in map(parse_stats_line, log_text.splitlines()) if s is not None]
+
+
+def unscored_reason(s: StatsLine) -> str | None:
+    """Why the line's interval is not a decode step to price, or None. The words before " (" are the kind
+    of reason (`reason_kind`), the rest the line's figures."""
+    if s.running < MIN_RUNNING:
+        return f"fewer than {MIN_RUNNING} requests running ({s.running})"
+    if s.prompt_tok_s > DECODE_DOMINATED * s.gen_tok_s:
+        return f"prefill in the interval ({s.prompt_tok_s:,.0f} prompt tokens/s against {s.gen_tok_s:,.0f} generated)"
+    if s.usage <= 0:
+        return "no KV cache in use"
+    return None
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def price(cost, s: StatsLine, usable_blocks: int, block_size: int) -> StepCheck:
+    """The line's decode step priced by `cost` (a SimConfig's step-time backend) at the line's batch and
+    the context its KV usage holds, on a cache of `usable_blocks` blocks of `block_size` tokens."""
+    held = s.usage * usable_blocks * block_size
+    context = max(round(held - s.running * block_size / 2), s.running)
+    step_s = cost.decode_step_s(s.running, context)
+    notes = []
+    if s.prefix_hit_rate:
+        notes.append(f"prefix hits {s.prefix_hit_rate:.0%}: context a lower bound if running requests share blocks")
+    if s.waiting and s.usage >= FULL_USAGE:
+        notes.append("KV cache full with requests waiting: a preempted request's recomputation is not in the "
+                     "prompt throughput (vLLM counts a request's prompt once, at its first token)")
+    return StepCheck(s, round(context / s.running), step_s, s.running / step_s, "; ".join(notes))
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summary(errors: list[float]) -> str:
+    """Within ±25 %, the median error and how many the simulator prices faster, in words."""
+    within = sum(abs(e) <= 0.25 for e in errors)
+    return (f"within ±25 %: {within} of {len(errors)} ({within / len(errors):.0%}); median error "
+            f"{100 * median(errors):+.1f} %; simulated faster than measured on {sum(e > 0 for e in errors)}")
