@@ -458,3 +458,31 @@ def test_plan_from_a_spec_without_a_plan_block_or_gpu_says_what_to_add(kvlab, tm
     assert r.returncode == 2 and "kvlab plan needs --agents, --gpu, --models (or --spec SPEC with a plan: block)" in r.stderr
     r = kvlab("plan", "--gpu", "h100")  # the workload defaults to agent, as for kvlab load and kvlab sim run
     assert r.returncode == 2 and "kvlab plan needs --agents, --models (or --spec SPEC with a plan: block)" in r.stderr
+
+
+def test_a_probes_cache_key_covers_the_kernel_data_and_the_host_time(monkeypatch):
+    """A cached probe is reused only for the same simulation: the kernel data the steps are priced from
+    (kvlab/data/kernels, beside aiconfigurator's tables) and the host time are in its key."""
+    from kvlab.plan import probe
+    from kvlab.plan.configs import resolve_config
+    from kvlab.sim import timing
+
+    root = Path(probe.__file__).resolve().parents[1]
+    files = {f.relative_to(root).as_posix() for f in probe.digest_files()}
+    assert {"data/kernels/gemm_perf.csv", "data/kernels/quant_gemm_perf.csv", "sim/timing.py", "sim/kernels.py"} <= files
+    cfg = resolve_config("llama-3.1-8b", "bf16", "h100", 1, 8192)
+    from kvlab.loadtest.workload import load_workload
+
+    workload = load_workload("agent")
+
+    def key():
+        probe._sources.cache_clear()
+        return probe.probe_key(cfg, workload, 0, 8, Window(sim_s=120.0, warmup_s=40.0))
+
+    before = key()
+    monkeypatch.setattr(timing, "HOST_FITTED", (0.002, 0.0))
+    monkeypatch.setattr(timing, "STEP_OVERHEAD_S", 0.002)
+    after = key()
+    monkeypatch.undo()
+    probe._sources.cache_clear()
+    assert after != before

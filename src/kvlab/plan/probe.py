@@ -170,16 +170,21 @@ def cache_dir() -> Path:
     return Path(base) / "plan"
 
 
+def digest_files() -> list[Path]:
+    """What a probe's outcome rests on besides its key's own fields: the simulator, offline replay,
+    memory model, GPU presets and workload model's sources, and the kernel data the simulator prices
+    steps from (kvlab/data/kernels: kvlab's own measurements beside aiconfigurator's tables)."""
+    root = Path(__file__).resolve().parents[1]
+    return sorted([*root.glob("sim/*.py"), *root.glob("replay/*.py"), *root.glob("models/*.py"),
+                   *root.glob("models/cards/*.yaml"), *root.glob("data/kernels/*"), root / "hardware.py",
+                   root / "units.py", root / "loadtest/workload.py", root / "loadtest/dists.py", root / "loadtest/plan.py"])
+
+
 @lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The simulator, offline replay, memory model, GPU presets and workload model's sources: a change
-    invalidates probes."""
-    root = Path(__file__).resolve().parents[1]
+    """The digest of `digest_files`: a change in any of them invalidates probes."""
     h = hashlib.sha256()
-    files = sorted([*root.glob("sim/*.py"), *root.glob("replay/*.py"), *root.glob("models/*.py"),
-                    *root.glob("models/cards/*.yaml"), root / "hardware.py", root / "units.py", root / "loadtest/workload.py", root / "loadtest/dists.py",
-                    root / "loadtest/plan.py"])
-    for f in files:
+    for f in digest_files():
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -205,7 +210,7 @@ def host_source(cfg: PlanConfig) -> str:
 
 def probe_key(cfg: PlanConfig, workload: Workload, seed: int, users: int, window: Window) -> str:
     ident = {"code": code_digest(), "model": cfg.model, "gpu": cfg.gpu, "serve": cfg.simulated,
-             "timing": timing_source(cfg),
+             "timing": timing_source(cfg), "host": host_source(cfg),
              "workload": workload.model_dump(mode="json"), "seed": seed, "users": users,
              "sim_s": float(window.sim_s), "scrape_s": SCRAPE_INTERVAL_S}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
