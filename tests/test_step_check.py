@@ -176,3 +176,46 @@ def test_check_log_needs_a_gpu_and_says_how_to_use_it(kvlab, tmp_path, pub):
     assert r.returncode != 0 and "--gpu" in r.stderr and "Traceback" not in r.stderr
     h = kvlab("sim", "check-log", "--help")
     assert h.returncode == 0 and "kvlab sim check-log LOG MODEL --gpu G" in h.stdout
+
+
+# -- a real vLLM repeat: the runner records its step check, the report reads it
+
+
+def test_a_real_vllm_repeat_records_its_step_check_and_the_report_says_it(tmp_path, pub):
+    import pandas as pd
+
+    from kvlab.analysis.report import step_check_label
+    from kvlab.analysis.runs import RunSet, _row
+    from kvlab.experiments.runner import step_check
+    from kvlab.experiments.spec import Spec
+    from kvlab.schema.stepcheck import StepCheckResult
+    from kvlab.serve_config import options_config
+
+    rdir = tmp_path / "repeat-1"
+    rdir.mkdir()
+    (rdir / "server.log").write_text(_server_log(tmp_path, pub, "test5-").read_text())
+
+    class RealServer:  # what the runner reads of kvlab's launcher: the engine and the typed serve configuration
+        engine = "vllm"
+        config = options_config("qwen2.5-7b", max_model_len=16384, gpu_memory_utilization=0.5,
+                                max_num_batched_tokens=2048)
+
+    spec = Spec(name="s", models=["qwen2.5-7b"], quants=["bf16"], workloads=["agent"], gpu="a100-80gb")
+    assert step_check(spec, RealServer(), rdir) == rdir / "step_check.json"
+    res = StepCheckResult.read(rdir / "step_check.json")
+    assert (len(res.lines), res.within_25pct, res.vllm_version) == (13, 12, "0.10.1.1")
+    assert res.median_error == pytest.approx(0.146, abs=0.001)
+    # other engines, or no GPU preset: nothing to check, nothing written
+    (rdir / "step_check.json").unlink()
+    RealServer.engine = "vllm-cpu"
+    assert step_check(spec, RealServer(), rdir) is None
+    RealServer.engine = "vllm"
+    assert step_check(spec.model_copy(update={"gpu": None}), RealServer(), rdir) is None
+    assert not (rdir / "step_check.json").exists()
+
+    step_check(spec, RealServer(), rdir)
+    row = _row(rdir, "s", {})
+    assert (row.step_check_lines, row.step_check_within_25pct) == (13, 12)
+    df = pd.DataFrame([row.model_dump() | {"model": "qwen2.5-7b", "quant": "bf16", "repeat": 1}])
+    label = step_check_label(RunSet(folders=[tmp_path], specs={}, repeats=df))
+    assert "13 lines priced in 1 repeat(s), 12 within ±25 %" in label and "qwen2.5-7b/bf16 (repeat 1) +14.6 %" in label

@@ -99,6 +99,23 @@ def host_label(sources) -> str | None:
     return f"outside the steps: {'; '.join(said)}" if said else None
 
 
+def step_check_label(rs: RunSet) -> str | None:
+    """The repeats' step checks in words (a real vLLM's own stats lines against kvlab's simulated engine
+    of the same configuration: step_check.json), or None where no repeat has one."""
+    df = rs.repeats
+    if "step_check_lines" not in df or df["step_check_lines"].isna().all():
+        return None
+    checks = df[df["step_check_lines"].notna() & (df["step_check_lines"] > 0)]
+    if checks.empty:
+        return None
+    per = "; ".join(f"{config_label(m, q)} (repeat {int(k)}) {100 * e:+.1f} %" for m, q, k, e in zip(
+        checks["model"], checks["quant"], checks["repeat"], checks["step_check_median_error"]))
+    return (f"The simulator against these vLLM servers' own decode steps (their stats lines; step_check.json, "
+            f"kvlab sim check-log): {int(checks['step_check_lines'].sum())} lines priced in {len(checks)} repeat(s), "
+            f"{int(checks['step_check_within_25pct'].sum())} within ±25 %; median error (simulated generation "
+            f"throughput over measured, less 1) {per}")
+
+
 def _plans(rs: RunSet, out: Path) -> list[dict]:
     """The fleet plans found in the results folders, as tables (also written as fleet-plan*.csv/json)."""
     plans = []
@@ -208,7 +225,7 @@ def build_report(folders: list[Path], out: Path | None = None, baseline: str | N
         head=_records(head), mem=_records(mem), load=_records(load), costs=_records(costs),
         cliffs=_records(cliffs), repro=_records(repro), compare=_records(cmp) if cmp is not None else None,
         images=images, missing=missing, specs=rs.specs, kind=kind, load_kind=load_kind, validation=validation, load_host=load_host,
-        plans=plans, factors=fleet.FACTORS,
+        plans=plans, factors=fleet.FACTORS, step_check=step_check_label(rs),
         n_repeats=len(rs.repeats), n_complete=len(rs.complete), src=src,
     )
     html = out / "index.html"

@@ -23,6 +23,7 @@ from kvlab.deploy.engines import served_source
 from kvlab.schema.experiment import Manifest, RepeatResults, RunFolder, Status
 from kvlab.schema.plan import PlanRecord
 from kvlab.schema.report import RepeatRow
+from kvlab.schema.stepcheck import StepCheckResult
 from kvlab.units import GiB
 
 
@@ -54,6 +55,7 @@ def _row(rdir: Path, spec_name: str, spec: dict) -> RepeatRow:
     status = Status.read_optional(rdir / "status.json")
     res = RepeatResults.read_optional(rdir / "results.json")
     man = Manifest.read_optional(rdir / "manifest.json")
+    check = StepCheckResult.read_optional(rdir / "step_check.json")
     head = res or status
     cell = head.cell if head else None
     server, pred, met, cli = (getattr(res, k, None) for k in ("server", "prediction", "metrics", "client"))
@@ -112,6 +114,8 @@ def _row(rdir: Path, spec_name: str, spec: dict) -> RepeatRow:
         kvlab_version=g(man, "kvlab_version"), kvlab_git_commit=g(man, "kvlab_git_commit"),
         torch_version=g(man, "torch_version"), transformers_version=g(man, "transformers_version"),
         hardware=_hardware(man.model_dump()) if man else None,
+        step_check_lines=len(check.lines) if check else None, step_check_within_25pct=g(check, "within_25pct"),
+        step_check_median_error=g(check, "median_error"),
     )
 
 

@@ -5,9 +5,10 @@ Layout of one experiment's results folder:
     <out>/index.sqlite               one row per cell and repeat, to query and compare
     <out>/<cell_id>/results.json     per-cell figures: each repeat's, their mean and 95 % interval
     <out>/<cell_id>/repeat-<k>/      manifest.json, server.log, metrics.csv, requests.jsonl,
-                                     locust_*.csv, prediction.json, results.json, status.json
+                                     locust_*.csv, prediction.json, results.json, status.json,
+                                     step_check.json (a real vLLM on a spec's GPU preset)
 A repeat is complete when its status.json says so; anything else is redone on the next run.
-Every JSON file here has one type in kvlab.schema.experiment (written and read through it).
+Every JSON file here has one type in kvlab.schema (written and read through it).
 """
 
 from __future__ import annotations

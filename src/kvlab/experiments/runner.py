@@ -184,6 +184,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
                         mean_session_context_tokens=client.mean_session_context_tokens)
     reason = _failure(server, client)
     _copy_server_log(server, rdir)
+    step_check(spec, server, rdir)
     failure = Failure(reason=reason, log_tail=log_tail(rdir / "server.log")) if reason else None
     results = RepeatResults(
         cell=cell_key(cell), cell_id=cell.cell_id, repeat=k, seed=seed,
@@ -286,6 +287,32 @@ def _signal_name(code: int) -> str:
         return f", killed by {signal.Signals(-code).name}" if code < 0 else ""
     except ValueError:
         return ""
+
+
+def step_check(spec: Spec, server: Any, rdir: Path) -> Path | None:
+    """A real vLLM on a GPU preset the spec names: its own stats lines in the repeat's server.log priced by
+    kvlab's simulated engine of the same serve configuration (`kvlab.sim.stepcheck`, what `kvlab sim
+    check-log` prints), written to step_check.json. None, with nothing written and the repeat unaffected,
+    where there is nothing to check (another engine, no preset, no stats line) or the simulator cannot
+    build the configuration."""
+    if getattr(server, "engine", None) != "vllm" or not spec.gpu or getattr(server, "config", None) is None:
+        return None
+    from kvlab.deploy.facts import parse_log
+    from kvlab.models.budget import vllm_release
+    from kvlab.sim import stepcheck
+    from kvlab.sim.config import build_config
+
+    try:
+        text = (rdir / "server.log").read_text(encoding="utf-8", errors="replace")
+        if not stepcheck.stats_lines(text):
+            return None
+        version = parse_log(text).vllm_version
+        kwargs = {"vllm_version": version} if version and vllm_release(version) else {}
+        cfg = build_config(server.config, spec.gpu, **kwargs)
+        result = stepcheck.check_text(text, cfg, "server.log")
+    except (KvlabError, OSError):
+        return None
+    return result.write(rdir / "step_check.json")
 
 
 def _copy_server_log(server: Any, rdir: Path) -> None:

@@ -90,6 +90,11 @@ class RepeatRow(Part):
     torch_version: str | None
     transformers_version: str | None
     hardware: str | None
+    # a real vLLM's own decode steps (its stats lines) against kvlab's simulated engine of the same
+    # configuration: step_check.json (kvlab.sim.stepcheck); None where the repeat has none
+    step_check_lines: int | None = figure("computed", unit="lines", default=None)
+    step_check_within_25pct: int | None = figure("computed", unit="lines", default=None)
+    step_check_median_error: float | None = figure("computed", default=None)
 
 
 def table_row(name: str, columns: list[str], **derived: str | None) -> type[Part]:

@@ -68,12 +68,12 @@ def check_log_cmd(ctx: typer.Context) -> None:
 
 
 def check_log(log: str, serve_argv: list[str]):
-    """LOG's stats lines priced by the simulated engine `serve_argv` (kvlab sim serve's arguments) describes."""
+    """LOG's stats lines priced by the simulated engine `serve_argv` (kvlab sim serve's arguments) describes;
+    the log's vLLM version unless --vllm-version is given."""
     from pathlib import Path
 
     from kvlab.deploy.facts import parse_log
     from kvlab.models.budget import vllm_release
-    from kvlab.schema.stepcheck import CheckedLine, StepCheckResult
     from kvlab.sim import stepcheck
     from kvlab.sim.args import parse_serve_args
     from kvlab.sim.config import build_config
@@ -82,46 +82,20 @@ def check_log(log: str, serve_argv: list[str]):
         text = Path(log).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise KvlabError(f"{log}: cannot read ({e.strerror or e})") from None
-    lines = stepcheck.stats_lines(text)
-    if not lines:
+    if not stepcheck.stats_lines(text):
         v0 = any(stepcheck.is_v0_stats_line(line) for line in text.splitlines())
         raise KvlabError(f"{log}: " + ("its stats lines are a V0 engine's (Swapped/Pending): kvlab simulates V1" if v0 else
                                        "no vLLM stats line ('Engine 000: Avg prompt throughput: ...'; vLLM logs one every "
                                        "10 s unless --disable-log-stats)"))
-    facts = parse_log(text)
-    if "--vllm-version" not in serve_argv and facts.vllm_version and vllm_release(facts.vllm_version):
-        serve_argv = [*serve_argv, "--vllm-version", facts.vllm_version]
+    version = parse_log(text).vllm_version
+    if "--vllm-version" not in serve_argv and version and vllm_release(version):
+        serve_argv = [*serve_argv, "--vllm-version", version]
     args = parse_serve_args(serve_argv)
     cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
                        enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
                        vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
                        async_scheduling=args.async_scheduling, sampler=args.sampler)
-    block = cfg.capacity.block_size
-    predicted = (cfg.capacity.num_blocks - 1) * block
-    if facts.kv_cache_tokens:
-        kv_tokens = facts.kv_cache_tokens
-        kv_source = f"the log's KV cache size line ({facts.kv_device}; the memory model predicts {predicted:,} tokens)"
-    else:
-        kv_tokens = predicted
-        kv_source = "predicted by the memory model (the log has no KV cache size line)"
-    checked, unscored = [], {}
-    for line in lines:
-        reason = stepcheck.unscored_reason(line)
-        if reason:
-            kind = stepcheck.reason_kind(reason)
-            unscored[kind] = unscored.get(kind, 0) + 1
-            continue
-        c = stepcheck.price(cfg.cost, line, kv_tokens // block, block)
-        checked.append(CheckedLine(stamp=line.stamp, running=line.running, waiting=line.waiting,
-                                   kv_cache_usage=line.usage, measured_gen_tok_s=line.gen_tok_s,
-                                   context_per_request=c.context_per_request, simulated_step_ms=1000 * c.step_s,
-                                   simulated_gen_tok_s=c.sim_gen_tok_s, error=c.error, note=c.note))
-    errors = [c.error for c in checked]
-    return StepCheckResult(
-        log=log, model=args.model, gpu=args.gpu, vllm_version=args.vllm_version, timing_source=cfg.cost.timing_source,
-        host_source=cfg.host_source(), kv_cache_tokens=kv_tokens, kv_cache_source=kv_source, stats_lines=len(lines),
-        lines=checked, unscored=unscored, within_25pct=sum(abs(e) <= 0.25 for e in errors),
-        median_error=stepcheck.median(errors) if errors else None)
+    return stepcheck.check_text(text, cfg, log)
 
 
 def check_log_text(r) -> str:

@@ -20,7 +20,8 @@ once, at its first token, so a full cache with requests waiting can hide prefill
 within the interval (Running is a snapshot), and blocks shared by running requests (held once, read
 by each: the context is then a lower bound).
 
-Used by `kvlab sim check-log` (a user's own server log) and bench/step_check.py (published lines).
+Used by `kvlab sim check-log` (a user's own server log: `check_text`), the experiment runner (each real
+vLLM repeat's server log, step_check.json) and bench/step_check.py (published lines).
 """
 
 from __future__ import annotations
@@ -134,3 +135,40 @@ def summary(errors: list[float]) -> str:
     within = sum(abs(e) <= 0.25 for e in errors)
     return (f"within ±25 %: {within} of {len(errors)} ({within / len(errors):.0%}); median error "
             f"{100 * median(errors):+.1f} %; simulated faster than measured on {sum(e > 0 for e in errors)}")
+
+
+def check_text(text: str, cfg, log: str):
+    """A server log's text, its V1 stats lines priced by the simulated engine `cfg` (a SimConfig) on the
+    log's own KV cache size where it states one: a StepCheckResult (what `kvlab sim check-log` prints and
+    the experiment runner records beside a real vLLM repeat)."""
+    from kvlab.deploy.facts import parse_log
+    from kvlab.schema.stepcheck import CheckedLine, StepCheckResult
+
+    lines = stats_lines(text)
+    facts = parse_log(text)
+    block = cfg.capacity.block_size
+    predicted = (cfg.capacity.num_blocks - 1) * block
+    if facts.kv_cache_tokens:
+        kv_tokens = facts.kv_cache_tokens
+        kv_source = f"the log's KV cache size line ({facts.kv_device}; the memory model predicts {predicted:,} tokens)"
+    else:
+        kv_tokens = predicted
+        kv_source = "predicted by the memory model (the log has no KV cache size line)"
+    checked, unscored = [], {}
+    for line in lines:
+        reason = unscored_reason(line)
+        if reason:
+            kind = reason_kind(reason)
+            unscored[kind] = unscored.get(kind, 0) + 1
+            continue
+        c = price(cfg.cost, line, kv_tokens // block, block)
+        checked.append(CheckedLine(stamp=line.stamp, running=line.running, waiting=line.waiting,
+                                   kv_cache_usage=line.usage, measured_gen_tok_s=line.gen_tok_s,
+                                   context_per_request=c.context_per_request, simulated_step_ms=1000 * c.step_s,
+                                   simulated_gen_tok_s=c.sim_gen_tok_s, error=c.error, note=c.note))
+    errors = [c.error for c in checked]
+    return StepCheckResult(
+        log=log, model=cfg.model, gpu=cfg.gpu.name, vllm_version=cfg.vllm_version, timing_source=cfg.cost.timing_source,
+        host_source=cfg.host_source(), kv_cache_tokens=kv_tokens, kv_cache_source=kv_source, stats_lines=len(lines),
+        lines=checked, unscored=unscored, within_25pct=sum(abs(e) <= 0.25 for e in errors),
+        median_error=median(errors) if errors else None)
