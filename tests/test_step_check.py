@@ -175,7 +175,9 @@ def test_check_log_needs_a_gpu_and_says_how_to_use_it(kvlab, tmp_path, pub):
     r = kvlab("sim", "check-log", str(_server_log(tmp_path, pub, "test5-p200")), "qwen2.5-7b")
     assert r.returncode != 0 and "--gpu" in r.stderr and "Traceback" not in r.stderr
     h = kvlab("sim", "check-log", "--help")
-    assert h.returncode == 0 and "kvlab sim check-log LOG MODEL --gpu G" in h.stdout
+    assert h.returncode == 0 and "kvlab sim check-log LOG MODEL --gpu G, then vllm serve's flags" in h.stdout
+    none = kvlab("sim", "check-log")
+    assert none.returncode == 2 and "required: LOG MODEL" in none.stderr and "Traceback" not in none.stderr
 
 
 # -- a real vLLM repeat: the runner records its step check, the report reads it

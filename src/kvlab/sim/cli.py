@@ -47,17 +47,20 @@ _CHECK_LOG_HELP = (
     "Check the simulator against a vLLM server's own log: LOG's periodic stats lines (generation throughput at "
     "the Running requests and KV cache usage they show), each decode-dominated 10 s interval priced by the "
     "simulated engine of MODEL on --gpu with the vllm serve flags the server ran with. The log's KV cache size "
-    "and vLLM version are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G [vllm serve flags] "
-    "[--json]. Measured (vLLM's lines) beside simulated, per line, and the share within ±25 %.")
+    "and vLLM version are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G, then vllm serve's "
+    "flags; --json prints one JSON object. Measured (vLLM's lines) beside simulated, per line, and the share "
+    "within ±25 %.")
 
 
 @sim_app.command("check-log", help=_CHECK_LOG_HELP, add_help_option=False,
                  context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def check_log_cmd(ctx: typer.Context) -> None:
     argv = list(ctx.args)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         typer.echo(_CHECK_LOG_HELP)
-        raise typer.Exit(0 if argv else 2)
+        raise typer.Exit(0)
+    if len(argv) < 2:
+        raise KvlabError("the following arguments are required: LOG MODEL (and --gpu G)")
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
     result = check_log(argv[0], argv[1:])
