@@ -297,19 +297,15 @@ def step_check(spec: Spec, server: Any, rdir: Path) -> Path | None:
     build the configuration."""
     if getattr(server, "engine", None) != "vllm" or not spec.gpu or getattr(server, "config", None) is None:
         return None
-    from kvlab.deploy.facts import parse_log
-    from kvlab.models.budget import vllm_release
     from kvlab.sim import stepcheck
     from kvlab.sim.config import build_config
 
     try:
-        text = (rdir / "server.log").read_text(encoding="utf-8", errors="replace")
-        if not stepcheck.stats_lines(text):
+        server_log = stepcheck.read_log((rdir / "server.log").read_text(encoding="utf-8", errors="replace"))
+        if not server_log.lines:
             return None
-        version = parse_log(text).vllm_version
-        kwargs = {"vllm_version": version} if version and vllm_release(version) else {}
-        cfg = build_config(server.config, spec.gpu, **kwargs)
-        result = stepcheck.check_text(text, cfg, "server.log")
+        kwargs = {"vllm_version": server_log.vllm_version} if server_log.vllm_version else {}
+        result = stepcheck.check(server_log, build_config(server.config, spec.gpu, **kwargs), "server.log")
     except (KvlabError, OSError):
         return None
     return result.write(rdir / "step_check.json")

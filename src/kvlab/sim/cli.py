@@ -24,14 +24,10 @@ def serve_cmd(ctx: typer.Context) -> None:
 
     from kvlab.sim import faults, logs
     from kvlab.sim.args import parse_serve_args
-    from kvlab.sim.config import build_config
     from kvlab.sim.server import serve
 
     args = parse_serve_args(list(ctx.args), os.environ.get(faults.FAULT_ENV))
-    cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
-                       enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
-                       vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
-                       async_scheduling=args.async_scheduling, sampler=args.sampler)
+    cfg = _sim_config(args)
     fail = next((f for f in args.faults if f.kind == "fail-start"), None)
     logs.startup_lines(cfg, args.non_default, args.not_simulated, faults=args.faults, stop_before_kv=fail is not None)
     if fail is not None:
@@ -75,30 +71,21 @@ def check_log(log: str, serve_argv: list[str]):
     the log's vLLM version unless --vllm-version is given."""
     from pathlib import Path
 
-    from kvlab.deploy.facts import parse_log
-    from kvlab.models.budget import vllm_release
     from kvlab.sim import stepcheck
     from kvlab.sim.args import parse_serve_args
-    from kvlab.sim.config import build_config
 
     try:
-        text = Path(log).read_text(encoding="utf-8", errors="replace")
+        server_log = stepcheck.read_log(Path(log).read_text(encoding="utf-8", errors="replace"))
     except OSError as e:
         raise KvlabError(f"{log}: cannot read ({e.strerror or e})") from None
-    if not stepcheck.stats_lines(text):
-        v0 = any(stepcheck.is_v0_stats_line(line) for line in text.splitlines())
-        raise KvlabError(f"{log}: " + ("its stats lines are a V0 engine's (Swapped/Pending): kvlab simulates V1" if v0 else
+    if not server_log.lines:
+        raise KvlabError(f"{log}: " + ("its stats lines are a V0 engine's (Swapped/Pending): kvlab simulates V1"
+                                       if server_log.v0 else
                                        "no vLLM stats line ('Engine 000: Avg prompt throughput: ...'; vLLM logs one every "
                                        "10 s unless --disable-log-stats)"))
-    version = parse_log(text).vllm_version
-    if "--vllm-version" not in serve_argv and version and vllm_release(version):
-        serve_argv = [*serve_argv, "--vllm-version", version]
-    args = parse_serve_args(serve_argv)
-    cfg = build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
-                       enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
-                       vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
-                       async_scheduling=args.async_scheduling, sampler=args.sampler)
-    return stepcheck.check_text(text, cfg, log)
+    if "--vllm-version" not in serve_argv and server_log.vllm_version:
+        serve_argv = [*serve_argv, "--vllm-version", server_log.vllm_version]
+    return stepcheck.check(server_log, _sim_config(parse_serve_args(serve_argv)), log)
 
 
 def check_log_text(r) -> str:
@@ -120,6 +107,16 @@ def check_log_text(r) -> str:
     if r.unscored:
         out.append("not priced: " + "; ".join(f"{n} {why}" for why, n in sorted(r.unscored.items(), key=lambda x: -x[1])))
     return "\n".join(out)
+
+
+def _sim_config(args):
+    """The simulated engine `kvlab sim serve`'s arguments (a ServeArgs) describe."""
+    from kvlab.sim.config import build_config
+
+    return build_config(args.config, args.gpu, enable_prefix_caching=args.enable_prefix_caching,
+                        enable_chunked_prefill=args.enable_chunked_prefill, timing=args.timing,
+                        vllm_version=args.vllm_version, scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
+                        async_scheduling=args.async_scheduling, sampler=args.sampler)
 
 
 def register(app: typer.Typer) -> None:

@@ -20,8 +20,8 @@ once, at its first token, so a full cache with requests waiting can hide prefill
 within the interval (Running is a snapshot), and blocks shared by running requests (held once, read
 by each: the context is then a lower bound).
 
-Used by `kvlab sim check-log` (a user's own server log: `check_text`), the experiment runner (each real
-vLLM repeat's server log, step_check.json) and bench/step_check.py (published lines).
+Used by `kvlab sim check-log` (a user's own server log: `read_log`, then `check`), the experiment runner
+(each real vLLM repeat's server log, step_check.json) and bench/step_check.py (published lines).
 """
 
 from __future__ import annotations
@@ -93,6 +93,28 @@ def stats_lines(log_text: str) -> list[StatsLine]:
     return [s for s in map(parse_stats_line, log_text.splitlines()) if s is not None]
 
 
+@dataclass(frozen=True)
+class ServerLog:
+    """What a check reads of a server log, read once: its V1 stats lines and its startup facts."""
+
+    lines: list[StatsLine]
+    v0: bool  # no V1 stats line, and V0's (Swapped/Pending) are there
+    kv_cache_tokens: int | None  # the KV cache size line's
+    kv_device: str | None
+    vllm_version: str | None  # the log's release where kvlab can simulate it (build_config's vllm_version)
+
+
+def read_log(text: str) -> ServerLog:
+    from kvlab.deploy.facts import parse_log
+    from kvlab.models.budget import vllm_release
+
+    lines = stats_lines(text)
+    v0 = not lines and any(map(is_v0_stats_line, text.splitlines()))
+    facts = parse_log(text)
+    version = facts.vllm_version if facts.vllm_version and vllm_release(facts.vllm_version) else None
+    return ServerLog(lines, v0, facts.kv_cache_tokens, facts.kv_device, version)
+
+
 def unscored_reason(s: StatsLine) -> str | None:
     """Why the line's interval is not a decode step to price, or None. The words before " (" are the kind
     of reason (`reason_kind`), the rest the line's figures."""
@@ -137,20 +159,19 @@ def summary(errors: list[float]) -> str:
             f"{100 * median(errors):+.1f} %; simulated faster than measured on {sum(e > 0 for e in errors)}")
 
 
-def check_text(text: str, cfg, log: str):
-    """A server log's text, its V1 stats lines priced by the simulated engine `cfg` (a SimConfig) on the
-    log's own KV cache size where it states one: a StepCheckResult (what `kvlab sim check-log` prints and
-    the experiment runner records beside a real vLLM repeat)."""
-    from kvlab.deploy.facts import parse_log
+def check(server_log: ServerLog, cfg, log: str):
+    """A server log's V1 stats lines priced by the simulated engine `cfg` (a SimConfig) on the log's own KV
+    cache size where it states one: a StepCheckResult (what `kvlab sim check-log` prints and the experiment
+    runner records beside a real vLLM repeat); `log` names the log in it."""
     from kvlab.schema.stepcheck import CheckedLine, StepCheckResult
 
-    lines = stats_lines(text)
-    facts = parse_log(text)
+    lines = server_log.lines
     block = cfg.capacity.block_size
     predicted = (cfg.capacity.num_blocks - 1) * block
-    if facts.kv_cache_tokens:
-        kv_tokens = facts.kv_cache_tokens
-        kv_source = f"the log's KV cache size line ({facts.kv_device}; the memory model predicts {predicted:,} tokens)"
+    if server_log.kv_cache_tokens:
+        kv_tokens = server_log.kv_cache_tokens
+        kv_source = (f"the log's KV cache size line ({server_log.kv_device}; the memory model predicts "
+                     f"{predicted:,} tokens)")
     else:
         kv_tokens = predicted
         kv_source = "predicted by the memory model (the log has no KV cache size line)"
