@@ -310,19 +310,16 @@ def headline(run: published_runs.Run) -> dict[str, tuple[str, float]]:
     return out
 
 
-def map_run(run: published_runs.Run) -> BenchRun | str:
-    """The run as a `kvlab sim bench` run, or the reason kvlab cannot model it."""
-    if run.cannot_model:
-        return run.cannot_model
-    if run.id in HARNESS_CANNOT:
-        return HARNESS_CANNOT[run.id]
-    if run.gpu not in GPUS:
-        return f"no kvlab GPU preset for {run.gpu}"
-    if run.model not in MODELS:
+def serve_flags(run, models: dict = MODELS) -> tuple[str, dict, str] | str:
+    """(the kvlab model, its options_config keywords: vLLM's flags, the mapping's note) of a published
+    server as its source states it (a run of bench/published_runs.yaml, or the server of a stats line of
+    bench/published_steps.yaml: the fields both have), or why kvlab cannot map it. `models`: MODELS, or a
+    map that extends it."""
+    if run.model not in models:
         return f"no kvlab card or config for {run.model}"
-    model, checkpoint_format, note = MODELS[run.model]
+    model, checkpoint_format, note = models[run.model]
     serve: dict = {"tensor_parallel_size": run.tp or 1}
-    if run.enable_expert_parallel:
+    if getattr(run, "enable_expert_parallel", False):
         serve["enable_expert_parallel"] = True
     if run.quantization in CHECKPOINT_BITS:
         method, variants, bits_note = CHECKPOINT_BITS[run.quantization]
@@ -333,11 +330,33 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     if checkpoint_format:
         serve["quantization"] = checkpoint_format
     elif run.quantization:
+        if run.quantization not in QUANTIZATION:
+            return f"no kvlab weight format for --quantization {run.quantization}"
         serve["quantization"] = QUANTIZATION[run.quantization]
-    if run.dtype == "float16":
+    if getattr(run, "dtype", None) == "float16":
         serve["dtype"] = "float16"
     if run.kv_cache_dtype not in (None, "auto"):
         serve["kv_cache_dtype"] = run.kv_cache_dtype
+    if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
+        serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
+    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states
+        if getattr(run, flag) is not None:
+            serve[flag] = getattr(run, flag)
+    return model, serve, note
+
+
+def map_run(run: published_runs.Run) -> BenchRun | str:
+    """The run as a `kvlab sim bench` run, or the reason kvlab cannot model it."""
+    if run.cannot_model:
+        return run.cannot_model
+    if run.id in HARNESS_CANNOT:
+        return HARNESS_CANNOT[run.id]
+    if run.gpu not in GPUS:
+        return f"no kvlab GPU preset for {run.gpu}"
+    mapped = serve_flags(run)
+    if isinstance(mapped, str):
+        return mapped
+    model, serve, note = mapped
     offline = run.dataset == "random-offline"
     workload = {"dataset": "sharegpt" if run.dataset == "sharegpt" else "random",
                 "num_prompts": run.num_prompts or OFFLINE_NUM_PROMPTS,
@@ -382,11 +401,6 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload["warm_runs"] = run.warm_runs
         note = "; ".join(filter(None, [note, f"after {run.warm_runs} earlier run{'s' if run.warm_runs > 1 else ''} "
                                              "of the same prompts (prefix cache warm: --warm-runs)"]))
-    if run.model in NATIVE_MAX_MODEL_LEN:  # vLLM's default: the checkpoint's own context length
-        serve["max_model_len"] = NATIVE_MAX_MODEL_LEN[run.model]
-    for flag in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization"):  # serve flags the source states
-        if getattr(run, flag) is not None:
-            serve[flag] = getattr(run, flag)
     if run.sampler:
         note = "; ".join(filter(None, [note, f"the {run.sampler} top-k/top-p sampler sizes the KV cache, as the "
                                              "source's setup has it (--sampler)"]))

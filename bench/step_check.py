@@ -130,28 +130,15 @@ def check(row: StepRow) -> Checked:
     reason = unscored_reason(p)
     if reason:
         return Checked(row, p, reason)
-    if row.model not in MODELS:
-        return Checked(row, p, f"no kvlab card or config for {row.model}")
+    mapped = sv.serve_flags(row, MODELS)
+    if isinstance(mapped, str):
+        return Checked(row, p, mapped)
     if row.gpu not in sv.GPUS:
         return Checked(row, p, f"no kvlab GPU preset for {row.gpu}")
-    model, checkpoint_format, _ = MODELS[row.model]
-    serve: dict = {"tensor_parallel_size": row.tp}
-    if checkpoint_format:
-        serve["quantization"] = checkpoint_format
-    elif row.quantization:
-        if row.quantization not in sv.QUANTIZATION:
-            return Checked(row, p, f"no kvlab weight format for --quantization {row.quantization}")
-        serve["quantization"] = sv.QUANTIZATION[row.quantization]
-    if row.kv_cache_dtype not in (None, "auto"):
-        serve["kv_cache_dtype"] = row.kv_cache_dtype
-    if row.model in sv.NATIVE_MAX_MODEL_LEN:
-        serve["max_model_len"] = sv.NATIVE_MAX_MODEL_LEN[row.model]
-    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization"):
-        if getattr(row, flag) is not None:
-            serve[flag] = getattr(row, flag)
+    model, serve, _ = mapped
     if row.kv_cache_tokens is None and row.gpu_memory_utilization is None:
         return Checked(row, p, "the KV cache's size is neither in the source's log nor follows from flags it states")
-    release = row.vllm_version if sv.vllm_release(row.vllm_version) else sv.DEFAULT_VLLM_VERSION
+    release = sv._release(row)
 
     def config():
         with tempfile.TemporaryDirectory() as tmp:
