@@ -304,8 +304,8 @@ def step_check(spec: Spec, server: Any, rdir: Path) -> Path | None:
         server_log = stepcheck.read_log((rdir / "server.log").read_text(encoding="utf-8", errors="replace"))
         if not server_log.lines:
             return None
-        kwargs = {"vllm_version": server_log.vllm_version} if server_log.vllm_version else {}
-        result = stepcheck.check(server_log, build_config(server.config, spec.gpu, **kwargs), "server.log")
+        result = stepcheck.check(server_log, build_config(server.config, spec.gpu, **server_log.engine_args()),
+                                 "server.log")
     except (KvlabError, OSError):
         return None
     return result.write(rdir / "step_check.json")

@@ -42,8 +42,8 @@ def serve_cmd(ctx: typer.Context) -> None:
 _CHECK_LOG_HELP = (
     "Check the simulator against a vLLM server's own log: LOG's periodic stats lines (generation throughput at "
     "the Running requests and KV cache usage they show), each decode-dominated 10 s interval priced by the "
-    "simulated engine of MODEL on --gpu with the vllm serve flags the server ran with. The log's KV cache size "
-    "and vLLM version are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G, then vllm serve's "
+    "simulated engine of MODEL on --gpu with the vllm serve flags the server ran with. The log's KV cache size, "
+    "vLLM version and top-k/top-p sampler are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G, then vllm serve's "
     "flags; --json prints one JSON object. Measured (vLLM's lines) beside simulated, per line, and the share "
     "within ±25 %.")
 
@@ -68,7 +68,7 @@ def check_log_cmd(ctx: typer.Context) -> None:
 
 def check_log(log: str, serve_argv: list[str]):
     """LOG's stats lines priced by the simulated engine `serve_argv` (kvlab sim serve's arguments) describes;
-    the log's vLLM version unless --vllm-version is given."""
+    the log's vLLM version and profiling sampler unless --vllm-version or --sampler is given."""
     from pathlib import Path
 
     from kvlab.sim import stepcheck
@@ -83,8 +83,10 @@ def check_log(log: str, serve_argv: list[str]):
                                        if server_log.v0 else
                                        "no vLLM stats line ('Engine 000: Avg prompt throughput: ...'; vLLM logs one every "
                                        "10 s unless --disable-log-stats)"))
-    if "--vllm-version" not in serve_argv and server_log.vllm_version:
-        serve_argv = [*serve_argv, "--vllm-version", server_log.vllm_version]
+    for flag, value in server_log.engine_args().items():  # what the log states, unless given
+        option = "--" + flag.replace("_", "-")
+        if not any(a == option or a.startswith(option + "=") for a in serve_argv):
+            serve_argv = [*serve_argv, option, value]
     return stepcheck.check(server_log, _sim_config(parse_serve_args(serve_argv)), log)
 
 

@@ -102,6 +102,12 @@ class ServerLog:
     kv_cache_tokens: int | None  # the KV cache size line's
     kv_device: str | None
     vllm_version: str | None  # the log's release where kvlab can simulate it (build_config's vllm_version)
+    sampler: str | None = None  # the top-k/top-p sampler the log names (its profiling run's: the KV cache's size)
+
+    def engine_args(self) -> dict:
+        """build_config's keywords for what the log states of the engine that wrote it: its vLLM release
+        and the sampler its profiling run took, where the log names them."""
+        return {k: v for k, v in (("vllm_version", self.vllm_version), ("sampler", self.sampler)) if v}
 
 
 def read_log(text: str) -> ServerLog:
@@ -112,7 +118,7 @@ def read_log(text: str) -> ServerLog:
     v0 = not lines and any(map(is_v0_stats_line, text.splitlines()))
     facts = parse_log(text)
     version = facts.vllm_version if facts.vllm_version and vllm_release(facts.vllm_version) else None
-    return ServerLog(lines, v0, facts.kv_cache_tokens, facts.kv_device, version)
+    return ServerLog(lines, v0, facts.kv_cache_tokens, facts.kv_device, version, facts.sampler)
 
 
 def unscored_reason(s: StatsLine) -> str | None:
@@ -167,11 +173,12 @@ def check(server_log: ServerLog, cfg, log: str):
 
     lines = server_log.lines
     block = cfg.capacity.block_size
-    predicted = (cfg.capacity.num_blocks - 1) * block
+    predicted = cfg.capacity.num_blocks * block  # as vLLM logs its KV cache size: every block, the null one too
     if server_log.kv_cache_tokens:
         kv_tokens = server_log.kv_cache_tokens
+        named = " the log names" if cfg.sampler == server_log.sampler else ""
         kv_source = (f"the log's KV cache size line ({server_log.kv_device}; the memory model predicts "
-                     f"{predicted:,} tokens)")
+                     f"{predicted:,} tokens with the {cfg.sampler} sampler{named})")
     else:
         kv_tokens = predicted
         kv_source = "predicted by the memory model (the log has no KV cache size line)"
