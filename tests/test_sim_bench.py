@@ -60,6 +60,19 @@ def test_result_fields_on_a_hand_computed_case():
     assert bench_metrics([_rec(0.0, 0.1, [], 1, 1)])["mean_tpot_ms"] == 0.0
 
 
+def test_chat_replies_have_one_gap_a_token_the_first_at_the_role_chunk():
+    # endpoint_request_func.py, async_request_openai_chat_completions: the TTFT at the first chunk with choices
+    # (the role chunk, sent with the first token's), an ITL at each later one: n gaps for n tokens
+    recs = [_rec(0.0, 0.100, [0.020, 0.030], 10, 3), _rec(0.05, 0.200, [], 5, 1)]
+    chat, completions = bench_metrics(recs, chat=True), bench_metrics(recs)
+    assert chat["mean_itl_ms"] == pytest.approx(50 / 4) and completions["mean_itl_ms"] == pytest.approx(25.0)
+    assert chat["median_itl_ms"] == pytest.approx(10.0)
+    assert chat["mean_tpot_ms"] == completions["mean_tpot_ms"] == pytest.approx(25.0)
+    assert {k: v for k, v in chat.items() if "itl" not in k} == {k: v for k, v in completions.items() if "itl" not in k}
+    r = run_bench(MODEL, GPU, input_len=100, output_len=20, num_prompts=1, endpoint_type="openai-chat", **FLAGS)
+    assert r.mean_itl_ms == pytest.approx(r.mean_tpot_ms * 19 / 20)
+
+
 def test_one_request_end_to_end():
     r = run_bench(MODEL, GPU, input_len=100, output_len=20, num_prompts=1, **FLAGS)
     assert (r.completed, r.failed, r.total_input_tokens, r.total_output_tokens) == (1, 0, 100, 20)

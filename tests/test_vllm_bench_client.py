@@ -53,8 +53,8 @@ def test_bench_serve_counts_what_the_server_counted(server, tokenizer_folder, tm
         [sys.executable, str(VLLM_CLI), "bench", "serve", "--backend", backend, "--endpoint", endpoint,
          "--base-url", server.url, "--model", MODEL, "--tokenizer", str(tokenizer_folder),
          "--dataset-name", "random", "--random-input-len", "48", "--random-output-len", "12", "--num-prompts", "8",
-         "--ignore-eos", "--max-concurrency", "4", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
-         "--result-filename", "bench.json"],
+         "--ignore-eos", "--max-concurrency", "4", "--disable-tqdm", "--save-result", "--save-detailed",
+         "--result-dir", str(tmp_path), "--result-filename", "bench.json"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "/tokenize unavailable" not in r.stdout
@@ -63,6 +63,15 @@ def test_bench_serve_counts_what_the_server_counted(server, tokenizer_folder, tm
     assert (result["completed"], result["failed"]) == (8, 0)
     assert result["total_output_tokens"] == 8 * 12 == after[1] - before[1]
     assert result["total_input_tokens"] == after[0] - before[0] > 0
+    # the gaps vLLM's client counts: a chat stream opens with the role chunk (its TTFT), so each of its 12 tokens
+    # comes after a gap; a completion's first token is its TTFT. `kvlab sim bench` counts them alike.
+    gaps = 12 if backend == "openai-chat" else 11
+    assert [len(itl) for itl in result["itls"]] == [gaps] * 8
+    from kvlab.replay.bench import run_bench
+
+    sim = run_bench(MODEL, "h100", input_len=48, output_len=12, num_prompts=1, max_model_len=4096,
+                    endpoint_type="openai-chat" if backend == "openai-chat" else "openai")
+    assert sim.mean_itl_ms == pytest.approx(sim.mean_tpot_ms * 11 / gaps)
 
 
 def test_bench_prompt_alignment_uses_detokenize(server):

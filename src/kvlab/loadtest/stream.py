@@ -9,7 +9,10 @@ token late and inflates TTFT.
 Definitions follow vLLM's (`vllm bench serve` and the server's own histograms):
 - TTFT: send -> first chunk carrying a choice (vLLM sends it when the first token is out).
 - ITL: every gap between consecutive chunks that carry generated text (each is one token unless
-  the server batches several into a chunk).
+  the server batches several into a chunk). `vllm bench serve` also counts the gap from the role
+  chunk to the first token's (about 0: vLLM sends them together), so its chat ITLs number one more
+  a request and its mean ITL is (n - 1) / n of this one's for n-token replies; `kvlab sim bench`
+  reports vLLM's.
 - TPOT: (E2E - TTFT) / (completion_tokens - 1).
 - E2E: send -> `data: [DONE]` (or the end of the stream).
 """

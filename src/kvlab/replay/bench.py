@@ -113,9 +113,15 @@ def _peaks(done: list[dict]) -> tuple[float, int]:
     return float(tokens.max()), peak
 
 
-def bench_metrics(records: list[dict]) -> dict:
+def bench_metrics(records: list[dict], chat: bool = False) -> dict:
     """vLLM's result fields from the replay's per-request records (start_ts, ttft_s, itl_s, e2e_s,
-    prompt_tokens, completion_tokens, error_kind), times in seconds from the start of the run."""
+    prompt_tokens, completion_tokens, error_kind), times in seconds from the start of the run.
+    `chat`: the requests went to /v1/chat/completions, whose stream opens with a chunk of the assistant's
+    role and no content, sent with the first token's chunk (`vllm/entrypoints/openai/serving_chat.py`,
+    `first_iteration`); vLLM's bench client takes the TTFT at that chunk and an inter-token latency at
+    every later chunk with choices (`async_request_openai_chat_completions` in
+    `vllm/benchmarks/lib/endpoint_request_func.py`, 0.11 and 0.32 alike), so a chat reply of n tokens has n
+    gaps, the first about 0, where a completion's has n - 1 (TPOT is unchanged: (latency - TTFT) / (n - 1))."""
     done = [r for r in records if r["error_kind"] is None]
     ends = [r["start_ts"] + (r["e2e_s"] or 0.0) for r in records]
     duration = max(ends) if ends else 0.0
@@ -129,7 +135,8 @@ def bench_metrics(records: list[dict]) -> dict:
         raise KvlabError("the benchmark took no simulated time: no request was served")
     total_in = sum(r["prompt_tokens"] for r in done)
     total_out = sum(r["completion_tokens"] for r in done)
-    itls = [gap for r in done for gap in (r["itl_s"] or [])]
+    opening = [0.0] if chat else []  # the role chunk to the first token's chunk: one message after the other
+    itls = [gap for r in done if r["completion_tokens"] for gap in opening + list(r["itl_s"] or [])]
     peak_tokens, peak_requests = _peaks(done)
     return {
         "duration": duration, "completed": len(done), "failed": len(records) - len(done),
@@ -236,7 +243,7 @@ def run_bench(model: str, gpu: str, *, dataset: str = "random", input_len: int |
         warm_runs=warm_runs, endpoint_type=endpoint_type, prompts_total=total_input_tokens,
         replies_total=total_output_tokens,
         num_preemptions=preemptions,
-        **bench_metrics(records),
+        **bench_metrics(records, chat),
     )
 
 
