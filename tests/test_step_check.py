@@ -189,6 +189,21 @@ def test_check_log_bad_input_is_one_line(kvlab, tmp_path, content, words):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_check_log_takes_the_lines_stamped_in_a_window(kvlab, tmp_path, pub):
+    log = str(_server_log(tmp_path, pub, "test5-"))
+    every = kvlab("sim", "check-log", log, *SERVE, "--json")
+    some = kvlab("sim", "check-log", log, "--since", "09-04 01:35:00", *SERVE, "--until=09-04 01:35:10", "--json")
+    assert every.returncode == 0 and some.returncode == 0, some.stderr
+    every, some = json.loads(every.stdout), json.loads(some.stdout)
+    assert [c["stamp"] for c in some["lines"]] == [c["stamp"] for c in every["lines"]
+                                                   if "09-04 01:35:00" <= c["stamp"] <= "09-04 01:35:10"]
+    assert 0 < some["stats_lines"] < every["stats_lines"] and some["kv_cache_tokens"] == 464_848
+    none = kvlab("sim", "check-log", log, *SERVE, "--since", "12-31 23:00:00")
+    assert none.returncode != 0 and "no V1 stats line stamped from 12-31 23:00:00 to the end" in none.stderr
+    bad = kvlab("sim", "check-log", log, *SERVE, "--since", "yesterday")
+    assert bad.returncode != 0 and "MM-DD HH:MM:SS" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_check_log_needs_a_gpu_and_says_how_to_use_it(kvlab, tmp_path, pub):
     r = kvlab("sim", "check-log", str(_server_log(tmp_path, pub, "test5-p200")), "qwen2.5-7b")
     assert r.returncode != 0 and "--gpu" in r.stderr and "Traceback" not in r.stderr
@@ -232,6 +247,17 @@ def test_a_real_vllm_repeat_records_its_step_check_and_the_report_says_it(tmp_pa
     RealServer.engine = "vllm"
     assert step_check(spec.model_copy(update={"gpu": None}), RealServer(), rdir) is None
     assert not (rdir / "step_check.json").exists()
+
+    # a server that served earlier repeats: only the lines after the mark the runner took at the load's start
+    text = (rdir / "server.log").read_text()
+    mark = text.index("09-04 01:35:00")  # the test5-p200 lines: the last two decode-dominated ones
+    mark = text.rindex("\n", 0, mark) + 1
+    assert step_check(spec, RealServer(), rdir, since=mark) == rdir / "step_check.json"
+    res = StepCheckResult.read(rdir / "step_check.json")
+    assert res.vllm_version == "0.10.1.1" and res.kv_cache_source.startswith("the log's KV cache size line")
+    assert [c.stamp for c in res.lines][0] == "09-04 01:35:00" and len(res.lines) < 13
+    assert res.log == "server.log, the lines of the repeat's load"
+    assert step_check(spec, RealServer(), rdir, since=len(text)) is None  # no stats line in the load
 
     step_check(spec, RealServer(), rdir)
     row = _row(rdir, "s", {})

@@ -170,6 +170,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
         run_load(host=server.base_url, workload=workload.with_shape("constant"), users=cell.users,
                  duration_s=spec.warmup_s, out_dir=rdir / "warmup", seed=seed + 10_000, api_key=api_key,
                  slo=slo, slo_from=slo_from)
+    log_mark = len(server.log_text())  # the server's log so far: startup, warm-up, earlier repeats on it
     with Scraper(server.base_url + "/metrics", rdir / "metrics.csv", interval_s=spec.scrape_interval_s) as scraper:
         t0 = time.time()
         load = run_load(host=server.base_url, workload=workload, users=cell.users, duration_s=spec.duration_s,
@@ -184,7 +185,7 @@ def run_repeat(spec: Spec, cell: Cell, k: int, server: Any, out: Path, engine_re
                         mean_session_context_tokens=client.mean_session_context_tokens)
     reason = _failure(server, client)
     _copy_server_log(server, rdir)
-    step_check(spec, server, rdir)
+    step_check(spec, server, rdir, since=log_mark)
     failure = Failure(reason=reason, log_tail=log_tail(rdir / "server.log")) if reason else None
     results = RepeatResults(
         cell=cell_key(cell), cell_id=cell.cell_id, repeat=k, seed=seed,
@@ -289,23 +290,25 @@ def _signal_name(code: int) -> str:
         return ""
 
 
-def step_check(spec: Spec, server: Any, rdir: Path) -> Path | None:
-    """A real vLLM on a GPU preset the spec names: its own stats lines in the repeat's server.log priced by
-    kvlab's simulated engine of the same serve configuration (`kvlab.sim.stepcheck`, what `kvlab sim
-    check-log` prints), written to step_check.json. None, with nothing written and the repeat unaffected,
-    where there is nothing to check (another engine, no preset, no stats line) or the simulator cannot
-    build the configuration."""
+def step_check(spec: Spec, server: Any, rdir: Path, since: int = 0) -> Path | None:
+    """A real vLLM on a GPU preset the spec names: its own stats lines in the repeat's server.log from
+    character `since` on (where the repeat's load began: the server's log holds its warm-up and the earlier
+    repeats it served too) priced by kvlab's simulated engine of the same serve configuration
+    (`kvlab.sim.stepcheck`, what `kvlab sim check-log` prints; the startup facts from the whole log),
+    written to step_check.json. None, with nothing written and the repeat unaffected, where there is
+    nothing to check (another engine, no preset, no stats line in the load) or the simulator cannot build
+    the configuration."""
     if getattr(server, "engine", None) != "vllm" or not spec.gpu or getattr(server, "config", None) is None:
         return None
     from kvlab.sim import stepcheck
     from kvlab.sim.config import build_config
 
     try:
-        server_log = stepcheck.read_log((rdir / "server.log").read_text(encoding="utf-8", errors="replace"))
+        server_log = stepcheck.read_log((rdir / "server.log").read_text(encoding="utf-8", errors="replace"), since)
         if not server_log.lines:
             return None
         result = stepcheck.check(server_log, build_config(server.config, spec.gpu, **server_log.engine_args()),
-                                 "server.log")
+                                 "server.log, the lines of the repeat's load")
     except (KvlabError, OSError):
         return None
     return result.write(rdir / "step_check.json")

@@ -44,7 +44,8 @@ _CHECK_LOG_HELP = (
     "the Running requests and KV cache usage they show), each decode-dominated 10 s interval priced by the "
     "simulated engine of MODEL on --gpu with the vllm serve flags the server ran with. The log's KV cache size, "
     "vLLM version and top-k/top-p sampler are used unless given. Usage: kvlab sim check-log LOG MODEL --gpu G, then vllm serve's "
-    "flags; --json prints one JSON object. Measured (vLLM's lines) beside simulated, per line, and the share "
+    "flags; --since/--until \"MM-DD HH:MM:SS\" take the lines stamped in that window (one run of a server that "
+    "served several); --json prints one JSON object. Measured (vLLM's lines) beside simulated, per line, and the share "
     "within ±25 %.")
 
 
@@ -55,30 +56,53 @@ def check_log_cmd(ctx: typer.Context) -> None:
     if argv and argv[0] in ("-h", "--help"):
         typer.echo(_CHECK_LOG_HELP)
         raise typer.Exit(0)
+    as_json = "--json" in argv
+    argv, window = _take_window([a for a in argv if a != "--json"])
     if len(argv) < 2:
         raise KvlabError("the following arguments are required: LOG MODEL (and --gpu G)")
-    as_json = "--json" in argv
-    argv = [a for a in argv if a != "--json"]
-    result = check_log(argv[0], argv[1:])
+    result = check_log(argv[0], argv[1:], window)
     if as_json:
         typer.echo(json.dumps(result.to_data(), indent=2))
     else:
         typer.echo(check_log_text(result))
 
 
-def check_log(log: str, serve_argv: list[str]):
-    """LOG's stats lines priced by the simulated engine `serve_argv` (kvlab sim serve's arguments) describes;
-    the log's vLLM version and profiling sampler unless --vllm-version or --sampler is given."""
+def _take_window(argv: list[str]) -> tuple[list[str], tuple[str | None, str | None]]:
+    """check-log's own --since/--until (the rest is kvlab sim serve's arguments), checked."""
+    from kvlab.sim.stepcheck import log_stamp
+
+    rest, bounds = [], {"--since": None, "--until": None}
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in bounds:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise KvlabError(f"{name} takes a time, MM-DD HH:MM:SS")
+            bounds[name] = log_stamp(value, name)
+        else:
+            rest.append(a)
+    return rest, (bounds["--since"], bounds["--until"])
+
+
+def check_log(log: str, serve_argv: list[str], window: tuple[str | None, str | None] = (None, None)):
+    """LOG's stats lines (those stamped within `window`, where it gives a bound) priced by the simulated
+    engine `serve_argv` (kvlab sim serve's arguments) describes; the log's vLLM version and profiling sampler
+    unless --vllm-version or --sampler is given."""
     from pathlib import Path
 
     from kvlab.sim import stepcheck
     from kvlab.sim.args import parse_serve_args
 
     try:
-        server_log = stepcheck.read_log(Path(log).read_text(encoding="utf-8", errors="replace"))
+        server_log = stepcheck.read_log(Path(log).read_text(encoding="utf-8", errors="replace"), window=window)
     except OSError as e:
         raise KvlabError(f"{log}: cannot read ({e.strerror or e})") from None
     if not server_log.lines:
+        if any(window):
+            raise KvlabError(f"{log}: no V1 stats line stamped from {window[0] or 'the start'} to "
+                             f"{window[1] or 'the end'}")
         raise KvlabError(f"{log}: " + ("its stats lines are a V0 engine's (Swapped/Pending): kvlab simulates V1"
                                        if server_log.v0 else
                                        "no vLLM stats line ('Engine 000: Avg prompt throughput: ...'; vLLM logs one every "

@@ -110,15 +110,31 @@ class ServerLog:
         return {k: v for k, v in (("vllm_version", self.vllm_version), ("sampler", self.sampler)) if v}
 
 
-def read_log(text: str) -> ServerLog:
+def read_log(text: str, since: int = 0, window: tuple[str | None, str | None] = (None, None)) -> ServerLog:
+    """The log's stats lines, from character `since` of `text` on (the experiment runner: where the repeat's
+    load began) and, where `window` gives them, stamped from its first "MM-DD HH:MM:SS" to its second (both
+    included; a line without a stamp is then left out); its startup facts from the whole text."""
     from kvlab.deploy.facts import parse_log
     from kvlab.models.budget import vllm_release
 
-    lines = stats_lines(text)
+    lines = stats_lines(text[since:])
+    first, last = window
+    if first or last:
+        lines = [s for s in lines if s.stamp and (not first or s.stamp >= first) and (not last or s.stamp <= last)]
     v0 = not lines and any(map(is_v0_stats_line, text.splitlines()))
     facts = parse_log(text)
     version = facts.vllm_version if facts.vllm_version and vllm_release(facts.vllm_version) else None
     return ServerLog(lines, v0, facts.kv_cache_tokens, facts.kv_device, version, facts.sampler)
+
+
+def log_stamp(text: str, what: str) -> str:
+    """A "MM-DD HH:MM:SS" stamp as vLLM's log lines carry it (a --since/--until value), or KvlabError."""
+    from kvlab.errors import KvlabError
+
+    if not re.fullmatch(r"\d\d-\d\d \d\d:\d\d:\d\d", text.strip()):
+        raise KvlabError(f"{what} takes a time as vLLM's log lines stamp it, MM-DD HH:MM:SS (e.g. \"09-04 01:30:00\"), "
+                         f"got {text!r}")
+    return text.strip()
 
 
 def unscored_reason(s: StatsLine) -> str | None:
