@@ -35,7 +35,7 @@ def test_a_published_row_maps_to_a_bench_run_and_runs(pub):
     assert bench.figures == {"output_throughput": ("output_throughput", 210), "mean_ttft_ms": ("mean_ttft_ms", 63)}
     small = dataclasses.replace(bench, workload={**bench.workload, "num_prompts": 12})
     sim, source = v.simulate(small, "auto")
-    assert set(sim) == set(bench.figures) and all(x > 0 for x in sim.values())
+    assert set(sim) == set(bench.figures) | set(bench.secondary) and all(x > 0 for x in sim.values())
     assert source.startswith("roofline (no kernel data: no vLLM kernel tables for GPU rtx-4090")
 
 
@@ -430,6 +430,25 @@ def test_the_summary_breaks_the_test_figures_down_by_gpu_and_kind(pub):
     assert {k: (g.within, g.of) for k, g in by_kind.items()} == {"throughput": (2, 3), "ttft": (3, 3), "tpot": (2, 2)}
     assert sum(g.of for g in by_gpu.values()) == sum(g.of for g in by_kind.values()) == v.share_within(
         results, "auto", "test")[1]
+
+
+def test_secondary_figures_are_the_stated_latency_statistics_beside_the_headline_printed_not_scored(pub):
+    runs = {r.id: r for r in pub.runs}
+    run = runs["gpustack-dsr1-h200-sharegpt"]  # states mean, median and p99 of TTFT, TPOT and ITL
+    bench = v.map_run(run)
+    assert set(bench.figures) == {"output_throughput", "mean_ttft_ms", "mean_tpot_ms"}
+    assert bench.secondary == {n: run.measured.figures()[n] for n in (
+        "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms")}
+    # states a mean TTFT (headline), its median and p99, and no TPOT
+    assert v.map_run(runs["mushfiqrahman-mistral7b-rtx4090-c4"]).secondary == {"median_ttft_ms": 53, "p99_ttft_ms": 157}
+    row = v.RowResult(run, bench, None)
+    row.sim["auto"] = {n: x * 0.45 for n, (_, x) in bench.figures.items()}  # its TPOT 55 % short
+    row.secondary["auto"] = {n: x * (1.03 if n == "median_itl_ms" else 0.5) for n, x in bench.secondary.items()}
+    table = "\n".join(v.secondary_table([row], "auto"))
+    assert "| median_itl_ms | 1 of 1 | +3 % | — | — |" in table and "| p99_tpot_ms | 0 of 1 | -50 % |" in table
+    assert "mean_tpot_ms" not in table  # the headline figure: scored above, not here
+    assert "while their median ITL is within it (1): gpustack-dsr1-h200-sharegpt" in table
+    assert v.share_within([row], "auto", "test") == (0, 3)  # the secondary figures are not in the shares
 
 
 def test_a_figure_off_by_more_than_2x_shows_its_stated_cause_or_is_counted_without_one(pub):
