@@ -119,6 +119,10 @@ class Run(BaseModel):
     max_num_seqs: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enable_expert_parallel: bool = False  # vllm serve's --enable-expert-parallel where the source's command has it
+    # vllm serve's --no-enable-prefix-caching / --no-enable-chunked-prefill where the source's command has them
+    # (False); absent: the release's default (both on in V1)
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
     # the profiling run's top-k/top-p sampler where the source decides it: its startup log names it, or it
     # states vLLM's Docker image up to 0.11.0, which ships FlashInfer, so vLLM's V1 sampler takes it
     # (kvlab.models.budget.default_sampler); absent: kvlab's default for the release, the pip wheel's

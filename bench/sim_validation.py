@@ -291,6 +291,9 @@ class BenchRun:
     # published name -> published value: the latency statistics the source states beyond the headline ones
     # (`secondary`), simulated beside them and printed, not scored
     secondary: dict = field(default_factory=dict)
+    # build_config keywords for engine flags a ServeConfig does not carry: the source's --no-enable-prefix-caching
+    # and --no-enable-chunked-prefill (enable_prefix_caching / enable_chunked_prefill False)
+    engine: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -425,9 +428,14 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
                                    if run.num_prompts is None else [])))
     weights = run.quantization if run.quantization in CHECKPOINT_BITS else METHOD_WEIGHTS.get(serve.get("quantization"))
+    engine = {flag: value for flag in ("enable_prefix_caching", "enable_chunked_prefill")
+              if (value := getattr(run, flag)) is not None}
+    if engine:
+        note = "; ".join(filter(None, [note, ", ".join(f"--{'' if on else 'no-'}{flag.replace('_', '-')}"
+                                                       for flag, on in engine.items())]))
     try:
         return fitted(BenchRun(model, GPUS[run.gpu], serve, workload, headline(run), note, _release(run), run.sampler,
-                               weights, secondary(run)))
+                               weights, secondary(run), engine))
     except KvlabError as e:
         return f"kvlab refuses it: {e}"
 
@@ -492,7 +500,7 @@ def run_simulated(bench: BenchRun, timing: str, wrap_cost=None):
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_path(bench.model, Path(tmp))
         cfg = build_config(options_config(model, **bench.serve), bench.gpu, timing=timing,
-                           vllm_version=bench.vllm_version, sampler=bench.sampler)
+                           vllm_version=bench.vllm_version, sampler=bench.sampler, **bench.engine)
         if wrap_cost is not None:
             cfg = dataclasses.replace(cfg, cost=wrap_cost(cfg.cost))
         if "closed_loop" in bench.workload:

@@ -39,6 +39,27 @@ def test_a_published_row_maps_to_a_bench_run_and_runs(pub):
     assert source.startswith("roofline (no kernel data: no vLLM kernel tables for GPU rtx-4090")
 
 
+def test_a_stated_no_prefix_caching_or_no_chunked_prefill_reaches_the_simulated_engine(pub, monkeypatch):
+    # adithyaJRunpod's vLLM 0.18.0 sweep: `vllm serve ... --no-enable-chunked-prefill` / `--no-enable-prefix-caching`
+    runs = pub.by_id()
+    off = v.map_run(runs["adithyajrunpod-q8-h100-rate35-no-chunked-prefill"])
+    assert off.engine == {"enable_chunked_prefill": False} and "--no-enable-chunked-prefill" in off.note
+    assert v.map_run(runs["adithyajrunpod-q8-h100-rate35-no-prefix-caching"]).engine == {"enable_prefix_caching": False}
+    assert v.map_run(runs["adithyajrunpod-q8-h100-rate35-baseline"]).engine == {}
+    seen = {}
+    real = v.build_config
+
+    def spy(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        seen.update(prefix=cfg.enable_prefix_caching, chunked=cfg.enable_chunked_prefill)
+        return cfg
+
+    monkeypatch.setattr(v, "build_config", spy)
+    v.run_simulated(dataclasses.replace(off, workload={**off.workload, "num_prompts": 4, "total_input_tokens": None,
+                                                       "total_output_tokens": None}), "roofline")
+    assert seen == {"prefix": True, "chunked": False}
+
+
 def test_a_stated_length_spread_is_the_bench_clients_range_ratio(pub):
     # the vLLM blog's FP8 KV runs: "~20k input tokens and ~2k output tokens (±15% variance)"
     run = pub.by_id()["vllm-blog-kv-llama31-8b-h100-bf16kv"]
