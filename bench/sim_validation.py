@@ -1157,6 +1157,15 @@ def share_within(results: list[RowResult], timing: str, split: str) -> tuple[int
 FIGURE_KIND = {name: kind for kind, options in HEADLINE for name, _ in options}  # published name -> kind
 
 
+def source_of(run: published_runs.Run) -> str:
+    """The publisher a run comes from: owner/repository of a GitHub address, else the address's host."""
+    from urllib.parse import urlparse
+
+    url = urlparse(run.source_url)
+    parts = url.path.strip("/").split("/")
+    return "/".join(parts[:2]) if url.netloc == "github.com" and len(parts) >= 2 else url.netloc
+
+
 def shares_by(results: list[RowResult], timing: str, split: str, key) -> dict:
     """The split's figures under `timing` grouped by key(row, published name): for each group,
     kvlab.schema.validation.FigureShare (within ±25 %, of, median |simulated / published - 1|)."""
@@ -1487,7 +1496,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" ({100 * ok / n:.0f} %); median |error| {100 * (math.exp(med) - 1):.0f} %; "
                      f"off by more than 2x: {over2}{uncaused}" if n else ""))
     t = noted
-    for name, key in (("GPU", lambda r, n: r.bench.gpu), ("figure", lambda r, n: FIGURE_KIND[n])):
+    for name, key in (("GPU", lambda r, n: r.bench.gpu), ("figure", lambda r, n: FIGURE_KIND[n]),
+                      ("source", lambda r, n: source_of(r.run))):
         print(f"- test figures by {name} under {t}: " + "; ".join(
             f"{k} {g.within} of {g.of} ({100 * g.share:.0f} %), median {100 * g.median_abs_error:.0f} %"
             for k, g in shares_by(results, t, "test", key).items()))

@@ -472,6 +472,13 @@ def test_secondary_figures_are_the_stated_latency_statistics_beside_the_headline
     assert v.share_within([row], "auto", "test") == (0, 3)  # the secondary figures are not in the shares
 
 
+def test_runs_are_grouped_by_their_publisher(pub):
+    runs = pub.by_id()
+    assert v.source_of(runs["adithyajrunpod-q8-h100-rate35-baseline"]) == "adithyaJRunpod/vllm_bench"
+    assert v.source_of(runs["gpustack-q8-h100-bf16"]) == "gpustack/gpustack"
+    assert all(v.source_of(r) for r in pub.runs)
+
+
 def test_a_figure_off_by_more_than_2x_shows_its_stated_cause_or_is_counted_without_one(pub):
     """The issue's "no figure off by more than 2x without a stated cause", checked by the table: a
     figure off by more than 2x either way prints the cause its run's `misses` names, or is counted
