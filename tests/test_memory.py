@@ -223,10 +223,14 @@ def test_default_gpu_memory_utilization_is_vllm_0_20s():
     r = memory.capacity(a, gpu="h100", max_model_len=32768)
     assert r.memory.gpu_memory_utilization == 0.92
     assert r.memory.requested_bytes == ceil(81090 * 2**20 * 0.92)
-    # vLLM 0.32's own sampler on an H100, FlashInfer's (10 B a logit of the dummy run, PyTorch's 39)
+    # vLLM 0.32's own sampler on an H100, FlashInfer's (10 B a logit of the dummy run; PyTorch's in-place Triton
+    # path 14 B from vLLM 0.17, its sort 39 B before: 1,024 x 102,400 logits x 25 B = 5,267 blocks of 497,664 B)
     assert r.memory.sampler == "flashinfer" and (r.num_blocks, r.kv_cache_tokens) == (90736, 1_451_776)
     pytorch = memory.capacity(a, gpu="h100", max_model_len=32768, sampler="pytorch")
-    assert (pytorch.num_blocks, pytorch.kv_cache_tokens) == (84626, 1_354_016)
+    assert (pytorch.num_blocks, pytorch.kv_cache_tokens) == (89893, 1_438_288)
+    sort, triton = (memory.capacity(a, gpu="h100", max_model_len=32768, sampler="pytorch", vllm_version=v,
+                                    gpu_memory_utilization=0.92) for v in ("0.16", "0.18"))  # (no CUDA graphs: < 0.21)
+    assert triton.num_blocks - sort.num_blocks == 5267
     from kvlab.sim.config import build_config
 
     assert build_config("deepseek-v2-lite", "h100").num_blocks == r.num_blocks  # the simulator's default too
