@@ -18,9 +18,10 @@ Two parts, printed as Markdown (the tables of docs/simulator-validation.md):
    (`roofline`, `auto`). Per row: the headline figures (one throughput, one TTFT, one TPOT/ITL, as
    the run states them: `HEADLINE`), published vs simulated, error, timing source, split. Then the
    share of test figures within +-25 % (in all, by GPU and by kind of figure: the summary file's
-   `by_gpu` and `by_figure`, which reports cite) and the same-GPU ratio rows (a over b of the throughput
-   figure): simulated ratio vs published, within +-15 %, right sign. A row kvlab cannot model stays
-   in the table with its reason.
+   `by_gpu` and `by_figure`, which reports cite; and by source, printed only), the secondary figures
+   (the other latency statistics a run states, `SECONDARY`: printed per statistic, not scored), and the
+   same-GPU ratio rows (a over b of the throughput figure): simulated ratio vs published, within +-15 %,
+   right sign. A row kvlab cannot model stays in the table with its reason.
 
 Host time (`kvlab.sim.timing.HOST_MEASURED`: per engine step and per scheduled request, by vLLM
 release) is MEASURED on vLLM's own engine core (`bench/engine_core_host.py`), no longer fitted;
