@@ -153,14 +153,14 @@ def check(row: StepRow) -> Checked:
         alt = config()
     block = cfg.capacity.block_size
     if row.kv_cache_tokens is not None:
-        usable = row.kv_cache_tokens // block
-        source = f"KV cache {row.kv_cache_tokens:,} tokens (the source's log)"
+        kv_tokens = row.kv_cache_tokens
+        source = f"KV cache {kv_tokens:,} tokens (the source's log)"
     else:
-        usable = cfg.capacity.num_blocks - 1
-        source = f"KV cache {usable * block:,} tokens (predicted by the memory model)"
-    step = price(cfg.cost, p, usable, block)
+        kv_tokens = cfg.capacity.num_blocks * block  # as vLLM logs the size: every block
+        source = f"KV cache {kv_tokens:,} tokens (predicted by the memory model)"
+    step = price(cfg.cost, p, kv_tokens, block)
     return Checked(row, p, None, step, "; ".join(filter(None, [source, step.note])), cfg.cost.timing_source,
-                   price(alt.cost, p, usable, block))
+                   price(alt.cost, p, kv_tokens, block))
 
 
 def link_runs(results: list[Checked]) -> None:

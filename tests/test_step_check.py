@@ -51,8 +51,9 @@ def test_a_published_line_is_priced_at_the_logged_kv_cache_and_the_stated_flags(
     c = step_check.check(row)
     assert c.reason is None
     assert (c.parsed.running, c.parsed.gen_tok_s, c.parsed.usage) == (195, 5737.5, pytest.approx(0.668))
-    # the blocks the usage holds (464,848 logged tokens x 66.8 %) less half a block per request
-    context = 464_848 // 16 * 16 * 0.668 - 195 * 8
+    # the blocks the usage holds (66.8 % of the 464,848 logged tokens' blocks less the null one, which vLLM's
+    # BlockPool.get_usage leaves out) less half a block per request
+    context = (464_848 // 16 - 1) * 16 * 0.668 - 195 * 8
     assert c.step.context_per_request == round(context / 195) == 1584
     # the simulator's own pure-decode step at the server's stated flags (Qwen2-7B is priced as Qwen2.5-7B's layers)
     cfg = build_config(options_config("qwen2.5-7b", tensor_parallel_size=1, max_model_len=16384,

@@ -153,10 +153,12 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def price(cost, s: StatsLine, usable_blocks: int, block_size: int) -> StepCheck:
+def price(cost, s: StatsLine, kv_cache_tokens: int, block_size: int) -> StepCheck:
     """The line's decode step priced by `cost` (a SimConfig's step-time backend) at the line's batch and
-    the context its KV usage holds, on a cache of `usable_blocks` blocks of `block_size` tokens."""
-    held = s.usage * usable_blocks * block_size
+    the context its KV usage holds, on a cache of `kv_cache_tokens` as vLLM logs its size (every block of
+    `block_size` tokens, the null block too): the usage is of the blocks less the null one
+    (`BlockPool.get_usage`, vLLM 0.11 and 0.32 alike)."""
+    held = s.usage * (kv_cache_tokens // block_size - 1) * block_size
     context = max(round(held - s.running * block_size / 2), s.running)
     step_s = cost.decode_step_s(s.running, context)
     notes = []
@@ -205,7 +207,7 @@ def check(server_log: ServerLog, cfg, log: str):
             kind = reason_kind(reason)
             unscored[kind] = unscored.get(kind, 0) + 1
             continue
-        c = price(cfg.cost, line, kv_tokens // block, block)
+        c = price(cfg.cost, line, kv_tokens, block)
         checked.append(CheckedLine(stamp=line.stamp, running=line.running, waiting=line.waiting,
                                    kv_cache_usage=line.usage, measured_gen_tok_s=line.gen_tok_s,
                                    context_per_request=c.context_per_request, simulated_step_ms=1000 * c.step_s,
