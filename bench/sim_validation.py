@@ -160,8 +160,16 @@ QWEN3_8B_GPTQ_INT8 = {
     "use_sliding_window": False,
     "quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True},
 }
+# meta-llama/Llama-3.2-3B-Instruct config.json (the fields kvlab reads, as public copies quote them: hidden
+# 3072, 28 layers, 24 heads of 128, 8 KV heads, intermediate 8192, vocabulary 128,256, tied embeddings), the
+# layers of neuralmagic/Llama-3.2-3B-Instruct-FP8.
+LLAMA32_3B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
+    "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
 CONFIGS = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b-gptq-int8": QWEN3_8B_GPTQ_INT8, "qwen3-14b": QWEN3_14B, "qwen3-32b": QWEN3_32B, "qwen3-235b-a22b-2507": QWEN3_235B_A22B_2507,
-           "llama-3-70b": LLAMA3_70B, "llama-3.1-70b": LLAMA31_70B, "qwen2.5-0.5b": QWEN25_0_5B}
+           "llama-3-70b": LLAMA3_70B, "llama-3.2-3b": LLAMA32_3B, "llama-3.1-70b": LLAMA31_70B, "qwen2.5-0.5b": QWEN25_0_5B}
 
 # Published model -> (kvlab model: a card or a CONFIGS key, weight format the checkpoint implies, note).
 MODELS = {
@@ -188,6 +196,11 @@ MODELS = {
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("llama-3.1-8b", None, "R1-Distill-Llama-8B is a Llama-3.1-8B fine-tune (same layers)"),
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("qwen2.5-7b", None, "R1-Distill-Qwen-7B has Qwen2.5-7B's layers (Qwen2.5-Math-7B base); the card's 32,768 context, not the distill's 131,072 (no --max-model-len stated; no step of these ShareGPT runs needs more)"),
     "deepseek-ai/DeepSeek-R1-0528": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
+    "deepseek-ai/DeepSeek-R1": ("deepseek-v3", "fp8_per_block", "DeepSeek-R1 = DeepSeek-V3 architecture, FP8 blocks"),
+    "neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8": ("llama-3.1-8b", "fp8_per_tensor",
+                                                   "FP8 W8A8 checkpoint, per-tensor scales (the model card's)"),
+    "neuralmagic/Llama-3.2-3B-Instruct-FP8": ("llama-3.2-3b", "fp8_per_tensor",
+                                              "config.json of Llama-3.2-3B; FP8 W8A8 checkpoint, per-tensor scales (the model card's)"),
 }
 # Checkpoints whose context length differs from the card they are priced as (their config.json).
 NATIVE_MAX_MODEL_LEN = {"meta-llama/Meta-Llama-3-8B-Instruct": 8192, "meta-llama/Meta-Llama-3-70B-Instruct": 8192}
