@@ -201,7 +201,7 @@ def test_bad_nnodes_is_one_line(kvlab):
 
 def test_the_pytorch_sampler_truncates_in_place_from_vllm_0_17():
     """vLLM PR #33538 (0.17.0): `apply_top_k_top_p` runs an in-place Triton kernel from 8 rows on, the sort
-    below that; the profiling peak per logit falls from the sort's 39 B to 14 B (counted from the code).
+    below that up to 0.29 (from 0.30 the kernel takes any rows: `if HAS_TRITON:`); the profiling peak per logit falls from the sort's 39 B to 14 B (counted from the code).
     vLLM 0.18.0's logs of one H100 server (tests/fixtures/gpu_budget_logs.yaml, vllm-bench-h100-qwen3-8b-v0.18-*)
     differ by 7,456 KV tokens of 147,456 B between --max-num-seqs 512 and 1,024: 14.1 B a logit."""
     a = card("qwen3-8b").arch
@@ -209,6 +209,9 @@ def test_the_pytorch_sampler_truncates_in_place_from_vllm_0_17():
     assert budget.sampler_peak_bytes(a, 8192, 1024, "pytorch", (0, 16)) == 1024 * 151_936 * 39
     assert budget.sampler_peak_bytes(a, 8192, 1024, "pytorch", (0, 17)) == 1024 * 151_936 * 14
     assert budget.sampler_peak_bytes(a, 8192, 4, "pytorch", (0, 18)) == 4 * 151_936 * 39  # fewer than 8 rows: sorted
+    assert budget.sampler_peak_bytes(a, 8192, 4, "pytorch", (0, 29)) == 4 * 151_936 * 39  # ... up to 0.29
+    assert budget.sampler_peak_bytes(a, 8192, 4, "pytorch", (0, 30)) == 4 * 151_936 * 14  # any rows from 0.30
+    assert budget.sampler_peak_bytes(a, 8192, 8, "pytorch", (0, 17)) == 8 * 151_936 * 14  # 8 rows: the kernel
     assert budget.sampler_peak_bytes(a, 8192, 1024, "flashinfer", (0, 18)) == 1024 * 151_936 * 10
     assert 7_456 * 147_456 / (512 * 151_936) == pytest.approx(14.1, abs=0.05)
     old, new = (memory.capacity(a, gpu="h100", max_model_len=8128, gpu_memory_utilization=0.95, vllm_version=v,

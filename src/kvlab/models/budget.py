@@ -42,7 +42,7 @@ CUDAGRAPH_SUBTRACTED_FROM = (0, 21)  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS 
 # which: "Using FlashInfer for top-p & top-k sampling" or "Falling back to the PyTorch-native ...").
 # pytorch: fitted on the train rows' logged peak activation (bf16 logits, the fp32 copy, sorted
 # values and int64 indices, softmax, masks, the sort's scratch: 39 B), the sort vLLM runs up to 0.16
-# (and for fewer than 8 rows after; from 0.17, PYTORCH_TRITON_BYTES_PER_LOGIT below). flashinfer: not fitted
+# (and for fewer than 8 rows up to 0.29; from 0.17, PYTORCH_TRITON_BYTES_PER_LOGIT below). flashinfer: not fitted
 # (its rows log no itemised peak), counted from the kernels' inputs: bf16 logits, the fp32 copy
 # and the probabilities (10 B).
 SAMPLER_BYTES_PER_LOGIT = {"pytorch": 39, "flashinfer": 10}
