@@ -133,6 +133,49 @@ def test_the_sampler_is_compared_where_the_budget_was_estimated():
     assert all(r.quantity != "sampler" for r in compare(exact, logged))
 
 
+@pytest.mark.parametrize("text, runner", [
+    # published startup logs (copied by a helper, 2026-12-06): Qwen3-8B at vLLM 0.27.1 on an RTX 4090 (a cold-start
+    # study's notes), MiniCPM5-1B at 0.23.0 (a tutorial's log, V2's weights line without the "Using" line),
+    # Qwen2.5-7B at 0.22.0 (a test file's docstring, V1)
+    ("INFO 08-02 10:11:12 [gpu_worker.py:385] Using V2 Model Runner\n"
+     "INFO 08-02 10:11:49 [model_runner.py:329] Model loading took 15.27 GiB and 36.382166 seconds", "v2"),
+    ("(EngineCore pid=812) INFO 07-14 09:30:01 [model_runner.py:319] Model loading took 2.09 GiB and 2.14 seconds", "v2"),
+    ("(EngineCore_DP0 pid=51) INFO 06-20 15:02:07 [gpu_model_runner.py:5132] Model loading took 14.29 GiB memory and "
+     "4.660599 seconds", "v1"),
+    (W + "Using Flash Attention backend on V1 engine.", None),
+])
+def test_the_model_runner_vllm_took(text, runner):
+    assert parse_log(text).model_runner == runner
+
+
+def test_the_model_runner_is_compared_where_the_budget_was_estimated():
+    """The estimated budget mirrors the default model runner's profiling run (Model Runner V2 at 0.32); the
+    comparison puts it beside the one the log shows, and kvlab's simulated server logs V2's lines."""
+    from kvlab.deploy.compare import compare
+    from kvlab.models import memory
+    from kvlab.models.cards import card
+
+    arch = card("llama-3.1-8b").arch
+    row = next(r for r in compare(memory.capacity(arch, gpu="h100", max_model_len=8192),
+                                  parse_log("INFO [gpu_worker.py:518] Using V2 Model Runner")) if r.quantity == "model_runner")
+    assert (row.predicted, row.reported, row.match) == ("v2", "v2", True)
+    old = memory.capacity(arch, gpu="h100", max_model_len=8192, vllm_version="0.21")
+    row = next(r for r in compare(old, parse_log("INFO [gpu_worker.py:518] Using V2 Model Runner")) if r.quantity == "model_runner")
+    assert (row.predicted, row.match) == ("v1", False)
+
+
+@pytest.mark.parametrize("version, runner", [("0.32.0", "v2"), ("0.21.0", "v1")])
+def test_the_simulated_server_logs_its_model_runner(capsys, version, runner):
+    from kvlab.sim import logs
+    from kvlab.sim.args import parse_serve_args
+    from kvlab.sim.config import build_config
+
+    args = parse_serve_args(["llama-3.1-8b", "--gpu", "h100"])
+    cfg = build_config(args.config, "h100", timing="roofline", vllm_version=version)
+    logs.startup_lines(cfg, args.non_default, args.not_simulated)
+    assert parse_log(capsys.readouterr().out).model_runner == runner == cfg.capacity.memory.model_runner
+
+
 def test_versions_and_weights():
     assert parse_log("INFO 07-01 api_server.py:1 vLLM API server version 0.10.1.1\n").vllm_version == "0.10.1.1"
     assert parse_log(W + "Model loading took 14.99 GiB memory and 3.2 seconds").model_weights_gib == 14.99

@@ -107,9 +107,47 @@ def test_the_default_sampler_is_the_releases_own():
     a = card("llama-3.1-8b").arch
     new, old = (memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version=v) for v in ("0.32", "0.20"))
     assert (new.memory.sampler, old.memory.sampler) == ("flashinfer", "pytorch")
-    assert new.memory.activation_bytes == budget.sampler_peak_bytes(a, 8192, 1024, "flashinfer")
-    forced = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.32", sampler="pytorch")
-    assert forced.memory.sampler == "pytorch" and forced.num_blocks < new.num_blocks
+    forced = memory.capacity(a, gpu="h100", max_model_len=8192, vllm_version="0.20", sampler="flashinfer")
+    assert forced.memory.sampler == "flashinfer" and forced.num_blocks > old.num_blocks  # 10 B a logit, not 14
+    assert forced.memory.activation_bytes == budget.sampler_peak_bytes(a, 8192, 1024, "flashinfer") == 1024 * 128_256 * 10
+
+
+def test_the_profiling_run_is_the_default_model_runners():
+    """The model runner vLLM takes by default (vllm/config/vllm.py, official wheels 0.21-0.32): V1 up to 0.21;
+    Model Runner V2 for allowlisted unquantized dense architectures at 0.22-0.23 (Qwen3; then Llama, Mistral),
+    for the allowlist quantized too at 0.24 (DeepSeek-V2 joins), for every model that is not MoE (and the
+    allowlisted MoE) at 0.25-0.28, for every generate model from 0.29; ngram and draft-model speculation keep
+    V1 while V2 lacks them. Its dummy sampler run is greedy without top-k/top-p: the bf16 logits and, up to
+    0.25, their fp32 copy (6 B a logit; 2 B from 0.26), whatever --sampler; it reserves no CUDA-graph memory
+    up to 0.28 (`profile_cudagraph_memory` returns 0). V1 from 0.21 calls the sampler a second time on the
+    PyTorch-native path (a seeded generator): 14 B a logit even with FlashInfer's."""
+    llama, qwen3, qwen2, moe, mla = (card(c).arch for c in ("llama-3.1-8b", "qwen3-8b", "qwen2.5-7b", "qwen3-30b-a3b",
+                                                             "deepseek-v2-lite"))
+    runner = budget.model_runner
+    assert [runner(qwen3, v) for v in ("0.21", "0.22", "0.32")] == ["v1", "v2", "v2"]
+    assert [runner(llama, v) for v in ("0.22", "0.23", "0.24", "0.25", "0.29")] == ["v1", "v2", "v2", "v2", "v2"]
+    assert runner(llama, "0.23", quantized=True) == "v1" and runner(llama, "0.24", quantized=True) == "v2"
+    assert [runner(qwen2, v) for v in ("0.24", "0.25")] == ["v1", "v2"]
+    assert [runner(moe, v) for v in ("0.25", "0.28", "0.29")] == ["v1", "v1", "v2"]
+    assert [runner(mla, v) for v in ("0.23", "0.24", "0.28")] == ["v1", "v2", "v2"]
+    assert [runner(llama, v, speculative_method="ngram") for v in ("0.31", "0.32")] == ["v1", "v2"]
+    assert [runner(llama, v, speculative_method="draft_model") for v in ("0.30", "0.31")] == ["v1", "v2"]
+    assert runner(llama, "0.30", speculative_method="eagle3") == "v2"
+    assert runner(llama, "0.32", preset=hardware.gpu("mi300x")) == "v1"  # ROCm: V1's accounting kept
+    n = 1024 * 128_256
+    assert budget.sampler_peak_bytes(llama, 8192, 1024, "flashinfer", (0, 25), "v2") == 6 * n
+    assert budget.sampler_peak_bytes(llama, 8192, 1024, "pytorch", (0, 26), "v2") == 2 * n
+    assert budget.sampler_peak_bytes(llama, 8192, 1024, "flashinfer", (0, 21), "v1") == 14 * n
+    assert budget.sampler_peak_bytes(llama, 8192, 4, "flashinfer", (0, 21), "v1") == 4 * 128_256 * 39  # sorted
+    assert budget.cudagraph_estimate_bytes(32, (0, 28), runner="v2") == 0
+    assert budget.cudagraph_estimate_bytes(32, (0, 29), runner="v2") == budget.cudagraph_estimate_bytes(32, (0, 29))
+    # Llama-3.1-8B on an H100 at 0.32's defaults: V2, the forward pass's peak binds (the sampler's 2 B a logit is
+    # 263 MB); 28,783 blocks (28,435 under V1's accounting, its second sampler call's 14 B a logit)
+    est = memory.capacity(llama, gpu="h100", max_model_len=8192)
+    assert est.memory.model_runner == "v2" and est.num_blocks == 28_783
+    assert est.memory.activation_bytes == budget.forward_peak_bytes(llama, 8192, 1) > 2 * n
+    v1 = memory.capacity(llama, gpu="h100", max_model_len=8192, vllm_version="0.22")
+    assert v1.memory.model_runner == "v1" and v1.num_blocks == 28_435 and v1.memory.activation_bytes == 14 * n
 
 
 def test_cuda_graphs_count_from_vllm_0_21():
@@ -120,8 +158,8 @@ def test_cuda_graphs_count_from_vllm_0_21():
     assert old.memory.cudagraph_bytes == 0
     assert new.memory.cudagraph_bytes == 32 * budget.CUDAGRAPH_BYTES_PER_LAYER
     assert old.kv_budget_bytes - new.kv_budget_bytes == new.memory.cudagraph_bytes
-    default = memory.capacity(a, gpu="h100", max_model_len=8192, sampler="pytorch")
-    assert default.kv_budget_bytes == new.kv_budget_bytes  # 0.32, kvlab's vLLM
+    default = memory.capacity(a, gpu="h100", max_model_len=8192, sampler="pytorch")  # 0.32, kvlab's vLLM: V2's
+    assert default.memory.cudagraph_bytes == new.memory.cudagraph_bytes  # estimate, priced as V1's (from 0.29)
     with pytest.raises(KvlabError, match="from vLLM 0.10 on"):
         memory.capacity(a, gpu="h100", vllm_version="0.9")
     with pytest.raises(KvlabError, match="not a version"):
@@ -163,7 +201,8 @@ def test_the_simulator_and_planner_take_the_same_budget():
     cap = memory.capacity(card("llama-3.1-8b").arch, model_name="llama-3.1-8b", gpu="h100",
                           max_model_len=card("llama-3.1-8b").context_length)
     assert sim.capacity.kv_budget_bytes == cap.kv_budget_bytes
-    assert sim.capacity.memory.activation_bytes == budget.sampler_peak_bytes(sim.arch, 8192, 1024, "flashinfer")
+    assert sim.capacity.memory.activation_bytes == budget.activation_estimate_bytes(
+        sim.arch, 8192, 1024, 1, "flashinfer", (0, 32), "v2")
     assert sim.sampler == "flashinfer"  # vLLM 0.32's own on an H100
 
 

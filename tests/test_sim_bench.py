@@ -452,15 +452,18 @@ def test_expert_parallel_on_sim_bench(kvlab):
 
 def test_sampler_sizes_the_simulated_kv_cache_as_kvlab_capacity_does(kvlab):
     """--sampler pytorch|flashinfer (vLLM's FlashInfer top-k/top-p, 10 bytes a logit in the profiling
-    run's dummy sampler pass against PyTorch's 39; default: the simulated release's own, FlashInfer's
+    run's dummy sampler pass against PyTorch's 14 from 0.17; default: the simulated release's own, FlashInfer's
     at 0.32 on an H100, PyTorch's at 0.20): the simulated KV cache is `kvlab capacity --sampler`'s,
-    and the record says which; an unknown sampler is one line and exit 2."""
-    flags = ["llama-3.1-8b", "--gpu", "h100", "--num-prompts", "4", "--output-len", "4", "--json"]
-    fi = json.loads(kvlab("sim", "bench", *flags).stdout)
-    pt = json.loads(kvlab("sim", "bench", *flags, "--sampler", "pytorch").stdout)
-    old = json.loads(kvlab("sim", "bench", *flags, "--vllm-version", "0.20").stdout)
-    cap = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--json").stdout)
-    assert (fi["sampler"], pt["sampler"], old["sampler"]) == ("flashinfer", "pytorch", "pytorch")
+    and the record says which; an unknown sampler is one line and exit 2. (At 0.20: V1's profiling run, one
+    sampler call; from 0.21 V1's second, PyTorch-native call and from 0.29 Model Runner V2's greedy dummy run
+    make the sampler's choice moot for the budget.)"""
+    flags = ["llama-3.1-8b", "--gpu", "h100", "--num-prompts", "4", "--output-len", "4", "--json", "--vllm-version", "0.20"]
+    fi = json.loads(kvlab("sim", "bench", *flags, "--sampler", "flashinfer").stdout)
+    pt = json.loads(kvlab("sim", "bench", *flags).stdout)  # 0.20's own
+    new = json.loads(kvlab("sim", "bench", *flags[:-2]).stdout)  # 0.32
+    cap = json.loads(kvlab("capacity", "llama-3.1-8b", "--gpu", "h100", "--vllm-version", "0.20", "--sampler", "flashinfer",
+                           "--json").stdout)
+    assert (fi["sampler"], pt["sampler"], new["sampler"]) == ("flashinfer", "pytorch", "flashinfer")
     assert fi["num_gpu_blocks"] == cap["num_blocks"] > pt["num_gpu_blocks"]
     assert cap["memory"]["sampler"] == "flashinfer"
     r = kvlab("sim", "bench", *flags, "--sampler", "bogus")

@@ -53,4 +53,6 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
     if pred.memory is not None:  # the estimated budget's profiling run assumed this sampler
         rows.append(_row("sampler", pred.memory.sampler, facts.sampler,
                          note="the profiling run's top-k/top-p sampler the budget estimate assumes (--sampler)"))
+        rows.append(_row("model_runner", pred.memory.model_runner, facts.model_runner,
+                         note="the model runner whose profiling run the budget estimate mirrors (vLLM's default)"))
     return rows

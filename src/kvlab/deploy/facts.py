@@ -33,6 +33,7 @@ class StartupFacts:
     timing_source: str | None = None  # kvlab's simulator only: its step-time source (kvlab.sim.timing)
     host_source: str | None = None  # kvlab's simulator only: what prices its time outside the steps
     sampler: str | None = None  # the top-k/top-p sampler vLLM logged taking: "flashinfer" or "pytorch"
+    model_runner: str | None = None  # the model runner the log shows: "v1" or "v2" (Model Runner V2)
 
     def merged(self, other: "StartupFacts") -> "StartupFacts":
         """These facts, with other's where other has one (other = /metrics, the exact figures)."""
@@ -95,6 +96,19 @@ def _sampler(text: str) -> str | None:
     return None
 
 
+# The model runner: Model Runner V2 says so ("Using V2 Model Runner", vllm/v1/worker/gpu_worker.py, 0.22 ..
+# 0.32), and each runner logs its weights from its own file: V1's gpu_model_runner.py, V2's model_runner.py
+# (vllm/v1/worker/gpu/model_runner.py).
+_V2_RUNNER = re.compile(r"Using V2 Model Runner|(?<![\w.])model_runner\.py:\d+\]\s+Model loading took")
+_V1_RUNNER = re.compile(r"gpu_model_runner\.py:\d+\]\s+Model loading took")
+
+
+def _model_runner(text: str) -> str | None:
+    if _V2_RUNNER.search(text):
+        return "v2"
+    return "v1" if _V1_RUNNER.search(text) else None
+
+
 # "Using X backend" lines that name the attention backend (not MoE, prefill or ViT backends).
 _BACKEND = re.compile(
     r"Using ([A-Za-z][\w ]*?) (?:attention )?backend(?: on V1 engine| out of potential backends|\.|\s*$)",
@@ -143,7 +157,8 @@ def parse_log(text: str) -> StartupFacts:
             if m:
                 found[key] = m
                 break
-    out: dict = {"attention_backend": _attention_backend(text), "sampler": _sampler(text)}
+    out: dict = {"attention_backend": _attention_backend(text), "sampler": _sampler(text),
+                 "model_runner": _model_runner(text)}
     if "vllm_version" in found:
         out["vllm_version"] = found["vllm_version"].group(1)
     if "kv_cache_tokens" in found:

@@ -86,6 +86,64 @@ def default_sampler(vllm_version: str, preset: hardware.GPU | None) -> str:
             and parse_vllm_version(vllm_version) >= FLASHINFER_SAMPLER_FROM):
         return "flashinfer"
     return "pytorch"
+# The model runner whose profiling run sizes the budget, by release (read in the official wheels
+# 0.21-0.32: vllm/config/vllm.py `use_v2_model_runner`, `_is_default_v2_model_runner_model`,
+# `_get_v2_model_runner_unsupported_features`; VLLM_USE_V2_MODEL_RUNNER unset):
+# - up to 0.21, V1 (vllm/v1/worker/gpu_model_runner.py);
+# - 0.22-0.23, Model Runner V2 (vllm/v1/worker/gpu/model_runner.py) for the architectures of
+#   MODEL_RUNNER_V2_ARCHITECTURES unquantized and not MoE; 0.24 for those, quantized too;
+# - 0.25-0.28, V2 for every model that is not MoE, and for the MoE architectures of the list;
+# - from 0.29, V2 for every generate model.
+# Speculative methods V2 lacks keep V1 (SPECULATIVE_V1_UNTIL: ngram up to 0.31, a draft model up to 0.30).
+# On ROCm presets kvlab keeps V1's accounting (vLLM's ROCm list of architectures V2 excludes is not read).
+MODEL_RUNNER_V2_FROM = (0, 22)
+MODEL_RUNNER_V2_ARCHITECTURES = {
+    (0, 22): frozenset({"Qwen3ForCausalLM"}),
+    (0, 23): frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"}),
+    (0, 24): frozenset({"Qwen3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM",
+                        "LlamaForCausalLM", "MistralForCausalLM"}),
+    (0, 25): frozenset({"DeepseekV2ForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM"}),
+    (0, 28): frozenset({"DeepseekV2ForCausalLM", "DeepseekV4ForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM"}),
+}  # the release's list (the latest at or before it; only those kvlab's architectures can be are kept)
+MODEL_RUNNER_V2_UNQUANTIZED_UNTIL = (0, 23)
+MODEL_RUNNER_V2_NOT_MOE_FROM = (0, 25)
+MODEL_RUNNER_V2_EVERY_MODEL_FROM = (0, 29)
+SPECULATIVE_V1_UNTIL = {"ngram": (0, 31), "draft_model": (0, 30)}
+# What the profiling run's sampler holds per logit under Model Runner V2: its dummy requests are
+# greedy with top-k/top-p off, so no sort, softmax or draws (`_dummy_sampler_run`: "the sampler may
+# skip top_k, top_p"): the bf16 logits plus, up to 0.25, the fp32 copy `apply_sampling_params` always
+# made (6 B); from 0.26 the logits alone (2 B). Counted from that code (v1/worker/gpu/sample/sampler.py).
+V2_SAMPLER_BYTES_PER_LOGIT_UNTIL_025 = 6
+V2_SAMPLER_BYTES_PER_LOGIT = 2
+# Under V1 from 0.21 the dummy sampler run calls the sampler a second time with a seeded generator
+# (`gpu_model_runner._dummy_sampler_run`, `manual_seed(0)`), which takes the PyTorch-native path even where
+# FlashInfer's sampler is on: its peak binds whichever sampler the server takes.
+V1_SECOND_SAMPLER_CALL_FROM = (0, 21)
+# Model Runner V2 reserves no CUDA-graph memory before the KV cache up to 0.28 (its
+# `profile_cudagraph_memory` returns 0, "TBD": vLLM issue #49224); from 0.29 it captures the graphs into
+# a throwaway pool and measures them, which kvlab prices as V1's estimate (not checked against a log).
+V2_CUDAGRAPH_PROFILED_FROM = (0, 29)
+
+
+def model_runner(arch: ModelArch, vllm_version: str, quantized: bool = False, speculative_method: str | None = None,
+                 preset: hardware.GPU | None = None) -> str:
+    """The model runner ("v1" or "v2") vLLM takes by default at `vllm_version` for `arch` (see above)."""
+    version = parse_vllm_version(vllm_version)
+    if version < MODEL_RUNNER_V2_FROM or (preset is not None and preset.platform != "cuda"):
+        return "v1"
+    if speculative_method is not None and version <= SPECULATIVE_V1_UNTIL.get(speculative_method, (0, 0)):
+        return "v1"
+    if version >= MODEL_RUNNER_V2_EVERY_MODEL_FROM:
+        return "v2"
+    listed = arch.architecture in MODEL_RUNNER_V2_ARCHITECTURES[max(r for r in MODEL_RUNNER_V2_ARCHITECTURES if r <= version)]
+    moe = arch.moe is not None
+    if version >= MODEL_RUNNER_V2_NOT_MOE_FROM:
+        return "v2" if listed or not moe else "v1"
+    if version <= MODEL_RUNNER_V2_UNQUANTIZED_UNTIL:
+        return "v2" if listed and not moe and not quantized else "v1"
+    return "v2" if listed else "v1"
+
+
 # Fitted on the train rows: one GPU, their logged non-torch memory (0.13, 0.14 GiB).
 NON_TORCH_BYTES = int(0.135 * GiB)  # cuBLAS workspace and other non-torch allocations
 # Added with -tp/-pp > 1 (NCCL): its channel buffers sit in GPU memory when NCCL's P2P transport
@@ -118,6 +176,7 @@ class MemoryEstimate:
     cudagraph_bytes: int  # CUDA-graph memory subtracted from the budget (0 before vLLM 0.21)
     kv_budget_bytes: int
     sampler: str  # the profiling run's top-k/top-p sampler the activation peak assumes
+    model_runner: str = "v1"  # the model runner whose profiling run it mirrors (`model_runner`)
 
 
 def vllm_patch_release(version: str) -> tuple[int, int, int] | None:
@@ -163,10 +222,21 @@ def sampler_bytes_per_logit(sampler: str, num_reqs: int, vllm_version: tuple[int
 
 
 def sampler_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int, sampler: str,
-                       vllm_version: tuple[int, int] | None = None) -> int:
-    """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank)."""
+                       vllm_version: tuple[int, int] | None = None, runner: str = "v1") -> int:
+    """The dummy sampler run's peak: its requests' full-vocabulary logits (gathered on every rank), as
+    `runner`'s dummy run holds them (V2: logits without top-k/top-p; V1 from 0.21: the second, PyTorch-native
+    call's peak whichever sampler the server takes)."""
     num_reqs = min(max_num_seqs, max_num_batched_tokens)
-    return num_reqs * arch.vocab_size * sampler_bytes_per_logit(sampler, num_reqs, vllm_version)
+    if runner == "v2":
+        sampler_bytes_per_logit(sampler, num_reqs, vllm_version)  # its check of the name
+        per_logit = (V2_SAMPLER_BYTES_PER_LOGIT_UNTIL_025 if vllm_version is not None and vllm_version <= (0, 25)
+                     else V2_SAMPLER_BYTES_PER_LOGIT)
+    elif vllm_version is not None and vllm_version >= V1_SECOND_SAMPLER_CALL_FROM:
+        per_logit = max(sampler_bytes_per_logit(sampler, num_reqs, vllm_version),
+                        sampler_bytes_per_logit("pytorch", num_reqs, vllm_version))
+    else:
+        per_logit = sampler_bytes_per_logit(sampler, num_reqs, vllm_version)
+    return num_reqs * arch.vocab_size * per_logit
 
 
 def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) -> int:
@@ -180,10 +250,11 @@ def forward_peak_bytes(arch: ModelArch, max_num_batched_tokens: int, tp: int) ->
 
 
 def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_num_seqs: int,
-                              tp: int, sampler: str, vllm_version: tuple[int, int] | None = None) -> int:
+                              tp: int, sampler: str, vllm_version: tuple[int, int] | None = None,
+                              runner: str = "v1") -> int:
     """Peak transient memory of vLLM's profiling run: the larger of the forward pass and the sampler."""
     return max(forward_peak_bytes(arch, max_num_batched_tokens, tp),
-               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler, vllm_version))
+               sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler, vllm_version, runner))
 
 
 def nccl_transport(gpu_name: str, tp: int, pp: int, dp: int = 1, nnodes: int = 1) -> str | None:
@@ -212,12 +283,16 @@ def non_torch_estimate_bytes(transport: str | None) -> int:
     return NON_TORCH_BYTES + NON_TORCH_DISTRIBUTED_BYTES[key]
 
 
-def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int], cuda_graphs: bool = True) -> int:
+def cudagraph_estimate_bytes(layers_per_gpu: int, vllm_version: tuple[int, int], cuda_graphs: bool = True,
+                             runner: str = "v1") -> int:
     """CUDA-graph memory taken from the budget: none before vLLM 0.21 (graphs are captured after
-    the KV cache is allocated), the estimate from 0.21 on; none with --enforce-eager (cuda_graphs
-    False: vLLM profiles graph memory only when it will capture graphs, `cudagraph_mode != NONE` in
+    the KV cache is allocated), the estimate from 0.21 on (under Model Runner V2 from 0.29:
+    V2_CUDAGRAPH_PROFILED_FROM); none with --enforce-eager (cuda_graphs False: vLLM profiles graph
+    memory only when it will capture graphs, `cudagraph_mode != NONE` in
     `Worker.determine_available_memory`)."""
     if not cuda_graphs or vllm_version < CUDAGRAPH_SUBTRACTED_FROM:
+        return 0
+    if runner == "v2" and vllm_version < V2_CUDAGRAPH_PROFILED_FROM:
         return 0
     return layers_per_gpu * CUDAGRAPH_BYTES_PER_LAYER
 
@@ -226,9 +301,10 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
                        weight_bytes_per_gpu: int, max_num_batched_tokens: int | None,
                        max_num_seqs: int | None, tp: int, pp: int = 1, layers_per_gpu: int | None = None,
                        vllm_version: str = DEFAULT_VLLM_VERSION, sampler: str | None = None,
-                       dp: int = 1, nnodes: int = 1, cuda_graphs: bool = True) -> MemoryEstimate:
+                       dp: int = 1, nnodes: int = 1, cuda_graphs: bool = True, runner: str = "v1") -> MemoryEstimate:
     """The KV budget per rank on `preset`, itemised; KvlabError when nothing is left for the KV cache.
-    `sampler` None: the release's own (`default_sampler`)."""
+    `sampler` None: the release's own (`default_sampler`); `runner`: the model runner whose profiling
+    run it mirrors (`model_runner`)."""
     if not 0 < gpu_memory_utilization <= 1:
         raise KvlabError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     version = parse_vllm_version(vllm_version)
@@ -238,9 +314,9 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     requested = ceil(total * gpu_memory_utilization)
     mnbt = max_num_batched_tokens or preset.default_max_num_batched_tokens
     mns = max_num_seqs or preset.default_max_num_seqs
-    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler, version)
+    act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler, version, runner)
     non_torch = non_torch_estimate_bytes(nccl_transport(preset.name, tp, pp, dp, nnodes))
-    graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version, cuda_graphs)
+    graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version, cuda_graphs, runner)
     budget = requested - w_gpu - act - non_torch - graphs
     if w_gpu > requested:
         raise KvlabError(
@@ -255,4 +331,5 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
             f"estimated activations and overhead {(act + non_torch + graphs) / GiB:.2f} GiB "
             f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
         )
-    return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget, sampler)
+    return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget, sampler,
+                          runner)

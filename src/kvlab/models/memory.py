@@ -26,7 +26,7 @@ from kvlab import hardware
 from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
-    DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget,
+    DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget, model_runner,
     OLDEST_VLLM_VERSION, nccl_transport, release_of)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
 from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
@@ -497,9 +497,11 @@ def capacity(
     else:
         assert preset is not None
         util = default_gpu_memory_utilization(vllm_version) if gpu_memory_utilization is None else gpu_memory_utilization
+        runner = model_runner(arch, vllm_version, quantized=fmt.key != "auto",
+                              speculative_method=speculative.method if speculative else None, preset=preset)
         memory = estimate_kv_budget(arch, preset, util, w_gpu, max_num_batched_tokens,
                                     max_num_seqs, tp, pp, max(stages), vllm_version, sampler, dp, nnodes,
-                                    cuda_graphs=cuda_graphs)
+                                    cuda_graphs=cuda_graphs, runner=runner)
         budget, source = memory.kv_budget_bytes, "estimate"
         budgets = [budget] * pp
 

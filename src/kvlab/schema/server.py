@@ -32,6 +32,7 @@ class ServerFacts(Part):
     timing_source: str | None = None  # kvlab's simulator: where its step times come from; None on vLLM
     host_source: str | None = None  # kvlab's simulator: what prices its time outside the steps; None on vLLM
     sampler: str | None = None  # the top-k/top-p sampler the log says vLLM took (flashinfer, pytorch); None: not said
+    model_runner: str | None = None  # the model runner the log shows (v1, v2); None: not said
     source: str | None = None  # in words: where the facts were read
     pool_source: str | None = None  # in words: where the KV pool (blocks, tokens) was read
     launched_by_kvlab: bool | None = None  # False: a server kvlab did not start (engine external)
@@ -55,6 +56,9 @@ class MemorySplit(Part):
     cudagraph_bytes: int = figure("predicted", unit="bytes")
     kv_budget_bytes: int = figure("predicted", unit="bytes")
     sampler: str = "pytorch"  # the profiling run's top-k/top-p sampler assumed (records before it: pytorch)
+    # the model runner whose profiling run the budget mirrors: v1, or v2 (Model Runner V2, vLLM's default
+    # for more models from 0.22, every generate model from 0.29); records before it: v1
+    model_runner: str = "v1"
 
 
 class Prediction(Part):

@@ -86,7 +86,11 @@ def startup_lines(cfg: SimConfig, non_default: dict, not_simulated: tuple[str, .
         f"pipeline_parallel_size={cap.pipeline_parallel_size}, quantization={cfg.quantization_method}, "
         f"kv_cache_dtype={cfg.kv_cache_dtype}, device_config=cuda, served_model_name={cfg.served_model_name}, "
         f"enable_prefix_caching={cfg.enable_prefix_caching}, enable_chunked_prefill={cfg.enable_chunked_prefill}"))
-    log("Worker", "gpu_model_runner.py:5150",
+    runner = (cap.memory.model_runner if cap.memory is not None  # the model runner the budget mirrors
+              else memory.model_runner(cfg.arch, memory_release(cfg.vllm_version), preset=cfg.gpu))
+    if runner == "v2":  # vllm/v1/worker/gpu_worker.py, and the weights from V2's model_runner.py
+        log("Worker", "gpu_worker.py:518", "Using V2 Model Runner")
+    log("Worker", "model_runner.py:428" if runner == "v2" else "gpu_model_runner.py:5150",
         f"Model loading took {format_gib(cap.weight_bytes_per_gpu)} GiB memory and 0.000000 seconds")
     log("Worker", "cuda.py:175", f"Using {cap.attention_backend} backend.")
     if cfg.sampler == "flashinfer":  # the profiling run's sampler (kvlab.models.budget.default_sampler)
