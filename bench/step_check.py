@@ -201,10 +201,9 @@ def markdown(results: list[Checked]) -> str:
 def host_words() -> str:
     from kvlab.sim import timing
 
-    if timing.HOST_FITTED is None:
+    if not timing.HOST_FITTED:
         return "measured"
-    step, per_req = timing.HOST_FITTED
-    return f"fitted on the benchmark table's train rows, {1e3 * step:.2f} ms per step + {1e6 * per_req:.1f} us per request"
+    return f"fitted on the benchmark table's train rows, {timing.host_fitted_words()}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -480,7 +480,7 @@ def test_a_probes_cache_key_covers_the_kernel_data_and_the_host_time(monkeypatch
         return probe.probe_key(cfg, workload, 0, 8, Window(sim_s=120.0, warmup_s=40.0))
 
     before = key()
-    monkeypatch.setattr(timing, "HOST_FITTED", (0.002, 0.0))
+    monkeypatch.setattr(timing, "HOST_FITTED", {(0, 0, 0): (0.002, 0.0)})
     monkeypatch.setattr(timing, "STEP_OVERHEAD_S", 0.002)
     after = key()
     monkeypatch.undo()

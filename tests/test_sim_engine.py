@@ -127,7 +127,7 @@ def test_llama_preempts_earlier_by_the_kv_ratio():
         cfg = build_config(model, "h100")
         onset[model] = (_ladder_onset(cfg), cfg.capacity.kv_cache_tokens)
     (ds_users, ds_tokens), (ll_users, ll_tokens) = onset["deepseek-v2-lite"], onset["llama-3.1-8b"]
-    assert (ds_users, ll_users) == (201, 63)
+    assert (ds_users, ll_users) == (202, 63)
     # 3.19x the users for 3.16x the KV tokens (DeepSeek's 4.21x smaller KV per token, less its 2x weights).
     assert ds_users / ll_users == pytest.approx(ds_tokens / ll_tokens, rel=0.02)
 
@@ -199,10 +199,14 @@ def test_decode_step_roofline_arithmetic(monkeypatch):
     kv = 1000 * 131072
     gpu = (weights + kv) / (3.35e12 * MEMORY_EFFICIENCY) + ROOFLINE_PER_SEQ_S
     assert c.decode_step_s(1, 1000) == pytest.approx(gpu + STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S, rel=1e-12)
-    # the host time fitted on the train rows (HOST_FITTED) at every release while it is set ...
-    step_s, per_seq_s = sim_timing.HOST_FITTED
+    # the host time fitted on the train rows (HOST_FITTED) for the release's vLLM generation while it is set
+    # (the default release's, 0.32.0: from 0.11.0 on) ...
+    step_s, per_seq_s = sim_timing.HOST_FITTED[(0, 11, 0)]
     assert c.host_s(8) == pytest.approx(step_s + 8 * per_seq_s)
     assert c.decode_step_s(1, 1000) == pytest.approx(gpu + c.host_s(1), rel=1e-12)
+    step_s, per_seq_s = sim_timing.HOST_FITTED[(0, 0, 0)]  # ... a release before 0.11.0 its own
+    assert build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4").cost.host_s(8) == pytest.approx(
+        step_s + 8 * per_seq_s)
     # ... and the release's measured one (HOST_MEASURED: 0.32.0's by default, 0.11.0's at 0.11.0) without it
     monkeypatch.setattr(sim_timing, "HOST_FITTED", None)
     measured = build_config("llama-3.1-8b", "h100", timing="roofline").cost
@@ -284,7 +288,7 @@ def test_sim_run_cli_plays_a_workload_profile(kvlab, tmp_path):
         assert x["manifest"]["command"][:3] == ["kvlab", "sim", "run"]
         assert x["manifest"]["workload"]["name"] == "agent-smoke"
         assert x["manifest"]["workload"]["source"].endswith("loadtest/agent-smoke.yaml")
-        assert x["capacity"]["num_gpu_blocks"] == 90736  # the memory model at --gpu-memory-utilization 0.92
+        assert x["capacity"]["num_gpu_blocks"] == 91358  # the memory model at --gpu-memory-utilization 0.92
         assert x["requests_completed"] > 0
     bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "0")
     assert bad.returncode == 2 and "--users must be positive" in bad.stderr

@@ -388,6 +388,6 @@ def test_a_bench_record_says_what_priced_the_time_outside_the_steps(release, str
     step_s, per_seq_s, measured_at = host_time(release)
     assert res.host_source.startswith(host_label(release) + "; API server")
     assert (f"host time measured on vLLM {measured_at}'s engine core" if measured_at else
-            "host time fitted on the train rows") in res.host_source
+            "host time fitted on the train rows at vLLM ") in res.host_source
     assert f"({1000 * step_s:.2f} ms per step + {1e6 * per_seq_s:.1f} us per scheduled request)" in res.host_source
     assert streaming in res.host_source and res.host_source.endswith("request latency 20 ms (fitted)")

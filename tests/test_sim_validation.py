@@ -166,12 +166,44 @@ def test_the_host_fit_per_generation_splits_the_train_runs_at_the_first_measured
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
     out = v.fit_host_by_generation(pub, grid=grid, report=lambda _: None)
-    assert list(out) == ["before 0.11.0", "0.11.0 on"]
+    assert list(out) == ["vLLM before 0.11.0", "vLLM 0.11.0 on"]
     assert all(point == grid[1] for point, _ in out.values())  # the fake's figures are right there
     releases = {v.sim_timing.vllm_patch_release(b.vllm_version or v.DEFAULT_VLLM_VERSION) for b in ran}
     assert min(releases) < (0, 11, 0) <= max(releases)
     test_figures = {json.dumps(v.headline(r), sort_keys=True) for r in pub.runs if r.split == "test"}
     assert not ({json.dumps(b.figures, sort_keys=True) for b in ran} & test_figures)
+
+
+def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measurement_where_right(pub, monkeypatch):
+    """`--fit`'s host stage (fit_host_stage): each vLLM generation's train runs pick their own point of
+    HOST_GRID (HOST_FITTED a generation); a generation whose runs the measurement prices as well keeps
+    it (None); forked grid workers (`--jobs 2`) give what one process gives."""
+    t = v.sim_timing
+    grid = ((0.0005, 0.0001), (0.001, 0.0), (0.002, 0.0))
+    right = {(0, 0, 0): grid[0], (0, 11, 0): grid[1]}
+
+    def fake_simulate(bench, timing):
+        release = t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION)
+        generation = (0, 11, 0) if release >= (0, 11, 0) else (0, 0, 0)
+        step_s, per_seq_s, measured_at = t.host_time(bench.vllm_version)
+        ok = (step_s, per_seq_s) == right[generation] and measured_at is None
+        return {name: value * (1.0 if ok else 1.3) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == right
+    monkeypatch.setattr(v, "JOBS", 2)
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == right
+    with v.host_fitted(right):
+        assert t.host_time("0.8.4") == (*grid[0], None) and t.host_time("0.32") == (*grid[1], None)
+        assert (t.STEP_OVERHEAD_S, t.PER_SEQ_OVERHEAD_S) == grid[1]  # the default release's
+    right[(0, 0, 0)] = (0.0, 0.0)  # not on the grid: nothing beats the measurement on the older runs ...
+    monkeypatch.setattr(t, "HOST_MEASURED", {(0, 11, 0): (0.0, 0.0)})
+    monkeypatch.setattr(v, "simulate", lambda bench, timing: (
+        fake_simulate(bench, timing) if t.HOST_FITTED else
+        ({n: x * (1.0 if t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION) < (0, 11, 0) else 1.3)
+          for n, (_, x) in bench.figures.items()}, "fake")))
+    out = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
+    assert out == {(0, 0, 0): None, (0, 11, 0): grid[1]}  # ... so they keep it
 
 
 def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
@@ -588,7 +620,7 @@ def test_fit_checks_the_measured_front_end_and_fits_the_latency_at_what_it_keeps
         return {name: value * (1.0 if right else 1.5) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
-    for name, grid in (("fit_host", ((0.0, 0.0),)), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
+    for name, grid in (("fit_host_stage", ((0.0, 0.0),)), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
                        ("fit_frontend", ((0.0025, 2e-6, 0.0), (0.0025, 2e-6, 1e-5))), ("fit_latency", (0.02, 0.03)),
                        ("fit_roofline", ((1.0, 0.8),))):
         monkeypatch.setattr(v, name, functools.partial(getattr(v, name), grid=grid))
@@ -604,7 +636,7 @@ def test_fit_checks_the_measured_front_end_and_fits_the_latency_at_what_it_keeps
 @pytest.mark.parametrize("measured_right", [True, False])
 def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(monkeypatch, capsys, measured_right):
     """`--fit`'s host-time stage: the engine core's host time measured per release is checked against
-    HOST_GRID's best (one host time at every release) by the rule for measured terms; the stages after
+    HOST_GRID's best on each vLLM generation's train runs apart by the rule for measured terms; the stages after
     it run at the measurement where it is kept, at the grid's best where it is rejected."""
     import functools
 
@@ -615,17 +647,18 @@ def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(mo
         t = v.sim_timing
         at_measured = t.HOST_MEASURED is measured and t.HOST_FITTED is None
         seen.append((t.FRONTEND_LATENCY_S, at_measured))
-        right = at_measured if measured_right else t.HOST_FITTED == (0.001, 0.0)
+        right = at_measured if measured_right else t.host_time(bench.vllm_version) == (0.001, 0.0, None)
         return {name: value * (1.0 if right else 1.5) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
-    for name, grid in (("fit_host", ((0.001, 0.0), (0.002, 0.0))), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
+    for name, grid in (("fit_host_stage", ((0.001, 0.0), (0.002, 0.0))), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
                        ("fit_frontend", ((0.0025, 2e-6, 0.0),)), ("fit_latency", (0.02, 0.03)),
                        ("fit_roofline", ((1.0, 0.8),))):
         monkeypatch.setattr(v, name, functools.partial(getattr(v, name), grid=grid))
     assert v.main(["--fit"]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("grid's best: 1.00 ms + 0 us"))
-    assert ("kept" in line) == measured_right and ("REJECTED" in line) != measured_right
+    lines = [x for x in out.splitlines() if x.strip().startswith("grid's best: 1.00 ms + 0 us")]
+    assert len(lines) == 2  # one a vLLM generation (kvlab.sim.timing.HOST_GENERATIONS), each checked apart
+    assert all(("kept" in line) == measured_right and ("REJECTED" in line) != measured_right for line in lines)
     at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
     assert at_latency_point == {measured_right}
