@@ -488,9 +488,7 @@ def host_fitted(fitted: dict):
 def host_measured():
     """The measured host time (HOST_MEASURED, per release) in force while configs are built and run,
     whatever HOST_FITTED says (`--fit`'s check of the measurement)."""
-    with constants(HOST_FITTED=None):
-        default = sim_timing.host_time(None)[:2]
-    return constants(HOST_FITTED=None, STEP_OVERHEAD_S=default[0], PER_SEQ_OVERHEAD_S=default[1])
+    return host_fitted({})
 
 
 def _streaming_measured() -> str:
@@ -813,8 +811,7 @@ def generation_sets(pub: published_runs.PublishedRuns) -> dict[tuple[int, int, i
         bench = map_run(r) if r.split == "train" else None
         if bench is None or isinstance(bench, str):
             continue
-        release = sim_timing.vllm_patch_release(bench.vllm_version or DEFAULT_VLLM_VERSION)
-        sets[max((g for g in sets if g <= release), default=min(sets))].append(r)
+        sets[sim_timing._latest_at(sets, bench.vllm_version)].append(r)
     return {g: pub.model_copy(update={"runs": runs, "ratios": []}) for g, runs in sets.items()}
 
 
