@@ -158,6 +158,16 @@ NVLINK_PRESETS = frozenset({"h100", "h200", "b200", "a100-40gb", "mi300x", "h100
 # Not fitted (no >= 0.21 row with a known model was found): the CUDA-graph pool the 0.10-0.11
 # logs report after capture ("Graph capturing finished ..., took 0.52 GiB" for 32 layers).
 CUDAGRAPH_BYTES_PER_LAYER = int(0.016 * GiB)
+# Model Runner V2's persistent per-request sampling state, allocated when the model is loaded
+# (`vllm/v1/worker/gpu/sample/penalties.py`, read in the official wheels 0.25-0.32): the output
+# token counts, int32 [max_num_seqs, vocab], and the prompt's token bitmask, int32 [max_num_seqs,
+# ceil(vocab / 32)], on every rank. vLLM's budget counts them from 0.27, whose memory profiling takes
+# what the profiling left allocated as consumed memory (`vllm/utils/mem_utils.py`: total_consumed,
+# logged as "consumed memory (weights + non-torch)"); up to 0.26 it counted only the weights, the
+# non-torch increase and the torch peak's increase over the profiling run, which they are not in.
+# Llama-3.1-8B on an A100 80GB at vLLM 0.31.0's defaults (256 sequences): 0.126 GiB, which a public
+# log's consumed memory shows (15.26 GiB against "Model loading took 15.0 GiB" and 0.13 of non-torch).
+V2_RUNNER_BUFFERS_COUNTED_FROM = (0, 27)
 # The forward pass's widest live set per token: gate/up output (2 x intermediate), the activated
 # intermediate, and about six hidden-size tensors (residual, norm output, attention in/out).
 ACTIVATION_BYTES = 2
@@ -177,6 +187,7 @@ class MemoryEstimate:
     kv_budget_bytes: int
     sampler: str  # the profiling run's top-k/top-p sampler the activation peak assumes
     model_runner: str = "v1"  # the model runner whose profiling run it mirrors (`model_runner`)
+    runner_buffer_bytes: int = 0  # the model runner's persistent per-request state (`runner_buffer_bytes`)
 
 
 def vllm_patch_release(version: str) -> tuple[int, int, int] | None:
@@ -257,6 +268,15 @@ def activation_estimate_bytes(arch: ModelArch, max_num_batched_tokens: int, max_
                sampler_peak_bytes(arch, max_num_batched_tokens, max_num_seqs, sampler, vllm_version, runner))
 
 
+def runner_buffer_bytes(arch: ModelArch, max_num_seqs: int, vllm_version: tuple[int, int], runner: str) -> int:
+    """The model runner's persistent per-request state that vLLM's budget counts: Model Runner V2's
+    penalty state (V2_RUNNER_BUFFERS_COUNTED_FROM) from vLLM 0.27; 0 for V1 (its per-request
+    buffers are small) and before."""
+    if runner != "v2" or vllm_version < V2_RUNNER_BUFFERS_COUNTED_FROM:
+        return 0
+    return max_num_seqs * 4 * (arch.vocab_size + -(-arch.vocab_size // 32))
+
+
 def nccl_transport(gpu_name: str, tp: int, pp: int, dp: int = 1, nnodes: int = 1) -> str | None:
     """How NCCL joins each rank to its tensor-parallel group (its pipeline group when -tp is 1):
     None for one GPU, "network" when that group spans nodes (vLLM places ranks tensor-parallel
@@ -317,7 +337,8 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     act = activation_estimate_bytes(arch, mnbt, mns, tp, sampler, version, runner)
     non_torch = non_torch_estimate_bytes(nccl_transport(preset.name, tp, pp, dp, nnodes))
     graphs = cudagraph_estimate_bytes(layers_per_gpu or arch.num_layers, version, cuda_graphs, runner)
-    budget = requested - w_gpu - act - non_torch - graphs
+    buffers = runner_buffer_bytes(arch, mns, version, runner)
+    budget = requested - w_gpu - act - non_torch - graphs - buffers
     if w_gpu > requested:
         raise KvlabError(
             f"the weights ({w_gpu / GiB:.2f} GiB per GPU) do not fit {preset.name} at "
@@ -328,8 +349,8 @@ def estimate_kv_budget(arch: ModelArch, preset: hardware.GPU, gpu_memory_utiliza
     if budget <= 0:
         raise KvlabError(
             f"no memory left for the KV cache on {preset.name}: weights {w_gpu / GiB:.2f} GiB plus "
-            f"estimated activations and overhead {(act + non_torch + graphs) / GiB:.2f} GiB "
+            f"estimated activations and overhead {(act + non_torch + graphs + buffers) / GiB:.2f} GiB "
             f"exceed {requested / GiB:.2f} GiB by {-budget / GiB:.2f} GiB"
         )
     return MemoryEstimate(total, gpu_memory_utilization, requested, w_gpu, act, non_torch, graphs, budget, sampler,
-                          runner)
+                          runner, buffers)

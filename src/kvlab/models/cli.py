@@ -303,7 +303,9 @@ def capacity_cmd(
         console.print(
             f"[dim]Budget estimate: {fmt_gib(mem.total_bytes)} GiB x {mem.gpu_memory_utilization} = {fmt_gib(mem.requested_bytes)} GiB, "
             f"minus weights {fmt_gib(mem.weight_bytes)}, activations {fmt_gib(mem.activation_bytes)}, non-torch "
-            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)} GiB (vLLM {vllm_version}'s "
+            f"{fmt_gib(mem.non_torch_bytes)}, CUDA graphs {fmt_gib(mem.cudagraph_bytes)}"
+            + (f", the model runner's request state {fmt_gib(mem.runner_buffer_bytes)}" if mem.runner_buffer_bytes else "")
+            + f" GiB (vLLM {vllm_version}'s "
             f"profiling: model runner {mem.model_runner.upper()}, the {mem.sampler} sampler). "
             "vLLM measures these at start; "
             "pass its 'Available KV cache memory' as --kv-memory-gib for an exact answer.[/dim]"

@@ -59,6 +59,9 @@ class MemorySplit(Part):
     # the model runner whose profiling run the budget mirrors: v1, or v2 (Model Runner V2, vLLM's default
     # for more models from 0.22, every generate model from 0.29); records before it: v1
     model_runner: str = "v1"
+    # the model runner's persistent per-request state the budget counts (Model Runner V2's penalty state,
+    # from vLLM 0.27); records before it: 0
+    runner_buffer_bytes: int = figure("predicted", unit="bytes", default=0)
 
 
 class Prediction(Part):
