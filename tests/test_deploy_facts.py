@@ -176,6 +176,52 @@ def test_the_simulated_server_logs_its_model_runner(capsys, version, runner):
     assert parse_log(capsys.readouterr().out).model_runner == runner == cfg.capacity.memory.model_runner
 
 
+# Published startup logs: vLLM 0.31.0's official image serving Llama-3.1-8B-Instruct at every default on one
+# A100 80GB (a public notes file found in the search index, its repository address not recorded; 2026-12-07),
+# and vLLM 0.10.2 serving Qwen3-235B-A22B-Instruct-2507-FP8 over 8 x L40S (tests/fixtures/gpu_budget_logs.yaml,
+# ai-platform-l40s-tp8-qwen3-235b-a22b-fp8).
+USAGE_031 = ("(EngineCore pid=326) INFO 10-06 17:00:41 [gpu_worker.py:955] Free memory on device (78.84/79.25 GiB) on "
+             "startup. Desired GPU memory utilization is (0.92, 72.91 GiB). Actual usage is 15.26 GiB for consumed "
+             "memory (weights + non-torch), 1.44 GiB for peak activation, and 0.23 GiB for CUDAGraph memory.\n"
+             "(EngineCore pid=326) INFO 10-06 17:00:11 [model_runner.py:407] Model loading took 15.0 GiB memory and "
+             "5.420225 seconds\n")
+USAGE_0102 = ("Actual usage is 27.72 GiB for weight, 1.4 GiB for peak activation, 0.21 GiB for non-torch memory, "
+              "and 3.45 GiB for CUDAGraph memory.")
+
+
+def test_the_profiling_runs_split_in_both_wordings():
+    f = parse_log(USAGE_031)
+    assert (f.consumed_memory_gib, f.peak_activation_gib, f.cudagraph_memory_gib, f.non_torch_memory_gib) == (
+        15.26, 1.44, 0.23, None)
+    f = parse_log(USAGE_0102)
+    assert (f.consumed_memory_gib, f.peak_activation_gib, f.non_torch_memory_gib, f.cudagraph_memory_gib) == (
+        None, 1.4, 0.21, 3.45)
+    assert parse_log("Actual usage is 14.99 GiB for weight, 4.76 GiB for peak activation, 0.13 GiB for non-torch "
+                     "memory, and -0.45 GiB for CUDAGraph memory.").cudagraph_memory_gib == -0.45
+
+
+def test_the_estimated_terms_are_compared_in_the_logs_own_terms():
+    """From 0.27 the log's consumed memory is the weights, non-torch memory and V2's request state, and its
+    peak activation holds the CUDA-graph estimate: the comparison adds kvlab's terms up the same way."""
+    from kvlab.deploy.compare import compare
+    from kvlab.models import memory
+    from kvlab.models.cards import card
+    from kvlab.units import GiB
+
+    est = memory.capacity(card("llama-3.1-8b").arch, gpu="a100-80gb", vllm_version="0.31.0")
+    m = est.memory
+    rows = {r.quantity: r for r in compare(est, parse_log(USAGE_031))}
+    assert rows["consumed_memory_gib"].predicted == round((m.weight_bytes + m.non_torch_bytes
+                                                           + m.runner_buffer_bytes) / GiB, 2) == 15.22
+    assert rows["consumed_memory_gib"].reported == 15.26 and rows["consumed_memory_gib"].match is False
+    assert rows["peak_activation_gib"].predicted == round((m.activation_bytes + m.cudagraph_bytes) / GiB, 2) == 0.77
+    assert (rows["model_weights_gib"].predicted, rows["model_weights_gib"].reported) == (14.96, 15.0)
+    assert "non_torch_memory_gib" not in rows
+    old = {r.quantity: r for r in compare(est, parse_log(USAGE_0102))}
+    assert old["peak_activation_gib"].predicted == round(m.activation_bytes / GiB, 2)
+    assert old["non_torch_memory_gib"].reported == 0.21 and "consumed_memory_gib" not in old
+
+
 def test_versions_and_weights():
     assert parse_log("INFO 07-01 api_server.py:1 vLLM API server version 0.10.1.1\n").vllm_version == "0.10.1.1"
     assert parse_log(W + "Model loading took 14.99 GiB memory and 3.2 seconds").model_weights_gib == 14.99

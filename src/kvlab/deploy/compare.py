@@ -55,4 +55,30 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
                          note="the profiling run's top-k/top-p sampler the budget estimate assumes (--sampler)"))
         rows.append(_row("model_runner", pred.memory.model_runner, facts.model_runner,
                          note="the model runner whose profiling run the budget estimate mirrors (vLLM's default)"))
+        rows.extend(_terms(pred.memory, facts))
+    return rows
+
+
+def _gib_row(quantity: str, predicted_bytes: int, reported: float | None, note: str) -> Comparison:
+    """An estimated term in GiB beside the log's figure, printed with 2 decimals as vLLM prints it."""
+    return _row(quantity, round(predicted_bytes / GiB, 2), reported,
+                None if reported is None else abs(predicted_bytes / GiB - reported) <= 0.005 + 1e-9,
+                "an estimated term of the budget; " + note)
+
+
+def _terms(mem, facts: StartupFacts) -> list[Comparison]:
+    """The budget estimate's terms beside the profiling run's split where the log gives it (vLLM's "Actual
+    usage is ..." line), in the log's own terms: from 0.27 the consumed memory is the weights, non-torch
+    memory and the model runner's request state, and the peak activation holds the CUDA-graph estimate
+    vLLM subtracts; before, the peak is the profiling run's alone and the non-torch memory its own."""
+    rows = [_gib_row("model_weights_gib", mem.weight_bytes, facts.model_weights_gib, "'Model loading took'")]
+    if facts.consumed_memory_gib is not None:
+        rows.append(_gib_row("consumed_memory_gib", mem.weight_bytes + mem.non_torch_bytes + mem.runner_buffer_bytes,
+                             facts.consumed_memory_gib, "weights + non-torch + the model runner's request state"))
+        rows.append(_gib_row("peak_activation_gib", mem.activation_bytes + mem.cudagraph_bytes,
+                             facts.peak_activation_gib, "the profiling run's peak + the CUDA-graph estimate"))
+    elif facts.peak_activation_gib is not None:
+        rows.append(_gib_row("peak_activation_gib", mem.activation_bytes, facts.peak_activation_gib,
+                             "the profiling run's peak"))
+        rows.append(_gib_row("non_torch_memory_gib", mem.non_torch_bytes, facts.non_torch_memory_gib, "non-torch"))
     return rows

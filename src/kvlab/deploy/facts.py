@@ -34,6 +34,13 @@ class StartupFacts:
     host_source: str | None = None  # kvlab's simulator only: what prices its time outside the steps
     sampler: str | None = None  # the top-k/top-p sampler vLLM logged taking: "flashinfer" or "pytorch"
     model_runner: str | None = None  # the model runner the log shows: "v1" or "v2" (Model Runner V2)
+    # The profiling run's split, vLLM's "Actual usage is ..." line (`_USAGE`): the peak activation, and
+    # either the consumed memory (weights + non-torch, 0.27+) or the non-torch memory (0.10.2-0.26); the
+    # CUDA-graph memory its capture took after the KV cache was sized.
+    peak_activation_gib: float | None = None
+    consumed_memory_gib: float | None = None
+    non_torch_memory_gib: float | None = None
+    cudagraph_memory_gib: float | None = None
 
     def merged(self, other: "StartupFacts") -> "StartupFacts":
         """These facts, with other's where other has one (other = /metrics, the exact figures)."""
@@ -103,6 +110,30 @@ _V2_RUNNER = re.compile(r"Using V2 Model Runner|(?<![\w.])model_runner\.py:\d+\]
 _V1_RUNNER = re.compile(r"gpu_model_runner\.py:\d+\]\s+Model loading took")
 
 
+# The profiling run's split as `Worker.determine_available_memory` / `compile_or_warm_up_model` log it
+# (vllm/v1/worker/gpu_worker.py): from 0.27 "Actual usage is W GiB for consumed memory (weights +
+# non-torch), A GiB for peak activation, and C GiB for CUDAGraph memory" (INFO), where the peak holds the
+# transient headroom plus the CUDA-graph estimate; from 0.10.2 to 0.26 "Actual usage is W GiB for weight,
+# A GiB for peak activation, N GiB for non-torch memory, and C GiB for CUDAGraph memory" (DEBUG up to 0.22).
+_G = r"(-?\d+(?:\.\d+)?) GiB"
+_USAGE_CONSUMED = re.compile(r"Actual usage is " + _G + r" for consumed memory \(weights \+ non-torch\), " + _G
+                             + r" for peak activation, and " + _G + r" for CUDAGraph memory")
+_USAGE_SPLIT = re.compile(r"Actual usage is " + _G + r" for weight, " + _G + r" for peak activation, " + _G
+                          + r" for non-torch memory, and " + _G + r" for CUDAGraph memory")
+
+
+def _usage(text: str) -> dict:
+    m = _USAGE_CONSUMED.search(text)
+    if m:
+        return {"consumed_memory_gib": float(m.group(1)), "peak_activation_gib": float(m.group(2)),
+                "cudagraph_memory_gib": float(m.group(3))}
+    m = _USAGE_SPLIT.search(text)
+    if m:
+        return {"peak_activation_gib": float(m.group(2)), "non_torch_memory_gib": float(m.group(3)),
+                "cudagraph_memory_gib": float(m.group(4))}
+    return {}
+
+
 def _model_runner(text: str) -> str | None:
     if _V2_RUNNER.search(text):
         return "v2"
@@ -158,7 +189,7 @@ def parse_log(text: str) -> StartupFacts:
                 found[key] = m
                 break
     out: dict = {"attention_backend": _attention_backend(text), "sampler": _sampler(text),
-                 "model_runner": _model_runner(text)}
+                 "model_runner": _model_runner(text), **_usage(text)}
     if "vllm_version" in found:
         out["vllm_version"] = found["vllm_version"].group(1)
     if "kv_cache_tokens" in found:

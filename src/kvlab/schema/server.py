@@ -33,6 +33,11 @@ class ServerFacts(Part):
     host_source: str | None = None  # kvlab's simulator: what prices its time outside the steps; None on vLLM
     sampler: str | None = None  # the top-k/top-p sampler the log says vLLM took (flashinfer, pytorch); None: not said
     model_runner: str | None = None  # the model runner the log shows (v1, v2); None: not said
+    # the profiling run's split from vLLM's "Actual usage is ..." line (deploy.facts): records before it: None
+    peak_activation_gib: float | None = figure("served", unit="GiB")
+    consumed_memory_gib: float | None = figure("served", unit="GiB")  # weights + non-torch (vLLM 0.27+)
+    non_torch_memory_gib: float | None = figure("served", unit="GiB")  # (vLLM 0.10.2-0.26)
+    cudagraph_memory_gib: float | None = figure("served", unit="GiB")
     source: str | None = None  # in words: where the facts were read
     pool_source: str | None = None  # in words: where the KV pool (blocks, tokens) was read
     launched_by_kvlab: bool | None = None  # False: a server kvlab did not start (engine external)
