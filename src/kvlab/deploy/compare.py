@@ -45,10 +45,8 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
     if facts.kv_cache_memory_bytes is not None:
         rows.append(_row("kv_budget_bytes", pred.kv_budget_bytes, facts.kv_cache_memory_bytes, note=budget_note))
     else:
-        gib = facts.available_kv_memory_gib
-        rows.append(_row("kv_budget_gib", round(pred.kv_budget_bytes / GiB, 2), gib,
-                         None if gib is None else abs(pred.kv_budget_bytes / GiB - gib) <= 0.005 + 1e-9,
-                         budget_note or "vLLM logs it in GiB with 2 decimals"))
+        rows.append(_gib_row("kv_budget_gib", pred.kv_budget_bytes, facts.available_kv_memory_gib,
+                             budget_note or "vLLM logs it in GiB with 2 decimals"))
     rows.append(_row("attention_backend", predicted_backend or pred.attention_backend, facts.attention_backend))
     if pred.memory is not None:  # the estimated budget's profiling run assumed this sampler
         rows.append(_row("sampler", pred.memory.sampler, facts.sampler,
@@ -60,10 +58,13 @@ def compare(pred: CapacityResult, facts: StartupFacts, predicted_backend: str | 
 
 
 def _gib_row(quantity: str, predicted_bytes: int, reported: float | None, note: str) -> Comparison:
-    """An estimated term in GiB beside the log's figure, printed with 2 decimals as vLLM prints it."""
+    """A figure in GiB beside the log's, which vLLM prints with 2 decimals: the same within that rounding."""
     return _row(quantity, round(predicted_bytes / GiB, 2), reported,
-                None if reported is None else abs(predicted_bytes / GiB - reported) <= 0.005 + 1e-9,
-                "an estimated term of the budget; " + note)
+                None if reported is None else abs(predicted_bytes / GiB - reported) <= 0.005 + 1e-9, note)
+
+
+def _term_row(quantity: str, predicted_bytes: int, reported: float | None, note: str) -> Comparison:
+    return _gib_row(quantity, predicted_bytes, reported, "an estimated term of the budget; " + note)
 
 
 def _terms(mem, facts: StartupFacts) -> list[Comparison]:
@@ -71,14 +72,14 @@ def _terms(mem, facts: StartupFacts) -> list[Comparison]:
     usage is ..." line), in the log's own terms: from 0.27 the consumed memory is the weights, non-torch
     memory and the model runner's request state, and the peak activation holds the CUDA-graph estimate
     vLLM subtracts; before, the peak is the profiling run's alone and the non-torch memory its own."""
-    rows = [_gib_row("model_weights_gib", mem.weight_bytes, facts.model_weights_gib, "'Model loading took'")]
+    rows = [_term_row("model_weights_gib", mem.weight_bytes, facts.model_weights_gib, "'Model loading took'")]
     if facts.consumed_memory_gib is not None:
-        rows.append(_gib_row("consumed_memory_gib", mem.weight_bytes + mem.non_torch_bytes + mem.runner_buffer_bytes,
-                             facts.consumed_memory_gib, "weights + non-torch + the model runner's request state"))
-        rows.append(_gib_row("peak_activation_gib", mem.activation_bytes + mem.cudagraph_bytes,
-                             facts.peak_activation_gib, "the profiling run's peak + the CUDA-graph estimate"))
+        rows.append(_term_row("consumed_memory_gib", mem.weight_bytes + mem.non_torch_bytes + mem.runner_buffer_bytes,
+                              facts.consumed_memory_gib, "weights + non-torch + the model runner's request state"))
+        rows.append(_term_row("peak_activation_gib", mem.activation_bytes + mem.cudagraph_bytes,
+                              facts.peak_activation_gib, "the profiling run's peak + the CUDA-graph estimate"))
     elif facts.peak_activation_gib is not None:
-        rows.append(_gib_row("peak_activation_gib", mem.activation_bytes, facts.peak_activation_gib,
-                             "the profiling run's peak"))
-        rows.append(_gib_row("non_torch_memory_gib", mem.non_torch_bytes, facts.non_torch_memory_gib, "non-torch"))
+        rows.append(_term_row("peak_activation_gib", mem.activation_bytes, facts.peak_activation_gib,
+                              "the profiling run's peak"))
+        rows.append(_term_row("non_torch_memory_gib", mem.non_torch_bytes, facts.non_torch_memory_gib, "non-torch"))
     return rows

@@ -3,7 +3,8 @@
 The regexes accept the line variants of vLLM 0.10 .. 0.33 (`../shared/reference/vllm.md`): "GPU KV
 cache size" (CUDA) or "CPU KV cache size" (the CPU build), with the maximum concurrency on the same
 line (0.28+) or the next (up to 0.27); "Available KV cache memory" (GPU), "reserved X GiB memory
-for KV Cache" (--kv-cache-memory-bytes) or "Explicitly/Auto set (X/Y) GiB for KV cache" (CPU).
+for KV Cache" (--kv-cache-memory-bytes) or "Explicitly/Auto set (X/Y) GiB for KV cache" (CPU); the
+profiling run's split, "Actual usage is ..." (GPU, 0.10.2+, in its two wordings).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class StartupFacts:
     host_source: str | None = None  # kvlab's simulator only: what prices its time outside the steps
     sampler: str | None = None  # the top-k/top-p sampler vLLM logged taking: "flashinfer" or "pytorch"
     model_runner: str | None = None  # the model runner the log shows: "v1" or "v2" (Model Runner V2)
-    # The profiling run's split, vLLM's "Actual usage is ..." line (`_USAGE`): the peak activation, and
+    # The profiling run's split, vLLM's "Actual usage is ..." line (`_usage`): the peak activation, and
     # either the consumed memory (weights + non-torch, 0.27+) or the non-torch memory (0.10.2-0.26); the
     # CUDA-graph memory its capture took after the KV cache was sized.
     peak_activation_gib: float | None = None
