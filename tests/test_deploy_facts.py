@@ -212,10 +212,11 @@ def test_the_estimated_terms_are_compared_in_the_logs_own_terms():
     m = est.memory
     rows = {r.quantity: r for r in compare(est, parse_log(USAGE_031))}
     assert rows["consumed_memory_gib"].predicted == round((m.weight_bytes + m.non_torch_bytes
-                                                           + m.runner_buffer_bytes) / GiB, 2) == 15.22
+                                                           + m.runner_buffer_bytes) / GiB, 2) == 15.25
     assert rows["consumed_memory_gib"].reported == 15.26 and rows["consumed_memory_gib"].match is False
     assert rows["peak_activation_gib"].predicted == round((m.activation_bytes + m.cudagraph_bytes) / GiB, 2) == 0.77
-    assert (rows["model_weights_gib"].predicted, rows["model_weights_gib"].reported) == (14.96, 15.0)
+    # the rope cache in the weights: 14.96 -> 14.99; the log's 15.0 holds >= 6 MiB more, not found
+    assert (rows["model_weights_gib"].predicted, rows["model_weights_gib"].reported) == (14.99, 15.0)
     assert "non_torch_memory_gib" not in rows
     old = {r.quantity: r for r in compare(est, parse_log(USAGE_0102))}
     assert old["peak_activation_gib"].predicted == round(m.activation_bytes / GiB, 2)

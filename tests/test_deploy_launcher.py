@@ -383,4 +383,4 @@ def test_sim_engine_prediction_uses_the_simulators_default_utilization():
     """kvlab sim serve sizes its cache at vLLM >= 0.20's 0.92: the launcher predicts the same."""
     srv = Server(ServeSpec("deepseek-v2-lite", engine="sim", gpu="h100", max_model_len=32768))
     assert srv.prediction.memory.gpu_memory_utilization == 0.92
-    assert srv.prediction.kv_cache_tokens == 1_447_824
+    assert srv.prediction.kv_cache_tokens == 1_447_136

@@ -153,7 +153,8 @@ def test_gpu_budget_is_an_itemised_estimate():
     m = r.memory
     assert r.kv_budget_source == "estimate"
     assert m.requested_bytes == ceil(m.total_bytes * 0.9)
-    assert m.weight_bytes == 16_060_522_496  # 8,030,261,248 params x 2 B
+    # 8,030,261,248 params x 2 B and the rope cache, 131,072 positions x 128 x 2 B (which vLLM loads with them)
+    assert m.weight_bytes == 16_060_522_496 + 33_554_432 and r.rope_cache_bytes == 33_554_432
     assert m.kv_budget_bytes == (m.requested_bytes - m.weight_bytes - m.activation_bytes
                                  - m.non_torch_bytes - m.cudagraph_bytes - m.runner_buffer_bytes)
     assert r.num_blocks == m.kv_budget_bytes // (16 * 4096 * 32)
@@ -226,13 +227,14 @@ def test_default_gpu_memory_utilization_is_vllm_0_20s():
     # vLLM 0.32's own sampler on an H100, FlashInfer's; Model Runner V2's profiling run holds 2 B a logit of its
     # dummy run whichever sampler (V1's accounting at 0.22: 14 B, its second, PyTorch-native call's; the sort's 39 B
     # before 0.17: 1,024 x 102,400 logits x 25 B = 5,267 blocks of 497,664 B fewer than at 14 B)
-    # (and V2's penalty state, counted from 0.27: 1,024 x 4 x (102,400 + 3,200) B, 869 blocks: 91,358 without it)
+    # (and V2's penalty state, counted from 0.27: 1,024 x 4 x (102,400 + 3,200) B, 869 blocks: 91,358 without it;
+    # and the YaRN rope cache, 163,840 x 64 x 2 B, 43 blocks: 90,489 without it)
     assert r.memory.sampler == "flashinfer" and r.memory.model_runner == "v2"
-    assert (r.num_blocks, r.kv_cache_tokens) == (90489, 1_447_824)
+    assert (r.num_blocks, r.kv_cache_tokens) == (90446, 1_447_136)
     pytorch = memory.capacity(a, gpu="h100", max_model_len=32768, sampler="pytorch")
-    assert (pytorch.num_blocks, pytorch.kv_cache_tokens) == (90489, 1_447_824)
+    assert (pytorch.num_blocks, pytorch.kv_cache_tokens) == (90446, 1_447_136)
     v1 = memory.capacity(a, gpu="h100", max_model_len=32768, vllm_version="0.22")
-    assert v1.memory.model_runner == "v1" and v1.num_blocks == 89893  # either sampler: the second call's 14 B
+    assert v1.memory.model_runner == "v1" and v1.num_blocks == 89851  # either sampler: the second call's 14 B
     sort, triton = (memory.capacity(a, gpu="h100", max_model_len=32768, sampler="pytorch", vllm_version=v,
                                     gpu_memory_utilization=0.92) for v in ("0.16", "0.18"))  # (no CUDA graphs: < 0.21)
     assert triton.num_blocks - sort.num_blocks == 5267

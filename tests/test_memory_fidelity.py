@@ -314,10 +314,11 @@ def test_experts_split_over_data_parallel_gpus():
     roles = weight_bytes_by_role(a, weight_format(None, a), "bfloat16")
     expert, rest = roles["expert"], sum(roles.values()) - roles["expert"]
     tp8 = memory.capacity(a, gpu="h200", tensor_parallel_size=8, max_model_len=32768)
-    assert tp8.weight_bytes_per_gpu == ceil(rest / 8 + expert / 8)
+    rope = 163_840 * 64 * 2  # every rank holds the whole rope cache
+    assert tp8.weight_bytes_per_gpu == ceil(rest / 8 + expert / 8) + rope
     ep = memory.capacity(a, gpu="h200", tensor_parallel_size=1, data_parallel_size=8, enable_expert_parallel=True,
                          max_model_len=32768)
-    assert ep.weight_bytes_per_gpu == ceil(rest + expert / 8) and ep.num_gpus == 8 and ep.enable_expert_parallel
+    assert ep.weight_bytes_per_gpu == ceil(rest + expert / 8) + rope and ep.num_gpus == 8 and ep.enable_expert_parallel
     with pytest.raises(KvlabError, match="do not fit h200"):
         memory.capacity(a, gpu="h200", tensor_parallel_size=1, max_model_len=32768)  # all experts on one GPU
 

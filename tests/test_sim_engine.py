@@ -288,7 +288,7 @@ def test_sim_run_cli_plays_a_workload_profile(kvlab, tmp_path):
         assert x["manifest"]["command"][:3] == ["kvlab", "sim", "run"]
         assert x["manifest"]["workload"]["name"] == "agent-smoke"
         assert x["manifest"]["workload"]["source"].endswith("loadtest/agent-smoke.yaml")
-        assert x["capacity"]["num_gpu_blocks"] == 90489  # the memory model at --gpu-memory-utilization 0.92
+        assert x["capacity"]["num_gpu_blocks"] == 90446  # the memory model at --gpu-memory-utilization 0.92
         assert x["requests_completed"] > 0
     bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--users", "0")
     assert bad.returncode == 2 and "--users must be positive" in bad.stderr

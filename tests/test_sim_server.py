@@ -75,9 +75,9 @@ def test_responses_have_vllms_shape(client, case):
 def test_startup_log_is_vllms(server):
     log = "".join(server.lines)
     assert re.search(r"version 0\.32\.0\+kvlab\.sim", log)
-    assert re.search(r"\[gpu_worker\.py:\d+\] Available KV cache memory: 55\.71 GiB", log)
+    assert re.search(r"\[gpu_worker\.py:\d+\] Available KV cache memory: 55\.68 GiB", log)
     assert re.search(r"\[topk_topp_sampler\.py:\d+\] Using FlashInfer for top-p & top-k sampling\.", log)
-    assert "GPU KV cache size: 456,384 tokens, Maximum concurrency for 4,096 tokens per request: 111.42x" in log
+    assert "GPU KV cache size: 456,128 tokens, Maximum concurrency for 4,096 tokens per request: 111.36x" in log
     assert log.index("Starting vLLM server on http://127.0.0.1:") < log.index("Application startup complete.")
 
 
@@ -138,7 +138,7 @@ def test_metrics_parse_like_real_vllm(client):
     assert samples[("vllm:prefix_cache_hits_total", None)] > 0
     info = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "vllm:cache_config_info"
                 for s in f.samples)
-    assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("14262", "32", "456384")
+    assert (info["num_gpu_blocks"], info["block_size"], info["kv_cache_size_tokens"]) == ("14254", "32", "456128")
     # kvlab's own series, beside vLLM's: what prices the steps, and the steps priced per provenance
     timing = next(s.labels for f in text_string_to_metric_families(r.text) if f.name == "kvlab:sim_timing_info"
                   for s in f.samples)
@@ -166,7 +166,7 @@ def test_done_when_blocks_times_block_size_is_kvlab_capacity(kvlab):
         s.stop()
     info = next(smp.labels for f in text_string_to_metric_families(metrics) if f.name == "vllm:cache_config_info"
                 for smp in f.samples)
-    assert int(info["num_gpu_blocks"]) * int(info["block_size"]) == cap["num_blocks"] * cap["block_size"] == 1_447_824
+    assert int(info["num_gpu_blocks"]) * int(info["block_size"]) == cap["num_blocks"] * cap["block_size"] == 1_447_136
     assert f"GPU KV cache size: {cap['kv_cache_tokens']:,} tokens" in log
     assert f"Available KV cache memory: {round(cap['kv_budget_bytes'] / 2**30, 2)} GiB" in log
 

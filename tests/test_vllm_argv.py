@@ -131,3 +131,8 @@ def test_cuda_graph_flags_are_read_as_vllm_parses_them(vllm_cli, flags):
     assert graph_flags(config.vllm_args) == (vllm_level if level_given else None, vllm_mode)
     graphs = not ns.enforce_eager and (vllm_mode != "NONE" if vllm_mode is not None else vllm_level != 0)
     assert config.cuda_graphs == graphs
+    # torch.compile (whose absence turns vLLM's custom ops on): the compilation mode, NONE with
+    # --enforce-eager and by default at -O0 (`VllmConfig.__post_init__`)
+    compile_mode = ns.compilation_config.mode
+    compiled = not ns.enforce_eager and (int(compile_mode) != 0 if compile_mode is not None else vllm_level != 0)
+    assert config.torch_compile == compiled

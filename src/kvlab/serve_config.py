@@ -163,6 +163,13 @@ class ServeConfig(BaseModel):
         level, mode = graph_flags(self.vllm_args)
         return mode != "NONE" if mode is not None else level != 0
 
+    @property
+    def torch_compile(self) -> bool:
+        """Whether vLLM compiles the model (and so leaves its custom ops off by default): not with
+        --enforce-eager nor at -O0, where the compilation mode is NONE and CompilationConfig.custom_ops
+        "all" (vllm/config/vllm.py `VllmConfig.__post_init__`)."""
+        return not self.enforce_eager and graph_flags(self.vllm_args)[0] != 0
+
     def has_vllm_flag(self, *names: str) -> bool:
         """Whether one of the untyped flags (`vllm_args`) is given."""
         return any(a.split("=", 1)[0] in names for a in self.vllm_args)
@@ -235,7 +242,8 @@ class ServeConfig(BaseModel):
                   data_parallel_size=self.data_parallel_size, enable_expert_parallel=self.enable_expert_parallel,
                   speculative_config=self.speculative_config,
                   max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                  num_gpu_blocks_override=self.num_gpu_blocks_override, cuda_graphs=self.cuda_graphs)
+                  num_gpu_blocks_override=self.num_gpu_blocks_override, cuda_graphs=self.cuda_graphs,
+                  torch_compile=self.torch_compile)
         if self.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         return kw

@@ -7,6 +7,7 @@ model families (Llama, Mistral, Qwen2/3, their MoE variants, DeepSeek-V2/V3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import ceil
 from typing import Any
 
 from kvlab.errors import KvlabError
@@ -111,6 +112,14 @@ class ModelArch:
     # times a RoPE scaling factor (rope types that do not pre-scale it), or a larger model_max_length.
     rope_scaling_factor: float = 1.0
     model_max_length: int | None = None
+    # The rotary embedding vLLM builds (`get_rope`): its type as vLLM runs it ("default", "llama3",
+    # "yarn", "linear", "dynamic", ...; DeepSeek's scaled types as "deepseek_yarn"), the config's
+    # factor, the pretraining context the scaled types start from, and the rotated width per head
+    # (head_dim x partial_rotary_factor; MLA: qk_rope_head_dim). They size its cos/sin cache.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max_position: int | None = None
+    rotary_dim: int = 0  # 0: the whole head (head_dim; MLA: qk_rope_head_dim)
     num_nextn_predict_layers: int = 0  # DeepSeek-V3's MTP layers (a speculative draft in vLLM)
     quantization_config: dict[str, Any] | None = field(default=None, compare=False)
 
@@ -135,6 +144,27 @@ class ModelArch:
         if self.max_position_embeddings is None:
             return None
         return self.max_position_embeddings * self.rope_scaling_factor
+
+    @property
+    def rotary_width(self) -> int:
+        """Rotated dims per head: the width of a row of vLLM's cos/sin cache (cos and sin halves)."""
+        if self.rotary_dim:
+            return self.rotary_dim
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def rope_cache_positions(self) -> int:
+        """Rows of the cos/sin cache vLLM's rotary embedding registers at load (`cos_sin_cache`,
+        vllm/model_executor/layers/rotary_embedding/): the model files pass max_position_embeddings
+        (8192 without one); linear scaling caches max_position x factor positions; YaRN and
+        DeepSeek's scaled rope original_max_position_embeddings x factor; llama3, dynamic NTK and the
+        unscaled rope max_position_embeddings itself."""
+        max_pos = self.max_position_embeddings or 8192
+        if self.rope_type == "linear":
+            return ceil(max_pos * self.rope_factor)
+        if self.rope_type in ("yarn", "deepseek_yarn", "deepseek_llama_scaling"):
+            return ceil((self.rope_original_max_position or max_pos) * self.rope_factor)
+        return max_pos
 
 
 def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
@@ -258,6 +288,7 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         layer_types=layer_types,
         sliding_window=sliding_window,
         rope_scaling_factor=_rope_scaling_factor(cfg, model_type, source),
+        **_rope(cfg, model_type, mla is not None, head_dim, source),
         model_max_length=(None if _get(cfg, "model_max_length") is None else
                           _int(cfg["model_max_length"], source, "model_max_length", 1)),
         num_nextn_predict_layers=_int(_get(cfg, "num_nextn_predict_layers", default=0), source,
@@ -271,18 +302,57 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
 _PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 
 
-def _rope_scaling_factor(cfg: dict[str, Any], model_type: str, source: str) -> float:
-    """The factor vLLM multiplies max_position_embeddings by (1.0 for most models)."""
+def _rope_params(cfg: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The config's rope_parameters / rope_scaling mapping (the first layer type's, if nested)."""
     rope = _get(cfg, "rope_parameters", "rope_scaling")
     if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
         rope = next(iter(rope.values()))  # per layer type: vLLM assumes one factor for all
     if rope is not None and not isinstance(rope, dict):  # vLLM's patch_rope_parameters reads it as a mapping
         raise KvlabError(f"{source}: rope_scaling must be a JSON object (rope_type, factor, ...), got {rope!r}")
+    return rope
+
+
+def _rope(cfg: dict[str, Any], model_type: str, mla: bool, head_dim: int, source: str) -> dict[str, Any]:
+    """ModelArch's rope fields as vLLM reads the config: transformers' `standardize_rope_params` (the
+    type from rope_type or type; a yarn/llama3 rope without original_max_position_embeddings takes
+    the config's top-level one, else max_position_embeddings), DeepSeek-V2/V3's attention renaming any
+    scaled type "deepseek_yarn" (vllm/model_executor/models/deepseek_v2.py), and `get_rope`'s rotary
+    width (rope_dim, else head_dim x partial_rotary_factor)."""
+    rope = _rope_params(cfg, source) or {}
+    rope_type = str(rope.get("rope_type", rope.get("type", "default")))
+    if mla and rope_type != "default":
+        rope_type = "deepseek_yarn"
+    factor = _rope_factor(rope, source) or 1.0
+    original = _get(rope, "original_max_position_embeddings") or _get(cfg, "original_max_position_embeddings")
+    original = None if original is None else _int(original, source, "original_max_position_embeddings", 1)
+    width = 0
+    if rope.get("rope_dim") is not None:
+        width = _int(rope["rope_dim"], source, "rope_dim", 1)
+    else:
+        partial = _get(rope, "partial_rotary_factor") or _get(cfg, "partial_rotary_factor", "rotary_pct")
+        if partial is not None:
+            if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+                raise KvlabError(f"{source}: partial_rotary_factor must be in (0, 1], got {partial!r}")
+            width = int(head_dim * partial) if not mla else 0
+    return {"rope_type": rope_type, "rope_factor": factor, "rope_original_max_position": original,
+            "rotary_dim": width}
+
+
+def _rope_scaling_factor(cfg: dict[str, Any], model_type: str, source: str) -> float:
+    """The factor vLLM multiplies max_position_embeddings by (1.0 for most models)."""
+    rope = _rope_params(cfg, source)
     if rope is None or "gemma3" in model_type:
         return 1.0
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in _PRESCALED_ROPE_TYPES or rope.get("factor") is None:
+    if rope_type in _PRESCALED_ROPE_TYPES:
         return 1.0
+    return _rope_factor(rope, source) or 1.0
+
+
+def _rope_factor(rope: dict[str, Any], source: str) -> float | None:
+    """The rope mapping's `factor` (None without one), checked."""
+    if rope.get("factor") is None:
+        return None
     try:
         factor = float(rope["factor"])
     except (TypeError, ValueError):

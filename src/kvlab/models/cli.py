@@ -41,7 +41,7 @@ HF_OVERRIDES = typer.Option(None, "--hf-overrides", help=HF_OVERRIDES_HELP)
 SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool")
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
-EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs (vLLM's flag): the --gpu budget loses no graph memory")
+EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs, no torch.compile (vLLM's flag): the --gpu budget loses no graph memory")
 CPU = typer.Option(False, "--cpu", help="Size as the CPU build of vLLM does (CPU_MLA / CPU_ATTN backends)")
 VLLM_VERSION = typer.Option(memory.DEFAULT_VLLM_VERSION, "--vllm-version",
                             help="Whose memory profiling the --gpu budget mirrors (0.10 or later; CUDA graphs count from 0.21)")
@@ -229,7 +229,7 @@ class CapacityFlags:
             del kw[given_only]
         kw["data_parallel_size"] = self.data_parallel_size or 1
         kw["enable_expert_parallel"] = bool(self.enable_expert_parallel)
-        kw["cuda_graphs"] = not kw.pop("enforce_eager")
+        kw["cuda_graphs"] = kw["torch_compile"] = not kw.pop("enforce_eager")
         for estimate_only in ("vllm_version", "sampler", "nnodes"):
             if kw[estimate_only] is None:
                 del kw[estimate_only]
@@ -288,7 +288,8 @@ def capacity_cmd(
         *([("speculative draft (method, KV layers on the last stage)",
             f"{r.speculative['method']}, {r.num_draft_layers}")] if r.speculative else []),
         ("page size per layer (bytes)", fmt_int(r.page_size_bytes)),
-        ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu)),
+        ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu)
+         + (f" (with the rope cache, {r.rope_cache_bytes / 2**20:,.1f} MiB)" if r.rope_cache_bytes else "")),
         (f"KV budget per GPU (GiB, {budget_label})", fmt_gib(r.kv_budget_bytes) if r.pipeline_parallel_size == 1
          else f"{stages} (stage {r.limiting_stage} sets num_blocks)"),
         ("num_blocks", fmt_int(r.num_blocks)),

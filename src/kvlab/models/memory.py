@@ -27,9 +27,10 @@ from kvlab.errors import KvlabError
 from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
     DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget, model_runner,
-    OLDEST_VLLM_VERSION, nccl_transport, release_of)
+    OLDEST_VLLM_VERSION, nccl_transport, parse_vllm_version, release_of)
 from kvlab.models.speculative import SpeculativeDraft, speculative_draft
-from kvlab.models.weights import DTYPE_BYTES, WeightFormat, weight_bytes_by_role, weight_format
+from kvlab.models.weights import (DTYPE_BYTES, WeightFormat, rope_cache_bytes, rope_cache_fp32, weight_bytes_by_role,
+                                  weight_format)
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes for
 # kvlab's default release (DEFAULT_VLLM_VERSION); `default_gpu_memory_utilization` for any release.
@@ -324,6 +325,7 @@ class CapacityResult:
     enable_expert_parallel: bool = False
     speculative: dict | None = None  # method, model, draft layers (on the last stage)
     num_draft_layers: int = 0
+    rope_cache_bytes: int = 0  # the rotary cos/sin cache, in weight_bytes_per_gpu (`rope_cache_bytes`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -439,13 +441,16 @@ def capacity(
     sampler: str | None = None,
     nnodes: int = 1,
     cuda_graphs: bool = True,
+    torch_compile: bool = True,
 ) -> CapacityResult:
     """KV blocks, tokens and concurrency for one config, from an exact budget (one for all pipeline
     stages, or one per stage) or a GPU preset. allow_long_max_model_len None: read
     VLLM_ALLOW_LONG_MAX_MODEL_LEN from the environment, as vLLM does. gpu_memory_utilization None:
     the default of release `vllm_version` (`default_gpu_memory_utilization`). nnodes: the nodes the GPUs
     sit on (vLLM's --nnodes); it changes only the estimated budget (NCCL between nodes). cuda_graphs False
-    (vLLM's --enforce-eager): no CUDA-graph memory is taken from the estimated budget."""
+    (vLLM's --enforce-eager): no CUDA-graph memory is taken from the estimated budget. torch_compile
+    False (--enforce-eager, -O0): vLLM's custom ops are on, which keeps DeepSeek's rope cache in fp32
+    on CUDA from 0.14 (`rope_cache_fp32`)."""
     tp, pp, dp = tensor_parallel_size, pipeline_parallel_size, data_parallel_size
     if dp < 1:
         raise KvlabError(f"--data-parallel-size must be at least 1, got {dp}")
@@ -489,7 +494,10 @@ def capacity(
 
     roles = weight_bytes_by_role(arch, fmt, dtype)
     w_total = int(ceil(sum(roles.values())))  # = weight_bytes(arch, fmt, dtype)
-    w_gpu = _weights_per_gpu(roles, tp, pp, dp)
+    platform = None if cpu else (preset.platform if preset else "cuda")
+    rope = rope_cache_bytes(arch, dtype, rope_cache_fp32(arch, parse_vllm_version(vllm_version), platform,
+                                                         torch_compile, dtype))
+    w_gpu = _weights_per_gpu(roles, tp, pp, dp) + rope  # every rank holds the whole rope cache
 
     memory = None
     if kv_budget_bytes is not None:
@@ -553,6 +561,7 @@ def capacity(
         max_concurrency=max_concurrency,
         weight_bytes=w_total,
         weight_bytes_per_gpu=w_gpu,
+        rope_cache_bytes=rope,
         num_gpus=tp * pp * dp,
         memory=memory,
         gpu=preset.name if preset else None,

@@ -156,3 +156,29 @@ def weight_bytes_by_role(arch: ModelArch, fmt: WeightFormat, dtype: str | None =
 def weight_bytes(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None) -> int:
     """Total bytes of all weights (one copy, before tensor/pipeline parallel splits)."""
     return int(ceil(sum(weight_bytes_by_role(arch, fmt, dtype).values())))
+
+
+def rope_cache_bytes(arch: ModelArch, dtype: str | None = None, fp32: bool = False) -> int:
+    """Bytes of the cos/sin cache vLLM's rotary embedding registers as a buffer when it builds the
+    model: `rope_cache_positions` rows of `rotary_width` values (the cos half and the sin half), in
+    the model dtype, or fp32 where vLLM keeps it so (`rope_cache_fp32`). `get_rope` builds one per
+    distinct rope (`_ROPE_DICT`), which every layer shares, and each GPU holds it whole: vLLM counts
+    it in "Model loading took" (e.g. Llama-3.1-8B: 131,072 x 128 x 2 B = 32 MiB)."""
+    return arch.rope_cache_positions * arch.rotary_width * (4 if fp32 else DTYPE_BYTES[dtype or arch.dtype])
+
+
+# DeepSeek's YaRN rope keeps its cache in fp32 for FlashInfer's rope kernel from vLLM 0.14
+# (vllm-project/vllm#30729; DeepseekScalingRotaryEmbedding.use_flashinfer, read in the 0.13.0, 0.14.0
+# and 0.22-0.32 wheels): when the rotary_embedding custom op is on, on CUDA with FlashInfer, a bf16 or
+# fp16 model and a 64/128/256/512 rotary head. The custom op is on when torch.compile is off
+# (--enforce-eager, -O0: CompilationConfig.custom_ops "all"); compiled, vLLM defaults it off.
+ROPE_FP32_FROM = (0, 14)
+
+
+def rope_cache_fp32(arch: ModelArch, version: tuple[int, int], platform: str | None, torch_compile: bool,
+                    dtype: str | None = None) -> bool:
+    """Whether vLLM keeps this model's cos/sin cache in fp32 (ROPE_FP32_FROM); platform: "cuda",
+    "rocm", or None for the CPU build."""
+    return (arch.rope_type in ("deepseek_yarn", "deepseek_llama_scaling") and version >= ROPE_FP32_FROM
+            and platform == "cuda" and not torch_compile and (dtype or arch.dtype) in ("bfloat16", "float16")
+            and arch.rotary_width in (64, 128, 256, 512))

@@ -108,6 +108,7 @@ class Prediction(Part):
     enable_expert_parallel: bool = False
     speculative: dict[str, Any] | None = None
     num_draft_layers: int = 0
+    rope_cache_bytes: int = figure("predicted", unit="bytes", default=0)  # in weight_bytes_per_gpu
     source: str | None = None  # in words: how it was predicted
 
     @classmethod
