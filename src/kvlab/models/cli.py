@@ -51,6 +51,13 @@ NNODES = typer.Option(1, "--nnodes", "-n",
                            "runs NCCL over the network, which the --gpu budget counts")
 
 
+
+def _weights_within(r) -> str:
+    """What the weights row holds beside the model's parameters: the rope cache, a drafter."""
+    parts = ([f"the rope cache, {r.rope_cache_bytes / 2**20:,.1f} MiB"] if r.rope_cache_bytes else []) + (
+        [f"the drafter, {fmt_gib(r.drafter_weight_bytes)} GiB"] if r.drafter_weight_bytes else [])
+    return f" (with {' and '.join(parts)})" if parts else ""
+
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
     a = m.arch
     fp = memory.kv_footprint(a, kv_cache_dtype, 1, dtype)
@@ -288,8 +295,7 @@ def capacity_cmd(
         *([("speculative draft (method, KV layers on the last stage)",
             f"{r.speculative['method']}, {r.num_draft_layers}")] if r.speculative else []),
         ("page size per layer (bytes)", fmt_int(r.page_size_bytes)),
-        ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu)
-         + (f" (with the rope cache, {r.rope_cache_bytes / 2**20:,.1f} MiB)" if r.rope_cache_bytes else "")),
+        ("weights per GPU (GiB)", fmt_gib(r.weight_bytes_per_gpu) + _weights_within(r)),
         (f"KV budget per GPU (GiB, {budget_label})", fmt_gib(r.kv_budget_bytes) if r.pipeline_parallel_size == 1
          else f"{stages} (stage {r.limiting_stage} sets num_blocks)"),
         ("num_blocks", fmt_int(r.num_blocks)),

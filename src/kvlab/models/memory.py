@@ -28,9 +28,9 @@ from kvlab.models.arch import ModelArch, normalize_dtype
 from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estimate lives in budget.py)
     DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget, model_runner,
     OLDEST_VLLM_VERSION, nccl_transport, parse_vllm_version, release_of)
-from kvlab.models.speculative import SpeculativeDraft, speculative_draft
-from kvlab.models.weights import (DTYPE_BYTES, WeightFormat, rope_cache_bytes, rope_cache_fp32, weight_bytes_by_role,
-                                  weight_format)
+from kvlab.models.speculative import SpeculativeDraft, drafter_rope_arch, drafter_tensors, speculative_draft
+from kvlab.models.weights import (DTYPE_BYTES, WeightFormat, rope_cache_bytes, rope_cache_fp32, tensor_bytes_by_role,
+                                  weight_bytes_by_role, weight_format)
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes for
 # kvlab's default release (DEFAULT_VLLM_VERSION); `default_gpu_memory_utilization` for any release.
@@ -326,6 +326,7 @@ class CapacityResult:
     speculative: dict | None = None  # method, model, draft layers (on the last stage)
     num_draft_layers: int = 0
     rope_cache_bytes: int = 0  # the rotary cos/sin cache, in weight_bytes_per_gpu (`rope_cache_bytes`)
+    drafter_weight_bytes: int = 0  # a speculative drafter's resident weights, in weight_bytes_per_gpu
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -369,6 +370,24 @@ def _weights_per_gpu(roles: dict[str, float], tp: int, pp: int, dp: int) -> int:
     expert = roles.get("expert", 0.0)
     rest = sum(roles.values()) - expert
     return ceil((rest / tp + expert / (tp * dp)) / pp)
+
+
+def _drafter_bytes(draft: SpeculativeDraft | None, target: ModelArch, fmt: WeightFormat, dtype: str,
+                   version: tuple[int, int], tp: int, pp: int, dp: int, max_model_len: int) -> int:
+    """One last-stage GPU's bytes of a speculative drafter's resident weights
+    (`speculative.drafter_tensors`) and of its own rope cache, if it has one: the MTP layers in the
+    target's weight format, a draft checkpoint's layers in its own (`--speculative-config`'s draft
+    runs in the target's dtype)."""
+    if draft is None or draft.arch is None:
+        return 0
+    split, replicated, id_map = drafter_tensors(draft, target, version, pp)
+    draft_fmt = fmt if draft.method == "mtp" else weight_format(None, draft.arch)
+    dtp = draft.draft_tensor_parallel_size or tp
+    db = DTYPE_BYTES[dtype]
+    total = _weights_per_gpu(tensor_bytes_by_role(split, draft_fmt, db), dtp, 1, dp)
+    total += ceil(sum(tensor_bytes_by_role(replicated, draft_fmt, db).values())) + id_map
+    rope_arch = drafter_rope_arch(draft, target, version, max_model_len)
+    return total + (rope_cache_bytes(rope_arch, dtype) if rope_arch is not None else 0)
 
 
 def check_max_model_len(arch: ModelArch, max_model_len: int, allow_long: bool | None = None) -> str | None:
@@ -495,9 +514,12 @@ def capacity(
     roles = weight_bytes_by_role(arch, fmt, dtype)
     w_total = int(ceil(sum(roles.values())))  # = weight_bytes(arch, fmt, dtype)
     platform = None if cpu else (preset.platform if preset else "cuda")
-    rope = rope_cache_bytes(arch, dtype, rope_cache_fp32(arch, parse_vllm_version(vllm_version), platform,
-                                                         torch_compile, dtype))
-    w_gpu = _weights_per_gpu(roles, tp, pp, dp) + rope  # every rank holds the whole rope cache
+    version = parse_vllm_version(vllm_version)
+    rope = rope_cache_bytes(arch, dtype, rope_cache_fp32(arch, version, platform, torch_compile, dtype))
+    drafter = _drafter_bytes(speculative, arch, fmt, dtype, version, tp, pp, dp, max_model_len)
+    # every rank holds the whole rope cache; the drafter sits on the last stage, which vLLM's smallest
+    # block count comes from (its KV layers are there too)
+    w_gpu = _weights_per_gpu(roles, tp, pp, dp) + rope + drafter
 
     memory = None
     if kv_budget_bytes is not None:
@@ -562,6 +584,7 @@ def capacity(
         weight_bytes=w_total,
         weight_bytes_per_gpu=w_gpu,
         rope_cache_bytes=rope,
+        drafter_weight_bytes=drafter,
         num_gpus=tp * pp * dp,
         memory=memory,
         gpu=preset.name if preset else None,

@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvlab.errors import KvlabError
-from kvlab.models.arch import ModelArch, arch_from_config
+from kvlab.models.params import EMBEDDING, LINEAR, LM_HEAD, OTHER, Tensor, _attention, _feed_forward, _norm, inventory
+from kvlab.models.arch import ModelArch, _int, arch_from_config
 
 # vLLM 0.32 SpeculativeConfig fields (`vllm/config/speculative.py`): the JSON may carry any of them.
 SPECULATIVE_FIELDS = frozenset({
@@ -54,6 +55,8 @@ class SpeculativeDraft:
     draft_tensor_parallel_size: int | None = None  # None: the target's -tp
     kv_cache_dtype: str | None = None  # None: the target's --kv-cache-dtype
     model: str | None = None
+    draft_vocab_size: int | None = None  # eagle3: its own LM head's vocabulary (None: the config's vocab_size)
+    fc_input_size: int | None = None  # eagle3: target_hidden_size x the auxiliary hidden states it takes
 
     @property
     def num_layers(self) -> int:
@@ -167,6 +170,116 @@ def speculative_draft(spec: str | dict[str, Any], target: ModelArch, *,
                              "(a local folder with config.json, or a Hugging Face id)")
         raw = _draft_config((read_model_config or draft_model_config)(str(model)))
         arch = arch_from_config(raw, f"draft {model}")
-        return SpeculativeDraft(method, arch=arch, model=str(model), **common)
+        extra: dict[str, Any] = {}
+        if method == "eagle3":
+            extra = dict(draft_vocab_size=_int(raw.get("draft_vocab_size") or arch.vocab_size, f"draft {model}",
+                                               "draft_vocab_size", 1),
+                         fc_input_size=_eagle3_fc_input(raw, arch, f"draft {model}"))
+        return SpeculativeDraft(method, arch=arch, model=str(model), **common, **extra)
     raise KvlabError(f"--speculative-config method {method!r}: kvlab sizes {', '.join(DRAFT_MODEL_METHODS)}, mtp "
                      f"and {', '.join(NO_KV_METHODS)} (no KV cache)")
+
+
+def _eagle3_fc_input(raw: dict[str, Any], arch: ModelArch, source: str) -> int:
+    """EAGLE-3's fc input width as vLLM reads it (llama_eagle3.py): target_hidden_size (default the
+    draft's hidden size) x num_aux_hidden_states (else the eagle_config's aux layer ids, else 3)."""
+    eagle_config = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    n_aux = raw.get("num_aux_hidden_states")
+    if n_aux is None:
+        ids = eagle_config.get("eagle_aux_hidden_state_layer_ids")
+        n_aux = len(ids) if isinstance(ids, list) and ids else 3
+    target_hidden = raw.get("target_hidden_size") or arch.hidden_size
+    return _int(target_hidden, source, "target_hidden_size", 1) * _int(n_aux, source, "num_aux_hidden_states", 1)
+
+
+# The drafter's weights (read in vLLM 0.11.0, 0.14.0, 0.17.0, 0.20.0 and 0.22-0.32: vllm/v1/spec_decode/eagle.py,
+# llm_base_proposer.py, llama_eagle.py, llama_eagle3.py, deepseek_mtp.py). The model runner loads the drafter
+# inside the profiler that logs "Model loading took" (V1 and V2), so what stays allocated is in the budget's
+# weights; a module the drafter gives up for the target's (`del` then the target's) is freed within it.
+# - eagle: its decoder layers (layer 0 without input_layernorm) and fc (2 x hidden -> hidden, replicated);
+#   the embedding is the target's (kvlab takes a checkpoint without its own or with the same one; a drafter
+#   of another hidden size, or -pp > 1, keeps its own); no LM head, no final norm.
+# - eagle3: the same layers, layer 0's q/k/v taking 2 x hidden and every layer a hidden_norm, fc
+#   (fc_input_size -> hidden, replicated), a final norm, its own LM head of draft_vocab_size rows unless that
+#   is the target's shape (then shared), and the int64 draft-to-target id map (up to 0.29 always, from 0.30
+#   only when the vocabularies differ).
+# - mtp: per MTP layer a decoder layer like the target's last (DeepSeek: MoE), enorm / hnorm / the shared
+#   head's norm, eh_proj (2 x hidden -> hidden, an unquantized nn.Linear, replicated) and, before 0.17, the
+#   shared head's own LM head (from 0.17 vLLM swaps in the target's: "Always share it explicitly"; 0.15-0.16
+#   not read); the embedding is the target's.
+# - draft_model: the whole draft model.
+# Split over -tp like the target; all of it on the last pipeline stage.
+MTP_HEAD_SHARED_FROM = (0, 17)
+EAGLE3_D2T_ONLY_IF_DIFFERENT_FROM = (0, 30)
+EAGLE_RESIDENT_ROPE_FROM = (0, 27)  # `_maybe_override_draft_max_position_embeddings`: the target's max_model_len
+
+
+def drafter_tensors(draft: SpeculativeDraft, target: ModelArch, version: tuple[int, int],
+                    pipeline_parallel_size: int = 1) -> tuple[list[Tensor], list[Tensor], int]:
+    """(tensors split over -tp, tensors every rank holds whole, bytes of int64 id maps on every rank) of the
+    drafter's resident weights."""
+    a = draft.arch
+    if a is None:
+        return [], [], 0
+    h = a.hidden_size
+    if draft.method == "draft_model":
+        return inventory(a), [], 0
+    if draft.method == "mtp":
+        last = target.num_layers - 1
+        moe = target.moe
+        layer_arch = replace(a, moe=replace(moe, moe_layers=(0,)) if moe and last in moe.moe_layers else None)
+        split: list[Tensor] = []
+        replicated: list[Tensor] = []
+        for k in range(draft.num_layers):
+            p = f"model.layers.{target.num_layers + k}"
+            split += [_norm(f"{p}.mtp_block.input_layernorm", h), _norm(f"{p}.mtp_block.post_attention_layernorm", h)]
+            split += _attention(layer_arch, f"{p}.mtp_block.self_attn") + _feed_forward(layer_arch, 0, f"{p}.mtp_block.mlp")
+            replicated += [_norm(f"{p}.enorm", h), _norm(f"{p}.hnorm", h), _norm(f"{p}.shared_head.norm", h),
+                           Tensor(f"{p}.eh_proj.weight", (h, 2 * h), OTHER)]  # nn.Linear: not quantized
+            if version < MTP_HEAD_SHARED_FROM:
+                split.append(Tensor(f"{p}.shared_head.head.weight", (a.vocab_size, h), LM_HEAD))
+        return split, replicated, 0
+    # eagle, eagle3
+    split = []
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}"
+        attention = _attention(a, f"{p}.self_attn")
+        if draft.method == "eagle3" and i == 0:  # q, k and v take the embedding and the hidden state
+            attention = [replace(t, shape=(t.shape[0], 2 * h)) if t.name.split(".")[-2] in ("q_proj", "k_proj", "v_proj")
+                         and len(t.shape) == 2 else t for t in attention]
+        norms = [_norm(f"{p}.post_attention_layernorm", h)]
+        if draft.method == "eagle3":
+            norms += [_norm(f"{p}.input_layernorm", h), _norm(f"{p}.hidden_norm", h)]
+        elif i > 0:
+            norms.append(_norm(f"{p}.input_layernorm", h))
+        split += norms + attention + _feed_forward(a, i, f"{p}.mlp")
+    if pipeline_parallel_size > 1 or h != target.hidden_size:
+        split.append(Tensor("model.embed_tokens.weight", (a.vocab_size, h), EMBEDDING))
+    fc_in = (draft.fc_input_size or 3 * h) if draft.method == "eagle3" else 2 * h
+    replicated = [Tensor("model.fc.weight", (h, fc_in), LINEAR)]
+    id_map = 0
+    if draft.method == "eagle3":
+        vocab = draft.draft_vocab_size or a.vocab_size
+        split.append(_norm("model.norm", h))
+        if (vocab, h) != (target.vocab_size, target.hidden_size):
+            split.append(Tensor("lm_head.weight", (vocab, h), LM_HEAD))
+        if version < EAGLE3_D2T_ONLY_IF_DIFFERENT_FROM or vocab != target.vocab_size:
+            id_map = 8 * vocab  # draft_id_to_target_id, int64
+    return split, replicated, id_map
+
+
+def drafter_rope_arch(draft: SpeculativeDraft, target: ModelArch, version: tuple[int, int],
+                      max_model_len: int) -> ModelArch | None:
+    """The drafter's own rotary embedding as an arch to size its cache, or None where it shares the
+    target's (`get_rope` returns the cached one for the same key: MTP, or a drafter whose rope is the
+    target's)."""
+    a = draft.arch
+    if a is None or draft.method == "mtp":
+        return None
+    if draft.method in ("eagle", "eagle3") and version >= EAGLE_RESIDENT_ROPE_FROM:
+        a = replace(a, max_position_embeddings=max(a.max_position_embeddings or 0, max_model_len))
+    same = (a.rope_type, a.rope_factor, a.rope_original_max_position, a.rotary_width, a.rope_cache_positions,
+            a.head_dim if a.mla is None else a.rotary_width)
+    mine = (target.rope_type, target.rope_factor, target.rope_original_max_position, target.rotary_width,
+            target.rope_cache_positions, target.head_dim if target.mla is None else target.rotary_width)
+    return None if same == mine else a

@@ -143,9 +143,13 @@ def weight_bytes_by_role(arch: ModelArch, fmt: WeightFormat, dtype: str | None =
     """Bytes of all weights (one copy) per role of `kvlab.models.params`: linear, expert (the
     format's scales and zeros included), embedding, lm_head, other (norms, biases, routers). Exact:
     every value is a whole or half byte count (4-bit formats), so the sum does not depend on order."""
-    dtype_bytes = DTYPE_BYTES[dtype or arch.dtype]
+    return tensor_bytes_by_role(inventory(arch), fmt, DTYPE_BYTES[dtype or arch.dtype])
+
+
+def tensor_bytes_by_role(tensors: list[Tensor], fmt: WeightFormat, dtype_bytes: int) -> dict[str, float]:
+    """Bytes of these tensors per role: linear and expert weights in `fmt`, the rest in the dtype."""
     out = dict.fromkeys((LINEAR, EXPERT, EMBEDDING, LM_HEAD, OTHER), 0.0)
-    for t in inventory(arch):
+    for t in tensors:
         if t.role in (LINEAR, EXPERT) and len(t.shape) == 2:
             out[t.role] += fmt.linear_bytes(t, dtype_bytes)
         else:
