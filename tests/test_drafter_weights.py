@@ -70,7 +70,7 @@ def test_a_draft_model_is_loaded_whole():
 def test_deepseek_v3s_mtp_layer_is_a_moe_layer_in_the_targets_format():
     """DeepSeek-V3's MTP module at -tp 8: one more MoE decoder layer in block FP8 (the target's 62nd), enorm,
     hnorm and the shared head's norm, eh_proj 14336 -> 7168 unquantized on every rank; the shared head's
-    LM head up to 0.16 (from 0.17 vLLM swaps in the target's); the embedding is the target's."""
+    LM head up to 0.15 (from 0.16 vLLM swaps in the target's); the embedding is the target's."""
     v3 = card("deepseek-v3").arch
     fmt = weight_format(None, v3)
     longer = replace(v3, num_layers=62, moe=replace(v3.moe, moe_layers=v3.moe.moe_layers + (61,)))
@@ -83,7 +83,7 @@ def test_deepseek_v3s_mtp_layer_is_a_moe_layer_in_the_targets_format():
     r = memory.capacity(v3, gpu="h200", tensor_parallel_size=8, max_model_len=32768, speculative_config=mtp)
     assert r.drafter_weight_bytes == per_gpu + replicated
     old = memory.capacity(v3, gpu="h200", tensor_parallel_size=8, max_model_len=32768, speculative_config=mtp,
-                          vllm_version="0.16")
+                          vllm_version="0.15")
     assert old.drafter_weight_bytes == r.drafter_weight_bytes + ceil(2 * 129280 * 7168 / 8)
     # 1.53 GiB a GPU: 45,300 -> 43,130 blocks on 8 x H200 at 0.32
     plain = memory.capacity(v3, gpu="h200", tensor_parallel_size=8, max_model_len=32768)

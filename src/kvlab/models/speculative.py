@@ -192,7 +192,7 @@ def _eagle3_fc_input(raw: dict[str, Any], arch: ModelArch, source: str) -> int:
     return _int(target_hidden, source, "target_hidden_size", 1) * _int(n_aux, source, "num_aux_hidden_states", 1)
 
 
-# The drafter's weights (read in vLLM 0.11.0, 0.14.0, 0.17.0, 0.20.0 and 0.22-0.32: vllm/v1/spec_decode/eagle.py,
+# The drafter's weights (read in vLLM 0.11.0, 0.14.0-0.17.0, 0.20.0 and 0.22-0.32: vllm/v1/spec_decode/eagle.py,
 # llm_base_proposer.py, llama_eagle.py, llama_eagle3.py, deepseek_mtp.py). The model runner loads the drafter
 # inside the profiler that logs "Model loading took" (V1 and V2), so what stays allocated is in the budget's
 # weights; a module the drafter gives up for the target's (`del` then the target's) is freed within it.
@@ -204,12 +204,12 @@ def _eagle3_fc_input(raw: dict[str, Any], arch: ModelArch, source: str) -> int:
 #   is the target's shape (then shared), and the int64 draft-to-target id map (up to 0.29 always, from 0.30
 #   only when the vocabularies differ).
 # - mtp: per MTP layer a decoder layer like the target's last (DeepSeek: MoE), enorm / hnorm / the shared
-#   head's norm, eh_proj (2 x hidden -> hidden, an unquantized nn.Linear, replicated) and, before 0.17, the
-#   shared head's own LM head (from 0.17 vLLM swaps in the target's: "Always share it explicitly"; 0.15-0.16
-#   not read); the embedding is the target's.
+#   head's norm, eh_proj (2 x hidden -> hidden, an unquantized nn.Linear, replicated) and, before 0.16, the
+#   shared head's own LM head (from 0.16 vLLM swaps in the target's: "Always share it explicitly"; read in
+#   0.15.0 and 0.16.0); the embedding is the target's.
 # - draft_model: the whole draft model.
 # Split over -tp like the target; all of it on the last pipeline stage.
-MTP_HEAD_SHARED_FROM = (0, 17)
+MTP_HEAD_SHARED_FROM = (0, 16)
 EAGLE3_D2T_ONLY_IF_DIFFERENT_FROM = (0, 30)
 EAGLE_RESIDENT_ROPE_FROM = (0, 27)  # `_maybe_override_draft_max_position_embeddings`: the target's max_model_len
 
