@@ -315,12 +315,27 @@ def test_experts_split_over_data_parallel_gpus():
     expert, rest = roles["expert"], sum(roles.values()) - roles["expert"]
     tp8 = memory.capacity(a, gpu="h200", tensor_parallel_size=8, max_model_len=32768)
     rope = 163_840 * 64 * 2  # every rank holds the whole rope cache
-    assert tp8.weight_bytes_per_gpu == ceil(rest / 8 + expert / 8) + rope
+    copy = 61 * 128 * 256 * 512 * 2  # MLA's bf16 kv_b_proj beside the FP8 one, its heads split over -tp
+    assert tp8.weight_bytes_per_gpu == ceil(rest / 8 + expert / 8) + rope + copy // 8
     ep = memory.capacity(a, gpu="h200", tensor_parallel_size=1, data_parallel_size=8, enable_expert_parallel=True,
                          max_model_len=32768)
-    assert ep.weight_bytes_per_gpu == ceil(rest + expert / 8) + rope and ep.num_gpus == 8 and ep.enable_expert_parallel
+    assert ep.weight_bytes_per_gpu == ceil(rest + expert / 8) + rope + copy and ep.num_gpus == 8 and ep.enable_expert_parallel
     with pytest.raises(KvlabError, match="do not fit h200"):
         memory.capacity(a, gpu="h200", tensor_parallel_size=1, max_model_len=32768)  # all experts on one GPU
+
+
+def test_mla_keeps_a_16_bit_kv_b_proj_copy_beside_a_quantized_one():
+    """vLLM's MLA has no quantized batched matmul for the absorbed up-projections: it dequantizes kv_b_proj
+    once at load and keeps W_UK_T and W_UV as views of that copy (unquantized: views of kv_b_proj itself,
+    no copy; tests/test_vllm_module_bytes.py counts the CPU build's storages). DeepSeek-V2-Lite with online
+    FP8: 27 layers x 16 heads x (128 + 128) x 512 x 2 B."""
+    a = card("deepseek-v2-lite").arch
+    fp8 = memory.capacity(a, gpu="h100", max_model_len=32768, quantization="fp8")
+    assert fp8.mla_dequant_bytes == 27 * 16 * 256 * 512 * 2 == 113_246_208
+    assert memory.capacity(a, gpu="h100", max_model_len=32768).mla_dequant_bytes == 0
+    assert memory.capacity(card("llama-3.1-8b").arch, gpu="h100", quantization="fp8").mla_dequant_bytes == 0
+    tp2 = memory.capacity(a, gpu="h100", max_model_len=32768, quantization="fp8", tensor_parallel_size=2)
+    assert tp2.mla_dequant_bytes == 113_246_208 // 2
 
 
 # -- the flags, as vLLM spells them ---------------------------------------------------------------

@@ -53,10 +53,13 @@ NNODES = typer.Option(1, "--nnodes", "-n",
 
 
 def _weights_within(r) -> str:
-    """What the weights row holds beside the model's parameters: the rope cache, a drafter."""
+    """What the weights row holds beside the model's parameters: the rope cache, a drafter, MLA's copy."""
     parts = ([f"the rope cache, {r.rope_cache_bytes / 2**20:,.1f} MiB"] if r.rope_cache_bytes else []) + (
-        [f"the drafter, {fmt_gib(r.drafter_weight_bytes)} GiB"] if r.drafter_weight_bytes else [])
-    return f" (with {' and '.join(parts)})" if parts else ""
+        [f"the drafter, {fmt_gib(r.drafter_weight_bytes)} GiB"] if r.drafter_weight_bytes else []) + (
+        [f"MLA's 16-bit kv_b_proj copy, {fmt_gib(r.mla_dequant_bytes)} GiB"] if r.mla_dequant_bytes else [])
+    if not parts:
+        return ""
+    return f" (with {', '.join(parts[:-1]) + ' and ' if len(parts) > 1 else ''}{parts[-1]})"
 
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
     a = m.arch

@@ -29,8 +29,8 @@ from kvlab.models.budget import (  # noqa: F401  (re-exported: the budget estima
     DEFAULT_VLLM_VERSION, MemoryEstimate, default_sampler, activation_estimate_bytes, estimate_kv_budget, model_runner,
     OLDEST_VLLM_VERSION, nccl_transport, parse_vllm_version, release_of)
 from kvlab.models.speculative import SpeculativeDraft, drafter_rope_arch, drafter_tensors, speculative_draft
-from kvlab.models.weights import (DTYPE_BYTES, WeightFormat, rope_cache_bytes, rope_cache_fp32, tensor_bytes_by_role,
-                                  weight_bytes_by_role, weight_format)
+from kvlab.models.weights import (DTYPE_BYTES, WeightFormat, mla_dequant_copy_bytes, rope_cache_bytes, rope_cache_fp32,
+                                  tensor_bytes_by_role, weight_bytes_by_role, weight_format)
 from kvlab.units import GiB
 # vLLM's default --gpu-memory-utilization from 0.20 on (0.9 before): what `capacity` assumes for
 # kvlab's default release (DEFAULT_VLLM_VERSION); `default_gpu_memory_utilization` for any release.
@@ -327,6 +327,7 @@ class CapacityResult:
     num_draft_layers: int = 0
     rope_cache_bytes: int = 0  # the rotary cos/sin cache, in weight_bytes_per_gpu (`rope_cache_bytes`)
     drafter_weight_bytes: int = 0  # a speculative drafter's resident weights, in weight_bytes_per_gpu
+    mla_dequant_bytes: int = 0  # MLA's 16-bit kv_b_proj copy beside a quantized one, in weight_bytes_per_gpu
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -386,6 +387,8 @@ def _drafter_bytes(draft: SpeculativeDraft | None, target: ModelArch, fmt: Weigh
     db = DTYPE_BYTES[dtype]
     total = _weights_per_gpu(tensor_bytes_by_role(split, draft_fmt, db), dtp, 1, dp)
     total += ceil(sum(tensor_bytes_by_role(replicated, draft_fmt, db).values())) + id_map
+    if draft.method == "mtp":  # its MLA layers keep the same 16-bit kv_b_proj copy as the target's
+        total += mla_dequant_copy_bytes(target, fmt, dtype, dtp, num_layers=draft.num_layers)
     rope_arch = drafter_rope_arch(draft, target, version, max_model_len)
     return total + (rope_cache_bytes(rope_arch, dtype) if rope_arch is not None else 0)
 
@@ -517,9 +520,10 @@ def capacity(
     version = parse_vllm_version(vllm_version)
     rope = rope_cache_bytes(arch, dtype, rope_cache_fp32(arch, version, platform, torch_compile, dtype))
     drafter = _drafter_bytes(speculative, arch, fmt, dtype, version, tp, pp, dp, max_model_len)
+    mla_copy = mla_dequant_copy_bytes(arch, fmt, dtype, tp, num_layers=max(stages))
     # every rank holds the whole rope cache; the drafter sits on the last stage, which vLLM's smallest
     # block count comes from (its KV layers are there too)
-    w_gpu = _weights_per_gpu(roles, tp, pp, dp) + rope + drafter
+    w_gpu = _weights_per_gpu(roles, tp, pp, dp) + rope + drafter + mla_copy
 
     memory = None
     if kv_budget_bytes is not None:
@@ -585,6 +589,7 @@ def capacity(
         weight_bytes_per_gpu=w_gpu,
         rope_cache_bytes=rope,
         drafter_weight_bytes=drafter,
+        mla_dequant_bytes=mla_copy,
         num_gpus=tp * pp * dp,
         memory=memory,
         gpu=preset.name if preset else None,

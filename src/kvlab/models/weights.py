@@ -146,12 +146,21 @@ def weight_bytes_by_role(arch: ModelArch, fmt: WeightFormat, dtype: str | None =
     return tensor_bytes_by_role(inventory(arch), fmt, DTYPE_BYTES[dtype or arch.dtype])
 
 
+# vLLM pads an embedding's and an LM head's vocabulary rows to a multiple of 64
+# (vllm/model_executor/layers/vocab_parallel_embedding.py, DEFAULT_VOCAB_PADDING_SIZE, `pad_vocab_size`).
+VOCAB_PADDING = 64
+
+
 def tensor_bytes_by_role(tensors: list[Tensor], fmt: WeightFormat, dtype_bytes: int) -> dict[str, float]:
-    """Bytes of these tensors per role: linear and expert weights in `fmt`, the rest in the dtype."""
+    """Bytes of these tensors per role as vLLM allocates them: linear and expert weights in `fmt`,
+    the rest in the dtype, vocabulary rows padded to VOCAB_PADDING."""
     out = dict.fromkeys((LINEAR, EXPERT, EMBEDDING, LM_HEAD, OTHER), 0.0)
     for t in tensors:
         if t.role in (LINEAR, EXPERT) and len(t.shape) == 2:
             out[t.role] += fmt.linear_bytes(t, dtype_bytes)
+        elif t.role in (EMBEDDING, LM_HEAD) and len(t.shape) == 2:
+            rows = -(-t.shape[0] // VOCAB_PADDING) * VOCAB_PADDING
+            out[t.role] += rows * t.shape[1] * t.count * dtype_bytes
         else:
             out[t.role] += t.numel * dtype_bytes
     return out
@@ -186,3 +195,20 @@ def rope_cache_fp32(arch: ModelArch, version: tuple[int, int], platform: str | N
     return (arch.rope_type in ("deepseek_yarn", "deepseek_llama_scaling") and version >= ROPE_FP32_FROM
             and platform == "cuda" and not torch_compile and (dtype or arch.dtype) in ("bfloat16", "float16")
             and arch.rotary_width in (64, 128, 256, 512))
+
+
+def mla_dequant_copy_bytes(arch: ModelArch, fmt: WeightFormat, dtype: str | None = None,
+                           tensor_parallel_size: int = 1, num_layers: int | None = None) -> int:
+    """Bytes of the 16-bit copy of kv_b_proj that vLLM's MLA keeps beside a quantized one: it has no
+    quantized batched matmul for the absorbed up-projections, so `process_weights_after_loading`
+    dequantizes kv_b_proj and keeps W_UK_T and W_UV as views of that copy ("we just store fp16/bf16
+    copies", vllm/v1/attention/backends/mla/common.py in 0.11.0; `split_kv_b_proj` with
+    `get_and_maybe_dequant_weights` in vllm/model_executor/layers/attention/mla_attention.py in
+    0.32). Unquantized, they are views of kv_b_proj itself: nothing more (checked on the CPU build).
+    Per GPU: the heads split over -tp; `num_layers` MLA layers (default all)."""
+    if arch.mla is None or fmt.name == "auto":
+        return 0
+    m = arch.mla
+    heads = arch.num_attention_heads // tensor_parallel_size
+    layers = arch.num_layers if num_layers is None else num_layers
+    return layers * heads * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank * DTYPE_BYTES[dtype or arch.dtype]

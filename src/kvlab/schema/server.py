@@ -110,6 +110,7 @@ class Prediction(Part):
     num_draft_layers: int = 0
     rope_cache_bytes: int = figure("predicted", unit="bytes", default=0)  # in weight_bytes_per_gpu
     drafter_weight_bytes: int = figure("predicted", unit="bytes", default=0)  # in weight_bytes_per_gpu
+    mla_dequant_bytes: int = figure("predicted", unit="bytes", default=0)  # in weight_bytes_per_gpu
     source: str | None = None  # in words: how it was predicted
 
     @classmethod
