@@ -38,7 +38,7 @@ PP = typer.Option(1, "--pipeline-parallel-size", "-pp", help="Pipeline-parallel 
 DP = typer.Option(1, "--data-parallel-size", "-dp", help="Data-parallel replicas (their GPUs split the routed experts)")
 EP = typer.Option(False, "--enable-expert-parallel", "-ep", help="Experts owned whole by each GPU (vLLM's flag; same bytes per GPU)")
 HF_OVERRIDES = typer.Option(None, "--hf-overrides", help=HF_OVERRIDES_HELP)
-SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool")
+SPEC = typer.Option(None, "--speculative-config", "-sc", help="vLLM's JSON: eagle/eagle3/draft_model (\"model\": the draft folder or HF id), mtp, ngram; draft layers share the KV pool, the drafter's weights come off a --gpu budget")
 MNBT = typer.Option(None, "--max-num-batched-tokens", help="Default: vLLM's for the GPU")
 MNS = typer.Option(None, "--max-num-seqs", help="Default: vLLM's for the GPU")
 EAGER = typer.Option(False, "--enforce-eager", help="No CUDA graphs, no torch.compile (vLLM's flag): the --gpu budget loses no graph memory")

@@ -1,4 +1,5 @@
-"""`--speculative-config`: which draft layers take KV cache, as vLLM 0.32 counts them.
+"""`--speculative-config`: which draft layers take KV cache (and, `drafter_tensors`, which drafter weights stay
+in GPU memory), as vLLM 0.32 counts them.
 
 vLLM registers a drafter's attention layers next to the target's and sizes them from the same pool
 (`vllm/v1/worker/gpu_model_runner.py`: "we put the entire draft model on the last PP rank", and
