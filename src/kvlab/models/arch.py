@@ -166,6 +166,14 @@ class ModelArch:
             return ceil((self.rope_original_max_position or max_pos) * self.rope_factor)
         return max_pos
 
+    @property
+    def rope_key(self) -> tuple:
+        """What vLLM's `get_rope` tells rotary embeddings apart by (its `_ROPE_DICT` key: the head size it
+        is called with, MLA's qk_rope_head_dim, and what sizes the cache): two of one key share one cache."""
+        head = self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+        return (head, self.rope_type, self.rope_factor, self.rope_original_max_position, self.rotary_width,
+                self.rope_cache_positions)
+
 
 def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     for n in names:
@@ -288,7 +296,7 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         layer_types=layer_types,
         sliding_window=sliding_window,
         rope_scaling_factor=_rope_scaling_factor(cfg, model_type, source),
-        **_rope(cfg, model_type, mla is not None, head_dim, source),
+        **_rope(cfg, mla is not None, head_dim, source),
         model_max_length=(None if _get(cfg, "model_max_length") is None else
                           _int(cfg["model_max_length"], source, "model_max_length", 1)),
         num_nextn_predict_layers=_int(_get(cfg, "num_nextn_predict_layers", default=0), source,
@@ -312,14 +320,19 @@ def _rope_params(cfg: dict[str, Any], source: str) -> dict[str, Any] | None:
     return rope
 
 
-def _rope(cfg: dict[str, Any], model_type: str, mla: bool, head_dim: int, source: str) -> dict[str, Any]:
+def _rope_type(rope: dict[str, Any]) -> str:
+    """The rope mapping's type, as transformers standardizes it (rope_type, else the legacy type)."""
+    return str(rope.get("rope_type", rope.get("type", "default")))
+
+
+def _rope(cfg: dict[str, Any], mla: bool, head_dim: int, source: str) -> dict[str, Any]:
     """ModelArch's rope fields as vLLM reads the config: transformers' `standardize_rope_params` (the
     type from rope_type or type; a yarn/llama3 rope without original_max_position_embeddings takes
     the config's top-level one, else max_position_embeddings), DeepSeek-V2/V3's attention renaming any
     scaled type "deepseek_yarn" (vllm/model_executor/models/deepseek_v2.py), and `get_rope`'s rotary
     width (rope_dim, else head_dim x partial_rotary_factor)."""
     rope = _rope_params(cfg, source) or {}
-    rope_type = str(rope.get("rope_type", rope.get("type", "default")))
+    rope_type = _rope_type(rope)
     if mla and rope_type != "default":
         rope_type = "deepseek_yarn"
     factor = _rope_factor(rope, source) or 1.0
@@ -343,8 +356,7 @@ def _rope_scaling_factor(cfg: dict[str, Any], model_type: str, source: str) -> f
     rope = _rope_params(cfg, source)
     if rope is None or "gemma3" in model_type:
         return 1.0
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in _PRESCALED_ROPE_TYPES:
+    if _rope_type(rope) in _PRESCALED_ROPE_TYPES:
         return 1.0
     return _rope_factor(rope, source) or 1.0
 

@@ -51,7 +51,6 @@ NNODES = typer.Option(1, "--nnodes", "-n",
                            "runs NCCL over the network, which the --gpu budget counts")
 
 
-
 def _weights_within(r) -> str:
     """What the weights row holds beside the model's parameters: the rope cache, a drafter, MLA's copy."""
     parts = ([f"the rope cache, {r.rope_cache_bytes / 2**20:,.1f} MiB"] if r.rope_cache_bytes else []) + (
@@ -60,6 +59,7 @@ def _weights_within(r) -> str:
     if not parts:
         return ""
     return f" (with {', '.join(parts[:-1]) + ' and ' if len(parts) > 1 else ''}{parts[-1]})"
+
 
 def kv_facts(m: ResolvedModel, kv_cache_dtype: str, quantization: str | None, dtype: str | None) -> dict:
     a = m.arch

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvlab.errors import KvlabError
-from kvlab.models.params import EMBEDDING, LINEAR, LM_HEAD, OTHER, Tensor, _attention, _feed_forward, _norm, inventory
 from kvlab.models.arch import ModelArch, _int, arch_from_config
+from kvlab.models.params import EMBEDDING, LINEAR, LM_HEAD, OTHER, Tensor, _attention, _feed_forward, _norm, inventory
 
 # vLLM 0.32 SpeculativeConfig fields (`vllm/config/speculative.py`): the JSON may carry any of them.
 SPECULATIVE_FIELDS = frozenset({
@@ -279,8 +279,4 @@ def drafter_rope_arch(draft: SpeculativeDraft, target: ModelArch, version: tuple
         return None
     if draft.method in ("eagle", "eagle3") and version >= EAGLE_RESIDENT_ROPE_FROM:
         a = replace(a, max_position_embeddings=max(a.max_position_embeddings or 0, max_model_len))
-    same = (a.rope_type, a.rope_factor, a.rope_original_max_position, a.rotary_width, a.rope_cache_positions,
-            a.head_dim if a.mla is None else a.rotary_width)
-    mine = (target.rope_type, target.rope_factor, target.rope_original_max_position, target.rotary_width,
-            target.rope_cache_positions, target.head_dim if target.mla is None else target.rotary_width)
-    return None if same == mine else a
+    return None if a.rope_key == target.rope_key else a
