@@ -59,6 +59,25 @@ def test_eagle3_keeps_its_own_lm_head_of_the_draft_vocabulary():
     assert r29.drafter_weight_bytes == r.drafter_weight_bytes + 8 * 128256
 
 
+def test_eagle3_as_speculators_converts_it_matches_a_published_load_line():
+    """vLLM's log of Llama-3.1-8B with yuhuili's EAGLE-3 head converted by the speculators tool, vLLM
+    0.10.1.dev2081 (vllm-project/speculators PR #166, 2025-10-30: "Model loading took 15.8114 GiB"). The
+    converted head's transformer_layer_config has max_position_embeddings 131072 (speculators PR #53's
+    config.json) and no rope_scaling: the Eagle3 converter forwarded rope_theta alone until speculators
+    PR #574 (2026-06-04). So the drafter's rope is a different get_rope key from the target's llama3 one
+    and brings a cache of its own, 131072 x 128 x 2 B = 32 MiB, beside the head's 0.79 GiB."""
+    config = {**EAGLE_LLAMA31_CONFIG, "draft_vocab_size": 32000, "max_position_embeddings": 131072}
+    draft = _draft({"method": "eagle3", "num_speculative_tokens": 3}, config)
+    r = memory.capacity(LLAMA, gpu="h100", max_model_len=1024, speculative_config=draft, vllm_version="0.10.1")
+    assert abs(r.weight_bytes_per_gpu / 2**30 - 15.8114) < 0.0002
+    # with the target's rope scaling the two share one cache: 32 MiB less, and the log is missed by 0.031 GiB
+    scaled = _draft({"method": "eagle3", "num_speculative_tokens": 3},
+                    {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    s = memory.capacity(LLAMA, gpu="h100", max_model_len=1024, speculative_config=scaled, vllm_version="0.10.1")
+    assert r.weight_bytes_per_gpu - s.weight_bytes_per_gpu == 131072 * 128 * 2
+
+
 def test_a_draft_model_is_loaded_whole():
     """Llama-3.2-1B as draft_model: all of it (tied embedding), its own rope cache (head_dim 64)."""
     draft = _draft({"method": "draft_model", "num_speculative_tokens": 4}, LLAMA32_1B_CONFIG)
