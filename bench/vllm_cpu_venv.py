@@ -73,6 +73,8 @@ def weaken_version(so: Path, version: bytes) -> bool:
     """Flag `so`'s requirement of symbol version `version` weak (VER_FLG_WEAK): the loader then
     takes a library without it. True if the file asked for it."""
     data = bytearray(so.read_bytes())
+    if data[:6] != b"\x7fELF\x02\x01":
+        raise ValueError(f"{so}: not a little-endian 64-bit ELF file")
     (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
