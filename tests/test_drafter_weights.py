@@ -72,8 +72,7 @@ def test_eagle3_as_speculators_converts_it_matches_a_published_load_line():
     assert abs(r.weight_bytes_per_gpu / 2**30 - 15.8114) < 0.0002
     # with the target's rope scaling the two share one cache: 32 MiB less, and the log is missed by 0.031 GiB
     scaled = _draft({"method": "eagle3", "num_speculative_tokens": 3},
-                    {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+                    {**config, "rope_scaling": card("llama-3.1-8b").config["rope_scaling"]})
     s = memory.capacity(LLAMA, gpu="h100", max_model_len=1024, speculative_config=scaled, vllm_version="0.10.1")
     assert r.weight_bytes_per_gpu - s.weight_bytes_per_gpu == 131072 * 128 * 2
 
