@@ -79,7 +79,7 @@ def weaken_version(so: Path, version: bytes) -> bool:
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
     changed = False
-    for name, kind, _, _, offset, size, link, _, _, _ in sections:
+    for _, kind, _, _, offset, _, link, _, _, _ in sections:
         if kind != 0x6FFFFFFE:  # SHT_GNU_verneed
             continue
         strtab = sections[link][4]
