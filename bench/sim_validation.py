@@ -45,8 +45,8 @@ HBM efficiencies (MATMUL_EFFICIENCY, MEMORY_EFFICIENCY) on the train rows that `
 the roofline fallback, with the same objective. Test rows are never read by any fit
 (tests/test_sim_validation.py checks that changing a test row's figures leaves the fit unchanged).
 
-Mapping rules (`map_run`), stated per row in the table's notes where they apply: ShareGPT rows use
-kvlab's ShareGPT length distribution (kvlab.replay.datasets: not the dataset); `random-offline`
+Mapping rules (`map_run`), stated per row in the table's notes where they apply: ShareGPT rows draw
+the dataset's own lengths (kvlab.replay.datasets: not the very prompts vLLM's seed picks); `random-offline`
 rows (`vllm bench throughput`) are all prompts sent at once with fixed lengths, 1,000 prompts where
 the source does not say (the tool's default); `throughput_tok_s` (kind not stated) is compared
 with the total token throughput, `ttft_ms`/`tpot_ms` (statistic not stated) with the mean; a
@@ -987,141 +987,6 @@ LEGACY_REPEAT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 # The fraction of its measured channelwise rate Marlin keeps on weights with per-group scales
 # (declared 2026-12-03 before it was run; 1.0: the model before it).
 MARLIN_GROUP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
-SHAREGPT_SIGMA_GRID = (1.0, 0.85, 0.7, 0.55, 0.4)
-# The replies as a Gamma distribution of shape k (kvlab.replay.datasets.SHAREGPT_OUTPUT_GAMMA_K; the
-# prompts keep the log-normal of SHAREGPT_SIGMA): coefficients of variation 1.29 to 0.58 (the log-normal
-# of sigma 0.7, the incumbent, has 0.79, as k = 1.6 has). Declared 2026-12-06 (session 29) before it
-# ran; the incumbent is kept unless the grid's best beats it by more than FIT_TOLERANCE.
-SHAREGPT_GAMMA_GRID = (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 3.0)
-# A share of short replies (4-30 tokens) beside the log-normal of sigma 0.7, its mu refitted to the
-# published mean (kvlab.replay.datasets.SHAREGPT_SHORT_SHARE; 0, the incumbent, has 0.3 % of replies
-# under 30 tokens). Declared 2026-12-06 (session 29) before it ran, after the Gamma family was
-# rejected; the incumbent is kept unless the grid's best beats it by more than FIT_TOLERANCE.
-SHAREGPT_SHORT_GRID = (0.05, 0.1, 0.15, 0.2, 0.3)
-
-
-@contextlib.contextmanager
-def _sharegpt_refitted(**settings):
-    """kvlab's ShareGPT length distribution with the module constants `settings` set
-    (kvlab.replay.datasets: SHAREGPT_SIGMA=..., SHAREGPT_OUTPUT_GAMMA_K=..., SHAREGPT_SHORT_SHARE=...),
-    the prompts' mu and the replies' mu (their Gamma scale, under a Gamma family) refitted so that the
-    filtered means stay the published ones; yields (prompt mu, reply mu or scale)."""
-    from kvlab.replay import datasets as d
-
-    names = {*settings, "SHAREGPT_MU_INPUT", "SHAREGPT_MU_OUTPUT", "SHAREGPT_THETA_OUTPUT"}
-    old = {name: getattr(d, name) for name in names}
-    for name, value in settings.items():
-        setattr(d, name, value)
-    try:
-        for _ in range(2):  # the two means depend on both mus through the joint filter
-            d.SHAREGPT_MU_INPUT = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_INPUT, "input", 50_000)
-            reply = d._fit_sharegpt_mu(d.SHAREGPT_MEAN_OUTPUT, "output", 50_000)
-            if d.SHAREGPT_OUTPUT_GAMMA_K is None:
-                d.SHAREGPT_MU_OUTPUT = reply
-            else:
-                d.SHAREGPT_THETA_OUTPUT = math.exp(reply)
-        yield d.SHAREGPT_MU_INPUT, (d.SHAREGPT_MU_OUTPUT if d.SHAREGPT_OUTPUT_GAMMA_K is None
-                                    else d.SHAREGPT_THETA_OUTPUT)
-    finally:
-        for name, value in old.items():
-            setattr(d, name, value)
-
-
-def sharegpt_shape(sigma: float):
-    """kvlab's ShareGPT length distribution with log-normal shape `sigma`, its mus refitted so that
-    the filtered means stay the published ones (kvlab.replay.datasets)."""
-    return _sharegpt_refitted(SHAREGPT_SIGMA=sigma)
-
-
-def sharegpt_gamma_replies(k: float):
-    """kvlab's ShareGPT lengths with Gamma(k) replies, the prompts' mu and the replies' scale refitted
-    so that the filtered means stay the published ones (kvlab.replay.datasets)."""
-    return _sharegpt_refitted(SHAREGPT_OUTPUT_GAMMA_K=k)
-
-
-def sharegpt_short_replies(share: float):
-    """kvlab's ShareGPT lengths with `share` of the replies short (SHAREGPT_SHORT_RANGE), the mus
-    refitted so that the filtered means stay the published ones (kvlab.replay.datasets)."""
-    return _sharegpt_refitted(SHAREGPT_SHORT_SHARE=share)
-
-
-def _sharegpt_train(pub: published_runs.PublishedRuns) -> published_runs.PublishedRuns:
-    """The TRAIN runs on ShareGPT, without ratio rows: what the ShareGPT shape fits run."""
-    return pub.model_copy(update={"runs": [r for r in pub.runs if r.split == "train" and r.dataset == "sharegpt"],
-                                  "ratios": []})
-
-
-def _fit_sharegpt_option(pub: published_runs.PublishedRuns, grid, setting, incumbent: tuple, describe,
-                         report) -> tuple:
-    """`fit_sharegpt`'s objective for an option of the ShareGPT lengths over `grid` (`setting(x)`, a
-    `_sharegpt_refitted` context), beside the `incumbent` point (the module as it is, described by
-    `describe(None, err, n)`): ((x, prompt mu, reply mu or scale), err) of the best, the incumbent
-    unless a point beats it by more than FIT_TOLERANCE. Test rows are never run."""
-    sub = _sharegpt_train(pub)
-    best = (incumbent, median_log_error(rows(sub, ("auto",)), "auto"))
-    report(describe(None, None, best[1], None))
-    for x in grid:
-        with setting(x) as params:
-            results = rows(sub, ("auto",))
-        err = median_log_error(results, "auto")
-        report(describe(x, params, err, sum(len(r.sim.get("auto", {})) for r in results)))
-        if err < best[1] - FIT_TOLERANCE:
-            best = ((x, *params), err)
-    return best
-
-
-def fit_sharegpt_gamma(pub: published_runs.PublishedRuns, grid=SHAREGPT_GAMMA_GRID, report=print):
-    """`fit_sharegpt`'s objective for the replies as Gamma(k) over `grid`, beside the incumbent
-    family (as the module has it): ((k or None, mu_in, theta or mu_out), err) of the best, the
-    incumbent unless a k beats it by more than FIT_TOLERANCE. Test rows are never run."""
-    from kvlab.replay import datasets as d
-
-    k0 = d.SHAREGPT_OUTPUT_GAMMA_K
-    incumbent = (k0, d.SHAREGPT_MU_INPUT, d.SHAREGPT_THETA_OUTPUT if k0 else d.SHAREGPT_MU_OUTPUT)
-
-    def describe(k, params, err, n):
-        if k is None:
-            family = f"Gamma k {k0}" if k0 else f"log-normal sigma {d.SHAREGPT_SIGMA}"
-            return f"  incumbent (replies {family}): train-ShareGPT median |log err| {err:.4f}"
-        return (f"  replies Gamma k {k:.2f} (prompt mu {params[0]:.3f}, reply scale {params[1]:.1f}): train-ShareGPT "
-                f"median |log err| {err:.4f} ({n} figures)")
-
-    return _fit_sharegpt_option(pub, grid, sharegpt_gamma_replies, incumbent, describe, report)
-
-
-def fit_sharegpt_short(pub: published_runs.PublishedRuns, grid=SHAREGPT_SHORT_GRID, report=print):
-    """`fit_sharegpt`'s objective for a share of short replies over `grid`, beside the incumbent (the
-    module's share): ((share, mu_in, mu_out), err) of the best, the incumbent unless a share beats it
-    by more than FIT_TOLERANCE. Test rows are never run."""
-    from kvlab.replay import datasets as d
-
-    incumbent = (d.SHAREGPT_SHORT_SHARE, d.SHAREGPT_MU_INPUT, d.SHAREGPT_MU_OUTPUT)
-
-    def describe(share, params, err, n):
-        if share is None:
-            return f"  incumbent (short share {d.SHAREGPT_SHORT_SHARE}): train-ShareGPT median |log err| {err:.4f}"
-        return (f"  short share {share:.2f} (mu {params[0]:.3f} / {params[1]:.3f}): train-ShareGPT median |log err| "
-                f"{err:.4f}")
-
-    return _fit_sharegpt_option(pub, grid, sharegpt_short_replies, incumbent, describe, report)
-
-
-def fit_sharegpt(pub: published_runs.PublishedRuns, grid=SHAREGPT_SIGMA_GRID, report=print):
-    """The ShareGPT log-normal shape of `grid` that minimises the median |log(simulated / published)|
-    of the headline figures of the TRAIN rows that run ShareGPT (auto timing), and its mus. Test
-    rows are never run."""
-    sub = _sharegpt_train(pub)
-    best = None
-    for sigma in grid:
-        with sharegpt_shape(sigma) as mus:
-            results = rows(sub, ("auto",))
-        err = median_log_error(results, "auto")
-        n = sum(len(r.sim.get("auto", {})) for r in results)
-        report(f"  ShareGPT sigma {sigma:.2f} (mu {mus[0]:.3f} / {mus[1]:.3f}): train-ShareGPT median |log err| "
-               f"{err:.3f} ({100 * (math.exp(err) - 1):.0f} %, {n} figures)")
-        if best is None or err < best[1]:
-            best = ((sigma, *mus), err)
-    return best
 # Each kernel-path constant: (timing constant, grid, what the quantized run's timing source names).
 PATH_FITS = {"marlin": ("MARLIN_EFFICIENCY", MARLIN_GRID, "Marlin"),
              "marlin-groups": ("MARLIN_GROUPED_SCALES", MARLIN_GROUP_GRID, "for group-"),
@@ -1490,14 +1355,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="fit the host time (HOST_GRID) on each vLLM generation's train runs apart (before 0.11.0 and "
                          "from it on), each generation's current value kept unless beaten, without the measurement's "
                          "check or the stages after it")
-    ap.add_argument("--fit-sharegpt-short", action="store_true",
-                    help="try a share of short ShareGPT replies (SHAREGPT_SHORT_GRID) beside the log-normal "
-                         "on the train ShareGPT runs")
-    ap.add_argument("--fit-sharegpt-gamma", action="store_true",
-                    help="try the ShareGPT replies as a Gamma distribution (SHAREGPT_GAMMA_GRID) against the "
-                         "incumbent log-normal on the train ShareGPT runs")
-    ap.add_argument("--fit-sharegpt", action="store_true",
-                    help="refit the ShareGPT length distribution's shape on the train ShareGPT rows")
     ap.add_argument("--fit-roofline", action="store_true",
                     help="refit the roofline's GEMM and HBM efficiencies alone (ROOFLINE_GRID) on the train rows "
                          "auto prices by the roofline, at the current host time, front end and latency")
@@ -1523,20 +1380,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, ((step_s, per_seq_s), err) in fit_host_by_generation(pub).items():
             print(f"best {name}: {1000 * step_s:.1f} ms per step + {1e6 * per_seq_s:.0f} us per request: "
                   f"median |log err| {err:.4f}")
-        return 0
-    if args.fit_sharegpt_short:
-        (share, mu_in, mu_out), err = fit_sharegpt_short(pub)
-        print(f"kept: short share {share}, mu {mu_in:.3f} / {mu_out:.3f}: median |log err| {err:.4f}")
-        return 0
-    if args.fit_sharegpt_gamma:
-        (k, mu_in, scale), err = fit_sharegpt_gamma(pub)
-        print(f"kept: replies {'Gamma k = ' + str(k) if k else 'log-normal'}, prompt mu {mu_in:.3f}, "
-              f"{'scale' if k else 'reply mu'} {scale:.3f}: median |log err| {err:.4f}")
-        return 0
-    if args.fit_sharegpt:
-        print("ShareGPT shape fit on the train rows that run ShareGPT (auto timing):")
-        (sigma, mu_in, mu_out), err = fit_sharegpt(pub)
-        print(f"best: SHAREGPT_SIGMA = {sigma}, mu {mu_in:.3f} / {mu_out:.3f}: median |log err| {err:.3f}")
         return 0
     if args.fit_roofline:
         report_roofline_fit(pub, "auto timing, at the current host time, front end and latency; objective: "

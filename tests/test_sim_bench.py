@@ -163,64 +163,37 @@ def test_arrivals_are_vllms_poisson_process():
     assert t[-1] == pytest.approx(250.0) and (np.diff(t) >= 0).all()
 
 
-def test_sharegpt_is_a_documented_length_distribution():
-    p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
-    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
-    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
+def test_sharegpt_lengths_are_the_datasets_drawn_and_filtered_as_vllm_does():
+    table = datasets.sharegpt_table()
+    assert table.shape == (17_400, 2)  # the two-turn entries of the copy's first 17,671
+    assert tuple(table[0]) == (35, 245)  # the file's first entry, QWJhYvA_0, with Llama-3.1's BOS on each
+    p, o = datasets.sharegpt_lengths(1_000_000, None, seed=0)  # every valid pair, then vLLM's oversampling
+    valid = datasets._sharegpt_valid(table[:, 0], table[:, 1], False)
+    assert valid.sum() == 15_822
+    assert p[:15_822].mean() == pytest.approx(221.1, abs=0.05) and o[:15_822].mean() == pytest.approx(198.9, abs=0.05)
+    # vllm-project/vllm PR #18566: 1,000 ShareGPT prompts, Llama-3.1-8B's tokenizer, 229,711 in / 203,068 out
+    assert p[:15_822].mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.04)
+    assert o[:15_822].mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
     assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2048  # vLLM's filter
-    again, _ = datasets.sharegpt_lengths(20_000, None, seed=0)
-    assert (again == p).all()
-    _, fixed = datasets.sharegpt_lengths(100, 64, seed=1)
-    assert (fixed == 64).all()
+    assert len(p) == 1_000_000 and set(map(tuple, np.stack([p, o], 1)[15_822:][:1000])) <= set(
+        map(tuple, np.stack([p, o], 1)[:15_822]))  # oversampled from the valid pairs
+    assert (o <= 32).mean() == pytest.approx(0.29, abs=0.01)  # the dataset's short replies
+    again, _ = datasets.sharegpt_lengths(1000, None, seed=0)
+    assert (again == p[:1000]).all()
+    fp, fixed = datasets.sharegpt_lengths(100, 1500, seed=1)
+    assert (fixed == 1500).all() and fp.max() <= 548  # with --sharegpt-output-len: prompt + reply <= 2,048
+    with pytest.raises(KvlabError, match="leaves no ShareGPT prompt"):
+        datasets.sharegpt_lengths(10, 2046, seed=1)
 
 
-def test_sharegpt_lengths_read_the_shape_when_called(monkeypatch):
-    # bench/sim_validation.py --fit-sharegpt sets the module's sigma and mus, then draws: the draw
-    # must use the mus set then (its defaults were once bound at import, keeping the old ones)
-    _, base_o = datasets.sharegpt_lengths(5_000, None, seed=3)
-    monkeypatch.setattr(datasets, "SHAREGPT_MU_OUTPUT", datasets.SHAREGPT_MU_OUTPUT - 0.5)
-    _, shorter = datasets.sharegpt_lengths(5_000, None, seed=3)
-    assert shorter.mean() < 0.75 * base_o.mean()
-    assert datasets.SHAREGPT_SIGMA == 0.7  # fitted on the train rows (bench/sim_validation.py --fit-sharegpt)
-
-
-def test_sharegpt_replies_as_a_gamma_keep_the_published_means_and_vllms_filter():
-    # bench/sim_validation.py --fit-sharegpt-gamma: the replies drawn from Gamma(k), the scale refitted so
-    # that the filtered mean stays 203.1; the train rows kept the log-normal (2026-12-06)
+def test_sharegpt_table_builder_reads_a_copy_cut_mid_entry():
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import sim_validation
+    import sharegpt_lengths
 
-    assert datasets.SHAREGPT_OUTPUT_GAMMA_K is None
-    ln_p, ln_o = datasets.sharegpt_lengths(20_000, None, seed=0)
-    with sim_validation.sharegpt_gamma_replies(1.0) as (_, scale):
-        p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
-        assert scale == pytest.approx(200, rel=0.02)  # an exponential, less what the filter drops
-    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
-    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
-    assert p.min() >= 4 and p.max() <= 1024 and o.min() >= 4 and (p + o).max() <= 2048
-    assert (o < 30).mean() > 0.10 and (ln_o < 30).mean() < 0.01  # the short replies a log-normal of 0.7 lacks
-    assert datasets.SHAREGPT_OUTPUT_GAMMA_K is None  # restored
-    again_p, again_o = datasets.sharegpt_lengths(20_000, None, seed=0)
-    assert (again_p == ln_p).all() and (again_o == ln_o).all()
-
-
-def test_a_share_of_short_sharegpt_replies_keeps_the_published_means():
-    # bench/sim_validation.py --fit-sharegpt-short: a share of 4-30-token replies beside the log-normal,
-    # its mu refitted; at 0 (kept, 2026-12-06) the draw is the log-normal's alone
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import sim_validation
-
-    assert datasets.SHAREGPT_SHORT_SHARE == 0.0
-    _, ln_o = datasets.sharegpt_lengths(20_000, None, seed=0)
-    with sim_validation.sharegpt_short_replies(0.15):
-        p, o = datasets.sharegpt_lengths(20_000, None, seed=0)
-    assert o.mean() == pytest.approx(datasets.SHAREGPT_MEAN_OUTPUT, rel=0.03)
-    assert p.mean() == pytest.approx(datasets.SHAREGPT_MEAN_INPUT, rel=0.03)
-    assert (o <= 30).mean() == pytest.approx(0.15, abs=0.02) and (ln_o <= 30).mean() < 0.01
-    assert o.min() >= 4 and (p + o).max() <= 2048
-    assert (datasets.sharegpt_lengths(20_000, None, seed=0)[1] == ln_o).all()  # restored
+    whole = '[{"id": "a", "conversations": []}, {"id": "b", "conversations": [{"value": "x"}]}]'
+    assert [e["id"] for e in sharegpt_lengths.whole_entries(whole)] == ["a", "b"]
+    assert [e["id"] for e in sharegpt_lengths.whole_entries(whole[:-10])] == ["a"]
 
 
 def test_clients_before_0_10_send_the_first_request_at_0_and_do_not_rescale():

@@ -269,7 +269,7 @@ def bench_cmd(
     model: str = typer.Argument(..., help="Card name, local folder / config.json, or Hugging Face id"),
     gpu: str = typer.Option(..., "--gpu", help="GPU preset to simulate (kvlab gpus)"),
     dataset: str = typer.Option("random", "--dataset", "--dataset-name",
-                                help="random (vLLM's), or sharegpt: a length distribution, not the dataset"),
+                                help="random (vLLM's), or sharegpt: the dataset's own prompt and reply lengths (not its text)"),
     input_len: Optional[int] = typer.Option(None, "--input-len", "--random-input-len",
                                             help="random: prompt tokens (default 1024)"),
     output_len: Optional[int] = typer.Option(None, "--output-len", "--random-output-len",
@@ -316,7 +316,7 @@ def bench_cmd(
     total_input_tokens: Optional[int] = typer.Option(None, "--total-input-tokens", rich_help_panel="kvlab options",
                                                      help=(
         "Prompts scaled by one share (after --random-prefix-len) so that they total N tokens: replays a published "
-        "run's 'Total input tokens' (sharegpt here is a length distribution, not the dataset)")),
+        "run's 'Total input tokens' (sharegpt here draws the dataset's lengths, not the very prompts vLLM's seed picks)")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result record (JSON) here"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as one JSON object"),
     timing: str = typer.Option(DEFAULT_TIMING, "--timing", rich_help_panel="kvlab options", help=TIMING_HELP),

