@@ -188,7 +188,7 @@ def test_8_bit_gptq_takes_gptq_paths_but_not_the_int4_rows():
     assert weight_kernel(int8, h100, vllm_version="0.32") == "machete"
     assert weight_kernel(int8, a100, vllm_version="0.32") == "marlin"
     assert weight_kernel(int8, a100, legacy=True, vllm_version="0.9.2") == "dequant"
-    assert marlin_efficiency(a100, int8) == (pytest.approx(0.806 * 0.75), marlin_efficiency(a100, int8)[1])
+    assert marlin_efficiency(a100, int8) == (pytest.approx(0.806 * 0.8), marlin_efficiency(a100, int8)[1])
     assert marlin_efficiency(a100, int8)[0] < marlin_efficiency(a100, int4)[0]  # the 8-bit benchmark: 0.806 vs 0.891
     arch = card("qwen3-8b").arch
     assert quant_gemms.measured_delta(arch, "gptq", 128, "machete", "h200", 1) is not None
