@@ -29,7 +29,7 @@ validation.md, "Low-load TTFT").
 
 A burst with replies of spread lengths (`--output-len 100 --random-range-ratio 0.9`) also gives a
 request's mean gap over the pooled gap, mean TPOT / mean ITL, at the client and in vLLM's own
-histograms (the check behind the stated cause `lab-sharegpt-tpot-gaps`: published ShareGPT bursts on
+histograms (the check behind the stated cause `lab-sharegpt-tpot-gaps`, dropped in session 39: published ShareGPT bursts on
 H100/H200 give 1.8-2.4x, which neither the API server nor the client makes here).
 
 Run: `python bench/frontend_burst.py --tokenizer DIR [--server-python PY] [--endpoint chat|completions]
