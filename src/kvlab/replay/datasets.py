@@ -60,8 +60,10 @@ Read from vLLM's source (vllm-project/vllm, main of late 2026: `vllm/benchmarks/
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
@@ -79,7 +81,7 @@ RESCALED_ARRIVALS_FROM = (0, 10)  # the first vLLM release whose client rescales
 # ShareGPT as vLLM's benchmark samples it (see the module docstring for the source): the dataset's
 # own lengths, `sharegpt_table()`. The published means of 1,000 of them (pull request #18566,
 # Llama-3.1-8B's tokenizer), which tests/test_sim_bench.py checks the table's filtered means against.
-SHAREGPT_LENGTHS = "data/datasets/sharegpt_lengths.csv"  # inside the kvlab package
+SHAREGPT_LENGTHS = Path(__file__).resolve().parents[1] / "data" / "datasets" / "sharegpt_lengths.csv"
 SHAREGPT_MEAN_INPUT = 229.7
 SHAREGPT_MEAN_OUTPUT = 203.1
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048  # vLLM's is_valid_sequence
@@ -150,24 +152,19 @@ def _sharegpt_valid(prompt: np.ndarray, output: np.ndarray, output_fixed: bool) 
     return ok if output_fixed else ok & (output >= SHAREGPT_MIN_LEN)
 
 
-_SHAREGPT_TABLE: np.ndarray | None = None
-
-
+@functools.lru_cache(maxsize=1)
 def sharegpt_table() -> np.ndarray:
     """The dataset's (prompt, reply) lengths, one row an entry, in the file's order, before vLLM's
     filter (SHAREGPT_LENGTHS; read once)."""
-    global _SHAREGPT_TABLE
-    if _SHAREGPT_TABLE is None:
-        import numpy as np
-        from importlib.resources import files
+    import numpy as np
 
-        rows = [line for line in files("kvlab").joinpath(SHAREGPT_LENGTHS).read_text().splitlines()
-                if line and not line.startswith("#")]
-        if not rows or rows[0] != "prompt_len,output_len":
-            raise KvlabError(f"kvlab/{SHAREGPT_LENGTHS} is not ShareGPT's length table (rebuild it: "
-                             "python bench/sharegpt_lengths.py)")
-        _SHAREGPT_TABLE = np.array([row.split(",") for row in rows[1:]], dtype=np.int64)
-    return _SHAREGPT_TABLE
+    from kvlab.sim.measured_moe import read_rows  # kvlab's data CSVs: `#` provenance lines, then a header
+
+    rows = read_rows(SHAREGPT_LENGTHS)
+    if not rows or set(rows[0]) != {"prompt_len", "output_len"}:
+        raise KvlabError(f"{SHAREGPT_LENGTHS} is not ShareGPT's length table (rebuild it: "
+                         "python bench/sharegpt_lengths.py)")
+    return np.array([(r["prompt_len"], r["output_len"]) for r in rows], dtype=np.int64)
 
 
 def sharegpt_lengths(num_prompts: int, output_len: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
