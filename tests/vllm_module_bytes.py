@@ -1,7 +1,14 @@
 """Load a model folder on the installed vLLM (the CPU build) and print, as JSON, what its loaded
 module holds: the bytes of its distinct tensor storages (a view, such as MLA's W_UK_T and W_UV of an
 unquantized kv_b_proj, counted once) and each buffer's name, dtype and shape.
-Run: python tests/vllm_module_bytes.py MODEL_DIR (tests/test_vllm_module_bytes.py does)."""
+Run: python tests/vllm_module_bytes.py MODEL_DIR (tests/test_vllm_module_bytes.py does).
+
+On a CPU that oneDNN runs bfloat16 GEMMs on (AVX-512 BF16 or AMX), the CPU build repacks each linear
+layer's weight for oneDNN and then frees the parameter (`dispatch_cpu_unquantized_gemm(layer,
+remove_weight=True)`, vllm/model_executor/layers/utils.py), so the module would hold an empty tensor
+where a GPU holds the weight; elsewhere it keeps the weight and calls torch's linear. The script keeps
+the parameters on every CPU (`remove_weight=False`), so the count is what vLLM allocates for the model,
+whichever CPU runs it."""
 
 import json
 import os
@@ -21,6 +28,14 @@ if __name__ == "__main__":  # vLLM spawns workers: the entry point must be guard
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model in this process
     from vllm import LLM
+    from vllm.model_executor.layers import utils as layer_utils
+
+    _dispatch = layer_utils.dispatch_cpu_unquantized_gemm  # linear.py imports it at each call
+
+    def _keep_weight(layer, remove_weight):
+        return _dispatch(layer, remove_weight=False)
+
+    layer_utils.dispatch_cpu_unquantized_gemm = _keep_weight
 
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=1024, skip_tokenizer_init=True)
     (result,) = llm.apply_model(held)
