@@ -61,6 +61,9 @@ class Measured(BaseModel):
     mean_itl_ms: float | None = figure("measured", unit="ms")
     median_itl_ms: float | None = figure("measured", unit="ms")
     p99_itl_ms: float | None = figure("measured", unit="ms")
+    max_output_tokens_per_s: float | None = figure(
+        "measured", unit="tok/s", description="the client's 'Peak output token throughput': output tokens in its busiest "
+                                              "whole second")
 
     @model_validator(mode="after")
     def _figures_are_positive(self) -> Measured:
