@@ -3,12 +3,12 @@ module holds: the bytes of its distinct tensor storages (a view, such as MLA's W
 unquantized kv_b_proj, counted once) and each buffer's name, dtype and shape.
 Run: python tests/vllm_module_bytes.py MODEL_DIR (tests/test_vllm_module_bytes.py does).
 
-On a CPU that oneDNN runs bfloat16 GEMMs on (AVX-512 BF16 or AMX), the CPU build repacks each linear
-layer's weight for oneDNN and then frees the parameter (`dispatch_cpu_unquantized_gemm(layer,
-remove_weight=True)`, vllm/model_executor/layers/utils.py), so the module would hold an empty tensor
-where a GPU holds the weight; elsewhere it keeps the weight and calls torch's linear. The script keeps
-the parameters on every CPU (`remove_weight=False`), so the count is what vLLM allocates for the model,
-whichever CPU runs it."""
+On some CPUs (one with AVX-512 BF16, an AMD EPYC, 2026-12-07) the CPU build repacks each linear layer's
+weight into a oneDNN handle and then frees the parameter (`dispatch_cpu_unquantized_gemm(layer,
+remove_weight=True)`, vllm/model_executor/layers/utils.py), so the module holds an empty tensor where a
+GPU holds the weight; on others (CI's runners, where the count matched before) the parameters stay. The
+script keeps them on every CPU (`remove_weight=False`), so the count is what vLLM allocates for the
+model, whichever CPU runs it."""
 
 import json
 import os
