@@ -990,9 +990,13 @@ LEGACY_REPEAT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 # The fraction of its measured channelwise rate Marlin keeps on weights with per-group scales
 # (declared 2026-12-03 before it was run; 1.0: the model before it).
 MARLIN_GROUP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
+# Marlin's HBM rate at a few rows as a fraction of cuBLAS's, on GPUs without a measured one (declared
+# 2026-12-07, session 41, before it was run; 1.0: the model before it).
+MARLIN_BANDWIDTH_GRID = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
 # Each kernel-path constant: (timing constant, grid, what the quantized run's timing source names).
 PATH_FITS = {"marlin": ("MARLIN_EFFICIENCY", MARLIN_GRID, "Marlin"),
              "marlin-groups": ("MARLIN_GROUPED_SCALES", MARLIN_GROUP_GRID, "for group-"),
+             "marlin-bandwidth": ("MARLIN_BANDWIDTH", MARLIN_BANDWIDTH_GRID, "Marlin"),
              "dequant": ("DEQUANT_EFFICIENCY", DEQUANT_GRID, "legacy dequantize"),
              "legacy-gemm": ("LEGACY_GEMM_REPEAT_COST", LEGACY_REPEAT_GRID, "legacy dequantize")}
 
@@ -1007,10 +1011,13 @@ def fit_path(pub: published_runs.PublishedRuns, path: str, report=print) -> tupl
     pairs = [q for q in pub.ratios if q.a in train and q.b in train]
     sub = pub.model_copy(update={"runs": [train[i] for q in pairs for i in (q.a, q.b)], "ratios": []})
     base = {r.run.id: r for r in rows(sub, ("auto",))}
-    # (Marlin and the dequantize kernel: only where their rate is not measured; Marlin's group-scale
-    # cost: where it is measured and the weights have group scales: kvlab.sim.timing)
+    # (Marlin's rate and the dequantize kernel: only where their rate is not measured; Marlin's rate at a
+    # few rows: where that is not measured; Marlin's group-scale cost: where the rate is measured and the
+    # weights have group scales: kvlab.sim.timing)
+    unmeasured = {"marlin": "of the BF16 GEMM rate, measured", "marlin-bandwidth": "HBM rate, measured",
+                  "dequant": "measured: vLLM"}
     pairs = [q for q in pairs if base[q.a].sim and base[q.b].sim and marker in base[q.a].source["auto"]
-             and (path in ("legacy-gemm", "marlin-groups") or "measured: vLLM" not in base[q.a].source["auto"])]
+             and (path not in unmeasured or unmeasured[path] not in base[q.a].source["auto"])]
     if not pairs:
         report(f"  {const}: no train ratio row on this path to fit it on; kept at {getattr(sim_timing, const)}")
         return getattr(sim_timing, const), math.nan
