@@ -220,12 +220,16 @@ LEGACY_LAST = {"awq": (0, 23), "gptq": (0, 21)}
 CUTLASS_BLOCK_LAST = (0, 10)
 
 
+def _marlin_key(gpu: GPU, fmt: WeightFormat) -> tuple[str, int]:
+    """The (GPU preset, weight bits) the Marlin benchmark's tables are keyed by: its 4-bit and 8-bit runs."""
+    return gpu.name, 4 if fmt.bits <= 4 else 8
+
+
 def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
     """Marlin's compute-bound GEMM rate on `gpu` for `fmt`'s weights as a fraction of the BF16 GEMM
     rate, and where the fraction comes from (measured, MARLIN_MEASURED, times MARLIN_GROUPED_SCALES
     for weights with per-group scales; else fitted)."""
-    bits = 4 if fmt.bits <= 4 else 8
-    measured = MARLIN_MEASURED.get((gpu.name, bits))
+    measured = MARLIN_MEASURED.get(_marlin_key(gpu, fmt))
     if measured is None:
         return MARLIN_EFFICIENCY, "fitted"
     if 0 < fmt.group_size < 1 << 30:  # per-group (or per-block) scales: the fitted cost of applying them
@@ -237,7 +241,7 @@ def marlin_efficiency(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
 def marlin_bandwidth(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
     """Marlin's HBM rate on `gpu` at a few rows for `fmt`'s weights as a fraction of cuBLAS's, and
     where it comes from (measured, MARLIN_BANDWIDTH_MEASURED; else fitted, MARLIN_BANDWIDTH)."""
-    measured = MARLIN_BANDWIDTH_MEASURED.get((gpu.name, 4 if fmt.bits <= 4 else 8))
+    measured = MARLIN_BANDWIDTH_MEASURED.get(_marlin_key(gpu, fmt))
     return (MARLIN_BANDWIDTH, "fitted") if measured is None else (measured, MARLIN_BANDWIDTH_SOURCE)
 # Rows from which vLLM's legacy weight-only kernels dequantize the whole weight and call cuBLAS:
 # AWQ (`-q awq`): vllm/model_executor/layers/quantization/awq.py (auto_awq.py in vLLM 0.32)
