@@ -60,7 +60,7 @@ def test_the_core_against_a_flashmla_kernel_timing():
 
 def test_the_latent_read_rate_and_the_floor_the_roofline_lacks():
     # From 16k tokens of context a step the latent (576 values of 2 bytes a token a layer) is read at
-    # 88-95 % of the H100's HBM (the roofline's MEMORY_EFFICIENCY 0.9 for it), while a layer with one
+    # 88-95 % of the H100's HBM (the roofline's MEMORY_EFFICIENCY was 0.9, now 0.8), while a layer with one
     # decode row costs 50-80 us, where the roofline's attention term is under a microsecond.
     h100 = hardware.gpu("h100")
     t0 = mla_module.decode_core_s("h100_sxm", "bfloat16", 16, 128, 16384)

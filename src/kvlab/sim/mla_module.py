@@ -16,8 +16,8 @@ V2-Lite's attention, and V2-Lite's own projections come from the GEMM tables at 
 over 1,536 values a token).
 
 What it shows against the roofline (H100, 16 heads, bf16 cache): from 16k tokens of context a step
-the latent is read at 91 % of HBM (the roofline's 90 %), but each layer carries a floor the roofline
-has no term for: 63 us at one decode row, 105 us at 256, 171 us at 1,024 (launches, norms, the
+the latent is read at 91 % of HBM (the roofline's 90 % then; 80 % since session 42), but each layer
+carries a floor the roofline has no term for: 63 us at one decode row, 105 us at 256, 171 us at 1,024 (launches, norms, the
 rotary embedding, the cache write, the batched products); in prefill it is 1.3-11x the roofline's
 attention time for one prompt of 8k down to 1k tokens (more for shorter ones: per-token work on 16
 heads x 192 values), under it from 16k-token prompts. An FP8 cache (FLASHMLA) reads the latent at
