@@ -87,9 +87,17 @@ def test_gpus_and_cards(kvlab):
     # which presets the simulator prices from measured vLLM kernel tables (else the roofline)
     from kvlab.sim import kernels
 
+    from kvlab.sim import timing
+
     data = {g["name"]: g["measured_kernel_data"] for g in d["gpus"]}
-    assert data == {name: kernels.gpu_tables(name) for name in names}
+    assert data == {name: timing.gpu_kernel_data(name) for name in names}
     assert data["mi300x"] is None and data["l4"] is None
+    # the Marlin fractions measured for a preset follow its tables (the RTX 4090 has no tables: the roofline)
+    assert data["rtx-4090"] == ("— (roofline); Marlin int4 / 8-bit (vLLM 0.18 kernel benchmark): 1.07 / — x BF16 "
+                                "GEMMs from 1,024 rows, 0.90 / 0.94 x cuBLAS's HBM rate at 1-16 rows")
+    assert data["a100-80gb"].endswith("; Marlin int4 / 8-bit (vLLM 0.18 kernel benchmark): 0.89 / 0.81 x BF16 GEMMs "
+                                      "from 1,024 rows, 0.62 / 0.84 x cuBLAS's HBM rate at 1-16 rows")
+    assert "Marlin" not in (data["l40s"] or "")  # its fractions are fitted
     if kernels.available():
         assert data["h100"].startswith("h100_sxm, vLLM ")
         assert data["h100-pcie"].startswith("h100's, scaled by the data sheets' ratio: h100_sxm, vLLM ")

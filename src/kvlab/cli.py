@@ -47,9 +47,9 @@ def _load_spec(path: str):
 
 
 def _kernel_data(gpu: str) -> str | None:
-    from kvlab.sim.kernels import gpu_tables
+    from kvlab.sim.timing import gpu_kernel_data
 
-    return gpu_tables(gpu)
+    return gpu_kernel_data(gpu)
 
 
 def _parse_log(text: str):

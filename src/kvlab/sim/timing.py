@@ -248,6 +248,32 @@ def marlin_bandwidth(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
     where it comes from (measured, MARLIN_BANDWIDTH_MEASURED; else fitted, MARLIN_BANDWIDTH)."""
     measured = MARLIN_BANDWIDTH_MEASURED.get(_marlin_key(gpu, fmt))
     return (MARLIN_BANDWIDTH, "fitted") if measured is None else (measured, MARLIN_BANDWIDTH_SOURCE)
+def marlin_note(gpu: str) -> str | None:
+    """The Marlin fractions measured for GPU preset `gpu` (MARLIN_MEASURED, MARLIN_BANDWIDTH_MEASURED), in
+    words for `kvlab gpus`; None where neither table has the GPU (the fitted fractions price it)."""
+    rate = {bits: MARLIN_MEASURED.get((gpu, bits)) for bits in (4, 8)}
+    reads = {bits: MARLIN_BANDWIDTH_MEASURED.get((gpu, bits)) for bits in (4, 8)}
+    if not any(rate.values()) and not any(reads.values()):
+        return None
+
+    def pair(d: dict) -> str:
+        return " / ".join("—" if d[b] is None else f"{d[b]:.2f}" for b in (4, 8))
+
+    return (f"Marlin int4 / 8-bit (vLLM 0.18 kernel benchmark): {pair(rate)} x BF16 GEMMs from 1,024 rows, "
+            f"{pair(reads)} x cuBLAS's HBM rate at 1-16 rows")
+
+
+def gpu_kernel_data(gpu: str) -> str | None:
+    """What `kvlab gpus` says of a preset's measured kernel data (`kernels.gpu_tables`, then the Marlin
+    fractions measured for it), or None: the roofline with fitted constants prices it."""
+    from kvlab.sim.kernels import gpu_tables
+
+    tables, marlin = gpu_tables(gpu), marlin_note(gpu)
+    if marlin is None:
+        return tables
+    return f"{tables or '— (roofline)'}; {marlin}"
+
+
 # Rows from which vLLM's legacy weight-only kernels dequantize the whole weight and call cuBLAS:
 # AWQ (`-q awq`): vllm/model_executor/layers/quantization/awq.py (auto_awq.py in vLLM 0.32)
 # AWQLinearMethod.apply, `FP16_MATMUL_HEURISTIC_CONDITION = x.shape[:-1].numel() >= 256`;
