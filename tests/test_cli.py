@@ -85,9 +85,7 @@ def test_gpus_and_cards(kvlab):
     names = {g["name"] for g in d["gpus"]}
     assert {"h100", "h200", "a100-80gb", "b200", "l40s"} <= names
     # which presets the simulator prices from measured vLLM kernel tables (else the roofline)
-    from kvlab.sim import kernels
-
-    from kvlab.sim import timing
+    from kvlab.sim import kernels, timing
 
     data = {g["name"]: g["measured_kernel_data"] for g in d["gpus"]}
     assert data == {name: timing.gpu_kernel_data(name) for name in names}

@@ -57,7 +57,7 @@ from kvlab.models import memory
 from kvlab.models.arch import ModelArch
 from kvlab.models.params import EMBEDDING, EXPERT, LINEAR, LM_HEAD, OTHER, param_counts
 from kvlab.models.weights import WEIGHT_FORMATS, WeightFormat, weight_bytes_by_role
-from kvlab.sim.kernels import _decodes_and_chunks
+from kvlab.sim.kernels import _decodes_and_chunks, gpu_tables
 
 # Fractions of data-sheet peaks that vLLM's kernels reach (estimates): large BF16/FP8 GEMMs reach
 # 60-75 % of dense peak on Hopper; decode GEMVs and paged-attention reads 75-90 % of HBM bandwidth.
@@ -248,6 +248,8 @@ def marlin_bandwidth(gpu: GPU, fmt: WeightFormat) -> tuple[float, str]:
     where it comes from (measured, MARLIN_BANDWIDTH_MEASURED; else fitted, MARLIN_BANDWIDTH)."""
     measured = MARLIN_BANDWIDTH_MEASURED.get(_marlin_key(gpu, fmt))
     return (MARLIN_BANDWIDTH, "fitted") if measured is None else (measured, MARLIN_BANDWIDTH_SOURCE)
+
+
 def marlin_note(gpu: str) -> str | None:
     """The Marlin fractions measured for GPU preset `gpu` (MARLIN_MEASURED, MARLIN_BANDWIDTH_MEASURED), in
     words for `kvlab gpus`; None where neither table has the GPU (the fitted fractions price it)."""
@@ -266,8 +268,6 @@ def marlin_note(gpu: str) -> str | None:
 def gpu_kernel_data(gpu: str) -> str | None:
     """What `kvlab gpus` says of a preset's measured kernel data (`kernels.gpu_tables`, then the Marlin
     fractions measured for it), or None: the roofline with fitted constants prices it."""
-    from kvlab.sim.kernels import gpu_tables
-
     tables, marlin = gpu_tables(gpu), marlin_note(gpu)
     if marlin is None:
         return tables
