@@ -406,9 +406,9 @@ KernelData = Callable[[str], Optional[str]]
 
 
 def gpus_command(kernel_data: KernelData | None) -> Callable[..., None]:
-    """`kvlab gpus`; `kernel_data(preset)` says which measured vLLM kernel tables the simulator has
-    for a preset (kvlab.sim.kernels.gpu_tables, wired in by kvlab.cli: the memory model's stage
-    imports nothing from the simulator's)."""
+    """`kvlab gpus`; `kernel_data(preset)` says which measured vLLM kernel data the simulator has
+    for a preset: its kernel tables and the Marlin rates measured for it (kvlab.sim.timing.gpu_kernel_data,
+    wired in by kvlab.cli: the memory model's stage imports nothing from the simulator's)."""
 
     def gpus_cmd(as_json: bool = JSON) -> None:
         """GPU presets: memory, bandwidth, dense BF16/FP8 TFLOPS, and whether the simulator has measured
