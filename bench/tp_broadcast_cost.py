@@ -93,11 +93,14 @@ result = {"vllm": vllm.__version__, "batches": {}}
 for n in batches:
     msg, resp, per_request = step(n)
     b_msg, b_resp = pickle.dumps(msg, protocol=P), pickle.dumps(resp, protocol=P)
+    ids = list(msg[1][0].num_scheduled_tokens)
+    round_trip = (list(pickle.loads(b_msg)[1][0].num_scheduled_tokens) == ids
+                  and pickle.loads(b_resp)[1].req_ids == ids and len(ids) == n)
     reps = 400 if n <= 128 else 150
     parts = [median_s(lambda: pickle.dumps(msg, protocol=P), reps), median_s(lambda: pickle.loads(b_msg), reps),
              median_s(lambda: pickle.dumps(resp, protocol=P), reps), median_s(lambda: pickle.loads(b_resp), reps)]
     result["batches"][n] = {"step_bytes": len(b_msg), "output_bytes": len(b_resp), "parts_s": parts,
-                            "total_s": sum(parts)}
+                            "total_s": sum(parts), "round_trip": round_trip}
 result["per_request_records"] = per_request
 with open(out, "w") as f:
     json.dump(result, f)
