@@ -207,6 +207,16 @@ def test_decode_step_roofline_arithmetic(monkeypatch):
     step_s, per_seq_s = sim_timing.HOST_FITTED[(0, 0, 0)]  # ... a release before 0.11.0 its own
     assert build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4").cost.host_s(8) == pytest.approx(
         step_s + 8 * per_seq_s)
+    # ... and a run at -tp > 1 its generation's multiprocess-executor value where one is fitted (HOST_FITTED_MULTIPROC)
+    monkeypatch.setattr(sim_timing, "HOST_FITTED_MULTIPROC", {(0, 0, 0): (0.004, 0.00005)})
+    tp2 = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4", tensor_parallel_size=2)
+    assert tp2.cost.host_s(8) == pytest.approx(0.004 + 8 * 0.00005)
+    assert "before 0.11.0 at -tp > 1 (4.00 ms per step + 50.0 us" in tp2.host_source()
+    assert build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4").cost.host_s(8) == pytest.approx(
+        step_s + 8 * per_seq_s)  # -tp 1 keeps HOST_FITTED's
+    step_s, per_seq_s = sim_timing.HOST_FITTED[(0, 11, 0)]  # a generation without one: HOST_FITTED's at every -tp
+    assert build_config("llama-3.1-8b", "h100", timing="roofline", tensor_parallel_size=2).cost.host_s(8) == pytest.approx(
+        step_s + 8 * per_seq_s)
     # ... and the release's measured one (HOST_MEASURED: 0.32.0's by default, 0.11.0's at 0.11.0) without it
     monkeypatch.setattr(sim_timing, "HOST_FITTED", None)
     measured = build_config("llama-3.1-8b", "h100", timing="roofline").cost

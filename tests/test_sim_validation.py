@@ -190,9 +190,10 @@ def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measure
         return {name: value * (1.0 if ok else 1.3) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
-    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == right
+    split = {(0, 0, 0): grid[0]}  # the older generation's -tp > 1 runs fitted apart (executor_sets), the same here
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split)
     monkeypatch.setattr(v, "JOBS", 2)
-    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == right
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split)
     with v.host_fitted(right):
         assert t.host_time("0.8.4") == (*grid[0], None) and t.host_time("0.32") == (*grid[1], None)
         assert (t.STEP_OVERHEAD_S, t.PER_SEQ_OVERHEAD_S) == grid[1]  # the default release's
@@ -203,7 +204,38 @@ def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measure
         ({n: x * (1.0 if t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION) < (0, 11, 0) else 1.3)
           for n, (_, x) in bench.figures.items()}, "fake")))
     out = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
-    assert out == {(0, 0, 0): None, (0, 11, 0): grid[1]}  # ... so they keep it
+    assert out == ({(0, 0, 0): None, (0, 11, 0): grid[1]}, {(0, 0, 0): None})  # ... so they keep it
+
+
+def test_the_host_stage_fits_each_executor_apart_where_a_generation_has_runs_of_both(pub, monkeypatch):
+    """Declared in session 43 (MIN_EXECUTOR_RUNS): a generation's -tp 1 and -tp > 1 train runs pick their own
+    host times (HOST_FITTED, HOST_FITTED_MULTIPROC), which kvlab.sim.timing then gives each run by its -tp;
+    a generation without enough runs of one executor (0.11.0 on: all one-GPU) fits one value, as before."""
+    t = v.sim_timing
+    grid = ((0.0005, 0.0001), (0.001, 0.00005), (0.004, 0.00005), (0.001, 0.0))
+    want = {((0, 0, 0), False): grid[1], ((0, 0, 0), True): grid[2], ((0, 11, 0), False): grid[3]}
+
+    def fake_simulate(bench, timing):
+        release = t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION)
+        generation = (0, 11, 0) if release >= (0, 11, 0) else (0, 0, 0)
+        tp = bench.serve["tensor_parallel_size"]
+        ok = t.host_time(bench.vllm_version, tp)[:2] == want[(generation, tp > 1)]
+        return {name: value * (1.0 if ok else 1.3) for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    generations = v.generation_sets(pub)
+    assert v.executor_sets(generations[(0, 11, 0)]) is None
+    assert {tp: len(x.runs) for tp, x in v.executor_sets(generations[(0, 0, 0)]).items()} == {1: 44, 2: 35}
+    fitted, multiproc = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
+    assert fitted == {(0, 0, 0): grid[1], (0, 11, 0): grid[3]} and multiproc == {(0, 0, 0): grid[2]}
+    with v.host_fitted(fitted, multiproc):
+        assert t.host_time("0.8.4", 8) == (*grid[2], None) and t.host_time("0.8.4") == (*grid[1], None)
+        assert t.host_time("0.32", 8) == t.host_time("0.32") == (*grid[3], None)
+        assert t.host_label("0.8.4", 8).startswith("host time fitted on the train rows at vLLM before 0.11.0 at -tp > 1 "
+                                                   "(4.00 ms per step + 50.0 us per scheduled request)")
+        assert "at -tp" not in t.host_label("0.32", 8)
+        assert t.host_fitted_words().startswith("vLLM before 0.11.0: -tp 1 1.00 ms per step + 50.0 us per scheduled "
+                                                "request, -tp > 1 4.00 ms per step + 50.0 us")
 
 
 def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
@@ -707,7 +739,9 @@ def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(mo
     assert v.main(["--fit"]) == 0
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.strip().startswith("grid's best: 1.00 ms + 0 us")]
-    assert len(lines) == 2  # one a vLLM generation (kvlab.sim.timing.HOST_GENERATIONS), each checked apart
+    # one a vLLM generation (kvlab.sim.timing.HOST_GENERATIONS), each checked apart, the older one's -tp 1 and
+    # -tp > 1 runs apart (executor_sets)
+    assert len(lines) == 3 and sum("at -tp" in x for x in out.splitlines() if x.startswith(" train runs at")) == 2
     assert all(("kept" in line) == measured_right and ("REJECTED" in line) != measured_right for line in lines)
     at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
     assert at_latency_point == {measured_right}

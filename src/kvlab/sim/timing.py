@@ -442,11 +442,36 @@ HOST_MEASURED_SOURCE = "measured: bench/engine_core_host.py"
 # vLLM 0.10) keep their median within ±25 %: -22.3 % (18 of 29 within; +14.1 %, 26 of 29, before).
 # TAKEN: the older generation's 0.5 ms + 100 us, the roofline's 1.0 / 0.80 and 0 us per request
 # (docs/simulator-validation.md, "session 42").
+# SESSION 43 (2026-12-07): the host time PER EXECUTOR within a generation, declared before it ran (bench/
+# sim_validation.py, MIN_EXECUTOR_RUNS; HOST_FITTED_MULTIPROC below). The broadcast a -tp > 1 step adds was
+# measured first and is not the older generation's 100 us (bench/tp_broadcast_cost.py: 0.8.5 1.95 us per
+# request, 0.9.2 on 0.5 us). `--fit` pass 1, at session 42's constants: before 0.11.0 at -tp 1 (44 runs)
+# HOST_GRID's best **1.0 ms + 50 us** (0.0739; 0.5 ms + 100 us 0.097; measured 0.1107, rejected), at -tp > 1
+# (35 runs: simon-mo's 8 x H200, IOG's 2-4 x RTX 4090 and 2 x H100 PCIe) **4.0 ms + 50 us** (0.1912; 0.5 ms
+# + 100 us 0.210; measured 0.2933, rejected); from 0.11.0 on (30 runs, all -tp 1: not split) as session 42's
+# (1.0 ms + 0 kept, its grid best no candidate); then the roofline's time per request 0 -> **60 us** (0.1227
+# against 0.1312), the front end (0.1216 against 0.1227: within the tolerance), 20 ms of latency and 1.0 /
+# 0.80 (0.101 on its 36 rows; 1.0 / 0.85 0.100) kept. Pass 2 at 60 us: the same host picks (-tp 1 0.0739
+# against 0.5 ms + 100 us's 0.103; -tp > 1 0.1912 against 0.205; 0.11.0 on 1.0 ms + 50 us 0.0938 against
+# 0.102, still no candidate) and 60 us kept (0.1227): every later stage would run at pass 1's constants:
+# CONVERGED. Session 35's rule before any test row was read: (1) the older generation's 18 train ratio
+# rows 14 of 18 within ±15 % and on the right side, as at session 42's constants; (2) bench/step_check.py's
+# 29 lines (all one-GPU, vLLM 0.10) median -9.7 % (26 of 29 within; -22.3 %, 18 of 29, at session 42's):
+# TAKEN (docs/simulator-validation.md, "session 43").
 # Keys: the first release of a generation (`host_time` takes the latest at or before a run's release); a
 # value of None: that generation takes HOST_MEASURED. None in place of the dict: the measurement everywhere.
 HOST_GENERATIONS = ((0, 0, 0), (0, 11, 0))  # the generations `--fit` fits apart: before 0.11.0, and on
 HOST_FITTED: dict[tuple[int, int, int], tuple[float, float] | None] | None = {
-    (0, 0, 0): (0.0005, 0.0001), (0, 11, 0): (0.001, 0.0)}
+    (0, 0, 0): (0.001, 0.00005), (0, 11, 0): (0.001, 0.0)}
+# The host time of a step under vLLM's multiprocess executor (`-tp` > 1: the engine core broadcasts each
+# step to one worker process per GPU and reads worker 0's output back; at `-tp 1` it calls its one model
+# runner in-process), per generation, where `--fit` fits it apart (declared in session 43, bench/
+# sim_validation.py beside FIT_TOLERANCE); a generation that is not a key, or None in place of the dict,
+# takes HOST_FITTED's value at every `-tp`. The broadcast itself is measured small (bench/
+# tp_broadcast_cost.py: 0.5-2 us per request of pickling, 0.8.5-0.32.0): a term fitted here is what the
+# train rows' tensor-parallel steps take beyond the kernel tables (collectives under load, the workers'
+# skew), not the queue.
+HOST_FITTED_MULTIPROC: dict[tuple[int, int, int], tuple[float, float]] | None = {(0, 0, 0): (0.004, 0.00005)}
 # what a backend built without a release adds (kvlab's default release's: 0.32.0's generation)
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
@@ -461,7 +486,10 @@ STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(
 # (`--fit-roofline`): 1.0 / 0.80 kept (0.112 on the 35 runs it prices; 0.95 / 0.80 0.123).
 # Sessions 41-42 (2026-12-07): the second `--fit` pass after Marlin's few-rows term moved it 80 -> **0 us**
 # (0.1341 against 0.1397) and the third kept it: taken with that pass (HOST_FITTED above).
-ROOFLINE_PER_SEQ_S = 0.0
+# Session 43 (2026-12-07): 0 -> **60 us** at the host time per executor (0.1227 against 0.1312; 40 and 80 us
+# 0.1231), kept by the next pass: taken with it (HOST_FITTED above). The roofline's -tp 1 runs before 0.11.0
+# (RTX 4090) want per request what their host time's 50 us no longer carries.
+ROOFLINE_PER_SEQ_S = 0.00006
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
 # outputs into streamed chunks (detokenising, building and writing each request's chunk) while the
 # engine core goes on stepping (kvlab.sim.engine). FRONTEND_PER_OUTPUT_S of its CPU per request with
@@ -858,11 +886,16 @@ class CostModel:
                 + self.host_step_s + self.host_per_seq_s * num_seqs)
 
 
-def host_time(vllm_version: str | None) -> tuple[float, float, str | None]:
+def host_time(vllm_version: str | None, tensor_parallel_size: int = 1) -> tuple[float, float, str | None]:
     """The engine core's host time at a vLLM release: (s per step, s per scheduled request, the
-    measured release it is taken from): HOST_FITTED's generation of the release (the latest first
-    release at or before it) where that is set (the release then None), else HOST_MEASURED's latest
-    release at or before it, its earliest for older ones."""
+    measured release it is taken from): at `-tp` > 1 HOST_FITTED_MULTIPROC's generation of the release
+    where it has one (the release then None); else HOST_FITTED's generation of the release (the latest
+    first release at or before it) where that is set (the release then None), else HOST_MEASURED's
+    latest release at or before it, its earliest for older ones."""
+    if tensor_parallel_size > 1 and HOST_FITTED_MULTIPROC and HOST_FITTED:
+        multiproc = HOST_FITTED_MULTIPROC.get(_latest_at(HOST_FITTED, vllm_version))
+        if multiproc is not None:
+            return multiproc[0], multiproc[1], None
     if HOST_FITTED:
         fitted = HOST_FITTED[_latest_at(HOST_FITTED, vllm_version)]
         if fitted is not None:
@@ -890,18 +923,25 @@ def host_fitted_words() -> str:
     if not HOST_FITTED:
         return "measured"
     first = {k: ".".join(map(str, k)) for k in HOST_FITTED}
+    multiproc = HOST_FITTED_MULTIPROC or {}
+
+    def words(v):
+        return f"{1000 * v[0]:.2f} ms per step + {1e6 * v[1]:.1f} us per scheduled request" if v is not None else "measured"
+
     return "; ".join(
-        f"{host_generation(first[k])}: " + (f"{1000 * v[0]:.2f} ms per step + {1e6 * v[1]:.1f} us per scheduled request"
-                                            if v is not None else "measured")
+        f"{host_generation(first[k])}: " + (f"-tp 1 {words(v)}, -tp > 1 {words(multiproc[k])}" if multiproc.get(k)
+                                            else words(v))
         for k, v in sorted(HOST_FITTED.items()))
 
 
-def host_label(vllm_version: str | None) -> str:
-    """The engine core's host time at a release in words, with where it comes from (the head of
-    SimConfig.host_source)."""
-    step_s, per_seq_s, release = host_time(vllm_version)
+def host_label(vllm_version: str | None, tensor_parallel_size: int = 1) -> str:
+    """The engine core's host time at a release (and `-tp`) in words, with where it comes from (the head
+    of SimConfig.host_source)."""
+    step_s, per_seq_s, release = host_time(vllm_version, tensor_parallel_size)
+    split = bool(HOST_FITTED and (HOST_FITTED_MULTIPROC or {}).get(_latest_at(HOST_FITTED, vllm_version)))
+    executor = (" at -tp > 1" if tensor_parallel_size > 1 else " at -tp 1") if split else ""
     where = (f"host time measured on vLLM {release}'s engine core" if release is not None
-             else f"host time fitted on the train rows at {host_generation(vllm_version)}")
+             else f"host time fitted on the train rows at {host_generation(vllm_version)}{executor}")
     return f"{where} ({1000 * step_s:.2f} ms per step + {1e6 * per_seq_s:.1f} us per scheduled request)"
 
 
