@@ -6,7 +6,7 @@ import pytest
 from kvlab import hardware
 from kvlab.models.cards import card
 from kvlab.models.weights import weight_format
-from kvlab.sim import gemm_tables, kernels, mla_module
+from kvlab.sim import gemm_tables, kernels, mla_module, timing
 from kvlab.sim.timing import StepWork, step_timing
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -101,6 +101,14 @@ def test_v2_lites_step_with_the_module():
     # no part is left to the roofline: the label and the steps say "composed"
     assert t.timing_source.startswith("composed (no kernel data: DeepseekV2ForCausalLM")
     assert t.provenance_counts == {"composed": 2}
+    # ... nor the roofline's time per request (ROOFLINE_PER_SEQ_S): the step is its parts plus the host time,
+    # as a kernel-table step is; the roofline's -tp 2 step keeps it
+    assert t.roofline_per_seq_s() == 0.0
+    assert t.decode_step_s(32, 32 * 3000) == pytest.approx(t.decode_gpu_s(32, 32 * 3000) + t.host_s(32), rel=1e-12)
+    roof = step_timing(arch, weight_format(None, arch), "bfloat16", "auto", hardware.gpu("h100"), 2, "auto")
+    assert roof.roofline_per_seq_s() == timing.ROOFLINE_PER_SEQ_S > 0
+    assert roof.decode_step_s(32, 32 * 3000) == pytest.approx(
+        roof.decode_gpu_s(32, 32 * 3000) + 32 * timing.ROOFLINE_PER_SEQ_S + roof.host_s(32), rel=1e-12)
     # the fp8-KV configuration reads FLASHMLA's rows
     f = step_timing(arch, weight_format(None, arch), "bfloat16", "fp8", hardware.gpu("h100"), 1, "auto")
     assert "FLASHMLA" in f.mla_attention.source and "fp8 KV" in f.mla_attention.source

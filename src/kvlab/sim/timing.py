@@ -478,7 +478,9 @@ STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(
 # out and that grows with the batch's requests (each sequence's attention blocks and their launch
 # and reduction, the sampler's rows, the per-request input and output tensors), where the kernel
 # tables measure it. Added to every step the roofline prices (CostModel; a step the tables cannot
-# answer included) as GPU time, apart from the host time.
+# answer included) as GPU time, apart from the host time; not to a step composed from measured parts
+# only (an MLA model's GEMM tables + measured experts + MLA module rows: `CostModel.roofline_per_seq_s`,
+# since session 43), which, like a kernel-table step, has no roofline term for it to complete.
 # FIT (2026-12-05, session 26, `fit_roofline_per_seq`, `--fit`'s first stage now; grid declared before
 # it ran, bench/sim_validation.py ROOFLINE_PER_SEQ_GRID; objective the median |log error| of every train
 # figure, at the measured host time and the roofline's 1.0 / 0.80): **80 us** (0.1266; 60 us 0.1308,
@@ -873,17 +875,23 @@ class CostModel:
         """The host time added to a step of `requests` scheduled requests."""
         return self.host_step_s + self.host_per_seq_s * requests
 
+    def roofline_per_seq_s(self) -> float:
+        """The roofline's time per scheduled request (ROOFLINE_PER_SEQ_S) where the roofline prices part of
+        the step; 0 for a step composed from measured parts only (`mla_attention` set: with_measured_ops
+        leaves no roofline term), as for one the kernel tables price."""
+        return ROOFLINE_PER_SEQ_S if self.mla_attention is None else 0.0
+
     def step_time_s(self, w: StepWork) -> float:
         self._steps[0] += 1
-        return self.gpu_s(w) + ROOFLINE_PER_SEQ_S * w.requests + self.host_step_s + self.host_per_seq_s * w.requests
+        return self.gpu_s(w) + (self.roofline_per_seq_s() + self.host_per_seq_s) * w.requests + self.host_step_s
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
         """A step of `num_seqs` single-token decodes reading `kv_tokens` of context (fast path):
         `step_time_s(StepWork(num_seqs, num_seqs, num_seqs, kv_tokens, kv_tokens, 0, 0))`, the same
         arithmetic without building the StepWork (it runs once per simulated decode step)."""
         self._steps[0] += 1
-        return (self.decode_gpu_s(num_seqs, kv_tokens) + ROOFLINE_PER_SEQ_S * num_seqs
-                + self.host_step_s + self.host_per_seq_s * num_seqs)
+        return (self.decode_gpu_s(num_seqs, kv_tokens) + (self.roofline_per_seq_s() + self.host_per_seq_s) * num_seqs
+                + self.host_step_s)
 
 
 def host_time(vllm_version: str | None, tensor_parallel_size: int = 1) -> tuple[float, float, str | None]:
