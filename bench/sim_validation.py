@@ -1393,7 +1393,8 @@ def _fit_after_host(pub: published_runs.PublishedRuns) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", action="store_true", help="check the measured host time against HOST_GRID on each vLLM generation's "
-                         "train rows apart (HOST_FITTED), then refit the roofline's time per request, "
+                         "train rows apart, and within one its -tp 1 and -tp > 1 runs apart where it has enough of both "
+                         "(HOST_FITTED, HOST_FITTED_MULTIPROC), then refit the roofline's time per request, "
                          "check the measured front end against FRONTEND_GRID, and refit the request latency and the "
                          "roofline on the train rows")
     ap.add_argument("--fit-path", choices=sorted(PATH_FITS),
