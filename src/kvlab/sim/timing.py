@@ -489,8 +489,9 @@ STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(
 # Sessions 41-42 (2026-12-07): the second `--fit` pass after Marlin's few-rows term moved it 80 -> **0 us**
 # (0.1341 against 0.1397) and the third kept it: taken with that pass (HOST_FITTED above).
 # Session 43 (2026-12-07): 0 -> **60 us** at the host time per executor (0.1227 against 0.1312; 40 and 80 us
-# 0.1231), kept by the next pass: taken with it (HOST_FITTED above). The roofline's -tp 1 runs before 0.11.0
-# (RTX 4090) want per request what their host time's 50 us no longer carries.
+# 0.1231), kept by the next pass: taken with it (HOST_FITTED above). The roofline prices the RTX 4090's and the
+# L4's runs; the RTX 4090's one-GPU runs before 0.11.0 (gpustack's, IOG's) lost 50 us a request of host
+# time with the split, and on them the two terms are near twins.
 ROOFLINE_PER_SEQ_S = 0.00006
 # The front end: vLLM V1's API server, a process apart from the engine core, turns each step's
 # outputs into streamed chunks (detokenising, building and writing each request's chunk) while the
