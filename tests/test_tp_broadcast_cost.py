@@ -36,7 +36,7 @@ def test_it_pickles_the_installed_vllms_own_step_and_output_and_fits_a_line():
     assert r["per_request_s"] > 0
 
 
-def test_a_python_without_vllm_is_a_one_line_error(tmp_path):
+def test_a_python_without_vllm_is_a_one_line_error():
     out = subprocess.run([sys.executable, str(BENCH / "tp_broadcast_cost.py"), "--vllm-python", "/bin/false"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and out.stderr.startswith("error: the driver failed under /bin/false")

@@ -901,15 +901,21 @@ def host_time(vllm_version: str | None, tensor_parallel_size: int = 1) -> tuple[
     where it has one (the release then None); else HOST_FITTED's generation of the release (the latest
     first release at or before it) where that is set (the release then None), else HOST_MEASURED's
     latest release at or before it, its earliest for older ones."""
-    if tensor_parallel_size > 1 and HOST_FITTED_MULTIPROC and HOST_FITTED:
-        multiproc = HOST_FITTED_MULTIPROC.get(_latest_at(HOST_FITTED, vllm_version))
-        if multiproc is not None:
-            return multiproc[0], multiproc[1], None
+    multiproc = _multiproc_host(vllm_version) if tensor_parallel_size > 1 else None
+    if multiproc is not None:
+        return multiproc[0], multiproc[1], None
     if HOST_FITTED:
         fitted = HOST_FITTED[_latest_at(HOST_FITTED, vllm_version)]
         if fitted is not None:
             return fitted[0], fitted[1], None
     return _at_release(HOST_MEASURED, vllm_version)
+
+
+def _multiproc_host(vllm_version: str | None) -> tuple[float, float] | None:
+    """HOST_FITTED_MULTIPROC's value for the HOST_FITTED generation of a release, or None where it has none."""
+    if not (HOST_FITTED and HOST_FITTED_MULTIPROC):
+        return None
+    return HOST_FITTED_MULTIPROC.get(_latest_at(HOST_FITTED, vllm_version))
 
 
 def host_generation(vllm_version: str | None) -> str:
@@ -947,7 +953,7 @@ def host_label(vllm_version: str | None, tensor_parallel_size: int = 1) -> str:
     """The engine core's host time at a release (and `-tp`) in words, with where it comes from (the head
     of SimConfig.host_source)."""
     step_s, per_seq_s, release = host_time(vllm_version, tensor_parallel_size)
-    split = bool(HOST_FITTED and (HOST_FITTED_MULTIPROC or {}).get(_latest_at(HOST_FITTED, vllm_version)))
+    split = _multiproc_host(vllm_version) is not None
     executor = (" at -tp > 1" if tensor_parallel_size > 1 else " at -tp 1") if split else ""
     where = (f"host time measured on vLLM {release}'s engine core" if release is not None
              else f"host time fitted on the train rows at {host_generation(vllm_version)}{executor}")
