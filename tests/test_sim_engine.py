@@ -5,6 +5,7 @@ import dataclasses
 import json
 from math import ceil
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -304,3 +305,32 @@ def test_sim_run_cli_plays_a_workload_profile(kvlab, tmp_path):
     assert bad.returncode == 2 and "--users must be positive" in bad.stderr
     bad = kvlab("sim", "run", "deepseek-v2-lite", "--gpu", "h100", "--workload", "no-such-profile")
     assert bad.returncode == 2 and "unknown workload 'no-such-profile'" in bad.stderr
+
+
+def test_a_sessions_next_turn_checks_the_last_turns_freed_blocks_in_place(monkeypatch):
+    """A session's next turn hands the prefix-cache lookup its previous turn's freed block table
+    (`prev_blocks`), read when the turn is sent: with async scheduling (the default) a finished request's
+    blocks are freed after the next `schedule`, after the player has seen it finish, so reading them then
+    left every table empty and each lookup walked the whole context through the dict. The hits are the
+    same either way (vLLM's lookup, one dict probe a block, gives the blocks the check confirms)."""
+    from kvlab.sim.block_manager import BlockManager
+
+    cfg = build_config("deepseek-v2-lite", "h100", max_model_len=4096)
+    assert cfg.async_scheduling
+    seen: list[tuple[int, int, bool]] = []  # (turn, len(prev_blocks), hits came back as the array)
+    lookup = BlockManager.find_cached_prefix
+
+    def spy(self, seq):
+        hits = lookup(self, seq)
+        seen.append((int(seq.seq_id.rsplit("-", 1)[1]), len(seq.prev_blocks), isinstance(hits, np.ndarray)))
+        via_dict = [self.cached.get(h) for h in seq.hashes_for((seq.num_tokens - 1) // self.block_size, self.block_size)]
+        n = len(hits)
+        assert list(np.asarray(hits).tolist()) == via_dict[:n] and (n == len(via_dict) or via_dict[n] is None)
+        return hits
+
+    monkeypatch.setattr(BlockManager, "find_cached_prefix", spy)
+    run_offline("deepseek-v2-lite", "h100", AGENTS, 20.0, concurrency=4, seed=5, config=cfg)
+    later = [(n, arr) for turn, n, arr in seen if turn > 0]
+    assert later and all(n > 0 for n, _ in later)  # every later turn carries its last turn's table
+    assert all(arr for _, arr in later)  # and its hits are those blocks, in place
+    assert all(n == 0 for turn, n, _ in seen if turn == 0)

@@ -64,7 +64,9 @@ class _Session:
     context: list[int]
     hashes: list[int]
     hash_array: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # hashes as int64, in part
-    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the last turn's blocks (freed)
+    # the last turn's request: its freed block table (`last_blocks`) is read when the next turn is sent, not when
+    # it finished: with async scheduling its blocks are freed after the next `schedule`, after `on_finished`
+    last: Sequence | None = None
     turn: int = 0
 
 
@@ -182,7 +184,8 @@ class Player:
                        output_seed=tokens.prompt_seed(prompt), tag=sess, max_tokens_param=turn.max_tokens)
         seq.block_hashes = sess.hashes  # the context's full blocks are hashed already
         seq.hash_array = sess.hash_array
-        seq.prev_blocks = sess.blocks
+        if sess.last is not None:
+            seq.prev_blocks = sess.last.last_blocks
         if self.chat_template:  # the chat template's work first, then the input processing
             self._hold(seq, self.engine.template(at_s), True)
         else:
@@ -209,7 +212,7 @@ class Player:
         sess.context = seq.token_ids  # prompt + the verbatim reply: the next turn's prefix
         sess.hashes = seq.block_hashes
         sess.hash_array = seq.hash_array
-        sess.blocks = seq.last_blocks
+        sess.last = seq
         think_s = sess.plan.turns[sess.turn].think_time_s
         sess.turn += 1
         if sess.turn < len(sess.plan.turns):
