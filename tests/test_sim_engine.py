@@ -334,3 +334,24 @@ def test_a_sessions_next_turn_checks_the_last_turns_freed_blocks_in_place(monkey
     assert later and all(n > 0 for n, _ in later)  # every later turn carries its last turn's table
     assert all(arr for _, arr in later)  # and its hits are those blocks, in place
     assert all(n == 0 for turn, n, _ in seen if turn == 0)
+
+
+def test_the_event_loop_raises_the_collectors_threshold_and_restores_it():
+    import gc
+
+    from kvlab.replay.player import GC_GEN0_THRESHOLD, _fewer_gc_passes
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with _fewer_gc_passes():
+            assert gc.get_threshold() == (GC_GEN0_THRESHOLD, 10, 10)
+        assert gc.get_threshold() == (700, 10, 10)
+        with pytest.raises(RuntimeError), _fewer_gc_passes():
+            raise RuntimeError("a run that fails")
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(10 * GC_GEN0_THRESHOLD, 10, 10)  # a caller's higher threshold is not lowered
+        with _fewer_gc_passes():
+            assert gc.get_threshold()[0] == 10 * GC_GEN0_THRESHOLD
+    finally:
+        gc.set_threshold(*before)
