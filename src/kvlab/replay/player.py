@@ -85,7 +85,8 @@ GC_GEN0_THRESHOLD = 50_000
 @contextmanager
 def _fewer_gc_passes(gen0: int = GC_GEN0_THRESHOLD):
     """The cyclic garbage collector's first-generation threshold raised to `gen0` (never lowered) while the
-    block runs, restored after."""
+    block runs, restored after. The threshold is the process's: kvlab runs one event loop at a time in a
+    process (the planner's probes and bench/sim_speed.py's configs run in processes of their own)."""
     old = gc.get_threshold()
     gc.set_threshold(max(gen0, old[0]), *old[1:])
     try:
