@@ -151,3 +151,20 @@ def test_the_module_rows_cover_the_gemm_systems():
         for kv in ("bfloat16", "fp8"):
             gen, ctx = kernels._mla_tables(system, "bfloat16", kv)
             assert (gen.num_heads == 16).any() and (ctx.num_heads == 16).any(), (gpu, kv)
+
+
+def test_the_module_is_evaluated_as_the_estimator_s_own_single_op_call():
+    # _module_ms builds the estimator's probe engine and the op's JSON once and evaluates them with
+    # engine._evaluate_single_op's defaults: the same milliseconds, to the bit, in and beyond the grid
+    from aiconfigurator_core.sdk import engine
+    from aiconfigurator_core.sdk import operations as ops
+    from aiconfigurator_core.sdk.common import FMHAQuantMode, GEMMQuantMode, KVCacheQuantMode
+
+    for system, kv in (("h100_sxm", "bfloat16"), ("h200_sxm", "fp8")):
+        for context in (False, True):
+            op = ops.MLAModule("kvlab_mla_module", 1, context, 16, getattr(KVCacheQuantMode, kv),
+                               FMHAQuantMode.bfloat16, GEMMQuantMode.bfloat16, native_num_heads=128)
+            for batch, s in ((1, 1), (3, 777), (128, 4097), (7, 40_000), (1024, 131_072)):
+                own = float(engine._evaluate_single_op(gemm_tables._database(system), op, is_context=context,
+                                                       batch_size=batch, s=s))
+                assert mla_module._module_ms.__wrapped__(system, kv, 16, context, batch, s) == own

@@ -25,7 +25,7 @@ heads x 192 values), under it from 16k-token prompts. An FP8 cache (FLASHMLA) re
 Checked against a FlashMLA kernel timing nobody here wrote (tests/test_sim_mla_module.py).
 
 - decode: the module's generation rows at (decode rows, their mean context), interpolated by the
-  estimator (`MLAModule` through `engine._evaluate_single_op`), memoised per (rows, context bucket
+  estimator (`MLAModule`, evaluated as `engine._evaluate_single_op` does it), memoised per (rows, context bucket
   of 1/64 octave), linear inside a bucket; decode rows' kv_b_proj is then not a GEMM of its own
   (the batched products are in the module);
 - prefill: chunks of the same (new, cached) as one batch of the module's context rows at new + cached
@@ -78,8 +78,10 @@ def _projections(heads: int, context: bool) -> tuple[tuple[int, int], ...]:
     return tuple(shapes)
 
 
+@functools.lru_cache(maxsize=65536)
 def projections_s(system: str, heads: int, tokens: int, context: bool) -> float:
-    """Seconds of the module model's projections at `tokens` rows, from the GEMM tables."""
+    """Seconds of the module model's projections at `tokens` rows, from the GEMM tables (memoised: a
+    step's chunks repeat the shapes of earlier steps' about two times in three)."""
     return sum(gemm_tables.piecewise_linear(gemm_tables.GRID, gemm_tables.gemm_seconds(system, "bfloat16", n, k),
                                             tokens) for n, k in _projections(heads, context))
 
@@ -90,8 +92,12 @@ def module_s(system: str, kv: str, heads: int, context: bool, batch: int, s: int
     return _module_ms(system, kv, heads, context, batch, s) / 1e3
 
 
-@functools.lru_cache(maxsize=65536)
-def _module_ms(system: str, kv: str, heads: int, context: bool, batch: int, s: int) -> float:
+@functools.lru_cache(maxsize=None)
+def _module_probe(system: str, kv: str, heads: int, context: bool):
+    """The estimator's probe engine over `system`'s tables and the module op as its JSON: what its
+    `engine._evaluate_single_op` builds on every call (an MLAModule is not an attention op, so it
+    pins no lane order), built once. Loaded and tried once with fd 2 quiet (the Rust loader's notes);
+    the evaluations after it print nothing, so they run without the five system calls a quiet costs."""
     from aiconfigurator_core.sdk import engine
     from aiconfigurator_core.sdk import operations as ops
     from aiconfigurator_core.sdk.common import FMHAQuantMode, GEMMQuantMode, KVCacheQuantMode
@@ -99,8 +105,23 @@ def _module_ms(system: str, kv: str, heads: int, context: bool, batch: int, s: i
     op = ops.MLAModule("kvlab_mla_module", 1, context, heads, getattr(KVCacheQuantMode, kv), FMHAQuantMode.bfloat16,
                        GEMMQuantMode.bfloat16, native_num_heads=_module_arch().num_attention_heads)
     with kernels._quiet_stderr():
-        return float(engine._evaluate_single_op(gemm_tables._database(system), op, is_context=context,
-                                                batch_size=batch, s=s))
+        handle = engine._probe_handle_for(gemm_tables._database(system), None)
+        ops_json = engine.build_ops_json([op])
+        _evaluate(handle, ops_json, context, 1, 1)
+    return handle, ops_json
+
+
+def _evaluate(handle, ops_json: str, context: bool, batch: int, s: int) -> float:
+    """Milliseconds of the op at (batch, s), as `engine._evaluate_single_op` evaluates it (its defaults:
+    no prefix, no imbalance correction)."""
+    return float(handle.evaluate_ops_json(ops_json, is_context=context, batch_size=batch, s=s, prefix=0,
+                                          imbalance_correction_scale=1.0, x=None)[0][1])
+
+
+@functools.lru_cache(maxsize=65536)
+def _module_ms(system: str, kv: str, heads: int, context: bool, batch: int, s: int) -> float:
+    handle, ops_json = _module_probe(system, kv, heads, context)
+    return _evaluate(handle, ops_json, context, batch, s)
 
 
 def decode_core_s(system: str, kv: str, heads: int, batch: int, s: int) -> float:
