@@ -36,10 +36,9 @@ _NO_BLOCKS = np.zeros(0, np.int64)
 
 VECTOR_POP_MIN = 8  # allocations of this many blocks or more scan the free queue vectorized
 
-# Boolean reductions as plain ufunc calls: ndarray.any()/all() and np.flatnonzero go through Python
-# wrappers that cost more than the work on a few hundred blocks.
-_any = np.logical_or.reduce
-_all = np.logical_and.reduce
+# Boolean flags are counted (np.count_nonzero, about 0.2 us on a few hundred blocks), not reduced:
+# ndarray.any()/all() go through Python wrappers and np.logical_or.reduce costs 0.8 us, more than the work.
+_count = np.count_nonzero
 _is_block = partial(is_not, None)  # a cache lookup that hit
 
 
@@ -286,7 +285,7 @@ class BlockManager:
         idx = np.asarray(blocks, dtype=np.int64)
         new_hashes = hashes[first:num_full]
         hashed = self.hashed[idx]
-        if _any(hashed):  # rare: keep only the blocks without a hash
+        if _count(hashed):  # rare: keep only the blocks without a hash
             keep = (~hashed).nonzero()[0]
             idx = idx[keep]
             keep_list = keep.tolist()
@@ -318,11 +317,12 @@ class BlockManager:
                     self._push_run(freed, front=False)
                 elif self.enable_caching:
                     hashed = self.hashed[freed]
-                    if _all(hashed):
+                    cached = _count(hashed)
+                    if cached == len(hashed):
                         self._push_run(freed, front=False)
                     else:
                         self._push_run(freed[~hashed], front=True)
-                        if _any(hashed):
+                        if cached:
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
