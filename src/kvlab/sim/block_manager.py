@@ -317,12 +317,12 @@ class BlockManager:
                     self._push_run(freed, front=False)
                 elif self.enable_caching:
                     hashed = self.hashed[freed]
-                    cached = _count(hashed)
-                    if cached == len(hashed):
+                    n_hashed = _count(hashed)
+                    if n_hashed == len(hashed):
                         self._push_run(freed, front=False)
                     else:
                         self._push_run(freed[~hashed], front=True)
-                        if cached:
+                        if n_hashed:
                             self._push_run(freed[hashed], front=False)
                 else:
                     self._push_run(freed, front=True)
