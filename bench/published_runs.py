@@ -64,6 +64,22 @@ class Measured(BaseModel):
     max_output_tokens_per_s: float | None = figure(
         "measured", unit="tok/s", description="the client's 'Peak output token throughput': output tokens in its busiest "
                                               "whole second")
+    # A source that publishes its client's figures per GPU and in seconds (InferenceMAX's aggregated rows: its
+    # utils/process_result.py divides the client's total and output throughput by the TP size and its _ms figures by
+    # 1,000), under those names, as published
+    total_token_throughput_per_gpu: float | None = figure("measured", unit="tok/s/GPU",
+                                                          description="the client's total token throughput / GPUs")
+    output_throughput_per_gpu: float | None = figure("measured", unit="tok/s/GPU",
+                                                     description="the client's output throughput / GPUs")
+    mean_ttft_s: float | None = figure("measured", unit="s")
+    median_ttft_s: float | None = figure("measured", unit="s")
+    p99_ttft_s: float | None = figure("measured", unit="s")
+    mean_tpot_s: float | None = figure("measured", unit="s")
+    median_tpot_s: float | None = figure("measured", unit="s")
+    p99_tpot_s: float | None = figure("measured", unit="s")
+    mean_itl_s: float | None = figure("measured", unit="s")
+    median_itl_s: float | None = figure("measured", unit="s")
+    p99_itl_s: float | None = figure("measured", unit="s")
 
     @model_validator(mode="after")
     def _figures_are_positive(self) -> Measured:
@@ -140,6 +156,11 @@ class Run(BaseModel):
     # the bench client's --random-range-ratio where the source states one (lengths uniform on
     # L x [1 - r, 1 + r]); absent: the client's default (fixed lengths)
     random_range_ratio: float | None = Field(default=None, ge=0, lt=1)
+    # the OLD client's --random-range-ratio r (benchmarks/benchmark_serving.py before vLLM's bench CLI, and forks of
+    # it such as kimbochen/bench_serving): lengths uniform on [int(r x L), L], not on L x [1 - r, 1 + r]
+    random_range_ratio_legacy: float | None = Field(default=None, gt=0, le=1)
+    # vllm serve's --async-scheduling where the source's command sets it (absent: the release's default)
+    async_scheduling: bool | None = None
     # the client's printed "Total input tokens" / "Total generated tokens" where the source gives them
     # (the generated total is what the replies came to: they end at EOS without ignore_eos), simulated
     # as `kvlab sim bench --total-input-tokens --total-output-tokens`
@@ -166,6 +187,9 @@ class Run(BaseModel):
                              f"{self.split_group!r} in {split_of(self.split_group)!r}")
         if self.random_range_ratio is not None and self.dataset == "sharegpt":
             raise ValueError("random_range_ratio applies to the random datasets, not sharegpt")
+        if self.random_range_ratio_legacy is not None and (self.dataset == "sharegpt"
+                                                           or self.random_range_ratio is not None):
+            raise ValueError("random_range_ratio_legacy applies to the random datasets, in place of random_range_ratio")
         if (self.dataset == "random" and self.total_output_tokens and self.num_prompts and self.output_len
                 and not self.random_range_ratio and self.total_output_tokens > self.num_prompts * self.output_len):
             raise ValueError(f"total_output_tokens {self.total_output_tokens} is more than the {self.num_prompts} "
@@ -185,6 +209,8 @@ class Run(BaseModel):
         lengths = f" {self.input_len or '?'}/{self.output_len or '?'}" if self.dataset != "sharegpt" else ""
         if self.random_range_ratio:
             lengths += f" ±{100 * self.random_range_ratio:g} %"
+        if self.random_range_ratio_legacy:
+            lengths += f" (each from {100 * self.random_range_ratio_legacy:g} %)"
         load = [f"n={self.num_prompts or '?'}"]
         if self.max_concurrency:
             load.append(f"conc {self.max_concurrency}")

@@ -85,6 +85,7 @@ import published_runs  # noqa: E402  (bench/published_runs.py)
 from kvlab.errors import KvlabError  # noqa: E402
 from kvlab.models.budget import vllm_release  # noqa: E402
 from kvlab.models.memory import DEFAULT_VLLM_VERSION  # noqa: E402
+from kvlab.replay import datasets  # noqa: E402
 from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
 from kvlab.sim.config import build_config  # noqa: E402
@@ -190,6 +191,10 @@ MODELS = {
     "meta-llama/Llama-3.1-8B": ("llama-3.1-8b", None, ""),
     "meta-llama/Meta-Llama-3-8B-Instruct": ("llama-3.1-8b", None, "Llama-3-8B priced as Llama-3.1-8B (same layers)"),
     "meta-llama/Meta-Llama-3-70B-Instruct": ("llama-3-70b", None, "config.json of Llama-3-70B"),
+    "nvidia/Llama-3.3-70B-Instruct-FP8": ("llama-3.1-70b", None, "Llama-3.3-70B has Llama-3.1-70B's layers (NVIDIA's "
+                                          "ModelOpt FP8 checkpoint)"),
+    "nvidia/Llama-3.3-70B-Instruct-FP4": ("llama-3.1-70b", None, "Llama-3.3-70B has Llama-3.1-70B's layers (NVIDIA's "
+                                          "ModelOpt NVFP4 checkpoint)"),
     "neuralmagic/Llama-3.1-Nemotron-70B-Instruct-HF-FP8-dynamic": (
         "llama-3.1-70b", None, "Llama-3.1-Nemotron-70B is a Llama-3.1-70B fine-tune (same layers)"),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b", None, ""),
@@ -212,7 +217,10 @@ GPUS = {"h100": "h100", "h200": "h200", "a100-80gb": "a100-80gb", "l40s": "l40s"
         "a100-sxm": "a100-80gb", "l4": "l4"}  # gpustack's "A100 SXM" (80 GB per the lab's Qwen3-32B page)
 # vLLM --quantization as published -> vLLM's method for kvlab, or None: kvlab has no such format.
 QUANTIZATION = {"awq": "awq", "awq_marlin": "awq_marlin", "gptq_marlin": "gptq_marlin", "fp8": "fp8",
-                "compressed-tensors-w4a16": "gptq_marlin"}  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
+                "compressed-tensors-w4a16": "gptq_marlin",  # vLLM's WNA16 kernels (Marlin/Machete), not exllama
+                # NVIDIA ModelOpt's FP8 checkpoints (per-tensor FP8 weights and activations, static scales: vLLM's
+                # ModelOptFp8LinearMethod runs the same CUTLASS FP8 GEMM as -q fp8's dynamic scales); not modelopt_fp4
+                "modelopt": "fp8"}
 # `quantization` values naming a checkpoint's bits beside vLLM's method: (the method, the kvlab model
 # whose config.json declares those bits for each published model, note).
 CHECKPOINT_BITS = {"gptq-int8": ("gptq", {"Qwen/Qwen3-8B": "qwen3-8b-gptq-int8"},
@@ -225,11 +233,25 @@ HARNESS_CANNOT = {
 # Headline figures per row: the first the run states of each group (published name, bench field).
 HEADLINE = (
     ("throughput", (("output_throughput", "output_throughput"), ("throughput_tok_s", "total_token_throughput"),
-                    ("total_token_throughput", "total_token_throughput"), ("request_throughput", "request_throughput"))),
-    ("ttft", (("mean_ttft_ms", "mean_ttft_ms"), ("median_ttft_ms", "median_ttft_ms"), ("ttft_ms", "mean_ttft_ms"))),
+                    ("total_token_throughput", "total_token_throughput"), ("request_throughput", "request_throughput"),
+                    ("total_token_throughput_per_gpu", "total_token_throughput_per_gpu"))),
+    ("ttft", (("mean_ttft_ms", "mean_ttft_ms"), ("median_ttft_ms", "median_ttft_ms"), ("ttft_ms", "mean_ttft_ms"),
+              ("mean_ttft_s", "mean_ttft_s"))),
     ("tpot", (("mean_tpot_ms", "mean_tpot_ms"), ("tpot_ms", "mean_tpot_ms"), ("median_itl_ms", "median_itl_ms"),
-              ("mean_itl_ms", "mean_itl_ms"), ("median_tpot_ms", "median_tpot_ms"))),
+              ("mean_itl_ms", "mean_itl_ms"), ("median_tpot_ms", "median_tpot_ms"), ("mean_tpot_s", "mean_tpot_s"))),
 )
+# A source's figures per GPU and in seconds (bench/published_runs.py, `Measured`): the simulated run's figure of
+# the same statistic, divided by its GPUs or by 1,000 (`in_source_units`), as the source divided its client's.
+PER_GPU = {"total_token_throughput_per_gpu": "total_token_throughput", "output_throughput_per_gpu": "output_throughput"}
+IN_SECONDS = {f"{stat}_{kind}_s": f"{stat}_{kind}_ms" for stat in ("mean", "median", "p99") for kind in ("ttft", "tpot", "itl")}
+
+
+def in_source_units(data: dict, gpus: int) -> dict:
+    """`data` (a simulated run's vLLM result fields) with the per-GPU and seconds figures added."""
+    out = dict(data)
+    out.update({name: data[field] / gpus for name, field in PER_GPU.items() if field in data})
+    out.update({name: data[field] / 1000.0 for name, field in IN_SECONDS.items() if field in data})
+    return out
 # The roofline's efficiencies `--fit` (and `--fit-roofline` alone) searches: GEMMs' fraction of dense
 # peak x HBM reads' fraction of peak bandwidth. First grid {0.3, 0.45, 0.6, 0.75} x {0.7, 0.8, 0.9}:
 # its best, 0.75 / 0.9, lay on both edges at every pass. Widened on 2026-12-05, BEFORE it was run, to
@@ -327,7 +349,8 @@ class RowResult:
 # the latency statistics, and `max_output_tokens_per_s`, the client's "Peak output token throughput" (the
 # output tokens of its busiest whole second, the client's view of the engine's fastest decoding).
 SECONDARY = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-             "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "max_output_tokens_per_s")
+             "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "max_output_tokens_per_s",
+             *IN_SECONDS, "output_throughput_per_gpu")
 
 
 def secondary(run: published_runs.Run) -> dict[str, float]:
@@ -383,6 +406,17 @@ def serve_flags(run, models: dict = MODELS) -> tuple[str, dict, str] | str:
     return model, serve, note
 
 
+def legacy_mean_len(length: int, r: float) -> int:
+    """The mean length L' whose kvlab interval [floor(L'(1 - r')), ceil(L'(1 + r'))], r' = (1 - r) / (1 + r), is the
+    old client's [int(r L), L] at its top and at most one token below its bottom (one r' serves prompts and
+    replies, as one --random-range-ratio does): no simulated request is longer than the source's longest."""
+    r2 = (1 - r) / (1 + r)
+    mean = math.floor(length / (1 + r2))
+    while datasets.random_length_range(mean, r2)[1] > length:
+        mean -= 1
+    return mean
+
+
 def map_run(run: published_runs.Run) -> BenchRun | str:
     """The run as a `kvlab sim bench` run, or the reason kvlab cannot model it."""
     if run.cannot_model:
@@ -404,6 +438,16 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
         workload["seed"] = run.seed
     if run.dataset != "sharegpt":
         workload.update(input_len=run.input_len, output_len=run.output_len)
+    if run.random_range_ratio_legacy is not None:  # the old client's [int(r L), L], as kvlab's L' x [1 - r', 1 + r']
+        r = run.random_range_ratio_legacy
+        workload.update(input_len=legacy_mean_len(run.input_len, r), output_len=legacy_mean_len(run.output_len, r),
+                        random_range_ratio=(1 - r) / (1 + r))
+        lo, hi = datasets.random_length_range(workload["input_len"], workload["random_range_ratio"])
+        note = "; ".join(filter(None, [note, f"the old client's --random-range-ratio {r:g}: lengths uniform on "
+                                             f"[{r:g} L, L], simulated as kvlab's {workload['input_len']} / "
+                                             f"{workload['output_len']} ±{100 * workload['random_range_ratio']:.1f} % "
+                                             f"(prompts {lo}-{hi} tokens for the source's {int(r * run.input_len)}-"
+                                             f"{run.input_len})"]))
     if run.random_range_ratio is not None:
         workload["random_range_ratio"] = run.random_range_ratio
         note = "; ".join(filter(None, [note, f"lengths ±{100 * run.random_range_ratio:g} % as the source states "
@@ -447,7 +491,7 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
                                 + ([f"num_prompts not stated: {OFFLINE_NUM_PROMPTS} (the tool's default)"]
                                    if run.num_prompts is None else [])))
     weights = run.quantization if run.quantization in CHECKPOINT_BITS else METHOD_WEIGHTS.get(serve.get("quantization"))
-    engine = {flag: value for flag in ("enable_prefix_caching", "enable_chunked_prefill")
+    engine = {flag: value for flag in ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
               if (value := getattr(run, flag)) is not None}
     if engine:
         note = "; ".join(filter(None, [note, ", ".join(f"--{'' if on else 'no-'}{flag.replace('_', '-')}"
@@ -599,7 +643,7 @@ def simulate(bench: BenchRun, timing: str) -> tuple[dict[str, float], str]:
     """The run's headline figures and the secondary ones it states, simulated under `timing`, and its timing
     source."""
     res, _ = run_simulated(bench, timing)
-    data = res.to_data()
+    data = in_source_units(res.to_data(), bench.serve.get("tensor_parallel_size", 1))
     sim = {name: float(data[bench_field]) for name, (bench_field, _) in bench.figures.items()}
     sim.update({name: float(data[name]) for name in bench.secondary if name in data})
     return sim, res.timing_source
@@ -1080,6 +1124,8 @@ def _err(sim: float, ref: float) -> str:
 
 
 def _num(v: float) -> str:
+    if v < 1:  # a figure in seconds (a step, a low-load TTFT): three significant digits
+        return f"{v:.3g}"
     return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
 
 

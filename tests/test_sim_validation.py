@@ -70,6 +70,41 @@ def test_a_stated_length_spread_is_the_bench_clients_range_ratio(pub):
     assert "random_range_ratio" not in v.map_run(pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]).workload
 
 
+def test_the_old_clients_range_ratio_keeps_its_interval(pub):
+    # InferenceMAX's client (kimbochen/bench_serving, the old benchmark_serving.py): --random-range-ratio 0.8 draws
+    # lengths on [int(0.8 L), L]; kvlab's ratio is about a mean, [floor(L'(1 - r')), ceil(L'(1 + r'))]
+    from kvlab.replay.datasets import random_length_range
+
+    for length, (low, high) in ((1024, (818, 1024)), (8192, (6552, 8192))):
+        mean = v.legacy_mean_len(length, 0.8)
+        assert random_length_range(mean, (1 - 0.8) / (1 + 0.8)) == (low, high)  # the top as the source's, the bottom 1 below
+    run = pub.by_id()["inferencemax-llama33-70b-fp8-h100-tp2-8k1k-c16"]
+    assert run.random_range_ratio_legacy == 0.8 and run.random_range_ratio is None and run.async_scheduling is True
+    bench = v.map_run(run)
+    assert (bench.workload["input_len"], bench.workload["output_len"]) == (7372, 921)
+    assert bench.workload["random_range_ratio"] == pytest.approx(1 / 9)
+    assert bench.engine == {"enable_prefix_caching": False, "async_scheduling": True}
+    assert bench.serve["quantization"] == "fp8" and bench.serve["kv_cache_dtype"] == "fp8"  # ModelOpt FP8: -q fp8's GEMMs
+    with pytest.raises(ValueError, match="in place of random_range_ratio"):
+        published_runs.Run.model_validate({**run.model_dump(), "random_range_ratio": 0.1})
+
+
+def test_figures_per_gpu_and_in_seconds_are_the_simulated_runs_divided(pub):
+    # InferenceMAX's rows: its process_result.py divides the client's throughputs by TP and its _ms figures by 1,000
+    run = pub.by_id()["inferencemax-llama33-70b-fp8-h100-tp2-8k1k-c16"]
+    assert set(v.headline(run)) == {"total_token_throughput_per_gpu", "mean_ttft_s", "mean_tpot_s"}
+    data = {"total_token_throughput": 3000.0, "output_throughput": 400.0, "mean_ttft_ms": 250.0, "p99_itl_ms": 80.0}
+    out = v.in_source_units(data, 2)
+    assert out["total_token_throughput_per_gpu"] == 1500.0 and out["output_throughput_per_gpu"] == 200.0
+    assert out["mean_ttft_s"] == 0.25 and out["p99_itl_s"] == 0.08 and "mean_tpot_s" not in out
+    assert v.FIGURE_KIND["total_token_throughput_per_gpu"] == "throughput" and v.FIGURE_KIND["mean_tpot_s"] == "tpot"
+
+
+def test_nvfp4_rows_stay_with_their_reason(pub):
+    run = pub.by_id()["inferencemax-llama33-70b-fp4-b200-tp4-1k1k-c32"]
+    assert v.map_run(run).startswith("NVFP4 weights")
+
+
 def test_a_stated_generated_total_is_what_the_replies_come_to(pub):
     # gpustack's Qwen3-235B on 8 x A100 at 32,000 input tokens: "Total generated tokens" 8,191 of 100 x 100
     run = pub.by_id()["gpustack-q235-a100-bf16-tp8-random-32k"]
@@ -225,7 +260,7 @@ def test_the_host_stage_fits_each_executor_apart_where_a_generation_has_runs_of_
     monkeypatch.setattr(v, "simulate", fake_simulate)
     generations = v.generation_sets(pub)
     assert v.executor_sets(generations[(0, 11, 0)]) is None
-    assert {tp: len(x.runs) for tp, x in v.executor_sets(generations[(0, 0, 0)]).items()} == {1: 44, 2: 35}
+    assert {tp: len(x.runs) for tp, x in v.executor_sets(generations[(0, 0, 0)]).items()} == {1: 59, 2: 95}
     fitted, multiproc = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
     assert fitted == {(0, 0, 0): grid[1], (0, 11, 0): grid[3]} and multiproc == {(0, 0, 0): grid[2]}
     with v.host_fitted(fitted, multiproc):
