@@ -138,7 +138,8 @@ def compose(run_id: str, timing: str = sim_timing.DEFAULT_TIMING, gpu_scale: flo
     recorder = cfg.cost
     config = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
               "kv_cache_tokens": cfg.num_blocks * cfg.block_size}
-    return Composition(run_id, bench, config, res.timing_source, recorder, res.to_data(), run.measured.figures())
+    return Composition(run_id, bench, config, res.timing_source, recorder, sim_validation.simulated_figures(res, bench),
+                       run.measured.figures())
 
 
 def _num(x: float) -> str:

@@ -247,7 +247,7 @@ IN_SECONDS = {f"{stat}_{kind}_s": f"{stat}_{kind}_ms" for stat in ("mean", "medi
 
 
 def in_source_units(data: dict, gpus: int) -> dict:
-    """`data` (a simulated run's vLLM result fields) with the per-GPU and seconds figures added."""
+    """`data` (a simulated run's vLLM result fields) with the per-GPU and seconds figures added (`simulated_figures`)."""
     out = dict(data)
     out.update({name: data[field] / gpus for name, field in PER_GPU.items() if field in data})
     out.update({name: data[field] / 1000.0 for name, field in IN_SECONDS.items() if field in data})
@@ -406,11 +406,16 @@ def serve_flags(run, models: dict = MODELS) -> tuple[str, dict, str] | str:
     return model, serve, note
 
 
+def legacy_ratio(r: float) -> float:
+    """kvlab's --random-range-ratio r' for the old client's r: [L'(1 - r'), L'(1 + r')] spans [r L, L]."""
+    return (1 - r) / (1 + r)
+
+
 def legacy_mean_len(length: int, r: float) -> int:
-    """The mean length L' whose kvlab interval [floor(L'(1 - r')), ceil(L'(1 + r'))], r' = (1 - r) / (1 + r), is the
+    """The mean length L' whose kvlab interval [floor(L'(1 - r')), ceil(L'(1 + r'))], r' = `legacy_ratio(r)`, is the
     old client's [int(r L), L] at its top and at most one token below its bottom (one r' serves prompts and
     replies, as one --random-range-ratio does): no simulated request is longer than the source's longest."""
-    r2 = (1 - r) / (1 + r)
+    r2 = legacy_ratio(r)
     mean = math.floor(length / (1 + r2))
     while datasets.random_length_range(mean, r2)[1] > length:
         mean -= 1
@@ -441,7 +446,7 @@ def map_run(run: published_runs.Run) -> BenchRun | str:
     if run.random_range_ratio_legacy is not None:  # the old client's [int(r L), L], as kvlab's L' x [1 - r', 1 + r']
         r = run.random_range_ratio_legacy
         workload.update(input_len=legacy_mean_len(run.input_len, r), output_len=legacy_mean_len(run.output_len, r),
-                        random_range_ratio=(1 - r) / (1 + r))
+                        random_range_ratio=legacy_ratio(r))
         lo, hi = datasets.random_length_range(workload["input_len"], workload["random_range_ratio"])
         note = "; ".join(filter(None, [note, f"the old client's --random-range-ratio {r:g}: lengths uniform on "
                                              f"[{r:g} L, L], simulated as kvlab's {workload['input_len']} / "
@@ -639,11 +644,17 @@ def run_closed_loop(model: str, gpu: str, cfg, closed_loop: tuple, input_len: in
     return WindowResult(data, timing_source(cfg))
 
 
+def simulated_figures(res, bench: BenchRun) -> dict:
+    """A simulated run's result fields under every name a published run may state them by: vLLM's, and the
+    per-GPU and seconds ones (`in_source_units`, over the run's tensor-parallel GPUs)."""
+    return in_source_units(res.to_data(), bench.serve.get("tensor_parallel_size", 1))
+
+
 def simulate(bench: BenchRun, timing: str) -> tuple[dict[str, float], str]:
     """The run's headline figures and the secondary ones it states, simulated under `timing`, and its timing
     source."""
     res, _ = run_simulated(bench, timing)
-    data = in_source_units(res.to_data(), bench.serve.get("tensor_parallel_size", 1))
+    data = simulated_figures(res, bench)
     sim = {name: float(data[bench_field]) for name, (bench_field, _) in bench.figures.items()}
     sim.update({name: float(data[name]) for name in bench.secondary if name in data})
     return sim, res.timing_source

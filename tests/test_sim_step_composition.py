@@ -89,3 +89,13 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(capsys, args, message):
     assert comp.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_source_that_publishes_per_gpu_and_seconds_is_compared_in_its_units():
+    # InferenceMAX's rows state throughput per GPU and latencies in seconds: the report compares the simulated
+    # run's figures divided the same way (sim_validation.simulated_figures), as the validation table does
+    c = comp.compose("inferencemax-llama33-70b-fp8-h100-tp2-1k1k-c4", num_prompts=8)
+    assert c.result["total_token_throughput_per_gpu"] == pytest.approx(c.result["total_token_throughput"] / 2)
+    assert c.result["mean_tpot_s"] == pytest.approx(c.result["mean_tpot_ms"] / 1000)
+    text = comp.report(c)
+    assert "| total_token_throughput_per_gpu |" in text and "| mean_tpot_s |" in text
