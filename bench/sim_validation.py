@@ -88,7 +88,7 @@ from kvlab.models.memory import DEFAULT_VLLM_VERSION  # noqa: E402
 from kvlab.replay import datasets  # noqa: E402
 from kvlab.schema.validation import wrong_side  # noqa: E402
 from kvlab.sim import timing as sim_timing  # noqa: E402
-from kvlab.sim.config import build_config  # noqa: E402
+from kvlab.sim.config import build_config, scheduler_behaviour  # noqa: E402
 from kvlab.serve_config import METHOD_WEIGHTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -526,25 +526,27 @@ def host_time(step_s: float, per_seq_s: float):
     """The host time set to (step_s, per_seq_s) at every release and `-tp` while configs are built and
     run: HOST_FITTED, in place of the measured HOST_MEASURED (kvlab.sim.timing.host_time)."""
     return constants(STEP_OVERHEAD_S=step_s, PER_SEQ_OVERHEAD_S=per_seq_s, HOST_FITTED={(0, 0, 0): (step_s, per_seq_s)},
-                     HOST_FITTED_MULTIPROC=None)
+                     HOST_FITTED_MULTIPROC=None, HOST_FITTED_ASYNC=None)
 
 
-def host_fitted(fitted: dict, multiproc: dict | None = None):
+def host_fitted(fitted: dict, multiproc: dict | None = None, asynced: dict | None = None):
     """HOST_FITTED set to `fitted` ({first release of a generation: (step_s, per_seq_s), or None for the
-    measurement}) and HOST_FITTED_MULTIPROC to `multiproc` (a generation's host time at `-tp` > 1 where
-    it has its own) while configs are built and run; STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S the default
-    release's."""
+    measurement}), HOST_FITTED_MULTIPROC to `multiproc` (a generation's host time at `-tp` > 1 where
+    it has its own) and HOST_FITTED_ASYNC to `asynced` ({(generation, executor): the host time of its
+    async-scheduling runs} where they have their own) while configs are built and run;
+    STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S the default release's."""
     fitted = fitted if any(x is not None for x in fitted.values()) else None  # the measurement everywhere
     multiproc = {k: x for k, x in (multiproc or {}).items() if x is not None} or None
+    asynced = {k: x for k, x in (asynced or {}).items() if x is not None} or None
     with constants(HOST_FITTED=fitted):
         default = sim_timing.host_time(None)[:2]
-    return constants(HOST_FITTED=fitted, HOST_FITTED_MULTIPROC=multiproc, STEP_OVERHEAD_S=default[0],
-                     PER_SEQ_OVERHEAD_S=default[1])
+    return constants(HOST_FITTED=fitted, HOST_FITTED_MULTIPROC=multiproc, HOST_FITTED_ASYNC=asynced,
+                     STEP_OVERHEAD_S=default[0], PER_SEQ_OVERHEAD_S=default[1])
 
 
 def host_measured():
     """The measured host time (HOST_MEASURED, per release) in force while configs are built and run,
-    whatever HOST_FITTED (and HOST_FITTED_MULTIPROC) says (`--fit`'s check of the measurement)."""
+    whatever HOST_FITTED (and HOST_FITTED_MULTIPROC, HOST_FITTED_ASYNC) says (`--fit`'s check of the measurement)."""
     return host_fitted({})
 
 
@@ -800,6 +802,28 @@ FIT_TOLERANCE = 0.005
 # and a pass is taken or left by the rule alone. bench/tp_broadcast_cost.py measures the broadcast itself
 # at 0.5-2 us per request (vLLM 0.8.5-0.32.0), so a `-tp` > 1 term fitted here is not the queue.
 MIN_EXECUTOR_RUNS = 8
+# Declared 2026-12-08 (session 46), before `--fit` was run with it: the host time of an executor set PER
+# SCHEDULING MODE. With vLLM's async scheduling (`--async-scheduling`, the release's default from 0.14) the
+# engine core schedules step n+1 while the GPU runs step n and takes step n's outputs after, so the host
+# work kvlab adds to each step in series overlaps the GPU's. The host stage fits, within each executor set
+# of a generation (executor_sets), the runs served with async scheduling apart from the rest where both
+# have at least MIN_EXECUTOR_RUNS train runs (scheduling_sets; HOST_FITTED_ASYNC[(generation, executor)]
+# for the async runs, the executor set's table for the rest), each by the rule for measured terms with its
+# current value kept unless beaten by more than FIT_TOLERANCE; where one has fewer, the set fits one value
+# as before. The composition stays in series (a fitted term is what the train rows' steps take beyond the
+# kernel tables, sim/timing.py's HOST_FITTED), so a set's value is its own constant, no new mechanism.
+# Conditions, as its executor set's value: a `-tp` > 1 value answers to session 35's (1); a `-tp 1` value
+# to (1) and (2), where (2) reads bench/step_check.py's lines of that generation AND scheduling mode (all
+# its lines are vLLM 0.10.x servers without async scheduling: an async `-tp 1` value cannot be checked by
+# (2), so it is not a candidate, as the newer generation's `-tp 1` value has not been since session 41).
+# Why: InferenceMAX's Llama-3.3-70B runs (session 45; vLLM 0.10.2 with --async-scheduling) at `-tp` > 1 are
+# simulated 20-75 % slow at the older generation's `-tp` > 1 value, which was fitted on servers without it
+# (simon-mo's 8 x H200, IOG's RTX 4090s, 2 x H100 PCIe); a train-only what-if on its 60 train runs at
+# `-tp` > 1 (session 45, docs/simulator-validation.md; nothing adopted) read 0.263 at 4.0 ms + 50 us against
+# 0.058 at 0.5 ms + 20 us. Process note: that source's test rows were printed in session 45's table when it
+# was added (before this was declared); a value is taken or left by the rule and conditions alone. The train
+# sets at the declaration (session 46): before 0.11.0, -tp 1 44 without / 15 with (all InferenceMAX), -tp > 1
+# 35 / 60 (all InferenceMAX); 0.11.0 on (all -tp 1) 15 / 15.
 # Declared 2026-12-06 (session 31), before any row was scored with it: the RTX 4090 (AD102, the L40S's
 # die) and the L4 (AD104: Ada's SM, compute capability 8.9, so the L40S's vLLM kernels) priced as table
 # twins of the L40S (kvlab.sim.kernels.TABLE_TWINS: the L40S's measured step times the data sheets'
@@ -913,9 +937,10 @@ def fit_host_by_generation(pub: published_runs.PublishedRuns, timing: str = "aut
     return out
 
 
-def _current_host(first: tuple[int, int, int], tensor_parallel_size: int = 1) -> tuple[float, float]:
-    """The host time kvlab.sim.timing gives a generation's first release (at `-tp`) now."""
-    return sim_timing.host_time(".".join(map(str, first)), tensor_parallel_size)[:2]
+def _current_host(first: tuple[int, int, int], tensor_parallel_size: int = 1,
+                  async_scheduling: bool = False) -> tuple[float, float]:
+    """The host time kvlab.sim.timing gives a generation's first release (at `-tp`, scheduling mode) now."""
+    return sim_timing.host_time(".".join(map(str, first)), tensor_parallel_size, async_scheduling)[:2]
 
 
 def executor_sets(runs: published_runs.PublishedRuns) -> dict[int, published_runs.PublishedRuns] | None:
@@ -928,30 +953,62 @@ def executor_sets(runs: published_runs.PublishedRuns) -> dict[int, published_run
     return {tp: runs.model_copy(update={"runs": x}) for tp, x in sets.items()}
 
 
+def served_async(run: published_runs.Run) -> bool:
+    """Whether vLLM served `run` with async scheduling: its `--async-scheduling` as the source states it,
+    else its release's default (kvlab.sim.config.scheduler_behaviour)."""
+    bench = map_run(run)
+    if bench is None or isinstance(bench, str):
+        return False
+    return scheduler_behaviour(bench.vllm_version, None, bench.engine.get("async_scheduling"),
+                               pipeline_parallel=(bench.serve.get("pipeline_parallel_size") or 1) > 1).async_scheduling
+
+
+def scheduling_sets(runs: published_runs.PublishedRuns) -> dict[bool, published_runs.PublishedRuns] | None:
+    """An executor set's train runs split by scheduling mode: {False: the runs without async scheduling,
+    True: those with it (served_async)}, where each has at least MIN_EXECUTOR_RUNS (declared in session 46,
+    beside FIT_TOLERANCE); None where one has fewer (the set fits one host time on all its runs)."""
+    sets = {False: [], True: []}
+    for r in runs.runs:
+        sets[served_async(r)].append(r)
+    if min(len(x) for x in sets.values()) < MIN_EXECUTOR_RUNS:
+        return None
+    return {mode: runs.model_copy(update={"runs": x}) for mode, x in sets.items()}
+
+
 def fit_host_stage(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_GRID, report=print
-                   ) -> tuple[dict[tuple[int, int, int], tuple[float, float] | None], dict[tuple[int, int, int], tuple[float, float] | None]]:
-    """`--fit`'s first stage: for each vLLM generation's TRAIN runs apart (generation_sets), and within it
-    for each executor's runs apart where both sets are large enough (executor_sets: `-tp 1`, `-tp` > 1),
-    HOST_GRID's pick (the set's current host time kept unless beaten by more than FIT_TOLERANCE) against
-    the measured host time (HOST_MEASURED at each run's release) by the rule for measured terms. The
-    HOST_FITTED and HOST_FITTED_MULTIPROC the stages after it run at: ({first release: the pick, or None
-    where the measurement is kept}, {first release: the `-tp` > 1 pick, or None, for the generations
-    split}). Test rows are never run."""
-    fitted, multiproc = {}, {}
+                   ) -> tuple[dict, dict, dict]:
+    """`--fit`'s first stage: for each vLLM generation's TRAIN runs apart (generation_sets), within it for
+    each executor's runs apart where both sets are large enough (executor_sets: `-tp 1`, `-tp` > 1), and
+    within that for each scheduling mode's apart where both are (scheduling_sets), HOST_GRID's pick (the
+    set's current host time kept unless beaten by more than FIT_TOLERANCE) against the measured host time
+    (HOST_MEASURED at each run's release) by the rule for measured terms. The HOST_FITTED,
+    HOST_FITTED_MULTIPROC and HOST_FITTED_ASYNC the stages after it run at: ({first release: the pick, or
+    None where the measurement is kept}, {first release: the `-tp` > 1 pick, or None, for the generations
+    split}, {(first release, executor 1 or 2): the async runs' pick, or None, for the sets split}). Test
+    rows are never run."""
+    fitted, multiproc, asynced = {}, {}, {}
     for first, runs in generation_sets(pub).items():
         split = executor_sets(runs)
         for tp, cell in (split or {1: runs}).items():
-            where = ("" if split is None else " at -tp 1" if tp == 1 else " at -tp > 1")
-            report(f" train runs at {_generation_name(first)}{where} ({len(cell.runs)}):")
-            (step_s, per_seq_s), best_err = fit_host(cell, timing, grid, report, current=_current_host(first, tp))
-            with host_measured():
-                measured_err = median_log_error(rows(cell, (timing,)), timing)
-            kept = measured_err - best_err <= FIT_TOLERANCE
-            table = "HOST_FITTED" if tp == 1 else "HOST_FITTED_MULTIPROC"
-            report(f" grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
-                   f"{measured_err:.4f}: " + ("kept" if kept else f"REJECTED: these runs run at the grid's pick ({table})"))
-            (fitted if tp == 1 else multiproc)[first] = None if kept else (step_s, per_seq_s)
-    return fitted, multiproc
+            modes = scheduling_sets(cell)
+            for mode, leaf in (modes or {False: cell}).items():
+                where = ("" if split is None else " at -tp 1" if tp == 1 else " at -tp > 1") + (
+                    "" if modes is None else " with async scheduling" if mode else " without async scheduling")
+                report(f" train runs at {_generation_name(first)}{where} ({len(leaf.runs)}):")
+                (step_s, per_seq_s), best_err = fit_host(leaf, timing, grid, report,
+                                                         current=_current_host(first, tp, mode))
+                with host_measured():
+                    measured_err = median_log_error(rows(leaf, (timing,)), timing)
+                kept = measured_err - best_err <= FIT_TOLERANCE
+                table = "HOST_FITTED_ASYNC" if mode else "HOST_FITTED" if tp == 1 else "HOST_FITTED_MULTIPROC"
+                report(f" grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
+                       f"{measured_err:.4f}: " + ("kept" if kept else f"REJECTED: these runs run at the grid's pick ({table})"))
+                pick = None if kept else (step_s, per_seq_s)
+                if mode:
+                    asynced[(first, 2 if tp > 1 else 1)] = pick
+                else:
+                    (fitted if tp == 1 else multiproc)[first] = pick
+    return fitted, multiproc, asynced
 
 
 def fit_roofline_per_seq(pub: published_runs.PublishedRuns, timing: str = "auto", grid=ROOFLINE_PER_SEQ_GRID,
@@ -1451,7 +1508,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", action="store_true", help="check the measured host time against HOST_GRID on each vLLM generation's "
                          "train rows apart, and within one its -tp 1 and -tp > 1 runs apart where it has enough of both "
-                         "(HOST_FITTED, HOST_FITTED_MULTIPROC), then refit the roofline's time per request, "
+                         "(HOST_FITTED, HOST_FITTED_MULTIPROC), and within those the runs with async scheduling apart where "
+                         "it has enough of both (HOST_FITTED_ASYNC), then refit the roofline's time per request, "
                          "check the measured front end against FRONTEND_GRID, and refit the request latency and the "
                          "roofline on the train rows")
     ap.add_argument("--fit-path", choices=sorted(PATH_FITS),
@@ -1519,8 +1577,8 @@ def main(argv: list[str] | None = None) -> int:
               "rule for measured terms: kept unless the grid's best beats it by more than "
               f"{FIT_TOLERANCE}; a generation's current fitted value kept likewise):")
         now = sim_timing.host_fitted_words()
-        fitted, multiproc = fit_host_stage(pub)
-        with host_fitted(fitted, multiproc):
+        fitted, multiproc, asynced = fit_host_stage(pub)
+        with host_fitted(fitted, multiproc, asynced):
             print(f"host time for the stages below: {sim_timing.host_fitted_words()} (sim/timing.py has {now})\n")
             _fit_after_host(pub)
         return 0

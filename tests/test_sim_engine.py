@@ -213,6 +213,16 @@ def test_decode_step_roofline_arithmetic(monkeypatch):
     tp2 = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4", tensor_parallel_size=2)
     assert tp2.cost.host_s(8) == pytest.approx(0.004 + 8 * 0.00005)
     assert "before 0.11.0 at -tp > 1 (4.00 ms per step + 50.0 us" in tp2.host_source()
+    # ... and a run served with async scheduling its (generation, executor)'s value where one is fitted
+    # (HOST_FITTED_ASYNC), the other scheduling mode keeping the executor's
+    monkeypatch.setattr(sim_timing, "HOST_FITTED_ASYNC", {((0, 0, 0), 2): (0.0005, 0.00002)})
+    tp2a = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.10.2", tensor_parallel_size=2,
+                        async_scheduling=True)
+    assert tp2a.cost.host_s(8) == pytest.approx(0.0005 + 8 * 0.00002)
+    assert "before 0.11.0 at -tp > 1 with async scheduling (0.50 ms per step + 20.0 us" in tp2a.host_source()
+    assert build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.10.2",
+                        tensor_parallel_size=2).cost.host_s(8) == pytest.approx(0.004 + 8 * 0.00005)
+    monkeypatch.setattr(sim_timing, "HOST_FITTED_ASYNC", None)
     assert build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4").cost.host_s(8) == pytest.approx(
         step_s + 8 * per_seq_s)  # -tp 1 keeps HOST_FITTED's
     step_s, per_seq_s = sim_timing.HOST_FITTED[(0, 11, 0)]  # a generation without one: HOST_FITTED's at every -tp

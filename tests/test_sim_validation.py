@@ -226,9 +226,11 @@ def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measure
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
     split = {(0, 0, 0): grid[0]}  # the older generation's -tp > 1 runs fitted apart (executor_sets), the same here
-    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split)
+    # ... and each executor set's async-scheduling runs apart (scheduling_sets), the same here too
+    asynced = {((0, 0, 0), 1): grid[0], ((0, 0, 0), 2): grid[0], ((0, 11, 0), 1): grid[1]}
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split, asynced)
     monkeypatch.setattr(v, "JOBS", 2)
-    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split)
+    assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split, asynced)
     with v.host_fitted(right):
         assert t.host_time("0.8.4") == (*grid[0], None) and t.host_time("0.32") == (*grid[1], None)
         assert (t.STEP_OVERHEAD_S, t.PER_SEQ_OVERHEAD_S) == grid[1]  # the default release's
@@ -239,38 +241,59 @@ def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measure
         ({n: x * (1.0 if t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION) < (0, 11, 0) else 1.3)
           for n, (_, x) in bench.figures.items()}, "fake")))
     out = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
-    assert out == ({(0, 0, 0): None, (0, 11, 0): grid[1]}, {(0, 0, 0): None})  # ... so they keep it
+    assert out[:2] == ({(0, 0, 0): None, (0, 11, 0): grid[1]}, {(0, 0, 0): None})  # ... so they keep it
 
 
-def test_the_host_stage_fits_each_executor_apart_where_a_generation_has_runs_of_both(pub, monkeypatch):
+def test_the_host_stage_fits_each_executor_and_scheduling_mode_apart_where_a_set_has_runs_of_both(pub, monkeypatch):
     """Declared in session 43 (MIN_EXECUTOR_RUNS): a generation's -tp 1 and -tp > 1 train runs pick their own
     host times (HOST_FITTED, HOST_FITTED_MULTIPROC), which kvlab.sim.timing then gives each run by its -tp;
-    a generation without enough runs of one executor (0.11.0 on: all one-GPU) fits one value, as before."""
+    a generation without enough runs of one executor (0.11.0 on: all one-GPU) fits one value, as before.
+    Declared in session 46: within an executor set, the runs served with async scheduling (InferenceMAX's
+    --async-scheduling at 0.10.2; the release's default from 0.14) pick their own (HOST_FITTED_ASYNC)."""
     t = v.sim_timing
-    grid = ((0.0005, 0.0001), (0.001, 0.00005), (0.004, 0.00005), (0.001, 0.0))
-    want = {((0, 0, 0), False): grid[1], ((0, 0, 0), True): grid[2], ((0, 11, 0), False): grid[3]}
+    grid = ((0.0005, 0.0001), (0.001, 0.00005), (0.004, 0.00005), (0.001, 0.0), (0.0005, 0.00002))
+    want = {((0, 0, 0), False, False): grid[1], ((0, 0, 0), False, True): grid[0],
+            ((0, 0, 0), True, False): grid[2], ((0, 0, 0), True, True): grid[4],
+            ((0, 11, 0), False, False): grid[3], ((0, 11, 0), False, True): grid[3]}
 
     def fake_simulate(bench, timing):
         release = t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION)
         generation = (0, 11, 0) if release >= (0, 11, 0) else (0, 0, 0)
         tp = bench.serve["tensor_parallel_size"]
-        ok = t.host_time(bench.vllm_version, tp)[:2] == want[(generation, tp > 1)]
+        mode = v.scheduler_behaviour(bench.vllm_version, None, bench.engine.get("async_scheduling")).async_scheduling
+        ok = t.host_time(bench.vllm_version, tp, mode)[:2] == want[(generation, tp > 1, mode)]
         return {name: value * (1.0 if ok else 1.3) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
     generations = v.generation_sets(pub)
     assert v.executor_sets(generations[(0, 11, 0)]) is None
-    assert {tp: len(x.runs) for tp, x in v.executor_sets(generations[(0, 0, 0)]).items()} == {1: 59, 2: 95}
-    fitted, multiproc = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
+    executors = v.executor_sets(generations[(0, 0, 0)])
+    assert {tp: len(x.runs) for tp, x in executors.items()} == {1: 59, 2: 95}
+    modes = {tp: {m: len(x.runs) for m, x in v.scheduling_sets(cell).items()} for tp, cell in executors.items()}
+    assert modes == {1: {False: 44, True: 15}, 2: {False: 35, True: 60}}  # the async runs: InferenceMAX's
+    assert {m: len(x.runs) for m, x in v.scheduling_sets(generations[(0, 11, 0)]).items()} == {False: 15, True: 15}
+    fitted, multiproc, asynced = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
     assert fitted == {(0, 0, 0): grid[1], (0, 11, 0): grid[3]} and multiproc == {(0, 0, 0): grid[2]}
+    assert asynced == {((0, 0, 0), 1): grid[0], ((0, 0, 0), 2): grid[4], ((0, 11, 0), 1): grid[3]}
     with v.host_fitted(fitted, multiproc):
         assert t.host_time("0.8.4", 8) == (*grid[2], None) and t.host_time("0.8.4") == (*grid[1], None)
+        assert t.host_time("0.10.2", 8, True) == (*grid[2], None)  # no async value: the executor set's
         assert t.host_time("0.32", 8) == t.host_time("0.32") == (*grid[3], None)
         assert t.host_label("0.8.4", 8).startswith("host time fitted on the train rows at vLLM before 0.11.0 at -tp > 1 "
                                                    "(4.00 ms per step + 50.0 us per scheduled request)")
         assert "at -tp" not in t.host_label("0.32", 8)
         assert t.host_fitted_words().startswith("vLLM before 0.11.0: -tp 1 1.00 ms per step + 50.0 us per scheduled "
                                                 "request, -tp > 1 4.00 ms per step + 50.0 us")
+    with v.host_fitted(fitted, multiproc, {((0, 0, 0), 2): grid[4]}):
+        assert t.host_time("0.10.2", 8, True) == (*grid[4], None) and t.host_time("0.10.2", 8) == (*grid[2], None)
+        assert t.host_time("0.10.2", 1, True) == (*grid[1], None)  # -tp 1 has no async value: HOST_FITTED's
+        assert t.host_label("0.10.2", 8, True).startswith(
+            "host time fitted on the train rows at vLLM before 0.11.0 at -tp > 1 with async scheduling "
+            "(0.50 ms per step + 20.0 us per scheduled request)")
+        assert "without async scheduling (4.00 ms" in t.host_label("0.10.2", 8)
+        assert "async" not in t.host_label("0.10.2", 1, True) and "async" not in t.host_label("0.32", 1, True)
+        assert ", -tp > 1 4.00 ms per step + 50.0 us per scheduled request (async scheduling 0.50 ms per step + 20.0 us " \
+            "per scheduled request)" in t.host_fitted_words()
 
 
 def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
@@ -775,8 +798,10 @@ def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(mo
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.strip().startswith("grid's best: 1.00 ms + 0 us")]
     # one a vLLM generation (kvlab.sim.timing.HOST_GENERATIONS), each checked apart, the older one's -tp 1 and
-    # -tp > 1 runs apart (executor_sets)
-    assert len(lines) == 3 and sum("at -tp" in x for x in out.splitlines() if x.startswith(" train runs at")) == 2
+    # -tp > 1 runs apart (executor_sets), and each of those sets' runs with and without async scheduling
+    # apart (scheduling_sets)
+    sets = [x for x in out.splitlines() if x.startswith(" train runs at")]
+    assert len(lines) == 6 and sum("at -tp" in x for x in sets) == 4 and sum(" with async scheduling" in x for x in sets) == 3
     assert all(("kept" in line) == measured_right and ("REJECTED" in line) != measured_right for line in lines)
     at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
     assert at_latency_point == {measured_right}

@@ -146,7 +146,7 @@ class SimConfig:
         chat = (f", the chat template {1000 * self.frontend_per_chat_request_s:.1f} ms per chat request (measured)"
                 if self.frontend_per_chat_request_s else "")
         servers = f" over {self.api_server_count} API-server processes" if self.api_server_count > 1 else ""
-        return (f"{sim_timing.host_label(self.vllm_version, self.tensor_parallel_size)}; API server{servers}: "
+        return (f"{sim_timing.host_label(self.vllm_version, self.tensor_parallel_size, self.async_scheduling)}; API server{servers}: "
                 f"{1000 * self.frontend_per_request_s:.1f} ms per request + {1e6 * self.frontend_per_prompt_token_s:.0f} us "
                 f"per prompt token (measured){chat}, {streaming}; request latency "
                 f"{1000 * self.frontend_latency_s:.0f} ms (fitted)")
@@ -252,7 +252,8 @@ def build_config(config: ServeConfig | str, gpu: str, *, enable_prefix_caching: 
         capacity=cap,
         cost=step_timing(arch, fmt, dtype_name, config.kv_cache_dtype, preset, config.tensor_parallel_size, timing,
                          kernel, expert_parallel=config.enable_expert_parallel,
-                         host=sim_timing.host_time(vllm_version, config.tensor_parallel_size)[:2]),  # release, -tp
+                         host=sim_timing.host_time(vllm_version, config.tensor_parallel_size,  # release, -tp, scheduling
+                                                   behaviour.async_scheduling)[:2]),
         max_model_len=cap.max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

@@ -472,6 +472,13 @@ HOST_FITTED: dict[tuple[int, int, int], tuple[float, float] | None] | None = {
 # train rows' tensor-parallel steps take beyond the kernel tables (collectives under load, the workers'
 # skew), not the queue.
 HOST_FITTED_MULTIPROC: dict[tuple[int, int, int], tuple[float, float]] | None = {(0, 0, 0): (0.004, 0.00005)}
+# The host time of a step under vLLM's async scheduling (`--async-scheduling`, the default from 0.14: the
+# engine core schedules step n+1 while the GPU runs step n, so host work kvlab adds in series overlaps the
+# GPU's), per (generation, executor: 1 for `-tp 1`, 2 for `-tp` > 1), where `--fit` fits the runs served
+# with it apart from the rest of their executor set (declared in session 46, bench/sim_validation.py beside
+# FIT_TOLERANCE). A key that is not set, or None in place of the dict: the executor set's one value
+# (HOST_FITTED_MULTIPROC, HOST_FITTED) for both scheduling modes.
+HOST_FITTED_ASYNC: dict[tuple[tuple[int, int, int], int], tuple[float, float]] | None = None
 # what a backend built without a release adds (kvlab's default release's: 0.32.0's generation)
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
@@ -899,19 +906,21 @@ class CostModel:
                 + self.host_step_s)
 
 
-def host_time(vllm_version: str | None, tensor_parallel_size: int = 1) -> tuple[float, float, str | None]:
+def host_time(vllm_version: str | None, tensor_parallel_size: int = 1,
+              async_scheduling: bool = False) -> tuple[float, float, str | None]:
     """The engine core's host time at a vLLM release: (s per step, s per scheduled request, the
-    measured release it is taken from): at `-tp` > 1 HOST_FITTED_MULTIPROC's generation of the release
-    where it has one (the release then None); else HOST_FITTED's generation of the release (the latest
-    first release at or before it) where that is set (the release then None), else HOST_MEASURED's
+    measured release it is taken from): with async scheduling HOST_FITTED_ASYNC's (generation,
+    executor) value where it has one; else at `-tp` > 1 HOST_FITTED_MULTIPROC's generation of the
+    release where it has one; else HOST_FITTED's generation of the release (the latest first release
+    at or before it) where that is set (the release None for a fitted value), else HOST_MEASURED's
     latest release at or before it, its earliest for older ones."""
-    multiproc = _multiproc_host(vllm_version) if tensor_parallel_size > 1 else None
-    if multiproc is not None:
-        return multiproc[0], multiproc[1], None
-    if HOST_FITTED:
+    fitted = _async_host(vllm_version, tensor_parallel_size) if async_scheduling else None
+    if fitted is None and tensor_parallel_size > 1:
+        fitted = _multiproc_host(vllm_version)
+    if fitted is None and HOST_FITTED:
         fitted = HOST_FITTED[_latest_at(HOST_FITTED, vllm_version)]
-        if fitted is not None:
-            return fitted[0], fitted[1], None
+    if fitted is not None:
+        return fitted[0], fitted[1], None
     return _at_release(HOST_MEASURED, vllm_version)
 
 
@@ -920,6 +929,13 @@ def _multiproc_host(vllm_version: str | None) -> tuple[float, float] | None:
     if not (HOST_FITTED and HOST_FITTED_MULTIPROC):
         return None
     return HOST_FITTED_MULTIPROC.get(_latest_at(HOST_FITTED, vllm_version))
+
+
+def _async_host(vllm_version: str | None, tensor_parallel_size: int) -> tuple[float, float] | None:
+    """HOST_FITTED_ASYNC's value for the HOST_FITTED generation of a release and its executor, or None."""
+    if not (HOST_FITTED and HOST_FITTED_ASYNC):
+        return None
+    return HOST_FITTED_ASYNC.get((_latest_at(HOST_FITTED, vllm_version), 2 if tensor_parallel_size > 1 else 1))
 
 
 def host_generation(vllm_version: str | None) -> str:
@@ -938,29 +954,38 @@ def host_generation(vllm_version: str | None) -> str:
 
 def host_fitted_words() -> str:
     """HOST_FITTED in words, a generation each ("vLLM before 0.11.0: 0.50 ms per step + 100.0 us per
-    scheduled request; ..."); "measured" where it is None."""
+    scheduled request; ..."), with its `-tp` > 1 and async-scheduling values where fitted apart;
+    "measured" where it is None."""
     if not HOST_FITTED:
         return "measured"
     first = {k: ".".join(map(str, k)) for k in HOST_FITTED}
     multiproc = HOST_FITTED_MULTIPROC or {}
+    asynced = HOST_FITTED_ASYNC or {}
 
     def words(v):
         return f"{1000 * v[0]:.2f} ms per step + {1e6 * v[1]:.1f} us per scheduled request" if v is not None else "measured"
 
+    def executor(k, tp, v):
+        a = asynced.get((k, tp))
+        return words(v) + (f" (async scheduling {words(a)})" if a else "")
+
     return "; ".join(
-        f"{host_generation(first[k])}: " + (f"-tp 1 {words(v)}, -tp > 1 {words(multiproc[k])}" if multiproc.get(k)
-                                            else words(v))
+        f"{host_generation(first[k])}: " + (f"-tp 1 {executor(k, 1, v)}, -tp > 1 {executor(k, 2, multiproc.get(k, v))}"
+                                            if multiproc.get(k) or any(g == k for g, _ in asynced) else executor(k, 1, v))
         for k, v in sorted(HOST_FITTED.items()))
 
 
-def host_label(vllm_version: str | None, tensor_parallel_size: int = 1) -> str:
-    """The engine core's host time at a release (and `-tp`) in words, with where it comes from (the head
-    of SimConfig.host_source)."""
-    step_s, per_seq_s, release = host_time(vllm_version, tensor_parallel_size)
-    split = _multiproc_host(vllm_version) is not None
+def host_label(vllm_version: str | None, tensor_parallel_size: int = 1, async_scheduling: bool = False) -> str:
+    """The engine core's host time at a release (and `-tp`, scheduling mode) in words, with where it comes
+    from (the head of SimConfig.host_source)."""
+    step_s, per_seq_s, release = host_time(vllm_version, tensor_parallel_size, async_scheduling)
+    gen = _latest_at(HOST_FITTED, vllm_version) if HOST_FITTED else None
+    split = _multiproc_host(vllm_version) is not None or any(g == gen for g, _ in HOST_FITTED_ASYNC or {})
     executor = (" at -tp > 1" if tensor_parallel_size > 1 else " at -tp 1") if split else ""
+    mode = ((" with async scheduling" if async_scheduling else " without async scheduling")
+            if _async_host(vllm_version, tensor_parallel_size) is not None else "")
     where = (f"host time measured on vLLM {release}'s engine core" if release is not None
-             else f"host time fitted on the train rows at {host_generation(vllm_version)}{executor}")
+             else f"host time fitted on the train rows at {host_generation(vllm_version)}{executor}{mode}")
     return f"{where} ({1000 * step_s:.2f} ms per step + {1e6 * per_seq_s:.1f} us per scheduled request)"
 
 
