@@ -533,11 +533,11 @@ def host_fitted(fitted: dict, multiproc: dict | None = None, asynced: dict | Non
     """HOST_FITTED set to `fitted` ({first release of a generation: (step_s, per_seq_s), or None for the
     measurement}), HOST_FITTED_MULTIPROC to `multiproc` (a generation's host time at `-tp` > 1 where
     it has its own) and HOST_FITTED_ASYNC to `asynced` ({(generation, executor): the host time of its
-    async-scheduling runs} where they have their own) while configs are built and run;
-    STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S the default release's."""
+    async-scheduling runs, None for the measurement} where they have their own) while configs are built
+    and run; STEP_OVERHEAD_S / PER_SEQ_OVERHEAD_S the default release's."""
     fitted = fitted if any(x is not None for x in fitted.values()) else None  # the measurement everywhere
     multiproc = {k: x for k, x in (multiproc or {}).items() if x is not None} or None
-    asynced = {k: x for k, x in (asynced or {}).items() if x is not None} or None
+    asynced = dict(asynced or {}) or None
     with constants(HOST_FITTED=fitted):
         default = sim_timing.host_time(None)[:2]
     return constants(HOST_FITTED=fitted, HOST_FITTED_MULTIPROC=multiproc, HOST_FITTED_ASYNC=asynced,
@@ -975,6 +975,23 @@ def scheduling_sets(runs: published_runs.PublishedRuns) -> dict[bool, published_
     return {mode: runs.model_copy(update={"runs": x}) for mode, x in sets.items()}
 
 
+def stats_lines(first: tuple[int, int, int], async_scheduling: bool | None = None) -> int:
+    """How many of bench/step_check.py's lines (bench/published_steps.yaml, those kvlab can model) are of
+    one-GPU servers of a generation (its first release) and scheduling mode (None: either; each server at its
+    release's default, as no line's server sets --async-scheduling): what session 35's condition (2) reads."""
+    import step_check  # bench/step_check.py (it imports this module)
+
+    n = 0
+    for row in step_check.load().rows:
+        release = _release(row)
+        if row.cannot_model or row.tp != 1 or sim_timing._latest_at(dict.fromkeys(sim_timing.HOST_GENERATIONS),
+                                                                    release) != first:
+            continue
+        if async_scheduling is None or scheduler_behaviour(release, None, None).async_scheduling == async_scheduling:
+            n += 1
+    return n
+
+
 def fit_host_stage(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_GRID, report=print
                    ) -> tuple[dict, dict, dict]:
     """`--fit`'s first stage: for each vLLM generation's TRAIN runs apart (generation_sets), within it for
@@ -984,8 +1001,10 @@ def fit_host_stage(pub: published_runs.PublishedRuns, timing: str = "auto", grid
     (HOST_MEASURED at each run's release) by the rule for measured terms. The HOST_FITTED,
     HOST_FITTED_MULTIPROC and HOST_FITTED_ASYNC the stages after it run at: ({first release: the pick, or
     None where the measurement is kept}, {first release: the `-tp` > 1 pick, or None, for the generations
-    split}, {(first release, executor 1 or 2): the async runs' pick, or None, for the sets split}). Test
-    rows are never run."""
+    split}, {(first release, executor 1 or 2): the async runs' pick, or None, for the sets split}). A `-tp 1`
+    set with no stats line of its generation and scheduling mode (stats_lines) is no candidate (session
+    35's condition (2) cannot be checked: declared in sessions 35 and 46): the stages after run at its
+    current value. Test rows are never run."""
     fitted, multiproc, asynced = {}, {}, {}
     for first, runs in generation_sets(pub).items():
         split = executor_sets(runs)
@@ -1004,6 +1023,14 @@ def fit_host_stage(pub: published_runs.PublishedRuns, timing: str = "auto", grid
                 report(f" grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
                        f"{measured_err:.4f}: " + ("kept" if kept else f"REJECTED: these runs run at the grid's pick ({table})"))
                 pick = None if kept else (step_s, per_seq_s)
+                if tp == 1 and not stats_lines(first, mode if modes else None):
+                    current = (sim_timing.HOST_FITTED_ASYNC or {}) if mode else (sim_timing.HOST_FITTED or {})
+                    key = (first, 1) if mode else first
+                    report(" not a candidate: no stats line of these servers to check it (bench/published_steps.yaml; "
+                           "session 35's condition (2)): the stages below run at its current value")
+                    if key not in current and mode:
+                        continue  # the executor set's value
+                    pick = current.get(key)
                 if mode:
                     asynced[(first, 2 if tp > 1 else 1)] = pick
                 else:

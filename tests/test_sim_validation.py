@@ -226,8 +226,9 @@ def test_the_host_stage_gives_each_generation_its_own_pick_and_keeps_the_measure
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
     split = {(0, 0, 0): grid[0]}  # the older generation's -tp > 1 runs fitted apart (executor_sets), the same here
-    # ... and each executor set's async-scheduling runs apart (scheduling_sets), the same here too
-    asynced = {((0, 0, 0), 1): grid[0], ((0, 0, 0), 2): grid[0], ((0, 11, 0), 1): grid[1]}
+    # ... and each executor set's async-scheduling runs apart (scheduling_sets), the same here too, but for
+    # the -tp 1 sets no stats line can check (session 35's condition (2)): those keep their current value
+    asynced = {((0, 0, 0), 2): grid[0]}
     assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split, asynced)
     monkeypatch.setattr(v, "JOBS", 2)
     assert v.fit_host_stage(pub, grid=grid, report=lambda _: None) == (right, split, asynced)
@@ -254,7 +255,7 @@ def test_the_host_stage_fits_each_executor_and_scheduling_mode_apart_where_a_set
     grid = ((0.0005, 0.0001), (0.001, 0.00005), (0.004, 0.00005), (0.001, 0.0), (0.0005, 0.00002))
     want = {((0, 0, 0), False, False): grid[1], ((0, 0, 0), False, True): grid[0],
             ((0, 0, 0), True, False): grid[2], ((0, 0, 0), True, True): grid[4],
-            ((0, 11, 0), False, False): grid[3], ((0, 11, 0), False, True): grid[3]}
+            ((0, 11, 0), False, False): grid[0], ((0, 11, 0), False, True): grid[4]}
 
     def fake_simulate(bench, timing):
         release = t.vllm_patch_release(bench.vllm_version or v.DEFAULT_VLLM_VERSION)
@@ -272,9 +273,15 @@ def test_the_host_stage_fits_each_executor_and_scheduling_mode_apart_where_a_set
     modes = {tp: {m: len(x.runs) for m, x in v.scheduling_sets(cell).items()} for tp, cell in executors.items()}
     assert modes == {1: {False: 44, True: 15}, 2: {False: 35, True: 60}}  # the async runs: InferenceMAX's
     assert {m: len(x.runs) for m, x in v.scheduling_sets(generations[(0, 11, 0)]).items()} == {False: 15, True: 15}
-    fitted, multiproc, asynced = v.fit_host_stage(pub, grid=grid, report=lambda _: None)
+    said = []
+    fitted, multiproc, asynced = v.fit_host_stage(pub, grid=grid, report=said.append)
+    # the -tp 1 sets no stats line of their generation and scheduling mode checks (bench/published_steps.yaml:
+    # vLLM 0.10 servers without async scheduling only) are no candidates: their current values stay (0.11.0 on:
+    # HOST_FITTED's 1.0 ms + 0; the older generation's async -tp 1 runs: the executor set's, so no entry)
+    assert v.stats_lines((0, 0, 0), False) > 0 == v.stats_lines((0, 0, 0), True) == v.stats_lines((0, 11, 0))
+    assert sum("not a candidate" in x for x in said) == 3
     assert fitted == {(0, 0, 0): grid[1], (0, 11, 0): grid[3]} and multiproc == {(0, 0, 0): grid[2]}
-    assert asynced == {((0, 0, 0), 1): grid[0], ((0, 0, 0), 2): grid[4], ((0, 11, 0), 1): grid[3]}
+    assert asynced == {((0, 0, 0), 2): grid[4]}
     with v.host_fitted(fitted, multiproc):
         assert t.host_time("0.8.4", 8) == (*grid[2], None) and t.host_time("0.8.4") == (*grid[1], None)
         assert t.host_time("0.10.2", 8, True) == (*grid[2], None)  # no async value: the executor set's
@@ -294,6 +301,11 @@ def test_the_host_stage_fits_each_executor_and_scheduling_mode_apart_where_a_set
         assert "async" not in t.host_label("0.10.2", 1, True) and "async" not in t.host_label("0.32", 1, True)
         assert ", -tp > 1 4.00 ms per step + 50.0 us per scheduled request (async scheduling 0.50 ms per step + 20.0 us " \
             "per scheduled request)" in t.host_fitted_words()
+    with v.host_fitted(fitted, multiproc, {((0, 0, 0), 2): None}):  # None: the measurement kept for those runs
+        assert t.host_time("0.10.2", 8, True) == t.host_time("0.10.2", 8, True)[:2] + ("0.11.0",)
+        assert t.host_time("0.10.2", 8, True)[:2] == t.HOST_MEASURED[(0, 11, 0)]
+        assert t.host_label("0.10.2", 8, True).startswith("host time measured on vLLM 0.11.0's engine core (kept by the "
+                                                          "train rows at vLLM before 0.11.0 at -tp > 1 with async scheduling)")
 
 
 def test_the_joint_roofline_fit_reads_train_rows_only_and_moves_all_three(pub, monkeypatch):
@@ -790,6 +802,9 @@ def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(mo
         return {name: value * (1.0 if right else 1.5) for name, (_, value) in bench.figures.items()}, "fake"
 
     monkeypatch.setattr(v, "simulate", fake_simulate)
+    # the measurement in force to begin with: the -tp 1 sets no stats line checks keep it (their current value)
+    monkeypatch.setattr(v.sim_timing, "HOST_FITTED", None)
+    monkeypatch.setattr(v.sim_timing, "HOST_FITTED_MULTIPROC", None)
     for name, grid in (("fit_host_stage", ((0.001, 0.0), (0.002, 0.0))), ("fit_roofline_per_seq", (v.sim_timing.ROOFLINE_PER_SEQ_S,)),
                        ("fit_frontend", ((0.0025, 2e-6, 0.0),)), ("fit_latency", (0.02, 0.03)),
                        ("fit_roofline", ((1.0, 0.8),))):

@@ -476,9 +476,10 @@ HOST_FITTED_MULTIPROC: dict[tuple[int, int, int], tuple[float, float]] | None = 
 # engine core schedules step n+1 while the GPU runs step n, so host work kvlab adds in series overlaps the
 # GPU's), per (generation, executor: 1 for `-tp 1`, 2 for `-tp` > 1), where `--fit` fits the runs served
 # with it apart from the rest of their executor set (declared in session 46, bench/sim_validation.py beside
-# FIT_TOLERANCE). A key that is not set, or None in place of the dict: the executor set's one value
-# (HOST_FITTED_MULTIPROC, HOST_FITTED) for both scheduling modes.
-HOST_FITTED_ASYNC: dict[tuple[tuple[int, int, int], int], tuple[float, float]] | None = None
+# FIT_TOLERANCE). A key's value None: the measurement (HOST_MEASURED at the run's release), as in HOST_FITTED.
+# A key that is not set, or None in place of the dict: the executor set's one value (HOST_FITTED_MULTIPROC,
+# HOST_FITTED) for both scheduling modes.
+HOST_FITTED_ASYNC: dict[tuple[tuple[int, int, int], int], tuple[float, float] | None] | None = None
 # what a backend built without a release adds (kvlab's default release's: 0.32.0's generation)
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
@@ -914,8 +915,12 @@ def host_time(vllm_version: str | None, tensor_parallel_size: int = 1,
     release where it has one; else HOST_FITTED's generation of the release (the latest first release
     at or before it) where that is set (the release None for a fitted value), else HOST_MEASURED's
     latest release at or before it, its earliest for older ones."""
-    fitted = _async_host(vllm_version, tensor_parallel_size) if async_scheduling else None
-    if fitted is None and tensor_parallel_size > 1:
+    key = _async_key(vllm_version, tensor_parallel_size) if async_scheduling else None
+    if key is not None:  # the async runs of this generation's executor set fitted apart
+        fitted = HOST_FITTED_ASYNC[key]
+        return (fitted[0], fitted[1], None) if fitted is not None else _at_release(HOST_MEASURED, vllm_version)
+    fitted = None
+    if tensor_parallel_size > 1:
         fitted = _multiproc_host(vllm_version)
     if fitted is None and HOST_FITTED:
         fitted = HOST_FITTED[_latest_at(HOST_FITTED, vllm_version)]
@@ -931,11 +936,12 @@ def _multiproc_host(vllm_version: str | None) -> tuple[float, float] | None:
     return HOST_FITTED_MULTIPROC.get(_latest_at(HOST_FITTED, vllm_version))
 
 
-def _async_host(vllm_version: str | None, tensor_parallel_size: int) -> tuple[float, float] | None:
-    """HOST_FITTED_ASYNC's value for the HOST_FITTED generation of a release and its executor, or None."""
+def _async_key(vllm_version: str | None, tensor_parallel_size: int) -> tuple[tuple[int, int, int], int] | None:
+    """HOST_FITTED_ASYNC's key (HOST_FITTED's generation of a release, its executor) where it has one, else None."""
     if not (HOST_FITTED and HOST_FITTED_ASYNC):
         return None
-    return HOST_FITTED_ASYNC.get((_latest_at(HOST_FITTED, vllm_version), 2 if tensor_parallel_size > 1 else 1))
+    key = (_latest_at(HOST_FITTED, vllm_version), 2 if tensor_parallel_size > 1 else 1)
+    return key if key in HOST_FITTED_ASYNC else None
 
 
 def host_generation(vllm_version: str | None) -> str:
@@ -966,8 +972,7 @@ def host_fitted_words() -> str:
         return f"{1000 * v[0]:.2f} ms per step + {1e6 * v[1]:.1f} us per scheduled request" if v is not None else "measured"
 
     def executor(k, tp, v):
-        a = asynced.get((k, tp))
-        return words(v) + (f" (async scheduling {words(a)})" if a else "")
+        return words(v) + (f" (async scheduling {words(asynced[(k, tp)])})" if (k, tp) in asynced else "")
 
     return "; ".join(
         f"{host_generation(first[k])}: " + (f"-tp 1 {executor(k, 1, v)}, -tp > 1 {executor(k, 2, multiproc.get(k, v))}"
@@ -983,8 +988,10 @@ def host_label(vllm_version: str | None, tensor_parallel_size: int = 1, async_sc
     split = _multiproc_host(vllm_version) is not None or any(g == gen for g, _ in HOST_FITTED_ASYNC or {})
     executor = (" at -tp > 1" if tensor_parallel_size > 1 else " at -tp 1") if split else ""
     mode = ((" with async scheduling" if async_scheduling else " without async scheduling")
-            if _async_host(vllm_version, tensor_parallel_size) is not None else "")
-    where = (f"host time measured on vLLM {release}'s engine core" if release is not None
+            if _async_key(vllm_version, tensor_parallel_size) is not None else "")
+    where = (f"host time measured on vLLM {release}'s engine core" + (f" (kept by the train rows at "
+             f"{host_generation(vllm_version)}{executor}{mode})" if mode and async_scheduling else "")
+             if release is not None
              else f"host time fitted on the train rows at {host_generation(vllm_version)}{executor}{mode}")
     return f"{where} ({1000 * step_s:.2f} ms per step + {1e6 * per_seq_s:.1f} us per scheduled request)"
 
