@@ -847,33 +847,133 @@ def _point_error(i: int) -> float:
         return error()
 
 
-def _grid_errors(grid, setting, error) -> list[float]:
-    """`error()` at each point of `grid` (with `setting(point)` in force), in JOBS processes."""
+# Where `--fit` keeps each grid point's error as it is computed (git-ignored), so that a fit killed half-way
+# (a whole pass now takes longer than a working session) resumes where it was: a point is read back only
+# where everything its error depends on is the same (fit_cache_key). None: nothing kept (the default; the
+# fits' tests run with it unset). `--no-cache` runs every point again.
+FIT_CACHE_PATH = ROOT / "bench" / "fit_cache.jsonl"
+FIT_CACHE: Path | None = None
+
+
+def _code_digest() -> str:
+    """What the simulator's results depend on besides kvlab.sim.timing's constants and the rows: kvlab's
+    source and data files, this file and bench/published_runs.py (their Python as parsed: comments and
+    docstrings do not count, nor kvlab.sim.timing's assignments of its constants, which `_constants_now`
+    keys by value), and the installed aiconfigurator-core's version (its kernel tables)."""
+    import ast
+    import hashlib
+    from importlib import metadata
+
+    def constant(node) -> bool:  # an upper-case module name's assignment: _constants_now keys its value
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names = [t for x in targets for t in (x.elts if isinstance(x, ast.Tuple) else [x])]
+        return bool(names) and all(isinstance(t, ast.Name) and t.id.isupper() for t in names)
+
+    def parsed(path: Path) -> bytes:
+        tree = ast.parse(path.read_text())
+        if path.name == "timing.py" and path.parent.name == "sim":
+            tree.body = [node for node in tree.body if not constant(node)]
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(tree).encode()
+
+    h = hashlib.sha256()
+    src = ROOT / "src" / "kvlab"
+    files = sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in [*files, ROOT / "bench" / "sim_validation.py", ROOT / "bench" / "published_runs.py"]:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(parsed(path) if path.suffix == ".py" else path.read_bytes())
+    for dist in ("aiconfigurator-core",):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            h.update(f"{dist}=={metadata.version(dist)}".encode())
+    return h.hexdigest()
+
+
+def _constants_now() -> str:
+    """kvlab.sim.timing's constants (its upper-case module names: fitted terms, tables, grids) as they are now."""
+    return repr(sorted((k, repr(v)) for k, v in vars(sim_timing).items()
+                       if k.isupper() and isinstance(v, (int, float, str, tuple, dict, frozenset, type(None)))))
+
+
+def fit_cache_key(objective: str, runs: published_runs.PublishedRuns, code: str) -> str:
+    """The key a grid point's error is kept under: the objective's name, the runs it reads (as loaded),
+    the code (`_code_digest`) and kvlab.sim.timing's constants as they are while the point's setting is in
+    force (so the point itself, and every constant the stages before it left in force)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join([objective, runs.model_dump_json(), code, _constants_now()]).encode()).hexdigest()
+
+
+def _read_fit_cache() -> dict[str, float]:
+    if FIT_CACHE is None or not FIT_CACHE.exists():
+        return {}
+    out = {}
+    for line in FIT_CACHE.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill: not kept
+            rec = json.loads(line)
+            out[rec["key"]] = float(rec["error"])
+    return out
+
+
+def _keep_fit_error(key: str, error: float, what: str) -> None:
+    with FIT_CACHE.open("ab") as f:
+        cut = f.tell() > 0 and FIT_CACHE.read_bytes()[-1:] != b"\n"  # a line a kill cut short ends here
+        f.write((("\n" if cut else "") + json.dumps({"key": key, "error": error, "what": what}) + "\n").encode())
+
+
+def _grid_errors(grid, setting, error, cache: tuple[str, published_runs.PublishedRuns] | None = None) -> list[float]:
+    """`error()` at each point of `grid` (with `setting(point)` in force), in JOBS processes. With `cache`
+    (the objective's name and the runs it reads) and FIT_CACHE set, a point whose key (fit_cache_key) is
+    kept there is read back, and each point computed is added as it ends."""
     global _POOL_TASK
     grid = tuple(grid)
-    if JOBS <= 1 or len(grid) < 2:
-        out = []
-        for point in grid:
+    keys: list[str | None] = [None] * len(grid)
+    out: list[float | None] = [None] * len(grid)
+    if cache is not None and FIT_CACHE is not None:
+        code, kept = _code_digest(), _read_fit_cache()
+        for i, point in enumerate(grid):
             with setting(point):
-                out.append(error())
+                keys[i] = fit_cache_key(cache[0], cache[1], code)
+            out[i] = kept.get(keys[i])
+    todo = [i for i in range(len(grid)) if out[i] is None]
+
+    def done(i: int, err: float) -> None:
+        out[i] = err
+        if keys[i] is not None:
+            _keep_fit_error(keys[i], err, f"{cache[0]} at {grid[i]!r}")
+
+    if JOBS <= 1 or len(todo) < 2:
+        for i in todo:
+            with setting(grid[i]):
+                done(i, error())
         return out
     import multiprocessing
 
     _POOL_TASK = (grid, setting, error)
     try:
-        with multiprocessing.get_context("fork").Pool(min(JOBS, len(grid))) as pool:
-            return pool.map(_point_error, range(len(grid)), chunksize=1)
+        with multiprocessing.get_context("fork").Pool(min(JOBS, len(todo))) as pool:
+            for i, err in zip(todo, pool.imap(_point_error, todo, chunksize=1)):
+                done(i, err)
+        return out
     finally:
         _POOL_TASK = None
 
 
-def _grid_search(grid, setting, error, describe, report, current=None) -> tuple:
+def cached_error(error, cache: tuple[str, published_runs.PublishedRuns]) -> float:
+    """`error()` with the constants in force now, kept in FIT_CACHE (read back where kept) as a grid point's."""
+    return _grid_errors((None,), lambda _: contextlib.nullcontext(), error, cache)[0]
+
+
+def _grid_search(grid, setting, error, describe, report, current=None, cache=None) -> tuple:
     """The point of `grid` with the least `error()` (run with the context `setting(point)` in force),
     and that error; each point reported as `describe(point, err)`. Ties keep the first point. With
     `current` (the constant's value now, a point of the grid), that point is kept unless the best
-    beats it by more than FIT_TOLERANCE (reported)."""
+    beats it by more than FIT_TOLERANCE (reported). `cache`: as `_grid_errors`'s."""
     best, now = None, None
-    for point, err in zip(grid, _grid_errors(grid, setting, error)):
+    for point, err in zip(grid, _grid_errors(grid, setting, error, cache)):
         report(describe(point, err))
         if best is None or err < best[1]:
             best = (point, err)
@@ -902,7 +1002,7 @@ def fit_host(pub: published_runs.PublishedRuns, timing: str = "auto", grid=HOST_
         grid, lambda p: host_time(*p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: (f"  host {1000 * p[0]:.1f} ms/step + {1e6 * p[1]:.0f} us/request: train median |log err| "
                         f"{err:.3f} ({_pct(err):.0f} %)"), report,
-        current=current or (sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S))
+        current=current or (sim_timing.STEP_OVERHEAD_S, sim_timing.PER_SEQ_OVERHEAD_S), cache=(f"median {timing}", train))
 
 
 def generation_sets(pub: published_runs.PublishedRuns) -> dict[tuple[int, int, int], published_runs.PublishedRuns]:
@@ -1017,7 +1117,8 @@ def fit_host_stage(pub: published_runs.PublishedRuns, timing: str = "auto", grid
                 (step_s, per_seq_s), best_err = fit_host(leaf, timing, grid, report,
                                                          current=_current_host(first, tp, mode))
                 with host_measured():
-                    measured_err = median_log_error(rows(leaf, (timing,)), timing)
+                    measured_err = cached_error(lambda: median_log_error(rows(leaf, (timing,)), timing),
+                                                (f"median {timing}", _train(leaf)))
                 kept = measured_err - best_err <= FIT_TOLERANCE
                 table = "HOST_FITTED_ASYNC" if mode else "HOST_FITTED" if tp == 1 else "HOST_FITTED_MULTIPROC"
                 report(f" grid's best: {1000 * step_s:.2f} ms + {1e6 * per_seq_s:.0f} us: {best_err:.4f}; measured: "
@@ -1047,7 +1148,7 @@ def fit_roofline_per_seq(pub: published_runs.PublishedRuns, timing: str = "auto"
     return _grid_search(
         grid, lambda p: constants(ROOFLINE_PER_SEQ_S=p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: f"  roofline {1e6 * p:.0f} us/request: train median |log err| {err:.4f} ({_pct(err):.0f} %)",
-        report, current=sim_timing.ROOFLINE_PER_SEQ_S)
+        report, current=sim_timing.ROOFLINE_PER_SEQ_S, cache=(f"median {timing}", train))
 
 
 def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=FRONTEND_GRID,
@@ -1061,7 +1162,8 @@ def fit_frontend(pub: published_runs.PublishedRuns, timing: str = "auto", grid=F
     return _grid_search(
         grid, lambda p: front_end(*p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: (f"  front end {1000 * p[0]:.1f} ms/request + {1e6 * p[1]:.0f} us/prompt token, "
-                        f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report)
+                        f"{1e6 * p[2]:.0f} us/output: train median |log err| {err:.4f} ({_pct(err):.0f} %)"), report,
+        cache=(f"median {timing}", train))
 
 
 def fit_latency(pub: published_runs.PublishedRuns, timing: str = "auto", grid=LATENCY_GRID,
@@ -1073,7 +1175,7 @@ def fit_latency(pub: published_runs.PublishedRuns, timing: str = "auto", grid=LA
     return _grid_search(
         grid, lambda p: constants(FRONTEND_LATENCY_S=p), lambda: median_log_error(rows(train, (timing,)), timing),
         lambda p, err: f"  request latency {1000 * p:.0f} ms: train median |log err| {err:.4f} ({_pct(err):.0f} %)",
-        report, current=sim_timing.FRONTEND_LATENCY_S)
+        report, current=sim_timing.FRONTEND_LATENCY_S, cache=(f"median {timing}", train))
 
 
 def fit_no_p2p(pub: published_runs.PublishedRuns, timing: str = "auto", grid=NO_P2P_GRID,
@@ -1105,7 +1207,7 @@ def fit_roofline(pub: published_runs.PublishedRuns, grid=ROOFLINE_GRID,
         lambda: median_log_error(rows(sub, ("auto",)), "auto"),
         lambda p, err: (f"  roofline GEMMs {p[0]:.2f} of peak, HBM {p[1]:.2f}: train-fallback median |log err| "
                         f"{err:.3f} ({_pct(err):.0f} %, {len(fallback)} rows)"), report,
-        current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY))
+        current=(sim_timing.MATMUL_EFFICIENCY, sim_timing.MEMORY_EFFICIENCY), cache=("median auto", sub))
 
 
 def fit_per_seq_roofline(pub: published_runs.PublishedRuns, per_seq_grid=ROOFLINE_PER_SEQ_GRID,
@@ -1514,7 +1616,8 @@ def _fit_after_host(pub: published_runs.PublishedRuns) -> None:
           "every release):")
     with constants(ROOFLINE_PER_SEQ_S=per_seq):
         fe, best_err = fit_frontend(pub)
-        measured_err = median_log_error(rows(_train(pub), ("auto",)), "auto")
+        measured_err = cached_error(lambda: median_log_error(rows(_train(pub), ("auto",)), "auto"),
+                                    ("median auto", _train(pub)))
     kept = measured_err - best_err <= FIT_TOLERANCE
     print(f"grid's best: FRONTEND_PER_REQUEST_S = {fe[0]}, FRONTEND_PER_PROMPT_TOKEN_S = {fe[1]}, "
           f"FRONTEND_PER_OUTPUT_S = {fe[2]}: {best_err:.4f}; sim/timing.py's ({sim_timing.FRONTEND_PER_REQUEST_S}, "
@@ -1553,6 +1656,9 @@ def main(argv: list[str] | None = None) -> int:
                          "JOINT_ROOFLINE_GRID) on all the train rows")
     ap.add_argument("--fit-no-p2p", action="store_true",
                     help="refit the all-reduce of tensor parallel without peer access (NO_P2P_GRID) on its train rows")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="run every grid point of a fit again (by default each point's error is kept in "
+                         "bench/fit_cache.jsonl as it ends, and a fit killed half-way resumes from what it kept)")
     ap.add_argument("--jobs", "-j", type=int, default=1,
                     help="processes a fit's grid search runs its points in (default 1; the results do not depend on it)")
     ap.add_argument("--timing", default=",".join(TIMINGS), help="comma-separated step-time backends to run")
@@ -1564,6 +1670,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
     JOBS = args.jobs
+    global FIT_CACHE
+    FIT_CACHE = None if args.no_cache else FIT_CACHE_PATH
     pub = published_runs.load()
     if args.fit_host_by_generation:
         print("Host time fitted per vLLM generation on the train rows (auto timing):")

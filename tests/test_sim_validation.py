@@ -24,6 +24,13 @@ def pub():
     return published_runs.load()
 
 
+@pytest.fixture(autouse=True)
+def _fit_cache_apart(monkeypatch, tmp_path):
+    """`main(["--fit"])` keeps grid points' errors in a file: here in the test's own folder, never the real
+    bench/fit_cache.jsonl (these fits simulate with fakes the cache's keys cannot see)."""
+    monkeypatch.setattr(v, "FIT_CACHE_PATH", tmp_path / "fit_cache.jsonl")
+
+
 def test_a_published_row_maps_to_a_bench_run_and_runs(pub):
     run = pub.by_id()["mushfiqrahman-mistral7b-rtx4090-c4"]
     bench = v.map_run(run)
@@ -820,3 +827,42 @@ def test_fit_checks_the_measured_host_time_and_fits_the_rest_at_what_it_keeps(mo
     assert all(("kept" in line) == measured_right and ("REJECTED" in line) != measured_right for line in lines)
     at_latency_point = {m for lat, m in seen if lat == 0.03}  # runs of the latency fit's second point
     assert at_latency_point == {measured_right}
+
+
+def test_a_fit_killed_half_way_resumes_from_the_points_it_kept(pub, monkeypatch, tmp_path):
+    """`--fit` keeps each grid point's error in FIT_CACHE as it ends (a whole pass outlasts a working session):
+    the same search again reads every point back without simulating; a point under other constants (one the
+    setting does not set, left in force by an earlier stage) or other rows is simulated again; a line cut short
+    by a kill is ignored; forked workers keep what one process keeps."""
+    calls = []
+
+    def fake_simulate(bench, timing):
+        calls.append(bench)
+        t = v.sim_timing
+        return {name: value * (1 + 10 * t.FRONTEND_LATENCY_S + t.ROOFLINE_PER_SEQ_S * 1000)
+                for name, (_, value) in bench.figures.items()}, "fake"
+
+    monkeypatch.setattr(v, "simulate", fake_simulate)
+    monkeypatch.setattr(v, "FIT_CACHE", tmp_path / "fit_cache.jsonl")
+    train = v._train(pub).model_copy(update={"runs": v._train(pub).runs[:6]})
+    grid = (0.0, 0.01, 0.02)
+    first = v.fit_latency(train, grid=grid, report=lambda _: None)
+    n = len(calls) // 3  # the runs kvlab can model (a train run it cannot is not simulated)
+    assert n >= 4 and len(calls) == 3 * n and len(v.FIT_CACHE.read_text().splitlines()) == 3
+    calls.clear()
+    assert v.fit_latency(train, grid=grid, report=lambda _: None) == first and not calls  # all read back
+    with open(v.FIT_CACHE, "a") as f:
+        f.write('{"key": "abc", "err')  # cut short
+    with v.constants(ROOFLINE_PER_SEQ_S=0.0001):  # another stage's constant in force: other keys
+        again = v.fit_latency(train, grid=grid, report=lambda _: None)
+    assert len(calls) == 3 * n and again[0] == first[0] and again[1] != first[1]
+    calls.clear()
+    fewer = train.model_copy(update={"runs": train.runs[:5]})
+    monkeypatch.setattr(v, "JOBS", 2)
+    v.fit_latency(fewer, grid=grid, report=lambda _: None)  # other rows: simulated again, in two processes
+    assert len(v.FIT_CACHE.read_text().splitlines()) == 3 + 1 + 3 + 3
+    assert v.fit_latency(fewer, grid=grid, report=lambda _: None) == v.fit_latency(fewer, grid=grid, report=lambda _: None)
+    monkeypatch.setattr(v, "FIT_CACHE", None)  # the default: nothing kept
+    monkeypatch.setattr(v, "JOBS", 1)
+    calls.clear()
+    assert v.fit_latency(train, grid=grid, report=lambda _: None) == first and len(calls) == 3 * n
