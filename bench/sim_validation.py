@@ -28,7 +28,9 @@ release) is MEASURED on vLLM's own engine core (`bench/engine_core_host.py`); `-
 against `HOST_GRID` on the train rows of each vLLM generation apart (`fit_host_stage`: the runs before
 0.11.0 and those from it on, `kvlab.sim.timing.HOST_GENERATIONS`; one host time a generation, and
 within a generation one at `-tp 1` and one at `-tp` > 1 where each has MIN_EXECUTOR_RUNS train runs,
-`kvlab.sim.timing.HOST_FITTED_MULTIPROC`) by the rule for measured terms (kept unless the grid's best beats it by more than FIT_TOLERANCE; where
+`kvlab.sim.timing.HOST_FITTED_MULTIPROC`, and within each of those one for the runs served with async
+scheduling where both modes have MIN_EXECUTOR_RUNS, `HOST_FITTED_ASYNC`; a `-tp 1` set no stats line of
+bench/step_check.py checks keeps its current value, `stats_lines`) by the rule for measured terms (kept unless the grid's best beats it by more than FIT_TOLERANCE; where
 rejected, the stages below run at the grid's best, the generation's current fitted value kept unless
 beaten by more than FIT_TOLERANCE, written into sim/timing.py as HOST_FITTED once a pass converges). Everything else `--fit` fits ON THE TRAINING
 ROWS ONLY, each winner written into sim/timing.py by hand with the fit's date and result: `fit_roofline_per_seq` searches
@@ -61,7 +63,11 @@ its users staggered over the ramp, its figures over the window).
 ROOFLINE_PER_SEQ_GRID x JOINT_ROOFLINE_GRID, the median |log error| of every train figure), the
 check that `--fit`'s one-at-a-time search did not stop where moving one term alone costs.
 
-Run: `python bench/sim_validation.py [--fit | --fit-roofline | --fit-joint] [--timing roofline,auto]` (a few minutes on 2 cores).
+Each fit's grid points are kept in bench/fit_cache.jsonl (git-ignored) as they end, keyed by everything their
+errors depend on (`fit_cache_key`), so a `--fit` killed half-way resumes where it was (`--no-cache`: all again).
+
+Run: `python bench/sim_validation.py [--fit | --fit-roofline | --fit-joint] [--jobs 2] [--timing roofline,auto]`
+(the table: about 5 minutes on 2 cores; a whole `--fit` pass about three hours).
 """
 
 from __future__ import annotations
