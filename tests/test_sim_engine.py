@@ -210,6 +210,7 @@ def test_decode_step_roofline_arithmetic(monkeypatch):
         step_s + 8 * per_seq_s)
     # ... and a run at -tp > 1 its generation's multiprocess-executor value where one is fitted (HOST_FITTED_MULTIPROC)
     monkeypatch.setattr(sim_timing, "HOST_FITTED_MULTIPROC", {(0, 0, 0): (0.004, 0.00005)})
+    monkeypatch.setattr(sim_timing, "HOST_FITTED_ASYNC", None)  # (one scheduling mode's value: below)
     tp2 = build_config("llama-3.1-8b", "h100", timing="roofline", vllm_version="0.8.4", tensor_parallel_size=2)
     assert tp2.cost.host_s(8) == pytest.approx(0.004 + 8 * 0.00005)
     assert "before 0.11.0 at -tp > 1 (4.00 ms per step + 50.0 us" in tp2.host_source()

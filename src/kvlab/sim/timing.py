@@ -479,7 +479,18 @@ HOST_FITTED_MULTIPROC: dict[tuple[int, int, int], tuple[float, float]] | None = 
 # FIT_TOLERANCE). A key's value None: the measurement (HOST_MEASURED at the run's release), as in HOST_FITTED.
 # A key that is not set, or None in place of the dict: the executor set's one value (HOST_FITTED_MULTIPROC,
 # HOST_FITTED) for both scheduling modes.
-HOST_FITTED_ASYNC: dict[tuple[tuple[int, int, int], int], tuple[float, float] | None] | None = None
+# SESSION 46 (2026-12-08): `--fit` pass 1 (`--jobs 2`, at session 43's constants; docs/simulator-validation.md,
+# "session 46"): host stage, before 0.11.0 at -tp > 1 with async scheduling (60 runs, InferenceMAX's vLLM 0.10.2
+# servers) HOST_GRID's best **0.5 ms + 20 us** (0.0575 against the executor set's 4.0 ms + 50 us 0.263; measured
+# 0.0641, rejected); every other set kept its value or is no candidate (a -tp 1 set without stats lines of its
+# generation and scheduling mode); then at it the roofline's 60 us per request (0.0928), the measured front end
+# (0.0928; FRONTEND_GRID's best 0.0928), 20 ms of latency (0.0928) and 1.0 / 0.80 (0.101; 1.0 / 0.85 0.100)
+# all kept: pass 2's host stage would run each set at the constants pass 1's ran it at (the one change is its
+# own set's current value, now its best): CONVERGED. Session 35's condition (1): no train ratio row has a run of
+# that set, and no other constant moved, so the older generation's train ratio rows are as before. TAKEN, before
+# the test rows were read.
+HOST_FITTED_ASYNC: dict[tuple[tuple[int, int, int], int], tuple[float, float] | None] | None = {
+    ((0, 0, 0), 2): (0.0005, 0.00002)}
 # what a backend built without a release adds (kvlab's default release's: 0.32.0's generation)
 STEP_OVERHEAD_S, PER_SEQ_OVERHEAD_S = HOST_FITTED[(0, 11, 0)] or HOST_MEASURED[(0, 32, 0)]
 # The roofline's time per scheduled request per step: GPU work the roofline's bytes and FLOPs leave
