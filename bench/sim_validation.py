@@ -67,7 +67,7 @@ Each fit's grid points are kept in bench/fit_cache.jsonl (git-ignored) as they e
 errors depend on (`fit_cache_key`), so a `--fit` killed half-way resumes where it was (`--no-cache`: all again).
 
 Run: `python bench/sim_validation.py [--fit | --fit-roofline | --fit-joint] [--jobs 2] [--timing roofline,auto]`
-(the table: about 5 minutes on 2 cores; a whole `--fit` pass about three hours).
+(the table: about 5 minutes on 2 cores; a whole `--fit` pass about two hours).
 """
 
 from __future__ import annotations
@@ -854,7 +854,7 @@ def _point_error(i: int) -> float:
 
 
 # Where `--fit` keeps each grid point's error as it is computed (git-ignored), so that a fit killed half-way
-# (a whole pass now takes longer than a working session) resumes where it was: a point is read back only
+# (a whole pass takes about two hours on 2 cores) resumes where it was: a point is read back only
 # where everything its error depends on is the same (fit_cache_key). None: nothing kept (the default; the
 # fits' tests run with it unset). `--no-cache` runs every point again.
 FIT_CACHE_PATH = ROOT / "bench" / "fit_cache.jsonl"
@@ -899,9 +899,9 @@ def _code_digest() -> str:
 
 
 def _constants_now() -> str:
-    """kvlab.sim.timing's constants (its upper-case module names: fitted terms, tables, grids) as they are now."""
-    return repr(sorted((k, repr(v)) for k, v in vars(sim_timing).items()
-                       if k.isupper() and isinstance(v, (int, float, str, tuple, dict, frozenset, type(None)))))
+    """kvlab.sim.timing's constants (its upper-case module names: fitted terms, tables, grids, formats; not the
+    classes it imports) as they are now."""
+    return repr(sorted((k, repr(v)) for k, v in vars(sim_timing).items() if k.isupper() and not isinstance(v, type)))
 
 
 def fit_cache_key(objective: str, runs: published_runs.PublishedRuns, code: str) -> str:
@@ -925,8 +925,11 @@ def _read_fit_cache() -> dict[str, float]:
 
 
 def _keep_fit_error(key: str, error: float, what: str) -> None:
-    with FIT_CACHE.open("ab") as f:
-        cut = f.tell() > 0 and FIT_CACHE.read_bytes()[-1:] != b"\n"  # a line a kill cut short ends here
+    with FIT_CACHE.open("ab+") as f:
+        cut = False
+        if f.seek(0, 2):  # a line a kill cut short ends the file
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
         f.write((("\n" if cut else "") + json.dumps({"key": key, "error": error, "what": what}) + "\n").encode())
 
 
