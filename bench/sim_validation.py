@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -861,11 +862,13 @@ FIT_CACHE_PATH = ROOT / "bench" / "fit_cache.jsonl"
 FIT_CACHE: Path | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
     """What the simulator's results depend on besides kvlab.sim.timing's constants and the rows: kvlab's
     source and data files, this file and bench/published_runs.py (their Python as parsed: comments and
     docstrings do not count, nor kvlab.sim.timing's assignments of its constants, which `_constants_now`
-    keys by value), and the installed aiconfigurator-core's version (its kernel tables)."""
+    keys by value), and the installed aiconfigurator-core's version (its kernel tables). Taken once a process:
+    a file edited while a fit runs does not key the points the code loaded before computes."""
     import ast
     import hashlib
     from importlib import metadata
@@ -1056,10 +1059,18 @@ def executor_sets(runs: published_runs.PublishedRuns) -> dict[int, published_run
     """A generation's train runs split by vLLM's executor: {1: the `-tp 1` runs, 2: the `-tp` > 1 runs},
     where each set has at least MIN_EXECUTOR_RUNS (declared in session 43, beside FIT_TOLERANCE); None
     where a set has fewer (the generation fits one host time on all its runs)."""
-    sets = {1: [r for r in runs.runs if (r.tp or 1) == 1], 2: [r for r in runs.runs if (r.tp or 1) > 1]}
+    return _split_runs(runs, (1, 2), lambda r: 1 if (r.tp or 1) == 1 else 2)
+
+
+def _split_runs(runs: published_runs.PublishedRuns, keys: tuple, key_of) -> dict | None:
+    """`runs` split into {key: its runs} by `key_of(run)` (one of `keys`, in that order), where every set has at
+    least MIN_EXECUTOR_RUNS; None where one has fewer."""
+    sets = {k: [] for k in keys}
+    for r in runs.runs:
+        sets[key_of(r)].append(r)
     if min(len(x) for x in sets.values()) < MIN_EXECUTOR_RUNS:
         return None
-    return {tp: runs.model_copy(update={"runs": x}) for tp, x in sets.items()}
+    return {k: runs.model_copy(update={"runs": x}) for k, x in sets.items()}
 
 
 def served_async(run: published_runs.Run) -> bool:
@@ -1076,12 +1087,7 @@ def scheduling_sets(runs: published_runs.PublishedRuns) -> dict[bool, published_
     """An executor set's train runs split by scheduling mode: {False: the runs without async scheduling,
     True: those with it (served_async)}, where each has at least MIN_EXECUTOR_RUNS (declared in session 46,
     beside FIT_TOLERANCE); None where one has fewer (the set fits one host time on all its runs)."""
-    sets = {False: [], True: []}
-    for r in runs.runs:
-        sets[served_async(r)].append(r)
-    if min(len(x) for x in sets.values()) < MIN_EXECUTOR_RUNS:
-        return None
-    return {mode: runs.model_copy(update={"runs": x}) for mode, x in sets.items()}
+    return _split_runs(runs, (False, True), served_async)
 
 
 def stats_lines(first: tuple[int, int, int], async_scheduling: bool | None = None) -> int:
